@@ -1,0 +1,96 @@
+"""One error tree for the whole library; each class carries its stable exit code.
+
+Exit codes (documented in the README, tested in tests/test_cli_*):
+
+====  =========================================================================
+0     success
+1     CustodyError: an error not covered below
+2     InputError: bad input (option values, keys, addresses, amounts, files)
+3     HaltedError / VerificationFailed: trading is halted, or an address mismatched
+4     ApprovalError: a rule of the approval process was broken
+5     NotFound: the thing named does not exist (policy, address, employee, ...)
+6     Conflict: it exists already, or the stored state forbids the change
+7     KeyFileError: a key file could not be opened (wrong passphrase, corrupt, newer)
+8     NodeError: the chain backend failed or is unreachable
+9     StorageError: the database failed, or its schema is newer than this tool
+====  =========================================================================
+"""
+
+from __future__ import annotations
+
+
+class CustodyError(Exception):
+    """Base of every error the library raises on purpose."""
+
+    exit_code = 1
+
+
+class InputError(CustodyError):
+    """Input that cannot be accepted: malformed, of another network, out of range."""
+
+    exit_code = 2
+
+
+class HaltedError(CustodyError):
+    """Trading is halted (or the halt state cannot be read, which counts as halted)."""
+
+    exit_code = 3
+
+
+class VerificationFailed(CustodyError):
+    """An address did not re-derive from the founders' keys."""
+
+    exit_code = 3
+
+
+class ApprovalError(CustodyError):
+    """A rule of the approval process was broken."""
+
+    exit_code = 4
+
+
+class NotFound(CustodyError):
+    """The named object does not exist."""
+
+    exit_code = 5
+
+
+class Conflict(CustodyError):
+    """The object exists already, or the stored state forbids the change."""
+
+    exit_code = 6
+
+
+class KeyFileError(CustodyError):
+    """A key file is unreadable: wrong passphrase, corrupted, wrong type or newer format."""
+
+    exit_code = 7
+
+
+class NodeError(CustodyError):
+    """The chain backend failed, is unreachable, or is on the wrong chain."""
+
+    exit_code = 8
+
+
+class StorageError(CustodyError):
+    """The database failed, or its schema is newer than this tool understands."""
+
+    exit_code = 9
+
+
+EXIT_CODES: dict[str, int] = {
+    cls.__name__: cls.exit_code
+    for cls in (
+        CustodyError,
+        InputError,
+        HaltedError,
+        VerificationFailed,
+        ApprovalError,
+        NotFound,
+        Conflict,
+        KeyFileError,
+        NodeError,
+        StorageError,
+    )
+}
