@@ -1,0 +1,60 @@
+"""Shared fixtures. The regtest node is real: when it cannot start, its tests fail."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from custody.chain.regtest import NodeInfo, ensure_wallet, start_node, stop_node
+from custody.chain.rpc import RpcClient
+from custody.errors import CustodyError
+
+COINBASE_MATURITY = 100
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the regtest node is marked ``regtest`` (``-m "not regtest"``)."""
+    for item in items:
+        if "regtest_node" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.regtest)
+
+
+@pytest.fixture(scope="session")
+def regtest_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeInfo]:
+    """A regtest node on free loopback ports, for the whole session."""
+    datadir = tmp_path_factory.mktemp("regtest-node")
+    try:
+        node = start_node(datadir)
+    except CustodyError as e:
+        # Never a skip: CI must go red when the node it relies on cannot run.
+        pytest.fail(f"the regtest node could not start: {e}", pytrace=False)
+    try:
+        yield node
+    finally:
+        stop_node(datadir)
+
+
+@pytest.fixture
+def rpc(regtest_node: NodeInfo) -> RpcClient:
+    """A client for the session's regtest node."""
+    return regtest_node.client()
+
+
+def fund_wallet(rpc: RpcClient, name: str, blocks: int = COINBASE_MATURITY + 1) -> RpcClient:
+    """Create (or load) wallet ``name`` and mine ``blocks`` blocks to its own descriptor.
+
+    With the default 101 blocks the first coinbase (50 coins) is mature and spendable.
+    The wallet's key goes to the node as a descriptor, never as an address string.
+    """
+    wallet = ensure_wallet(rpc, name)
+    address = wallet.call("getnewaddress")  # only handed back to the same node
+    descriptor = wallet.call("getaddressinfo", address)["desc"]
+    rpc.call("generatetodescriptor", blocks, descriptor)
+    return wallet
+
+
+@pytest.fixture(scope="session")
+def funded_wallet(regtest_node: NodeInfo) -> RpcClient:
+    """A wallet client on the session's node holding at least one mature coinbase."""
+    return fund_wallet(regtest_node.client(), "funded")
