@@ -1,0 +1,50 @@
+"""Settings: flags first, then ``CUSTODY_*`` environment variables, then defaults.
+
+Read once by the CLI (never at import time) and passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def default_home(env: Mapping[str, str]) -> Path:
+    """``$CUSTODY_HOME``, else ``$XDG_DATA_HOME/custody``, else ``~/.local/share/custody``."""
+    if env.get("CUSTODY_HOME"):
+        return Path(env["CUSTODY_HOME"]).expanduser()
+    xdg = env.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "custody"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where custody keeps its state and how it reaches it."""
+
+    home: Path
+    db_url: str
+    halt_file: Path
+    halt_hook: str | None
+    manifest: Path
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        home: str | None = None,
+        db_url: str | None = None,
+        halt_file: str | None = None,
+        manifest: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Resolve every setting from the given flags, then the environment, then defaults."""
+        env = os.environ if env is None else env
+        home_path = Path(home).expanduser() if home else default_home(env)
+        url = db_url or env.get("CUSTODY_DB_URL") or f"sqlite:///{home_path / 'custody.db'}"
+        halt = halt_file or env.get("CUSTODY_HALT_FILE") or str(home_path / "halt.json")
+        hook = env.get("CUSTODY_HALT_HOOK") or None
+        pinned = manifest or env.get("CUSTODY_MANIFEST") or str(home_path / "founders-manifest.json")
+        return cls(home_path, url, Path(halt).expanduser(), hook, Path(pinned).expanduser())

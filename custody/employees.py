@@ -1,0 +1,68 @@
+"""Employee identities: a name and a registered public key, enabled or disabled."""
+
+from __future__ import annotations
+
+from sqlmodel import Session, col, select
+
+from custody import audit_log
+from custody.clock import now
+from custody.db import Database
+from custody.errors import ApprovalError, Conflict, NotFound
+from custody.keyfile import EmployeeKey
+from custody.models import EmployeeRow
+from custody.policy import _check_name
+from custody.signing import parse_pubkey
+
+
+def add_employee(db: Database, name: str, pubkey_hex: str, actor: str = "operator") -> EmployeeRow:
+    """Register an employee. Raises InputError, Conflict (name or key taken)."""
+    name = _check_name(name)
+    pubkey = parse_pubkey(pubkey_hex)
+    db.check_schema()
+    with db.transaction() as s:
+        if s.exec(select(EmployeeRow).where(EmployeeRow.name == name)).first():
+            raise Conflict(f"employee {name} exists already")
+        if s.exec(select(EmployeeRow).where(EmployeeRow.pubkey == pubkey)).first():
+            raise Conflict("that public key is registered to another employee")
+        row = EmployeeRow(name=name, pubkey=pubkey, enabled=True, created_at=now())
+        s.add(row)
+        audit_log.append(s, "employee.added", actor, {"name": name, "pubkey": pubkey})
+        s.flush()
+        return row
+
+
+def disable_employee(db: Database, name: str, actor: str = "operator") -> EmployeeRow:
+    """Disable an employee: their approvals and lifts count no more. Raises NotFound."""
+    db.check_schema()
+    with db.transaction() as s:
+        row = s.exec(select(EmployeeRow).where(EmployeeRow.name == name)).first()
+        if row is None:
+            raise NotFound(f"no employee named {name}")
+        if row.enabled:
+            row.enabled = False
+            row.disabled_at = now()
+            s.add(row)
+            audit_log.append(s, "employee.disabled", actor, {"name": name})
+        return row
+
+
+def list_employees(db: Database) -> list[EmployeeRow]:
+    db.check_schema()
+    with db.transaction() as s:
+        return list(s.exec(select(EmployeeRow).order_by(col(EmployeeRow.name))).all())
+
+
+def authenticate(s: Session, name: str, key: EmployeeKey) -> EmployeeRow:
+    """The enabled employee ``name`` whose registered key is ``key``.
+
+    Raises NotFound (no such employee), ApprovalError (disabled, or the key file is not
+    theirs).
+    """
+    row = s.exec(select(EmployeeRow).where(EmployeeRow.name == name)).first()
+    if row is None:
+        raise NotFound(f"no employee named {name}")
+    if not row.enabled:
+        raise ApprovalError(f"employee {name} is disabled")
+    if row.pubkey != key.public_key.hex():
+        raise ApprovalError(f"the key file given is not the registered key of employee {name}")
+    return row

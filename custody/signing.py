@@ -1,0 +1,54 @@
+"""Employee signatures over custody statements (approvals, halts, lifts).
+
+A statement is a domain tag and a list of fields; its digest is SHA-256 of their canonical
+JSON, so a signature for one purpose can never be replayed for another. Signatures are
+deterministic (RFC 6979), low-S, DER-encoded ECDSA over secp256k1 (coincurve).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import coincurve
+
+from custody.errors import InputError
+
+
+def statement_digest(domain: str, fields: list[str | int]) -> bytes:
+    body = json.dumps([domain, *fields], separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(body.encode()).digest()
+
+
+def sign_statement(private_key: coincurve.PrivateKey, domain: str, fields: list[str | int]) -> str:
+    """Hex DER signature of the statement."""
+    digest = statement_digest(domain, fields)
+    return bytes(private_key.sign(digest, hasher=None)).hex()
+
+
+def verify_statement(pubkey_hex: str, signature_hex: str, domain: str, fields: list[str | int]) -> bool:
+    """True when ``signature_hex`` is the key's valid signature of the statement."""
+    try:
+        public = coincurve.PublicKey(bytes.fromhex(pubkey_hex))
+        return bool(public.verify(bytes.fromhex(signature_hex), statement_digest(domain, fields), hasher=None))
+    except (ValueError, TypeError):
+        return False
+
+
+def parse_pubkey(text: str) -> str:
+    """Validate a compressed secp256k1 public key in hex; return it lower-case.
+
+    Raises InputError.
+    """
+    text = text.strip().lower()
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise InputError("public key is not hex") from None
+    if len(raw) != 33 or raw[0] not in (2, 3):
+        raise InputError("public key must be a 33-byte compressed secp256k1 key (02/03...)")
+    try:
+        coincurve.PublicKey(raw)
+    except ValueError:
+        raise InputError("public key is not a point on secp256k1") from None
+    return text
