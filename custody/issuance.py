@@ -1,0 +1,258 @@
+"""Issuing deposit (and change) addresses: allocate indexes, derive, verify, store.
+
+Each index is used exactly once: the chain's counter row is bumped with
+``UPDATE ... RETURNING`` inside the same transaction that stores the addresses, so two
+processes (PostgreSQL row lock, SQLite write lock) get disjoint ranges, and a failed
+issuance rolls its range back (no gaps).
+
+Every new address is checked by the independent verifier against the pinned founders'
+manifest before it is stored or shown; a mismatch raises the trading halt and nothing is
+returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert, text
+from sqlmodel import Session, col, func, select
+
+from custody import audit_log, halt, verify
+from custody.addresses import AddressDeriver, DerivedAddress
+from custody.clock import iso, now
+from custody.config import Settings
+from custody.db import Database
+from custody.errors import InputError, NotFound, StorageError, VerificationFailed
+from custody.models import AddressRow
+from custody.policy import RECEIVE, Policy
+from custody.wallet import COUNTER_NAMES, policy_from_session
+
+MAX_BATCH = 1_000_000
+
+
+@dataclass(frozen=True)
+class IssuedAddress:
+    chain: int
+    index: int
+    account: str
+    address: str
+    script_pubkey: str
+    script: str
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chain": self.chain,
+            "index": self.index,
+            "account": self.account,
+            "address": self.address,
+            "script_pubkey": self.script_pubkey,
+            "script": self.script,
+            "created_at": iso(self.created_at),
+        }
+
+
+def check_account(account: str) -> str:
+    """Raises InputError for an empty, over-long or non-printable account name."""
+    if not account or len(account) > 128 or not account.isprintable() or account != account.strip():
+        raise InputError("account must be 1 to 128 printable characters without leading or trailing spaces")
+    return account
+
+
+def _row_to_issued(row: AddressRow) -> IssuedAddress:
+    return IssuedAddress(row.chain, row.idx, row.account, row.address, row.script_pubkey, row.script, row.created_at)
+
+
+def load_manifest(settings: Settings) -> verify.Manifest:
+    """The pinned founders' manifest the issuance path verifies against.
+
+    Raises StorageError when it is missing or unreadable: issuing unverified addresses is
+    never an option.
+    """
+    try:
+        return verify.load_manifest(settings.manifest)
+    except FileNotFoundError:
+        raise StorageError(
+            f"the pinned founders' manifest {settings.manifest} is missing: "
+            "restore it (or set CUSTODY_MANIFEST) before issuing addresses"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"the pinned founders' manifest is unusable: {exc}") from None
+
+
+def _allocate(s: Session, chain: int, count: int) -> int:
+    """Reserve ``count`` consecutive indexes of ``chain``; return the first."""
+    row = s.execute(
+        text("UPDATE counter SET next_value = next_value + :n WHERE name = :name RETURNING next_value"),
+        {"n": count, "name": COUNTER_NAMES[chain]},
+    ).first()
+    if row is None:
+        raise StorageError(f"the store has no counter for chain {chain}: run `custody init`")
+    return int(row[0]) - count
+
+
+def _derive_checked(
+    policy: Policy, manifest: verify.Manifest, chain: int, first: int, count: int
+) -> tuple[list[DerivedAddress], list[tuple[DerivedAddress, list[str]]]]:
+    deriver = AddressDeriver(policy)
+    good: list[DerivedAddress] = []
+    bad: list[tuple[DerivedAddress, list[str]]] = []
+    for index in range(first, first + count):
+        derived = deriver.derive(chain, index)
+        reasons = verify.verify_address(manifest, chain, index, derived.address)
+        if reasons:
+            bad.append((derived, reasons))
+        else:
+            good.append(derived)
+    return good, bad
+
+
+def issue_addresses(
+    db: Database,
+    settings: Settings,
+    account: str,
+    count: int = 1,
+    chain: int = RECEIVE,
+    actor: str = "operator",
+) -> list[IssuedAddress]:
+    """Issue the next ``count`` addresses of ``chain`` for ``account``.
+
+    Raises HaltedError while trading is halted, InputError for a bad account or count,
+    VerificationFailed (after raising the halt) when a derived address does not verify
+    against the pinned manifest, StorageError.
+    """
+    check_account(account)
+    if not 1 <= count <= MAX_BATCH:
+        raise InputError(f"count must be between 1 and {MAX_BATCH}")
+    manifest = load_manifest(settings)
+    failure: list[tuple[DerivedAddress, list[str]]] = []
+    with db.transaction() as s:
+        halt.guard(s)
+        policy = policy_from_session(s)
+        first = _allocate(s, chain, count)
+        good, failure = _derive_checked(policy, manifest, chain, first, count)
+        if not failure:
+            at = now()
+            issued = [
+                IssuedAddress(d.chain, d.index, account, d.address, d.script_pubkey.hex(), d.script.hex(), at)
+                for d in good
+            ]
+            rows = [
+                {
+                    "chain": a.chain,
+                    "idx": a.index,
+                    "account": a.account,
+                    "address": a.address,
+                    "script_pubkey": a.script_pubkey,
+                    "script": a.script,
+                    "created_at": at,
+                }
+                for a in issued
+            ]
+            s.execute(insert(AddressRow), rows)
+            digest = hashlib.sha256("\n".join(d.address for d in good).encode()).hexdigest()
+            audit_log.append(
+                s,
+                "address.issued",
+                actor,
+                {
+                    "account": account,
+                    "chain": chain,
+                    "first_index": first,
+                    "count": count,
+                    "addresses_sha256": digest,
+                    "first_address": good[0].address,
+                },
+            )
+            return issued
+        # leaving the block on the raise below rolls back the allocation: nothing stored
+    derived, reasons = failure[0]
+    message = (
+        f"issued address {derived.address} at {chain}/{derived.index} failed verification "
+        f"against the founders' manifest: {'; '.join(reasons)}"
+    )
+    halt.raise_halt(db, settings, reason=message, source="verification", actor="address-issuance")
+    raise VerificationFailed(message + " — trading is halted")
+
+
+def list_addresses(db: Database, account: str | None = None, chain: int | None = None) -> list[IssuedAddress]:
+    """Issued addresses in index order, optionally of one account or chain."""
+    db.check_schema()
+    with db.transaction() as s:
+        query = select(AddressRow)
+        if account is not None:
+            query = query.where(AddressRow.account == account)
+        if chain is not None:
+            query = query.where(AddressRow.chain == chain)
+        rows = s.exec(query.order_by(col(AddressRow.chain), col(AddressRow.idx))).all()
+        return [_row_to_issued(r) for r in rows]
+
+
+def get_address(db: Database, address: str) -> IssuedAddress:
+    """Raises NotFound when ``address`` was not issued by this store."""
+    db.check_schema()
+    with db.transaction() as s:
+        row = s.exec(select(AddressRow).where(AddressRow.address == address.strip())).first()
+        if row is None:
+            raise NotFound(f"address {address} was not issued by this store")
+        return _row_to_issued(row)
+
+
+def iter_addresses(s: Session, batch: int = 5000) -> Iterator[AddressRow]:
+    """Every issued address in (chain, index) order, read in batches (constant memory)."""
+    last = (-1, -1)
+    while True:
+        rows = s.exec(
+            select(AddressRow)
+            .where(
+                (col(AddressRow.chain) > last[0])
+                | ((col(AddressRow.chain) == last[0]) & (col(AddressRow.idx) > last[1]))
+            )
+            .order_by(col(AddressRow.chain), col(AddressRow.idx))
+            .limit(batch)
+        ).all()
+        if not rows:
+            return
+        yield from rows
+        last = (rows[-1].chain, rows[-1].idx)
+
+
+def count_addresses(s: Session) -> int:
+    return int(s.exec(select(func.count()).select_from(AddressRow)).one())
+
+
+def export_addresses(db: Database, path: Path) -> int:
+    """Write the auditors' export (JSON Lines, docs/FORMATS.md) atomically; return the count."""
+    db.check_schema()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    count = 0
+    try:
+        with db.transaction() as s, open(tmp, "w", encoding="utf-8") as fh:
+            policy = policy_from_session(s)
+            header = {
+                "format": "custody-address-export",
+                "version": 1,
+                "network": policy.network.name,
+                "threshold": policy.threshold,
+                "script_type": policy.script_type.value,
+                "descriptors": policy.descriptors(),
+                "exported_at": iso(now()),
+            }
+            fh.write(json.dumps(header) + "\n")
+            for row in iter_addresses(s):
+                fh.write(json.dumps(_row_to_issued(row).to_dict()) + "\n")
+                count += 1
+            fh.write(json.dumps({"end": True, "count": count}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count
