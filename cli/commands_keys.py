@@ -1,0 +1,150 @@
+"""``custody keygen`` and ``custody employee ...``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from custody_cli import output
+from custody_cli.context import (
+    AppContext,
+    example,
+    json_option,
+    pass_app,
+    passphrase_options,
+    read_passphrase,
+)
+
+from custody.clock import iso
+from custody.employees import add_employee, disable_employee, list_employees
+from custody.keyfile import create_employee_key, create_founder_key
+from custody.network import NETWORKS, get_network
+from custody.policy import parse_script_type
+
+
+@click.command()
+@click.argument("name")
+@click.option(
+    "--out",
+    "out_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the encrypted key file (never overwritten).",
+)
+@click.option(
+    "--network",
+    default="regtest",
+    show_default=True,
+    type=click.Choice(list(NETWORKS)),
+    help="The network the key is for.",
+)
+@click.option(
+    "--script",
+    "script_type",
+    default="p2wsh",
+    show_default=True,
+    type=click.Choice(["p2wsh", "p2sh-p2wsh"]),
+    help="BIP-48 script type of the account key.",
+)
+@passphrase_options
+@json_option
+@example("custody keygen founder-a --out founder-a.key --network regtest")
+def keygen(
+    name: str, out_file: Path, network: str, script_type: str, passphrase_file: Path | None, as_json: bool
+) -> None:
+    """Create a founder key and print its account xpub for the key ceremony.
+
+    The BIP-32 master comes from the OS's randomness and is written encrypted (scrypt +
+    ChaCha20-Poly1305); the passphrase comes from --passphrase-file, CUSTODY_PASSPHRASE
+    or a prompt.
+    """
+    index = parse_script_type(script_type).bip48_script_index or 2
+    passphrase = read_passphrase(passphrase_file, confirm=True, what="new founder key")
+    key = create_founder_key(out_file, name, get_network(network), passphrase, index)
+    if as_json:
+        output.emit_json({"name": name, "network": network, "xpub": str(key.account), "file": str(out_file)})
+        return
+    output.line(str(key.account))
+    output.success(f"founder key {name} written to {out_file}; publish the line above for the ceremony")
+
+
+@click.group()
+def employee() -> None:
+    """Employee identities: each signs approvals and halt lifts with a registered key."""
+
+
+@employee.command("keygen")
+@click.argument("name")
+@click.option(
+    "--out",
+    "out_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the encrypted key file (never overwritten).",
+)
+@click.option(
+    "--register/--no-register", default=True, show_default=True, help="Also register the public key in the store."
+)
+@passphrase_options
+@json_option
+@pass_app
+@example("custody employee keygen alice --out alice.key")
+def employee_keygen(
+    app: AppContext, name: str, out_file: Path, register: bool, passphrase_file: Path | None, as_json: bool
+) -> None:
+    """Create an employee signing key (encrypted at rest) and register its public key."""
+    passphrase = read_passphrase(passphrase_file, confirm=True, what="new employee key")
+    key = create_employee_key(out_file, name, passphrase)
+    if register:
+        add_employee(app.db, name, key.public_key.hex())
+    if as_json:
+        output.emit_json({"name": name, "pubkey": key.public_key.hex(), "file": str(out_file), "registered": register})
+        return
+    output.line(key.public_key.hex())
+    output.success(f"employee key {name} written to {out_file}" + (" and registered" if register else ""))
+
+
+@employee.command("add")
+@click.argument("name")
+@click.option("--pubkey", required=True, help="The employee's compressed secp256k1 public key (hex).")
+@json_option
+@pass_app
+@example("custody employee add bob --pubkey 02ab...")
+def employee_add(app: AppContext, name: str, pubkey: str, as_json: bool) -> None:
+    """Register an employee by public key."""
+    row = add_employee(app.db, name, pubkey)
+    if as_json:
+        output.emit_json({"name": row.name, "pubkey": row.pubkey, "enabled": row.enabled})
+        return
+    output.success(f"employee {row.name} registered")
+
+
+@employee.command("list")
+@json_option
+@pass_app
+@example("custody employee list --json")
+def employee_list(app: AppContext, as_json: bool) -> None:
+    """List employees and whether they are enabled."""
+    rows = list_employees(app.db)
+    data = [{"name": r.name, "pubkey": r.pubkey, "enabled": r.enabled, "created_at": iso(r.created_at)} for r in rows]
+    if as_json:
+        output.emit_json(data)
+        return
+    output.table(
+        "Employees",
+        ["name", "enabled", "public key", "created"],
+        [(d["name"], "yes" if d["enabled"] else "DISABLED", d["pubkey"], d["created_at"]) for d in data],
+    )
+
+
+@employee.command("disable")
+@click.argument("name")
+@pass_app
+@example("custody employee disable bob")
+def employee_disable(app: AppContext, name: str) -> None:
+    """Disable an employee: their approvals and lifts no longer count."""
+    disable_employee(app.db, name)
+    output.success(f"employee {name} disabled")
+
+
+COMMANDS = [keygen, employee]

@@ -1,0 +1,102 @@
+"""The ``custody`` command: global options, error handling and the command groups."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+from custody_cli import output
+from custody_cli.context import AppContext
+
+from custody import __version__
+from custody.config import Settings
+from custody.errors import CustodyError
+
+
+class CustodyGroup(click.Group):
+    """Turns library errors into a message on stderr and their stable exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CustodyError as exc:
+            if os.environ.get("CUSTODY_DEBUG") == "1":
+                traceback.print_exc()
+            output.error(str(exc))
+            ctx.exit(exc.exit_code)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            output.error("interrupted")
+            ctx.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare traceback
+            if os.environ.get("CUSTODY_DEBUG") == "1":
+                traceback.print_exc()
+            output.error(f"internal error: {type(exc).__name__}: {exc} (set CUSTODY_DEBUG=1 for the traceback)")
+            ctx.exit(1)
+
+
+@click.group(cls=CustodyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="custody")
+@click.option(
+    "--home", envvar="CUSTODY_HOME", help="Data directory (default ~/.local/share/custody). [env: CUSTODY_HOME]"
+)
+@click.option(
+    "--db",
+    "db_url",
+    envvar="CUSTODY_DB_URL",
+    help="Database URL: sqlite:///PATH or postgresql://... (default: SQLite in the data directory). "
+    "[env: CUSTODY_DB_URL]",
+)
+@click.option(
+    "--halt-file",
+    envvar="CUSTODY_HALT_FILE",
+    help="Where the halt state is mirrored for the trading engine (default HOME/halt.json). [env: CUSTODY_HALT_FILE]",
+)
+@click.option(
+    "--manifest",
+    "manifest",
+    envvar="CUSTODY_MANIFEST",
+    help="The pinned founders' manifest issuance verifies against (default HOME/founders-manifest.json). "
+    "[env: CUSTODY_MANIFEST]",
+)
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, db_url: str | None, halt_file: str | None, manifest: str | None) -> None:
+    """Multisig custody and withdrawal approval for an exchange's cold storage.
+
+    Exit codes: 0 ok, 1 error, 2 bad input, 3 halted or address mismatch, 4 approval rule
+    broken, 5 not found, 6 conflict, 7 key file, 8 node, 9 storage.
+
+    \b
+    Example:
+      custody --home ./vault status
+    """
+    ctx.obj = AppContext(Settings.load(home=home, db_url=db_url, halt_file=halt_file, manifest=manifest))
+
+
+def _register() -> None:
+    from custody_cli import (
+        commands_address,
+        commands_halt,
+        commands_keys,
+        commands_policy,
+        commands_verify,
+        demo,
+    )
+
+    for module in (commands_keys, commands_policy, commands_address, commands_halt, commands_verify, demo):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="custody", standalone_mode=True)
+    except SystemExit as exc:
+        sys.exit(exc.code)

@@ -1,0 +1,108 @@
+"""The one module that talks to the terminal (rich): data on stdout, messages on stderr.
+
+Untrusted strings (names, reasons, addresses) are never interpreted as markup.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+
+def _no_color() -> bool:
+    return bool(os.environ.get("NO_COLOR"))
+
+
+def out() -> Console:
+    return Console(file=sys.stdout, no_color=_no_color(), highlight=False, soft_wrap=True)
+
+
+def err() -> Console:
+    return Console(file=sys.stderr, no_color=_no_color(), highlight=False, soft_wrap=True)
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def emit_csv(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
+    writer = csv.DictWriter(sys.stdout, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    t = Table(title=title, show_lines=False)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for row in rows:
+        t.add_row(*[Text("" if v is None else str(v)) for v in row])
+    out().print(t)
+
+
+def line(message: str, style: str | None = None) -> None:
+    """A plain line of data on stdout."""
+    out().print(Text(message, style=style or ""))
+
+
+def info(message: str) -> None:
+    err().print(Text(message))
+
+
+def success(message: str) -> None:
+    err().print(Text(message, style="green"))
+
+
+def warning(message: str) -> None:
+    err().print(Text("warning: ", style="yellow") + Text(message))
+
+
+def error(message: str) -> None:
+    err().print(Text("error: ", style="bold red") + Text(message))
+
+
+def key_values(title: str, pairs: Sequence[tuple[str, Any]]) -> None:
+    t = Table(title=title, show_header=False)
+    t.add_column("field", style="bold")
+    t.add_column("value", overflow="fold")
+    for k, v in pairs:
+        t.add_row(Text(k), Text("" if v is None else str(v)))
+    out().print(t)
+
+
+class Progress:
+    """A progress bar on stderr for long work; silent when stderr is not a terminal."""
+
+    def __init__(self, description: str, total: int | None) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self._progress = RichProgress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err(),
+            transient=True,
+            disable=not sys.stderr.isatty(),
+        )
+        self._task = self._progress.add_task(description, total=total)
+
+    def __enter__(self) -> Progress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
+
+    def update(self, done: int) -> None:
+        self._progress.update(self._task, completed=done)

@@ -1,0 +1,157 @@
+"""The trading halt: raised, persistent across processes, fail-closed, lifted by two."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import Custody, founders
+
+
+@pytest.fixture
+def shop(tmp_path: Path) -> tuple[Custody, dict[str, Path]]:
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    keys = {name: c.employee(name) for name in ("alice", "bob", "carol")}
+    return c, keys
+
+
+def _raise(c: Custody, keys: dict[str, Path], who: str = "alice", reason: str = "suspicious") -> int:
+    result = c("halt", "raise", "--reason", reason, "--as", who, "--key", str(keys[who]), "--json")
+    assert result.exit_code == 0, result.output
+    return int(json.loads(result.stdout)["halt_id"])
+
+
+def _lift(c: Custody, keys: dict[str, Path], halt_id: int, who: str) -> dict[str, object]:
+    result = c("halt", "lift", str(halt_id), "--as", who, "--key", str(keys[who]), "--json")
+    assert result.exit_code == 0, result.output
+    return dict(json.loads(result.stdout))
+
+
+def test_running_store_reports_running(shop: tuple[Custody, dict[str, Path]]) -> None:
+    c, _ = shop
+    result = c("halt", "status", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["halted"] is False
+    assert json.loads((c.home / "halt.json").read_text())["halted"] is False
+
+
+def test_employee_halt_stops_issuance_and_is_mirrored(shop: tuple[Custody, dict[str, Path]]) -> None:
+    c, keys = shop
+    halt_id = _raise(c, keys, reason="wallet looks wrong")
+    status = c("halt", "status", "--json")
+    assert status.exit_code == 3
+    state = json.loads(status.stdout)
+    assert state["halted"] and state["halts"][0]["raised_by"] == "alice"
+    assert state["halts"][0]["reason"] == "wallet looks wrong"
+    mirror = json.loads((c.home / "halt.json").read_text())
+    assert mirror["halted"] is True and mirror["halts"][0]["id"] == halt_id
+    refused = c("address", "new", "--account", "x")
+    assert refused.exit_code == 3 and "halted" in refused.stderr
+    assert c.json("address", "list") == []
+
+
+def test_halt_persists_across_processes(shop: tuple[Custody, dict[str, Path]]) -> None:
+    c, keys = shop
+    _raise(c, keys)
+    env = dict(os.environ, **c.env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "custody_cli", "halt", "status"], env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "HALTED" in proc.stdout
+
+
+def test_lift_needs_two_distinct_employees(shop: tuple[Custody, dict[str, Path]]) -> None:
+    c, keys = shop
+    halt_id = _raise(c, keys)
+    first = _lift(c, keys, halt_id, "alice")
+    assert first["lifted"] is False and first["signers"] == ["alice"]
+    again = _lift(c, keys, halt_id, "alice")  # the same employee twice counts once
+    assert again["lifted"] is False and again["signers"] == ["alice"]
+    assert c("halt", "status").exit_code == 3
+    second = _lift(c, keys, halt_id, "bob")
+    assert second["lifted"] is True and second["signers"] == ["alice", "bob"]
+    assert c("halt", "status").exit_code == 0
+    assert json.loads((c.home / "halt.json").read_text())["halted"] is False
+    assert c("halt", "lift", str(halt_id), "--as", "carol", "--key", str(keys["carol"])).exit_code == 6
+    assert c("address", "new", "--account", "x").exit_code == 0
+
+
+def test_lift_refuses_strangers_wrong_keys_and_disabled_employees(shop: tuple[Custody, dict[str, Path]]) -> None:
+    c, keys = shop
+    halt_id = _raise(c, keys)
+    assert c("halt", "lift", str(halt_id), "--as", "mallory", "--key", str(keys["alice"])).exit_code == 5
+    wrong = c("halt", "lift", str(halt_id), "--as", "bob", "--key", str(keys["alice"]))
+    assert wrong.exit_code == 4 and "not the registered key" in wrong.stderr
+    _lift(c, keys, halt_id, "alice")
+    assert c("employee", "disable", "alice").exit_code == 0
+    # alice's earlier consent counts no more once she is disabled
+    after_bob = _lift(c, keys, halt_id, "bob")
+    assert after_bob["lifted"] is False and after_bob["signers"] == ["bob"]
+    assert c("halt", "lift", str(halt_id), "--as", "alice", "--key", str(keys["alice"])).exit_code == 4
+    assert _lift(c, keys, halt_id, "carol")["lifted"] is True
+    assert c("halt", "lift", "999", "--as", "bob", "--key", str(keys["bob"])).exit_code == 5
+
+
+def test_wrong_passphrase_cannot_halt_or_lift(shop: tuple[Custody, dict[str, Path]]) -> None:
+    c, keys = shop
+    c.env["CUSTODY_PASSPHRASE"] = "not the passphrase"
+    result = c("halt", "raise", "--reason", "r", "--as", "alice", "--key", str(keys["alice"]))
+    assert result.exit_code == 7 and "wrong passphrase" in result.stderr
+
+
+def test_status_view_shows_incident_timeline(shop: tuple[Custody, dict[str, Path]]) -> None:
+    c, keys = shop
+    view = c("status", "--json")
+    assert view.exit_code == 0
+    assert set(json.loads(view.stdout)["components"].values()) == {"operational"}
+    halt_id = _raise(c, keys, reason="odd deposit")
+    view = c("status", "--json")
+    assert view.exit_code == 3
+    data = json.loads(view.stdout)
+    assert set(data["components"].values()) == {"halted"}
+    incident = data["incidents"][0]
+    assert incident["status"] == "investigating" and incident["halt_id"] == halt_id
+    assert (
+        c("incident", "update", str(incident["id"]), "--status", "identified", "--message", "found it").exit_code == 0
+    )
+    assert c("incident", "update", str(incident["id"]), "--status", "resolved", "--message", "x").exit_code == 6
+    assert c("incident", "update", "999", "--status", "identified", "--message", "x").exit_code == 5
+    _lift(c, keys, halt_id, "alice")
+    _lift(c, keys, halt_id, "bob")
+    data = json.loads(c("status", "--json").stdout)
+    assert set(data["components"].values()) == {"operational"}
+    timeline = [u["status"] for u in data["incidents"][0]["updates"]]
+    assert timeline == ["investigating", "identified", "resolved"]
+    text = c("status")
+    assert "Incident #" in text.stdout and "identified" in text.stdout
+
+
+def test_unreadable_store_reads_as_halted(shop: tuple[Custody, dict[str, Path]], tmp_path: Path) -> None:
+    c, _ = shop
+    bad = tmp_path / "garbage.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    c.env["CUSTODY_DB_URL"] = f"sqlite:///{bad}"
+    status = c("halt", "status", "--json")
+    assert status.exit_code == 3
+    assert json.loads(status.stdout)["halted"] is True
+    assert c("address", "new", "--account", "x").exit_code in (3, 9)
+
+
+def test_halt_hook_runs_on_every_change(shop: tuple[Custody, dict[str, Path]], tmp_path: Path) -> None:
+    c, keys = shop
+    log = tmp_path / "hook.log"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f'#!/bin/sh\necho "$CUSTODY_HALTED" >> {log}\n')
+    hook.chmod(0o755)
+    c.env["CUSTODY_HALT_HOOK"] = str(hook)
+    halt_id = _raise(c, keys)
+    _lift(c, keys, halt_id, "alice")
+    _lift(c, keys, halt_id, "bob")
+    assert log.read_text().split() == ["1", "0"]
