@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from custody.errors import InputError
 
-_INPUT_CHARSET = (
-    "0123456789()[],'/*abcdefgh@:$%{}"
-    "IJKLMNOPQRSTUVWXYZ&+-.;<=>?!^_|~"
-    "ijklmnopqrstuvwxyzABCDEFGH`#\"\\ "
-)
+_INPUT_CHARSET = "0123456789()[],'/*abcdefgh@:$%{}IJKLMNOPQRSTUVWXYZ&+-.;<=>?!^_|~ijklmnopqrstuvwxyzABCDEFGH`#\"\\ "
 _CHECKSUM_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
 _GENERATOR = (0xF5DEE51989, 0xA9FDCA3312, 0x1BAB10E32D, 0x3706B1677A, 0x644D626FFD)
 
@@ -57,11 +53,14 @@ def add_checksum(descriptor: str) -> str:
 def check_checksum(text: str) -> str:
     """Validate ``descriptor#checksum`` and return the descriptor without it.
 
-    Raises InputError when the checksum is missing, malformed or wrong.
+    Raises InputError when the checksum is missing, malformed or wrong, or when the text
+    has more than one ``#``.
     """
     descriptor, sep, checksum = text.rpartition("#")
     if not sep:
         raise InputError("descriptor has no checksum")
+    if "#" in descriptor:
+        raise InputError("descriptor has more than one '#'")
     if len(checksum) != 8 or any(ch not in _CHECKSUM_CHARSET for ch in checksum):
         raise InputError(f"descriptor checksum {checksum!r} is not 8 checksum characters")
     expected = descriptor_checksum(descriptor)

@@ -154,9 +154,7 @@ class ExtendedPublicKey:
         if not 0 <= index < HARDENED:
             raise InputError(f"cannot derive hardened or out-of-range index {index} from a public key")
         child_pub, chain_code = _ckd_pub(self.public_key, self.chain_code, index)
-        return ExtendedPublicKey(
-            self.network, self.depth + 1, self.fingerprint, index, chain_code, child_pub
-        )
+        return ExtendedPublicKey(self.network, self.depth + 1, self.fingerprint, index, chain_code, child_pub)
 
     def derive(self, path: tuple[int, ...]) -> ExtendedPublicKey:
         key = self
@@ -307,9 +305,7 @@ class ExtendedPrivateKey:
 
 
 def _network_of_version(version: bytes, private: bool) -> list[Network]:
-    return [
-        n for n in NETWORKS.values() if (n.xprv_version if private else n.xpub_version) == version
-    ]
+    return [n for n in NETWORKS.values() if (n.xprv_version if private else n.xpub_version) == version]
 
 
 def _check_header(payload: bytes) -> tuple[int, bytes, int]:
@@ -395,9 +391,7 @@ def parse_origin_xpub(text: str, network: Network) -> OriginKey:
     origin, key_text = split_origin(text)
     xpub = parse_xpub(key_text, network)
     if origin is not None and len(origin.path) != xpub.depth:
-        raise InputError(
-            f"key origin has {len(origin.path)} steps but the key's depth is {xpub.depth}"
-        )
+        raise InputError(f"key origin has {len(origin.path)} steps but the key's depth is {xpub.depth}")
     return OriginKey(origin, xpub)
 
 
