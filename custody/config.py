@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -29,6 +29,14 @@ class Settings:
     halt_file: Path
     halt_hook: str | None
     manifest: Path
+    node_url: str | None = None
+    """JSON-RPC URL of the node (``http://HOST:PORT``); None: the node of ``node_datadir``."""
+    node_cookie: Path | None = None
+    """The node's ``.cookie`` file, for ``node_url``."""
+    node_auth: str | None = field(default=None, repr=False)
+    """``user:password`` for ``node_url``; kept out of repr (a secret)."""
+    node_datadir: Path = Path("node")
+    """Data directory of the node ``custody node start`` runs (default HOME/node)."""
 
     @classmethod
     def load(
@@ -47,4 +55,17 @@ class Settings:
         halt = halt_file or env.get("CUSTODY_HALT_FILE") or str(home_path / "halt.json")
         hook = env.get("CUSTODY_HALT_HOOK") or None
         pinned = manifest or env.get("CUSTODY_MANIFEST") or str(home_path / "founders-manifest.json")
-        return cls(home_path, url, Path(halt).expanduser(), hook, Path(pinned).expanduser())
+        # The node: environment only (CUSTODY_NODE_AUTH is a secret, never a flag).
+        cookie = env.get("CUSTODY_NODE_COOKIE") or None
+        datadir = env.get("CUSTODY_NODE_DATADIR") or str(home_path / "node")
+        return cls(
+            home_path,
+            url,
+            Path(halt).expanduser(),
+            hook,
+            Path(pinned).expanduser(),
+            node_url=env.get("CUSTODY_NODE_URL") or None,
+            node_cookie=Path(cookie).expanduser() if cookie else None,
+            node_auth=env.get("CUSTODY_NODE_AUTH") or None,
+            node_datadir=Path(datadir).expanduser(),
+        )

@@ -47,6 +47,4 @@ def get_network(name: str) -> Network:
     try:
         return NETWORKS[name]
     except KeyError:
-        raise InputError(
-            f"unknown network {name!r}: expected one of {', '.join(NETWORKS)}"
-        ) from None
+        raise InputError(f"unknown network {name!r}: expected one of {', '.join(NETWORKS)}") from None

@@ -1,0 +1,79 @@
+"""``custody node start|status|stop`` through the CLI, in process, with a real node."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from custody.chain.regtest import stop_node
+from tests.support import Custody
+
+pytestmark = pytest.mark.regtest
+
+
+@pytest.fixture
+def custody(tmp_path: Path) -> Iterator[Custody]:
+    runner = Custody(tmp_path / "home")
+    try:
+        yield runner
+    finally:
+        stop_node(tmp_path / "home" / "node")  # whatever the test left running
+
+
+def test_start_status_stop(custody: Custody) -> None:
+    datadir = (custody.home / "node").resolve()
+    stopped = custody("node", "status")
+    assert stopped.exit_code == 8, stopped.output
+    assert "not running" in stopped.stdout
+
+    started = custody("node", "start", "--json")
+    assert started.exit_code == 0, started.output
+    info = json.loads(started.stdout)
+    assert info["datadir"] == str(datadir)
+    assert info["rpc_url"].startswith("http://127.0.0.1:")
+
+    status = custody.json("node", "status")
+    assert status["running"] is True and status["chain"] == "regtest" and status["pid"] == info["pid"]
+    assert isinstance(status["blocks"], int)
+    shown = custody("node", "status")
+    assert shown.exit_code == 0 and info["rpc_url"] in shown.stdout
+
+    again = custody("node", "start")
+    assert again.exit_code == 6, again.output  # one node per data directory
+    assert "already runs" in again.stderr
+
+    stop = custody("node", "stop")
+    assert stop.exit_code == 0, stop.output
+    assert "stopped" in stop.stderr
+    after = custody("node", "status", "--json")
+    assert after.exit_code == 8
+    assert json.loads(after.stdout)["running"] is False
+    idle = custody("node", "stop")
+    assert idle.exit_code == 0 and "no node was running" in idle.stderr
+
+
+def test_datadir_from_option_and_environment(custody: Custody, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    assert custody("node", "status", "--datadir", str(elsewhere), "--json").exit_code == 8
+    custody.env["CUSTODY_NODE_DATADIR"] = str(elsewhere)
+    result = custody("node", "status", "--json")
+    assert result.exit_code == 8
+    assert json.loads(result.stdout)["datadir"] == str(elsewhere.resolve())
+
+
+@pytest.mark.parametrize("command", ["start", "stop", "status"])
+def test_every_node_command_has_help_with_an_example(custody: Custody, command: str) -> None:
+    result = custody("node", command, "--help")
+    assert result.exit_code == 0
+    assert "Example:" in result.stdout and f"custody node {command}" in result.stdout
+
+
+def test_readme_lists_the_node_commands() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for command in ("start", "stop", "status"):
+        assert f"| `custody node {command}" in readme
+    for variable in ("CUSTODY_NODE_URL", "CUSTODY_NODE_COOKIE", "CUSTODY_NODE_AUTH", "CUSTODY_NODE_DATADIR"):
+        assert variable in readme
