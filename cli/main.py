@@ -82,12 +82,23 @@ def _register() -> None:
         commands_address,
         commands_halt,
         commands_keys,
+        commands_node,
         commands_policy,
         commands_verify,
+        commands_withdraw,
         demo,
     )
 
-    for module in (commands_keys, commands_policy, commands_address, commands_halt, commands_verify, demo):
+    for module in (
+        commands_keys,
+        commands_policy,
+        commands_address,
+        commands_halt,
+        commands_verify,
+        commands_node,
+        commands_withdraw,
+        demo,
+    ):
         for command in module.COMMANDS:
             cli.add_command(command)
 

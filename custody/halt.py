@@ -408,3 +408,34 @@ def status_view(db: Database, recent: int = 10) -> dict[str, Any]:
         "components": {c: ("halted" if c in halted_components else "operational") for c in COMPONENTS},
         "incidents": incidents,
     }
+
+
+def check_before_signing(db: Database, settings: Settings) -> str:
+    """The halt check of the offline signer; returns what it consulted.
+
+    Where this machine has a store or a halt file, a halt (or an unreadable state) refuses
+    with HaltedError. A machine with neither is an offline signing machine: the halt is
+    enforced again when the signatures are imported, finalized and broadcast.
+    """
+    consulted = []
+    if settings.halt_file.exists():
+        consulted.append(str(settings.halt_file))
+        try:
+            doc = json.loads(settings.halt_file.read_text(encoding="utf-8"))
+            halted = doc.get("halted") is not False
+        except (OSError, ValueError, AttributeError):
+            halted = True
+        if halted:
+            raise HaltedError(f"trading is halted (halt file {settings.halt_file}): signing refused")
+    local_sqlite = db.is_sqlite and not _sqlite_file_exists(db)
+    if not local_sqlite:
+        consulted.append("store")
+        ensure_running(db)
+    return ", ".join(consulted) or "none (offline machine)"
+
+
+def _sqlite_file_exists(db: Database) -> bool:
+    from sqlalchemy.engine import make_url
+
+    path = make_url(db.url).database
+    return bool(path) and path != ":memory:" and Path(path or "").exists()

@@ -114,6 +114,80 @@ def _derive_checked(
     return good, bad
 
 
+class AddressMismatch(VerificationFailed):
+    """A freshly derived address did not verify; raised inside the issuing transaction."""
+
+    def __init__(self, derived: DerivedAddress, reasons: list[str]) -> None:
+        self.derived = derived
+        self.reasons = reasons
+        super().__init__(
+            f"issued address {derived.address} at {derived.chain}/{derived.index} failed verification "
+            f"against the founders' manifest: {'; '.join(reasons)}"
+        )
+
+
+def issue_in_session(
+    s: Session,
+    manifest: verify.Manifest,
+    account: str,
+    count: int = 1,
+    chain: int = RECEIVE,
+    actor: str = "operator",
+) -> list[IssuedAddress]:
+    """Issue addresses inside the caller's transaction (see :func:`issue_addresses`).
+
+    Raises HaltedError, InputError, AddressMismatch (the caller must roll back, then
+    raise the halt with :func:`halt_for_mismatch`), StorageError.
+    """
+    check_account(account)
+    if not 1 <= count <= MAX_BATCH:
+        raise InputError(f"count must be between 1 and {MAX_BATCH}")
+    halt.guard(s)
+    policy = policy_from_session(s)
+    first = _allocate(s, chain, count)
+    good, failure = _derive_checked(policy, manifest, chain, first, count)
+    if failure:
+        raise AddressMismatch(*failure[0])
+    at = now()
+    issued = [
+        IssuedAddress(d.chain, d.index, account, d.address, d.script_pubkey.hex(), d.script.hex(), at) for d in good
+    ]
+    rows = [
+        {
+            "chain": a.chain,
+            "idx": a.index,
+            "account": a.account,
+            "address": a.address,
+            "script_pubkey": a.script_pubkey,
+            "script": a.script,
+            "created_at": at,
+        }
+        for a in issued
+    ]
+    s.execute(insert(AddressRow), rows)
+    digest = hashlib.sha256("\n".join(a.address for a in issued).encode()).hexdigest()
+    audit_log.append(
+        s,
+        "address.issued",
+        actor,
+        {
+            "account": account,
+            "chain": chain,
+            "first_index": first,
+            "count": count,
+            "addresses_sha256": digest,
+            "first_address": issued[0].address,
+        },
+    )
+    return issued
+
+
+def halt_for_mismatch(db: Database, settings: Settings, exc: AddressMismatch) -> VerificationFailed:
+    """Raise the trading halt for a mismatch (after its transaction rolled back)."""
+    halt.raise_halt(db, settings, reason=str(exc), source="verification", actor="address-issuance")
+    return VerificationFailed(f"{exc} — trading is halted")
+
+
 def issue_addresses(
     db: Database,
     settings: Settings,
@@ -129,57 +203,12 @@ def issue_addresses(
     against the pinned manifest, StorageError.
     """
     check_account(account)
-    if not 1 <= count <= MAX_BATCH:
-        raise InputError(f"count must be between 1 and {MAX_BATCH}")
     manifest = load_manifest(settings)
-    failure: list[tuple[DerivedAddress, list[str]]] = []
-    with db.transaction() as s:
-        halt.guard(s)
-        policy = policy_from_session(s)
-        first = _allocate(s, chain, count)
-        good, failure = _derive_checked(policy, manifest, chain, first, count)
-        if not failure:
-            at = now()
-            issued = [
-                IssuedAddress(d.chain, d.index, account, d.address, d.script_pubkey.hex(), d.script.hex(), at)
-                for d in good
-            ]
-            rows = [
-                {
-                    "chain": a.chain,
-                    "idx": a.index,
-                    "account": a.account,
-                    "address": a.address,
-                    "script_pubkey": a.script_pubkey,
-                    "script": a.script,
-                    "created_at": at,
-                }
-                for a in issued
-            ]
-            s.execute(insert(AddressRow), rows)
-            digest = hashlib.sha256("\n".join(d.address for d in good).encode()).hexdigest()
-            audit_log.append(
-                s,
-                "address.issued",
-                actor,
-                {
-                    "account": account,
-                    "chain": chain,
-                    "first_index": first,
-                    "count": count,
-                    "addresses_sha256": digest,
-                    "first_address": good[0].address,
-                },
-            )
-            return issued
-        # leaving the block on the raise below rolls back the allocation: nothing stored
-    derived, reasons = failure[0]
-    message = (
-        f"issued address {derived.address} at {chain}/{derived.index} failed verification "
-        f"against the founders' manifest: {'; '.join(reasons)}"
-    )
-    halt.raise_halt(db, settings, reason=message, source="verification", actor="address-issuance")
-    raise VerificationFailed(message + " — trading is halted")
+    try:
+        with db.transaction() as s:
+            return issue_in_session(s, manifest, account, count, chain, actor)
+    except AddressMismatch as exc:  # the transaction rolled back: nothing stored
+        raise halt_for_mismatch(db, settings, exc) from None
 
 
 def list_addresses(db: Database, account: str | None = None, chain: int | None = None) -> list[IssuedAddress]:

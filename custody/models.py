@@ -139,3 +139,71 @@ class IncidentUpdate(SQLModel, table=True):
     status: str = Field(max_length=16)
     message: str = Field(sa_column=Column(Text, nullable=False))
     actor: str = Field(max_length=64)
+
+
+class WithdrawalRow(SQLModel, table=True):
+    """A withdrawal and its unsigned (then signed, then final) transaction.
+
+    The transaction in ``unsigned_tx`` is the one employees approve; the other columns are
+    derived from it and are re-checked against it at every step.
+    """
+
+    __tablename__ = "withdrawal"
+    id: int | None = Field(default=None, primary_key=True)
+    account: str = Field(index=True, max_length=128)
+    requester: str = Field(max_length=64)
+    request_signature: str = Field(sa_column=Column(Text, nullable=False))
+    destination: str = Field(max_length=100)
+    destination_spk: str = Field(sa_column=Column(Text, nullable=False))
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))  # satoshis
+    fee: int = Field(sa_column=Column(BigInteger, nullable=False))
+    fee_rate: str = Field(max_length=32)  # sat/vB, decimal text
+    change_index: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    change_amount: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    status: str = Field(index=True, max_length=16)
+    unsigned_tx: str = Field(sa_column=Column(Text, nullable=False))  # hex
+    psbt: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # base64, signatures merged
+    final_tx: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # hex
+    txid: str | None = Field(default=None, max_length=64)
+    batch_id: int | None = Field(default=None, index=True)
+    confirmations: int = 0
+    block_height: int | None = None
+    reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime
+    updated_at: datetime
+
+
+class WithdrawalInput(SQLModel, table=True):
+    __tablename__ = "withdrawal_input"
+    id: int | None = Field(default=None, primary_key=True)
+    withdrawal_id: int = Field(foreign_key="withdrawal.id", index=True)
+    position: int
+    txid: str = Field(max_length=64)
+    vout: int
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    script_pubkey: str = Field(sa_column=Column(Text, nullable=False))
+    chain: int
+    idx: int = Field(sa_column=Column("idx", BigInteger, nullable=False))
+    prev_tx: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # hex, for p2sh
+
+
+class ReservedInput(SQLModel, table=True):
+    """An unspent output held by one pending withdrawal; the primary key forbids two."""
+
+    __tablename__ = "reserved_input"
+    outpoint: str = Field(primary_key=True, max_length=80)  # txid:vout
+    withdrawal_id: int = Field(foreign_key="withdrawal.id", index=True)
+
+
+class ApprovalRow(SQLModel, table=True):
+    """One employee's signature over one withdrawal's exact transaction."""
+
+    __tablename__ = "approval"
+    __table_args__ = (UniqueConstraint("withdrawal_id", "employee", name="uq_approval_employee"),)
+    id: int | None = Field(default=None, primary_key=True)
+    withdrawal_id: int = Field(foreign_key="withdrawal.id", index=True)
+    employee: str = Field(max_length=64)
+    pubkey: str = Field(max_length=66)
+    digest: str = Field(max_length=64)
+    signature: str = Field(sa_column=Column(Text, nullable=False))
+    at: datetime

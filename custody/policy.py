@@ -20,7 +20,7 @@ CHANGE = 1  # change addresses: xpub/1/i
 CHAINS = (RECEIVE, CHANGE)
 
 
-class ScriptType(str, enum.Enum):
+class ScriptType(enum.StrEnum):
     """How the m-of-n multisig script is wrapped into an output."""
 
     P2WSH = "p2wsh"
@@ -104,9 +104,7 @@ class Policy:
 def _check_name(name: str) -> str:
     name = name.strip()
     if not name or len(name) > 64 or any(ch.isspace() or ch in "=,[]()#" for ch in name):
-        raise InputError(
-            f"bad name {name!r}: 1 to 64 characters, no spaces and none of = , [ ] ( ) #"
-        )
+        raise InputError(f"bad name {name!r}: 1 to 64 characters, no spaces and none of = , [ ] ( ) #")
     return name
 
 
@@ -148,9 +146,30 @@ def make_policy(
         raise InputError("two founders share a public key")
     n = len(parsed)
     if n > script_type.max_keys:
-        raise InputError(
-            f"{n} keys is above the limit of {script_type.max_keys} for {script_type.value}"
-        )
+        raise InputError(f"{n} keys is above the limit of {script_type.max_keys} for {script_type.value}")
     if not 1 <= threshold <= n:
         raise InputError(f"threshold must be between 1 and {n} (the number of founders), not {threshold}")
     return Policy(network, threshold, script_type, tuple(parsed))
+
+
+def policy_from_manifest(doc: object) -> Policy:
+    """Build a policy from a founders' manifest (docs/FORMATS.md).
+
+    Raises InputError for a document that is not a valid version-1 manifest.
+    """
+    from custody.network import get_network
+
+    if not isinstance(doc, dict) or doc.get("format") != "custody-founders-manifest":
+        raise InputError("not a custody founders' manifest")
+    if doc.get("version") != 1:
+        raise InputError(f"unsupported manifest version {doc.get('version')!r}")
+    try:
+        founders = [(str(f["name"]), str(f["xpub"])) for f in doc["founders"]]
+        threshold = doc["threshold"]
+        if not isinstance(threshold, int) or isinstance(threshold, bool):
+            raise InputError("manifest threshold must be an integer")
+        return make_policy(
+            get_network(str(doc["network"])), threshold, parse_script_type(str(doc["script_type"])), founders
+        )
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"manifest is missing or mangles a field: {exc}") from None

@@ -9,24 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 
 import coincurve
 
 from custody.errors import InputError
 
 
-def statement_digest(domain: str, fields: list[str | int]) -> bytes:
+def statement_digest(domain: str, fields: Sequence[object]) -> bytes:
     body = json.dumps([domain, *fields], separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(body.encode()).digest()
 
 
-def sign_statement(private_key: coincurve.PrivateKey, domain: str, fields: list[str | int]) -> str:
+def sign_statement(private_key: coincurve.PrivateKey, domain: str, fields: Sequence[object]) -> str:
     """Hex DER signature of the statement."""
     digest = statement_digest(domain, fields)
     return bytes(private_key.sign(digest, hasher=None)).hex()
 
 
-def verify_statement(pubkey_hex: str, signature_hex: str, domain: str, fields: list[str | int]) -> bool:
+def verify_statement(pubkey_hex: str, signature_hex: str, domain: str, fields: Sequence[object]) -> bool:
     """True when ``signature_hex`` is the key's valid signature of the statement."""
     try:
         public = coincurve.PublicKey(bytes.fromhex(pubkey_hex))

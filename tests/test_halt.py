@@ -155,3 +155,59 @@ def test_halt_hook_runs_on_every_change(shop: tuple[Custody, dict[str, Path]], t
     _lift(c, keys, halt_id, "alice")
     _lift(c, keys, halt_id, "bob")
     assert log.read_text().split() == ["1", "0"]
+
+
+def test_issuance_mismatch_raises_the_halt_and_returns_nothing(shop: tuple[Custody, dict[str, Path]]) -> None:
+    """The store's policy no longer matches the pinned manifest (a founder key swapped)."""
+    c, _ = shop
+    assert c("address", "new", "--account", "a").exit_code == 0
+    pinned = c.home / "founders-manifest.json"
+    manifest = json.loads(pinned.read_text())
+    outsider = founders(tag="outsider")[2]
+    manifest["founders"][2]["xpub"] = str(outsider.account)
+    pinned.write_text(json.dumps(manifest))
+    result = c("address", "new", "--account", "a", "--json")
+    assert result.exit_code == 3
+    assert "failed verification" in result.stderr and "halted" in result.stderr
+    assert result.stdout == ""  # the address is never shown
+    assert [a["index"] for a in c.json("address", "list")] == [0]  # nor stored
+    state = json.loads(c("halt", "status", "--json").stdout)
+    assert state["halted"] and state["halts"][0]["source"] == "verification"
+
+
+def test_verify_command_halts_on_a_tampered_store(shop: tuple[Custody, dict[str, Path]], tmp_path: Path) -> None:
+    import sqlite3
+
+    c, _ = shop
+    issued = c.json("address", "new", "--account", "a", "--count", "3")
+    manifest = tmp_path / "auditors.json"
+    assert c("policy", "manifest", "--out", str(manifest)).exit_code == 0
+    clean = c("verify", "addresses", "--manifest", str(manifest), "--json")
+    assert clean.exit_code == 0, clean.output
+    assert json.loads(clean.stdout)["checked"] == 3
+    db = sqlite3.connect(c.home / "custody.db")
+    from custody.addresses import AddressDeriver
+    from custody.network import REGTEST
+    from custody.policy import ScriptType, make_policy
+
+    outsiders = founders(tag="outsider")
+    other = make_policy(REGTEST, 2, ScriptType.P2WSH, [(f.name, str(f.account)) for f in outsiders])
+    assert issued[1]["address"] != AddressDeriver(other).derive(0, 1).address
+    db.execute("UPDATE address SET address = ? WHERE idx = 1", (AddressDeriver(other).derive(0, 1).address,))
+    db.commit()
+    db.close()
+    dirty = c("verify", "addresses", "--manifest", str(manifest), "--json")
+    assert dirty.exit_code == 3
+    report = json.loads(dirty.stdout)
+    assert report["ok"] is False and report["halt_id"]
+    assert any(f["index"] == 1 and "derived" in f["reason"] for f in report["failures"])
+    assert c("halt", "status").exit_code == 3
+    export = tmp_path / "export.jsonl"
+    assert c("address", "export", str(export)).exit_code == 0
+    lines = export.read_text().splitlines()
+    export.write_text("\n".join(lines[:-1]) + "\n")  # truncated: the trailer is gone
+    truncated = c("verify", "addresses", "--manifest", str(manifest), "--export", str(export), "--no-halt", "--json")
+    assert truncated.exit_code == 3
+    assert "trailer" in truncated.stdout or "truncated" in truncated.stdout
+    missing = c("verify", "addresses", "--manifest", str(tmp_path / "nope.json"))
+    assert missing.exit_code == 2

@@ -1,0 +1,324 @@
+"""``custody withdraw ...``, ``custody sign`` and ``custody sync``."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+from custody_cli import output
+from custody_cli.context import (
+    AppContext,
+    employee_key,
+    example,
+    founder_key,
+    identity_options,
+    json_option,
+    pass_app,
+    passphrase_options,
+)
+
+from custody import halt as halt_lib
+from custody import psbt as psbt_lib
+from custody import withdrawals as wd
+from custody.chain.backend import backend_for
+from custody.errors import InputError
+from custody.signer import check_and_sign
+from custody.wallet import load_policy
+
+
+def read_psbt_file(path: Path) -> bytes:
+    """A PSBT file, binary or base64."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    if data.startswith(b"psbt\xff"):
+        return data
+    try:
+        return base64.b64decode(b"".join(data.split()), validate=True)
+    except ValueError:
+        raise InputError(f"{path} is neither a binary nor a base64 PSBT") from None
+
+
+def write_psbt_file(path: Path, p: psbt_lib.Psbt) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(p.to_base64() + "\n", encoding="ascii")
+    tmp.replace(path)
+
+
+def _backend(app: AppContext) -> Any:
+    return backend_for(app.settings, load_policy(app.db).network.name)
+
+
+def _show(data: dict[str, Any], as_json: bool, title: str | None = None) -> None:
+    if as_json:
+        output.emit_json(data)
+        return
+    output.key_values(
+        title or f"Withdrawal #{data['id']}",
+        [
+            ("status", data["status"]),
+            ("account", data["account"]),
+            ("requester", data["requester"]),
+            ("destination", data["destination"]),
+            ("amount", f"{data['amount']} BTC ({data['amount_sat']} sat)"),
+            ("fee", f"{data['fee_sat']} sat at {data['fee_rate']} sat/vB"),
+            (
+                "change",
+                f"{data['change_sat']} sat"
+                + (f" at 1/{data['change_index']}" if data["change_index"] is not None else ""),
+            ),
+            ("inputs", ", ".join(i["outpoint"] for i in data["inputs"])),
+            ("approvals", ", ".join(data["approvals"]["valid"]) or "none"),
+            ("txid", data["txid"] or data["unsigned_txid"] + " (unsigned)"),
+            ("confirmations", data["confirmations"]),
+            ("reason", data["reason"]),
+        ],
+    )
+
+
+@click.group()
+def withdraw() -> None:
+    """The withdrawal queue: request, approve (two employees), export, import, finalize, broadcast."""
+
+
+@withdraw.command("request")
+@click.option("--account", required=True, help="The customer account paying.")
+@click.option("--to", "destination", required=True, help="Destination address (of the policy's network).")
+@click.option("--amount", required=True, help="Amount in BTC, exactly (at most 8 decimals).")
+@click.option("--fee-rate", help="Fee rate in sat/vB (default CUSTODY_FEE_RATE or 2).")
+@identity_options
+@json_option
+@pass_app
+@example("custody withdraw request --account alice --to bcrt1q... --amount 0.015 --as carol --key carol.key")
+def withdraw_request(
+    app: AppContext,
+    account: str,
+    destination: str,
+    amount: str,
+    fee_rate: str | None,
+    employee: str,
+    key_file: Path,
+    passphrase_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Request a withdrawal: coins selected, change to a fresh verified address, inputs reserved."""
+    key = employee_key(key_file, passphrase_file)
+    data = wd.request_withdrawal(
+        app.db,
+        app.settings,
+        _backend(app),
+        account=account,
+        destination=destination,
+        amount=amount,
+        fee_rate=fee_rate,
+        requester=employee,
+        key=key,
+        limits=wd.limits_from_env(os.environ),
+    )
+    _show(data, as_json)
+
+
+@withdraw.command("approve")
+@click.argument("withdrawal_id", type=int)
+@identity_options
+@json_option
+@pass_app
+@example("custody withdraw approve 1 --as alice --key alice.key")
+def withdraw_approve(
+    app: AppContext, withdrawal_id: int, employee: str, key_file: Path, passphrase_file: Path | None, as_json: bool
+) -> None:
+    """Sign the exact transaction of a withdrawal (two distinct employees, never the requester)."""
+    data = wd.approve(app.db, withdrawal_id, employee, employee_key(key_file, passphrase_file))
+    _show(data, as_json)
+
+
+@withdraw.command("export")
+@click.argument("withdrawal_id", type=int)
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@pass_app
+@example("custody withdraw export 1 w1.psbt")
+def withdraw_export(app: AppContext, withdrawal_id: int, file: Path) -> None:
+    """Write the PSBT (BIP-174, base64) with the approval bundle for the offline signers."""
+    write_psbt_file(file, wd.export_psbt(app.db, withdrawal_id))
+    output.success(f"withdrawal #{withdrawal_id} written to {file}")
+
+
+@withdraw.command("import")
+@click.argument("withdrawal_id", type=int)
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+@pass_app
+@example("custody withdraw import 1 w1-signed-by-a.psbt")
+def withdraw_import(app: AppContext, withdrawal_id: int, file: Path, as_json: bool) -> None:
+    """Merge a signed PSBT's signatures (PSBTs signed separately combine)."""
+    data = wd.import_psbt(app.db, withdrawal_id, read_psbt_file(file))
+    if as_json:
+        output.emit_json(data)
+        return
+    output.success(
+        f"withdrawal #{withdrawal_id}: signed by {', '.join(data['founders_signed']) or 'no founder yet'}"
+        f" ({data['status']})"
+    )
+
+
+@withdraw.command("finalize")
+@click.argument("withdrawal_id", type=int)
+@json_option
+@pass_app
+@example("custody withdraw finalize 1")
+def withdraw_finalize(app: AppContext, withdrawal_id: int, as_json: bool) -> None:
+    """Build the final transaction from the founders' signatures."""
+    _show(wd.finalize(app.db, withdrawal_id), as_json)
+
+
+@withdraw.command("broadcast")
+@click.argument("withdrawal_id", type=int)
+@json_option
+@pass_app
+@example("custody withdraw broadcast 1")
+def withdraw_broadcast(app: AppContext, withdrawal_id: int, as_json: bool) -> None:
+    """Test-accept the final transaction on the node, then broadcast it (idempotent)."""
+    _show(wd.broadcast(app.db, _backend(app), withdrawal_id), as_json)
+
+
+@withdraw.command("cancel")
+@click.argument("withdrawal_id", type=int)
+@click.option("--reason", required=True, help="Why the withdrawal is cancelled.")
+@identity_options
+@json_option
+@pass_app
+@example("custody withdraw cancel 1 --reason 'customer asked' --as alice --key alice.key")
+def withdraw_cancel(
+    app: AppContext,
+    withdrawal_id: int,
+    reason: str,
+    employee: str,
+    key_file: Path,
+    passphrase_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Fail a withdrawal that was not broadcast and release its inputs."""
+    _show(wd.cancel(app.db, withdrawal_id, employee, employee_key(key_file, passphrase_file), reason), as_json)
+
+
+@withdraw.command("list")
+@click.option(
+    "--status", type=click.Choice([wd.REQUESTED, wd.APPROVED, wd.SIGNED, wd.BROADCAST, wd.CONFIRMED, wd.FAILED])
+)
+@json_option
+@pass_app
+@example("custody withdraw list --status approved")
+def withdraw_list(app: AppContext, status: str | None, as_json: bool) -> None:
+    """List withdrawals and where each stands."""
+    rows = wd.list_withdrawals(app.db, status)
+    if as_json:
+        output.emit_json(rows)
+        return
+    output.table(
+        "Withdrawals",
+        ["id", "status", "account", "amount", "destination", "approvals", "txid"],
+        [
+            (
+                r["id"],
+                r["status"],
+                r["account"],
+                r["amount"],
+                r["destination"],
+                ", ".join(r["approvals"]["valid"]),
+                r["txid"] or "",
+            )
+            for r in rows
+        ],
+    )
+
+
+@withdraw.command("show")
+@click.argument("withdrawal_id", type=int)
+@json_option
+@pass_app
+@example("custody withdraw show 1")
+def withdraw_show(app: AppContext, withdrawal_id: int, as_json: bool) -> None:
+    """Show one withdrawal: inputs, outputs, approvals, signatures, confirmations."""
+    _show(wd.show_withdrawal(app.db, withdrawal_id), as_json)
+
+
+@click.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--key",
+    "key_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The founder's encrypted key file.",
+)
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the signed PSBT (default: FILE with -signed-NAME before .psbt).",
+)
+@passphrase_options
+@json_option
+@pass_app
+@example("custody sign w1.psbt --key founder-a.key --out w1-a.psbt")
+def sign(
+    app: AppContext, file: Path, key_file: Path, out_file: Path | None, passphrase_file: Path | None, as_json: bool
+) -> None:
+    """Sign a withdrawal PSBT offline with a founder key (no store, no node needed).
+
+    Refuses unless two valid approvals by distinct employees cover exactly this
+    transaction, every input is one of the policy's scripts and the change re-derives
+    from the pinned founders' manifest (--manifest / CUSTODY_MANIFEST).
+    """
+    consulted = halt_lib.check_before_signing(app.db, app.settings)
+    try:
+        manifest = json.loads(app.settings.manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"the founders' manifest {app.settings.manifest} is missing: pass --manifest") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"the founders' manifest is unreadable: {exc}") from None
+    p = psbt_lib.Psbt.parse(read_psbt_file(file))
+    key = founder_key(key_file, passphrase_file)
+    result = check_and_sign(p, key, manifest)
+    out = out_file or file.with_name(f"{file.stem}-signed-{result.founder}{file.suffix or '.psbt'}")
+    write_psbt_file(out, p)
+    if as_json:
+        output.emit_json(
+            {
+                "withdrawal_id": result.withdrawal_id,
+                "founder": result.founder,
+                "signatures_added": result.signatures_added,
+                "approvals": list(result.approvals),
+                "out": str(out),
+                "halt_checked": consulted,
+            }
+        )
+        return
+    output.success(
+        f"{result.founder} signed {result.signatures_added} input(s) of withdrawal "
+        f"#{result.withdrawal_id} (approved by {', '.join(result.approvals)}); written to {out}"
+    )
+
+
+@click.command()
+@json_option
+@pass_app
+@example("custody sync")
+def sync(app: AppContext, as_json: bool) -> None:
+    """Follow broadcast withdrawals on the node to confirmation."""
+    changed = wd.sync(app.db, _backend(app), wd.limits_from_env(os.environ))
+    if as_json:
+        output.emit_json(changed)
+        return
+    for r in changed:
+        output.line(f"withdrawal #{r['id']}: {r['status']} ({r['confirmations']} confirmations)")
+    if not changed:
+        output.info("nothing changed")
+
+
+COMMANDS = [withdraw, sign, sync]

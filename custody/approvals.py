@@ -1,0 +1,130 @@
+"""Employee approvals, each bound to one exact transaction.
+
+An approval signs the digest of a statement that names the network, the withdrawal, the
+unsigned transaction's id, every input's outpoint and amount, every output's script and
+amount, and the fee. The same statement is rebuilt from the transaction itself at every
+later step (store, offline signer, broadcast), so any change to the transaction after
+approval voids every approval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bitcoin.core import b2lx
+
+from custody.errors import InputError
+from custody.signing import sign_statement, statement_digest, verify_statement
+
+APPROVAL_DOMAIN = "custody/withdrawal-approval/v1"
+REQUIRED_APPROVALS = 2
+
+
+@dataclass(frozen=True)
+class TxSummary:
+    """What an approval commits to."""
+
+    network: str
+    withdrawal_id: int
+    txid: str  # of the unsigned transaction, display order
+    inputs: tuple[tuple[str, int], ...]  # ("txid:vout", amount in satoshis)
+    outputs: tuple[tuple[str, int], ...]  # (scriptPubKey hex, amount in satoshis)
+    fee: int
+
+    def fields(self) -> list[object]:
+        return [
+            self.network,
+            self.withdrawal_id,
+            self.txid,
+            [list(i) for i in self.inputs],
+            [list(o) for o in self.outputs],
+            self.fee,
+        ]
+
+    def digest(self) -> str:
+        return statement_digest(APPROVAL_DOMAIN, self.fields()).hex()
+
+
+def summarize(network: str, withdrawal_id: int, tx: Any, input_amounts: Sequence[int]) -> TxSummary:
+    """The approval statement of ``tx`` (a python-bitcoinlib transaction).
+
+    Raises InputError when the amounts do not match the inputs or outputs exceed inputs.
+    """
+    if len(input_amounts) != len(tx.vin):
+        raise InputError("every input's amount is needed to approve a transaction")
+    inputs = tuple(
+        (f"{b2lx(i.prevout.hash)}:{i.prevout.n}", int(a)) for i, a in zip(tx.vin, input_amounts, strict=True)
+    )
+    outputs = tuple((bytes(o.scriptPubKey).hex(), int(o.nValue)) for o in tx.vout)
+    fee = sum(a for _, a in inputs) - sum(a for _, a in outputs)
+    if fee < 0:
+        raise InputError("the transaction spends more than its inputs hold")
+    return TxSummary(network, withdrawal_id, b2lx(tx.GetTxid()), inputs, outputs, fee)
+
+
+def sign_approval(private_key: Any, summary: TxSummary) -> str:
+    """An employee's signature over the summary (hex DER)."""
+    return sign_statement(private_key, APPROVAL_DOMAIN, summary.fields())
+
+
+@dataclass(frozen=True)
+class Approval:
+    employee: str
+    pubkey: str
+    signature: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"employee": self.employee, "pubkey": self.pubkey, "signature": self.signature}
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    pubkey: str
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class ApprovalCheck:
+    """Which approvals count, and why the others do not."""
+
+    valid: tuple[str, ...]
+    rejected: tuple[tuple[str, str], ...]  # (employee, reason)
+
+    @property
+    def enough(self) -> bool:
+        return len(self.valid) >= REQUIRED_APPROVALS
+
+    def explain(self) -> str:
+        parts = [f"{len(self.valid)} of {REQUIRED_APPROVALS} valid approvals ({', '.join(self.valid) or 'none'})"]
+        parts += [f"{name}: {why}" for name, why in self.rejected]
+        return "; ".join(parts)
+
+
+def check_approvals(
+    summary: TxSummary,
+    approvals: Sequence[Approval],
+    registry: Mapping[str, RegistryEntry],
+    requester: str,
+) -> ApprovalCheck:
+    """Count distinct, enabled, registered employees (never the requester) whose signature
+    verifies over exactly ``summary``."""
+    valid: list[str] = []
+    rejected: list[tuple[str, str]] = []
+    for a in approvals:
+        entry = registry.get(a.employee)
+        if entry is None:
+            rejected.append((a.employee, "not a registered employee"))
+        elif not entry.enabled:
+            rejected.append((a.employee, "disabled"))
+        elif entry.pubkey != a.pubkey:
+            rejected.append((a.employee, "signed with a key that is not the registered one"))
+        elif a.employee == requester:
+            rejected.append((a.employee, "the requester cannot approve their own withdrawal"))
+        elif not verify_statement(entry.pubkey, a.signature, APPROVAL_DOMAIN, summary.fields()):
+            rejected.append((a.employee, "signature does not cover this exact transaction"))
+        elif a.employee not in valid:
+            valid.append(a.employee)
+    return ApprovalCheck(tuple(sorted(valid)), tuple(rejected))

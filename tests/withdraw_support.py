@@ -1,0 +1,85 @@
+"""A funded custody store on the session's regtest node, driven through the CLI."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from custody.bech32 import encode_segwit
+from custody.chain.regtest import NodeInfo
+from custody.chain.rpc import RpcClient
+from tests.support import Custody
+
+
+class Shop:
+    """Founders' key files, employees, a policy and deposits, on the real node."""
+
+    def __init__(self, tmp: Path, node: NodeInfo, wallet: RpcClient, script: str = "p2wsh") -> None:
+        self.tmp = tmp
+        self.node = node
+        self.rpc = node.client()
+        self.wallet = wallet
+        self.c = Custody(tmp / "home")
+        self.c.env["CUSTODY_NODE_URL"] = node.rpc_url
+        self.c.env["CUSTODY_NODE_COOKIE"] = str(node.cookie_file)
+        self.script = script
+        self.founder_keys: dict[str, Path] = {}
+        specs = []
+        for name in ("founder-a", "founder-b", "founder-c"):
+            path = tmp / "keys" / f"{name}.key"
+            script_arg = "p2sh-p2wsh" if script == "p2sh-p2wsh" else "p2wsh"
+            result = self.c("keygen", name, "--out", str(path), "--script", script_arg, "--json")
+            assert result.exit_code == 0, result.output
+            self.founder_keys[name] = path
+            specs += ["--founder", f"{name}={json.loads(result.stdout)['xpub']}"]
+        result = self.c("init", "--network", "regtest", "--threshold", "2", "--script", script, *specs)
+        assert result.exit_code == 0, result.output
+        self.employees = {name: self.c.employee(name) for name in ("alice", "bob", "carol", "dave")}
+
+    def cli(self, *args: str) -> Any:
+        return self.c(*args)
+
+    def ok(self, *args: str) -> Any:
+        result = self.c(*args, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    def deposit(self, account: str, btc: str, count: int = 1) -> list[dict[str, Any]]:
+        """Issue deposit addresses and pay each ``btc`` from the node's wallet; mine a block."""
+        issued = self.ok("address", "new", "--account", account, "--count", str(count))
+        for a in issued:
+            # The node names our script in its own address format; we never parse its strings.
+            node_address = self.rpc.call("decodescript", a["script_pubkey"])
+            target = node_address.get("address") or node_address["addresses"][0]
+            self.wallet.call("sendtoaddress", target, Decimal(btc))
+        self.mine(1)
+        return issued
+
+    def mine(self, blocks: int = 1) -> None:
+        self.rpc.call("generatetodescriptor", blocks, "raw(51)")
+
+    def destination(self) -> tuple[str, str]:
+        """A fresh address of the node's wallet: (our bcrt1 form, the node's own string)."""
+        node_address = self.wallet.call("getnewaddress", "", "bech32")
+        spk = bytes.fromhex(self.wallet.call("getaddressinfo", node_address)["scriptPubKey"])
+        assert spk[:2] == b"\x00\x14"
+        return encode_segwit("bcrt", 0, spk[2:]), node_address
+
+    def as_(self, who: str) -> list[str]:
+        return ["--as", who, "--key", str(self.employees[who])]
+
+    def request(self, to: str, amount: str, who: str = "carol", account: str = "acct-1") -> Any:
+        return self.c(
+            "withdraw", "request", "--account", account, "--to", to, "--amount", amount, *self.as_(who), "--json"
+        )
+
+    def approve(self, wid: int, who: str) -> Any:
+        return self.c("withdraw", "approve", str(wid), *self.as_(who), "--json")
+
+    def sign(self, psbt: Path, founder: str, out: Path | None = None) -> Any:
+        args = ["sign", str(psbt), "--key", str(self.founder_keys[founder])]
+        if out:
+            args += ["--out", str(out)]
+        return self.c(*args, "--json")
