@@ -158,10 +158,7 @@ def check_and_sign(p: psbt_lib.Psbt, founder: FounderKey, manifest: dict[str, An
     if not check.enough:
         raise ApprovalError(f"withdrawal #{withdrawal_id}: {check.explain()}")
 
-    added = 0
-    for n, key in keys.items():
-        if psbt_lib.sign_input(p, n, key):
-            added += 1
+    added = psbt_lib.sign(p, {key.public_key.format(compressed=True): key for key in keys.values()})
     if added == 0:
         raise Conflict(f"{founder_name} has signed this PSBT already; a founder's signatures count once")
     return SignResult(withdrawal_id, founder_name, added, check.valid)

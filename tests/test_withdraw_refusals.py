@@ -1,0 +1,275 @@
+"""Every refusal of the withdrawal flow, each with its exit code, on the real regtest node."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bitcoin.core import CMutableTransaction, CMutableTxOut
+
+from custody import psbt as psbt_lib
+from custody.approvals import summarize, sign_approval
+from custody.chain.regtest import NodeInfo
+from custody.chain.rpc import RpcClient
+from custody.keyfile import open_employee_key
+from custody.signer import PROP_APPROVALS, PROPRIETARY_ID
+from tests.support import PASSPHRASE, founders
+from tests.withdraw_support import Shop
+
+pytestmark = pytest.mark.regtest
+
+
+@pytest.fixture
+def shop(tmp_path: Path, regtest_node: NodeInfo, funded_wallet: RpcClient) -> Shop:
+    s = Shop(tmp_path, regtest_node, funded_wallet)
+    s.deposit("acct-1", "0.3", count=2)
+    return s
+
+
+def _requested(shop: Shop, amount: str = "0.01") -> int:
+    to, _ = shop.destination()
+    result = shop.request(to, amount)
+    assert result.exit_code == 0, result.output
+    return int(json.loads(result.stdout)["id"])
+
+
+def _approved(shop: Shop, amount: str = "0.01") -> int:
+    wid = _requested(shop, amount)
+    assert shop.approve(wid, "alice").exit_code == 0
+    assert shop.approve(wid, "bob").exit_code == 0
+    return wid
+
+
+def _export(shop: Shop, wid: int) -> Path:
+    path = shop.tmp / f"w{wid}.psbt"
+    result = shop.cli("withdraw", "export", str(wid), str(path))
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def _rewrite(path: Path, edit: Any) -> None:
+    p = psbt_lib.Psbt.from_base64(path.read_text().strip())
+    edit(p)
+    path.write_text(p.to_base64() + "\n")
+
+
+def _reapprove(shop: Shop, p: psbt_lib.Psbt, who: tuple[str, ...] = ("alice", "bob")) -> None:
+    """Employees fooled into approving an edited transaction: valid signatures over it."""
+    meta = json.loads(p.proprietary[psbt_lib.ProprietaryKey(PROPRIETARY_ID, 0, b"")])
+    amounts = []
+    for n, pin in enumerate(p.inputs):
+        if pin.witness_utxo is not None:
+            amounts.append(pin.witness_utxo.amount)
+        else:
+            amounts.append(int(pin.non_witness_utxo.vout[p.tx.vin[n].prevout.n].nValue))
+    summary = summarize("regtest", meta["withdrawal_id"], p.tx, amounts)
+    bundle = []
+    for name in who:
+        key = open_employee_key(shop.employees[name], PASSPHRASE)
+        bundle.append(
+            {"employee": name, "pubkey": key.public_key.hex(), "signature": sign_approval(key.private_key, summary)}
+        )
+    p.proprietary[psbt_lib.ProprietaryKey(PROPRIETARY_ID, PROP_APPROVALS, b"")] = json.dumps(bundle).encode()
+
+
+def test_self_approval_is_refused(shop: Shop) -> None:
+    wid = _requested(shop)
+    result = shop.approve(wid, "carol")  # carol requested it
+    assert result.exit_code == 4 and "cannot approve" in result.stderr
+
+
+def test_one_approver_is_not_enough_and_twice_counts_once(shop: Shop) -> None:
+    wid = _requested(shop)
+    assert shop.approve(wid, "alice").exit_code == 0
+    again = shop.approve(wid, "alice")
+    assert again.exit_code == 0
+    assert json.loads(again.stdout)["approvals"]["valid"] == ["alice"]
+    assert json.loads(again.stdout)["status"] == "requested"
+    export = shop.cli("withdraw", "export", str(wid), str(shop.tmp / "x.psbt"))
+    assert export.exit_code == 4 and "1 of 2" in export.stderr
+
+
+def test_a_disabled_approver_counts_not_at_all(shop: Shop) -> None:
+    wid = _approved(shop)
+    assert shop.cli("employee", "disable", "bob").exit_code == 0
+    export = shop.cli("withdraw", "export", str(wid), str(shop.tmp / "x.psbt"))
+    assert export.exit_code == 4 and "bob: disabled" in export.stderr
+    disabled = shop.approve(wid, "bob")
+    assert disabled.exit_code == 4
+    assert shop.approve(wid, "dave").exit_code == 0
+    assert shop.cli("withdraw", "export", str(wid), str(shop.tmp / "x.psbt")).exit_code == 0
+
+
+def test_signer_refuses_an_approval_over_a_different_transaction(shop: Shop) -> None:
+    first = _approved(shop)
+    second = _requested(shop, "0.02")
+    assert shop.approve(second, "alice").exit_code == 0
+    assert shop.approve(second, "dave").exit_code == 0
+    path = _export(shop, first)
+    other = psbt_lib.Psbt.from_base64(_export(shop, second).read_text().strip())
+    key = psbt_lib.ProprietaryKey(PROPRIETARY_ID, PROP_APPROVALS, b"")
+    _rewrite(path, lambda p: p.proprietary.__setitem__(key, other.proprietary[key]))
+    result = shop.sign(path, "founder-a")
+    assert result.exit_code == 4 and "does not cover this exact transaction" in result.stderr
+
+
+def test_signer_refuses_outputs_edited_after_approval(shop: Shop) -> None:
+    wid = _approved(shop)
+    path = _export(shop, wid)
+
+    def steal(p: psbt_lib.Psbt) -> None:
+        tx = CMutableTransaction.from_tx(p.tx)
+        dest = next(o for o in tx.vout if o.nValue == 1_000_000)
+        change = next(o for o in tx.vout if o.nValue != 1_000_000)
+        dest.nValue += 500_000  # paid out of the change: the totals still add up
+        change.nValue -= 500_000
+        p.tx = tx
+
+    _rewrite(path, steal)
+    result = shop.sign(path, "founder-a")
+    assert result.exit_code == 4 and "0 of 2 valid approvals" in result.stderr, result.stderr
+
+
+def test_signer_refuses_a_change_output_that_is_not_ours(shop: Shop) -> None:
+    wid = _approved(shop)
+    path = _export(shop, wid)
+    meta = json.loads(
+        psbt_lib.Psbt.from_base64(path.read_text().strip()).proprietary[psbt_lib.ProprietaryKey(PROPRIETARY_ID, 0, b"")]
+    )
+    change = meta["change_output"]
+    outsider = founders(tag="thief")
+    from custody.addresses import AddressDeriver
+    from custody.network import REGTEST
+    from custody.policy import ScriptType, make_policy
+
+    thief = AddressDeriver(make_policy(REGTEST, 2, ScriptType.P2WSH, [(f.name, str(f.account)) for f in outsider]))
+
+    def redirect(p: psbt_lib.Psbt) -> None:
+        tx = CMutableTransaction.from_tx(p.tx)
+        tx.vout[change] = CMutableTxOut(tx.vout[change].nValue, thief.derive(1, 0).script_pubkey)
+        p.tx = tx
+        _reapprove(shop, p)  # even with two employees fooled into approving it
+
+    _rewrite(path, redirect)
+    result = shop.sign(path, "founder-a")
+    assert result.exit_code == 2 and "change output is not ours" in result.stderr
+
+
+def test_signer_refuses_an_input_that_is_not_ours(shop: Shop) -> None:
+    wid = _approved(shop)
+    path = _export(shop, wid)
+
+    def foreign(p: psbt_lib.Psbt) -> None:
+        pin = p.inputs[0]
+        outsider = founders(tag="foreign")[0]
+        script = b"\x51" + bytes([33]) + outsider.account.xpub.public_key + b"\x51\xae"
+        import hashlib
+
+        pin.witness_script = script
+        pin.witness_utxo = psbt_lib.WitnessUtxo(pin.witness_utxo.amount, b"\x00\x20" + hashlib.sha256(script).digest())
+        _reapprove(shop, p)
+
+    _rewrite(path, foreign)
+    result = shop.sign(path, "founder-a")
+    assert result.exit_code == 2 and "input 0 is not one of our policy's scripts" in result.stderr
+
+
+def test_one_founder_signing_twice_counts_once(shop: Shop) -> None:
+    wid = _approved(shop)
+    path = _export(shop, wid)
+    first = shop.sign(path, "founder-a", shop.tmp / "a1.psbt")
+    assert first.exit_code == 0, first.output
+    twice = shop.sign(shop.tmp / "a1.psbt", "founder-a", shop.tmp / "a2.psbt")
+    assert twice.exit_code == 6 and "already" in twice.stderr
+    again = shop.sign(path, "founder-a", shop.tmp / "a3.psbt")  # from the clean PSBT: same signatures
+    assert again.exit_code == 0
+    assert shop.ok("withdraw", "import", str(wid), str(shop.tmp / "a1.psbt"))["founders_signed"] == ["founder-a"]
+    imported = shop.ok("withdraw", "import", str(wid), str(shop.tmp / "a3.psbt"))
+    assert imported["founders_signed"] == ["founder-a"] and imported["status"] == "approved"
+    final = shop.cli("withdraw", "finalize", str(wid))
+    assert final.exit_code == 4 and "2 founders' signatures" in final.stderr
+
+
+def test_spending_a_reserved_input_is_refused(tmp_path: Path, regtest_node: NodeInfo, funded_wallet: RpcClient) -> None:
+    shop = Shop(tmp_path, regtest_node, funded_wallet)
+    shop.deposit("acct-1", "0.1", count=1)  # one coin only
+    first = _requested(shop, "0.05")
+    to, _ = shop.destination()
+    second = shop.request(to, "0.01")
+    assert second.exit_code == 2 and "unreserved" in second.stderr
+    assert shop.cli("withdraw", "cancel", str(first), "--reason", "test", *shop.as_("alice")).exit_code == 0
+    assert shop.request(to, "0.01").exit_code == 0  # released by the cancellation
+
+
+def test_bad_destinations_and_amounts(shop: Shop) -> None:
+    to, _ = shop.destination()
+    cases = [
+        ("bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4", "0.01", "another network"),
+        ("tb1qw508d6qejxtdg4y5r3zarvary0c5xw7kxpjzsx", "0.01", "another network"),
+        (to[:-1] + ("q" if to[-1] != "q" else "p"), "0.01", "checksum"),
+        ("not-an-address", "0.01", "address"),
+        (to, "0.123456789", "8 decimals"),
+        (to, "0", "zero"),
+        (to, "-1", ""),
+        (to, "0.00000100", "dust"),
+        (to, "21000000.1", "21,000,000"),
+        (to, "1000", "custody holds"),
+    ]
+    for destination, amount, needle in cases:
+        result = shop.request(destination, amount)
+        assert result.exit_code == 2, (destination, amount, result.output)
+        assert needle.lower() in result.stderr.lower(), (destination, amount, result.stderr)
+    assert shop.ok("withdraw", "list") == []
+
+
+def test_every_entry_point_refuses_while_halted(shop: Shop) -> None:
+    wid = _approved(shop)
+    path = _export(shop, wid)
+    assert shop.sign(path, "founder-a", shop.tmp / "a.psbt").exit_code == 0
+    assert shop.sign(path, "founder-b", shop.tmp / "b.psbt").exit_code == 0
+    other = _requested(shop, "0.02")
+    halt = shop.cli("halt", "raise", "--reason", "drill", *shop.as_("dave"), "--json")
+    assert halt.exit_code == 0
+    to, _ = shop.destination()
+    refusals = {
+        "address new": shop.cli("address", "new", "--account", "x"),
+        "request": shop.request(to, "0.01"),
+        "approve": shop.approve(other, "alice"),
+        "export": shop.cli("withdraw", "export", str(wid), str(shop.tmp / "y.psbt")),
+        "sign": shop.sign(path, "founder-c", shop.tmp / "c.psbt"),
+        "import": shop.cli("withdraw", "import", str(wid), str(shop.tmp / "a.psbt")),
+        "finalize": shop.cli("withdraw", "finalize", str(wid)),
+        "broadcast": shop.cli("withdraw", "broadcast", str(wid)),
+    }
+    for step, result in refusals.items():
+        assert result.exit_code == 3, (step, result.output)
+        assert "halted" in result.stderr, step
+    halt_id = json.loads(halt.stdout)["halt_id"]
+    for who in ("alice", "bob"):
+        assert shop.cli("halt", "lift", str(halt_id), *shop.as_(who)).exit_code == 0
+    for f in ("a", "b"):
+        assert shop.cli("withdraw", "import", str(wid), str(shop.tmp / f"{f}.psbt")).exit_code == 0
+    assert shop.ok("withdraw", "finalize", str(wid))["txid"]
+    assert shop.ok("withdraw", "broadcast", str(wid))["status"] == "broadcast"
+
+
+def test_store_tampering_after_approval_is_refused(shop: Shop) -> None:
+    import sqlite3
+
+    wid = _approved(shop)
+    db = sqlite3.connect(shop.c.home / "custody.db")
+    db.execute("UPDATE withdrawal SET amount = amount + 1 WHERE id = ?", (wid,))
+    db.commit()
+    export = shop.cli("withdraw", "export", str(wid), str(shop.tmp / "t.psbt"))
+    assert export.exit_code == 9 and "disagree" in export.stderr
+    db.execute("UPDATE withdrawal SET amount = amount - 1 WHERE id = ?", (wid,))
+    row = db.execute("SELECT unsigned_tx FROM withdrawal WHERE id = ?", (wid,)).fetchone()[0]
+    tx = CMutableTransaction.deserialize(bytes.fromhex(row))
+    tx.nLockTime = 1  # the approved transaction, quietly changed
+    db.execute("UPDATE withdrawal SET unsigned_tx = ? WHERE id = ?", (tx.serialize().hex(), wid))
+    db.commit()
+    db.close()
+    export = shop.cli("withdraw", "export", str(wid), str(shop.tmp / "t.psbt"))
+    assert export.exit_code == 4 and "signature does not cover this exact transaction" in export.stderr
