@@ -206,6 +206,31 @@ def withdraw_cancel(
     _show(wd.cancel(app.db, withdrawal_id, employee, employee_key(key_file, passphrase_file), reason), as_json)
 
 
+@withdraw.command("batch")
+@click.option("--fee-rate", help="Fee rate in sat/vB for the batch (default CUSTODY_FEE_RATE or 2).")
+@identity_options
+@json_option
+@pass_app
+@example("custody withdraw batch --as alice --key alice.key")
+def withdraw_batch(
+    app: AppContext, fee_rate: str | None, employee: str, key_file: Path, passphrase_file: Path | None, as_json: bool
+) -> None:
+    """Put every approved, unsigned withdrawal into one transaction (the daily batch).
+
+    Its approvals are the union of its members'; sign, import, finalize and broadcast
+    it by the batch's id.
+    """
+    data = wd.create_batch(
+        app.db,
+        app.settings,
+        actor=employee,
+        key=employee_key(key_file, passphrase_file),
+        fee_rate=fee_rate,
+        limits=wd.limits_from_env(os.environ),
+    )
+    _show(data, as_json, title=f"Batch #{data['id']} of withdrawals {', '.join(map(str, data['members']))}")
+
+
 @withdraw.command("list")
 @click.option(
     "--status", type=click.Choice([wd.REQUESTED, wd.APPROVED, wd.SIGNED, wd.BROADCAST, wd.CONFIRMED, wd.FAILED])

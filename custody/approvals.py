@@ -128,3 +128,42 @@ def check_approvals(
         elif a.employee not in valid:
             valid.append(a.employee)
     return ApprovalCheck(tuple(sorted(valid)), tuple(rejected))
+
+
+@dataclass(frozen=True)
+class Member:
+    """One withdrawal inside a batch: its own approved transaction and its approvals."""
+
+    summary: TxSummary
+    change_output: int | None
+    check: ApprovalCheck
+
+    @property
+    def payments(self) -> list[tuple[str, int]]:
+        return [o for n, o in enumerate(self.summary.outputs) if n != self.change_output]
+
+
+def check_batch(batch: TxSummary, change_output: int | None, members: Sequence[Member]) -> list[str]:
+    """Why a batch transaction is not covered by its members' approvals (empty: it is).
+
+    A batch is approved by the union of its members' approvals when every member is
+    approved for its own transaction, the batch spends exactly the members' inputs (same
+    amounts), pays exactly every member's payments plus one change output, and its fee is
+    no higher than the members' fees together.
+    """
+    problems = []
+    if len(members) < 2:
+        problems.append("a batch needs at least two withdrawals")
+    for m in members:
+        if not m.check.enough:
+            problems.append(f"withdrawal #{m.summary.withdrawal_id}: {m.check.explain()}")
+    wanted_inputs = sorted(i for m in members for i in m.summary.inputs)
+    if sorted(batch.inputs) != wanted_inputs:
+        problems.append("the batch does not spend exactly its members' inputs")
+    payments = sorted(p for m in members for p in m.payments)
+    outputs = sorted(o for n, o in enumerate(batch.outputs) if n != change_output)
+    if outputs != payments:
+        problems.append("the batch does not pay exactly its members' payments")
+    if batch.fee > sum(m.summary.fee for m in members):
+        problems.append(f"the batch fee {batch.fee} sat is above its members' fees together")
+    return problems

@@ -150,6 +150,7 @@ class WithdrawalRow(SQLModel, table=True):
 
     __tablename__ = "withdrawal"
     id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(default="single", max_length=8)  # single, or batch (of approved singles)
     account: str = Field(index=True, max_length=128)
     requester: str = Field(max_length=64)
     request_signature: str = Field(sa_column=Column(Text, nullable=False))

@@ -19,11 +19,20 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from bitcoin.core import b2lx
+from bitcoin.core import CTransaction, b2lx
 
 from custody import psbt as psbt_lib
 from custody.addresses import AddressDeriver, DerivedAddress
-from custody.approvals import Approval, RegistryEntry, check_approvals, summarize
+from custody.approvals import (
+    Approval,
+    ApprovalCheck,
+    Member,
+    RegistryEntry,
+    TxSummary,
+    check_approvals,
+    check_batch,
+    summarize,
+)
 from custody.errors import ApprovalError, Conflict, InputError
 from custody.keyfile import FounderKey
 from custody.policy import CHAINS, Policy, ScriptType, policy_from_manifest
@@ -77,6 +86,27 @@ def _expect(derived: DerivedAddress, script_type: ScriptType, redeem: bytes | No
     if script_type is ScriptType.P2WSH:
         return witness == derived.script and redeem is None
     return witness == derived.script and redeem == b"\x00\x20" + hashlib.sha256(derived.script).digest()
+
+
+def _check_batch(
+    policy: Policy, meta: dict[str, Any], summary: TxSummary, change: object, registry: dict[str, RegistryEntry]
+) -> ApprovalCheck:
+    """A batch counts when every member is approved for its own transaction and the batch
+    spends, pays and charges exactly what the members were approved for."""
+    members = []
+    try:
+        for m in meta["members"]:
+            tx = CTransaction.deserialize(bytes.fromhex(m["unsigned_tx"]))
+            member_summary = summarize(policy.network.name, int(m["withdrawal_id"]), tx, [int(a) for a in m["amounts"]])
+            approvals = [Approval(str(a["employee"]), str(a["pubkey"]), str(a["signature"])) for a in m["approvals"]]
+            check = check_approvals(member_summary, approvals, registry, str(m["requester"]))
+            change_output = m["change_output"]
+            members.append(Member(member_summary, change_output if isinstance(change_output, int) else None, check))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"the PSBT's batch members are malformed: {exc}") from None
+    problems = check_batch(summary, change if isinstance(change, int) else None, members)
+    valid = tuple(sorted({name for m in members for name in m.check.valid}))
+    return ApprovalCheck(valid if not problems else (), tuple(("batch", p) for p in problems))
 
 
 def check_and_sign(p: psbt_lib.Psbt, founder: FounderKey, manifest: dict[str, Any]) -> SignResult:
@@ -154,7 +184,10 @@ def check_and_sign(p: psbt_lib.Psbt, founder: FounderKey, manifest: dict[str, An
         }
     except (KeyError, TypeError):
         raise InputError("the PSBT's approval bundle or registry is malformed") from None
-    check = check_approvals(summary, approvals, registry, requester)
+    if meta.get("kind") == "batch":
+        check = _check_batch(policy, meta, summary, change, registry)
+    else:
+        check = check_approvals(summary, approvals, registry, requester)
     if not check.enough:
         raise ApprovalError(f"withdrawal #{withdrawal_id}: {check.explain()}")
 

@@ -31,9 +31,11 @@ from custody.amounts import format_btc, parse_btc_amount, parse_fee_rate
 from custody.approvals import (
     Approval,
     ApprovalCheck,
+    Member,
     RegistryEntry,
     TxSummary,
     check_approvals,
+    check_batch,
     sign_approval,
     summarize,
 )
@@ -50,7 +52,7 @@ from custody.keys import b58check_decode
 from custody.models import AddressRow, ApprovalRow, EmployeeRow, ReservedInput, WithdrawalInput, WithdrawalRow
 from custody.policy import CHANGE, Policy, ScriptType
 from custody.signing import sign_statement
-from custody.txbuild import Coin, build_transaction, select_coins
+from custody.txbuild import Coin, build_transaction, fee_for, select_coins, tx_vsize
 from custody.wallet import policy_from_session
 
 REQUESTED = "requested"
@@ -61,6 +63,8 @@ CONFIRMED = "confirmed"
 FAILED = "failed"
 PENDING = (REQUESTED, APPROVED, SIGNED)
 CHANGE_ACCOUNT = "custody-change"
+SINGLE = "single"
+BATCH = "batch"
 REQUEST_DOMAIN = "custody/withdrawal-request/v1"
 
 PROPRIETARY_ID = b"custody"
@@ -119,7 +123,7 @@ def _summary(policy: Policy, row: WithdrawalRow, inputs: Sequence[WithdrawalInpu
         raise StorageError(f"withdrawal #{row.id}: its transaction spends an input it did not record") from None
     summary = summarize(policy.network.name, row.id or 0, tx, amounts)
     paid = [a for spk, a in summary.outputs if spk == row.destination_spk]
-    if row.batch_id is None and (not paid or paid[0] != row.amount or summary.fee != row.fee):
+    if row.kind == SINGLE and (not paid or paid[0] != row.amount or summary.fee != row.fee):
         raise StorageError(
             f"withdrawal #{row.id}: destination, amount or fee in the store disagree with its transaction"
         )
@@ -135,8 +139,34 @@ def _approvals(s: Session, withdrawal_id: int) -> list[Approval]:
     return [Approval(r.employee, r.pubkey, r.signature) for r in rows]
 
 
+def _members(s: Session, batch_id: int) -> list[WithdrawalRow]:
+    return list(s.exec(select(WithdrawalRow).where(WithdrawalRow.batch_id == batch_id).order_by(col(WithdrawalRow.id))))
+
+
+def _change_position(s: Session, row: WithdrawalRow) -> int | None:
+    """Which output of the transaction pays one of our change addresses, if any."""
+    change = {a.script_pubkey for a in s.exec(select(AddressRow).where(AddressRow.chain == CHANGE)).all()}
+    for n, out in enumerate(_tx(row).vout):
+        if bytes(out.scriptPubKey).hex() in change:
+            return n
+    return None
+
+
+def _member(s: Session, policy: Policy, row: WithdrawalRow) -> Member:
+    summary, check = _check(s, policy, row)
+    return Member(summary, _change_position(s, row), check)
+
+
 def _check(s: Session, policy: Policy, row: WithdrawalRow) -> tuple[TxSummary, ApprovalCheck]:
+    """The approval statement and which approvals count; a batch counts its members'."""
     summary = _summary(policy, row, _inputs(s, row.id or 0))
+    if row.kind == BATCH:
+        members = [_member(s, policy, m) for m in _members(s, row.id or 0)]
+        problems = check_batch(summary, _change_position(s, row), members)
+        valid = tuple(sorted({name for m in members for name in m.check.valid}))
+        rejected = tuple(("batch", p) for p in problems)
+        # A batch is approved when check_batch finds nothing wrong: the union then counts.
+        return summary, ApprovalCheck(valid if not problems else (), rejected)
     return summary, check_approvals(summary, _approvals(s, row.id or 0), _registry(s), row.requester)
 
 
@@ -147,6 +177,11 @@ def _require_approved(s: Session, policy: Policy, row: WithdrawalRow) -> TxSumma
     return summary
 
 
+def _not_in_batch(row: WithdrawalRow) -> None:
+    if row.batch_id is not None:
+        raise Conflict(f"withdrawal #{row.id} is part of batch #{row.batch_id}: use the batch's id")
+
+
 def _lock_custody(s: Session) -> None:
     """Serialize state changes that read and then reserve (the audit head's row lock)."""
     from custody.models import AuditHead
@@ -155,12 +190,22 @@ def _lock_custody(s: Session) -> None:
 
 
 def _touch(s: Session, row: WithdrawalRow, status: str | None = None, reason: str | None = None) -> None:
+    """Update a withdrawal; a batch carries its members along (status, txid, depth)."""
     if status:
         row.status = status
     if reason is not None:
         row.reason = reason
     row.updated_at = now()
     s.add(row)
+    if row.kind == BATCH and status in (BROADCAST, CONFIRMED, FAILED):
+        for m in _members(s, row.id or 0):
+            m.status = status
+            m.txid = row.txid
+            m.confirmations = row.confirmations
+            m.block_height = row.block_height
+            m.reason = row.reason if status == FAILED else m.reason
+            m.updated_at = row.updated_at
+            s.add(m)
 
 
 def _release(s: Session, withdrawal_id: int) -> None:
@@ -180,6 +225,8 @@ def view(s: Session, policy: Policy, row: WithdrawalRow) -> dict[str, Any]:
         approvals = {"valid": [], "rejected": [], "error": str(exc)}
     return {
         "id": row.id,
+        "kind": row.kind,
+        "members": [m.id for m in _members(s, row.id or 0)] if row.kind == BATCH else [],
         "status": row.status,
         "account": row.account,
         "requester": row.requester,
@@ -367,6 +414,9 @@ def approve(db: Database, withdrawal_id: int, name: str, key: EmployeeKey) -> di
         halt.guard(s)
         policy = policy_from_session(s)
         row = _get(s, withdrawal_id, lock=True)
+        _not_in_batch(row)
+        if row.kind == BATCH:
+            raise Conflict(f"#{withdrawal_id} is a batch: its members' approvals are its approvals")
         if row.status not in (REQUESTED, APPROVED):
             raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; approvals are closed")
         employee = authenticate(s, name, key)
@@ -475,6 +525,19 @@ def build_psbt(s: Session, policy: Policy, row: WithdrawalRow) -> psbt_lib.Psbt:
         "change_output": change_output,
         "policy": policy.to_manifest(),
     }
+    if row.kind == BATCH:
+        meta["kind"] = BATCH
+        meta["members"] = [
+            {
+                "withdrawal_id": m.id,
+                "requester": m.requester,
+                "unsigned_tx": m.unsigned_tx,
+                "amounts": [a for _, a in _summary(policy, m, _inputs(s, m.id or 0)).inputs],
+                "change_output": _change_position(s, m),
+                "approvals": [a.to_dict() for a in _approvals(s, m.id or 0)],
+            }
+            for m in _members(s, wid)
+        ]
     p.proprietary[_prop(PROP_META)] = json.dumps(meta, sort_keys=True).encode()
     p.proprietary[_prop(PROP_APPROVALS)] = json.dumps([a.to_dict() for a in _approvals(s, wid)]).encode()
     registry = [{"name": e.name, "pubkey": e.pubkey, "enabled": e.enabled} for e in _registry(s).values()]
@@ -492,6 +555,7 @@ def export_psbt(db: Database, withdrawal_id: int) -> psbt_lib.Psbt:
         halt.guard(s)
         policy = policy_from_session(s)
         row = _get(s, withdrawal_id)
+        _not_in_batch(row)
         if row.status not in (APPROVED, SIGNED):
             if row.status == REQUESTED:
                 _require_approved(s, policy, row)
@@ -542,6 +606,7 @@ def import_psbt(db: Database, withdrawal_id: int, data: bytes) -> dict[str, Any]
         halt.guard(s)
         policy = policy_from_session(s)
         row = _get(s, withdrawal_id, lock=True)
+        _not_in_batch(row)
         if row.status not in (APPROVED, SIGNED):
             raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; signatures cannot be imported")
         _require_approved(s, policy, row)
@@ -580,6 +645,7 @@ def finalize(db: Database, withdrawal_id: int) -> dict[str, Any]:
         halt.guard(s)
         policy = policy_from_session(s)
         row = _get(s, withdrawal_id, lock=True)
+        _not_in_batch(row)
         if row.final_tx and row.status in (SIGNED, BROADCAST, CONFIRMED):
             return view(s, policy, row)  # idempotent
         if row.status != SIGNED:
@@ -621,6 +687,7 @@ def broadcast(db: Database, backend: ChainBackend, withdrawal_id: int) -> dict[s
         halt.guard(s)
         policy = policy_from_session(s)
         row = _get(s, withdrawal_id, lock=True)
+        _not_in_batch(row)
         if row.status in (BROADCAST, CONFIRMED):
             backend.broadcast(x(row.final_tx or ""))  # the node already has it: same txid
             return view(s, policy, row)
@@ -685,13 +752,160 @@ def cancel(db: Database, withdrawal_id: int, name: str, key: EmployeeKey, reason
     with db.transaction() as s:
         policy = policy_from_session(s)
         row = _get(s, withdrawal_id, lock=True)
+        _not_in_batch(row)
         authenticate(s, name, key)
         if row.status not in PENDING:
             raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; only pending ones can be cancelled")
+        if row.kind == BATCH:
+            _dissolve(s, row)
         _touch(s, row, FAILED, f"cancelled by {name}: {reason}")
         _release(s, withdrawal_id)
         audit_log.append(s, "withdrawal.failed", name, {"withdrawal_id": withdrawal_id, "reason": reason})
         return view(s, policy, row)
+
+
+def _dissolve(s: Session, batch: WithdrawalRow) -> None:
+    """Give a cancelled batch's members (and their inputs) back to the queue."""
+    for m in _members(s, batch.id or 0):
+        for i in _inputs(s, m.id or 0):
+            held = s.get(ReservedInput, f"{i.txid}:{i.vout}")
+            if held is not None:
+                held.withdrawal_id = m.id or 0
+                s.add(held)
+        m.batch_id = None
+        m.updated_at = now()
+        s.add(m)
+    s.flush()
+
+
+def create_batch(
+    db: Database,
+    settings: Settings,
+    *,
+    actor: str,
+    key: EmployeeKey,
+    fee_rate: str | None = None,
+    limits: Limits = Limits(),
+) -> dict[str, Any]:
+    """Put every approved, unsigned withdrawal into one transaction (a daily batch).
+
+    The batch spends exactly its members' inputs, pays every member's destination, sends
+    one change output to a fresh verified change address, and pays no more fee than its
+    members together; its approvals are the union of its members'.
+    Raises HaltedError, Conflict (fewer than two approved withdrawals), InputError (fee),
+    ApprovalError, VerificationFailed (change address, after raising the halt).
+    """
+    manifest = load_manifest(settings)
+    rate = parse_fee_rate(fee_rate) if fee_rate else limits.default_fee_rate
+    try:
+        with db.transaction() as s:
+            halt.guard(s)
+            _lock_custody(s)
+            policy = policy_from_session(s)
+            authenticate(s, actor, key)
+            candidates = s.exec(
+                select(WithdrawalRow)
+                .where(WithdrawalRow.status == APPROVED, WithdrawalRow.kind == SINGLE)
+                .where(col(WithdrawalRow.batch_id).is_(None), col(WithdrawalRow.psbt).is_(None))
+                .order_by(col(WithdrawalRow.id))
+            ).all()
+            members = []
+            for row in candidates:
+                _, check = _check(s, policy, row)
+                if check.enough:
+                    members.append(row)
+            if len(members) < 2:
+                raise Conflict(f"{len(members)} approved, unsigned withdrawal(s): a batch needs at least two")
+            coins = [
+                Coin(i.txid, i.vout, i.amount, bytes.fromhex(i.script_pubkey), i.chain, i.idx)
+                for m in members
+                for i in _inputs(s, m.id or 0)
+            ]
+            payments = [(bytes.fromhex(m.destination_spk), m.amount) for m in members]
+            change = issue_in_session(s, manifest, CHANGE_ACCOUNT, 1, CHANGE, actor=actor)[0]
+            change_spk = bytes.fromhex(change.script_pubkey)
+            vsize = tx_vsize(
+                policy.script_type, policy.threshold, policy.n, len(coins), [*(p for p, _ in payments), change_spk]
+            )
+            fee = fee_for(vsize, rate)
+            members_fee = sum(m.fee for m in members)
+            if fee > members_fee or fee > limits.max_fee:
+                raise InputError(f"the batch fee {fee} sat is above its members' fees ({members_fee} sat) or the cap")
+            change_amount = sum(c.amount for c in coins) - sum(a for _, a in payments) - fee
+            outputs = list(payments)
+            if change_amount >= dust_limit(change_spk):
+                outputs.append((change_spk, change_amount))
+            else:
+                fee += change_amount
+                change_amount = 0
+            tx = build_transaction(coins, outputs)
+            stamp = now()
+            total = sum(m.amount for m in members)
+            batch = WithdrawalRow(
+                kind=BATCH,
+                account="(batch)",
+                requester=actor,
+                request_signature=sign_statement(
+                    key.private_key,
+                    REQUEST_DOMAIN,
+                    [policy.network.name, "batch", [m.id for m in members], b2lx(tx.GetTxid())],
+                ),
+                destination=f"(batch of {len(members)})",
+                destination_spk="",
+                amount=total,
+                fee=fee,
+                fee_rate=str(rate),
+                change_index=change.index if change_amount else None,
+                change_amount=change_amount,
+                status=APPROVED,
+                unsigned_tx=b2x(tx.serialize()),
+                created_at=stamp,
+                updated_at=stamp,
+            )
+            s.add(batch)
+            s.flush()
+            bid = batch.id or 0
+            by_outpoint = {c.outpoint: c for c in coins}
+            prev = {f"{i.txid}:{i.vout}": i.prev_tx for m in members for i in _inputs(s, m.id or 0)}
+            for position, vin in enumerate(tx.vin):
+                op = f"{b2lx(vin.prevout.hash)}:{vin.prevout.n}"
+                c = by_outpoint[op]
+                s.add(
+                    WithdrawalInput(
+                        withdrawal_id=bid,
+                        position=position,
+                        txid=c.txid,
+                        vout=c.vout,
+                        amount=c.amount,
+                        script_pubkey=c.script_pubkey.hex(),
+                        chain=c.chain,
+                        idx=c.index,
+                        prev_tx=prev[op],
+                    )
+                )
+                held = s.get(ReservedInput, op)
+                if held is None:
+                    raise StorageError(f"input {op} of a batched withdrawal is not reserved")
+                held.withdrawal_id = bid
+                s.add(held)
+            for m in members:
+                m.batch_id = bid
+                m.updated_at = stamp
+                s.add(m)
+            s.flush()
+            _require_approved(s, policy, batch)  # the batch as stored passes its own check
+            audit_log.append(
+                s,
+                "withdrawal.batched",
+                actor,
+                {"batch_id": bid, "members": [m.id for m in members], "fee": fee, "unsigned_txid": b2lx(tx.GetTxid())},
+                batch.request_signature,
+            )
+            result = view(s, policy, batch)
+            result["members"] = [m.id for m in members]
+            return result
+    except AddressMismatch as exc:
+        raise halt_for_mismatch(db, settings, exc) from None
 
 
 def limits_from_env(env: Mapping[str, str]) -> Limits:

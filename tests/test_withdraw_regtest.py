@@ -111,3 +111,68 @@ def test_psbt_signed_by_the_node_wallet_imports(
     assert imported["founders_signed"] == ["founder-a", "founder-c"] and imported["status"] == "signed"
     shop.ok("withdraw", "finalize", str(wid))
     assert shop.ok("withdraw", "broadcast", str(wid))["status"] == "broadcast"
+
+
+def test_daily_batch_pays_every_member_in_one_transaction(
+    tmp_path: Path, regtest_node: NodeInfo, funded_wallet: RpcClient
+) -> None:
+    shop = Shop(tmp_path, regtest_node, funded_wallet)
+    shop.deposit("acct-1", "0.2", count=4)  # each request reserves a coin of its own
+    members = []
+    for amount in ("0.01", "0.02", "0.03"):
+        to, node_address = shop.destination()
+        wid = json.loads(shop.request(to, amount).stdout)["id"]
+        shop.approve(wid, "alice")
+        shop.approve(wid, "bob")
+        members.append((wid, node_address, Decimal(amount)))
+    unapproved = json.loads(shop.request(shop.destination()[0], "0.001").stdout)["id"]
+    batch = shop.ok("withdraw", "batch", *shop.as_("dave"))
+    assert batch["kind"] == "batch" and sorted(batch["members"]) == [m[0] for m in members]
+    assert unapproved not in batch["members"]
+    assert batch["fee_sat"] <= sum(shop.ok("withdraw", "show", str(m[0]))["fee_sat"] for m in members)
+    bid = batch["id"]
+    # a member is handled through its batch now
+    assert shop.cli("withdraw", "export", str(members[0][0]), str(tmp_path / "m.psbt")).exit_code == 6
+    psbt = tmp_path / "batch.psbt"
+    assert shop.cli("withdraw", "export", str(bid), str(psbt)).exit_code == 0
+    for founder in ("founder-b", "founder-c"):
+        signed = tmp_path / f"{founder}.psbt"
+        assert shop.sign(psbt, founder, signed).exit_code == 0
+        shop.ok("withdraw", "import", str(bid), str(signed))
+    shop.ok("withdraw", "finalize", str(bid))
+    sent = shop.ok("withdraw", "broadcast", str(bid))
+    shop.mine(1)
+    shop.ok("sync")
+    for wid, node_address, amount in members:
+        member = shop.ok("withdraw", "show", str(wid))
+        assert member["status"] == "confirmed" and member["txid"] == sent["txid"]
+        assert shop.wallet.call("getreceivedbyaddress", node_address) == amount
+    assert shop.ok("withdraw", "show", str(unapproved))["status"] == "requested"
+
+
+def test_signer_refuses_a_batch_that_pays_differently(
+    tmp_path: Path, regtest_node: NodeInfo, funded_wallet: RpcClient
+) -> None:
+    from bitcoin.core import CMutableTransaction
+
+    from custody import psbt as psbt_lib
+
+    shop = Shop(tmp_path, regtest_node, funded_wallet)
+    shop.deposit("acct-1", "0.2", count=2)
+    for amount in ("0.01", "0.02"):
+        wid = json.loads(shop.request(shop.destination()[0], amount).stdout)["id"]
+        shop.approve(wid, "alice")
+        shop.approve(wid, "bob")
+    bid = shop.ok("withdraw", "batch", *shop.as_("dave"))["id"]
+    path = tmp_path / "batch.psbt"
+    assert shop.cli("withdraw", "export", str(bid), str(path)).exit_code == 0
+    p = psbt_lib.Psbt.from_base64(path.read_text().strip())
+    tx = CMutableTransaction.from_tx(p.tx)
+    paid = next(o for o in tx.vout if o.nValue == 1_000_000)
+    change = max(tx.vout, key=lambda o: o.nValue)
+    paid.nValue += 1000
+    change.nValue -= 1000
+    p.tx = tx
+    path.write_text(p.to_base64() + "\n")
+    result = shop.sign(path, "founder-a")
+    assert result.exit_code == 4 and "does not pay exactly its members' payments" in result.stderr

@@ -314,10 +314,7 @@ def _wait_for_rpc(
         returncode = proc.poll()
         if returncode is not None:
             tail = _log_tail(info.datadir, log_offset)
-            message = (
-                f"node {info.binary} exited with code {returncode} while starting "
-                f"in {info.datadir}{tail}"
-            )
+            message = f"node {info.binary} exited with code {returncode} while starting in {info.datadir}{tail}"
             if chosen_ports and any(failure in tail for failure in _BIND_FAILURES):
                 raise _PortTaken(message)
             raise NodeError(message)

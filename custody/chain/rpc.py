@@ -71,9 +71,7 @@ class RpcClient:
         if parts.scheme != "http" or not parts.hostname:
             raise InputError(f"node URL must look like http://127.0.0.1:PORT, not {url!r}")
         if parts.username is not None or parts.password is not None:
-            raise InputError(
-                "node URL must not carry credentials: pass auth= or cookie_file= instead"
-            )
+            raise InputError("node URL must not carry credentials: pass auth= or cookie_file= instead")
         if auth is not None and cookie_file is not None:
             raise InputError("give the node's credentials or its cookie file, not both")
         try:
@@ -123,8 +121,7 @@ class RpcClient:
                     raise
                 if time.monotonic() + delay > deadline:
                     raise NodeError(
-                        f"node at {self.address} is still warming up after "
-                        f"{self.warmup_timeout:g}s: {e.rpc_message}"
+                        f"node at {self.address} is still warming up after {self.warmup_timeout:g}s: {e.rpc_message}"
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -146,9 +143,7 @@ class RpcClient:
                 )
             )
         if status == 403:
-            raise NodeError(
-                f"node at {self.address} forbids this client (HTTP 403): check its rpcallowip"
-            )
+            raise NodeError(f"node at {self.address} forbids this client (HTTP 403): check its rpcallowip")
         try:
             answer = json.loads(data, parse_float=Decimal)
         except ValueError:
@@ -187,17 +182,11 @@ class RpcClient:
             response = conn.getresponse()
             return response.status, response.reason, response.read()
         except ConnectionRefusedError:
-            raise NodeError(
-                f"node not reachable at {self.address}: is it running? (custody node start)"
-            ) from None
+            raise NodeError(f"node not reachable at {self.address}: is it running? (custody node start)") from None
         except TimeoutError:
-            raise NodeError(
-                f"node at {self.address} did not answer {method} within {self.timeout:g}s"
-            ) from None
+            raise NodeError(f"node at {self.address} did not answer {method} within {self.timeout:g}s") from None
         except (http.client.HTTPException, OSError) as e:
-            raise NodeError(
-                f"connection to node at {self.address} failed during {method}: {e}"
-            ) from None
+            raise NodeError(f"connection to node at {self.address} failed during {method}: {e}") from None
         finally:
             conn.close()
 
@@ -239,10 +228,7 @@ def expect_chain(client: RpcClient, chain: str) -> dict[str, Any]:
         raise NodeError(f"node at {client.address} answered getblockchaininfo with no object")
     actual = info.get("chain")
     if actual != wanted:
-        raise NodeError(
-            f"node at {client.address} is on chain {actual!r}, expected {wanted!r}: "
-            "refusing to use it"
-        )
+        raise NodeError(f"node at {client.address} is on chain {actual!r}, expected {wanted!r}: refusing to use it")
     return info
 
 
