@@ -43,18 +43,11 @@ def _hrp_state(hrp: str) -> int:
 
 
 def _to_5bit(data: bytes) -> list[int]:
-    acc = 0
-    bits = 0
-    out = []
-    for byte in data:
-        acc = (acc << 8) | byte
-        bits += 8
-        while bits >= 5:
-            bits -= 5
-            out.append((acc >> bits) & 31)
-    if bits:
-        out.append((acc << (5 - bits)) & 31)
-    return out
+    """Regroup bytes into 5-bit values, zero-padded at the end (BIP-173 convertbits)."""
+    bits = len(data) * 8
+    groups = -(-bits // 5)
+    value = int.from_bytes(data, "big") << (groups * 5 - bits)
+    return [(value >> shift) & 31 for shift in range(groups * 5 - 5, -1, -5)]
 
 
 def _from_5bit(data: list[int]) -> bytes | None:

@@ -36,6 +36,7 @@ from custody.errors import (
     InputError,
     NotFound,
 )
+from custody.faults import crash_point
 from custody.keyfile import EmployeeKey
 from custody.models import EmployeeRow, HaltLift, HaltRow, IncidentRow, IncidentUpdate
 from custody.signing import sign_statement, verify_statement
@@ -230,6 +231,7 @@ def raise_halt(
                 signature,
             )
             halt_id = halt.id
+        crash_point("halt.stored")
     except CustodyError as exc:
         # Fail closed: the engine must stop even when the store cannot record why.
         publish(db, settings, HaltState(True, [], error=f"halt could not be stored: {exc}; reason: {reason}"))

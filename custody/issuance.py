@@ -29,6 +29,7 @@ from custody.addresses import AddressDeriver, DerivedAddress
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.db import Database
+from custody.faults import crash_point
 from custody.errors import InputError, NotFound, StorageError, VerificationFailed
 from custody.models import AddressRow
 from custody.policy import RECEIVE, Policy
@@ -145,6 +146,7 @@ def issue_in_session(
     halt.guard(s)
     policy = policy_from_session(s)
     first = _allocate(s, chain, count)
+    crash_point("issuance.allocated")
     good, failure = _derive_checked(policy, manifest, chain, first, count)
     if failure:
         raise AddressMismatch(*failure[0])
@@ -206,7 +208,9 @@ def issue_addresses(
     manifest = load_manifest(settings)
     try:
         with db.transaction() as s:
-            return issue_in_session(s, manifest, account, count, chain, actor)
+            issued = issue_in_session(s, manifest, account, count, chain, actor)
+        crash_point("issuance.committed")
+        return issued
     except AddressMismatch as exc:  # the transaction rolled back: nothing stored
         raise halt_for_mismatch(db, settings, exc) from None
 
