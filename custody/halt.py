@@ -210,6 +210,13 @@ def raise_halt(
         raise InputError("a halt needs a reason")
     if source not in SOURCES:
         raise InputError(f"unknown halt source {source!r}")
+    # Fail closed first: the engine stops before the store records why. A crash between
+    # here and the commit leaves the engine halted and the store not: safe, and the next
+    # publish (any `custody halt status`) makes them agree again.
+    try:
+        write_halt_file(settings.halt_file, HaltState(True, [{"reason": reason, "source": source, "pending": True}]))
+    except OSError:
+        pass  # reported by publish() below
     try:
         with db.transaction() as s:
             halt = HaltRow(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import json
 import os
 from dataclasses import dataclass
@@ -91,3 +92,24 @@ class Custody:
 
 def env_without(*names: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in names}
+
+
+def run_cli(
+    env: dict[str, str], *args: str, crash_at: str | None = None, timeout: float = 120
+) -> "subprocess.CompletedProcess[str]":
+    """``custody ARGS`` in a real subprocess (for crash tests); CUSTODY_CRASH_AT when given."""
+    import subprocess
+    import sys
+
+    full = dict(os.environ, **env)
+    full.pop("CUSTODY_CRASH_AT", None)
+    if crash_at:
+        full["CUSTODY_CRASH_AT"] = crash_at
+    return subprocess.run(
+        [sys.executable, "-m", "custody_cli", *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
