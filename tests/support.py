@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,10 +97,8 @@ def env_without(*names: str) -> dict[str, str]:
 
 def run_cli(
     env: dict[str, str], *args: str, crash_at: str | None = None, timeout: float = 120
-) -> "subprocess.CompletedProcess[str]":
+) -> subprocess.CompletedProcess[str]:
     """``custody ARGS`` in a real subprocess (for crash tests); CUSTODY_CRASH_AT when given."""
-    import subprocess
-    import sys
 
     full = dict(os.environ, **env)
     full.pop("CUSTODY_CRASH_AT", None)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from custody.audit_log import verify_chain
-from custody.db import Database
-from custody.faults import POINTS
 from custody.chain.regtest import NodeInfo
 from custody.chain.rpc import RpcClient
+from custody.db import Database
+from custody.faults import POINTS
 from tests.support import Custody, founders, run_cli
 from tests.withdraw_support import Shop
 
