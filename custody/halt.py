@@ -38,7 +38,7 @@ from custody.errors import (
 )
 from custody.faults import crash_point
 from custody.keyfile import EmployeeKey
-from custody.models import EmployeeRow, HaltLift, HaltRow, IncidentRow, IncidentUpdate
+from custody.models import AuditHead, EmployeeRow, HaltLift, HaltRow, IncidentRow, IncidentUpdate
 from custody.signing import sign_statement, verify_statement
 
 LIFT_QUORUM = 2
@@ -54,8 +54,14 @@ def active_halts(s: Session) -> list[HaltRow]:
 
 
 def guard(s: Session) -> None:
-    """Refuse (HaltedError, exit 3) while trading is halted or the halt state is unreadable."""
+    """Refuse (HaltedError, exit 3) while trading is halted or the halt state is unreadable.
+
+    It first takes the audit log head's row lock, which raising a halt also takes: a halt
+    committed before this transaction got the lock is seen here, and one raised after it
+    waits for this transaction. So the halt wins every race, on PostgreSQL as on SQLite.
+    """
     try:
+        s.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
         halts = active_halts(s)
     except SQLAlchemyError as exc:
         raise HaltedError(f"the halt state cannot be read ({type(exc).__name__}): treated as halted") from None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from custody.chain.regtest import NodeInfo, ensure_wallet, start_node, stop_node
 from custody.chain.rpc import RpcClient
@@ -58,3 +61,22 @@ def fund_wallet(rpc: RpcClient, name: str, blocks: int = COINBASE_MATURITY + 1) 
 def funded_wallet(regtest_node: NodeInfo) -> RpcClient:
     """A wallet client on the session's node holding at least one mature coinbase."""
     return fund_wallet(regtest_node.client(), "funded")
+
+
+PG_URL = os.environ.get("CUSTODY_TEST_POSTGRES_URL")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh schema on the PostgreSQL server for this test, dropped afterwards."""
+    if not PG_URL:
+        pytest.skip("CUSTODY_TEST_POSTGRES_URL is not set (CI sets it)")
+    schema = f"custody_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://", 1))
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()

@@ -6,12 +6,9 @@ import json
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from tests.support import PASSPHRASE, Custody, founders
 
@@ -20,21 +17,6 @@ pytestmark = [
     pytest.mark.postgres,
     pytest.mark.skipif(not PG_URL, reason="CUSTODY_TEST_POSTGRES_URL is not set (CI sets it)"),
 ]
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh schema on the server for this test, dropped afterwards."""
-    assert PG_URL
-    schema = f"custody_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://", 1))
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
 
 
 def _issuer(home: Path, url: str, account: str, rounds: int, count: int) -> subprocess.Popen[str]:

@@ -16,12 +16,14 @@ from tests.support import Custody
 class Shop:
     """Founders' key files, employees, a policy and deposits, on the real node."""
 
-    def __init__(self, tmp: Path, node: NodeInfo, wallet: RpcClient, script: str = "p2wsh") -> None:
+    def __init__(
+        self, tmp: Path, node: NodeInfo, wallet: RpcClient, script: str = "p2wsh", db_url: str | None = None
+    ) -> None:
         self.tmp = tmp
         self.node = node
         self.rpc = node.client()
         self.wallet = wallet
-        self.c = Custody(tmp / "home")
+        self.c = Custody(tmp / "home", db_url=db_url)
         self.c.env["CUSTODY_NODE_URL"] = node.rpc_url
         self.c.env["CUSTODY_NODE_COOKIE"] = str(node.cookie_file)
         self.script = script
