@@ -101,3 +101,23 @@ def verify_chain(session: Session) -> list[ChainProblem]:
             ChainProblem(expected_seq - 1, "the chain's tip does not match the head (entries deleted at the end?)")
         )
     return problems
+
+
+def entries(session: Session, limit: int | None = None) -> list[dict[str, Any]]:
+    """The log's entries, oldest first (the last ``limit`` when given)."""
+    query = select(AuditEntry).order_by(col(AuditEntry.seq))
+    rows = list(session.exec(query).all())
+    if limit is not None:
+        rows = rows[-limit:]
+    return [
+        {
+            "seq": e.seq,
+            "at": iso(e.at),
+            "event": e.event,
+            "actor": e.actor,
+            "payload": json.loads(e.payload),
+            "signature": e.signature,
+            "hash": e.hash,
+        }
+        for e in rows
+    ]

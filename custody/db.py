@@ -78,6 +78,14 @@ class Database:
         except SQLAlchemyError as exc:
             raise StorageError(f"database error: {_first_line(exc)}") from exc
 
+    def exists(self) -> bool:
+        """Whether a custody store is there, without creating anything (no file, no tables)."""
+        if self.is_sqlite:
+            path = make_url(self.url).database
+            if not path or path == ":memory:" or not Path(path).exists():
+                return False
+        return self.has_schema()
+
     def has_schema(self) -> bool:
         try:
             return inspect(self.engine).has_table("custody_meta")
@@ -104,7 +112,13 @@ class Database:
                     f"the store's schema is version {row.value}, newer than this tool's "
                     f"{models.SCHEMA_VERSION}: upgrade custody"
                 )
-            # Upgrades from older versions go here, one step at a time.
+            elif int(row.value) < models.SCHEMA_VERSION:
+                # Upgrades from older versions go here, one step at a time.
+                # 1 -> 2: the ledger and deposit tables (created above by create_all).
+                row.value = str(models.SCHEMA_VERSION)
+                s.add(row)
+            if s.get(models.LedgerHead, 1) is None:
+                s.add(models.LedgerHead(id=1, total=0, entries=0, txns=0))
 
     def check_schema(self) -> None:
         """Raise StorageError unless the store exists at a schema this tool can use."""

@@ -442,15 +442,7 @@ def check_before_signing(db: Database, settings: Settings) -> str:
             halted = True
         if halted:
             raise HaltedError(f"trading is halted (halt file {settings.halt_file}): signing refused")
-    local_sqlite = db.is_sqlite and not _sqlite_file_exists(db)
-    if not local_sqlite:
+    if not db.is_sqlite or db.exists():
         consulted.append("store")
         ensure_running(db)
     return ", ".join(consulted) or "none (offline machine)"
-
-
-def _sqlite_file_exists(db: Database) -> bool:
-    from sqlalchemy.engine import make_url
-
-    path = make_url(db.url).database
-    return bool(path) and path != ":memory:" and Path(path or "").exists()
