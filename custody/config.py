@@ -10,6 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from custody.errors import InputError
+
+CHAINS = ("embedded", "node")
+"""Values of ``CUSTODY_CHAIN``: the embedded regtest chain, or a node over JSON-RPC."""
+
 
 def default_home(env: Mapping[str, str]) -> Path:
     """``$CUSTODY_HOME``, else ``$XDG_DATA_HOME/custody``, else ``~/.local/share/custody``."""
@@ -37,6 +42,10 @@ class Settings:
     """``user:password`` for ``node_url``; kept out of repr (a secret)."""
     node_datadir: Path = Path("node")
     """Data directory of the node ``custody node start`` runs (default HOME/node)."""
+    chain: str = "node"
+    """Which chain backend: ``node`` (JSON-RPC) or ``embedded`` (regtest in ``chain_datadir``)."""
+    chain_datadir: Path = Path("chain")
+    """Data directory of the embedded regtest chain (default HOME/chain)."""
 
     @classmethod
     def load(
@@ -48,7 +57,10 @@ class Settings:
         manifest: str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> Settings:
-        """Resolve every setting from the given flags, then the environment, then defaults."""
+        """Resolve every setting from the given flags, then the environment, then defaults.
+
+        Raises InputError for a ``CUSTODY_CHAIN`` other than ``embedded`` or ``node``.
+        """
         env = os.environ if env is None else env
         home_path = Path(home).expanduser() if home else default_home(env)
         url = db_url or env.get("CUSTODY_DB_URL") or f"sqlite:///{home_path / 'custody.db'}"
@@ -58,6 +70,10 @@ class Settings:
         # The node: environment only (CUSTODY_NODE_AUTH is a secret, never a flag).
         cookie = env.get("CUSTODY_NODE_COOKIE") or None
         datadir = env.get("CUSTODY_NODE_DATADIR") or str(home_path / "node")
+        chain = env.get("CUSTODY_CHAIN") or "node"
+        if chain not in CHAINS:
+            raise InputError(f"CUSTODY_CHAIN must be one of {', '.join(CHAINS)}, not {chain!r}")
+        chain_datadir = env.get("CUSTODY_CHAIN_DATADIR") or str(home_path / "chain")
         return cls(
             home_path,
             url,
@@ -68,4 +84,6 @@ class Settings:
             node_cookie=Path(cookie).expanduser() if cookie else None,
             node_auth=env.get("CUSTODY_NODE_AUTH") or None,
             node_datadir=Path(datadir).expanduser(),
+            chain=chain,
+            chain_datadir=Path(chain_datadir).expanduser(),
         )

@@ -282,14 +282,22 @@ def connect(client: RpcClient, network_name: str) -> RpcBackend:
     return RpcBackend(client, network_name)
 
 
-def backend_for(settings: Settings, network_name: str) -> RpcBackend:
+def backend_for(settings: Settings, network_name: str) -> ChainBackend:
     """The backend for ``network_name`` as ``settings`` configure it, connected and checked.
 
+    With ``chain`` "embedded": the embedded regtest chain in ``chain_datadir`` (opened once
+    per process, see :func:`custody.chain.embedded.open_chain`); NodeError off regtest.
     With ``node_url``: that node, authenticated by ``node_cookie`` or ``node_auth``.
     Otherwise: the node ``custody node start`` runs in ``node_datadir``.
     Raises InputError for unusable settings, NodeError when no node is configured, it
     cannot be reached, or it runs another chain.
     """
+    if settings.chain == "embedded":
+        if network_name != "regtest":
+            raise NodeError(f"the embedded chain is regtest only, and the policy's network is {network_name}")
+        from custody.chain.embedded import open_chain  # the kernel is loaded only when asked for
+
+        return open_chain(settings.chain_datadir)
     if settings.node_url:
         auth: tuple[str, str] | None = None
         if settings.node_auth is not None:

@@ -1,0 +1,897 @@
+"""An embedded Bitcoin regtest chain, validated by Bitcoin Core's own code (libbitcoinkernel).
+
+No node to install or run: custody builds and mines the blocks itself and hands each one to
+libbitcoinkernel (through ``py-bitcoinkernel``), which validates it with Bitcoin Core's
+consensus code and keeps the block files and the chainstate. Beside the kernel, custody
+keeps an index of its own for what the kernel cannot answer: outputs by scriptPubKey,
+transactions by txid, and a mempool.
+
+Data directory::
+
+    kernel/          libbitcoinkernel's block files and chainstate (exclusive to one process)
+    index.sqlite     blocks (raw), transactions, every output by scriptPubKey, the mempool
+
+Consistency. The kernel flushes its block index and chainstate only now and then (and when
+it is closed): a process killed between blocks can reopen with a kernel that lost its last
+blocks, or an index that lost the last block the kernel took. Opening reconciles the two
+(:meth:`EmbeddedBackend._reconcile`): blocks the index holds and the kernel lost are handed
+back to the kernel; blocks the kernel has and the index lacks are read from the kernel;
+index blocks the kernel will not take back are removed from the index (their transactions
+return to the mempool). Each block enters the index in one SQLite transaction, after the
+kernel connected it. After opening, the index claims exactly the kernel's active chain.
+
+Mining. Regtest difficulty (``0x207fffff``) is trivial: the nonce is ground in Python, about
+two hashes a block. A block's coinbase carries its height (BIP-34), pays the subsidy (halving
+every 150 blocks on regtest) plus fees, and commits to the witnesses (BIP-141) when a
+transaction has one. ``process_block`` returns true even for a block the kernel rejects:
+acceptance is read from the active chain's tip, the reason from the validation callback.
+
+Test-accept checks what a node's mempool would, short of package and replacement rules:
+inputs exist and are unspent (chain and mempool), no conflict within the mempool, amounts,
+coinbase maturity (100), locktime and BIP-68 sequence locks, the 1 sat/vB minimum relay fee,
+relay standardness and every input's script under all consensus flags
+(:mod:`custody.chain.consensus`).
+
+The kernel needs exclusive use of its directory: use :func:`open_chain`, which shares one
+open chain per directory within the process, and :meth:`EmbeddedBackend.close`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sqlite3
+import struct
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pbk
+from bitcoin.core import (
+    CMutableTxIn,
+    CMutableTxOut,
+    COutPoint,
+    CScript,
+    CScriptWitness,
+    CTransaction,
+    CTxInWitness,
+    CTxWitness,
+    b2lx,
+)
+
+from custody.chain.backend import MAX_MINE, AcceptResult, TxStatus, Utxo
+from custody.chain.consensus import (
+    MAX_MONEY,
+    decode_transaction,
+    script_problem,
+    standardness_problem,
+)
+from custody.errors import InputError, NodeError, NotFound, StorageError
+
+NETWORK = "regtest"
+REGTEST_GENESIS = "0f9188f13cb7b2c71f2a335e3a4fc328bf5beb436012afca590b1a11466e2206"
+REGTEST_BITS = 0x207FFFFF
+REGTEST_TARGET = 0x7FFFFF << (8 * (0x20 - 3))
+BLOCK_VERSION = 0x20000000  # BIP-9 top bits, no deployment signalled
+COINBASE_MATURITY = 100
+HALVING_INTERVAL = 150  # regtest's nSubsidyHalvingInterval
+INITIAL_SUBSIDY = 50 * 100_000_000
+MAX_BLOCK_WEIGHT = 4_000_000
+BLOCK_TX_WEIGHT = 3_990_000  # for the mempool's transactions: room for header and coinbase
+MIN_RELAY_FEE = 1  # sat/vB, Bitcoin Core's default -minrelaytxfee (1,000 sat/kvB)
+LOCKTIME_THRESHOLD = 500_000_000
+SEQUENCE_FINAL = 0xFFFFFFFF
+SEQUENCE_LOCKTIME_DISABLE = 1 << 31
+SEQUENCE_LOCKTIME_TYPE = 1 << 22
+SEQUENCE_LOCKTIME_MASK = 0xFFFF
+SEQUENCE_LOCKTIME_GRANULARITY = 9
+WITNESS_MAGIC = b"\xaa\x21\xa9\xed"
+WITNESS_RESERVED = bytes(32)
+OP_RETURN = 0x6A
+MAX_SCRIPT_SIZE = 10_000
+SCHEMA_VERSION = 1
+QUERY_CHUNK = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks (
+    height INTEGER PRIMARY KEY, hash TEXT NOT NULL UNIQUE, time INTEGER NOT NULL, raw BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS txs (
+    txid TEXT PRIMARY KEY, height INTEGER NOT NULL, position INTEGER NOT NULL, raw BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS txs_height ON txs (height);
+CREATE TABLE IF NOT EXISTS outputs (
+    txid TEXT NOT NULL, vout INTEGER NOT NULL, amount INTEGER NOT NULL, script_pubkey BLOB NOT NULL,
+    height INTEGER NOT NULL, coinbase INTEGER NOT NULL, spent_height INTEGER, spent_by TEXT,
+    PRIMARY KEY (txid, vout));
+CREATE INDEX IF NOT EXISTS outputs_script ON outputs (script_pubkey);
+CREATE INDEX IF NOT EXISTS outputs_height ON outputs (height);
+CREATE INDEX IF NOT EXISTS outputs_spent_height ON outputs (spent_height);
+CREATE TABLE IF NOT EXISTS mempool (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, txid TEXT NOT NULL UNIQUE, raw BLOB NOT NULL);
+"""
+
+_open_chains: dict[Path, EmbeddedBackend] = {}
+_open_lock = threading.Lock()
+
+
+def open_chain(datadir: Path) -> EmbeddedBackend:
+    """The embedded chain in ``datadir`` (created when new), shared within this process.
+
+    The first call opens and reconciles it; later calls return the same open chain until
+    it is closed. Raises NodeError when the kernel cannot open it (another process uses
+    it, or it is damaged), StorageError when the index is unreadable or newer than this tool.
+    """
+    key = Path(datadir).expanduser().resolve()
+    with _open_lock:
+        chain = _open_chains.get(key)
+        if chain is None or chain.closed:
+            chain = EmbeddedBackend(key)
+            _open_chains[key] = chain
+        return chain
+
+
+# --------------------------------------------------------------------------- serialization
+
+
+def _sha256d(data: bytes) -> bytes:
+    return hashlib.sha256(hashlib.sha256(data).digest()).digest()
+
+
+def _compact_size(n: int) -> bytes:
+    if n < 0xFD:
+        return bytes([n])
+    if n <= 0xFFFF:
+        return b"\xfd" + struct.pack("<H", n)
+    if n <= 0xFFFFFFFF:
+        return b"\xfe" + struct.pack("<I", n)
+    return b"\xff" + struct.pack("<Q", n)
+
+
+def _read_compact_size(f: io.BytesIO) -> int:
+    first = f.read(1)
+    if not first:
+        raise ValueError("truncated")
+    width = {0xFD: 2, 0xFE: 4, 0xFF: 8}.get(first[0])
+    if width is None:
+        return first[0]
+    data = f.read(width)
+    if len(data) != width:
+        raise ValueError("truncated")
+    return int.from_bytes(data, "little")
+
+
+def _merkle_root(leaves: list[bytes]) -> bytes:
+    level = list(leaves)
+    while len(level) > 1:
+        if len(level) % 2:
+            level.append(level[-1])
+        level = [_sha256d(level[i] + level[i + 1]) for i in range(0, len(level), 2)]
+    return level[0]
+
+
+def _weight(tx: Any) -> int:
+    base = len(CTransaction(tx.vin, tx.vout, tx.nLockTime, tx.nVersion).serialize())
+    return 3 * base + len(tx.serialize())
+
+
+def _has_witness(tx: Any) -> bool:
+    return not tx.wit.is_null()
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A block split into its parts: header, hash (display order), time, transactions."""
+
+    raw: bytes
+    hash: str
+    prev: str
+    time: int
+    txs: list[tuple[str, bytes, Any]]  # (txid, raw, CTransaction)
+
+
+def _parse_block(raw: bytes) -> _Block:
+    """Split a serialized block; InputError when it is not one."""
+    try:
+        f = io.BytesIO(raw)
+        header = f.read(80)
+        if len(header) != 80:
+            raise ValueError("truncated header")
+        count = _read_compact_size(f)
+        txs = []
+        for _ in range(count):
+            start = f.tell()
+            tx = CTransaction.stream_deserialize(f)
+            end = f.tell()
+            txs.append((b2lx(tx.GetTxid()), raw[start:end], tx))
+        if f.read(1):
+            raise ValueError("data after the last transaction")
+    except Exception as e:  # python-bitcoinlib raises several unrelated types
+        raise InputError(f"not a block: {e}") from None
+    return _Block(
+        raw=raw,
+        hash=_sha256d(header)[::-1].hex(),
+        prev=header[4:36][::-1].hex(),
+        time=struct.unpack("<I", header[68:72])[0],
+        txs=txs,
+    )
+
+
+def subsidy(height: int) -> int:
+    """The block subsidy at ``height`` on regtest, in satoshis."""
+    halvings = height // HALVING_INTERVAL
+    return 0 if halvings >= 64 else INITIAL_SUBSIDY >> halvings
+
+
+def _spendable(spk: bytes) -> bool:
+    """Whether an output enters the UTXO set (Core's CScript::IsUnspendable, negated)."""
+    return not (spk[:1] == bytes([OP_RETURN]) or len(spk) > MAX_SCRIPT_SIZE)
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+class _Kernel:
+    """libbitcoinkernel's chainstate manager on one directory, and its block callback."""
+
+    def __init__(self, directory: Path) -> None:
+        self.checked: dict[str, tuple[str, str]] = {}
+        callbacks = pbk.ValidationInterfaceCallbacks(block_checked=self._block_checked)
+        try:
+            self.chainman: Any = pbk.load_chainman(directory, pbk.ChainType.REGTEST, validation_callbacks=callbacks)
+        except RuntimeError:
+            raise NodeError(
+                f"libbitcoinkernel cannot open the chain in {directory}: another process is using it, or it is damaged"
+            ) from None
+
+    def _block_checked(self, user_data: Any, block: Any, state: Any) -> None:
+        # Called synchronously inside process_block; must not raise.
+        try:
+            self.checked[str(block.block_hash)] = (state.validation_mode.name, state.block_validation_result.name)
+        except Exception:  # an exception here would only be printed by ctypes
+            pass
+
+    def height(self) -> int:
+        return int(self.chainman.get_active_chain().height)
+
+    def hash_at(self, height: int) -> str:
+        chain = self.chainman.get_active_chain()
+        return str(chain.block_tree_entries[height].block_hash)
+
+    def block_at(self, height: int) -> bytes:
+        entry = self.chainman.get_active_chain().block_tree_entries[height]
+        return bytes(self.chainman.blocks[entry])
+
+    def submit(self, raw: bytes, block_hash: str) -> str | None:
+        """Hand a block to the kernel; None when it is on the active chain, else the reason."""
+        self.checked.pop(block_hash, None)
+        try:
+            block = pbk.Block(raw)
+        except RuntimeError:
+            return "libbitcoinkernel cannot parse the block"
+        try:
+            self.chainman.process_block(block)
+        except pbk.ProcessBlockException as e:
+            refused: str | None = f"process_block failed with code {e.code} (a duplicate of an invalid block?)"
+        else:
+            refused = None
+        # process_block returns true for a block it rejected: only the active chain tells.
+        height = self.height()
+        if height > 0 and self.hash_at(height) == block_hash:
+            return None
+        entries = self.chainman.block_tree_entries
+        key = pbk.BlockHash(bytes.fromhex(block_hash)[::-1])
+        if key in entries:
+            entry = entries[key]
+            if entry.height <= height and self.hash_at(entry.height) == block_hash:
+                return None  # known already, on the active chain below its tip
+        state = self.checked.get(block_hash)
+        if state is not None and state[0] != "VALID":
+            return f"libbitcoinkernel rejected it: {state[0].lower()}, {state[1].lower()}"
+        return refused or "libbitcoinkernel did not connect it to the active chain"
+
+    def close(self) -> None:
+        self.chainman.__exit__(None, None, None)  # destroys the chainstate manager: flushes to disk
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What opening did to make index and kernel agree (all zero after a clean close)."""
+
+    kernel_height: int  # the kernel's tip as it opened
+    index_height: int  # the index's tip as it opened
+    handed_back: int  # index blocks the kernel had lost and took back
+    removed: int  # index blocks the kernel would not take back, removed from the index
+    recorded: int  # kernel blocks the index lacked, recorded
+
+
+@dataclass(frozen=True)
+class _Coin:
+    amount: int
+    script_pubkey: bytes
+    height: int  # the next block's height for a mempool output
+    coinbase: bool
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A mempool transaction."""
+
+    txid: str
+    raw: bytes
+    tx: Any
+    fee: int
+    weight: int
+
+
+class EmbeddedBackend:
+    """A ChainBackend on an embedded regtest chain (see the module's docstring).
+
+    Use :func:`open_chain` rather than the constructor: the kernel allows one open chain per
+    directory. Every method raises NodeError once the chain is closed.
+    """
+
+    network_name = NETWORK
+
+    def __init__(self, datadir: Path) -> None:
+        self.datadir = Path(datadir)
+        self.closed = False
+        self.evicted: list[tuple[str, str]] = []
+        """(txid, reason) of mempool transactions dropped because a block with them was refused."""
+        self._lock = threading.RLock()
+        self._mempool: dict[str, _Entry] = {}  # in acceptance order: parents before children
+        self._mempool_spends: dict[tuple[str, int], str] = {}
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        self._kernel = _Kernel(self.datadir / "kernel")
+        try:
+            self._db = self._open_index(self.datadir / "index.sqlite")
+            self._reconcile()
+        except BaseException:
+            self._kernel.close()
+            raise
+
+    # ------------------------------------------------------------------ opening, closing
+
+    def _open_index(self, path: Path) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # atomic across crashes; reconcile covers the rest
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StorageError(f"chain index {path} has schema {row[0]}, newer than this tool's {SCHEMA_VERSION}")
+        except (sqlite3.Error, ValueError) as e:
+            raise StorageError(f"chain index {path} is unreadable: {e}") from None
+        return db
+
+    def close(self) -> None:
+        """Flush and close the kernel and the index; idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._kernel.close()
+            self._db.close()
+
+    def __enter__(self) -> EmbeddedBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _open(self) -> Iterator[None]:
+        with self._lock:
+            if self.closed:
+                raise NodeError(f"the embedded chain in {self.datadir} is closed")
+            try:
+                yield
+            except sqlite3.Error as e:
+                raise StorageError(f"chain index in {self.datadir}: {e}") from None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ reconciling with the kernel
+
+    def _index_height(self) -> int:
+        row = self._db.execute("SELECT MAX(height) FROM blocks").fetchone()
+        return -1 if row[0] is None else int(row[0])
+
+    def _index_hash(self, height: int) -> str | None:
+        row = self._db.execute("SELECT hash FROM blocks WHERE height = ?", (height,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _common_height(self) -> int:
+        height = min(self._kernel.height(), self._index_height())
+        while height > 0 and self._index_hash(height) != self._kernel.hash_at(height):
+            height -= 1
+        return height
+
+    def _reconcile(self) -> None:
+        """Make the index claim exactly the kernel's active chain (see the module docstring)."""
+        if self._kernel.hash_at(0) != REGTEST_GENESIS:
+            raise NodeError(f"the chain in {self.datadir} is not Bitcoin's regtest chain")
+        if self._index_height() < 0:
+            genesis = _parse_block(self._kernel.block_at(0))
+            with self._write() as db:
+                db.execute(
+                    "INSERT INTO blocks (height, hash, time, raw) VALUES (0, ?, ?, ?)",
+                    (genesis.hash, genesis.time, genesis.raw),
+                )
+        elif self._index_hash(0) != REGTEST_GENESIS:
+            raise StorageError(f"the chain index in {self.datadir} is not of Bitcoin's regtest chain")
+        kernel_height, index_height = self._kernel.height(), self._index_height()
+        common = self._common_height()
+        handed_back = 0
+        if index_height > common:
+            # Blocks the kernel lost (killed before it flushed): hand them back, in order.
+            for height in range(common + 1, index_height + 1):
+                raw, block_hash = self._db.execute(
+                    "SELECT raw, hash FROM blocks WHERE height = ?", (height,)
+                ).fetchone()
+                if self._kernel.submit(bytes(raw), str(block_hash)) is not None:
+                    break
+                handed_back += 1
+            common = self._common_height()
+        returned: list[_Entry] = []
+        removed = self._index_height() - common
+        for height in range(self._index_height(), common, -1):
+            returned[:0] = self._disconnect(height)
+        recorded = self._kernel.height() - common
+        for height in range(common + 1, self._kernel.height() + 1):
+            self._connect(_parse_block(self._kernel.block_at(height)), height)
+        self._load_mempool(returned)
+        self.reconciled = Reconciled(kernel_height, index_height, handed_back, removed, recorded)
+
+    def _load_mempool(self, first: Sequence[_Entry] = ()) -> None:
+        """Rebuild the mempool from ``first`` and the stored one, keeping what is still valid."""
+        stored = [(str(t), bytes(r)) for t, r in self._db.execute("SELECT txid, raw FROM mempool ORDER BY seq")]
+        candidates = [(e.txid, e.raw) for e in first] + stored
+        self._mempool.clear()
+        self._mempool_spends.clear()
+        with self._write() as db:
+            db.execute("DELETE FROM mempool")
+            for txid, raw in candidates:
+                if txid in self._mempool:
+                    continue
+                try:
+                    tx = decode_transaction(raw)
+                except InputError:
+                    continue
+                refusal, fee = self._refusal(tx, raw)
+                if refusal is None:
+                    self._add_to_mempool(db, txid, raw, tx, fee)
+
+    # ------------------------------------------------------------------ the index
+
+    def _connect(self, block: _Block, height: int) -> None:
+        """Record a block the kernel connected at ``height``; drop its transactions from the mempool."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO blocks (height, hash, time, raw) VALUES (?, ?, ?, ?)",
+                (height, block.hash, block.time, block.raw),
+            )
+            for position, (txid, raw, tx) in enumerate(block.txs):
+                db.execute(
+                    "INSERT INTO txs (txid, height, position, raw) VALUES (?, ?, ?, ?)", (txid, height, position, raw)
+                )
+                if position > 0:
+                    for txin in tx.vin:
+                        prev = (b2lx(txin.prevout.hash), txin.prevout.n)
+                        spent = db.execute(
+                            "UPDATE outputs SET spent_height = ?, spent_by = ? "
+                            "WHERE txid = ? AND vout = ? AND spent_height IS NULL",
+                            (height, txid, *prev),
+                        )
+                        if spent.rowcount != 1:
+                            raise StorageError(
+                                f"chain index in {self.datadir}: block {block.hash} spends {prev[0]}:{prev[1]}, "
+                                "which the index does not hold unspent"
+                            )
+                for vout, out in enumerate(tx.vout):
+                    spk = bytes(out.scriptPubKey)
+                    if _spendable(spk):
+                        db.execute(
+                            "INSERT INTO outputs (txid, vout, amount, script_pubkey, height, coinbase) "
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            (txid, vout, out.nValue, spk, height, int(position == 0)),
+                        )
+            self._prune_mempool(db, block)
+
+    def _disconnect(self, height: int) -> list[_Entry]:
+        """Remove the index's block at ``height`` (its tip); return its non-coinbase transactions."""
+        rows = self._db.execute("SELECT txid, raw FROM txs WHERE height = ? ORDER BY position", (height,)).fetchall()
+        with self._write() as db:
+            db.execute("DELETE FROM outputs WHERE height = ?", (height,))
+            db.execute("UPDATE outputs SET spent_height = NULL, spent_by = NULL WHERE spent_height = ?", (height,))
+            db.execute("DELETE FROM txs WHERE height = ?", (height,))
+            db.execute("DELETE FROM blocks WHERE height = ?", (height,))
+        return [_Entry(str(txid), bytes(raw), None, 0, 0) for txid, raw in rows[1:]]
+
+    def _add_to_mempool(self, db: sqlite3.Connection, txid: str, raw: bytes, tx: Any, fee: int) -> None:
+        db.execute("INSERT INTO mempool (txid, raw) VALUES (?, ?)", (txid, raw))
+        self._mempool[txid] = _Entry(txid, raw, tx, fee, _weight(tx))
+        for txin in tx.vin:
+            self._mempool_spends[(b2lx(txin.prevout.hash), txin.prevout.n)] = txid
+
+    def _prune_mempool(self, db: sqlite3.Connection, block: _Block) -> None:
+        """Drop what the block confirmed, and what conflicts with it (with descendants)."""
+        confirmed = {txid for txid, _, _ in block.txs}
+        spent = {(b2lx(i.prevout.hash), i.prevout.n) for _, _, tx in block.txs[1:] for i in tx.vin}
+        dropped: set[str] = set()
+        for txid, entry in list(self._mempool.items()):
+            inputs = [(b2lx(i.prevout.hash), i.prevout.n) for i in entry.tx.vin]
+            if txid in confirmed:
+                dropped.add(txid)
+            elif any(p in spent or p[0] in dropped - confirmed for p in inputs):
+                dropped.add(txid)  # double-spent by the block, or a descendant of such
+        self._drop(db, dropped)
+
+    def _drop(self, db: sqlite3.Connection, txids: set[str]) -> None:
+        for txid in txids:
+            entry = self._mempool.pop(txid, None)
+            if entry is None:
+                continue
+            db.execute("DELETE FROM mempool WHERE txid = ?", (txid,))
+            for txin in entry.tx.vin:
+                self._mempool_spends.pop((b2lx(txin.prevout.hash), txin.prevout.n), None)
+
+    def _coin(self, txid: str, vout: int) -> _Coin | None:
+        """An unspent output: confirmed (and unspent in the chain) or made by a mempool transaction."""
+        entry = self._mempool.get(txid)
+        if entry is not None:
+            if vout >= len(entry.tx.vout):
+                return None
+            out = entry.tx.vout[vout]
+            return _Coin(out.nValue, bytes(out.scriptPubKey), self._tip() + 1, False)
+        row = self._db.execute(
+            "SELECT amount, script_pubkey, height, coinbase FROM outputs "
+            "WHERE txid = ? AND vout = ? AND spent_height IS NULL",
+            (txid, vout),
+        ).fetchone()
+        return None if row is None else _Coin(int(row[0]), bytes(row[1]), int(row[2]), bool(row[3]))
+
+    def _tip(self) -> int:
+        return self._index_height()
+
+    def _median_time_past(self, height: int) -> int:
+        rows = self._db.execute(
+            "SELECT time FROM blocks WHERE height BETWEEN ? AND ?", (max(0, height - 10), height)
+        ).fetchall()
+        times = sorted(int(r[0]) for r in rows)
+        return times[len(times) // 2]  # Core's GetMedianTimePast: the upper median of an even count
+
+    # ------------------------------------------------------------------ test-accept
+
+    def _refusal(self, tx: Any, raw: bytes) -> tuple[str | None, int]:
+        """Why the mempool would refuse ``tx`` now (Bitcoin Core's reject reasons), and its fee."""
+        txid: str = b2lx(tx.GetTxid())
+        if tx.is_coinbase():
+            return "coinbase", 0
+        outpoints = [(b2lx(i.prevout.hash), i.prevout.n) for i in tx.vin]
+        if len(set(outpoints)) != len(outpoints):
+            return "bad-txns-inputs-duplicate", 0
+        if any(not 0 <= o.nValue <= MAX_MONEY for o in tx.vout):
+            return "bad-txns-vout-negative-or-toolarge", 0
+        paid = sum(o.nValue for o in tx.vout)
+        if paid > MAX_MONEY:
+            return "bad-txns-txouttotal-toolarge", 0
+        if _weight(tx) > MAX_BLOCK_WEIGHT:
+            return "bad-txns-oversize", 0
+        if txid in self._mempool:
+            return "txn-already-in-mempool", 0
+        if self._db.execute("SELECT 1 FROM txs WHERE txid = ?", (txid,)).fetchone():
+            return "txn-already-known", 0
+        tip = self._tip()
+        coins: list[_Coin] = []
+        for n, (prev_txid, vout) in enumerate(outpoints):
+            if (prev_txid, vout) in self._mempool_spends:
+                return f"txn-mempool-conflict (input {n} is spent by {self._mempool_spends[(prev_txid, vout)]})", 0
+            coin = self._coin(prev_txid, vout)
+            if coin is None:
+                return f"bad-txns-inputs-missingorspent (input {n}: {prev_txid}:{vout})", 0
+            if coin.coinbase and tip + 1 - coin.height < COINBASE_MATURITY:
+                return f"bad-txns-premature-spend-of-coinbase (input {n}, depth {tip + 1 - coin.height})", 0
+            coins.append(coin)
+        value_in = sum(c.amount for c in coins)
+        if value_in > MAX_MONEY:
+            return "bad-txns-inputvalues-outofrange", 0
+        if value_in < paid:
+            return f"bad-txns-in-belowout ({value_in} < {paid})", 0
+        fee = value_in - paid
+        if not self._final(tx, tip):
+            return "non-final", fee
+        if not self._sequence_locks_met(tx, coins, tip):
+            return "non-BIP68-final", fee
+        spent = [(c.amount, c.script_pubkey) for c in coins]
+        problem = standardness_problem(tx, spent)
+        if problem is not None:
+            return f"non-standard: {problem}", fee
+        vsize = (_weight(tx) + 3) // 4
+        if fee < vsize * MIN_RELAY_FEE:
+            return f"min relay fee not met ({fee} < {vsize * MIN_RELAY_FEE} sat)", fee
+        problem = script_problem(raw, spent)
+        if problem is not None:
+            return f"mandatory-script-verify-flag-failed: {problem}", fee
+        return None, fee
+
+    def _final(self, tx: Any, tip: int) -> bool:
+        """Core's IsFinalTx for the next block."""
+        if tx.nLockTime == 0:
+            return True
+        cutoff = tip + 1 if tx.nLockTime < LOCKTIME_THRESHOLD else self._median_time_past(tip)
+        if tx.nLockTime < cutoff:
+            return True
+        return all(i.nSequence == SEQUENCE_FINAL for i in tx.vin)
+
+    def _sequence_locks_met(self, tx: Any, coins: Sequence[_Coin], tip: int) -> bool:
+        """BIP-68 relative locktimes for the next block."""
+        if tx.nVersion < 2:
+            return True
+        min_height, min_time = -1, -1
+        for txin, coin in zip(tx.vin, coins, strict=True):
+            seq = txin.nSequence
+            if seq & SEQUENCE_LOCKTIME_DISABLE:
+                continue
+            if seq & SEQUENCE_LOCKTIME_TYPE:
+                coin_time = self._median_time_past(max(coin.height - 1, 0))
+                min_time = max(
+                    min_time, coin_time + ((seq & SEQUENCE_LOCKTIME_MASK) << SEQUENCE_LOCKTIME_GRANULARITY) - 1
+                )
+            else:
+                min_height = max(min_height, coin.height + (seq & SEQUENCE_LOCKTIME_MASK) - 1)
+        return min_height < tip + 1 and min_time < self._median_time_past(tip)
+
+    # ------------------------------------------------------------------ blocks
+
+    def _build(self, entries: Sequence[_Entry], script_pubkey: bytes, raws: Sequence[bytes] = ()) -> _Block:
+        """A mined block on the tip: coinbase paying ``script_pubkey``, then the transactions."""
+        txs = [e.tx for e in entries] + [decode_transaction(r) for r in raws]
+        height = self._tip() + 1
+        fees = sum(e.fee for e in entries)
+        script_sig = CScript([height, b"custody"])  # BIP-34: the height first, as CScript() << height
+        vout = [CMutableTxOut(subsidy(height) + fees, script_pubkey)]
+        witness = CTxWitness()
+        if any(_has_witness(tx) for tx in txs):
+            # BIP-141: OP_RETURN <0xaa21a9ed || sha256d(witness merkle root || reserved value)>
+            wtxids = [bytes(32)] + [tx.GetHash() for tx in txs]
+            commitment = _sha256d(_merkle_root(wtxids) + WITNESS_RESERVED)
+            vout.append(CMutableTxOut(0, bytes([OP_RETURN, 0x24]) + WITNESS_MAGIC + commitment))
+            witness = CTxWitness([CTxInWitness(CScriptWitness([WITNESS_RESERVED]))])
+        coinbase = CTransaction([CMutableTxIn(COutPoint(), script_sig, SEQUENCE_FINAL)], vout, 0, 2, witness)
+        all_txs = [coinbase, *txs]
+        merkle = _merkle_root([tx.GetTxid() for tx in all_txs])
+        tip_hash = self._index_hash(height - 1) or ""
+        block_time = max(int(time.time()), self._median_time_past(height - 1) + 1)
+        head = struct.pack("<i", BLOCK_VERSION) + bytes.fromhex(tip_hash)[::-1] + merkle
+        for nonce in range(1 << 32):
+            header = head + struct.pack("<III", block_time, REGTEST_BITS, nonce)
+            if int.from_bytes(_sha256d(header), "little") <= REGTEST_TARGET:
+                break
+        body = _compact_size(len(all_txs)) + b"".join(tx.serialize() for tx in all_txs)
+        return _parse_block(header + body)
+
+    def _submit(self, block: _Block) -> str | None:
+        """Hand ``block`` to the kernel; on acceptance record it. None, or why it was refused."""
+        height = self._tip() + 1
+        if block.prev != self._index_hash(height - 1):
+            return f"it does not extend the tip (its parent is {block.prev})"
+        refusal = self._kernel.submit(block.raw, block.hash)
+        if refusal is None:
+            self._connect(block, height)
+        return refusal
+
+    def _candidates(self) -> list[_Entry]:
+        """The mempool's transactions that fit one block, in order (parents before children)."""
+        chosen, weight = [], 0
+        for entry in self._mempool.values():
+            if weight + entry.weight > BLOCK_TX_WEIGHT:
+                break
+            chosen.append(entry)
+            weight += entry.weight
+        return chosen
+
+    # ------------------------------------------------------------------ ChainBackend
+
+    def tip_height(self) -> int:
+        """Height of the best block."""
+        with self._open():
+            return self._tip()
+
+    def unspent(self, script_pubkeys: Sequence[bytes]) -> list[Utxo]:
+        """Confirmed unspent outputs paying any of ``script_pubkeys``, by height, txid, vout.
+
+        Coinbase outputs are included, mature or not. Raises InputError for an empty script.
+        """
+        wanted: dict[bytes, None] = {}
+        for spk in script_pubkeys:
+            if not spk:
+                raise InputError("cannot look up outputs of an empty scriptPubKey")
+            wanted[bytes(spk)] = None
+        scripts = list(wanted)
+        found: list[Utxo] = []
+        with self._open():
+            for start in range(0, len(scripts), QUERY_CHUNK):
+                chunk = scripts[start : start + QUERY_CHUNK]
+                rows = self._db.execute(
+                    "SELECT txid, vout, amount, script_pubkey, height FROM outputs "
+                    f"WHERE spent_height IS NULL AND script_pubkey IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+                found += [Utxo(str(t), int(v), int(a), bytes(s), int(h)) for t, v, a, s, h in rows]
+        return sorted(found, key=lambda u: (u.height or 0, u.txid, u.vout))
+
+    def raw_transaction(self, txid: str) -> bytes:
+        """The serialized transaction ``txid`` (confirmed or in the mempool).
+
+        Raises InputError for a malformed txid, NotFound for an unknown one.
+        """
+        txid = _check_txid(txid)
+        with self._open():
+            entry = self._mempool.get(txid)
+            if entry is not None:
+                return entry.raw
+            row = self._db.execute("SELECT raw FROM txs WHERE txid = ?", (txid,)).fetchone()
+        if row is None:
+            raise NotFound(f"transaction {txid} is not known to the embedded chain")
+        return bytes(row[0])
+
+    def test_accept(self, raw_tx: bytes) -> AcceptResult:
+        """Whether the mempool would accept ``raw_tx`` now (see the module docstring)."""
+        try:
+            tx = decode_transaction(raw_tx)
+        except InputError as e:
+            return AcceptResult(False, str(e), "")
+        with self._open():
+            refusal, _ = self._refusal(tx, bytes(raw_tx))
+        return AcceptResult(refusal is None, refusal, b2lx(tx.GetTxid()))
+
+    def broadcast(self, raw_tx: bytes) -> str:
+        """Add ``raw_tx`` to the mempool and return its txid; one already known is no error.
+
+        Raises NodeError with the reason when the transaction is refused.
+        """
+        raw = bytes(raw_tx)
+        try:
+            tx = decode_transaction(raw)
+        except InputError as e:
+            raise NodeError(f"the embedded chain refused the transaction: {e}") from None
+        txid: str = b2lx(tx.GetTxid())
+        with self._open():
+            if txid in self._mempool or self._db.execute("SELECT 1 FROM txs WHERE txid = ?", (txid,)).fetchone():
+                return txid
+            refusal, fee = self._refusal(tx, raw)
+            if refusal is not None:
+                raise NodeError(f"the embedded chain refused transaction {txid}: {refusal}")
+            with self._write() as db:
+                self._add_to_mempool(db, txid, raw, tx, fee)
+        return txid
+
+    def tx_status(self, txid: str) -> TxStatus:
+        """Whether ``txid`` is unknown, in the mempool, or confirmed (and how deep)."""
+        txid = _check_txid(txid)
+        with self._open():
+            if txid in self._mempool:
+                return TxStatus(txid, known=True, in_mempool=True, confirmations=0, block_height=None)
+            row = self._db.execute("SELECT height FROM txs WHERE txid = ?", (txid,)).fetchone()
+            tip = self._tip()
+        if row is None:
+            return TxStatus(txid, known=False, in_mempool=False, confirmations=0, block_height=None)
+        height = int(row[0])
+        return TxStatus(txid, known=True, in_mempool=False, confirmations=tip - height + 1, block_height=height)
+
+    def mine(self, blocks: int, script_pubkey: bytes) -> list[str]:
+        """Mine ``blocks`` blocks paying ``script_pubkey``, with the mempool; their hashes.
+
+        Each block takes as much of the mempool as fits. Should the kernel refuse a block with
+        mempool transactions (a rule test-accept missed), the block is retried with half of
+        them, down to one, which is then evicted (listed in :attr:`evicted`).
+        Raises InputError for a count outside 1..10000 or an empty script, NodeError when the
+        kernel refuses a block without transactions.
+        """
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= MAX_MINE:
+            raise InputError(f"number of blocks to mine must be 1..{MAX_MINE}, not {blocks}")
+        if not script_pubkey:
+            raise InputError("cannot mine to an empty scriptPubKey")
+        hashes: list[str] = []
+        with self._open():
+            for _ in range(blocks):
+                entries = self._candidates()
+                while True:
+                    block = self._build(entries, bytes(script_pubkey))
+                    refusal = self._submit(block)
+                    if refusal is None:
+                        break
+                    if not entries:
+                        raise NodeError(f"libbitcoinkernel refused a block custody built: {refusal}")
+                    if len(entries) == 1:
+                        self.evicted.append((entries[0].txid, refusal))
+                        with self._write() as db:
+                            self._drop(db, {entries[0].txid})
+                        self._load_mempool()  # its descendants go too
+                        entries = []
+                    else:
+                        entries = entries[: len(entries) // 2]
+                hashes.append(block.hash)
+        return hashes
+
+    # ------------------------------------------------------------------ beyond the protocol
+
+    def make_block(self, raw_txs: Sequence[bytes], script_pubkey: bytes) -> bytes:
+        """A block on the tip with ``raw_txs`` unchecked (for tests of the kernel's rules).
+
+        Its coinbase pays only the subsidy. Raises InputError for a transaction that does not
+        decode.
+        """
+        with self._open():
+            return self._build([], bytes(script_pubkey), raws=raw_txs).raw
+
+    def submit_block(self, raw_block: bytes) -> str:
+        """Hand a block on the tip to the kernel and, once connected, to the index; its hash.
+
+        Raises InputError when it is no block, NodeError with the reason when it is refused
+        (the tip and the index are then unchanged).
+        """
+        block = _parse_block(bytes(raw_block))
+        with self._open():
+            refusal = self._submit(block)
+        if refusal is not None:
+            raise NodeError(f"block {block.hash} refused: {refusal}")
+        return block.hash
+
+    def mempool(self) -> list[str]:
+        """Txids in the mempool, in acceptance order."""
+        with self._open():
+            return list(self._mempool)
+
+    def audit(self) -> None:
+        """Check the index against the kernel: the same block at every height, and the same
+        unspent outputs as replaying the kernel's blocks gives. Raises StorageError on a
+        difference."""
+        with self._open():
+            height = self._kernel.height()
+            if self._tip() != height:
+                raise StorageError(f"chain index at height {self._tip()}, the kernel at {height}")
+            utxos: dict[tuple[str, int], tuple[int, bytes]] = {}
+            for h in range(1, height + 1):
+                if self._index_hash(h) != self._kernel.hash_at(h):
+                    raise StorageError(f"chain index and kernel differ at height {h}")
+                for position, (txid, _, tx) in enumerate(_parse_block(self._kernel.block_at(h)).txs):
+                    if position > 0:
+                        for txin in tx.vin:
+                            utxos.pop((b2lx(txin.prevout.hash), txin.prevout.n))
+                    for vout, out in enumerate(tx.vout):
+                        if _spendable(bytes(out.scriptPubKey)):
+                            utxos[(txid, vout)] = (out.nValue, bytes(out.scriptPubKey))
+            rows = self._db.execute(
+                "SELECT txid, vout, amount, script_pubkey FROM outputs WHERE spent_height IS NULL"
+            ).fetchall()
+            indexed = {(str(t), int(v)): (int(a), bytes(s)) for t, v, a, s in rows}
+            if indexed != utxos:
+                raise StorageError(
+                    f"chain index holds {len(indexed)} unspent outputs, the kernel's blocks give {len(utxos)} "
+                    f"({len(indexed.keys() ^ utxos.keys())} differ)"
+                )
+
+
+def _check_txid(txid: str) -> str:
+    if not isinstance(txid, str) or len(txid) != 64 or any(c not in "0123456789abcdef" for c in txid):
+        raise InputError(f"{txid!r} is not a txid (64 lower-case hex digits)")
+    return txid
