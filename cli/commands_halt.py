@@ -8,6 +8,7 @@ import click
 from custody_cli import output
 from custody_cli.context import (
     AppContext,
+    KeyRef,
     employee_key,
     example,
     identity_options,
@@ -65,7 +66,7 @@ def halt_status(app: AppContext, as_json: bool) -> None:
 @pass_app
 @example("custody halt raise --reason 'suspicious withdrawal' --as alice --key alice.key")
 def halt_raise(
-    app: AppContext, reason: str, employee: str, key_file: Path, passphrase_file: Path | None, as_json: bool
+    app: AppContext, reason: str, employee: str, key_file: KeyRef, passphrase_file: Path | None, as_json: bool
 ) -> None:
     """Halt trading now. Any single registered employee may do it."""
     key = employee_key(key_file, passphrase_file)
@@ -85,7 +86,7 @@ def halt_raise(
 @pass_app
 @example("custody halt lift 1 --as alice --key alice.key   (then a second employee)")
 def halt_lift(
-    app: AppContext, halt_id: int, employee: str, key_file: Path, passphrase_file: Path | None, as_json: bool
+    app: AppContext, halt_id: int, employee: str, key_file: KeyRef, passphrase_file: Path | None, as_json: bool
 ) -> None:
     """Sign the lift of one halt; it lifts when two distinct employees have signed."""
     key = employee_key(key_file, passphrase_file)

@@ -12,13 +12,18 @@ from custody_cli.context import (
     json_option,
     pass_app,
     passphrase_options,
+    pin_file_option,
     read_passphrase,
+    read_pin,
 )
 
 from custody.clock import iso
+from custody.employee_keys import parse_pkcs11_uri
 from custody.employees import add_employee, disable_employee, list_employees
+from custody.errors import InputError
 from custody.keyfile import create_employee_key, create_founder_key
 from custody.network import NETWORKS, get_network
+from custody.pkcs11_keys import generate_token_key
 from custody.policy import parse_script_type
 
 
@@ -78,30 +83,66 @@ def employee() -> None:
 @click.option(
     "--out",
     "out_file",
-    required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where to write the encrypted key file (never overwritten).",
+)
+@click.option(
+    "--pkcs11",
+    "token_uri",
+    metavar="URI",
+    help=(
+        "Generate the key on a PKCS#11 token instead, never extractable: "
+        "'pkcs11:token=LABEL[;object=KEY]?module-path=/path/module.so' (object defaults to NAME)."
+    ),
 )
 @click.option(
     "--register/--no-register", default=True, show_default=True, help="Also register the public key in the store."
 )
 @passphrase_options
+@pin_file_option()
 @json_option
 @pass_app
-@example("custody employee keygen alice --out alice.key")
+@example(
+    "custody employee keygen alice --out alice.key\n"
+    "  custody employee keygen bob --pkcs11 'pkcs11:token=custody?module-path=/usr/lib/softhsm/libsofthsm2.so'"
+)
 def employee_keygen(
-    app: AppContext, name: str, out_file: Path, register: bool, passphrase_file: Path | None, as_json: bool
+    app: AppContext,
+    name: str,
+    out_file: Path | None,
+    token_uri: str | None,
+    register: bool,
+    passphrase_file: Path | None,
+    pin_file: Path | None,
+    as_json: bool,
 ) -> None:
-    """Create an employee signing key (encrypted at rest) and register its public key."""
-    passphrase = read_passphrase(passphrase_file, confirm=True, what="new employee key")
-    key = create_employee_key(out_file, name, passphrase)
+    """Create an employee signing key (a key file, or a key generated on a PKCS#11 token); register it."""
+    if (out_file is None) == (token_uri is None):
+        raise InputError("give exactly one of --out FILE (a key file) or --pkcs11 URI (a key on a token)")
+    if token_uri is not None:
+        if passphrase_file is not None:
+            raise InputError("--passphrase-file is for key files; a token's PIN comes from --pin-file")
+        uri = parse_pkcs11_uri(token_uri)
+        label = uri.object or name
+        uri = uri.with_object(label)
+        pin = read_pin(pin_file, what=f"token {uri.token}")
+        pubkey = generate_token_key(uri.module_path, uri.token, label, pin, name=name).public_key
+        where, place = str(uri), f"generated on token {uri.token}"
+    else:
+        assert out_file is not None
+        if pin_file is not None:
+            raise InputError("--pin-file is for keys on a token (--pkcs11); a key file takes --passphrase-file")
+        passphrase = read_passphrase(passphrase_file, confirm=True, what="new employee key")
+        pubkey = create_employee_key(out_file, name, passphrase).public_key
+        where, place = str(out_file), f"written to {out_file}"
     if register:
-        add_employee(app.db, name, key.public_key.hex())
+        add_employee(app.db, name, pubkey.hex())
     if as_json:
-        output.emit_json({"name": name, "pubkey": key.public_key.hex(), "file": str(out_file), "registered": register})
+        key = "uri" if token_uri is not None else "file"
+        output.emit_json({"name": name, "pubkey": pubkey.hex(), key: where, "registered": register})
         return
-    output.line(key.public_key.hex())
-    output.success(f"employee key {name} written to {out_file}" + (" and registered" if register else ""))
+    output.line(pubkey.hex())
+    output.success(f"employee key {name} {place}" + (" and registered" if register else ""))
 
 
 @employee.command("add")

@@ -12,8 +12,10 @@ import click
 
 from custody.config import Settings
 from custody.db import Database
+from custody.employee_keys import FileSigner, Pkcs11Uri, is_pkcs11_uri, parse_pkcs11_uri
 from custody.errors import InputError, KeyFileError
-from custody.keyfile import EmployeeKey, FounderKey, open_employee_key, open_founder_key
+from custody.keyfile import FounderKey, open_employee_key, open_founder_key
+from custody.pkcs11_keys import Pkcs11Signer
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,6 +55,8 @@ def read_passphrase(passphrase_file: Path | None, *, confirm: bool = False, what
             text = passphrase_file.read_text(encoding="utf-8")
         except OSError as exc:
             raise InputError(f"cannot read passphrase file {passphrase_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise InputError(f"passphrase file {passphrase_file} is not UTF-8 text") from None
         lines = text.splitlines()
         if not lines or not lines[0]:
             raise InputError(f"passphrase file {passphrase_file} is empty")
@@ -67,24 +71,110 @@ def read_passphrase(passphrase_file: Path | None, *, confirm: bool = False, what
     return value
 
 
+KeyRef = Path | Pkcs11Uri
+"""Where an employee's key is: a key file, or a key on a PKCS#11 token."""
+
+_PIN_FILE = "custody.pin_file"
+
+
+class KeyRefType(click.ParamType):
+    """``--key``: a key file path, or a ``pkcs11:`` URI (RFC 7512) of a key on a token."""
+
+    name = "FILE|URI"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> KeyRef:
+        if isinstance(value, Path | Pkcs11Uri):
+            return value
+        text = str(value)
+        if is_pkcs11_uri(text):
+            try:
+                return parse_pkcs11_uri(text)
+            except InputError as exc:
+                self.fail(str(exc), param, ctx)
+        return Path(text)
+
+
+def pin_file_option(*, expose_value: bool = True) -> Callable[[F], F]:
+    def remember(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+        ctx.meta[_PIN_FILE] = value
+        return value
+
+    return click.option(
+        "--pin-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        expose_value=expose_value,
+        callback=remember,
+        help="Read the token's user PIN from this file (first line). Else $CUSTODY_PKCS11_PIN, else a prompt.",
+    )
+
+
+def read_pin(pin_file: Path | None, *, what: str = "token") -> str:
+    """The token PIN from a file, then CUSTODY_PKCS11_PIN, then a prompt; never an argument."""
+    if pin_file is not None:
+        try:
+            lines = pin_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise InputError(f"cannot read PIN file {pin_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise InputError(f"PIN file {pin_file} is not UTF-8 text") from None
+        if not lines or not lines[0]:
+            raise InputError(f"PIN file {pin_file} is empty")
+        return lines[0]
+    env = os.environ.get("CUSTODY_PKCS11_PIN")
+    if env:
+        return env
+    try:
+        value: str = click.prompt(f"User PIN of the {what}", hide_input=True, err=True)
+    except click.Abort:
+        raise InputError("no PIN given (use a prompt, --pin-file or CUSTODY_PKCS11_PIN)") from None
+    return value
+
+
 def identity_options(f: F) -> F:
-    """``--as NAME --key FILE``: the acting employee and their key file."""
+    """``--as NAME --key FILE|URI``: the acting employee and their key file or token key.
+
+    ``--pin-file`` is not passed to the command: :func:`employee_key` reads it from the
+    click context, so commands keep calling ``employee_key(key_file, passphrase_file)``.
+    """
     f = passphrase_options(f)
+    f = pin_file_option(expose_value=False)(f)
     f = click.option(
         "--key",
         "key_file",
         required=True,
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="The employee's encrypted key file.",
+        type=KeyRefType(),
+        help=(
+            "The employee's encrypted key file, or their key on a PKCS#11 token as a URI: "
+            "'pkcs11:token=LABEL;object=KEY?module-path=/usr/lib/softhsm/libsofthsm2.so'."
+        ),
     )(f)
     f = click.option("--as", "employee", required=True, help="The acting employee's name.")(f)
     return f
 
 
-def employee_key(key_file: Path, passphrase_file: Path | None) -> EmployeeKey:
+def employee_key(key_file: KeyRef, passphrase_file: Path | None) -> FileSigner | Pkcs11Signer:
+    """Open the acting employee's key: decrypt a key file, or log in to the token.
+
+    A key file takes --passphrase-file (or CUSTODY_PASSPHRASE, or a prompt); a token key
+    takes --pin-file (or CUSTODY_PKCS11_PIN, or a prompt). Raises InputError for the other
+    one's option, KeyFileError when the key cannot be opened.
+    """
+    ctx = click.get_current_context(silent=True)
+    pin_file: Path | None = ctx.meta.get(_PIN_FILE) if ctx is not None else None
+    if isinstance(key_file, Pkcs11Uri):
+        if passphrase_file is not None:
+            raise InputError("--passphrase-file is for key files; a token key's PIN comes from --pin-file")
+        if key_file.object is None:
+            raise InputError("the pkcs11 URI names no key: add ;object=LABEL")
+        pin = read_pin(pin_file, what=f"token {key_file.token}")
+        return Pkcs11Signer(key_file.module_path, key_file.token, key_file.object, pin)
+    if pin_file is not None:
+        raise InputError("--pin-file is for keys on a token (--key pkcs11:...); a key file takes --passphrase-file")
     if not key_file.exists():
         raise KeyFileError(f"key file {key_file} does not exist")
-    return open_employee_key(key_file, read_passphrase(passphrase_file, what=f"employee key {key_file.name}"))
+    return FileSigner(
+        open_employee_key(key_file, read_passphrase(passphrase_file, what=f"employee key {key_file.name}"))
+    )
 
 
 def founder_key(key_file: Path, passphrase_file: Path | None) -> FounderKey:

@@ -15,6 +15,7 @@ from typing import Any
 
 from bitcoin.core import b2lx
 
+from custody.employee_keys import DigestSigner, EmployeeSigner
 from custody.errors import InputError
 from custody.signing import sign_statement, statement_digest, verify_statement
 
@@ -64,9 +65,13 @@ def summarize(network: str, withdrawal_id: int, tx: Any, input_amounts: Sequence
     return TxSummary(network, withdrawal_id, b2lx(tx.GetTxid()), inputs, outputs, fee)
 
 
-def sign_approval(private_key: Any, summary: TxSummary) -> str:
-    """An employee's signature over the summary (hex DER)."""
-    return sign_statement(private_key, APPROVAL_DOMAIN, summary.fields())
+def sign_approval(key: EmployeeSigner | DigestSigner, summary: TxSummary) -> str:
+    """An employee's signature over the summary (hex DER, low S).
+
+    ``key``: an EmployeeSigner (key file or token), or a coincurve-shaped private key.
+    Raises KeyFileError when a token fails.
+    """
+    return sign_statement(key, APPROVAL_DOMAIN, summary.fields())
 
 
 @dataclass(frozen=True)

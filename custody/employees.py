@@ -7,6 +7,7 @@ from sqlmodel import Session, col, select
 from custody import audit_log
 from custody.clock import now
 from custody.db import Database
+from custody.employee_keys import EmployeeSigner
 from custody.errors import ApprovalError, Conflict, NotFound
 from custody.keyfile import EmployeeKey
 from custody.models import EmployeeRow
@@ -52,11 +53,11 @@ def list_employees(db: Database) -> list[EmployeeRow]:
         return list(s.exec(select(EmployeeRow).order_by(col(EmployeeRow.name))).all())
 
 
-def authenticate(s: Session, name: str, key: EmployeeKey) -> EmployeeRow:
-    """The enabled employee ``name`` whose registered key is ``key``.
+def authenticate(s: Session, name: str, key: EmployeeSigner | EmployeeKey) -> EmployeeRow:
+    """The enabled employee ``name`` whose registered public key is ``key``'s.
 
-    Raises NotFound (no such employee), ApprovalError (disabled, or the key file is not
-    theirs).
+    ``key`` is an EmployeeSigner (key file or token) or a decrypted EmployeeKey. Raises
+    NotFound (no such employee), ApprovalError (disabled, or the key is not theirs).
     """
     row = s.exec(select(EmployeeRow).where(EmployeeRow.name == name)).first()
     if row is None:
@@ -64,5 +65,5 @@ def authenticate(s: Session, name: str, key: EmployeeKey) -> EmployeeRow:
     if not row.enabled:
         raise ApprovalError(f"employee {name} is disabled")
     if row.pubkey != key.public_key.hex():
-        raise ApprovalError(f"the key file given is not the registered key of employee {name}")
+        raise ApprovalError(f"the key given (file or token) is not the registered key of employee {name}")
     return row

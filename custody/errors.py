@@ -10,7 +10,7 @@ Exit codes (documented in the README, tested in tests/test_cli_*):
 4     ApprovalError: a rule of the approval process was broken
 5     NotFound: the thing named does not exist (policy, address, employee, ...)
 6     Conflict: it exists already, or the stored state forbids the change
-7     KeyFileError: a key file could not be opened (wrong passphrase, corrupt, newer)
+7     KeyFileError: a key file or token key could not be used (wrong passphrase or PIN, ...)
 8     NodeError: the chain backend failed or is unreachable
 9     StorageError: the database failed, or its schema is newer than this tool
 ====  =========================================================================
@@ -62,7 +62,9 @@ class Conflict(CustodyError):
 
 
 class KeyFileError(CustodyError):
-    """A key file is unreadable: wrong passphrase, corrupted, wrong type or newer format."""
+    """A key file is unreadable (wrong passphrase, corrupted, wrong type or newer format), or a
+    key on a PKCS#11 token cannot be used (no module, token or key; wrong PIN; a key that is
+    not secp256k1 or could leave the token)."""
 
     exit_code = 7
 

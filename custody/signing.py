@@ -2,7 +2,9 @@
 
 A statement is a domain tag and a list of fields; its digest is SHA-256 of their canonical
 JSON, so a signature for one purpose can never be replayed for another. Signatures are
-deterministic (RFC 6979), low-S, DER-encoded ECDSA over secp256k1 (coincurve).
+low-S, DER-encoded ECDSA over secp256k1: made by an employee key wherever it lives (a key
+file, deterministic RFC 6979 with coincurve, or a PKCS#11 token; see custody.employee_keys)
+and always verified with coincurve.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 
 import coincurve
 
+from custody.employee_keys import DigestSigner, EmployeeSigner
 from custody.errors import InputError
 
 
@@ -21,10 +24,17 @@ def statement_digest(domain: str, fields: Sequence[object]) -> bytes:
     return hashlib.sha256(body.encode()).digest()
 
 
-def sign_statement(private_key: coincurve.PrivateKey, domain: str, fields: Sequence[object]) -> str:
-    """Hex DER signature of the statement."""
+def sign_statement(key: EmployeeSigner | DigestSigner, domain: str, fields: Sequence[object]) -> str:
+    """Hex DER, low-S signature of the statement.
+
+    ``key`` is an EmployeeSigner (key file or token) or anything with coincurve.PrivateKey's
+    ``sign(digest, hasher=None)`` (a coincurve key, or an EmployeeSigner's ``private_key``).
+    Raises KeyFileError when a token fails.
+    """
     digest = statement_digest(domain, fields)
-    return bytes(private_key.sign(digest, hasher=None)).hex()
+    if isinstance(key, EmployeeSigner):
+        return bytes(key.sign_digest(digest)).hex()
+    return bytes(key.sign(digest, hasher=None)).hex()
 
 
 def verify_statement(pubkey_hex: str, signature_hex: str, domain: str, fields: Sequence[object]) -> bool:

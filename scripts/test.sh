@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 scripts/setup-venv.sh test
 scripts/install-node.sh
+scripts/install-softhsm.sh >/dev/null
 
 status=0
 .venv/bin/pytest "$@" || status=$?
