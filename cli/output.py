@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import sys
+import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -49,25 +50,46 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     out().print(t)
 
 
+# Bidirectional overrides and isolates: they reorder what a terminal shows.
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def one_line(text: str) -> str:
+    """``text`` safe for one terminal line: control characters (newlines, carriage returns,
+    escape sequences, ...), line separators and bidi overrides shown as escapes.
+
+    Messages carry untrusted strings (file contents, names, addresses); rich prints control
+    characters as they are, so a message could otherwise span lines or drive the terminal.
+    """
+    if text.isprintable() and not _BIDI.intersection(text):
+        return text
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs") or ch in _BIDI
+        else ch
+        for ch in text
+    )
+
+
 def line(message: str, style: str | None = None) -> None:
     """A plain line of data on stdout."""
-    out().print(Text(message, style=style or ""))
+    out().print(Text(one_line(message), style=style or ""))
 
 
 def info(message: str) -> None:
-    err().print(Text(message))
+    err().print(Text(one_line(message)))
 
 
 def success(message: str) -> None:
-    err().print(Text(message, style="green"))
+    err().print(Text(one_line(message), style="green"))
 
 
 def warning(message: str) -> None:
-    err().print(Text("warning: ", style="yellow") + Text(message))
+    err().print(Text("warning: ", style="yellow") + Text(one_line(message)))
 
 
 def error(message: str) -> None:
-    err().print(Text("error: ", style="bold red") + Text(message))
+    err().print(Text("error: ", style="bold red") + Text(one_line(message)))
 
 
 def key_values(title: str, pairs: Sequence[tuple[str, Any]]) -> None:

@@ -41,13 +41,20 @@ def parse_btc_amount(text: str) -> int:
         raise InputError(f"amount {text!r} is not a plain decimal number of BTC: {_why_not_decimal(text)}")
     whole, _, fraction = text.partition(".")
     if len(fraction) > 8:
-        raise InputError(f"amount {text!r} has more than 8 decimals (1 satoshi is 0.00000001 BTC)")
-    sats = int(whole) * SATS_PER_BTC + int(fraction.ljust(8, "0") or "0")
+        raise InputError(f"amount {_short(text)} has more than 8 decimals (1 satoshi is 0.00000001 BTC)")
+    if len(whole.lstrip("0")) > 8:  # 100,000,000 BTC or more; also keeps int() below its digit limit
+        raise InputError(f"amount {_short(text)} BTC is more than the 21,000,000 BTC that can ever exist")
+    sats = int(whole.lstrip("0") or "0") * SATS_PER_BTC + int(fraction.ljust(8, "0"))
     if sats == 0:
         raise InputError("amount is zero")
     if sats > MAX_MONEY:
         raise InputError(f"amount {text} BTC is more than the 21,000,000 BTC that can ever exist")
     return sats
+
+
+def _short(text: str) -> str:
+    """``text`` for a message: quoted, and cut to 40 characters."""
+    return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
 
 
 def _why_not_decimal(text: str) -> str:

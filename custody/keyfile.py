@@ -184,7 +184,7 @@ def read_header(path: Path) -> dict[str, Any]:
         raise KeyFileError(f"{path} is not a custody key file (too large)")
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, a 5000-digit number, nested too deep
         raise KeyFileError(f"{path} is not a custody key file (not JSON: truncated or another file type?)") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise KeyFileError(f"{path} is not a custody key file")
@@ -214,7 +214,7 @@ def _open(path: Path, passphrase: str, kind: str) -> tuple[dict[str, Any], dict[
         nonce = bytes.fromhex(cipher["nonce"])
         ciphertext = bytes.fromhex(doc["ciphertext"])
         header = {k: v for k, v in doc.items() if k != "ciphertext"}
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
         raise KeyFileError(f"{path} is corrupted (missing or malformed fields)") from None
     try:
         key = _kdf(passphrase, salt, n, r, p)
@@ -223,7 +223,10 @@ def _open(path: Path, passphrase: str, kind: str) -> tuple[dict[str, Any], dict[
         raise KeyFileError(f"wrong passphrase for {path}, or the file was altered") from None
     except ValueError:
         raise KeyFileError(f"{path} is corrupted") from None
-    return doc, json.loads(plaintext)
+    try:
+        return doc, json.loads(plaintext)
+    except (ValueError, RecursionError):
+        raise KeyFileError(f"{path} is corrupted (its secret is not readable)") from None
 
 
 def open_founder_key(path: Path, passphrase: str) -> FounderKey:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitcoin.core import CTransaction, b2lx
+from bitcoin.core.serialize import SerializationError
 
 from custody import psbt as psbt_lib
 from custody.addresses import AddressDeriver, DerivedAddress
@@ -55,8 +56,15 @@ def _prop_json(p: psbt_lib.Psbt, subtype: int, what: str) -> Any:
         raise InputError(f"the PSBT carries no {what}: export it with `custody withdraw export`")
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, a 5000-digit number, nested too deep
         raise InputError(f"the PSBT's {what} is not valid JSON") from None
+
+
+def _enabled(value: object) -> bool:
+    """A registry entry's ``enabled``: JSON true or false only (``"false"`` is not true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"'enabled' must be true or false, not {value!r}")
+    return value
 
 
 def _same_policy(a: Policy, b: Policy) -> bool:
@@ -102,7 +110,8 @@ def _check_batch(
             check = check_approvals(member_summary, approvals, registry, str(m["requester"]))
             change_output = m["change_output"]
             members.append(Member(member_summary, change_output if isinstance(change_output, int) else None, check))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError, SerializationError) as exc:
+        # OverflowError: int(Infinity); SerializationError: a member's transaction does not decode
         raise InputError(f"the PSBT's batch members are malformed: {exc}") from None
     problems = check_batch(summary, change if isinstance(change, int) else None, members)
     valid = tuple(sorted({name for m in members for name in m.check.valid}))
@@ -179,7 +188,7 @@ def check_and_sign(p: psbt_lib.Psbt, founder: FounderKey, manifest: dict[str, An
             for a in _prop_json(p, PROP_APPROVALS, "approval bundle")
         ]
         registry = {
-            str(e["name"]): RegistryEntry(str(e["name"]), str(e["pubkey"]), bool(e["enabled"]))
+            str(e["name"]): RegistryEntry(str(e["name"]), str(e["pubkey"]), _enabled(e["enabled"]))
             for e in _prop_json(p, PROP_REGISTRY, "employee registry")
         }
     except (KeyError, TypeError):
