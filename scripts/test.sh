@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/setup-venv.sh test
 scripts/install-node.sh
 scripts/install-softhsm.sh >/dev/null
+scripts/install-gnupg.sh
 
 status=0
 .venv/bin/pytest "$@" || status=$?
