@@ -1,0 +1,44 @@
+"""The independent address verifier: re-derives every deposit address from the founders' keys.
+
+Independence is the point: this package uses only the Python standard library and coincurve
+(libsecp256k1), with its own base58check, bech32/bech32m, script template, BIP-32 and network
+code. It imports nothing else of custody and not python-bitcoinlib (tests/test_architecture.py
+and the import-linter contracts enforce it).
+
+Public API::
+
+    load_manifest(path) -> Manifest                 # raises ManifestError
+    parse_manifest(obj) -> Manifest                 # raises ManifestError
+    read_export(path) -> (ExportHeader, Iterator[AddressRecord])   # raises ExportError
+    check_header(manifest, header) -> None          # raises ExportError on any discrepancy
+    verify_records(manifest, records, *, workers=1, progress=None) -> Report
+    verify_export(manifest, path, *, workers=1, progress=None) -> Report
+    verify_address(manifest, chain, index, address) -> list[str]   # empty = good
+"""
+
+from .core import Failure, Report, check_header, verify_address
+from .errors import DecodeError, ExportError, ManifestError
+from .export import AddressRecord, ExportHeader, ExportRecords, read_export
+from .manifest import Founder, KeyOrigin, Manifest, load_manifest, parse_manifest
+from .parallel import verify_export, verify_records
+
+__all__ = [
+    "AddressRecord",
+    "DecodeError",
+    "ExportError",
+    "ExportHeader",
+    "ExportRecords",
+    "Failure",
+    "Founder",
+    "KeyOrigin",
+    "Manifest",
+    "ManifestError",
+    "Report",
+    "check_header",
+    "load_manifest",
+    "parse_manifest",
+    "read_export",
+    "verify_address",
+    "verify_export",
+    "verify_records",
+]

@@ -1,0 +1,650 @@
+"""Per-record checks (fast path + diagnosis) and the cross-set checks over a whole set.
+
+The fast path derives the n founder keys at chain/index (3 CKDpub for 2-of-3), builds the
+expected script and address and compares bytes and strings. Only a record that differs is
+diagnosed, and the diagnosis names every distinct problem it finds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import accumulate, islice
+from typing import Any, NamedTuple
+
+from .base58 import b58check_decode, b58check_encode
+from .bech32 import P2WSHEncoder, decode_segwit_address
+from .bip32 import ChildDeriver, InvalidChild, ckd_pub, hash160
+from .errors import DecodeError, ExportError
+from .export import ExportHeader, Trailer, parse_fields
+from .manifest import Manifest
+from .networks import NETWORKS, networks_of_base58_version, networks_of_hrp
+from .script import KEY_PUSH, OP_1, OP_CHECKMULTISIG, ScriptError, parse_multisig
+
+MAX_INDEX = 2**31 - 1
+NO_POSITION = 2**64 - 1  # fingerprint of a record whose chain/index is out of range
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One distinct problem with one record (a record may have several)."""
+
+    address: str
+    chain: int
+    index: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The failure as a JSON-ready dict."""
+        return {
+            "address": self.address,
+            "chain": self.chain,
+            "index": self.index,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class Report:
+    """The outcome of verifying a set of records."""
+
+    checked: int = 0
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every record re-derived and no cross-set check failed."""
+        return not self.failures
+
+    @property
+    def failed_records(self) -> int:
+        """How many distinct records (chain, index, address) have at least one failure."""
+        return len({(f.chain, f.index, f.address) for f in self.failures})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Counts and failures, JSON-ready."""
+        return {
+            "ok": self.ok,
+            "checked": self.checked,
+            "failed_records": self.failed_records,
+            "failure_count": len(self.failures),
+            "failures": [f.to_dict() for f in self.failures],
+        }
+
+
+class Spec(NamedTuple):
+    """What a worker needs of the manifest; plain values, cheap to pickle."""
+
+    network: str
+    threshold: int
+    script_type: str
+    founders: tuple[tuple[str, bytes, bytes], ...]  # (name, account key, chain code)
+
+
+def spec_of(manifest: Manifest) -> Spec:
+    """The picklable essentials of ``manifest``."""
+    return Spec(
+        manifest.network,
+        manifest.threshold,
+        manifest.script_type,
+        tuple((f.name, f.key.key, f.key.chain_code) for f in manifest.founders),
+    )
+
+
+class Expected(NamedTuple):
+    """What the founders' keys say belongs at one chain/index."""
+
+    keys: tuple[tuple[str, bytes], ...]  # (founder name, child key), manifest order
+    script: bytes
+    payload: bytes  # witness program (p2wsh) or script hash (p2sh, p2sh-p2wsh)
+    address: str
+    script_pubkey: bytes
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _join(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _times(count: int) -> str:
+    return {2: "twice", 3: "three times"}.get(count, f"{count} times")
+
+
+class Checker:
+    """Checks records against one manifest. Not thread-safe (the derivers reuse buffers)."""
+
+    def __init__(self, spec: Spec) -> None:
+        """Raises InvalidChild in the (2**-127) case that a founder has no chain key."""
+        self.spec = spec
+        self.network = NETWORKS[spec.network]
+        self.m = spec.threshold
+        self.n = len(spec.founders)
+        self.names = [name for name, _, _ in spec.founders]
+        self.script_type = spec.script_type
+        # The founders' chain-level keys (xpub/0, xpub/1), derived once; None for a chain
+        # on which a founder has no key (BIP-32 invalid child, probability 2**-127).
+        self._fast: list[ChildDeriver | None] = []
+        self._chain_errors: list[str | None] = []
+        for chain in (0, 1):
+            parents: list[tuple[bytes, bytes]] = []
+            error = None
+            for name, key, chain_code in spec.founders:
+                try:
+                    parents.append(ckd_pub(key, chain_code, chain))
+                except InvalidChild:
+                    error = f"founder {name} has no chain {chain} key (BIP-32 invalid child)"
+            self._fast.append(None if error else ChildDeriver(parents))
+            self._chain_errors.append(error)
+        # Template pieces: OP_m 0x21 <key> 0x21 <key> ... 0x21 <key> OP_n OP_CHECKMULTISIG
+        self._head = bytes([OP_1 - 1 + self.m, KEY_PUSH])
+        self._tail = bytes([OP_1 - 1 + self.n, OP_CHECKMULTISIG])
+        self._p2wsh = P2WSHEncoder(self.network.hrp) if self.script_type == "p2wsh" else None
+        self._p2sh_version = bytes([self.network.p2sh_version])
+
+    # -- the fast path ------------------------------------------------------------------
+
+    def check(
+        self,
+        chain: Any,
+        index: Any,
+        address: Any,
+        script: Any = None,
+        script_pubkey: Any = None,
+    ) -> list[str]:
+        """Reasons why the record is wrong; empty when it re-derives. Raises nothing."""
+        try:
+            if self._matches(chain, index, address, script, script_pubkey):
+                return []
+            return self.diagnose(chain, index, address, script, script_pubkey)
+        except Exception as exc:  # noqa: BLE001 - a bad record must never stop the run
+            return [f"record could not be checked: {exc!r}"]
+
+    def _matches(self, chain: Any, index: Any, address: Any, script: Any, script_pubkey: Any) -> bool:
+        """True if the record is exactly what the keys say at chain/index (3 CKDs for n=3)."""
+        if type(chain) is not int or type(index) is not int or not 0 <= index <= MAX_INDEX:
+            return False
+        deriver = self._fast[chain] if chain in (0, 1) else None
+        if deriver is None:
+            return False
+        keys = deriver.children(index)
+        if keys is None:
+            return False
+        keys.sort()  # BIP-67
+        built = self._head + b"\x21".join(keys) + self._tail
+        if script is not None and script != built:
+            return False
+        if self._p2wsh is not None:
+            program = hashlib.sha256(built).digest()
+            return address == self._p2wsh.encode(program) and (
+                script_pubkey is None or script_pubkey == b"\x00\x20" + program
+            )
+        if self.script_type == "p2sh":
+            script_hash = hash160(built)
+        else:
+            script_hash = hash160(b"\x00\x20" + hashlib.sha256(built).digest())
+        return address == b58check_encode(self._p2sh_version + script_hash) and (
+            script_pubkey is None or script_pubkey == b"\xa9\x14" + script_hash + b"\x87"
+        )
+
+    # -- what belongs at chain/index --------------------------------------------------------
+
+    def payload_of(self, script: bytes, script_type: str | None = None) -> bytes:
+        """The witness program or script hash an address of ``script`` commits to."""
+        script_type = script_type or self.script_type
+        if script_type == "p2wsh":
+            return hashlib.sha256(script).digest()
+        if script_type == "p2sh-p2wsh":
+            return hash160(b"\x00\x20" + hashlib.sha256(script).digest())
+        return hash160(script)
+
+    def address_of(self, payload: bytes) -> str:
+        """The address for ``payload`` on the manifest's network and script type."""
+        if self._p2wsh is not None:
+            return self._p2wsh.encode(payload)
+        return b58check_encode(self._p2sh_version + payload)
+
+    def script_pubkey_of(self, payload: bytes) -> bytes:
+        """OP_0 <program> for p2wsh, OP_HASH160 <hash> OP_EQUAL for the p2sh types."""
+        if self._p2wsh is not None:
+            return b"\x00\x20" + payload
+        return b"\xa9\x14" + payload + b"\x87"
+
+    def expected(self, chain: int, index: int) -> Expected:
+        """Keys, script, address and script_pubkey at chain/index (0 <= chain <= 1).
+
+        Raises InvalidChild naming the founder if BIP-32 yields no key there.
+        """
+        deriver = self._fast[chain]
+        if deriver is None:
+            raise InvalidChild(str(self._chain_errors[chain]))
+        children = deriver.children(index)
+        if children is None:
+            spec = self.spec.founders
+            for name, key, chain_code in spec:  # name the founder without a key there
+                try:
+                    ckd_pub(*ckd_pub(key, chain_code, chain), index)
+                except InvalidChild:
+                    raise InvalidChild(
+                        f"founder {name} has no key at {chain}/{index} "
+                        "(BIP-32 invalid child; the index must be skipped)"
+                    ) from None
+            raise InvalidChild(f"no key at {chain}/{index}")  # pragma: no cover
+        keys = list(zip(self.names, children, strict=True))
+        built = self._head + b"\x21".join(sorted(k for _, k in keys)) + self._tail
+        payload = self.payload_of(built)
+        return Expected(
+            tuple(keys),
+            built,
+            payload,
+            self.address_of(payload),
+            self.script_pubkey_of(payload),
+        )
+
+    # -- diagnosis ------------------------------------------------------------------------
+
+    def diagnose(self, chain: Any, index: Any, address: Any, script: Any, script_pubkey: Any) -> list[str]:
+        """Every distinct reason why the record is wrong (empty if it is right)."""
+        reasons: list[str] = []
+        where = f"{chain}/{index}"
+        position_ok = True
+        if type(chain) is not int or chain not in (0, 1):
+            reasons.append(f"chain {chain!r} is not 0 (receive) or 1 (change)")
+            position_ok = False
+        if type(index) is not int or not 0 <= index <= MAX_INDEX:
+            reasons.append(f"index {index!r} is not in 0..{MAX_INDEX}")
+            position_ok = False
+        expected: Expected | None = None
+        if position_ok:
+            try:
+                expected = self.expected(chain, index)
+            except InvalidChild as exc:
+                reasons.append(str(exc))
+        if script is not None and not isinstance(script, bytes):
+            reasons.append("script is not bytes")
+            script = None
+        if script_pubkey is not None and not isinstance(script_pubkey, bytes):
+            reasons.append("script_pubkey is not bytes")
+            script_pubkey = None
+        payload = self._decode_address(address, reasons)
+
+        script_reasons: list[str] = []
+        if script is not None:
+            script_reasons = self._diagnose_script(script, expected, where)
+            reasons.extend(script_reasons)
+        if payload is not None:
+            script_payload = self.payload_of(script) if script is not None else None
+            if script_reasons:
+                # The script is wrong; say more only if the address matches nothing at all.
+                if payload != script_payload and (expected is None or payload != expected.payload):
+                    wanted = f" (expected {expected.address})" if expected is not None else ""
+                    reasons.append(f"address matches neither its script nor the founders' keys at {where}" + wanted)
+            elif expected is not None and payload != expected.payload:
+                reasons.append(self._wrong_address(payload, expected, where))
+            elif expected is None and script_payload is not None and payload != script_payload:
+                reasons.append(f"address is not the {self.script_type} address of its script")
+        if script_pubkey is not None:
+            # One problem, one reason: a script_pubkey that agrees with the address or with
+            # the founders' keys adds nothing to what is said above.
+            agrees = (payload is not None and script_pubkey == self.script_pubkey_of(payload)) or (
+                expected is not None and script_pubkey == expected.script_pubkey
+            )
+            if not agrees:
+                reasons.append(
+                    "script_pubkey does not match the address"
+                    if payload is not None
+                    else f"script_pubkey is not the one derived at {where}"
+                )
+        if not reasons:
+            # Nothing named, so everything must equal what the keys say, independently.
+            good = (
+                expected is not None
+                and payload == expected.payload
+                and (script is None or script == expected.script)
+                and (script_pubkey is None or script_pubkey == expected.script_pubkey)
+            )
+            if not good:
+                wanted = expected.address if expected is not None else "none"
+                reasons.append(f"record does not match the founders' keys at {where} (expected {wanted})")
+        return reasons
+
+    def _decode_address(self, address: Any, reasons: list[str]) -> bytes | None:
+        """The address's payload if it is of the manifest's network and type, else None."""
+        if not isinstance(address, str):
+            reasons.append(f"address is not a string: {address!r}")
+            return None
+        try:
+            networks, kind, payload = classify_address(address)
+        except DecodeError as exc:
+            reasons.append(f"address does not decode: {exc}")
+            return None
+        ok = True
+        if self.network.name not in networks:
+            found = "/".join(networks) if networks else "an unknown network"
+            reasons.append(f"wrong network: address is for {found}, manifest says {self.network.name}")
+            ok = False
+        wanted = "p2wsh" if self.script_type == "p2wsh" else "p2sh"
+        if kind != wanted:
+            reasons.append(f"address type {kind}, manifest says {self.script_type}")
+            ok = False
+        return payload if ok else None
+
+    def _wrong_address(self, payload: bytes, expected: Expected, where: str) -> str:
+        other = {"p2sh": "p2sh-p2wsh", "p2sh-p2wsh": "p2sh"}.get(self.script_type)
+        if other is not None and payload == self.payload_of(expected.script, other):
+            return (
+                f"address is the {other} address of the founders' script at {where}, manifest says {self.script_type}"
+            )
+        return f"address is not the one derived from the founders' keys at {where} (expected {expected.address})"
+
+    def _diagnose_script(self, script: bytes, expected: Expected | None, where: str) -> list[str]:
+        try:
+            ms = parse_multisig(script)
+        except ScriptError as exc:
+            return [f"script is not a multisig script: {exc}"]
+        reasons: list[str] = []
+        if ms.bytes_before:
+            reasons.append(f"script has {_plural(ms.bytes_before, 'byte')} before OP_{ms.m}")
+        if ms.bytes_after:
+            reasons.append(f"script has {_plural(ms.bytes_after, 'byte')} after OP_CHECKMULTISIG")
+        if (ms.m, ms.n) != (self.m, self.n):
+            reasons.append(f"script is {ms.m}-of-{ms.n}, manifest says {self.m}-of-{self.n}")
+        if len(ms.keys) != ms.n:
+            reasons.append(f"script says OP_{ms.n} but pushes {_plural(len(ms.keys), 'key')}")
+        for i, (key, opcode) in enumerate(zip(ms.keys, ms.key_opcodes, strict=True), start=1):
+            if len(key) != 33 or key[0] not in (2, 3):
+                prefix = f", prefix {key[0]:02x}" if key else ""
+                reasons.append(f"key {i} is not a compressed public key ({_plural(len(key), 'byte')}{prefix})")
+            elif opcode != KEY_PUSH:
+                reasons.append(f"key {i} is pushed with opcode 0x{opcode:02x}, not 0x21")
+        # An uncompressed key is compared in its compressed form, so that a founder's key
+        # written uncompressed is named as such and not also as an outsider.
+        keys = [_compressed(key) for key in ms.keys]
+        positions: dict[bytes, list[int]] = {}
+        for i, key in enumerate(keys, start=1):
+            positions.setdefault(key, []).append(i)
+        for same in positions.values():
+            if len(same) > 1:
+                reasons.append(f"keys {_join([str(i) for i in same])} are the same key")
+        if keys == list(ms.keys) and keys != sorted(keys):  # BIP-67 orders compressed keys
+            reasons.append("keys are not in BIP-67 order (sorted by their bytes)")
+        if expected is not None:
+            founder_keys = {key for _, key in expected.keys}
+            for i, key in enumerate(keys, start=1):
+                if key not in founder_keys:
+                    reasons.append(f"key {i} is not a founder's child at {where} (outsider key)")
+            present = set(keys)
+            missing = [name for name, key in expected.keys if key not in present]
+            if missing:
+                reasons.append(
+                    f"the script lacks the key of founder {_join(missing)} at {where}"
+                    if len(missing) == 1
+                    else f"the script lacks the keys of founders {_join(missing)} at {where}"
+                )
+        if not reasons and script != (expected.script if expected else script):
+            reasons.append("script is not in the exact template encoding")
+        return reasons
+
+
+def _compressed(key: bytes) -> bytes:
+    """The compressed form of a 65-byte uncompressed key (04 x y); other input unchanged."""
+    if len(key) == 65 and key[0] == 4:
+        return bytes([2 + (key[64] & 1)]) + key[1:33]
+    return key
+
+
+def classify_address(address: str) -> tuple[list[str], str, bytes]:
+    """(networks it may belong to, kind, payload) of a segwit or base58 address.
+
+    Kinds: p2wsh, p2wpkh, p2tr, "witness vN", p2sh, p2pkh. Raises DecodeError if it is
+    neither (the message is the bech32 one when the string starts like a segwit address).
+    """
+    try:
+        hrp, version, program = decode_segwit_address(address)
+    except DecodeError as bech32_error:
+        lower = address.lower()
+        looks_segwit = any(lower.startswith(n.hrp + "1") for n in NETWORKS.values())
+        try:
+            payload = b58check_decode(address)
+        except DecodeError as base58_error:
+            raise (bech32_error if looks_segwit else base58_error) from None
+        if len(payload) != 21:
+            raise DecodeError(f"base58 payload is {len(payload)} bytes, expected 21") from None
+        version_byte = payload[0]
+        networks = networks_of_base58_version(version_byte)
+        is_p2sh = any(n.p2sh_version == version_byte for n in NETWORKS.values())
+        if not networks:
+            raise DecodeError(f"unknown base58 address version {version_byte}") from None
+        return networks, "p2sh" if is_p2sh else "p2pkh", payload[1:]
+    if version == 0:
+        kind = "p2wsh" if len(program) == 32 else "p2wpkh"
+    elif version == 1 and len(program) == 32:
+        kind = "p2tr"
+    else:
+        kind = f"witness v{version}"
+    return networks_of_hrp(hrp), kind, program
+
+
+# -- batches: the unit of work of the per-record checks ---------------------------------------
+
+RecordTuple = tuple[Any, Any, Any, Any, Any]  # chain, index, address, script, script_pubkey
+
+
+class BatchResult(NamedTuple):
+    """What checking one batch yields; plain values, cheap to pickle back."""
+
+    records: int
+    # (position in batch, address, chain, index, reason)
+    failures: list[tuple[int, str, int, int, str]]
+    fingerprints: bytes  # 8 bytes per record: BLAKE2b-64 of the address
+    positions: bytes  # array('Q'): chain << 32 | index, or NO_POSITION
+    addresses: bytes  # the addresses, UTF-8, concatenated
+    lengths: bytes  # array('I'): the length of each address in ``addresses``
+    trailer: tuple[int, int] | None  # (line number, count) if the batch held the trailer
+    error: tuple[int, str] | None  # (line number, message) of the first malformed line
+    after_trailer: int | None  # first line number after the trailer in this batch, if any
+
+
+def _as_failure_fields(address: Any, chain: Any, index: Any) -> tuple[str, int, int]:
+    return (
+        address if isinstance(address, str) else repr(address),
+        chain if type(chain) is int else -1,
+        index if type(index) is int else -1,
+    )
+
+
+def check_batch(
+    checker: Checker,
+    records: Iterable[RecordTuple] | None = None,
+    lines: tuple[int, bytes] | None = None,
+) -> BatchResult:
+    """Check ``records`` (tuples), or raw export ``lines`` (first line number, a block of
+    whole lines as ``ExportRecords.raw_batches`` yields them).
+
+    With lines, parsing stops at the first malformed line and reports it in ``error``.
+    Raises nothing for bad records.
+    """
+    trailer: tuple[int, int] | None = None
+    error: tuple[int, str] | None = None
+    after_trailer: int | None = None
+    rows: list[RecordTuple] = []
+    if records is not None:
+        rows = list(records)
+    elif lines is not None:
+        lineno = lines[0] - 1
+        block = lines[1]
+        raw_lines: list[str] | list[bytes]
+        try:
+            raw_lines = block.decode("utf-8").split("\n")
+        except UnicodeDecodeError:  # json.loads names the line
+            raw_lines = block.split(b"\n")
+        if block.endswith(b"\n"):
+            raw_lines.pop()  # the empty string after the last newline
+        for raw in raw_lines:
+            lineno += 1
+            if trailer is not None:
+                if raw.strip():
+                    after_trailer = lineno
+                    break
+                continue
+            try:
+                item = parse_fields(raw, lineno)
+            except ExportError as exc:
+                error = (lineno, str(exc))
+                break
+            if type(item) is Trailer:
+                trailer = (lineno, item.count)
+                continue
+            rows.append(item[:5])  # type: ignore[index]
+
+    failures: list[tuple[int, str, int, int, str]] = []
+    check = checker.check
+    for position, row in enumerate(rows):
+        reasons = check(*row)
+        if reasons:
+            fields = _as_failure_fields(row[2], row[0], row[1])
+            failures.extend((position, *fields, reason) for reason in reasons)
+
+    encoded = [(a if type(a) is str else repr(a)).encode("utf-8", "surrogatepass") for _, _, a, _, _ in rows]
+    blake2b = hashlib.blake2b
+    positions = array(
+        "Q",
+        [
+            c << 32 | i if type(c) is int and type(i) is int and c in (0, 1) and 0 <= i <= MAX_INDEX else NO_POSITION
+            for c, i, _, _, _ in rows
+        ],
+    )
+    return BatchResult(
+        len(rows),
+        failures,
+        b"".join([blake2b(e, digest_size=8).digest() for e in encoded]),
+        positions.tobytes(),
+        b"".join(encoded),
+        array("I", map(len, encoded)).tobytes(),
+        trailer,
+        error,
+        after_trailer,
+    )
+
+
+class Collector:
+    """Gathers batch results in order, then runs the cross-set checks."""
+
+    def __init__(self) -> None:
+        self.checked = 0
+        self.failures: list[tuple[int, Failure]] = []
+        self.fingerprints = array("Q")
+        self.positions = array("Q")
+        self.lengths = array("I")
+        self.addresses = bytearray()
+
+    def add(self, result: BatchResult) -> None:
+        """Take one batch's result (batches must be added in order)."""
+        base = self.checked
+        for pos, address, chain, index, reason in result.failures:
+            self.failures.append((base + pos, Failure(address, chain, index, reason)))
+        self.fingerprints.frombytes(result.fingerprints)
+        self.positions.frombytes(result.positions)
+        self.lengths.frombytes(result.lengths)
+        self.addresses += result.addresses
+        self.checked += result.records
+
+    def report(self) -> Report:
+        """Run the cross-set checks and return the report, failures in record order."""
+        self._cross_set()
+        self.failures.sort(key=lambda item: item[0])
+        return Report(self.checked, [f for _, f in self.failures])
+
+    def _address(self, offsets: list[int], ordinal: int) -> str:
+        start = offsets[ordinal]
+        raw = bytes(self.addresses[start : start + self.lengths[ordinal]])
+        return raw.decode("utf-8", "surrogatepass")
+
+    def _where(self, ordinal: int) -> tuple[int, int]:
+        pos = self.positions[ordinal]
+        if pos == NO_POSITION:
+            return -1, -1
+        return pos >> 32, pos & 0xFFFFFFFF
+
+    def _cross_set(self) -> None:
+        dup_fps = _duplicates(self.fingerprints)
+        dup_positions = _duplicates(self.positions) - {NO_POSITION}
+        if not dup_fps and not dup_positions:
+            return
+        offsets = [0, *accumulate(self.lengths)]
+        by_fp: dict[int, list[int]] = {}
+        by_position: dict[int, list[int]] = {}
+        for ordinal, (fp, pos) in enumerate(zip(self.fingerprints, self.positions, strict=True)):
+            if fp in dup_fps:
+                by_fp.setdefault(fp, []).append(ordinal)
+            if pos in dup_positions:
+                by_position.setdefault(pos, []).append(ordinal)
+        for ordinals in by_fp.values():
+            by_address: dict[str, list[int]] = {}
+            for ordinal in ordinals:  # equal fingerprints: confirm on the address itself
+                by_address.setdefault(self._address(offsets, ordinal), []).append(ordinal)
+            for address, same in by_address.items():
+                if len(same) < 2:
+                    continue
+                for ordinal in same:
+                    chain, index = self._where(ordinal)
+                    others = [
+                        "{}/{}".format(*self._where(o)) if self.positions[o] != NO_POSITION else f"record {o + 1}"
+                        for o in same
+                        if o != ordinal
+                    ]
+                    reason = f"address listed {_times(len(same))} (also at {_join(others)})"
+                    self.failures.append((ordinal, Failure(address, chain, index, reason)))
+        for pos, same in by_position.items():
+            chain, index = pos >> 32, pos & 0xFFFFFFFF
+            for ordinal in same:
+                others = [self._address(offsets, o) for o in same if o != ordinal]
+                reason = f"chain/index {chain}/{index} used {_times(len(same))} (also by {_join(others)})"
+                address = self._address(offsets, ordinal)
+                self.failures.append((ordinal, Failure(address, chain, index, reason)))
+
+
+def _duplicates(values: array[int]) -> set[int]:
+    """The values that occur more than once."""
+    if len(set(values)) == len(values):
+        return set()
+    ordered = sorted(values)
+    return {a for a, b in zip(ordered, islice(ordered, 1, None), strict=False) if a == b}
+
+
+# -- the issuance path --------------------------------------------------------------------
+
+_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=8)
+def checker_for(manifest: Manifest) -> Checker:
+    """A Checker for ``manifest``, built once (chain-level keys derived once)."""
+    return Checker(spec_of(manifest))
+
+
+def verify_address(manifest: Manifest, chain: int, index: int, address: str) -> list[str]:
+    """Reasons why ``address`` is not the one at chain/index; empty when it is. Raises nothing
+    for a bad address or position (they are reasons); thread-safe."""
+    checker = checker_for(manifest)
+    with _LOCK:
+        return checker.check(chain, index, address)
+
+
+def check_header(manifest: Manifest, header: ExportHeader) -> None:
+    """Raises ExportError listing every way the export header disagrees with the manifest."""
+    problems = []
+    if header.network != manifest.network:
+        problems.append(f"network is {header.network}, manifest says {manifest.network}")
+    if header.threshold != manifest.threshold:
+        problems.append(f"threshold is {header.threshold}, manifest says {manifest.threshold}")
+    if header.script_type != manifest.script_type:
+        problems.append(f"script_type is {header.script_type}, manifest says {manifest.script_type}")
+    if problems:
+        raise ExportError("line 1: the export header does not match the manifest: " + "; ".join(problems))

@@ -1,0 +1,15 @@
+"""Errors of the independent verifier (it imports nothing from the rest of custody)."""
+
+from __future__ import annotations
+
+
+class ManifestError(ValueError):
+    """The founders' key manifest cannot be used: unreadable, of an unknown format or invalid."""
+
+
+class ExportError(ValueError):
+    """The address export cannot be read: malformed line, missing trailer, wrong count, ..."""
+
+
+class DecodeError(ValueError):
+    """A base58, bech32 or extended-key string does not decode."""

@@ -1,0 +1,83 @@
+"""Architecture: the verifier stays independent, and import-linter's contracts hold."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VERIFY = ROOT / "custody" / "verify"
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in ``path``; relative ones resolved."""
+    package = "custody.verify"
+    tree = ast.parse(path.read_text(), str(path))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            found.append((node.lineno, name))
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "__import__":
+            found.append((node.lineno, "__import__ (dynamic)"))
+    return found
+
+
+def _allowed(name: str) -> bool:
+    top = name.split(".")[0]
+    if name == "custody.verify" or name.startswith("custody.verify."):
+        return True
+    return top == "coincurve" or (top in sys.stdlib_module_names and top != "custody")
+
+
+def test_verifier_files_exist() -> None:
+    files = sorted(VERIFY.glob("*.py"))
+    assert VERIFY / "__init__.py" in files and len(files) > 5
+
+
+def test_verifier_imports_only_stdlib_coincurve_and_itself() -> None:
+    bad = [
+        f"{path.relative_to(ROOT)}:{line}: {name}"
+        for path in sorted(VERIFY.rglob("*.py"))
+        for line, name in _imports(path)
+        if not _allowed(name)
+    ]
+    assert not bad, "custody.verify must import only the standard library, coincurve and itself:\n" + "\n".join(bad)
+
+
+def test_the_ast_check_catches_forbidden_imports(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import json\nfrom coincurve import PublicKey\nfrom .bip32 import ckd_pub\n"
+        "from custody.errors import InputError\nimport bitcoin.core\nfrom .. import network\n"
+    )
+    verdict = {name: _allowed(name) for _, name in _imports(sample)}
+    assert verdict == {
+        "json": True,
+        "coincurve": True,
+        "custody.verify.bip32": True,
+        "custody.errors": False,
+        "bitcoin.core": False,
+        "custody": False,
+    }
+
+
+def test_import_linter_contracts_hold() -> None:
+    lint = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run(
+        [str(lint), "--config", str(ROOT / "pyproject.toml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "broken" not in result.stdout.lower() or " 0 broken" in result.stdout.lower()
