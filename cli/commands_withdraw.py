@@ -12,6 +12,7 @@ import click
 from custody_cli import output
 from custody_cli.context import (
     AppContext,
+    KeyRef,
     employee_key,
     example,
     founder_key,
@@ -21,11 +22,12 @@ from custody_cli.context import (
     passphrase_options,
 )
 
+from custody import deposits
 from custody import halt as halt_lib
 from custody import psbt as psbt_lib
 from custody import withdrawals as wd
 from custody.chain.backend import backend_for
-from custody.errors import InputError
+from custody.errors import HaltedError, InputError
 from custody.signer import check_and_sign
 from custody.wallet import load_policy
 
@@ -102,7 +104,7 @@ def withdraw_request(
     amount: str,
     fee_rate: str | None,
     employee: str,
-    key_file: Path,
+    key_file: KeyRef,
     passphrase_file: Path | None,
     as_json: bool,
 ) -> None:
@@ -130,7 +132,7 @@ def withdraw_request(
 @pass_app
 @example("custody withdraw approve 1 --as alice --key alice.key")
 def withdraw_approve(
-    app: AppContext, withdrawal_id: int, employee: str, key_file: Path, passphrase_file: Path | None, as_json: bool
+    app: AppContext, withdrawal_id: int, employee: str, key_file: KeyRef, passphrase_file: Path | None, as_json: bool
 ) -> None:
     """Sign the exact transaction of a withdrawal (two distinct employees, never the requester)."""
     data = wd.approve(app.db, withdrawal_id, employee, employee_key(key_file, passphrase_file))
@@ -183,7 +185,7 @@ def withdraw_finalize(app: AppContext, withdrawal_id: int, as_json: bool) -> Non
 @example("custody withdraw broadcast 1")
 def withdraw_broadcast(app: AppContext, withdrawal_id: int, as_json: bool) -> None:
     """Test-accept the final transaction on the node, then broadcast it (idempotent)."""
-    _show(wd.broadcast(app.db, _backend(app), withdrawal_id), as_json)
+    _show(wd.broadcast(app.db, _backend(app), withdrawal_id, settings=app.settings), as_json)
 
 
 @withdraw.command("cancel")
@@ -198,12 +200,13 @@ def withdraw_cancel(
     withdrawal_id: int,
     reason: str,
     employee: str,
-    key_file: Path,
+    key_file: KeyRef,
     passphrase_file: Path | None,
     as_json: bool,
 ) -> None:
     """Fail a withdrawal that was not broadcast and release its inputs."""
-    _show(wd.cancel(app.db, withdrawal_id, employee, employee_key(key_file, passphrase_file), reason), as_json)
+    key = employee_key(key_file, passphrase_file)
+    _show(wd.cancel(app.db, withdrawal_id, employee, key, reason, settings=app.settings), as_json)
 
 
 @withdraw.command("batch")
@@ -213,7 +216,7 @@ def withdraw_cancel(
 @pass_app
 @example("custody withdraw batch --as alice --key alice.key")
 def withdraw_batch(
-    app: AppContext, fee_rate: str | None, employee: str, key_file: Path, passphrase_file: Path | None, as_json: bool
+    app: AppContext, fee_rate: str | None, employee: str, key_file: KeyRef, passphrase_file: Path | None, as_json: bool
 ) -> None:
     """Put every approved, unsigned withdrawal into one transaction (the daily batch).
 
@@ -305,7 +308,7 @@ def sign(
         manifest = json.loads(app.settings.manifest.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"the founders' manifest {app.settings.manifest} is missing: pass --manifest") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise InputError(f"the founders' manifest is unreadable: {exc}") from None
     p = psbt_lib.Psbt.parse(read_psbt_file(file))
     key = founder_key(key_file, passphrase_file)
@@ -335,15 +338,35 @@ def sign(
 @pass_app
 @example("custody sync")
 def sync(app: AppContext, as_json: bool) -> None:
-    """Follow broadcast withdrawals on the node to confirmation."""
-    changed = wd.sync(app.db, _backend(app), wd.limits_from_env(os.environ))
+    """Follow broadcast withdrawals to confirmation and credit deposits from the chain.
+
+    Deposits to issued addresses are credited to their account at
+    CUSTODY_DEPOSIT_CONFIRMATIONS confirmations (default 1); a credited deposit a chain
+    reorganisation removed is reversed. --json: a list of what changed, each item with its
+    "kind" (single or batch withdrawal, or deposit).
+    """
+    backend = _backend(app)
+    confirmations = deposits.confirmations_from_env(os.environ)
+    changed = wd.sync(app.db, backend, wd.limits_from_env(os.environ), settings=app.settings)
+    credited = deposits.sync_deposits(app.db, app.settings, backend, confirmations)
+    halts = [d for d in credited if d.get("halt_id")]
     if as_json:
-        output.emit_json(changed)
-        return
-    for r in changed:
-        output.line(f"withdrawal #{r['id']}: {r['status']} ({r['confirmations']} confirmations)")
-    if not changed:
-        output.info("nothing changed")
+        output.emit_json([*changed, *credited])
+    else:
+        for r in changed:
+            output.line(f"withdrawal #{r['id']}: {r['status']} ({r['confirmations']} confirmations)")
+        for d in credited:
+            output.line(
+                f"deposit {d['outpoint']} to {d['account']}: {d['amount']} BTC {d['change']} "
+                f"({d['confirmations']} confirmations)"
+            )
+        if not changed and not credited:
+            output.info("nothing changed")
+    if halts:  # recorded, and trading halted: say so with exit code 3
+        raise HaltedError(
+            "; ".join(f"account {d['account']!r} went negative (halt #{d['halt_id']})" for d in halts)
+            + ": a reversed deposit left it owing; trading is halted"
+        )
 
 
 COMMANDS = [withdraw, sign, sync]

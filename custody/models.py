@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Meta(SQLModel, table=True):
@@ -208,3 +208,125 @@ class ApprovalRow(SQLModel, table=True):
     digest: str = Field(max_length=64)
     signature: str = Field(sa_column=Column(Text, nullable=False))
     at: datetime
+
+
+# ---------------------------------------------------------------- the ledger (custody.ledger)
+
+
+class LedgerHead(SQLModel, table=True):
+    """Running totals of the whole ledger, updated with every posting (id is always 1).
+
+    ``total`` is the sum of every entry (always 0 in a healthy ledger); the per-event check
+    reads this one row, so it costs the same at any size. Its row lock serializes postings.
+    """
+
+    __tablename__ = "ledger_head"
+    id: int = Field(default=1, primary_key=True)
+    total: int = Field(sa_column=Column(BigInteger, nullable=False))
+    entries: int = Field(sa_column=Column(BigInteger, nullable=False))
+    txns: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class LedgerAccount(SQLModel, table=True):
+    """One account of the chart (see custody.ledger); ``balance`` caches the sum of its entries."""
+
+    __tablename__ = "ledger_account"
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True, max_length=160)  # "customer:alice", "asset:onchain", ...
+    kind: str = Field(index=True, max_length=16)  # asset, customer, held, expense, income
+    name: str = Field(max_length=140)
+    balance: int = Field(sa_column=Column(BigInteger, nullable=False))  # debit positive
+    created_at: datetime
+
+
+class LedgerTxn(SQLModel, table=True):
+    """One balanced posting: the entries of one custody event. ``total`` is 0 when posted."""
+
+    __tablename__ = "ledger_txn"
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime
+    event: str = Field(max_length=64)
+    ref: str = Field(index=True, max_length=160)  # "withdrawal:7", "deposit:TXID:VOUT"
+    memo: str = Field(sa_column=Column(Text, nullable=False))
+    entries: int
+    total: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class LedgerEntry(SQLModel, table=True):
+    """One line of a posting, in satoshis: debit positive, credit negative."""
+
+    __tablename__ = "ledger_entry"
+    id: int | None = Field(default=None, primary_key=True)
+    txn_id: int = Field(foreign_key="ledger_txn.id", index=True)
+    account_id: int = Field(foreign_key="ledger_account.id", index=True)
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class DepositRow(SQLModel, table=True):
+    """An output paying one of our deposit addresses, followed from first sight to credit."""
+
+    __tablename__ = "deposit"
+    id: int | None = Field(default=None, primary_key=True)
+    outpoint: str = Field(unique=True, max_length=80)  # txid:vout
+    txid: str = Field(index=True, max_length=64)
+    vout: int
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    account: str = Field(index=True, max_length=128)
+    address: str = Field(max_length=100)
+    address_index: int = Field(sa_column=Column(BigInteger, nullable=False))
+    status: str = Field(index=True, max_length=16)  # pending, credited, reversed, dropped
+    height: int | None = None
+    confirmations: int = 0
+    spent: bool = False  # gone from the unspent set while its transaction stays confirmed
+    final: bool = Field(default=False, index=True)  # buried deep enough to stop re-checking
+    credit_txn: int | None = None  # the ledger transaction of the latest credit
+    first_seen_at: datetime
+    updated_at: datetime
+
+
+# ---------------------------------------------------------------- notifications (custody.notify)
+
+
+class NotifyRecipient(SQLModel, table=True):
+    """Who is told of custody events: an email address or a webhook URL.
+
+    Removal is a flag (the row and its cursor stay for the record). An email recipient may
+    carry a PGP public key (never a private one); mail to them is then encrypted as well.
+    A webhook's HMAC secret is not stored here: it stays in the custody home of the machine
+    that added it, and ``secret_sha256`` recognises it there.
+    """
+
+    __tablename__ = "notify_recipient"
+    __table_args__ = (UniqueConstraint("kind", "target", name="uq_notify_recipient_target"),)
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=8)  # email, webhook
+    target: str = Field(max_length=2000)  # the address, or the http(s) URL
+    pgp_fingerprint: str | None = Field(default=None, max_length=64)
+    pgp_key: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # armored public key
+    secret_sha256: str | None = Field(default=None, max_length=64)
+    active: bool = Field(default=True, index=True)
+    created_at: datetime
+    removed_at: datetime | None = None
+
+
+class NotifyCursor(SQLModel, table=True):
+    """One recipient's place in the audit log, and the retry state of its next entry.
+
+    Every notifiable audit entry after ``delivered_seq`` is pending for the recipient;
+    ``failing_seq`` is the entry that last failed (``attempts`` times), retried not before
+    ``next_attempt_at``. A deliverer holds the recipient while ``lease_until`` lies ahead,
+    so two processes never send the same entry at once.
+    """
+
+    __tablename__ = "notify_cursor"
+    recipient_id: int = Field(primary_key=True, foreign_key="notify_recipient.id")
+    delivered_seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    delivered_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    last_delivered_at: datetime | None = None
+    failing_seq: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    attempts: int = 0
+    last_attempt_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = None

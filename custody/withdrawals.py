@@ -25,7 +25,7 @@ from typing import Any
 from bitcoin.core import CMutableTransaction, CTransaction, b2lx, b2x, x
 from sqlmodel import Session, col, select
 
-from custody import audit_log, halt
+from custody import audit_log, halt, ledger
 from custody import psbt as psbt_lib
 from custody.amounts import format_btc, parse_btc_amount, parse_fee_rate
 from custody.approvals import (
@@ -39,12 +39,14 @@ from custody.approvals import (
     sign_approval,
     summarize,
 )
-from custody.chain.backend import ChainBackend
+from custody.chain.backend import AcceptResult, ChainBackend
+from custody.chain.consensus import check_before_broadcast
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.db import Database
 from custody.destinations import dust_limit, parse_destination
 from custody.employees import authenticate
+from custody.faults import crash_point
 from custody.errors import ApprovalError, Conflict, InputError, NodeError, NotFound, StorageError
 from custody.issuance import AddressMismatch, halt_for_mismatch, issue_in_session, load_manifest
 from custody.keyfile import EmployeeKey
@@ -363,6 +365,7 @@ def request_withdrawal(
             s.add(row)
             s.flush()
             wid = row.id or 0
+            ledger.withdrawal_requested(s, row)  # refuses beyond the customer's balance
             by_outpoint = {c.outpoint: c for c in selection.coins}
             for position, vin in enumerate(tx.vin):
                 c = by_outpoint[f"{b2lx(vin.prevout.hash)}:{vin.prevout.n}"]
@@ -382,6 +385,7 @@ def request_withdrawal(
                 )
                 s.add(ReservedInput(outpoint=c.outpoint, withdrawal_id=wid))
             s.flush()
+            crash_point("withdrawal.requested")
             audit_log.append(
                 s,
                 "withdrawal.requested",
@@ -399,6 +403,8 @@ def request_withdrawal(
             return view(s, policy, row)
     except AddressMismatch as exc:
         raise halt_for_mismatch(db, settings, exc) from None
+    except ledger.LedgerImbalance as exc:
+        raise ledger.halt_for_imbalance(db, settings, exc) from None
 
 
 # ---------------------------------------------------------------- 2. approve
@@ -448,7 +454,9 @@ def approve(db: Database, withdrawal_id: int, name: str, key: EmployeeKey) -> di
         _, check = _check(s, policy, row)
         if check.enough and row.status == REQUESTED:
             _touch(s, row, APPROVED)
-        return view(s, policy, row)
+        result = view(s, policy, row)
+    crash_point("withdrawal.approved")
+    return result
 
 
 # ---------------------------------------------------------------- 3. export (PSBT)
@@ -632,7 +640,8 @@ def import_psbt(db: Database, withdrawal_id: int, data: bytes) -> dict[str, Any]
         )
         result = view(s, policy, row)
         result["founders_signed"] = signers
-        return result
+    crash_point("withdrawal.imported")
+    return result
 
 
 def finalize(db: Database, withdrawal_id: int) -> dict[str, Any]:
@@ -665,7 +674,9 @@ def finalize(db: Database, withdrawal_id: int) -> dict[str, Any]:
         row.txid = b2lx(final.GetTxid())
         _touch(s, row)
         audit_log.append(s, "withdrawal.finalized", "operator", {"withdrawal_id": withdrawal_id, "txid": row.txid})
-        return view(s, policy, row)
+        result = view(s, policy, row)
+    crash_point("withdrawal.finalized")
+    return result
 
 
 def _final_matches(row: WithdrawalRow) -> bool:
@@ -677,7 +688,16 @@ def _final_matches(row: WithdrawalRow) -> bool:
     return bool(stripped.serialize() == x(row.unsigned_tx))
 
 
-def broadcast(db: Database, backend: ChainBackend, withdrawal_id: int) -> dict[str, Any]:
+def _consensus_refusal(raw: bytes, spent: Sequence[tuple[int, bytes]]) -> AcceptResult | None:
+    """The pre-broadcast consensus and standardness check's refusal (as a test-accept's), or None."""
+    try:
+        check_before_broadcast(raw, spent)
+    except NodeError as exc:
+        return AcceptResult(False, f"pre-broadcast consensus check: {exc}", "")
+    return None
+
+
+def broadcast(db: Database, backend: ChainBackend, withdrawal_id: int, *, settings: Settings) -> dict[str, Any]:
     """Test-accept, then broadcast the final transaction; idempotent.
 
     Raises HaltedError, NotFound, ApprovalError, Conflict, NodeError (the node refused
@@ -697,18 +717,27 @@ def broadcast(db: Database, backend: ChainBackend, withdrawal_id: int) -> dict[s
         if not _final_matches(row):
             raise StorageError(f"withdrawal #{withdrawal_id}: the final transaction is not the approved one")
         raw = x(row.final_tx)
-    accept = backend.test_accept(raw)
-    if not accept.allowed:
-        with db.transaction() as s:
+        spent = [(i.amount, bytes.fromhex(i.script_pubkey)) for i in _inputs(s, withdrawal_id)]
+    known = backend.tx_status(b2lx(CTransaction.deserialize(raw).GetTxid()))
+    # Broadcast before a crash, recorded after it: the node has it, so record, never fail it.
+    accept = (_consensus_refusal(raw, spent) or backend.test_accept(raw)) if not known.known else None
+    if accept is not None and not accept.allowed:
+        with ledger.halting(db, settings), db.transaction() as s:
             row = _get(s, withdrawal_id, lock=True)
             if row.status == SIGNED:
                 _touch(s, row, FAILED, f"refused by the node's test-accept: {accept.reason}")
-                _release(s, withdrawal_id)
+                # A signed transaction exists and could still be broadcast by anyone holding
+                # it: its inputs stay reserved unless the node says they are gone for good.
+                if "missing" in (accept.reason or "") or "spent" in (accept.reason or ""):
+                    _release(s, withdrawal_id)
+                    reason = f"refused by the node: {accept.reason}"
+                    ledger.withdrawal_released(s, row, _members(s, withdrawal_id), reason)
                 audit_log.append(
                     s, "withdrawal.failed", "operator", {"withdrawal_id": withdrawal_id, "reason": accept.reason}
                 )
         raise NodeError(f"the node refused withdrawal #{withdrawal_id}'s transaction: {accept.reason}")
-    txid = backend.broadcast(raw)
+    txid = backend.broadcast(raw) if accept is not None else known.txid
+    crash_point("withdrawal.sent")
     with db.transaction() as s:
         policy = policy_from_session(s)
         row = _get(s, withdrawal_id, lock=True)
@@ -716,16 +745,21 @@ def broadcast(db: Database, backend: ChainBackend, withdrawal_id: int) -> dict[s
             row.txid = txid
             _touch(s, row, BROADCAST)
             audit_log.append(s, "withdrawal.broadcast", "operator", {"withdrawal_id": withdrawal_id, "txid": txid})
-        return view(s, policy, row)
+        result = view(s, policy, row)
+    crash_point("withdrawal.broadcast")
+    return result
 
 
-def sync(db: Database, backend: ChainBackend, limits: Limits = Limits()) -> list[dict[str, Any]]:
-    """Follow broadcast withdrawals to confirmation; return those that changed."""
+def sync(db: Database, backend: ChainBackend, limits: Limits = Limits(), *, settings: Settings) -> list[dict[str, Any]]:
+    """Follow broadcast withdrawals to confirmation (and settle them in the ledger); return those that changed.
+
+    Raises NodeError; HaltedError after raising the halt when the ledger does not balance.
+    """
     changed = []
     with db.transaction() as s:
         ids = [r.id for r in s.exec(select(WithdrawalRow).where(WithdrawalRow.status == BROADCAST)).all()]
     for wid in ids:
-        with db.transaction() as s:
+        with ledger.halting(db, settings), db.transaction() as s:
             policy = policy_from_session(s)
             row = _get(s, wid or 0, lock=True)
             status = backend.tx_status(row.txid or "")
@@ -735,6 +769,8 @@ def sync(db: Database, backend: ChainBackend, limits: Limits = Limits()) -> list
                 if status.confirmations >= limits.confirmations and row.status == BROADCAST:
                     _touch(s, row, CONFIRMED)
                     _release(s, wid or 0)
+                    if row.batch_id is None:  # a batch settles for its members
+                        ledger.withdrawal_settled(s, row, _members(s, wid or 0))
                     audit_log.append(
                         s,
                         "withdrawal.confirmed",
@@ -747,17 +783,27 @@ def sync(db: Database, backend: ChainBackend, limits: Limits = Limits()) -> list
     return changed
 
 
-def cancel(db: Database, withdrawal_id: int, name: str, key: EmployeeKey, reason: str) -> dict[str, Any]:
-    """Fail a withdrawal that was not broadcast and release its inputs."""
-    with db.transaction() as s:
+def cancel(
+    db: Database, withdrawal_id: int, name: str, key: EmployeeKey, reason: str, *, settings: Settings
+) -> dict[str, Any]:
+    """Fail a withdrawal that was not broadcast and release its inputs (and its customer's hold)."""
+    with ledger.halting(db, settings), db.transaction() as s:
         policy = policy_from_session(s)
         row = _get(s, withdrawal_id, lock=True)
         _not_in_batch(row)
         authenticate(s, name, key)
         if row.status not in PENDING:
             raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; only pending ones can be cancelled")
+        if row.psbt is not None or row.final_tx is not None:
+            raise Conflict(
+                f"withdrawal #{withdrawal_id} carries founders' signatures: a signed transaction could still be "
+                "broadcast, so its inputs stay reserved until it confirms or they are spent otherwise"
+            )
         if row.kind == BATCH:
+            ledger.batch_dissolved(s, row, _members(s, withdrawal_id))  # members stay held, queued again
             _dissolve(s, row)
+        else:
+            ledger.withdrawal_released(s, row, [], f"cancelled by {name}: {reason}")
         _touch(s, row, FAILED, f"cancelled by {name}: {reason}")
         _release(s, withdrawal_id)
         audit_log.append(s, "withdrawal.failed", name, {"withdrawal_id": withdrawal_id, "reason": reason})
@@ -893,6 +939,7 @@ def create_batch(
                 m.updated_at = stamp
                 s.add(m)
             s.flush()
+            ledger.batch_created(s, batch, members)
             _require_approved(s, policy, batch)  # the batch as stored passes its own check
             audit_log.append(
                 s,
@@ -906,6 +953,8 @@ def create_batch(
             return result
     except AddressMismatch as exc:
         raise halt_for_mismatch(db, settings, exc) from None
+    except ledger.LedgerImbalance as exc:
+        raise ledger.halt_for_imbalance(db, settings, exc) from None
 
 
 def limits_from_env(env: Mapping[str, str]) -> Limits:

@@ -49,7 +49,8 @@ class Shop:
         return json.loads(result.stdout)
 
     def deposit(self, account: str, btc: str, count: int = 1) -> list[dict[str, Any]]:
-        """Issue deposit addresses and pay each ``btc`` from the node's wallet; mine a block."""
+        """Issue deposit addresses and pay each ``btc`` from the node's wallet; mine a block and
+        sync, so that the deposits are credited to ``account`` (withdrawals need a balance)."""
         issued = self.ok("address", "new", "--account", account, "--count", str(count))
         for a in issued:
             # The node names our script in its own address format; we never parse its strings.
@@ -57,6 +58,7 @@ class Shop:
             target = node_address.get("address") or node_address["addresses"][0]
             self.wallet.call("sendtoaddress", target, Decimal(btc))
         self.mine(1)
+        self.ok("sync")
         return issued
 
     def mine(self, blocks: int = 1) -> None:
