@@ -21,13 +21,17 @@ class CustodyGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
         except CustodyError as exc:
             if os.environ.get("CUSTODY_DEBUG") == "1":
                 traceback.print_exc()
             output.error(str(exc))
+            _after_command(ctx)  # a halt raised by the command exits 3: its notification goes first
             ctx.exit(exc.exit_code)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
+        except click.exceptions.Exit:
+            _after_command(ctx)  # e.g. `halt status` exits 3 on its own
+            raise
+        except (click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
             output.error("interrupted")
@@ -37,6 +41,15 @@ class CustodyGroup(click.Group):
                 traceback.print_exc()
             output.error(f"internal error: {type(exc).__name__}: {exc} (set CUSTODY_DEBUG=1 for the traceback)")
             ctx.exit(1)
+        _after_command(ctx)
+        return result
+
+
+def _after_command(ctx: click.Context) -> None:
+    """Deliver pending notifications, best effort: never raises, never changes the exit code."""
+    from custody_cli.commands_notify import after_command
+
+    after_command(ctx)
 
 
 @click.group(cls=CustodyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,9 +93,12 @@ def cli(ctx: click.Context, home: str | None, db_url: str | None, halt_file: str
 def _register() -> None:
     from custody_cli import (
         commands_address,
+        commands_audit,
         commands_halt,
         commands_keys,
+        commands_ledger,
         commands_node,
+        commands_notify,
         commands_policy,
         commands_verify,
         commands_withdraw,
@@ -97,6 +113,9 @@ def _register() -> None:
         commands_verify,
         commands_node,
         commands_withdraw,
+        commands_ledger,
+        commands_audit,
+        commands_notify,
         demo,
     ):
         for command in module.COMMANDS:
