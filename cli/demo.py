@@ -8,26 +8,35 @@ trading halted, and the halt lifted by two employees.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
 
 import click
+import coincurve
+
+from custody import deposits, verify
+from custody import halt as halt_lib
+from custody import psbt as psbt_lib
+from custody import withdrawals as wd
+from custody.bech32 import encode_segwit
+from custody.chain.backend import backend_for
+from custody.config import Settings
+from custody.db import Database
+from custody.destinations import parse_destination
+from custody.employees import add_employee
+from custody.errors import CustodyError
+from custody.issuance import export_addresses, issue_addresses, list_addresses
+from custody.keyfile import create_employee_key, create_founder_key, open_employee_key, open_founder_key
+from custody.keys import hash160
+from custody.network import REGTEST, get_network
+from custody.policy import make_policy, parse_script_type
+from custody.signer import check_and_sign
+from custody.wallet import init_store
 from custody_cli import output
 from custody_cli.commands_policy import write_manifest
 from custody_cli.context import example
-
-from custody import halt as halt_lib
-from custody import verify
-from custody.config import Settings
-from custody.db import Database
-from custody.employees import add_employee
-from custody.errors import CustodyError
-from custody.issuance import export_addresses, issue_addresses
-from custody.keyfile import create_employee_key, create_founder_key, open_employee_key
-from custody.network import get_network
-from custody.policy import make_policy, parse_script_type
-from custody.wallet import init_store
 
 DEMO_PASSPHRASE = "demo passphrase, never for real keys"
 
@@ -69,7 +78,7 @@ def demo(directory: Path | None, script_type: str, per_account: int) -> None:
         raise click.UsageError(f"{directory} is not empty; give a new --dir (each demo starts fresh)")
     directory.mkdir(parents=True, exist_ok=True)
     keys = directory / "keys"
-    settings = Settings.load(home=str(directory / "store"), env={})
+    settings = Settings.load(home=str(directory / "store"), env={"CUSTODY_CHAIN": "embedded"})
     db = Database(settings.db_url)
     network = get_network("regtest")
     stype = parse_script_type(script_type)
@@ -156,20 +165,101 @@ def demo(directory: Path | None, script_type: str, per_account: int) -> None:
     view = halt_lib.status_view(db)
     output.table("Status", ["component", "status"], list(view["components"].items()))
 
+    _withdrawal_story(db, settings, directory, keys, auditor_manifest)
+
     output.line("")
     output.line("Done. Where the data lives:", style="bold")
     output.line(f"  store (SQLite):        {settings.db_url}")
     output.line(f"  pinned manifest:       {settings.manifest}")
     output.line(f"  halt file (engine):    {settings.halt_file}")
+    output.line(f"  embedded chain:        {settings.chain_datadir}")
     output.line(f"  key files:             {keys}")
     output.line(f"  auditors' files:       {directory / 'auditors'}")
     output.line("Try next:", style="bold")
     home = directory / "store"
-    output.line(f"  export CUSTODY_HOME={home} CUSTODY_PASSPHRASE='{DEMO_PASSPHRASE}'")
-    output.line("  custody status; custody policy show; custody address list")
+    output.line(f"  export CUSTODY_HOME={home} CUSTODY_CHAIN=embedded CUSTODY_PASSPHRASE='{DEMO_PASSPHRASE}'")
+    output.line("  custody status; custody policy show; custody address list; custody withdraw list")
+    output.line("  custody ledger balance; custody audit ledger; custody audit reserves; custody audit log --verify")
     output.line(f"  custody verify addresses --manifest {auditor_manifest}")
     output.line(f"  custody halt raise --reason test --as alice --key {keys / 'alice.key'}")
     output.line("Each run uses a fresh directory; delete ./custody-demo to reset.")
 
 
 COMMANDS = [demo]
+
+
+def _withdrawal_story(db: Database, settings: Settings, directory: Path, keys: Path, manifest_file: Path) -> None:
+    """Deposits on the embedded chain, then a withdrawal from request to confirmation."""
+    backend = backend_for(settings, "regtest")
+
+    _step(8, "Customers deposit: blocks mined on the embedded chain (Bitcoin Core's validation) pay them")
+    for a in list_addresses(db):
+        if a.index % 3 == 0:  # the first address of each account
+            backend.mine(1, bytes.fromhex(a.script_pubkey))
+    backend.mine(100, b"\x51")  # coinbase maturity
+    for d in deposits.sync_deposits(db, settings, backend, 1):
+        output.line(f"  {d['account']}: {d['amount']} BTC credited ({d['outpoint'][:16]}...)")
+
+    _step(9, "carol requests a withdrawal of 1.5 BTC for acct-1001 to the customer's own address")
+    customer = coincurve.PrivateKey(hashlib.sha256(b"demo customer wallet").digest())
+    destination = encode_segwit("bcrt", 0, hash160(customer.public_key.format()))
+    carol = open_employee_key(keys / "carol.key", DEMO_PASSPHRASE)
+    w = wd.request_withdrawal(
+        db,
+        settings,
+        backend,
+        account="acct-1001",
+        destination=destination,
+        amount="1.5",
+        fee_rate="2",
+        requester="carol",
+        key=carol,
+    )
+    wid = int(w["id"])
+    output.line(
+        f"  withdrawal #{wid}: {w['amount']} BTC to {destination}, fee {w['fee_sat']} sat, "
+        f"change {w['change_sat']} sat to 1/{w['change_index']}"
+    )
+
+    _step(10, "Approvals: carol may not approve her own request; alice and bob sign the exact transaction")
+    try:
+        wd.approve(db, wid, "carol", carol)
+    except CustodyError as exc:
+        output.line(f"  carol refused (exit {exc.exit_code}): {exc}")
+    for name in ("alice", "bob"):
+        w = wd.approve(db, wid, name, open_employee_key(keys / f"{name}.key", DEMO_PASSPHRASE))
+        output.line(f"  {name} approved -> {w['status']}")
+
+    _step(11, "Offline signing: the PSBT goes to two founders' machines (no store, no node)")
+    unsigned = directory / "offline" / f"withdrawal-{wid}.psbt"
+    unsigned.parent.mkdir(parents=True, exist_ok=True)
+    unsigned.write_text(wd.export_psbt(db, wid).to_base64() + "\n")
+    manifest = json.loads(manifest_file.read_text())
+    signed = []
+    for name in ("founder-a", "founder-b"):
+        p = psbt_lib.Psbt.from_base64(unsigned.read_text().strip())
+        result = check_and_sign(p, open_founder_key(keys / f"{name}.key", DEMO_PASSPHRASE), manifest)
+        out = unsigned.with_name(f"withdrawal-{wid}-{name}.psbt")
+        out.write_text(p.to_base64() + "\n")
+        signed.append(out)
+        output.line(
+            f"  {name} checked approvals ({', '.join(result.approvals)}), inputs and change; "
+            f"signed {result.signatures_added} input(s)"
+        )
+
+    _step(12, "Signatures merged, final transaction checked by the kernel, broadcast, mined, confirmed")
+    for path in signed:
+        wd.import_psbt(db, wid, psbt_lib.Psbt.from_base64(path.read_text().strip()).serialize())
+    w = wd.finalize(db, wid)
+    w = wd.broadcast(db, backend, wid, settings=settings)
+    output.line(f"  broadcast {w['txid']}")
+    backend.mine(1, b"\x51")
+    wd.sync(db, backend, wd.Limits(), settings=settings)
+    deposits.sync_deposits(db, settings, backend, 1)
+    w = wd.show_withdrawal(db, wid)
+    output.line(
+        f"  withdrawal #{wid}: {w['status']} at height {w['block_height']} ({w['confirmations']} confirmation)",
+        style="green",
+    )
+    paid = [u for u in backend.unspent([bytes.fromhex(parse_destination(destination, REGTEST).script_pubkey.hex())])]
+    output.line(f"  the customer's address holds {sum(u.amount for u in paid)} sat on chain")
