@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import click
 
 from custody import audit as audit_lib
+from custody import audit_log as audit_log_lib
 from custody import liabilities
 from custody.amounts import parse_btc_amount
 from custody.chain.backend import backend_for
@@ -135,6 +137,43 @@ def audit_check_inclusion(
     output.success(
         f"{data['account']}: {data['balance_sat']} sat counted in the root ({data['root']['sum']} sat over "
         f"{data['leaves']} accounts, as of {data['as_of']})"
+    )
+
+
+@audit.command("log")
+@click.option("--verify", "check", is_flag=True, help="Re-hash the chain; exit 3 and halt trading when it is broken.")
+@click.option("--last", type=click.IntRange(1), help="Show only the last N entries.")
+@json_option
+@pass_app
+@example("custody audit log --verify")
+def audit_log_command(app: AppContext, check: bool, last: int | None, as_json: bool) -> None:
+    """The append-only, hash-chained log of every custody event.
+
+    With --verify, an edited, deleted, inserted or reordered entry is named by its
+    sequence number, trading is halted and the exit code is 3.
+    """
+    if check:
+        report = audit_lib.audit_log_check(app.db, app.settings)
+        if as_json:
+            output.emit_json(report)
+        elif report["ok"]:
+            output.success(f"the audit log's {report['entries']} entries chain intact")
+        else:
+            for p in report["problems"]:
+                output.line(f"entry {p['seq']}: {p['reason']}", style="red")
+        if not report["ok"]:
+            raise _halted(report, f"the audit log is broken ({len(report['problems'])} problem(s))")
+        return
+    app.db.check_schema()
+    with app.db.transaction() as s:
+        rows = audit_log_lib.entries(s, last)
+    if as_json:
+        output.emit_json(rows)
+        return
+    output.table(
+        "Audit log",
+        ["seq", "at", "event", "actor", "details"],
+        [(r["seq"], r["at"], r["event"], r["actor"], json.dumps(r["payload"], sort_keys=True)[:120]) for r in rows],
     )
 
 

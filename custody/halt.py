@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from custody import audit_log
 from custody.clock import iso, now
@@ -38,13 +38,13 @@ from custody.errors import (
 )
 from custody.faults import crash_point
 from custody.keyfile import EmployeeKey
-from custody.models import AuditHead, EmployeeRow, HaltLift, HaltRow, IncidentRow, IncidentUpdate
+from custody.models import AuditEntry, AuditHead, EmployeeRow, HaltLift, HaltRow, IncidentRow, IncidentUpdate
 from custody.signing import sign_statement, verify_statement
 
 LIFT_QUORUM = 2
 COMPONENTS = ("address-issuance", "address-verification", "withdrawals", "trading")
 STATUSES = ("investigating", "identified", "monitoring", "resolved")
-SOURCES = ("employee", "verification", "ledger", "reserves")
+SOURCES = ("employee", "verification", "ledger", "reserves", "audit-log")
 RAISE_DOMAIN = "custody/halt-raise/v1"
 LIFT_DOMAIN = "custody/halt-lift/v1"
 
@@ -61,7 +61,8 @@ def guard(s: Session) -> None:
     waits for this transaction. So the halt wins every race, on PostgreSQL as on SQLite.
     """
     try:
-        s.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
+        head = s.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
+        _check_log_tip(s, head)
         halts = active_halts(s)
     except SQLAlchemyError as exc:
         raise HaltedError(f"the halt state cannot be read ({type(exc).__name__}): treated as halted") from None
@@ -70,6 +71,19 @@ def guard(s: Session) -> None:
         more = f" (and {len(halts) - 1} more)" if len(halts) > 1 else ""
         raise HaltedError(
             f"trading is halted: halt #{h.id} raised by {h.raised_by} at {iso(h.raised_at)}: {h.reason}{more}"
+        )
+
+
+def _check_log_tip(s: Session, head: AuditHead | None) -> None:
+    """Fail closed when the audit log runs past its head (an entry forged at the end).
+
+    One primary-key lookup; the full chain check is `custody audit log --verify`.
+    """
+    tip = s.exec(select(func.max(AuditEntry.seq))).one()
+    if head is None or (tip or 0) != head.seq:
+        raise HaltedError(
+            "the audit log does not end at its head (an entry was added or removed behind the tool's back): "
+            "treated as halted; run `custody audit log --verify`"
         )
 
 
@@ -125,6 +139,7 @@ def read_state(db: Database) -> HaltState:
     try:
         db.check_schema()
         with db.transaction() as s:
+            _check_log_tip(s, s.get(AuditHead, 1))
             halts = [_halt_dict(s, h) for h in active_halts(s)]
         return HaltState(bool(halts), halts)
     except CustodyError as exc:

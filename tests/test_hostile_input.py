@@ -12,8 +12,6 @@ At the CLI, every command that takes user input refuses hostile values with a do
 exit code and a one-line ``error:`` message, and leaves the store exactly as it was (every
 table's rows compared, the audit chain verified).
 
-Bugs found here in files owned by others are pinned by strict xfail tests (KNOWN_BUGS); a
-fix turns them into XPASS failures, the cue to drop the entry.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import base64
 import copy
 import json
 import shutil
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -68,54 +65,11 @@ def _fixture(name: str) -> Any:
     return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
 
 
-# --------------------------------------------------------------------------- known bugs
-
-
-@dataclass(frozen=True)
-class KnownBug:
-    """A crash found here in a file this suite's authors may not edit; reported to its owner."""
-
-    file: str  # the innermost custody frame of the traceback
-    function: str
-    error: type[BaseException]
-
-
-# custody/verify/export.py, parse_header: `network not in NETWORKS` with an unhashable
-# network (a JSON list or object in the header) raises TypeError: unhashable type.
-EXPORT_HEADER_UNHASHABLE = KnownBug("custody/verify/export.py", "parse_header", TypeError)
-# custody/verify/export.py, parse_header / _loads: json.loads of a deeply nested line raises
-# RecursionError (a RuntimeError, not a ValueError), past every `except ValueError`.
-EXPORT_DEEP_JSON = KnownBug("custody/verify/export.py", "parse_header", RecursionError)
-# custody/verify/manifest.py, load_manifest: json.load of a deeply nested file raises
-# RecursionError past `except (ValueError, UnicodeDecodeError)`.
-MANIFEST_DEEP_JSON = KnownBug("custody/verify/manifest.py", "load_manifest", RecursionError)
-KNOWN_BUGS = (EXPORT_HEADER_UNHASHABLE, EXPORT_DEEP_JSON, MANIFEST_DEEP_JSON)
-
-
-def _known(exc: BaseException) -> KnownBug | None:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/custody/" in f.filename.replace("\\", "/")]
-    if not frames:
-        return None
-    last = frames[-1]
-    for bug in KNOWN_BUGS:
-        if isinstance(exc, bug.error) and last.filename.replace("\\", "/").endswith(bug.file):
-            if last.name == bug.function:
-                return bug
-    return None
-
-
 def documented(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)``, or the documented error it raised; anything else propagates.
-
-    A crash that is a known, reported bug of another module is tolerated (see KNOWN_BUGS).
-    """
+    """``fn(*args)``, or the documented error it raised; anything else propagates."""
     try:
         return fn(*args)
     except DOCUMENTED as exc:
-        return exc
-    except Exception as exc:
-        if _known(exc) is None:
-            raise
         return exc
 
 
@@ -645,7 +599,6 @@ def test_mutated_manifest_files(tmp_path: Path) -> None:
     run()
 
 
-@pytest.mark.xfail(strict=True, reason="reported: custody/verify/manifest.py load_manifest lets RecursionError out")
 def test_deeply_nested_manifest_file(tmp_path: Path) -> None:
     path = tmp_path / "manifest.json"
     path.write_text("[" * 100_000)
@@ -726,18 +679,13 @@ def test_mutated_exports(tmp_path: Path, export_store: tuple[Custody, Path, veri
 
 
 @pytest.mark.parametrize(
-    "bug,content",
+    "content",
     [
-        pytest.param(
-            EXPORT_HEADER_UNHASHABLE,
-            b'{"format": "custody-address-export", "version": 1, "network": []}\n',
-            id="unhashable-network",
-        ),
-        pytest.param(EXPORT_DEEP_JSON, b"[" * 100_000 + b"\n", id="deep-header"),
+        pytest.param(b'{"format": "custody-address-export", "version": 1, "network": []}\n', id="unhashable-network"),
+        pytest.param(b"[" * 100_000 + b"\n", id="deep-header"),
     ],
 )
-@pytest.mark.xfail(strict=True, reason="reported: custody/verify/export.py parse_header crashes")
-def test_export_header_crashes(tmp_path: Path, bug: KnownBug, content: bytes) -> None:
+def test_export_header_crashes(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "export.jsonl"
     path.write_bytes(content)
     with pytest.raises(verify.ExportError):
@@ -750,10 +698,8 @@ def test_deeply_nested_export_record(tmp_path: Path, export_store: tuple[Custody
     path = tmp_path / "export.jsonl"
     path.write_bytes(first + b"[" * 100_000 + b"\n")
     header, records = verify.read_export(path)
-    with pytest.raises((verify.ExportError, RecursionError)) as caught:
+    with pytest.raises(verify.ExportError):
         list(records)
-    if caught.type is RecursionError:
-        pytest.xfail("reported: custody/verify/export.py _loads lets RecursionError out of a record line")
 
 
 # --------------------------------------------------------------------------- the world on the node
@@ -1128,16 +1074,9 @@ def test_verify_hostile_exports(tmp_path: Path, export_store: tuple[Custody, Pat
         )  # fmt: skip
         if result.exit_code == 0:
             return
-        if _known_cli(result):
-            return
         assert_refused(result, {2, 3}, c, before, VERIFICATION_RUN)
 
     run()
-
-
-def _known_cli(result: Any) -> bool:
-    """An internal error that is one of KNOWN_BUGS (the CLI hides the traceback)."""
-    return "internal error: TypeError: unhashable type" in result.output
 
 
 def test_verify_export_mismatch_halts_and_keeps_the_log(tmp_path: Path) -> None:

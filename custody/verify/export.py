@@ -52,6 +52,8 @@ def parse_header(line: bytes | str) -> ExportHeader:
         obj = json.loads(line)
     except ValueError as exc:
         raise ExportError(f"line 1: the header is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ExportError("line 1: the header is nested too deeply to be an export header") from None
     if not isinstance(obj, dict) or obj.get("format") != EXPORT_FORMAT:
         got = obj.get("format") if isinstance(obj, dict) else None
         raise ExportError(f"line 1: not an address export: format is {got!r}")
@@ -63,7 +65,7 @@ def parse_header(line: bytes | str) -> ExportHeader:
             f"line 1: export version {version} is newer than this verifier understands ({EXPORT_VERSION})"
         )
     network = obj.get("network")
-    if network not in NETWORKS:
+    if not isinstance(network, str) or network not in NETWORKS:
         raise ExportError(f"line 1: unknown network {network!r}")
     threshold = obj.get("threshold")
     if type(threshold) is not int:
@@ -100,13 +102,15 @@ def _loads(line: bytes | str, lineno: int) -> Any:
     if _scan_once is not None and type(line) is str:
         try:
             obj, end = _scan_once(line, 0)
-        except (StopIteration, ValueError):
+        except (StopIteration, ValueError, RecursionError):
             pass
         else:
             if end == len(line) or not line[end:].strip(" \t\n\r"):
                 return obj
     try:
         return json.loads(line)
+    except RecursionError:
+        raise ExportError(f"line {lineno}: nested too deeply to be an address record") from None
     except ValueError as exc:
         if not line.strip():
             raise ExportError(f"line {lineno}: empty line") from None

@@ -161,4 +161,6 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ManifestError(f"manifest {path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ManifestError(f"manifest {path} is nested too deeply to be a manifest") from None
     return parse_manifest(obj)
