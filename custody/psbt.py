@@ -1048,7 +1048,7 @@ def sign(psbt: Psbt, privkeys_by_pubkey: Mapping[bytes, Any]) -> int:
 # --------------------------------------------------------------------------- finalizer, extractor
 
 
-def _is_strict_der(sig: bytes) -> bool:
+def is_strict_der(sig: bytes) -> bool:
     """BIP-66 strict DER (Bitcoin Core's IsValidSignatureEncoding), sighash byte included.
 
     0x30 [total-length] 0x02 [R-length] [R] 0x02 [S-length] [S] [sighash]
@@ -1071,7 +1071,7 @@ def _is_strict_der(sig: bytes) -> bool:
 
 def _signature_problem(pub: bytes, sig: bytes, digest: bytes) -> str | None:
     """Why ``sig`` is no valid SIGHASH_ALL signature of ``digest`` by ``pub``; None if it is."""
-    if not _is_strict_der(sig):
+    if not is_strict_der(sig):
         return "not a strict DER signature"
     if sig[-1] != SIGHASH_ALL:
         return f"sighash type {sig[-1]:#x} instead of SIGHASH_ALL"

@@ -38,8 +38,11 @@ from custody.errors import ApprovalError, Conflict, InputError
 from custody.keyfile import FounderKey
 from custody.policy import CHAINS, Policy, ScriptType, policy_from_manifest
 
+# The PSBT's proprietary records (identifier "custody"), written by custody.withdrawals:
 PROPRIETARY_ID = b"custody"
-PROP_META, PROP_APPROVALS, PROP_REGISTRY = 0, 1, 2
+PROP_META = 0  # JSON: network, withdrawal (or batch members), change output, the policy's manifest
+PROP_APPROVALS = 1  # JSON: the approvals of the withdrawal
+PROP_REGISTRY = 2  # JSON: the employee registry the approvals were checked against
 
 
 @dataclass(frozen=True)

@@ -46,13 +46,14 @@ from custody.config import Settings
 from custody.db import Database
 from custody.destinations import dust_limit, parse_destination
 from custody.employees import authenticate
-from custody.faults import crash_point
 from custody.errors import ApprovalError, Conflict, InputError, NodeError, NotFound, StorageError
+from custody.faults import crash_point
 from custody.issuance import AddressMismatch, halt_for_mismatch, issue_in_session, load_manifest
 from custody.keyfile import EmployeeKey
 from custody.keys import b58check_decode
 from custody.models import AddressRow, ApprovalRow, EmployeeRow, ReservedInput, WithdrawalInput, WithdrawalRow
 from custody.policy import CHANGE, Policy, ScriptType
+from custody.signer import PROP_APPROVALS, PROP_META, PROP_REGISTRY, PROPRIETARY_ID
 from custody.signing import sign_statement
 from custody.txbuild import Coin, build_transaction, fee_for, select_coins, tx_vsize
 from custody.wallet import policy_from_session
@@ -68,11 +69,6 @@ CHANGE_ACCOUNT = "custody-change"
 SINGLE = "single"
 BATCH = "batch"
 REQUEST_DOMAIN = "custody/withdrawal-request/v1"
-
-PROPRIETARY_ID = b"custody"
-PROP_META = 0  # JSON: network, withdrawals, change output, the policy's manifest
-PROP_APPROVALS = 1  # JSON: {withdrawal id: [approval, ...]}
-PROP_REGISTRY = 2  # JSON: the employee registry the approvals were checked against
 
 
 @dataclass(frozen=True)
@@ -189,6 +185,30 @@ def _lock_custody(s: Session) -> None:
     from custody.models import AuditHead
 
     s.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
+
+
+def _input_rows(
+    withdrawal_id: int, tx: CMutableTransaction, coins: Sequence[Coin], prev_txs: Mapping[str, str | None]
+) -> list[WithdrawalInput]:
+    """The rows recording ``tx``'s inputs, in its input order (``prev_txs``: p2sh's previous txs)."""
+    by_outpoint = {c.outpoint: c for c in coins}
+    rows = []
+    for position, vin in enumerate(tx.vin):
+        c = by_outpoint[f"{b2lx(vin.prevout.hash)}:{vin.prevout.n}"]
+        rows.append(
+            WithdrawalInput(
+                withdrawal_id=withdrawal_id,
+                position=position,
+                txid=c.txid,
+                vout=c.vout,
+                amount=c.amount,
+                script_pubkey=c.script_pubkey.hex(),
+                chain=c.chain,
+                idx=c.index,
+                prev_tx=prev_txs.get(c.outpoint),
+            )
+        )
+    return rows
 
 
 def _touch(s: Session, row: WithdrawalRow, status: str | None = None, reason: str | None = None) -> None:
@@ -366,24 +386,11 @@ def request_withdrawal(
             s.flush()
             wid = row.id or 0
             ledger.withdrawal_requested(s, row)  # refuses beyond the customer's balance
-            by_outpoint = {c.outpoint: c for c in selection.coins}
-            for position, vin in enumerate(tx.vin):
-                c = by_outpoint[f"{b2lx(vin.prevout.hash)}:{vin.prevout.n}"]
-                prev = b2x(backend.raw_transaction(c.txid)) if policy.script_type is ScriptType.P2SH else None
-                s.add(
-                    WithdrawalInput(
-                        withdrawal_id=wid,
-                        position=position,
-                        txid=c.txid,
-                        vout=c.vout,
-                        amount=c.amount,
-                        script_pubkey=c.script_pubkey.hex(),
-                        chain=c.chain,
-                        idx=c.index,
-                        prev_tx=prev,
-                    )
-                )
-                s.add(ReservedInput(outpoint=c.outpoint, withdrawal_id=wid))
+            p2sh = policy.script_type is ScriptType.P2SH
+            prev = {c.outpoint: b2x(backend.raw_transaction(c.txid)) if p2sh else None for c in selection.coins}
+            for rec in _input_rows(wid, tx, selection.coins, prev):
+                s.add(rec)
+                s.add(ReservedInput(outpoint=f"{rec.txid}:{rec.vout}", withdrawal_id=wid))
             s.flush()
             crash_point("withdrawal.requested")
             audit_log.append(
@@ -911,24 +918,10 @@ def create_batch(
             s.add(batch)
             s.flush()
             bid = batch.id or 0
-            by_outpoint = {c.outpoint: c for c in coins}
             prev = {f"{i.txid}:{i.vout}": i.prev_tx for m in members for i in _inputs(s, m.id or 0)}
-            for position, vin in enumerate(tx.vin):
-                op = f"{b2lx(vin.prevout.hash)}:{vin.prevout.n}"
-                c = by_outpoint[op]
-                s.add(
-                    WithdrawalInput(
-                        withdrawal_id=bid,
-                        position=position,
-                        txid=c.txid,
-                        vout=c.vout,
-                        amount=c.amount,
-                        script_pubkey=c.script_pubkey.hex(),
-                        chain=c.chain,
-                        idx=c.index,
-                        prev_tx=prev[op],
-                    )
-                )
+            for rec in _input_rows(bid, tx, coins, prev):
+                s.add(rec)
+                op = f"{rec.txid}:{rec.vout}"
                 held = s.get(ReservedInput, op)
                 if held is None:
                     raise StorageError(f"input {op} of a batched withdrawal is not reserved")

@@ -16,27 +16,7 @@ if have_gnupg; then
     exit 0
 fi
 
-if [[ "$(id -u)" -eq 0 ]]; then
-    sudo=()
-elif command -v sudo >/dev/null 2>&1; then
-    sudo=(sudo)
-else
-    echo "install-gnupg: GnuPG is missing and this user cannot install packages" \
-        "(not root, no sudo): apt-get install -y gnupg" >&2
-    exit 1
-fi
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install-gnupg: GnuPG is missing and there is no apt-get here: install GnuPG 2.2 or newer" \
-        "(gpg, gpg-agent, gpgconf)" >&2
-    exit 1
-fi
-
-echo "install-gnupg: installing gnupg with apt-get" >&2
-if ! { "${sudo[@]}" apt-get update -q && \
-        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q gnupg; } >&2; then
-    echo "install-gnupg: apt-get could not install gnupg (see above)" >&2
-    exit 1
-fi
+"$(dirname "$0")/apt-install.sh" install-gnupg "" gnupg
 if ! have_gnupg; then
     echo "install-gnupg: gnupg was installed but gpg, gpg-agent or gpgconf is missing" >&2
     exit 1

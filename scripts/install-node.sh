@@ -19,28 +19,7 @@ if command -v litecoind >/dev/null 2>&1; then
     exit 0
 fi
 
-if [[ "$(id -u)" -eq 0 ]]; then
-    sudo=()
-elif command -v sudo >/dev/null 2>&1; then
-    sudo=(sudo)
-else
-    echo "install-node: litecoind is missing and this user cannot install packages" \
-        "(not root, no sudo): apt-get install -y litecoind, or set BITCOIND to a bitcoind" >&2
-    exit 1
-fi
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install-node: litecoind is missing and there is no apt-get here:" \
-        "install Litecoin Core 0.21, or set BITCOIND to a bitcoind binary" >&2
-    exit 1
-fi
-
-echo "install-node: installing litecoind with apt-get" >&2
-if ! { "${sudo[@]}" apt-get update -q && \
-        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q litecoind; } >&2; then
-    echo "install-node: apt-get could not install litecoind (see above);" \
-        "set BITCOIND to a bitcoind binary instead" >&2
-    exit 1
-fi
+"$(dirname "$0")/apt-install.sh" install-node "set BITCOIND to a bitcoind binary" litecoind
 if ! command -v litecoind >/dev/null 2>&1; then
     echo "install-node: litecoind was installed but is not on PATH" >&2
     exit 1

@@ -25,27 +25,7 @@ if command -v softhsm2-util >/dev/null 2>&1 && module="$(find_module)"; then
     exit 0
 fi
 
-if [[ "$(id -u)" -eq 0 ]]; then
-    sudo=()
-elif command -v sudo >/dev/null 2>&1; then
-    sudo=(sudo)
-else
-    echo "install-softhsm: softhsm2 is missing and this user cannot install packages" \
-        "(not root, no sudo): apt-get install -y softhsm2" >&2
-    exit 1
-fi
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install-softhsm: softhsm2 is missing and there is no apt-get here: install SoftHSM 2" \
-        "and set CUSTODY_TEST_PKCS11_MODULE to its libsofthsm2.so" >&2
-    exit 1
-fi
-
-echo "install-softhsm: installing softhsm2 with apt-get" >&2
-if ! { "${sudo[@]}" apt-get update -q && \
-        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q softhsm2; } >&2; then
-    echo "install-softhsm: apt-get could not install softhsm2 (see above)" >&2
-    exit 1
-fi
+"$(dirname "$0")/apt-install.sh" install-softhsm "set CUSTODY_TEST_PKCS11_MODULE to a libsofthsm2.so" softhsm2
 if ! command -v softhsm2-util >/dev/null 2>&1 || ! module="$(find_module)"; then
     echo "install-softhsm: softhsm2 was installed but softhsm2-util or libsofthsm2.so is missing" >&2
     exit 1

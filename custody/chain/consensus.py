@@ -32,6 +32,7 @@ from pbk.script import PrecomputedTransactionData
 
 from custody.destinations import dust_limit
 from custody.errors import InputError, NodeError
+from custody.psbt import is_strict_der
 
 CONSENSUS_FLAGS = pbk.ScriptVerificationFlags.ALL
 """P2SH | DERSIG | NULLDUMMY | CHECKLOCKTIMEVERIFY | CHECKSEQUENCEVERIFY | WITNESS | TAPROOT."""
@@ -278,27 +279,6 @@ def output_kind(spk: bytes) -> str | None:
 # --------------------------------------------------------------------------- signatures
 
 
-def _is_strict_der(sig: bytes) -> bool:
-    """BIP-66 strict DER (Core's IsValidSignatureEncoding), the sighash byte included.
-
-    Layout: 0x30 [total-length] 0x02 [R-length] [R] 0x02 [S-length] [S] [sighash]
-    """
-    n = len(sig)
-    if n < 9 or n > 73 or sig[0] != 0x30 or sig[1] != n - 3:
-        return False
-    len_r = sig[3]
-    if 5 + len_r >= n:
-        return False
-    len_s = sig[5 + len_r]
-    if len_r + len_s + 7 != n or sig[2] != 0x02 or len_r == 0 or sig[4] & 0x80:
-        return False
-    if len_r > 1 and sig[4] == 0x00 and not sig[5] & 0x80:
-        return False
-    if sig[len_r + 4] != 0x02 or len_s == 0 or sig[len_r + 6] & 0x80:
-        return False
-    return not (len_s > 1 and sig[len_r + 6] == 0x00 and not sig[len_r + 7] & 0x80)
-
-
 def signature_problem(sig: bytes) -> str | None:
     """Why an ECDSA signature (with its sighash byte) is not standard; None if it is.
 
@@ -306,7 +286,7 @@ def signature_problem(sig: bytes) -> str | None:
     """
     if not sig:
         return None
-    if not _is_strict_der(sig):
+    if not is_strict_der(sig):
         return "signature is not strict DER (non-canonical encoding)"
     if sig[-1] not in STANDARD_SIGHASH_TYPES:
         return f"signature has the non-standard sighash type {sig[-1]:#04x}"
