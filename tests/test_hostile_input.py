@@ -807,8 +807,9 @@ def psbt_mutation(draw: st.DrawFn, world: World) -> tuple[psbt_lib.Psbt, bool]:
                 pub = draw(st.sampled_from(sorted(inp.bip32_derivations)))
                 origin = inp.bip32_derivations[pub]
                 path = list(origin.path)
-                k = draw(st.integers(0, len(path) - 1))
-                path[k] = draw(st.sampled_from([0, 1, 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1, path[k] ^ 1]))
+                if path:  # an earlier edit may have emptied it
+                    k = draw(st.integers(0, len(path) - 1))
+                    path[k] = draw(st.sampled_from([0, 1, 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1, path[k] ^ 1]))
                 if draw(st.booleans()):
                     path = path[: draw(st.integers(0, len(path)))]
                 inp.bip32_derivations[pub] = psbt_lib.KeyOrigin(origin.fingerprint, tuple(path))
