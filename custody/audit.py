@@ -31,8 +31,9 @@ from custody.chain.backend import ChainBackend
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.db import Database
+from custody.employees import recorded_keys
 from custody.errors import CustodyError, InputError
-from custody.models import AddressRow, LedgerAccount, LedgerHead, WithdrawalRow
+from custody.models import AddressRow, EmployeeRow, LedgerAccount, LedgerHead, WithdrawalRow
 from custody.wallet import policy_from_session
 
 SHOWN = 20
@@ -257,6 +258,11 @@ def audit_log_check(db: Database, settings: Settings, *, halt_on_failure: bool =
     with db.transaction() as s:
         problems = audit_log.verify_chain(s)
         count = len(audit_log.entries(s))
+        recorded = recorded_keys(s)
+        for row in s.exec(select(EmployeeRow)).all():
+            if recorded.get(row.name) != row.pubkey:
+                why = f"employee {row.name}'s key differs from the one recorded when they were added"
+                problems.append(audit_log.ChainProblem(0, why))
     report: dict[str, Any] = {
         "ok": not problems,
         "entries": count,

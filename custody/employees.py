@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
 from sqlmodel import Session, col, select
 
 from custody import audit_log
 from custody.clock import now
 from custody.db import Database
 from custody.employee_keys import EmployeeSigner
-from custody.errors import ApprovalError, Conflict, NotFound
+from custody.errors import ApprovalError, Conflict, NotFound, StorageError
 from custody.keyfile import EmployeeKey
-from custody.models import EmployeeRow
+from custody.models import AuditEntry, EmployeeRow
 from custody.policy import _check_name
 from custody.signing import parse_pubkey
 
@@ -53,6 +56,27 @@ def list_employees(db: Database) -> list[EmployeeRow]:
         return list(s.exec(select(EmployeeRow).order_by(col(EmployeeRow.name))).all())
 
 
+def recorded_keys(s: Session) -> dict[str, str]:
+    """Each employee's public key as the audit log recorded it when they were added."""
+    keys: dict[str, str] = {}
+    for payload in s.exec(select(AuditEntry.payload).where(AuditEntry.event == "employee.added")):
+        doc = json.loads(payload)
+        keys[str(doc.get("name"))] = str(doc.get("pubkey"))
+    return keys
+
+
+def check_registry(s: Session, rows: Sequence[EmployeeRow] | None = None) -> None:
+    """Raise StorageError when an employee's key in the store is not the one the audit log
+    recorded when they were added: a key swapped in the database is caught here."""
+    recorded = recorded_keys(s)
+    for row in rows if rows is not None else s.exec(select(EmployeeRow)).all():
+        if recorded.get(row.name) != row.pubkey:
+            raise StorageError(
+                f"employee {row.name}'s public key in the store is not the one recorded when they were added: "
+                "the store was tampered with"
+            )
+
+
 def authenticate(s: Session, name: str, key: EmployeeSigner | EmployeeKey) -> EmployeeRow:
     """The enabled employee ``name`` whose registered public key is ``key``'s.
 
@@ -64,6 +88,7 @@ def authenticate(s: Session, name: str, key: EmployeeSigner | EmployeeKey) -> Em
         raise NotFound(f"no employee named {name}")
     if not row.enabled:
         raise ApprovalError(f"employee {name} is disabled")
+    check_registry(s, [row])
     if row.pubkey != key.public_key.hex():
         raise ApprovalError(f"the key given (file or token) is not the registered key of employee {name}")
     return row

@@ -27,7 +27,7 @@ from custody import audit_log
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.db import Database
-from custody.employees import authenticate
+from custody.employees import authenticate, check_registry
 from custody.errors import (
     ApprovalError,
     Conflict,
@@ -336,6 +336,8 @@ def _valid_lifters(s: Session, h: HaltRow) -> list[str]:
     statement = lift_statement(h)
     for lift_row in s.exec(select(HaltLift).where(HaltLift.halt_id == h.id)).all():
         emp = s.exec(select(EmployeeRow).where(EmployeeRow.name == lift_row.employee)).first()
+        if emp is not None:
+            check_registry(s, [emp])
         if emp is None or not emp.enabled or emp.pubkey != lift_row.pubkey:
             continue
         if verify_statement(emp.pubkey, lift_row.signature, LIFT_DOMAIN, statement) and emp.name not in signers:

@@ -29,8 +29,8 @@ from custody.addresses import AddressDeriver, DerivedAddress
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.db import Database
-from custody.faults import crash_point
 from custody.errors import InputError, NotFound, StorageError, VerificationFailed
+from custody.faults import crash_point
 from custody.models import AddressRow
 from custody.policy import RECEIVE, Policy
 from custody.wallet import COUNTER_NAMES, policy_from_session

@@ -83,7 +83,7 @@ class AuditEntry(SQLModel, table=True):
     __tablename__ = "audit_log"
     seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
     at: datetime
-    event: str = Field(max_length=64)
+    event: str = Field(max_length=64, index=True)
     actor: str = Field(max_length=64)
     payload: str = Field(sa_column=Column(Text, nullable=False))  # canonical JSON
     signature: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
@@ -245,7 +245,7 @@ class LedgerTxn(SQLModel, table=True):
     __tablename__ = "ledger_txn"
     id: int | None = Field(default=None, primary_key=True)
     at: datetime
-    event: str = Field(max_length=64)
+    event: str = Field(max_length=64, index=True)
     ref: str = Field(index=True, max_length=160)  # "withdrawal:7", "deposit:TXID:VOUT"
     memo: str = Field(sa_column=Column(Text, nullable=False))
     entries: int

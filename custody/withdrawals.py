@@ -45,7 +45,7 @@ from custody.clock import iso, now
 from custody.config import Settings
 from custody.db import Database
 from custody.destinations import dust_limit, parse_destination
-from custody.employees import authenticate
+from custody.employees import authenticate, check_registry
 from custody.errors import ApprovalError, Conflict, InputError, NodeError, NotFound, StorageError
 from custody.faults import crash_point
 from custody.issuance import AddressMismatch, halt_for_mismatch, issue_in_session, load_manifest
@@ -129,7 +129,10 @@ def _summary(policy: Policy, row: WithdrawalRow, inputs: Sequence[WithdrawalInpu
 
 
 def _registry(s: Session) -> dict[str, RegistryEntry]:
-    return {e.name: RegistryEntry(e.name, e.pubkey, e.enabled) for e in s.exec(select(EmployeeRow)).all()}
+    """The employee registry, checked against the keys the audit log recorded (StorageError)."""
+    rows = s.exec(select(EmployeeRow)).all()
+    check_registry(s, rows)
+    return {e.name: RegistryEntry(e.name, e.pubkey, e.enabled) for e in rows}
 
 
 def _approvals(s: Session, withdrawal_id: int) -> list[Approval]:

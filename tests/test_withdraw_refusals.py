@@ -273,3 +273,21 @@ def test_store_tampering_after_approval_is_refused(shop: Shop) -> None:
     db.close()
     export = shop.cli("withdraw", "export", str(wid), str(shop.tmp / "t.psbt"))
     assert export.exit_code == 4 and "signature does not cover this exact transaction" in export.stderr
+
+
+def test_an_employee_key_swapped_in_the_store_is_caught(shop: Shop) -> None:
+    import sqlite3
+
+    wid = _approved(shop)
+    mallory = open_employee_key(shop.employees["dave"], PASSPHRASE)  # any key the attacker holds
+    db = sqlite3.connect(shop.c.home / "custody.db")
+    db.execute("UPDATE employee SET pubkey = ? WHERE name = 'bob'", ("02" + "11" * 32,))
+    db.execute("UPDATE employee SET pubkey = ? WHERE name = 'alice'", (mallory.public_key.hex()[:-2] + "00",))
+    db.commit()
+    db.close()
+    export = shop.cli("withdraw", "export", str(wid), str(shop.tmp / "x.psbt"))
+    assert export.exit_code == 9 and "tampered" in export.stderr
+    approve = shop.approve(wid, "dave")  # the registry is not trusted for anyone now
+    assert approve.exit_code == 9 and "tampered" in approve.stderr
+    verify = shop.cli("audit", "log", "--verify", "--json")
+    assert verify.exit_code == 3 and "recorded when they were added" in verify.stdout
