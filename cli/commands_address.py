@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from custody_cli import output
-from custody_cli.context import AppContext, example, json_option, pass_app
 
 from custody.issuance import export_addresses, get_address, issue_addresses, list_addresses
+from custody_cli import output
+from custody_cli.context import AppContext, example, json_option, pass_app
 
 COLUMNS = ["chain", "index", "account", "address", "script_pubkey", "script", "created_at"]
 

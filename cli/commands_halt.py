@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
+from custody import halt as halt_lib
 from custody_cli import output
 from custody_cli.context import (
     AppContext,
@@ -15,8 +17,6 @@ from custody_cli.context import (
     json_option,
     pass_app,
 )
-
-from custody import halt as halt_lib
 
 
 @click.group()

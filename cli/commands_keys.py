@@ -5,6 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
+from custody.clock import iso
+from custody.employee_keys import parse_pkcs11_uri
+from custody.employees import add_employee, disable_employee, list_employees
+from custody.errors import InputError
+from custody.keyfile import create_employee_key, create_founder_key
+from custody.network import NETWORKS, get_network
+from custody.pkcs11_keys import generate_token_key
+from custody.policy import parse_script_type
 from custody_cli import output
 from custody_cli.context import (
     AppContext,
@@ -16,15 +25,6 @@ from custody_cli.context import (
     read_passphrase,
     read_pin,
 )
-
-from custody.clock import iso
-from custody.employee_keys import parse_pkcs11_uri
-from custody.employees import add_employee, disable_employee, list_employees
-from custody.errors import InputError
-from custody.keyfile import create_employee_key, create_founder_key
-from custody.network import NETWORKS, get_network
-from custody.pkcs11_keys import generate_token_key
-from custody.policy import parse_script_type
 
 
 @click.command()

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from custody_cli import output
-from custody_cli.context import AppContext, example, json_option, pass_app
 
 from custody.chain.regtest import node_status, start_node, stop_node
 from custody.errors import NodeError
+from custody_cli import output
+from custody_cli.context import AppContext, example, json_option, pass_app
 
 F = TypeVar("F", bound=Callable[..., Any])
 

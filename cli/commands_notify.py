@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-from custody_cli import output
-from custody_cli.context import AppContext, example, json_option, pass_app
 
 from custody import notify as notify_lib
 from custody import pgp_mime
 from custody.db import Database
 from custody.errors import CustodyError, InputError
+from custody_cli import output
+from custody_cli.context import AppContext, example, json_option, pass_app
 
 DEFAULT_UID = "custody notifications <custody@localhost>"
 

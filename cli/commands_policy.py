@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 import click
-from custody_cli import output
-from custody_cli.context import AppContext, example, json_option, pass_app
 
 from custody.errors import Conflict, InputError
 from custody.halt import publish
 from custody.network import NETWORKS, get_network
 from custody.policy import make_policy, parse_script_type
 from custody.wallet import init_store, load_policy
+from custody_cli import output
+from custody_cli.context import AppContext, example, json_option, pass_app
 
 
 def _founder_pair(text: str) -> tuple[str, str]:

@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 
 import click
-from custody_cli import output
-from custody_cli.context import AppContext, example, json_option, pass_app
 
 from custody import verification
 from custody.errors import VerificationFailed
+from custody_cli import output
+from custody_cli.context import AppContext, example, json_option, pass_app
 
 
 @click.group("verify")

@@ -9,6 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from custody import deposits
+from custody import halt as halt_lib
+from custody import psbt as psbt_lib
+from custody import withdrawals as wd
+from custody.chain.backend import backend_for
+from custody.errors import HaltedError, InputError
+from custody.signer import check_and_sign
+from custody.wallet import load_policy
 from custody_cli import output
 from custody_cli.context import (
     AppContext,
@@ -21,15 +30,6 @@ from custody_cli.context import (
     pass_app,
     passphrase_options,
 )
-
-from custody import deposits
-from custody import halt as halt_lib
-from custody import psbt as psbt_lib
-from custody import withdrawals as wd
-from custody.chain.backend import backend_for
-from custody.errors import HaltedError, InputError
-from custody.signer import check_and_sign
-from custody.wallet import load_policy
 
 
 def read_psbt_file(path: Path) -> bytes:

@@ -8,12 +8,12 @@ import traceback
 from typing import Any
 
 import click
-from custody_cli import output
-from custody_cli.context import AppContext
 
 from custody import __version__
 from custody.config import Settings
 from custody.errors import CustodyError
+from custody_cli import output
+from custody_cli.context import AppContext
 
 
 class CustodyGroup(click.Group):

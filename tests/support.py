@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from click.testing import CliRunner, Result
-from custody_cli.main import cli
 
 from custody.keys import ExtendedPrivateKey, KeyOrigin, OriginKey, bip48_path
 from custody.network import Network, get_network
+from custody_cli.main import cli
 
 PASSPHRASE = "correct horse battery staple"
 

@@ -9,9 +9,14 @@ from pathlib import Path
 
 
 def _demo(directory: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "custody_cli", "demo", "--dir", str(directory)],
-                          capture_output=True, text=True, timeout=600, check=False,
-                          env={"PATH": "/usr/bin:/bin", "NO_COLOR": "1", "HOME": str(directory.parent)})
+    return subprocess.run(
+        [sys.executable, "-m", "custody_cli", "demo", "--dir", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "NO_COLOR": "1", "HOME": str(directory.parent)},
+    )
 
 
 def test_demo_runs_the_whole_story_and_runs_again(tmp_path: Path) -> None:

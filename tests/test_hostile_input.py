@@ -171,7 +171,7 @@ HOSTILE_JSON_VALUES = st.one_of(
     st.text(max_size=12),
     st.lists(st.integers(-3, 3), max_size=3),
     st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
-)
+).map(copy.deepcopy)  # a fresh copy each draw: an edit must never change the sampled constants
 
 
 def _slots(doc: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:

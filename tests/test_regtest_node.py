@@ -81,10 +81,7 @@ def alive(pid: int) -> bool:
 def fake_binary(tmp_path: Path, body: str) -> Path:
     """An executable that answers ``-version`` like a node and otherwise runs ``body``."""
     path = tmp_path / "fake-bitcoind"
-    path.write_text(
-        "#!/bin/sh\n"
-        'if [ "$1" = "-version" ]; then echo "Fake Core version v0.0.0"; exit 0; fi\n' + body
-    )
+    path.write_text('#!/bin/sh\nif [ "$1" = "-version" ]; then echo "Fake Core version v0.0.0"; exit 0; fi\n' + body)
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
 
@@ -243,9 +240,7 @@ def test_start_times_out_and_stops_the_process(tmp_path: Path) -> None:
     assert not (tmp_path / "node" / STATE_FILE).exists()
 
 
-def test_find_node_binary_prefers_bitcoind_env(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_find_node_binary_prefers_bitcoind_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     binary = fake_binary(tmp_path, "exit 0\n")
     monkeypatch.setenv("BITCOIND", str(binary))
     assert find_node_binary() == binary
@@ -259,9 +254,7 @@ def test_find_node_binary_refuses_a_bitcoind_env_that_is_not_executable(
         find_node_binary()
 
 
-def test_find_node_binary_says_how_to_install_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_find_node_binary_says_how_to_install_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BITCOIND", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(NodeError, match="apt-get install -y litecoind"):

@@ -79,9 +79,7 @@ class FakeNode:
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -115,9 +113,7 @@ def test_connection_refused_says_where_and_what_to_do() -> None:
     client = RpcClient(f"http://127.0.0.1:{port}", auth=("u", "p"))
     with pytest.raises(NodeError) as caught:
         client.call("getblockchaininfo")
-    assert str(caught.value) == (
-        f"node not reachable at 127.0.0.1:{port}: is it running? (custody node start)"
-    )
+    assert str(caught.value) == (f"node not reachable at 127.0.0.1:{port}: is it running? (custody node start)")
     assert caught.value.exit_code == 8
 
 
@@ -149,9 +145,7 @@ def test_cookie_is_read_again_after_401(fake: FakeNode, tmp_path: Path) -> None:
     cookie = tmp_path / ".cookie"
     cookie.write_text("__cookie__:first")
     fake.respond = lambda r: (
-        result(7, r)
-        if r.authorization == basic("__cookie__", cookie.read_text()[11:])
-        else (401, b"")
+        result(7, r) if r.authorization == basic("__cookie__", cookie.read_text()[11:]) else (401, b"")
     )
     client = RpcClient(fake.url, cookie_file=cookie)
     assert client.call("getblockcount") == 7
@@ -187,9 +181,7 @@ def test_rpc_error_keeps_code_and_message(fake: FakeNode) -> None:
     assert caught.value.code == -8
     assert caught.value.rpc_message == "Invalid parameter, missing vout"
     assert caught.value.method == "createrawtransaction"
-    assert str(caught.value) == (
-        "node refused createrawtransaction: Invalid parameter, missing vout (RPC error -8)"
-    )
+    assert str(caught.value) == ("node refused createrawtransaction: Invalid parameter, missing vout (RPC error -8)")
     assert isinstance(caught.value, NodeError) and caught.value.exit_code == 8
 
 
@@ -262,9 +254,7 @@ def test_wallet_client_calls_the_wallet_path(fake: FakeNode) -> None:
     assert fake.requests[0].authorization == basic("u", "p")
 
 
-@pytest.mark.parametrize(
-    ("chain", "expected"), [("regtest", "regtest"), ("main", "main"), ("mainnet", "main")]
-)
+@pytest.mark.parametrize(("chain", "expected"), [("regtest", "regtest"), ("main", "main"), ("mainnet", "main")])
 def test_expect_chain_accepts_the_same_chain(fake: FakeNode, chain: str, expected: str) -> None:
     fake.respond = lambda r: result({"chain": expected, "blocks": 5}, r)
     info = expect_chain(RpcClient(fake.url, auth=("u", "p")), chain)
@@ -277,9 +267,7 @@ def test_expect_chain_refuses_another_chain(fake: FakeNode) -> None:
         expect_chain(RpcClient(fake.url, auth=("u", "p")), "regtest")
 
 
-@pytest.mark.parametrize(
-    "url", ["https://127.0.0.1:8332", "127.0.0.1:8332", "http://u:p@127.0.0.1:8332", "http://h:x"]
-)
+@pytest.mark.parametrize("url", ["https://127.0.0.1:8332", "127.0.0.1:8332", "http://u:p@127.0.0.1:8332", "http://h:x"])
 def test_unusable_urls_are_refused(url: str) -> None:
     with pytest.raises(InputError):
         RpcClient(url)

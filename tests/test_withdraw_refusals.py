@@ -10,7 +10,7 @@ import pytest
 from bitcoin.core import CMutableTransaction, CMutableTxOut
 
 from custody import psbt as psbt_lib
-from custody.approvals import summarize, sign_approval
+from custody.approvals import sign_approval, summarize
 from custody.chain.regtest import NodeInfo
 from custody.chain.rpc import RpcClient
 from custody.keyfile import open_employee_key
