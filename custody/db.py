@@ -48,6 +48,7 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = normalize_url(url)
         self.is_sqlite = self.url.startswith("sqlite")
+        self._version_checked = False
         try:
             if self.is_sqlite:
                 path = make_url(self.url).database
@@ -65,8 +66,18 @@ class Database:
     def transaction(self) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on any error.
 
-        Raises StorageError for database failures; CustodyErrors pass through unchanged.
+        The first transaction of this Database checks the store's schema version: a store
+        from a newer tool is refused, an older one upgraded, before anything is read or
+        written. Raises StorageError for database failures; CustodyErrors pass through.
         """
+        if not self._version_checked:
+            self._version_checked = True
+            try:
+                if self.has_schema():
+                    self.check_schema()
+            except BaseException:
+                self._version_checked = False
+                raise
         try:
             with Session(self.engine, expire_on_commit=False) as session:
                 with session.begin():

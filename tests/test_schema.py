@@ -1,0 +1,43 @@
+"""The schema: created and upgraded by the tool itself; a newer one is refused, not touched."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from custody.models import SCHEMA_VERSION
+from tests.support import Custody, founders
+
+
+def _db(c: Custody) -> sqlite3.Connection:
+    return sqlite3.connect(c.home / "custody.db")
+
+
+def test_a_store_from_a_newer_tool_is_refused(tmp_path: Path) -> None:
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    with _db(c) as db:
+        db.execute("UPDATE custody_meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    for args in (("policy", "show"), ("address", "new", "--account", "a")):
+        result = c(*args)
+        assert result.exit_code == 9 and "newer than this tool" in result.stderr
+    with _db(c) as db:
+        assert db.execute("SELECT value FROM custody_meta").fetchone()[0] == str(SCHEMA_VERSION + 1)
+        assert db.execute("SELECT COUNT(*) FROM address").fetchone()[0] == 0
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Version 1 had no ledger: its tables are created and the head row added, data kept."""
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    issued = c.json("address", "new", "--account", "a", "--count", "2")
+    with _db(c) as db:
+        for table in ("ledger_entry", "ledger_txn", "ledger_account", "ledger_head", "deposit"):
+            db.execute(f"DROP TABLE {table}")
+        db.execute("UPDATE custody_meta SET value = '1' WHERE key = 'schema_version'")
+    assert [a["address"] for a in c.json("address", "list")] == [a["address"] for a in issued]
+    with _db(c) as db:
+        assert db.execute("SELECT value FROM custody_meta").fetchone()[0] == str(SCHEMA_VERSION)
+        assert db.execute("SELECT total, entries FROM ledger_head").fetchone() == (0, 0)
+    assert c("audit", "ledger").exit_code == 0
+    assert c("audit", "log", "--verify").exit_code == 0
