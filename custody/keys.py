@@ -182,9 +182,10 @@ def _ckd_pub(parent_pub: bytes, chain_code: bytes, index: int) -> tuple[bytes, b
 class ParentKey:
     """A parent public key parsed once, for deriving many non-hardened children.
 
-    The hot path of address issuance: per child one HMAC-SHA512 and one point tweak in
-    libsecp256k1 (through coincurve's bindings, skipping its per-call object overhead;
-    parsing a compressed key costs a square root, so the parent is parsed only here).
+    The hot path of address issuance: per child one HMAC-SHA512, one fixed-base
+    multiplication and one point addition in libsecp256k1 (through coincurve's bindings,
+    skipping its per-call object overhead; parsing a compressed key costs a square root,
+    so the parent is parsed only here).
     """
 
     def __init__(self, public_key: bytes, chain_code: bytes) -> None:
@@ -200,10 +201,16 @@ class ParentKey:
         Raises InputError for the (astronomically rare) invalid child.
         """
         digest = hmac.digest(self.chain_code, self.public_key + index.to_bytes(4, "big"), "sha512")
+        # child = parent + I_L*G. I_L*G uses libsecp256k1's precomputed generator table, which
+        # with one point addition is faster than the variable-base ecmult of tweak_add.
+        # pubkey_create refuses I_L = 0 or >= n, combine refuses the point at infinity.
+        tweak = _ffi.new("secp256k1_pubkey *")
         point = _ffi.new("secp256k1_pubkey *")
-        _ffi.memmove(point, self._point, 64)
-        if int.from_bytes(digest[:32], "big") >= _CURVE_ORDER or not _lib.secp256k1_ec_pubkey_tweak_add(
-            _CTX, point, digest[:32]
+        if not (
+            _lib.secp256k1_ec_pubkey_create(_CTX, tweak, digest[:32])
+            and _lib.secp256k1_ec_pubkey_combine(
+                _CTX, point, _ffi.new("secp256k1_pubkey *[2]", [self._point, tweak]), 2
+            )
         ):
             raise InputError(f"invalid child at index {index}; use the next index")
         out = _ffi.new("unsigned char[33]")
