@@ -19,6 +19,7 @@ from custody.bech32 import encode_segwit
 from custody.chain.embedded import COINBASE_MATURITY, EmbeddedBackend, open_chain
 from tests.chain_support import fresh_script, high_s
 from tests.support import Custody
+from tests.withdraw_support import key_ceremony
 
 OP_TRUE = b"\x51"
 
@@ -31,17 +32,7 @@ class EmbeddedShop:
         self.c = Custody(tmp / "home")
         self.c.env["CUSTODY_CHAIN"] = "embedded"
         self.chain: EmbeddedBackend = open_chain(tmp / "home" / "chain")  # the one the CLI opens too
-        self.founder_keys: dict[str, Path] = {}
-        specs = []
-        for name in ("founder-a", "founder-b", "founder-c"):
-            path = tmp / "keys" / f"{name}.key"
-            script_arg = "p2sh-p2wsh" if script == "p2sh-p2wsh" else "p2wsh"
-            result = self.c("keygen", name, "--out", str(path), "--script", script_arg, "--json")
-            assert result.exit_code == 0, result.output
-            self.founder_keys[name] = path
-            specs += ["--founder", f"{name}={json.loads(result.stdout)['xpub']}"]
-        result = self.c("init", "--network", "regtest", "--threshold", "2", "--script", script, *specs)
-        assert result.exit_code == 0, result.output
+        self.founder_keys = key_ceremony(self.c, tmp, script)
         self.employees = {name: self.c.employee(name) for name in ("alice", "bob", "carol")}
 
     def ok(self, *args: str) -> Any:

@@ -13,6 +13,22 @@ from custody.chain.rpc import RpcClient
 from tests.support import Custody
 
 
+def key_ceremony(c: Custody, tmp: Path, script: str) -> dict[str, Path]:
+    """Three founders create key files; their xpubs set up a 2-of-3 policy of ``script``."""
+    keys: dict[str, Path] = {}
+    specs = []
+    for name in ("founder-a", "founder-b", "founder-c"):
+        path = tmp / "keys" / f"{name}.key"
+        script_arg = "p2sh-p2wsh" if script == "p2sh-p2wsh" else "p2wsh"
+        result = c("keygen", name, "--out", str(path), "--script", script_arg, "--json")
+        assert result.exit_code == 0, result.output
+        keys[name] = path
+        specs += ["--founder", f"{name}={json.loads(result.stdout)['xpub']}"]
+    result = c("init", "--network", "regtest", "--threshold", "2", "--script", script, *specs)
+    assert result.exit_code == 0, result.output
+    return keys
+
+
 class Shop:
     """Founders' key files, employees, a policy and deposits, on the real node."""
 
@@ -27,17 +43,7 @@ class Shop:
         self.c.env["CUSTODY_NODE_URL"] = node.rpc_url
         self.c.env["CUSTODY_NODE_COOKIE"] = str(node.cookie_file)
         self.script = script
-        self.founder_keys: dict[str, Path] = {}
-        specs = []
-        for name in ("founder-a", "founder-b", "founder-c"):
-            path = tmp / "keys" / f"{name}.key"
-            script_arg = "p2sh-p2wsh" if script == "p2sh-p2wsh" else "p2wsh"
-            result = self.c("keygen", name, "--out", str(path), "--script", script_arg, "--json")
-            assert result.exit_code == 0, result.output
-            self.founder_keys[name] = path
-            specs += ["--founder", f"{name}={json.loads(result.stdout)['xpub']}"]
-        result = self.c("init", "--network", "regtest", "--threshold", "2", "--script", script, *specs)
-        assert result.exit_code == 0, result.output
+        self.founder_keys = key_ceremony(self.c, tmp, script)
         self.employees = {name: self.c.employee(name) for name in ("alice", "bob", "carol", "dave")}
 
     def cli(self, *args: str) -> Any:
