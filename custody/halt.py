@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, func, select
 
@@ -77,14 +78,28 @@ def guard(s: Session) -> None:
 def _check_log_tip(s: Session, head: AuditHead | None) -> None:
     """Fail closed when the audit log runs past its head (an entry forged at the end).
 
-    One primary-key lookup; the full chain check is `custody audit log --verify`.
+    The caller holds the head's row lock (guard), so no append can come in between. One
+    primary-key lookup; the full chain check is `custody audit log --verify`.
     """
     tip = s.exec(select(func.max(AuditEntry.seq))).one()
     if head is None or (tip or 0) != head.seq:
-        raise HaltedError(
-            "the audit log does not end at its head (an entry was added or removed behind the tool's back): "
-            "treated as halted; run `custody audit log --verify`"
-        )
+        raise HaltedError(_LOG_PAST_HEAD)
+
+
+_LOG_PAST_HEAD = (
+    "the audit log does not end at its head (an entry was added or removed behind the tool's back): "
+    "treated as halted; run `custody audit log --verify`"
+)
+
+
+def _log_consistent(s: Session) -> bool:
+    """The same check without a lock: head and tip read in ONE statement, one snapshot, so an
+    append committing meanwhile cannot make them look apart (PostgreSQL reads each statement
+    anew under READ COMMITTED)."""
+    row = s.execute(
+        text("SELECT h.seq, (SELECT MAX(e.seq) FROM audit_log AS e) FROM audit_head AS h WHERE h.id = 1")
+    ).first()
+    return row is not None and (row[1] or 0) == row[0]
 
 
 def ensure_running(db: Database) -> None:
@@ -139,7 +154,8 @@ def read_state(db: Database) -> HaltState:
     try:
         db.check_schema()
         with db.transaction() as s:
-            _check_log_tip(s, s.get(AuditHead, 1))
+            if not _log_consistent(s):
+                raise HaltedError(_LOG_PAST_HEAD)
             halts = [_halt_dict(s, h) for h in active_halts(s)]
         return HaltState(bool(halts), halts)
     except CustodyError as exc:
