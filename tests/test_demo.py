@@ -33,6 +33,10 @@ def test_demo_runs_the_whole_story_and_runs_again(tmp_path: Path) -> None:
         "signed 1 input(s)",
         "confirmed at height",
         "the customer's address holds 150000000 sat",
+        "all accounts sum to 0 sat",
+        "audit ledger: PASS",
+        "audit reserves: PASS",
+        "audit log: intact",
         "Where the data lives",
     ):
         assert needle in out, needle
