@@ -295,6 +295,22 @@ def withdrawal_settled(s: Session, row: WithdrawalRow, members: Sequence[Withdra
     return post(s, "withdrawal.settled", lines, ref=_ref(row), memo=f"txid {row.txid}")
 
 
+def withdrawal_unsettled(s: Session, row: WithdrawalRow, members: Sequence[WithdrawalRow]) -> LedgerTxn:
+    """A confirmed withdrawal a reorganisation took out of the chain: its settlement reversed,
+    the hold back in place until it confirms again."""
+    members = members or [row]
+    paid_out = sum(m.amount for m in members)
+    charged = sum(m.fee for m in members)
+    lines = [
+        (held(row.id or 0), -(paid_out + charged)),
+        (ASSET, paid_out),
+        (FEE_INCOME, charged),
+        (NETWORK_FEES, -row.fee),
+        (ASSET, row.fee),
+    ]
+    return post(s, "withdrawal.unsettled", lines, ref=_ref(row), memo=f"txid {row.txid} no longer confirmed")
+
+
 def deposit_credited(s: Session, dep: DepositRow) -> LedgerTxn:
     return post(
         s,

@@ -766,14 +766,22 @@ def sync(db: Database, backend: ChainBackend, limits: Limits = Limits(), *, sett
     Raises NodeError; HaltedError after raising the halt when the ledger does not balance.
     """
     changed = []
+    tip = backend.tip_height()
     with db.transaction() as s:
         ids = [r.id for r in s.exec(select(WithdrawalRow).where(WithdrawalRow.status == BROADCAST)).all()]
+        # Confirmed, but shallow enough for a reorganisation to take out (a batch speaks
+        # for its members).
+        recent = s.exec(
+            select(WithdrawalRow).where(WithdrawalRow.status == CONFIRMED, col(WithdrawalRow.batch_id).is_(None))
+        ).all()
+        ids += [r.id for r in recent if r.block_height is None or tip - r.block_height < REORG_DEPTH]
     for wid in ids:
         with ledger.halting(db, settings), db.transaction() as s:
             policy = policy_from_session(s)
             row = _get(s, wid or 0, lock=True)
             status = backend.tx_status(row.txid or "")
             if status.confirmations != row.confirmations or status.block_height != row.block_height:
+                was = row.status
                 row.confirmations = status.confirmations
                 row.block_height = status.block_height
                 if status.confirmations >= limits.confirmations and row.status == BROADCAST:
@@ -787,10 +795,32 @@ def sync(db: Database, backend: ChainBackend, limits: Limits = Limits(), *, sett
                         "sync",
                         {"withdrawal_id": wid, "txid": row.txid, "height": status.block_height},
                     )
+                elif was == CONFIRMED and status.confirmations < limits.confirmations:
+                    _reorged(s, row, status.in_mempool)
                 else:
                     _touch(s, row)
                 changed.append(view(s, policy, row))
     return changed
+
+
+REORG_DEPTH = 100
+"""Confirmed withdrawals shallower than this are re-checked by every sync."""
+
+
+def _reorged(s: Session, row: WithdrawalRow, in_mempool: bool) -> None:
+    """A reorganisation took a confirmed withdrawal out of the chain: back to broadcast, its
+    inputs reserved again (the transaction may confirm again), its settlement reversed."""
+    _touch(s, row, BROADCAST)
+    for i in _inputs(s, row.id or 0):
+        if s.get(ReservedInput, f"{i.txid}:{i.vout}") is None:
+            s.add(ReservedInput(outpoint=f"{i.txid}:{i.vout}", withdrawal_id=row.id or 0))
+    ledger.withdrawal_unsettled(s, row, _members(s, row.id or 0))
+    audit_log.append(
+        s,
+        "withdrawal.reorged",
+        "sync",
+        {"withdrawal_id": row.id, "txid": row.txid, "in_mempool": in_mempool},
+    )
 
 
 def cancel(

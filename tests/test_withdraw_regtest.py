@@ -176,3 +176,45 @@ def test_signer_refuses_a_batch_that_pays_differently(
     path.write_text(p.to_base64() + "\n")
     result = shop.sign(path, "founder-a")
     assert result.exit_code == 4 and "does not pay exactly its members' payments" in result.stderr
+
+
+def test_a_reorg_that_unconfirms_a_withdrawal_is_followed(
+    tmp_path: Path, regtest_node: NodeInfo, funded_wallet: RpcClient
+) -> None:
+    shop = Shop(tmp_path, regtest_node, funded_wallet)
+    shop.deposit("acct-1", "0.2")
+    to, _ = shop.destination()
+    wid = str(json.loads(shop.request(to, "0.05").stdout)["id"])
+    shop.approve(int(wid), "alice")
+    shop.approve(int(wid), "bob")
+    psbt = tmp_path / "w.psbt"
+    assert shop.cli("withdraw", "export", wid, str(psbt)).exit_code == 0
+    for founder in ("founder-a", "founder-b"):
+        assert shop.sign(psbt, founder, tmp_path / f"{founder}.psbt").exit_code == 0
+        shop.ok("withdraw", "import", wid, str(tmp_path / f"{founder}.psbt"))
+    shop.ok("withdraw", "finalize", wid)
+    txid = shop.ok("withdraw", "broadcast", wid)["txid"]
+    shop.mine(1)
+    shop.ok("sync")
+    assert shop.ok("withdraw", "show", wid)["status"] == "confirmed"
+    balance = shop.ok("ledger", "balance", "acct-1")["balance_sat"]
+
+    block = shop.rpc.call("getrawtransaction", txid, True)["blockhash"]
+    shop.rpc.call("invalidateblock", block)  # the withdrawal is back in the mempool
+    changed = shop.ok("sync")
+    assert [c["id"] for c in changed if c.get("kind", "single") != "deposit"] == [int(wid)]
+    shown = shop.ok("withdraw", "show", wid)
+    assert shown["status"] == "broadcast" and shown["confirmations"] == 0
+    assert shop.cli("audit", "ledger").exit_code == 0  # the settlement was reversed, still balanced
+    assert shop.ok("ledger", "balance", "acct-1")["balance_sat"] == balance  # the customer is not charged twice
+    events = [e["event"] for e in shop.ok("audit", "log")]
+    assert "withdrawal.reorged" in events
+    # its coins stay reserved: a new request cannot spend them while it may confirm again
+    again = shop.request(to, "0.05")
+    assert again.exit_code == 2 and "unreserved" in again.stderr
+
+    shop.rpc.call("reconsiderblock", block)
+    shop.ok("sync")
+    assert shop.ok("withdraw", "show", wid)["status"] == "confirmed"
+    assert shop.cli("audit", "ledger").exit_code == 0
+    assert shop.ok("ledger", "balance", "acct-1")["balance_sat"] == balance
