@@ -77,6 +77,7 @@ def demo(directory: Path | None, script_type: str, per_account: int) -> None:
     if directory.exists() and any(directory.iterdir()):
         raise click.UsageError(f"{directory} is not empty; give a new --dir (each demo starts fresh)")
     directory.mkdir(parents=True, exist_ok=True)
+    directory = directory.resolve()  # the paths printed at the end work from anywhere
     keys = directory / "keys"
     settings = Settings.load(home=str(directory / "store"), env={"CUSTODY_CHAIN": "embedded"})
     db = Database(settings.db_url)
@@ -175,7 +176,7 @@ def demo(directory: Path | None, script_type: str, per_account: int) -> None:
     output.line(f"  embedded chain:        {settings.chain_datadir}")
     output.line(f"  key files:             {keys}")
     output.line(f"  auditors' files:       {directory / 'auditors'}")
-    output.line("Try next:", style="bold")
+    output.line("Try next (the custody command is .venv/bin/custody after ./scripts/demo.sh):", style="bold")
     home = directory / "store"
     output.line(f"  export CUSTODY_HOME={home} CUSTODY_CHAIN=embedded CUSTODY_PASSPHRASE='{DEMO_PASSPHRASE}'")
     output.line("  custody status; custody policy show; custody address list; custody withdraw list")
