@@ -330,7 +330,7 @@ def request_withdrawal(
     """
     manifest = load_manifest(settings)
     sats = parse_btc_amount(amount)
-    rate = parse_fee_rate(fee_rate) if fee_rate else limits.default_fee_rate
+    rate = parse_fee_rate(fee_rate) if fee_rate is not None else limits.default_fee_rate
     if rate > limits.max_fee_rate:
         raise InputError(f"fee rate {rate} sat/vB is above the cap of {limits.max_fee_rate} sat/vB")
     try:
@@ -882,7 +882,7 @@ def create_batch(
     ApprovalError, VerificationFailed (change address, after raising the halt).
     """
     manifest = load_manifest(settings)
-    rate = parse_fee_rate(fee_rate) if fee_rate else limits.default_fee_rate
+    rate = parse_fee_rate(fee_rate) if fee_rate is not None else limits.default_fee_rate
     try:
         with db.transaction() as s:
             halt.guard(s)

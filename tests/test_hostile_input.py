@@ -1135,9 +1135,8 @@ def test_withdraw_request_hostile_values(world: World) -> None:
             encode_segwit("bcrt", 2, bytes(16)),
         ],
         "amount": [*HOSTILE_STRINGS, "0.000000001", "21000001", "1" * 5000, "0.00000001", "+1", "1,5", "0"],
-        # An empty --fee-rate means the default rate (withdrawals.request_withdrawal tests
-        # `if fee_rate`): reported as a footgun, left out here.
-        "fee-rate": [*(v for v in HOSTILE_STRINGS if v), "0", "0.0001", "100001", "1" * 5000, "-2", "1e3"],
+        # An empty --fee-rate is refused too (an unset variable must not mean "the default").
+        "fee-rate": [*HOSTILE_STRINGS, "", "0", "0.0001", "100001", "1" * 5000, "-2", "1e3"],
     }
 
     @FUZZ_CLI
