@@ -17,33 +17,21 @@ from custody import pgp_mime
 from custody.db import Database
 from custody.errors import CustodyError, InputError
 from custody_cli import output
-from custody_cli.context import AppContext, example, json_option, pass_app
+from custody_cli.context import AppContext, example, json_option, pass_app, read_secret
 
 DEFAULT_UID = "custody notifications <custody@localhost>"
 
 
 def _read_key_passphrase(passphrase_file: Path | None) -> str:
     """--passphrase-file, else CUSTODY_NOTIFY_PASSPHRASE, else a prompt (twice)."""
-    if passphrase_file is not None:
-        try:
-            lines = passphrase_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read passphrase file {passphrase_file}: {exc}") from None
-        if not lines or not lines[0]:
-            raise InputError(f"passphrase file {passphrase_file} is empty")
-        return lines[0]
-    env = os.environ.get("CUSTODY_NOTIFY_PASSPHRASE")
-    if env:
-        return env
-    try:
-        value: str = click.prompt(
-            "Passphrase for the system PGP key", hide_input=True, confirmation_prompt=True, err=True
-        )
-    except click.Abort:
-        raise InputError(
-            "no passphrase given (a prompt, --passphrase-file, CUSTODY_NOTIFY_PASSPHRASE, or --no-passphrase)"
-        ) from None
-    return value
+    return read_secret(
+        passphrase_file,
+        kind="passphrase",
+        env_var="CUSTODY_NOTIFY_PASSPHRASE",
+        option="--passphrase-file, --no-passphrase",
+        prompt="Passphrase for the system PGP key",
+        confirm=True,
+    )
 
 
 def _config(app: AppContext) -> notify_lib.NotifyConfig:

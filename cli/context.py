@@ -48,27 +48,41 @@ def passphrase_options(f: F) -> F:
     return f
 
 
-def read_passphrase(passphrase_file: Path | None, *, confirm: bool = False, what: str = "key file") -> str:
-    """The passphrase from a file, then CUSTODY_PASSPHRASE, then a prompt; never an argument."""
-    if passphrase_file is not None:
+def read_secret(
+    secret_file: Path | None, *, kind: str, env_var: str, option: str, prompt: str, confirm: bool = False
+) -> str:
+    """A secret (passphrase, PIN) from a file's first line, then ``env_var``, then a prompt;
+    never from a command-line argument. Raises InputError when none is given or readable."""
+    if secret_file is not None:
         try:
-            text = passphrase_file.read_text(encoding="utf-8")
+            lines = secret_file.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
-            raise InputError(f"cannot read passphrase file {passphrase_file}: {exc.strerror}") from None
+            raise InputError(f"cannot read {kind} file {secret_file}: {exc.strerror}") from None
         except UnicodeDecodeError:
-            raise InputError(f"passphrase file {passphrase_file} is not UTF-8 text") from None
-        lines = text.splitlines()
+            raise InputError(f"{kind} file {secret_file} is not UTF-8 text") from None
         if not lines or not lines[0]:
-            raise InputError(f"passphrase file {passphrase_file} is empty")
+            raise InputError(f"{kind} file {secret_file} is empty")
         return lines[0]
-    env = os.environ.get("CUSTODY_PASSPHRASE")
+    env = os.environ.get(env_var)
     if env:
         return env
     try:
-        value: str = click.prompt(f"Passphrase for the {what}", hide_input=True, confirmation_prompt=confirm, err=True)
+        value: str = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
     except click.Abort:
-        raise InputError("no passphrase given (use a prompt, --passphrase-file or CUSTODY_PASSPHRASE)") from None
+        raise InputError(f"no {kind} given (use a prompt, {option} or {env_var})") from None
     return value
+
+
+def read_passphrase(passphrase_file: Path | None, *, confirm: bool = False, what: str = "key file") -> str:
+    """A key file's passphrase: --passphrase-file, then CUSTODY_PASSPHRASE, then a prompt."""
+    return read_secret(
+        passphrase_file,
+        kind="passphrase",
+        env_var="CUSTODY_PASSPHRASE",
+        option="--passphrase-file",
+        prompt=f"Passphrase for the {what}",
+        confirm=confirm,
+    )
 
 
 KeyRef = Path | Pkcs11Uri
@@ -109,25 +123,10 @@ def pin_file_option(*, expose_value: bool = True) -> Callable[[F], F]:
 
 
 def read_pin(pin_file: Path | None, *, what: str = "token") -> str:
-    """The token PIN from a file, then CUSTODY_PKCS11_PIN, then a prompt; never an argument."""
-    if pin_file is not None:
-        try:
-            lines = pin_file.read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise InputError(f"cannot read PIN file {pin_file}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise InputError(f"PIN file {pin_file} is not UTF-8 text") from None
-        if not lines or not lines[0]:
-            raise InputError(f"PIN file {pin_file} is empty")
-        return lines[0]
-    env = os.environ.get("CUSTODY_PKCS11_PIN")
-    if env:
-        return env
-    try:
-        value: str = click.prompt(f"User PIN of the {what}", hide_input=True, err=True)
-    except click.Abort:
-        raise InputError("no PIN given (use a prompt, --pin-file or CUSTODY_PKCS11_PIN)") from None
-    return value
+    """The token PIN: --pin-file, then CUSTODY_PKCS11_PIN, then a prompt."""
+    return read_secret(
+        pin_file, kind="PIN", env_var="CUSTODY_PKCS11_PIN", option="--pin-file", prompt=f"User PIN of the {what}"
+    )
 
 
 def identity_options(f: F) -> F:
