@@ -1086,15 +1086,21 @@ def _signature_problem(pub: bytes, sig: bytes, digest: bytes) -> str | None:
     return None if ok else "signature does not verify"
 
 
-def signature_valid(psbt: Psbt, i: int, pubkey: bytes) -> bool:
-    """True when input ``i`` holds a valid, low-S SIGHASH_ALL signature by ``pubkey``.
+def valid_signers(psbt: Psbt) -> list[set[bytes]]:
+    """For each input, the public keys whose partial signature is a valid, low-S SIGHASH_ALL
+    signature of that input. The transaction-wide BIP-143 hashes are computed once.
 
-    Raises InputError when the input's spend information is missing or inconsistent.
+    Raises InputError when an input's spend information is missing or inconsistent.
     """
-    sig = psbt.inputs[i].partial_sigs.get(pubkey)
-    if sig is None:
-        return False
-    return _signature_problem(pubkey, sig, sighash_for_input(psbt, i)) is None
+    cache = _Bip143(psbt.tx)
+    out: list[set[bytes]] = []
+    for i, inp in enumerate(psbt.inputs):
+        if not inp.partial_sigs:
+            out.append(set())
+            continue
+        digest = _sighash(psbt, i, _spend_info(psbt, i), cache)
+        out.append({pub for pub, sig in inp.partial_sigs.items() if _signature_problem(pub, sig, digest) is None})
+    return out
 
 
 def _push(data: bytes) -> bytes:

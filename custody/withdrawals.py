@@ -596,19 +596,15 @@ def _signatures_only(p: psbt_lib.Psbt) -> psbt_lib.Psbt:
 # ---------------------------------------------------------------- 5. import, finalize, broadcast
 
 
-def _founders_signed(policy: Policy, p: psbt_lib.Psbt) -> list[str]:
-    """Founders with a valid signature on every input."""
+def _founders_signed(policy: Policy, p: psbt_lib.Psbt, valid: list[set[bytes]]) -> list[str]:
+    """Founders with a valid signature (``valid``: psbt.valid_signers) on every input."""
     names = []
     for i, f in enumerate(policy.founders):
-        ok = True
-        for n, pin in enumerate(p.inputs):
-            pubs = [
-                pub for pub, origin in pin.bip32_derivations.items() if origin.fingerprint == _origin_of(policy, i)[0]
-            ]
-            if not pubs or not any(psbt_lib.signature_valid(p, n, pub) for pub in pubs):
-                ok = False
-                break
-        if ok:
+        fingerprint = _origin_of(policy, i)[0]
+        if all(
+            any(origin.fingerprint == fingerprint and pub in valid[n] for pub, origin in pin.bip32_derivations.items())
+            for n, pin in enumerate(p.inputs)
+        ):
             names.append(f.name)
     return names
 
@@ -635,11 +631,12 @@ def import_psbt(db: Database, withdrawal_id: int, data: bytes) -> dict[str, Any]
         if row.psbt:
             parts.append(_signatures_only(psbt_lib.Psbt.from_base64(row.psbt)))
         merged = psbt_lib.combine(parts)
+        valid = psbt_lib.valid_signers(merged)
         for n, pin in enumerate(merged.inputs):
-            for pub in list(pin.partial_sigs):
-                if pub not in pin.bip32_derivations or not psbt_lib.signature_valid(merged, n, pub):
+            for pub in pin.partial_sigs:
+                if pub not in pin.bip32_derivations or pub not in valid[n]:
                     raise InputError(f"input {n}: a signature is not a valid founder signature of this transaction")
-        signers = _founders_signed(policy, merged)
+        signers = _founders_signed(policy, merged, valid)
         row.psbt = _signatures_only(merged).to_base64()
         if len(signers) >= policy.threshold and row.status == APPROVED:
             _touch(s, row, SIGNED)
@@ -673,7 +670,7 @@ def finalize(db: Database, withdrawal_id: int) -> dict[str, Any]:
             )
         _require_approved(s, policy, row)
         merged = psbt_lib.combine([build_psbt(s, policy, row), psbt_lib.Psbt.from_base64(row.psbt or "")])
-        signers = _founders_signed(policy, merged)
+        signers = _founders_signed(policy, merged, psbt_lib.valid_signers(merged))
         if len(signers) < policy.threshold:
             raise ApprovalError(
                 f"withdrawal #{withdrawal_id} has {len(signers)} founders' signatures "

@@ -64,6 +64,7 @@ from custody.psbt import (
     sighash_for_input,
     sign,
     sign_input,
+    valid_signers,
 )
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -493,6 +494,19 @@ def test_high_s_and_wrong_hashtype_signatures_are_not_counted() -> None:
     psbt.inputs[0].partial_sigs[FOUNDER_PUBS[0]] = sig[:-1] + b"\x81"  # SIGHASH_ALL|ANYONECANPAY
     with pytest.raises(InputError, match="input 0: .*sighash type 0x81"):
         finalize(psbt)
+
+
+def test_valid_signers_counts_only_valid_low_s_signatures() -> None:
+    psbt, _ = _funded_psbt("p2wsh")
+    inputs = len(psbt.inputs)
+    assert valid_signers(psbt) == [set()] * inputs
+    sign(psbt, {FOUNDER_PUBS[0]: FOUNDER_KEYS[0], FOUNDER_PUBS[1]: FOUNDER_KEYS[1]})
+    assert valid_signers(psbt) == [{FOUNDER_PUBS[0], FOUNDER_PUBS[1]}] * inputs
+    sig = psbt.inputs[0].partial_sigs[FOUNDER_PUBS[1]]
+    psbt.inputs[0].partial_sigs[FOUNDER_PUBS[1]] = sig[:8] + bytes([sig[8] ^ 1]) + sig[9:]
+    psbt.inputs[0].partial_sigs[FOUNDER_PUBS[2]] = psbt.inputs[0].partial_sigs[FOUNDER_PUBS[0]]  # another's
+    assert valid_signers(psbt)[0] == {FOUNDER_PUBS[0]}
+    assert valid_signers(psbt)[1:] == [{FOUNDER_PUBS[0], FOUNDER_PUBS[1]}] * (inputs - 1)
 
 
 def test_only_sighash_all_is_signed() -> None:

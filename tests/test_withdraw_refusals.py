@@ -291,3 +291,21 @@ def test_an_employee_key_swapped_in_the_store_is_caught(shop: Shop) -> None:
     assert approve.exit_code == 9 and "tampered" in approve.stderr
     verify = shop.cli("audit", "log", "--verify", "--json")
     assert verify.exit_code == 3 and "recorded when they were added" in verify.stdout
+
+
+def test_importing_a_corrupted_signature_is_refused(shop: Shop) -> None:
+    wid = _approved(shop)
+    path = _export(shop, wid)
+    signed = shop.tmp / "a.psbt"
+    assert shop.sign(path, "founder-a", signed).exit_code == 0
+
+    def corrupt(p: psbt_lib.Psbt) -> None:
+        pub, sig = next(iter(p.inputs[0].partial_sigs.items()))
+        p.inputs[0].partial_sigs[pub] = sig[:10] + bytes([sig[10] ^ 1]) + sig[11:]
+
+    _rewrite(signed, corrupt)
+    result = shop.cli("withdraw", "import", str(wid), str(signed))
+    assert result.exit_code == 2 and "not a valid founder signature" in result.stderr
+    shown = shop.ok("withdraw", "show", str(wid))
+    assert shown["status"] == "approved"
+    assert shop.cli("withdraw", "finalize", str(wid)).exit_code == 4  # nothing was merged
