@@ -13,7 +13,7 @@ from custody.errors import InputError
 from custody.keyfile import create_employee_key, create_founder_key
 from custody.network import NETWORKS, get_network
 from custody.pkcs11_keys import generate_token_key
-from custody.policy import parse_script_type
+from custody.policy import ScriptType, parse_script_type
 from custody_cli import output
 from custody_cli.context import (
     AppContext,
@@ -48,7 +48,7 @@ from custody_cli.context import (
     "script_type",
     default="p2wsh",
     show_default=True,
-    type=click.Choice(["p2wsh", "p2sh-p2wsh"]),
+    type=click.Choice([t.value for t in ScriptType if t.bip48_script_index is not None]),
     help="BIP-48 script type of the account key.",
 )
 @passphrase_options

@@ -10,7 +10,7 @@ import click
 from custody.errors import Conflict, InputError
 from custody.halt import publish
 from custody.network import NETWORKS, get_network
-from custody.policy import make_policy, parse_script_type
+from custody.policy import ScriptType, make_policy, parse_script_type
 from custody.wallet import init_store, load_policy
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
@@ -40,7 +40,7 @@ def write_manifest(path: Path, manifest: dict[str, object], overwrite: bool = Fa
     "script_type",
     default="p2wsh",
     show_default=True,
-    type=click.Choice(["p2wsh", "p2sh-p2wsh", "p2sh"]),
+    type=click.Choice([t.value for t in ScriptType]),
     help="How the multisig script is wrapped.",
 )
 @click.option(

@@ -31,7 +31,7 @@ from custody.issuance import export_addresses, issue_addresses, list_addresses
 from custody.keyfile import create_employee_key, create_founder_key, open_employee_key, open_founder_key
 from custody.keys import hash160
 from custody.network import REGTEST, get_network
-from custody.policy import make_policy, parse_script_type
+from custody.policy import ScriptType, make_policy, parse_script_type
 from custody.signer import check_and_sign
 from custody.wallet import init_store
 from custody_cli import output
@@ -58,7 +58,7 @@ def _step(n: int, text: str) -> None:
     "script_type",
     default="p2wsh",
     show_default=True,
-    type=click.Choice(["p2wsh", "p2sh-p2wsh", "p2sh"]),
+    type=click.Choice([t.value for t in ScriptType]),
     help="Script type of the demo policy.",
 )
 @click.option(
