@@ -34,28 +34,23 @@ def load_auditor_manifest(path: Path) -> verify.Manifest:
         raise InputError(f"manifest {path}: {exc}") from None
 
 
-def store_records(db: Database) -> tuple[int, Iterator[verify.AddressRecord]]:
-    """How many addresses the store holds, and an iterator over them (constant memory)."""
+def store_records(db: Database) -> Iterator[verify.AddressRecord]:
+    """Every issued address of the store as the verifier's records (constant memory)."""
     db.check_schema()
     with db.transaction() as s:
-        total = count_addresses(s)
-
-    def records() -> Iterator[verify.AddressRecord]:
-        with db.transaction() as s:
-            for row in iter_addresses(s):
-                yield verify.AddressRecord(
-                    chain=row.chain,
-                    index=row.idx,
-                    address=row.address,
-                    script=bytes.fromhex(row.script),
-                    script_pubkey=bytes.fromhex(row.script_pubkey),
-                    account=row.account,
-                )
-
-    return total, records()
+        for row in iter_addresses(s):
+            yield verify.AddressRecord(
+                chain=row.chain,
+                index=row.idx,
+                address=row.address,
+                script=bytes.fromhex(row.script),
+                script_pubkey=bytes.fromhex(row.script_pubkey),
+                account=row.account,
+            )
 
 
 def count_store(db: Database) -> int:
+    """How many addresses the store holds (for a progress bar)."""
     db.check_schema()
     with db.transaction() as s:
         return count_addresses(s)
@@ -82,8 +77,7 @@ def run(
         if export is not None:
             report = verify.verify_export(manifest, export, workers=workers, progress=progress)
         else:
-            _, records = store_records(db)
-            report = verify.verify_records(manifest, records, workers=workers, progress=progress)
+            report = verify.verify_records(manifest, store_records(db), workers=workers, progress=progress)
     except verify.ExportError as exc:
         report = verify.Report(checked=0, failures=[verify.Failure("(export file)", -1, -1, str(exc))])
     store = export is None or db.exists()

@@ -309,3 +309,32 @@ def test_importing_a_corrupted_signature_is_refused(shop: Shop) -> None:
     shown = shop.ok("withdraw", "show", str(wid))
     assert shown["status"] == "approved"
     assert shop.cli("withdraw", "finalize", str(wid)).exit_code == 4  # nothing was merged
+
+
+def test_offline_signer_needs_no_store_and_honours_a_halt_file(shop: Shop, tmp_path: Path) -> None:
+    """On the signing machine there is only the PSBT, the key file and the manifest."""
+    from tests.support import run_cli
+
+    wid = _approved(shop)
+    psbt = _export(shop, wid)
+    offline = tmp_path / "offline"
+    manifest = offline / "founders.json"
+    offline.mkdir()
+    manifest.write_text((shop.c.home / "founders-manifest.json").read_text())
+    env = {
+        "CUSTODY_HOME": str(offline),
+        "CUSTODY_DB_URL": f"sqlite:///{offline / 'custody.db'}",
+        "CUSTODY_MANIFEST": str(manifest),
+        "CUSTODY_PASSPHRASE": PASSPHRASE,
+    }
+    key = str(shop.founder_keys["founder-a"])
+    signed = run_cli(env, "sign", str(psbt), "--key", key, "--out", str(offline / "a.psbt"), "--json")
+    assert signed.returncode == 0, signed.stderr
+    assert json.loads(signed.stdout)["halt_checked"] == "none (offline machine)"
+    assert not (offline / "custody.db").exists()  # nothing created on the offline machine
+    (offline / "halt.json").write_text(json.dumps({"halted": True}))
+    halted = run_cli(env, "sign", str(psbt), "--key", key, "--out", str(offline / "b.psbt"))
+    assert halted.returncode == 3 and "halted" in halted.stderr
+    (offline / "halt.json").write_text("{not json")  # unreadable: treated as halted
+    assert run_cli(env, "sign", str(psbt), "--key", key, "--out", str(offline / "c.psbt")).returncode == 3
+    assert not (offline / "b.psbt").exists() and not (offline / "c.psbt").exists()
