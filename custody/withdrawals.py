@@ -183,13 +183,6 @@ def _not_in_batch(row: WithdrawalRow) -> None:
         raise Conflict(f"withdrawal #{row.id} is part of batch #{row.batch_id}: use the batch's id")
 
 
-def _lock_custody(s: Session) -> None:
-    """Serialize state changes that read and then reserve (the audit head's row lock)."""
-    from custody.models import AuditHead
-
-    s.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
-
-
 def _input_rows(
     withdrawal_id: int, tx: CMutableTransaction, coins: Sequence[Coin], prev_txs: Mapping[str, str | None]
 ) -> list[WithdrawalInput]:
@@ -335,8 +328,7 @@ def request_withdrawal(
         raise InputError(f"fee rate {rate} sat/vB is above the cap of {limits.max_fee_rate} sat/vB")
     try:
         with db.transaction() as s:
-            halt.guard(s)
-            _lock_custody(s)
+            halt.guard(s)  # also takes the audit head's lock: reading then reserving coins is serial
             policy = policy_from_session(s)
             dest = parse_destination(destination, policy.network)
             if sats < dust_limit(dest.script_pubkey):
@@ -882,8 +874,7 @@ def create_batch(
     rate = parse_fee_rate(fee_rate) if fee_rate is not None else limits.default_fee_rate
     try:
         with db.transaction() as s:
-            halt.guard(s)
-            _lock_custody(s)
+            halt.guard(s)  # also takes the audit head's lock: reading then reserving coins is serial
             policy = policy_from_session(s)
             authenticate(s, actor, key)
             candidates = s.exec(
