@@ -718,39 +718,22 @@ class World:
     manifest: dict[str, Any]
 
 
-def _approved(shop: Shop, amount: str) -> int:
-    to, _ = shop.destination()
-    result = shop.request(to, amount)
-    assert result.exit_code == 0, result.output
-    wid = int(json.loads(result.stdout)["id"])
-    assert shop.approve(wid, "alice").exit_code == 0
-    assert shop.approve(wid, "bob").exit_code == 0
-    return wid
-
-
-def _export(shop: Shop, wid: int) -> Path:
-    path = shop.tmp / f"w{wid}.psbt"
-    result = shop.cli("withdraw", "export", str(wid), str(path))
-    assert result.exit_code == 0, result.output
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, regtest_node: NodeInfo, funded_wallet: RpcClient) -> World:
     shop = Shop(tmp_path_factory.mktemp("hostile-world"), regtest_node, funded_wallet)
     shop.deposit("acct-1", "0.3", count=6)
-    w1 = _approved(shop, "0.01")
-    _approved(shop, "0.02")  # the second member of the batch
-    single = base64.b64decode(_export(shop, w1).read_text())
+    w1 = shop.approved("0.01")
+    shop.approved("0.02")  # the second member of the batch
+    single = base64.b64decode(shop.export(w1).read_text())
     batch = shop.ok("withdraw", "batch", *shop.as_("dave"))
-    batch_psbt = base64.b64decode(_export(shop, batch["id"]).read_text())
-    w3 = _approved(shop, "0.03")
+    batch_psbt = base64.b64decode(shop.export(batch["id"]).read_text())
+    w3 = shop.approved("0.03")
     return World(
         shop,
         single,
         batch_psbt,
         w3,
-        _export(shop, w3),
+        shop.export(w3),
         open_founder_key(shop.founder_keys["founder-a"], PASSPHRASE),
         json.loads((shop.c.home / "founders-manifest.json").read_text()),
     )

@@ -28,27 +28,6 @@ def shop(tmp_path: Path, regtest_node: NodeInfo, funded_wallet: RpcClient) -> Sh
     return s
 
 
-def _requested(shop: Shop, amount: str = "0.01") -> int:
-    to, _ = shop.destination()
-    result = shop.request(to, amount)
-    assert result.exit_code == 0, result.output
-    return int(json.loads(result.stdout)["id"])
-
-
-def _approved(shop: Shop, amount: str = "0.01") -> int:
-    wid = _requested(shop, amount)
-    assert shop.approve(wid, "alice").exit_code == 0
-    assert shop.approve(wid, "bob").exit_code == 0
-    return wid
-
-
-def _export(shop: Shop, wid: int) -> Path:
-    path = shop.tmp / f"w{wid}.psbt"
-    result = shop.cli("withdraw", "export", str(wid), str(path))
-    assert result.exit_code == 0, result.output
-    return path
-
-
 def _rewrite(path: Path, edit: Any) -> None:
     p = psbt_lib.Psbt.from_base64(path.read_text().strip())
     edit(p)
@@ -75,13 +54,13 @@ def _reapprove(shop: Shop, p: psbt_lib.Psbt, who: tuple[str, ...] = ("alice", "b
 
 
 def test_self_approval_is_refused(shop: Shop) -> None:
-    wid = _requested(shop)
+    wid = shop.requested()
     result = shop.approve(wid, "carol")  # carol requested it
     assert result.exit_code == 4 and "cannot approve" in result.stderr
 
 
 def test_one_approver_is_not_enough_and_twice_counts_once(shop: Shop) -> None:
-    wid = _requested(shop)
+    wid = shop.requested()
     assert shop.approve(wid, "alice").exit_code == 0
     again = shop.approve(wid, "alice")
     assert again.exit_code == 0
@@ -92,7 +71,7 @@ def test_one_approver_is_not_enough_and_twice_counts_once(shop: Shop) -> None:
 
 
 def test_a_disabled_approver_counts_not_at_all(shop: Shop) -> None:
-    wid = _approved(shop)
+    wid = shop.approved()
     assert shop.cli("employee", "disable", "bob").exit_code == 0
     export = shop.cli("withdraw", "export", str(wid), str(shop.tmp / "x.psbt"))
     assert export.exit_code == 4 and "bob: disabled" in export.stderr
@@ -103,12 +82,12 @@ def test_a_disabled_approver_counts_not_at_all(shop: Shop) -> None:
 
 
 def test_signer_refuses_an_approval_over_a_different_transaction(shop: Shop) -> None:
-    first = _approved(shop)
-    second = _requested(shop, "0.02")
+    first = shop.approved()
+    second = shop.requested("0.02")
     assert shop.approve(second, "alice").exit_code == 0
     assert shop.approve(second, "dave").exit_code == 0
-    path = _export(shop, first)
-    other = psbt_lib.Psbt.from_base64(_export(shop, second).read_text().strip())
+    path = shop.export(first)
+    other = psbt_lib.Psbt.from_base64(shop.export(second).read_text().strip())
     key = psbt_lib.ProprietaryKey(PROPRIETARY_ID, PROP_APPROVALS, b"")
     _rewrite(path, lambda p: p.proprietary.__setitem__(key, other.proprietary[key]))
     result = shop.sign(path, "founder-a")
@@ -116,8 +95,8 @@ def test_signer_refuses_an_approval_over_a_different_transaction(shop: Shop) -> 
 
 
 def test_signer_refuses_outputs_edited_after_approval(shop: Shop) -> None:
-    wid = _approved(shop)
-    path = _export(shop, wid)
+    wid = shop.approved()
+    path = shop.export(wid)
 
     def steal(p: psbt_lib.Psbt) -> None:
         tx = CMutableTransaction.from_tx(p.tx)
@@ -133,8 +112,8 @@ def test_signer_refuses_outputs_edited_after_approval(shop: Shop) -> None:
 
 
 def test_signer_refuses_a_change_output_that_is_not_ours(shop: Shop) -> None:
-    wid = _approved(shop)
-    path = _export(shop, wid)
+    wid = shop.approved()
+    path = shop.export(wid)
     meta = json.loads(
         psbt_lib.Psbt.from_base64(path.read_text().strip()).proprietary[psbt_lib.ProprietaryKey(PROPRIETARY_ID, 0, b"")]
     )
@@ -158,8 +137,8 @@ def test_signer_refuses_a_change_output_that_is_not_ours(shop: Shop) -> None:
 
 
 def test_signer_refuses_an_input_that_is_not_ours(shop: Shop) -> None:
-    wid = _approved(shop)
-    path = _export(shop, wid)
+    wid = shop.approved()
+    path = shop.export(wid)
 
     def foreign(p: psbt_lib.Psbt) -> None:
         pin = p.inputs[0]
@@ -177,8 +156,8 @@ def test_signer_refuses_an_input_that_is_not_ours(shop: Shop) -> None:
 
 
 def test_one_founder_signing_twice_counts_once(shop: Shop) -> None:
-    wid = _approved(shop)
-    path = _export(shop, wid)
+    wid = shop.approved()
+    path = shop.export(wid)
     first = shop.sign(path, "founder-a", shop.tmp / "a1.psbt")
     assert first.exit_code == 0, first.output
     twice = shop.sign(shop.tmp / "a1.psbt", "founder-a", shop.tmp / "a2.psbt")
@@ -195,7 +174,7 @@ def test_one_founder_signing_twice_counts_once(shop: Shop) -> None:
 def test_spending_a_reserved_input_is_refused(tmp_path: Path, regtest_node: NodeInfo, funded_wallet: RpcClient) -> None:
     shop = Shop(tmp_path, regtest_node, funded_wallet)
     shop.deposit("acct-1", "0.1", count=1)  # one coin only
-    first = _requested(shop, "0.05")
+    first = shop.requested("0.05")
     to, _ = shop.destination()
     second = shop.request(to, "0.01")
     assert second.exit_code == 2 and "unreserved" in second.stderr
@@ -225,11 +204,11 @@ def test_bad_destinations_and_amounts(shop: Shop) -> None:
 
 
 def test_every_entry_point_refuses_while_halted(shop: Shop) -> None:
-    wid = _approved(shop)
-    path = _export(shop, wid)
+    wid = shop.approved()
+    path = shop.export(wid)
     assert shop.sign(path, "founder-a", shop.tmp / "a.psbt").exit_code == 0
     assert shop.sign(path, "founder-b", shop.tmp / "b.psbt").exit_code == 0
-    other = _requested(shop, "0.02")
+    other = shop.requested("0.02")
     halt = shop.cli("halt", "raise", "--reason", "drill", *shop.as_("dave"), "--json")
     assert halt.exit_code == 0
     to, _ = shop.destination()
@@ -258,7 +237,7 @@ def test_every_entry_point_refuses_while_halted(shop: Shop) -> None:
 def test_store_tampering_after_approval_is_refused(shop: Shop) -> None:
     import sqlite3
 
-    wid = _approved(shop)
+    wid = shop.approved()
     db = sqlite3.connect(shop.c.home / "custody.db")
     db.execute("UPDATE withdrawal SET amount = amount + 1 WHERE id = ?", (wid,))
     db.commit()
@@ -278,7 +257,7 @@ def test_store_tampering_after_approval_is_refused(shop: Shop) -> None:
 def test_an_employee_key_swapped_in_the_store_is_caught(shop: Shop) -> None:
     import sqlite3
 
-    wid = _approved(shop)
+    wid = shop.approved()
     mallory = open_employee_key(shop.employees["dave"], PASSPHRASE)  # any key the attacker holds
     db = sqlite3.connect(shop.c.home / "custody.db")
     db.execute("UPDATE employee SET pubkey = ? WHERE name = 'bob'", ("02" + "11" * 32,))
@@ -294,8 +273,8 @@ def test_an_employee_key_swapped_in_the_store_is_caught(shop: Shop) -> None:
 
 
 def test_importing_a_corrupted_signature_is_refused(shop: Shop) -> None:
-    wid = _approved(shop)
-    path = _export(shop, wid)
+    wid = shop.approved()
+    path = shop.export(wid)
     signed = shop.tmp / "a.psbt"
     assert shop.sign(path, "founder-a", signed).exit_code == 0
 
@@ -315,8 +294,8 @@ def test_offline_signer_needs_no_store_and_honours_a_halt_file(shop: Shop, tmp_p
     """On the signing machine there is only the PSBT, the key file and the manifest."""
     from tests.support import run_cli
 
-    wid = _approved(shop)
-    psbt = _export(shop, wid)
+    wid = shop.approved()
+    psbt = shop.export(wid)
     offline = tmp_path / "offline"
     manifest = offline / "founders.json"
     offline.mkdir()

@@ -93,3 +93,24 @@ class Shop:
         if out:
             args += ["--out", str(out)]
         return self.c(*args, "--json")
+
+    def requested(self, amount: str = "0.01") -> int:
+        """A withdrawal requested by carol to a fresh address of the node's wallet."""
+        to, _ = self.destination()
+        result = self.request(to, amount)
+        assert result.exit_code == 0, result.output
+        return int(json.loads(result.stdout)["id"])
+
+    def approved(self, amount: str = "0.01") -> int:
+        """A requested withdrawal approved by alice and bob."""
+        wid = self.requested(amount)
+        assert self.approve(wid, "alice").exit_code == 0
+        assert self.approve(wid, "bob").exit_code == 0
+        return wid
+
+    def export(self, wid: int) -> Path:
+        """The withdrawal's PSBT, written to a file."""
+        path = self.tmp / f"w{wid}.psbt"
+        result = self.cli("withdraw", "export", str(wid), str(path))
+        assert result.exit_code == 0, result.output
+        return path
