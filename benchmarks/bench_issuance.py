@@ -19,13 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from custody.bitcoin.keys import ParentKey  # noqa: E402
+from custody.bitcoin.network import REGTEST  # noqa: E402
+from custody.bitcoin.script import ScriptType  # noqa: E402
 from custody.config import Settings  # noqa: E402
-from custody.db import Database  # noqa: E402
-from custody.issuance import issue_addresses  # noqa: E402
-from custody.keys import ParentKey  # noqa: E402
-from custody.network import REGTEST  # noqa: E402
-from custody.policy import ScriptType, make_policy  # noqa: E402
-from custody.wallet import init_store  # noqa: E402
+from custody.control.wallet import init_store  # noqa: E402
+from custody.issuance.issuer import issue_addresses  # noqa: E402
+from custody.policy.model import make_policy  # noqa: E402
+from custody.store.db import Database  # noqa: E402
 from tests.support import founders  # noqa: E402
 
 

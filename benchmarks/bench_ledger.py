@@ -1,9 +1,9 @@
 """The ledger's sum-to-zero checks as the ledger grows to 1,000,000 entries (SQLite).
 
-* The per-event check (custody.ledger.check, and a whole balanced posting through
-  custody.ledger.post, each in its own transaction) timed at 1k, 100k and 1M entries: it
+* The per-event check (custody.books.ledger.check, and a whole balanced posting through
+  custody.books.ledger.post, each in its own transaction) timed at 1k, 100k and 1M entries: it
   reads the running head, so the ratio 1M / 1k should stay near 1.
-* ``custody audit ledger`` (custody.audit.audit_ledger) over all the entries, beside a floor
+* ``custody audit ledger`` (custody.books.audit.audit_ledger) over all the entries, beside a floor
   measured in the same run: a bare ``SELECT SUM(amount) FROM ledger_entry``. Target: under
   10 s for 1,000,000 entries.
 
@@ -28,12 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import text  # noqa: E402
 
-from custody import audit, ledger  # noqa: E402
+from custody.bitcoin.network import REGTEST  # noqa: E402
+from custody.bitcoin.script import ScriptType  # noqa: E402
+from custody.books import (
+    audit,  # noqa: E402
+    ledger,
+)
 from custody.config import Settings  # noqa: E402
-from custody.db import Database  # noqa: E402
-from custody.network import REGTEST  # noqa: E402
-from custody.policy import ScriptType, make_policy  # noqa: E402
-from custody.wallet import init_store  # noqa: E402
+from custody.control.wallet import init_store  # noqa: E402
+from custody.policy.model import make_policy  # noqa: E402
+from custody.store.db import Database  # noqa: E402
 from tests.support import founders  # noqa: E402
 
 

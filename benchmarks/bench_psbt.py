@@ -22,7 +22,7 @@ import coincurve
 from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, CScript
 from bitcoin.core.script import OP_0, OP_CHECKMULTISIG, SIGHASH_ALL, SIGVERSION_WITNESS_V0, SignatureHash
 
-from custody.psbt import KeyOrigin, Psbt, WitnessUtxo, combine, extract, finalize, sign
+from custody.bitcoin.psbt import KeyOrigin, Psbt, WitnessUtxo, combine, extract, finalize, sign
 
 TARGET_SECONDS = 5.0
 HARDENED = 0x80000000

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from custody.issuance import export_addresses, get_address, issue_addresses, list_addresses
+from custody.issuance.issuer import export_addresses, get_address, issue_addresses, list_addresses
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
 

@@ -9,13 +9,13 @@ from typing import Any
 
 import click
 
-from custody import audit as audit_lib
-from custody import audit_log as audit_log_lib
-from custody import liabilities
-from custody.amounts import parse_btc_amount
+from custody.bitcoin.amounts import parse_btc_amount
+from custody.books import audit as audit_lib
+from custody.books import liabilities
 from custody.chain.backend import backend_for
+from custody.control import audit_log as audit_log_lib
+from custody.control.wallet import load_policy
 from custody.errors import HaltedError
-from custody.wallet import load_policy
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from custody import halt as halt_lib
+from custody.control import halt as halt_lib
 from custody_cli import output
 from custody_cli.context import (
     AppContext,

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
+from custody.bitcoin.network import NETWORKS, get_network
+from custody.bitcoin.script import ScriptType, parse_script_type
 from custody.clock import iso
-from custody.employee_keys import parse_pkcs11_uri
-from custody.employees import add_employee, disable_employee, list_employees
+from custody.control.employees import add_employee, disable_employee, list_employees
 from custody.errors import InputError
-from custody.keyfile import create_employee_key, create_founder_key
-from custody.network import NETWORKS, get_network
-from custody.pkcs11_keys import generate_token_key
-from custody.policy import ScriptType, parse_script_type
+from custody.identity.employee_keys import parse_pkcs11_uri
+from custody.identity.keyfile import create_employee_key, create_founder_key
+from custody.identity.pkcs11_keys import generate_token_key
 from custody_cli import output
 from custody_cli.context import (
     AppContext,

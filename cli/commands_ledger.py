@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from custody import deposits, ledger
+from custody.books import deposits, ledger
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import click
 
-from custody import notify as notify_lib
-from custody import pgp_mime
-from custody.db import Database
 from custody.errors import CustodyError, InputError
+from custody.notify import mail as pgp_mime
+from custody.notify import outbox as notify_lib
+from custody.store.db import Database
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app, read_secret
 

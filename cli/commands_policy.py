@@ -7,11 +7,12 @@ from pathlib import Path
 
 import click
 
+from custody.bitcoin.network import NETWORKS, get_network
+from custody.bitcoin.script import ScriptType, parse_script_type
+from custody.control.halt import publish
+from custody.control.wallet import init_store, load_policy
 from custody.errors import Conflict, InputError
-from custody.halt import publish
-from custody.network import NETWORKS, get_network
-from custody.policy import ScriptType, make_policy, parse_script_type
-from custody.wallet import init_store, load_policy
+from custody.policy.model import make_policy
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from custody import verification
 from custody.errors import VerificationFailed
+from custody.issuance import verification
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
 

@@ -10,14 +10,14 @@ from typing import Any
 
 import click
 
-from custody import deposits
-from custody import halt as halt_lib
-from custody import psbt as psbt_lib
-from custody import withdrawals as wd
+from custody.bitcoin import psbt as psbt_lib
+from custody.books import deposits
 from custody.chain.backend import backend_for
+from custody.control import halt as halt_lib
+from custody.control.wallet import load_policy
 from custody.errors import HaltedError, InputError
-from custody.signer import check_and_sign
-from custody.wallet import load_policy
+from custody.withdraw import queue as wd
+from custody.withdraw.signer import check_and_sign
 from custody_cli import output
 from custody_cli.context import (
     AppContext,

@@ -11,11 +11,11 @@ from typing import Any, TypeVar
 import click
 
 from custody.config import Settings
-from custody.db import Database
-from custody.employee_keys import FileSigner, Pkcs11Uri, is_pkcs11_uri, parse_pkcs11_uri
 from custody.errors import InputError, KeyFileError
-from custody.keyfile import FounderKey, open_employee_key, open_founder_key
-from custody.pkcs11_keys import Pkcs11Signer
+from custody.identity.employee_keys import FileSigner, Pkcs11Uri, is_pkcs11_uri, parse_pkcs11_uri
+from custody.identity.keyfile import FounderKey, open_employee_key, open_founder_key
+from custody.identity.pkcs11_keys import Pkcs11Signer
+from custody.store.db import Database
 
 F = TypeVar("F", bound=Callable[..., Any])
 

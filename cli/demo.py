@@ -16,24 +16,26 @@ from pathlib import Path
 import click
 import coincurve
 
-from custody import audit, deposits, ledger, verify
-from custody import halt as halt_lib
-from custody import psbt as psbt_lib
-from custody import withdrawals as wd
-from custody.bech32 import encode_segwit
+from custody import verify
+from custody.bitcoin import psbt as psbt_lib
+from custody.bitcoin.bech32 import encode_segwit
+from custody.bitcoin.destinations import parse_destination
+from custody.bitcoin.encoding import hash160
+from custody.bitcoin.network import REGTEST, get_network
+from custody.bitcoin.script import ScriptType, parse_script_type
+from custody.books import audit, deposits, ledger
 from custody.chain.backend import backend_for
 from custody.config import Settings
-from custody.db import Database
-from custody.destinations import parse_destination
-from custody.employees import add_employee
+from custody.control import halt as halt_lib
+from custody.control.employees import add_employee
+from custody.control.wallet import init_store
 from custody.errors import CustodyError
-from custody.issuance import export_addresses, issue_addresses, list_addresses
-from custody.keyfile import create_employee_key, create_founder_key, open_employee_key, open_founder_key
-from custody.keys import hash160
-from custody.network import REGTEST, get_network
-from custody.policy import ScriptType, make_policy, parse_script_type
-from custody.signer import check_and_sign
-from custody.wallet import init_store
+from custody.identity.keyfile import create_employee_key, create_founder_key, open_employee_key, open_founder_key
+from custody.issuance.issuer import export_addresses, issue_addresses, list_addresses
+from custody.policy.model import make_policy
+from custody.store.db import Database
+from custody.withdraw import queue as wd
+from custody.withdraw.signer import check_and_sign
 from custody_cli import output
 from custody_cli.commands_policy import write_manifest
 from custody_cli.context import example

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from custody.errors import InputError
 
-CHAINS = ("embedded", "node")
+CHAIN_BACKENDS = ("embedded", "node")
 """Values of ``CUSTODY_CHAIN``: the embedded regtest chain, or a node over JSON-RPC."""
 
 
@@ -71,8 +71,8 @@ class Settings:
         cookie = env.get("CUSTODY_NODE_COOKIE") or None
         datadir = env.get("CUSTODY_NODE_DATADIR") or str(home_path / "node")
         chain = env.get("CUSTODY_CHAIN") or "node"
-        if chain not in CHAINS:
-            raise InputError(f"CUSTODY_CHAIN must be one of {', '.join(CHAINS)}, not {chain!r}")
+        if chain not in CHAIN_BACKENDS:
+            raise InputError(f"CUSTODY_CHAIN must be one of {', '.join(CHAIN_BACKENDS)}, not {chain!r}")
         chain_datadir = env.get("CUSTODY_CHAIN_DATADIR") or str(home_path / "chain")
         return cls(
             home_path,

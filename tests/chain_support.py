@@ -1,4 +1,4 @@
-"""Multisig spends for the chain tests: built and signed with custody.psbt, then tampered with."""
+"""Multisig spends for the chain tests: built and signed with custody.bitcoin.psbt, then tampered with."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 from bitcoin.core import CTransaction
 
-from custody import psbt as psbt_lib
-from custody.addresses import AddressDeriver, DerivedAddress
-from custody.chain.backend import Utxo
-from custody.network import get_network
-from custody.policy import Policy, ScriptType, make_policy
-from custody.txbuild import Coin, build_transaction
+from custody.bitcoin import psbt as psbt_lib
+from custody.bitcoin.network import get_network
+from custody.bitcoin.script import ScriptType
+from custody.bitcoin.txbuild import Coin, build_transaction
+from custody.chain.types import Utxo
+from custody.policy.generator import AddressDeriver, DerivedAddress
+from custody.policy.model import Policy, make_policy
 from tests.support import TestFounder, founders
 
 SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141

@@ -6,8 +6,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from custody.audit_log import verify_chain
-from custody.db import Database
+from custody.control.audit_log import verify_chain
+from custody.store.db import Database
 
 StoreDump = dict[str, list[tuple[Any, ...]]]
 
@@ -33,7 +33,7 @@ def dump_store(db_file: Path) -> StoreDump:
 
 
 def audit_problems(db_file: Path) -> list[str]:
-    """What :func:`custody.audit_log.verify_chain` finds wrong with the store's log (empty: intact)."""
+    """What :func:`custody.control.audit_log.verify_chain` finds wrong with the store's log (empty: intact)."""
     db = Database(f"sqlite:///{db_file}")
     try:
         with db.transaction() as s:

@@ -13,8 +13,8 @@ from typing import Any
 
 from click.testing import CliRunner, Result
 
-from custody.keys import ExtendedPrivateKey, KeyOrigin, OriginKey, bip48_path
-from custody.network import Network, get_network
+from custody.bitcoin.keys import ExtendedPrivateKey, KeyOrigin, OriginKey, bip48_path
+from custody.bitcoin.network import Network, get_network
 from custody_cli.main import cli
 
 PASSPHRASE = "correct horse battery staple"

@@ -14,11 +14,9 @@ from typing import Any
 
 import pytest
 
-from custody.addresses import AddressDeriver, multisig_script, script_pubkey_for
-from custody.bech32 import decode_segwit, encode_segwit
-from custody.descriptors import check_checksum
-from custody.errors import InputError
-from custody.keys import (
+from custody.bitcoin.bech32 import decode_segwit, encode_segwit
+from custody.bitcoin.descriptors import check_checksum
+from custody.bitcoin.keys import (
     HARDENED,
     b58check_decode,
     b58check_encode,
@@ -27,8 +25,11 @@ from custody.keys import (
     parse_xpub,
     split_origin,
 )
-from custody.network import MAINNET, NETWORKS, REGTEST, Network
-from custody.policy import Policy, ScriptType, make_policy
+from custody.bitcoin.network import MAINNET, NETWORKS, REGTEST, Network
+from custody.bitcoin.script import ScriptType
+from custody.errors import InputError
+from custody.policy.generator import AddressDeriver, multisig_script, script_pubkey_for
+from custody.policy.model import Policy, make_policy
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 BIP67: dict[str, Any] = json.loads((FIXTURES / "bip67.json").read_text())
@@ -93,7 +94,7 @@ def test_network_parameter_cases_cover_every_network_but_signet() -> None:
 # A deliberately small reader for the multisig descriptors of the fixture: an optional
 # sh( / wsh( / sh(wsh( wrapper around multi( or sortedmulti(, a threshold, and key
 # expressions that are hex public keys or [origin]xpub/xprv with a derivation suffix
-# ending in an optional /* (or /*' on private keys). Keys are derived with custody.keys,
+# ending in an optional /* (or /*' on private keys). Keys are derived with custody.bitcoin.keys,
 # whose derivation is checked against BIP-32's vectors in test_keys.py.
 
 _DESCRIPTOR_RE = re.compile(

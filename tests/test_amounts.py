@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from custody.amounts import (
+from custody.bitcoin.amounts import (
     MAX_MONEY,
     btc_decimal,
     format_btc,

@@ -81,3 +81,23 @@ def test_import_linter_contracts_hold() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "broken" not in result.stdout.lower() or " 0 broken" in result.stdout.lower()
+
+
+def test_every_library_package_is_installed() -> None:
+    """pyproject.toml lists the packages setuptools installs; a folder missing there would be
+    importable from the checkout but absent from an installed custody."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(d.relative_to(ROOT).parts)
+        for d in [ROOT / "custody", *(ROOT / "custody").rglob("*")]
+        if d.is_dir() and (d / "__init__.py").exists()
+    }
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+
+
+def test_every_layer_folder_says_what_it_holds() -> None:
+    for init in (ROOT / "custody").glob("*/__init__.py"):
+        tree = ast.parse(init.read_text())
+        assert ast.get_docstring(tree), f"{init.relative_to(ROOT)} needs a docstring saying what the layer holds"

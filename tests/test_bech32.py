@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from custody.bech32 import decode_segwit, encode_segwit
+from custody.bitcoin.bech32 import decode_segwit, encode_segwit
 from custody.errors import InputError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

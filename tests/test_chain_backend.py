@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from custody.chain import backend as backend_module
-from custody.chain.backend import RpcBackend, backend_for, connect
+from custody.chain import node as backend_module
+from custody.chain.backend import backend_for
+from custody.chain.node import RpcBackend, connect
 from custody.chain.regtest import NodeInfo
 from custody.chain.rpc import RpcClient
 from custody.config import Settings

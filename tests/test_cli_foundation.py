@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from custody.descriptors import check_checksum
+from custody.bitcoin.descriptors import check_checksum
 from tests.support import PASSPHRASE, Custody, founders
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 
 from custody.chain.regtest import NodeInfo
 from custody.chain.rpc import RpcClient
-from custody.db import normalize_url
+from custody.store.db import normalize_url
 from tests.withdraw_support import Shop
 
 pytestmark = [pytest.mark.postgres, pytest.mark.regtest]

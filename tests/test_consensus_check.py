@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from bitcoin.core import CMutableTransaction, CScript, CTransaction
 
-from custody.chain.backend import ChainBackend, Utxo, connect
 from custody.chain.consensus import check_before_broadcast, signature_problem
 from custody.chain.embedded import COINBASE_MATURITY, open_chain
+from custody.chain.node import connect
+from custody.chain.types import ChainBackend, Utxo
 from custody.errors import InputError, NodeError
 from tests.chain_support import (
     Multisig,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from custody.audit_log import verify_chain
 from custody.chain.regtest import NodeInfo
 from custody.chain.rpc import RpcClient
-from custody.db import Database
+from custody.control.audit_log import verify_chain
 from custody.faults import POINTS
+from custody.store.db import Database
 from tests.support import Custody, founders, run_cli
 from tests.withdraw_support import Shop
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from custody.descriptors import add_checksum, check_checksum, descriptor_checksum
+from custody.bitcoin.descriptors import add_checksum, check_checksum, descriptor_checksum
 from custody.errors import InputError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

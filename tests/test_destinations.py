@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from custody.destinations import dust_limit, parse_destination
+from custody.bitcoin.destinations import dust_limit, parse_destination
+from custody.bitcoin.network import MAINNET, NETWORKS, REGTEST, TESTNET, Network
 from custody.errors import InputError
-from custody.network import MAINNET, NETWORKS, REGTEST, TESTNET, Network
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 BASE58 = json.loads((FIXTURES / "base58.json").read_text())

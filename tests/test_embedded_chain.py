@@ -1,6 +1,6 @@
 """The embedded regtest chain: Bitcoin Core's consensus code (libbitcoinkernel), no node.
 
-Multisig spends are built and signed with custody.psbt; whether blocks and transactions are
+Multisig spends are built and signed with custody.bitcoin.psbt; whether blocks and transactions are
 valid is the kernel's word, never ours: a block is refused when the kernel's tip does not move.
 """
 
@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from custody.chain import embedded
-from custody.chain.backend import Utxo, backend_for
+from custody.chain.backend import backend_for
 from custody.chain.embedded import COINBASE_MATURITY, EmbeddedBackend, open_chain, subsidy
+from custody.chain.types import Utxo
 from custody.config import Settings
 from custody.errors import InputError, NodeError, NotFound
 from tests.chain_support import Multisig, corrupt_signature, fresh_script, multisig, spend

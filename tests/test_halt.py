@@ -186,9 +186,10 @@ def test_verify_command_halts_on_a_tampered_store(shop: tuple[Custody, dict[str,
     assert clean.exit_code == 0, clean.output
     assert json.loads(clean.stdout)["checked"] == 3
     db = sqlite3.connect(c.home / "custody.db")
-    from custody.addresses import AddressDeriver
-    from custody.network import REGTEST
-    from custody.policy import ScriptType, make_policy
+    from custody.bitcoin.network import REGTEST
+    from custody.bitcoin.script import ScriptType
+    from custody.policy.generator import AddressDeriver
+    from custody.policy.model import make_policy
 
     outsiders = founders(tag="outsider")
     other = make_policy(REGTEST, 2, ScriptType.P2WSH, [(f.name, str(f.account)) for f in outsiders])

@@ -30,20 +30,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from custody import keyfile, verify
-from custody import psbt as psbt_lib
-from custody.amounts import MAX_FEE_RATE, MAX_MONEY, format_btc, parse_btc_amount, parse_fee_rate
-from custody.bech32 import decode_segwit, encode_segwit
+from custody import verify
+from custody.bitcoin import psbt as psbt_lib
+from custody.bitcoin.amounts import MAX_FEE_RATE, MAX_MONEY, format_btc, parse_btc_amount, parse_fee_rate
+from custody.bitcoin.bech32 import decode_segwit, encode_segwit
+from custody.bitcoin.descriptors import add_checksum, check_checksum
+from custody.bitcoin.destinations import parse_destination
+from custody.bitcoin.keys import b58check_decode, b58check_encode, parse_origin_xpub, parse_xprv, parse_xpub
+from custody.bitcoin.network import NETWORKS, REGTEST
+from custody.bitcoin.psbt.maps import PSBT_MAGIC
 from custody.chain.regtest import NodeInfo
 from custody.chain.rpc import RpcClient
-from custody.descriptors import add_checksum, check_checksum
-from custody.destinations import parse_destination
 from custody.errors import CustodyError, InputError, KeyFileError
-from custody.keyfile import FounderKey, open_employee_key, open_founder_key, read_header
-from custody.keys import b58check_decode, b58check_encode, parse_origin_xpub, parse_xprv, parse_xpub
-from custody.network import NETWORKS, REGTEST
-from custody.policy import policy_from_manifest
-from custody.signer import PROP_APPROVALS, PROP_META, PROP_REGISTRY, PROPRIETARY_ID, check_and_sign
+from custody.identity import keyfile
+from custody.identity.keyfile import FounderKey, open_employee_key, open_founder_key, read_header
+from custody.policy.model import policy_from_manifest
+from custody.withdraw.signer import PROP_APPROVALS, PROP_META, PROP_REGISTRY, PROPRIETARY_ID, check_and_sign
 from tests.store_support import audit_problems, dump_store
 from tests.support import PASSPHRASE, Custody, founders
 from tests.withdraw_support import Shop
@@ -349,7 +351,8 @@ def _valid_descriptors() -> list[str]:
     d = _fixture("bip380_checksums.json")
     out = [f"{v['descriptor']}#{v['checksum']}" for v in d["valid"]]
     out += [v["descriptor_with_checksum"] for v in d["invalid"]]
-    from custody.policy import ScriptType, make_policy
+    from custody.bitcoin.script import ScriptType
+    from custody.policy.model import make_policy
 
     for script in ScriptType:
         fs = founders(script_index=1 if script is ScriptType.P2SH_P2WSH else 2)
@@ -438,7 +441,7 @@ def test_mutated_psbts(data: bytes) -> None:
 
 
 @FUZZ
-@given(st.binary(max_size=400).map(lambda b: psbt_lib.PSBT_MAGIC + b))
+@given(st.binary(max_size=400).map(lambda b: PSBT_MAGIC + b))
 def test_arbitrary_psbt_bodies(data: bytes) -> None:
     _check_psbt_bytes(data)
 
@@ -452,10 +455,10 @@ def test_psbt_from_base64(text: str) -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        psbt_lib.PSBT_MAGIC + b"\xff" + b"\xff" * 8,  # a key length of 2**64-1
-        psbt_lib.PSBT_MAGIC + b"\x01\x00\xfe\xff\xff\xff\x7f",  # a 2 GiB value announced
-        psbt_lib.PSBT_MAGIC + b"\x01\x00\x0a" + b"\x00" * 4 + b"\xff" + b"\xff" * 8,  # 2**64 inputs
-        psbt_lib.PSBT_MAGIC,
+        PSBT_MAGIC + b"\xff" + b"\xff" * 8,  # a key length of 2**64-1
+        PSBT_MAGIC + b"\x01\x00\xfe\xff\xff\xff\x7f",  # a 2 GiB value announced
+        PSBT_MAGIC + b"\x01\x00\x0a" + b"\x00" * 4 + b"\xff" + b"\xff" * 8,  # 2**64 inputs
+        PSBT_MAGIC,
         b"",
     ],
 )
@@ -542,7 +545,7 @@ def test_mutated_key_file_json(tmp_path: Path, key_files: dict[str, Path]) -> No
         b'{"format": "custody-key", "version": true}',
         b"null",
         b"\x00" * 2_000_000,
-        psbt_lib.PSBT_MAGIC + b"\x00",
+        PSBT_MAGIC + b"\x00",
     ],
 )
 def test_hostile_key_files(tmp_path: Path, content: bytes) -> None:
@@ -557,7 +560,8 @@ def test_hostile_key_files(tmp_path: Path, content: bytes) -> None:
 
 
 def _manifest(script: str = "p2wsh") -> dict[str, Any]:
-    from custody.policy import ScriptType, make_policy
+    from custody.bitcoin.script import ScriptType
+    from custody.policy.model import make_policy
 
     st_ = ScriptType(script)
     fs = founders(script_index=1 if st_ is ScriptType.P2SH_P2WSH else 2)
@@ -781,7 +785,7 @@ def psbt_mutation(draw: st.DrawFn, world: World) -> tuple[psbt_lib.Psbt, bool]:
             elif field == "redeem_script":
                 inp.redeem_script = draw(st.one_of(st.none(), st.binary(max_size=40)))
             elif field == "utxo" and inp.witness_utxo is not None:
-                amount = draw(st.one_of(st.integers(0, psbt_lib._MAX_MONEY), st.just(inp.witness_utxo.amount + 1)))
+                amount = draw(st.one_of(st.integers(0, MAX_MONEY), st.just(inp.witness_utxo.amount + 1)))
                 script = draw(
                     st.one_of(st.just(inp.witness_utxo.script_pubkey), mutated_bytes([inp.witness_utxo.script_pubkey]))
                 )
@@ -814,7 +818,7 @@ def psbt_mutation(draw: st.DrawFn, world: World) -> tuple[psbt_lib.Psbt, bool]:
             n = draw(st.integers(0, len(p.tx.vout) - 1))
             vout = p.tx.vout[n]
             if draw(st.booleans()):
-                vout.nValue = draw(st.integers(0, psbt_lib._MAX_MONEY))
+                vout.nValue = draw(st.integers(0, MAX_MONEY))
             else:
                 from bitcoin.core import CScript
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from custody.addresses import AddressDeriver
+from custody.bitcoin.network import REGTEST
+from custody.bitcoin.script import ScriptType
 from custody.config import Settings
-from custody.db import Database
-from custody.issuance import PARALLEL_MIN, issue_addresses, list_addresses
-from custody.network import REGTEST
-from custody.policy import ScriptType, make_policy
-from custody.wallet import init_store
+from custody.control.wallet import init_store
+from custody.issuance.issuer import PARALLEL_MIN, issue_addresses, list_addresses
+from custody.policy.generator import AddressDeriver
+from custody.policy.model import make_policy
+from custody.store.db import Database
 from tests.support import founders
 
 

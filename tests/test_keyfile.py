@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
-from custody import keyfile
+from custody.bitcoin.keys import parse_origin_xpub, parse_path
+from custody.bitcoin.network import MAINNET, REGTEST
 from custody.errors import Conflict, InputError, KeyFileError
-from custody.keyfile import (
+from custody.identity import keyfile
+from custody.identity.keyfile import (
     EmployeeKey,
     FounderKey,
     create_employee_key,
@@ -26,8 +28,6 @@ from custody.keyfile import (
     open_employee_key,
     open_founder_key,
 )
-from custody.keys import parse_origin_xpub, parse_path
-from custody.network import MAINNET, REGTEST
 
 PASSPHRASE = "correct horse battery staple"
 

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from custody.errors import InputError
-from custody.keys import (
+from custody.bitcoin.keys import (
     HARDENED,
     ExtendedPrivateKey,
     ParentKey,
@@ -23,7 +22,8 @@ from custody.keys import (
     parse_xpub,
     split_origin,
 )
-from custody.network import MAINNET, REGTEST, TESTNET, Network
+from custody.bitcoin.network import MAINNET, REGTEST, TESTNET, Network
+from custody.errors import InputError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 BIP32: dict[str, Any] = json.loads((FIXTURES / "bip32.json").read_text())

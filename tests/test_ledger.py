@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from custody import audit, deposits, ledger, liabilities
-from custody.chain.backend import TxStatus, Utxo
+from custody.books import audit, deposits, ledger, liabilities
+from custody.chain.types import TxStatus, Utxo
 from custody.config import Settings
-from custody.db import Database
+from custody.control.halt import active_halts
 from custody.errors import HaltedError, InputError
-from custody.halt import active_halts
-from custody.models import AuditEntry, LedgerHead, LedgerTxn, WithdrawalRow
+from custody.store.db import Database
+from custody.store.models import AuditEntry, LedgerHead, LedgerTxn, WithdrawalRow
 from tests.support import Custody, founders
 
 

@@ -10,10 +10,10 @@ import coincurve
 import pytest
 from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, b2x, lx
 
-from custody import psbt as psbt_lib
+from custody.bitcoin import psbt as psbt_lib
 from custody.chain.regtest import NodeInfo
 from custody.chain.rpc import RpcClient
-from custody.keyfile import open_founder_key
+from custody.identity.keyfile import open_founder_key
 from tests.support import PASSPHRASE
 from tests.withdraw_support import Shop
 

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from custody import webhook as webhook_lib
+from custody.notify import webhook as webhook_lib
 from tests.support import Custody, founders
 
 SECRET = b"4f1c2b8e9d0a7f6e5d4c3b2a19081726"
@@ -198,9 +198,10 @@ def _lift(c: Custody, keys: dict[str, Path], halt_id: int, who: str) -> None:
 
 def _tamper_and_verify(c: Custody, tmp_path: Path) -> Any:
     """Issue addresses, swap one in the store for an outsider's, verify: exit 3 and a halt."""
-    from custody.addresses import AddressDeriver
-    from custody.network import REGTEST
-    from custody.policy import ScriptType, make_policy
+    from custody.bitcoin.network import REGTEST
+    from custody.bitcoin.script import ScriptType
+    from custody.policy.generator import AddressDeriver
+    from custody.policy.model import make_policy
 
     ok = c("address", "new", "--account", "a", "--count", "2")
     assert ok.exit_code == 0, ok.output
@@ -583,8 +584,8 @@ def custody_home(tmp_path: Path) -> Path:
 def test_which_events_are_told_and_how(event: str, payload: dict[str, Any], kind: str | None, words: str) -> None:
     from datetime import UTC, datetime
 
-    from custody.models import AuditEntry
-    from custody.notify import notification_for
+    from custody.notify.outbox import notification_for
+    from custody.store.models import AuditEntry
 
     entry = AuditEntry(
         seq=5, at=datetime.now(UTC), event=event, actor="alice", payload=json.dumps(payload), prev_hash="0", hash="1"

@@ -26,10 +26,18 @@ from coincurve.ecdsa import cdata_to_der, der_to_cdata, deserialize_compact, ser
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from custody.approvals import APPROVAL_DOMAIN, Approval, RegistryEntry, TxSummary, check_approvals, sign_approval
-from custody.bech32 import encode_segwit
+from custody.bitcoin.bech32 import encode_segwit
 from custody.chain.embedded import COINBASE_MATURITY, open_chain
-from custody.employee_keys import (
+from custody.errors import Conflict, InputError, KeyFileError
+from custody.identity.approvals import (
+    APPROVAL_DOMAIN,
+    Approval,
+    RegistryEntry,
+    TxSummary,
+    check_approvals,
+    sign_approval,
+)
+from custody.identity.employee_keys import (
     SECP256K1_ORDER,
     EmployeeSigner,
     FileSigner,
@@ -37,10 +45,9 @@ from custody.employee_keys import (
     der_from_raw,
     parse_pkcs11_uri,
 )
-from custody.errors import Conflict, InputError, KeyFileError
-from custody.keyfile import EmployeeKey
-from custody.pkcs11_keys import SECP256K1_EC_PARAMS, Pkcs11Signer, generate_token_key
-from custody.signing import sign_statement, statement_digest, verify_statement
+from custody.identity.keyfile import EmployeeKey
+from custody.identity.pkcs11_keys import SECP256K1_EC_PARAMS, Pkcs11Signer, generate_token_key
+from custody.identity.statements import sign_statement, statement_digest, verify_statement
 from tests.chain_support import fresh_script
 from tests.support import Custody, founders
 

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from custody.addresses import AddressDeriver
+from custody.bitcoin.keys import parse_xpub
+from custody.bitcoin.network import MAINNET, REGTEST, TESTNET, Network
+from custody.bitcoin.script import ScriptType, parse_script_type
 from custody.errors import InputError
-from custody.keys import parse_xpub
-from custody.network import MAINNET, REGTEST, TESTNET, Network
-from custody.policy import ScriptType, make_policy, parse_script_type
+from custody.policy.generator import AddressDeriver
+from custody.policy.model import make_policy
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 BIP32: dict[str, Any] = json.loads((FIXTURES / "bip32.json").read_text())

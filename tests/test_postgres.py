@@ -24,8 +24,8 @@ def _issuer(home: Path, url: str, account: str, rounds: int, count: int) -> subp
     code = (
         "import json, sys\n"
         "from custody.config import Settings\n"
-        "from custody.db import Database\n"
-        "from custody.issuance import issue_addresses\n"
+        "from custody.store.db import Database\n"
+        "from custody.issuance.issuer import issue_addresses\n"
         "s = Settings.load()\n"
         "db = Database(s.db_url)\n"
         "out = []\n"

@@ -1,14 +1,14 @@
-"""Tests of custody.psbt: BIP-174 vectors, 2-of-3 spends checked by an independent interpreter.
+"""Tests of custody.bitcoin.psbt: BIP-174 vectors, 2-of-3 spends checked by an independent interpreter.
 
 Expected values come from outside: the BIP-174 text (fixtures/bip174.json) and
-python-bitcoinlib's script interpreter and sighash code, never from custody.psbt itself.
+python-bitcoinlib's script interpreter and sighash code, never from custody.bitcoin.psbt itself.
 
 python-bitcoinlib 0.12.2's ``VerifyScript`` has no segwit support (no SCRIPT_VERIFY_WITNESS,
 no amount or witness arguments). For witness inputs, :func:`_verify_input` therefore runs
 python-bitcoinlib's ``EvalScript`` on the witness stack and witness script itself, with the
 legacy digest its CHECKMULTISIG would use swapped for python-bitcoinlib's own BIP-143
 ``SignatureHash(..., SIGVERSION_WITNESS_V0)``; signatures are checked by its OpenSSL-backed
-``CECKey``, not by libsecp256k1 (which custody.psbt uses).
+``CECKey``, not by libsecp256k1 (which custody.bitcoin.psbt uses).
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ from bitcoin.core.scripteval import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from custody.errors import InputError
-from custody.psbt import (
+from custody.bitcoin.psbt import (
     KeyOrigin,
     ProprietaryKey,
     Psbt,
@@ -66,6 +65,7 @@ from custody.psbt import (
     sign_input,
     valid_signers,
 )
+from custody.errors import InputError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 BIP174 = json.loads((FIXTURES / "bip174.json").read_text())

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from custody.addresses import AddressDeriver
+from custody.bitcoin.descriptors import check_checksum
+from custody.bitcoin.network import REGTEST
+from custody.bitcoin.script import ScriptType
 from custody.chain.rpc import RpcClient
-from custody.descriptors import check_checksum
-from custody.network import REGTEST
-from custody.policy import ScriptType, make_policy
+from custody.policy.generator import AddressDeriver
+from custody.policy.model import make_policy
 from tests.support import founders
 
 pytestmark = pytest.mark.regtest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from custody.models import SCHEMA_VERSION
+from custody.store.models import SCHEMA_VERSION
 from tests.support import Custody, founders
 
 

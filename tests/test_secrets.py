@@ -32,12 +32,12 @@ from typing import Any
 import pytest
 from click.testing import Result
 
-from custody import keyfile
+from custody.bitcoin.keys import ExtendedPrivateKey, b58check_encode
 from custody.chain.regtest import NodeInfo
 from custody.chain.rpc import RpcClient
 from custody.errors import KeyFileError
-from custody.keyfile import open_employee_key, open_founder_key
-from custody.keys import ExtendedPrivateKey, b58check_encode
+from custody.identity import keyfile
+from custody.identity.keyfile import open_employee_key, open_founder_key
 from custody_cli.main import cli
 from tests import withdraw_support
 from tests.store_support import audit_problems, dump_store

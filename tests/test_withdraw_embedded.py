@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from bitcoin.core import CScriptWitness, CTransaction, CTxInWitness, CTxWitness, b2x, x
 
-from custody.bech32 import encode_segwit
+from custody.bitcoin.bech32 import encode_segwit
 from custody.chain.embedded import COINBASE_MATURITY, EmbeddedBackend, open_chain
 from tests.chain_support import fresh_script, high_s
 from tests.support import Custody

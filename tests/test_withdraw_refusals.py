@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from bitcoin.core import CMutableTransaction, CMutableTxOut
 
-from custody import psbt as psbt_lib
-from custody.approvals import sign_approval, summarize
+from custody.bitcoin import psbt as psbt_lib
 from custody.chain.regtest import NodeInfo
 from custody.chain.rpc import RpcClient
-from custody.keyfile import open_employee_key
-from custody.signer import PROP_APPROVALS, PROPRIETARY_ID
+from custody.identity.approvals import sign_approval, summarize
+from custody.identity.keyfile import open_employee_key
+from custody.withdraw.signer import PROP_APPROVALS, PROPRIETARY_ID
 from tests.support import PASSPHRASE, founders
 from tests.withdraw_support import Shop
 
@@ -119,9 +119,10 @@ def test_signer_refuses_a_change_output_that_is_not_ours(shop: Shop) -> None:
     )
     change = meta["change_output"]
     outsider = founders(tag="thief")
-    from custody.addresses import AddressDeriver
-    from custody.network import REGTEST
-    from custody.policy import ScriptType, make_policy
+    from custody.bitcoin.network import REGTEST
+    from custody.bitcoin.script import ScriptType
+    from custody.policy.generator import AddressDeriver
+    from custody.policy.model import make_policy
 
     thief = AddressDeriver(make_policy(REGTEST, 2, ScriptType.P2WSH, [(f.name, str(f.account)) for f in outsider]))
 

@@ -74,8 +74,8 @@ def test_psbt_signed_by_the_node_wallet_imports(
     tmp_path: Path, regtest_node: NodeInfo, funded_wallet: RpcClient
 ) -> None:
     """A founder's key held by the node's own wallet signs our PSBT; the signatures import."""
-    from custody.keyfile import open_founder_key
-    from custody.keys import b58check_encode
+    from custody.bitcoin.keys import b58check_encode
+    from custody.identity.keyfile import open_founder_key
     from tests.support import PASSPHRASE
 
     shop = Shop(tmp_path, regtest_node, funded_wallet)
@@ -155,7 +155,7 @@ def test_signer_refuses_a_batch_that_pays_differently(
 ) -> None:
     from bitcoin.core import CMutableTransaction
 
-    from custody import psbt as psbt_lib
+    from custody.bitcoin import psbt as psbt_lib
 
     shop = Shop(tmp_path, regtest_node, funded_wallet)
     shop.deposit("acct-1", "0.2", count=2)

@@ -7,7 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from custody.bech32 import encode_segwit
+from custody.bitcoin.bech32 import encode_segwit
 from custody.chain.regtest import NodeInfo
 from custody.chain.rpc import RpcClient
 from tests.support import Custody

@@ -30,9 +30,10 @@ import pbk
 from bitcoin.core import CTransaction
 from pbk.script import PrecomputedTransactionData
 
-from custody.destinations import dust_limit
+from custody.bitcoin.destinations import dust_limit
+from custody.bitcoin.encoding import MAX_MONEY, SECP256K1_ORDER
+from custody.bitcoin.script import is_strict_der
 from custody.errors import InputError, NodeError
-from custody.psbt import is_strict_der
 
 CONSENSUS_FLAGS = pbk.ScriptVerificationFlags.ALL
 """P2SH | DERSIG | NULLDUMMY | CHECKLOCKTIMEVERIFY | CHECKSEQUENCEVERIFY | WITNESS | TAPROOT."""
@@ -47,9 +48,7 @@ MAX_P2SH_SIGOPS = 15
 MAX_OP_RETURN_RELAY = 83  # bytes of the whole OP_RETURN script (Core before v30; the stricter limit)
 MAX_STANDARD_VERSION = 3
 MAX_BARE_MULTISIG_KEYS = 3
-MAX_MONEY = 21_000_000 * 100_000_000
 
-SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 STANDARD_SIGHASH_TYPES = frozenset({0x01, 0x02, 0x03, 0x81, 0x82, 0x83})  # ALL/NONE/SINGLE [|ANYONECANPAY]
 
 OP_0 = 0x00

@@ -38,7 +38,6 @@ open chain per directory within the process, and :meth:`EmbeddedBackend.close`.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import sqlite3
 import struct
@@ -63,13 +62,13 @@ from bitcoin.core import (
     b2lx,
 )
 
-from custody.chain.backend import MAX_MINE, AcceptResult, TxStatus, Utxo
+from custody.bitcoin.encoding import MAX_MONEY, read_compact_size, ser_compact_size, sha256d
 from custody.chain.consensus import (
-    MAX_MONEY,
     decode_transaction,
     script_problem,
     standardness_problem,
 )
+from custody.chain.types import MAX_MINE, AcceptResult, TxStatus, Utxo
 from custody.errors import InputError, NodeError, NotFound, StorageError
 
 NETWORK = "regtest"
@@ -137,39 +136,12 @@ def open_chain(datadir: Path) -> EmbeddedBackend:
 # --------------------------------------------------------------------------- serialization
 
 
-def _sha256d(data: bytes) -> bytes:
-    return hashlib.sha256(hashlib.sha256(data).digest()).digest()
-
-
-def _compact_size(n: int) -> bytes:
-    if n < 0xFD:
-        return bytes([n])
-    if n <= 0xFFFF:
-        return b"\xfd" + struct.pack("<H", n)
-    if n <= 0xFFFFFFFF:
-        return b"\xfe" + struct.pack("<I", n)
-    return b"\xff" + struct.pack("<Q", n)
-
-
-def _read_compact_size(f: io.BytesIO) -> int:
-    first = f.read(1)
-    if not first:
-        raise ValueError("truncated")
-    width = {0xFD: 2, 0xFE: 4, 0xFF: 8}.get(first[0])
-    if width is None:
-        return first[0]
-    data = f.read(width)
-    if len(data) != width:
-        raise ValueError("truncated")
-    return int.from_bytes(data, "little")
-
-
 def _merkle_root(leaves: list[bytes]) -> bytes:
     level = list(leaves)
     while len(level) > 1:
         if len(level) % 2:
             level.append(level[-1])
-        level = [_sha256d(level[i] + level[i + 1]) for i in range(0, len(level), 2)]
+        level = [sha256d(level[i] + level[i + 1]) for i in range(0, len(level), 2)]
     return level[0]
 
 
@@ -200,7 +172,7 @@ def _parse_block(raw: bytes) -> _Block:
         header = f.read(80)
         if len(header) != 80:
             raise ValueError("truncated header")
-        count = _read_compact_size(f)
+        count = read_compact_size(f)
         txs = []
         for _ in range(count):
             start = f.tell()
@@ -213,7 +185,7 @@ def _parse_block(raw: bytes) -> _Block:
         raise InputError(f"not a block: {e}") from None
     return _Block(
         raw=raw,
-        hash=_sha256d(header)[::-1].hex(),
+        hash=sha256d(header)[::-1].hex(),
         prev=header[4:36][::-1].hex(),
         time=struct.unpack("<I", header[68:72])[0],
         txs=txs,
@@ -672,7 +644,7 @@ class EmbeddedBackend:
         if any(_has_witness(tx) for tx in txs):
             # BIP-141: OP_RETURN <0xaa21a9ed || sha256d(witness merkle root || reserved value)>
             wtxids = [bytes(32)] + [tx.GetHash() for tx in txs]
-            commitment = _sha256d(_merkle_root(wtxids) + WITNESS_RESERVED)
+            commitment = sha256d(_merkle_root(wtxids) + WITNESS_RESERVED)
             vout.append(CMutableTxOut(0, bytes([OP_RETURN, 0x24]) + WITNESS_MAGIC + commitment))
             witness = CTxWitness([CTxInWitness(CScriptWitness([WITNESS_RESERVED]))])
         coinbase = CTransaction([CMutableTxIn(COutPoint(), script_sig, SEQUENCE_FINAL)], vout, 0, 2, witness)
@@ -683,9 +655,9 @@ class EmbeddedBackend:
         head = struct.pack("<i", BLOCK_VERSION) + bytes.fromhex(tip_hash)[::-1] + merkle
         for nonce in range(1 << 32):
             header = head + struct.pack("<III", block_time, REGTEST_BITS, nonce)
-            if int.from_bytes(_sha256d(header), "little") <= REGTEST_TARGET:
+            if int.from_bytes(sha256d(header), "little") <= REGTEST_TARGET:
                 break
-        body = _compact_size(len(all_txs)) + b"".join(tx.serialize() for tx in all_txs)
+        body = ser_compact_size(len(all_txs)) + b"".join(tx.serialize() for tx in all_txs)
         return _parse_block(header + body)
 
     def _submit(self, block: _Block) -> str | None:

@@ -1,0 +1,734 @@
+"""PSBT maps (BIP-174, version 0): the data model, the strict parser and serializer, the combiner.
+
+The roles of BIP-174 for the three script types custody spends from (``p2wsh``,
+``p2sh-p2wsh`` and ``p2sh``, each around one ``OP_CHECKMULTISIG`` script):
+
+* creator: :meth:`Psbt.from_unsigned_tx`;
+* parser / serializer: :meth:`Psbt.parse`, :meth:`Psbt.from_base64`, :meth:`Psbt.serialize`,
+  :meth:`Psbt.to_base64`: strict; fields we do not know (and proprietary ones) are kept and
+  written back byte for byte;
+* signer: :func:`sign_input`, :func:`sign` (SIGHASH_ALL only, RFC 6979, low-S, DER);
+* combiner: :func:`combine`;
+* finalizer: :func:`finalize` (checks every signature before it uses it);
+* extractor: :func:`extract`.
+
+Every problem with the data is an :class:`~custody.errors.InputError` whose message names the
+map (``global map``, ``input 3``, ``output 0``) and the field.
+
+Serialization order is Bitcoin Core's: known fields by key type; partial signatures by the
+HASH160 of their public key (Core's ``CKeyID`` order); BIP-32 derivations by public key;
+extended public keys by their 78 bytes; then proprietary and unknown records by key bytes.
+
+Segwit sighashes (BIP-143) are computed here, with hashPrevouts, hashSequence and
+hashOutputs computed once per transaction rather than once per input as python-bitcoinlib's
+``SignatureHash`` does (quadratic for large transactions); the test suite cross-checks the
+two. Legacy (``p2sh``) sighashes are python-bitcoinlib's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import coincurve
+from bitcoin.core import (
+    CMutableTransaction,
+    CMutableTxIn,
+    CMutableTxOut,
+    COutPoint,
+    CScript,
+    CTransaction,
+)
+
+from custody.bitcoin.encoding import MAX_MONEY, hash160, ser_compact_size
+from custody.errors import InputError
+
+PSBT_MAGIC = b"psbt\xff"
+
+# Global key types (BIP-174 / BIP-370).
+PSBT_GLOBAL_UNSIGNED_TX = 0x00
+PSBT_GLOBAL_XPUB = 0x01
+PSBT_GLOBAL_VERSION = 0xFB
+PSBT_GLOBAL_PROPRIETARY = 0xFC
+# Input key types.
+PSBT_IN_NON_WITNESS_UTXO = 0x00
+PSBT_IN_WITNESS_UTXO = 0x01
+PSBT_IN_PARTIAL_SIG = 0x02
+PSBT_IN_SIGHASH_TYPE = 0x03
+PSBT_IN_REDEEM_SCRIPT = 0x04
+PSBT_IN_WITNESS_SCRIPT = 0x05
+PSBT_IN_BIP32_DERIVATION = 0x06
+PSBT_IN_FINAL_SCRIPTSIG = 0x07
+PSBT_IN_FINAL_SCRIPTWITNESS = 0x08
+PSBT_IN_PROPRIETARY = 0xFC
+# Output key types.
+PSBT_OUT_REDEEM_SCRIPT = 0x00
+PSBT_OUT_WITNESS_SCRIPT = 0x01
+PSBT_OUT_BIP32_DERIVATION = 0x02
+PSBT_OUT_PROPRIETARY = 0xFC
+
+# Types that BIP-370 defines for PSBT version 2 only and that "must be excluded" from version 0.
+_V2_ONLY_GLOBAL = {
+    0x02: "tx version",
+    0x03: "fallback locktime",
+    0x04: "input count",
+    0x05: "output count",
+    0x06: "tx modifiable flags",
+}
+_V2_ONLY_INPUT = {
+    0x0E: "previous txid",
+    0x0F: "spent output index",
+    0x10: "sequence",
+    0x11: "required time locktime",
+    0x12: "required height locktime",
+}
+_V2_ONLY_OUTPUT = {0x03: "amount", 0x04: "script"}
+_KNOWN_GLOBAL = frozenset({0x00, 0x01, 0xFB, 0xFC, *_V2_ONLY_GLOBAL})
+_KNOWN_INPUT = frozenset({*range(0x00, 0x09), 0xFC, *_V2_ONLY_INPUT})
+_KNOWN_OUTPUT = frozenset({0x00, 0x01, 0x02, 0xFC, *_V2_ONLY_OUTPUT})
+
+
+# --------------------------------------------------------------------------- data model
+
+
+class KeyOrigin(NamedTuple):
+    """Where a key comes from: the master key's fingerprint and the BIP-32 path below it."""
+
+    fingerprint: bytes  # 4 bytes
+    path: tuple[int, ...]  # child numbers; hardened ones have bit 31 set
+
+
+class ProprietaryKey(NamedTuple):
+    """The key of a proprietary record (type 0xFC): identifier, subtype and key data."""
+
+    identifier: bytes
+    subtype: int
+    keydata: bytes
+
+
+@dataclass(frozen=True)
+class WitnessUtxo:
+    """The output an input spends, as PSBT_IN_WITNESS_UTXO carries it."""
+
+    amount: int  # satoshis
+    script_pubkey: bytes
+
+
+@dataclass
+class PsbtInput:
+    """The per-input map of a PSBT."""
+
+    non_witness_utxo: Any = None  # bitcoin.core.CTransaction: the whole previous transaction
+    witness_utxo: WitnessUtxo | None = None
+    partial_sigs: dict[bytes, bytes] = field(default_factory=dict)  # pubkey -> DER sig + hashtype
+    sighash_type: int | None = None
+    redeem_script: bytes | None = None
+    witness_script: bytes | None = None
+    bip32_derivations: dict[bytes, KeyOrigin] = field(default_factory=dict)
+    final_script_sig: bytes | None = None
+    final_script_witness: tuple[bytes, ...] | None = None
+    proprietary: dict[ProprietaryKey, bytes] = field(default_factory=dict)
+    unknown: dict[bytes, bytes] = field(default_factory=dict)  # whole key (type included) -> value
+
+    @property
+    def is_finalized(self) -> bool:
+        return self.final_script_sig is not None or self.final_script_witness is not None
+
+    def copy(self) -> PsbtInput:
+        return PsbtInput(
+            non_witness_utxo=self.non_witness_utxo,  # immutable CTransaction: shared
+            witness_utxo=self.witness_utxo,
+            partial_sigs=dict(self.partial_sigs),
+            sighash_type=self.sighash_type,
+            redeem_script=self.redeem_script,
+            witness_script=self.witness_script,
+            bip32_derivations=dict(self.bip32_derivations),
+            final_script_sig=self.final_script_sig,
+            final_script_witness=self.final_script_witness,
+            proprietary=dict(self.proprietary),
+            unknown=dict(self.unknown),
+        )
+
+
+@dataclass
+class PsbtOutput:
+    """The per-output map of a PSBT."""
+
+    redeem_script: bytes | None = None
+    witness_script: bytes | None = None
+    bip32_derivations: dict[bytes, KeyOrigin] = field(default_factory=dict)
+    proprietary: dict[ProprietaryKey, bytes] = field(default_factory=dict)
+    unknown: dict[bytes, bytes] = field(default_factory=dict)
+
+    def copy(self) -> PsbtOutput:
+        return PsbtOutput(
+            redeem_script=self.redeem_script,
+            witness_script=self.witness_script,
+            bip32_derivations=dict(self.bip32_derivations),
+            proprietary=dict(self.proprietary),
+            unknown=dict(self.unknown),
+        )
+
+
+@dataclass
+class Psbt:
+    """A version 0 PSBT: the unsigned transaction and one map per input and per output."""
+
+    tx: Any  # bitcoin.core.CMutableTransaction, scriptSigs and witnesses empty
+    inputs: list[PsbtInput]
+    outputs: list[PsbtOutput]
+    xpubs: dict[bytes, KeyOrigin] = field(default_factory=dict)  # 78-byte BIP-32 xpub -> origin
+    version: int | None = None  # PSBT_GLOBAL_VERSION; None when the record is absent (= 0)
+    proprietary: dict[ProprietaryKey, bytes] = field(default_factory=dict)
+    unknown: dict[bytes, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def from_unsigned_tx(cls, tx: Any) -> Psbt:
+        """Create a PSBT with empty maps for ``tx`` (the BIP-174 creator).
+
+        Raises InputError if an input of ``tx`` has a scriptSig or a witness.
+        """
+        raw = _serialize_unsigned_tx(tx)  # checks the scriptSigs
+        if not tx.wit.is_null():
+            raise InputError("unsigned transaction: inputs must have no witness")
+        unsigned = _parse_unsigned_tx(raw)
+        return cls(
+            tx=unsigned,
+            inputs=[PsbtInput() for _ in unsigned.vin],
+            outputs=[PsbtOutput() for _ in unsigned.vout],
+        )
+
+    @classmethod
+    def parse(cls, data: bytes) -> Psbt:
+        """Parse a binary PSBT.
+
+        Raises InputError for anything BIP-174 calls invalid (bad magic, duplicate keys, key
+        data where none is allowed, malformed values, a signed or witness-serialized unsigned
+        transaction, missing or extra maps, trailing bytes), for non-minimal compact sizes,
+        for a PSBT version other than 0, and for version 2 fields.
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InputError("a PSBT must be bytes")
+        data = bytes(data)
+        if not data.startswith(PSBT_MAGIC):
+            raise InputError("not a PSBT: it does not start with the magic bytes 'psbt' 0xff")
+        r = _Reader(data, len(PSBT_MAGIC))
+        psbt = _parse_global(r)
+        for i in range(len(psbt.tx.vin)):
+            psbt.inputs.append(_parse_input(_read_map(r, f"input {i}"), f"input {i}"))
+        for i in range(len(psbt.tx.vout)):
+            psbt.outputs.append(_parse_output(_read_map(r, f"output {i}"), f"output {i}"))
+        if r.pos != len(data):
+            raise InputError(
+                f"PSBT has {len(data) - r.pos} trailing bytes after its last output map "
+                f"(the transaction has {len(psbt.tx.vin)} inputs and {len(psbt.tx.vout)} outputs)"
+            )
+        return psbt
+
+    @classmethod
+    def from_base64(cls, text: str) -> Psbt:
+        """Parse a base64 PSBT (RFC 4648, surrounding whitespace allowed).
+
+        Raises InputError for bad base64 and for everything :meth:`parse` refuses.
+        """
+        try:
+            raw = base64.b64decode(text.strip(), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InputError(f"PSBT is not valid base64: {exc}") from None
+        return cls.parse(raw)
+
+    def serialize(self) -> bytes:
+        """Return the binary PSBT.
+
+        Raises InputError if the maps do not match the transaction's inputs and outputs or
+        the unsigned transaction has a scriptSig or a witness.
+        """
+        self.check_maps()
+        if not self.tx.wit.is_null():
+            raise InputError("unsigned transaction: inputs must have no witness")
+        parts = [PSBT_MAGIC, _record(bytes([PSBT_GLOBAL_UNSIGNED_TX]), _serialize_unsigned_tx(self.tx))]
+        for xpub in sorted(self.xpubs):
+            parts.append(_record(bytes([PSBT_GLOBAL_XPUB]) + xpub, _ser_origin(self.xpubs[xpub])))
+        if self.version is not None:
+            parts.append(_record(bytes([PSBT_GLOBAL_VERSION]), struct.pack("<I", self.version)))
+        parts.extend(_extra_records("global map", _KNOWN_GLOBAL, self.proprietary, self.unknown))
+        parts.append(b"\x00")
+        parts.extend(_serialize_input(inp, f"input {i}") for i, inp in enumerate(self.inputs))
+        parts.extend(_serialize_output(out, f"output {i}") for i, out in enumerate(self.outputs))
+        return b"".join(parts)
+
+    def to_base64(self) -> str:
+        """Return the PSBT as base64 (what ``bitcoin-cli`` and wallets exchange)."""
+        return base64.b64encode(self.serialize()).decode("ascii")
+
+    def check_maps(self) -> None:
+        """Raise InputError unless there is one map per input and per output of the transaction."""
+        if len(self.inputs) != len(self.tx.vin) or len(self.outputs) != len(self.tx.vout):
+            raise InputError(
+                f"PSBT has {len(self.inputs)} input maps and {len(self.outputs)} output maps "
+                f"for a transaction with {len(self.tx.vin)} inputs and {len(self.tx.vout)} outputs"
+            )
+
+    def copy(self) -> Psbt:
+        """Return an independent copy (the transaction and every map are copied)."""
+        return Psbt(
+            tx=CMutableTransaction.from_tx(self.tx),
+            inputs=[inp.copy() for inp in self.inputs],
+            outputs=[out.copy() for out in self.outputs],
+            xpubs=dict(self.xpubs),
+            version=self.version,
+            proprietary=dict(self.proprietary),
+            unknown=dict(self.unknown),
+        )
+
+    def unsigned_tx_bytes(self) -> bytes:
+        """The unsigned transaction in network (non-witness) serialization."""
+        return _serialize_unsigned_tx(self.tx)
+
+
+# --------------------------------------------------------------------------- low-level reading
+
+
+class _Reader:
+    """Bounds-checked reading of a byte string; every overrun is an InputError."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes, pos: int = 0) -> None:
+        self.data = data
+        self.pos = pos
+
+    def read(self, n: int, what: str) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise InputError(
+                f"truncated PSBT: {what} needs {n} byte{'' if n == 1 else 's'} at offset "
+                f"{self.pos}, {len(self.data) - self.pos} left"
+            )
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def compact_size(self, what: str) -> int:
+        first = self.read(1, what)[0]
+        if first < 0xFD:
+            return first
+        width = {0xFD: 2, 0xFE: 4, 0xFF: 8}[first]
+        value = int.from_bytes(self.read(width, what), "little")
+        if value < {2: 0xFD, 4: 0x10000, 8: 0x100000000}[width]:
+            raise InputError(f"{what}: compact size {value} is not minimally encoded")
+        return value
+
+    def at_end(self) -> bool:
+        return self.pos == len(self.data)
+
+
+def _record(key: bytes, value: bytes) -> bytes:
+    return ser_compact_size(len(key)) + key + ser_compact_size(len(value)) + value
+
+
+def _read_map(r: _Reader, scope: str) -> list[tuple[int, bytes, bytes, bytes]]:
+    """Read one map up to its 0x00 separator: (key type, key data, whole key, value) records."""
+    records: list[tuple[int, bytes, bytes, bytes]] = []
+    seen: set[bytes] = set()
+    while True:
+        keylen = r.compact_size(f"{scope} map: key length")
+        if keylen == 0:
+            return records
+        key = r.read(keylen, f"{scope} map: key")
+        value = r.read(r.compact_size(f"{scope} map: value length"), f"{scope} map: value")
+        if key in seen:
+            raise InputError(f"{scope}: duplicate key {key.hex()}")
+        seen.add(key)
+        kr = _Reader(key)
+        ktype = kr.compact_size(f"{scope} map: key type")
+        records.append((ktype, key[kr.pos :], key, value))
+
+
+def _no_keydata(scope: str, name: str, keydata: bytes) -> None:
+    if keydata:
+        raise InputError(f"{scope}: {name} key must have no key data, found {keydata.hex()}")
+
+
+def _check_pubkey(scope: str, name: str, pubkey: bytes) -> None:
+    if len(pubkey) not in (33, 65):
+        raise InputError(f"{scope}: {name} key holds a public key of {len(pubkey)} bytes (33 or 65 expected)")
+    try:
+        coincurve.PublicKey(pubkey)
+    except ValueError:
+        raise InputError(f"{scope}: {name} key holds an invalid public key {pubkey.hex()}") from None
+
+
+def _parse_origin(scope: str, name: str, value: bytes) -> KeyOrigin:
+    if len(value) < 4 or len(value) % 4:
+        raise InputError(
+            f"{scope}: {name} value must be a 4-byte fingerprint and 4-byte path elements, found {len(value)} bytes"
+        )
+    path = struct.unpack(f"<{(len(value) - 4) // 4}I", value[4:])
+    return KeyOrigin(value[:4], tuple(path))
+
+
+def _ser_origin(origin: KeyOrigin) -> bytes:
+    if len(origin.fingerprint) != 4:
+        raise InputError(f"key origin fingerprint must be 4 bytes, not {len(origin.fingerprint)}")
+    try:
+        return bytes(origin.fingerprint) + struct.pack(f"<{len(origin.path)}I", *origin.path)
+    except struct.error:
+        raise InputError(f"key origin path {origin.path} has an element out of range") from None
+
+
+def _parse_proprietary(scope: str, keydata: bytes) -> ProprietaryKey:
+    kr = _Reader(keydata)
+    ident = kr.read(kr.compact_size(f"{scope} proprietary key"), f"{scope} proprietary identifier")
+    subtype = kr.compact_size(f"{scope} proprietary subtype")
+    return ProprietaryKey(ident, subtype, keydata[kr.pos :])
+
+
+def _ser_proprietary_key(keytype: int, pk: ProprietaryKey) -> bytes:
+    return (
+        ser_compact_size(keytype)
+        + ser_compact_size(len(pk.identifier))
+        + pk.identifier
+        + ser_compact_size(pk.subtype)
+        + pk.keydata
+    )
+
+
+def _extra_records(
+    scope: str,
+    known: frozenset[int],
+    proprietary: Mapping[ProprietaryKey, bytes],
+    unknown: Mapping[bytes, bytes],
+) -> list[bytes]:
+    """Proprietary and unknown records, ordered by their whole key.
+
+    An "unknown" key must be of a type this map does not define (else parsing it back would
+    read it as that field, or refuse it).
+    """
+    for key in unknown:
+        ktype = _Reader(bytes(key)).compact_size(f"{scope} unknown key")
+        if ktype in known:
+            raise InputError(f"{scope}: unknown record {bytes(key).hex()} has a key type this map defines")
+    items = [(_ser_proprietary_key(0xFC, k), v) for k, v in proprietary.items()]
+    items.extend(unknown.items())
+    items.sort()
+    return [_record(k, v) for k, v in items]
+
+
+# --------------------------------------------------------------------------- transactions
+
+
+def _parse_unsigned_tx(raw: bytes) -> Any:
+    """Parse the unsigned transaction, which BIP-174 requires in non-witness serialization."""
+    try:
+        return _parse_legacy_tx(raw)
+    except InputError:
+        if raw[4:6] == b"\x00\x01":
+            raise InputError(
+                "unsigned transaction is in witness serialization; BIP-174 requires the "
+                "non-witness format with empty scriptSigs"
+            ) from None
+        raise
+
+
+def _parse_legacy_tx(raw: bytes) -> Any:
+    what = "unsigned transaction"
+    r = _Reader(raw)
+    version = struct.unpack("<i", r.read(4, what))[0]
+    vin = []
+    for i in range(r.compact_size(f"{what}: input count")):
+        prev_hash = r.read(32, f"{what}: input {i}")
+        prev_n = struct.unpack("<I", r.read(4, f"{what}: input {i}"))[0]
+        script_sig = r.read(r.compact_size(f"{what}: input {i}"), f"{what}: input {i}")
+        if script_sig:
+            raise InputError(f"{what}: input {i} has a non-empty scriptSig")
+        sequence = struct.unpack("<I", r.read(4, f"{what}: input {i}"))[0]
+        vin.append(CMutableTxIn(COutPoint(prev_hash, prev_n), CScript(), sequence))
+    vout = []
+    for i in range(r.compact_size(f"{what}: output count")):
+        amount = struct.unpack("<q", r.read(8, f"{what}: output {i}"))[0]
+        if not 0 <= amount <= MAX_MONEY:
+            raise InputError(f"{what}: output {i} amount {amount} is out of range")
+        spk = r.read(r.compact_size(f"{what}: output {i}"), f"{what}: output {i}")
+        vout.append(CMutableTxOut(amount, CScript(spk)))
+    locktime = struct.unpack("<I", r.read(4, f"{what}: locktime"))[0]
+    if not r.at_end():
+        raise InputError(f"{what} has {len(raw) - r.pos} trailing bytes")
+    return CMutableTransaction(vin, vout, locktime, version)
+
+
+def _serialize_unsigned_tx(tx: Any) -> bytes:
+    parts = [struct.pack("<i", tx.nVersion), ser_compact_size(len(tx.vin))]
+    for i, txin in enumerate(tx.vin):
+        if len(txin.scriptSig):
+            raise InputError(f"unsigned transaction: input {i} has a non-empty scriptSig")
+        parts.append(bytes(txin.prevout.hash) + struct.pack("<I", txin.prevout.n) + b"\x00")
+        parts.append(struct.pack("<I", txin.nSequence))
+    parts.append(ser_compact_size(len(tx.vout)))
+    parts.extend(_ser_txout(o.nValue, bytes(o.scriptPubKey)) for o in tx.vout)
+    parts.append(struct.pack("<I", tx.nLockTime))
+    return b"".join(parts)
+
+
+def _ser_txout(amount: int, script_pubkey: bytes) -> bytes:
+    return struct.pack("<q", amount) + ser_compact_size(len(script_pubkey)) + script_pubkey
+
+
+def _parse_full_tx(scope: str, raw: bytes) -> Any:
+    """A previous transaction (witness serialization allowed), canonically encoded."""
+    try:
+        tx = CTransaction.deserialize(raw)
+    except Exception as exc:  # python-bitcoinlib raises struct.error, ValueError, its own errors
+        raise InputError(f"{scope}: non-witness UTXO is not a valid transaction: {exc}") from None
+    if tx.serialize() != raw:
+        raise InputError(f"{scope}: non-witness UTXO is not canonically encoded")
+    return tx
+
+
+def _parse_witness_stack(scope: str, value: bytes) -> tuple[bytes, ...]:
+    r = _Reader(value)
+    what = f"{scope} final scriptWitness"
+    items = tuple(r.read(r.compact_size(what), what) for _ in range(r.compact_size(what)))
+    if not r.at_end():
+        raise InputError(f"{what} has {len(value) - r.pos} trailing bytes")
+    return items
+
+
+def _ser_witness_stack(items: Sequence[bytes]) -> bytes:
+    return ser_compact_size(len(items)) + b"".join(ser_compact_size(len(x)) + x for x in items)
+
+
+# --------------------------------------------------------------------------- maps
+
+
+def _parse_global(r: _Reader) -> Psbt:
+    scope = "global map"
+    tx = None
+    xpubs: dict[bytes, KeyOrigin] = {}
+    version: int | None = None
+    proprietary: dict[ProprietaryKey, bytes] = {}
+    unknown: dict[bytes, bytes] = {}
+    for ktype, keydata, key, value in _read_map(r, scope):
+        if ktype == PSBT_GLOBAL_UNSIGNED_TX:
+            _no_keydata(scope, "unsigned transaction", keydata)
+            tx = _parse_unsigned_tx(value)
+        elif ktype == PSBT_GLOBAL_XPUB:
+            if len(keydata) != 78:
+                raise InputError(f"{scope}: extended public key must be 78 bytes, found {len(keydata)}")
+            _check_pubkey(scope, "extended public key", keydata[45:])
+            if keydata[45] not in (2, 3):
+                raise InputError(f"{scope}: extended public key holds no compressed public key")
+            origin = _parse_origin(scope, "extended public key", value)
+            if len(origin.path) != keydata[4]:
+                raise InputError(
+                    f"{scope}: extended public key of depth {keydata[4]} has a derivation path "
+                    f"of {len(origin.path)} elements"
+                )
+            xpubs[keydata] = origin
+        elif ktype == PSBT_GLOBAL_VERSION:
+            _no_keydata(scope, "PSBT version", keydata)
+            if len(value) != 4:
+                raise InputError(f"{scope}: PSBT version must be 4 bytes, found {len(value)}")
+            version = struct.unpack("<I", value)[0]
+            if version != 0:
+                raise InputError(f"unsupported PSBT version {version}: only version 0 is supported")
+        elif ktype == PSBT_GLOBAL_PROPRIETARY:
+            proprietary[_parse_proprietary(scope, keydata)] = value
+        elif ktype in _V2_ONLY_GLOBAL:
+            raise InputError(f"{scope}: {_V2_ONLY_GLOBAL[ktype]} field is not allowed in a version 0 PSBT")
+        else:
+            unknown[key] = value
+    if tx is None:
+        raise InputError("PSBT has no unsigned transaction (global key type 0x00)")
+    return Psbt(tx=tx, inputs=[], outputs=[], xpubs=xpubs, version=version, proprietary=proprietary, unknown=unknown)
+
+
+def _parse_input(records: list[tuple[int, bytes, bytes, bytes]], scope: str) -> PsbtInput:
+    inp = PsbtInput()
+    for ktype, keydata, key, value in records:
+        if ktype == PSBT_IN_NON_WITNESS_UTXO:
+            _no_keydata(scope, "non-witness UTXO", keydata)
+            inp.non_witness_utxo = _parse_full_tx(scope, value)
+        elif ktype == PSBT_IN_WITNESS_UTXO:
+            _no_keydata(scope, "witness UTXO", keydata)
+            vr = _Reader(value)
+            amount = struct.unpack("<q", vr.read(8, f"{scope} witness UTXO amount"))[0]
+            spk = vr.read(vr.compact_size(f"{scope} witness UTXO"), f"{scope} witness UTXO script")
+            if not vr.at_end():
+                raise InputError(f"{scope}: witness UTXO has {len(value) - vr.pos} trailing bytes")
+            if not 0 <= amount <= MAX_MONEY:
+                raise InputError(f"{scope}: witness UTXO amount {amount} is out of range")
+            inp.witness_utxo = WitnessUtxo(amount, spk)
+        elif ktype == PSBT_IN_PARTIAL_SIG:
+            _check_pubkey(scope, "partial signature", keydata)
+            if not value:
+                raise InputError(f"{scope}: empty partial signature for {keydata.hex()}")
+            inp.partial_sigs[keydata] = value
+        elif ktype == PSBT_IN_SIGHASH_TYPE:
+            _no_keydata(scope, "sighash type", keydata)
+            if len(value) != 4:
+                raise InputError(f"{scope}: sighash type must be 4 bytes, found {len(value)}")
+            inp.sighash_type = struct.unpack("<I", value)[0]
+        elif ktype == PSBT_IN_REDEEM_SCRIPT:
+            _no_keydata(scope, "redeem script", keydata)
+            inp.redeem_script = value
+        elif ktype == PSBT_IN_WITNESS_SCRIPT:
+            _no_keydata(scope, "witness script", keydata)
+            inp.witness_script = value
+        elif ktype == PSBT_IN_BIP32_DERIVATION:
+            _check_pubkey(scope, "BIP-32 derivation", keydata)
+            inp.bip32_derivations[keydata] = _parse_origin(scope, "BIP-32 derivation", value)
+        elif ktype == PSBT_IN_FINAL_SCRIPTSIG:
+            _no_keydata(scope, "final scriptSig", keydata)
+            inp.final_script_sig = value
+        elif ktype == PSBT_IN_FINAL_SCRIPTWITNESS:
+            _no_keydata(scope, "final scriptWitness", keydata)
+            inp.final_script_witness = _parse_witness_stack(scope, value)
+        elif ktype == PSBT_IN_PROPRIETARY:
+            inp.proprietary[_parse_proprietary(scope, keydata)] = value
+        elif ktype in _V2_ONLY_INPUT:
+            raise InputError(f"{scope}: {_V2_ONLY_INPUT[ktype]} field is not allowed in a version 0 PSBT")
+        else:
+            inp.unknown[key] = value
+    return inp
+
+
+def _parse_output(records: list[tuple[int, bytes, bytes, bytes]], scope: str) -> PsbtOutput:
+    out = PsbtOutput()
+    for ktype, keydata, key, value in records:
+        if ktype == PSBT_OUT_REDEEM_SCRIPT:
+            _no_keydata(scope, "redeem script", keydata)
+            out.redeem_script = value
+        elif ktype == PSBT_OUT_WITNESS_SCRIPT:
+            _no_keydata(scope, "witness script", keydata)
+            out.witness_script = value
+        elif ktype == PSBT_OUT_BIP32_DERIVATION:
+            _check_pubkey(scope, "BIP-32 derivation", keydata)
+            out.bip32_derivations[keydata] = _parse_origin(scope, "BIP-32 derivation", value)
+        elif ktype == PSBT_OUT_PROPRIETARY:
+            out.proprietary[_parse_proprietary(scope, keydata)] = value
+        elif ktype in _V2_ONLY_OUTPUT:
+            raise InputError(f"{scope}: {_V2_ONLY_OUTPUT[ktype]} field is not allowed in a version 0 PSBT")
+        else:
+            out.unknown[key] = value
+    return out
+
+
+def _serialize_input(inp: PsbtInput, scope: str) -> bytes:
+    parts: list[bytes] = []
+    if inp.non_witness_utxo is not None:
+        parts.append(_record(b"\x00", inp.non_witness_utxo.serialize()))
+    if inp.witness_utxo is not None:
+        wu = inp.witness_utxo
+        parts.append(_record(b"\x01", _ser_txout(wu.amount, wu.script_pubkey)))
+    for pub in sorted(inp.partial_sigs, key=hash160):  # Core's CKeyID order
+        parts.append(_record(b"\x02" + pub, inp.partial_sigs[pub]))
+    if inp.sighash_type is not None:
+        parts.append(_record(b"\x03", struct.pack("<I", inp.sighash_type)))
+    if inp.redeem_script is not None:
+        parts.append(_record(b"\x04", inp.redeem_script))
+    if inp.witness_script is not None:
+        parts.append(_record(b"\x05", inp.witness_script))
+    for pub in sorted(inp.bip32_derivations):
+        parts.append(_record(b"\x06" + pub, _ser_origin(inp.bip32_derivations[pub])))
+    if inp.final_script_sig is not None:
+        parts.append(_record(b"\x07", inp.final_script_sig))
+    if inp.final_script_witness is not None:
+        parts.append(_record(b"\x08", _ser_witness_stack(inp.final_script_witness)))
+    parts.extend(_extra_records(scope, _KNOWN_INPUT, inp.proprietary, inp.unknown))
+    parts.append(b"\x00")
+    return b"".join(parts)
+
+
+def _serialize_output(out: PsbtOutput, scope: str) -> bytes:
+    parts: list[bytes] = []
+    if out.redeem_script is not None:
+        parts.append(_record(b"\x00", out.redeem_script))
+    if out.witness_script is not None:
+        parts.append(_record(b"\x01", out.witness_script))
+    for pub in sorted(out.bip32_derivations):
+        parts.append(_record(b"\x02" + pub, _ser_origin(out.bip32_derivations[pub])))
+    parts.extend(_extra_records(scope, _KNOWN_OUTPUT, out.proprietary, out.unknown))
+    parts.append(b"\x00")
+    return b"".join(parts)
+
+
+# --------------------------------------------------------------------------- combiner
+
+
+def combine(psbts: Sequence[Psbt]) -> Psbt:
+    """Merge PSBTs of one unsigned transaction into a new PSBT (the BIP-174 combiner).
+
+    The result holds every record of every PSBT; the arguments are left unchanged.
+    Raises InputError for an empty list, for PSBTs of different transactions, and when two
+    PSBTs give different values for the same record (a custody tool does not pick one).
+    """
+    if not psbts:
+        raise InputError("combine needs at least one PSBT")
+    for p in psbts:
+        p.check_maps()
+    first = psbts[0]
+    unsigned = first.unsigned_tx_bytes()
+    result = first.copy()
+    for n, other in enumerate(psbts[1:], start=1):
+        if other.unsigned_tx_bytes() != unsigned:
+            raise InputError(f"PSBT {n} is for a different unsigned transaction than PSBT 0")
+        if other.version is not None:
+            result.version = max(result.version or 0, other.version)
+        _merge_dict(result.xpubs, other.xpubs, f"PSBT {n} global map", "extended public key")
+        _merge_dict(result.proprietary, other.proprietary, f"PSBT {n} global map", "proprietary")
+        _merge_dict(result.unknown, other.unknown, f"PSBT {n} global map", "unknown record")
+        for i, (mine, theirs) in enumerate(zip(result.inputs, other.inputs, strict=True)):
+            _merge_input(mine, theirs, f"PSBT {n} input {i}")
+        for i, (mo, to) in enumerate(zip(result.outputs, other.outputs, strict=True)):
+            _merge_output(mo, to, f"PSBT {n} output {i}")
+    return result
+
+
+def _merge_dict(dst: dict[Any, Any], src: Mapping[Any, Any], scope: str, what: str) -> None:
+    for k, v in src.items():
+        mine = dst.setdefault(k, v)
+        if mine != v:
+            shown = k.hex() if isinstance(k, bytes) else repr(k)
+            raise InputError(f"{scope}: conflicting values for {what} {shown}")
+
+
+def _merge_scalar(dst: Any, attr: str, src: Any, scope: str, what: str) -> None:
+    theirs = getattr(src, attr)
+    if theirs is None:
+        return
+    mine = getattr(dst, attr)
+    if mine is None:
+        setattr(dst, attr, theirs)
+    elif mine != theirs:
+        raise InputError(f"{scope}: conflicting values for the {what}")
+
+
+def _merge_input(dst: PsbtInput, src: PsbtInput, scope: str) -> None:
+    if src.non_witness_utxo is not None:
+        if dst.non_witness_utxo is None:
+            dst.non_witness_utxo = src.non_witness_utxo
+        elif dst.non_witness_utxo.serialize() != src.non_witness_utxo.serialize():
+            raise InputError(f"{scope}: conflicting values for the non-witness UTXO")
+    _merge_scalar(dst, "witness_utxo", src, scope, "witness UTXO")
+    _merge_dict(dst.partial_sigs, src.partial_sigs, scope, "partial signature of")
+    _merge_scalar(dst, "sighash_type", src, scope, "sighash type")
+    _merge_scalar(dst, "redeem_script", src, scope, "redeem script")
+    _merge_scalar(dst, "witness_script", src, scope, "witness script")
+    _merge_dict(dst.bip32_derivations, src.bip32_derivations, scope, "BIP-32 derivation of")
+    _merge_scalar(dst, "final_script_sig", src, scope, "final scriptSig")
+    _merge_scalar(dst, "final_script_witness", src, scope, "final scriptWitness")
+    _merge_dict(dst.proprietary, src.proprietary, scope, "proprietary")
+    _merge_dict(dst.unknown, src.unknown, scope, "unknown record")
+
+
+def _merge_output(dst: PsbtOutput, src: PsbtOutput, scope: str) -> None:
+    _merge_scalar(dst, "redeem_script", src, scope, "redeem script")
+    _merge_scalar(dst, "witness_script", src, scope, "witness script")
+    _merge_dict(dst.bip32_derivations, src.bip32_derivations, scope, "BIP-32 derivation of")
+    _merge_dict(dst.proprietary, src.proprietary, scope, "proprietary")
+    _merge_dict(dst.unknown, src.unknown, scope, "unknown record")

@@ -1,0 +1,246 @@
+"""PSBT signing: each input's spend checked against its UTXO and scripts (BIP-174's signer
+checks), SIGHASH_ALL digests (BIP-143 for segwit with the transaction-wide hashes computed once,
+python-bitcoinlib's legacy digest for p2sh), RFC 6979 low-S signatures, and signature checks."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import coincurve
+from bitcoin.core import CScript
+from bitcoin.core.script import SIGHASH_ALL, SignatureHash
+
+from custody.bitcoin.encoding import hash160, ser_compact_size, sha256d
+from custody.bitcoin.psbt.maps import Psbt, _ser_txout
+from custody.bitcoin.script import ScriptType, is_low_s, is_p2sh, is_p2wsh, is_strict_der, parse_multisig
+from custody.errors import InputError
+
+_MAX_P2SH_SCRIPT = 520  # a redeem script is one push: MAX_SCRIPT_ELEMENT_SIZE
+_MAX_WITNESS_SCRIPT = 3600  # MAX_STANDARD_P2WSH_SCRIPT_SIZE
+
+
+@dataclass(frozen=True)
+class _Spend:
+    """What spending one input takes: script type, multisig script (script code), amount."""
+
+    kind: ScriptType
+    script: bytes  # the witness script (segwit kinds) or the redeem script (p2sh)
+    amount: int
+    redeem_script: bytes | None  # p2sh and p2sh-p2wsh
+
+
+def _spend_info(psbt: Psbt, i: int) -> _Spend:
+    """Check an input's UTXO and scripts against each other (BIP-174's signer checks)."""
+    scope = f"input {i}"
+    psbt.check_maps()
+    if not 0 <= i < len(psbt.inputs):
+        raise InputError(f"{scope} does not exist (the PSBT has {len(psbt.inputs)} inputs)")
+    inp = psbt.inputs[i]
+    prevout = psbt.tx.vin[i].prevout
+    if inp.sighash_type is not None and inp.sighash_type != SIGHASH_ALL:
+        raise InputError(f"{scope}: sighash type {inp.sighash_type:#x} requested; only SIGHASH_ALL is signed")
+    nwu = inp.non_witness_utxo
+    nwu_out = None
+    if nwu is not None:
+        if nwu.GetTxid() != bytes(prevout.hash):
+            raise InputError(
+                f"{scope}: non-witness UTXO is transaction {nwu.GetTxid()[::-1].hex()}, but the "
+                f"input spends {bytes(prevout.hash)[::-1].hex()}"
+            )
+        if prevout.n >= len(nwu.vout):
+            raise InputError(f"{scope}: non-witness UTXO has no output {prevout.n}")
+        nwu_out = nwu.vout[prevout.n]
+    wu = inp.witness_utxo
+    if wu is not None:
+        if nwu_out is not None and (nwu_out.nValue, bytes(nwu_out.scriptPubKey)) != (
+            wu.amount,
+            wu.script_pubkey,
+        ):
+            raise InputError(f"{scope}: witness UTXO disagrees with the non-witness UTXO")
+        spk, amount = wu.script_pubkey, wu.amount
+    elif nwu_out is not None:
+        spk, amount = bytes(nwu_out.scriptPubKey), nwu_out.nValue
+    else:
+        raise InputError(f"{scope} has no UTXO (neither a witness nor a non-witness UTXO)")
+
+    rs, ws = inp.redeem_script, inp.witness_script
+    if is_p2wsh(spk):
+        if rs is not None:
+            raise InputError(f"{scope}: has a redeem script but spends a P2WSH output")
+        if ws is None:
+            raise InputError(f"{scope}: spends a P2WSH output but has no witness script")
+        if hashlib.sha256(ws).digest() != spk[2:]:
+            raise InputError(f"{scope}: witness script does not match the P2WSH scriptPubKey")
+        return _checked(scope, _Spend(ScriptType.P2WSH, ws, amount, None))
+    if is_p2sh(spk):
+        if rs is None:
+            raise InputError(f"{scope}: spends a P2SH output but has no redeem script")
+        if hash160(rs) != spk[2:22]:
+            raise InputError(f"{scope}: redeem script does not match the P2SH scriptPubKey")
+        if is_p2wsh(rs):
+            if ws is None:
+                raise InputError(f"{scope}: spends a P2SH-P2WSH output but has no witness script")
+            if hashlib.sha256(ws).digest() != rs[2:]:
+                raise InputError(f"{scope}: witness script does not match the redeem script")
+            return _checked(scope, _Spend(ScriptType.P2SH_P2WSH, ws, amount, rs))
+        if wu is not None:
+            raise InputError(f"{scope}: witness UTXO given for a non-witness (P2SH) input")
+        if ws is not None:
+            raise InputError(f"{scope}: witness script given for a non-witness (P2SH) input")
+        return _checked(scope, _Spend(ScriptType.P2SH, rs, amount, rs))
+    raise InputError(f"{scope}: scriptPubKey {spk.hex()} is none of P2WSH, P2SH-P2WSH or P2SH multisig")
+
+
+def _checked(scope: str, spend: _Spend) -> _Spend:
+    limit = _MAX_P2SH_SCRIPT if spend.kind is ScriptType.P2SH else _MAX_WITNESS_SCRIPT
+    if len(spend.script) > limit:
+        raise InputError(f"{scope}: {spend.kind} script of {len(spend.script)} bytes (at most {limit})")
+    return spend
+
+
+class _Bip143:
+    """BIP-143 digests with the three transaction-wide hashes computed once.
+
+    Layout of the preimage (SIGHASH_ALL): nVersion | hashPrevouts | hashSequence | outpoint |
+    scriptCode | amount | nSequence | hashOutputs | nLockTime | sighash type.
+    """
+
+    def __init__(self, tx: Any) -> None:
+        vin = tx.vin
+        self.head = struct.pack("<i", tx.nVersion)
+        self.head += sha256d(b"".join(bytes(t.prevout.hash) + struct.pack("<I", t.prevout.n) for t in vin))
+        self.head += sha256d(b"".join(struct.pack("<I", t.nSequence) for t in vin))
+        self.tail = sha256d(b"".join(_ser_txout(o.nValue, bytes(o.scriptPubKey)) for o in tx.vout)) + struct.pack(
+            "<II", tx.nLockTime, SIGHASH_ALL
+        )
+        self.vin = vin
+
+    def digest(self, i: int, script_code: bytes, amount: int) -> bytes:
+        txin = self.vin[i]
+        return sha256d(
+            self.head
+            + bytes(txin.prevout.hash)
+            + struct.pack("<I", txin.prevout.n)
+            + ser_compact_size(len(script_code))
+            + script_code
+            + struct.pack("<qI", amount, txin.nSequence)
+            + self.tail
+        )
+
+
+def _sighash(psbt: Psbt, i: int, spend: _Spend, cache: _Bip143) -> bytes:
+    if spend.kind is ScriptType.P2SH:
+        return bytes(SignatureHash(CScript(spend.script), psbt.tx, i, SIGHASH_ALL))
+    return cache.digest(i, spend.script, spend.amount)
+
+
+def sighash_for_input(psbt: Psbt, i: int) -> bytes:
+    """The SIGHASH_ALL digest input ``i`` is signed over (32 bytes).
+
+    BIP-143 for p2wsh and p2sh-p2wsh inputs, the legacy digest for p2sh. Raises InputError
+    when the input's UTXO and scripts do not fit together (a hash mismatch, a missing or
+    wrong UTXO, a sighash type other than SIGHASH_ALL, a script type we do not spend).
+    """
+    spend = _spend_info(psbt, i)
+    return _sighash(psbt, i, spend, _Bip143(psbt.tx))
+
+
+def _sign_one(psbt: Psbt, i: int, spend: _Spend, keys: Mapping[bytes, Any], cache: Callable[[], _Bip143]) -> int:
+    """Add the signatures ``keys`` can make for input ``i``; return how many were added."""
+    inp = psbt.inputs[i]
+    added = 0
+    digest: bytes | None = None
+    for pub in parse_multisig(spend.script).pubkeys:
+        key = keys.get(pub)
+        if key is None or pub in inp.partial_sigs:
+            continue  # not our key, or signed already: never sign twice
+        if digest is None:
+            digest = _sighash(psbt, i, spend, cache())
+        inp.partial_sigs[pub] = key.sign(digest, hasher=None) + bytes([SIGHASH_ALL])
+        added += 1
+    return added
+
+
+def sign_input(psbt: Psbt, i: int, privkey: Any) -> bool:
+    """Add ``privkey``'s signature (a ``coincurve.PrivateKey``) to input ``i``.
+
+    Signs SIGHASH_ALL with deterministic (RFC 6979), low-S ECDSA in DER, if the key's
+    compressed public key is in the input's multisig script. Returns True if the input holds
+    this key's signature afterwards (one already there is kept, never made twice), False if
+    the key is not in the script or the input is finalized already.
+    Raises InputError when the input cannot be checked (see :func:`sighash_for_input`) or its
+    script is not an m-of-n multisig.
+    """
+    pub = privkey.public_key.format(compressed=True)
+    if not 0 <= i < len(psbt.inputs):
+        raise InputError(f"input {i} does not exist (the PSBT has {len(psbt.inputs)} inputs)")
+    if psbt.inputs[i].is_finalized:
+        return False
+    spend = _spend_info(psbt, i)
+    if pub not in parse_multisig(spend.script).pubkeys:
+        return False
+    _sign_one(psbt, i, spend, {pub: privkey}, lambda: _Bip143(psbt.tx))
+    return True
+
+
+def sign(psbt: Psbt, privkeys_by_pubkey: Mapping[bytes, Any]) -> int:
+    """Sign every input whose script holds one of the keys; return how many signatures were added.
+
+    ``privkeys_by_pubkey`` maps 33-byte compressed public keys to their ``coincurve.PrivateKey``.
+    Signatures already present are kept; finalized inputs are skipped. Every input is checked
+    before the first signature is made, so on error the PSBT is unchanged. Raises InputError
+    if a private key does not match its public key, or an input cannot be checked (see
+    :func:`sighash_for_input`) or has no m-of-n multisig script.
+    """
+    for pub, key in privkeys_by_pubkey.items():
+        if key.public_key.format(compressed=True) != pub:
+            raise InputError(f"the private key given for {bytes(pub).hex()} is not its key")
+    spends = {}
+    for i, inp in enumerate(psbt.inputs):
+        if not inp.is_finalized:
+            spends[i] = _spend_info(psbt, i)
+            parse_multisig(spends[i].script)
+    cache: list[_Bip143] = []
+
+    def get_cache() -> _Bip143:
+        if not cache:
+            cache.append(_Bip143(psbt.tx))
+        return cache[0]
+
+    return sum(_sign_one(psbt, i, spend, privkeys_by_pubkey, get_cache) for i, spend in spends.items())
+
+
+def _signature_problem(pub: bytes, sig: bytes, digest: bytes) -> str | None:
+    """Why ``sig`` is no valid SIGHASH_ALL signature of ``digest`` by ``pub``; None if it is."""
+    if not is_strict_der(sig):
+        return "not a strict DER signature"
+    if sig[-1] != SIGHASH_ALL:
+        return f"sighash type {sig[-1]:#x} instead of SIGHASH_ALL"
+    if not is_low_s(sig[:-1]):
+        return "high-S signature"
+    try:
+        ok = coincurve.PublicKey(pub).verify(sig[:-1], digest, hasher=None)
+    except ValueError:
+        ok = False
+    return None if ok else "signature does not verify"
+
+
+def valid_signers(psbt: Psbt) -> list[set[bytes]]:
+    """For each input, the public keys whose partial signature is a valid, low-S SIGHASH_ALL
+    signature of that input. The transaction-wide BIP-143 hashes are computed once.
+
+    Raises InputError when an input's spend information is missing or inconsistent.
+    """
+    cache = _Bip143(psbt.tx)
+    out: list[set[bytes]] = []
+    for i, inp in enumerate(psbt.inputs):
+        if not inp.partial_sigs:
+            out.append(set())
+            continue
+        digest = _sighash(psbt, i, _spend_info(psbt, i), cache)
+        out.append({pub for pub, sig in inp.partial_sigs.items() if _signature_problem(pub, sig, digest) is None})
+    return out

@@ -1,0 +1,339 @@
+"""The continuous audit: the ledger recomputed, reserves against liabilities, proof of liabilities.
+
+* :func:`audit_ledger` recomputes the ledger from its entries with SQL aggregation (one
+  ``GROUP BY`` per transaction, one per account, one sum): every transaction sums to zero
+  and has the entries it says, all entries sum to zero, every cached balance equals its
+  entries' sum, the running head equals the recomputation, and the hold of every confirmed
+  withdrawal is empty. Any mismatch raises the trading halt (source ``ledger``).
+* :func:`audit_reserves` adds up the unspent outputs at our verified addresses (through the
+  chain backend) and compares them with customer liabilities (customer and held
+  balances); reserves short of liabilities raise the halt (source ``reserves``).
+* :func:`audit_log_check` re-hashes the whole audit log: an edited, deleted, inserted or
+  reordered entry is found and named, and raises the halt (source ``audit-log``).
+* :func:`write_liabilities` writes the Merkle sum tree of liabilities (custody.books.liabilities)
+  and each account's private proof.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+from sqlmodel import col, select
+
+from custody.books import ledger, liabilities
+from custody.chain.types import ChainBackend
+from custody.clock import iso, now
+from custody.config import Settings
+from custody.control import audit_log, halt
+from custody.control.employees import recorded_keys
+from custody.control.wallet import policy_from_session
+from custody.errors import CustodyError, InputError
+from custody.store.db import Database
+from custody.store.models import AddressRow, EmployeeRow, LedgerAccount, LedgerHead, WithdrawalRow
+
+SHOWN = 20
+"""Problems of one kind listed in full; more are counted."""
+
+_TXNS = text(
+    """
+    SELECT e.txn_id, e.n, e.s, t.id, t.entries, t.total, t.event, t.ref
+    FROM (SELECT txn_id, COUNT(*) AS n, SUM(amount) AS s FROM ledger_entry GROUP BY txn_id) AS e
+    LEFT JOIN ledger_txn AS t ON t.id = e.txn_id
+    WHERE t.id IS NULL OR e.s <> 0 OR e.n <> t.entries OR t.total <> 0
+    ORDER BY e.txn_id
+    LIMIT :limit
+    """
+)
+_EMPTY_TXNS = text(
+    """
+    SELECT t.id, t.event, t.ref FROM ledger_txn AS t
+    WHERE NOT EXISTS (SELECT 1 FROM ledger_entry AS e WHERE e.txn_id = t.id)
+    ORDER BY t.id LIMIT :limit
+    """
+)
+_ACCOUNTS = text(
+    """
+    SELECT e.account_id, e.s, a.key, a.balance
+    FROM (SELECT account_id, SUM(amount) AS s FROM ledger_entry GROUP BY account_id) AS e
+    LEFT JOIN ledger_account AS a ON a.id = e.account_id
+    WHERE a.id IS NULL OR a.balance <> e.s
+    ORDER BY e.account_id
+    LIMIT :limit
+    """
+)
+_IDLE_ACCOUNTS = text(
+    """
+    SELECT a.key, a.balance FROM ledger_account AS a
+    WHERE a.balance <> 0 AND NOT EXISTS (SELECT 1 FROM ledger_entry AS e WHERE e.account_id = a.id)
+    ORDER BY a.id LIMIT :limit
+    """
+)
+_SETTLED_HOLDS = text(
+    """
+    SELECT a.key, a.balance FROM ledger_account AS a
+    JOIN withdrawal AS w ON a.key = 'held:withdrawal-' || CAST(w.id AS TEXT)
+    WHERE w.status = 'confirmed' AND a.balance <> 0
+    ORDER BY w.id LIMIT :limit
+    """
+)
+
+
+def _more(rows: Sequence[Any]) -> str:
+    return f" (and more: the first {SHOWN} are listed)" if len(rows) > SHOWN else ""
+
+
+def audit_ledger(db: Database, settings: Settings, *, halt_on_failure: bool = True) -> dict[str, Any]:
+    """Recompute the whole ledger and compare; raise the halt (source ledger) on any mismatch.
+
+    Returns the report (``ok``, ``problems``, counts, ``halt_id``). Raises StorageError.
+    """
+    db.check_schema()
+    started = time.perf_counter()
+    problems: list[str] = []
+    warnings: list[str] = []
+    with db.transaction() as s:
+        conn = s.connection()
+        head = s.get(LedgerHead, 1)
+        total, count = conn.execute(text("SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM ledger_entry")).one()
+        txns = conn.execute(text("SELECT COUNT(*) FROM ledger_txn")).scalar_one()
+        cached_total, accounts = conn.execute(
+            text("SELECT COALESCE(SUM(balance), 0), COUNT(*) FROM ledger_account")
+        ).one()
+        limit = {"limit": SHOWN + 1}
+        bad_txns = conn.execute(_TXNS, limit).all()
+        empty = conn.execute(_EMPTY_TXNS, limit).all()
+        bad_accounts = conn.execute(_ACCOUNTS, limit).all()
+        idle = conn.execute(_IDLE_ACCOUNTS, limit).all()
+        holds = conn.execute(_SETTLED_HOLDS, limit).all()
+        negative = s.exec(
+            select(LedgerAccount).where(LedgerAccount.kind == "customer", col(LedgerAccount.balance) > 0)
+        ).all()
+    total, count, txns, cached_total = int(total), int(count), int(txns), int(cached_total)
+    if total != 0:
+        problems.append(f"all {count} entries sum to {total} sat, not zero")
+    for txn_id, n, s_, t_id, t_entries, t_total, event, ref in bad_txns[:SHOWN]:
+        if t_id is None:
+            problems.append(f"{n} entries (sum {s_} sat) belong to ledger transaction #{txn_id}, which does not exist")
+            continue
+        what = f"ledger transaction #{txn_id} ({event} for {ref})"
+        if s_ != 0:
+            problems.append(f"{what}: its entries sum to {s_} sat, not zero")
+        if n != t_entries:
+            problems.append(f"{what}: it has {n} entries, and says {t_entries}")
+        if t_total != 0:
+            problems.append(f"{what}: it was recorded with a total of {t_total} sat")
+    if bad_txns:
+        problems[-1] += _more(bad_txns)
+    for txn_id, event, ref in empty[:SHOWN]:
+        problems.append(f"ledger transaction #{txn_id} ({event} for {ref}) has no entries{_more(empty)}")
+    for account_id, s_, key, balance in bad_accounts[:SHOWN]:
+        if key is None:
+            problems.append(f"entries (sum {s_} sat) belong to account #{account_id}, which does not exist")
+        else:
+            problems.append(f"account {key}: its cached balance is {balance} sat, its entries sum to {s_} sat")
+    if bad_accounts:
+        problems[-1] += _more(bad_accounts)
+    for key, balance in idle[:SHOWN]:
+        problems.append(f"account {key} has a cached balance of {balance} sat and no entries{_more(idle)}")
+    if cached_total != 0:
+        problems.append(f"the cached balances of all {accounts} accounts sum to {cached_total} sat, not zero")
+    if head is None:
+        problems.append("the ledger head is missing")
+    else:
+        if head.total != total:
+            problems.append(f"the ledger head's running total is {head.total} sat; the entries sum to {total} sat")
+        if head.entries != count:
+            problems.append(f"the ledger head counts {head.entries} entries; there are {count}")
+        if head.txns != txns:
+            problems.append(f"the ledger head counts {head.txns} transactions; there are {txns}")
+    for key, balance in holds[:SHOWN]:
+        problems.append(f"{key} belongs to a confirmed withdrawal and still holds {-balance} sat{_more(holds)}")
+    for a in negative:
+        warnings.append(f"account {a.name!r} is negative: {-a.balance} sat")
+    report: dict[str, Any] = {
+        "ok": not problems,
+        "problems": problems,
+        "warnings": warnings,
+        "entries": count,
+        "transactions": txns,
+        "accounts": accounts,
+        "total_sat": total,
+        "head": {"total_sat": head.total, "entries": head.entries, "transactions": head.txns} if head else None,
+        "seconds": round(time.perf_counter() - started, 3),
+        "halt_id": None,
+    }
+    _record(db, "audit.ledger", {"ok": not problems, "failures": len(problems), "entries": count})
+    if problems and halt_on_failure:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raised = halt.raise_halt(
+            db, settings, reason=f"ledger audit failed: {problems[0]}{more}", source="ledger", actor="auditor"
+        )
+        report["halt_id"] = raised.id
+    return report
+
+
+def audit_reserves(db: Database, settings: Settings, backend: ChainBackend) -> dict[str, Any]:
+    """Coins on chain at our verified addresses against customer liabilities.
+
+    Liabilities are the customer and held balances, less the holds of broadcast withdrawals
+    whose transaction the chain already confirms (their coins have left; ``custody sync``
+    settles them). Reserves short of liabilities raise the halt (source reserves).
+    Raises NodeError, StorageError.
+    """
+    db.check_schema()
+    with db.transaction() as s:
+        network = policy_from_session(s).network.name
+        scripts = [bytes.fromhex(a.script_pubkey) for a in s.exec(select(AddressRow)).all()]
+        t = ledger.totals(s)
+        inflight = [
+            (w.id or 0, w.txid or "", -ledger.raw_balance(s, ledger.held(w.id or 0)))
+            for w in s.exec(select(WithdrawalRow).where(WithdrawalRow.status == "broadcast")).all()
+            if w.txid
+        ]
+    tip = backend.tip_height()
+    utxos = backend.unspent(scripts) if scripts else []
+    onchain = sum(u.amount for u in utxos)
+    settling = [(wid, amount) for wid, txid, amount in inflight if amount and backend.tx_status(txid).confirmations > 0]
+    liabilities_sat = t.liabilities - sum(amount for _, amount in settling)
+    difference = onchain - liabilities_sat
+    report: dict[str, Any] = {
+        "ok": difference >= 0,
+        "network": network,
+        "tip_height": tip,
+        "reserves_sat": onchain,
+        "outputs": len(utxos),
+        "liabilities_sat": liabilities_sat,
+        "customers_sat": t.customers,
+        "held_sat": t.held,
+        "settling_sat": sum(amount for _, amount in settling),
+        "settling_withdrawals": [wid for wid, _ in settling],
+        "difference_sat": difference,
+        "ledger_asset_sat": t.asset,
+        "at": iso(now()),
+        "halt_id": None,
+    }
+    _record(
+        db,
+        "audit.reserves",
+        {
+            "ok": difference >= 0,
+            "failures": int(difference < 0),
+            "reserves_sat": onchain,
+            "liabilities_sat": liabilities_sat,
+            "tip_height": tip,
+        },
+    )
+    if difference < 0:
+        raised = halt.raise_halt(
+            db,
+            settings,
+            reason=(
+                f"reserves short by {-difference} sat: {onchain} sat on chain at our addresses against "
+                f"{liabilities_sat} sat of customer liabilities (tip height {tip})"
+            ),
+            source="reserves",
+            actor="auditor",
+        )
+        report["halt_id"] = raised.id
+    return report
+
+
+def _record(db: Database, event: str, payload: dict[str, Any]) -> None:
+    """Every audit run is itself a custody event in the log."""
+    with db.transaction() as s:
+        audit_log.append(s, event, "auditor", payload)
+
+
+def audit_log_check(db: Database, settings: Settings, *, halt_on_failure: bool = True) -> dict[str, Any]:
+    """Verify the audit log's hash chain; on any break, raise the trading halt.
+
+    Returns ``{"ok", "entries", "problems": [{"seq", "reason"}], "halt_id"}``.
+    """
+    db.check_schema()
+    with db.transaction() as s:
+        problems = audit_log.verify_chain(s)
+        count = len(audit_log.entries(s))
+        recorded = recorded_keys(s)
+        for row in s.exec(select(EmployeeRow)).all():
+            if recorded.get(row.name) != row.pubkey:
+                why = f"employee {row.name}'s key differs from the one recorded when they were added"
+                problems.append(audit_log.ChainProblem(0, why))
+    report: dict[str, Any] = {
+        "ok": not problems,
+        "entries": count,
+        "problems": [{"seq": p.seq, "reason": p.reason} for p in problems],
+        "halt_id": None,
+    }
+    if problems and halt_on_failure:
+        first = problems[0]
+        reason = f"the audit log is broken at entry {first.seq}: {first.reason} ({len(problems)} problem(s))"
+        try:
+            report["halt_id"] = halt.raise_halt(db, settings, reason=reason, source="audit-log", actor="auditor").id
+        except CustodyError as exc:
+            # A forged entry past the head makes every append fail: the store cannot record
+            # the halt, but the halt file already says halted (raise_halt writes it first).
+            report["halt_error"] = str(exc)
+    return report
+
+
+def write_liabilities(db: Database, out: Path, proofs: Path | None = None) -> dict[str, Any]:
+    """Write the liabilities tree to ``out`` and every account's proof to ``proofs``.
+
+    ``proofs`` (default OUT with ``.proofs.jsonl``) is private: one line per account, each
+    handed to its customer alone; it is written with mode 0600. Negative balances count as
+    zero in the tree and are reported. Raises InputError when a file cannot be written.
+    """
+    db.check_schema()
+    proofs = proofs or out.with_name(out.name.removesuffix(".json") + ".proofs.jsonl")
+    with db.transaction() as s:
+        network = policy_from_session(s).network.name
+        head = s.get(LedgerHead, 1)
+        rows = s.exec(
+            select(LedgerAccount)
+            .where(col(LedgerAccount.kind).in_(ledger.LIABILITY_KINDS))
+            .order_by(col(LedgerAccount.key))
+        ).all()
+    balances: list[tuple[str, int]] = []
+    negative: list[str] = []
+    for a in rows:
+        owed = -a.balance
+        if owed < 0:
+            negative.append(a.key)
+        if a.kind == "customer" or owed != 0:
+            balances.append((a.key, max(owed, 0)))
+    header = {
+        "network": network,
+        "as_of": iso(now()),
+        "ledger_transactions": head.txns if head else 0,
+    }
+    built = liabilities.build(balances, header)
+    _write(out, json.dumps(built.document, indent=1) + "\n", private=False)
+    _write(proofs, "".join(json.dumps(p, sort_keys=True) + "\n" for p in built.proofs), private=True)
+    return {
+        "out": str(out),
+        "proofs": str(proofs),
+        "root": built.document["root"],
+        "accounts": len(balances),
+        "negative_accounts": negative,
+    }
+
+
+def _write(path: Path, content: str, *, private: bool) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,324 @@
+"""Deposits read from the chain and credited to customers in the ledger.
+
+``sync_deposits`` asks the chain backend for the unspent outputs paying our deposit
+addresses (chain 0) and follows each one:
+
+* ``pending``: seen in a block, not yet deep enough; credited at CUSTODY_DEPOSIT_CONFIRMATIONS
+  (default 1) confirmations: Dr asset:onchain, Cr customer (custody.books.ledger), once per outpoint.
+* ``credited``: in the customer's balance. It stays credited when it leaves the unspent set
+  while its transaction stays confirmed (spent, by our withdrawal or otherwise: the reserves
+  audit notices a spend that is not ours). When its transaction is no longer confirmed (the
+  node does not know it, or it is back in the mempool: a reorganisation) the credit is
+  reversed by a visible posting and an audit-log entry; a balance this takes below zero is
+  posted all the same and raises the trading halt naming the account.
+* ``reversed`` / ``dropped``: no longer (or never) credited; credited again when the output
+  is confirmed again.
+
+Deposits buried FINAL_DEPTH blocks deep are no longer re-checked, so that a sync costs the
+same however long the history: unspent outputs come from one scan; only deposits that left
+the unspent set within the last FINAL_DEPTH blocks are asked about one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from custody.bitcoin.amounts import format_btc
+from custody.books import ledger
+from custody.chain.types import ChainBackend, Utxo
+from custody.clock import iso, now
+from custody.config import Settings
+from custody.control import audit_log, halt
+from custody.errors import InputError, NotFound
+from custody.policy.model import RECEIVE
+from custody.store.db import Database
+from custody.store.models import AddressRow, DepositRow, WithdrawalInput, WithdrawalRow
+
+PENDING = "pending"
+CREDITED = "credited"
+REVERSED = "reversed"
+DROPPED = "dropped"
+STATUSES = (PENDING, CREDITED, REVERSED, DROPPED)
+
+FINAL_DEPTH = 100
+"""Confirmations after which a deposit is final: deeper reorganisations are not followed."""
+
+_CHUNK = 500
+
+
+def confirmations_from_env(env: Mapping[str, str]) -> int:
+    """CUSTODY_DEPOSIT_CONFIRMATIONS (default 1). Raises InputError for a malformed value."""
+    text = env.get("CUSTODY_DEPOSIT_CONFIRMATIONS") or "1"
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(f"CUSTODY_DEPOSIT_CONFIRMATIONS takes a whole number, not {text!r}") from None
+    if not 1 <= value <= FINAL_DEPTH:
+        raise InputError(f"CUSTODY_DEPOSIT_CONFIRMATIONS must be 1..{FINAL_DEPTH}, not {value}")
+    return value
+
+
+def view(dep: DepositRow, change: str | None = None) -> dict[str, Any]:
+    """A deposit as ``custody sync`` and ``custody ledger deposits`` show it."""
+    return {
+        "kind": "deposit",
+        "id": dep.id,
+        "outpoint": dep.outpoint,
+        "account": dep.account,
+        "address": dep.address,
+        "amount_sat": dep.amount,
+        "amount": format_btc(dep.amount),
+        "status": dep.status,
+        "height": dep.height,
+        "confirmations": dep.confirmations,
+        "spent": dep.spent,
+        "change": change,
+        "first_seen_at": iso(dep.first_seen_at),
+        "updated_at": iso(dep.updated_at),
+    }
+
+
+def list_deposits(db: Database, account: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+    db.check_schema()
+    with db.transaction() as s:
+        query = select(DepositRow)
+        if account is not None:
+            query = query.where(DepositRow.account == account)
+        if status is not None:
+            query = query.where(DepositRow.status == status)
+        return [view(d) for d in s.exec(query.order_by(col(DepositRow.id))).all()]
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """Where the chain says a deposit's transaction is: confirmations, 0 when not in a block."""
+
+    confirmations: int
+    height: int | None
+    known: bool
+
+
+def _credit(s: Session, dep: DepositRow, actor: str) -> None:
+    again = dep.status in (REVERSED, DROPPED)
+    txn = ledger.deposit_credited(s, dep)
+    dep.status = CREDITED
+    dep.credit_txn = txn.id
+    audit_log.append(
+        s,
+        "deposit.credited",
+        actor,
+        {
+            "outpoint": dep.outpoint,
+            "account": dep.account,
+            "amount": dep.amount,
+            "height": dep.height,
+            "ledger_txn": txn.id,
+            "again": again,
+        },
+    )
+
+
+def _by_outpoint(s: Session, outpoints: Sequence[str]) -> dict[str, DepositRow]:
+    found: dict[str, DepositRow] = {}
+    for start in range(0, len(outpoints), _CHUNK):
+        chunk = outpoints[start : start + _CHUNK]
+        found.update({d.outpoint: d for d in s.exec(select(DepositRow).where(col(DepositRow.outpoint).in_(chunk)))})
+    return found
+
+
+def _spending_withdrawal_txid(s: Session, dep: DepositRow) -> str | None:
+    """The txid of our broadcast or confirmed withdrawal spending this deposit, if any."""
+    row = s.exec(
+        select(WithdrawalRow.txid)
+        .join(WithdrawalInput, col(WithdrawalInput.withdrawal_id) == col(WithdrawalRow.id))
+        .where(WithdrawalInput.txid == dep.txid, WithdrawalInput.vout == dep.vout)
+        .where(col(WithdrawalRow.status).in_(("broadcast", "confirmed")), col(WithdrawalRow.txid).is_not(None))
+    ).first()
+    return row
+
+
+def _where(backend: ChainBackend, dep: DepositRow, spender: str | None) -> _Seen:
+    """Whether a deposit that left the unspent set is still confirmed."""
+    status = backend.tx_status(dep.txid)
+    if status.known and status.confirmations > 0:
+        return _Seen(status.confirmations, status.block_height, True)
+    if spender:  # a node without txindex knows ours: a confirmed spend proves its input confirmed
+        spent_by = backend.tx_status(spender)
+        if spent_by.confirmations > 0:
+            return _Seen(max(spent_by.confirmations, dep.confirmations), dep.height, True)
+    return _Seen(0, None, status.known)
+
+
+def sync_deposits(
+    db: Database, settings: Settings, backend: ChainBackend, confirmations: int = 1
+) -> list[dict[str, Any]]:
+    """Record new deposits, credit those ``confirmations`` deep, reverse those a reorg removed.
+
+    Runs while trading is halted too (it records what the chain says). Returns the deposits
+    that changed. Raises NodeError, StorageError; HaltedError after raising the halt when
+    the ledger does not balance. A reversal that leaves a customer's balance negative raises
+    the halt and is reported (``"halt_id"``), not raised.
+    """
+    db.check_schema()
+    with db.transaction() as s:
+        addresses = {a.script_pubkey: a for a in s.exec(select(AddressRow).where(AddressRow.chain == RECEIVE)).all()}
+        watched = [
+            d.outpoint
+            for d in s.exec(
+                select(DepositRow).where(
+                    col(DepositRow.status).in_((PENDING, CREDITED)), col(DepositRow.final).is_(False)
+                )
+            ).all()
+        ]
+    if not addresses:
+        return []
+    utxos: dict[str, Utxo] = {}
+    for u in backend.unspent([bytes.fromhex(h) for h in addresses]):
+        if u.script_pubkey.hex() in addresses:
+            utxos[f"{u.txid}:{u.vout}"] = u
+    tip = backend.tip_height()
+    changed: list[dict[str, Any]] = []
+    negative: list[tuple[str, str, int]] = []
+
+    with db.transaction() as s:
+        known = _by_outpoint(s, sorted(set(utxos) | set(watched)))
+
+    for outpoint, u in sorted(utxos.items(), key=lambda kv: ((kv[1].height or 0), kv[0])):
+        depth = tip - u.height + 1 if u.height is not None else 0
+        prior = known.get(outpoint)
+        if prior is not None and not _needs_update(prior, u, depth, confirmations):
+            continue
+        with ledger.halting(db, settings), db.transaction() as s:
+            dep = s.exec(select(DepositRow).where(DepositRow.outpoint == outpoint).with_for_update()).first()
+            stamp = now()
+            change = None
+            if dep is None:
+                a = addresses[u.script_pubkey.hex()]
+                dep = DepositRow(
+                    outpoint=outpoint,
+                    txid=u.txid,
+                    vout=u.vout,
+                    amount=u.amount,
+                    account=a.account,
+                    address=a.address,
+                    address_index=a.idx,
+                    status=PENDING,
+                    first_seen_at=stamp,
+                    updated_at=stamp,
+                )
+                s.add(dep)
+                s.flush()
+                audit_log.append(
+                    s,
+                    "deposit.seen",
+                    "sync",
+                    {"outpoint": outpoint, "account": a.account, "amount": u.amount, "height": u.height},
+                )
+                change = "seen"
+            dep.height, dep.confirmations, dep.spent, dep.updated_at = u.height, depth, False, stamp
+            if dep.status in (REVERSED, DROPPED):
+                dep.status = PENDING
+                change = "seen again"
+            if dep.status == PENDING and depth >= confirmations:
+                _credit(s, dep, "sync")
+                change = "credited"
+            if dep.status == CREDITED and depth >= FINAL_DEPTH:
+                dep.final = True
+            s.add(dep)
+            if change is not None:
+                changed.append(view(dep, change))
+
+    for outpoint in watched:
+        if outpoint in utxos:
+            continue
+        with db.transaction() as s:
+            snapshot = s.exec(select(DepositRow).where(DepositRow.outpoint == outpoint)).first()
+            spender = _spending_withdrawal_txid(s, snapshot) if snapshot is not None else None
+        if snapshot is None or snapshot.status not in (PENDING, CREDITED):
+            continue
+        seen = _where(backend, snapshot, spender)
+        with ledger.halting(db, settings), db.transaction() as s:
+            dep = s.exec(select(DepositRow).where(DepositRow.outpoint == outpoint).with_for_update()).first()
+            if dep is None or dep.status not in (PENDING, CREDITED):
+                continue
+            stamp = now()
+            change = None
+            if seen.confirmations > 0:  # spent while its transaction stays confirmed
+                if not dep.spent or dep.confirmations != seen.confirmations:
+                    dep.spent, dep.confirmations = True, seen.confirmations  # recorded; no ledger change
+                    dep.height = seen.height if seen.height is not None else dep.height
+                if dep.status == PENDING and seen.confirmations >= confirmations:
+                    _credit(s, dep, "sync")
+                    change = "credited"
+                if dep.status == CREDITED and seen.confirmations >= FINAL_DEPTH:
+                    dep.final = True
+            elif dep.status == CREDITED:
+                txn = ledger.deposit_reversed(s, dep)
+                dep.status, dep.confirmations, dep.height = REVERSED, 0, None
+                balance = ledger.customer_balance(s, dep.account)
+                audit_log.append(
+                    s,
+                    "deposit.reversed",
+                    "sync",
+                    {
+                        "outpoint": dep.outpoint,
+                        "account": dep.account,
+                        "amount": dep.amount,
+                        "reason": "its transaction is no longer confirmed (chain reorganisation)",
+                        "ledger_txn": txn.id,
+                        "balance_after": balance,
+                    },
+                )
+                if balance < 0:
+                    negative.append((dep.account, dep.outpoint, balance))
+                change = "reversed"
+            elif dep.confirmations or dep.height is not None or not seen.known:
+                # pending and no longer in a block: back in the mempool, or gone
+                dep.status = PENDING if seen.known else DROPPED
+                dep.confirmations, dep.height = 0, None
+                change = "unconfirmed" if seen.known else "dropped"
+            dep.updated_at = stamp
+            s.add(dep)
+            if change is not None:
+                changed.append(view(dep, change))
+
+    for account, outpoint, balance in negative:
+        raised = halt.raise_halt(
+            db,
+            settings,
+            reason=(
+                f"account {account!r} is negative ({balance} sat) after deposit {outpoint} was reversed "
+                "by a chain reorganisation"
+            ),
+            source="ledger",
+            actor="sync",
+        )
+        for item in changed:
+            if item["outpoint"] == outpoint:
+                item["halt_id"] = raised.id
+    return changed
+
+
+def _needs_update(dep: DepositRow, u: Utxo, depth: int, confirmations: int) -> bool:
+    """Whether an unspent deposit's row must change (kept cheap: most rows need nothing)."""
+    if dep.status in (REVERSED, DROPPED):
+        return True
+    if dep.status == PENDING:
+        return True  # its depth grows with every block until it is credited
+    if dep.final:
+        return False
+    return dep.height != u.height or dep.spent or depth >= FINAL_DEPTH
+
+
+def deposit(db: Database, outpoint: str) -> dict[str, Any]:
+    """One deposit by outpoint. Raises NotFound."""
+    db.check_schema()
+    with db.transaction() as s:
+        dep = s.exec(select(DepositRow).where(DepositRow.outpoint == outpoint)).first()
+        if dep is None:
+            raise NotFound(f"no deposit {outpoint}")
+        return view(dep)

@@ -1,0 +1,253 @@
+"""The JSON-RPC backend: a Bitcoin Core compatible node.
+
+Everything is said in scriptPubKeys, ``raw(HEX)`` descriptors and raw transactions, never
+in address strings: the node may be Litecoin Core (regtest in the tests), whose address
+prefixes differ from Bitcoin's, while its script and transaction rules are the same.
+Amounts are integer satoshis; the node's Decimal amounts are converted exactly.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from custody.bitcoin.amounts import sats_from_btc
+from custody.bitcoin.network import NETWORKS
+from custody.chain.rpc import RpcClient, RpcError, expect_chain
+from custody.chain.types import MAX_MINE, AcceptResult, ChainBackend, TxStatus, Utxo
+from custody.errors import InputError, NodeError, NotFound
+
+SCAN_CHUNK = 1000
+"""Descriptors per ``scantxoutset`` call: each call walks the whole UTXO set once."""
+
+SCAN_BUSY_TIMEOUT = 120.0
+"""How long ``unspent`` waits while another client's ``scantxoutset`` runs (one at a time)."""
+
+BACKEND_TIMEOUT = 600.0
+"""Seconds each RPC call may take: a mainnet ``scantxoutset`` runs for minutes."""
+
+# custody's network names and Bitcoin Core's names for the same chains.
+CORE_CHAIN = {"regtest": "regtest", "testnet": "test", "mainnet": "main", "signet": "signet"}
+
+# Bitcoin Core's RPC error codes used below (src/rpc/protocol.h).
+RPC_INVALID_PARAMETER = -8
+RPC_INVALID_ADDRESS_OR_KEY = -5  # also: "No such mempool or blockchain transaction"
+RPC_DESERIALIZATION_ERROR = -22
+RPC_VERIFY_REJECTED = -26
+RPC_VERIFY_ALREADY_IN_CHAIN = -27
+
+_TXID_RE = re.compile(r"[0-9a-f]{64}")
+_ALREADY_KNOWN = ("txn-already-known", "txn-already-in-mempool", "already in block chain")
+
+
+class RpcBackend(ChainBackend):
+    """A ChainBackend over a node's JSON-RPC (Bitcoin Core 0.21 or later, or Litecoin Core).
+
+    ``tx_status`` of a confirmed transaction needs the node to run with ``txindex=1``
+    (``custody node start`` does); without it, a confirmed transaction reads as unknown.
+    The constructor does not contact the node; :func:`connect` also checks its chain.
+    """
+
+    def __init__(self, client: RpcClient, network_name: str) -> None:
+        if network_name not in CORE_CHAIN:
+            raise InputError(f"unknown network {network_name!r}: expected one of {', '.join(CORE_CHAIN)}")
+        self.client = client
+        self.network_name = network_name
+
+    def tip_height(self) -> int:
+        return _int(self.client.call("getblockcount"), "getblockcount")
+
+    def unspent(self, script_pubkeys: Sequence[bytes]) -> list[Utxo]:
+        """Confirmed unspent outputs paying any of ``script_pubkeys``, by height, txid, vout.
+
+        One ``scantxoutset`` per chunk of up to SCAN_CHUNK scripts; duplicates are asked once.
+        Raises InputError for an empty script, NodeError when the scan fails or is aborted.
+        """
+        wanted: dict[str, None] = {}
+        for spk in script_pubkeys:
+            if not spk:
+                raise InputError("cannot look up outputs of an empty scriptPubKey")
+            wanted[bytes(spk).hex()] = None
+        scripts = list(wanted)
+        found: dict[tuple[str, int], Utxo] = {}
+        for start in range(0, len(scripts), SCAN_CHUNK):
+            chunk = scripts[start : start + SCAN_CHUNK]
+            result = self._scan([{"desc": f"raw({h})"} for h in chunk])
+            for entry in _list(result.get("unspents"), "scantxoutset unspents"):
+                utxo = _utxo(entry)
+                if utxo.script_pubkey.hex() in wanted:
+                    found[(utxo.txid, utxo.vout)] = utxo
+        return sorted(found.values(), key=lambda u: (u.height or 0, u.txid, u.vout))
+
+    def _scan(self, objects: list[dict[str, str]]) -> dict[str, Any]:
+        deadline = time.monotonic() + SCAN_BUSY_TIMEOUT
+        delay = 0.2
+        while True:
+            try:
+                result = self.client.call("scantxoutset", "start", objects)
+                break
+            except RpcError as e:
+                # Only one scan runs at a time on a node; wait for another client's to end.
+                busy = e.code == RPC_INVALID_PARAMETER and "in progress" in e.rpc_message
+                if not busy or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if not isinstance(result, dict) or result.get("success") is not True:
+            raise NodeError(f"node at {self.client.address}: scantxoutset did not complete (aborted?)")
+        return result
+
+    def raw_transaction(self, txid: str) -> bytes:
+        """The serialized transaction ``txid``.
+
+        Raises InputError for a malformed txid, NotFound when the node does not know it.
+        """
+        txid = _check_txid(txid)
+        try:
+            answer = self.client.call("getrawtransaction", txid, False)
+        except RpcError as e:
+            if e.code == RPC_INVALID_ADDRESS_OR_KEY:
+                raise NotFound(f"transaction {txid} is not known to the node") from None
+            raise
+        return _hex(answer, "getrawtransaction")
+
+    def test_accept(self, raw_tx: bytes) -> AcceptResult:
+        """Ask the node's ``testmempoolaccept``; a transaction it cannot decode is refused."""
+        try:
+            answer = self.client.call("testmempoolaccept", [bytes(raw_tx).hex()])
+        except RpcError as e:
+            if e.code == RPC_DESERIALIZATION_ERROR:
+                return AcceptResult(False, f"not a transaction: {e.rpc_message}", "")
+            raise
+        results = _list(answer, "testmempoolaccept")
+        if len(results) != 1 or not isinstance(results[0], dict):
+            raise NodeError(f"node at {self.client.address} answered testmempoolaccept with {len(results)} results")
+        result = results[0]
+        allowed = result.get("allowed") is True
+        reason = None if allowed else str(result.get("reject-reason") or "rejected without a reason")
+        return AcceptResult(allowed, reason, _check_txid(str(result.get("txid", "")), node=True))
+
+    def broadcast(self, raw_tx: bytes) -> str:
+        """Send ``raw_tx`` to the node and return its txid.
+
+        Idempotent: a transaction the node already has (in its mempool or in a block) is
+        reported as broadcast. Raises RpcError (a NodeError) when the node refuses it.
+        """
+        hex_tx = bytes(raw_tx).hex()
+        try:
+            return _check_txid(str(self.client.call("sendrawtransaction", hex_tx)), node=True)
+        except RpcError as e:
+            refusal = e
+        try:
+            txid = _check_txid(str(self.client.call("decoderawtransaction", hex_tx)["txid"]), node=True)
+        except (NodeError, KeyError, TypeError):
+            raise refusal from None
+        already = refusal.code == RPC_VERIFY_ALREADY_IN_CHAIN or (
+            refusal.code == RPC_VERIFY_REJECTED and any(s in refusal.rpc_message for s in _ALREADY_KNOWN)
+        )
+        # Confirmed and all outputs spent since, the node answers "missing inputs": ask.
+        if already or self.tx_status(txid).known:
+            return txid
+        raise refusal
+
+    def tx_status(self, txid: str) -> TxStatus:
+        """The transaction's place: unknown, in the mempool, or in a block of the best chain."""
+        txid = _check_txid(txid)
+        try:
+            tx = self.client.call("getrawtransaction", txid, True)
+        except RpcError as e:
+            if e.code == RPC_INVALID_ADDRESS_OR_KEY:
+                return TxStatus(txid, known=False, in_mempool=False, confirmations=0, block_height=None)
+            raise
+        if not isinstance(tx, dict):
+            raise NodeError(f"node at {self.client.address} answered getrawtransaction with no object")
+        blockhash = tx.get("blockhash")
+        confirmations = _int(tx.get("confirmations", 0), "getrawtransaction confirmations")
+        if not blockhash or confirmations <= 0:
+            # In the mempool (no block), or in a block that is no longer in the best chain.
+            return TxStatus(txid, known=True, in_mempool=not blockhash, confirmations=0, block_height=None)
+        header = self.client.call("getblockheader", blockhash, True)
+        height = _int(header.get("height") if isinstance(header, dict) else None, "getblockheader height")
+        return TxStatus(txid, known=True, in_mempool=False, confirmations=confirmations, block_height=height)
+
+    def mine(self, blocks: int, script_pubkey: bytes) -> list[str]:
+        """Mine ``blocks`` blocks with coinbases paying ``script_pubkey``; their hashes.
+
+        Raises NodeError off regtest, InputError for a count outside 1..10000 or an empty script.
+        """
+        if self.network_name != "regtest":
+            raise NodeError(f"mining is for regtest only, and this backend is on {self.network_name}")
+        if not 1 <= blocks <= MAX_MINE:
+            raise InputError(f"number of blocks to mine must be 1..{MAX_MINE}, not {blocks}")
+        if not script_pubkey:
+            raise InputError("cannot mine to an empty scriptPubKey")
+        hashes = _list(
+            self.client.call("generatetodescriptor", blocks, f"raw({bytes(script_pubkey).hex()})"),
+            "generatetodescriptor",
+        )
+        return [str(h) for h in hashes]
+
+
+def connect(client: RpcClient, network_name: str) -> RpcBackend:
+    """An RpcBackend for ``network_name`` after checking that the node runs that chain.
+
+    Raises InputError for an unknown network, NodeError when the node cannot be reached
+    or runs another chain (the message names both).
+    """
+    if network_name not in CORE_CHAIN:
+        raise InputError(f"unknown network {network_name!r}: expected one of {', '.join(NETWORKS)}")
+    try:
+        expect_chain(client, CORE_CHAIN[network_name])
+    except RpcError:
+        raise
+    except NodeError as e:
+        if "is on chain" in str(e):
+            raise NodeError(f"{e} (the policy's network is {network_name})") from None
+        raise
+    return RpcBackend(client, network_name)
+
+
+def _check_txid(txid: str, *, node: bool = False) -> str:
+    if not isinstance(txid, str) or not _TXID_RE.fullmatch(txid):
+        if node:
+            raise NodeError(f"node answered with a malformed txid {txid!r}")
+        raise InputError(f"{txid!r} is not a txid (64 lower-case hex digits)")
+    return txid
+
+
+def _utxo(entry: Any) -> Utxo:
+    if not isinstance(entry, dict):
+        raise NodeError("node answered scantxoutset with a malformed unspent entry")
+    try:
+        amount = sats_from_btc(entry["amount"])
+    except (KeyError, ValueError) as e:
+        raise NodeError(f"node answered scantxoutset with an unusable amount: {e}") from None
+    height = entry.get("height")
+    return Utxo(
+        txid=_check_txid(str(entry.get("txid")), node=True),
+        vout=_int(entry.get("vout"), "scantxoutset vout"),
+        amount=amount,
+        script_pubkey=_hex(entry.get("scriptPubKey"), "scantxoutset scriptPubKey"),
+        height=None if height is None else _int(height, "scantxoutset height"),
+    )
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise NodeError(f"node answered {what} with {value!r}, not an integer")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise NodeError(f"node answered {what} with {type(value).__name__}, not a list")
+    return value
+
+
+def _hex(value: Any, what: str) -> bytes:
+    try:
+        return bytes.fromhex(value)
+    except (TypeError, ValueError):
+        raise NodeError(f"node answered {what} with no hex string") from None

@@ -1,0 +1,123 @@
+"""The append-only, hash-chained record of every custody event.
+
+Each entry is appended in the same database transaction as the event it records. Entry
+``seq`` hashes its own fields together with the hash of entry ``seq - 1``; the chain's tip
+lives in ``audit_head``, whose row lock serializes appends across processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from custody.clock import iso, now
+from custody.errors import StorageError
+from custody.store.models import AuditEntry, AuditHead
+
+GENESIS = "0" * 64
+
+
+def canonical(payload: Any) -> str:
+    """Canonical JSON: sorted keys, no spaces."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def entry_hash(seq: int, at: str, event: str, actor: str, payload: str, signature: str | None, prev: str) -> str:
+    body = canonical([seq, at, event, actor, payload, signature, prev])
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _at(value: datetime) -> str:
+    return iso(value, "microseconds") or ""
+
+
+def append(
+    session: Session,
+    event: str,
+    actor: str,
+    payload: dict[str, Any],
+    signature: str | None = None,
+) -> AuditEntry:
+    """Append one event to the log inside the caller's transaction.
+
+    Raises StorageError when the store has no audit head (not initialised).
+    """
+    head = session.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
+    if head is None:
+        raise StorageError("the store has no audit log head: run `custody init`")
+    at = now()
+    body = canonical(payload)
+    seq = head.seq + 1
+    digest = entry_hash(seq, _at(at), event, actor, body, signature, head.hash)
+    entry = AuditEntry(
+        seq=seq,
+        at=at,
+        event=event,
+        actor=actor,
+        payload=body,
+        signature=signature,
+        prev_hash=head.hash,
+        hash=digest,
+    )
+    session.add(entry)
+    head.seq = seq
+    head.hash = digest
+    session.add(head)
+    session.flush()
+    return entry
+
+
+@dataclass(frozen=True)
+class ChainProblem:
+    seq: int
+    reason: str
+
+
+def verify_chain(session: Session) -> list[ChainProblem]:
+    """Check every entry's hash and link, and the head; return what is wrong (empty = intact)."""
+    problems: list[ChainProblem] = []
+    prev = GENESIS
+    expected_seq = 1
+    for entry in session.exec(select(AuditEntry).order_by(col(AuditEntry.seq))):
+        if entry.seq != expected_seq:
+            problems.append(ChainProblem(entry.seq, f"expected entry {expected_seq}: entries missing or inserted"))
+        if entry.prev_hash != prev:
+            problems.append(ChainProblem(entry.seq, "does not link to the entry before it"))
+        recomputed = entry_hash(
+            entry.seq, _at(entry.at), entry.event, entry.actor, entry.payload, entry.signature, entry.prev_hash
+        )
+        if recomputed != entry.hash:
+            problems.append(ChainProblem(entry.seq, "content does not match its hash (edited)"))
+        prev = entry.hash
+        expected_seq = entry.seq + 1
+    head = session.get(AuditHead, 1)
+    if head is None or head.seq != expected_seq - 1 or head.hash != prev:
+        problems.append(
+            ChainProblem(expected_seq - 1, "the chain's tip does not match the head (entries deleted at the end?)")
+        )
+    return problems
+
+
+def entries(session: Session, limit: int | None = None) -> list[dict[str, Any]]:
+    """The log's entries, oldest first (the last ``limit`` when given)."""
+    query = select(AuditEntry).order_by(col(AuditEntry.seq))
+    rows = list(session.exec(query).all())
+    if limit is not None:
+        rows = rows[-limit:]
+    return [
+        {
+            "seq": e.seq,
+            "at": iso(e.at),
+            "event": e.event,
+            "actor": e.actor,
+            "payload": json.loads(e.payload),
+            "signature": e.signature,
+            "hash": e.hash,
+        }
+        for e in rows
+    ]

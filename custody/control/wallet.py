@@ -1,0 +1,68 @@
+"""Creating the store with its policy, and reading the policy back."""
+
+from __future__ import annotations
+
+from sqlmodel import Session, col, select
+
+from custody.bitcoin.keys import parse_origin_xpub
+from custody.bitcoin.network import get_network
+from custody.bitcoin.script import parse_script_type
+from custody.clock import now
+from custody.control import audit_log
+from custody.errors import Conflict, StorageError
+from custody.policy.model import BRANCHES, Founder, Policy
+from custody.store.db import Database
+from custody.store.models import Counter, FounderRow, PolicyRow
+
+COUNTER_NAMES = {0: "receive", 1: "change"}
+
+
+def init_store(db: Database, policy: Policy, actor: str = "operator") -> None:
+    """Create the schema and store ``policy``; refuse when a policy exists already.
+
+    Raises Conflict (a policy exists: nothing is overwritten), StorageError.
+    """
+    db.ensure_schema()
+    with db.transaction() as s:
+        if s.get(PolicyRow, 1) is not None:
+            raise Conflict(
+                "this store has a policy already; a policy is never overwritten "
+                "(use another --db or CUSTODY_HOME for a new one)"
+            )
+        s.add(
+            PolicyRow(
+                id=1,
+                network=policy.network.name,
+                threshold=policy.threshold,
+                script_type=policy.script_type.value,
+                created_at=now(),
+            )
+        )
+        for position, founder in enumerate(policy.founders):
+            s.add(FounderRow(position=position, name=founder.name, xpub=str(founder.key)))
+        for chain in BRANCHES:
+            if s.get(Counter, COUNTER_NAMES[chain]) is None:
+                s.add(Counter(name=COUNTER_NAMES[chain], next_value=0))
+        audit_log.append(s, "policy.set", actor, policy.to_manifest() | {"descriptors": policy.descriptors()})
+
+
+def policy_from_session(s: Session) -> Policy:
+    """The stored policy. Raises StorageError when there is none or it is unreadable."""
+    row = s.get(PolicyRow, 1)
+    if row is None:
+        raise StorageError("the store has no policy: run `custody init` first")
+    network = get_network(row.network)
+    founders = s.exec(select(FounderRow).order_by(col(FounderRow.position))).all()
+    try:
+        parsed = tuple(Founder(f.name, parse_origin_xpub(f.xpub, network)) for f in founders)
+        script_type = parse_script_type(row.script_type)
+    except Exception as exc:  # a stored policy that does not parse is a damaged store
+        raise StorageError(f"the stored policy is damaged: {exc}") from None
+    return Policy(network, row.threshold, script_type, parsed)
+
+
+def load_policy(db: Database) -> Policy:
+    """Open the store and return its policy. Raises StorageError."""
+    db.check_schema()
+    with db.transaction() as s:
+        return policy_from_session(s)

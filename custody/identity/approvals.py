@@ -1,0 +1,174 @@
+"""Employee approvals, each bound to one exact transaction.
+
+An approval signs the digest of a statement that names the network, the withdrawal, the
+unsigned transaction's id, every input's outpoint and amount, every output's script and
+amount, and the fee. The same statement is rebuilt from the transaction itself at every
+later step (store, offline signer, broadcast), so any change to the transaction after
+approval voids every approval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bitcoin.core import b2lx
+
+from custody.errors import InputError
+from custody.identity.employee_keys import DigestSigner, EmployeeSigner
+from custody.identity.statements import sign_statement, statement_digest, verify_statement
+
+APPROVAL_DOMAIN = "custody/withdrawal-approval/v1"
+REQUIRED_APPROVALS = 2
+
+
+@dataclass(frozen=True)
+class TxSummary:
+    """What an approval commits to."""
+
+    network: str
+    withdrawal_id: int
+    txid: str  # of the unsigned transaction, display order
+    inputs: tuple[tuple[str, int], ...]  # ("txid:vout", amount in satoshis)
+    outputs: tuple[tuple[str, int], ...]  # (scriptPubKey hex, amount in satoshis)
+    fee: int
+
+    def fields(self) -> list[object]:
+        return [
+            self.network,
+            self.withdrawal_id,
+            self.txid,
+            [list(i) for i in self.inputs],
+            [list(o) for o in self.outputs],
+            self.fee,
+        ]
+
+    def digest(self) -> str:
+        return statement_digest(APPROVAL_DOMAIN, self.fields()).hex()
+
+
+def summarize(network: str, withdrawal_id: int, tx: Any, input_amounts: Sequence[int]) -> TxSummary:
+    """The approval statement of ``tx`` (a python-bitcoinlib transaction).
+
+    Raises InputError when the amounts do not match the inputs or outputs exceed inputs.
+    """
+    if len(input_amounts) != len(tx.vin):
+        raise InputError("every input's amount is needed to approve a transaction")
+    inputs = tuple(
+        (f"{b2lx(i.prevout.hash)}:{i.prevout.n}", int(a)) for i, a in zip(tx.vin, input_amounts, strict=True)
+    )
+    outputs = tuple((bytes(o.scriptPubKey).hex(), int(o.nValue)) for o in tx.vout)
+    fee = sum(a for _, a in inputs) - sum(a for _, a in outputs)
+    if fee < 0:
+        raise InputError("the transaction spends more than its inputs hold")
+    return TxSummary(network, withdrawal_id, b2lx(tx.GetTxid()), inputs, outputs, fee)
+
+
+def sign_approval(key: EmployeeSigner | DigestSigner, summary: TxSummary) -> str:
+    """An employee's signature over the summary (hex DER, low S).
+
+    ``key``: an EmployeeSigner (key file or token), or a coincurve-shaped private key.
+    Raises KeyFileError when a token fails.
+    """
+    return sign_statement(key, APPROVAL_DOMAIN, summary.fields())
+
+
+@dataclass(frozen=True)
+class Approval:
+    employee: str
+    pubkey: str
+    signature: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"employee": self.employee, "pubkey": self.pubkey, "signature": self.signature}
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    pubkey: str
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class ApprovalCheck:
+    """Which approvals count, and why the others do not."""
+
+    valid: tuple[str, ...]
+    rejected: tuple[tuple[str, str], ...]  # (employee, reason)
+
+    @property
+    def enough(self) -> bool:
+        return len(self.valid) >= REQUIRED_APPROVALS
+
+    def explain(self) -> str:
+        parts = [f"{len(self.valid)} of {REQUIRED_APPROVALS} valid approvals ({', '.join(self.valid) or 'none'})"]
+        parts += [f"{name}: {why}" for name, why in self.rejected]
+        return "; ".join(parts)
+
+
+def check_approvals(
+    summary: TxSummary,
+    approvals: Sequence[Approval],
+    registry: Mapping[str, RegistryEntry],
+    requester: str,
+) -> ApprovalCheck:
+    """Count distinct, enabled, registered employees (never the requester) whose signature
+    verifies over exactly ``summary``."""
+    valid: list[str] = []
+    rejected: list[tuple[str, str]] = []
+    for a in approvals:
+        entry = registry.get(a.employee)
+        if entry is None:
+            rejected.append((a.employee, "not a registered employee"))
+        elif not entry.enabled:
+            rejected.append((a.employee, "disabled"))
+        elif entry.pubkey != a.pubkey:
+            rejected.append((a.employee, "signed with a key that is not the registered one"))
+        elif a.employee == requester:
+            rejected.append((a.employee, "the requester cannot approve their own withdrawal"))
+        elif not verify_statement(entry.pubkey, a.signature, APPROVAL_DOMAIN, summary.fields()):
+            rejected.append((a.employee, "signature does not cover this exact transaction"))
+        elif a.employee not in valid:
+            valid.append(a.employee)
+    return ApprovalCheck(tuple(sorted(valid)), tuple(rejected))
+
+
+@dataclass(frozen=True)
+class Member:
+    """One withdrawal inside a batch: its own approved transaction and its approvals."""
+
+    summary: TxSummary
+    change_output: int | None
+    check: ApprovalCheck
+
+    @property
+    def payments(self) -> list[tuple[str, int]]:
+        return [o for n, o in enumerate(self.summary.outputs) if n != self.change_output]
+
+
+def check_batch(batch: TxSummary, change_output: int | None, members: Sequence[Member]) -> list[str]:
+    """Why a batch transaction is not covered by its members' approvals (empty: it is).
+
+    A batch is approved by the union of its members' approvals when every member is
+    approved for its own transaction, the batch spends exactly the members' inputs (same
+    amounts), pays exactly every member's payments plus one change output, and its fee is
+    no higher than the members' fees together.
+    """
+    problems = []
+    if len(members) < 2:
+        problems.append("a batch needs at least two withdrawals")
+    for m in members:
+        if not m.check.enough:
+            problems.append(f"withdrawal #{m.summary.withdrawal_id}: {m.check.explain()}")
+    wanted_inputs = sorted(i for m in members for i in m.summary.inputs)
+    if sorted(batch.inputs) != wanted_inputs:
+        problems.append("the batch does not spend exactly its members' inputs")
+    payments = sorted(p for m in members for p in m.payments)
+    outputs = sorted(o for n, o in enumerate(batch.outputs) if n != change_output)
+    if outputs != payments:
+        problems.append("the batch does not pay exactly its members' payments")
+    if batch.fee > sum(m.summary.fee for m in members):
+        problems.append(f"the batch fee {batch.fee} sat is above its members' fees together")
+    return problems

@@ -1,0 +1,327 @@
+"""Issuing deposit (and change) addresses: allocate indexes, derive, verify, store.
+
+Each index is used exactly once: the chain's counter row is bumped with
+``UPDATE ... RETURNING`` inside the same transaction that stores the addresses, so two
+processes (PostgreSQL row lock, SQLite write lock) get disjoint ranges, and a failed
+issuance rolls its range back (no gaps).
+
+Every new address is checked by the independent verifier against the pinned founders'
+manifest before it is stored or shown; a mismatch raises the trading halt and nothing is
+returned.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import repeat
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert, text
+from sqlmodel import Session, col, func, select
+
+from custody import verify
+from custody.clock import iso, now
+from custody.config import Settings
+from custody.control import audit_log, halt
+from custody.control.wallet import COUNTER_NAMES, policy_from_session
+from custody.errors import InputError, NotFound, StorageError, VerificationFailed
+from custody.faults import crash_point
+from custody.policy.generator import AddressDeriver, DerivedAddress
+from custody.policy.model import RECEIVE, Policy
+from custody.store.db import Database
+from custody.store.models import AddressRow
+
+MAX_BATCH = 1_000_000
+
+
+@dataclass(frozen=True)
+class IssuedAddress:
+    chain: int
+    index: int
+    account: str
+    address: str
+    script_pubkey: str
+    script: str
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chain": self.chain,
+            "index": self.index,
+            "account": self.account,
+            "address": self.address,
+            "script_pubkey": self.script_pubkey,
+            "script": self.script,
+            "created_at": iso(self.created_at),
+        }
+
+
+def check_account(account: str) -> str:
+    """Raises InputError for an empty, over-long or non-printable account name."""
+    if not account or len(account) > 128 or not account.isprintable() or account != account.strip():
+        raise InputError("account must be 1 to 128 printable characters without leading or trailing spaces")
+    return account
+
+
+def _row_to_issued(row: AddressRow) -> IssuedAddress:
+    return IssuedAddress(row.chain, row.idx, row.account, row.address, row.script_pubkey, row.script, row.created_at)
+
+
+def load_manifest(settings: Settings) -> verify.Manifest:
+    """The pinned founders' manifest the issuance path verifies against.
+
+    Raises StorageError when it is missing or unreadable: issuing unverified addresses is
+    never an option.
+    """
+    try:
+        return verify.load_manifest(settings.manifest)
+    except FileNotFoundError:
+        raise StorageError(
+            f"the pinned founders' manifest {settings.manifest} is missing: "
+            "restore it (or set CUSTODY_MANIFEST) before issuing addresses"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"the pinned founders' manifest is unusable: {exc}") from None
+
+
+def _allocate(s: Session, chain: int, count: int) -> int:
+    """Reserve ``count`` consecutive indexes of ``chain``; return the first."""
+    row = s.execute(
+        text("UPDATE counter SET next_value = next_value + :n WHERE name = :name RETURNING next_value"),
+        {"n": count, "name": COUNTER_NAMES[chain]},
+    ).first()
+    if row is None:
+        raise StorageError(f"the store has no counter for chain {chain}: run `custody init`")
+    return int(row[0]) - count
+
+
+Checked = tuple[list[DerivedAddress], list[tuple[DerivedAddress, list[str]]]]
+PARALLEL_MIN = 5000  # below this a batch is derived in this process
+_CHUNK = 2500
+_pool: ProcessPoolExecutor | None = None
+
+
+def _derive_range(policy: Policy, manifest: verify.Manifest, chain: int, first: int, count: int) -> Checked:
+    """Derive ``count`` addresses from ``first`` and have the verifier check each one."""
+    deriver = AddressDeriver(policy)
+    good: list[DerivedAddress] = []
+    bad: list[tuple[DerivedAddress, list[str]]] = []
+    for index in range(first, first + count):
+        derived = deriver.derive(chain, index)
+        reasons = verify.verify_address(manifest, chain, index, derived.address)
+        if reasons:
+            bad.append((derived, reasons))
+        else:
+            good.append(derived)
+    return good, bad
+
+
+def _workers() -> ProcessPoolExecutor:
+    """One pool per process, started on first use from a clean forkserver (it inherits no
+    database connection, unlike a plain fork inside the issuing transaction)."""
+    global _pool
+    if _pool is None:
+        _pool = ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=get_context("forkserver"))
+        atexit.register(_pool.shutdown)
+    return _pool
+
+
+def _derive_checked(policy: Policy, manifest: verify.Manifest, chain: int, first: int, count: int) -> Checked:
+    """Derive and verify a range, on every core for a large batch; results in index order."""
+    if count < PARALLEL_MIN or (os.cpu_count() or 1) < 2:
+        return _derive_range(policy, manifest, chain, first, count)
+    starts = range(first, first + count, _CHUNK)
+    sizes = [min(_CHUNK, first + count - start) for start in starts]
+    good: list[DerivedAddress] = []
+    bad: list[tuple[DerivedAddress, list[str]]] = []
+    for chunk_good, chunk_bad in _workers().map(
+        _derive_range, repeat(policy), repeat(manifest), repeat(chain), starts, sizes
+    ):
+        good.extend(chunk_good)
+        bad.extend(chunk_bad)
+    return good, bad
+
+
+class AddressMismatch(VerificationFailed):
+    """A freshly derived address did not verify; raised inside the issuing transaction."""
+
+    def __init__(self, derived: DerivedAddress, reasons: list[str]) -> None:
+        self.derived = derived
+        self.reasons = reasons
+        super().__init__(
+            f"issued address {derived.address} at {derived.chain}/{derived.index} failed verification "
+            f"against the founders' manifest: {'; '.join(reasons)}"
+        )
+
+
+def issue_in_session(
+    s: Session,
+    manifest: verify.Manifest,
+    account: str,
+    count: int = 1,
+    chain: int = RECEIVE,
+    actor: str = "operator",
+) -> list[IssuedAddress]:
+    """Issue addresses inside the caller's transaction (see :func:`issue_addresses`).
+
+    Raises HaltedError, InputError, AddressMismatch (the caller must roll back, then
+    raise the halt with :func:`halt_for_mismatch`), StorageError.
+    """
+    check_account(account)
+    if not 1 <= count <= MAX_BATCH:
+        raise InputError(f"count must be between 1 and {MAX_BATCH}")
+    halt.guard(s)
+    policy = policy_from_session(s)
+    first = _allocate(s, chain, count)
+    crash_point("issuance.allocated")
+    good, failure = _derive_checked(policy, manifest, chain, first, count)
+    if failure:
+        raise AddressMismatch(*failure[0])
+    at = now()
+    issued = [
+        IssuedAddress(d.chain, d.index, account, d.address, d.script_pubkey.hex(), d.script.hex(), at) for d in good
+    ]
+    rows = [
+        {
+            "chain": a.chain,
+            "idx": a.index,
+            "account": a.account,
+            "address": a.address,
+            "script_pubkey": a.script_pubkey,
+            "script": a.script,
+            "created_at": at,
+        }
+        for a in issued
+    ]
+    s.execute(insert(AddressRow), rows)
+    digest = hashlib.sha256("\n".join(a.address for a in issued).encode()).hexdigest()
+    audit_log.append(
+        s,
+        "address.issued",
+        actor,
+        {
+            "account": account,
+            "chain": chain,
+            "first_index": first,
+            "count": count,
+            "addresses_sha256": digest,
+            "first_address": issued[0].address,
+        },
+    )
+    return issued
+
+
+def halt_for_mismatch(db: Database, settings: Settings, exc: AddressMismatch) -> VerificationFailed:
+    """Raise the trading halt for a mismatch (after its transaction rolled back)."""
+    halt.raise_halt(db, settings, reason=str(exc), source="verification", actor="address-issuance")
+    return VerificationFailed(f"{exc} — trading is halted")
+
+
+def issue_addresses(
+    db: Database,
+    settings: Settings,
+    account: str,
+    count: int = 1,
+    chain: int = RECEIVE,
+    actor: str = "operator",
+) -> list[IssuedAddress]:
+    """Issue the next ``count`` addresses of ``chain`` for ``account``.
+
+    Raises HaltedError while trading is halted, InputError for a bad account or count,
+    VerificationFailed (after raising the halt) when a derived address does not verify
+    against the pinned manifest, StorageError.
+    """
+    check_account(account)
+    manifest = load_manifest(settings)
+    try:
+        with db.transaction() as s:
+            issued = issue_in_session(s, manifest, account, count, chain, actor)
+        crash_point("issuance.committed")
+        return issued
+    except AddressMismatch as exc:  # the transaction rolled back: nothing stored
+        raise halt_for_mismatch(db, settings, exc) from None
+
+
+def list_addresses(db: Database, account: str | None = None, chain: int | None = None) -> list[IssuedAddress]:
+    """Issued addresses in index order, optionally of one account or chain."""
+    db.check_schema()
+    with db.transaction() as s:
+        query = select(AddressRow)
+        if account is not None:
+            query = query.where(AddressRow.account == account)
+        if chain is not None:
+            query = query.where(AddressRow.chain == chain)
+        rows = s.exec(query.order_by(col(AddressRow.chain), col(AddressRow.idx))).all()
+        return [_row_to_issued(r) for r in rows]
+
+
+def get_address(db: Database, address: str) -> IssuedAddress:
+    """Raises NotFound when ``address`` was not issued by this store."""
+    db.check_schema()
+    with db.transaction() as s:
+        row = s.exec(select(AddressRow).where(AddressRow.address == address.strip())).first()
+        if row is None:
+            raise NotFound(f"address {address} was not issued by this store")
+        return _row_to_issued(row)
+
+
+def iter_addresses(s: Session, batch: int = 5000) -> Iterator[AddressRow]:
+    """Every issued address in (chain, index) order, read in batches (constant memory)."""
+    last = (-1, -1)
+    while True:
+        rows = s.exec(
+            select(AddressRow)
+            .where(
+                (col(AddressRow.chain) > last[0])
+                | ((col(AddressRow.chain) == last[0]) & (col(AddressRow.idx) > last[1]))
+            )
+            .order_by(col(AddressRow.chain), col(AddressRow.idx))
+            .limit(batch)
+        ).all()
+        if not rows:
+            return
+        yield from rows
+        last = (rows[-1].chain, rows[-1].idx)
+
+
+def count_addresses(s: Session) -> int:
+    return int(s.exec(select(func.count()).select_from(AddressRow)).one())
+
+
+def export_addresses(db: Database, path: Path) -> int:
+    """Write the auditors' export (JSON Lines, docs/FORMATS.md) atomically; return the count."""
+    db.check_schema()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    count = 0
+    try:
+        with db.transaction() as s, open(tmp, "w", encoding="utf-8") as fh:
+            policy = policy_from_session(s)
+            header = {
+                "format": "custody-address-export",
+                "version": 1,
+                "network": policy.network.name,
+                "threshold": policy.threshold,
+                "script_type": policy.script_type.value,
+                "descriptors": policy.descriptors(),
+                "exported_at": iso(now()),
+            }
+            fh.write(json.dumps(header) + "\n")
+            for row in iter_addresses(s):
+                fh.write(json.dumps(_row_to_issued(row).to_dict()) + "\n")
+                count += 1
+            fh.write(json.dumps({"end": True, "count": count}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count

@@ -1,0 +1,105 @@
+"""Running the independent verifier over the store or an export, and acting on its report.
+
+The verifier itself (``custody.verify``) knows nothing of the store or the halt; this module
+feeds it and, on a mismatch, raises the trading halt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from custody import verify
+from custody.config import Settings
+from custody.control import audit_log, halt
+from custody.errors import InputError
+from custody.issuance.issuer import count_addresses, iter_addresses
+from custody.store.db import Database
+
+
+@dataclass(frozen=True)
+class Outcome:
+    report: verify.Report
+    halt_id: int | None
+    store: bool  # whether a custody store was there to record the run (and the halt)
+
+
+def load_auditor_manifest(path: Path) -> verify.Manifest:
+    """Raises InputError for a missing or invalid manifest."""
+    try:
+        return verify.load_manifest(path)
+    except FileNotFoundError:
+        raise InputError(f"manifest {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"manifest {path}: {exc}") from None
+
+
+def store_records(db: Database) -> Iterator[verify.AddressRecord]:
+    """Every issued address of the store as the verifier's records (constant memory)."""
+    db.check_schema()
+    with db.transaction() as s:
+        for row in iter_addresses(s):
+            yield verify.AddressRecord(
+                chain=row.chain,
+                index=row.idx,
+                address=row.address,
+                script=bytes.fromhex(row.script),
+                script_pubkey=bytes.fromhex(row.script_pubkey),
+                account=row.account,
+            )
+
+
+def count_store(db: Database) -> int:
+    """How many addresses the store holds (for a progress bar)."""
+    db.check_schema()
+    with db.transaction() as s:
+        return count_addresses(s)
+
+
+def run(
+    db: Database,
+    settings: Settings,
+    manifest: verify.Manifest,
+    export: Path | None,
+    *,
+    workers: int,
+    progress: Callable[[int], None] | None = None,
+    raise_halt: bool = True,
+) -> Outcome:
+    """Verify the export (or the store's addresses), record the run, halt on any mismatch.
+
+    A malformed or truncated export is a verification failure. Raises InputError when the
+    export does not exist; StorageError when the store is unusable.
+    """
+    if export is not None and not export.exists():
+        raise InputError(f"export {export} does not exist")
+    try:
+        if export is not None:
+            report = verify.verify_export(manifest, export, workers=workers, progress=progress)
+        else:
+            report = verify.verify_records(manifest, store_records(db), workers=workers, progress=progress)
+    except verify.ExportError as exc:
+        report = verify.Report(checked=0, failures=[verify.Failure("(export file)", -1, -1, str(exc))])
+    store = export is None or db.exists()
+    halt_id = None
+    if store:
+        with db.transaction() as s:
+            audit_log.append(
+                s,
+                "verification.run",
+                "verifier",
+                {
+                    "source": str(export) if export else "store",
+                    "checked": report.checked,
+                    "failures": len(report.failures),
+                },
+            )
+    if not report.ok and raise_halt and store:
+        first = report.failures[0]
+        reason = (
+            f"address verification failed: {len(report.failures)} problem(s); first: "
+            f"{first.address} at {first.chain}/{first.index}: {first.reason}"
+        )
+        halt_id = halt.raise_halt(db, settings, reason=reason, source="verification", actor="verifier").id
+    return Outcome(report, halt_id, store)

@@ -1,0 +1,163 @@
+"""The engine/session factory and the schema: SQLite by default, PostgreSQL by URL.
+
+Every unit of work is one database transaction (:meth:`Database.transaction`). On SQLite
+each transaction takes the write lock up front (``BEGIN IMMEDIATE``) so that two processes
+never interleave read-then-write sequences; on PostgreSQL row locks do that job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, inspect
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlmodel import Session, SQLModel, create_engine, select
+
+from custody.errors import CustodyError, InputError, StorageError
+from custody.store import models
+
+
+def normalize_url(url: str) -> str:
+    """Map ``postgresql://`` and ``postgres://`` to the psycopg 3 driver.
+
+    Raises InputError for an unsupported database.
+    """
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    if url.startswith(("sqlite://", "postgresql+psycopg://")):
+        return url
+    raise InputError(f"unsupported database URL {url.split(':', 1)[0]!r}: use sqlite:/// or postgresql://")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"
+
+
+class Database:
+    """One store. Creating it opens nothing; the first transaction connects."""
+
+    def __init__(self, url: str) -> None:
+        self.url = normalize_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        self._version_checked = False
+        try:
+            if self.is_sqlite:
+                path = make_url(self.url).database
+                if path and path != ":memory:":
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self.engine: Engine = create_engine(self.url, connect_args={"timeout": 60, "isolation_level": None})
+                event.listen(self.engine, "connect", _sqlite_on_connect)
+                event.listen(self.engine, "begin", _sqlite_on_begin)
+            else:
+                self.engine = create_engine(self.url, pool_pre_ping=True)
+        except (ArgumentError, SQLAlchemyError) as exc:
+            raise StorageError(f"cannot open database {redact(self.url)}: {exc}") from None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on any error.
+
+        The first transaction of this Database checks the store's schema version: a store
+        from a newer tool is refused, an older one upgraded, before anything is read or
+        written. Raises StorageError for database failures; CustodyErrors pass through.
+        """
+        if not self._version_checked:
+            self._version_checked = True
+            try:
+                if self.has_schema():
+                    self.check_schema()
+            except BaseException:
+                self._version_checked = False
+                raise
+        try:
+            with Session(self.engine, expire_on_commit=False) as session:
+                with session.begin():
+                    yield session
+        except CustodyError:
+            raise
+        except DBAPIError as exc:
+            raise StorageError(f"database error: {_first_line(exc)}") from exc
+        except SQLAlchemyError as exc:
+            raise StorageError(f"database error: {_first_line(exc)}") from exc
+
+    def exists(self) -> bool:
+        """Whether a custody store is there, without creating anything (no file, no tables)."""
+        if self.is_sqlite:
+            path = make_url(self.url).database
+            if not path or path == ":memory:" or not Path(path).exists():
+                return False
+        return self.has_schema()
+
+    def has_schema(self) -> bool:
+        try:
+            return inspect(self.engine).has_table("custody_meta")
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot reach database {redact(self.url)}: {_first_line(exc)}") from None
+
+    def ensure_schema(self) -> None:
+        """Create the tables, or upgrade them; refuse a schema newer than this tool.
+
+        Raises StorageError.
+        """
+        try:
+            SQLModel.metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot create the schema: {_first_line(exc)}") from None
+        with self.transaction() as s:
+            row = s.get(models.Meta, "schema_version")
+            if row is None:
+                s.add(models.Meta(key="schema_version", value=str(models.SCHEMA_VERSION)))
+                if s.get(models.AuditHead, 1) is None:
+                    s.add(models.AuditHead(id=1, seq=0, hash="0" * 64))
+            elif int(row.value) > models.SCHEMA_VERSION:
+                raise StorageError(
+                    f"the store's schema is version {row.value}, newer than this tool's "
+                    f"{models.SCHEMA_VERSION}: upgrade custody"
+                )
+            elif int(row.value) < models.SCHEMA_VERSION:
+                # Upgrades from older versions go here, one step at a time.
+                # 1 -> 2: the ledger and deposit tables (created above by create_all).
+                row.value = str(models.SCHEMA_VERSION)
+                s.add(row)
+            if s.get(models.LedgerHead, 1) is None:
+                s.add(models.LedgerHead(id=1, total=0, entries=0, txns=0))
+
+    def check_schema(self) -> None:
+        """Raise StorageError unless the store exists at a schema this tool can use."""
+        if not self.has_schema():
+            raise StorageError(f"no custody store at {redact(self.url)}: run `custody init` first")
+        with self.transaction() as s:
+            row = s.exec(select(models.Meta).where(models.Meta.key == "schema_version")).first()
+            version = int(row.value) if row else 0
+        if version != models.SCHEMA_VERSION:
+            self.ensure_schema()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.close()
+
+
+def _sqlite_on_begin(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")

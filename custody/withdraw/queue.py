@@ -1,0 +1,996 @@
+"""The withdrawal queue: requested -> approved -> signed -> broadcast -> confirmed (or failed).
+
+* A request selects coins among unspent outputs of our verified addresses, adds change
+  to a fresh, verified change address (``/1/i``), caps the fee and records the unsigned
+  transaction. Its inputs are reserved: the ``reserved_input`` primary key lets no other
+  pending withdrawal take them.
+* Two distinct employees, never the requester, approve the exact transaction. Approvals
+  are re-checked against the transaction and the current employee registry at every
+  later step; any change to the transaction voids them.
+* ``export`` writes a PSBT for the offline signer (``custody.withdraw.signer``), ``import_psbt``
+  merges founders' signatures, ``finalize`` builds the final transaction, ``broadcast``
+  test-accepts it first, ``sync`` follows it to confirmation.
+
+Every step refuses while trading is halted and is idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from bitcoin.core import CMutableTransaction, CTransaction, b2lx, b2x, x
+from sqlmodel import Session, col, select
+
+from custody.bitcoin import psbt as psbt_lib
+from custody.bitcoin.amounts import format_btc, parse_btc_amount, parse_fee_rate
+from custody.bitcoin.destinations import dust_limit, parse_destination
+from custody.bitcoin.keys import b58check_decode
+from custody.bitcoin.script import ScriptType
+from custody.bitcoin.txbuild import Coin, build_transaction, fee_for, select_coins, tx_vsize
+from custody.books import ledger
+from custody.chain.consensus import check_before_broadcast
+from custody.chain.types import AcceptResult, ChainBackend
+from custody.clock import iso, now
+from custody.config import Settings
+from custody.control import audit_log, halt
+from custody.control.employees import authenticate, check_registry
+from custody.control.wallet import policy_from_session
+from custody.errors import ApprovalError, Conflict, InputError, NodeError, NotFound, StorageError
+from custody.faults import crash_point
+from custody.identity.approvals import (
+    Approval,
+    ApprovalCheck,
+    Member,
+    RegistryEntry,
+    TxSummary,
+    check_approvals,
+    check_batch,
+    sign_approval,
+    summarize,
+)
+from custody.identity.keyfile import EmployeeKey
+from custody.identity.statements import sign_statement
+from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, issue_in_session, load_manifest
+from custody.policy.model import CHANGE, Policy
+from custody.store.db import Database
+from custody.store.models import AddressRow, ApprovalRow, EmployeeRow, ReservedInput, WithdrawalInput, WithdrawalRow
+from custody.withdraw.signer import PROP_APPROVALS, PROP_META, PROP_REGISTRY, PROPRIETARY_ID
+
+REQUESTED = "requested"
+APPROVED = "approved"
+SIGNED = "signed"
+BROADCAST = "broadcast"
+CONFIRMED = "confirmed"
+FAILED = "failed"
+PENDING = (REQUESTED, APPROVED, SIGNED)
+CHANGE_ACCOUNT = "custody-change"
+SINGLE = "single"
+BATCH = "batch"
+REQUEST_DOMAIN = "custody/withdrawal-request/v1"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Fee caps and confirmation depth; from CUSTODY_* settings."""
+
+    default_fee_rate: Decimal = Decimal(2)
+    max_fee_rate: Decimal = Decimal(500)  # sat/vB
+    max_fee: int = 1_000_000  # satoshis, absolute
+    confirmations: int = 1
+
+
+# ---------------------------------------------------------------- reading the stored state
+
+
+def _get(s: Session, withdrawal_id: int, lock: bool = False) -> WithdrawalRow:
+    query = select(WithdrawalRow).where(WithdrawalRow.id == withdrawal_id)
+    if lock:
+        query = query.with_for_update()
+    row = s.exec(query).first()
+    if row is None:
+        raise NotFound(f"no withdrawal #{withdrawal_id}")
+    return row
+
+
+def _inputs(s: Session, withdrawal_id: int) -> list[WithdrawalInput]:
+    return list(
+        s.exec(
+            select(WithdrawalInput)
+            .where(WithdrawalInput.withdrawal_id == withdrawal_id)
+            .order_by(col(WithdrawalInput.position))
+        ).all()
+    )
+
+
+def _tx(row: WithdrawalRow) -> CTransaction:
+    return CTransaction.deserialize(x(row.unsigned_tx))
+
+
+def _summary(policy: Policy, row: WithdrawalRow, inputs: Sequence[WithdrawalInput]) -> TxSummary:
+    """The approval statement rebuilt from the stored transaction, checked against the row.
+
+    Raises StorageError when the row disagrees with its own transaction (store tampering).
+    """
+    tx = _tx(row)
+    by_outpoint = {f"{i.txid}:{i.vout}": i.amount for i in inputs}
+    try:
+        amounts = [by_outpoint[f"{b2lx(v.prevout.hash)}:{v.prevout.n}"] for v in tx.vin]
+    except KeyError:
+        raise StorageError(f"withdrawal #{row.id}: its transaction spends an input it did not record") from None
+    summary = summarize(policy.network.name, row.id or 0, tx, amounts)
+    paid = [a for spk, a in summary.outputs if spk == row.destination_spk]
+    if row.kind == SINGLE and (not paid or paid[0] != row.amount or summary.fee != row.fee):
+        raise StorageError(
+            f"withdrawal #{row.id}: destination, amount or fee in the store disagree with its transaction"
+        )
+    return summary
+
+
+def _registry(s: Session) -> dict[str, RegistryEntry]:
+    """The employee registry, checked against the keys the audit log recorded (StorageError)."""
+    rows = s.exec(select(EmployeeRow)).all()
+    check_registry(s, rows)
+    return {e.name: RegistryEntry(e.name, e.pubkey, e.enabled) for e in rows}
+
+
+def _approvals(s: Session, withdrawal_id: int) -> list[Approval]:
+    rows = s.exec(select(ApprovalRow).where(ApprovalRow.withdrawal_id == withdrawal_id).order_by(col(ApprovalRow.id)))
+    return [Approval(r.employee, r.pubkey, r.signature) for r in rows]
+
+
+def _members(s: Session, batch_id: int) -> list[WithdrawalRow]:
+    return list(s.exec(select(WithdrawalRow).where(WithdrawalRow.batch_id == batch_id).order_by(col(WithdrawalRow.id))))
+
+
+def _change_position(s: Session, row: WithdrawalRow) -> int | None:
+    """Which output of the transaction pays one of our change addresses, if any."""
+    change = {a.script_pubkey for a in s.exec(select(AddressRow).where(AddressRow.chain == CHANGE)).all()}
+    for n, out in enumerate(_tx(row).vout):
+        if bytes(out.scriptPubKey).hex() in change:
+            return n
+    return None
+
+
+def _member(s: Session, policy: Policy, row: WithdrawalRow) -> Member:
+    summary, check = _check(s, policy, row)
+    return Member(summary, _change_position(s, row), check)
+
+
+def _check(s: Session, policy: Policy, row: WithdrawalRow) -> tuple[TxSummary, ApprovalCheck]:
+    """The approval statement and which approvals count; a batch counts its members'."""
+    summary = _summary(policy, row, _inputs(s, row.id or 0))
+    if row.kind == BATCH:
+        members = [_member(s, policy, m) for m in _members(s, row.id or 0)]
+        problems = check_batch(summary, _change_position(s, row), members)
+        valid = tuple(sorted({name for m in members for name in m.check.valid}))
+        rejected = tuple(("batch", p) for p in problems)
+        # A batch is approved when check_batch finds nothing wrong: the union then counts.
+        return summary, ApprovalCheck(valid if not problems else (), rejected)
+    return summary, check_approvals(summary, _approvals(s, row.id or 0), _registry(s), row.requester)
+
+
+def _require_approved(s: Session, policy: Policy, row: WithdrawalRow) -> TxSummary:
+    summary, check = _check(s, policy, row)
+    if not check.enough:
+        raise ApprovalError(f"withdrawal #{row.id} is not approved: {check.explain()}")
+    return summary
+
+
+def _not_in_batch(row: WithdrawalRow) -> None:
+    if row.batch_id is not None:
+        raise Conflict(f"withdrawal #{row.id} is part of batch #{row.batch_id}: use the batch's id")
+
+
+def _input_rows(
+    withdrawal_id: int, tx: CMutableTransaction, coins: Sequence[Coin], prev_txs: Mapping[str, str | None]
+) -> list[WithdrawalInput]:
+    """The rows recording ``tx``'s inputs, in its input order (``prev_txs``: p2sh's previous txs)."""
+    by_outpoint = {c.outpoint: c for c in coins}
+    rows = []
+    for position, vin in enumerate(tx.vin):
+        c = by_outpoint[f"{b2lx(vin.prevout.hash)}:{vin.prevout.n}"]
+        rows.append(
+            WithdrawalInput(
+                withdrawal_id=withdrawal_id,
+                position=position,
+                txid=c.txid,
+                vout=c.vout,
+                amount=c.amount,
+                script_pubkey=c.script_pubkey.hex(),
+                chain=c.chain,
+                idx=c.index,
+                prev_tx=prev_txs.get(c.outpoint),
+            )
+        )
+    return rows
+
+
+def _touch(s: Session, row: WithdrawalRow, status: str | None = None, reason: str | None = None) -> None:
+    """Update a withdrawal; a batch carries its members along (status, txid, depth)."""
+    if status:
+        row.status = status
+    if reason is not None:
+        row.reason = reason
+    row.updated_at = now()
+    s.add(row)
+    if row.kind == BATCH and status in (BROADCAST, CONFIRMED, FAILED):
+        for m in _members(s, row.id or 0):
+            m.status = status
+            m.txid = row.txid
+            m.confirmations = row.confirmations
+            m.block_height = row.block_height
+            m.reason = row.reason if status == FAILED else m.reason
+            m.updated_at = row.updated_at
+            s.add(m)
+
+
+def _release(s: Session, withdrawal_id: int) -> None:
+    for r in s.exec(select(ReservedInput).where(ReservedInput.withdrawal_id == withdrawal_id)).all():
+        s.delete(r)
+
+
+# ---------------------------------------------------------------- views
+
+
+def view(s: Session, policy: Policy, row: WithdrawalRow) -> dict[str, Any]:
+    """A withdrawal as shown by ``withdraw show``/``list`` (approvals re-checked)."""
+    try:
+        _, check = _check(s, policy, row)
+        approvals: dict[str, Any] = {"valid": list(check.valid), "rejected": [list(r) for r in check.rejected]}
+    except StorageError as exc:
+        approvals = {"valid": [], "rejected": [], "error": str(exc)}
+    return {
+        "id": row.id,
+        "kind": row.kind,
+        "members": [m.id for m in _members(s, row.id or 0)] if row.kind == BATCH else [],
+        "status": row.status,
+        "account": row.account,
+        "requester": row.requester,
+        "destination": row.destination,
+        "amount_sat": row.amount,
+        "amount": format_btc(row.amount),
+        "fee_sat": row.fee,
+        "fee_rate": row.fee_rate,
+        "change_sat": row.change_amount,
+        "change_index": row.change_index,
+        "inputs": [{"outpoint": f"{i.txid}:{i.vout}", "amount_sat": i.amount} for i in _inputs(s, row.id or 0)],
+        "approvals": approvals,
+        "unsigned_txid": b2lx(_tx(row).GetTxid()),
+        "txid": row.txid,
+        "confirmations": row.confirmations,
+        "block_height": row.block_height,
+        "reason": row.reason,
+        "batch_id": row.batch_id,
+        "created_at": iso(row.created_at),
+        "updated_at": iso(row.updated_at),
+    }
+
+
+def list_withdrawals(db: Database, status: str | None = None) -> list[dict[str, Any]]:
+    db.check_schema()
+    with db.transaction() as s:
+        policy = policy_from_session(s)
+        query = select(WithdrawalRow)
+        if status:
+            query = query.where(WithdrawalRow.status == status)
+        return [view(s, policy, r) for r in s.exec(query.order_by(col(WithdrawalRow.id))).all()]
+
+
+def show_withdrawal(db: Database, withdrawal_id: int) -> dict[str, Any]:
+    db.check_schema()
+    with db.transaction() as s:
+        return view(s, policy_from_session(s), _get(s, withdrawal_id))
+
+
+# ---------------------------------------------------------------- 1. request
+
+
+def _spendable(s: Session, backend: ChainBackend, policy: Policy) -> list[Coin]:
+    """Confirmed unspent outputs at our verified addresses that no pending withdrawal holds."""
+    addresses = {bytes.fromhex(a.script_pubkey): a for a in s.exec(select(AddressRow)).all()}
+    if not addresses:
+        return []
+    reserved = {r.outpoint for r in s.exec(select(ReservedInput)).all()}
+    coins = []
+    for u in backend.unspent(list(addresses)):
+        a = addresses.get(u.script_pubkey)
+        if a is None or f"{u.txid}:{u.vout}" in reserved:
+            continue
+        coins.append(Coin(u.txid, u.vout, u.amount, u.script_pubkey, a.chain, a.idx))
+    return coins
+
+
+def request_withdrawal(
+    db: Database,
+    settings: Settings,
+    backend: ChainBackend,
+    *,
+    account: str,
+    destination: str,
+    amount: str,
+    fee_rate: str | None,
+    requester: str,
+    key: EmployeeKey,
+    limits: Limits = Limits(),
+) -> dict[str, Any]:
+    """Record a withdrawal request with its unsigned transaction; reserve its inputs.
+
+    Raises HaltedError, InputError (destination, amount, dust, fee cap, not enough coins),
+    NotFound/ApprovalError (requester), VerificationFailed (change address mismatch,
+    after raising the halt), NodeError, StorageError.
+    """
+    manifest = load_manifest(settings)
+    sats = parse_btc_amount(amount)
+    rate = parse_fee_rate(fee_rate) if fee_rate is not None else limits.default_fee_rate
+    if rate > limits.max_fee_rate:
+        raise InputError(f"fee rate {rate} sat/vB is above the cap of {limits.max_fee_rate} sat/vB")
+    try:
+        with db.transaction() as s:
+            halt.guard(s)  # also takes the audit head's lock: reading then reserving coins is serial
+            policy = policy_from_session(s)
+            dest = parse_destination(destination, policy.network)
+            if sats < dust_limit(dest.script_pubkey):
+                raise InputError(f"{sats} sat is below the dust limit of {dust_limit(dest.script_pubkey)} sat")
+            authenticate(s, requester, key)
+            coins = _spendable(s, backend, policy)
+            own = {bytes.fromhex(a.script_pubkey) for a in s.exec(select(AddressRow)).all()}
+            if dest.script_pubkey in own:
+                raise InputError("the destination is one of custody's own addresses")
+            # A change script of the right shape, for sizing; the real one is issued below.
+            probe = bytes.fromhex(next(iter(s.exec(select(AddressRow)).all())).script_pubkey) if own else b""
+            selection = select_coins(
+                coins,
+                [(dest.script_pubkey, sats)],
+                probe,
+                dust_limit(probe) if probe else 546,
+                policy.script_type,
+                policy.threshold,
+                policy.n,
+                rate,
+            )
+            if selection.fee > limits.max_fee:
+                raise InputError(f"the fee of {selection.fee} sat is above the cap of {limits.max_fee} sat")
+            outputs: list[tuple[bytes, int]] = [(dest.script_pubkey, sats)]
+            change_index = None
+            if selection.change:
+                change = issue_in_session(s, manifest, CHANGE_ACCOUNT, 1, CHANGE, actor=requester)[0]
+                change_index = change.index
+                outputs.append((bytes.fromhex(change.script_pubkey), selection.change))
+            tx = build_transaction(selection.coins, outputs)
+            stamp = now()
+            statement = [policy.network.name, account, destination, sats, b2lx(tx.GetTxid())]
+            row = WithdrawalRow(
+                account=account,
+                requester=requester,
+                request_signature=sign_statement(key.private_key, REQUEST_DOMAIN, statement),
+                destination=dest.address,
+                destination_spk=dest.script_pubkey.hex(),
+                amount=sats,
+                fee=selection.fee,
+                fee_rate=str(rate),
+                change_index=change_index,
+                change_amount=selection.change,
+                status=REQUESTED,
+                unsigned_tx=b2x(tx.serialize()),
+                created_at=stamp,
+                updated_at=stamp,
+            )
+            s.add(row)
+            s.flush()
+            wid = row.id or 0
+            ledger.withdrawal_requested(s, row)  # refuses beyond the customer's balance
+            p2sh = policy.script_type is ScriptType.P2SH
+            prev = {c.outpoint: b2x(backend.raw_transaction(c.txid)) if p2sh else None for c in selection.coins}
+            for rec in _input_rows(wid, tx, selection.coins, prev):
+                s.add(rec)
+                s.add(ReservedInput(outpoint=f"{rec.txid}:{rec.vout}", withdrawal_id=wid))
+            s.flush()
+            crash_point("withdrawal.requested")
+            audit_log.append(
+                s,
+                "withdrawal.requested",
+                requester,
+                {
+                    "withdrawal_id": wid,
+                    "account": account,
+                    "destination": dest.address,
+                    "amount": sats,
+                    "fee": selection.fee,
+                    "unsigned_txid": b2lx(tx.GetTxid()),
+                },
+                row.request_signature,
+            )
+            return view(s, policy, row)
+    except AddressMismatch as exc:
+        raise halt_for_mismatch(db, settings, exc) from None
+    except ledger.LedgerImbalance as exc:
+        raise ledger.halt_for_imbalance(db, settings, exc) from None
+
+
+# ---------------------------------------------------------------- 2. approve
+
+
+def approve(db: Database, withdrawal_id: int, name: str, key: EmployeeKey) -> dict[str, Any]:
+    """Sign the exact transaction of ``withdrawal_id`` as employee ``name``.
+
+    Raises HaltedError, NotFound, ApprovalError (self-approval, disabled, wrong key),
+    Conflict (not awaiting approval).
+    """
+    with db.transaction() as s:
+        halt.guard(s)
+        policy = policy_from_session(s)
+        row = _get(s, withdrawal_id, lock=True)
+        _not_in_batch(row)
+        if row.kind == BATCH:
+            raise Conflict(f"#{withdrawal_id} is a batch: its members' approvals are its approvals")
+        if row.status not in (REQUESTED, APPROVED):
+            raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; approvals are closed")
+        employee = authenticate(s, name, key)
+        if name == row.requester:
+            raise ApprovalError(f"{name} requested withdrawal #{withdrawal_id} and cannot approve it")
+        summary = _summary(policy, row, _inputs(s, withdrawal_id))
+        existing = s.exec(
+            select(ApprovalRow).where(ApprovalRow.withdrawal_id == withdrawal_id, ApprovalRow.employee == name)
+        ).first()
+        if existing is None or existing.digest != summary.digest():
+            if existing is not None:
+                s.delete(existing)  # an approval of an older transaction counts for nothing
+                s.flush()
+            signature = sign_approval(key.private_key, summary)
+            s.add(
+                ApprovalRow(
+                    withdrawal_id=withdrawal_id,
+                    employee=name,
+                    pubkey=employee.pubkey,
+                    digest=summary.digest(),
+                    signature=signature,
+                    at=now(),
+                )
+            )
+            s.flush()
+            audit_log.append(
+                s, "withdrawal.approved", name, {"withdrawal_id": withdrawal_id, "digest": summary.digest()}, signature
+            )
+        _, check = _check(s, policy, row)
+        if check.enough and row.status == REQUESTED:
+            _touch(s, row, APPROVED)
+        result = view(s, policy, row)
+    crash_point("withdrawal.approved")
+    return result
+
+
+# ---------------------------------------------------------------- 3. export (PSBT)
+
+
+def _origin_of(policy: Policy, founder_index: int) -> tuple[bytes, tuple[int, ...]]:
+    key = policy.founders[founder_index].key
+    if key.origin is not None:
+        return key.origin.fingerprint, key.origin.path
+    return key.xpub.fingerprint, ()
+
+
+def _derivations(policy: Policy, chain: int, index: int) -> dict[bytes, psbt_lib.KeyOrigin]:
+    out = {}
+    for i, f in enumerate(policy.founders):
+        fp, path = _origin_of(policy, i)
+        pub = f.key.xpub.derive((chain, index)).public_key
+        out[pub] = psbt_lib.KeyOrigin(fp, (*path, chain, index))
+    return out
+
+
+def _scripts(policy: Policy, script: bytes) -> tuple[bytes | None, bytes | None]:
+    """(redeem script, witness script) for a multisig script of the policy's type."""
+    import hashlib
+
+    if policy.script_type is ScriptType.P2SH:
+        return script, None
+    if policy.script_type is ScriptType.P2SH_P2WSH:
+        return b"\x00\x20" + hashlib.sha256(script).digest(), script
+    return None, script
+
+
+def _prop(subtype: int) -> psbt_lib.ProprietaryKey:
+    return psbt_lib.ProprietaryKey(PROPRIETARY_ID, subtype, b"")
+
+
+def build_psbt(s: Session, policy: Policy, row: WithdrawalRow) -> psbt_lib.Psbt:
+    """The PSBT an offline signer needs, with the approval bundle in proprietary fields."""
+    wid = row.id or 0
+    tx = _tx(row)
+    p = psbt_lib.Psbt.from_unsigned_tx(CMutableTransaction.from_tx(tx))
+    inputs = {f"{i.txid}:{i.vout}": i for i in _inputs(s, wid)}
+    scripts = {a.script_pubkey: a for a in s.exec(select(AddressRow)).all()}
+    for n, vin in enumerate(tx.vin):
+        rec = inputs[f"{b2lx(vin.prevout.hash)}:{vin.prevout.n}"]
+        addr = scripts[rec.script_pubkey]
+        pin = p.inputs[n]
+        if policy.script_type is ScriptType.P2SH:  # legacy: the whole previous transaction
+            if not rec.prev_tx:
+                raise StorageError(f"withdrawal #{wid}: the previous transaction of a p2sh input is missing")
+            pin.non_witness_utxo = CTransaction.deserialize(x(rec.prev_tx))
+        else:
+            pin.witness_utxo = psbt_lib.WitnessUtxo(rec.amount, bytes.fromhex(rec.script_pubkey))
+        pin.redeem_script, pin.witness_script = _scripts(policy, bytes.fromhex(addr.script))
+        pin.bip32_derivations = _derivations(policy, addr.chain, addr.idx)
+        pin.sighash_type = 1
+    change_output = None
+    for n, vout in enumerate(tx.vout):
+        ours = scripts.get(bytes(vout.scriptPubKey).hex())
+        if ours is not None and ours.chain == CHANGE:
+            change_output = n
+            p.outputs[n].redeem_script, p.outputs[n].witness_script = _scripts(policy, bytes.fromhex(ours.script))
+            p.outputs[n].bip32_derivations = _derivations(policy, ours.chain, ours.idx)
+    for i, f in enumerate(policy.founders):
+        p.xpubs[b58check_decode(f.key.xpub.serialize())] = psbt_lib.KeyOrigin(*_origin_of(policy, i))
+    meta = {
+        "version": 1,
+        "network": policy.network.name,
+        "withdrawal_id": wid,
+        "requester": row.requester,
+        "account": row.account,
+        "destination": row.destination,
+        "amount": row.amount,
+        "change_output": change_output,
+        "policy": policy.to_manifest(),
+    }
+    if row.kind == BATCH:
+        meta["kind"] = BATCH
+        meta["members"] = [
+            {
+                "withdrawal_id": m.id,
+                "requester": m.requester,
+                "unsigned_tx": m.unsigned_tx,
+                "amounts": [a for _, a in _summary(policy, m, _inputs(s, m.id or 0)).inputs],
+                "change_output": _change_position(s, m),
+                "approvals": [a.to_dict() for a in _approvals(s, m.id or 0)],
+            }
+            for m in _members(s, wid)
+        ]
+    p.proprietary[_prop(PROP_META)] = json.dumps(meta, sort_keys=True).encode()
+    p.proprietary[_prop(PROP_APPROVALS)] = json.dumps([a.to_dict() for a in _approvals(s, wid)]).encode()
+    registry = [{"name": e.name, "pubkey": e.pubkey, "enabled": e.enabled} for e in _registry(s).values()]
+    p.proprietary[_prop(PROP_REGISTRY)] = json.dumps(sorted(registry, key=lambda e: str(e["name"]))).encode()
+    return p
+
+
+def export_psbt(db: Database, withdrawal_id: int) -> psbt_lib.Psbt:
+    """The PSBT of an approved withdrawal, carrying the signatures merged so far.
+
+    Raises HaltedError, NotFound, ApprovalError (fewer than two valid approvals),
+    Conflict (already broadcast or failed).
+    """
+    with db.transaction() as s:
+        halt.guard(s)
+        policy = policy_from_session(s)
+        row = _get(s, withdrawal_id)
+        _not_in_batch(row)
+        if row.status not in (APPROVED, SIGNED):
+            if row.status == REQUESTED:
+                _require_approved(s, policy, row)
+            raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; nothing to sign")
+        _require_approved(s, policy, row)
+        fresh = build_psbt(s, policy, row)
+        if row.psbt:
+            fresh = psbt_lib.combine([fresh, _signatures_only(psbt_lib.Psbt.from_base64(row.psbt))])
+        audit_log.append(s, "withdrawal.exported", "operator", {"withdrawal_id": withdrawal_id})
+        return fresh
+
+
+def _signatures_only(p: psbt_lib.Psbt) -> psbt_lib.Psbt:
+    out = psbt_lib.Psbt.from_unsigned_tx(p.tx)
+    for mine, theirs in zip(out.inputs, p.inputs, strict=True):
+        mine.partial_sigs = dict(theirs.partial_sigs)
+    return out
+
+
+# ---------------------------------------------------------------- 5. import, finalize, broadcast
+
+
+def _founders_signed(policy: Policy, p: psbt_lib.Psbt, valid: list[set[bytes]]) -> list[str]:
+    """Founders with a valid signature (``valid``: psbt.valid_signers) on every input."""
+    names = []
+    for i, f in enumerate(policy.founders):
+        fingerprint = _origin_of(policy, i)[0]
+        if all(
+            any(origin.fingerprint == fingerprint and pub in valid[n] for pub, origin in pin.bip32_derivations.items())
+            for n, pin in enumerate(p.inputs)
+        ):
+            names.append(f.name)
+    return names
+
+
+def import_psbt(db: Database, withdrawal_id: int, data: bytes) -> dict[str, Any]:
+    """Merge a signed PSBT's signatures into the withdrawal.
+
+    Raises HaltedError, NotFound, InputError (another transaction, bad signatures),
+    ApprovalError, Conflict.
+    """
+    incoming = psbt_lib.Psbt.parse(data)
+    with db.transaction() as s:
+        halt.guard(s)
+        policy = policy_from_session(s)
+        row = _get(s, withdrawal_id, lock=True)
+        _not_in_batch(row)
+        if row.status not in (APPROVED, SIGNED):
+            raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; signatures cannot be imported")
+        _require_approved(s, policy, row)
+        if incoming.unsigned_tx_bytes() != x(row.unsigned_tx):
+            raise InputError(f"this PSBT is for another transaction than withdrawal #{withdrawal_id}'s")
+        base = build_psbt(s, policy, row)
+        parts = [base, _signatures_only(incoming)]
+        if row.psbt:
+            parts.append(_signatures_only(psbt_lib.Psbt.from_base64(row.psbt)))
+        merged = psbt_lib.combine(parts)
+        valid = psbt_lib.valid_signers(merged)
+        for n, pin in enumerate(merged.inputs):
+            for pub in pin.partial_sigs:
+                if pub not in pin.bip32_derivations or pub not in valid[n]:
+                    raise InputError(f"input {n}: a signature is not a valid founder signature of this transaction")
+        signers = _founders_signed(policy, merged, valid)
+        row.psbt = _signatures_only(merged).to_base64()
+        if len(signers) >= policy.threshold and row.status == APPROVED:
+            _touch(s, row, SIGNED)
+        else:
+            _touch(s, row)
+        audit_log.append(
+            s, "withdrawal.signatures_imported", "operator", {"withdrawal_id": withdrawal_id, "founders": signers}
+        )
+        result = view(s, policy, row)
+        result["founders_signed"] = signers
+    crash_point("withdrawal.imported")
+    return result
+
+
+def finalize(db: Database, withdrawal_id: int) -> dict[str, Any]:
+    """Build the final transaction from the merged signatures.
+
+    Raises HaltedError, NotFound, ApprovalError (approvals, or fewer than m founders),
+    Conflict.
+    """
+    with db.transaction() as s:
+        halt.guard(s)
+        policy = policy_from_session(s)
+        row = _get(s, withdrawal_id, lock=True)
+        _not_in_batch(row)
+        if row.final_tx and row.status in (SIGNED, BROADCAST, CONFIRMED):
+            return view(s, policy, row)  # idempotent
+        if row.status != SIGNED:
+            raise ApprovalError(
+                f"withdrawal #{withdrawal_id} is {row.status}: it needs {policy.threshold} founders' signatures"
+            )
+        _require_approved(s, policy, row)
+        merged = psbt_lib.combine([build_psbt(s, policy, row), psbt_lib.Psbt.from_base64(row.psbt or "")])
+        signers = _founders_signed(policy, merged, psbt_lib.valid_signers(merged))
+        if len(signers) < policy.threshold:
+            raise ApprovalError(
+                f"withdrawal #{withdrawal_id} has {len(signers)} founders' signatures "
+                f"({', '.join(signers) or 'none'}); {policy.threshold} are needed"
+            )
+        final = psbt_lib.extract(psbt_lib.finalize(merged))
+        row.final_tx = b2x(final.serialize())
+        row.txid = b2lx(final.GetTxid())
+        _touch(s, row)
+        audit_log.append(s, "withdrawal.finalized", "operator", {"withdrawal_id": withdrawal_id, "txid": row.txid})
+        result = view(s, policy, row)
+    crash_point("withdrawal.finalized")
+    return result
+
+
+def _final_matches(row: WithdrawalRow) -> bool:
+    """The final transaction is the approved one with signatures added, nothing else."""
+    final = CMutableTransaction.from_tx(CTransaction.deserialize(x(row.final_tx or "")))
+    for vin in final.vin:
+        vin.scriptSig = b""
+    stripped = CTransaction(final.vin, final.vout, final.nLockTime, final.nVersion)
+    return bool(stripped.serialize() == x(row.unsigned_tx))
+
+
+def _consensus_refusal(raw: bytes, spent: Sequence[tuple[int, bytes]]) -> AcceptResult | None:
+    """The pre-broadcast consensus and standardness check's refusal (as a test-accept's), or None."""
+    try:
+        check_before_broadcast(raw, spent)
+    except NodeError as exc:
+        return AcceptResult(False, f"pre-broadcast consensus check: {exc}", "")
+    return None
+
+
+def broadcast(db: Database, backend: ChainBackend, withdrawal_id: int, *, settings: Settings) -> dict[str, Any]:
+    """Test-accept, then broadcast the final transaction; idempotent.
+
+    Raises HaltedError, NotFound, ApprovalError, Conflict, NodeError (the node refused
+    it: the withdrawal is marked failed and its inputs released when the refusal is final).
+    """
+    with db.transaction() as s:
+        halt.guard(s)
+        policy = policy_from_session(s)
+        row = _get(s, withdrawal_id, lock=True)
+        _not_in_batch(row)
+        if row.status in (BROADCAST, CONFIRMED):
+            backend.broadcast(x(row.final_tx or ""))  # the node already has it: same txid
+            return view(s, policy, row)
+        if row.status != SIGNED or not row.final_tx:
+            raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}: finalize it first")
+        _require_approved(s, policy, row)
+        if not _final_matches(row):
+            raise StorageError(f"withdrawal #{withdrawal_id}: the final transaction is not the approved one")
+        raw = x(row.final_tx)
+        spent = [(i.amount, bytes.fromhex(i.script_pubkey)) for i in _inputs(s, withdrawal_id)]
+    known = backend.tx_status(b2lx(CTransaction.deserialize(raw).GetTxid()))
+    # Broadcast before a crash, recorded after it: the node has it, so record, never fail it.
+    accept = (_consensus_refusal(raw, spent) or backend.test_accept(raw)) if not known.known else None
+    if accept is not None and not accept.allowed:
+        with ledger.halting(db, settings), db.transaction() as s:
+            row = _get(s, withdrawal_id, lock=True)
+            if row.status == SIGNED:
+                _touch(s, row, FAILED, f"refused by the node's test-accept: {accept.reason}")
+                # A signed transaction exists and could still be broadcast by anyone holding
+                # it: its inputs stay reserved unless the node says they are gone for good.
+                if "missing" in (accept.reason or "") or "spent" in (accept.reason or ""):
+                    _release(s, withdrawal_id)
+                    reason = f"refused by the node: {accept.reason}"
+                    ledger.withdrawal_released(s, row, _members(s, withdrawal_id), reason)
+                audit_log.append(
+                    s, "withdrawal.failed", "operator", {"withdrawal_id": withdrawal_id, "reason": accept.reason}
+                )
+        raise NodeError(f"the node refused withdrawal #{withdrawal_id}'s transaction: {accept.reason}")
+    txid = backend.broadcast(raw) if accept is not None else known.txid
+    crash_point("withdrawal.sent")
+    with db.transaction() as s:
+        policy = policy_from_session(s)
+        row = _get(s, withdrawal_id, lock=True)
+        if row.status == SIGNED:
+            row.txid = txid
+            _touch(s, row, BROADCAST)
+            audit_log.append(s, "withdrawal.broadcast", "operator", {"withdrawal_id": withdrawal_id, "txid": txid})
+        result = view(s, policy, row)
+    crash_point("withdrawal.broadcast")
+    return result
+
+
+def sync(db: Database, backend: ChainBackend, limits: Limits = Limits(), *, settings: Settings) -> list[dict[str, Any]]:
+    """Follow broadcast withdrawals to confirmation (and settle them in the ledger); return those that changed.
+
+    Raises NodeError; HaltedError after raising the halt when the ledger does not balance.
+    """
+    changed = []
+    tip = backend.tip_height()
+    with db.transaction() as s:
+        ids = [r.id for r in s.exec(select(WithdrawalRow).where(WithdrawalRow.status == BROADCAST)).all()]
+        # Confirmed, but shallow enough for a reorganisation to take out (a batch speaks
+        # for its members).
+        recent = s.exec(
+            select(WithdrawalRow).where(WithdrawalRow.status == CONFIRMED, col(WithdrawalRow.batch_id).is_(None))
+        ).all()
+        ids += [r.id for r in recent if r.block_height is None or tip - r.block_height < REORG_DEPTH]
+    for wid in ids:
+        with ledger.halting(db, settings), db.transaction() as s:
+            policy = policy_from_session(s)
+            row = _get(s, wid or 0, lock=True)
+            status = backend.tx_status(row.txid or "")
+            if status.confirmations != row.confirmations or status.block_height != row.block_height:
+                was = row.status
+                row.confirmations = status.confirmations
+                row.block_height = status.block_height
+                if status.confirmations >= limits.confirmations and row.status == BROADCAST:
+                    _touch(s, row, CONFIRMED)
+                    _release(s, wid or 0)
+                    if row.batch_id is None:  # a batch settles for its members
+                        ledger.withdrawal_settled(s, row, _members(s, wid or 0))
+                    audit_log.append(
+                        s,
+                        "withdrawal.confirmed",
+                        "sync",
+                        {"withdrawal_id": wid, "txid": row.txid, "height": status.block_height},
+                    )
+                elif was == CONFIRMED and status.confirmations < limits.confirmations:
+                    _reorged(s, row, status.in_mempool)
+                else:
+                    _touch(s, row)
+                changed.append(view(s, policy, row))
+    return changed
+
+
+REORG_DEPTH = 100
+"""Confirmed withdrawals shallower than this are re-checked by every sync."""
+
+
+def _reorged(s: Session, row: WithdrawalRow, in_mempool: bool) -> None:
+    """A reorganisation took a confirmed withdrawal out of the chain: back to broadcast, its
+    inputs reserved again (the transaction may confirm again), its settlement reversed."""
+    _touch(s, row, BROADCAST)
+    for i in _inputs(s, row.id or 0):
+        if s.get(ReservedInput, f"{i.txid}:{i.vout}") is None:
+            s.add(ReservedInput(outpoint=f"{i.txid}:{i.vout}", withdrawal_id=row.id or 0))
+    ledger.withdrawal_unsettled(s, row, _members(s, row.id or 0))
+    audit_log.append(
+        s,
+        "withdrawal.reorged",
+        "sync",
+        {"withdrawal_id": row.id, "txid": row.txid, "in_mempool": in_mempool},
+    )
+
+
+def cancel(
+    db: Database, withdrawal_id: int, name: str, key: EmployeeKey, reason: str, *, settings: Settings
+) -> dict[str, Any]:
+    """Fail a withdrawal that was not broadcast and release its inputs (and its customer's hold)."""
+    with ledger.halting(db, settings), db.transaction() as s:
+        policy = policy_from_session(s)
+        row = _get(s, withdrawal_id, lock=True)
+        _not_in_batch(row)
+        authenticate(s, name, key)
+        if row.status not in PENDING:
+            raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; only pending ones can be cancelled")
+        if row.psbt is not None or row.final_tx is not None:
+            raise Conflict(
+                f"withdrawal #{withdrawal_id} carries founders' signatures: a signed transaction could still be "
+                "broadcast, so its inputs stay reserved until it confirms or they are spent otherwise"
+            )
+        if row.kind == BATCH:
+            ledger.batch_dissolved(s, row, _members(s, withdrawal_id))  # members stay held, queued again
+            _dissolve(s, row)
+        else:
+            ledger.withdrawal_released(s, row, [], f"cancelled by {name}: {reason}")
+        _touch(s, row, FAILED, f"cancelled by {name}: {reason}")
+        _release(s, withdrawal_id)
+        audit_log.append(s, "withdrawal.failed", name, {"withdrawal_id": withdrawal_id, "reason": reason})
+        return view(s, policy, row)
+
+
+def _dissolve(s: Session, batch: WithdrawalRow) -> None:
+    """Give a cancelled batch's members (and their inputs) back to the queue."""
+    for m in _members(s, batch.id or 0):
+        for i in _inputs(s, m.id or 0):
+            held = s.get(ReservedInput, f"{i.txid}:{i.vout}")
+            if held is not None:
+                held.withdrawal_id = m.id or 0
+                s.add(held)
+        m.batch_id = None
+        m.updated_at = now()
+        s.add(m)
+    s.flush()
+
+
+def create_batch(
+    db: Database,
+    settings: Settings,
+    *,
+    actor: str,
+    key: EmployeeKey,
+    fee_rate: str | None = None,
+    limits: Limits = Limits(),
+) -> dict[str, Any]:
+    """Put every approved, unsigned withdrawal into one transaction (a daily batch).
+
+    The batch spends exactly its members' inputs, pays every member's destination, sends
+    one change output to a fresh verified change address, and pays no more fee than its
+    members together; its approvals are the union of its members'.
+    Raises HaltedError, Conflict (fewer than two approved withdrawals), InputError (fee),
+    ApprovalError, VerificationFailed (change address, after raising the halt).
+    """
+    manifest = load_manifest(settings)
+    rate = parse_fee_rate(fee_rate) if fee_rate is not None else limits.default_fee_rate
+    try:
+        with db.transaction() as s:
+            halt.guard(s)  # also takes the audit head's lock: reading then reserving coins is serial
+            policy = policy_from_session(s)
+            authenticate(s, actor, key)
+            candidates = s.exec(
+                select(WithdrawalRow)
+                .where(WithdrawalRow.status == APPROVED, WithdrawalRow.kind == SINGLE)
+                .where(col(WithdrawalRow.batch_id).is_(None), col(WithdrawalRow.psbt).is_(None))
+                .order_by(col(WithdrawalRow.id))
+            ).all()
+            members = []
+            for row in candidates:
+                _, check = _check(s, policy, row)
+                if check.enough:
+                    members.append(row)
+            if len(members) < 2:
+                raise Conflict(f"{len(members)} approved, unsigned withdrawal(s): a batch needs at least two")
+            coins = [
+                Coin(i.txid, i.vout, i.amount, bytes.fromhex(i.script_pubkey), i.chain, i.idx)
+                for m in members
+                for i in _inputs(s, m.id or 0)
+            ]
+            payments = [(bytes.fromhex(m.destination_spk), m.amount) for m in members]
+            change = issue_in_session(s, manifest, CHANGE_ACCOUNT, 1, CHANGE, actor=actor)[0]
+            change_spk = bytes.fromhex(change.script_pubkey)
+            vsize = tx_vsize(
+                policy.script_type, policy.threshold, policy.n, len(coins), [*(p for p, _ in payments), change_spk]
+            )
+            fee = fee_for(vsize, rate)
+            members_fee = sum(m.fee for m in members)
+            if fee > members_fee or fee > limits.max_fee:
+                raise InputError(f"the batch fee {fee} sat is above its members' fees ({members_fee} sat) or the cap")
+            change_amount = sum(c.amount for c in coins) - sum(a for _, a in payments) - fee
+            outputs = list(payments)
+            if change_amount >= dust_limit(change_spk):
+                outputs.append((change_spk, change_amount))
+            else:
+                fee += change_amount
+                change_amount = 0
+            tx = build_transaction(coins, outputs)
+            stamp = now()
+            total = sum(m.amount for m in members)
+            batch = WithdrawalRow(
+                kind=BATCH,
+                account="(batch)",
+                requester=actor,
+                request_signature=sign_statement(
+                    key.private_key,
+                    REQUEST_DOMAIN,
+                    [policy.network.name, "batch", [m.id for m in members], b2lx(tx.GetTxid())],
+                ),
+                destination=f"(batch of {len(members)})",
+                destination_spk="",
+                amount=total,
+                fee=fee,
+                fee_rate=str(rate),
+                change_index=change.index if change_amount else None,
+                change_amount=change_amount,
+                status=APPROVED,
+                unsigned_tx=b2x(tx.serialize()),
+                created_at=stamp,
+                updated_at=stamp,
+            )
+            s.add(batch)
+            s.flush()
+            bid = batch.id or 0
+            prev = {f"{i.txid}:{i.vout}": i.prev_tx for m in members for i in _inputs(s, m.id or 0)}
+            for rec in _input_rows(bid, tx, coins, prev):
+                s.add(rec)
+                op = f"{rec.txid}:{rec.vout}"
+                held = s.get(ReservedInput, op)
+                if held is None:
+                    raise StorageError(f"input {op} of a batched withdrawal is not reserved")
+                held.withdrawal_id = bid
+                s.add(held)
+            for m in members:
+                m.batch_id = bid
+                m.updated_at = stamp
+                s.add(m)
+            s.flush()
+            ledger.batch_created(s, batch, members)
+            _require_approved(s, policy, batch)  # the batch as stored passes its own check
+            audit_log.append(
+                s,
+                "withdrawal.batched",
+                actor,
+                {"batch_id": bid, "members": [m.id for m in members], "fee": fee, "unsigned_txid": b2lx(tx.GetTxid())},
+                batch.request_signature,
+            )
+            result = view(s, policy, batch)
+            result["members"] = [m.id for m in members]
+            return result
+    except AddressMismatch as exc:
+        raise halt_for_mismatch(db, settings, exc) from None
+    except ledger.LedgerImbalance as exc:
+        raise ledger.halt_for_imbalance(db, settings, exc) from None
+
+
+def limits_from_env(env: Mapping[str, str]) -> Limits:
+    """Limits from CUSTODY_FEE_RATE, CUSTODY_MAX_FEE_RATE (sat/vB), CUSTODY_MAX_FEE (sat),
+    CUSTODY_CONFIRMATIONS. Raises InputError for a malformed value."""
+    base = Limits()
+    try:
+        max_fee = int(env.get("CUSTODY_MAX_FEE", base.max_fee))
+        confirmations = int(env.get("CUSTODY_CONFIRMATIONS", base.confirmations))
+    except ValueError:
+        raise InputError("CUSTODY_MAX_FEE and CUSTODY_CONFIRMATIONS take whole numbers") from None
+    if max_fee < 0 or confirmations < 1:
+        raise InputError("CUSTODY_MAX_FEE must be >= 0 and CUSTODY_CONFIRMATIONS >= 1")
+    return Limits(
+        default_fee_rate=parse_fee_rate(env["CUSTODY_FEE_RATE"])
+        if env.get("CUSTODY_FEE_RATE")
+        else base.default_fee_rate,
+        max_fee_rate=parse_fee_rate(env["CUSTODY_MAX_FEE_RATE"])
+        if env.get("CUSTODY_MAX_FEE_RATE")
+        else base.max_fee_rate,
+        max_fee=max_fee,
+        confirmations=confirmations,
+    )
