@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import tempfile
 import time
@@ -23,11 +22,10 @@ from custody.bitcoin.keys import ParentKey  # noqa: E402
 from custody.bitcoin.network import REGTEST  # noqa: E402
 from custody.bitcoin.script import ScriptType  # noqa: E402
 from custody.config import Settings  # noqa: E402
-from custody.control.wallet import init_store  # noqa: E402
 from custody.issuance.issuer import issue_addresses  # noqa: E402
 from custody.policy.model import make_policy  # noqa: E402
 from custody.store.db import Database  # noqa: E402
-from tests.support import founders  # noqa: E402
+from tests.support import create_store, founders  # noqa: E402
 
 
 def floor(policy_keys: list[ParentKey], count: int) -> float:
@@ -57,8 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings.load(home=tmp, env={})
         db = Database(settings.db_url)
-        init_store(db, policy)
-        settings.manifest.write_text(json.dumps(policy.to_manifest()))
+        create_store(db, settings, policy, fs)
         start = time.perf_counter()
         done = 0
         while done < args.count:

@@ -35,10 +35,9 @@ from custody.books import (
     ledger,
 )
 from custody.config import Settings  # noqa: E402
-from custody.control.wallet import init_store  # noqa: E402
 from custody.policy.model import make_policy  # noqa: E402
 from custody.store.db import Database  # noqa: E402
-from tests.support import founders  # noqa: E402
+from tests.support import create_store, founders  # noqa: E402
 
 
 def fill(db: Database, entries: int, accounts: int, rng: random.Random) -> None:
@@ -120,7 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings.load(home=tmp, env={"CUSTODY_HALT_HOOK": ""})
         db = Database(settings.db_url)
-        init_store(db, policy)
+        create_store(db, settings, policy, fs)
         sizes = [n for n in (1_000, 100_000, 1_000_000) if n < args.entries] + [args.entries]
         timings = {}
         for size in sizes:

@@ -8,16 +8,19 @@ import click
 
 from custody.bitcoin.network import NETWORKS, get_network
 from custody.bitcoin.script import ScriptType, parse_script_type
-from custody.clock import iso
-from custody.control.employees import add_employee, disable_employee, list_employees
+from custody.control import roster as roster_lib
 from custody.errors import InputError
 from custody.identity.employee_keys import parse_pkcs11_uri
 from custody.identity.keyfile import create_employee_key, create_founder_key
 from custody.identity.pkcs11_keys import generate_token_key
+from custody.identity.roster import check_name
 from custody_cli import output
 from custody_cli.context import (
     AppContext,
+    KeyRef,
+    employee_key,
     example,
+    identity_options,
     json_option,
     pass_app,
     passphrase_options,
@@ -75,7 +78,24 @@ def keygen(
 
 @click.group()
 def employee() -> None:
-    """Employee identities: each signs approvals and halt lifts with a registered key."""
+    """Employees: each signs requests, approvals and halt lifts with a key of the founders' roster.
+
+    Adding, disabling or re-enabling an employee only ever proposes the next roster: nothing
+    changes until m founders sign it offline (`custody roster sign`) and it is applied.
+    """
+
+
+roles_option = click.option(
+    "--roles", default="request,approve,lift", show_default=True, help="Roles to propose: request, approve, lift."
+)
+
+
+def _proposed(app: AppContext, change: roster_lib.Change, as_json: bool, data: dict[str, object]) -> None:
+    r = roster_lib.propose(app.db, app.settings, [change])
+    if as_json:
+        output.emit_json(data | {"proposed_roster": r.serial})
+        return
+    output.info(f"proposed for roster #{r.serial}: founders sign it (`custody roster export`), then it is applied")
 
 
 @employee.command("keygen")
@@ -96,8 +116,12 @@ def employee() -> None:
     ),
 )
 @click.option(
-    "--register/--no-register", default=True, show_default=True, help="Also register the public key in the store."
+    "--propose/--no-propose",
+    default=True,
+    show_default=True,
+    help="Also propose the employee for the next roster.",
 )
+@roles_option
 @passphrase_options
 @pin_file_option()
 @json_option
@@ -111,12 +135,15 @@ def employee_keygen(
     name: str,
     out_file: Path | None,
     token_uri: str | None,
-    register: bool,
+    propose: bool,
+    roles: str,
     passphrase_file: Path | None,
     pin_file: Path | None,
     as_json: bool,
 ) -> None:
-    """Create an employee signing key (a key file, or a key generated on a PKCS#11 token); register it."""
+    """Create an employee signing key (a key file, or a key generated on a PKCS#11 token); propose it."""
+    check_name(name)
+    role_list = roster_lib.parse_roles(roles)
     if (out_file is None) == (token_uri is None):
         raise InputError("give exactly one of --out FILE (a key file) or --pkcs11 URI (a key on a token)")
     if token_uri is not None:
@@ -135,29 +162,27 @@ def employee_keygen(
         passphrase = read_passphrase(passphrase_file, confirm=True, what="new employee key")
         pubkey = create_employee_key(out_file, name, passphrase).public_key
         where, place = str(out_file), f"written to {out_file}"
-    if register:
-        add_employee(app.db, name, pubkey.hex())
-    if as_json:
-        key = "uri" if token_uri is not None else "file"
-        output.emit_json({"name": name, "pubkey": pubkey.hex(), key: where, "registered": register})
-        return
-    output.line(pubkey.hex())
-    output.success(f"employee key {name} {place}" + (" and registered" if register else ""))
+    data: dict[str, object] = {"name": name, "pubkey": pubkey.hex(), "uri" if token_uri else "file": where}
+    if not as_json:
+        output.line(pubkey.hex())
+        output.success(f"employee key {name} {place}")
+    if propose:
+        _proposed(app, roster_lib.Change("add", name, pubkey.hex(), role_list), as_json, data)
+    elif as_json:
+        output.emit_json(data)
 
 
 @employee.command("add")
 @click.argument("name")
 @click.option("--pubkey", required=True, help="The employee's compressed secp256k1 public key (hex).")
+@roles_option
 @json_option
 @pass_app
-@example("custody employee add bob --pubkey 02ab...")
-def employee_add(app: AppContext, name: str, pubkey: str, as_json: bool) -> None:
-    """Register an employee by public key."""
-    row = add_employee(app.db, name, pubkey)
-    if as_json:
-        output.emit_json({"name": row.name, "pubkey": row.pubkey, "enabled": row.enabled})
-        return
-    output.success(f"employee {row.name} registered")
+@example("custody employee add bob --pubkey 02ab... --roles approve,lift")
+def employee_add(app: AppContext, name: str, pubkey: str, roles: str, as_json: bool) -> None:
+    """Propose an employee by public key for the next roster."""
+    change = roster_lib.Change("add", check_name(name), pubkey, roster_lib.parse_roles(roles))
+    _proposed(app, change, as_json, {"name": name, "pubkey": pubkey})
 
 
 @employee.command("list")
@@ -165,27 +190,73 @@ def employee_add(app: AppContext, name: str, pubkey: str, as_json: bool) -> None
 @pass_app
 @example("custody employee list --json")
 def employee_list(app: AppContext, as_json: bool) -> None:
-    """List employees and whether they are enabled."""
-    rows = list_employees(app.db)
-    data = [{"name": r.name, "pubkey": r.pubkey, "enabled": r.enabled, "created_at": iso(r.created_at)} for r in rows]
+    """List the employees of the roster in force: roles, enabled, suspended."""
+    v = roster_lib.roster_view(app.db, app.settings)
     if as_json:
-        output.emit_json(data)
+        output.emit_json(v["employees"])
         return
     output.table(
-        "Employees",
-        ["name", "enabled", "public key", "created"],
-        [(d["name"], "yes" if d["enabled"] else "DISABLED", d["pubkey"], d["created_at"]) for d in data],
+        f"Employees (roster #{v['serial'] or '-'})",
+        ["name", "roles", "state", "public keys"],
+        [
+            (
+                e["name"],
+                ",".join(e["roles"]),
+                "SUSPENDED" if e["suspended"] else ("enabled" if e["enabled"] else "DISABLED"),
+                " ".join(e["keys"]),
+            )
+            for e in v["employees"]
+        ],
     )
 
 
 @employee.command("disable")
 @click.argument("name")
+@json_option
 @pass_app
 @example("custody employee disable bob")
-def employee_disable(app: AppContext, name: str) -> None:
-    """Disable an employee: their approvals and lifts no longer count."""
-    disable_employee(app.db, name)
-    output.success(f"employee {name} disabled")
+def employee_disable(app: AppContext, name: str, as_json: bool) -> None:
+    """Propose disabling an employee in the next roster (fast: `custody employee suspend`)."""
+    _proposed(app, roster_lib.Change("disable", name), as_json, {"name": name})
+
+
+@employee.command("enable")
+@click.argument("name")
+@json_option
+@pass_app
+@example("custody employee enable bob")
+def employee_enable(app: AppContext, name: str, as_json: bool) -> None:
+    """Propose enabling a disabled employee again in the next roster."""
+    _proposed(app, roster_lib.Change("enable", name), as_json, {"name": name})
+
+
+@employee.command("suspend")
+@click.argument("name")
+@click.option("--reason", required=True, help="Why (the same text for both signers).")
+@identity_options
+@json_option
+@pass_app
+@example("custody employee suspend carol --reason 'laptop stolen' --as alice --key alice.key")
+def employee_suspend(
+    app: AppContext,
+    name: str,
+    reason: str,
+    employee: str,
+    key_file: KeyRef,
+    passphrase_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Sign the suspension of an employee; in force at once when two roster employees signed it."""
+    sus, active = roster_lib.suspend(
+        app.db, app.settings, name, reason, employee, employee_key(key_file, passphrase_file)
+    )
+    if as_json:
+        output.emit_json(sus.to_dict() | {"digest": sus.digest, "in_force": active})
+        return
+    if active:
+        output.success(f"{name} is suspended (digest {sus.digest[:16]}); a later founders' roster may clear it")
+    else:
+        output.info(f"suspension of {name} signed by {employee}; a second employee signs the same reason to enforce it")
 
 
 COMMANDS = [keygen, employee]

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import click
 
-from custody.bitcoin.network import NETWORKS, get_network
-from custody.bitcoin.script import ScriptType, parse_script_type
 from custody.control.halt import publish
+from custody.control.roster import manifest_in_store, pin_manifest
 from custody.control.wallet import init_store, load_policy
 from custody.errors import Conflict, InputError
-from custody.policy.model import make_policy
 from custody_cli import output
+from custody_cli.commands_trust import read_manifest_file
 from custody_cli.context import AppContext, example, json_option, pass_app
 
 
@@ -34,61 +33,41 @@ def write_manifest(path: Path, manifest: dict[str, object], overwrite: bool = Fa
 
 
 @click.command()
-@click.option("--network", required=True, type=click.Choice(list(NETWORKS)), help="The network; always explicit.")
-@click.option("--threshold", default=2, show_default=True, type=int, help="Signatures needed (m of n).")
-@click.option(
-    "--script",
-    "script_type",
-    default="p2wsh",
-    show_default=True,
-    type=click.Choice([t.value for t in ScriptType]),
-    help="How the multisig script is wrapped.",
-)
-@click.option(
-    "--founder",
-    "founders",
-    multiple=True,
-    required=True,
-    metavar="NAME=XPUB",
-    help="A founder's account xpub, optionally with key origin [fp/path]. Repeat n times.",
-)
+@click.argument("manifest_file", metavar="MANIFEST", type=click.Path(dir_okay=False, path_type=Path))
 @json_option
 @pass_app
-@example(
-    "custody init --network regtest --threshold 2 --founder a=[fp/48'/1'/0'/2']tpub... --founder b=... --founder c=..."
-)
-def init(
-    app: AppContext, network: str, threshold: int, script_type: str, founders: tuple[str, ...], as_json: bool
-) -> None:
-    """Create the store and its m-of-n wallet policy (never overwrites one).
+@example("custody init founders-manifest.json")
+def init(app: AppContext, manifest_file: Path, as_json: bool) -> None:
+    """Create the store from the founders-signed manifest (never overwrites one); pin it here.
 
-    Also pins the founders' manifest that issuance verifies every address against.
+    Every founder must have signed MANIFEST (`custody manifest draft`, then `custody manifest
+    sign` by each founder). Issuance verifies every address against the pinned copy.
     """
-    policy = make_policy(
-        get_network(network), threshold, parse_script_type(script_type), [_founder_pair(f) for f in founders]
-    )
-    manifest = policy.to_manifest()
-    if app.settings.manifest.exists():
-        existing = json.loads(app.settings.manifest.read_text(encoding="utf-8") or "null")
-        if existing != manifest:
-            raise Conflict(f"a different founders' manifest is pinned at {app.settings.manifest}; not overwritten")
-    init_store(app.db, policy)
-    write_manifest(app.settings.manifest, manifest, overwrite=True)
+    signed = read_manifest_file(manifest_file).check()
+    path = app.settings.manifest
+    if path.exists() and read_manifest_file(path).digest != signed.digest:
+        raise Conflict(f"a different founders' manifest is pinned at {path}; not overwritten")
+    init_store(app.db, signed)
+    pin_manifest(path, signed)
     state = publish(app.db, app.settings)
     for w in state.warnings:
         output.warning(w)
+    policy = signed.policy
     if as_json:
         output.emit_json(
             {
-                "policy": manifest,
+                "policy": policy.to_manifest(),
+                "fingerprint": signed.fingerprint,
                 "descriptors": policy.descriptors(),
-                "manifest": str(app.settings.manifest),
+                "manifest": str(path),
                 "halt_file": str(app.settings.halt_file),
             }
         )
         return
-    output.success(f"{policy.threshold}-of-{policy.n} {policy.script_type.value} policy on {network} created")
-    output.info(f"pinned founders' manifest: {app.settings.manifest}")
+    output.success(
+        f"{policy.threshold}-of-{policy.n} {policy.script_type.value} policy on {policy.network.name} created"
+    )
+    output.info(f"founders' manifest {signed.fingerprint} pinned at {path}")
 
 
 @click.group()
@@ -138,8 +117,8 @@ def policy_descriptors(app: AppContext, as_json: bool) -> None:
 @pass_app
 @example("custody policy manifest --out founders.json")
 def policy_manifest(app: AppContext, out_file: Path) -> None:
-    """Write the founders' key manifest for the auditors (docs/FORMATS.md)."""
-    write_manifest(out_file, load_policy(app.db).to_manifest())
+    """Write the founders-signed manifest for the auditors (docs/FORMATS.md)."""
+    write_manifest(out_file, manifest_in_store(app.db).to_document())
     output.success(f"founders' manifest written to {out_file}")
 
 

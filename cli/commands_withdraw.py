@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,11 @@ from custody.books import deposits
 from custody.chain.backend import backend_for
 from custody.control import halt as halt_lib
 from custody.control.wallet import load_policy
-from custody.errors import HaltedError, InputError
+from custody.errors import ApprovalError, HaltedError, InputError
 from custody.withdraw import queue as wd
-from custody.withdraw.signer import check_and_sign
+from custody.withdraw.signer import Review, SignerState, review, sign_reviewed, state_path
 from custody_cli import output
+from custody_cli.commands_trust import confirm, read_manifest_file, yes_option
 from custody_cli.context import (
     AppContext,
     KeyRef,
@@ -127,16 +127,62 @@ def withdraw_request(
 
 @withdraw.command("approve")
 @click.argument("withdrawal_id", type=int)
+@click.option("--expect-digest", metavar="DIGEST", help="Approve only if the statement digest is this one.")
+@yes_option
 @identity_options
 @json_option
 @pass_app
 @example("custody withdraw approve 1 --as alice --key alice.key")
 def withdraw_approve(
-    app: AppContext, withdrawal_id: int, employee: str, key_file: KeyRef, passphrase_file: Path | None, as_json: bool
+    app: AppContext,
+    withdrawal_id: int,
+    expect_digest: str | None,
+    yes: bool,
+    employee: str,
+    key_file: KeyRef,
+    passphrase_file: Path | None,
+    as_json: bool,
 ) -> None:
-    """Sign the exact transaction of a withdrawal (two distinct employees, never the requester)."""
-    data = wd.approve(app.db, withdrawal_id, employee, employee_key(key_file, passphrase_file))
+    """Review, then sign the exact transaction of a withdrawal (two distinct employees, never the
+    requester). Shows every destination and amount, the change, the fee and the statement digest
+    first, and asks on a terminal; --yes or --expect-digest DIGEST for scripts."""
+    shown = wd.show_withdrawal(app.db, withdrawal_id)
+    digest = shown.get("statement_digest") or ""
+    if expect_digest is None:
+        if not as_json:
+            render_review(shown)
+        confirm(f"Approve withdrawal #{withdrawal_id} (digest {short(digest)}) as {employee}?", yes)
+    key = employee_key(key_file, passphrase_file)
+    data = wd.approve(
+        app.db, withdrawal_id, employee, key, settings=app.settings, expect_digest=expect_digest or digest
+    )
     _show(data, as_json)
+
+
+def short(digest: str) -> str:
+    return "-".join(digest[i : i + 4] for i in range(0, 16, 4))
+
+
+def render_review(w: dict[str, Any]) -> None:
+    """What an approver checks, on stdout: every output, the change, the fee, the digest."""
+    output.key_values(
+        f"Withdrawal #{w['id']} ({w['kind']})",
+        [
+            ("account", w["account"]),
+            ("requester", w["requester"]),
+            ("fee", f"{w['fee_sat']} sat ({w['fee_rate']} sat/vB)"),
+            ("approvals so far", ", ".join(w["approvals"]["valid"]) or "none"),
+            ("statement digest", short(w.get("statement_digest") or "")),
+        ],
+    )
+    output.table(
+        "Outputs",
+        ["#", "address", "amount (sat)", ""],
+        [
+            (o["n"], o["address"], o["amount_sat"], "change (ours, verified)" if o["change"] else "")
+            for o in w["outputs"]
+        ],
+    )
 
 
 @withdraw.command("export")
@@ -293,35 +339,51 @@ def withdraw_show(app: AppContext, withdrawal_id: int, as_json: bool) -> None:
 @passphrase_options
 @json_option
 @pass_app
+@click.option("--expect-digest", metavar="DIGEST", help="Sign only if the statement digest is this one.")
+@yes_option
 @example("custody sign w1.psbt --key founder-a.key --out w1-a.psbt")
 def sign(
-    app: AppContext, file: Path, key_file: Path, out_file: Path | None, passphrase_file: Path | None, as_json: bool
+    app: AppContext,
+    file: Path,
+    key_file: Path,
+    out_file: Path | None,
+    passphrase_file: Path | None,
+    as_json: bool,
+    expect_digest: str | None,
+    yes: bool,
 ) -> None:
-    """Sign a withdrawal PSBT offline with a founder key (no store, no node needed).
+    """Review and sign a withdrawal PSBT offline with a founder key (no store, no node needed).
 
-    Refuses unless two valid approvals by distinct employees cover exactly this
-    transaction, every input is one of the policy's scripts and the change re-derives
-    from the pinned founders' manifest (--manifest / CUSTODY_MANIFEST).
+    Believes only what is pinned on this machine: the founders-signed manifest (--manifest /
+    CUSTODY_MANIFEST) and, beside it, the newest employee roster seen. Refuses unless the PSBT's
+    roster is signed by m founders and not older, the requester signed the exact transaction,
+    two distinct approvers of the roster (never the requester) did too, every input is one of the
+    policy's scripts and the change re-derives. Shows what is signed and asks on a terminal.
     """
     consulted = halt_lib.check_before_signing(app.db, app.settings)
     try:
-        manifest = json.loads(app.settings.manifest.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"the founders' manifest {app.settings.manifest} is missing: pass --manifest") from None
-    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
-        raise InputError(f"the founders' manifest is unreadable: {exc}") from None
+        pinned = read_manifest_file(app.settings.manifest).check()
+    except InputError as exc:
+        raise InputError(f"the pinned founders' manifest {app.settings.manifest}: {exc} (pass --manifest)") from None
     p = psbt_lib.Psbt.parse(read_psbt_file(file))
     key = founder_key(key_file, passphrase_file)
-    result = check_and_sign(p, key, manifest)
+    state = SignerState.load(state_path(app.settings.manifest), pinned)
+    r = review(p, key, pinned, state)
+    if expect_digest is not None:
+        if not r.digest.startswith(expect_digest.strip().lower().replace("-", "")):
+            raise ApprovalError(f"the statement digest is {r.short_digest}, not {expect_digest}: do not sign")
+    else:
+        if not as_json:
+            render_signer_review(r)
+        confirm(f"Sign withdrawal #{r.withdrawal_id} (digest {r.short_digest}) as {r.founder}?", yes)
+    result = sign_reviewed(p, r, state)
     out = out_file or file.with_name(f"{file.stem}-signed-{result.founder}{file.suffix or '.psbt'}")
     write_psbt_file(out, p)
     if as_json:
         output.emit_json(
-            {
-                "withdrawal_id": result.withdrawal_id,
-                "founder": result.founder,
+            r.to_dict()
+            | {
                 "signatures_added": result.signatures_added,
-                "approvals": list(result.approvals),
                 "out": str(out),
                 "halt_checked": consulted,
             }
@@ -330,6 +392,27 @@ def sign(
     output.success(
         f"{result.founder} signed {result.signatures_added} input(s) of withdrawal "
         f"#{result.withdrawal_id} (approved by {', '.join(result.approvals)}); written to {out}"
+    )
+
+
+def render_signer_review(r: Review) -> None:
+    output.key_values(
+        f"Withdrawal #{r.withdrawal_id} ({r.kind}), to sign as {r.founder}",
+        [
+            ("network", r.network),
+            ("account", r.account),
+            ("requester", f"{r.requester} (signature checked)"),
+            ("approved by", ", ".join(r.approvals)),
+            ("inputs", f"{r.inputs} of our policy, {r.input_total} sat"),
+            ("fee", f"{r.fee} sat ({r.fee_rate} sat/vB)"),
+            ("roster", f"#{r.roster_serial}, signed by the founders of manifest {r.manifest}"),
+            ("statement digest", r.short_digest),
+        ],
+    )
+    output.table(
+        "Outputs",
+        ["#", "address", "amount (sat)", ""],
+        [(o["n"], o["address"], o["amount_sat"], "change (verified)" if o["change"] else "") for o in r.outputs],
     )
 
 

@@ -27,15 +27,18 @@ from custody.books import audit, deposits, ledger
 from custody.chain.backend import backend_for
 from custody.config import Settings
 from custody.control import halt as halt_lib
-from custody.control.employees import add_employee
+from custody.control import roster as roster_lib
 from custody.control.wallet import init_store
 from custody.errors import CustodyError
+from custody.identity.employee_keys import FileSigner
 from custody.identity.keyfile import create_employee_key, create_founder_key, open_employee_key, open_founder_key
+from custody.identity.roster import sign_roster
 from custody.issuance.issuer import export_addresses, issue_addresses, list_addresses
+from custody.policy.manifest import load_signed_manifest, sign_manifest, unsigned
 from custody.policy.model import make_policy
 from custody.store.db import Database
 from custody.withdraw import queue as wd
-from custody.withdraw.signer import check_and_sign
+from custody.withdraw.signer import SignerState, review, sign_reviewed
 from custody_cli import output
 from custody_cli.commands_policy import write_manifest
 from custody_cli.context import example
@@ -91,26 +94,44 @@ def demo(directory: Path | None, script_type: str, per_account: int) -> None:
 
     _step(1, "Founders' key ceremony: three founders create keys offline and publish xpubs")
     founders = []
+    founder_keys = {}
     for name in ("founder-a", "founder-b", "founder-c"):
         key = create_founder_key(keys / f"{name}.key", name, network, DEMO_PASSPHRASE, stype.bip48_script_index or 2)
         founders.append((name, str(key.account)))
+        founder_keys[name] = key.master.derive(key.account_path).private_key()
         output.line(f"  {name}: {key.account}")
 
-    _step(2, "The 2-of-3 policy: store created, descriptors, founders' manifest pinned")
-    policy = make_policy(network, 2, stype, founders)
-    init_store(db, policy)
-    write_manifest(settings.manifest, policy.to_manifest(), overwrite=True)
+    _step(2, "Every founder signs the 2-of-3 manifest; the store is created from it and it is pinned")
+    signed = unsigned(make_policy(network, 2, stype, founders))
+    for name, account_key in founder_keys.items():
+        signed = sign_manifest(signed, name, account_key)
+        output.line(f"  {name} signed manifest {signed.fingerprint}")
+    init_store(db, signed)
+    roster_lib.pin_manifest(settings.manifest, signed)
     auditor_manifest = directory / "auditors" / "founders-manifest.json"
-    write_manifest(auditor_manifest, policy.to_manifest())
+    write_manifest(auditor_manifest, signed.to_document())
     halt_lib.publish(db, settings)
-    for label, desc in policy.descriptors().items():
-        output.line(f"  {label}: {desc}")
+    output.line(f"  fingerprint to read aloud on every machine that pins it: {signed.fingerprint}")
 
-    _step(3, "Employees: three identities with registered signing keys")
+    _step(3, "Employees: keys made, proposed as roster #1, which two founders sign offline; only then enrolled")
     for name in ("alice", "bob", "carol"):
         ekey = create_employee_key(keys / f"{name}.key", name, DEMO_PASSPHRASE)
-        add_employee(db, name, ekey.public_key.hex())
-        output.line(f"  {name}: {ekey.public_key.hex()}")
+        roster_lib.propose(db, settings, [roster_lib.Change("add", name, ekey.public_key.hex())])
+        output.line(f"  {name}: {ekey.public_key.hex()} (roles: request, approve, lift)")
+    proposal = roster_lib.proposal(db)
+    founders_view = roster_lib.load_trust(settings).founders
+    for name in ("founder-a", "founder-b"):
+        proposal = sign_roster(proposal, name, founder_keys[name], founders_view)
+    applied = roster_lib.apply_roster(db, settings, json.dumps(proposal.to_document()).encode())
+    output.line(f"  roster #{applied.serial} applied, signed by {', '.join(sorted(applied.signatures))}")
+    mallory = create_employee_key(keys / "mallory.key", "mallory", DEMO_PASSPHRASE)
+    roster_lib.propose(db, settings, [roster_lib.Change("add", "mallory", mallory.public_key.hex())])
+    try:
+        halt_lib.raise_by_employee(db, settings, "mallory", FileSigner(mallory), "only proposed")
+    except CustodyError as exc:
+        output.line(
+            f"  mallory, proposed online but not signed by the founders, cannot act (exit {exc.exit_code}): {exc}"
+        )
 
     _step(4, "Deposit addresses, each verified independently before it is shown")
     for account in ("acct-1001", "acct-1002", "acct-1003"):
@@ -160,7 +181,7 @@ def demo(directory: Path | None, script_type: str, per_account: int) -> None:
 
     _step(7, "Two employees sign the lift of that exact halt")
     for name in ("alice", "bob"):
-        ekey = open_employee_key(keys / f"{name}.key", DEMO_PASSPHRASE)
+        ekey = FileSigner(open_employee_key(keys / f"{name}.key", DEMO_PASSPHRASE))
         result = halt_lib.lift(db, settings, raised.id or 0, name, ekey)
         output.line(
             f"  {name} signed: {len(result.signers)} of {result.needed}" + (" -> lifted" if result.lifted else "")
@@ -206,7 +227,7 @@ def _withdrawal_story(db: Database, settings: Settings, directory: Path, keys: P
     _step(9, "carol requests a withdrawal of 1.5 BTC for acct-1001 to the customer's own address")
     customer = coincurve.PrivateKey(hashlib.sha256(b"demo customer wallet").digest())
     destination = encode_segwit("bcrt", 0, hash160(customer.public_key.format()))
-    carol = open_employee_key(keys / "carol.key", DEMO_PASSPHRASE)
+    carol = FileSigner(open_employee_key(keys / "carol.key", DEMO_PASSPHRASE))
     w = wd.request_withdrawal(
         db,
         settings,
@@ -226,22 +247,30 @@ def _withdrawal_story(db: Database, settings: Settings, directory: Path, keys: P
 
     _step(10, "Approvals: carol may not approve her own request; alice and bob sign the exact transaction")
     try:
-        wd.approve(db, wid, "carol", carol)
+        wd.approve(db, wid, "carol", carol, settings=settings)
     except CustodyError as exc:
         output.line(f"  carol refused (exit {exc.exit_code}): {exc}")
     for name in ("alice", "bob"):
-        w = wd.approve(db, wid, name, open_employee_key(keys / f"{name}.key", DEMO_PASSPHRASE))
+        approver = FileSigner(open_employee_key(keys / f"{name}.key", DEMO_PASSPHRASE))
+        w = wd.approve(db, wid, name, approver, settings=settings)
         output.line(f"  {name} approved -> {w['status']}")
 
     _step(11, "Offline signing: the PSBT goes to two founders' machines (no store, no node)")
     unsigned = directory / "offline" / f"withdrawal-{wid}.psbt"
     unsigned.parent.mkdir(parents=True, exist_ok=True)
     unsigned.write_text(wd.export_psbt(db, wid).to_base64() + "\n")
-    manifest = json.loads(manifest_file.read_text())
+    pinned = load_signed_manifest(manifest_file.read_bytes()).check()
     signed = []
     for name in ("founder-a", "founder-b"):
         p = psbt_lib.Psbt.from_base64(unsigned.read_text().strip())
-        result = check_and_sign(p, open_founder_key(keys / f"{name}.key", DEMO_PASSPHRASE), manifest)
+        state = SignerState.load(directory / "offline" / name / "signer-state.json", pinned)
+        founder = open_founder_key(keys / f"{name}.key", DEMO_PASSPHRASE)
+        r = review(p, founder, pinned, state)
+        outs = "; ".join(
+            f"{o['amount']} BTC to {o['address']}" + (" (change, verified)" if o["change"] else "") for o in r.outputs
+        )
+        output.line(f"  {name} reviews digest {r.short_digest}: {outs}, fee {r.fee} sat")
+        result = sign_reviewed(p, r, state)
         out = unsigned.with_name(f"withdrawal-{wid}-{name}.psbt")
         out.write_text(p.to_base64() + "\n")
         signed.append(out)

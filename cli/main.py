@@ -100,6 +100,7 @@ def _register() -> None:
         commands_node,
         commands_notify,
         commands_policy,
+        commands_trust,
         commands_verify,
         commands_withdraw,
         demo,
@@ -107,6 +108,7 @@ def _register() -> None:
 
     for module in (
         commands_keys,
+        commands_trust,
         commands_policy,
         commands_address,
         commands_halt,

@@ -14,7 +14,10 @@ from typing import Any
 from click.testing import CliRunner, Result
 
 from custody.bitcoin.keys import ExtendedPrivateKey, KeyOrigin, OriginKey, bip48_path
+from custody.bitcoin.message import sign_message
 from custody.bitcoin.network import Network, get_network
+from custody.identity.roster import Roster, load_roster
+from custody.policy.manifest import SignedManifest, load_signed_manifest, sign_manifest
 from custody_cli.main import cli
 
 PASSPHRASE = "correct horse battery staple"
@@ -79,16 +82,59 @@ class Custody:
     def init(
         self, fs: list[TestFounder], *, network: str = "regtest", threshold: int = 2, script: str = "p2wsh"
     ) -> Result:
-        args = ["init", "--network", network, "--threshold", str(threshold), "--script", script]
+        """The key ceremony: a manifest drafted, signed by every founder, then ``custody init``."""
+        path = self.home.parent / f"{self.home.name}-manifest.json"
+        path.unlink(missing_ok=True)
+        args = ["manifest", "draft", "--network", network, "--threshold", str(threshold), "--script", script]
         for f in fs:
             args += ["--founder", f.spec]
-        return self(*args)
+        drafted = self(*args, "--out", str(path))
+        if drafted.exit_code != 0:
+            return drafted
+        path.write_text(json.dumps(sign_manifest_with(load_signed_manifest(path.read_bytes()), fs).to_document()))
+        self.founders = fs
+        self.threshold = threshold
+        self.manifest_file = path
+        return self("init", str(path))
 
-    def employee(self, name: str) -> Path:
+    def employee(self, name: str, roles: str = "request,approve,lift") -> Path:
+        """A key file for ``name``, enrolled the only way there is: a roster the founders signed."""
         path = self.home / "keys" / f"{name}.key"
-        result = self("employee", "keygen", name, "--out", str(path))
+        result = self("employee", "keygen", name, "--out", str(path), "--roles", roles)
         assert result.exit_code == 0, result.output
+        self.apply_roster()
         return path
+
+    def apply_roster(self, signers: list[TestFounder] | None = None) -> Result:
+        """Export the open roster proposal, have founders sign it (the threshold's first by
+        default), apply it."""
+        out = self.home.parent / f"{self.home.name}-roster.json"
+        out.unlink(missing_ok=True)
+        result = self("roster", "export", "--out", str(out))
+        assert result.exit_code == 0, result.output
+        out.write_text(json.dumps(sign_roster_file(out, signers or self.founders[: self.threshold]).to_document()))
+        applied = self("roster", "apply", str(out))
+        assert applied.exit_code == 0, applied.output
+        return applied
+
+
+def account_key(f: TestFounder) -> Any:
+    """The founder's account private key (coincurve): what signs manifests and rosters."""
+    return f.master.derive(f.path).private_key()
+
+
+def sign_manifest_with(m: SignedManifest, fs: list[TestFounder]) -> SignedManifest:
+    for f in fs:
+        m = sign_manifest(m, f.name, account_key(f))
+    return m
+
+
+def sign_roster_file(path: Path, fs: list[TestFounder]) -> Roster:
+    """The roster in ``path`` signed by ``fs`` (founders' names as in the manifest)."""
+    r = load_roster(path.read_bytes())
+    for f in fs:
+        r = r.with_signature(f.name, sign_message(account_key(f), r.message))
+    return r
 
 
 def env_without(*names: str) -> dict[str, str]:
@@ -112,3 +158,17 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def create_store(db: Any, settings: Any, policy: Any, fs: list[TestFounder]) -> SignedManifest:
+    """A store made from ``policy`` as the ceremony makes it (every founder of ``fs`` signs the
+    manifest), with the manifest pinned where ``settings`` say: for library-level tests and
+    benchmarks that do not go through the CLI."""
+    from custody.control.roster import pin_manifest
+    from custody.control.wallet import init_store
+    from custody.policy.manifest import unsigned
+
+    signed = sign_manifest_with(unsigned(policy), fs)
+    init_store(db, signed)
+    pin_manifest(settings.manifest, signed)
+    return signed

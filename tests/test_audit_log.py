@@ -23,6 +23,7 @@ def store(tmp_path: Path) -> Custody:
     for who in ("alice", "bob"):
         assert c("halt", "lift", str(halt_id), "--as", who, "--key", str(c.home / "keys" / f"{who}.key")).exit_code == 0
     assert c("employee", "disable", "bob").exit_code == 0
+    c.apply_roster()
     assert c("audit", "ledger").exit_code == 0
     return c
 
@@ -45,12 +46,12 @@ def test_every_event_is_logged_with_its_actor_and_the_chain_verifies(store: Cust
     events = [e["event"] for e in entries]
     for expected in (
         "policy.set",
-        "employee.added",
+        "roster.proposed",
+        "roster.applied",
         "address.issued",
         "halt.raised",
         "halt.lift_signed",
         "halt.lifted",
-        "employee.disabled",
         "audit.ledger",
     ):
         assert expected in events, expected

@@ -78,7 +78,10 @@ def test_init_script_types(custody: Custody, script: str, wrapper: str) -> None:
 
 
 def _refusal(custody: Custody, args: list[str]) -> tuple[int, str]:
-    result = custody("init", "--network", "regtest", *args)
+    """Drafting the manifest is where a policy's keys are checked (init takes a signed manifest)."""
+    out = custody.home.parent / "draft.json"
+    result = custody("manifest", "draft", "--network", "regtest", *args, "--out", str(out))
+    assert result.exit_code == 0 or not out.exists(), "a refused draft left a file behind"
     return result.exit_code, result.stderr
 
 
@@ -134,12 +137,14 @@ def test_employees(ready: Custody, tmp_path: Path) -> None:
     assert json.loads(key.read_text())["kind"] == "employee"
     listed = ready.json("employee", "list")
     assert [e["name"] for e in listed] == ["alice"] and listed[0]["enabled"] is True
-    pub = listed[0]["pubkey"]
-    assert ready("employee", "add", "bob", "--pubkey", pub).exit_code == 6  # key taken
+    pub = listed[0]["keys"][0]
+    assert ready("employee", "add", "bob", "--pubkey", pub).exit_code == 2  # two employees never share a key
     assert ready("employee", "add", "alice", "--pubkey", "02" + "11" * 32).exit_code in (2, 6)
     assert ready("employee", "add", "bob", "--pubkey", "zz").exit_code == 2
     assert ready("employee", "add", "bob", "--pubkey", "04" + "11" * 64).exit_code == 2
-    assert ready("employee", "disable", "alice").exit_code == 0
+    assert ready("employee", "disable", "alice").exit_code == 0  # proposed only
+    assert ready.json("employee", "list")[0]["enabled"] is True
+    ready.apply_roster()  # the founders sign it
     assert ready.json("employee", "list")[0]["enabled"] is False
     assert ready("employee", "disable", "nobody").exit_code == 5
 

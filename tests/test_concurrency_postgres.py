@@ -76,7 +76,7 @@ def test_operators_race_over_coins_approvals_and_broadcast(
 
     wid = str(won[0]["id"])
     approvals = _all(
-        [_start(shop, "withdraw", "approve", wid, *shop.as_(who)) for who in ("alice", "alice", "bob", "bob")]
+        [_start(shop, "withdraw", "approve", wid, *shop.as_(who), "--yes") for who in ("alice", "alice", "bob", "bob")]
     )
     assert all(code == 0 for code, _, _ in approvals), approvals
     shown = shop.ok("withdraw", "show", wid)

@@ -93,11 +93,11 @@ def test_withdrawal_killed_at_every_step(tmp_path: Path, regtest_node: NodeInfo,
     wid = str(json.loads(done.stdout)["id"])
 
     # approve: killed after the commit -> the approval is kept, and counts once
-    approve = ["withdraw", "approve", wid, *shop.as_("alice"), "--json"]
+    approve = ["withdraw", "approve", wid, *shop.as_("alice"), "--yes", "--json"]
     assert run_cli(env, *approve, crash_at="withdrawal.approved").returncode == KILLED
     assert shop.ok("withdraw", "show", wid)["approvals"]["valid"] == ["alice"]
     assert run_cli(env, *approve).returncode == 0
-    assert run_cli(env, "withdraw", "approve", wid, *shop.as_("bob")).returncode == 0
+    assert run_cli(env, "withdraw", "approve", wid, *shop.as_("bob"), "--yes").returncode == 0
     assert shop.ok("withdraw", "show", wid)["approvals"]["valid"] == ["alice", "bob"]
 
     psbt = tmp_path / "w.psbt"

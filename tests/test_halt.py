@@ -88,9 +88,10 @@ def test_lift_refuses_strangers_wrong_keys_and_disabled_employees(shop: tuple[Cu
     halt_id = _raise(c, keys)
     assert c("halt", "lift", str(halt_id), "--as", "mallory", "--key", str(keys["alice"])).exit_code == 5
     wrong = c("halt", "lift", str(halt_id), "--as", "bob", "--key", str(keys["alice"]))
-    assert wrong.exit_code == 4 and "not the registered key" in wrong.stderr
+    assert wrong.exit_code == 4 and "not one of bob's keys" in wrong.stderr
     _lift(c, keys, halt_id, "alice")
     assert c("employee", "disable", "alice").exit_code == 0
+    c.apply_roster()  # the founders sign the roster that disables her
     # alice's earlier consent counts no more once she is disabled
     after_bob = _lift(c, keys, halt_id, "bob")
     assert after_bob["lifted"] is False and after_bob["signers"] == ["bob"]
@@ -158,19 +159,38 @@ def test_halt_hook_runs_on_every_change(shop: tuple[Custody, dict[str, Path]], t
 
 
 def test_issuance_mismatch_raises_the_halt_and_returns_nothing(shop: tuple[Custody, dict[str, Path]]) -> None:
-    """The store's policy no longer matches the pinned manifest (a founder key swapped)."""
+    """The store's policy no longer matches the founders-signed manifest: a founder's key swapped
+    in the store by SQL."""
+    import sqlite3
+
     c, _ = shop
     assert c("address", "new", "--account", "a").exit_code == 0
-    pinned = c.home / "founders-manifest.json"
-    manifest = json.loads(pinned.read_text())
     outsider = founders(tag="outsider")[2]
-    manifest["founders"][2]["xpub"] = str(outsider.account)
-    pinned.write_text(json.dumps(manifest))
+    db = sqlite3.connect(c.home / "custody.db")
+    db.execute("UPDATE founder SET xpub = ? WHERE position = 2", (str(outsider.account),))
+    db.commit()
+    db.close()
     result = c("address", "new", "--account", "a", "--json")
     assert result.exit_code == 3
     assert "failed verification" in result.stderr and "halted" in result.stderr
     assert result.stdout == ""  # the address is never shown
     assert [a["index"] for a in c.json("address", "list")] == [0]  # nor stored
+    state = json.loads(c("halt", "status", "--json").stdout)
+    assert state["halted"] and state["halts"][0]["source"] == "verification"
+
+
+def test_an_edited_pinned_manifest_is_not_trusted_and_halts(shop: tuple[Custody, dict[str, Path]]) -> None:
+    """An outsider's xpub written into the pinned manifest: the founders' signatures no longer
+    cover it, so nothing is issued against it and trading halts."""
+    c, _ = shop
+    pinned = c.home / "founders-manifest.json"
+    manifest = json.loads(pinned.read_text())
+    manifest["founders"][2]["xpub"] = str(founders(tag="outsider")[2].account)
+    pinned.write_text(json.dumps(manifest))
+    result = c("address", "new", "--account", "a", "--json")
+    assert result.exit_code == 3 and result.stdout == ""
+    assert "cannot be trusted" in result.stderr and "founder-c" in result.stderr
+    assert c.json("address", "list") == []
     state = json.loads(c("halt", "status", "--json").stdout)
     assert state["halted"] and state["halts"][0]["source"] == "verification"
 

@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import coincurve
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -44,13 +45,26 @@ from custody.chain.rpc import RpcClient
 from custody.errors import CustodyError, InputError, KeyFileError
 from custody.identity import keyfile
 from custody.identity.keyfile import FounderKey, open_employee_key, open_founder_key, read_header
+from custody.policy.manifest import parse_signed_manifest
 from custody.policy.model import policy_from_manifest
-from custody.withdraw.signer import PROP_APPROVALS, PROP_META, PROP_REGISTRY, PROPRIETARY_ID, check_and_sign
+from custody.withdraw import signer as signer_lib
+from custody.withdraw.signer import PROP_APPROVALS, PROP_META, PROP_ROSTER, PROP_SUSPENSIONS, PROPRIETARY_ID
 from tests.store_support import audit_problems, dump_store
 from tests.support import PASSPHRASE, Custody, founders
 from tests.withdraw_support import Shop
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def check_and_sign(p: psbt_lib.Psbt, founder: Any, manifest: Any) -> signer_lib.SignResult:
+    """The offline signer with ``manifest`` (a document, maybe mutated) pinned and a fresh state."""
+    import tempfile
+
+    pinned = parse_signed_manifest(manifest)
+    state = signer_lib.SignerState(Path(tempfile.mkdtemp()) / "signer-state.json", pinned.digest)
+    return signer_lib.check_and_sign(p, founder, pinned, state)
+
+
 DOCUMENTED: tuple[type[Exception], ...] = (CustodyError, verify.ManifestError, verify.ExportError, verify.DecodeError)
 DOCUMENTED_EXITS = {2, 3, 4, 5, 6, 7, 9}
 
@@ -763,18 +777,18 @@ def psbt_mutation(draw: st.DrawFn, world: World) -> tuple[psbt_lib.Psbt, bool]:
     for _ in range(draw(st.integers(1, 3))):
         what = draw(
             st.sampled_from(
-                ["meta", "approvals", "registry", "prop-bytes", "input", "output-map", "tx-output", "tx-input"]
+                ["meta", "approvals", "roster", "prop-bytes", "input", "output-map", "tx-output", "tx-input"]
             )
         )
-        if what in ("meta", "approvals", "registry"):
-            subtype = {"meta": PROP_META, "approvals": PROP_APPROVALS, "registry": PROP_REGISTRY}[what]
+        if what in ("meta", "approvals", "roster"):
+            subtype = {"meta": PROP_META, "approvals": PROP_APPROVALS, "roster": PROP_ROSTER}[what]
             try:
                 doc = json.loads(p.proprietary.get(_prop_key(subtype), b"{}"))
             except ValueError:  # garbled by an earlier edit
                 continue
             p.proprietary[_prop_key(subtype)] = _json_bytes(draw(mutated_json(doc)))
         elif what == "prop-bytes":
-            subtype = draw(st.sampled_from([PROP_META, PROP_APPROVALS, PROP_REGISTRY]))
+            subtype = draw(st.sampled_from([PROP_META, PROP_APPROVALS, PROP_ROSTER, PROP_SUSPENSIONS]))
             old = p.proprietary.get(_prop_key(subtype), b"{}")
             p.proprietary[_prop_key(subtype)] = draw(st.one_of(mutated_bytes([old]), st.binary(max_size=40)))
         elif what == "input":
@@ -953,13 +967,29 @@ def test_init_hostile_founders(tmp_path: Path, store: Custody) -> None:
     )
     def run(spec: str) -> None:
         fresh = Custody(tmp_path / "fresh")
-        args = ["init", "--network", "regtest", "--founder", spec, "--founder", specs[0], "--founder", specs[1]]
+        draft = tmp_path / "fresh-draft.json"
+        draft.unlink(missing_ok=True)
+        args = [
+            "manifest",
+            "draft",
+            "--network",
+            "regtest",
+            "--founder",
+            spec,
+            "--founder",
+            specs[0],
+            "--founder",
+            specs[1],
+            "--out",
+            str(draft),
+        ]
         result = fresh(*args)
         if result.exit_code == 0:  # a mutation that is still valid (whitespace, a name): fine, start over
-            shutil.rmtree(fresh.home)
+            shutil.rmtree(fresh.home, ignore_errors=True)
             return
         assert_refused(result, {2})
-        assert not _db(fresh).exists() or dump_store(_db(fresh)) == {}, "a refused init left a store behind"
+        assert not draft.exists(), "a refused draft left a manifest behind"
+        assert not _db(fresh).exists() or dump_store(_db(fresh)) == {}, "a refused draft left a store behind"
         # And on the existing store: refused, nothing changed.
         before = dump_store(_db(store))
         assert_refused(store(*args), {2, 6}, store, before)
@@ -1004,8 +1034,13 @@ def test_employee_add_hostile_pubkeys(store: Custody) -> None:
         before = dump_store(_db(store))
         result = store("employee", "add", "mallory", "--pubkey", pubkey)
         if result.exit_code == 0:
-            # Only the key itself, up to case and surrounding spaces, may be registered.
-            assert pubkey.strip().lower() == pub, f"registered an employee by a mutated key {pubkey!r}"
+            # A mutation that is still a valid compressed key: proposed (never enrolled) exactly
+            # as given, up to case and surrounding spaces.
+            coincurve.PublicKey(bytes.fromhex(pubkey.strip()))
+            proposal = store.json("roster", "show")["proposal"]["roster"]
+            keys = [e["keys"] for e in proposal["employees"] if e["name"] == "mallory"]
+            assert keys == [[pubkey.strip().lower()]], f"proposed a mutated key {pubkey!r} as {keys}"
+            assert "mallory" not in [e["name"] for e in store.json("employee", "list")], "enrolled without founders"
             return
         assert_refused(result, {2, 6}, store, before)
 
@@ -1197,10 +1232,8 @@ def test_sign_hostile_files(world: World) -> None:
 def test_store_dump_sees_every_table(world: World) -> None:
     """The comparison above is only as good as the dump: it holds every table, rows included."""
     dump = dump_store(_db(world.shop.c))
-    assert {"policy", "founder", "address", "employee", "audit_log", "audit_head", "withdrawal", "approval"} <= set(
-        dump
-    )
-    assert dump["address"] and dump["employee"] and dump["audit_log"] and dump["withdrawal"]
+    assert {"policy", "founder", "address", "roster", "audit_log", "audit_head", "withdrawal", "approval"} <= set(dump)
+    assert dump["address"] and dump["roster"] and dump["audit_log"] and dump["withdrawal"]
 
 
 def _with_prop(
@@ -1241,9 +1274,18 @@ def _probe_cases(world: World) -> dict[str, psbt_lib.Psbt]:
         "withdrawal id huge": _with_prop(world.single, PROP_META, lambda m: {**m, "withdrawal_id": 10**400}),
         "withdrawal id bool": _with_prop(world.single, PROP_META, lambda m: {**m, "withdrawal_id": True}),
         "approvals dicts": _with_prop(world.single, PROP_APPROVALS, lambda a: {"employee": "alice"}),
-        "registry enabled str": _with_prop(
-            world.single, PROP_REGISTRY, lambda r: [{**e, "enabled": "false"} for e in r]
+        "roster enabled str": _with_prop(
+            world.single,
+            PROP_ROSTER,
+            lambda r: {
+                **r,
+                "roster": {**r["roster"], "employees": [{**e, "enabled": "false"} for e in r["roster"]["employees"]]},
+            },
         ),
+        "roster deep": _with_prop(world.single, PROP_ROSTER, raw=b"[" * 100_000),
+        "suspensions deep": _with_prop(world.single, PROP_SUSPENSIONS, raw=b"[" * 100_000),
+        "suspensions not a list": _with_prop(world.single, PROP_SUSPENSIONS, lambda s: {"x": 1}),
+        "suspension garbage": _with_prop(world.single, PROP_SUSPENSIONS, lambda s: [{"employee": 5}]),
     }
 
 

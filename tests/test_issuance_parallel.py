@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from custody.bitcoin.network import REGTEST
 from custody.bitcoin.script import ScriptType
 from custody.config import Settings
-from custody.control.wallet import init_store
 from custody.issuance.issuer import PARALLEL_MIN, issue_addresses, list_addresses
 from custody.policy.generator import AddressDeriver
 from custody.policy.model import make_policy
 from custody.store.db import Database
-from tests.support import founders
+from tests.support import create_store, founders
 
 
 def test_a_parallel_batch_is_complete_ordered_and_right(tmp_path: Path) -> None:
@@ -22,8 +20,7 @@ def test_a_parallel_batch_is_complete_ordered_and_right(tmp_path: Path) -> None:
     )
     settings = Settings.load(home=str(tmp_path), env={})
     db = Database(settings.db_url)
-    init_store(db, policy)
-    settings.manifest.write_text(json.dumps(policy.to_manifest()))
+    create_store(db, settings, policy, founders(script_index=1))
     count = PARALLEL_MIN + 1234
     issued = issue_addresses(db, settings, "bulk", count)
     assert [a.index for a in issued] == list(range(count))

@@ -50,6 +50,7 @@ from custody.identity.pkcs11_keys import SECP256K1_EC_PARAMS, Pkcs11Signer, gene
 from custody.identity.statements import sign_statement, statement_digest, verify_statement
 from tests.chain_support import fresh_script
 from tests.support import Custody, founders
+from tests.withdraw_support import enrol, key_ceremony, sign_and_apply
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "custody"
@@ -275,8 +276,8 @@ def test_token_approvals_of_a_withdrawal_verify_and_bind_the_transaction(softhsm
         Approval("alice", file_key.public_key.hex(), sign_approval(file_key, summary)),
     ]
     registry = {
-        "tina": RegistryEntry("tina", token.public_key.hex(), True),
-        "alice": RegistryEntry("alice", file_key.public_key.hex(), True),
+        "tina": RegistryEntry("tina", (token.public_key.hex(),)),
+        "alice": RegistryEntry("alice", (file_key.public_key.hex(),)),
     }
     check = check_approvals(summary, approvals, registry, requester="rita")
     assert check.enough and check.valid == ("alice", "tina"), check.explain()
@@ -415,8 +416,9 @@ def test_cli_token_employee_raises_and_lifts_a_halt_with_a_file_employee(
     c = shop
     label = _label("tina")
     made = c.json("employee", "keygen", "tina", "--pkcs11", softhsm.uri(label))
-    assert made["registered"] is True and parse_pkcs11_uri(made["uri"]).object == label
-    listed = {e["name"]: e["pubkey"] for e in c.json("employee", "list")}
+    assert made["proposed_roster"] == 1 and parse_pkcs11_uri(made["uri"]).object == label
+    c.apply_roster()  # the founders sign tina in
+    listed = {e["name"]: e["keys"][0] for e in c.json("employee", "list")}
     assert listed["tina"] == made["pubkey"] == Pkcs11Signer(softhsm.module, TOKEN, label, PIN).public_key.hex()
     alice = c.employee("alice")
 
@@ -433,7 +435,7 @@ def test_cli_token_employee_raises_and_lifts_a_halt_with_a_file_employee(
     )
     assert first == {"halt_id": halt_id, "signers": ["tina"], "lifted": False, "needed": 2}
     second = c.json("halt", "lift", str(halt_id), "--as", "alice", "--key", str(alice))
-    assert second["lifted"] is True and second["signers"] == ["alice", "tina"]
+    assert second["lifted"] is True and sorted(second["signers"]) == ["alice", "tina"]
     assert c("halt", "status").exit_code == 0
 
 
@@ -444,6 +446,7 @@ def test_cli_prompts_for_the_pin(shop: Custody, softhsm: SoftHsm) -> None:
     made = c("employee", "keygen", "pat", "--pkcs11", softhsm.uri(label), input=PIN + "\n")
     assert made.exit_code == 0, made.output
     assert "User PIN of the token custody" in made.stderr
+    c.apply_roster()
     raised = c("halt", "raise", "--reason", "r", "--as", "pat", "--key", softhsm.uri(label), input=PIN + "\n")
     assert raised.exit_code == 0, raised.output
 
@@ -452,6 +455,7 @@ def test_cli_wrong_pin_is_exit_7(shop: Custody, softhsm: SoftHsm, tmp_path: Path
     c = shop
     label = _label("wrongpin")
     assert c("employee", "keygen", "wes", "--pkcs11", softhsm.uri(label)).exit_code == 0
+    c.apply_roster()
     c.env["CUSTODY_PKCS11_PIN"] = "0000"
     refused = c("halt", "raise", "--reason", "r", "--as", "wes", "--key", softhsm.uri(label))
     assert refused.exit_code == 7 and "wrong PIN for token 'custody'" in refused.stderr
@@ -475,7 +479,7 @@ def test_cli_refusals(shop: Custody, softhsm: SoftHsm, tmp_path: Path) -> None:
     secret_file.write_text("1234\n", encoding="utf-8")
     cases = [
         # another employee's token key: an approval rule (4)
-        (["--as", "alice", "--key", softhsm.uri(label)], 4, "not the registered key"),
+        (["--as", "alice", "--key", softhsm.uri(label)], 4, "not one of alice's keys"),
         # the key label is taken: never overwritten (6)
         (None, 6, "never overwritten"),
         # options of the other kind of key (2)
@@ -507,16 +511,12 @@ def test_cli_token_employees_through_the_whole_withdrawal_flow(tmp_path: Path, s
     c.env.update(CUSTODY_CHAIN="embedded", CUSTODY_PKCS11_PIN=PIN)
     chain = open_chain(tmp_path / "home" / "chain")  # the one the CLI opens too
     try:
-        keys, specs = {}, []
-        for name in ("founder-a", "founder-b", "founder-c"):
-            keys[name] = tmp_path / "keys" / f"{name}.key"
-            made = c.json("keygen", name, "--out", str(keys[name]))
-            specs += ["--founder", f"{name}={made['xpub']}"]
-        assert c("init", "--network", "regtest", "--threshold", "2", *specs).exit_code == 0
-        alice = ["--as", "alice", "--key", str(c.employee("alice"))]
+        keys = key_ceremony(c, tmp_path, "p2wsh")
+        alice = ["--as", "alice", "--key", str(enrol(c, tmp_path, keys, ["alice"])["alice"])]
         tokens = {name: _label(name) for name in ("tom", "tia")}
         for name, label in tokens.items():
             assert c("employee", "keygen", name, "--pkcs11", softhsm.uri(label)).exit_code == 0
+        sign_and_apply(c, tmp_path, keys)
         tom, tia = (["--as", n, "--key", softhsm.uri(tokens[n])] for n in ("tom", "tia"))
         for _ in range(3):
             (issued,) = c.json("address", "new", "--account", "acct")
@@ -530,13 +530,13 @@ def test_cli_token_employees_through_the_whole_withdrawal_flow(tmp_path: Path, s
             return str(c.json("withdraw", "request", "--account", "acct", "--to", to, "--amount", amount, *who)["id"])
 
         wid = request("0.01", tom)
-        c.json("withdraw", "approve", wid, *tia)
-        assert c.json("withdraw", "approve", wid, *alice)["approvals"]["valid"] == ["alice", "tia"]
+        c.json("withdraw", "approve", wid, *tia, "--yes")
+        assert c.json("withdraw", "approve", wid, *alice, "--yes")["approvals"]["valid"] == ["alice", "tia"]
         psbt = tmp_path / "w.psbt"
         assert c("withdraw", "export", wid, str(psbt)).exit_code == 0
         for founder in ("founder-a", "founder-b"):
             out = tmp_path / f"{founder}.psbt"
-            signed = c("sign", str(psbt), "--key", str(keys[founder]), "--out", str(out))
+            signed = c("sign", str(psbt), "--key", str(keys[founder]), "--out", str(out), "--yes")
             assert signed.exit_code == 0, signed.output  # it re-checks the token approvals offline
             c.json("withdraw", "import", wid, str(out))
         c.json("withdraw", "finalize", wid)
@@ -547,8 +547,8 @@ def test_cli_token_employees_through_the_whole_withdrawal_flow(tmp_path: Path, s
 
         members = [request("0.01", alice), request("0.02", alice)]
         for member in members:
-            c.json("withdraw", "approve", member, *tia)
-            c.json("withdraw", "approve", member, *tom)
+            c.json("withdraw", "approve", member, *tia, "--yes")
+            c.json("withdraw", "approve", member, *tom, "--yes")
         batch = c.json("withdraw", "batch", *tom)
         assert batch["kind"] == "batch" and sorted(map(str, batch["members"])) == sorted(members)
         assert batch["approvals"]["valid"] == ["tia", "tom"]

@@ -152,9 +152,9 @@ def flow(tmp_path_factory: pytest.TempPathFactory, regtest_node: NodeInfo, funde
         # Error paths, through the CLI (recorded) and the library (messages kept).
         wrong = dict(c.env, CUSTODY_PASSPHRASE="not the passphrase at all")
         for args in (
-            ("sign", str(exported), "--key", str(shop.founder_keys["founder-c"])),
+            ("sign", str(exported), "--key", str(shop.founder_keys["founder-c"]), "--yes"),
             ("halt", "raise", "--reason", "x", *shop.as_("carol")),
-            ("withdraw", "approve", str(wid), *shop.as_("carol")),
+            ("withdraw", "approve", str(wid), *shop.as_("carol"), "--yes"),
         ):
             result = c.runner.invoke(cli, list(args), env=wrong)
             c.runs.append((args, result))
@@ -164,7 +164,10 @@ def flow(tmp_path_factory: pytest.TempPathFactory, regtest_node: NodeInfo, funde
             c("halt", "raise", "--reason", "x", "--as", "alice", "--key", str(shop.founder_keys["founder-a"])).exit_code
             == 7
         )
-        assert c("withdraw", "approve", str(wid), "--as", "bob", "--key", str(shop.employees["alice"])).exit_code != 0
+        assert (
+            c("withdraw", "approve", str(wid), "--as", "bob", "--key", str(shop.employees["alice"]), "--yes").exit_code
+            != 0
+        )
         for opener, path in (
             (open_founder_key, shop.founder_keys["founder-a"]),
             (open_employee_key, shop.employees["alice"]),

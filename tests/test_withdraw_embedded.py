@@ -19,7 +19,7 @@ from custody.bitcoin.bech32 import encode_segwit
 from custody.chain.embedded import COINBASE_MATURITY, EmbeddedBackend, open_chain
 from tests.chain_support import fresh_script, high_s
 from tests.support import Custody
-from tests.withdraw_support import key_ceremony
+from tests.withdraw_support import enrol, key_ceremony
 
 OP_TRUE = b"\x51"
 
@@ -33,7 +33,7 @@ class EmbeddedShop:
         self.c.env["CUSTODY_CHAIN"] = "embedded"
         self.chain: EmbeddedBackend = open_chain(tmp / "home" / "chain")  # the one the CLI opens too
         self.founder_keys = key_ceremony(self.c, tmp, script)
-        self.employees = {name: self.c.employee(name) for name in ("alice", "bob", "carol")}
+        self.employees = enrol(self.c, tmp, self.founder_keys, ["alice", "bob", "carol"])
 
     def ok(self, *args: str) -> Any:
         result = self.c(*args, "--json")
@@ -55,13 +55,15 @@ class EmbeddedShop:
         """A withdrawal requested, approved, signed by two founders and finalized; its id."""
         w = self.ok("withdraw", "request", "--account", "acct-1", "--to", to, "--amount", amount, *self.as_("carol"))
         wid = int(w["id"])
-        self.ok("withdraw", "approve", str(wid), *self.as_("alice"))
-        self.ok("withdraw", "approve", str(wid), *self.as_("bob"))
+        self.ok("withdraw", "approve", str(wid), *self.as_("alice"), "--yes")
+        self.ok("withdraw", "approve", str(wid), *self.as_("bob"), "--yes")
         psbt = self.tmp / f"w{wid}.psbt"
         assert self.c("withdraw", "export", str(wid), str(psbt)).exit_code == 0
         for founder in ("founder-a", "founder-b"):
             out = self.tmp / f"w{wid}-{founder}.psbt"
-            signed = self.c("sign", str(psbt), "--key", str(self.founder_keys[founder]), "--out", str(out), "--json")
+            signed = self.c(
+                "sign", str(psbt), "--key", str(self.founder_keys[founder]), "--out", str(out), "--yes", "--json"
+            )
             assert signed.exit_code == 0, signed.output
             self.ok("withdraw", "import", str(wid), str(out))
         self.ok("withdraw", "finalize", str(wid))

@@ -16,7 +16,7 @@ from custody.identity.approvals import sign_approval, summarize
 from custody.identity.keyfile import open_employee_key
 from custody.withdraw.signer import PROP_APPROVALS, PROPRIETARY_ID
 from tests.support import PASSPHRASE, founders
-from tests.withdraw_support import Shop
+from tests.withdraw_support import Shop, sign_and_apply
 
 pytestmark = pytest.mark.regtest
 
@@ -73,6 +73,7 @@ def test_one_approver_is_not_enough_and_twice_counts_once(shop: Shop) -> None:
 def test_a_disabled_approver_counts_not_at_all(shop: Shop) -> None:
     wid = shop.approved()
     assert shop.cli("employee", "disable", "bob").exit_code == 0
+    sign_and_apply(shop.c, shop.tmp, shop.founder_keys)  # the founders sign the roster that disables him
     export = shop.cli("withdraw", "export", str(wid), str(shop.tmp / "x.psbt"))
     assert export.exit_code == 4 and "bob: disabled" in export.stderr
     disabled = shop.approve(wid, "bob")
@@ -108,7 +109,8 @@ def test_signer_refuses_outputs_edited_after_approval(shop: Shop) -> None:
 
     _rewrite(path, steal)
     result = shop.sign(path, "founder-a")
-    assert result.exit_code == 4 and "0 of 2 valid approvals" in result.stderr, result.stderr
+    # The requester's signature is checked first: it covers the exact transaction too.
+    assert result.exit_code == 4 and "request signature does not cover" in result.stderr, result.stderr
 
 
 def test_signer_refuses_a_change_output_that_is_not_ours(shop: Shop) -> None:
@@ -256,21 +258,29 @@ def test_store_tampering_after_approval_is_refused(shop: Shop) -> None:
 
 
 def test_an_employee_key_swapped_in_the_store_is_caught(shop: Shop) -> None:
+    """The roster row edited by SQL (alice's key replaced by one the attacker holds): the founders'
+    signatures no longer cover it, so the store's roster does not stand for anyone."""
     import sqlite3
 
     wid = shop.approved()
-    mallory = open_employee_key(shop.employees["dave"], PASSPHRASE)  # any key the attacker holds
+    import coincurve
+
+    mallory = coincurve.PrivateKey()  # a key the attacker holds
     db = sqlite3.connect(shop.c.home / "custody.db")
-    db.execute("UPDATE employee SET pubkey = ? WHERE name = 'bob'", ("02" + "11" * 32,))
-    db.execute("UPDATE employee SET pubkey = ? WHERE name = 'alice'", (mallory.public_key.hex()[:-2] + "00",))
+    serial, document = db.execute("SELECT serial, document FROM roster ORDER BY serial DESC LIMIT 1").fetchone()
+    doc = json.loads(document)
+    for e in doc["roster"]["employees"]:
+        if e["name"] == "alice":
+            e["keys"] = [mallory.public_key.format().hex()]
+    db.execute("UPDATE roster SET document = ? WHERE serial = ?", (json.dumps(doc), serial))
     db.commit()
     db.close()
     export = shop.cli("withdraw", "export", str(wid), str(shop.tmp / "x.psbt"))
-    assert export.exit_code == 9 and "tampered" in export.stderr
-    approve = shop.approve(wid, "dave")  # the registry is not trusted for anyone now
-    assert approve.exit_code == 9 and "tampered" in approve.stderr
+    assert export.exit_code == 3 and "does not stand" in export.stderr
+    approve = shop.approve(wid, "dave")  # the roster is not trusted for anyone now
+    assert approve.exit_code == 3 and "does not stand" in approve.stderr
     verify = shop.cli("audit", "log", "--verify", "--json")
-    assert verify.exit_code == 3 and "recorded when they were added" in verify.stdout
+    assert verify.exit_code == 3 and "does not stand" in verify.stdout
 
 
 def test_importing_a_corrupted_signature_is_refused(shop: Shop) -> None:
@@ -308,13 +318,13 @@ def test_offline_signer_needs_no_store_and_honours_a_halt_file(shop: Shop, tmp_p
         "CUSTODY_PASSPHRASE": PASSPHRASE,
     }
     key = str(shop.founder_keys["founder-a"])
-    signed = run_cli(env, "sign", str(psbt), "--key", key, "--out", str(offline / "a.psbt"), "--json")
+    signed = run_cli(env, "sign", str(psbt), "--key", key, "--yes", "--out", str(offline / "a.psbt"), "--json")
     assert signed.returncode == 0, signed.stderr
     assert json.loads(signed.stdout)["halt_checked"] == "none (offline machine)"
     assert not (offline / "custody.db").exists()  # nothing created on the offline machine
     (offline / "halt.json").write_text(json.dumps({"halted": True}))
-    halted = run_cli(env, "sign", str(psbt), "--key", key, "--out", str(offline / "b.psbt"))
+    halted = run_cli(env, "sign", str(psbt), "--key", key, "--yes", "--out", str(offline / "b.psbt"))
     assert halted.returncode == 3 and "halted" in halted.stderr
     (offline / "halt.json").write_text("{not json")  # unreadable: treated as halted
-    assert run_cli(env, "sign", str(psbt), "--key", key, "--out", str(offline / "c.psbt")).returncode == 3
+    assert run_cli(env, "sign", str(psbt), "--key", key, "--yes", "--out", str(offline / "c.psbt")).returncode == 3
     assert not (offline / "b.psbt").exists() and not (offline / "c.psbt").exists()

@@ -14,7 +14,8 @@ from tests.support import Custody
 
 
 def key_ceremony(c: Custody, tmp: Path, script: str) -> dict[str, Path]:
-    """Three founders create key files; their xpubs set up a 2-of-3 policy of ``script``."""
+    """Three founders create key files; a manifest of their xpubs (2-of-3 ``script``) is drafted,
+    signed by each founder with their key file, and the store created from it."""
     keys: dict[str, Path] = {}
     specs = []
     for name in ("founder-a", "founder-b", "founder-c"):
@@ -24,9 +25,58 @@ def key_ceremony(c: Custody, tmp: Path, script: str) -> dict[str, Path]:
         assert result.exit_code == 0, result.output
         keys[name] = path
         specs += ["--founder", f"{name}={json.loads(result.stdout)['xpub']}"]
-    result = c("init", "--network", "regtest", "--threshold", "2", "--script", script, *specs)
+    manifest = tmp / "founders-manifest.json"
+    result = c(
+        "manifest",
+        "draft",
+        "--network",
+        "regtest",
+        "--threshold",
+        "2",
+        "--script",
+        script,
+        *specs,
+        "--out",
+        str(manifest),
+    )
+    assert result.exit_code == 0, result.output
+    for path in keys.values():
+        result = c("manifest", "sign", str(manifest), "--key", str(path), "--yes")
+        assert result.exit_code == 0, result.output
+    result = c("init", str(manifest))
     assert result.exit_code == 0, result.output
     return keys
+
+
+def enrol(
+    c: Custody,
+    tmp: Path,
+    founder_keys: dict[str, Path],
+    names: list[str],
+    roles: str = "request,approve,lift",
+    signers: tuple[str, ...] = ("founder-a", "founder-b"),
+) -> dict[str, Path]:
+    """Employees' key files, enrolled by a roster that founders sign with their key files."""
+    keys = {}
+    for name in names:
+        keys[name] = tmp / "home" / "keys" / f"{name}.key"
+        result = c("employee", "keygen", name, "--out", str(keys[name]), "--roles", roles)
+        assert result.exit_code == 0, result.output
+    sign_and_apply(c, tmp, founder_keys, signers)
+    return keys
+
+
+def sign_and_apply(
+    c: Custody, tmp: Path, founder_keys: dict[str, Path], signers: tuple[str, ...] = ("founder-a", "founder-b")
+) -> None:
+    """The open roster proposal exported, signed by founders with their key files, applied."""
+    proposal = tmp / f"roster-{len(list(tmp.glob('roster-*.json')))}.json"
+    assert c("roster", "export", "--out", str(proposal)).exit_code == 0
+    for founder in signers:
+        result = c("roster", "sign", str(proposal), "--key", str(founder_keys[founder]), "--yes")
+        assert result.exit_code == 0, result.output
+    result = c("roster", "apply", str(proposal))
+    assert result.exit_code == 0, result.output
 
 
 class Shop:
@@ -44,7 +94,7 @@ class Shop:
         self.c.env["CUSTODY_NODE_COOKIE"] = str(node.cookie_file)
         self.script = script
         self.founder_keys = key_ceremony(self.c, tmp, script)
-        self.employees = {name: self.c.employee(name) for name in ("alice", "bob", "carol", "dave")}
+        self.employees = enrol(self.c, tmp, self.founder_keys, ["alice", "bob", "carol", "dave"])
 
     def cli(self, *args: str) -> Any:
         return self.c(*args)
@@ -86,10 +136,10 @@ class Shop:
         )
 
     def approve(self, wid: int, who: str) -> Any:
-        return self.c("withdraw", "approve", str(wid), *self.as_(who), "--json")
+        return self.c("withdraw", "approve", str(wid), *self.as_(who), "--yes", "--json")
 
     def sign(self, psbt: Path, founder: str, out: Path | None = None) -> Any:
-        args = ["sign", str(psbt), "--key", str(self.founder_keys[founder])]
+        args = ["sign", str(psbt), "--key", str(self.founder_keys[founder]), "--yes"]
         if out:
             args += ["--out", str(out)]
         return self.c(*args, "--json")

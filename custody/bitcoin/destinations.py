@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from custody.bitcoin.bech32 import decode_segwit
+from custody.bitcoin.bech32 import decode_segwit, encode_segwit
 from custody.bitcoin.encoding import compact_size_len
-from custody.bitcoin.keys import b58check_decode
+from custody.bitcoin.keys import b58check_decode, b58check_encode
 from custody.bitcoin.network import NETWORKS, Network
 from custody.errors import InputError
 
@@ -159,3 +159,23 @@ def dust_limit(script_pubkey: bytes) -> int:
     else:
         size += 32 + 4 + 1 + 107 + 4
     return DUST_RELAY_FEE * size // 1000
+
+
+def address_of(script_pubkey: bytes, network: Network) -> str | None:
+    """The address a person reads for ``script_pubkey`` on ``network``, or None when it has none
+    (an OP_RETURN, a bare script). Layouts:
+
+    * p2pkh ``OP_DUP OP_HASH160 <20> OP_EQUALVERIFY OP_CHECKSIG``, p2sh ``OP_HASH160 <20> OP_EQUAL``: base58check
+    * witness ``OP_n <2..40 bytes>``: bech32 (v0) or bech32m (v1+)
+    """
+    spk = bytes(script_pubkey)
+    if len(spk) == 25 and spk[:3] == b"\x76\xa9\x14" and spk[23:] == b"\x88\xac":
+        return b58check_encode(bytes([network.p2pkh_version]) + spk[3:23])
+    if len(spk) == 23 and spk[:2] == b"\xa9\x14" and spk[22] == 0x87:
+        return b58check_encode(bytes([network.p2sh_version]) + spk[2:22])
+    if _witness_program(spk):
+        version = 0 if spk[0] == OP_0 else spk[0] - OP_1 + 1
+        if version == 0 and len(spk) not in (22, 34):
+            return None
+        return encode_segwit(network.bech32_hrp, version, spk[2:])
+    return None

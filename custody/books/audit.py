@@ -31,11 +31,11 @@ from custody.chain.types import ChainBackend
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log, halt
-from custody.control.employees import recorded_keys
+from custody.control.roster import current_roster, load_trust
 from custody.control.wallet import policy_from_session
-from custody.errors import CustodyError, InputError
+from custody.errors import CustodyError, InputError, VerificationFailed
 from custody.store.db import Database
-from custody.store.models import AddressRow, EmployeeRow, LedgerAccount, LedgerHead, WithdrawalRow
+from custody.store.models import AddressRow, LedgerAccount, LedgerHead, WithdrawalRow
 
 SHOWN = 20
 """Problems of one kind listed in full; more are counted."""
@@ -259,11 +259,10 @@ def audit_log_check(db: Database, settings: Settings, *, halt_on_failure: bool =
     with db.transaction() as s:
         problems = audit_log.verify_chain(s)
         count = len(audit_log.entries(s))
-        recorded = recorded_keys(s)
-        for row in s.exec(select(EmployeeRow)).all():
-            if recorded.get(row.name) != row.pubkey:
-                why = f"employee {row.name}'s key differs from the one recorded when they were added"
-                problems.append(audit_log.ChainProblem(0, why))
+        try:  # the roster rows must stand against the founders' manifest pinned here
+            current_roster(s, load_trust(settings))
+        except VerificationFailed as exc:
+            problems.append(audit_log.ChainProblem(0, str(exc)))
     report: dict[str, Any] = {
         "ok": not problems,
         "entries": count,

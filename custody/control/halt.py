@@ -27,7 +27,7 @@ from sqlmodel import Session, col, func, select
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log
-from custody.control.employees import authenticate, check_registry
+from custody.control.roster import Trust, authenticate, check_pinned, load_trust, standing
 from custody.errors import (
     ApprovalError,
     Conflict,
@@ -37,10 +37,10 @@ from custody.errors import (
     NotFound,
 )
 from custody.faults import crash_point
-from custody.identity.keyfile import EmployeeKey
+from custody.identity.employee_keys import EmployeeSigner
 from custody.identity.statements import sign_statement, verify_statement
 from custody.store.db import Database
-from custody.store.models import AuditEntry, AuditHead, EmployeeRow, HaltLift, HaltRow, IncidentRow, IncidentUpdate
+from custody.store.models import AuditEntry, AuditHead, HaltLift, HaltRow, IncidentRow, IncidentUpdate
 
 LIFT_QUORUM = 2
 COMPONENTS = ("address-issuance", "address-verification", "withdrawals", "trading")
@@ -283,8 +283,9 @@ def raise_halt(
     return RaisedHalt(halt_id, publish(db, settings))
 
 
-def raise_by_employee(db: Database, settings: Settings, name: str, key: EmployeeKey, reason: str) -> RaisedHalt:
-    """Any single registered, enabled employee may halt trading; the request is signed.
+def raise_by_employee(db: Database, settings: Settings, name: str, key: EmployeeSigner, reason: str) -> RaisedHalt:
+    """Any single enabled, unsuspended employee of the founders' roster may halt trading; the
+    request is signed.
 
     Raises NotFound / ApprovalError when the employee or key does not check out.
     """
@@ -292,10 +293,11 @@ def raise_by_employee(db: Database, settings: Settings, name: str, key: Employee
     if not reason:
         raise InputError("a halt needs a reason")
     at = iso(now(), "microseconds") or ""
-    signature = sign_statement(key.private_key, RAISE_DOMAIN, [name, reason, at])
+    signature = sign_statement(key, RAISE_DOMAIN, [name, reason, at])
+    trust = load_trust(settings)
     with db.transaction() as s:
-        row = authenticate(s, name, key)
-        if not verify_statement(row.pubkey, signature, RAISE_DOMAIN, [name, reason, at]):
+        authenticate(s, trust, name, key, None)
+        if not verify_statement(key.public_key.hex(), signature, RAISE_DOMAIN, [name, reason, at]):
             raise ApprovalError("the halt request's signature does not verify")
     return raise_halt(db, settings, reason=reason, source="employee", actor=name, signature=signature)
 
@@ -314,27 +316,37 @@ class LiftResult:
     state: HaltState | None
 
 
-def lift(db: Database, settings: Settings, halt_id: int, name: str, key: EmployeeKey) -> LiftResult:
-    """Add ``name``'s signed consent to lift halt ``halt_id``; lift it at two distinct employees.
+def lift(db: Database, settings: Settings, halt_id: int, name: str, key: EmployeeSigner) -> LiftResult:
+    """Add ``name``'s signed consent to lift halt ``halt_id``; lift it at two distinct employees
+    of the founders' roster with the lift role.
 
-    The same employee twice counts once; a disabled employee's earlier consent no longer
-    counts. Raises NotFound, Conflict (not active), ApprovalError.
+    The same employee twice counts once; the consent of one who is no longer allowed to lift
+    (disabled, suspended, the role or key taken away by a later roster) no longer counts.
+    Raises NotFound, Conflict (not active), ApprovalError, VerificationFailed.
     """
+    trust = load_trust(settings)
     with db.transaction() as s:
         h = s.exec(select(HaltRow).where(HaltRow.id == halt_id).with_for_update()).first()
         if h is None:
             raise NotFound(f"no halt #{halt_id}")
         if not h.active:
             raise Conflict(f"halt #{halt_id} was lifted already")
-        row = authenticate(s, name, key)
+        authenticate(s, check_pinned(s, trust), name, key, "lift")
         statement = lift_statement(h)
-        signature = sign_statement(key.private_key, LIFT_DOMAIN, statement)
+        signature = sign_statement(key, LIFT_DOMAIN, statement)
         existing = s.exec(select(HaltLift).where(HaltLift.halt_id == halt_id, HaltLift.employee == name)).first()
+        if existing is not None and not (
+            existing.pubkey == key.public_key.hex()
+            and verify_statement(existing.pubkey, existing.signature, LIFT_DOMAIN, statement)
+        ):
+            s.delete(existing)  # a row this key did not sign (planted by SQL, or an old key): replaced
+            s.flush()
+            existing = None
         if existing is None:
-            s.add(HaltLift(halt_id=halt_id, employee=name, pubkey=row.pubkey, signature=signature, at=now()))
+            s.add(HaltLift(halt_id=halt_id, employee=name, pubkey=key.public_key.hex(), signature=signature, at=now()))
             audit_log.append(s, "halt.lift_signed", name, {"halt_id": halt_id}, signature)
             s.flush()
-        signers = _valid_lifters(s, h)
+        signers = _valid_lifters(s, trust, h)
         lifted = len(signers) >= LIFT_QUORUM
         if lifted:
             h.active = False
@@ -346,19 +358,19 @@ def lift(db: Database, settings: Settings, halt_id: int, name: str, key: Employe
     return LiftResult(halt_id, signers, lifted, LIFT_QUORUM, state)
 
 
-def _valid_lifters(s: Session, h: HaltRow) -> list[str]:
-    """Distinct enabled employees whose lift signature verifies against their current key."""
+def _valid_lifters(s: Session, trust: Trust, h: HaltRow) -> list[str]:
+    """Distinct employees who may lift now (founders' roster, lift role, enabled, not suspended)
+    whose lift signature verifies with one of their roster keys."""
+    st = standing(s, trust)
     signers: list[str] = []
     statement = lift_statement(h)
     for lift_row in s.exec(select(HaltLift).where(HaltLift.halt_id == h.id)).all():
-        emp = s.exec(select(EmployeeRow).where(EmployeeRow.name == lift_row.employee)).first()
-        if emp is not None:
-            check_registry(s, [emp])
-        if emp is None or not emp.enabled or emp.pubkey != lift_row.pubkey:
+        e = st.roster.employee(lift_row.employee) if st.roster else None
+        if e is None or st.refusal(e.name, "lift") is not None or lift_row.pubkey not in e.keys:
             continue
-        if verify_statement(emp.pubkey, lift_row.signature, LIFT_DOMAIN, statement) and emp.name not in signers:
-            signers.append(emp.name)
-    return sorted(signers)
+        if verify_statement(lift_row.pubkey, lift_row.signature, LIFT_DOMAIN, statement) and e.name not in signers:
+            signers.append(e.name)
+    return signers
 
 
 def _resolve_incidents(s: Session, h: HaltRow, signers: list[str]) -> None:

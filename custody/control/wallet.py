@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from sqlmodel import Session, col, select
 
 from custody.bitcoin.keys import parse_origin_xpub
@@ -9,19 +11,26 @@ from custody.bitcoin.network import get_network
 from custody.bitcoin.script import parse_script_type
 from custody.clock import now
 from custody.control import audit_log
-from custody.errors import Conflict, StorageError
+from custody.errors import Conflict, InputError, StorageError
+from custody.policy.manifest import SignedManifest
 from custody.policy.model import BRANCHES, Founder, Policy
 from custody.store.db import Database
-from custody.store.models import Counter, FounderRow, PolicyRow
+from custody.store.models import Counter, FounderRow, PolicyRow, SignedManifestRow
 
 COUNTER_NAMES = {0: "receive", 1: "change"}
 
 
-def init_store(db: Database, policy: Policy, actor: str = "operator") -> None:
-    """Create the schema and store ``policy``; refuse when a policy exists already.
+def init_store(db: Database, signed: SignedManifest, actor: str = "operator") -> None:
+    """Create the schema and store the policy of the founders-signed manifest ``signed`` (and the
+    manifest itself, for other machines to pin); refuse when a policy exists already.
 
-    Raises Conflict (a policy exists: nothing is overwritten), StorageError.
+    Raises InputError (not signed by every founder, or not in canonical form), Conflict (a policy
+    exists: nothing is overwritten), StorageError.
     """
+    signed.check()
+    policy = signed.policy
+    if policy.to_manifest() != signed.body:
+        raise InputError("the manifest is not in canonical form: draft it with `custody manifest draft`")
     db.ensure_schema()
     with db.transaction() as s:
         if s.get(PolicyRow, 1) is not None:
@@ -43,7 +52,20 @@ def init_store(db: Database, policy: Policy, actor: str = "operator") -> None:
         for chain in BRANCHES:
             if s.get(Counter, COUNTER_NAMES[chain]) is None:
                 s.add(Counter(name=COUNTER_NAMES[chain], next_value=0))
-        audit_log.append(s, "policy.set", actor, policy.to_manifest() | {"descriptors": policy.descriptors()})
+        s.add(
+            SignedManifestRow(id=1, digest=signed.digest, document=json.dumps(signed.to_document()), created_at=now())
+        )
+        audit_log.append(
+            s,
+            "policy.set",
+            actor,
+            policy.to_manifest()
+            | {
+                "descriptors": policy.descriptors(),
+                "manifest_digest": signed.digest,
+                "signed_by": sorted(signed.signatures),
+            },
+        )
 
 
 def policy_from_session(s: Session) -> Policy:

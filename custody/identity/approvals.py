@@ -86,9 +86,12 @@ class Approval:
 
 @dataclass(frozen=True)
 class RegistryEntry:
+    """An employee as the roster (checked against the founders) says: their keys, and why they
+    may not approve (None: they may)."""
+
     name: str
-    pubkey: str
-    enabled: bool
+    pubkeys: tuple[str, ...]
+    refusal: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,25 +117,59 @@ def check_approvals(
     registry: Mapping[str, RegistryEntry],
     requester: str,
 ) -> ApprovalCheck:
-    """Count distinct, enabled, registered employees (never the requester) whose signature
-    verifies over exactly ``summary``."""
+    """Count distinct employees of the registry who may approve (never the requester) and whose
+    signature, made with one of their roster keys, verifies over exactly ``summary``."""
     valid: list[str] = []
     rejected: list[tuple[str, str]] = []
     for a in approvals:
         entry = registry.get(a.employee)
         if entry is None:
-            rejected.append((a.employee, "not a registered employee"))
-        elif not entry.enabled:
-            rejected.append((a.employee, "disabled"))
-        elif entry.pubkey != a.pubkey:
-            rejected.append((a.employee, "signed with a key that is not the registered one"))
+            rejected.append((a.employee, "not an employee of the founders' roster"))
+        elif entry.refusal is not None:
+            rejected.append((a.employee, entry.refusal))
+        elif a.pubkey not in entry.pubkeys:
+            rejected.append((a.employee, "signed with a key that is not theirs in the roster"))
         elif a.employee == requester:
             rejected.append((a.employee, "the requester cannot approve their own withdrawal"))
-        elif not verify_statement(entry.pubkey, a.signature, APPROVAL_DOMAIN, summary.fields()):
+        elif not verify_statement(a.pubkey, a.signature, APPROVAL_DOMAIN, summary.fields()):
             rejected.append((a.employee, "signature does not cover this exact transaction"))
         elif a.employee not in valid:
             valid.append(a.employee)
     return ApprovalCheck(tuple(sorted(valid)), tuple(rejected))
+
+
+REQUEST_DOMAIN = "custody/withdrawal-request/v2"
+
+
+def request_fields(summary: TxSummary, account: str) -> list[object]:
+    """What a requester signs: the exact transaction (as approvers see it) and the account."""
+    return [*summary.fields(), account]
+
+
+def sign_request(key: EmployeeSigner | DigestSigner, summary: TxSummary, account: str) -> str:
+    """The requester's signature over the exact transaction and the account (hex DER, low S)."""
+    return sign_statement(key, REQUEST_DOMAIN, request_fields(summary, account))
+
+
+def request_problem(
+    summary: TxSummary,
+    account: str,
+    requester: str,
+    pubkey: str,
+    signature: str,
+    registry: Mapping[str, RegistryEntry],
+) -> str | None:
+    """Why the request signature does not stand (None: it does). ``registry`` holds who may request."""
+    entry = registry.get(requester)
+    if entry is None:
+        return f"the requester {requester!r} is not an employee of the founders' roster"
+    if entry.refusal is not None:
+        return f"the requester {requester}: {entry.refusal}"
+    if pubkey not in entry.pubkeys:
+        return f"the request is signed with a key that is not {requester}'s in the roster"
+    if not verify_statement(pubkey, signature, REQUEST_DOMAIN, request_fields(summary, account)):
+        return f"{requester}'s request signature does not cover this exact transaction and account"
+    return None
 
 
 @dataclass(frozen=True)

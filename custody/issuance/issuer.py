@@ -32,6 +32,7 @@ from custody import verify
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log, halt
+from custody.control.roster import load_trust
 from custody.control.wallet import COUNTER_NAMES, policy_from_session
 from custody.errors import InputError, NotFound, StorageError, VerificationFailed
 from custody.faults import crash_point
@@ -77,20 +78,27 @@ def _row_to_issued(row: AddressRow) -> IssuedAddress:
 
 
 def load_manifest(settings: Settings) -> verify.Manifest:
-    """The pinned founders' manifest the issuance path verifies against.
+    """The founders-signed manifest pinned on this machine, as the independent verifier reads it:
+    what every issued address is verified against.
 
-    Raises StorageError when it is missing or unreadable: issuing unverified addresses is
-    never an option.
+    Raises StorageError when none is pinned, VerificationFailed when it is not signed by every
+    founder: issuing unverified addresses is never an option.
     """
+    trust = load_trust(settings)
     try:
-        return verify.load_manifest(settings.manifest)
-    except FileNotFoundError:
-        raise StorageError(
-            f"the pinned founders' manifest {settings.manifest} is missing: "
-            "restore it (or set CUSTODY_MANIFEST) before issuing addresses"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise StorageError(f"the pinned founders' manifest is unusable: {exc}") from None
+        return verify.parse_manifest(trust.manifest.body)
+    except verify.ManifestError as exc:
+        raise VerificationFailed(f"the pinned founders' manifest is unusable: {exc}") from None
+
+
+def load_manifest_or_halt(db: Database, settings: Settings) -> verify.Manifest:
+    """:func:`load_manifest`; a pinned manifest the founders' signatures do not cover halts
+    trading before the error is raised (someone edited or replaced it)."""
+    try:
+        return load_manifest(settings)
+    except VerificationFailed as exc:
+        halt.raise_halt(db, settings, reason=str(exc), source="verification", actor="address-issuance")
+        raise VerificationFailed(f"{exc} — trading is halted") from None
 
 
 def _allocate(s: Session, chain: int, count: int) -> int:
@@ -241,7 +249,7 @@ def issue_addresses(
     against the pinned manifest, StorageError.
     """
     check_account(account)
-    manifest = load_manifest(settings)
+    manifest = load_manifest_or_halt(db, settings)
     try:
         with db.transaction() as s:
             issued = issue_in_session(s, manifest, account, count, chain, actor)

@@ -126,6 +126,9 @@ class Database:
             elif int(row.value) < models.SCHEMA_VERSION:
                 # Upgrades from older versions go here, one step at a time.
                 # 1 -> 2: the ledger and deposit tables (created above by create_all).
+                # 2 -> 3: the signed manifest, roster, roster proposal and suspension tables
+                # (created above). A store from before has no roster: no employee can act
+                # until the founders sign one (`custody roster`), which is fail-closed.
                 row.value = str(models.SCHEMA_VERSION)
                 s.add(row)
             if s.get(models.LedgerHead, 1) is None:

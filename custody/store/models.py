@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Meta(SQLModel, table=True):
@@ -66,6 +66,49 @@ class EmployeeRow(SQLModel, table=True):
     enabled: bool = True
     created_at: datetime
     disabled_at: datetime | None = None
+
+
+class SignedManifestRow(SQLModel, table=True):
+    """The founders-signed manifest of this store (id is always 1), for other machines to pin."""
+
+    __tablename__ = "signed_manifest"
+    id: int = Field(default=1, primary_key=True)
+    digest: str = Field(max_length=64)
+    document: str = Field(sa_column=Column(Text, nullable=False))  # JSON, with the founders' signatures
+    created_at: datetime
+
+
+class RosterRow(SQLModel, table=True):
+    """An applied founders-signed employee roster; serials only go up, rows are never changed."""
+
+    __tablename__ = "roster"
+    serial: int = Field(primary_key=True)
+    digest: str = Field(max_length=64, unique=True)
+    document: str = Field(sa_column=Column(Text, nullable=False))  # JSON, with the founders' signatures
+    applied_at: datetime
+
+
+class RosterProposal(SQLModel, table=True):
+    """The next roster as proposed on the online machine, waiting for the founders' signatures."""
+
+    __tablename__ = "roster_proposal"
+    id: int | None = Field(default=None, primary_key=True)
+    serial: int
+    document: str = Field(sa_column=Column(Text, nullable=False))  # unsigned roster JSON
+    status: str = Field(max_length=16)  # open, applied, superseded
+    created_by: str = Field(max_length=64)
+    created_at: datetime
+
+
+class SuspensionRow(SQLModel, table=True):
+    """A suspension of an employee, in force once two roster employees have signed it."""
+
+    __tablename__ = "suspension"
+    id: int | None = Field(default=None, primary_key=True)
+    digest: str = Field(max_length=64, unique=True)
+    employee: str = Field(max_length=64, index=True)
+    document: str = Field(sa_column=Column(Text, nullable=False))  # JSON with the signatures so far
+    created_at: datetime
 
 
 class AuditHead(SQLModel, table=True):

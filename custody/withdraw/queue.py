@@ -27,7 +27,7 @@ from sqlmodel import Session, col, select
 
 from custody.bitcoin import psbt as psbt_lib
 from custody.bitcoin.amounts import format_btc, parse_btc_amount, parse_fee_rate
-from custody.bitcoin.destinations import dust_limit, parse_destination
+from custody.bitcoin.destinations import address_of, dust_limit, parse_destination
 from custody.bitcoin.keys import b58check_decode
 from custody.bitcoin.script import ScriptType
 from custody.bitcoin.txbuild import Coin, build_transaction, fee_for, select_coins, tx_vsize
@@ -37,28 +37,28 @@ from custody.chain.types import AcceptResult, ChainBackend
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log, halt
-from custody.control.employees import authenticate, check_registry
+from custody.control import roster as roster_lib
+from custody.control.roster import authenticate, check_pinned, load_trust, store_trust
 from custody.control.wallet import policy_from_session
-from custody.errors import ApprovalError, Conflict, InputError, NodeError, NotFound, StorageError
+from custody.errors import ApprovalError, Conflict, InputError, NodeError, NotFound, StorageError, VerificationFailed
 from custody.faults import crash_point
 from custody.identity.approvals import (
     Approval,
     ApprovalCheck,
     Member,
-    RegistryEntry,
     TxSummary,
     check_approvals,
     check_batch,
     sign_approval,
+    sign_request,
     summarize,
 )
-from custody.identity.keyfile import EmployeeKey
-from custody.identity.statements import sign_statement
-from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, issue_in_session, load_manifest
+from custody.identity.employee_keys import EmployeeSigner
+from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, issue_in_session, load_manifest_or_halt
 from custody.policy.model import CHANGE, Policy
 from custody.store.db import Database
-from custody.store.models import AddressRow, ApprovalRow, EmployeeRow, ReservedInput, WithdrawalInput, WithdrawalRow
-from custody.withdraw.signer import PROP_APPROVALS, PROP_META, PROP_REGISTRY, PROPRIETARY_ID
+from custody.store.models import AddressRow, ApprovalRow, ReservedInput, RosterRow, WithdrawalInput, WithdrawalRow
+from custody.withdraw.signer import PROP_APPROVALS, PROP_META, PROP_ROSTER, PROP_SUSPENSIONS, PROPRIETARY_ID
 
 REQUESTED = "requested"
 APPROVED = "approved"
@@ -70,7 +70,6 @@ PENDING = (REQUESTED, APPROVED, SIGNED)
 CHANGE_ACCOUNT = "custody-change"
 SINGLE = "single"
 BATCH = "batch"
-REQUEST_DOMAIN = "custody/withdrawal-request/v1"
 
 
 @dataclass(frozen=True)
@@ -130,11 +129,9 @@ def _summary(policy: Policy, row: WithdrawalRow, inputs: Sequence[WithdrawalInpu
     return summary
 
 
-def _registry(s: Session) -> dict[str, RegistryEntry]:
-    """The employee registry, checked against the keys the audit log recorded (StorageError)."""
-    rows = s.exec(select(EmployeeRow)).all()
-    check_registry(s, rows)
-    return {e.name: RegistryEntry(e.name, e.pubkey, e.enabled) for e in rows}
+def _standing(s: Session) -> roster_lib.Standing:
+    """The founders' roster in force (checked against the store's founders-signed manifest)."""
+    return roster_lib.standing(s, store_trust(s))
 
 
 def _approvals(s: Session, withdrawal_id: int) -> list[Approval]:
@@ -170,7 +167,9 @@ def _check(s: Session, policy: Policy, row: WithdrawalRow) -> tuple[TxSummary, A
         rejected = tuple(("batch", p) for p in problems)
         # A batch is approved when check_batch finds nothing wrong: the union then counts.
         return summary, ApprovalCheck(valid if not problems else (), rejected)
-    return summary, check_approvals(summary, _approvals(s, row.id or 0), _registry(s), row.requester)
+    return summary, check_approvals(
+        summary, _approvals(s, row.id or 0), _standing(s).registry("approve"), row.requester
+    )
 
 
 def _require_approved(s: Session, policy: Policy, row: WithdrawalRow) -> TxSummary:
@@ -238,10 +237,12 @@ def _release(s: Session, withdrawal_id: int) -> None:
 
 def view(s: Session, policy: Policy, row: WithdrawalRow) -> dict[str, Any]:
     """A withdrawal as shown by ``withdraw show``/``list`` (approvals re-checked)."""
+    digest = None
     try:
-        _, check = _check(s, policy, row)
+        summary, check = _check(s, policy, row)
+        digest = summary.digest()
         approvals: dict[str, Any] = {"valid": list(check.valid), "rejected": [list(r) for r in check.rejected]}
-    except StorageError as exc:
+    except (StorageError, VerificationFailed) as exc:
         approvals = {"valid": [], "rejected": [], "error": str(exc)}
     return {
         "id": row.id,
@@ -260,6 +261,8 @@ def view(s: Session, policy: Policy, row: WithdrawalRow) -> dict[str, Any]:
         "inputs": [{"outpoint": f"{i.txid}:{i.vout}", "amount_sat": i.amount} for i in _inputs(s, row.id or 0)],
         "approvals": approvals,
         "unsigned_txid": b2lx(_tx(row).GetTxid()),
+        "statement_digest": digest,
+        "outputs": _outputs(policy, row, _change_position(s, row)),
         "txid": row.txid,
         "confirmations": row.confirmations,
         "block_height": row.block_height,
@@ -268,6 +271,22 @@ def view(s: Session, policy: Policy, row: WithdrawalRow) -> dict[str, Any]:
         "created_at": iso(row.created_at),
         "updated_at": iso(row.updated_at),
     }
+
+
+def _outputs(policy: Policy, row: WithdrawalRow, change: int | None) -> list[dict[str, Any]]:
+    """Every output of the transaction as a person checks it: address, amount, ours or not."""
+    out = []
+    for n, o in enumerate(_tx(row).vout):
+        spk = bytes(o.scriptPubKey)
+        out.append(
+            {
+                "n": n,
+                "address": address_of(spk, policy.network) or f"script {spk.hex()}",
+                "amount_sat": int(o.nValue),
+                "change": n == change,
+            }
+        )
+    return out
 
 
 def list_withdrawals(db: Database, status: str | None = None) -> list[dict[str, Any]]:
@@ -314,16 +333,20 @@ def request_withdrawal(
     amount: str,
     fee_rate: str | None,
     requester: str,
-    key: EmployeeKey,
+    key: EmployeeSigner,
     limits: Limits = Limits(),
 ) -> dict[str, Any]:
     """Record a withdrawal request with its unsigned transaction; reserve its inputs.
+
+    The requester must hold the request role in the founders' roster; they sign the exact
+    transaction and the account, and that signature travels to the offline signer.
 
     Raises HaltedError, InputError (destination, amount, dust, fee cap, not enough coins),
     NotFound/ApprovalError (requester), VerificationFailed (change address mismatch,
     after raising the halt), NodeError, StorageError.
     """
-    manifest = load_manifest(settings)
+    manifest = load_manifest_or_halt(db, settings)
+    pinned = load_trust(settings)
     sats = parse_btc_amount(amount)
     rate = parse_fee_rate(fee_rate) if fee_rate is not None else limits.default_fee_rate
     if rate > limits.max_fee_rate:
@@ -335,7 +358,7 @@ def request_withdrawal(
             dest = parse_destination(destination, policy.network)
             if sats < dust_limit(dest.script_pubkey):
                 raise InputError(f"{sats} sat is below the dust limit of {dust_limit(dest.script_pubkey)} sat")
-            authenticate(s, requester, key)
+            authenticate(s, check_pinned(s, pinned), requester, key, "request")
             coins = _spendable(s, backend, policy)
             own = {bytes.fromhex(a.script_pubkey) for a in s.exec(select(AddressRow)).all()}
             if dest.script_pubkey in own:
@@ -362,11 +385,10 @@ def request_withdrawal(
                 outputs.append((bytes.fromhex(change.script_pubkey), selection.change))
             tx = build_transaction(selection.coins, outputs)
             stamp = now()
-            statement = [policy.network.name, account, destination, sats, b2lx(tx.GetTxid())]
             row = WithdrawalRow(
                 account=account,
                 requester=requester,
-                request_signature=sign_statement(key.private_key, REQUEST_DOMAIN, statement),
+                request_signature="",
                 destination=dest.address,
                 destination_spk=dest.script_pubkey.hex(),
                 amount=sats,
@@ -388,6 +410,8 @@ def request_withdrawal(
             for rec in _input_rows(wid, tx, selection.coins, prev):
                 s.add(rec)
                 s.add(ReservedInput(outpoint=f"{rec.txid}:{rec.vout}", withdrawal_id=wid))
+            row.request_signature = sign_request(key, _summary(policy, row, _inputs(s, wid)), account)
+            s.add(row)
             s.flush()
             crash_point("withdrawal.requested")
             audit_log.append(
@@ -414,12 +438,23 @@ def request_withdrawal(
 # ---------------------------------------------------------------- 2. approve
 
 
-def approve(db: Database, withdrawal_id: int, name: str, key: EmployeeKey) -> dict[str, Any]:
-    """Sign the exact transaction of ``withdrawal_id`` as employee ``name``.
+def approve(
+    db: Database,
+    withdrawal_id: int,
+    name: str,
+    key: EmployeeSigner,
+    *,
+    settings: Settings,
+    expect_digest: str | None = None,
+) -> dict[str, Any]:
+    """Sign the exact transaction of ``withdrawal_id`` as employee ``name`` (approve role in the
+    founders' roster). With ``expect_digest``: only if the statement's digest starts with it (what
+    the approver was shown).
 
-    Raises HaltedError, NotFound, ApprovalError (self-approval, disabled, wrong key),
-    Conflict (not awaiting approval).
+    Raises HaltedError, NotFound, ApprovalError (self-approval, disabled, suspended, no role,
+    wrong key, another digest), Conflict (not awaiting approval), VerificationFailed.
     """
+    pinned = load_trust(settings)
     with db.transaction() as s:
         halt.guard(s)
         policy = policy_from_session(s)
@@ -429,10 +464,16 @@ def approve(db: Database, withdrawal_id: int, name: str, key: EmployeeKey) -> di
             raise Conflict(f"#{withdrawal_id} is a batch: its members' approvals are its approvals")
         if row.status not in (REQUESTED, APPROVED):
             raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; approvals are closed")
-        employee = authenticate(s, name, key)
+        authenticate(s, check_pinned(s, pinned), name, key, "approve")
+        pubkey = key.public_key.hex()
         if name == row.requester:
             raise ApprovalError(f"{name} requested withdrawal #{withdrawal_id} and cannot approve it")
         summary = _summary(policy, row, _inputs(s, withdrawal_id))
+        if expect_digest is not None and not summary.digest().startswith(expect_digest.lower().replace("-", "")):
+            raise ApprovalError(
+                f"withdrawal #{withdrawal_id}'s statement digest is {summary.digest()[:16]}, not the {expect_digest} "
+                "you reviewed: it changed since; review it again"
+            )
         existing = s.exec(
             select(ApprovalRow).where(ApprovalRow.withdrawal_id == withdrawal_id, ApprovalRow.employee == name)
         ).first()
@@ -440,12 +481,12 @@ def approve(db: Database, withdrawal_id: int, name: str, key: EmployeeKey) -> di
             if existing is not None:
                 s.delete(existing)  # an approval of an older transaction counts for nothing
                 s.flush()
-            signature = sign_approval(key.private_key, summary)
+            signature = sign_approval(key, summary)
             s.add(
                 ApprovalRow(
                     withdrawal_id=withdrawal_id,
                     employee=name,
-                    pubkey=employee.pubkey,
+                    pubkey=pubkey,
                     digest=summary.digest(),
                     signature=signature,
                     at=now(),
@@ -531,6 +572,7 @@ def build_psbt(s: Session, policy: Policy, row: WithdrawalRow) -> psbt_lib.Psbt:
         "network": policy.network.name,
         "withdrawal_id": wid,
         "requester": row.requester,
+        "request_signature": row.request_signature,
         "account": row.account,
         "destination": row.destination,
         "amount": row.amount,
@@ -543,6 +585,8 @@ def build_psbt(s: Session, policy: Policy, row: WithdrawalRow) -> psbt_lib.Psbt:
             {
                 "withdrawal_id": m.id,
                 "requester": m.requester,
+                "request_signature": m.request_signature,
+                "account": m.account,
                 "unsigned_tx": m.unsigned_tx,
                 "amounts": [a for _, a in _summary(policy, m, _inputs(s, m.id or 0)).inputs],
                 "change_output": _change_position(s, m),
@@ -552,8 +596,11 @@ def build_psbt(s: Session, policy: Policy, row: WithdrawalRow) -> psbt_lib.Psbt:
         ]
     p.proprietary[_prop(PROP_META)] = json.dumps(meta, sort_keys=True).encode()
     p.proprietary[_prop(PROP_APPROVALS)] = json.dumps([a.to_dict() for a in _approvals(s, wid)]).encode()
-    registry = [{"name": e.name, "pubkey": e.pubkey, "enabled": e.enabled} for e in _registry(s).values()]
-    p.proprietary[_prop(PROP_REGISTRY)] = json.dumps(sorted(registry, key=lambda e: str(e["name"]))).encode()
+    newest = s.exec(select(RosterRow).order_by(col(RosterRow.serial).desc())).first()
+    if newest is None:
+        raise ApprovalError("there is no founders-signed roster: the offline signer would refuse this PSBT")
+    p.proprietary[_prop(PROP_ROSTER)] = newest.document.encode()
+    p.proprietary[_prop(PROP_SUSPENSIONS)] = json.dumps(roster_lib.suspension_documents(s)).encode()
     return p
 
 
@@ -815,14 +862,14 @@ def _reorged(s: Session, row: WithdrawalRow, in_mempool: bool) -> None:
 
 
 def cancel(
-    db: Database, withdrawal_id: int, name: str, key: EmployeeKey, reason: str, *, settings: Settings
+    db: Database, withdrawal_id: int, name: str, key: EmployeeSigner, reason: str, *, settings: Settings
 ) -> dict[str, Any]:
     """Fail a withdrawal that was not broadcast and release its inputs (and its customer's hold)."""
     with ledger.halting(db, settings), db.transaction() as s:
         policy = policy_from_session(s)
         row = _get(s, withdrawal_id, lock=True)
         _not_in_batch(row)
-        authenticate(s, name, key)
+        authenticate(s, check_pinned(s, load_trust(settings)), name, key, None)
         if row.status not in PENDING:
             raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; only pending ones can be cancelled")
         if row.psbt is not None or row.final_tx is not None:
@@ -860,7 +907,7 @@ def create_batch(
     settings: Settings,
     *,
     actor: str,
-    key: EmployeeKey,
+    key: EmployeeSigner,
     fee_rate: str | None = None,
     limits: Limits = Limits(),
 ) -> dict[str, Any]:
@@ -872,13 +919,13 @@ def create_batch(
     Raises HaltedError, Conflict (fewer than two approved withdrawals), InputError (fee),
     ApprovalError, VerificationFailed (change address, after raising the halt).
     """
-    manifest = load_manifest(settings)
+    manifest = load_manifest_or_halt(db, settings)
     rate = parse_fee_rate(fee_rate) if fee_rate is not None else limits.default_fee_rate
     try:
         with db.transaction() as s:
             halt.guard(s)  # also takes the audit head's lock: reading then reserving coins is serial
             policy = policy_from_session(s)
-            authenticate(s, actor, key)
+            authenticate(s, check_pinned(s, load_trust(settings)), actor, key, "request")
             candidates = s.exec(
                 select(WithdrawalRow)
                 .where(WithdrawalRow.status == APPROVED, WithdrawalRow.kind == SINGLE)
@@ -921,11 +968,7 @@ def create_batch(
                 kind=BATCH,
                 account="(batch)",
                 requester=actor,
-                request_signature=sign_statement(
-                    key.private_key,
-                    REQUEST_DOMAIN,
-                    [policy.network.name, "batch", [m.id for m in members], b2lx(tx.GetTxid())],
-                ),
+                request_signature="",  # signed below, once the batch has its id
                 destination=f"(batch of {len(members)})",
                 destination_spk="",
                 amount=total,
@@ -955,6 +998,8 @@ def create_batch(
                 m.updated_at = stamp
                 s.add(m)
             s.flush()
+            batch.request_signature = sign_request(key, _summary(policy, batch, _inputs(s, bid)), batch.account)
+            s.add(batch)
             ledger.batch_created(s, batch, members)
             _require_approved(s, policy, batch)  # the batch as stored passes its own check
             audit_log.append(

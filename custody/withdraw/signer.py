@@ -1,30 +1,45 @@
-"""The offline founder signer: no store, no node; only the PSBT, a key file and the manifest.
+"""The offline founder signer: no store, no node; only the PSBT, a key file and what is pinned
+on its own machine (the founders-signed manifest, and beside it the newest roster it has seen).
 
-Before it adds a single signature it checks, from the PSBT and the pinned founders'
-manifest alone, that:
+It believes nothing the online machine wrote without checking it against those pins. Before it
+adds a single signature it checks, from the PSBT and the pins alone, that:
 
-* the PSBT is for this policy and network, and the key is one of its founders';
-* at least two valid approvals by distinct, enabled employees of the registry the PSBT
-  carries, none of them the requester, cover exactly this transaction;
-* every input spends one of the policy's own scripts, re-derived here from the manifest;
-* the change output (if any) re-derives from the policy.
+* the pinned manifest is signed by every founder, the PSBT is for its policy and network, and
+  the key is one of its founders';
+* the PSBT's employee roster is signed by at least m founders of the pinned manifest, belongs to
+  that manifest, and is not older than the newest roster this machine has seen (nor a different
+  roster with the same serial);
+* the requester is an enabled, unsuspended roster employee with the request role whose signature
+  covers exactly this transaction and the account;
+* at least two distinct roster employees with the approve role, enabled, not suspended, none of
+  them the requester, signed exactly this transaction, each with one of their roster keys;
+* every input spends one of the policy's own scripts, re-derived here from the manifest, and the
+  change output (if any) re-derives from the policy's change chain.
 
-Signatures are deterministic (RFC 6979) and low-S. Signing twice adds nothing.
+:func:`review` does all of that and returns what a founder should look at before signing
+(destinations and amounts, the verified change, fee and fee rate, requester, approvers, the
+statement's digest); :func:`sign_reviewed` then adds the signatures (RFC 6979, low S; signing
+twice adds nothing) and remembers the roster and suspensions it saw.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bitcoin.core import CTransaction, b2lx
 from bitcoin.core.serialize import SerializationError
 
 from custody.bitcoin import psbt as psbt_lib
+from custody.bitcoin.amounts import format_btc
+from custody.bitcoin.destinations import address_of
 from custody.bitcoin.script import ScriptType
-from custody.errors import ApprovalError, Conflict, InputError
+from custody.bitcoin.txbuild import tx_vsize
+from custody.errors import ApprovalError, Conflict, InputError, StorageError
+from custody.files import read_bounded, write_atomic
 from custody.identity.approvals import (
     Approval,
     ApprovalCheck,
@@ -33,17 +48,32 @@ from custody.identity.approvals import (
     TxSummary,
     check_approvals,
     check_batch,
+    request_problem,
     summarize,
 )
 from custody.identity.keyfile import FounderKey
+from custody.identity.roster import (
+    Founders,
+    Roster,
+    Suspension,
+    in_force,
+    parse_roster,
+    parse_suspension,
+    roster_problems,
+)
 from custody.policy.generator import AddressDeriver, DerivedAddress
-from custody.policy.model import BRANCHES, Policy, policy_from_manifest
+from custody.policy.manifest import SignedManifest
+from custody.policy.model import BRANCHES, CHANGE, Policy
 
 # The PSBT's proprietary records (identifier "custody"), written by custody.withdraw.queue:
 PROPRIETARY_ID = b"custody"
-PROP_META = 0  # JSON: network, withdrawal (or batch members), change output, the policy's manifest
+PROP_META = 0  # JSON: network, withdrawal (or batch members), requester and their signature, change output, policy
 PROP_APPROVALS = 1  # JSON: the approvals of the withdrawal
-PROP_REGISTRY = 2  # JSON: the employee registry the approvals were checked against
+# 2 was the store's unsigned employee registry: never read any more
+PROP_ROSTER = 3  # JSON: the founders-signed roster the approvals were made under
+PROP_SUSPENSIONS = 4  # JSON: suspensions signed by roster employees
+STATE_NAME = "signer-state.json"
+MAX_STATE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -54,30 +84,73 @@ class SignResult:
     approvals: tuple[str, ...]
 
 
-def _prop_json(p: psbt_lib.Psbt, subtype: int, what: str) -> Any:
-    raw = p.proprietary.get(psbt_lib.ProprietaryKey(PROPRIETARY_ID, subtype, b""))
+# ---------------------------------------------------------------- what the signer machine remembers
+
+
+@dataclass
+class SignerState:
+    """What this signer machine has seen, kept beside its pinned manifest: the newest roster
+    (serial and digest) and every suspension, so that neither can be rolled back by a PSBT."""
+
+    path: Path
+    manifest: str
+    serial: int = 0
+    digest: str | None = None
+    suspensions: dict[str, dict[str, Any]] = field(default_factory=dict)  # digest -> document
+
+    @classmethod
+    def load(cls, path: Path, manifest: SignedManifest) -> SignerState:
+        """Raises StorageError when the state file is unreadable or for another manifest."""
+        try:
+            data = read_bounded(path, MAX_STATE_BYTES, "the signer's state")
+        except FileNotFoundError:
+            return cls(path, manifest.digest)
+        except InputError as exc:
+            raise StorageError(str(exc)) from None
+        try:
+            doc = json.loads(data)
+            if doc.get("format") != "custody-signer-state" or doc.get("version") != 1:
+                raise ValueError("not a custody signer state file")
+            if doc["manifest"] != manifest.digest:
+                raise ValueError("it belongs to another founders' manifest")
+            roster = doc["roster"]
+            serial = int(roster["serial"]) if roster else 0
+            digest = str(roster["digest"]) if roster else None
+            suspensions = {str(k): dict(v) for k, v in doc["suspensions"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise StorageError(f"the signer's state {path} is unreadable: {exc}; restore it from a backup") from None
+        return cls(path, manifest.digest, serial, digest, suspensions)
+
+    def save(self) -> None:
+        doc = {
+            "format": "custody-signer-state",
+            "version": 1,
+            "manifest": self.manifest,
+            "roster": {"serial": self.serial, "digest": self.digest} if self.digest else None,
+            "suspensions": self.suspensions,
+        }
+        write_atomic(self.path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def state_path(manifest_path: Path) -> Path:
+    return manifest_path.with_name(STATE_NAME)
+
+
+# ---------------------------------------------------------------- reading the PSBT
+
+
+def _prop_raw(p: psbt_lib.Psbt, subtype: int) -> bytes | None:
+    return p.proprietary.get(psbt_lib.ProprietaryKey(PROPRIETARY_ID, subtype, b""))
+
+
+def _prop_json(p: psbt_lib.Psbt, subtype: int, what: str, error: type[Exception] = InputError) -> Any:
+    raw = _prop_raw(p, subtype)
     if raw is None:
-        raise InputError(f"the PSBT carries no {what}: export it with `custody withdraw export`")
+        raise error(f"the PSBT carries no {what}: export it with `custody withdraw export`")
     try:
         return json.loads(raw)
     except (ValueError, RecursionError):  # not UTF-8, not JSON, a 5000-digit number, nested too deep
         raise InputError(f"the PSBT's {what} is not valid JSON") from None
-
-
-def _enabled(value: object) -> bool:
-    """A registry entry's ``enabled``: JSON true or false only (``"false"`` is not true)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"'enabled' must be true or false, not {value!r}")
-    return value
-
-
-def _same_policy(a: Policy, b: Policy) -> bool:
-    return (
-        a.network == b.network
-        and a.threshold == b.threshold
-        and a.script_type == b.script_type
-        and sorted(f.key.xpub.identity() for f in a.founders) == sorted(f.key.xpub.identity() for f in b.founders)
-    )
 
 
 def _our_position(derivations: dict[bytes, psbt_lib.KeyOrigin], founder: FounderKey) -> tuple[int, int] | None:
@@ -100,54 +173,161 @@ def _expect(derived: DerivedAddress, script_type: ScriptType, redeem: bytes | No
     return witness == derived.script and redeem == b"\x00\x20" + hashlib.sha256(derived.script).digest()
 
 
-def _check_batch(
-    policy: Policy, meta: dict[str, Any], summary: TxSummary, change: object, registry: dict[str, RegistryEntry]
+def _roster(p: psbt_lib.Psbt, founders: Founders, state: SignerState) -> Roster:
+    """The PSBT's roster, checked against the pinned manifest and this machine's state."""
+    doc = _prop_json(p, PROP_ROSTER, "founders-signed employee roster", ApprovalError)
+    roster = parse_roster(doc)
+    problems = roster_problems(roster, founders)
+    if problems:
+        raise ApprovalError(f"the PSBT's roster #{roster.serial} is not the founders' roster: " + "; ".join(problems))
+    if roster.serial < state.serial:
+        raise ApprovalError(
+            f"the PSBT's roster #{roster.serial} is older than roster #{state.serial}, which this signer has seen: "
+            "a roster is never rolled back"
+        )
+    if roster.serial == state.serial and roster.digest != state.digest:
+        raise ApprovalError(
+            f"the PSBT's roster #{roster.serial} is not the roster #{state.serial} this signer has seen "
+            "(two rosters with one serial)"
+        )
+    return roster
+
+
+def _suspended(p: psbt_lib.Psbt, roster: Roster, state: SignerState) -> tuple[dict[str, str], list[Suspension]]:
+    docs = _prop_json(p, PROP_SUSPENSIONS, "suspension list") if _prop_raw(p, PROP_SUSPENSIONS) else []
+    if not isinstance(docs, list):
+        raise InputError("the PSBT's suspension list is malformed")
+    seen = [parse_suspension(d) for d in docs] + [parse_suspension(d) for d in state.suspensions.values()]
+    return in_force(seen, roster), seen
+
+
+@dataclass(frozen=True)
+class Review:
+    """Everything the checks established, for a person to read before signing."""
+
+    withdrawal_id: int
+    kind: str
+    founder: str
+    network: str
+    requester: str
+    account: str
+    outputs: tuple[dict[str, Any], ...]  # address, amount_sat, change (verified)
+    inputs: int
+    input_total: int
+    fee: int
+    fee_rate: str  # sat/vB, estimated from the signed size
+    approvals: tuple[str, ...]
+    digest: str  # the approval statement's digest (of the batch, for a batch)
+    roster_serial: int
+    manifest: str  # fingerprint
+    keys: dict[bytes, Any] = field(repr=False, compare=False, default_factory=dict)  # pubkey -> private key
+    roster: Roster | None = field(repr=False, compare=False, default=None)
+    suspensions: tuple[Suspension, ...] = field(repr=False, compare=False, default=())
+
+    @property
+    def short_digest(self) -> str:
+        return "-".join(self.digest[i : i + 4] for i in range(0, 16, 4))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "withdrawal_id": self.withdrawal_id,
+            "kind": self.kind,
+            "founder": self.founder,
+            "network": self.network,
+            "requester": self.requester,
+            "account": self.account,
+            "outputs": list(self.outputs),
+            "inputs": self.inputs,
+            "input_total_sat": self.input_total,
+            "fee_sat": self.fee,
+            "fee_rate": self.fee_rate,
+            "approvals": list(self.approvals),
+            "digest": self.digest,
+            "short_digest": self.short_digest,
+            "roster_serial": self.roster_serial,
+            "manifest": self.manifest,
+        }
+
+
+def _registry(roster: Roster, suspended: dict[str, str], role: str) -> dict[str, RegistryEntry]:
+    def refusal(name: str) -> str | None:
+        e = roster.employee(name)
+        if e is None:
+            return "not in the founders' roster"
+        if not e.enabled:
+            return "disabled in the founders' roster"
+        if name in suspended:
+            return "suspended"
+        return None if role in e.roles else f"has no {role} role in the founders' roster"
+
+    return {e.name: RegistryEntry(e.name, e.keys, refusal(e.name)) for e in roster.employees}
+
+
+def _check_request(summary: TxSummary, entry: dict[str, Any], requesters: dict[str, RegistryEntry], what: str) -> None:
+    requester, signature, account = entry.get("requester"), entry.get("request_signature"), entry.get("account")
+    if not isinstance(requester, str) or not isinstance(signature, str) or not isinstance(account, str):
+        raise ApprovalError(f"{what}: the PSBT carries no signed request (requester, account, signature)")
+    registry_entry = requesters.get(requester)
+    problem = None
+    for key in registry_entry.pubkeys if registry_entry else ("",):
+        problem = request_problem(summary, account, requester, key, signature, requesters)
+        if problem is None:
+            return
+    raise ApprovalError(f"{what}: {problem}")
+
+
+def _batch_check(
+    policy: Policy,
+    meta: dict[str, Any],
+    summary: TxSummary,
+    change: int | None,
+    approvers: dict[str, RegistryEntry],
+    requesters: dict[str, RegistryEntry],
 ) -> ApprovalCheck:
-    """A batch counts when every member is approved for its own transaction and the batch
-    spends, pays and charges exactly what the members were approved for."""
+    """A batch counts when every member is requested and approved for its own transaction and
+    the batch spends, pays and charges exactly what the members were approved for."""
     members = []
     try:
         for m in meta["members"]:
             tx = CTransaction.deserialize(bytes.fromhex(m["unsigned_tx"]))
-            member_summary = summarize(policy.network.name, int(m["withdrawal_id"]), tx, [int(a) for a in m["amounts"]])
+            wid = int(m["withdrawal_id"])
+            member_summary = summarize(policy.network.name, wid, tx, [int(a) for a in m["amounts"]])
+            _check_request(member_summary, m, requesters, f"batch member #{wid}")
             approvals = [Approval(str(a["employee"]), str(a["pubkey"]), str(a["signature"])) for a in m["approvals"]]
-            check = check_approvals(member_summary, approvals, registry, str(m["requester"]))
+            check = check_approvals(member_summary, approvals, approvers, str(m["requester"]))
             change_output = m["change_output"]
             members.append(Member(member_summary, change_output if isinstance(change_output, int) else None, check))
     except (KeyError, TypeError, ValueError, OverflowError, SerializationError) as exc:
         # OverflowError: int(Infinity); SerializationError: a member's transaction does not decode
         raise InputError(f"the PSBT's batch members are malformed: {exc}") from None
-    problems = check_batch(summary, change if isinstance(change, int) else None, members)
+    problems = check_batch(summary, change, members)
     valid = tuple(sorted({name for m in members for name in m.check.valid}))
     return ApprovalCheck(valid if not problems else (), tuple(("batch", p) for p in problems))
 
 
-def check_and_sign(p: psbt_lib.Psbt, founder: FounderKey, manifest: dict[str, Any]) -> SignResult:
-    """Check everything above, then add ``founder``'s signatures to every input.
+def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state: SignerState) -> Review:
+    """Check everything (see the module's docstring) without signing; return what to show.
 
-    Raises InputError (not our policy, foreign input or change), ApprovalError (approvals
-    missing or invalid), Conflict (this founder has signed already: nothing added).
+    Raises InputError (not our policy, a foreign input or change, malformed data),
+    ApprovalError (roster, request or approvals missing or invalid), StorageError (state).
     """
-    policy = policy_from_manifest(manifest)
+    pinned.check()
+    policy = pinned.policy
+    founders = Founders(policy.network.name, pinned.digest, policy.threshold, pinned.founder_pubkeys())
     meta = _prop_json(p, PROP_META, "withdrawal metadata")
     if not isinstance(meta, dict):
         raise InputError("the PSBT's withdrawal metadata is malformed")
     if meta.get("network") != policy.network.name:
         raise InputError(f"the PSBT is for network {meta.get('network')!r}, the manifest says {policy.network.name}")
-    try:
-        claimed = policy_from_manifest(meta.get("policy"))
-    except InputError as exc:
-        raise InputError(f"the PSBT's policy is unreadable: {exc}") from None
-    if not _same_policy(claimed, policy):
-        raise InputError("the PSBT is for another policy than the pinned founders' manifest")
+    if meta.get("policy") != policy.to_manifest():
+        raise InputError("the PSBT is for another policy than the founders' manifest pinned here")
     names = [f.name for f in policy.founders if f.key.xpub.identity() == founder.account.xpub.identity()]
     if not names or founder.network != policy.network:
         raise InputError("this key is not one of the policy's founders' keys")
-    founder_name = names[0]
     deriver = AddressDeriver(policy)
 
     amounts: list[int] = []
-    keys: dict[int, Any] = {}
+    keys: dict[bytes, Any] = {}
     for n, pin in enumerate(p.inputs):
         where = _our_position(pin.bip32_derivations, founder)
         if where is None:
@@ -169,42 +349,98 @@ def check_and_sign(p: psbt_lib.Psbt, founder: FounderKey, manifest: dict[str, An
         ):
             raise InputError(f"input {n} is not one of our policy's scripts at {where[0]}/{where[1]}")
         amounts.append(spent.amount)
-        keys[n] = founder.master.derive((*founder.account_path, *where)).private_key()
+        key = founder.master.derive((*founder.account_path, *where)).private_key()
+        keys[key.public_key.format(compressed=True)] = key
 
     change = meta.get("change_output")
+    change = change if isinstance(change, int) and not isinstance(change, bool) else None
+    verified_change: set[int] = set()
     for n, out in enumerate(p.outputs):
         claims = _our_position(out.bip32_derivations, founder) if out.bip32_derivations else None
         if n == change or claims is not None:
-            if claims is None or claims[0] != 1:
+            if claims is None or claims[0] != CHANGE:
                 raise InputError(f"output {n} is marked as change but does not derive from the policy's change chain")
             derived = deriver.derive(*claims)
             if bytes(p.tx.vout[n].scriptPubKey) != derived.script_pubkey:
                 raise InputError(f"output {n}: the change output is not ours (it does not re-derive from the policy)")
+            verified_change.add(n)
 
     withdrawal_id = meta.get("withdrawal_id")
-    requester = meta.get("requester")
-    if not isinstance(withdrawal_id, int) or not isinstance(requester, str):
+    if not isinstance(withdrawal_id, int) or isinstance(withdrawal_id, bool):
         raise InputError("the PSBT's withdrawal metadata is malformed")
     summary = summarize(policy.network.name, withdrawal_id, p.tx, amounts)
-    try:
-        approvals = [
-            Approval(str(a["employee"]), str(a["pubkey"]), str(a["signature"]))
-            for a in _prop_json(p, PROP_APPROVALS, "approval bundle")
-        ]
-        registry = {
-            str(e["name"]): RegistryEntry(str(e["name"]), str(e["pubkey"]), _enabled(e["enabled"]))
-            for e in _prop_json(p, PROP_REGISTRY, "employee registry")
-        }
-    except (KeyError, TypeError):
-        raise InputError("the PSBT's approval bundle or registry is malformed") from None
+
+    roster = _roster(p, founders, state)
+    suspended, suspensions = _suspended(p, roster, state)
+    approvers = _registry(roster, suspended, "approve")
+    requesters = _registry(roster, suspended, "request")
     if meta.get("kind") == "batch":
-        check = _check_batch(policy, meta, summary, change, registry)
+        check = _batch_check(policy, meta, summary, change, approvers, requesters)
     else:
-        check = check_approvals(summary, approvals, registry, requester)
+        _check_request(summary, meta, requesters, f"withdrawal #{withdrawal_id}")
+        try:
+            approvals = [
+                Approval(str(a["employee"]), str(a["pubkey"]), str(a["signature"]))
+                for a in _prop_json(p, PROP_APPROVALS, "approval bundle")
+            ]
+        except (KeyError, TypeError):
+            raise InputError("the PSBT's approval bundle is malformed") from None
+        check = check_approvals(summary, approvals, approvers, str(meta.get("requester")))
     if not check.enough:
         raise ApprovalError(f"withdrawal #{withdrawal_id}: {check.explain()}")
 
-    added = psbt_lib.sign(p, {key.public_key.format(compressed=True): key for key in keys.values()})
+    vsize = tx_vsize(
+        policy.script_type, policy.threshold, policy.n, len(p.inputs), [bytes(o.scriptPubKey) for o in p.tx.vout]
+    )
+    outputs = tuple(
+        {
+            "n": n,
+            "address": address_of(bytes(o.scriptPubKey), policy.network) or f"script {bytes(o.scriptPubKey).hex()}",
+            "amount_sat": int(o.nValue),
+            "amount": format_btc(int(o.nValue)),
+            "change": n in verified_change,
+        }
+        for n, o in enumerate(p.tx.vout)
+    )
+    return Review(
+        withdrawal_id=withdrawal_id,
+        kind=str(meta.get("kind") or "single"),
+        founder=names[0],
+        network=policy.network.name,
+        requester=str(meta.get("requester")),
+        account=str(meta.get("account")),
+        outputs=outputs,
+        inputs=len(p.inputs),
+        input_total=sum(amounts),
+        fee=summary.fee,
+        fee_rate=f"{summary.fee / vsize:.2f}",
+        approvals=check.valid,
+        digest=summary.digest(),
+        roster_serial=roster.serial,
+        manifest=pinned.fingerprint,
+        keys=keys,
+        roster=roster,
+        suspensions=tuple(suspensions),
+    )
+
+
+def sign_reviewed(p: psbt_lib.Psbt, r: Review, state: SignerState) -> SignResult:
+    """Remember the roster and suspensions seen, then add the founder's signatures.
+
+    Raises Conflict (this founder has signed already: nothing added), StorageError (state).
+    """
+    assert r.roster is not None
+    if r.roster.serial > state.serial:
+        state.serial, state.digest = r.roster.serial, r.roster.digest
+    for s in r.suspensions:
+        state.suspensions.setdefault(s.digest, s.to_dict())
+    state.save()  # before signing: a crash after it leaves the newer roster remembered, never the older
+    added = psbt_lib.sign(p, r.keys)
     if added == 0:
-        raise Conflict(f"{founder_name} has signed this PSBT already; a founder's signatures count once")
-    return SignResult(withdrawal_id, founder_name, added, check.valid)
+        raise Conflict(f"{r.founder} has signed this PSBT already; a founder's signatures count once")
+    return SignResult(r.withdrawal_id, r.founder, added, r.approvals)
+
+
+def check_and_sign(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state: SignerState) -> SignResult:
+    """:func:`review`, then :func:`sign_reviewed` (for scripts that have shown nothing)."""
+    return sign_reviewed(p, review(p, founder, pinned, state), state)

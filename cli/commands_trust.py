@@ -1,0 +1,425 @@
+"""``custody manifest ...`` and ``custody roster ...``: the founders' signatures that every rule
+rests on. Signing runs offline, on a founder's machine, with their key file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from custody.bitcoin.network import NETWORKS, get_network
+from custody.bitcoin.script import ScriptType, parse_script_type
+from custody.control import roster as roster_lib
+from custody.errors import Conflict, InputError
+from custody.files import read_bounded, write_atomic
+from custody.identity.roster import MAX_ROSTER_BYTES, Roster, load_roster, roster_problems, sign_roster
+from custody.policy.manifest import (
+    MAX_MANIFEST_BYTES,
+    SignedManifest,
+    load_signed_manifest,
+    sign_manifest,
+    unsigned,
+)
+from custody.policy.model import make_policy
+from custody_cli import output
+from custody_cli.context import AppContext, example, founder_key, json_option, pass_app, passphrase_options
+
+
+def _read(path: Path, limit: int, what: str) -> bytes:
+    try:
+        return read_bounded(path, limit, what)
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist") from None
+
+
+def read_manifest_file(path: Path) -> SignedManifest:
+    return load_signed_manifest(_read(path, MAX_MANIFEST_BYTES, "manifest"))
+
+
+def write_new(path: Path, text: str, *, overwrite: bool = False) -> None:
+    if path.exists() and not overwrite:
+        raise Conflict(f"{path} exists already; not overwritten")
+    write_atomic(path, text)
+
+
+def yes_option(f: Any) -> Any:
+    return click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")(f)
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask on a terminal; refuse (exit 2) off a terminal unless --yes was given."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise InputError("not a terminal, so nobody confirmed: review the output above and pass --yes")
+    if not click.confirm(question, default=False, err=True):
+        raise InputError("not confirmed; nothing was signed")
+
+
+def _manifest_view(m: SignedManifest) -> dict[str, Any]:
+    problems = m.problems()
+    return {
+        "fingerprint": m.fingerprint,
+        "digest": m.digest,
+        "network": m.policy.network.name,
+        "policy": f"{m.policy.threshold}-of-{m.policy.n}",
+        "script_type": m.policy.script_type.value,
+        "founders": [{"name": f.name, "xpub": str(f.key), "signed": f.name in m.signatures} for f in m.policy.founders],
+        "complete": not problems,
+        "problems": problems,
+    }
+
+
+def _show_manifest(m: SignedManifest, as_json: bool) -> None:
+    v = _manifest_view(m)
+    if as_json:
+        output.emit_json(v)
+        return
+    output.key_values(
+        "Founders' manifest",
+        [
+            ("fingerprint", v["fingerprint"]),
+            ("network", v["network"]),
+            ("policy", v["policy"]),
+            ("script type", v["script_type"]),
+        ],
+    )
+    output.table(
+        "Founders",
+        ["name", "signed", "account xpub"],
+        [(f["name"], "yes" if f["signed"] else "NO", f["xpub"]) for f in v["founders"]],
+    )
+    for p in v["problems"]:
+        output.warning(p)
+
+
+@click.group()
+def manifest() -> None:
+    """The founders-signed manifest: drafted once, signed by every founder, pinned everywhere."""
+
+
+@manifest.command("draft")
+@click.option("--network", required=True, type=click.Choice(list(NETWORKS)), help="The network; always explicit.")
+@click.option("--threshold", default=2, show_default=True, type=int, help="Signatures needed (m of n).")
+@click.option(
+    "--script",
+    "script_type",
+    default="p2wsh",
+    show_default=True,
+    type=click.Choice([t.value for t in ScriptType]),
+    help="How the multisig script is wrapped.",
+)
+@click.option(
+    "--founder",
+    "founders",
+    multiple=True,
+    required=True,
+    metavar="NAME=XPUB",
+    help="A founder's account xpub with its key origin, as `custody keygen` printed it. Repeat n times.",
+)
+@click.option(
+    "--out",
+    "out_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the unsigned manifest (never overwritten).",
+)
+@json_option
+@example("custody manifest draft --network regtest --founder 'a=[fp/48h/1h/0h/2h]tpub...' ... --out m.json")
+def manifest_draft(
+    network: str, threshold: int, script_type: str, founders: tuple[str, ...], out_file: Path, as_json: bool
+) -> None:
+    """Write the founders' manifest for every founder to sign (`custody manifest sign`)."""
+    pairs = []
+    for text in founders:
+        name, sep, key = text.partition("=")
+        if not sep or not name or not key:
+            raise InputError(f"--founder takes NAME=XPUB, got {text[:40]!r}")
+        pairs.append((name, key))
+    m = unsigned(make_policy(get_network(network), threshold, parse_script_type(script_type), pairs))
+    write_new(out_file, json.dumps(m.to_document(), indent=2) + "\n")
+    if as_json:
+        output.emit_json(_manifest_view(m) | {"file": str(out_file)})
+        return
+    output.line(m.fingerprint)
+    output.success(f"manifest {m.fingerprint} written to {out_file}; every founder signs it next")
+
+
+@manifest.command("sign")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--key",
+    "key_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The founder's encrypted key file.",
+)
+@yes_option
+@passphrase_options
+@json_option
+@example("custody manifest sign m.json --key founder-a.key")
+def manifest_sign(file: Path, key_file: Path, yes: bool, passphrase_file: Path | None, as_json: bool) -> None:
+    """Offline: check your own xpub is in the manifest, show it, and add your signature to FILE."""
+    m = read_manifest_file(file)
+    key = founder_key(key_file, passphrase_file)
+    mine = [f.name for f in m.policy.founders if f.key.xpub.identity() == key.account.xpub.identity()]
+    if not mine or key.network != m.policy.network:
+        raise InputError("your key's account xpub is not in this manifest: do not sign it")
+    if not as_json:
+        _show_manifest(m, False)
+    confirm(f"Sign manifest {m.fingerprint} as {mine[0]}?", yes)
+    signed = sign_manifest(m, mine[0], key.master.derive(key.account_path).private_key())
+    write_atomic(file, json.dumps(signed.to_document(), indent=2) + "\n")
+    if as_json:
+        output.emit_json(_manifest_view(signed))
+        return
+    output.success(f"{mine[0]} signed manifest {signed.fingerprint} ({file})")
+
+
+@manifest.command("show")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@json_option
+@pass_app
+@example("custody manifest show m.json")
+def manifest_show(app: AppContext, file: Path | None, as_json: bool) -> None:
+    """Show a manifest's fingerprint and who signed it (default: the one pinned here)."""
+    _show_manifest(read_manifest_file(file or app.settings.manifest), as_json)
+
+
+@manifest.command("pin")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option("--from-store", is_flag=True, help="Take the manifest the shared store carries (team setup).")
+@click.option(
+    "--fingerprint", required=True, help="The fingerprint the founders read out (abcd-ef01-2345-6789); it must match."
+)
+@json_option
+@pass_app
+@example("custody manifest pin --from-store --fingerprint abcd-ef01-2345-6789")
+def manifest_pin(app: AppContext, file: Path | None, from_store: bool, fingerprint: str, as_json: bool) -> None:
+    """Pin the founders-signed manifest on this machine, after checking every founder's
+    signature and the fingerprint you confirmed with them."""
+    if (file is None) == (not from_store):
+        raise InputError("give a manifest FILE or --from-store (not both)")
+    m = roster_lib.manifest_in_store(app.db) if from_store else read_manifest_file(file)  # type: ignore[arg-type]
+    m.check()
+    if fingerprint.strip().lower() != m.fingerprint:
+        raise InputError(f"the manifest's fingerprint is {m.fingerprint}, not {fingerprint.strip()}: do not pin it")
+    path = app.settings.manifest
+    if path.exists():
+        current = read_manifest_file(path)
+        if current.digest != m.digest:
+            raise Conflict(f"another founders' manifest ({current.fingerprint}) is pinned at {path}; not replaced")
+    roster_lib.pin_manifest(path, m)
+    if as_json:
+        output.emit_json(_manifest_view(m) | {"pinned": str(path)})
+        return
+    output.success(f"founders' manifest {m.fingerprint} pinned at {path}")
+
+
+# ---------------------------------------------------------------- roster
+
+
+def _show_roster(r: Roster, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+    if as_json:
+        output.emit_json(r.to_document() | {"digest": r.digest} | (extra or {}))
+        return
+    output.key_values(
+        "Roster",
+        [
+            ("serial", r.serial),
+            ("digest", r.digest[:16]),
+            ("signed by", ", ".join(sorted(r.signatures)) or "nobody yet"),
+        ],
+    )
+    output.table(
+        "Employees",
+        ["name", "roles", "enabled", "keys"],
+        [
+            (e.name, ",".join(sorted(e.roles)), "yes" if e.enabled else "DISABLED", " ".join(e.keys))
+            for e in r.employees
+        ],
+    )
+    if r.cleared_suspensions:
+        output.info(f"clears suspensions: {', '.join(d[:16] for d in r.cleared_suspensions)}")
+
+
+@click.group()
+def roster() -> None:
+    """The founders-signed employee roster: proposed online, signed offline by m founders, applied."""
+
+
+@roster.command("show")
+@json_option
+@pass_app
+@example("custody roster show")
+def roster_show(app: AppContext, as_json: bool) -> None:
+    """The roster in force, suspensions, and the open proposal."""
+    v = roster_lib.roster_view(app.db, app.settings)
+    if as_json:
+        output.emit_json(v)
+        return
+    output.key_values(
+        "Roster",
+        [
+            ("manifest", v["manifest"]),
+            ("serial", v["serial"] or "none yet"),
+            ("signed by", ", ".join(v["signed_by"]) or "-"),
+        ],
+    )
+    output.table(
+        "Employees",
+        ["name", "roles", "state", "keys"],
+        [
+            (
+                e["name"],
+                ",".join(e["roles"]),
+                "SUSPENDED" if e["suspended"] else ("enabled" if e["enabled"] else "DISABLED"),
+                " ".join(k[:16] + "…" for k in e["keys"]),
+            )
+            for e in v["employees"]
+        ],
+    )
+    for s in v["suspensions"]:
+        state = "in force" if s["in_force"] else f"signed by {', '.join(s['signed_by'])}, needs two"
+        output.line(f"suspension of {s['employee']} ({state}): {s['reason']}")
+    if v["proposal"]:
+        output.info(f"open proposal: roster #{v['proposal']['roster']['serial']} (`custody roster export`)")
+
+
+def _changes(
+    add: tuple[str, ...],
+    disable: tuple[str, ...],
+    enable: tuple[str, ...],
+    roles: tuple[str, ...],
+    clear: tuple[str, ...],
+) -> list[roster_lib.Change]:
+    out = []
+    for spec in add:
+        name, sep, rest = spec.partition("=")
+        pubkey, _, role_text = rest.partition(":")
+        if not sep or not pubkey:
+            raise InputError(f"--add takes NAME=PUBKEY[:ROLES], got {spec[:40]!r}")
+        out.append(roster_lib.Change("add", name, pubkey, roster_lib.parse_roles(role_text) if role_text else ()))
+    out += [roster_lib.Change("disable", n) for n in disable]
+    out += [roster_lib.Change("enable", n) for n in enable]
+    for spec in roles:
+        name, sep, role_text = spec.partition("=")
+        if not sep:
+            raise InputError(f"--roles takes NAME=ROLE[,ROLE...], got {spec[:40]!r}")
+        out.append(roster_lib.Change("roles", name, roles=roster_lib.parse_roles(role_text)))
+    out += [roster_lib.Change("clear", "-", digest=d.strip().lower()) for d in clear]
+    if not out:
+        raise InputError("nothing to propose: give --add, --disable, --enable, --roles or --clear-suspension")
+    return out
+
+
+@roster.command("propose")
+@click.option("--add", multiple=True, metavar="NAME=PUBKEY[:ROLES]", help="Add an employee (roles default: all).")
+@click.option("--disable", multiple=True, metavar="NAME", help="Disable an employee (their name stays taken).")
+@click.option("--enable", multiple=True, metavar="NAME", help="Enable a disabled employee again.")
+@click.option("--roles", multiple=True, metavar="NAME=ROLES", help="Set roles: request, approve, lift.")
+@click.option("--clear-suspension", "clear", multiple=True, metavar="DIGEST", help="Clear a suspension.")
+@json_option
+@pass_app
+@example("custody roster propose --add bob=02ab...:approve,lift --disable carol")
+def roster_propose(
+    app: AppContext,
+    add: tuple[str, ...],
+    disable: tuple[str, ...],
+    enable: tuple[str, ...],
+    roles: tuple[str, ...],
+    clear: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Propose changes for the next roster; nothing changes until m founders sign it."""
+    r = roster_lib.propose(app.db, app.settings, _changes(add, disable, enable, roles, clear))
+    _show_roster(r, as_json)
+    if not as_json:
+        output.success(f"roster #{r.serial} proposed: `custody roster export --out FILE` for the founders")
+
+
+@roster.command("discard")
+@pass_app
+@example("custody roster discard")
+def roster_discard(app: AppContext) -> None:
+    """Drop the open proposal (nothing it proposed was ever in force)."""
+    r = roster_lib.discard_proposal(app.db)
+    output.success(f"proposal for roster #{r.serial} discarded")
+
+
+@roster.command("export")
+@click.option(
+    "--out",
+    "out_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the proposal for the founders (never overwritten).",
+)
+@click.option("--current", is_flag=True, help="Write the roster in force instead (to pin on a signer machine).")
+@pass_app
+@example("custody roster export --out roster-2.json")
+def roster_export(app: AppContext, out_file: Path, current: bool) -> None:
+    """Write the open proposal (or, with --current, the roster in force) to a file."""
+    doc = roster_lib.export_roster(app.db) if current else roster_lib.proposal(app.db).to_document()
+    write_new(out_file, json.dumps(doc, indent=2) + "\n")
+    output.success(f"roster #{doc['roster']['serial']} written to {out_file}")
+
+
+@roster.command("sign")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--key",
+    "key_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The founder's encrypted key file.",
+)
+@yes_option
+@passphrase_options
+@json_option
+@pass_app
+@example("custody roster sign roster-2.json --key founder-a.key")
+def roster_sign(
+    app: AppContext, file: Path, key_file: Path, yes: bool, passphrase_file: Path | None, as_json: bool
+) -> None:
+    """Offline: show the proposed roster and add your founder's signature to FILE.
+
+    The roster is checked against the manifest pinned on this machine (--manifest)."""
+    pinned = roster_lib.load_trust(app.settings)
+    r = load_roster(_read(file, MAX_ROSTER_BYTES, "roster"))
+    if r.manifest != pinned.manifest.digest or r.network != pinned.policy.network.name:
+        raise InputError("this roster belongs to another founders' manifest than the one pinned here: do not sign it")
+    key = founder_key(key_file, passphrase_file)
+    mine = [f.name for f in pinned.policy.founders if f.key.xpub.identity() == key.account.xpub.identity()]
+    if not mine:
+        raise InputError("your key is not one of the pinned manifest's founders'")
+    if not as_json:
+        _show_roster(r, False)
+    confirm(f"Sign roster #{r.serial} as {mine[0]}?", yes)
+    signed = sign_roster(r, mine[0], key.master.derive(key.account_path).private_key(), pinned.founders)
+    write_atomic(file, json.dumps(signed.to_document(), indent=2) + "\n")
+    missing = roster_problems(signed, pinned.founders)
+    if as_json:
+        output.emit_json({"serial": signed.serial, "signed_by": sorted(signed.signatures), "complete": not missing})
+        return
+    output.success(f"{mine[0]} signed roster #{signed.serial} ({len(signed.signatures)} signature(s))")
+
+
+@roster.command("apply")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+@pass_app
+@example("custody roster apply roster-2.json")
+def roster_apply(app: AppContext, file: Path, as_json: bool) -> None:
+    """Apply a roster m founders signed; it must be the next serial after the one in force."""
+    r = roster_lib.apply_roster(app.db, app.settings, _read(file, MAX_ROSTER_BYTES, "roster"))
+    if as_json:
+        output.emit_json({"serial": r.serial, "digest": r.digest, "signed_by": sorted(r.signatures)})
+        return
+    output.success(f"roster #{r.serial} applied (signed by {', '.join(sorted(r.signatures))})")
+
+
+COMMANDS = [manifest, roster]

@@ -1,0 +1,535 @@
+"""The store's side of the root of trust: the pinned founders-signed manifest, the applied
+founders-signed employee roster, proposals for the next roster, and suspensions.
+
+Nothing here takes the store's word for who the founders or the employees are: the manifest is
+the one pinned on this machine (every founder's signature checked on every load), and every
+roster row is checked against that manifest's founders before anyone is authenticated by it.
+A roster can only be added by the founders' signatures (m of n, serial + 1, chained to the one
+before); the online machine can propose, never enrol.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from custody.clock import now
+from custody.config import Settings
+from custody.control import audit_log
+from custody.control.wallet import policy_from_session
+from custody.errors import ApprovalError, Conflict, InputError, NotFound, StorageError, VerificationFailed
+from custody.files import read_bounded, write_atomic
+from custody.identity.approvals import RegistryEntry
+from custody.identity.employee_keys import EmployeeSigner
+from custody.identity.roster import (
+    ROLES,
+    SUSPENSION_DOMAIN,
+    SUSPENSION_QUORUM,
+    Employee,
+    Founders,
+    Roster,
+    Suspension,
+    check_employees,
+    check_name,
+    in_force,
+    load_roster,
+    parse_suspension,
+    roster_problems,
+    suspension_signers,
+)
+from custody.identity.statements import parse_pubkey, sign_statement
+from custody.policy.manifest import MAX_MANIFEST_BYTES, SignedManifest, load_signed_manifest
+from custody.policy.model import Policy
+from custody.store.db import Database
+from custody.store.models import RosterProposal, RosterRow, SignedManifestRow, SuspensionRow
+
+DEFAULT_ROLES = ROLES
+
+
+# ---------------------------------------------------------------- the pinned manifest
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What this machine believes: the founders-signed manifest pinned here."""
+
+    manifest: SignedManifest
+
+    @property
+    def policy(self) -> Policy:
+        return self.manifest.policy
+
+    @property
+    def founders(self) -> Founders:
+        return founders_of(self.manifest)
+
+
+def founders_of(m: SignedManifest) -> Founders:
+    return Founders(m.policy.network.name, m.digest, m.policy.threshold, m.founder_pubkeys())
+
+
+def load_trust(settings: Settings) -> Trust:
+    """The pinned manifest, every founder's signature checked.
+
+    Raises StorageError (none pinned), VerificationFailed (unreadable, or not signed by every
+    founder: exit 3, nothing may act on it).
+    """
+    path = settings.manifest
+    try:
+        data = read_bounded(path, MAX_MANIFEST_BYTES, "the pinned founders' manifest")
+    except FileNotFoundError:
+        raise StorageError(
+            f"no founders' manifest is pinned at {path}: `custody init --manifest FILE` (first machine) or "
+            "`custody manifest pin` (another machine), or set CUSTODY_MANIFEST"
+        ) from None
+    try:
+        signed = load_signed_manifest(data).check()
+    except InputError as exc:
+        raise VerificationFailed(f"the pinned founders' manifest {path} cannot be trusted: {exc}") from None
+    return Trust(signed)
+
+
+def pin_manifest(path: Path, m: SignedManifest) -> None:
+    """Write the signed manifest to ``path`` atomically (temporary file, fsync, rename)."""
+    write_atomic(path, json.dumps(m.to_document(), indent=2) + "\n")
+
+
+def manifest_in_store(db: Database) -> SignedManifest:
+    """The signed manifest the store carries (checked: every founder signed). Raises StorageError,
+    VerificationFailed."""
+    db.check_schema()
+    with db.transaction() as s:
+        row = s.get(SignedManifestRow, 1)
+        if row is None:
+            raise StorageError("the store carries no founders-signed manifest")
+        try:
+            return load_signed_manifest(row.document.encode()).check()
+        except InputError as exc:
+            raise VerificationFailed(f"the store's founders' manifest cannot be trusted: {exc}") from None
+
+
+def store_trust(s: Session) -> Trust:
+    """The founders-signed manifest the store carries, checked: every founder signed it and it
+    is the store's policy. What the online views count approvals against; every step that acts
+    also compares it with the manifest pinned on this machine (:func:`check_pinned`).
+
+    Raises StorageError (none: a store from before signed manifests), VerificationFailed.
+    """
+    row = s.get(SignedManifestRow, 1)
+    if row is None:
+        raise StorageError("the store carries no founders-signed manifest (`custody manifest adopt FILE`)")
+    try:
+        m = load_signed_manifest(row.document.encode()).check()
+    except InputError as exc:
+        raise VerificationFailed(f"the store's founders' manifest cannot be trusted: {exc}") from None
+    if m.digest != row.digest:
+        raise VerificationFailed("the store's founders' manifest does not match its recorded digest")
+    trust = Trust(m)
+    check_store_policy(policy_from_session(s), trust)
+    return trust
+
+
+def check_pinned(s: Session, pinned: Trust) -> Trust:
+    """The store's trust, required to be the manifest pinned on this machine. Raises
+    VerificationFailed on any difference (the store or the pin was swapped)."""
+    mine = store_trust(s)
+    if mine.manifest.digest != pinned.manifest.digest:
+        raise VerificationFailed(
+            f"the store's founders' manifest {mine.manifest.fingerprint} is not the one pinned on this machine "
+            f"({pinned.manifest.fingerprint})"
+        )
+    return mine
+
+
+def check_store_policy(policy: Policy, trust: Trust) -> None:
+    """Raise VerificationFailed when the store's policy is not the founders-signed one."""
+    if policy.to_manifest() != trust.manifest.body:
+        raise VerificationFailed(
+            f"the store's policy differs from the founders-signed manifest {trust.manifest.fingerprint} "
+            "pinned on this machine: the store was tampered with, or belongs to other founders"
+        )
+
+
+# ---------------------------------------------------------------- the applied roster
+
+
+def _row_roster(row: RosterRow, trust: Trust) -> Roster:
+    try:
+        roster = load_roster(row.document.encode())
+    except InputError as exc:
+        raise VerificationFailed(f"the store's roster #{row.serial} is unreadable: {exc}") from None
+    problems = roster_problems(roster, trust.founders)
+    if roster.serial != row.serial or roster.digest != row.digest:
+        problems.append("its serial or digest disagree with the row")
+    if problems:
+        raise VerificationFailed(
+            f"the store's roster #{row.serial} does not stand against the pinned founders' manifest: "
+            + "; ".join(problems)
+        )
+    return roster
+
+
+def current_roster(s: Session, trust: Trust) -> Roster | None:
+    """The newest applied roster, its founders' signatures checked (None before the first).
+
+    Raises VerificationFailed when it does not stand (a row edited, inserted or swapped).
+    """
+    rows = list(s.exec(select(RosterRow).order_by(col(RosterRow.serial).desc()).limit(2)).all())
+    if not rows:
+        return None
+    roster = _row_roster(rows[0], trust)
+    if len(rows) > 1 and roster.previous != rows[1].digest:
+        raise VerificationFailed(f"the store's roster #{roster.serial} does not follow roster #{rows[1].serial}")
+    return roster
+
+
+def _suspensions(s: Session) -> list[Suspension]:
+    out = []
+    for row in s.exec(select(SuspensionRow).order_by(col(SuspensionRow.id))).all():
+        try:
+            out.append(parse_suspension(json.loads(row.document)))
+        except (InputError, ValueError):
+            continue  # an unreadable suspension suspends nobody; the log still has it
+    return out
+
+
+@dataclass(frozen=True)
+class Standing:
+    """The roster in force and who is suspended under it."""
+
+    roster: Roster | None
+    suspended: dict[str, str]  # name -> suspension digest
+
+    def refusal(self, name: str, role: str | None) -> str | None:
+        """Why ``name`` may not act in ``role`` (None: they may; role None: any enabled,
+        unsuspended employee, as for raising a halt)."""
+        e = self.roster.employee(name) if self.roster else None
+        if e is None:
+            return "not an employee of the founders' roster"
+        if not e.enabled:
+            return "disabled in the founders' roster"
+        if name in self.suspended:
+            return "suspended"
+        if role is not None and role not in e.roles:
+            return f"has no {role} role in the founders' roster"
+        return None
+
+    def registry(self, role: str) -> dict[str, RegistryEntry]:
+        if self.roster is None:
+            return {}
+        return {e.name: RegistryEntry(e.name, e.keys, self.refusal(e.name, role)) for e in self.roster.employees}
+
+
+def standing(s: Session, trust: Trust) -> Standing:
+    roster = current_roster(s, trust)
+    return Standing(roster, in_force(_suspensions(s), roster) if roster else {})
+
+
+def authenticate(s: Session, trust: Trust, name: str, key: EmployeeSigner, role: str | None) -> Employee:
+    """The roster employee ``name``, allowed ``role``, whose roster key ``key`` is.
+
+    Raises NotFound (no roster, or nobody of that name), ApprovalError (disabled, suspended,
+    no such role, or the key is not theirs), VerificationFailed (the roster does not stand).
+    """
+    st = standing(s, trust)
+    if st.roster is None:
+        raise NotFound("there is no founders-signed roster yet: no employee can act (`custody roster`)")
+    e = st.roster.employee(name)
+    if e is None:
+        raise NotFound(f"no employee named {name!r} in the founders' roster #{st.roster.serial}")
+    refusal = st.refusal(name, role)
+    if refusal is not None:
+        raise ApprovalError(f"{name} may not {role or 'act'}: {refusal}")
+    if key.public_key.hex() not in e.keys:
+        raise ApprovalError(f"the key given (file or token) is not one of {name}'s keys in the founders' roster")
+    return e
+
+
+# ---------------------------------------------------------------- proposals
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change to the roster: add, disable, enable, set roles, add a key, clear a suspension."""
+
+    kind: str  # add | disable | enable | roles | key | clear
+    name: str
+    pubkey: str | None = None
+    roles: tuple[str, ...] = ()
+    digest: str | None = None
+
+
+def parse_roles(text: str) -> tuple[str, ...]:
+    roles = tuple(sorted({r.strip() for r in text.split(",") if r.strip()}))
+    bad = [r for r in roles if r not in ROLES]
+    if bad or not roles:
+        raise InputError(f"roles are a comma-separated list of {', '.join(ROLES)}; got {text!r}")
+    return roles
+
+
+def _apply_change(employees: dict[str, Employee], cleared: set[str], c: Change) -> None:
+    e = employees.get(c.name)
+    if c.kind == "add":
+        if e is not None:
+            raise Conflict(f"{c.name} is in the roster already (use --enable, --roles or --key)")
+        assert c.pubkey is not None
+        employees[c.name] = Employee(check_name(c.name), (parse_pubkey(c.pubkey),), frozenset(c.roles or DEFAULT_ROLES))
+        return
+    if c.kind == "clear":
+        assert c.digest is not None
+        cleared.add(c.digest)
+        return
+    if e is None:
+        raise NotFound(f"no employee named {c.name!r} in the roster")
+    if c.kind == "disable":
+        employees[c.name] = Employee(e.name, e.keys, e.roles, False)
+    elif c.kind == "enable":
+        employees[c.name] = Employee(e.name, e.keys, e.roles, True)
+    elif c.kind == "roles":
+        employees[c.name] = Employee(e.name, e.keys, frozenset(c.roles), e.enabled)
+    elif c.kind == "key":
+        assert c.pubkey is not None
+        employees[c.name] = Employee(e.name, (*e.keys, parse_pubkey(c.pubkey)), e.roles, e.enabled)
+    else:
+        raise InputError(f"unknown roster change {c.kind!r}")
+
+
+def open_proposal(s: Session) -> RosterProposal | None:
+    return s.exec(select(RosterProposal).where(RosterProposal.status == "open")).first()
+
+
+def propose(db: Database, settings: Settings, changes: Sequence[Change], actor: str = "operator") -> Roster:
+    """Add ``changes`` to the open proposal for the next roster (made from the current one).
+
+    A proposal changes nothing until m founders sign it offline and it is applied.
+    Raises InputError, Conflict, NotFound, VerificationFailed.
+    """
+    trust = load_trust(settings)
+    db.check_schema()
+    with db.transaction() as s:
+        current = current_roster(s, trust)
+        row = open_proposal(s)
+        if row is not None:
+            base = load_roster(row.document.encode())
+            if base.serial != (current.serial + 1 if current else 1):
+                row.status = "superseded"
+                s.add(row)
+                row = None
+        if row is None:
+            base = Roster(
+                trust.founders.network,
+                trust.founders.manifest,
+                current.serial + 1 if current else 1,
+                current.digest if current else None,
+                current.employees if current else (),
+                (),
+            )
+        employees = {e.name: e for e in base.employees}
+        cleared = set(base.cleared_suspensions)
+        for c in changes:
+            _apply_change(employees, cleared, c)
+        check_employees(list(employees.values()))
+        proposal = Roster(
+            base.network,
+            base.manifest,
+            base.serial,
+            base.previous,
+            tuple(sorted(employees.values(), key=lambda e: e.name)),
+            tuple(sorted(cleared)),
+        )
+        document = json.dumps(proposal.to_document())
+        if row is None:
+            s.add(
+                RosterProposal(
+                    serial=proposal.serial, document=document, status="open", created_by=actor, created_at=now()
+                )
+            )
+        else:
+            row.document = document
+            s.add(row)
+        audit_log.append(
+            s,
+            "roster.proposed",
+            actor,
+            {
+                "serial": proposal.serial,
+                "digest": proposal.digest,
+                "changes": [
+                    {"kind": c.kind, "name": c.name, "pubkey": c.pubkey, "roles": list(c.roles), "digest": c.digest}
+                    for c in changes
+                ],
+            },
+        )
+        return proposal
+
+
+def discard_proposal(db: Database, actor: str = "operator") -> Roster:
+    """Drop the open proposal (it enrolled nobody). Raises NotFound."""
+    db.check_schema()
+    with db.transaction() as s:
+        row = open_proposal(s)
+        if row is None:
+            raise NotFound("no roster proposal is open")
+        dropped = load_roster(row.document.encode())
+        row.status = "discarded"
+        s.add(row)
+        audit_log.append(s, "roster.discarded", actor, {"serial": dropped.serial, "digest": dropped.digest})
+        return dropped
+
+
+def proposal(db: Database) -> Roster:
+    """The open proposal. Raises NotFound."""
+    db.check_schema()
+    with db.transaction() as s:
+        row = open_proposal(s)
+        if row is None:
+            raise NotFound("no roster proposal is open (`custody roster propose` or `custody employee keygen`)")
+        return load_roster(row.document.encode())
+
+
+def apply_roster(db: Database, settings: Settings, data: bytes, actor: str = "operator") -> Roster:
+    """Apply a founders-signed roster: m founders of the pinned manifest, the next serial,
+    chained to the current roster. Raises InputError, ApprovalError (signatures), Conflict
+    (not the next serial, or not chained)."""
+    trust = load_trust(settings)
+    roster = load_roster(data)
+    problems = roster_problems(roster, trust.founders)
+    if problems:
+        raise ApprovalError(f"roster #{roster.serial} is not signed as the founders' roster: " + "; ".join(problems))
+    db.check_schema()
+    with db.transaction() as s:
+        current = current_roster(s, trust)
+        expected = current.serial + 1 if current else 1
+        if roster.serial != expected:
+            raise Conflict(
+                f"roster #{roster.serial} is not the next roster (the store has #{expected - 1}): "
+                "rosters only go up, one at a time"
+            )
+        if roster.previous != (current.digest if current else None):
+            raise Conflict(f"roster #{roster.serial} does not follow the store's roster #{expected - 1}")
+        s.add(
+            RosterRow(
+                serial=roster.serial, digest=roster.digest, document=json.dumps(roster.to_document()), applied_at=now()
+            )
+        )
+        row = open_proposal(s)
+        if row is not None:
+            row.status = "applied" if load_roster(row.document.encode()).digest == roster.digest else "superseded"
+            s.add(row)
+        audit_log.append(
+            s,
+            "roster.applied",
+            actor,
+            {
+                "serial": roster.serial,
+                "digest": roster.digest,
+                "signed_by": sorted(roster.signatures),
+                "employees": [e.to_dict() for e in roster.employees],
+                "cleared_suspensions": list(roster.cleared_suspensions),
+            },
+        )
+    return roster
+
+
+def roster_view(db: Database, settings: Settings) -> dict[str, Any]:
+    """The roster in force, who is suspended, and the open proposal."""
+    trust = load_trust(settings)
+    db.check_schema()
+    with db.transaction() as s:
+        st = standing(s, trust)
+        row = open_proposal(s)
+        pending = load_roster(row.document.encode()) if row else None
+        sus = [
+            {
+                "employee": x.employee,
+                "reason": x.reason,
+                "digest": x.digest,
+                "signed_by": [n for n, _ in x.signatures],
+                "in_force": st.suspended.get(x.employee) == x.digest,
+            }
+            for x in _suspensions(s)
+        ]
+    r = st.roster
+    return {
+        "manifest": trust.manifest.fingerprint,
+        "serial": r.serial if r else None,
+        "digest": r.digest if r else None,
+        "signed_by": sorted(r.signatures) if r else [],
+        "employees": [e.to_dict() | {"suspended": e.name in st.suspended} for e in (r.employees if r else ())],
+        "suspensions": sus,
+        "proposal": pending.to_document() if pending else None,
+    }
+
+
+def export_roster(db: Database) -> dict[str, Any]:
+    """The newest applied roster's document (for a signer machine to pin)."""
+    db.check_schema()
+    with db.transaction() as s:
+        row = s.exec(select(RosterRow).order_by(col(RosterRow.serial).desc())).first()
+        if row is None:
+            raise NotFound("no roster has been applied yet")
+        return dict(json.loads(row.document))
+
+
+def suspension_documents(s: Session) -> list[dict[str, Any]]:
+    return [x.to_dict() for x in _suspensions(s)]
+
+
+# ---------------------------------------------------------------- suspensions
+
+
+def suspend(
+    db: Database, settings: Settings, target: str, reason: str, name: str, key: EmployeeSigner
+) -> tuple[Suspension, bool]:
+    """``name`` signs the suspension of ``target``; in force at two distinct roster employees.
+
+    Any enabled roster employee may sign (not the target). Returns the suspension with the
+    signatures so far and whether it is in force. Raises InputError, NotFound, ApprovalError.
+    """
+    reason = " ".join(reason.split())[:500]
+    if not reason:
+        raise InputError("a suspension needs a reason")
+    if name == target:
+        raise ApprovalError("an employee cannot sign their own suspension")
+    trust = load_trust(settings)
+    db.check_schema()
+    with db.transaction() as s:
+        st = standing(s, trust)
+        if st.roster is None:
+            raise NotFound("there is no founders-signed roster yet")
+        if st.roster.employee(target) is None:
+            raise NotFound(f"no employee named {target!r} in the founders' roster")
+        signer = st.roster.employee(name)
+        if signer is None:
+            raise NotFound(f"no employee named {name!r} in the founders' roster")
+        if not signer.enabled or name in st.suspended:
+            raise ApprovalError(f"{name} may not sign a suspension: disabled or suspended")
+        if key.public_key.hex() not in signer.keys:
+            raise ApprovalError(f"the key given is not one of {name}'s keys in the founders' roster")
+        draft = Suspension(st.roster.network, st.roster.manifest, st.roster.serial, target, reason, ())
+        row = s.exec(select(SuspensionRow).where(SuspensionRow.digest == draft.digest)).first()
+        sigs = dict(parse_suspension(json.loads(row.document)).signatures) if row else {}
+        sigs[name] = sign_statement(key, SUSPENSION_DOMAIN, draft.fields())
+        sus = Suspension(draft.network, draft.manifest, draft.serial, target, reason, tuple(sorted(sigs.items())))
+        if row is None:
+            s.add(
+                SuspensionRow(digest=sus.digest, employee=target, document=json.dumps(sus.to_dict()), created_at=now())
+            )
+        else:
+            row.document = json.dumps(sus.to_dict())
+            s.add(row)
+        signers = suspension_signers(sus, st.roster)
+        active = len(signers) >= SUSPENSION_QUORUM
+        audit_log.append(
+            s,
+            "employee.suspended" if active else "employee.suspension_signed",
+            name,
+            {"employee": target, "reason": reason, "digest": sus.digest, "signed_by": signers},
+            sigs[name],
+        )
+        return sus, active

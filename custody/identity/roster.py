@@ -1,0 +1,382 @@
+"""The founders-signed employee roster: who may request, approve and lift, with which keys.
+
+A roster is a versioned document (``serial`` 1, 2, 3 ...) bound to one founders' manifest (by
+its digest) and signed by at least the policy's threshold m of its founders, each as a
+Bitcoin signed message (custody.bitcoin.message) of
+
+    custody roster <network> #<serial> sha256:<hex digest of the roster body>
+
+with the key behind their xpub. Nothing else can add an employee, a key or a role: the store,
+the approval code and the offline signer all check a roster's founder signatures against a
+manifest pinned on their own machine before they believe a word of it.
+
+Each employee has a plain name (lower-case ASCII letters, digits, ``.``, ``_``, ``-``; no two
+names that look alike), one or more compressed secp256k1 public keys, roles (``request``,
+``approve``, ``lift``) and ``enabled``. A disabled employee stays listed, so their name is
+never handed to someone else.
+
+Suspensions are the fast way to take rights away: two enabled employees of the roster (not
+the one suspended) sign a statement naming the employee and the roster serial; from then on
+that employee counts for nothing, in the store and at every signer that has seen it, until a
+later roster of the founders clears it (``cleared_suspensions``). A suspension can only take
+rights away, so the worst that two colluding employees can do with it is stop a third.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from custody.bitcoin.message import sign_message, verify_message
+from custody.errors import ApprovalError, InputError
+from custody.identity.statements import parse_pubkey, statement_digest, verify_statement
+
+FORMAT = "custody-roster"
+FORMAT_VERSION = 1
+ROLES = ("request", "approve", "lift")
+SUSPENSION_DOMAIN = "custody/suspension/v1"
+SUSPENSION_QUORUM = 2
+MAX_ROSTER_BYTES = 1024 * 1024
+MAX_EMPLOYEES = 1000
+MAX_KEYS = 8
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9._-]{0,31}$")
+# Characters that read alike in most fonts, mapped to one representative (a small "skeleton"
+# in the spirit of Unicode TR39, for the ASCII names we allow).
+_LOOKALIKE = str.maketrans({"0": "o", "1": "l", "i": "l", "|": "l", "5": "s", "2": "z", "8": "b", "_": "-", ".": "-"})
+
+
+def canonical_json(doc: Any) -> str:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def skeleton(name: str) -> str:
+    """What a name looks like: two names with one skeleton are refused in one roster."""
+    return name.translate(_LOOKALIKE).replace("rn", "m").replace("vv", "w").replace("cl", "d")
+
+
+def check_name(name: object) -> str:
+    """An employee name as the roster allows it. Raises InputError for anything else: upper case,
+    spaces, non-ASCII letters (a Cyrillic 'а' in 'аlice'), control characters, over 32 characters."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        shown = name if isinstance(name, str) else type(name).__name__
+        raise InputError(
+            f"bad employee name {ascii(shown)[:60]}: 1 to 32 characters, lower-case ASCII letters, digits, "
+            "'.', '_' or '-', starting with a letter"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Employee:
+    name: str
+    keys: tuple[str, ...]  # compressed public keys, hex
+    roles: frozenset[str]
+    enabled: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "keys": list(self.keys), "roles": sorted(self.roles), "enabled": self.enabled}
+
+    def may(self, role: str) -> bool:
+        return self.enabled and role in self.roles
+
+
+@dataclass(frozen=True)
+class Roster:
+    """A roster body (what founders sign) with its signatures; see :func:`verify_roster`."""
+
+    network: str
+    manifest: str  # digest of the founders' manifest it belongs to
+    serial: int
+    previous: str | None  # digest of the roster body it replaces (None for serial 1)
+    employees: tuple[Employee, ...]
+    cleared_suspensions: tuple[str, ...] = ()
+    signatures: Mapping[str, str] = field(default_factory=dict)  # founder name -> base64
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "network": self.network,
+            "manifest": self.manifest,
+            "serial": self.serial,
+            "previous": self.previous,
+            "employees": [e.to_dict() for e in sorted(self.employees, key=lambda e: e.name)],
+            "cleared_suspensions": sorted(self.cleared_suspensions),
+        }
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(canonical_json(self.body()).encode()).hexdigest()
+
+    @property
+    def message(self) -> str:
+        return f"custody roster {self.network} #{self.serial} sha256:{self.digest}"
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "roster": self.body(),
+            "signatures": [{"founder": n, "signature": s} for n, s in sorted(self.signatures.items())],
+        }
+
+    def employee(self, name: str) -> Employee | None:
+        return next((e for e in self.employees if e.name == name), None)
+
+    def owner_of(self, pubkey_hex: str) -> Employee | None:
+        return next((e for e in self.employees if pubkey_hex in e.keys), None)
+
+    def with_signature(self, founder: str, signature: str) -> Roster:
+        return Roster(
+            self.network,
+            self.manifest,
+            self.serial,
+            self.previous,
+            self.employees,
+            self.cleared_suspensions,
+            dict(self.signatures) | {founder: signature},
+        )
+
+    def unsigned(self) -> Roster:
+        return Roster(
+            self.network, self.manifest, self.serial, self.previous, self.employees, self.cleared_suspensions, {}
+        )
+
+
+def _employee(entry: object, where: str) -> Employee:
+    if not isinstance(entry, dict) or set(entry) != {"name", "keys", "roles", "enabled"}:
+        raise InputError(f"{where}: an employee is {{name, keys, roles, enabled}}")
+    name = check_name(entry["name"])
+    keys = entry["keys"]
+    if not isinstance(keys, list) or not 1 <= len(keys) <= MAX_KEYS or not all(isinstance(k, str) for k in keys):
+        raise InputError(f"employee {name}: 'keys' is a list of 1 to {MAX_KEYS} public keys (hex)")
+    parsed = tuple(parse_pubkey(k) for k in keys)
+    if len(set(parsed)) != len(parsed):
+        raise InputError(f"employee {name}: a key is listed twice")
+    roles = entry["roles"]
+    if not isinstance(roles, list) or not all(isinstance(r, str) and r in ROLES for r in roles):
+        raise InputError(f"employee {name}: roles are among {', '.join(ROLES)}")
+    if not isinstance(entry["enabled"], bool):
+        raise InputError(f"employee {name}: 'enabled' is true or false")
+    return Employee(name, parsed, frozenset(roles), entry["enabled"])
+
+
+def check_employees(employees: Sequence[Employee]) -> None:
+    """The roster-wide rules: unique names that do not look alike, no key shared by two."""
+    if len(employees) > MAX_EMPLOYEES:
+        raise InputError(f"a roster lists at most {MAX_EMPLOYEES} employees")
+    names: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    for e in employees:
+        check_name(e.name)
+        other = names.get(skeleton(e.name))
+        if other is not None:
+            raise InputError(f"employee names {other!r} and {e.name!r} look alike; a roster never lists two such names")
+        names[skeleton(e.name)] = e.name
+        for k in e.keys:
+            if k in keys:
+                raise InputError(f"employees {keys[k]} and {e.name} share a public key")
+            keys[k] = e.name
+
+
+def parse_roster(doc: object) -> Roster:
+    """Read a roster document ``{"roster": BODY, "signatures": [...]}``, signed or not.
+
+    Checks its shape and the roster-wide rules, not its signatures (:func:`verify_roster`).
+    Raises InputError.
+    """
+    if not isinstance(doc, dict) or not isinstance(doc.get("roster"), dict):
+        raise InputError("not a custody roster document")
+    body = doc["roster"]
+    if body.get("format") != FORMAT:
+        raise InputError(f"not a custody roster: format is {str(body.get('format'))[:40]!r}")
+    if body.get("version") != FORMAT_VERSION:
+        raise InputError(f"unsupported roster format version {str(body.get('version'))[:20]!r}")
+    expected = {"format", "version", "network", "manifest", "serial", "previous", "employees", "cleared_suspensions"}
+    if set(body) != expected:
+        raise InputError(f"a roster body has exactly the fields {', '.join(sorted(expected))}")
+    serial = body["serial"]
+    if not isinstance(serial, int) or isinstance(serial, bool) or not 1 <= serial < 2**53:
+        raise InputError("the roster's serial is a whole number from 1")
+    for f in ("network", "manifest"):
+        if not isinstance(body[f], str) or not body[f]:
+            raise InputError(f"the roster's {f} is missing")
+    previous = body["previous"]
+    if not (previous is None or (isinstance(previous, str) and re.fullmatch(r"[0-9a-f]{64}", previous))):
+        raise InputError("the roster's previous is the hex digest of the roster it replaces, or null")
+    if (previous is None) != (serial == 1):
+        raise InputError("only roster #1 has no previous roster")
+    if not isinstance(body["employees"], list):
+        raise InputError("the roster's employees are a list")
+    employees = tuple(_employee(e, f"employee {i + 1}") for i, e in enumerate(body["employees"]))
+    check_employees(employees)
+    cleared = body["cleared_suspensions"]
+    if not isinstance(cleared, list) or not all(
+        isinstance(c, str) and re.fullmatch(r"[0-9a-f]{64}", c) for c in cleared
+    ):
+        raise InputError("cleared_suspensions is a list of suspension digests")
+    sigs: dict[str, str] = {}
+    raw = doc.get("signatures", [])
+    if not isinstance(raw, list):
+        raise InputError("the roster's signatures are a list")
+    for entry in raw:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("founder"), str)
+            or not isinstance(entry.get("signature"), str)
+        ):
+            raise InputError('each roster signature is {"founder": NAME, "signature": BASE64}')
+        if entry["founder"] in sigs:
+            raise InputError(f"founder {entry['founder']!r} signed the roster twice")
+        sigs[entry["founder"]] = entry["signature"]
+    roster = Roster(body["network"], body["manifest"], serial, previous, employees, tuple(cleared), sigs)
+    if canonical_json(roster.body()) != canonical_json(body):
+        raise InputError("the roster body is not in its canonical order (employees by name, clearings sorted)")
+    return roster
+
+
+def load_roster(data: bytes) -> Roster:
+    """Parse a roster file's bytes. Raises InputError."""
+    if len(data) > MAX_ROSTER_BYTES:
+        raise InputError(f"a roster is at most {MAX_ROSTER_BYTES} bytes")
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        raise InputError("the roster is not valid JSON") from None
+    return parse_roster(doc)
+
+
+@dataclass(frozen=True)
+class Founders:
+    """What a roster is checked against: the pinned manifest's founders, threshold and digest."""
+
+    network: str
+    manifest: str
+    threshold: int
+    pubkeys: Mapping[str, bytes]
+
+
+def roster_problems(roster: Roster, founders: Founders) -> list[str]:
+    """Why ``roster`` is not a valid founders' roster for ``founders`` (empty: it is)."""
+    out = []
+    if roster.network != founders.network:
+        out.append(f"it is for network {roster.network!r}, the manifest says {founders.network}")
+    if roster.manifest != founders.manifest:
+        out.append("it belongs to another founders' manifest")
+    valid = []
+    for name, sig in roster.signatures.items():
+        pub = founders.pubkeys.get(name)
+        if pub is None:
+            out.append(f"it carries a signature by {name!r}, who is not a founder")
+        elif not verify_message(pub, roster.message, sig):
+            out.append(f"founder {name}'s signature does not verify")
+        else:
+            valid.append(name)
+    if len(valid) < founders.threshold:
+        out.append(
+            f"{len(valid)} valid founder signature(s) ({', '.join(sorted(valid)) or 'none'}); "
+            f"a roster needs {founders.threshold}"
+        )
+    return out
+
+
+def verify_roster(roster: Roster, founders: Founders) -> Roster:
+    """Return ``roster`` when at least m founders of the pinned manifest signed exactly it.
+
+    Raises ApprovalError (exit 4) naming every problem.
+    """
+    problems = roster_problems(roster, founders)
+    if problems:
+        raise ApprovalError(f"roster #{roster.serial} is not valid: " + "; ".join(problems))
+    return roster
+
+
+def sign_roster(roster: Roster, founder: str, account_key: Any, founders: Founders) -> Roster:
+    """Add ``founder``'s signature (``account_key``: coincurve private key of their xpub)."""
+    pub = founders.pubkeys.get(founder)
+    if pub is None:
+        raise InputError(f"{founder} is not a founder of the pinned manifest")
+    if account_key.public_key.format(compressed=True) != pub:
+        raise InputError(f"this key is not founder {founder}'s")
+    return roster.with_signature(founder, sign_message(account_key, roster.message))
+
+
+# ---------------------------------------------------------------- suspensions
+
+
+@dataclass(frozen=True)
+class Suspension:
+    """Two roster employees' signed statement that ``employee`` may no longer act."""
+
+    network: str
+    manifest: str
+    serial: int  # the roster serial the signers acted under
+    employee: str
+    reason: str
+    signatures: tuple[tuple[str, str], ...]  # (employee, hex DER signature)
+
+    def fields(self) -> list[object]:
+        return [self.network, self.manifest, self.serial, self.employee, self.reason]
+
+    @property
+    def digest(self) -> str:
+        return statement_digest(SUSPENSION_DOMAIN, self.fields()).hex()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "network": self.network,
+            "manifest": self.manifest,
+            "serial": self.serial,
+            "employee": self.employee,
+            "reason": self.reason,
+            "signatures": [{"employee": n, "signature": s} for n, s in self.signatures],
+        }
+
+
+def parse_suspension(doc: object) -> Suspension:
+    """Raises InputError for a malformed suspension."""
+    try:
+        assert isinstance(doc, dict)
+        sigs = tuple((str(s["employee"]), str(s["signature"])) for s in doc["signatures"])
+        serial = doc["serial"]
+        assert isinstance(serial, int) and not isinstance(serial, bool)
+        return Suspension(
+            str(doc["network"]),
+            str(doc["manifest"]),
+            serial,
+            check_name(doc["employee"]),
+            str(doc["reason"])[:500],
+            sigs,
+        )
+    except (AssertionError, KeyError, TypeError):
+        raise InputError("a suspension is {network, manifest, serial, employee, reason, signatures}") from None
+
+
+def suspension_signers(s: Suspension, roster: Roster) -> list[str]:
+    """The distinct enabled employees of ``roster`` (never the one suspended) whose signature
+    over the suspension verifies with one of their roster keys."""
+    if s.network != roster.network or s.manifest != roster.manifest or s.serial > roster.serial:
+        return []
+    ok: list[str] = []
+    for name, sig in s.signatures:
+        e = roster.employee(name)
+        if e is None or not e.enabled or name == s.employee or name in ok:
+            continue
+        if any(verify_statement(k, sig, SUSPENSION_DOMAIN, s.fields()) for k in e.keys):
+            ok.append(name)
+    return ok
+
+
+def in_force(suspensions: Iterable[Suspension], roster: Roster) -> dict[str, str]:
+    """Employee name -> suspension digest, for every suspension two roster employees signed
+    and no later roster of the founders cleared."""
+    out: dict[str, str] = {}
+    for s in suspensions:
+        if s.digest in roster.cleared_suspensions:
+            continue
+        if len(suspension_signers(s, roster)) >= SUSPENSION_QUORUM:
+            out.setdefault(s.employee, s.digest)
+    return out
