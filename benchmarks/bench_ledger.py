@@ -8,7 +8,8 @@
   10 s for 1,000,000 entries.
 
 The ledger is filled in bulk (balanced two-entry deposit postings over --accounts customer
-accounts, cached balances and head kept exact), not event by event.
+accounts, cached balances and head kept exact, each posting recorded in the hash-chained
+audit log as custody.books.ledger.post records it), not event by event.
 
     .venv/bin/python benchmarks/bench_ledger.py [--entries 1000000] [--accounts 10000]
 """
@@ -35,6 +36,7 @@ from custody.books import (
     ledger,
 )
 from custody.config import Settings  # noqa: E402
+from custody.control import audit_log  # noqa: E402
 from custody.policy.model import make_policy  # noqa: E402
 from custody.store.db import Database  # noqa: E402
 from tests.support import create_store, founders  # noqa: E402
@@ -49,9 +51,13 @@ def fill(db: Database, entries: int, accounts: int, rng: random.Random) -> None:
             return
         keys = [ledger.ASSET] + [ledger.customer(f"c{i}") for i in range(accounts)]
         ids = {a.key: a.id for a in ledger._accounts(s, keys).values()}
+        keys_by_id = {v: k for k, v in ids.items()}
         next_txn = (conn.execute(text("SELECT COALESCE(MAX(id), 0) FROM ledger_txn")).scalar_one() or 0) + 1
+        next_entry = (conn.execute(text("SELECT COALESCE(MAX(id), 0) FROM ledger_entry")).scalar_one() or 0) + 1
+        head_seq, head_hash = conn.execute(text("SELECT seq, hash FROM audit_head WHERE id = 1")).one()
         at = datetime(2026, 1, 1)
-        txns, lines = [], []
+        stamp = audit_log._at(at)
+        txns, lines, logged = [], [], []
         deltas: dict[int, int] = {}
         added = 0
         while have.entries + added < entries:
@@ -68,8 +74,32 @@ def fill(db: Database, entries: int, accounts: int, rng: random.Random) -> None:
                     "total": 0,
                 }
             )
-            lines.append({"t": next_txn, "a": ids[ledger.ASSET], "v": amount})
-            lines.append({"t": next_txn, "a": who, "v": -amount})
+            lines.append({"i": next_entry, "t": next_txn, "a": ids[ledger.ASSET], "v": amount})
+            lines.append({"i": next_entry + 1, "t": next_txn, "a": who, "v": -amount})
+            # what ledger.post records in the audit log, hash-chained
+            payload = audit_log.canonical(
+                {
+                    "txn": next_txn,
+                    "event": "deposit.credited",
+                    "ref": f"deposit:{next_txn}:0",
+                    "entries": [[next_entry, ledger.ASSET, amount], [next_entry + 1, keys_by_id[who], -amount]],
+                }
+            )
+            head_seq += 1
+            digest = audit_log.entry_hash(head_seq, stamp, ledger.POSTED, "ledger", payload, None, head_hash)
+            logged.append(
+                {
+                    "seq": head_seq,
+                    "at": at,
+                    "event": ledger.POSTED,
+                    "actor": "ledger",
+                    "payload": payload,
+                    "prev": head_hash,
+                    "hash": digest,
+                }
+            )
+            head_hash = digest
+            next_entry += 2
             deltas[ids[ledger.ASSET]] = deltas.get(ids[ledger.ASSET], 0) + amount
             deltas[who] = deltas.get(who, 0) - amount
             next_txn += 1
@@ -81,7 +111,17 @@ def fill(db: Database, entries: int, accounts: int, rng: random.Random) -> None:
             ),
             txns,
         )
-        conn.execute(text("INSERT INTO ledger_entry (txn_id, account_id, amount) VALUES (:t, :a, :v)"), lines)
+        conn.execute(text("INSERT INTO ledger_entry (id, txn_id, account_id, amount) VALUES (:i, :t, :a, :v)"), lines)
+        conn.execute(
+            text(
+                "INSERT INTO audit_log (seq, at, event, actor, payload, signature, prev_hash, hash) "
+                "VALUES (:seq, :at, :event, :actor, :payload, NULL, :prev, :hash)"
+            ),
+            logged,
+        )
+        conn.execute(
+            text("UPDATE audit_head SET seq = :seq, hash = :hash WHERE id = 1"), {"seq": head_seq, "hash": head_hash}
+        )
         conn.execute(
             text("UPDATE ledger_account SET balance = balance + :d WHERE id = :i"),
             [{"d": d, "i": i} for i, d in deltas.items()],

@@ -114,6 +114,7 @@ def audit_ledger(db: Database, settings: Settings, *, halt_on_failure: bool = Tr
         negative = s.exec(
             select(LedgerAccount).where(LedgerAccount.kind == "customer", col(LedgerAccount.balance) > 0)
         ).all()
+        unlogged = ledger.log_problems(s, SHOWN)
     total, count, txns, cached_total = int(total), int(count), int(txns), int(cached_total)
     if total != 0:
         problems.append(f"all {count} entries sum to {total} sat, not zero")
@@ -154,6 +155,7 @@ def audit_ledger(db: Database, settings: Settings, *, halt_on_failure: bool = Tr
             problems.append(f"the ledger head counts {head.txns} transactions; there are {txns}")
     for key, balance in holds[:SHOWN]:
         problems.append(f"{key} belongs to a confirmed withdrawal and still holds {-balance} sat{_more(holds)}")
+    problems += unlogged
     for a in negative:
         warnings.append(f"account {a.name!r} is negative: {-a.balance} sat")
     report: dict[str, Any] = {

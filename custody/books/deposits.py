@@ -33,7 +33,10 @@ from custody.chain.types import ChainBackend, Utxo
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log, halt
-from custody.errors import InputError, NotFound
+from custody.control.wallet import policy_from_session
+from custody.errors import InputError, NotFound, VerificationFailed
+from custody.issuance import record
+from custody.policy.generator import AddressDeriver
 from custody.policy.model import RECEIVE
 from custody.store.db import Database
 from custody.store.models import AddressRow, DepositRow, WithdrawalInput, WithdrawalRow
@@ -102,7 +105,39 @@ class _Seen:
     known: bool
 
 
-def _credit(s: Session, dep: DepositRow, actor: str) -> None:
+class OwnerMismatch(VerificationFailed):
+    """A deposit address whose owner the store and the audit log (or its derivation) disagree on;
+    raised inside the deposit's transaction, which rolls back: nothing recorded or credited."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(f"deposit address {address}: {reason}")
+
+
+class _Owners:
+    """Whose each deposit address is: the account the audit log issued its index to, and the
+    address that index derives to from the policy. Built once per sync; the address rows are
+    only a way to find the index."""
+
+    def __init__(self, s: Session) -> None:
+        self.log = record.LogAccounts(s, RECEIVE)
+        self.deriver = AddressDeriver(policy_from_session(s))
+
+    def check(self, index: int, account: str, address: str, script_pubkey: str | None = None) -> None:
+        """Raises OwnerMismatch unless the log issued ``index`` to ``account`` and it derives to ``address``."""
+        logged = self.log.account_of(index)
+        if logged is None:
+            raise OwnerMismatch(address, f"index 0/{index} was never issued in the audit log")
+        if logged != account:
+            raise OwnerMismatch(address, f"the store says account {account!r}; the audit log issued it to {logged!r}")
+        derived = self.deriver.derive(RECEIVE, index)
+        if derived.address != address or (script_pubkey is not None and derived.script_pubkey.hex() != script_pubkey):
+            raise OwnerMismatch(address, f"index 0/{index} derives to {derived.address}, not to this address")
+
+
+def _credit(s: Session, dep: DepositRow, actor: str, owners: _Owners) -> None:
+    owners.check(dep.address_index, dep.account, dep.address)
     again = dep.status in (REVERSED, DROPPED)
     txn = ledger.deposit_credited(s, dep)
     dep.status = CREDITED
@@ -153,6 +188,60 @@ def _where(backend: ChainBackend, dep: DepositRow, spender: str | None) -> _Seen
     return _Seen(0, None, status.known)
 
 
+def _follow_unspent(
+    s: Session,
+    owners: _Owners,
+    addresses: Mapping[str, AddressRow],
+    outpoint: str,
+    u: Utxo,
+    depth: int,
+    confirmations: int,
+) -> dict[str, Any] | None:
+    """Record or update one unspent deposit; credit it once deep enough. Its view when it changed.
+
+    Raises OwnerMismatch (the caller's transaction rolls back) when the store and the audit
+    log disagree on whose address it pays.
+    """
+    dep = s.exec(select(DepositRow).where(DepositRow.outpoint == outpoint).with_for_update()).first()
+    stamp = now()
+    change = None
+    if dep is None:
+        a = addresses[u.script_pubkey.hex()]
+        owners.check(a.idx, a.account, a.address, u.script_pubkey.hex())
+        dep = DepositRow(
+            outpoint=outpoint,
+            txid=u.txid,
+            vout=u.vout,
+            amount=u.amount,
+            account=a.account,
+            address=a.address,
+            address_index=a.idx,
+            status=PENDING,
+            first_seen_at=stamp,
+            updated_at=stamp,
+        )
+        s.add(dep)
+        s.flush()
+        audit_log.append(
+            s,
+            "deposit.seen",
+            "sync",
+            {"outpoint": outpoint, "account": a.account, "amount": u.amount, "height": u.height},
+        )
+        change = "seen"
+    dep.height, dep.confirmations, dep.spent, dep.updated_at = u.height, depth, False, stamp
+    if dep.status in (REVERSED, DROPPED):
+        dep.status = PENDING
+        change = "seen again"
+    if dep.status == PENDING and depth >= confirmations:
+        _credit(s, dep, "sync", owners)
+        change = "credited"
+    if dep.status == CREDITED and depth >= FINAL_DEPTH:
+        dep.final = True
+    s.add(dep)
+    return view(dep, change) if change is not None else None
+
+
 def sync_deposits(
     db: Database, settings: Settings, backend: ChainBackend, confirmations: int = 1
 ) -> list[dict[str, Any]]:
@@ -166,6 +255,7 @@ def sync_deposits(
     db.check_schema()
     with db.transaction() as s:
         addresses = {a.script_pubkey: a for a in s.exec(select(AddressRow).where(AddressRow.chain == RECEIVE)).all()}
+        owners = _Owners(s)
         watched = [
             d.outpoint
             for d in s.exec(
@@ -183,6 +273,7 @@ def sync_deposits(
     tip = backend.tip_height()
     changed: list[dict[str, Any]] = []
     negative: list[tuple[str, str, int]] = []
+    mismatches: list[OwnerMismatch] = []
 
     with db.transaction() as s:
         known = _by_outpoint(s, sorted(set(utxos) | set(watched)))
@@ -192,45 +283,14 @@ def sync_deposits(
         prior = known.get(outpoint)
         if prior is not None and not _needs_update(prior, u, depth, confirmations):
             continue
-        with ledger.halting(db, settings), db.transaction() as s:
-            dep = s.exec(select(DepositRow).where(DepositRow.outpoint == outpoint).with_for_update()).first()
-            stamp = now()
-            change = None
-            if dep is None:
-                a = addresses[u.script_pubkey.hex()]
-                dep = DepositRow(
-                    outpoint=outpoint,
-                    txid=u.txid,
-                    vout=u.vout,
-                    amount=u.amount,
-                    account=a.account,
-                    address=a.address,
-                    address_index=a.idx,
-                    status=PENDING,
-                    first_seen_at=stamp,
-                    updated_at=stamp,
-                )
-                s.add(dep)
-                s.flush()
-                audit_log.append(
-                    s,
-                    "deposit.seen",
-                    "sync",
-                    {"outpoint": outpoint, "account": a.account, "amount": u.amount, "height": u.height},
-                )
-                change = "seen"
-            dep.height, dep.confirmations, dep.spent, dep.updated_at = u.height, depth, False, stamp
-            if dep.status in (REVERSED, DROPPED):
-                dep.status = PENDING
-                change = "seen again"
-            if dep.status == PENDING and depth >= confirmations:
-                _credit(s, dep, "sync")
-                change = "credited"
-            if dep.status == CREDITED and depth >= FINAL_DEPTH:
-                dep.final = True
-            s.add(dep)
-            if change is not None:
-                changed.append(view(dep, change))
+        try:
+            with ledger.halting(db, settings), db.transaction() as s:
+                item = _follow_unspent(s, owners, addresses, outpoint, u, depth, confirmations)
+        except OwnerMismatch as exc:  # rolled back: not recorded, not credited
+            mismatches.append(exc)
+            continue
+        if item is not None:
+            changed.append(item)
 
     for outpoint in watched:
         if outpoint in utxos:
@@ -241,50 +301,54 @@ def sync_deposits(
         if snapshot is None or snapshot.status not in (PENDING, CREDITED):
             continue
         seen = _where(backend, snapshot, spender)
-        with ledger.halting(db, settings), db.transaction() as s:
-            dep = s.exec(select(DepositRow).where(DepositRow.outpoint == outpoint).with_for_update()).first()
-            if dep is None or dep.status not in (PENDING, CREDITED):
-                continue
-            stamp = now()
-            change = None
-            if seen.confirmations > 0:  # spent while its transaction stays confirmed
-                if not dep.spent or dep.confirmations != seen.confirmations:
-                    dep.spent, dep.confirmations = True, seen.confirmations  # recorded; no ledger change
-                    dep.height = seen.height if seen.height is not None else dep.height
-                if dep.status == PENDING and seen.confirmations >= confirmations:
-                    _credit(s, dep, "sync")
-                    change = "credited"
-                if dep.status == CREDITED and seen.confirmations >= FINAL_DEPTH:
-                    dep.final = True
-            elif dep.status == CREDITED:
-                txn = ledger.deposit_reversed(s, dep)
-                dep.status, dep.confirmations, dep.height = REVERSED, 0, None
-                balance = ledger.customer_balance(s, dep.account)
-                audit_log.append(
-                    s,
-                    "deposit.reversed",
-                    "sync",
-                    {
-                        "outpoint": dep.outpoint,
-                        "account": dep.account,
-                        "amount": dep.amount,
-                        "reason": "its transaction is no longer confirmed (chain reorganisation)",
-                        "ledger_txn": txn.id,
-                        "balance_after": balance,
-                    },
-                )
-                if balance < 0:
-                    negative.append((dep.account, dep.outpoint, balance))
-                change = "reversed"
-            elif dep.confirmations or dep.height is not None or not seen.known:
-                # pending and no longer in a block: back in the mempool, or gone
-                dep.status = PENDING if seen.known else DROPPED
-                dep.confirmations, dep.height = 0, None
-                change = "unconfirmed" if seen.known else "dropped"
-            dep.updated_at = stamp
-            s.add(dep)
-            if change is not None:
-                changed.append(view(dep, change))
+        try:
+            with ledger.halting(db, settings), db.transaction() as s:
+                dep = s.exec(select(DepositRow).where(DepositRow.outpoint == outpoint).with_for_update()).first()
+                if dep is None or dep.status not in (PENDING, CREDITED):
+                    continue
+                stamp = now()
+                change = None
+                if seen.confirmations > 0:  # spent while its transaction stays confirmed
+                    if not dep.spent or dep.confirmations != seen.confirmations:
+                        dep.spent, dep.confirmations = True, seen.confirmations  # recorded; no ledger change
+                        dep.height = seen.height if seen.height is not None else dep.height
+                    if dep.status == PENDING and seen.confirmations >= confirmations:
+                        _credit(s, dep, "sync", owners)
+                        change = "credited"
+                    if dep.status == CREDITED and seen.confirmations >= FINAL_DEPTH:
+                        dep.final = True
+                elif dep.status == CREDITED:
+                    owners.check(dep.address_index, dep.account, dep.address)
+                    txn = ledger.deposit_reversed(s, dep)
+                    dep.status, dep.confirmations, dep.height = REVERSED, 0, None
+                    balance = ledger.customer_balance(s, dep.account)
+                    audit_log.append(
+                        s,
+                        "deposit.reversed",
+                        "sync",
+                        {
+                            "outpoint": dep.outpoint,
+                            "account": dep.account,
+                            "amount": dep.amount,
+                            "reason": "its transaction is no longer confirmed (chain reorganisation)",
+                            "ledger_txn": txn.id,
+                            "balance_after": balance,
+                        },
+                    )
+                    if balance < 0:
+                        negative.append((dep.account, dep.outpoint, balance))
+                    change = "reversed"
+                elif dep.confirmations or dep.height is not None or not seen.known:
+                    # pending and no longer in a block: back in the mempool, or gone
+                    dep.status = PENDING if seen.known else DROPPED
+                    dep.confirmations, dep.height = 0, None
+                    change = "unconfirmed" if seen.known else "dropped"
+                dep.updated_at = stamp
+                s.add(dep)
+                if change is not None:
+                    changed.append(view(dep, change))
+        except OwnerMismatch as exc:  # rolled back: nothing changed
+            mismatches.append(exc)
 
     for account, outpoint, balance in negative:
         raised = halt.raise_halt(
@@ -300,6 +364,17 @@ def sync_deposits(
         for item in changed:
             if item["outpoint"] == outpoint:
                 item["halt_id"] = raised.id
+    if mismatches:
+        first = mismatches[0]
+        more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+        halt.raise_halt(
+            db,
+            settings,
+            reason=f"deposit not credited: {first}{more}",
+            source="verification",
+            actor="sync",
+        )
+        raise VerificationFailed(f"{len(mismatches)} deposit(s) not credited: {first}{more}; trading is halted")
     return changed
 
 

@@ -72,6 +72,17 @@ def append(
     return entry
 
 
+def intact(entry: AuditEntry) -> bool:
+    """Whether one entry's content still matches its own hash (an edit without re-hashing shows).
+
+    A consistent rewrite from this entry on is for the chain check and the witnesses.
+    """
+    recomputed = entry_hash(
+        entry.seq, _at(entry.at), entry.event, entry.actor, entry.payload, entry.signature, entry.prev_hash
+    )
+    return recomputed == entry.hash
+
+
 @dataclass(frozen=True)
 class ChainProblem:
     seq: int
@@ -88,10 +99,7 @@ def verify_chain(session: Session) -> list[ChainProblem]:
             problems.append(ChainProblem(entry.seq, f"expected entry {expected_seq}: entries missing or inserted"))
         if entry.prev_hash != prev:
             problems.append(ChainProblem(entry.seq, "does not link to the entry before it"))
-        recomputed = entry_hash(
-            entry.seq, _at(entry.at), entry.event, entry.actor, entry.payload, entry.signature, entry.prev_hash
-        )
-        if recomputed != entry.hash:
+        if not intact(entry):
             problems.append(ChainProblem(entry.seq, "content does not match its hash (edited)"))
         prev = entry.hash
         expected_seq = entry.seq + 1

@@ -36,6 +36,7 @@ from custody.control.roster import load_trust
 from custody.control.wallet import COUNTER_NAMES, policy_from_session
 from custody.errors import InputError, NotFound, StorageError, VerificationFailed
 from custody.faults import crash_point
+from custody.issuance.record import ISSUED, row_line
 from custody.policy.generator import AddressDeriver, DerivedAddress
 from custody.policy.model import RECEIVE, Policy
 from custody.store.db import Database
@@ -212,9 +213,12 @@ def issue_in_session(
     ]
     s.execute(insert(AddressRow), rows)
     digest = hashlib.sha256("\n".join(a.address for a in issued).encode()).hexdigest()
+    rows_digest = hashlib.sha256()
+    for a in issued:
+        rows_digest.update(row_line(a.chain, a.index, a.account, a.address, a.script_pubkey, a.script))
     audit_log.append(
         s,
-        "address.issued",
+        ISSUED,
         actor,
         {
             "account": account,
@@ -222,6 +226,7 @@ def issue_in_session(
             "first_index": first,
             "count": count,
             "addresses_sha256": digest,
+            "rows_sha256": rows_digest.hexdigest(),
             "first_address": issued[0].address,
         },
     )

@@ -14,6 +14,7 @@ from custody import verify
 from custody.config import Settings
 from custody.control import audit_log, halt
 from custody.errors import InputError
+from custody.issuance import record
 from custody.issuance.issuer import count_addresses, iter_addresses
 from custody.store.db import Database
 
@@ -50,6 +51,13 @@ def store_records(db: Database) -> Iterator[verify.AddressRecord]:
             )
 
 
+def check_against_log(db: Database) -> list[verify.Failure]:
+    """The store's address rows against the audit log's issuances (custody.issuance.record):
+    an account changed, a row deleted or inserted outside the tool."""
+    with db.transaction() as s:
+        return record.check_rows(s, iter_addresses(s))
+
+
 def count_store(db: Database) -> int:
     """How many addresses the store holds (for a progress bar)."""
     db.check_schema()
@@ -79,6 +87,7 @@ def run(
             report = verify.verify_export(manifest, export, workers=workers, progress=progress)
         else:
             report = verify.verify_records(manifest, store_records(db), workers=workers, progress=progress)
+            report.failures.extend(check_against_log(db))
     except verify.ExportError as exc:
         report = verify.Report(checked=0, failures=[verify.Failure("(export file)", -1, -1, str(exc))])
     store = export is None or db.exists()

@@ -1,0 +1,234 @@
+"""What the audit log says was issued: the truth the address rows are checked against.
+
+Every issuance appends one ``address.issued`` entry to the hash-chained audit log, in the
+transaction that stores the rows: the chain, the first index, the count, the account and
+``rows_sha256``, a digest of every issued row (index, account, address, scriptPubKey,
+script; :func:`row_line`). The ``address`` table is a copy the tool reads quickly; the log
+is what it was.
+
+* :func:`check_rows` walks every address row beside the log's issuances (one ordered pass,
+  constant memory) and names a row whose account was changed, a row deleted or inserted
+  outside the tool, an address or script edited, and a counter set back.
+* :class:`LogAccounts` answers "whose is chain/index?" from the log alone, for crediting
+  deposits (custody.books.deposits).
+
+Edits to the log itself are the chain check's and the witnesses' (custody.control.witness).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlmodel import Session, col, select
+
+from custody import verify
+from custody.control import audit_log
+from custody.control.wallet import COUNTER_NAMES
+from custody.store.models import AddressRow, AuditEntry, Counter
+
+ISSUED = "address.issued"
+SHOWN = 20
+LOG = "(audit log)"
+
+
+def row_line(chain: int, index: int, account: str, address: str, script_pubkey: str, script: str) -> bytes:
+    """One issued row as ``rows_sha256`` hashes it (hex scripts, one line each)."""
+    return f"{chain}/{index} {account} {address} {script_pubkey} {script}\n".encode()
+
+
+@dataclass(frozen=True)
+class Issuance:
+    """One ``address.issued`` entry: indexes ``first`` .. ``first + count - 1`` of ``chain``."""
+
+    seq: int
+    chain: int
+    first: int
+    count: int
+    account: str
+    rows_sha256: str | None  # None in entries written before it was recorded
+    addresses_sha256: str
+
+    @property
+    def end(self) -> int:
+        return self.first + self.count
+
+
+def issuances(s: Session, chain: int | None = None) -> tuple[list[Issuance], list[verify.Failure]]:
+    """The log's issuances in (chain, first index) order, and the entries that cannot be trusted.
+
+    Each entry must match its own hash (an edit shows here already; a consistent rewrite of
+    the chain is the witnesses' to catch) and be readable.
+    """
+    found: list[Issuance] = []
+    bad: list[verify.Failure] = []
+    for entry in s.exec(select(AuditEntry).where(AuditEntry.event == ISSUED).order_by(col(AuditEntry.seq))):
+        if not audit_log.intact(entry):
+            bad.append(verify.Failure(LOG, -1, -1, f"audit log entry {entry.seq} (address.issued) was edited"))
+            continue
+        try:
+            doc = json.loads(entry.payload)
+            record = Issuance(
+                entry.seq,
+                int(doc["chain"]),
+                int(doc["first_index"]),
+                int(doc["count"]),
+                str(doc["account"]),
+                str(doc["rows_sha256"]) if "rows_sha256" in doc else None,
+                str(doc["addresses_sha256"]),
+            )
+        except (ValueError, TypeError, KeyError):
+            bad.append(verify.Failure(LOG, -1, -1, f"audit log entry {entry.seq} is not a readable issuance"))
+            continue
+        if chain is None or record.chain == chain:
+            found.append(record)
+    found.sort(key=lambda r: (r.chain, r.first))
+    return found, bad
+
+
+class LogAccounts:
+    """Whose each issued index is, by the audit log alone (bisect over the issuances)."""
+
+    def __init__(self, s: Session, chain: int) -> None:
+        self.chain = chain
+        self.records, self.problems = issuances(s, chain)
+        self._starts = [r.first for r in self.records]
+
+    def account_of(self, index: int) -> str | None:
+        """The account the log issued ``index`` to; None when the log never issued it."""
+        at = bisect.bisect_right(self._starts, index) - 1
+        if at >= 0 and self.records[at].first <= index < self.records[at].end:
+            return self.records[at].account
+        return None
+
+
+class _Walk:
+    """The rows of one issuance as they come, against what the log recorded."""
+
+    def __init__(self, record: Issuance) -> None:
+        self.record = record
+        self.rows = hashlib.sha256()
+        self.addresses = hashlib.sha256()
+        self.seen = 0
+        self.next = record.first
+        self.accounts_ok = True
+
+    def add(self, row: AddressRow, failures: list[verify.Failure]) -> None:
+        r = self.record
+        if row.idx > self.next:
+            self.missing(self.next, row.idx, failures)
+        self.next = row.idx + 1
+        if row.account != r.account:
+            self.accounts_ok = False
+            failures.append(
+                verify.Failure(
+                    row.address,
+                    row.chain,
+                    row.idx,
+                    f"the store says account {row.account!r}; the audit log issued it to {r.account!r} "
+                    f"(entry {r.seq}): changed outside the tool",
+                )
+            )
+        self.rows.update(row_line(row.chain, row.idx, r.account, row.address, row.script_pubkey, row.script))
+        self.addresses.update((b"\n" if self.seen else b"") + row.address.encode())
+        self.seen += 1
+
+    def missing(self, start: int, stop: int, failures: list[verify.Failure]) -> None:
+        r = self.record
+        for index in range(start, min(stop, start + SHOWN)):
+            failures.append(
+                verify.Failure(
+                    "(missing)",
+                    r.chain,
+                    index,
+                    f"issued to {r.account!r} by audit log entry {r.seq}, not in the store: deleted outside the tool",
+                )
+            )
+        if stop - start > SHOWN:
+            failures.append(
+                verify.Failure(
+                    LOG, r.chain, start, f"{stop - start - SHOWN} more addresses of entry {r.seq} are missing"
+                )
+            )
+
+    def finish(self, failures: list[verify.Failure]) -> None:
+        r = self.record
+        if self.next < r.end:
+            self.missing(self.next, r.end, failures)
+        if self.seen != r.count or not self.accounts_ok:
+            return  # named row by row above
+        if r.rows_sha256 is not None:
+            same = self.rows.hexdigest() == r.rows_sha256
+        else:
+            same = self.addresses.hexdigest() == r.addresses_sha256
+        if not same:
+            failures.append(
+                verify.Failure(
+                    LOG,
+                    r.chain,
+                    r.first,
+                    f"the {r.count} address row(s) {r.chain}/{r.first}..{r.end - 1} are not what audit log entry "
+                    f"{r.seq} recorded (an address or script edited outside the tool)",
+                )
+            )
+
+
+def check_rows(s: Session, rows: Iterable[AddressRow]) -> list[verify.Failure]:
+    """Every address row against the log's issuances (``rows`` in (chain, index) order).
+
+    Returns what differs, empty when the store's addresses are exactly what was issued.
+    """
+    records, failures = issuances(s)
+    ends: dict[int, int] = {}
+    for a, b in zip(records, records[1:], strict=False):
+        if a.chain == b.chain and b.first < a.end:
+            failures.append(
+                verify.Failure(LOG, b.chain, b.first, f"audit log entries {a.seq} and {b.seq} issue the same indexes")
+            )
+    for r in records:
+        ends[r.chain] = max(ends.get(r.chain, 0), r.end)
+    k = 0
+    walk: _Walk | None = None
+    for row in rows:
+        key = (row.chain, row.idx)
+        while k < len(records) and (records[k].chain, records[k].end - 1) < key:
+            if walk is None or walk.record is not records[k]:
+                walk = _Walk(records[k])
+            walk.finish(failures)
+            walk = None
+            k += 1
+        record = records[k] if k < len(records) else None
+        if record is None or key < (record.chain, record.first):
+            failures.append(
+                verify.Failure(
+                    row.address,
+                    row.chain,
+                    row.idx,
+                    f"in the store (account {row.account!r}), never issued in the audit log: inserted outside the tool",
+                )
+            )
+            continue
+        if walk is None or walk.record is not record:
+            walk = _Walk(record)
+        walk.add(row, failures)
+    for record in records[k:]:
+        if walk is None or walk.record is not record:
+            walk = _Walk(record)
+        walk.finish(failures)
+        walk = None
+    for counter in s.exec(select(Counter)).all():
+        chain = next((c for c, name in COUNTER_NAMES.items() if name == counter.name), None)
+        if chain is not None and counter.next_value != ends.get(chain, 0):
+            failures.append(
+                verify.Failure(
+                    LOG,
+                    chain,
+                    counter.next_value,
+                    f"the next index of chain {chain} is {counter.next_value}; the audit log issued "
+                    f"{ends.get(chain, 0)}: the counter was changed outside the tool",
+                )
+            )
+    return failures
