@@ -14,6 +14,7 @@ from custody.books import audit as audit_lib
 from custody.books import liabilities
 from custody.chain.backend import backend_for
 from custody.control import audit_log as audit_log_lib
+from custody.control import witness as witness_lib
 from custody.control.wallet import load_policy
 from custody.errors import HaltedError
 from custody_cli import output
@@ -140,24 +141,46 @@ def audit_check_inclusion(
     )
 
 
-@audit.command("log")
-@click.option("--verify", "check", is_flag=True, help="Re-hash the chain; exit 3 and halt trading when it is broken.")
+@audit.group("log", invoke_without_command=True)
+@click.option("--verify", "check", is_flag=True, help="Check the chain; exit 3 and halt trading when it is broken.")
+@click.option(
+    "--against",
+    "against",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --verify: a witness (a checkpoint file, a saved notification body or mail); repeatable.",
+)
 @click.option("--last", type=click.IntRange(1), help="Show only the last N entries.")
 @json_option
-@pass_app
-@example("custody audit log --verify")
-def audit_log_command(app: AppContext, check: bool, last: int | None, as_json: bool) -> None:
+@click.pass_context
+@example("custody audit log --verify --against auditor-checkpoints.jsonl")
+def audit_log_command(
+    ctx: click.Context, check: bool, against: tuple[Path, ...], last: int | None, as_json: bool
+) -> None:
     """The append-only, hash-chained log of every custody event.
 
-    With --verify, an edited, deleted, inserted or reordered entry is named by its
-    sequence number, trading is halted and the exit code is 3.
+    With --verify, an edited, deleted, inserted or reordered entry is named by its sequence
+    number; the log is compared with the local witness file and each --against witness (a
+    log shorter than witnessed, or diverging from it, was truncated or rewritten); the
+    ledger's entries and the address rows are compared with what the log recorded. On any
+    problem trading is halted and the exit code is 3.
     """
+    if ctx.invoked_subcommand is not None:
+        return
+    app = ctx.find_object(AppContext)
+    assert app is not None
+    if against and not check:
+        raise click.UsageError("--against goes with --verify")
     if check:
-        report = audit_lib.audit_log_check(app.db, app.settings)
+        report = audit_lib.audit_log_check(app.db, app.settings, against=against)
         if as_json:
             output.emit_json(report)
         elif report["ok"]:
-            output.success(f"the audit log's {report['entries']} entries chain intact")
+            seen = ", ".join(f"{w['source']} (up to entry {w['highest_seq']})" for w in report["witnesses"])
+            output.success(
+                f"the audit log's {report['entries']} entries chain intact"
+                + (f"; it agrees with {seen}" if seen else "; no witness to compare it with")
+            )
         else:
             for p in report["problems"]:
                 output.line(f"entry {p['seq']}: {p['reason']}", style="red")
@@ -175,6 +198,30 @@ def audit_log_command(app: AppContext, check: bool, last: int | None, as_json: b
         ["seq", "at", "event", "actor", "details"],
         [(r["seq"], r["at"], r["event"], r["actor"], json.dumps(r["payload"], sort_keys=True)[:120]) for r in rows],
     )
+
+
+@audit_log_command.command("checkpoint")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The checkpoint file to append to (JSON Lines; created when missing).",
+)
+@json_option
+@pass_app
+@example("custody audit log checkpoint --out /media/auditor/custody-checkpoints.jsonl")
+def audit_log_checkpoint(app: AppContext, out: Path, as_json: bool) -> None:
+    """Append the log's head (sequence and hash) to a checkpoint file kept outside the store.
+
+    Keep the file where the online machine cannot change it; later, `custody audit log
+    --verify --against FILE` finds a log that was truncated or rewritten since.
+    """
+    data = witness_lib.checkpoint(app.db, out)
+    if as_json:
+        output.emit_json(data)
+        return
+    output.success(f"entry {data['seq']} ({data['hash']}) witnessed in {data['out']}")
 
 
 COMMANDS = [audit]

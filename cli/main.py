@@ -11,6 +11,7 @@ import click
 
 from custody import __version__
 from custody.config import Settings
+from custody.control import witness
 from custody.errors import CustodyError
 from custody_cli import output
 from custody_cli.context import AppContext
@@ -22,14 +23,21 @@ class CustodyGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             result = super().invoke(ctx)
+            _witness(ctx)
         except CustodyError as exc:
             if os.environ.get("CUSTODY_DEBUG") == "1":
                 traceback.print_exc()
             output.error(str(exc))
+            code = exc.exit_code
+            if not isinstance(exc, witness.WitnessMismatch):
+                code = _witness_after_error(ctx, code)
             _after_command(ctx)  # a halt raised by the command exits 3: its notification goes first
-            ctx.exit(exc.exit_code)
-        except click.exceptions.Exit:
+            ctx.exit(code)
+        except click.exceptions.Exit as exit_:
+            code = _witness_after_error(ctx, exit_.exit_code)
             _after_command(ctx)  # e.g. `halt status` exits 3 on its own
+            if code != exit_.exit_code:
+                ctx.exit(code)
             raise
         except (click.ClickException, click.Abort):
             raise
@@ -43,6 +51,27 @@ class CustodyGroup(click.Group):
             ctx.exit(1)
         _after_command(ctx)
         return result
+
+
+def _witness(ctx: click.Context) -> None:
+    """After a command that opened the store: the log against the local witness, then its head
+    appended there (raises WitnessMismatch, exit 3, after halting trading on a mismatch)."""
+    app = ctx.find_object(AppContext)
+    if app is None or app._db is None:
+        return
+    warning = witness.after_command(app._db, app.settings)
+    if warning:
+        output.warning(warning)
+
+
+def _witness_after_error(ctx: click.Context, code: int | None) -> int | None:
+    """The witness step after a command that failed or exited by itself: exit 3 on a mismatch."""
+    try:
+        _witness(ctx)
+    except CustodyError as exc:
+        output.error(str(exc))
+        return exc.exit_code
+    return code
 
 
 def _after_command(ctx: click.Context) -> None:
@@ -94,6 +123,7 @@ def _register() -> None:
     from custody_cli import (
         commands_address,
         commands_audit,
+        commands_db,
         commands_halt,
         commands_keys,
         commands_ledger,
@@ -118,6 +148,7 @@ def _register() -> None:
         commands_ledger,
         commands_audit,
         commands_notify,
+        commands_db,
         demo,
     ):
         for command in module.COMMANDS:

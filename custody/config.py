@@ -46,6 +46,8 @@ class Settings:
     """Which chain backend: ``node`` (JSON-RPC) or ``embedded`` (regtest in ``chain_datadir``)."""
     chain_datadir: Path = Path("chain")
     """Data directory of the embedded regtest chain (default HOME/chain)."""
+    witness_file: Path = Path("witness.jsonl")
+    """The local witness of the audit log's head, appended after every command (default HOME/witness.jsonl)."""
 
     @classmethod
     def load(
@@ -86,4 +88,5 @@ class Settings:
             node_datadir=Path(datadir).expanduser(),
             chain=chain,
             chain_datadir=Path(chain_datadir).expanduser(),
+            witness_file=Path(env.get("CUSTODY_WITNESS_FILE") or str(home_path / "witness.jsonl")).expanduser(),
         )

@@ -4,12 +4,18 @@
   ``GROUP BY`` per transaction, one per account, one sum): every transaction sums to zero
   and has the entries it says, all entries sum to zero, every cached balance equals its
   entries' sum, the running head equals the recomputation, and the hold of every confirmed
-  withdrawal is empty. Any mismatch raises the trading halt (source ``ledger``).
+  withdrawal is empty. Every entry and transaction row must be the one the audit log
+  recorded when it was posted (custody.books.ledger.log_problems): an entry re-pointed to
+  another account, deleted or inserted by SQL is found even when the balances were fixed up
+  to match. Any mismatch raises the trading halt (source ``ledger``).
 * :func:`audit_reserves` adds up the unspent outputs at our verified addresses (through the
   chain backend) and compares them with customer liabilities (customer and held
   balances); reserves short of liabilities raise the halt (source ``reserves``).
 * :func:`audit_log_check` re-hashes the whole audit log: an edited, deleted, inserted or
-  reordered entry is found and named, and raises the halt (source ``audit-log``).
+  reordered entry is found and named; the log is compared with its witnesses (checkpoints
+  and notifications kept outside the database: custody.control.witness), which catch a
+  truncated or wholly re-hashed log; and the ledger's entries and the address rows are
+  compared with what the log recorded. Any of it raises the halt (source ``audit-log``).
 * :func:`write_liabilities` writes the Merkle sum tree of liabilities (custody.books.liabilities)
   and each account's private proof.
 """
@@ -30,10 +36,12 @@ from custody.books import ledger, liabilities
 from custody.chain.types import ChainBackend
 from custody.clock import iso, now
 from custody.config import Settings
-from custody.control import audit_log, halt
+from custody.control import audit_log, halt, witness
 from custody.control.roster import current_roster, load_trust
 from custody.control.wallet import policy_from_session
 from custody.errors import CustodyError, InputError, VerificationFailed
+from custody.issuance import record
+from custody.issuance.issuer import iter_addresses
 from custody.store.db import Database
 from custody.store.models import AddressRow, LedgerAccount, LedgerHead, WithdrawalRow
 
@@ -252,12 +260,25 @@ def _record(db: Database, event: str, payload: dict[str, Any]) -> None:
         audit_log.append(s, event, "auditor", payload)
 
 
-def audit_log_check(db: Database, settings: Settings, *, halt_on_failure: bool = True) -> dict[str, Any]:
-    """Verify the audit log's hash chain; on any break, raise the trading halt.
+def audit_log_check(
+    db: Database, settings: Settings, *, halt_on_failure: bool = True, against: Sequence[Path] = ()
+) -> dict[str, Any]:
+    """Verify the audit log and what the tool keeps beside it; on any break, raise the trading halt.
 
-    Returns ``{"ok", "entries", "problems": [{"seq", "reason"}], "halt_id"}``.
+    The chain re-hashed entry by entry; the employees' keys against the log; the log against
+    every witness (the local witness file when there is one, and each of ``against``): a log
+    shorter than witnessed or diverging from it was truncated or rewritten; the ledger's
+    entries and the address rows against the postings and issuances the log recorded.
+
+    Returns ``{"ok", "entries", "problems": [{"seq", "reason"}], "witnesses", "halt_id"}``.
+    Raises InputError for a witness that cannot be read (before anything is checked).
     """
     db.check_schema()
+    witnesses: list[tuple[str, list[witness.Checkpoint]]] = []
+    if settings.witness_file.exists():
+        witnesses.append((str(settings.witness_file), witness.read(settings.witness_file)))
+    for path in against:
+        witnesses.append((str(path), witness.read(path)))
     with db.transaction() as s:
         problems = audit_log.verify_chain(s)
         count = len(audit_log.entries(s))
@@ -265,10 +286,19 @@ def audit_log_check(db: Database, settings: Settings, *, halt_on_failure: bool =
             current_roster(s, load_trust(settings))
         except VerificationFailed as exc:
             problems.append(audit_log.ChainProblem(0, str(exc)))
+        for _, checkpoints in witnesses:
+            problems += witness.compare(s, checkpoints)
+        problems += [audit_log.ChainProblem(0, why) for why in ledger.log_problems(s, SHOWN)]
+        for f in record.check_rows(s, iter_addresses(s))[:SHOWN]:
+            problems.append(audit_log.ChainProblem(0, f"address {f.address} ({f.chain}/{f.index}): {f.reason}"))
     report: dict[str, Any] = {
         "ok": not problems,
         "entries": count,
         "problems": [{"seq": p.seq, "reason": p.reason} for p in problems],
+        "witnesses": [
+            {"source": source, "checkpoints": len(cps), "highest_seq": max((c.seq for c in cps), default=None)}
+            for source, cps in witnesses
+        ],
         "halt_id": None,
     }
     if problems and halt_on_failure:
