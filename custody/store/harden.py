@@ -7,7 +7,8 @@ asks (an owner who means it must first disable them, which is an act of its own)
 
 * append-only (:data:`APPEND_ONLY`): SELECT and INSERT;
 * every other custody table: SELECT, INSERT, UPDATE, DELETE;
-* the sequences: USAGE and SELECT; the schema: USAGE, and no CREATE.
+* the sequences: USAGE and SELECT; the schema: USAGE, and no CREATE (a schema the tool's
+  role owned goes to the owner role: a schema's owner may drop what is in it).
 
 So an insider with the tool's credentials cannot edit, delete or truncate the audit log, the
 ledger's entries or the issued addresses; what they can still change (the heads, cached
@@ -64,6 +65,8 @@ def statements(schema: str, app_role: str, owner_role: str, tables: list[str] | 
     sql = [
         f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{owner_role}') "
         f"THEN CREATE ROLE {owner} NOLOGIN; END IF; END $$",
+        f"DO $$ BEGIN IF (SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = '{schema}') "
+        f"= '{app_role}' THEN ALTER SCHEMA {s} OWNER TO {owner}; END IF; END $$",
         f"REVOKE CREATE ON SCHEMA {s} FROM PUBLIC",
         f"REVOKE CREATE ON SCHEMA {s} FROM {app}",
         f"GRANT USAGE ON SCHEMA {s} TO {app}",
@@ -118,8 +121,9 @@ def harden(db: Database, app_role: str, owner_role: str = "custody_owner", *, dr
             raise InputError(f"role {app_role!r} is a superuser or can create roles: it could undo any hardening")
         if conn.execute(text("SELECT current_user")).scalar_one() == app_role:
             raise InputError("run custody db harden as a superuser, not as the role the tool runs as")
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         for statement in sql:
-            conn.exec_driver_sql(statement)
+            cursor.execute(statement)  # no parameters: the driver leaves % in a function body alone
         owns = conn.execute(
             text(
                 "SELECT pg_has_role(:r, nspowner, 'USAGE') FROM pg_namespace WHERE nspname = :s "
