@@ -27,7 +27,7 @@ from custody.store.db import Database, normalize_url
 from custody.store.models import AuditEntry
 from tests.chain_support import fresh_script
 from tests.support import Custody
-from tests.withdraw_support import key_ceremony
+from tests.withdraw_support import enrol, key_ceremony
 
 OP_TRUE = b"\x51"
 COIN = 100_000_000
@@ -42,7 +42,7 @@ class Shop:
         self.c.env["CUSTODY_CHAIN"] = "embedded"
         self.chain: EmbeddedBackend = open_chain(tmp / "home" / "chain")
         self.founder_keys = key_ceremony(self.c, tmp, "p2wsh")
-        self.employees = {name: self.c.employee(name) for name in ("alice", "bob", "carol")}
+        self.employees = enrol(self.c, tmp, self.founder_keys, ["alice", "bob", "carol"])
         self.engine: Engine = create_engine(normalize_url(self.c.env["CUSTODY_DB_URL"]))
 
     def ok(self, *args: str) -> Any:

@@ -37,6 +37,8 @@ APPEND_ONLY = (
     "founder",
     "halt_lift",
     "incident_update",
+    "signed_manifest",
+    "roster",
 )
 """Tables the tool only ever inserts into."""
 
