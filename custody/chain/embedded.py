@@ -68,7 +68,7 @@ from custody.chain.consensus import (
     script_problem,
     standardness_problem,
 )
-from custody.chain.types import MAX_MINE, AcceptResult, TxStatus, Utxo
+from custody.chain.types import MAX_MINE, AcceptResult, Snapshot, TxStatus, Utxo
 from custody.errors import InputError, NodeError, NotFound, StorageError
 
 NETWORK = "regtest"
@@ -709,6 +709,36 @@ class EmbeddedBackend:
                 )
                 found += [Utxo(str(t), int(v), int(a), bytes(s), int(h)) for t, v, a, s, h in rows]
         return sorted(found, key=lambda u: (u.height or 0, u.txid, u.vout))
+
+    def unspent_at(self, script_pubkeys: Sequence[bytes], height: int | None = None) -> Snapshot:
+        """The outputs paying any of ``script_pubkeys`` unspent just after block ``height`` (the tip
+        when None): made at or below it and not spent at or below it.
+
+        Raises InputError for an empty script or a height outside 0..tip.
+        """
+        wanted: dict[bytes, None] = {}
+        for spk in script_pubkeys:
+            if not spk:
+                raise InputError("cannot look up outputs of an empty scriptPubKey")
+            wanted[bytes(spk)] = None
+        scripts = list(wanted)
+        found: list[Utxo] = []
+        with self._open():
+            tip = self._tip()
+            at = tip if height is None else height
+            if not 0 <= at <= tip:
+                raise InputError(f"height {at} is not on the chain (its tip is at {tip})")
+            block_hash = self._index_hash(at) or ""
+            for start in range(0, len(scripts), QUERY_CHUNK):
+                chunk = scripts[start : start + QUERY_CHUNK]
+                rows = self._db.execute(
+                    "SELECT txid, vout, amount, script_pubkey, height FROM outputs "
+                    "WHERE height <= ? AND (spent_height IS NULL OR spent_height > ?) "
+                    f"AND script_pubkey IN ({', '.join('?' * len(chunk))})",
+                    (at, at, *chunk),
+                )
+                found += [Utxo(str(t), int(v), int(a), bytes(s), int(h)) for t, v, a, s, h in rows]
+        return Snapshot(at, block_hash, sorted(found, key=lambda u: (u.height or 0, u.txid, u.vout)))
 
     def raw_transaction(self, txid: str) -> bytes:
         """The serialized transaction ``txid`` (confirmed or in the mempool).

@@ -13,10 +13,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from bitcoin.core.script import CScript, CScriptInvalidError
+
 from custody.bitcoin.amounts import sats_from_btc
+from custody.bitcoin.encoding import hash160, sha256
 from custody.bitcoin.network import NETWORKS
 from custody.chain.rpc import RpcClient, RpcError, expect_chain
-from custody.chain.types import MAX_MINE, AcceptResult, ChainBackend, TxStatus, Utxo
+from custody.chain.types import MAX_MINE, AcceptResult, ChainBackend, Snapshot, TxStatus, Utxo
 from custody.errors import InputError, NodeError, NotFound
 
 SCAN_CHUNK = 1000
@@ -37,6 +40,9 @@ RPC_INVALID_ADDRESS_OR_KEY = -5  # also: "No such mempool or blockchain transact
 RPC_DESERIALIZATION_ERROR = -22
 RPC_VERIFY_REJECTED = -26
 RPC_VERIFY_ALREADY_IN_CHAIN = -27
+
+SNAPSHOT_ATTEMPTS = 3
+"""How often ``unspent_at`` starts again when a block arrives while it reads."""
 
 _TXID_RE = re.compile(r"[0-9a-f]{64}")
 _ALREADY_KNOWN = ("txn-already-known", "txn-already-in-mempool", "already in block chain")
@@ -80,6 +86,119 @@ class RpcBackend(ChainBackend):
                 if utxo.script_pubkey.hex() in wanted:
                     found[(utxo.txid, utxo.vout)] = utxo
         return sorted(found.values(), key=lambda u: (u.height or 0, u.txid, u.vout))
+
+    def unspent_at(self, script_pubkeys: Sequence[bytes], height: int | None = None) -> Snapshot:
+        """The outputs paying any of ``script_pubkeys`` unspent just after block ``height``.
+
+        The node's ``scantxoutset`` reads the unspent set at its tip ``T`` only. Below the tip,
+        the outputs of ours made at or below ``height`` and spent in blocks ``height+1..T`` are
+        added back: those blocks are read (``getblock``), each input that spends one of our
+        scripts is known by the script it reveals (a witness script hashing to a p2wsh
+        program, a redeem script hashing to a p2sh one), and its output is fetched
+        (``getrawtransaction``, which needs the node's ``txindex=1``). When a block arrives or
+        the chain reorganises meanwhile, it starts again (SNAPSHOT_ATTEMPTS times).
+        Raises InputError for an empty script or a height outside 0..tip, NodeError.
+        """
+        wanted: dict[str, None] = {}
+        for spk in script_pubkeys:
+            if not spk:
+                raise InputError("cannot look up outputs of an empty scriptPubKey")
+            wanted[bytes(spk).hex()] = None
+        scripts = list(wanted)
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            tip, best, utxos = self._scan_all(scripts)
+            at = tip if height is None else height
+            if not 0 <= at <= tip:
+                raise InputError(f"height {at} is not on the chain (its tip is at {tip})")
+            if at == tip:
+                return Snapshot(tip, best, utxos)
+            back = self._spent_after(set(wanted), at, tip, best)
+            if back is None:
+                continue  # the chain moved under us
+            block_hash, spent = back
+            kept = [u for u in utxos if u.height is not None and u.height <= at]
+            found = sorted(kept + spent, key=lambda u: (u.height or 0, u.txid, u.vout))
+            return Snapshot(at, block_hash, found)
+        raise NodeError(
+            f"node at {self.client.address}: the chain moved {SNAPSHOT_ATTEMPTS} times while its unspent outputs "
+            "were read; try again"
+        )
+
+    def _scan_all(self, scripts: list[str]) -> tuple[int, str, list[Utxo]]:
+        """(tip height, tip hash, unspent outputs) with every chunk scanned at the same tip."""
+        if not scripts:
+            tip = _int(self.client.call("getblockcount"), "getblockcount")
+            return tip, _check_txid(str(self.client.call("getblockhash", tip)), node=True), []
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            found: dict[tuple[str, int], Utxo] = {}
+            tips: set[tuple[int, str]] = set()
+            for start in range(0, len(scripts), SCAN_CHUNK):
+                result = self._scan([{"desc": f"raw({h})"} for h in scripts[start : start + SCAN_CHUNK]])
+                tips.add(
+                    (
+                        _int(result.get("height"), "scantxoutset height"),
+                        _check_txid(str(result.get("bestblock")), node=True),
+                    )
+                )
+                for entry in _list(result.get("unspents"), "scantxoutset unspents"):
+                    utxo = _utxo(entry)
+                    if utxo.script_pubkey.hex() in scripts:
+                        found[(utxo.txid, utxo.vout)] = utxo
+            if len(tips) == 1:
+                tip, best = tips.pop()
+                return tip, best, list(found.values())
+        raise NodeError(f"node at {self.client.address}: the tip moved during every scan; try again")
+
+    def _spent_after(self, wanted: set[str], height: int, tip: int, best: str) -> tuple[str, list[Utxo]] | None:
+        """(hash of block ``height``, our outputs made at or below it and spent in ``height+1..tip``),
+        or None when the blocks read do not chain up to ``best``."""
+        block_hash = _check_txid(str(self.client.call("getblockhash", height)), node=True)
+        previous = block_hash
+        made_after: set[tuple[str, int]] = set()
+        spent: list[tuple[str, int]] = []
+        for h in range(height + 1, tip + 1):
+            this = _check_txid(str(self.client.call("getblockhash", h)), node=True)
+            block = self.client.call("getblock", this, 2)
+            if not isinstance(block, dict) or block.get("previousblockhash") != previous:
+                return None
+            previous = this
+            for tx in _list(block.get("tx"), "getblock tx"):
+                txid = _check_txid(str(tx.get("txid")), node=True)
+                for vin in _list(tx.get("vin"), "getblock vin"):
+                    if "coinbase" in vin or not _spends_one_of(vin, wanted):
+                        continue
+                    outpoint = (_check_txid(str(vin.get("txid")), node=True), _int(vin.get("vout"), "vin vout"))
+                    if outpoint in made_after:
+                        made_after.discard(outpoint)
+                    else:
+                        spent.append(outpoint)
+                for out in _list(tx.get("vout"), "getblock vout"):
+                    if out.get("scriptPubKey", {}).get("hex") in wanted:
+                        made_after.add((txid, _int(out.get("n"), "vout n")))
+        if previous != best:
+            return None
+        return block_hash, [self._spent_output(txid, vout, wanted, height) for txid, vout in spent]
+
+    def _spent_output(self, txid: str, vout: int, wanted: set[str], height: int) -> Utxo:
+        try:
+            tx = self.client.call("getrawtransaction", txid, True)
+        except RpcError as e:
+            if e.code == RPC_INVALID_ADDRESS_OR_KEY:
+                raise NodeError(
+                    f"node at {self.client.address} cannot give transaction {txid}: reading unspent outputs below "
+                    "the tip needs the node's transaction index (txindex=1)"
+                ) from None
+            raise
+        outs = _list(tx.get("vout") if isinstance(tx, dict) else None, "getrawtransaction vout")
+        out = next((o for o in outs if isinstance(o, dict) and o.get("n") == vout), None)
+        spk = out.get("scriptPubKey", {}).get("hex") if out else None
+        if out is None or spk not in wanted:
+            raise NodeError(f"node at {self.client.address}: {txid}:{vout} is not an output to one of our scripts")
+        header = self.client.call("getblockheader", tx.get("blockhash"), True)
+        made = _int(header.get("height") if isinstance(header, dict) else None, "getblockheader height")
+        if made > height:
+            raise NodeError(f"node at {self.client.address}: {txid}:{vout} is from block {made}, above {height}")
+        return Utxo(txid, vout, sats_from_btc(out["value"]), bytes.fromhex(spk), made)
 
     def _scan(self, objects: list[dict[str, str]]) -> dict[str, Any]:
         deadline = time.monotonic() + SCAN_BUSY_TIMEOUT
@@ -232,6 +351,30 @@ def _utxo(entry: Any) -> Utxo:
         script_pubkey=_hex(entry.get("scriptPubKey"), "scantxoutset scriptPubKey"),
         height=None if height is None else _int(height, "scantxoutset height"),
     )
+
+
+def _spends_one_of(vin: dict[str, Any], wanted: set[str]) -> bool:
+    """Whether an input spends one of ``wanted``, judged by the script it reveals.
+
+    A p2wsh spend's last witness item is the witness script (program: its SHA-256); a p2sh
+    spend's last scriptSig push is the redeem script (its HASH160), which for p2sh-p2wsh is
+    the witness program itself. Consensus makes the revealed script hash to the spent
+    output's, so no output needs fetching to tell.
+    """
+    try:
+        witness = [bytes.fromhex(str(item)) for item in vin.get("txinwitness") or []]
+        script_sig = bytes.fromhex(str(vin.get("scriptSig", {}).get("hex", "")))
+    except ValueError:
+        raise NodeError("node answered getblock with an input that is not hex") from None
+    if witness and "0020" + sha256(witness[-1]).hex() in wanted:
+        return True
+    if not script_sig:
+        return False
+    try:
+        pushes = [op for op in CScript(script_sig) if isinstance(op, bytes)]
+    except CScriptInvalidError:
+        return False
+    return bool(pushes) and "a914" + hash160(pushes[-1]).hex() + "87" in wanted
 
 
 def _int(value: Any, what: str) -> int:

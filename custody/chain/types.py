@@ -27,6 +27,15 @@ class Utxo:
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """The confirmed unspent outputs paying some scripts as the chain stood after one block."""
+
+    height: int
+    block_hash: str
+    utxos: list[Utxo]
+
+
+@dataclass(frozen=True)
 class TxStatus:
     """What the node knows of a transaction. ``confirmations`` is 0 unless it is in a block."""
 
@@ -60,6 +69,14 @@ class ChainBackend(Protocol):
 
     def unspent(self, script_pubkeys: Sequence[bytes]) -> list[Utxo]:
         """Confirmed unspent outputs paying any of ``script_pubkeys`` (coinbase outputs included)."""
+        ...
+
+    def unspent_at(self, script_pubkeys: Sequence[bytes], height: int | None = None) -> Snapshot:
+        """The outputs paying any of ``script_pubkeys`` that were unspent just after block ``height``.
+
+        ``None`` means the tip; the snapshot names the block it is of. Raises InputError for
+        a height above the tip or below zero.
+        """
         ...
 
     def raw_transaction(self, txid: str) -> bytes:
