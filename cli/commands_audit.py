@@ -11,7 +11,7 @@ import click
 
 from custody.bitcoin.amounts import parse_btc_amount
 from custody.books import audit as audit_lib
-from custody.books import liabilities
+from custody.books import inclusion
 from custody.chain.backend import backend_for
 from custody.control import audit_log as audit_log_lib
 from custody.control import witness as witness_lib
@@ -59,27 +59,48 @@ def audit_ledger(app: AppContext, as_json: bool) -> None:
 
 
 @audit.command("reserves")
+@click.option(
+    "--proof",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the proof of reserves here (BitMEX's format, for validate_reserves.py).",
+)
+@click.option(
+    "--height",
+    type=click.IntRange(0),
+    help="The block height to prove at (default: the tip); below the tip, liabilities must have been published there.",
+)
 @json_option
 @pass_app
-@example("custody audit reserves")
-def audit_reserves(app: AppContext, as_json: bool) -> None:
-    """Coins on chain at our addresses against customer liabilities; halt (exit 3) when short."""
+@example("custody audit reserves --proof reserves.yaml")
+def audit_reserves(app: AppContext, proof: Path | None, height: int | None, as_json: bool) -> None:
+    """Coins on chain at our addresses against the liabilities' root sum at the same height.
+
+    Halts trading (exit 3) when reserves are short, or when an address holding coins is not
+    the policy's. With --proof, writes every address holding coins with its descriptor and
+    balance: anyone checks it with BitMEX's validate_reserves.py against their own node.
+    Format: docs/FORMATS.md.
+    """
     backend = backend_for(app.settings, load_policy(app.db).network.name)
-    report = audit_lib.audit_reserves(app.db, app.settings, backend)
+    report = audit_lib.audit_reserves(app.db, app.settings, backend, height=height, proof=proof)
     if as_json:
         output.emit_json(report)
     else:
         output.key_values(
-            f"Reserves at tip height {report['tip_height']} (sat)",
+            f"Reserves at height {report['height']} (sat)",
             [
                 ("on chain at our addresses", report["reserves_sat"]),
-                ("customer liabilities", report["liabilities_sat"]),
-                ("  of which held for withdrawals", report["held_sat"]),
+                ("liabilities (root sum)", report["liabilities_sat"]),
                 ("difference", report["difference_sat"]),
             ],
         )
+        for problem in report["unproven"]:
+            output.line(f"UNPROVEN {problem}", style="red")
+        if report["proof"]:
+            output.success(f"proof of reserves ({report['addresses']} addresses) written to {report['proof']}")
     if not report["ok"]:
-        raise _halted(report, f"reserves are short of liabilities by {-report['difference_sat']} sat")
+        if report["difference_sat"] < 0:
+            raise _halted(report, f"reserves are short of liabilities by {-report['difference_sat']} sat")
+        raise _halted(report, f"{len(report['unproven'])} address(es) holding coins are not the policy's")
 
 
 @audit.command("liabilities")
@@ -87,57 +108,77 @@ def audit_reserves(app: AppContext, as_json: bool) -> None:
     "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The tree to publish."
 )
 @click.option(
-    "--proofs",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write each account's private proof (default OUT with .proofs.jsonl; mode 0600).",
+    "--nonces",
+    "nonces_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The private directory of account nonces: one file per account, kept across runs (mode 0600).",
 )
 @json_option
 @pass_app
-@example("custody audit liabilities --out liabilities.json")
-def audit_liabilities(app: AppContext, out: Path, proofs: Path | None, as_json: bool) -> None:
-    """Write the Merkle sum tree of customer liabilities, and each account's proof.
+@example("custody audit liabilities --out liabilities.txt --nonces ./nonces")
+def audit_liabilities(app: AppContext, out: Path, nonces_dir: Path, as_json: bool) -> None:
+    """Write the proof of liabilities at the chain's tip, in BitMEX's format.
 
-    Publish OUT; hand each customer their own line of the proofs file (their nonce and
-    path), never the whole file. Format: docs/FORMATS.md.
+    Publish OUT. Each balance is split into random parts and blinded with its account's
+    nonce. Hand each new nonce file in --nonces to its customer, once, privately; keep the
+    directory: a nonce file that goes missing or changes is refused. Format: docs/FORMATS.md.
     """
-    data = audit_lib.write_liabilities(app.db, out, proofs)
+    backend = backend_for(app.settings, load_policy(app.db).network.name)
+    data = audit_lib.write_liabilities(app.db, backend, out, nonces_dir)
     if as_json:
         output.emit_json(data)
         return
     output.success(
-        f"{data['accounts']} account(s), {data['root']['sum']} sat in all, root {data['root']['hash']}: "
-        f"written to {data['out']}; proofs (private) in {data['proofs']}"
+        f"{data['accounts']} account(s) in {data['leaves']} leaves, {data['root']['value_sat']} sat in all at height "
+        f"{data['height']}, root {data['root']['digest']}: written to {data['out']}"
     )
+    for new in data["new_nonces"]:
+        output.line(f"new nonce for {new['ledger_account']} (account {new['number']}): {new['file']}")
     for key in data["negative_accounts"]:
         output.warning(f"{key} is negative and counts as zero in the tree")
 
 
 @audit.command("check-inclusion")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--account", required=True, help="Your account.")
-@click.option("--nonce", help="Your account's nonce (hex), as the exchange gave it to you.")
-@click.option("--proof", type=click.Path(dir_okay=False, path_type=Path), help="Your proof file (instead of --nonce).")
-@click.option("--balance", help="The balance you expect, in BTC: checked too.")
+@click.option("--account", type=click.IntRange(0), help="Your account number.")
+@click.option(
+    "--nonce-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Your nonce file, as the exchange gave it to you (number and nonce).",
+)
+@click.option("--account-nonce", help="Your account nonce (hex), with --account.")
+@click.option("--nonce", help="The nonce of this file's height (hex), with --account, instead of the account nonce.")
+@click.option("--balance", help="The balance you expect, in BTC: checked too (0 checks an empty account).")
 @json_option
-@example("custody audit check-inclusion liabilities.json --account alice --proof alice-proof.json")
+@example("custody audit check-inclusion liabilities.txt --nonce-file 381920475531.json --balance 0.5")
 def audit_check_inclusion(
-    file: Path, account: str, nonce: str | None, proof: Path | None, balance: str | None, as_json: bool
+    file: Path,
+    account: int | None,
+    nonce_file: Path | None,
+    account_nonce: str | None,
+    nonce: str | None,
+    balance: str | None,
+    as_json: bool,
 ) -> None:
-    """Check that your balance is counted in a liabilities file (no store needed).
+    """Check that your balance is counted in a proof of liabilities (no store needed).
 
-    Exit 0 when it is; exit 3 with the reason when it is not (a changed balance, a changed
-    tree, or a missing account).
+    Every node of the tree is checked, then the leaves your nonce opens are added up.
+    Exit 0 when they are; exit 3 with the reason when not (a changed value, a changed or
+    shortened tree, a missing account, another balance than --balance).
     """
     expected = None
     if balance is not None:  # a zero balance is a balance to check, not an amount to send
         expected = 0 if re.fullmatch(r"0+(\.0*)?", balance) else parse_btc_amount(balance)
-    data = liabilities.check_inclusion(file, account, nonce=nonce, proof=proof, expected=expected)
+    data = inclusion.check_inclusion(
+        file, account=account, account_nonce=account_nonce, nonce=nonce, nonce_file=nonce_file, expected=expected
+    )
     if as_json:
         output.emit_json(data)
         return
     output.success(
-        f"{data['account']}: {data['balance_sat']} sat counted in the root ({data['root']['sum']} sat over "
-        f"{data['leaves']} accounts, as of {data['as_of']})"
+        f"account {data['account']}: {data['balance_sat']} sat counted in {len(data['leaves'])} leaves of the root "
+        f"({data['root']['value_sat']} sat over {data['leaf_count']} leaves, height {data['height']})"
     )
 
 

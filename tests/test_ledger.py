@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from custody.books import audit, deposits, ledger, liabilities
+from custody.books import audit, deposits, ledger
 from custody.chain.types import TxStatus, Utxo
 from custody.config import Settings
 from custody.control.halt import active_halts
@@ -357,80 +357,6 @@ def test_an_edited_cached_balance_and_head_are_caught(store: Store) -> None:
     assert not report["ok"] and report["halt_id"] is None
     assert any("customer:alice: its cached balance is -10005 sat" in p for p in report["problems"])
     assert any("counts 3 entries; there are 2" in p for p in report["problems"])
-
-
-# ---------------------------------------------------------------- proof of liabilities
-
-
-def test_the_liabilities_file_verifies_for_every_account_and_rejects_a_tampered_balance(
-    store: Store, tmp_path: Path
-) -> None:
-    for account, sats in (("alice", 50_000), ("bob", 123_456), ("carol", 7)):
-        store.pay(account, sats)
-    store.sync()
-    _post(store, ledger.withdrawal_requested, _withdrawal(1, "bob", 20_000, 456))
-    out = tmp_path / "liabilities.json"
-    written = store.c.json("audit", "liabilities", "--out", str(out))
-    assert written["root"]["sum"] == 50_000 + 123_456 + 7 == ledger.balances(store.db)["totals"]["liabilities_sat"]
-    proofs = {
-        json.loads(line)["account"]: json.loads(line) for line in Path(written["proofs"]).read_text().splitlines()
-    }
-    assert set(proofs) == {"customer:alice", "customer:bob", "customer:carol", "held:withdrawal-1"}
-    assert Path(written["proofs"]).stat().st_mode & 0o077 == 0  # private
-
-    for key, proof in proofs.items():
-        name = key.removeprefix("customer:")
-        by_nonce = store.c.json("audit", "check-inclusion", str(out), "--account", name, "--nonce", proof["nonce"])
-        assert by_nonce["balance_sat"] == proof["balance"] and by_nonce["account"] == key
-        mine = tmp_path / f"{name}.json"
-        mine.write_text(json.dumps(proof))
-        by_proof = store.c.json("audit", "check-inclusion", str(out), "--account", name, "--proof", str(mine))
-        assert by_proof["balance_sat"] == proof["balance"]
-    alice = proofs["customer:alice"]
-    assert (
-        store.c(
-            "audit", "check-inclusion", str(out), "--account", "alice", "--nonce", alice["nonce"], "--balance", "0.0005"
-        ).exit_code
-        == 0
-    )
-    wrong = store.c(
-        "audit", "check-inclusion", str(out), "--account", "alice", "--nonce", alice["nonce"], "--balance", "0.0006"
-    )
-    assert wrong.exit_code == 3 and "not the 60000 sat expected" in wrong.stderr
-
-    # the exchange shaves alice's balance in the published file
-    doc = json.loads(out.read_text())
-    leaf = next(n for n in doc["leaves"] if n["sum"] == 50_000)
-    leaf["sum"] = 5_000
-    tampered = tmp_path / "tampered.json"
-    tampered.write_text(json.dumps(doc))
-    result = store.c("audit", "check-inclusion", str(tampered), "--account", "alice", "--nonce", alice["nonce"])
-    assert result.exit_code == 3
-    assert "do not add up to the file's root" in result.stderr and "balance was changed" in result.stderr
-    # ... and keeps the root consistent by recomputing it: alice's leaf no longer matches her nonce
-    doc["root"] = liabilities.levels([liabilities._node(n, "") for n in doc["leaves"]])[-1][0].to_dict()
-    tampered.write_text(json.dumps(doc))
-    result = store.c("audit", "check-inclusion", str(tampered), "--account", "alice", "--nonce", alice["nonce"])
-    assert result.exit_code == 3 and "no leaf matches account 'alice'" in result.stderr
-    # a proof whose balance was changed does not lead to the root
-    forged = dict(alice, balance=60_000)
-    (tmp_path / "forged.json").write_text(json.dumps(forged))
-    result = store.c(
-        "audit", "check-inclusion", str(out), "--account", "alice", "--proof", str(tmp_path / "forged.json")
-    )
-    assert result.exit_code == 3 and "does not lead to the file's root" in result.stderr
-    # bob cannot use alice's proof
-    result = store.c("audit", "check-inclusion", str(out), "--account", "bob", "--nonce", alice["nonce"])
-    assert result.exit_code == 3
-
-
-def test_the_tree_of_one_and_of_none() -> None:
-    one = liabilities.build([("customer:a", 5)], {})
-    assert one.document["root"]["sum"] == 5 and one.proofs[0]["path"] == []
-    none = liabilities.build([], {})
-    assert none.document["root"] == {"hash": "00" * 32, "sum": 0}
-    with pytest.raises(InputError):
-        liabilities.build([("customer:a", -1)], {})
 
 
 # ---------------------------------------------------------------- CLI

@@ -8,21 +8,22 @@
   recorded when it was posted (custody.books.ledger.log_problems): an entry re-pointed to
   another account, deleted or inserted by SQL is found even when the balances were fixed up
   to match. Any mismatch raises the trading halt (source ``ledger``).
-* :func:`audit_reserves` adds up the unspent outputs at our verified addresses (through the
-  chain backend) and compares them with customer liabilities (customer and held
-  balances); reserves short of liabilities raise the halt (source ``reserves``).
+* :func:`audit_reserves` adds up the unspent outputs at our addresses at a block height
+  (through the chain backend), writes BitMEX's proof of reserves (custody.books.reserves_proof)
+  and compares the total with the liabilities' root sum at that height; reserves short of
+  liabilities raise the halt (source ``reserves``).
 * :func:`audit_log_check` re-hashes the whole audit log: an edited, deleted, inserted or
   reordered entry is found and named; the log is compared with its witnesses (checkpoints
   and notifications kept outside the database: custody.control.witness), which catch a
   truncated or wholly re-hashed log; and the ledger's entries and the address rows are
   compared with what the log recorded. Any of it raises the halt (source ``audit-log``).
-* :func:`write_liabilities` writes the Merkle sum tree of liabilities (custody.books.liabilities)
-  and each account's private proof.
+* :func:`write_liabilities` writes the proof of liabilities in BitMEX's format
+  (custody.books.liabilities), with each account's number and private nonce
+  (custody.books.liability_accounts).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -32,18 +33,18 @@ from typing import Any
 from sqlalchemy import text
 from sqlmodel import col, select
 
-from custody.books import ledger, liabilities
+from custody.books import ledger, liabilities, liability_accounts, reserves_proof
 from custody.chain.types import ChainBackend
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log, halt, witness
 from custody.control.roster import current_roster, load_trust
 from custody.control.wallet import policy_from_session
-from custody.errors import CustodyError, InputError, VerificationFailed
+from custody.errors import CustodyError, InputError, NodeError, VerificationFailed
 from custody.issuance import record
 from custody.issuance.issuer import iter_addresses
 from custody.store.db import Database
-from custody.store.models import AddressRow, LedgerAccount, LedgerHead, WithdrawalRow
+from custody.store.models import AddressRow, LedgerAccount, LedgerHead
 
 SHOWN = 20
 """Problems of one kind listed in full; more are counted."""
@@ -188,43 +189,72 @@ def audit_ledger(db: Database, settings: Settings, *, halt_on_failure: bool = Tr
     return report
 
 
-def audit_reserves(db: Database, settings: Settings, backend: ChainBackend) -> dict[str, Any]:
-    """Coins on chain at our verified addresses against customer liabilities.
+def audit_reserves(
+    db: Database,
+    settings: Settings,
+    backend: ChainBackend,
+    *,
+    height: int | None = None,
+    proof: Path | None = None,
+) -> dict[str, Any]:
+    """Coins on chain at our addresses after block ``height`` (the tip by default) against the
+    liabilities' root sum at the same height; BitMEX's proof of reserves written to ``proof``.
 
-    Liabilities are the customer and held balances, less the holds of broadcast withdrawals
-    whose transaction the chain already confirms (their coins have left; ``custody sync``
-    settles them). Reserves short of liabilities raise the halt (source reserves).
-    Raises NodeError, StorageError.
+    At the tip, liabilities are what ``custody audit liabilities`` would publish now
+    (custody.books.liability_accounts.owed), and at least every root published at that
+    height; below the tip, the roots published at that height (the audit log keeps them),
+    of which there must be one. Reserves short of liabilities, or a stored address holding
+    coins that is not the policy's address at its index, raise the halt (source reserves).
+    Raises InputError (a past height with nothing published, a height off the chain, an
+    unwritable file), NodeError, StorageError.
     """
     db.check_schema()
     with db.transaction() as s:
-        network = policy_from_session(s).network.name
-        scripts = [bytes.fromhex(a.script_pubkey) for a in s.exec(select(AddressRow)).all()]
-        t = ledger.totals(s)
-        inflight = [
-            (w.id or 0, w.txid or "", -ledger.raw_balance(s, ledger.held(w.id or 0)))
-            for w in s.exec(select(WithdrawalRow).where(WithdrawalRow.status == "broadcast")).all()
-            if w.txid
+        policy = policy_from_session(s)
+        addresses = [
+            reserves_proof.StoredAddress(a.chain, a.idx, a.address, a.script_pubkey)
+            for a in s.exec(select(AddressRow)).all()
         ]
-    tip = backend.tip_height()
-    utxos = backend.unspent(scripts) if scripts else []
-    onchain = sum(u.amount for u in utxos)
-    settling = [(wid, amount) for wid, txid, amount in inflight if amount and backend.tx_status(txid).confirmations > 0]
-    liabilities_sat = t.liabilities - sum(amount for _, amount in settling)
-    difference = onchain - liabilities_sat
+        ledger_asset = ledger.totals(s).asset
+    snapshot = backend.unspent_at([bytes.fromhex(a.script_pubkey) for a in addresses], height)
+    at_tip = height is None or snapshot.height == backend.tip_height()
+    built = reserves_proof.build(policy, addresses, snapshot)
+    with db.transaction() as s:
+        published = liability_accounts.published_at(s, snapshot.height)
+    current = liability_accounts.owed(db, backend) if at_tip else None
+    if current is None and not published:
+        raise InputError(
+            f"no liabilities were published at height {snapshot.height}: below the tip, reserves are compared "
+            "with the liabilities published at the same height (custody audit liabilities, run at that tip)"
+        )
+    liabilities_sat = max(([current.total] if current else []) + [int(p["root_value_sat"]) for p in published])
+    if proof is not None:
+        _write(proof, built.text(), private=False)
+    difference = built.total - liabilities_sat
+    ok = difference >= 0 and not built.unproven
     report: dict[str, Any] = {
-        "ok": difference >= 0,
-        "network": network,
-        "tip_height": tip,
-        "reserves_sat": onchain,
-        "outputs": len(utxos),
+        "ok": ok,
+        "network": policy.network.name,
+        "height": snapshot.height,
+        "block_hash": snapshot.block_hash,
+        "tip_height": backend.tip_height() if not at_tip else snapshot.height,
+        "reserves_sat": built.total,
+        "outputs": built.outputs,
+        "addresses": len(built.document["address"]),
         "liabilities_sat": liabilities_sat,
-        "customers_sat": t.customers,
-        "held_sat": t.held,
-        "settling_sat": sum(amount for _, amount in settling),
-        "settling_withdrawals": [wid for wid, _ in settling],
+        "ledger_liabilities_sat": current.total if current else None,
+        "published_liabilities": [
+            {"seq": p["seq"], "root_value_sat": p["root_value_sat"], "root_digest": p["root_digest"]} for p in published
+        ],
+        "customers_sat": current.customers if current else None,
+        "held_sat": current.held if current else None,
+        "settling_sat": sum(amount for _, amount in current.settling) if current else None,
+        "settling_withdrawals": [wid for wid, _ in current.settling] if current else [],
+        "negative_accounts": current.negative if current else [],
         "difference_sat": difference,
-        "ledger_asset_sat": t.asset,
+        "ledger_asset_sat": ledger_asset,
+        "unproven": built.unproven,
+        "proof": str(proof) if proof is not None else None,
         "at": iso(now()),
         "halt_id": None,
     }
@@ -232,24 +262,25 @@ def audit_reserves(db: Database, settings: Settings, backend: ChainBackend) -> d
         db,
         "audit.reserves",
         {
-            "ok": difference >= 0,
-            "failures": int(difference < 0),
-            "reserves_sat": onchain,
+            "ok": ok,
+            "failures": int(difference < 0) + len(built.unproven),
+            "reserves_sat": built.total,
             "liabilities_sat": liabilities_sat,
-            "tip_height": tip,
+            "height": snapshot.height,
+            "block_hash": snapshot.block_hash,
+            "tip_height": report["tip_height"],
         },
     )
-    if difference < 0:
-        raised = halt.raise_halt(
-            db,
-            settings,
-            reason=(
-                f"reserves short by {-difference} sat: {onchain} sat on chain at our addresses against "
-                f"{liabilities_sat} sat of customer liabilities (tip height {tip})"
-            ),
-            source="reserves",
-            actor="auditor",
-        )
+    if not ok:
+        reasons = []
+        if difference < 0:
+            reasons.append(
+                f"reserves short by {-difference} sat: {built.total} sat on chain at our addresses against "
+                f"{liabilities_sat} sat of customer liabilities (height {snapshot.height})"
+            )
+        reasons += built.unproven[:3]
+        more = f" (and {len(built.unproven) - 3} more)" if len(built.unproven) > 3 else ""
+        raised = halt.raise_halt(db, settings, reason="; ".join(reasons) + more, source="reserves", actor="auditor")
         report["halt_id"] = raised.id
     return report
 
@@ -313,45 +344,51 @@ def audit_log_check(
     return report
 
 
-def write_liabilities(db: Database, out: Path, proofs: Path | None = None) -> dict[str, Any]:
-    """Write the liabilities tree to ``out`` and every account's proof to ``proofs``.
+def write_liabilities(db: Database, backend: ChainBackend, out: Path, nonces_dir: Path) -> dict[str, Any]:
+    """Write the proof of liabilities at the chain's tip to ``out`` in BitMEX's format.
 
-    ``proofs`` (default OUT with ``.proofs.jsonl``) is private: one line per account, each
-    handed to its customer alone; it is written with mode 0600. Negative balances count as
-    zero in the tree and are reported. Raises InputError when a file cannot be written.
+    Every liability account (custody.books.liability_accounts.owed) gets its stable number
+    and its account nonce, read from or written to ``nonces_dir`` (one private file per
+    account, to hand to its customer). The published root is recorded in the audit log
+    (``audit.liabilities``) with its height, for ``custody audit reserves`` at that height.
+    Raises Conflict (a nonce file missing or replaced), InputError (unwritable files),
+    NodeError (the chain kept moving), StorageError.
     """
     db.check_schema()
-    proofs = proofs or out.with_name(out.name.removesuffix(".json") + ".proofs.jsonl")
+    for _ in range(3):
+        tip = backend.unspent_at([])
+        owed = liability_accounts.owed(db, backend)
+        if backend.tip_height() == tip.height:
+            break
+    else:
+        raise NodeError("the chain's tip moved three times while the liabilities were read; try again")
     with db.transaction() as s:
-        network = policy_from_session(s).network.name
-        head = s.get(LedgerHead, 1)
-        rows = s.exec(
-            select(LedgerAccount)
-            .where(col(LedgerAccount.kind).in_(ledger.LIABILITY_KINDS))
-            .order_by(col(LedgerAccount.key))
-        ).all()
-    balances: list[tuple[str, int]] = []
-    negative: list[str] = []
-    for a in rows:
-        owed = -a.balance
-        if owed < 0:
-            negative.append(a.key)
-        if a.kind == "customer" or owed != 0:
-            balances.append((a.key, max(owed, 0)))
-    header = {
-        "network": network,
-        "as_of": iso(now()),
-        "ledger_transactions": head.txns if head else 0,
-    }
-    built = liabilities.build(balances, header)
-    _write(out, json.dumps(built.document, indent=1) + "\n", private=False)
-    _write(proofs, "".join(json.dumps(p, sort_keys=True) + "\n" for p in built.proofs), private=True)
+        numbers = liability_accounts.assign_numbers(s, list(owed.balances))
+    issued = liability_accounts.nonces(db, nonces_dir, numbers)
+    tree = liabilities.build(
+        {numbers[key]: amount for key, amount in owed.balances.items()},
+        {n.number: n.nonce for n in issued},
+        tip.height,
+    )
+    _write(out, tree.text(), private=False)
+    root = tree.root
+    with db.transaction() as s:
+        liability_accounts.record_published(
+            s, tip.height, tip.block_hash, root.digest.hex(), root.value, len(tree.rows[-1]), len(owed.balances)
+        )
     return {
         "out": str(out),
-        "proofs": str(proofs),
-        "root": built.document["root"],
-        "accounts": len(balances),
-        "negative_accounts": negative,
+        "height": tip.height,
+        "block_hash": tip.block_hash,
+        "root": {"digest": root.digest.hex(), "value_sat": root.value},
+        "leaves": len(tree.rows[-1]),
+        "accounts": len(owed.balances),
+        "nonces_dir": str(nonces_dir),
+        "new_nonces": [
+            {"ledger_account": n.ledger_key, "number": n.number, "file": str(n.path)} for n in issued if n.new
+        ],
+        "negative_accounts": owed.negative,
+        "settling_withdrawals": [wid for wid, _ in owed.settling],
     }
 
 

@@ -1,290 +1,155 @@
-"""Proof of liabilities: a Merkle sum tree of customer balances (docs/FORMATS.md).
+"""Proof of liabilities in BitMEX's format: balances split, shuffled, blinded in a Merkle sum tree.
 
-Each leaf is ``(hash, sum)``: ``sum`` is one account's balance in satoshis and ``hash``
-commits to the account's id, a random 32-byte nonce of its own and that balance::
+The format is the one BitMEX publishes and checks with ``validate_liabilities.py`` (the
+``BitMEX/proof-of-reserves-liabilities`` repository); this is custody's own code for it.
+Every account has a stable number and a 32-byte account nonce, given once, privately, to
+its customer. At block height ``H`` (integers hashed as 8 bytes little-endian, ``u64``)::
 
-    leaf.hash = SHA256("custody/liabilities/leaf/v1" || nonce || u32be(len(id)) || id || u64be(balance))
+    sub_nonce   = SHA256(account_nonce || u64(H) || u64(account))
+    leaf digest = HMAC-SHA256(key=sub_nonce, u64(value) || u64(leaf index))
+    node digest = SHA256(left.digest || u64(left.value) || right.digest || u64(right.value))
+    node value  = left.value + right.value
 
-Each inner node commits to both children and their sums, and its sum is theirs added::
+Each positive balance is cut at random into at least MIN_PARTS parts (a balance of 1 sat
+cannot be cut); then the largest parts are cut again until the leaves number a power of
+two, at least MIN_PARTS per account. Zero balances have no leaf. When nothing is left to
+cut, zero-valued leaves with random digests fill the last places. The leaves are shuffled
+(the operating system's randomness) before their index is committed. The published text
+is ``block_height:H`` and then the tree root first, row by row, left to right, one
+``DIGEST,VALUE`` line per node. Nothing in it names an account or shows a whole balance.
 
-    node.hash = SHA256("custody/liabilities/node/v1" || left.hash || u64be(left.sum) || right.hash || u64be(right.sum))
-    node.sum  = left.sum + right.sum
-
-Leaves are sorted by hash (so their order says nothing about the accounts); an odd node at
-the end of a level is carried up unchanged. The published file holds every leaf and the
-root; a customer holding their nonce (or their proof: nonce, leaf index and the siblings on
-the way up) finds their own leaf without learning whose the others are, and checks that
-their balance is counted in the root's sum. Standard library only.
+The independent checker of this format is ``custody.verify.liabilities``; this module only
+generates. Standard library only.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import heapq
+import hmac
+import random
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from custody.errors import InputError, VerificationFailed
+from custody.errors import InputError
 
-FORMAT = "custody-liabilities"
-PROOF_FORMAT = "custody-liabilities-proof"
-VERSION = 1
-LEAF_TAG = b"custody/liabilities/leaf/v1"
-NODE_TAG = b"custody/liabilities/node/v1"
-MAX_SUM = 2**63 - 1
+U64_MAX = 2**64 - 1
+MIN_PARTS = 2
+"""Every balance of 2 sat or more is published as at least this many leaves."""
+
+_rng = random.SystemRandom()
 
 
-class InclusionFailed(VerificationFailed):
-    """A customer's balance is not (or not correctly) in the liabilities tree (exit 3)."""
+def _u64(value: int) -> bytes:
+    return value.to_bytes(8, "little")
+
+
+def sub_nonce(account_nonce: bytes, height: int, account: int) -> bytes:
+    """The HMAC key of ``account``'s leaves at ``height``."""
+    return hashlib.sha256(account_nonce + _u64(height) + _u64(account)).digest()
 
 
 @dataclass(frozen=True)
 class Node:
-    hash: bytes
-    sum: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"hash": self.hash.hex(), "sum": self.sum}
+    digest: bytes
+    value: int
 
 
-@dataclass(frozen=True)
-class Step:
-    """A sibling on the way from a leaf to the root; ``side`` is the sibling's side."""
-
-    side: str  # "left" or "right"
-    node: Node
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"side": self.side, **self.node.to_dict()}
+def _leaf(key: bytes, value: int, index: int) -> Node:
+    return Node(hmac.new(key, _u64(value) + _u64(index), hashlib.sha256).digest(), value)
 
 
-def _u64(value: int) -> bytes:
-    if not 0 <= value <= MAX_SUM:
-        raise InputError(f"a liabilities sum must be 0..{MAX_SUM} sat, not {value}")
-    return value.to_bytes(8, "big")
+def _parent(left: Node, right: Node) -> Node:
+    body = left.digest + _u64(left.value) + right.digest + _u64(right.value)
+    return Node(hashlib.sha256(body).digest(), left.value + right.value)
 
 
-def leaf_hash(account: str, nonce: bytes, balance: int) -> bytes:
-    ident = account.encode("utf-8")
-    return hashlib.sha256(LEAF_TAG + nonce + len(ident).to_bytes(4, "big") + ident + _u64(balance)).digest()
+def _cut(value: int, parts: int) -> list[int]:
+    """``value`` cut at ``parts - 1`` distinct random places: ``parts`` positive amounts."""
+    if parts <= 1:
+        return [value]
+    cuts = sorted(_rng.sample(range(1, value), parts - 1))
+    edges = [0, *cuts, value]
+    return [b - a for a, b in zip(edges, edges[1:], strict=False)]
 
 
-def parent(left: Node, right: Node) -> Node:
-    body = NODE_TAG + left.hash + _u64(left.sum) + right.hash + _u64(right.sum)
-    return Node(hashlib.sha256(body).digest(), left.sum + right.sum)
+def split(balances: Mapping[int, int], min_parts: int = MIN_PARTS) -> list[tuple[int | None, int]]:
+    """The leaves' (account, value) before shuffling; ``None`` marks a zero-valued filler.
 
-
-def levels(leaves: Sequence[Node]) -> list[list[Node]]:
-    """Every level of the tree, leaves first, the root last (an empty tree: a zero root)."""
-    if not leaves:
-        return [[Node(bytes(32), 0)]]
-    out = [list(leaves)]
-    while len(out[-1]) > 1:
-        level = out[-1]
-        up = [parent(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            up.append(level[-1])
-        out.append(up)
-    return out
-
-
-def path(tree: list[list[Node]], index: int) -> list[Step]:
-    """The siblings from leaf ``index`` to the root."""
-    steps = []
-    for level in tree[:-1]:
-        sibling = index ^ 1
-        if sibling < len(level):
-            steps.append(Step("left" if sibling < index else "right", level[sibling]))
-        index //= 2
-    return steps
-
-
-def climb(leaf: Node, steps: Sequence[Step]) -> Node:
-    node = leaf
-    for step in steps:
-        node = parent(step.node, node) if step.side == "left" else parent(node, step.node)
-    return node
-
-
-@dataclass(frozen=True)
-class Built:
-    document: dict[str, Any]
-    proofs: list[dict[str, Any]]
-
-
-def build(balances: Sequence[tuple[str, int]], header: dict[str, Any]) -> Built:
-    """The liabilities document and one private proof per account (account id, balance >= 0)."""
-    nonces = {account: secrets.token_bytes(32) for account, _ in balances}
-    leaves = sorted(((Node(leaf_hash(a, nonces[a], b), b), a) for a, b in balances), key=lambda item: item[0].hash)
-    tree = levels([n for n, _ in leaves])
-    root = tree[-1][0]
-    document = {
-        "format": FORMAT,
-        "version": VERSION,
-        **header,
-        "root": root.to_dict(),
-        "count": len(leaves),
-        "leaves": [n.to_dict() for n, _ in leaves],
-    }
-    proofs = [
-        {
-            "format": PROOF_FORMAT,
-            "version": VERSION,
-            "account": account,
-            "nonce": nonces[account].hex(),
-            "balance": node.sum,
-            "index": i,
-            "root": root.to_dict(),
-            "path": [s.to_dict() for s in path(tree, i)],
-        }
-        for i, (node, account) in enumerate(leaves)
-    ]
-    return Built(document, proofs)
-
-
-# ---------------------------------------------------------------- checking (the customer's side)
-
-
-def _node(obj: Any, what: str) -> Node:
-    try:
-        h = bytes.fromhex(obj["hash"])
-        total = obj["sum"]
-    except (KeyError, TypeError, ValueError):
-        raise InputError(f"{what} is not a {{hash, sum}} node") from None
-    if len(h) != 32 or not isinstance(total, int) or isinstance(total, bool) or not 0 <= total <= MAX_SUM:
-        raise InputError(f"{what}: a 32-byte hash and a sum of 0..{MAX_SUM} sat are expected")
-    return Node(h, total)
-
-
-def load(path_: Path) -> tuple[dict[str, Any], list[Node], Node]:
-    """A liabilities file: (document, leaves, root). Raises InputError for a malformed file."""
-    try:
-        doc = json.loads(path_.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"liabilities file {path_} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"liabilities file {path_} is unreadable: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise InputError(f"{path_} is not a {FORMAT} file")
-    if not isinstance(doc.get("version"), int) or doc["version"] > VERSION:
-        raise InputError(f"{path_} is version {doc.get('version')!r}; this tool reads version {VERSION}")
-    raw = doc.get("leaves")
-    if not isinstance(raw, list):
-        raise InputError(f"{path_} has no leaves")
-    leaves = [_node(leaf, f"leaf {i}") for i, leaf in enumerate(raw)]
-    return doc, leaves, _node(doc.get("root"), "the root")
-
-
-def _proof(path_: Path, candidates: Sequence[str]) -> dict[str, Any]:
-    """The proof of one of ``candidates`` in a proof file (one JSON object, or JSON Lines)."""
-    try:
-        text = path_.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"proof file {path_} is unreadable: {exc}") from None
-    try:
-        objects: list[Any] = [json.loads(text)]
-    except ValueError:  # JSON Lines: the whole proofs file
-        try:
-            objects = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except ValueError as exc:
-            raise InputError(f"proof file {path_} is not JSON: {exc}") from None
-    for obj in objects:
-        if isinstance(obj, dict) and obj.get("format") == PROOF_FORMAT and obj.get("account") in candidates:
-            return obj
-    raise InputError(f"proof file {path_} holds no proof for account {candidates[-1]!r}")
-
-
-def candidates(account: str) -> list[str]:
-    """The ids an account may have in the tree: as given, and as a customer account."""
-    return [account] if account.startswith(("customer:", "held:")) else [f"customer:{account}", account]
-
-
-def check_inclusion(
-    file: Path,
-    account: str,
-    *,
-    nonce: str | None = None,
-    proof: Path | None = None,
-    expected: int | None = None,
-) -> dict[str, Any]:
-    """Check that ``account`` is in the liabilities ``file`` with its balance counted in the root.
-
-    Give the account's ``nonce`` (hex), or its ``proof`` file. ``expected``: the balance the
-    customer expects (satoshis). Raises InclusionFailed with every reason found; InputError
-    for malformed input.
+    Their number is the smallest power of two at least ``min_parts`` times the number of
+    positive balances (1 when there are none).
     """
-    if (nonce is None) == (proof is None):
-        raise InputError("give the account's --nonce or its --proof file (one of them)")
-    doc, leaves, root = load(file)
-    problems: list[str] = []
-    computed = levels(leaves)[-1][0]
-    if computed != root:
-        problems.append(
-            f"the leaves do not add up to the file's root (recomputed sum {computed.sum} sat, hash "
-            f"{computed.hash.hex()[:16]}…; the file says {root.sum} sat, {root.hash.hex()[:16]}…): "
-            "the file was changed"
-        )
-    if len(leaves) != doc.get("count"):
-        problems.append(f"the file says {doc.get('count')} leaves and holds {len(leaves)}")
-    ids = candidates(account)
-    found: tuple[str, int, Node] | None = None
-    if nonce is not None:
-        try:
-            salt = bytes.fromhex(nonce)
-        except ValueError:
-            raise InputError("the nonce must be hex") from None
-        if len(salt) != 32:
-            raise InputError("the nonce must be 32 bytes (64 hex digits)")
-        for i, leaf in enumerate(leaves):
-            for ident in ids:
-                if leaf_hash(ident, salt, leaf.sum) == leaf.hash:
-                    found = (ident, i, leaf)
-                    break
-            if found:
-                break
-        if found is None:
-            problems.append(
-                f"no leaf matches account {account!r} with this nonce: its balance was changed, or the "
-                "account was left out"
-            )
-    else:
-        assert proof is not None
-        p = _proof(proof, ids)
-        try:
-            salt = bytes.fromhex(str(p["nonce"]))
-            balance = p["balance"]
-            index = p["index"]
-            steps = [Step(str(s["side"]), _node(s, f"proof step {n}")) for n, s in enumerate(p["path"])]
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"proof file {proof} is malformed") from None
-        if not isinstance(balance, int) or not isinstance(index, int) or not 0 <= balance <= MAX_SUM:
-            raise InputError(f"proof file {proof} is malformed")
-        leaf = Node(leaf_hash(str(p["account"]), salt, balance), balance)
-        top = climb(leaf, steps)
-        if top != root:
-            problems.append(
-                f"the proof's balance of {balance} sat does not lead to the file's root: the balance or the "
-                "path was changed"
-            )
-        if _node(p.get("root"), "the proof's root") != root:
-            problems.append("the proof was made for another root than the file's")
-        if not 0 <= index < len(leaves) or leaves[index] != leaf:
-            problems.append(f"leaf {index} of the file is not this account's leaf with a balance of {balance} sat")
-        found = (str(p["account"]), index, leaf)
-    if found is not None and expected is not None and found[2].sum != expected:
-        problems.append(f"the tree counts {found[2].sum} sat for {account!r}, not the {expected} sat expected")
-    if problems:
-        raise InclusionFailed(f"inclusion check failed for {account!r}: " + "; ".join(problems))
-    assert found is not None
-    return {
-        "ok": True,
-        "account": found[0],
-        "balance_sat": found[2].sum,
-        "leaf_index": found[1],
-        "root": root.to_dict(),
-        "leaves": len(leaves),
-        "as_of": doc.get("as_of"),
-    }
+    positive = [(account, value) for account, value in balances.items() if value > 0]
+    target = 1
+    while target < min_parts * len(positive):
+        target *= 2
+    parts: list[tuple[int | None, int]] = []
+    for account, value in positive:
+        parts += [(account, v) for v in _cut(value, min(min_parts, value))]
+    # Cut the largest part in two until the leaves fill the tree (or nothing can be cut).
+    heap = [(-v, n, owner) for n, (owner, v) in enumerate(parts)]
+    heapq.heapify(heap)
+    count = len(parts)
+    while len(heap) < target and heap and -heap[0][0] >= 2:
+        largest, _, owner = heapq.heappop(heap)
+        for v in _cut(-largest, 2):
+            count += 1
+            heapq.heappush(heap, (-v, count, owner))
+    leaves: list[tuple[int | None, int]] = [(owner, -v) for v, _, owner in heap]
+    leaves += [(None, 0)] * (target - len(leaves))
+    return leaves
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A built tree: rows root first (the last row is the leaves), and whose leaves are whose."""
+
+    height: int
+    rows: list[list[Node]]
+    leaves_of: dict[int, list[int]]  # account -> its leaf indexes (private: never published)
+
+    @property
+    def root(self) -> Node:
+        return self.rows[0][0]
+
+    def text(self) -> str:
+        """The file to publish."""
+        lines = [f"block_height:{self.height}"]
+        lines += [f"{node.digest.hex()},{node.value}" for row in self.rows for node in row]
+        return "\n".join(lines) + "\n"
+
+
+def build(balances: Mapping[int, int], nonces: Mapping[int, bytes], height: int, min_parts: int = MIN_PARTS) -> Tree:
+    """The tree of ``balances`` (account number -> satoshis owed) at block ``height``.
+
+    ``nonces`` holds each account's 32-byte account nonce. Raises InputError for a negative
+    balance, a total or a number that does not fit 8 bytes, or a missing or short nonce.
+    """
+    if not 0 <= height <= U64_MAX:
+        raise InputError(f"block height {height} does not fit 8 bytes")
+    for account, value in balances.items():
+        if not 0 <= account <= U64_MAX:
+            raise InputError(f"account number {account} does not fit 8 bytes")
+        if value < 0:
+            raise InputError(f"account {account}: a liability cannot be negative ({value} sat)")
+        if value > 0 and len(nonces.get(account, b"")) != 32:
+            raise InputError(f"account {account} has no 32-byte nonce")
+    if sum(balances.values()) > U64_MAX:
+        raise InputError("the liabilities add up to more than 8 bytes hold")
+    leaves = split(balances, min_parts)
+    _rng.shuffle(leaves)
+    keys = {account: sub_nonce(nonces[account], height, account) for account, v in balances.items() if v > 0}
+    row: list[Node] = []
+    leaves_of: dict[int, list[int]] = {}
+    for index, (owner, value) in enumerate(leaves):
+        if owner is None:
+            row.append(Node(secrets.token_bytes(32), 0))  # a filler: opens for nobody
+        else:
+            row.append(_leaf(keys[owner], value, index))
+            leaves_of.setdefault(owner, []).append(index)
+    rows = [row]
+    while len(rows[0]) > 1:
+        below = rows[0]
+        rows.insert(0, [_parent(below[i], below[i + 1]) for i in range(0, len(below), 2)])
+    return Tree(height, rows, leaves_of)

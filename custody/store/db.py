@@ -129,6 +129,7 @@ class Database:
                 # 2 -> 3: the signed manifest, roster, roster proposal and suspension tables
                 # (created above). A store from before has no roster: no employee can act
                 # until the founders sign one (`custody roster`), which is fail-closed.
+                # 2 -> 3 also: liability_account, the proof of liabilities' account numbers (likewise).
                 row.value = str(models.SCHEMA_VERSION)
                 s.add(row)
             if s.get(models.LedgerHead, 1) is None:

@@ -305,6 +305,21 @@ class LedgerEntry(SQLModel, table=True):
     amount: int = Field(sa_column=Column(BigInteger, nullable=False))
 
 
+class LiabilityAccountRow(SQLModel, table=True):
+    """The stable number of one liability account of the ledger in the proof of liabilities.
+
+    Assigned once (custody.books.liability_accounts), at random, and never changed; shown to
+    the customer with their account nonce. The nonce itself is never stored: only its
+    SHA-256, so that a nonce file lost or replaced is noticed instead of silently renewed.
+    """
+
+    __tablename__ = "liability_account"
+    number: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    ledger_key: str = Field(unique=True, max_length=160)  # "customer:alice", "held:withdrawal-7"
+    nonce_sha256: str | None = Field(default=None, max_length=64)
+    assigned_at: datetime
+
+
 class DepositRow(SQLModel, table=True):
     """An output paying one of our deposit addresses, followed from first sight to credit."""
 

@@ -13,3 +13,7 @@ class ExportError(ValueError):
 
 class DecodeError(ValueError):
     """A base58, bech32 or extended-key string does not decode."""
+
+
+class LiabilitiesFileError(ValueError):
+    """A proof of liabilities file cannot be read: bad header, line, value or tree shape."""

@@ -1,0 +1,111 @@
+"""Proof of reserves in BitMEX's format: every custody address holding coins at a height.
+
+The file is what BitMEX's ``validate_reserves.py`` (``BitMEX/proof-of-reserves-liabilities``)
+reads with a YAML parser; custody writes it in YAML's JSON-compatible form, so that any JSON
+reader reads it too (docs/FORMATS.md)::
+
+    {"chain": "main", "height": 840000, "block_hash": "…",
+     "claim": {"m": 2, "n": 3}, "keys": [], "xpub": ["xpub6…", "xpub6…", "xpub6…"],
+     "total": 150000000,
+     "address": [{"addr_type": "multisig_wsh", "addr": "bc1q…",
+                  "script": "wsh(sortedmulti(2,[fp/48'/0'/0'/2']xpub6…/0/7,…))#checksum",
+                  "balance": 100000000}, …]}
+
+Our addresses are HD-derived, with other keys at every index, so BitMEX's fixed-key entry
+types (``sh``, ``sh_wsh``, ``wsh``: a script of known public keys) do not fit them; its
+descriptor-typed entries (``addr_type`` starting ``multisig_``) do: ``script`` is the
+address's output descriptor, which must contain one of the listed ``xpub`` (the founders'
+account keys), and which the validator hands to the node's ``scantxoutset`` at ``height``.
+Each descriptor is derived here from the policy, never read from the store; an address
+whose stored script is not its derivation is left out and reported (its coins are not
+provably ours). ``block_hash`` is custody's addition; the validator ignores it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from custody.bitcoin.descriptors import add_checksum
+from custody.bitcoin.script import ScriptType
+from custody.chain.node import CORE_CHAIN
+from custody.chain.types import Snapshot
+from custody.policy.generator import AddressDeriver
+from custody.policy.model import Policy
+
+ADDR_TYPES = {
+    ScriptType.P2WSH: "multisig_wsh",
+    ScriptType.P2SH_P2WSH: "multisig_sh_wsh",
+    ScriptType.P2SH: "multisig_sh",
+}
+
+
+def address_descriptor(policy: Policy, chain: int, index: int) -> str:
+    """The output descriptor of the address at ``chain``/``index``, with its checksum."""
+    keys = ",".join(f"{f.key}/{chain}/{index}" for f in policy.founders)
+    return add_checksum(policy.script_type.wrap(f"sortedmulti({policy.threshold},{keys})"))
+
+
+@dataclass(frozen=True)
+class StoredAddress:
+    chain: int
+    index: int
+    address: str
+    script_pubkey: str  # hex, as the store has it
+
+
+@dataclass
+class ReservesProof:
+    document: dict[str, Any]
+    total: int
+    outputs: int
+    unproven: list[str] = field(default_factory=list)  # stored addresses whose script is not their derivation
+
+    def text(self) -> str:
+        return json.dumps(self.document, indent=1) + "\n"
+
+
+def build(policy: Policy, addresses: Sequence[StoredAddress], snapshot: Snapshot) -> ReservesProof:
+    """The proof of the coins in ``snapshot`` at ``addresses`` (those holding none are not listed)."""
+    held: dict[str, tuple[int, int]] = {}
+    for u in snapshot.utxos:
+        amount, count = held.get(u.script_pubkey.hex(), (0, 0))
+        held[u.script_pubkey.hex()] = (amount + u.amount, count + 1)
+    deriver = AddressDeriver(policy)
+    entries: list[tuple[int, int, dict[str, Any]]] = []
+    unproven: list[str] = []
+    total = outputs = 0
+    for a in addresses:
+        if a.script_pubkey not in held:
+            continue
+        amount, count = held.pop(a.script_pubkey)
+        derived = deriver.derive(a.chain, a.index)
+        if derived.script_pubkey.hex() != a.script_pubkey or derived.address != a.address:
+            unproven.append(
+                f"address {a.address} at {a.chain}/{a.index} in the store is not the policy's address there "
+                f"({derived.address}); its {amount} sat are not counted"
+            )
+            continue
+        total += amount
+        outputs += count
+        entry = {
+            "addr_type": ADDR_TYPES[policy.script_type],
+            "addr": a.address,
+            "script": address_descriptor(policy, a.chain, a.index),
+            "balance": amount,
+        }
+        entries.append((a.chain, a.index, entry))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    document = {
+        "chain": CORE_CHAIN[policy.network.name],
+        "height": snapshot.height,
+        "block_hash": snapshot.block_hash,
+        "claim": {"m": policy.threshold, "n": policy.n},
+        "keys": [],
+        "xpub": [f.key.xpub.serialize() for f in policy.founders],
+        "total": total,
+        "address": [e for _, _, e in entries],
+    }
+    return ReservesProof(document, total, outputs, unproven)

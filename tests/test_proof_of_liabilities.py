@@ -1,0 +1,221 @@
+"""``custody audit liabilities`` and ``check-inclusion`` through the CLI, on the embedded chain.
+
+Account numbers are assigned once and logged; each customer's nonce file is written once and
+never silently renewed; every customer checks their balance with the file they were given;
+the published file names nobody and shows no split balance whole.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, CScript, lx
+
+from custody.chain.embedded import COINBASE_MATURITY, EmbeddedBackend, open_chain
+from custody.verify import liabilities as checker
+from tests.support import Custody
+from tests.withdraw_support import key_ceremony
+
+OP_TRUE = b"\x51"
+
+
+class Books:
+    """A store on the embedded chain whose customers are paid exact amounts."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.c = Custody(tmp / "home")
+        self.c.env["CUSTODY_CHAIN"] = "embedded"
+        self.chain: EmbeddedBackend = open_chain(tmp / "home" / "chain")
+        key_ceremony(self.c, tmp, "p2wsh")
+        self.chain.mine(1, OP_TRUE)
+        self.chain.mine(COINBASE_MATURITY, b"\x52")
+
+    def ok(self, *args: str) -> Any:
+        result = self.c(*args, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    def pay(self, amounts: dict[str, int]) -> None:
+        """One transaction from an anyone-can-spend coinbase to a fresh address of each account."""
+        coin = next(u for u in self.chain.unspent([OP_TRUE]))
+        outs = []
+        for account, sats in amounts.items():
+            (issued,) = self.ok("address", "new", "--account", account)
+            outs.append(CMutableTxOut(sats, CScript(bytes.fromhex(issued["script_pubkey"]))))
+        change = coin.amount - sum(amounts.values()) - 10_000
+        outs.append(CMutableTxOut(change, CScript(OP_TRUE)))
+        tx = CMutableTransaction([CMutableTxIn(COutPoint(lx(coin.txid), coin.vout))], outs)
+        self.chain.submit_block(self.chain.make_block([tx.serialize()], b"\x52"))
+        self.ok("sync")
+
+    def sql(self, statement: str, *args: Any) -> list[Any]:
+        con = sqlite3.connect(self.c.home / "custody.db")
+        with con:
+            rows = con.execute(statement, args).fetchall()
+        con.close()
+        return rows
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.ok("audit", "log") if e["event"] == event]
+
+
+@pytest.fixture
+def books(tmp_path: Path) -> Iterator[Books]:
+    b = Books(tmp_path)
+    b.pay({"alice": 50_000_000, "bob": 123_456, "carol": 7})
+    yield b
+    b.chain.close()
+
+
+OWED = {"customer:alice": 50_000_000, "customer:bob": 123_456, "customer:carol": 7}
+
+
+def _publish(books: Books, name: str = "liabilities.txt") -> dict[str, Any]:
+    return dict(books.ok("audit", "liabilities", "--out", str(books.tmp / name), "--nonces", str(books.tmp / "nonces")))
+
+
+def _nonce_files(books: Books) -> dict[str, Path]:
+    return {json.loads(p.read_text())["ledger_account"]: p for p in (books.tmp / "nonces").glob("*.json")}
+
+
+def test_every_customer_checks_their_balance_with_the_nonce_file_they_were_given(books: Books) -> None:
+    first = _publish(books)
+    assert first["accounts"] == 3 and first["root"]["value_sat"] == sum(OWED.values())
+    assert first["height"] == books.chain.tip_height() and first["leaves"] == 8
+    files = _nonce_files(books)
+    assert set(files) == set(OWED) and {n["ledger_account"] for n in first["new_nonces"]} == set(OWED)
+    assert all(p.stat().st_mode & 0o077 == 0 for p in files.values())  # private
+    assert (books.tmp / "nonces").stat().st_mode & 0o077 == 0
+    published = (books.tmp / "liabilities.txt").read_text()
+    assert "alice" not in published and "customer" not in published
+    tree = checker.parse(published)
+    for key, owed in OWED.items():
+        checked = books.ok(
+            "audit", "check-inclusion", str(books.tmp / "liabilities.txt"), "--nonce-file", str(files[key]),
+            "--balance", f"{owed / 1e8:.8f}",
+        )  # fmt: skip
+        assert checked["balance_sat"] == owed and checked["height"] == first["height"]
+        values = [leaf["value_sat"] for leaf in checked["leaves"]]
+        assert sum(values) == owed and len(values) >= 2 and max(values) < owed  # never one whole leaf
+        assert all(tree.leaves[leaf["index"]].value == leaf["value_sat"] for leaf in checked["leaves"])
+    numbered = books.events("liabilities.account_numbered")
+    issued = books.events("liabilities.nonce_issued")
+    assert (
+        {e["payload"]["ledger_account"] for e in numbered}
+        == set(OWED)
+        == {e["payload"]["ledger_account"] for e in issued}
+    )
+    numbers = {e["payload"]["ledger_account"]: e["payload"]["number"] for e in numbered}
+    assert {k: int(p.stem) for k, p in files.items()} == numbers
+    (record,) = books.events("audit.liabilities")
+    assert (
+        record["payload"]["root_digest"] == first["root"]["digest"] and record["payload"]["height"] == first["height"]
+    )
+
+    # the next run: same numbers, same nonces, nothing new to hand out, a new random split
+    before = {k: p.read_bytes() for k, p in files.items()}
+    books.chain.mine(1, b"\x52")
+    second = _publish(books, "liabilities-2.txt")
+    assert second["new_nonces"] == [] and second["root"]["value_sat"] == first["root"]["value_sat"]
+    assert {k: p.read_bytes() for k, p in _nonce_files(books).items()} == before
+    assert len(books.events("liabilities.account_numbered")) == 3 and len(books.events("audit.liabilities")) == 2
+    for key, owed in OWED.items():
+        again = books.ok(
+            "audit", "check-inclusion", str(books.tmp / "liabilities-2.txt"), "--nonce-file", str(files[key])
+        )
+        assert again["balance_sat"] == owed and again["height"] == first["height"] + 1
+    assert books.ok("audit", "log", "--verify")["ok"]
+
+    # the customer's other ways in, as BitMEX's validator takes them: number and nonce
+    alice = json.loads(files["customer:alice"].read_text())
+    number, nonce = str(alice["account_number"]), alice["account_nonce"]
+    path = str(books.tmp / "liabilities.txt")
+    assert (
+        books.ok("audit", "check-inclusion", path, "--account", number, "--account-nonce", nonce)["balance_sat"]
+        == 50_000_000
+    )
+    sub = checker.sub_nonce(bytes.fromhex(nonce), first["height"], int(number)).hex()
+    assert books.ok("audit", "check-inclusion", path, "--account", number, "--nonce", sub)["balance_sat"] == 50_000_000
+    wrong = books.c("audit", "check-inclusion", path, "--nonce-file", str(files["customer:alice"]), "--balance", "0.6")
+    assert wrong.exit_code == 3 and "not the 60000000 sat expected" in wrong.stderr
+    bob_number = str(json.loads(files["customer:bob"].read_text())["account_number"])
+    mixed = books.c(
+        "audit", "check-inclusion", path, "--account", bob_number, "--nonce-file", str(files["customer:alice"])
+    )
+    assert mixed.exit_code == 2 and "is for account" in mixed.stderr
+    stolen = books.c("audit", "check-inclusion", path, "--account", bob_number, "--account-nonce", nonce)
+    assert stolen.exit_code == 3 and "no leaf is account" in stolen.stderr
+
+
+def test_a_tampered_published_file_fails_the_customers_check(books: Books) -> None:
+    _publish(books)
+    alice = str(_nonce_files(books)["customer:alice"])
+    lines = (books.tmp / "liabilities.txt").read_text().splitlines()
+    digest, value = lines[-1].split(",")
+    for changed, why in (
+        (f"{digest},{int(value) + 1}", "is not the sum"),
+        (f"{digest},-{value}", "must be DIGEST,VALUE"),
+        (f"{digest},{2**64}", "overflows"),
+    ):
+        forged = books.tmp / "forged.txt"
+        forged.write_text("\n".join([*lines[:-1], changed]) + "\n")
+        result = books.c("audit", "check-inclusion", str(forged), "--nonce-file", alice)
+        assert result.exit_code == 3 and why in result.stderr, result.output
+    forged.write_text("\n".join(lines[:-8]) + "\n")  # the leaves cut off
+    result = books.c("audit", "check-inclusion", str(forged), "--nonce-file", alice)
+    assert result.exit_code == 3 and "no leaf is account" in result.stderr
+    assert books.c("audit", "check-inclusion", str(books.tmp / "none.txt"), "--nonce-file", alice).exit_code == 2
+    (books.tmp / "bad.json").write_text('{"format": "custody-account-nonce", "version": 1}')
+    result = books.c(
+        "audit", "check-inclusion", str(books.tmp / "liabilities.txt"), "--nonce-file", str(books.tmp / "bad.json")
+    )
+    assert result.exit_code == 2
+
+
+def test_a_nonce_file_lost_or_replaced_is_refused_and_nothing_is_published(books: Books) -> None:
+    _publish(books)
+    files = _nonce_files(books)
+    alice = files["customer:alice"]
+    kept = alice.read_bytes()
+    out = books.tmp / "refused.txt"
+
+    def refused(why: str) -> None:
+        result = books.c("audit", "liabilities", "--out", str(out), "--nonces", str(books.tmp / "nonces"))
+        assert result.exit_code == 6 and why in result.stderr, result.output
+        assert not out.exists() and len(books.events("audit.liabilities")) == 1
+
+    alice.unlink()  # lost: a fresh nonce would break alice's checks
+    refused("is missing")
+    doc = json.loads(kept)
+    alice.write_text(json.dumps(dict(doc, account_nonce="11" * 32)))  # replaced by an insider
+    refused("it was replaced")
+    alice.write_bytes(files["customer:bob"].read_bytes())  # another account's file
+    refused("is for account")
+    alice.write_bytes(kept)
+    # the store's record of the nonce changed by SQL: the file no longer matches it
+    books.sql("UPDATE liability_account SET nonce_sha256 = ? WHERE number = ?", "00" * 32, doc["account_number"])
+    refused("it was replaced")
+    # a run that stopped after writing the file and before recording it: the file is adopted
+    books.sql("UPDATE liability_account SET nonce_sha256 = NULL WHERE number = ?", doc["account_number"])
+    adopted = _publish(books, "adopted.txt")
+    assert adopted["new_nonces"] == [] and alice.read_bytes() == kept
+    assert len(books.events("liabilities.nonce_issued")) == 4
+    assert books.ok("audit", "check-inclusion", str(books.tmp / "adopted.txt"), "--nonce-file", str(alice))["ok"]
+
+
+def test_a_new_customer_gets_a_number_and_a_nonce_the_others_keep_theirs(books: Books) -> None:
+    _publish(books)
+    numbers = {k: int(p.stem) for k, p in _nonce_files(books).items()}
+    books.pay({"dave": 999})
+    again = _publish(books, "next.txt")
+    assert [n["ledger_account"] for n in again["new_nonces"]] == ["customer:dave"]
+    after = {k: int(p.stem) for k, p in _nonce_files(books).items()}
+    assert {k: v for k, v in after.items() if k != "customer:dave"} == numbers
+    assert len(set(after.values())) == 4 and all(10**11 <= n < 10**12 for n in after.values())
+    assert books.sql("SELECT COUNT(*) FROM liability_account") == [(4,)]
