@@ -256,6 +256,7 @@ def test_bitmex_validate_liabilities_reads_our_file_for_every_account(tmp_path: 
                 timeout=120,
                 check=True,
             )
+            print(run.stdout)
             validated = re.search(r"Validated ([\d,]+) sats for account (\d+)", run.stdout)
             total = re.search(r"Total liabilities ([\d,]+) sats, root hash ([0-9a-f]{64})", run.stdout)
             assert validated and total, run.stdout

@@ -219,3 +219,16 @@ def test_a_new_customer_gets_a_number_and_a_nonce_the_others_keep_theirs(books: 
     assert {k: v for k, v in after.items() if k != "customer:dave"} == numbers
     assert len(set(after.values())) == 4 and all(10**11 <= n < 10**12 for n in after.values())
     assert books.sql("SELECT COUNT(*) FROM liability_account") == [(4,)]
+
+
+def test_reserves_at_a_past_height_on_the_embedded_chain_are_those_of_that_block(books: Books) -> None:
+    height = books.chain.tip_height()
+    published = _publish(books)
+    then = books.ok("audit", "reserves", "--proof", str(books.tmp / "then.yaml"))
+    assert then["ok"] and then["reserves_sat"] == then["liabilities_sat"] == published["root"]["value_sat"]
+    books.pay({"erin": 1_000})
+    books.chain.mine(2, b"\x52")
+    later = books.ok("audit", "reserves", "--proof", str(books.tmp / "later.yaml"), "--height", str(height))
+    assert later["ok"] and later["height"] == height and later["tip_height"] == height + 3
+    assert (books.tmp / "later.yaml").read_text() == (books.tmp / "then.yaml").read_text()
+    assert books.ok("audit", "reserves")["reserves_sat"] == then["reserves_sat"] + 1_000
