@@ -27,9 +27,9 @@ OP_TRUE = b"\x51"
 class Books:
     """A store on the embedded chain whose customers are paid exact amounts."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, db_url: str | None = None) -> None:
         self.tmp = tmp
-        self.c = Custody(tmp / "home")
+        self.c = Custody(tmp / "home", db_url=db_url)
         self.c.env["CUSTODY_CHAIN"] = "embedded"
         self.chain: EmbeddedBackend = open_chain(tmp / "home" / "chain")
         key_ceremony(self.c, tmp, "p2wsh")
@@ -232,3 +232,39 @@ def test_reserves_at_a_past_height_on_the_embedded_chain_are_those_of_that_block
     assert later["ok"] and later["height"] == height and later["tip_height"] == height + 3
     assert (books.tmp / "later.yaml").read_text() == (books.tmp / "then.yaml").read_text()
     assert books.ok("audit", "reserves")["reserves_sat"] == then["reserves_sat"] + 1_000
+
+
+def test_account_nonces_appear_nowhere_but_in_their_files(books: Books) -> None:
+    """Not in the store (database and WAL), the audit log, the published file or any output."""
+    outputs = [json.dumps(_publish(books)), json.dumps(_publish(books, "again.txt"))]
+    files = _nonce_files(books)
+    for p in files.values():
+        result = books.c("audit", "check-inclusion", str(books.tmp / "again.txt"), "--nonce-file", str(p), "--json")
+        outputs += [result.stdout, result.stderr]
+    outputs.append(json.dumps(books.ok("audit", "log")))
+    stored = b"".join(p.read_bytes() for p in books.c.home.glob("custody.db*"))
+    published = (books.tmp / "liabilities.txt").read_bytes() + (books.tmp / "again.txt").read_bytes()
+    for p in files.values():
+        nonce = bytes.fromhex(json.loads(p.read_text())["account_nonce"])
+        for form in (nonce, nonce.hex().encode(), nonce.hex().upper().encode()):
+            assert form not in stored and form not in published
+            assert all(form.decode("latin-1") not in text for text in outputs)
+
+
+@pytest.mark.postgres
+def test_numbers_and_nonces_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    b = Books(tmp_path, db_url=pg_url)
+    try:
+        b.pay({"alice": 50_000_000, "bob": 123_456})
+        first = _publish(b)
+        assert first["accounts"] == 2 and len(first["new_nonces"]) == 2
+        assert _publish(b, "again.txt")["new_nonces"] == []
+        for key, p in _nonce_files(b).items():
+            owed = {"customer:alice": 50_000_000, "customer:bob": 123_456}[key]
+            assert (
+                b.ok("audit", "check-inclusion", str(tmp_path / "again.txt"), "--nonce-file", str(p))["balance_sat"]
+                == owed
+            )
+        assert b.ok("audit", "reserves")["ok"]
+    finally:
+        b.chain.close()

@@ -41,3 +41,16 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
         assert db.execute("SELECT total, entries FROM ledger_head").fetchone() == (0, 0)
     assert c("audit", "ledger").exit_code == 0
     assert c("audit", "log", "--verify").exit_code == 0
+
+
+def test_a_version_2_store_gets_the_liability_account_numbers_table(tmp_path: Path) -> None:
+    """Version 2 had no account numbers for the proof of liabilities: the table is created."""
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    with _db(c) as db:
+        db.execute("DROP TABLE liability_account")
+        db.execute("UPDATE custody_meta SET value = '2' WHERE key = 'schema_version'")
+    assert c("policy", "show").exit_code == 0
+    with _db(c) as db:
+        assert db.execute("SELECT value FROM custody_meta").fetchone()[0] == str(SCHEMA_VERSION) == "3"
+        assert db.execute("SELECT COUNT(*) FROM liability_account").fetchone()[0] == 0
