@@ -196,7 +196,13 @@ def test_a_shorter_tree_is_refused(published: tuple[list[str], dict[int, bytes],
 
 @pytest.mark.parametrize(
     "value, why",
-    [("-5", "must be DIGEST,VALUE"), (str(2**64), "overflows"), ("+5", "must be DIGEST,VALUE"), ("5 ", "DIGEST")],
+    [
+        ("-5", "must be DIGEST,VALUE"),
+        (str(2**64), "overflows"),
+        ("9" * 5000, "must be DIGEST,VALUE"),  # longer than any 8-byte value, and than int() reads
+        ("+5", "must be DIGEST,VALUE"),
+        ("5 ", "DIGEST"),
+    ],
 )
 def test_a_negative_or_overflowing_value_is_refused(
     published: tuple[list[str], dict[int, bytes], liabilities.Tree], value: str, why: str
@@ -226,7 +232,7 @@ def test_a_changed_height_or_header_is_refused(
     lines, nonces, _ = published
     moved = ["block_height:813", *lines[1:]]
     assert _check(moved, ALICE, nonces[ALICE]).matched == []  # the sub-nonce is of another height
-    for header in ("block_height:-1", "block_height: 812", "height:812", ""):
+    for header in ("block_height:-1", "block_height: 812", "height:812", "", "block_height:" + "9" * 5000):
         with pytest.raises(LiabilitiesFileError, match="line 1"):
             checker.parse("\n".join([header, *lines[1:]]))
 
@@ -263,3 +269,38 @@ def test_bitmex_validate_liabilities_reads_our_file_for_every_account(tmp_path: 
             assert int(validated.group(1).replace(",", "")) == owed and int(validated.group(2)) == account
             assert int(total.group(1).replace(",", "")) == sum(balances.values())
             assert total.group(2) == tree.root.digest.hex()
+
+
+@pytest.mark.skipif(
+    not BITMEX, reason="BITMEX_POR_DIR does not name a checkout of BitMEX/proof-of-reserves-liabilities"
+)
+def test_bitmex_readme_example_reads_the_same_in_our_checker_as_in_their_validator(tmp_path: Path) -> None:
+    """Their README's worked example (a tree their generator made), read from their checkout:
+    every node passes our rules, and our checker says for account 2 what their validator says
+    (which is 0 sat and another root than the README claims: the example is stale)."""
+    readme = (Path(str(BITMEX)) / "README.md").read_text()
+    lines = re.findall(r"^\s+(block_height:\d+|[0-9a-f]{64},\d+)$", readme, re.M)
+    assert lines and lines[0] == "block_height:100", "their README's example moved"
+    proof = tmp_path / "readme-example.txt"
+    proof.write_text("\n".join(lines) + "\n")
+    account, nonce = 2, re.search(r"--account 2 --account_nonce ([0-9a-f]{64})", readme)
+    assert nonce
+    run = subprocess.run(
+        [sys.executable, str(Path(str(BITMEX)) / "validate_liabilities.py"), "--proof", str(proof)]
+        + ["--account", str(account), "--account_nonce", nonce.group(1)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    print(run.stdout)
+    said_sub = re.search(r"Snapshot nonce for account 2 at height 100 is ([0-9a-f]{64})", run.stdout)
+    said_sats = re.search(r"Validated ([\d,]+) sats for account 2", run.stdout)
+    said_total = re.search(r"Total liabilities ([\d,]+) sats, root hash ([0-9a-f]{64})", run.stdout)
+    assert said_sub and said_sats and said_total, run.stdout
+    tree = checker.parse(proof.read_text())
+    assert checker.tree_problems(tree) == []
+    ours = checker.check_account(tree, account, account_nonce=bytes.fromhex(nonce.group(1)), expected=0)
+    assert checker.sub_nonce(bytes.fromhex(nonce.group(1)), 100, account).hex() == said_sub.group(1)
+    assert ours.ok and ours.balance == int(said_sats.group(1).replace(",", ""))
+    assert (ours.root_value, ours.root_digest) == (int(said_total.group(1).replace(",", "")), said_total.group(2))

@@ -132,6 +132,7 @@ class RpcBackend(ChainBackend):
         for _ in range(SNAPSHOT_ATTEMPTS):
             found: dict[tuple[str, int], Utxo] = {}
             tips: set[tuple[int, str]] = set()
+            wanted = set(scripts)
             for start in range(0, len(scripts), SCAN_CHUNK):
                 result = self._scan([{"desc": f"raw({h})"} for h in scripts[start : start + SCAN_CHUNK]])
                 tips.add(
@@ -142,7 +143,7 @@ class RpcBackend(ChainBackend):
                 )
                 for entry in _list(result.get("unspents"), "scantxoutset unspents"):
                     utxo = _utxo(entry)
-                    if utxo.script_pubkey.hex() in scripts:
+                    if utxo.script_pubkey.hex() in wanted:
                         found[(utxo.txid, utxo.vout)] = utxo
             if len(tips) == 1:
                 tip, best = tips.pop()

@@ -36,8 +36,9 @@ U64_MAX = 2**64 - 1
 MAX_ROWS = 64
 """More rows than this would need more than 2**63 leaves."""
 
-_HEADER = re.compile(r"block_height:(0|[1-9][0-9]*)")
-_NODE = re.compile(r"([0-9a-f]{64}),(0|[1-9][0-9]*)")
+# At most 20 digits: 2**64-1 has 20, and longer numbers are refused before int() reads them.
+_HEADER = re.compile(r"block_height:(0|[1-9][0-9]{0,19})")
+_NODE = re.compile(r"([0-9a-f]{64}),(0|[1-9][0-9]{0,19})")
 
 
 def u64(value: int) -> bytes:
@@ -97,7 +98,7 @@ def parse(text: str) -> Tree:
         raise LiabilitiesFileError("the file is empty")
     header = _HEADER.fullmatch(lines[0])
     if header is None:
-        raise LiabilitiesFileError(f"line 1 must be block_height:HEIGHT, not {lines[0][:80]!r}")
+        raise LiabilitiesFileError(f"line 1 must be block_height:HEIGHT (8 bytes at most), not {lines[0][:80]!r}")
     height = int(header.group(1))
     if height > U64_MAX:
         raise LiabilitiesFileError(f"line 1: block height {height} does not fit 8 bytes")
@@ -107,7 +108,7 @@ def parse(text: str) -> Tree:
         match = _NODE.fullmatch(line)
         if match is None:
             raise LiabilitiesFileError(
-                f"line {number} must be DIGEST,VALUE (64 lower-case hex digits, an unsigned decimal), "
+                f"line {number} must be DIGEST,VALUE (64 lower-case hex digits, an unsigned decimal of 8 bytes), "
                 f"not {line[:100]!r}"
             )
         value = int(match.group(2))
