@@ -16,16 +16,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from custody.books import liabilities
+from custody.books import inclusion, liabilities
 from custody.errors import InputError
 from custody.verify import liabilities as checker
 from custody.verify.errors import LiabilitiesFileError
 
 U64 = 2**64 - 1
 BITMEX = os.environ.get("BITMEX_POR_DIR")
+ALICE = 100000000001  # 50,000,000 sat
 
 
 def _balances() -> dict[int, int]:
@@ -144,9 +145,6 @@ def published() -> tuple[list[str], dict[int, bytes], liabilities.Tree]:
     return _lines(tree), nonces, tree
 
 
-ALICE = 100000000001  # 50,000,000 sat
-
-
 def _leaf_line(tree: liabilities.Tree, account: int, k: int = 0) -> int:
     """The line (0-based, header 0) of ``account``'s k-th leaf."""
     return len(tree.text().splitlines()) - len(tree.rows[-1]) + tree.leaves_of[account][k]
@@ -235,6 +233,45 @@ def test_a_changed_height_or_header_is_refused(
     for header in ("block_height:-1", "block_height: 812", "height:812", "", "block_height:" + "9" * 5000):
         with pytest.raises(LiabilitiesFileError, match="line 1"):
             checker.parse("\n".join([header, *lines[1:]]))
+
+
+# ---------------------------------------------------------------- hostile input
+
+_HOSTILE_TREE, _HOSTILE_NONCES = _built({ALICE: 50_000_000, 100000000002: 123_456, 100000000003: 7}, 99)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_a_mutated_file_is_refused_with_a_documented_error_or_reads_as_the_original(
+    tmp_path: Path, data: st.DataObject
+) -> None:
+    """Byte edits anywhere in the published file: exit 3 (InclusionFailed) or 2 (InputError),
+    never another error; a check that still passes read exactly the original tree."""
+    original = _HOSTILE_TREE.text().encode()
+    raw = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 3))):
+        if not raw:
+            break
+        op = data.draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        if op == "flip":
+            raw[pos] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "insert":
+            raw[pos:pos] = data.draw(st.sampled_from([b"\n", b",", b"-", b"0", b"a", b"\xff", b" "]))
+        elif op == "delete":
+            del raw[pos : pos + data.draw(st.integers(1, 90))]
+        else:
+            del raw[pos:]
+    path = tmp_path / "mutated.txt"
+    path.write_bytes(bytes(raw))
+    nonce = _HOSTILE_NONCES[ALICE].hex()
+    try:
+        result = inclusion.check_inclusion(path, account=ALICE, account_nonce=nonce, expected=50_000_000)
+    except (inclusion.InclusionFailed, InputError) as exc:
+        assert exc.exit_code in (2, 3) and str(exc)
+        return
+    assert result["balance_sat"] == 50_000_000
+    assert checker.parse(bytes(raw).decode()).rows == checker.parse(original.decode()).rows
 
 
 # ---------------------------------------------------------------- BitMEX's own validator
