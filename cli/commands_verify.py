@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from custody.books import reserves_proof
 from custody.errors import VerificationFailed
 from custody.issuance import verification
 from custody_cli import output
@@ -79,3 +80,30 @@ def verify_addresses(
 
 
 COMMANDS = [verify_group]
+
+
+@verify_group.command("reserves")
+@click.argument("proof", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--manifest",
+    "manifest_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The founders' key manifest the auditors hold.",
+)
+@json_option
+@example("custody verify reserves reserves.yaml --manifest founders.json")
+def verify_reserves(proof: Path, manifest_file: Path, as_json: bool) -> None:
+    """Check that a proof of reserves lists only the founders' multisig addresses (no store needed).
+
+    Its chain, claim and xpubs must be the manifest's, and every descriptor sortedmulti of
+    all the founders' keys at one position, whose address re-derives from the manifest.
+    BitMEX's validate_reserves.py then proves the amounts on a node. Exit 3 when not.
+    """
+    data = reserves_proof.verify_file(manifest_file, proof)
+    if as_json:
+        output.emit_json(data)
+        return
+    output.success(
+        f"{data['addresses']} address(es), {data['total_sat']} sat at height {data['height']}: the founders' multisig"
+    )

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, CScript, lx
 
+from custody.bitcoin.descriptors import add_checksum
 from custody.chain.embedded import COINBASE_MATURITY, EmbeddedBackend, open_chain
 from custody.verify import liabilities as checker
 from tests.support import Custody
@@ -268,3 +269,57 @@ def test_numbers_and_nonces_on_postgresql(tmp_path: Path, pg_url: str) -> None:
         assert b.ok("audit", "reserves")["ok"]
     finally:
         b.chain.close()
+
+
+# ---------------------------------------------------------------- the auditor's check of a proof of reserves
+
+
+def _proof_and_manifest(books: Books) -> tuple[dict[str, Any], Path]:
+    books.pay({"dave": 4_000, "erin": 5_000})
+    assert books.ok("audit", "reserves", "--proof", str(books.tmp / "reserves.yaml"))["ok"]
+    manifest = books.tmp / "founders.json"
+    assert books.c("policy", "manifest", "--out", str(manifest)).exit_code == 0
+    return json.loads((books.tmp / "reserves.yaml").read_text()), manifest
+
+
+def test_the_auditor_checks_that_the_proof_lists_only_the_founders_multisig(books: Books) -> None:
+    doc, manifest = _proof_and_manifest(books)
+    checked = books.ok("verify", "reserves", str(books.tmp / "reserves.yaml"), "--manifest", str(manifest))
+    assert checked["addresses"] == 5 and checked["total_sat"] == doc["total"] == 50_000_000 + 123_456 + 7 + 9_000
+    first = doc["address"][0]
+    xpubs = [k.split("/")[0] for k in first["script"].split("sortedmulti(2,")[1].split(")")[0].split(",")]
+    one_key = f"{first['script'].split('sortedmulti(2,')[0]}sortedmulti(1,{xpubs[0]}/0/0))"
+    forgeries = {
+        # BitMEX's validator accepts any descriptor in which one listed xpub appears: a 1-of-1
+        # of one founder's key is such a descriptor, and no longer the founders' multisig
+        "one founder": ("script", add_checksum(one_key), "founders' multisig"),
+        "threshold": (
+            "script",
+            add_checksum(first["script"].split("#")[0].replace("(2,", "(1,")),
+            "sortedmulti(2",
+        ),
+        "checksum": ("script", first["script"][:-1] + ("q" if first["script"][-1] != "q" else "p"), "checksum"),
+        "address": ("addr", doc["address"][1]["addr"], "is listed twice"),
+    }
+    for name, (field, value, why) in forgeries.items():
+        forged = json.loads(json.dumps(doc))
+        forged["address"][0][field] = value
+        if name == "address":
+            forged["address"][0] = dict(doc["address"][1])
+        (books.tmp / "forged.yaml").write_text(json.dumps(forged))
+        result = books.c("verify", "reserves", str(books.tmp / "forged.yaml"), "--manifest", str(manifest))
+        assert result.exit_code == 3 and why in result.stderr, (name, result.output)
+    for change, why in (
+        ({"chain": "main"}, "chain is"),
+        ({"claim": {"m": 1, "n": 3}}, "claim is"),
+        ({"total": doc["total"] + 1}, "add up to"),
+        ({"xpub": [*doc["xpub"], doc["xpub"][0]]}, "exactly the founders' keys"),
+    ):
+        (books.tmp / "forged.yaml").write_text(json.dumps(doc | change))
+        result = books.c("verify", "reserves", str(books.tmp / "forged.yaml"), "--manifest", str(manifest))
+        assert result.exit_code == 3 and why in result.stderr, (change, result.output)
+    moved = json.loads(json.dumps(doc))
+    moved["address"][0]["addr"] = doc["address"][1]["addr"]  # another position's address
+    (books.tmp / "forged.yaml").write_text(json.dumps(moved))
+    assert books.c("verify", "reserves", str(books.tmp / "forged.yaml"), "--manifest", str(manifest)).exit_code == 3
+    assert books.c("verify", "reserves", str(books.tmp / "none.yaml"), "--manifest", str(manifest)).exit_code == 2

@@ -142,6 +142,8 @@ def test_the_reserves_proof_at_a_past_height_is_what_the_node_scans_there(
     assert sorted(doc["xpub"]) == sorted(f["xpub"].split("]")[-1] for f in founders)
     kind = {"p2wsh": "multisig_wsh", "p2sh-p2wsh": "multisig_sh_wsh", "p2sh": "multisig_sh"}[script]
     assert {a["addr_type"] for a in doc["address"]} == {kind} and len(doc["address"]) >= 4
+    manifest = shop.c.home / "founders-manifest.json"
+    assert shop.ok("verify", "reserves", str(proof), "--manifest", str(manifest))["total_sat"] == doc["total"]
 
     with Rewound(rpc, height):
         for entry in doc["address"]:  # each descriptor, as the node derives and scans it

@@ -26,14 +26,18 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from custody.bitcoin.descriptors import add_checksum
 from custody.bitcoin.script import ScriptType
 from custody.chain.node import CORE_CHAIN
 from custody.chain.types import Snapshot
+from custody.errors import InputError, VerificationFailed
+from custody.issuance.verification import load_auditor_manifest
 from custody.policy.generator import AddressDeriver
 from custody.policy.model import Policy
+from custody.verify import reserves as reserves_checker
 
 ADDR_TYPES = {
     ScriptType.P2WSH: "multisig_wsh",
@@ -109,3 +113,31 @@ def build(policy: Policy, addresses: Sequence[StoredAddress], snapshot: Snapshot
         "address": [e for _, _, e in entries],
     }
     return ReservesProof(document, total, outputs, unproven)
+
+
+def verify_file(manifest_path: Path, proof_path: Path) -> dict[str, Any]:
+    """An auditor's check of a proof of reserves against the founders' manifest (custody.verify.reserves).
+
+    Returns the report; raises InputError for an unreadable manifest or proof (custody's
+    JSON form of the YAML), VerificationFailed listing what is not the founders' multisig.
+    """
+    manifest = load_auditor_manifest(manifest_path)
+    try:
+        doc = json.loads(proof_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"proof of reserves {proof_path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"proof of reserves {proof_path} is not readable JSON: {exc}") from None
+    report = reserves_checker.check_proof(manifest, doc)
+    if not report.ok:
+        shown = "; ".join(report.problems[:10])
+        more = f" (and {len(report.problems) - 10} more)" if len(report.problems) > 10 else ""
+        raise VerificationFailed(f"the proof of reserves is not the founders' multisig: {shown}{more}")
+    return {
+        "ok": True,
+        "chain": doc.get("chain"),
+        "height": doc.get("height"),
+        "block_hash": doc.get("block_hash"),
+        "addresses": report.addresses,
+        "total_sat": report.total,
+    }
