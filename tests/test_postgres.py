@@ -65,6 +65,9 @@ def test_team_store_round_trip(tmp_path: Path, pg_url: str) -> None:
     assert [a["index"] for a in issued] == [0, 1, 2, 3, 4]
     # a second operator machine: another home, same database, sees the same store
     other = Custody(tmp_path / "other", db_url=pg_url)
+    # it pins the founders-signed manifest from the shared store, after the fingerprint check
+    fingerprint = c.json("manifest", "show")["fingerprint"]
+    assert other("manifest", "pin", "--from-store", "--fingerprint", fingerprint).exit_code == 0
     assert [a["address"] for a in other.json("address", "list")] == [a["address"] for a in issued]
     raised = other("halt", "raise", "--reason", "pg halt", "--as", "alice", "--key", str(key))
     assert raised.exit_code == 0, raised.output

@@ -84,7 +84,7 @@ def load_trust(settings: Settings) -> Trust:
         data = read_bounded(path, MAX_MANIFEST_BYTES, "the pinned founders' manifest")
     except FileNotFoundError:
         raise StorageError(
-            f"no founders' manifest is pinned at {path}: `custody init --manifest FILE` (first machine) or "
+            f"no founders' manifest is pinned at {path}: `custody init MANIFEST` (first machine) or "
             "`custody manifest pin` (another machine), or set CUSTODY_MANIFEST"
         ) from None
     try:
