@@ -25,7 +25,15 @@ from custody.policy.manifest import (
 )
 from custody.policy.model import make_policy
 from custody_cli import output
-from custody_cli.context import AppContext, example, founder_key, json_option, pass_app, passphrase_options
+from custody_cli.context import (
+    AppContext,
+    example,
+    founder_key,
+    founder_key_option,
+    json_option,
+    pass_app,
+    passphrase_options,
+)
 
 
 def _read(path: Path, limit: int, what: str) -> bytes:
@@ -150,13 +158,7 @@ def manifest_draft(
 
 @manifest.command("sign")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--key",
-    "key_file",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The founder's encrypted key file.",
-)
+@founder_key_option
 @yes_option
 @passphrase_options
 @json_option
@@ -370,13 +372,7 @@ def roster_export(app: AppContext, out_file: Path, current: bool) -> None:
 
 @roster.command("sign")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--key",
-    "key_file",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The founder's encrypted key file.",
-)
+@founder_key_option
 @yes_option
 @passphrase_options
 @json_option

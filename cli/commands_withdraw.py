@@ -25,6 +25,7 @@ from custody_cli.context import (
     employee_key,
     example,
     founder_key,
+    founder_key_option,
     identity_options,
     json_option,
     pass_app,
@@ -323,13 +324,7 @@ def withdraw_show(app: AppContext, withdrawal_id: int, as_json: bool) -> None:
 
 @click.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--key",
-    "key_file",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The founder's encrypted key file.",
-)
+@founder_key_option
 @click.option(
     "--out",
     "out_file",

@@ -176,6 +176,17 @@ def employee_key(key_file: KeyRef, passphrase_file: Path | None) -> FileSigner |
     )
 
 
+def founder_key_option(f: F) -> F:
+    """``--key FILE``: a founder's encrypted key file (founders sign offline, never on a token here)."""
+    return click.option(
+        "--key",
+        "key_file",
+        required=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="The founder's encrypted key file.",
+    )(f)
+
+
 def founder_key(key_file: Path, passphrase_file: Path | None) -> FounderKey:
     if not key_file.exists():
         raise KeyFileError(f"key file {key_file} does not exist")
