@@ -24,6 +24,7 @@ from custody.policy.manifest import (
     unsigned,
 )
 from custody.policy.model import make_policy
+from custody.withdraw.signer import SignerState, pin_roster, state_path
 from custody_cli import output
 from custody_cli.context import (
     AppContext,
@@ -416,6 +417,24 @@ def roster_apply(app: AppContext, file: Path, as_json: bool) -> None:
         output.emit_json({"serial": r.serial, "digest": r.digest, "signed_by": sorted(r.signatures)})
         return
     output.success(f"roster #{r.serial} applied (signed by {', '.join(sorted(r.signatures))})")
+
+
+@roster.command("pin")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+@pass_app
+@example("custody roster pin roster-3.json")
+def roster_pin(app: AppContext, file: Path, as_json: bool) -> None:
+    """Offline: remember a founders' roster on this signer machine now, so that no PSBT under an
+    older roster is signed here (checked against the manifest pinned here)."""
+    pinned = read_manifest_file(app.settings.manifest).check()
+    state = SignerState.load(state_path(app.settings.manifest), pinned)
+    doc = json.loads(_read(file, MAX_ROSTER_BYTES, "roster"))
+    r = pin_roster(doc, pinned, state)
+    if as_json:
+        output.emit_json({"serial": r.serial, "digest": r.digest, "state": str(state.path)})
+        return
+    output.success(f"roster #{r.serial} pinned on this signer ({state.path})")
 
 
 COMMANDS = [manifest, roster]

@@ -553,3 +553,26 @@ def test_apply_refuses_a_skipped_or_repeated_serial(shop: EmbeddedShop) -> None:
     assert skipped.exit_code == 6 and "not the next roster" in skipped.stderr
     sign_and_apply(shop.c, shop.tmp, shop.founder_keys)
     assert shop.ok("roster", "show")["serial"] == current + 1
+
+
+def test_roster_pin_on_the_signer_refuses_older_rosters_from_then_on(shop: EmbeddedShop) -> None:
+    """A founder pins the newest roster on their signer by hand, before any PSBT carries it: a
+    PSBT under the previous roster is refused; an older or under-signed roster is not pinned."""
+    offline = Offline(shop, shop.tmp / "offline-pin")
+    old_psbt = _export(shop, _approved(shop))
+    old_roster = shop.tmp / "roster-old-current.json"
+    old_roster.unlink(missing_ok=True)
+    assert shop.c("roster", "export", "--current", "--out", str(old_roster)).exit_code == 0
+    shop.employees.update(enrol(shop.c, shop.tmp, shop.founder_keys, ["hank"]))
+    newest = shop.tmp / "roster-newest-current.json"
+    newest.unlink(missing_ok=True)
+    assert shop.c("roster", "export", "--current", "--out", str(newest)).exit_code == 0
+    one = json.loads(newest.read_text())
+    one["signatures"] = one["signatures"][:1]
+    under = shop.tmp / "roster-under-signed.json"
+    under.write_text(json.dumps(one))
+    _refused(run_cli(offline.env, "roster", "pin", str(under)), 4, "a roster needs 2")
+    pinned = run_cli(offline.env, "roster", "pin", str(newest), "--json")
+    assert pinned.returncode == 0, pinned.stderr
+    _refused(run_cli(offline.env, "roster", "pin", str(old_roster)), 4, "older than")
+    _refused(offline.sign(old_psbt), 4, "older than roster")

@@ -136,6 +136,27 @@ def state_path(manifest_path: Path) -> Path:
     return manifest_path.with_name(STATE_NAME)
 
 
+def pin_roster(doc: object, pinned: SignedManifest, state: SignerState) -> Roster:
+    """Remember a founders' roster on this signer machine without waiting for a PSBT to carry it
+    (for example right after the founders signed one that disables an employee).
+
+    Raises ApprovalError (not m founders of the pinned manifest, older than or forking the one
+    seen), InputError, StorageError.
+    """
+    pinned.check()
+    policy = pinned.policy
+    founders = Founders(policy.network.name, pinned.digest, policy.threshold, pinned.founder_pubkeys())
+    roster = parse_roster(doc)
+    problems = roster_problems(roster, founders)
+    if problems:
+        raise ApprovalError(f"roster #{roster.serial} is not the founders' roster: " + "; ".join(problems))
+    if roster.serial < state.serial or (roster.serial == state.serial and roster.digest != state.digest):
+        raise ApprovalError(f"roster #{roster.serial} is older than, or another than, roster #{state.serial} seen here")
+    state.serial, state.digest = roster.serial, roster.digest
+    state.save()
+    return roster
+
+
 # ---------------------------------------------------------------- reading the PSBT
 
 
