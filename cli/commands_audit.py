@@ -27,8 +27,16 @@ def audit() -> None:
 
 
 def _halted(report: dict[str, Any], what: str) -> HaltedError:
-    halt = f"; trading is halted (halt #{report['halt_id']})" if report.get("halt_id") else ""
+    if report.get("halt_error"):
+        halt = f"; {report['halt_error']}"
+    else:
+        halt = f"; trading is halted (halt #{report['halt_id']})" if report.get("halt_id") else ""
     return HaltedError(f"{what}{halt}")
+
+
+def _warn(report: dict[str, Any]) -> None:
+    for warning in report.get("warnings", []):
+        output.warning(warning)
 
 
 @audit.command("ledger")
@@ -97,6 +105,7 @@ def audit_reserves(app: AppContext, proof: Path | None, height: int | None, as_j
             output.line(f"UNPROVEN {problem}", style="red")
         if report["proof"]:
             output.success(f"proof of reserves ({report['addresses']} addresses) written to {report['proof']}")
+    _warn(report)
     if not report["ok"]:
         if report["difference_sat"] < 0:
             raise _halted(report, f"reserves are short of liabilities by {-report['difference_sat']} sat")
@@ -225,6 +234,7 @@ def audit_log_command(
         else:
             for p in report["problems"]:
                 output.line(f"entry {p['seq']}: {p['reason']}", style="red")
+        _warn(report)
         if not report["ok"]:
             raise _halted(report, f"the audit log is broken ({len(report['problems'])} problem(s))")
         return

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 
 import click
 
+from custody.config import parse_lease
 from custody.control import halt as halt_lib
+from custody.errors import StorageError
 from custody_cli import output
 from custody_cli.context import (
     AppContext,
@@ -39,6 +44,7 @@ def halt_status(app: AppContext, as_json: bool) -> None:
         output.line("trading: running", style="green")
     else:
         output.line("trading: HALTED", style="bold red")
+    if state.halts and not as_json:
         output.table(
             "Active halts",
             ["id", "raised", "by", "source", "reason", "lift signatures"],
@@ -48,15 +54,72 @@ def halt_status(app: AppContext, as_json: bool) -> None:
                     h["raised_at"],
                     h["raised_by"],
                     h["source"],
-                    h["reason"],
+                    h["reason"] + (f" [{h['problem']}]" if h.get("problem") else ""),
                     ", ".join(h["lift_signatures"]) or "-",
                 )
                 for h in state.halts
             ],
         )
+    if state.pending and not as_json:
+        output.table(
+            "Halts waiting in the halt file for the store",
+            ["requested", "by", "source", "reason"],
+            [(p.get("at"), p.get("actor"), p.get("source"), p.get("reason")) for p in state.pending],
+        )
     for w in state.warnings:
         output.warning(w)
     click.get_current_context().exit(3 if state.halted else 0)
+
+
+@halt.command("watch")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.05, 3600),
+    default=2.0,
+    show_default=True,
+    help="Seconds between two reads of the store.",
+)
+@click.option(
+    "--lease",
+    type=str,
+    default=None,
+    help="Seconds each write of the halt file holds (valid_until); longer than the interval. "
+    "[default: $CUSTODY_HALT_LEASE, else 60]",
+)
+@pass_app
+@example("custody halt watch --interval 2 --lease 30   (run it as a service on every operator machine)")
+def halt_watch(app: AppContext, interval: float, lease: str | None) -> None:
+    """Keep this machine's halt file fresh from the store until SIGTERM or Ctrl-C.
+
+    Every interval it replays halts waiting in the halt file, reads the store and rewrites
+    the file with a new lease; the hook runs when the state changes. Exit 0 when stopped.
+    """
+    seconds = parse_lease(lease, "--lease") if lease is not None else app.settings.halt_lease
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    last_warnings: list[str] = []
+
+    def report(state: halt_lib.HaltState, changed: bool) -> None:
+        nonlocal last_warnings
+        if changed:
+            where = f"audit entry {state.seq}" if state.seq is not None else "store not read"
+            verdict = "HALTED" if state.halted else "running"
+            output.info(f"trading: {verdict} ({where}; halt file {app.settings.halt_file})")
+        if state.warnings != last_warnings:
+            for w in state.warnings:
+                output.warning(w)
+            last_warnings = list(state.warnings)
+
+    try:
+        halt_lib.watch(app.db, app.settings, interval=interval, lease=seconds, stop=stop.wait, report=report)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    output.info("halt watch stopped")
 
 
 @halt.command("raise")
@@ -74,9 +137,19 @@ def halt_raise(
     for w in result.state.warnings:
         output.warning(w)
     if as_json:
-        output.emit_json({"halt_id": result.id, "state": result.state.to_dict()})
-        return
-    output.line(f"halt #{result.id} raised: trading is halted", style="bold red")
+        output.emit_json(
+            {
+                "halt_id": result.id,
+                "stored": result.stored,
+                "engine_halted": result.engine_halted,
+                "problems": list(result.problems),
+                "state": result.state.to_dict(),
+            }
+        )
+    if not result.stored or not result.engine_halted:
+        raise StorageError(result.describe())
+    if not as_json:
+        output.line(f"halt #{result.id} raised: trading is halted", style="bold red")
 
 
 @halt.command("lift")

@@ -58,7 +58,14 @@ def verify_addresses(
             raise_halt=not no_halt,
         )
     report = outcome.report
-    data = report.to_dict() | ({"halt_id": outcome.halt_id} if outcome.halt_id else {})
+    data = report.to_dict()
+    if outcome.halt:
+        data["halt_id"] = outcome.halt_id
+        data["halt"] = {
+            "stored": outcome.halt.stored,
+            "engine_halted": outcome.halt.engine_halted,
+            "problems": list(outcome.halt.problems),
+        }
     if as_json:
         output.emit_json(data)
     else:
@@ -66,12 +73,14 @@ def verify_addresses(
             output.line(f"FAIL {f.address} ({f.chain}/{f.index}): {f.reason}", style="red")
         if report.ok:
             output.success(f"all {report.checked} address(es) verified against the founders' manifest")
+    for w in [*outcome.warnings, *(outcome.halt.state.warnings if outcome.halt else [])]:
+        output.warning(w)
     if not report.ok:
         suffix = (
             ""
             if no_halt
-            else "; trading is halted"
-            if outcome.halt_id
+            else f"; {outcome.halt.describe()}"
+            if outcome.halt
             else "; no custody store here: raise the halt on it"
         )
         raise VerificationFailed(

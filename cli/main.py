@@ -11,7 +11,7 @@ import click
 
 from custody import __version__
 from custody.config import Settings
-from custody.control import witness
+from custody.control import halt_file, witness
 from custody.errors import CustodyError
 from custody_cli import output
 from custody_cli.context import AppContext
@@ -117,6 +117,22 @@ def cli(ctx: click.Context, home: str | None, db_url: str | None, halt_file: str
       custody --home ./vault status
     """
     ctx.obj = AppContext(Settings.load(home=home, db_url=db_url, halt_file=halt_file, manifest=manifest))
+    _replay_halts(ctx.obj)
+
+
+def _replay_halts(app: AppContext) -> None:
+    """Halts waiting in the halt file (the store was down) reach the store before any command.
+
+    One read of the halt file when none waits. The store still down: a warning, and the halt
+    file keeps saying halted.
+    """
+    if not halt_file.pending(app.settings.halt_file):
+        return
+    from custody.control import halt as halt_lib
+
+    state = halt_lib.publish(app.db, app.settings, hook=None)
+    for w in state.warnings:
+        output.warning(w)
 
 
 def _register() -> None:

@@ -48,6 +48,8 @@ class Settings:
     """Data directory of the embedded regtest chain (default HOME/chain)."""
     witness_file: Path = Path("witness.jsonl")
     """The local witness of the audit log's head, appended after every command (default HOME/witness.jsonl)."""
+    halt_lease: float = 60.0
+    """Seconds a halt file that allows trading holds (its ``valid_until``)."""
 
     @classmethod
     def load(
@@ -76,6 +78,7 @@ class Settings:
         if chain not in CHAIN_BACKENDS:
             raise InputError(f"CUSTODY_CHAIN must be one of {', '.join(CHAIN_BACKENDS)}, not {chain!r}")
         chain_datadir = env.get("CUSTODY_CHAIN_DATADIR") or str(home_path / "chain")
+        lease = parse_lease(env.get("CUSTODY_HALT_LEASE") or "60", "CUSTODY_HALT_LEASE")
         return cls(
             home_path,
             url,
@@ -89,4 +92,19 @@ class Settings:
             chain=chain,
             chain_datadir=Path(chain_datadir).expanduser(),
             witness_file=Path(env.get("CUSTODY_WITNESS_FILE") or str(home_path / "witness.jsonl")).expanduser(),
+            halt_lease=lease,
         )
+
+
+MAX_LEASE = 86400.0
+
+
+def parse_lease(value: str, what: str) -> float:
+    """Seconds of a halt file's lease: a number in (0, 86400]. Raises InputError."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise InputError(f"{what} must be a number of seconds, not {value!r}") from None
+    if not 0 < seconds <= MAX_LEASE:
+        raise InputError(f"{what} must be more than 0 and at most {MAX_LEASE:.0f} seconds")
+    return seconds

@@ -1,8 +1,11 @@
-"""Crash points for the crash-safety tests.
+"""Crash and pause points for the crash-safety and race tests.
 
 ``crash_point("name")`` kills this process with SIGKILL when ``CUSTODY_CRASH_AT`` equals
 ``name``: the tests run a real command in a subprocess, kill it at each step, run it again
-and check that nothing was lost or done twice. Unset, it costs one dictionary lookup.
+and check that nothing was lost or done twice. ``pause_point("name")`` stops this process
+with SIGSTOP when ``CUSTODY_PAUSE_AT`` equals ``name``, as a slow or swapped-out process
+would stand still there, until the test sends SIGCONT. Unset, each costs one dictionary
+lookup.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import signal
 POINTS = (
     "issuance.allocated",  # inside the issuing transaction, indexes taken, nothing stored
     "issuance.committed",  # addresses stored, not yet shown
-    "halt.stored",  # halt committed, halt file not yet written
+    "halt.published",  # halt file says halted (the halt pending in it), hook run; store not yet told
+    "halt.stored",  # halt committed, halt file not yet rewritten (it says halted since before the commit)
     "withdrawal.requested",  # inside the request transaction, inputs reserved
     "withdrawal.approved",  # approval committed, not yet shown
     "withdrawal.imported",  # signatures merged and committed
@@ -23,7 +27,16 @@ POINTS = (
 )
 
 
+PAUSE_POINTS = ("halt.state_read",)  # halt state read from the store, halt file not yet written
+
+
 def crash_point(name: str) -> None:
     """SIGKILL this process when CUSTODY_CRASH_AT names this point (tests only)."""
     if os.environ.get("CUSTODY_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause_point(name: str) -> None:
+    """SIGSTOP this process when CUSTODY_PAUSE_AT names this point (tests only)."""
+    if os.environ.get("CUSTODY_PAUSE_AT") == name:
+        os.kill(os.getpid(), signal.SIGSTOP)

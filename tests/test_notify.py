@@ -389,7 +389,7 @@ def test_receiver_down_then_up_gets_every_event_once_in_order(
     waiting = c.json("notify", "pending")
     (hook,) = waiting
     events = [p["event"] for p in hook["pending"]]
-    assert events == ["halt.raised", "halt.lifted", "verification.run", "halt.raised"]
+    assert events == ["halt.raised", "halt.lifted", "halt.raised", "verification.run"]  # the halt first
     assert hook["attempts"] == 1 and "unreachable" in hook["last_error"] and hook["deliverable_here"]
 
     receiver.up()
@@ -401,7 +401,7 @@ def test_receiver_down_then_up_gets_every_event_once_in_order(
     seqs = [s for s, _ in got]
     assert seqs == sorted(set(seqs))  # in order, each once
     assert [p["seq"] for p in hook["pending"]] == seqs
-    assert receiver.received[2]["doc"]["notification"] == "verification.failed"
+    assert receiver.received[3]["doc"]["notification"] == "verification.failed"
 
     # Nothing twice: another retry and more commands deliver only what is new.
     assert c("notify", "retry").exit_code == 0
@@ -440,12 +440,12 @@ def test_halt_while_every_channel_is_down_takes_effect_and_is_delivered_by_retry
     receiver.up()
     retried = c("notify", "retry", "--json")
     assert retried.exit_code == 0, retried.output
-    assert [e for _, e in receiver.events()] == ["notify.recipient_added", "verification.run", "halt.raised"]
+    assert [e for _, e in receiver.events()] == ["notify.recipient_added", "halt.raised", "verification.run"]
     subjects = [
         str(email.message_from_bytes(m, policy=email.policy.default)["Subject"])
         for m in mailbox.to("ops@exchange.example")
     ]
-    assert len(subjects) == 2 and "verification FAILED" in subjects[0] and "HALT" in subjects[1]
+    assert len(subjects) == 2 and "HALT" in subjects[0] and "verification FAILED" in subjects[1]
     for raw in mailbox.to("ops@exchange.example"):
         signed, signature, _ = _signed_parts(raw)
         _verify(side, signed, signature, tmp_path)

@@ -179,13 +179,16 @@ def audit_ledger(db: Database, settings: Settings, *, halt_on_failure: bool = Tr
         "seconds": round(time.perf_counter() - started, 3),
         "halt_id": None,
     }
-    _record(db, "audit.ledger", {"ok": not problems, "failures": len(problems), "entries": count})
     if problems and halt_on_failure:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raised = halt.raise_halt(
-            db, settings, reason=f"ledger audit failed: {problems[0]}{more}", source="ledger", actor="auditor"
+        _halt_first(
+            db,
+            settings,
+            report,
+            reason=f"ledger audit failed: {problems[0]}{more}",
+            source="ledger",
         )
-        report["halt_id"] = raised.id
+    _record(db, "audit.ledger", {"ok": not problems, "failures": len(problems), "entries": count}, report)
     return report
 
 
@@ -258,6 +261,16 @@ def audit_reserves(
         "at": iso(now()),
         "halt_id": None,
     }
+    if not ok:
+        reasons = []
+        if difference < 0:
+            reasons.append(
+                f"reserves short by {-difference} sat: {built.total} sat on chain at our addresses against "
+                f"{liabilities_sat} sat of customer liabilities (height {snapshot.height})"
+            )
+        reasons += built.unproven[:3]
+        more = f" (and {len(built.unproven) - 3} more)" if len(built.unproven) > 3 else ""
+        _halt_first(db, settings, report, reason="; ".join(reasons) + more, source="reserves")
     _record(
         db,
         "audit.reserves",
@@ -270,25 +283,33 @@ def audit_reserves(
             "block_hash": snapshot.block_hash,
             "tip_height": report["tip_height"],
         },
+        report,
     )
-    if not ok:
-        reasons = []
-        if difference < 0:
-            reasons.append(
-                f"reserves short by {-difference} sat: {built.total} sat on chain at our addresses against "
-                f"{liabilities_sat} sat of customer liabilities (height {snapshot.height})"
-            )
-        reasons += built.unproven[:3]
-        more = f" (and {len(built.unproven) - 3} more)" if len(built.unproven) > 3 else ""
-        raised = halt.raise_halt(db, settings, reason="; ".join(reasons) + more, source="reserves", actor="auditor")
-        report["halt_id"] = raised.id
     return report
 
 
-def _record(db: Database, event: str, payload: dict[str, Any]) -> None:
-    """Every audit run is itself a custody event in the log."""
-    with db.transaction() as s:
-        audit_log.append(s, event, "auditor", payload)
+def _halt_first(db: Database, settings: Settings, report: dict[str, Any], *, reason: str, source: str) -> None:
+    """Raise the halt before anything else is written: the halt file and hook first, then the
+    store. Where it stands goes into the report (``halt_id``, ``halt_stored``, ``halt_error``)."""
+    raised = halt.raise_halt(db, settings, reason=reason, source=source, actor="auditor")
+    report["halt_id"] = raised.id
+    report["halt_stored"] = raised.stored
+    report["engine_halted"] = raised.engine_halted
+    if not raised.stored or not raised.engine_halted:
+        report["halt_error"] = raised.describe()
+    report.setdefault("warnings", []).extend(raised.state.warnings)
+
+
+def _record(db: Database, event: str, payload: dict[str, Any], report: dict[str, Any]) -> None:
+    """Every audit run is itself a custody event in the log. After a halt, a store that
+    cannot record the run is a warning: the command still exits 3 for the halt."""
+    try:
+        with db.transaction() as s:
+            audit_log.append(s, event, "auditor", payload)
+    except CustodyError as exc:
+        if report.get("ok", True):
+            raise
+        report.setdefault("warnings", []).append(f"the audit run could not be recorded: {exc}")
 
 
 def audit_log_check(
@@ -335,12 +356,9 @@ def audit_log_check(
     if problems and halt_on_failure:
         first = problems[0]
         reason = f"the audit log is broken at entry {first.seq}: {first.reason} ({len(problems)} problem(s))"
-        try:
-            report["halt_id"] = halt.raise_halt(db, settings, reason=reason, source="audit-log", actor="auditor").id
-        except CustodyError as exc:
-            # A forged entry past the head makes every append fail: the store cannot record
-            # the halt, but the halt file already says halted (raise_halt writes it first).
-            report["halt_error"] = str(exc)
+        # A forged entry past the head makes every append fail: the store cannot record the
+        # halt, but the halt file says halted (raise_halt writes it first) and keeps it pending.
+        _halt_first(db, settings, report, reason=reason, source="audit-log")
     return report
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from custody import verify
 from custody.config import Settings
 from custody.control import audit_log, halt
-from custody.errors import InputError
+from custody.errors import CustodyError, InputError, StorageError
 from custody.issuance import record
 from custody.issuance.issuer import count_addresses, iter_addresses
 from custody.store.db import Database
@@ -24,6 +24,8 @@ class Outcome:
     report: verify.Report
     halt_id: int | None
     store: bool  # whether a custody store was there to record the run (and the halt)
+    halt: halt.RaisedHalt | None = None
+    warnings: tuple[str, ...] = ()
 
 
 def load_auditor_manifest(path: Path) -> verify.Manifest:
@@ -90,25 +92,36 @@ def run(
             report.failures.extend(check_against_log(db))
     except verify.ExportError as exc:
         report = verify.Report(checked=0, failures=[verify.Failure("(export file)", -1, -1, str(exc))])
-    store = export is None or db.exists()
-    halt_id = None
-    if store:
-        with db.transaction() as s:
-            audit_log.append(
-                s,
-                "verification.run",
-                "verifier",
-                {
-                    "source": str(export) if export else "store",
-                    "checked": report.checked,
-                    "failures": len(report.failures),
-                },
-            )
+    try:
+        store = export is None or db.exists()
+    except StorageError:
+        store = True  # a store that cannot be reached now is still a store: halt it (fail closed)
+    raised = None
     if not report.ok and raise_halt and store:
+        # Halt first: the halt file and the hook before anything else touches the store, so a
+        # crash, a full disk or a dead database from here on still leaves the engine halted.
         first = report.failures[0]
         reason = (
             f"address verification failed: {len(report.failures)} problem(s); first: "
             f"{first.address} at {first.chain}/{first.index}: {first.reason}"
         )
-        halt_id = halt.raise_halt(db, settings, reason=reason, source="verification", actor="verifier").id
-    return Outcome(report, halt_id, store)
+        raised = halt.raise_halt(db, settings, reason=reason, source="verification", actor="verifier")
+    warnings: list[str] = []
+    if store:
+        try:
+            with db.transaction() as s:
+                audit_log.append(
+                    s,
+                    "verification.run",
+                    "verifier",
+                    {
+                        "source": str(export) if export else "store",
+                        "checked": report.checked,
+                        "failures": len(report.failures),
+                    },
+                )
+        except CustodyError as exc:
+            if report.ok:
+                raise
+            warnings.append(f"the verification run could not be recorded: {exc}")
+    return Outcome(report, raised.id if raised else None, store, raised, tuple(warnings))
