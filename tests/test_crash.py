@@ -1,4 +1,7 @@
-"""Kill the tool with SIGKILL at every step, run it again: nothing lost, nothing done twice."""
+"""Kill the tool with SIGKILL at every step, run it again: nothing lost, nothing done twice.
+
+Pause points (custody.faults.PAUSE_POINTS) stop a process instead; tests/test_halt_file.py
+uses them to hold a `halt status` between its read and its write."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import pytest
 from custody.chain.regtest import NodeInfo
 from custody.chain.rpc import RpcClient
 from custody.control.audit_log import verify_chain
-from custody.faults import POINTS
+from custody.faults import PAUSE_POINTS, POINTS
 from custody.store.db import Database
 from tests.support import Custody, founders, run_cli
 from tests.withdraw_support import Shop
@@ -32,6 +35,12 @@ def test_every_crash_point_is_exercised() -> None:
     here = Path(__file__).read_text()
     for point in POINTS:
         assert f'"{point}"' in here, point
+
+
+def test_every_pause_point_is_exercised() -> None:
+    there = (Path(__file__).parent / "test_halt_file.py").read_text()
+    for point in PAUSE_POINTS:
+        assert f'CUSTODY_PAUSE_AT="{point}"' in there, point
 
 
 @pytest.mark.parametrize("point,stored", [("issuance.allocated", 0), ("issuance.committed", 5)])
@@ -63,6 +72,37 @@ def test_halt_killed_before_the_mirror_is_written_still_reads_halted(tmp_path: P
     assert run_cli(c.env, "address", "new", "--account", "a").returncode == 3
     status = run_cli(c.env, "halt", "status", "--json")
     assert status.returncode == 3 and json.loads(status.stdout)["halts"][0]["reason"] == "drill"
+    _audit_intact(c.home)
+
+
+@pytest.mark.parametrize("point", ["halt.published", "halt.stored"])
+def test_verification_killed_between_detection_and_the_store_leaves_trading_halted(tmp_path: Path, point: str) -> None:
+    """The halt file and hook come first: killed before the store records the halt (or just
+    after, before the file is rewritten), the engine reads halted, and the next command
+    records the halt in the store once."""
+    import sqlite3
+
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    assert c("address", "new", "--account", "a", "--count", "3").exit_code == 0
+    manifest = tmp_path / "auditors.json"
+    assert c("policy", "manifest", "--out", str(manifest)).exit_code == 0
+    assert run_cli(c.env, "halt", "status").returncode == 0
+    db = sqlite3.connect(c.home / "custody.db")
+    db.execute("UPDATE address SET account = 'mallory', address = address || 'q' WHERE idx = 2")
+    db.commit()
+    db.close()
+    killed = run_cli(c.env, "verify", "addresses", "--manifest", str(manifest), "--workers", "1", crash_at=point)
+    assert killed.returncode == KILLED, killed.stderr
+    doc = json.loads((c.home / "halt.json").read_text())
+    assert doc["halted"] is True  # the engine stops whatever happens next
+    if point == "halt.published":
+        assert doc["pending"][0]["source"] == "verification"
+    assert run_cli(c.env, "address", "new", "--account", "a").returncode == 3
+    status = run_cli(c.env, "halt", "status", "--json")
+    assert status.returncode == 3
+    after = json.loads(status.stdout)
+    assert [h["source"] for h in after["halts"]] == ["verification"] and "pending" not in after
     _audit_intact(c.home)
 
 

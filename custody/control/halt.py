@@ -407,12 +407,12 @@ def publish(
     """
     warnings = replay_pending(db, settings)
     state = state or read_state(db)
+    pause_point("halt.state_read")
     state.warnings[:0] = warnings
     lease = settings.halt_lease if lease is None else lease
     force_over: int | None = None
     for _ in range(5):
         want = halt_file.Doc(state.halted, state.seq, state.halts, recorded=state.recorded, error=state.error)
-        pause_point("halt.state_read")
         written = halt_file.write(settings.halt_file, want, lease=lease, force_over=force_over)
         if written.newer is None:
             break
