@@ -154,6 +154,11 @@ def test_a_halt_row_deleted_by_sql_is_still_a_halt(shop: tuple[Custody, dict[str
     refused = c("address", "new", "--account", "a")
     assert refused.exit_code == 3 and "deleted" in refused.stderr
     assert c.json("address", "list") == []
+    # SQLite would hand the deleted row's id out again: a new halt gets one no halt ever had.
+    other = _raise(c, keys, "another", who="carol")
+    assert other > halt_id
+    _lift_both(c, keys, other)
+    assert c("halt", "status").exit_code == 3
     # Two employees can still lift it: its row comes back from the log first.
     _lift_both(c, keys, halt_id)
     assert c("halt", "status").exit_code == 0 and _engine(c)

@@ -274,14 +274,14 @@ def _derive(s: Session, seq: int) -> tuple[list[dict[str, Any]], frozenset[str]]
     active: list[dict[str, Any]] = []
     seen: set[int] = set()
     for h in halts:
-        if h is not by_id[h.id][-1]:
-            continue  # the id was used again (a row deleted, its id reused): the later halt counts
         seen.add(h.id)
         problem = _lift_problem(s, h, events) if h.lifted_seq is not None else None
         if h.lifted_seq is not None and h.lifted_seq <= seq and problem is None:
             continue  # lifted, with two valid signatures, by the entry this state reflects
         row = s.get(HaltRow, h.id)
-        if h.lifted_seq is None and row is None:
+        if h is not by_id[h.id][-1]:
+            problem = "a later halt was raised under its id (its row was replaced outside the tool)"
+        elif h.lifted_seq is None and row is None:
             problem = "its row was deleted outside the tool"
         elif h.lifted_seq is None and row is not None and not row.active:
             problem = "its row says lifted; the audit log does not"
@@ -616,7 +616,15 @@ def _record(db: Database, entry: dict[str, Any], trust: Trust | None) -> int:
         source, actor, reason = _checked_origin(s, entry, trust)
         components = tuple(c for c in entry.get("components") or COMPONENTS if c in COMPONENTS) or COMPONENTS
         signature = entry.get("signature") if isinstance(entry.get("signature"), str) else None
-        halt = HaltRow(raised_at=now(), raised_by=actor, source=source, reason=reason, signature=signature, active=True)
+        halt = HaltRow(
+            id=_next_halt_id(s),
+            raised_at=now(),
+            raised_by=actor,
+            source=source,
+            reason=reason,
+            signature=signature,
+            active=True,
+        )
         s.add(halt)
         s.flush()
         s.refresh(halt)  # raised_at as the store gives it back: what a lift will sign
@@ -637,6 +645,15 @@ def _record(db: Database, entry: dict[str, Any], trust: Trust | None) -> int:
             signature,
         )
         return int(halt.id or 0)
+
+
+def _next_halt_id(s: Session) -> int:
+    """An id no halt ever had, by the table or the log (the caller holds the head's lock):
+    SQLite would hand a deleted last row's id out again, and a lift signed for the old halt
+    must never apply to a new one."""
+    in_table = s.exec(select(func.max(HaltRow.id))).one() or 0
+    in_log = max((h.id for h in _read_log(s)[0]), default=0)
+    return max(in_table, in_log) + 1
 
 
 def _checked_origin(s: Session, entry: dict[str, Any], trust: Trust | None) -> tuple[str, str, str]:
