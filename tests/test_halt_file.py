@@ -284,11 +284,12 @@ import sys
 from pathlib import Path
 from custody.config import Settings
 from custody.control import halt
+from custody.identity.employee_keys import FileSigner
 from custody.identity.keyfile import open_employee_key
 from custody.store.db import Database
 settings = Settings.load()
 db = Database(settings.db_url)
-key = open_employee_key(Path(sys.argv[1]), sys.argv[2])
+key = FileSigner(open_employee_key(Path(sys.argv[1]), sys.argv[2]))
 for line in sys.stdin:
     raised = halt.raise_by_employee(db, settings, "bob", key, line.strip())
     assert raised.stored and raised.engine_halted, raised.problems
@@ -302,6 +303,7 @@ def test_raises_racing_status_polls_never_leave_trading_allowed(shop: tuple[Cust
     engine's file says halted for as long as the halt stands."""
     from custody.config import Settings
     from custody.control import halt
+    from custody.identity.employee_keys import FileSigner
     from custody.identity.keyfile import open_employee_key
     from tests.support import PASSPHRASE
 
@@ -320,7 +322,7 @@ def test_raises_racing_status_polls_never_leave_trading_allowed(shop: tuple[Cust
     assert poller.stdin and raiser.stdin and raiser.stdout
     settings = Settings.load(env=c.env)
     db = Database(settings.db_url)
-    lifters = {n: open_employee_key(keys[n], PASSPHRASE) for n in ("alice", "carol")}
+    lifters = {n: FileSigner(open_employee_key(keys[n], PASSPHRASE)) for n in ("alice", "carol")}
     try:
         for round_ in range(30):
             raiser.stdin.write(f"race {round_}\n")
