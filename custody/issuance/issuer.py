@@ -279,6 +279,9 @@ def list_addresses(db: Database, account: str | None = None, chain: int | None =
 
 def get_address(db: Database, address: str) -> IssuedAddress:
     """Raises NotFound when ``address`` was not issued by this store."""
+    if not address.strip().isascii() or not address.strip().isprintable():
+        # No address has such characters (a lone surrogate could not even be sent to the store).
+        raise NotFound(f"address {ascii(address)[:100]} was not issued by this store")
     db.check_schema()
     with db.transaction() as s:
         row = s.exec(select(AddressRow).where(AddressRow.address == address.strip())).first()
