@@ -48,6 +48,11 @@ class Policy:
         keys = ",".join(f"{f.key}/{chain}/*" for f in self.founders)
         return add_checksum(self.script_type.wrap(f"sortedmulti({self.threshold},{keys})"))
 
+    def multipath_descriptor(self) -> str:
+        """Receive and change in one BIP-389 descriptor (``xpub/<0;1>/*``), with checksum."""
+        keys = ",".join(f"{f.key}/<{RECEIVE};{CHANGE}>/*" for f in self.founders)
+        return add_checksum(self.script_type.wrap(f"sortedmulti({self.threshold},{keys})"))
+
     def descriptors(self) -> dict[str, str]:
         return {"receive": self.descriptor(RECEIVE), "change": self.descriptor(CHANGE)}
 
