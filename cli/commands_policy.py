@@ -11,6 +11,8 @@ from custody.control.halt import publish
 from custody.control.roster import manifest_in_store, pin_manifest
 from custody.control.wallet import init_store, load_policy
 from custody.errors import Conflict, InputError
+from custody.files import write_atomic
+from custody.policy.setupfiles import FORMATS, descriptor_text, export_policy
 from custody_cli import output
 from custody_cli.commands_trust import read_manifest_file
 from custody_cli.context import AppContext, example, json_option, pass_app
@@ -97,13 +99,55 @@ def policy_show(app: AppContext, as_json: bool) -> None:
 @pass_app
 @example("custody policy descriptors")
 def policy_descriptors(app: AppContext, as_json: bool) -> None:
-    """Print the receive (/0/*) and change (/1/*) output descriptors with checksums."""
-    d = load_policy(app.db).descriptors()
+    """Print the output descriptors with checksums: receive and change in one (BIP-389 <0;1>/*),
+    then receive (/0/*) and change (/1/*) alone.
+
+    Each descriptor stands in its own paragraph under a `#` comment: Sparrow reads a pasted or
+    imported text by paragraphs, joining adjacent lines, and takes the first one.
+    """
+    p = load_policy(app.db)
     if as_json:
-        output.emit_json(d)
+        output.emit_json(p.descriptors() | {"multipath": p.multipath_descriptor()})
         return
-    output.line(d["receive"])
-    output.line(d["change"])
+    for text in descriptor_text(p).rstrip("\n").split("\n"):
+        output.line(text)
+
+
+def write_out(out_file: str, text: str) -> None:
+    """``text`` to standard output for ``-``, else to a new file (never overwritten)."""
+    if out_file == "-":
+        click.get_text_stream("stdout").write(text)
+        return
+    path = Path(out_file)
+    if path.exists():
+        raise Conflict(f"{path} exists already; not overwritten")
+    write_atomic(path, text)
+
+
+@policy.command("export")
+@click.option(
+    "--format", "fmt", required=True, type=click.Choice(list(FORMATS)), help="The wallet setup file to write."
+)
+@click.option(
+    "--out", "out_file", default="-", show_default=True, metavar="FILE|-", help="Where to write it (`-`: stdout)."
+)
+@click.option(
+    "--name", default="custody", show_default=True, help="The wallet's name in the file (Coldcard: 1-20 ASCII)."
+)
+@pass_app
+@example("custody policy export --format coldcard --out custody-coldcard.txt")
+def policy_export(app: AppContext, fmt: str, out_file: str, name: str) -> None:
+    """Write the wallet setup file other wallets and signers import, from the founders-signed
+    manifest pinned here (every signature checked, never the store alone).
+
+    bsms: a BIP-129 descriptor record; coldcard: Coldcard's multisig file; caravan and
+    specter: their wallet JSON; sparrow: Sparrow's descriptor export (the BIP-389 <0;1>/*
+    descriptor first); descriptor: one BIP-389 descriptor with checksum.
+    """
+    signed = read_manifest_file(app.settings.manifest).check()
+    write_out(out_file, export_policy(signed.policy, fmt, name))
+    if out_file != "-":
+        output.success(f"{fmt} wallet setup file of manifest {signed.fingerprint} written to {out_file}")
 
 
 @policy.command("manifest")

@@ -16,6 +16,7 @@ from custody.control import roster as roster_lib
 from custody.errors import Conflict, InputError
 from custody.files import read_bounded, write_atomic
 from custody.identity.roster import MAX_ROSTER_BYTES, Roster, load_roster, roster_problems, sign_roster
+from custody.policy.generator import AddressDeriver
 from custody.policy.manifest import (
     MAX_MANIFEST_BYTES,
     SignedManifest,
@@ -23,7 +24,8 @@ from custody.policy.manifest import (
     sign_manifest,
     unsigned,
 )
-from custody.policy.model import make_policy
+from custody.policy.model import RECEIVE, make_policy
+from custody.policy.setupfiles import MAX_SETUP_FILE_BYTES, policy_from_draft, read_setup_files
 from custody.withdraw.signer import SignerState, pin_roster, state_path
 from custody_cli import output
 from custody_cli.context import (
@@ -112,23 +114,31 @@ def manifest() -> None:
 
 @manifest.command("draft")
 @click.option("--network", required=True, type=click.Choice(list(NETWORKS)), help="The network; always explicit.")
-@click.option("--threshold", default=2, show_default=True, type=int, help="Signatures needed (m of n).")
+@click.option("--threshold", type=int, help="Signatures needed (m of n); 2 with --founder.")
 @click.option(
     "--script",
     "script_type",
-    default="p2wsh",
-    show_default=True,
     type=click.Choice([t.value for t in ScriptType]),
-    help="How the multisig script is wrapped.",
+    help="How the multisig script is wrapped; p2wsh with --founder.",
 )
 @click.option(
     "--founder",
     "founders",
     multiple=True,
-    required=True,
     metavar="NAME=XPUB",
     help="A founder's account xpub with its key origin, as `custody keygen` printed it. Repeat n times.",
 )
+@click.option(
+    "--from",
+    "from_files",
+    multiple=True,
+    metavar="FILE|-",
+    help=(
+        "Read the policy from a wallet setup file (BSMS descriptor record, Coldcard, Caravan, Specter, "
+        "Sparrow or descriptor text), or from BSMS key records, one file per founder (`-`: stdin)."
+    ),
+)
+@click.option("--token", "tokens", multiple=True, metavar="HEX", help="The BSMS session token of encrypted records.")
 @click.option(
     "--out",
     "out_file",
@@ -137,24 +147,67 @@ def manifest() -> None:
     help="Where to write the unsigned manifest (never overwritten).",
 )
 @json_option
-@example("custody manifest draft --network regtest --founder 'a=[fp/48h/1h/0h/2h]tpub...' ... --out m.json")
+@example(
+    "custody manifest draft --network regtest --founder 'a=[fp/48h/1h/0h/2h]tpub...' ... --out m.json\n"
+    "  custody manifest draft --network mainnet --from coldcard-export.txt --out m.json"
+)
 def manifest_draft(
-    network: str, threshold: int, script_type: str, founders: tuple[str, ...], out_file: Path, as_json: bool
+    network: str,
+    threshold: int | None,
+    script_type: str | None,
+    founders: tuple[str, ...],
+    from_files: tuple[str, ...],
+    tokens: tuple[str, ...],
+    out_file: Path,
+    as_json: bool,
 ) -> None:
-    """Write the founders' manifest for every founder to sign (`custody manifest sign`)."""
-    pairs = []
-    for text in founders:
-        name, sep, key = text.partition("=")
-        if not sep or not name or not key:
-            raise InputError(f"--founder takes NAME=XPUB, got {text[:40]!r}")
-        pairs.append((name, key))
-    m = unsigned(make_policy(get_network(network), threshold, parse_script_type(script_type), pairs))
+    """Write the founders' manifest for every founder to sign (`custody manifest sign`), from
+    --founder keys or from the wallet setup file the founders' wallets or devices wrote."""
+    net = get_network(network)
+    st = parse_script_type(script_type) if script_type else None
+    if bool(founders) == bool(from_files):
+        raise InputError("give the founders' keys as --founder NAME=XPUB ..., or --from FILE (not both)")
+    first = None
+    if from_files:
+        if from_files.count("-") > 1:
+            raise InputError("standard input (-) can be read once")
+        draft = read_setup_files([_read_input(f) for f in from_files], net, tokens)
+        policy = policy_from_draft(draft, net, threshold, st)
+        first = AddressDeriver(policy).derive(RECEIVE, 0).address
+    else:
+        if tokens:
+            raise InputError("--token is for encrypted BSMS records read with --from")
+        pairs = []
+        for text in founders:
+            name, sep, key = text.partition("=")
+            if not sep or not name or not key:
+                raise InputError(f"--founder takes NAME=XPUB, got {text[:40]!r}")
+            pairs.append((name, key))
+        policy = make_policy(net, 2 if threshold is None else threshold, st or ScriptType.P2WSH, pairs)
+    m = unsigned(policy)
     write_new(out_file, json.dumps(m.to_document(), indent=2) + "\n")
     if as_json:
-        output.emit_json(_manifest_view(m) | {"file": str(out_file)})
+        output.emit_json(_manifest_view(m) | {"file": str(out_file), "first_address": first})
         return
     output.line(m.fingerprint)
+    if first is not None:
+        output.table(
+            f"{policy.threshold}-of-{policy.n} {policy.script_type.value} on {policy.network.name}",
+            ["name", "account xpub"],
+            [(f.name, str(f.key)) for f in policy.founders],
+        )
+        output.info(f"first deposit address: {first}; compare it with what each founder's wallet or device shows")
     output.success(f"manifest {m.fingerprint} written to {out_file}; every founder signs it next")
+
+
+def _read_input(name: str) -> bytes:
+    """A wallet setup file's bytes, or standard input's for ``-`` (bounded either way)."""
+    if name != "-":
+        return _read(Path(name), MAX_SETUP_FILE_BYTES, "wallet setup file")
+    data = click.get_binary_stream("stdin").read(MAX_SETUP_FILE_BYTES + 1)
+    if len(data) > MAX_SETUP_FILE_BYTES:
+        raise InputError(f"a wallet setup file is at most {MAX_SETUP_FILE_BYTES} bytes")
+    return data
 
 
 @manifest.command("sign")
