@@ -9,11 +9,14 @@ import click
 from custody.bitcoin.network import NETWORKS, get_network
 from custody.bitcoin.script import ScriptType, parse_script_type
 from custody.control import roster as roster_lib
-from custody.errors import InputError
+from custody.errors import Conflict, InputError
+from custody.files import read_bounded
+from custody.identity import words as words_lib
 from custody.identity.employee_keys import parse_pkcs11_uri
-from custody.identity.keyfile import create_employee_key, create_founder_key
+from custody.identity.keyfile import check_passphrase, create_employee_key, create_founder_key, write_founder_key
 from custody.identity.pkcs11_keys import generate_token_key
 from custody.identity.roster import check_name
+from custody.identity.words import seed_from_words
 from custody_cli import output
 from custody_cli.context import (
     AppContext,
@@ -54,26 +57,111 @@ from custody_cli.context import (
     type=click.Choice([t.value for t in ScriptType if t.bip48_script_index is not None]),
     help="BIP-48 script type of the account key.",
 )
+@click.option(
+    "--mnemonic",
+    "with_words",
+    is_flag=True,
+    help="Make the seed from 24 new BIP-39 words, shown once on the terminal (stderr) to write down.",
+)
+@click.option("--restore", is_flag=True, help="Recreate the key file from BIP-39 words (prompt or --words-file).")
+@click.option(
+    "--words-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --restore: read the words from this file instead of a prompt.",
+)
 @passphrase_options
 @json_option
-@example("custody keygen founder-a --out founder-a.key --network regtest")
+@example(
+    "custody keygen founder-a --out founder-a.key --network regtest --mnemonic\n"
+    "  custody keygen founder-a --out founder-a.key --network regtest --restore"
+)
 def keygen(
-    name: str, out_file: Path, network: str, script_type: str, passphrase_file: Path | None, as_json: bool
+    name: str,
+    out_file: Path,
+    network: str,
+    script_type: str,
+    with_words: bool,
+    restore: bool,
+    words_file: Path | None,
+    passphrase_file: Path | None,
+    as_json: bool,
 ) -> None:
     """Create a founder key and print its account xpub for the key ceremony.
 
-    The BIP-32 master comes from the OS's randomness and is written encrypted (scrypt +
-    ChaCha20-Poly1305); the passphrase comes from --passphrase-file, CUSTODY_PASSPHRASE
-    or a prompt.
+    The BIP-32 master comes from the OS's randomness, or with --mnemonic from 24 BIP-39 words
+    shown once on this terminal (never on stdout, in a file or with --json), or with --restore
+    from words you give. It is written encrypted (scrypt + ChaCha20-Poly1305); the passphrase
+    comes from --passphrase-file, CUSTODY_PASSPHRASE or a prompt.
     """
+    if with_words and restore:
+        raise InputError("--mnemonic makes new words, --restore reads existing ones: give one")
+    if words_file is not None and not restore:
+        raise InputError("--words-file goes with --restore")
+    if out_file.exists():
+        raise Conflict(f"{out_file} exists already; key files are never overwritten")
+    if with_words and not click.get_text_stream("stderr").isatty():
+        raise InputError("--mnemonic shows the words on a terminal only: run it with stderr on a terminal")
+    net = get_network(network)
     index = parse_script_type(script_type).bip48_script_index or 2
-    passphrase = read_passphrase(passphrase_file, confirm=True, what="new founder key")
-    key = create_founder_key(out_file, name, get_network(network), passphrase, index)
+    if restore:
+        seed = seed_from_words(_read_words(words_file))
+        passphrase = read_passphrase(passphrase_file, confirm=True, what="restored founder key")
+        key = write_founder_key(out_file, name, net, passphrase, seed, index, seed_source=words_lib.SOURCE)
+    elif with_words:
+        passphrase = read_passphrase(passphrase_file, confirm=True, what="new founder key")
+        check_passphrase(passphrase)
+        phrase = words_lib.new_words()
+        _show_words(phrase)
+        if not click.confirm("Have you written the 24 words down, in order?", default=False, err=True):
+            raise InputError("not confirmed; no key file was written (the words shown are void)")
+        seed = seed_from_words(phrase)
+        del phrase
+        key = write_founder_key(out_file, name, net, passphrase, seed, index, seed_source=words_lib.SOURCE)
+    else:
+        passphrase = read_passphrase(passphrase_file, confirm=True, what="new founder key")
+        key = create_founder_key(out_file, name, net, passphrase, index)
     if as_json:
-        output.emit_json({"name": name, "network": network, "xpub": str(key.account), "file": str(out_file)})
+        output.emit_json(
+            {
+                "name": name,
+                "network": network,
+                "xpub": str(key.account),
+                "file": str(out_file),
+                "seed": words_lib.SOURCE if (with_words or restore) else "random",
+            }
+        )
         return
     output.line(str(key.account))
     output.success(f"founder key {name} written to {out_file}; publish the line above for the ceremony")
+
+
+def _show_words(phrase: str) -> None:
+    """The words, numbered, on stderr (a terminal: checked by the caller); never logged."""
+    words = phrase.split()
+    err = click.get_text_stream("stderr")
+    err.write("\nWrite these 24 words down, in order, and keep them offline. They are shown once.\n\n")
+    for row in range(0, len(words), 4):
+        err.write("  ".join(f"{i + 1:2d}. {words[i]:<9}" for i in range(row, row + 4)) + "\n")
+    err.write("\n")
+    err.flush()
+
+
+def _read_words(words_file: Path | None) -> str:
+    """The words from a file (all of it, at most 1 KiB) or a hidden prompt on the terminal."""
+    if words_file is not None:
+        try:
+            data = read_bounded(words_file, 1024, "words file")
+        except FileNotFoundError:
+            raise InputError(f"words file {words_file} does not exist") from None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"words file {words_file} is not UTF-8 text") from None
+    try:
+        text: str = click.prompt("The BIP-39 words, separated by spaces", hide_input=True, err=True)
+    except click.Abort:
+        raise InputError("no words given (use the prompt or --words-file)") from None
+    return text
 
 
 @click.group()

@@ -133,11 +133,28 @@ def create_founder_key(path: Path, name: str, network: Network, passphrase: str,
     The account key is at BIP-48 ``m/48'/coin'/0'/script'`` (2' for p2wsh, 1' for
     p2sh-p2wsh). Raises Conflict when ``path`` exists, InputError for a weak passphrase.
     """
+    return write_founder_key(path, name, network, passphrase, secrets.token_bytes(32), script_index)
+
+
+def write_founder_key(
+    path: Path,
+    name: str,
+    network: Network,
+    passphrase: str,
+    seed: bytes,
+    script_index: int = 2,
+    seed_source: str | None = None,
+) -> FounderKey:
+    """Write a founder key file holding the BIP-32 ``seed`` (16 to 64 bytes) to ``path``.
+
+    ``seed_source`` ``"bip39"`` marks a seed made from BIP-39 words (the 64-byte seed, the
+    words themselves are not kept); it is recorded in the clear header. Raises Conflict when
+    ``path`` exists, InputError for a weak passphrase or a bad seed.
+    """
     check_passphrase(passphrase)
-    seed = secrets.token_bytes(32)
     master = ExtendedPrivateKey.from_seed(seed, network)
     key = FounderKey(name, network, master, bip48_path(network, script_index))
-    header = {
+    header: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "kind": FOUNDER,
@@ -145,6 +162,8 @@ def create_founder_key(path: Path, name: str, network: Network, passphrase: str,
         "network": network.name,
         "public": {"xpub": str(key.account)},
     }
+    if seed_source is not None:
+        header["seed_source"] = seed_source
     _write_new(path, _seal(header, {"seed": seed.hex()}, passphrase))
     return key
 
