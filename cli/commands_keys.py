@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -99,7 +100,7 @@ def keygen(
         raise InputError("--words-file goes with --restore")
     if out_file.exists():
         raise Conflict(f"{out_file} exists already; key files are never overwritten")
-    if with_words and not click.get_text_stream("stderr").isatty():
+    if with_words and not sys.stderr.isatty():
         raise InputError("--mnemonic shows the words on a terminal only: run it with stderr on a terminal")
     net = get_network(network)
     index = parse_script_type(script_type).bip48_script_index or 2
@@ -138,7 +139,7 @@ def keygen(
 def _show_words(phrase: str) -> None:
     """The words, numbered, on stderr (a terminal: checked by the caller); never logged."""
     words = phrase.split()
-    err = click.get_text_stream("stderr")
+    err = sys.stderr
     err.write("\nWrite these 24 words down, in order, and keep them offline. They are shown once.\n\n")
     for row in range(0, len(words), 4):
         err.write("  ".join(f"{i + 1:2d}. {words[i]:<9}" for i in range(row, row + 4)) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -116,7 +117,7 @@ def policy_descriptors(app: AppContext, as_json: bool) -> None:
 def write_out(out_file: str, text: str) -> None:
     """``text`` to standard output for ``-``, else to a new file (never overwritten)."""
     if out_file == "-":
-        click.get_text_stream("stdout").write(text)
+        sys.stdout.write(text)
         return
     path = Path(out_file)
     if path.exists():

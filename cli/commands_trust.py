@@ -204,7 +204,7 @@ def _read_input(name: str) -> bytes:
     """A wallet setup file's bytes, or standard input's for ``-`` (bounded either way)."""
     if name != "-":
         return _read(Path(name), MAX_SETUP_FILE_BYTES, "wallet setup file")
-    data = click.get_binary_stream("stdin").read(MAX_SETUP_FILE_BYTES + 1)
+    data = sys.stdin.buffer.read(MAX_SETUP_FILE_BYTES + 1)
     if len(data) > MAX_SETUP_FILE_BYTES:
         raise InputError(f"a wallet setup file is at most {MAX_SETUP_FILE_BYTES} bytes")
     return data
