@@ -445,3 +445,58 @@ def test_wrong_passphrase_and_wrong_kind(flow: Flow, tmp_path: Path, command: An
     _assert_exit_7(result, "holds an? (employee|founder) key, not an? (founder|employee) key", c, before)
     result = c(*command(flow, tmp_path / "missing.key"))
     _assert_exit_7(result, "does not exist", c, before)
+
+
+# --------------------------------------------------------------------------- BIP-39 words
+
+
+def test_words_seed_and_keys_of_a_mnemonic_key_appear_nowhere_but_the_terminal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """keygen --mnemonic on a real pseudo-terminal, then --restore in process under DEBUG log
+    capture (plain and --json, and a refused restore): the words, their entropy, the BIP-39
+    seed and the master and account keys are in none of the outputs, key files or log records;
+    only the terminal showed the words."""
+    from mnemonic import Mnemonic
+
+    from tests.test_words import run_on_terminal, shown_words
+
+    caplog.set_level(logging.DEBUG)
+    c = Custody(tmp_path / "home")
+    made = tmp_path / "made.key"
+    run = run_on_terminal(["keygen", "a", "--out", str(made), "--mnemonic"], dict(c.env), b"y\n")
+    assert run.code == 0, run.screen
+    phrase = shown_words(run.screen)
+    words = tmp_path / "words.txt"
+    words.write_text(phrase)
+    restored = [tmp_path / "r1.key", tmp_path / "r2.key"]
+    results = [
+        c("keygen", "b", "--out", str(restored[0]), "--restore", "--words-file", str(words)),
+        c("keygen", "b", "--out", str(restored[1]), "--restore", "--json", input=phrase + "\n"),
+    ]
+    swapped = " ".join([phrase.split()[1], phrase.split()[0], *phrase.split()[2:]])
+    words.write_text(swapped)
+    results.append(c("keygen", "c", "--out", str(tmp_path / "c.key"), "--restore", "--words-file", str(words)))
+    words.unlink()
+    assert [r.exit_code for r in results] == [0, 0, 2]
+
+    entropy = bytes(Mnemonic("english").to_entropy(phrase))
+    founder = open_founder_key(made, PASSPHRASE)
+    secrets = [
+        Secret("words", tuple(_text(p) for p in (phrase, swapped, phrase.replace(" ", "\n")))),
+        Secret("word pairs", tuple(_text(" ".join(phrase.split()[i : i + 2])) for i in range(0, 24, 2))),
+        Secret("numbered words", tuple(_text(f"{i + 1:2d}. {w} ") for i, w in enumerate(phrase.split()))),
+        Secret("entropy", _forms(entropy)),
+        Secret("seed", _forms(Mnemonic.to_seed(phrase))),
+        *_xprv_forms(founder.master, "master"),
+        *_xprv_forms(founder.master.derive(founder.account_path), "account"),
+    ]
+    assert set(_leaks(_text(run.screen), secrets)) == {"numbered words"}  # shown there, and found
+    assert set(_leaks(_text(f"x{phrase}y"), secrets)) == {"words", "word pairs"}
+    assert _leaks(_text(run.stdout), secrets) == []
+    for path in (made, *restored):
+        assert _leaks(path.read_bytes(), secrets) == [], path.name
+    for r in results:
+        assert _leaks(_text(r.stdout + r.stderr), secrets) == []
+    assert json.loads(results[1].stdout)["xpub"] == str(founder.account)
+    assert _leaks(_text(caplog.text + repr(caplog.records)), secrets) == []
