@@ -13,8 +13,8 @@ from typing import Any
 import click
 
 from custody.errors import CustodyError, InputError
+from custody.notify import delivery, recipients
 from custody.notify import mail as pgp_mime
-from custody.notify import outbox as notify_lib
 from custody.store.db import Database
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app, read_secret
@@ -34,8 +34,8 @@ def _read_key_passphrase(passphrase_file: Path | None) -> str:
     )
 
 
-def _config(app: AppContext) -> notify_lib.NotifyConfig:
-    return notify_lib.NotifyConfig.load(app.settings)
+def _config(app: AppContext) -> delivery.NotifyConfig:
+    return delivery.NotifyConfig.load(app.settings)
 
 
 @click.group()
@@ -145,7 +145,7 @@ def recipient_add(app: AppContext, address: str, pgp_key: Path | None, as_json: 
             armored = pgp_key.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read {pgp_key}: {exc}") from None
-    row = notify_lib.add_email(app.db, address, armored)
+    row = recipients.add_email(app.db, address, armored)
     if as_json:
         output.emit_json(row)
         return
@@ -159,7 +159,7 @@ def recipient_add(app: AppContext, address: str, pgp_key: Path | None, as_json: 
 @example("custody notify recipient list --json")
 def recipient_list(app: AppContext, as_json: bool) -> None:
     """Email and webhook recipients with their delivery state."""
-    rows = notify_lib.recipients(app.db)
+    rows = recipients.recipients(app.db)
     if as_json:
         output.emit_json(rows)
         return
@@ -173,7 +173,7 @@ def recipient_list(app: AppContext, as_json: bool) -> None:
 @example("custody notify recipient remove auditor@exchange.example")
 def recipient_remove(app: AppContext, address: str, as_json: bool) -> None:
     """Stop mailing ADDRESS (an address or a recipient id). The others are told."""
-    row = notify_lib.remove(app.db, notify_lib.EMAIL, address)
+    row = recipients.remove(app.db, recipients.EMAIL, address)
     if as_json:
         output.emit_json(row)
         return
@@ -203,7 +203,7 @@ def webhook_add(app: AppContext, url: str, secret_file: Path, as_json: bool) -> 
     except OSError as exc:
         raise InputError(f"cannot read {secret_file}: {exc.strerror}") from None
     secret = lines[0].strip() if lines else b""
-    row = notify_lib.add_webhook(app.db, _config(app), url, secret)
+    row = recipients.add_webhook(app.db, app.settings, url, secret)
     if as_json:
         output.emit_json(row)
         return
@@ -216,7 +216,7 @@ def webhook_add(app: AppContext, url: str, secret_file: Path, as_json: bool) -> 
 @example("custody notify webhook list")
 def webhook_list(app: AppContext, as_json: bool) -> None:
     """Webhook receivers with their delivery state."""
-    rows = [r for r in notify_lib.recipients(app.db) if r["kind"] == notify_lib.WEBHOOK]
+    rows = [r for r in recipients.recipients(app.db) if r["kind"] == recipients.WEBHOOK]
     if as_json:
         output.emit_json(rows)
         return
@@ -230,7 +230,7 @@ def webhook_list(app: AppContext, as_json: bool) -> None:
 @example("custody notify webhook remove https://ops.exchange.example/custody")
 def webhook_remove(app: AppContext, url: str, as_json: bool) -> None:
     """Stop posting to URL (a URL or a recipient id). The others are told."""
-    row = notify_lib.remove(app.db, notify_lib.WEBHOOK, url)
+    row = recipients.remove(app.db, recipients.WEBHOOK, url)
     if as_json:
         output.emit_json(row)
         return
@@ -246,7 +246,7 @@ def webhook_remove(app: AppContext, url: str, as_json: bool) -> None:
 @example("custody notify pending --json")
 def pending_cmd(app: AppContext, as_json: bool) -> None:
     """Notifications not yet delivered, per recipient, with their last error."""
-    rows = notify_lib.pending(app.db, app.settings)
+    rows = delivery.pending(app.db, app.settings)
     if as_json:
         output.emit_json(rows)
         return
@@ -281,7 +281,7 @@ def retry_cmd(app: AppContext, timeout: float, as_json: bool) -> None:
     """Deliver every pending notification now, ignoring the backoff. Exit 1 when some still fail."""
     click.get_current_context().meta[_DELIVERED] = True  # meta is shared: the group's hook sees it
     app.db.check_schema()
-    report = notify_lib.deliver_pending(app.db, app.settings, timeout=timeout, force=True)
+    report = delivery.deliver_pending(app.db, app.settings, timeout=timeout, force=True)
     if as_json:
         output.emit_json(report.to_dict())
     else:
@@ -299,7 +299,7 @@ def retry_cmd(app: AppContext, timeout: float, as_json: bool) -> None:
 _DELIVERED = "custody.notify.delivered"
 
 
-def _warn(report: notify_lib.DeliveryReport) -> None:
+def _warn(report: delivery.DeliveryReport) -> None:
     for f in report.failed:
         output.warning(
             f"notification #{f['seq']} ({f['event']}) to {f['target']} failed: {f['error']}; "
@@ -330,10 +330,10 @@ def after_command(ctx: click.Context) -> None:
                 return
             db = Database(app.settings.db_url)
         try:
-            if not db.exists() or not notify_lib.has_recipients(db):
+            if not db.exists() or not recipients.has_recipients(db):
                 return
-            config = notify_lib.NotifyConfig.load(app.settings)
-            report = notify_lib.deliver_pending(db, app.settings, timeout=config.hook_timeout)
+            config = delivery.NotifyConfig.load(app.settings)
+            report = delivery.deliver_pending(db, app.settings, timeout=config.hook_timeout)
         finally:
             if own:
                 db.dispose()

@@ -584,7 +584,7 @@ def custody_home(tmp_path: Path) -> Path:
 def test_which_events_are_told_and_how(event: str, payload: dict[str, Any], kind: str | None, words: str) -> None:
     from datetime import UTC, datetime
 
-    from custody.notify.outbox import notification_for
+    from custody.notify.catalog import notification_for
     from custody.store.models import AuditEntry
 
     entry = AuditEntry(

@@ -54,3 +54,60 @@ def test_a_version_2_store_gets_the_liability_account_numbers_table(tmp_path: Pa
     with _db(c) as db:
         assert db.execute("SELECT value FROM custody_meta").fetchone()[0] == str(SCHEMA_VERSION) == "3"
         assert db.execute("SELECT COUNT(*) FROM liability_account").fetchone()[0] == 0
+
+
+def _tables(c: Custody) -> set[str]:
+    with _db(c) as db:
+        return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def test_a_store_made_before_the_notification_tables_gets_them_in_its_upgrade(tmp_path: Path) -> None:
+    """The notification tables came during version 2 without a version of their own: the
+    store's upgrade creates them (the notify layer no longer does), and keeps the rest."""
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    issued = c.json("address", "new", "--account", "a")
+    with _db(c) as db:
+        db.execute("DROP TABLE notify_cursor")
+        db.execute("DROP TABLE notify_recipient")
+        db.execute("UPDATE custody_meta SET value = '2' WHERE key = 'schema_version'")
+    assert {"notify_cursor", "notify_recipient"} & _tables(c) == set()
+    assert c.json("notify", "recipient", "list") == []
+    assert {"notify_cursor", "notify_recipient"} <= _tables(c)
+    with _db(c) as db:
+        assert db.execute("SELECT value FROM custody_meta").fetchone()[0] == str(SCHEMA_VERSION)
+    assert c("notify", "recipient", "add", "ops@exchange.example").exit_code == 0
+    assert [r["target"] for r in c.json("notify", "recipient", "list")] == ["ops@exchange.example"]
+    assert [a["address"] for a in c.json("address", "list")] == [a["address"] for a in issued]
+    assert c("audit", "log", "--verify").exit_code == 0
+
+
+def test_a_newer_store_missing_tables_is_refused_before_any_table_is_made(tmp_path: Path) -> None:
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    with _db(c) as db:
+        db.execute("DROP TABLE notify_cursor")
+        db.execute("UPDATE custody_meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    before = _tables(c)
+    for args in (("notify", "recipient", "list"), ("halt", "status")):
+        result = c(*args)
+        assert result.exit_code in (3, 9) and "newer than this tool" in result.stderr, result.output
+    assert _tables(c) == before
+
+
+def test_a_dropped_halt_table_is_not_made_again_empty(tmp_path: Path) -> None:
+    """A store at this version missing a table is damaged: recreating the table empty would
+    fail open (a dropped halt table would read as "not halted"). It stays missing and the
+    tool refuses, halted."""
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    alice = c.employee("alice")
+    assert c("halt", "raise", "--reason", "drill", "--as", "alice", "--key", str(alice)).exit_code == 0
+    with _db(c) as db:
+        db.execute("PRAGMA foreign_keys=OFF")
+        db.execute("DROP TABLE halt_lift")
+        db.execute("DROP TABLE halt")
+    status = c("halt", "status", "--json")
+    assert status.exit_code == 3
+    assert "halt" not in _tables(c) and "halt_lift" not in _tables(c)
+    assert c("address", "new", "--account", "a").exit_code in (3, 9)

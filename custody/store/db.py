@@ -119,10 +119,7 @@ class Database:
                 if s.get(models.AuditHead, 1) is None:
                     s.add(models.AuditHead(id=1, seq=0, hash="0" * 64))
             elif int(row.value) > models.SCHEMA_VERSION:
-                raise StorageError(
-                    f"the store's schema is version {row.value}, newer than this tool's "
-                    f"{models.SCHEMA_VERSION}: upgrade custody"
-                )
+                raise _newer(int(row.value))
             elif int(row.value) < models.SCHEMA_VERSION:
                 # Upgrades from older versions go here, one step at a time.
                 # 1 -> 2: the ledger and deposit tables (created above by create_all).
@@ -130,23 +127,38 @@ class Database:
                 # (created above). A store from before has no roster: no employee can act
                 # until the founders sign one (`custody roster`), which is fail-closed.
                 # 2 -> 3 also: liability_account, the proof of liabilities' account numbers (likewise).
+                # 2 -> 3 also: the notification tables, which came during version 2 without a
+                # version of their own, for a store made before them (notify.ensure_tables did
+                # this on demand before).
                 row.value = str(models.SCHEMA_VERSION)
                 s.add(row)
             if s.get(models.LedgerHead, 1) is None:
                 s.add(models.LedgerHead(id=1, total=0, entries=0, txns=0))
 
     def check_schema(self) -> None:
-        """Raise StorageError unless the store exists at a schema this tool can use."""
+        """Raise StorageError unless the store exists at a schema this tool can use.
+
+        A store at an older version is upgraded; a newer one is refused before any DDL. A
+        table missing from a store at this version is damage: it is not made again (empty).
+        """
         if not self.has_schema():
             raise StorageError(f"no custody store at {redact(self.url)}: run `custody init` first")
         with self.transaction() as s:
             row = s.exec(select(models.Meta).where(models.Meta.key == "schema_version")).first()
             version = int(row.value) if row else 0
+        if version > models.SCHEMA_VERSION:
+            raise _newer(version)  # before any DDL: a newer store is not touched
         if version != models.SCHEMA_VERSION:
             self.ensure_schema()
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _newer(version: int) -> StorageError:
+    return StorageError(
+        f"the store's schema is version {version}, newer than this tool's {models.SCHEMA_VERSION}: upgrade custody"
+    )
 
 
 def _first_line(exc: BaseException) -> str:
