@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from custody.control.roster import manifest_in_store, pin_manifest
 from custody.control.wallet import init_store, load_policy
 from custody.errors import Conflict, InputError
 from custody.files import write_atomic
+from custody.policy.manifest import write_manifest
 from custody.policy.setupfiles import FORMATS, descriptor_text, export_policy
 from custody_cli import output
 from custody_cli.commands_trust import read_manifest_file
@@ -24,15 +24,6 @@ def _founder_pair(text: str) -> tuple[str, str]:
     if not sep or not name or not key:
         raise InputError(f"--founder takes NAME=XPUB, got {text[:40]!r}")
     return name, key
-
-
-def write_manifest(path: Path, manifest: dict[str, object], overwrite: bool = False) -> None:
-    if path.exists() and not overwrite:
-        raise Conflict(f"{path} exists already; not overwritten")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 @click.command()

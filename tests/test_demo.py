@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _demo(directory: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -46,3 +48,37 @@ def test_demo_runs_the_whole_story_and_runs_again(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     reuse = _demo(tmp_path / "one")
     assert reuse.returncode == 2 and "not empty" in reuse.stderr
+
+
+def test_the_story_runs_in_the_library_without_a_word_on_the_terminal(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """custody.demo does the work and returns data; only the CLI speaks (a renderer per step)."""
+    from custody.demo import Story
+    from custody_cli.demo import RENDER
+
+    story = Story(tmp_path / "run")
+    steps = story.steps()
+    assert [s.number for s in steps] == list(range(1, len(steps) + 1))
+    assert {s.name for s in steps} == set(RENDER)
+    done = {s.name: s.run() for s in steps}
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert done["tamper"]["halted"] is True and done["tamper"]["issuance_refused"]["exit_code"] == 3
+    assert done["approvals"]["requester_refused"]["exit_code"] == 4
+    assert done["broadcast"]["withdrawal"]["status"] == "confirmed"
+    halt_file = json.loads(Path(story.where()["halt_file"]).read_text())
+    assert halt_file["halted"] is False  # lifted by two employees, read back from the file itself
+
+
+def test_a_directory_that_holds_anything_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    from custody.demo import Story
+    from custody.errors import InputError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine\n")
+    with pytest.raises(InputError, match="not empty"):
+        Story(run)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    assert (run / "notes.txt").read_text() == "mine\n"

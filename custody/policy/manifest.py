@@ -17,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import coincurve
 
 from custody.bitcoin.message import sign_message, verify_message
-from custody.errors import InputError
+from custody.errors import Conflict, InputError
+from custody.files import write_atomic
 from custody.policy.model import Policy, policy_from_manifest
 
 SIGNATURES = "signatures"
@@ -153,3 +155,14 @@ def sign_manifest(m: SignedManifest, founder: str, account_key: coincurve.Privat
     if account_key.public_key.format(compressed=True) != pub:
         raise InputError(f"this key is not the key of founder {founder}'s xpub in the manifest")
     return m.with_signature(founder, sign_message(account_key, m.message))
+
+
+def write_manifest(path: Path, document: dict[str, Any], overwrite: bool = False) -> None:
+    """Write a manifest document to ``path`` atomically (temporary file, fsync, rename).
+
+    Raises Conflict when ``path`` exists and ``overwrite`` is not given, StorageError when it
+    cannot be written.
+    """
+    if path.exists() and not overwrite:
+        raise Conflict(f"{path} exists already; not overwritten")
+    write_atomic(path, json.dumps(document, indent=2) + "\n")
