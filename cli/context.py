@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -91,7 +91,13 @@ KeyRef = Path | Pkcs11Uri
 _PIN_FILE = "custody.pin_file"
 
 
-class KeyRefType(click.ParamType):
+if TYPE_CHECKING:  # click 8.4 made ParamType generic; older clicks cannot subscript it at run time
+    _KeyRefParam = click.ParamType[KeyRef, Any]
+else:
+    _KeyRefParam = click.ParamType
+
+
+class KeyRefType(_KeyRefParam):
     """``--key``: a key file path, or a ``pkcs11:`` URI (RFC 7512) of a key on a token."""
 
     name = "FILE|URI"

@@ -64,7 +64,7 @@ def _witness(ctx: click.Context) -> None:
         output.warning(warning)
 
 
-def _witness_after_error(ctx: click.Context, code: int | None) -> int | None:
+def _witness_after_error(ctx: click.Context, code: int) -> int:
     """The witness step after a command that failed or exited by itself: exit 3 on a mismatch."""
     try:
         _witness(ctx)

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The test command (README): set up .venv, make sure a node binary exists, run pytest.
+# The test command (README): set up .venv, run the gates (scripts/lint.sh), make sure a node
+# binary exists, run pytest.
 # Arguments go to pytest: scripts/test.sh tests/test_rpc.py -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup-venv.sh test
+# The gates first (ruff, complexity, mypy --strict over library and CLI, import-linter):
+# a gate that fails fails the run before a test starts.
+scripts/lint.sh
 scripts/install-node.sh
 scripts/install-softhsm.sh >/dev/null
 scripts/install-gnupg.sh

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +103,51 @@ def test_every_layer_folder_says_what_it_holds() -> None:
     for init in (ROOT / "custody").glob("*/__init__.py"):
         tree = ast.parse(init.read_text())
         assert ast.get_docstring(tree), f"{init.relative_to(ROOT)} needs a docstring saying what the layer holds"
+
+
+def _lint_copy(tmp_path: Path) -> Path:
+    """What scripts/lint.sh reads, copied, with this interpreter's virtualenv as its .venv."""
+    copy = tmp_path / "repo"
+    for name in ("custody", "cli", "tests", "benchmarks", "scripts", "typecheck"):
+        shutil.copytree(ROOT / name, copy / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+    (copy / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    return copy
+
+
+def _lint(copy: Path) -> subprocess.CompletedProcess[str]:
+    # PYTHONPATH: import-linter reads the copy's custody, not the installed one.
+    env = {"PATH": os.environ["PATH"], "HOME": str(copy), "PYTHONPATH": str(copy)}
+    return subprocess.run(
+        [str(copy / "scripts" / "lint.sh")], cwd=copy, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_every_gate_can_fail_ci(tmp_path: Path) -> None:
+    """scripts/lint.sh (which scripts/test.sh and so .ci/run call first) passes on this tree,
+    and fails, naming each gate, on a tree that breaks each of them once."""
+    copy = _lint_copy(tmp_path)
+    clean = _lint(copy)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    (copy / "custody" / "bitcoin" / "probe.py").write_text(
+        '"""A probe that breaks every gate."""\n\n'
+        "from custody.demo import Story  # a lower layer importing the top one\n\n\n"
+        "def branches(x: int) -> int:\n"
+        + "".join(f"    if x == {i}:\n        return {i}\n" for i in range(16))
+        + '    return "not an int"  # a type error\n\n\n'
+        "def quiet() -> object:  # noqa"
+        ": C901\n"  # split: the gate reads this file too
+        "    return   Story\n"
+    )
+    broken = _lint(copy)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    verdict = broken.stderr.strip().splitlines()[-1]
+    for gate in ("ruff check", "ruff format", "complexity exceptions give a reason", "mypy --strict", "import-linter"):
+        assert gate in verdict, (gate, verdict)
+    assert "C901" in broken.stdout and "probe.py" in broken.stdout
+
+
+def test_the_test_command_runs_the_gates_before_the_tests() -> None:
+    script = (ROOT / "scripts" / "test.sh").read_text()
+    assert "scripts/lint.sh" in script.split(".venv/bin/pytest")[0]
+    assert "./scripts/test.sh" in (ROOT / ".ci" / "run").read_text()

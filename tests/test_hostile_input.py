@@ -769,7 +769,7 @@ def _prop_key(subtype: int) -> psbt_lib.ProprietaryKey:
 
 
 @st.composite
-def psbt_mutation(draw: st.DrawFn, world: World) -> tuple[psbt_lib.Psbt, bool]:
+def psbt_mutation(draw: st.DrawFn, world: World) -> tuple[psbt_lib.Psbt, bool]:  # noqa: C901 - one branch per kind of hostile edit drawn
     """A parseable PSBT derived from an exported one, and whether the edit changes what the
     employees approved (the transaction, or an amount an input spends)."""
     p = psbt_lib.Psbt.parse(draw(st.sampled_from([world.single, world.batch])))

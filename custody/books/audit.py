@@ -97,7 +97,7 @@ def _more(rows: Sequence[Any]) -> str:
     return f" (and more: the first {SHOWN} are listed)" if len(rows) > SHOWN else ""
 
 
-def audit_ledger(db: Database, settings: Settings, *, halt_on_failure: bool = True) -> dict[str, Any]:
+def audit_ledger(db: Database, settings: Settings, *, halt_on_failure: bool = True) -> dict[str, Any]:  # noqa: C901 - a list of independent recomputations; left while the books change
     """Recompute the whole ledger and compare; raise the halt (source ledger) on any mismatch.
 
     Returns the report (``ok``, ``problems``, counts, ``halt_id``). Raises StorageError.

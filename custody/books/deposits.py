@@ -242,7 +242,7 @@ def _follow_unspent(
     return view(dep, change) if change is not None else None
 
 
-def sync_deposits(
+def sync_deposits(  # noqa: C901 - the deposit state machine in one pass, until it becomes next_state()
     db: Database, settings: Settings, backend: ChainBackend, confirmations: int = 1
 ) -> list[dict[str, Any]]:
     """Record new deposits, credit those ``confirmations`` deep, reverse those a reorg removed.

@@ -552,7 +552,7 @@ class EmbeddedBackend:
 
     # ------------------------------------------------------------------ test-accept
 
-    def _refusal(self, tx: Any, raw: bytes) -> tuple[str | None, int]:
+    def _refusal(self, tx: Any, raw: bytes) -> tuple[str | None, int]:  # noqa: C901 - Bitcoin Core's mempool reject reasons, in Core's order
         """Why the mempool would refuse ``tx`` now (Bitcoin Core's reject reasons), and its fee."""
         txid: str = b2lx(tx.GetTxid())
         if tx.is_coinbase():

@@ -326,7 +326,7 @@ def _batch_check(
     return ApprovalCheck(valid if not problems else (), tuple(("batch", p) for p in problems))
 
 
-def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state: SignerState) -> Review:
+def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state: SignerState) -> Review:  # noqa: C901 - the offline signer's checks, read top to bottom in one place
     """Check everything (see the module's docstring) without signing; return what to show.
 
     Raises InputError (not our policy, a foreign input or change, malformed data),

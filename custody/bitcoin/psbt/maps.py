@@ -530,7 +530,7 @@ def _parse_global(r: _Reader) -> Psbt:
     return Psbt(tx=tx, inputs=[], outputs=[], xpubs=xpubs, version=version, proprietary=proprietary, unknown=unknown)
 
 
-def _parse_input(records: list[tuple[int, bytes, bytes, bytes]], scope: str) -> PsbtInput:
+def _parse_input(records: list[tuple[int, bytes, bytes, bytes]], scope: str) -> PsbtInput:  # noqa: C901 - one branch per BIP-174 input key type, in the spec's order
     inp = PsbtInput()
     for ktype, keydata, key, value in records:
         if ktype == PSBT_IN_NON_WITNESS_UTXO:

@@ -33,7 +33,7 @@ class _Spend:
     redeem_script: bytes | None  # p2sh and p2sh-p2wsh
 
 
-def _spend_info(psbt: Psbt, i: int) -> _Spend:
+def _spend_info(psbt: Psbt, i: int) -> _Spend:  # noqa: C901 - BIP-174's signer checks of one input, one after another
     """Check an input's UTXO and scripts against each other (BIP-174's signer checks)."""
     scope = f"input {i}"
     psbt.check_maps()
