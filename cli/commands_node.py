@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-from custody.chain.regtest import node_status, start_node, stop_node
+from custody.chain.regtest import find_node_binary, node_status, start_node, stop_node
 from custody.errors import NodeError
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
@@ -44,7 +44,7 @@ def node() -> None:
 @example("custody node start --datadir ./regtest-node")
 def node_start(app: AppContext, datadir: Path | None, as_json: bool) -> None:
     """Start a regtest node listening on 127.0.0.1 only, on free ports."""
-    info = start_node(_datadir(app, datadir))
+    info = start_node(_datadir(app, datadir), binary=find_node_binary(app.settings.node_binary))
     if as_json:
         output.emit_json(info.to_json())
         return

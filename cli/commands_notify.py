@@ -6,7 +6,6 @@ what the command may have caused (best effort, a short time budget, never the ex
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,6 @@ def _read_key_passphrase(passphrase_file: Path | None) -> str:
         prompt="Passphrase for the system PGP key",
         confirm=True,
     )
-
-
-def _config(app: AppContext) -> delivery.NotifyConfig:
-    return delivery.NotifyConfig.load(app.settings)
 
 
 @click.group()
@@ -69,14 +64,14 @@ def key_init(
     """Generate the system PGP key in the GnuPG home (never replaces one)."""
     if no_passphrase and passphrase_file is not None:
         raise InputError("--no-passphrase and --passphrase-file exclude each other")
-    config = _config(app)
+    home = app.settings.gnupg_home
     passphrase = None if no_passphrase else _read_key_passphrase(passphrase_file)
-    key = pgp_mime.init_key(config.gnupg_home, uid or os.environ.get("CUSTODY_NOTIFY_FROM") or DEFAULT_UID, passphrase)
+    key = pgp_mime.init_key(home, uid or app.settings.notify_from or DEFAULT_UID, passphrase)
     if as_json:
-        output.emit_json({"fingerprint": key.fingerprint, "uid": key.uid, "gnupg_home": str(config.gnupg_home)})
+        output.emit_json({"fingerprint": key.fingerprint, "uid": key.uid, "gnupg_home": str(home)})
         return
     output.line(key.fingerprint)
-    output.success(f"system PGP key created in {config.gnupg_home}: {key.uid}")
+    output.success(f"system PGP key created in {home}: {key.uid}")
     if passphrase is not None:
         output.info("deliveries need its passphrase: CUSTODY_NOTIFY_PASSPHRASE_FILE or CUSTODY_NOTIFY_PASSPHRASE")
 
@@ -87,7 +82,7 @@ def key_init(
 @example("custody notify key export --out custody-notify.asc")
 def key_export(app: AppContext, out_file: Path | None) -> None:
     """Print the system key's public half (ASCII-armored) for publication."""
-    armored = pgp_mime.export_public_key(_config(app).gnupg_home)
+    armored = pgp_mime.export_public_key(app.settings.gnupg_home)
     if out_file is None:
         click.echo(armored, nl=not armored.endswith("\n"))
         return

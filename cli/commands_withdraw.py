@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +120,7 @@ def withdraw_request(
         fee_rate=fee_rate,
         requester=employee,
         key=key,
-        limits=wd.limits_from_env(os.environ),
+        limits=wd.limits_from_settings(app.settings),
     )
     _show(data, as_json)
 
@@ -276,7 +275,7 @@ def withdraw_batch(
         actor=employee,
         key=employee_key(key_file, passphrase_file),
         fee_rate=fee_rate,
-        limits=wd.limits_from_env(os.environ),
+        limits=wd.limits_from_settings(app.settings),
     )
     _show(data, as_json, title=f"Batch #{data['id']} of withdrawals {', '.join(map(str, data['members']))}")
 
@@ -424,8 +423,8 @@ def sync(app: AppContext, as_json: bool) -> None:
     "kind" (single or batch withdrawal, or deposit).
     """
     backend = _backend(app)
-    confirmations = deposits.confirmations_from_env(os.environ)
-    changed = wd.sync(app.db, backend, wd.limits_from_env(os.environ), settings=app.settings)
+    confirmations = deposits.deposit_confirmations(app.settings)
+    changed = wd.sync(app.db, backend, wd.limits_from_settings(app.settings), settings=app.settings)
     credited = deposits.sync_deposits(app.db, app.settings, backend, confirmations)
     halts = [d for d in credited if d.get("halt_id")]
     if as_json:

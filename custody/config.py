@@ -1,6 +1,13 @@
 """Settings: flags first, then ``CUSTODY_*`` environment variables, then defaults.
 
-Read once by the CLI (never at import time) and passed down explicitly.
+Read once by the CLI (never at import time) and passed down explicitly. This is the one
+module of the library that reads the environment (a test keeps it so); the exception is
+``CUSTODY_CRASH_AT``, the crash-safety tests' kill switch, read where it fires
+(custody/faults.py says why).
+
+Values whose refusal belongs to the command that uses them (fee limits, confirmations, the
+notification timeout) are kept as given and parsed by their layer, so a malformed one fails
+only the commands that need it, as before: ``custody halt status`` never fails over a fee cap.
 """
 
 from __future__ import annotations
@@ -50,6 +57,46 @@ class Settings:
     """The local witness of the audit log's head, appended after every command (default HOME/witness.jsonl)."""
     halt_lease: float = 60.0
     """Seconds a halt file that allows trading holds (its ``valid_until``)."""
+    node_binary: str | None = None
+    """``BITCOIND``: the node binary ``custody node start`` runs (else bitcoind, then litecoind, on PATH)."""
+    hook_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False, compare=False)
+    """The environment these settings were read from; the halt hook inherits an allow-list of
+    it (custody.control.halt.HOOK_ENV). It holds secrets, so it stays out of repr."""
+
+    # Withdrawals and deposits: as given, parsed by custody.withdraw.queue.limits_from_settings
+    # and custody.books.deposits.deposit_confirmations (None when the variable is not set).
+    fee_rate: str | None = None
+    """``CUSTODY_FEE_RATE``: the default fee rate in sat/vB (2)."""
+    max_fee_rate: str | None = None
+    """``CUSTODY_MAX_FEE_RATE``: the highest fee rate accepted, sat/vB (500)."""
+    max_fee: str | None = None
+    """``CUSTODY_MAX_FEE``: the highest absolute fee accepted, sat (1,000,000)."""
+    confirmations: str | None = None
+    """``CUSTODY_CONFIRMATIONS``: confirmations after which a withdrawal is confirmed (1)."""
+    deposit_confirmations: str | None = None
+    """``CUSTODY_DEPOSIT_CONFIRMATIONS``: confirmations after which a deposit is credited (1)."""
+
+    # Notifications (custody.notify.delivery.NotifyConfig reads the secret files and checks these).
+    gnupg_home: Path = Path("gnupg")
+    """``CUSTODY_GNUPGHOME``: the GnuPG home with the system PGP key (default HOME/gnupg)."""
+    smtp_url: str | None = None
+    """``CUSTODY_SMTP_URL``: ``smtp://HOST:PORT`` or ``smtps://HOST:PORT``."""
+    smtp_starttls: bool = False
+    """``CUSTODY_SMTP_STARTTLS``: 1, true, yes or on to require STARTTLS."""
+    smtp_user: str | None = None
+    """``CUSTODY_SMTP_USER``: the SMTP login."""
+    smtp_password_file: Path | None = None
+    """``CUSTODY_SMTP_PASSWORD_FILE``: a file whose first line is the SMTP password (read when used)."""
+    smtp_password: str | None = field(default=None, repr=False)
+    """``CUSTODY_SMTP_PASSWORD``: the SMTP password, when no file is given; kept out of repr."""
+    notify_from: str | None = None
+    """``CUSTODY_NOTIFY_FROM``: the notifications' sender (default: the system key's address)."""
+    notify_passphrase_file: Path | None = None
+    """``CUSTODY_NOTIFY_PASSPHRASE_FILE``: a file whose first line is the system key's passphrase."""
+    notify_passphrase: str | None = field(default=None, repr=False)
+    """``CUSTODY_NOTIFY_PASSPHRASE``: the system key's passphrase, when no file is given."""
+    notify_timeout: str | None = None
+    """``CUSTODY_NOTIFY_TIMEOUT``: seconds a command may spend delivering notifications (5)."""
 
     @classmethod
     def load(
@@ -79,6 +126,7 @@ class Settings:
             raise InputError(f"CUSTODY_CHAIN must be one of {', '.join(CHAIN_BACKENDS)}, not {chain!r}")
         chain_datadir = env.get("CUSTODY_CHAIN_DATADIR") or str(home_path / "chain")
         lease = parse_lease(env.get("CUSTODY_HALT_LEASE") or "60", "CUSTODY_HALT_LEASE")
+        gnupg_home = env.get("CUSTODY_GNUPGHOME") or str(home_path / "gnupg")
         return cls(
             home_path,
             url,
@@ -93,6 +141,23 @@ class Settings:
             chain_datadir=Path(chain_datadir).expanduser(),
             witness_file=Path(env.get("CUSTODY_WITNESS_FILE") or str(home_path / "witness.jsonl")).expanduser(),
             halt_lease=lease,
+            node_binary=env.get("BITCOIND") or None,
+            hook_env=dict(env),
+            fee_rate=env.get("CUSTODY_FEE_RATE"),
+            max_fee_rate=env.get("CUSTODY_MAX_FEE_RATE"),
+            max_fee=env.get("CUSTODY_MAX_FEE"),
+            confirmations=env.get("CUSTODY_CONFIRMATIONS"),
+            deposit_confirmations=env.get("CUSTODY_DEPOSIT_CONFIRMATIONS"),
+            gnupg_home=Path(gnupg_home).expanduser(),
+            smtp_url=env.get("CUSTODY_SMTP_URL") or None,
+            smtp_starttls=_flag(env.get("CUSTODY_SMTP_STARTTLS")),
+            smtp_user=env.get("CUSTODY_SMTP_USER") or None,
+            smtp_password_file=_path(env.get("CUSTODY_SMTP_PASSWORD_FILE")),
+            smtp_password=env.get("CUSTODY_SMTP_PASSWORD") or None,
+            notify_from=env.get("CUSTODY_NOTIFY_FROM") or None,
+            notify_passphrase_file=_path(env.get("CUSTODY_NOTIFY_PASSPHRASE_FILE")),
+            notify_passphrase=env.get("CUSTODY_NOTIFY_PASSPHRASE") or None,
+            notify_timeout=env.get("CUSTODY_NOTIFY_TIMEOUT") or None,
         )
 
 
@@ -108,3 +173,11 @@ def parse_lease(value: str, what: str) -> float:
     if not 0 < seconds <= MAX_LEASE:
         raise InputError(f"{what} must be more than 0 and at most {MAX_LEASE:.0f} seconds")
     return seconds
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None

@@ -30,6 +30,15 @@ POINTS = (
 PAUSE_POINTS = ("halt.state_read",)  # halt state read from the store, halt file not yet written
 
 
+# The two environment reads outside custody/config.py, on purpose. Crash and pause points
+# sit deep inside transactions (issuance, the withdrawal queue, the halt state) in functions
+# that are handed no Settings, and they must fire in any process that runs the library, also
+# before any Settings exist; threading Settings through all of them for test-only switches
+# would widen signatures across every layer. Unset, each costs one lookup. They grant
+# nothing: a crash or a stop at these points is what the tests prove safe, and whoever can
+# set the variables can as well send the same SIGKILL or SIGSTOP.
+
+
 def crash_point(name: str) -> None:
     """SIGKILL this process when CUSTODY_CRASH_AT names this point (tests only)."""
     if os.environ.get("CUSTODY_CRASH_AT") == name:

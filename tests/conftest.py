@@ -10,8 +10,9 @@ import pytest
 from hypothesis import settings
 from sqlalchemy import create_engine, text
 
-from custody.chain.regtest import NodeInfo, ensure_wallet, start_node, stop_node
+from custody.chain.regtest import NodeInfo, ensure_wallet, find_node_binary, start_node, stop_node
 from custody.chain.rpc import RpcClient
+from custody.config import Settings
 from custody.errors import CustodyError
 
 COINBASE_MATURITY = 100
@@ -35,7 +36,7 @@ def regtest_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeInfo]
     """A regtest node on free loopback ports, for the whole session."""
     datadir = tmp_path_factory.mktemp("regtest-node")
     try:
-        node = start_node(datadir)
+        node = start_node(datadir, binary=find_node_binary(Settings.load().node_binary))
     except CustodyError as e:
         # Never a skip: CI must go red when the node it relies on cannot run.
         pytest.fail(f"the regtest node could not start: {e}", pytrace=False)

@@ -266,12 +266,15 @@ def test_deposits_are_credited_only_at_the_confirmation_depth(store: Store) -> N
     assert store.sync(confirmations=3) == [] and store.balance("alice") == 40_000  # never twice
 
 
-def test_deposit_confirmations_from_the_environment() -> None:
-    assert deposits.confirmations_from_env({}) == 1
-    assert deposits.confirmations_from_env({"CUSTODY_DEPOSIT_CONFIRMATIONS": "6"}) == 6
+def test_deposit_confirmations_from_the_environment(tmp_path: Path) -> None:
+    def confirmations(env: dict[str, str]) -> int:
+        return deposits.deposit_confirmations(Settings.load(home=str(tmp_path), env=env))
+
+    assert confirmations({}) == 1
+    assert confirmations({"CUSTODY_DEPOSIT_CONFIRMATIONS": "6"}) == 6
     for bad in ("0", "-1", "x", "1000"):
         with pytest.raises(InputError, match="CUSTODY_DEPOSIT_CONFIRMATIONS"):
-            deposits.confirmations_from_env({"CUSTODY_DEPOSIT_CONFIRMATIONS": bad})
+            confirmations({"CUSTODY_DEPOSIT_CONFIRMATIONS": bad})
 
 
 def test_a_spent_deposit_is_neither_reversed_nor_credited_twice(store: Store) -> None:

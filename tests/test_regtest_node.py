@@ -24,7 +24,9 @@ from custody.chain.regtest import (
     stop_node,
 )
 from custody.chain.rpc import RpcClient, expect_chain
+from custody.config import Settings
 from custody.errors import Conflict, NodeError
+from tests.support import Custody
 
 MWEB_ACTIVATION_HEIGHT = 432  # litecoind's regtest; custody's node config keeps MWEB off
 
@@ -166,8 +168,10 @@ def test_a_second_node_in_the_same_datadir_is_refused(regtest_node: NodeInfo) ->
 START = """
     import json, sys
     from pathlib import Path
-    from custody.chain.regtest import start_node
-    print(json.dumps(start_node(Path(sys.argv[1])).to_json()))
+    from custody.chain.regtest import find_node_binary, start_node
+    from custody.config import Settings
+    binary = find_node_binary(Settings.load().node_binary)
+    print(json.dumps(start_node(Path(sys.argv[1]), binary=binary).to_json()))
 """
 STOP = """
     import sys
@@ -240,25 +244,37 @@ def test_start_times_out_and_stops_the_process(tmp_path: Path) -> None:
     assert not (tmp_path / "node" / STATE_FILE).exists()
 
 
-def test_find_node_binary_prefers_bitcoind_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _bitcoind(tmp_path: Path, env: dict[str, str]) -> str | None:
+    """BITCOIND as the settings read it from ``env``."""
+    return Settings.load(home=str(tmp_path / "home"), env=env).node_binary
+
+
+def test_find_node_binary_prefers_bitcoind_env(tmp_path: Path) -> None:
     binary = fake_binary(tmp_path, "exit 0\n")
-    monkeypatch.setenv("BITCOIND", str(binary))
-    assert find_node_binary() == binary
+    assert find_node_binary(_bitcoind(tmp_path, {"BITCOIND": str(binary)})) == binary
 
 
-def test_find_node_binary_refuses_a_bitcoind_env_that_is_not_executable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("BITCOIND", str(tmp_path / "missing"))
+def test_find_node_binary_refuses_a_bitcoind_env_that_is_not_executable(tmp_path: Path) -> None:
     with pytest.raises(NodeError, match="is not an executable file"):
-        find_node_binary()
+        find_node_binary(_bitcoind(tmp_path, {"BITCOIND": str(tmp_path / "missing")}))
 
 
 def test_find_node_binary_says_how_to_install_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("BITCOIND", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(NodeError, match="apt-get install -y litecoind"):
-        find_node_binary()
+        find_node_binary(_bitcoind(tmp_path, {}))
+
+
+def test_node_start_runs_the_bitcoind_of_the_settings(tmp_path: Path) -> None:
+    """custody node start runs BITCOIND, read once with the settings, not the node on PATH."""
+    binary = fake_binary(tmp_path, 'echo "Error: the configured fake ran" >&2; exit 1\n')
+    c = Custody(tmp_path / "home")
+    c.env["BITCOIND"] = str(binary)
+    result = c("node", "start", "--datadir", str(tmp_path / "node"))
+    assert result.exit_code == 8 and "the configured fake ran" in result.stderr, result.output
+    c.env["BITCOIND"] = str(tmp_path / "missing")
+    result = c("node", "start", "--datadir", str(tmp_path / "node"))
+    assert result.exit_code == 8 and "is not an executable file" in result.stderr
 
 
 def _free_port() -> int:

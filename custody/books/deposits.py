@@ -53,9 +53,9 @@ FINAL_DEPTH = 100
 _CHUNK = 500
 
 
-def confirmations_from_env(env: Mapping[str, str]) -> int:
+def deposit_confirmations(settings: Settings) -> int:
     """CUSTODY_DEPOSIT_CONFIRMATIONS (default 1). Raises InputError for a malformed value."""
-    text = env.get("CUSTODY_DEPOSIT_CONFIRMATIONS") or "1"
+    text = settings.deposit_confirmations or "1"
     try:
         value = int(text)
     except ValueError:

@@ -94,12 +94,12 @@ class NodeInfo:
         )
 
 
-def find_node_binary() -> Path:
-    """The node binary to run: ``$BITCOIND``, else bitcoind on PATH, else litecoind on PATH.
+def find_node_binary(configured: str | None = None) -> Path:
+    """The node binary to run: ``configured`` (``BITCOIND``, ``Settings.node_binary``), else
+    bitcoind on PATH, else litecoind on PATH.
 
     Raises NodeError when BITCOIND names no executable, or when none is found.
     """
-    configured = os.environ.get("BITCOIND", "")
     if configured:
         found = shutil.which(configured)
         if found is None:
@@ -122,7 +122,9 @@ def start_node(
 ) -> NodeInfo:
     """Start a regtest node in ``datadir`` on loopback and wait until its RPC answers.
 
-    Ports not given are chosen free. Returns the node's NodeInfo, also saved in datadir.
+    Ports not given are chosen free. ``binary`` is the node to run (the CLI passes
+    :func:`find_node_binary` of the settings' ``BITCOIND``); None looks on PATH only.
+    Returns the node's NodeInfo, also saved in datadir.
     Raises Conflict when a node already runs in datadir, and NodeError when no binary is
     found or the node exits or does not answer within ``timeout`` seconds (the message
     ends with the last lines of its log; the process is stopped).

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import secrets
 import shlex
 import subprocess
@@ -443,7 +442,7 @@ def publish(
 
 def hook_environment(settings: Settings, halted: bool, seq: int | None) -> dict[str, str]:
     """The hook's environment: an allow-list of custody's, and the halt state."""
-    env = {k: v for k, v in os.environ.items() if k in HOOK_ENV or k.startswith("LC_")}
+    env = {k: v for k, v in settings.hook_env.items() if k in HOOK_ENV or k.startswith("LC_")}
     env["CUSTODY_HALTED"] = "1" if halted else "0"
     env["CUSTODY_HALT_FILE"] = str(settings.halt_file)
     env["CUSTODY_HALT_SEQ"] = "" if seq is None else str(seq)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import smtplib
 import ssl
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,27 +38,25 @@ SEND_TIMEOUT = 20.0
 # ---------------------------------------------------------------- configuration
 
 
-def _flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+def _secret(name: str, path: Path | None, value: str | None) -> str | None:
+    """The first line of ``NAME_FILE`` when given, else ``NAME``; never a command-line argument.
 
-
-def _secret_from(env: Mapping[str, str], name: str) -> str | None:
-    """``NAME_FILE`` (first line of that file), else ``NAME``; never a command-line argument."""
-    path = env.get(f"{name}_FILE")
-    if path:
+    Raises InputError for a file that cannot be read or is empty.
+    """
+    if path is not None:
         try:
-            lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+            lines = path.expanduser().read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read {name}_FILE {path}: {exc}") from None
         if not lines or not lines[0]:
             raise InputError(f"{name}_FILE {path} is empty")
         return lines[0]
-    return env.get(name) or None
+    return value
 
 
 @dataclass(frozen=True)
 class NotifyConfig:
-    """Notification settings from ``CUSTODY_*`` variables, resolved against the custody home."""
+    """What delivery needs, from the settings: secret files read and values checked."""
 
     gnupg_home: Path
     secrets_dir: Path
@@ -72,26 +69,25 @@ class NotifyConfig:
     hook_timeout: float = DEFAULT_HOOK_TIMEOUT
 
     @classmethod
-    def load(cls, settings: Settings, env: Mapping[str, str] | None = None) -> NotifyConfig:
+    def load(cls, settings: Settings) -> NotifyConfig:
         """Raises InputError for an unreadable secret file, a bad SMTP URL or timeout."""
-        env = os.environ if env is None else env
-        home = env.get("CUSTODY_GNUPGHOME") or str(settings.home / "gnupg")
         try:
-            timeout = float(env.get("CUSTODY_NOTIFY_TIMEOUT") or DEFAULT_HOOK_TIMEOUT)
+            timeout = float(settings.notify_timeout or DEFAULT_HOOK_TIMEOUT)
         except ValueError:
             raise InputError("CUSTODY_NOTIFY_TIMEOUT must be a number of seconds") from None
-        smtp_url = env.get("CUSTODY_SMTP_URL") or None
-        if smtp_url:
-            parse_smtp_url(smtp_url)
+        if settings.smtp_url:
+            parse_smtp_url(settings.smtp_url)
         return cls(
-            gnupg_home=Path(home).expanduser(),
+            gnupg_home=settings.gnupg_home,
             secrets_dir=webhook_secrets_dir(settings),
-            smtp_url=smtp_url,
-            smtp_starttls=_flag(env.get("CUSTODY_SMTP_STARTTLS")),
-            smtp_user=env.get("CUSTODY_SMTP_USER") or None,
-            smtp_password=_secret_from(env, "CUSTODY_SMTP_PASSWORD"),
-            mail_from=env.get("CUSTODY_NOTIFY_FROM") or None,
-            key_passphrase=_secret_from(env, "CUSTODY_NOTIFY_PASSPHRASE"),
+            smtp_url=settings.smtp_url,
+            smtp_starttls=settings.smtp_starttls,
+            smtp_user=settings.smtp_user,
+            smtp_password=_secret("CUSTODY_SMTP_PASSWORD", settings.smtp_password_file, settings.smtp_password),
+            mail_from=settings.notify_from,
+            key_passphrase=_secret(
+                "CUSTODY_NOTIFY_PASSPHRASE", settings.notify_passphrase_file, settings.notify_passphrase
+            ),
             hook_timeout=timeout,
         )
 
@@ -287,7 +283,6 @@ def deliver_pending(
     *,
     timeout: float = DEFAULT_HOOK_TIMEOUT,
     force: bool = False,
-    env: Mapping[str, str] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> DeliveryReport:
     """Send every pending notification to every active recipient, in order, within ``timeout`` s.
@@ -298,7 +293,7 @@ def deliver_pending(
     StorageError; a delivery problem is never raised, only reported.
     """
     report = DeliveryReport()
-    config = NotifyConfig.load(settings, env)
+    config = NotifyConfig.load(settings)
     deadline = clock() + timeout
     with db.transaction() as s:
         rows = active(s)
@@ -373,15 +368,13 @@ def _deliver_to(
             after = n.seq
 
 
-def pending(
-    db: Database, settings: Settings, *, limit: int = 1000, env: Mapping[str, str] | None = None
-) -> list[dict[str, Any]]:
+def pending(db: Database, settings: Settings, *, limit: int = 1000) -> list[dict[str, Any]]:
     """Each active recipient with its undelivered notifications (oldest first, at most ``limit``).
 
     Also says whether this machine can deliver to it. Raises StorageError.
     """
     db.check_schema()
-    config = NotifyConfig.load(settings, env)
+    config = NotifyConfig.load(settings)
     key_cache: dict[str, Any] = {}
     out: list[dict[str, Any]] = []
     with db.transaction() as s:

@@ -1018,24 +1018,20 @@ def create_batch(
         raise ledger.halt_for_imbalance(db, settings, exc) from None
 
 
-def limits_from_env(env: Mapping[str, str]) -> Limits:
+def limits_from_settings(settings: Settings) -> Limits:
     """Limits from CUSTODY_FEE_RATE, CUSTODY_MAX_FEE_RATE (sat/vB), CUSTODY_MAX_FEE (sat),
-    CUSTODY_CONFIRMATIONS. Raises InputError for a malformed value."""
+    CUSTODY_CONFIRMATIONS, as the settings hold them. Raises InputError for a malformed value."""
     base = Limits()
     try:
-        max_fee = int(env.get("CUSTODY_MAX_FEE", base.max_fee))
-        confirmations = int(env.get("CUSTODY_CONFIRMATIONS", base.confirmations))
+        max_fee = int(settings.max_fee if settings.max_fee is not None else base.max_fee)
+        confirmations = int(settings.confirmations if settings.confirmations is not None else base.confirmations)
     except ValueError:
         raise InputError("CUSTODY_MAX_FEE and CUSTODY_CONFIRMATIONS take whole numbers") from None
     if max_fee < 0 or confirmations < 1:
         raise InputError("CUSTODY_MAX_FEE must be >= 0 and CUSTODY_CONFIRMATIONS >= 1")
     return Limits(
-        default_fee_rate=parse_fee_rate(env["CUSTODY_FEE_RATE"])
-        if env.get("CUSTODY_FEE_RATE")
-        else base.default_fee_rate,
-        max_fee_rate=parse_fee_rate(env["CUSTODY_MAX_FEE_RATE"])
-        if env.get("CUSTODY_MAX_FEE_RATE")
-        else base.max_fee_rate,
+        default_fee_rate=parse_fee_rate(settings.fee_rate) if settings.fee_rate else base.default_fee_rate,
+        max_fee_rate=parse_fee_rate(settings.max_fee_rate) if settings.max_fee_rate else base.max_fee_rate,
         max_fee=max_fee,
         confirmations=confirmations,
     )
