@@ -146,6 +146,7 @@ def _register() -> None:
         commands_node,
         commands_notify,
         commands_policy,
+        commands_serve,
         commands_trust,
         commands_verify,
         commands_withdraw,
@@ -165,6 +166,7 @@ def _register() -> None:
         commands_audit,
         commands_notify,
         commands_db,
+        commands_serve,
         demo,
     ):
         for command in module.COMMANDS:

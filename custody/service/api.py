@@ -1,0 +1,304 @@
+"""``custody serve``: the HTTP API for the exchange's backend (FastAPI; OpenAPI at /openapi.json).
+
+Every route under ``/v1`` needs a signed request (:mod:`custody.service.auth`). State changes
+(issuing addresses, requesting a withdrawal) call the same library functions as the CLI,
+so the same halt guard, audit log entries and verification apply; the service requests
+withdrawals as one roster employee that holds the ``request`` role and no other, with its
+own key. Errors keep the CLI's exit code in the body and map to an HTTP status.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, Field
+from sqlmodel import select
+
+from custody import __version__
+from custody.books.deposits import deposit, list_deposits
+from custody.chain.backend import backend_for
+from custody.clock import iso, now
+from custody.config import Settings
+from custody.control import halt as halt_lib
+from custody.control import halt_file, witness
+from custody.control.roster import authenticate, check_pinned, load_trust
+from custody.control.wallet import load_policy
+from custody.errors import (
+    ApprovalError,
+    Conflict,
+    CustodyError,
+    HaltedError,
+    InputError,
+    KeyFileError,
+    NodeError,
+    NotFound,
+    StorageError,
+    VerificationFailed,
+)
+from custody.identity.employee_keys import EmployeeSigner
+from custody.issuance.issuer import get_address, issue_addresses, list_addresses
+from custody.service import auth
+from custody.store.db import Database
+from custody.store.models import AuditHead
+from custody.withdraw import queue as wd
+
+MAX_ISSUE = 1000
+"""Addresses one request may issue."""
+MAX_ID = 2**31 - 1
+_TEXT = r"^[\x20-\x7e]{1,128}$"
+"""Printable ASCII: what an account, an address or an outpoint is made of."""
+
+
+@dataclass
+class ServiceConfig:
+    """What one ``custody serve`` process runs with."""
+
+    settings: Settings
+    db: Database
+    secret: bytes = field(repr=False)
+    identity: str
+    """The roster employee the service requests withdrawals as (``request`` role only)."""
+    key: EmployeeSigner = field(repr=False)
+    window: float = auth.WINDOW
+
+
+def check_identity(db: Database, settings: Settings, name: str, key: EmployeeSigner) -> tuple[str, ...]:
+    """The service identity must be a roster employee whose key ``key`` is, holding the
+    ``request`` role and no other (a service that could approve or lift would be one insider
+    short of the two-person rules). Returns its roles. Raises NotFound, ApprovalError,
+    VerificationFailed, StorageError."""
+    db.check_schema()
+    with db.transaction() as s:
+        employee = authenticate(s, check_pinned(s, load_trust(settings)), name, key, "request")
+    if set(employee.roles) != {"request"}:
+        raise ApprovalError(
+            f"the service identity {name} must hold the request role only, not {', '.join(employee.roles)}: "
+            "give the service an employee of its own in the founders' roster"
+        )
+    return tuple(sorted(employee.roles))
+
+
+# ---------------------------------------------------------------- errors
+
+
+_STATUS: list[tuple[type[CustodyError], int]] = [
+    (auth.TooManyNonces, 429),
+    (auth.Unauthorized, 401),
+    (InputError, 400),
+    (HaltedError, 423),
+    (VerificationFailed, 423),
+    (ApprovalError, 403),
+    (NotFound, 404),
+    (Conflict, 409),
+    (KeyFileError, 500),
+    (NodeError, 502),
+    (StorageError, 503),
+]
+
+
+def http_status(exc: CustodyError) -> int:
+    """The HTTP status of a library error (its exit code travels in the body)."""
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_body(exc: CustodyError) -> dict[str, Any]:
+    return {"error": {"kind": type(exc).__name__, "exit_code": exc.exit_code, "message": str(exc)}}
+
+
+# ---------------------------------------------------------------- bodies
+
+
+class IssueBody(BaseModel):
+    count: int = Field(default=1, ge=1, le=MAX_ISSUE, description="How many addresses to issue.")
+
+
+class WithdrawalBody(BaseModel):
+    account: str = Field(min_length=1, max_length=128, pattern=_TEXT, description="The customer account to debit.")
+    destination: str = Field(min_length=1, max_length=128, pattern=_TEXT, description="Where to send the coins.")
+    amount: str = Field(
+        min_length=1, max_length=32, pattern=r"^[0-9.]+$", description="Amount in BTC as a decimal string."
+    )
+    fee_rate: str | None = Field(
+        default=None, max_length=32, pattern=r"^[0-9.]+$", description="sat/vB (default: CUSTODY_FEE_RATE)."
+    )
+
+
+Account = Annotated[str, Path(min_length=1, max_length=128, pattern=_TEXT, description="Customer account.")]
+WithdrawalId = Annotated[int, Path(ge=1, le=MAX_ID)]
+StatusQuery = Annotated[str | None, Query(max_length=32, pattern=r"^[a-z_]+$")]
+
+
+# ---------------------------------------------------------------- the app
+
+
+def halt_document(db: Database, lease: float) -> dict[str, Any]:
+    """The halt state under the halt file's contract: trade only while it parses, says
+    ``"halted": false`` and ``valid_until`` is in the future."""
+    state = halt_lib.read_state(db)
+    stamp = now()
+    doc: dict[str, Any] = {
+        "format": halt_file.FORMAT,
+        "version": halt_file.VERSION,
+        "halted": state.halted,
+        "seq": state.seq,
+        "updated_at": iso(stamp),
+        # An unreadable state is a halt, and it holds only for this answer.
+        "valid_until": iso(stamp + timedelta(seconds=lease)) if state.error is None else iso(stamp),
+        "halts": state.halts,
+    }
+    if state.error:
+        doc["error"] = state.error
+    return doc
+
+
+def audit_head(db: Database) -> dict[str, Any]:
+    """The audit log's head: its last entry's sequence number and hash (0 and "" when empty)."""
+    db.check_schema()
+    with db.transaction() as s:
+        head = s.exec(select(AuditHead).where(AuditHead.id == 1)).first()
+        return {"seq": head.seq if head else 0, "hash": head.hash if head else ""}
+
+
+_TIMESTAMP = APIKeyHeader(
+    name=auth.TIMESTAMP,
+    scheme_name="CustodyTimestamp",
+    auto_error=False,
+    description="Unix seconds when it was signed.",
+)
+_NONCE = APIKeyHeader(
+    name=auth.NONCE, scheme_name="CustodyNonce", auto_error=False, description="16-64 of A-Za-z0-9_-, never reused."
+)
+_SIGNATURE = APIKeyHeader(
+    name=auth.SIGNATURE,
+    scheme_name="CustodySignature",
+    auto_error=False,
+    description="hex HMAC-SHA256 of METHOD\\nTARGET\\nTIMESTAMP\\nNONCE\\nhex(SHA-256(BODY)).",
+)
+
+
+async def signed(
+    request: Request,
+    timestamp: Annotated[str | None, Depends(_TIMESTAMP)],
+    nonce: Annotated[str | None, Depends(_NONCE)],
+    signature: Annotated[str | None, Depends(_SIGNATURE)],
+) -> None:
+    """The dependency of every /v1 route: a signed, fresh, unreplayed request, else 401."""
+    body = await request.body()
+    target = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+    query = request.scope.get("query_string", b"")
+    if query:
+        target += "?" + query.decode("latin-1")
+    verifier: auth.Verifier = request.app.state.verifier
+    verifier.check(request.method, target, timestamp, nonce, signature, body)
+
+
+def create_app(config: ServiceConfig) -> FastAPI:
+    """The ASGI application of ``custody serve``."""
+    verifier = auth.Verifier(config.secret, window=config.window)
+    db, settings = config.db, config.settings
+    state_lock = threading.Lock()  # one state change at a time in this process (the chain backend is one object)
+    app = FastAPI(
+        title="custody",
+        version=__version__,
+        description=(
+            "The custody service for the exchange's backend. Every /v1 request is signed: see the "
+            "README's 'The HTTP service' section."
+        ),
+    )
+    app.state.verifier = verifier
+
+    @app.exception_handler(CustodyError)
+    async def custody_error(_request: Request, exc: CustodyError) -> JSONResponse:
+        return JSONResponse(error_body(exc), status_code=http_status(exc))
+
+    @app.middleware("http")
+    async def last_defence(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        try:
+            return await call_next(request)
+        except Exception as exc:  # noqa: BLE001 - an answer, never a traceback on the wire
+            body = {"error": {"kind": "InternalError", "exit_code": 1, "message": type(exc).__name__}}
+            return JSONResponse(body, status_code=500)
+
+    def witnessed() -> None:
+        """After a state change, as after every CLI command: the log against the local witness."""
+        witness.after_command(db, settings)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(signed)])
+
+    @v1.post("/accounts/{account}/addresses", status_code=201, summary="Issue deposit addresses")
+    def issue(account: Account, body: IssueBody) -> list[dict[str, Any]]:
+        """Issue the next deposit address(es) for the account, each verified independently first."""
+        with state_lock:
+            issued = issue_addresses(db, settings, account, body.count, actor=config.identity)
+            witnessed()
+        return [a.to_dict() for a in issued]
+
+    @v1.get("/accounts/{account}/addresses", summary="An account's deposit addresses")
+    def account_addresses(account: Account) -> list[dict[str, Any]]:
+        return [a.to_dict() for a in list_addresses(db, account)]
+
+    @v1.get("/addresses/{address}", summary="One issued address")
+    def address(address: Annotated[str, Path(min_length=1, max_length=128, pattern=_TEXT)]) -> dict[str, Any]:
+        return get_address(db, address).to_dict()
+
+    @v1.post("/withdrawals", status_code=201, summary="Request a withdrawal")
+    def request_withdrawal(body: WithdrawalBody) -> dict[str, Any]:
+        """Request a withdrawal as the service identity (two employees then approve it)."""
+        with state_lock:
+            backend = backend_for(settings, load_policy(db).network.name)
+            result = wd.request_withdrawal(
+                db,
+                settings,
+                backend,
+                account=body.account,
+                destination=body.destination,
+                amount=body.amount,
+                fee_rate=body.fee_rate,
+                requester=config.identity,
+                key=config.key,
+                limits=wd.limits_from_env(os.environ),
+            )
+            witnessed()
+        return result
+
+    @v1.get("/withdrawals", summary="Withdrawals, optionally of one status")
+    def withdrawals(status: StatusQuery = None) -> list[dict[str, Any]]:
+        return wd.list_withdrawals(db, status)
+
+    @v1.get("/withdrawals/{withdrawal_id}", summary="One withdrawal")
+    def withdrawal(withdrawal_id: WithdrawalId) -> dict[str, Any]:
+        return wd.show_withdrawal(db, withdrawal_id)
+
+    @v1.get("/deposits", summary="Deposits seen on the chain")
+    def deposits(
+        account: Annotated[str | None, Query(min_length=1, max_length=128, pattern=_TEXT)] = None,
+        status: StatusQuery = None,
+    ) -> list[dict[str, Any]]:
+        return list_deposits(db, account, status)
+
+    @v1.get("/deposits/{outpoint}", summary="One deposit by outpoint (TXID:VOUT)")
+    def one_deposit(outpoint: Annotated[str, Path(min_length=1, max_length=128, pattern=_TEXT)]) -> dict[str, Any]:
+        return deposit(db, outpoint)
+
+    @v1.get("/halt", summary="The halt state (the halt file's contract)")
+    def halt() -> dict[str, Any]:
+        """Trade only while this answers 200, ``"halted": false`` and ``valid_until`` is in the future."""
+        return halt_document(db, settings.halt_lease)
+
+    @v1.get("/audit/head", summary="The audit log's head")
+    def head() -> dict[str, Any]:
+        return audit_head(db)
+
+    app.include_router(v1)
+    return app
