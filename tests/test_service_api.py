@@ -24,6 +24,7 @@ import schemathesis.openapi
 import schemathesis.pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, Phase, settings
+from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.checks import not_a_server_error
 
 from custody_cli.main import cli
@@ -50,6 +51,11 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     svc_keys = enrol(shop.c, tmp, shop.founder_keys, ["svc"], roles="request")
     shop.employees.update(svc_keys)
     shop.deposit("acct-1")
+    # A coin at a custody address that no sync credited yet: reserves exceed liabilities by its value.
+    (extra,) = shop.ok("address", "new", "--account", "acct-9")
+    shop.chain.mine(1, bytes.fromhex(extra["script_pubkey"]))
+    shop.surplus = sum(u.amount for u in shop.chain.unspent([bytes.fromhex(extra["script_pubkey"])]))
+    shop.ok("audit", "reserves")
     shop.chain.close()  # the kernel is one process's: the server opens it from here on
     server = Server(shop.c.env, tmp, "svc", svc_keys["svc"])
     try:
@@ -96,10 +102,40 @@ def test_requests_a_withdrawal_that_employees_then_approve(service: Service) -> 
     assert len(deposits) == 1 and deposits[0]["status"] == "credited"
     assert service.client.ok("GET", f"/v1/deposits/{deposits[0]['outpoint']}")["account"] == "acct-1"
     # Beyond the customer's balance: the CLI's refusal, its exit code in the body.
-    big = service.client.call("POST", "/v1/withdrawals", json={"account": "acct-1", "destination": to, "amount": "49"})
+    big = service.client.call("POST", "/v1/withdrawals", json={"account": "acct-1", "destination": to, "amount": "60"})
     assert big.status_code == 400 and big.json()["error"]["exit_code"] == 2, big.text
     # The service identity cannot approve: it has no route for it, and the roster gives it no such role.
     assert service.client.call("POST", f"/v1/withdrawals/{wid}/approve").status_code in (404, 405)
+
+
+def scrape(service: Service) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """/metrics parsed by prometheus_client's own parser: name -> labels -> value."""
+    r = requests.get(service.server.url + "/metrics", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def test_metrics_are_scraped_and_parsed(service: Service) -> None:
+    m = scrape(service)
+    assert m["custody_halted"][()] == 0 and m["custody_store_up"][()] == 1
+    approved = len(service.client.ok("GET", "/v1/withdrawals?status=approved"))
+    requested = len(service.client.ok("GET", "/v1/withdrawals?status=requested"))
+    assert m["custody_withdrawals"][(("status", "approved"),)] == approved
+    assert m["custody_withdrawals"][(("status", "requested"),)] == requested
+    assert m["custody_reserves_minus_liabilities_sat"][()] == service.shop.surplus > 0
+    assert m["custody_last_synced_height"][()] >= 1
+    assert m["custody_notification_backlog"][()] == 0  # no recipients
+    # A withdrawal left requested: the oldest pending age counts from its request.
+    to, _ = destination()
+    service.client.ok("POST", "/v1/withdrawals", json={"account": "acct-1", "destination": to, "amount": "0.002"})
+    time.sleep(1.1)
+    m = scrape(service)
+    assert m["custody_withdrawals"][(("status", "requested"),)] == requested + 1
+    assert m["custody_withdrawal_oldest_pending_age_seconds"][()] >= 1
 
 
 def test_refuses_unsigned_wrongly_signed_stale_and_replayed_requests(service: Service) -> None:
@@ -164,13 +200,14 @@ def test_the_halt_guard_holds_for_the_service_and_the_halt_read_keeps_the_lease_
     (tmp_path / "halted.json").write_text(json.dumps(doc))
     assert doc["halted"] is True and not allowed(str(tmp_path / "halted.json"))
     before = len(service.addresses())
+    requested = len(c.ok("GET", "/v1/withdrawals"))
     refused = c.call("POST", "/v1/accounts/acct-7/addresses", json={"count": 1})
     assert refused.status_code == 423 and refused.json()["error"]["exit_code"] == 3
     to, _ = destination()
     refused = c.call("POST", "/v1/withdrawals", json={"account": "acct-1", "destination": to, "amount": "0.001"})
     assert refused.status_code == 423 and refused.json()["error"]["exit_code"] == 3
     assert len(service.addresses()) == before
-    assert not c.ok("GET", "/v1/withdrawals?status=requested")
+    assert len(c.ok("GET", "/v1/withdrawals")) == requested
 
     halt_id = doc["halts"][0]["id"]
     for who in ("alice", "bob"):

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field
 from sqlmodel import select
 
@@ -46,6 +47,7 @@ from custody.errors import (
 from custody.identity.employee_keys import EmployeeSigner
 from custody.issuance.issuer import get_address, issue_addresses, list_addresses
 from custody.service import auth
+from custody.service.metrics import CustodyCollector
 from custody.store.db import Database
 from custody.store.models import AuditHead
 from custody.withdraw import queue as wd
@@ -301,4 +303,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return audit_head(db)
 
     app.include_router(v1)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CustodyCollector(db, settings))
+
+    @app.get("/metrics", summary="Prometheus metrics (not signed: keep the listener private)")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     return app
