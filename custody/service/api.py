@@ -9,7 +9,6 @@ own key. Errors keep the CLI's exit code in the body and map to an HTTP status.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -205,6 +204,22 @@ async def signed(
     verifier.check(request.method, target, timestamp, nonce, signature, body)
 
 
+def _install_error_handlers(app: FastAPI) -> None:
+    """Custody's errors answer with their exit code; anything else is a 500 with no traceback."""
+
+    @app.exception_handler(CustodyError)
+    async def custody_error(_request: Request, exc: CustodyError) -> JSONResponse:
+        return JSONResponse(error_body(exc), status_code=http_status(exc))
+
+    @app.middleware("http")
+    async def last_defence(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        try:
+            return await call_next(request)
+        except Exception as exc:  # noqa: BLE001 - an answer, never a traceback on the wire
+            body = {"error": {"kind": "InternalError", "exit_code": 1, "message": type(exc).__name__}}
+            return JSONResponse(body, status_code=500)
+
+
 def create_app(config: ServiceConfig) -> FastAPI:
     """The ASGI application of ``custody serve``."""
     verifier = auth.Verifier(config.secret, window=config.window)
@@ -219,18 +234,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         ),
     )
     app.state.verifier = verifier
-
-    @app.exception_handler(CustodyError)
-    async def custody_error(_request: Request, exc: CustodyError) -> JSONResponse:
-        return JSONResponse(error_body(exc), status_code=http_status(exc))
-
-    @app.middleware("http")
-    async def last_defence(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        try:
-            return await call_next(request)
-        except Exception as exc:  # noqa: BLE001 - an answer, never a traceback on the wire
-            body = {"error": {"kind": "InternalError", "exit_code": 1, "message": type(exc).__name__}}
-            return JSONResponse(body, status_code=500)
+    _install_error_handlers(app)
 
     def witnessed() -> None:
         """After a state change, as after every CLI command: the log against the local witness."""
@@ -269,7 +273,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 fee_rate=body.fee_rate,
                 requester=config.identity,
                 key=config.key,
-                limits=wd.limits_from_env(os.environ),
+                limits=wd.limits_from_settings(settings),
             )
             witnessed()
         return result

@@ -22,7 +22,7 @@ from custody.config import Settings
 from custody.control import halt as halt_lib
 from custody.control import halt_file
 from custody.errors import CustodyError
-from custody.notify import outbox
+from custody.notify import delivery
 from custody.store.db import Database
 from custody.store.models import AuditEntry, DepositRow, WithdrawalRow
 
@@ -88,7 +88,7 @@ def snapshot(db: Database, settings: Settings) -> dict[str, Any]:
                 payload = json.loads(last.payload)
                 out["reserves_minus_liabilities"] = float(payload["reserves_sat"] - payload["liabilities_sat"])
                 out["audit_reserves_height"] = float(payload["height"])
-        out["notification_backlog"] = float(sum(len(r["pending"]) for r in outbox.pending(db, settings)))
+        out["notification_backlog"] = float(sum(len(r["pending"]) for r in delivery.pending(db, settings)))
     except (CustodyError, KeyError, TypeError, ValueError):
         out["store_up"] = 0.0
     return out
