@@ -149,8 +149,15 @@ def test_signer_refuses_an_input_that_is_not_ours(shop: Shop) -> None:
         script = b"\x51" + bytes([33]) + outsider.account.xpub.public_key + b"\x51\xae"
         import hashlib
 
+        from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxOut
+
+        spk = b"\x00\x20" + hashlib.sha256(script).digest()
+        # The previous transaction every input must carry, forged to pay the outsider's script.
+        prev = CTransaction([CTxIn(COutPoint(b"\x11" * 32, 0))], [CTxOut(pin.witness_utxo.amount, spk)])
         pin.witness_script = script
-        pin.witness_utxo = psbt_lib.WitnessUtxo(pin.witness_utxo.amount, b"\x00\x20" + hashlib.sha256(script).digest())
+        pin.witness_utxo = psbt_lib.WitnessUtxo(pin.witness_utxo.amount, spk)
+        pin.non_witness_utxo = prev
+        p.tx.vin[0].prevout = COutPoint(prev.GetTxid(), 0)
         _reapprove(shop, p)
 
     _rewrite(path, foreign)

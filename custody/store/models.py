@@ -228,7 +228,7 @@ class WithdrawalInput(SQLModel, table=True):
     script_pubkey: str = Field(sa_column=Column(Text, nullable=False))
     chain: int
     idx: int = Field(sa_column=Column("idx", BigInteger, nullable=False))
-    prev_tx: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # hex, for p2sh
+    prev_tx: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # hex, every input's
 
 
 class ReservedInput(SQLModel, table=True):

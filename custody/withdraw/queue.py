@@ -405,8 +405,9 @@ def request_withdrawal(
             s.flush()
             wid = row.id or 0
             ledger.withdrawal_requested(s, row)  # refuses beyond the customer's balance
-            p2sh = policy.script_type is ScriptType.P2SH
-            prev = {c.outpoint: b2x(backend.raw_transaction(c.txid)) if p2sh else None for c in selection.coins}
+            # Every input's previous transaction, segwit too: signers check amounts against it
+            # (Trezor and BitBox02 refuse segwit inputs without it since the 2020 fee attack).
+            prev: dict[str, str | None] = {c.outpoint: b2x(backend.raw_transaction(c.txid)) for c in selection.coins}
             for rec in _input_rows(wid, tx, selection.coins, prev):
                 s.add(rec)
                 s.add(ReservedInput(outpoint=f"{rec.txid}:{rec.vout}", withdrawal_id=wid))
@@ -538,6 +539,33 @@ def _prop(subtype: int) -> psbt_lib.ProprietaryKey:
     return psbt_lib.ProprietaryKey(PROPRIETARY_ID, subtype, b"")
 
 
+def _previous_tx(wid: int, rec: WithdrawalInput) -> CTransaction:
+    """The stored previous transaction of an input, checked against its outpoint and output.
+
+    Raises StorageError when it is missing (a withdrawal requested before every input kept its
+    previous transaction: cancel it and request it again) or disagrees with the input's record.
+    """
+    if not rec.prev_tx:
+        raise StorageError(
+            f"withdrawal #{wid}: input {rec.txid}:{rec.vout} has no previous transaction recorded "
+            "(requested by an older custody): cancel the withdrawal and request it again"
+        )
+    try:
+        prev = CTransaction.deserialize(x(rec.prev_tx))
+    except Exception:  # noqa: BLE001 - python-bitcoinlib raises several kinds on bad bytes
+        raise StorageError(f"withdrawal #{wid}: input {rec.txid}:{rec.vout}: previous transaction unreadable") from None
+    if (
+        b2lx(prev.GetTxid()) != rec.txid
+        or rec.vout >= len(prev.vout)
+        or (int(prev.vout[rec.vout].nValue), bytes(prev.vout[rec.vout].scriptPubKey).hex())
+        != (rec.amount, rec.script_pubkey)
+    ):
+        raise StorageError(
+            f"withdrawal #{wid}: the previous transaction stored for input {rec.txid}:{rec.vout} is not the one spent"
+        )
+    return prev
+
+
 def build_psbt(s: Session, policy: Policy, row: WithdrawalRow) -> psbt_lib.Psbt:
     """The PSBT an offline signer needs, with the approval bundle in proprietary fields."""
     wid = row.id or 0
@@ -549,11 +577,8 @@ def build_psbt(s: Session, policy: Policy, row: WithdrawalRow) -> psbt_lib.Psbt:
         rec = inputs[f"{b2lx(vin.prevout.hash)}:{vin.prevout.n}"]
         addr = scripts[rec.script_pubkey]
         pin = p.inputs[n]
-        if policy.script_type is ScriptType.P2SH:  # legacy: the whole previous transaction
-            if not rec.prev_tx:
-                raise StorageError(f"withdrawal #{wid}: the previous transaction of a p2sh input is missing")
-            pin.non_witness_utxo = CTransaction.deserialize(x(rec.prev_tx))
-        else:
+        pin.non_witness_utxo = _previous_tx(wid, rec)  # every input, segwit too
+        if policy.script_type is not ScriptType.P2SH:
             pin.witness_utxo = psbt_lib.WitnessUtxo(rec.amount, bytes.fromhex(rec.script_pubkey))
         pin.redeem_script, pin.witness_script = _scripts(policy, bytes.fromhex(addr.script))
         pin.bip32_derivations = _derivations(policy, addr.chain, addr.idx)
@@ -651,9 +676,11 @@ def _founders_signed(policy: Policy, p: psbt_lib.Psbt, valid: list[set[bytes]]) 
 
 
 def import_psbt(db: Database, withdrawal_id: int, data: bytes) -> dict[str, Any]:
-    """Merge a signed PSBT's signatures into the withdrawal.
+    """Merge a signed PSBT's signatures into the withdrawal, those of inputs another signer has
+    finalized included (read out of their final scripts and checked, never dropped).
 
-    Raises HaltedError, NotFound, InputError (another transaction, bad signatures),
+    Raises HaltedError, NotFound, InputError (another transaction, bad signatures, a final
+    script that is not this input's multisig spend),
     ApprovalError, Conflict.
     """
     incoming = psbt_lib.Psbt.parse(data)
@@ -668,7 +695,11 @@ def import_psbt(db: Database, withdrawal_id: int, data: bytes) -> dict[str, Any]
         if incoming.unsigned_tx_bytes() != x(row.unsigned_tx):
             raise InputError(f"this PSBT is for another transaction than withdrawal #{withdrawal_id}'s")
         base = build_psbt(s, policy, row)
-        parts = [base, _signatures_only(incoming)]
+        theirs = _signatures_only(incoming)
+        for n, pin in enumerate(incoming.inputs):
+            if pin.is_finalized:  # another finalizer (the node's walletprocesspsbt) put them in its final scripts
+                theirs.inputs[n].partial_sigs.update(psbt_lib.final_signatures(base, n, pin))
+        parts = [base, theirs]
         if row.psbt:
             parts.append(_signatures_only(psbt_lib.Psbt.from_base64(row.psbt)))
         merged = psbt_lib.combine(parts)

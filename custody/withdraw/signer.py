@@ -194,6 +194,27 @@ def _expect(derived: DerivedAddress, script_type: ScriptType, redeem: bytes | No
     return witness == derived.script and redeem == b"\x00\x20" + hashlib.sha256(derived.script).digest()
 
 
+def _spent_output(p: psbt_lib.Psbt, n: int) -> psbt_lib.WitnessUtxo:
+    """The amount and script input ``n`` spends, from its previous transaction (required for
+    every input: a witness UTXO alone lets an online machine lie about amounts, the 2020 segwit
+    fee attack), checked against the outpoint and against the witness UTXO when there is one.
+
+    Raises InputError.
+    """
+    pin = p.inputs[n]
+    prevout = p.tx.vin[n].prevout
+    if pin.non_witness_utxo is None:
+        raise InputError(f"input {n}: the PSBT carries no previous transaction for it (non_witness_utxo)")
+    prev = pin.non_witness_utxo
+    if b2lx(prev.GetTxid()) != b2lx(prevout.hash) or prevout.n >= len(prev.vout):
+        raise InputError(f"input {n}: its previous transaction does not match the outpoint it spends")
+    out = prev.vout[prevout.n]
+    spent = psbt_lib.WitnessUtxo(int(out.nValue), bytes(out.scriptPubKey))
+    if pin.witness_utxo is not None and pin.witness_utxo != spent:
+        raise InputError(f"input {n}: its witness UTXO disagrees with the output of its previous transaction")
+    return spent
+
+
 def _roster(p: psbt_lib.Psbt, founders: Founders, state: SignerState) -> Roster:
     """The PSBT's roster, checked against the pinned manifest and this machine's state."""
     doc = _prop_json(p, PROP_ROSTER, "founders-signed employee roster", ApprovalError)
@@ -354,17 +375,7 @@ def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state:
         if where is None:
             raise InputError(f"input {n} is not one of our policy's scripts (no derivation for this founder)")
         derived = deriver.derive(*where)
-        spent = pin.witness_utxo
-        if pin.non_witness_utxo is not None:
-            prevout = p.tx.vin[n].prevout
-            if b2lx(pin.non_witness_utxo.GetTxid()) != b2lx(prevout.hash) or prevout.n >= len(
-                pin.non_witness_utxo.vout
-            ):
-                raise InputError(f"input {n}: its previous transaction does not match the outpoint")
-            out = pin.non_witness_utxo.vout[prevout.n]
-            spent = psbt_lib.WitnessUtxo(int(out.nValue), bytes(out.scriptPubKey))
-        if spent is None:
-            raise InputError(f"input {n}: the amount and script it spends are missing")
+        spent = _spent_output(p, n)
         if spent.script_pubkey != derived.script_pubkey or not _expect(
             derived, policy.script_type, pin.redeem_script, pin.witness_script
         ):
