@@ -9,7 +9,8 @@ The roles of BIP-174 for the three script types custody spends from (``p2wsh``,
   written back byte for byte;
 * signer: :func:`sign_input`, :func:`sign` (SIGHASH_ALL only, RFC 6979, low-S, DER);
 * combiner: :func:`combine`;
-* finalizer: :func:`finalize` (checks every signature before it uses it);
+* finalizer: :func:`finalize` (checks every signature before it uses it), and back:
+  :func:`final_signatures` reads the signatures out of another finalizer's final scripts;
 * extractor: :func:`extract`.
 
 Every problem with the data is an :class:`~custody.errors.InputError` whose message names the
@@ -27,7 +28,7 @@ two. Legacy (``p2sh``) sighashes are python-bitcoinlib's.
 
 from bitcoin.core.script import SIGHASH_ALL
 
-from custody.bitcoin.psbt.finalize import extract, finalize
+from custody.bitcoin.psbt.finalize import extract, final_signatures, finalize
 from custody.bitcoin.psbt.maps import KeyOrigin, ProprietaryKey, Psbt, PsbtInput, PsbtOutput, WitnessUtxo, combine
 from custody.bitcoin.psbt.sighash import sighash_for_input, sign, sign_input, valid_signers
 from custody.bitcoin.script import Multisig, ScriptType, is_strict_der, parse_multisig
@@ -44,6 +45,7 @@ __all__ = [
     "WitnessUtxo",
     "combine",
     "extract",
+    "final_signatures",
     "finalize",
     "is_strict_der",
     "parse_multisig",

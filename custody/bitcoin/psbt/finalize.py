@@ -67,6 +67,84 @@ def finalize(psbt: Psbt) -> Psbt:
     return out
 
 
+def _pushes(scope: str, script: bytes) -> list[bytes]:
+    """The data of a push-only script written with minimal pushes (as :func:`push` writes them).
+
+    Raises InputError for any other opcode or a non-minimal push.
+    """
+    items: list[bytes] = []
+    pos = 0
+    while pos < len(script):
+        op = script[pos]
+        if op == 0:
+            size, start = 0, pos + 1
+        elif op < 0x4C:
+            size, start = op, pos + 1
+        elif op == 0x4C and pos + 1 < len(script):
+            size, start = script[pos + 1], pos + 2
+        elif op == 0x4D and pos + 2 < len(script):
+            size, start = int.from_bytes(script[pos + 1 : pos + 3], "little"), pos + 3
+        else:
+            raise InputError(f"{scope}: its final scriptSig is not a sequence of data pushes")
+        data = script[start : start + size]
+        if len(data) != size or push(data) != script[pos : start + size]:
+            raise InputError(f"{scope}: its final scriptSig has a truncated or non-minimal push")
+        items.append(data)
+        pos = start + size
+    return items
+
+
+def final_signatures(template: Psbt, i: int, finalized: PsbtInput) -> dict[bytes, bytes]:
+    """The signatures another finalizer put into ``finalized``'s final scriptSig / scriptWitness,
+    as partial signatures (public key -> signature) of ``template``'s input ``i``.
+
+    ``template`` carries what the finalizer dropped: the UTXO and the redeem and witness scripts.
+    The final scripts must be exactly the m-of-n spend :func:`finalize` writes for that script
+    (``<> <sig_1> .. <sig_m> <script>``, in the witness or the scriptSig, with the redeem script
+    for p2sh-p2wsh), and every signature must be a valid SIGHASH_ALL signature of one of the
+    script's keys, in the script's key order (as OP_CHECKMULTISIG matches them).
+    Raises InputError naming the input otherwise: a finalized input is never silently dropped.
+    """
+    scope = f"input {i}"
+    spend = _spend_info(template, i)
+    multisig = parse_multisig(spend.script)
+    witness = finalized.final_script_witness
+    script_sig = finalized.final_script_sig or b""
+    if spend.kind is ScriptType.P2SH:
+        if witness:
+            raise InputError(f"{scope}: a final scriptWitness on a p2sh (non-witness) input")
+        stack = _pushes(scope, script_sig)
+    else:
+        expected_sig = push(spend.redeem_script) if spend.redeem_script is not None else b""
+        if script_sig != expected_sig:
+            raise InputError(f"{scope}: its final scriptSig is not the one a {spend.kind} spend of this input has")
+        stack = list(witness or ())
+    if len(stack) < 2 or stack[0] != b"" or stack[-1] != spend.script:
+        raise InputError(
+            f"{scope}: its final script is not a spend of this input's {multisig.threshold}-of-"
+            f"{len(multisig.pubkeys)} multisig script (dummy, signatures, script)"
+        )
+    sigs = stack[1:-1]
+    if len(sigs) != multisig.threshold:
+        raise InputError(
+            f"{scope}: its final script has {len(sigs)} signature(s); the script takes {multisig.threshold}"
+        )
+    digest = _sighash(template, i, spend, _Bip143(template.tx))
+    found: dict[bytes, bytes] = {}
+    keys = iter(multisig.pubkeys)
+    for n, sig in enumerate(sigs):
+        for pub in keys:  # OP_CHECKMULTISIG: each signature matches a later key than the one before
+            if _signature_problem(pub, sig, digest) is None:
+                found[pub] = sig
+                break
+        else:
+            raise InputError(
+                f"{scope}: signature {n + 1} of its final script is no valid signature of this "
+                "transaction by the script's keys (in their order)"
+            )
+    return found
+
+
 def _clear_signing_fields(inp: PsbtInput) -> None:
     """What a finalized input no longer needs (BIP-174: keep the UTXOs and unknown fields)."""
     inp.partial_sigs.clear()
