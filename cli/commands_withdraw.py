@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +33,57 @@ from custody_cli.context import (
     passphrase_options,
 )
 
+MAX_PSBT_BYTES = 64 * 1024 * 1024
+STDIO = "-"
+
 
 def read_psbt_file(path: Path) -> bytes:
-    """A PSBT file, binary or base64."""
+    """A PSBT from a file, or from standard input for ``-``: binary (BIP-174) or base64."""
+    name = "standard input" if str(path) == STDIO else str(path)
     try:
-        data = path.read_bytes()
+        if str(path) == STDIO:
+            data = sys.stdin.buffer.read(MAX_PSBT_BYTES + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(MAX_PSBT_BYTES + 1)
     except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+        raise InputError(f"cannot read {name}: {exc.strerror or exc}") from None
+    if len(data) > MAX_PSBT_BYTES:
+        raise InputError(f"{name} is larger than {MAX_PSBT_BYTES} bytes: not a PSBT of ours")
     if data.startswith(b"psbt\xff"):
         return data
     try:
         return base64.b64decode(b"".join(data.split()), validate=True)
     except ValueError:
-        raise InputError(f"{path} is neither a binary nor a base64 PSBT") from None
+        raise InputError(f"{name} is neither a binary nor a base64 PSBT") from None
 
 
-def write_psbt_file(path: Path, p: psbt_lib.Psbt) -> None:
+def write_psbt_file(path: Path, p: psbt_lib.Psbt, as_base64: bool = False) -> str:
+    """Write ``p``: to standard output for ``-`` (base64, one line), else to the file, binary
+    (BIP-174) when its name ends in ``.psbt`` unless ``as_base64``, base64 otherwise.
+    Returns where it went, for messages."""
+    if str(path) == STDIO:
+        sys.stdout.write(p.to_base64() + "\n")
+        sys.stdout.flush()
+        return "standard output"
+    binary = path.suffix.lower() == ".psbt" and not as_base64
+    data = p.serialize() if binary else (p.to_base64() + "\n").encode("ascii")
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(p.to_base64() + "\n", encoding="ascii")
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return str(path)
+
+
+def base64_option(f: Any) -> Any:
+    return click.option(
+        "--base64",
+        "as_base64",
+        is_flag=True,
+        help="Write a .psbt file as base64 text instead of binary (BIP-174). Standard output is always base64.",
+    )(f)
 
 
 def _backend(app: AppContext) -> Any:
@@ -187,23 +221,26 @@ def render_review(w: dict[str, Any]) -> None:
 
 @withdraw.command("export")
 @click.argument("withdrawal_id", type=int)
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
+@base64_option
 @pass_app
 @example("custody withdraw export 1 w1.psbt")
-def withdraw_export(app: AppContext, withdrawal_id: int, file: Path) -> None:
-    """Write the PSBT (BIP-174, base64) with the approval bundle for the offline signers."""
-    write_psbt_file(file, wd.export_psbt(app.db, withdrawal_id))
-    output.success(f"withdrawal #{withdrawal_id} written to {file}")
+def withdraw_export(app: AppContext, withdrawal_id: int, file: Path, as_base64: bool) -> None:
+    """Write the PSBT with the approval bundle for the offline signers: binary (BIP-174) to a
+    .psbt file, base64 to any other name or to standard output (FILE `-`)."""
+    where = write_psbt_file(file, wd.export_psbt(app.db, withdrawal_id), as_base64)
+    output.success(f"withdrawal #{withdrawal_id} written to {where}")
 
 
 @withdraw.command("import")
 @click.argument("withdrawal_id", type=int)
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
 @json_option
 @pass_app
 @example("custody withdraw import 1 w1-signed-by-a.psbt")
 def withdraw_import(app: AppContext, withdrawal_id: int, file: Path, as_json: bool) -> None:
-    """Merge a signed PSBT's signatures (PSBTs signed separately combine)."""
+    """Merge a signed PSBT's signatures (PSBTs signed separately combine; inputs another signer
+    finalized give up theirs). FILE: binary or base64, `-` for standard input."""
     data = wd.import_psbt(app.db, withdrawal_id, read_psbt_file(file))
     if as_json:
         output.emit_json(data)
@@ -313,23 +350,30 @@ def withdraw_list(app: AppContext, status: str | None, as_json: bool) -> None:
 
 @withdraw.command("show")
 @click.argument("withdrawal_id", type=int)
+@click.option("--raw", is_flag=True, help="Print only the final transaction, in hex (once finalized).")
 @json_option
 @pass_app
 @example("custody withdraw show 1")
-def withdraw_show(app: AppContext, withdrawal_id: int, as_json: bool) -> None:
-    """Show one withdrawal: inputs, outputs, approvals, signatures, confirmations."""
+def withdraw_show(app: AppContext, withdrawal_id: int, raw: bool, as_json: bool) -> None:
+    """Show one withdrawal: inputs, outputs, approvals, signatures, confirmations.
+    --raw: the final transaction's hex, for `sendrawtransaction` or any block explorer."""
+    if raw:
+        sys.stdout.write(wd.final_transaction(app.db, withdrawal_id) + "\n")
+        return
     _show(wd.show_withdrawal(app.db, withdrawal_id), as_json)
 
 
 @click.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
 @founder_key_option
 @click.option(
     "--out",
     "out_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write the signed PSBT (default: FILE with -signed-NAME before .psbt).",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    help="Where to write the signed PSBT (default: FILE with -signed-NAME before .psbt; "
+    "standard output when FILE is `-`). `-`: standard output, base64.",
 )
+@base64_option
 @passphrase_options
 @json_option
 @pass_app
@@ -341,6 +385,7 @@ def sign(
     file: Path,
     key_file: Path,
     out_file: Path | None,
+    as_base64: bool,
     passphrase_file: Path | None,
     as_json: bool,
     expect_digest: str | None,
@@ -354,6 +399,11 @@ def sign(
     two distinct approvers of the roster (never the requester) did too, every input is one of the
     policy's scripts and the change re-derives. Shows what is signed and asks on a terminal.
     """
+    if out_file is None and str(file) == STDIO:
+        out_file = Path(STDIO)
+    to_stdout = str(out_file) == STDIO
+    if to_stdout and as_json:
+        raise InputError("--json and --out - would both write to standard output: choose one")
     consulted = halt_lib.check_before_signing(app.db, app.settings)
     try:
         pinned = read_manifest_file(app.settings.manifest).check()
@@ -368,11 +418,13 @@ def sign(
             raise ApprovalError(f"the statement digest is {r.short_digest}, not {expect_digest}: do not sign")
     else:
         if not as_json:
-            render_signer_review(r)
+            # standard output carries only the PSBT with --out -: the review goes to stderr
+            with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
+                render_signer_review(r)
         confirm(f"Sign withdrawal #{r.withdrawal_id} (digest {r.short_digest}) as {r.founder}?", yes)
     result = sign_reviewed(p, r, state)
     out = out_file or file.with_name(f"{file.stem}-signed-{result.founder}{file.suffix or '.psbt'}")
-    write_psbt_file(out, p)
+    written = write_psbt_file(out, p, as_base64)
     if as_json:
         output.emit_json(
             r.to_dict()
@@ -385,7 +437,7 @@ def sign(
         return
     output.success(
         f"{result.founder} signed {result.signatures_added} input(s) of withdrawal "
-        f"#{result.withdrawal_id} (approved by {', '.join(result.approvals)}); written to {out}"
+        f"#{result.withdrawal_id} (approved by {', '.join(result.approvals)}); written to {written}"
     )
 
 

@@ -356,16 +356,16 @@ class Story:
         wid = self._wid
         unsigned_psbt = self.directory / "offline" / f"withdrawal-{wid}.psbt"
         unsigned_psbt.parent.mkdir(parents=True, exist_ok=True)
-        unsigned_psbt.write_text(wd.export_psbt(self.db, wid).to_base64() + "\n")
+        unsigned_psbt.write_bytes(wd.export_psbt(self.db, wid).serialize())  # binary, as BIP-174 names .psbt files
         pinned = load_signed_manifest(self.auditor_manifest.read_bytes()).check()
         signed = []
         for name in FOUNDERS[:2]:
-            p = psbt_lib.Psbt.from_base64(unsigned_psbt.read_text().strip())
+            p = psbt_lib.Psbt.parse(unsigned_psbt.read_bytes())
             state = SignerState.load(self.directory / "offline" / name / "signer-state.json", pinned)
             r = review(p, open_founder_key(self.keys / f"{name}.key", PASSPHRASE), pinned, state)
             result = sign_reviewed(p, r, state)
             out = unsigned_psbt.with_name(f"withdrawal-{wid}-{name}.psbt")
-            out.write_text(p.to_base64() + "\n")
+            out.write_bytes(p.serialize())
             self._signed.append(out)
             signed.append(
                 {
@@ -383,7 +383,7 @@ class Story:
         """Signatures imported, finalized, broadcast, mined and followed to confirmation."""
         wid = self._wid
         for path in self._signed:
-            wd.import_psbt(self.db, wid, psbt_lib.Psbt.from_base64(path.read_text().strip()).serialize())
+            wd.import_psbt(self.db, wid, path.read_bytes())
         wd.finalize(self.db, wid)
         sent = wd.broadcast(self.db, self.backend, wid, settings=self.settings)
         self.backend.mine(1, b"\x51")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -70,7 +71,7 @@ class Custody:
         self.env["CUSTODY_HALT_HOOK"] = ""
         self.runner = CliRunner()
 
-    def __call__(self, *args: str, input: str | None = None) -> Result:
+    def __call__(self, *args: str, input: str | bytes | None = None) -> Result:
         env = {k: v for k, v in self.env.items()}
         return self.runner.invoke(cli, list(args), env=env, input=input, catch_exceptions=False)
 
@@ -172,3 +173,14 @@ def create_store(db: Any, settings: Any, policy: Any, fs: list[TestFounder]) -> 
     init_store(db, signed)
     pin_manifest(settings.manifest, signed)
     return signed
+
+
+def read_psbt(path: Path) -> bytes:
+    """A PSBT file's bytes, whether it was written binary (a .psbt name) or base64."""
+    data = path.read_bytes()
+    return data if data.startswith(b"psbt\xff") else base64.b64decode(data.strip())
+
+
+def psbt_b64(path: Path) -> str:
+    """A PSBT file as the base64 text the node's RPCs take."""
+    return base64.b64encode(read_psbt(path)).decode("ascii")

@@ -50,7 +50,7 @@ from custody.policy.model import policy_from_manifest
 from custody.withdraw import signer as signer_lib
 from custody.withdraw.signer import PROP_APPROVALS, PROP_META, PROP_ROSTER, PROP_SUSPENSIONS, PROPRIETARY_ID
 from tests.store_support import audit_problems, dump_store
-from tests.support import PASSPHRASE, Custody, founders
+from tests.support import PASSPHRASE, Custody, founders, read_psbt
 from tests.withdraw_support import Shop
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -742,9 +742,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, regtest_node: NodeInfo, fund
     shop.deposit("acct-1", "0.3", count=6)
     w1 = shop.approved("0.01")
     shop.approved("0.02")  # the second member of the batch
-    single = base64.b64decode(shop.export(w1).read_text())
+    single = read_psbt(shop.export(w1))
     batch = shop.ok("withdraw", "batch", *shop.as_("dave"))
-    batch_psbt = base64.b64decode(shop.export(batch["id"]).read_text())
+    batch_psbt = read_psbt(shop.export(batch["id"]))
     w3 = shop.approved("0.03")
     return World(
         shop,
@@ -1178,7 +1178,7 @@ def test_withdraw_request_hostile_values(world: World) -> None:
 
 def test_withdraw_import_hostile_files(world: World) -> None:
     shop = world.shop
-    good = base64.b64decode(world.pending_psbt.read_text())
+    good = read_psbt(world.pending_psbt)
     path = shop.tmp / "hostile-import.psbt"
 
     @FUZZ_CLI
@@ -1209,7 +1209,7 @@ def test_withdraw_import_hostile_files(world: World) -> None:
 
 def test_sign_hostile_files(world: World) -> None:
     shop = world.shop
-    good = base64.b64decode(world.pending_psbt.read_text())
+    good = read_psbt(world.pending_psbt)
     path = shop.tmp / "hostile-sign.psbt"
     out = shop.tmp / "hostile-signed.psbt"
 

@@ -4,7 +4,6 @@ previous transaction (checked by the offline signer), and PSBTs another signer f
 
 from __future__ import annotations
 
-import base64
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
@@ -20,22 +19,12 @@ from custody.errors import InputError
 from custody.identity.keyfile import open_founder_key
 from custody.withdraw.signer import SignerState, review, state_path
 from custody_cli.commands_trust import read_manifest_file
-from tests.support import PASSPHRASE
+from tests.support import PASSPHRASE, psbt_b64, read_psbt
 from tests.withdraw_support import Shop
 
 pytestmark = pytest.mark.regtest
 
 SCRIPTS = ["p2wsh", "p2sh-p2wsh", "p2sh"]
-
-
-def read_psbt(path: Path) -> bytes:
-    """A PSBT file's bytes, whether it was written binary or base64."""
-    data = path.read_bytes()
-    return data if data.startswith(b"psbt\xff") else base64.b64decode(data.strip())
-
-
-def b64(path: Path) -> str:
-    return base64.b64encode(read_psbt(path)).decode()
 
 
 def two_input_withdrawal(shop: Shop) -> int:
@@ -53,7 +42,7 @@ def test_every_input_carries_its_previous_transaction_for_the_node_and_embit(
         shop = Shop(tmp_path / script, regtest_node, funded_wallet, script)
         wid = two_input_withdrawal(shop)
         path = shop.export(wid)
-        decoded = shop.rpc.call("decodepsbt", b64(path))
+        decoded = shop.rpc.call("decodepsbt", psbt_b64(path))
         assert len(decoded["inputs"]) == 2
         for vin, inp in zip(decoded["tx"]["vin"], decoded["inputs"], strict=True):
             prev = inp["non_witness_utxo"]  # the node parsed it: its txid is the outpoint's
@@ -64,7 +53,7 @@ def test_every_input_carries_its_previous_transaction_for_the_node_and_embit(
             else:  # segwit: both, and they agree
                 assert inp["witness_utxo"]["scriptPubKey"]["hex"] == spent["scriptPubKey"]["hex"]
                 assert Decimal(str(inp["witness_utxo"]["amount"])) == Decimal(str(spent["value"]))
-        analyzed = shop.rpc.call("analyzepsbt", b64(path))
+        analyzed = shop.rpc.call("analyzepsbt", psbt_b64(path))
         assert analyzed["next"] == "signer"
         assert Decimal(str(analyzed["fee"])) * 100_000_000 == shop.ok("withdraw", "show", str(wid))["fee_sat"]
         parsed = PSBT.parse(read_psbt(path))  # embit: the previous txid checked (verify raises otherwise)
@@ -170,7 +159,7 @@ def _node_signer(shop: Shop, path: Path, founder_name: str, wallet: str) -> RpcC
     """The node's own wallet holding ``founder_name``'s keys for this PSBT's inputs."""
     founder = open_founder_key(shop.founder_keys[founder_name], PASSPHRASE)
     signer = ensure_wallet(shop.rpc, wallet[:60])
-    for inp in shop.rpc.call("decodepsbt", b64(path))["inputs"]:
+    for inp in shop.rpc.call("decodepsbt", psbt_b64(path))["inputs"]:
         for d in inp["bip32_derivs"]:
             if d["master_fingerprint"] == founder.master.fingerprint.hex():
                 steps = d["path"].split("/")[1:]
@@ -245,7 +234,7 @@ def test_the_node_finalizes_what_our_signer_signed(
     path = shop.export(wid)
     assert shop.sign(path, "founder-a", tmp_path / "a.psbt").exit_code == 0
     assert shop.sign(path, "founder-b", tmp_path / "b.psbt").exit_code == 0
-    combined = shop.rpc.call("combinepsbt", [b64(tmp_path / "a.psbt"), b64(tmp_path / "b.psbt")])
+    combined = shop.rpc.call("combinepsbt", [psbt_b64(tmp_path / "a.psbt"), psbt_b64(tmp_path / "b.psbt")])
     done = shop.rpc.call("finalizepsbt", combined, True)
     assert done["complete"] is True
     accepted = shop.rpc.call("testmempoolaccept", [done["hex"]])[0]

@@ -30,7 +30,7 @@ from custody.policy.manifest import load_signed_manifest, sign_manifest, unsigne
 from custody.policy.model import make_policy
 from custody.withdraw.signer import PROP_APPROVALS, PROP_META, PROP_ROSTER, PROP_SUSPENSIONS, PROPRIETARY_ID
 from tests.chain_support import fresh_script
-from tests.support import PASSPHRASE, founders, run_cli
+from tests.support import PASSPHRASE, founders, read_psbt, run_cli
 from tests.test_withdraw_embedded import EmbeddedShop
 from tests.withdraw_support import enrol, sign_and_apply
 
@@ -90,7 +90,7 @@ class Offline:
 
 
 def _edit(path: Path, change: Callable[[psbt_lib.Psbt], None]) -> Path:
-    p = psbt_lib.Psbt.from_base64(path.read_text().strip())
+    p = psbt_lib.Psbt.parse(read_psbt(path))
     change(p)
     out = path.with_name(path.stem + "-edited.psbt")
     out.write_text(p.to_base64() + "\n")
@@ -246,7 +246,7 @@ def test_a_replaced_roster_and_approvals_are_refused(shop: EmbeddedShop) -> None
     mine = {n: coincurve.PrivateKey() for n in ("x1", "x2", "x3")}
 
     def attack(p: psbt_lib.Psbt) -> None:
-        p.tx.vout[0].scriptPubKey = psbt_lib.Psbt.from_base64(path.read_text().strip()).tx.vout[0].scriptPubKey
+        p.tx.vout[0].scriptPubKey = psbt_lib.Psbt.parse(read_psbt(path)).tx.vout[0].scriptPubKey
         roster = parse_roster(_get(p, PROP_ROSTER))
         fake = Roster(
             roster.network,

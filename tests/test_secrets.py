@@ -41,7 +41,7 @@ from custody.identity.keyfile import open_employee_key, open_founder_key
 from custody_cli.main import cli
 from tests import withdraw_support
 from tests.store_support import audit_problems, dump_store
-from tests.support import PASSPHRASE, Custody
+from tests.support import PASSPHRASE, Custody, read_psbt
 from tests.withdraw_support import Shop
 
 pytestmark = pytest.mark.regtest
@@ -263,7 +263,7 @@ def test_the_secrets_are_real(flow: Flow, secrets: list[Secret]) -> None:
     seed = next(s for s in secrets if s.label == "founder-a seed")
     assert _leaks(b"xx" + seed.forms[1] + b"yy", secrets) == ["founder-a seed"]
     # The signatures in the signed PSBTs were made by the child keys searched for.
-    signed = base64.b64decode(flow.psbts[1].read_text())
+    signed = read_psbt(flow.psbts[1])
     assert b"\x02" in signed and len(flow.psbts) == 3
 
 

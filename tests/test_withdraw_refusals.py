@@ -15,7 +15,7 @@ from custody.chain.rpc import RpcClient
 from custody.identity.approvals import sign_approval, summarize
 from custody.identity.keyfile import open_employee_key
 from custody.withdraw.signer import PROP_APPROVALS, PROPRIETARY_ID
-from tests.support import PASSPHRASE, founders
+from tests.support import PASSPHRASE, founders, read_psbt
 from tests.withdraw_support import Shop, sign_and_apply
 
 pytestmark = pytest.mark.regtest
@@ -29,7 +29,7 @@ def shop(tmp_path: Path, regtest_node: NodeInfo, funded_wallet: RpcClient) -> Sh
 
 
 def _rewrite(path: Path, edit: Any) -> None:
-    p = psbt_lib.Psbt.from_base64(path.read_text().strip())
+    p = psbt_lib.Psbt.parse(read_psbt(path))
     edit(p)
     path.write_text(p.to_base64() + "\n")
 
@@ -88,7 +88,7 @@ def test_signer_refuses_an_approval_over_a_different_transaction(shop: Shop) -> 
     assert shop.approve(second, "alice").exit_code == 0
     assert shop.approve(second, "dave").exit_code == 0
     path = shop.export(first)
-    other = psbt_lib.Psbt.from_base64(shop.export(second).read_text().strip())
+    other = psbt_lib.Psbt.parse(read_psbt(shop.export(second)))
     key = psbt_lib.ProprietaryKey(PROPRIETARY_ID, PROP_APPROVALS, b"")
     _rewrite(path, lambda p: p.proprietary.__setitem__(key, other.proprietary[key]))
     result = shop.sign(path, "founder-a")
@@ -116,9 +116,7 @@ def test_signer_refuses_outputs_edited_after_approval(shop: Shop) -> None:
 def test_signer_refuses_a_change_output_that_is_not_ours(shop: Shop) -> None:
     wid = shop.approved()
     path = shop.export(wid)
-    meta = json.loads(
-        psbt_lib.Psbt.from_base64(path.read_text().strip()).proprietary[psbt_lib.ProprietaryKey(PROPRIETARY_ID, 0, b"")]
-    )
+    meta = json.loads(psbt_lib.Psbt.parse(read_psbt(path)).proprietary[psbt_lib.ProprietaryKey(PROPRIETARY_ID, 0, b"")])
     change = meta["change_output"]
     outsider = founders(tag="thief")
     from custody.bitcoin.network import REGTEST

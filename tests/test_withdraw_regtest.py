@@ -10,6 +10,7 @@ import pytest
 
 from custody.chain.regtest import NodeInfo
 from custody.chain.rpc import RpcClient
+from tests.support import psbt_b64, read_psbt
 from tests.withdraw_support import Shop
 
 pytestmark = pytest.mark.regtest
@@ -35,7 +36,7 @@ def test_full_flow_confirms_and_pays_exactly(
 
     psbt = tmp_path / "w.psbt"
     assert shop.cli("withdraw", "export", str(wid), str(psbt)).exit_code == 0
-    b64 = psbt.read_text().strip()
+    b64 = psbt_b64(psbt)
     decoded = shop.rpc.call("decodepsbt", b64)  # the node reads our PSBT
     assert len(decoded["inputs"]) == len(w["inputs"])
     assert all(i.get("witness_utxo") or i.get("non_witness_utxo") for i in decoded["inputs"])
@@ -90,7 +91,7 @@ def test_psbt_signed_by_the_node_wallet_imports(
     from custody.chain.regtest import ensure_wallet
 
     signer = ensure_wallet(shop.rpc, f"founder-c-{tmp_path.name}"[:60])
-    decoded = shop.rpc.call("decodepsbt", psbt.read_text().strip())
+    decoded = shop.rpc.call("decodepsbt", psbt_b64(psbt))
     for inp in decoded["inputs"]:
         for d in inp["bip32_derivs"]:
             if d["master_fingerprint"] == founder.master.fingerprint.hex():
@@ -100,7 +101,7 @@ def test_psbt_signed_by_the_node_wallet_imports(
                 secret = founder.master.derive(path).secret
                 wif = b58check_encode(b"\xef" + secret + b"\x01")
                 signer.call("importprivkey", wif, "", False)
-    processed = signer.call("walletprocesspsbt", psbt.read_text().strip(), True, "ALL", True)
+    processed = signer.call("walletprocesspsbt", psbt_b64(psbt), True, "ALL", True)
     assert processed["complete"] is False  # one founder of two: partial, not finalized
     node_signed = tmp_path / "node-signed.psbt"
     node_signed.write_text(processed["psbt"] + "\n")
@@ -166,7 +167,7 @@ def test_signer_refuses_a_batch_that_pays_differently(
     bid = shop.ok("withdraw", "batch", *shop.as_("dave"))["id"]
     path = tmp_path / "batch.psbt"
     assert shop.cli("withdraw", "export", str(bid), str(path)).exit_code == 0
-    p = psbt_lib.Psbt.from_base64(path.read_text().strip())
+    p = psbt_lib.Psbt.parse(read_psbt(path))
     tx = CMutableTransaction.from_tx(p.tx)
     paid = next(o for o in tx.vout if o.nValue == 1_000_000)
     change = max(tx.vout, key=lambda o: o.nValue)

@@ -305,6 +305,16 @@ def show_withdrawal(db: Database, withdrawal_id: int) -> dict[str, Any]:
         return view(s, policy_from_session(s), _get(s, withdrawal_id))
 
 
+def final_transaction(db: Database, withdrawal_id: int) -> str:
+    """The final (signed) transaction of a withdrawal, hex. Raises NotFound, Conflict (not finalized)."""
+    db.check_schema()
+    with db.transaction() as s:
+        row = _get(s, withdrawal_id)
+        if not row.final_tx:
+            raise Conflict(f"withdrawal #{withdrawal_id} is {row.status} and not finalized: no final transaction yet")
+        return row.final_tx
+
+
 # ---------------------------------------------------------------- 1. request
 
 
