@@ -36,7 +36,12 @@ pass_app = click.make_pass_decorator(AppContext)
 
 
 def json_option(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print the data as JSON.")(f)
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help='Print the data as JSON; an error then prints {"error": MESSAGE, "code": EXIT_CODE} on stderr.',
+    )(f)
 
 
 def passphrase_options(f: F) -> F:

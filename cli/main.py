@@ -16,21 +16,28 @@ from custody.errors import CustodyError
 from custody_cli import output
 from custody_cli.context import AppContext
 
+JSON_ERRORS = "custody.json"  # ctx.meta: the command line has --json, so errors are JSON too
+
 
 class CustodyGroup(click.Group):
     """Turns library errors into a message on stderr and their stable exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        if "--json" in ctx.args:  # before parsing, so that usage errors are JSON too
+            ctx.meta[JSON_ERRORS] = True
         try:
             result = super().invoke(ctx)
             _witness(ctx)
         except CustodyError as exc:
             if os.environ.get("CUSTODY_DEBUG") == "1":
                 traceback.print_exc()
-            output.error(str(exc))
             code = exc.exit_code
+            if not ctx.meta.get(JSON_ERRORS):
+                output.error(str(exc))
             if not isinstance(exc, witness.WitnessMismatch):
                 code = _witness_after_error(ctx, code)
+            if ctx.meta.get(JSON_ERRORS):
+                output.error_json(str(exc), code or 1)
             _after_command(ctx)  # a halt raised by the command exits 3: its notification goes first
             ctx.exit(code)
         except click.exceptions.Exit as exit_:
@@ -39,18 +46,31 @@ class CustodyGroup(click.Group):
             if code != exit_.exit_code:
                 ctx.exit(code)
             raise
-        except (click.ClickException, click.Abort):
+        except click.ClickException as exc:  # usage errors: exit 2
+            if not ctx.meta.get(JSON_ERRORS):
+                raise
+            output.error_json(exc.format_message(), exc.exit_code)
+            ctx.exit(exc.exit_code)
+        except click.Abort:
             raise
         except KeyboardInterrupt:
-            output.error("interrupted")
+            _error(ctx, "interrupted", 130)
             ctx.exit(130)
         except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare traceback
             if os.environ.get("CUSTODY_DEBUG") == "1":
                 traceback.print_exc()
-            output.error(f"internal error: {type(exc).__name__}: {exc} (set CUSTODY_DEBUG=1 for the traceback)")
+            _error(ctx, f"internal error: {type(exc).__name__}: {exc} (set CUSTODY_DEBUG=1 for the traceback)", 1)
             ctx.exit(1)
         _after_command(ctx)
         return result
+
+
+def _error(ctx: click.Context, message: str, code: int) -> None:
+    """An error as text on stderr, or as JSON on stdout when the command was given --json."""
+    if ctx.meta.get(JSON_ERRORS):
+        output.error_json(message, code)
+    else:
+        output.error(message)
 
 
 def _witness(ctx: click.Context) -> None:

@@ -88,6 +88,14 @@ def warning(message: str) -> None:
     err().print(Text("warning: ", style="yellow") + Text(one_line(message)))
 
 
+def error_json(message: str, code: int) -> None:
+    """An error under --json: one JSON object on one line of stderr (stdout, the data's, stays
+    empty, so a script never takes an error for data)."""
+    sys.stderr.write(
+        json.dumps({"error": message, "code": code}) + "\n"
+    )  # ASCII: no bidi or line separator reaches a terminal
+
+
 def error(message: str) -> None:
     err().print(Text("error: ", style="bold red") + Text(one_line(message)))
 
