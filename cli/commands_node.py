@@ -30,7 +30,8 @@ def _datadir(app: AppContext, datadir: Path | None) -> Path:
 
 @click.group()
 def node() -> None:
-    """A regtest node on loopback (bitcoind, or litecoind): start, stop, status.
+    """A regtest node on loopback (bitcoind, or litecoind): start, stop, status; fund and mine
+    (also on the embedded chain).
 
     Other networks' nodes are reached with CUSTODY_NODE_URL and CUSTODY_NODE_COOKIE
     (or CUSTODY_NODE_AUTH), never started by custody.
@@ -85,6 +86,65 @@ def node_status_command(app: AppContext, datadir: Path | None, as_json: bool) ->
     if status["error"]:
         output.warning(status["error"])
     click.get_current_context().exit(0 if status["running"] else NodeError.exit_code)
+
+
+def _regtest_backend(app: AppContext) -> Any:
+    from custody.chain.backend import backend_for
+
+    return backend_for(app.settings, "regtest")
+
+
+@node.command("fund")
+@click.argument("address")
+@click.argument("amount")
+@json_option
+@pass_app
+@example("custody node fund bcrt1q... 0.5")
+def node_fund(app: AppContext, address: str, amount: str, as_json: bool) -> None:
+    """Regtest only: pay AMOUNT BTC to ADDRESS (a bcrt1/2... address, as custody prints them)
+    from custody's faucet, and mine one block so that it confirms.
+
+    The faucet is the chain custody uses (CUSTODY_CHAIN): the node, or the embedded chain.
+    Blocks are mined to it first when it has no mature coins.
+    """
+    from custody.bitcoin.amounts import format_btc, parse_btc_amount
+    from custody.bitcoin.destinations import parse_destination
+    from custody.bitcoin.network import get_network
+    from custody.chain.faucet import fund
+
+    dest = parse_destination(address, get_network("regtest"))
+    funded = fund(_regtest_backend(app), dest.script_pubkey, parse_btc_amount(amount))
+    data = {"txid": funded.txid, "address": dest.address, "amount_sat": funded.amount, "fee_sat": funded.fee}
+    data["block"] = funded.block
+    if as_json:
+        output.emit_json(data)
+        return
+    output.line(funded.txid)
+    output.success(f"{format_btc(funded.amount)} BTC paid to {dest.address}, confirmed in block {funded.block}")
+
+
+@node.command("mine")
+@click.argument("blocks", type=click.IntRange(1, 10_000))
+@click.option("--to", "address", help="Pay the coinbases to this address (default: custody's faucet).")
+@json_option
+@pass_app
+@example("custody node mine 6")
+def node_mine(app: AppContext, blocks: int, address: str | None, as_json: bool) -> None:
+    """Regtest only: mine BLOCKS blocks on the chain custody uses (the node, or the embedded
+    chain with CUSTODY_CHAIN=embedded, whose blocks libbitcoinkernel validates)."""
+    from custody.bitcoin.destinations import parse_destination
+    from custody.bitcoin.network import get_network
+    from custody.chain.faucet import mine
+
+    spk = parse_destination(address, get_network("regtest")).script_pubkey if address else None
+    backend = _regtest_backend(app)
+    hashes = mine(backend, blocks, spk)
+    if as_json:
+        output.emit_json({"blocks": hashes, "height": backend.tip_height()})
+        return
+    for h in hashes:
+        output.line(h)
+    output.success(f"{len(hashes)} block(s) mined; the tip is at height {backend.tip_height()}")
 
 
 COMMANDS = [node]
