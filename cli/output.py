@@ -90,10 +90,10 @@ def warning(message: str) -> None:
 
 def error_json(message: str, code: int) -> None:
     """An error under --json: one JSON object on one line of stderr (stdout, the data's, stays
-    empty, so a script never takes an error for data)."""
-    sys.stderr.write(
-        json.dumps({"error": message, "code": code}) + "\n"
-    )  # ASCII: no bidi or line separator reaches a terminal
+    empty, so a script never takes an error for data). The message as :func:`one_line` makes
+    it: no control character, bidi override or line separator of an untrusted string reaches
+    a terminal."""
+    sys.stderr.write(json.dumps({"error": one_line(message), "code": code}, ensure_ascii=False) + "\n")
 
 
 def error(message: str) -> None:
