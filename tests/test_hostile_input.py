@@ -884,12 +884,22 @@ def _db(c: Custody) -> Path:
     return Path(c.env["CUSTODY_DB_URL"].removeprefix("sqlite:///"))
 
 
+def _json_error_code(line: str) -> object:
+    """The code of an error line under --json (``{"error": ..., "code": N}``), else None."""
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    return doc.get("code") if isinstance(doc, dict) and set(doc) == {"error", "code"} else None
+
+
 def assert_refused(
     result: Any, codes: set[int], c: Custody | None = None, before: Any = None, events: frozenset[str] = frozenset()
 ) -> None:
     """A documented refusal: its exit code, one error line, no traceback; the store as it was.
 
-    The error line is ours (``error: ...``) or, for a value click itself refuses (a
+    The error line is ours (``error: ...``, or under --json ``{"error": ..., "code": N}`` with N
+    the exit code) or, for a value click itself refuses (a
     directory given as a file), click's usage error (exit 2, ``Error: ...``). ``events``
     are audit-log events the refusal may append (a verification run is recorded even when
     it fails); nothing else in the store may change.
@@ -899,7 +909,7 @@ def assert_refused(
     assert result.exit_code in DOCUMENTED_EXITS
     assert "Traceback" not in output and "internal error" not in output, output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    ours = len(lines) == 1 and lines[0].startswith("error: ")
+    ours = len(lines) == 1 and (lines[0].startswith("error: ") or _json_error_code(lines[0]) == result.exit_code)
     clicks = (
         result.exit_code == 2 and lines[:1] != [] and lines[0].startswith("Usage: ") and lines[-1].startswith("Error: ")
     )
