@@ -73,6 +73,9 @@ class Settings:
     """``CUSTODY_MAX_FEE``: the highest absolute fee accepted, sat (1,000,000)."""
     confirmations: str | None = None
     """``CUSTODY_CONFIRMATIONS``: confirmations after which a withdrawal is confirmed (1)."""
+    refund_confirmations: str | None = None
+    """``CUSTODY_REFUND_CONFIRMATIONS``: how deep another transaction spending a signed
+    withdrawal's input must be before the withdrawal is failed and refunded (6)."""
     deposit_confirmations: str | None = None
     """``CUSTODY_DEPOSIT_CONFIRMATIONS``: confirmations after which a deposit is credited (1)."""
 
@@ -147,6 +150,7 @@ class Settings:
             max_fee_rate=env.get("CUSTODY_MAX_FEE_RATE"),
             max_fee=env.get("CUSTODY_MAX_FEE"),
             confirmations=env.get("CUSTODY_CONFIRMATIONS"),
+            refund_confirmations=env.get("CUSTODY_REFUND_CONFIRMATIONS"),
             deposit_confirmations=env.get("CUSTODY_DEPOSIT_CONFIRMATIONS"),
             gnupg_home=Path(gnupg_home).expanduser(),
             smtp_url=env.get("CUSTODY_SMTP_URL") or None,

@@ -569,6 +569,7 @@ def custody_home(tmp_path: Path) -> Path:
         ("withdrawal.broadcast", {"withdrawal_id": 7, "txid": "ff" * 32}, None, "broadcast"),
         ("withdrawal.confirmed", {"withdrawal_id": 7, "txid": "ff" * 32, "height": 120}, None, "height 120"),
         ("withdrawal.failed", {"withdrawal_id": 7, "reason": "cancelled"}, None, "cancelled"),
+        ("withdrawal.refused", {"withdrawal_id": 7, "refusal": "missing-inputs", "reason": "x"}, None, "stays signed"),
         ("withdrawal.batched", {"batch_id": 9, "members": [7, 8]}, None, "#7, #8"),
         ("halt.raised", {"halt_id": 3, "source": "ledger", "reason": "sum is 5"}, "audit.ledger_failed", "ledger"),
         ("halt.raised", {"halt_id": 3, "source": "reserves", "reason": "short"}, "audit.reserves_failed", "short"),

@@ -1,7 +1,8 @@
 """The withdrawal story on the embedded chain (CUSTODY_CHAIN=embedded): no node anywhere.
 
-Also: the pre-broadcast consensus check in ``withdraw broadcast`` fails a withdrawal whose
-stored final transaction carries a non-standard (high-S) signature, before any chain sees it.
+Also: the pre-broadcast consensus check in ``withdraw broadcast`` refuses a withdrawal whose
+stored final transaction carries a non-standard (high-S) signature, before any chain sees it,
+and keeps it signed and held: the founders' valid signatures exist elsewhere.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def test_the_whole_story_without_a_node(shop: EmbeddedShop) -> None:
 
 
 @pytest.mark.parametrize("shop", ["p2wsh"], indirect=True)
-def test_broadcast_fails_a_non_standard_signature_before_the_chain(shop: EmbeddedShop) -> None:
+def test_broadcast_refuses_a_non_standard_signature_before_the_chain(shop: EmbeddedShop) -> None:
     shop.deposit("acct-1")
     to, _ = destination()
     wid = shop.signed(to, "0.015")
@@ -114,4 +115,10 @@ def test_broadcast_fails_a_non_standard_signature_before_the_chain(shop: Embedde
     assert result.exit_code == 8, result.output
     assert "pre-broadcast consensus check" in result.output and "high-S" in result.output
     assert shop.chain.mempool() == []
-    assert shop.ok("withdraw", "show", str(wid))["status"] == "failed"
+    shown = shop.ok("withdraw", "show", str(wid))
+    assert shown["status"] == "signed" and shown["reason"].startswith("refused by the node (non-standard)")
+    reserved = db.execute("SELECT COUNT(*) FROM reserved_input WHERE withdrawal_id = ?", (wid,)).fetchone()[0]
+    assert reserved == len(shown["inputs"])
+    assert shop.ok("ledger", "balance", f"held:withdrawal-{wid}")["balance_sat"] == 1_500_000 + shown["fee_sat"]
+    refused = [e for e in shop.ok("audit", "log") if e["event"] == "withdrawal.refused"]
+    assert [e["payload"]["refusal"] for e in refused] == ["non-standard"]

@@ -33,7 +33,8 @@ from pbk.script import PrecomputedTransactionData
 from custody.bitcoin.destinations import dust_limit
 from custody.bitcoin.encoding import MAX_MONEY, SECP256K1_ORDER
 from custody.bitcoin.script import is_strict_der
-from custody.errors import InputError, NodeError
+from custody.chain.types import Refusal, TransactionRefused
+from custody.errors import InputError
 
 CONSENSUS_FLAGS = pbk.ScriptVerificationFlags.ALL
 """P2SH | DERSIG | NULLDUMMY | CHECKLOCKTIMEVERIFY | CHECKSEQUENCEVERIFY | WITNESS | TAPROOT."""
@@ -74,16 +75,17 @@ def check_before_broadcast(raw_tx: bytes, spent: Sequence[tuple[int, bytes]]) ->
 
     ``spent`` holds, for each input in order, the ``(amount in satoshis, scriptPubKey)`` of
     the output it spends. Raises InputError when ``raw_tx`` is no transaction or ``spent``
-    does not fit it, NodeError naming the input and the rule when a rule is broken.
+    does not fit it, TransactionRefused (a NodeError: NON_STANDARD or INVALID) naming the
+    input and the rule when a rule is broken.
     """
     tx = decode_transaction(raw_tx)
     spent = _check_spent(tx, spent)
     problem = standardness_problem(tx, spent)
     if problem is not None:
-        raise NodeError(f"transaction is not standard: {problem}")
+        raise TransactionRefused(f"transaction is not standard: {problem}", Refusal.NON_STANDARD, problem)
     problem = script_problem(raw_tx, spent)
     if problem is not None:
-        raise NodeError(f"transaction is invalid by consensus: {problem}")
+        raise TransactionRefused(f"transaction is invalid by consensus: {problem}", Refusal.INVALID, problem)
 
 
 def decode_transaction(raw_tx: bytes) -> Any:

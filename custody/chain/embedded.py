@@ -68,7 +68,17 @@ from custody.chain.consensus import (
     script_problem,
     standardness_problem,
 )
-from custody.chain.types import MAX_MINE, AcceptResult, Snapshot, TxStatus, Utxo
+from custody.chain.types import (
+    MAX_MINE,
+    AcceptResult,
+    OutputSpend,
+    Refusal,
+    Snapshot,
+    SpendState,
+    TransactionRefused,
+    TxStatus,
+    Utxo,
+)
 from custody.errors import InputError, NodeError, NotFound, StorageError
 
 NETWORK = "regtest"
@@ -552,56 +562,59 @@ class EmbeddedBackend:
 
     # ------------------------------------------------------------------ test-accept
 
-    def _refusal(self, tx: Any, raw: bytes) -> tuple[str | None, int]:  # noqa: C901 - Bitcoin Core's mempool reject reasons, in Core's order
-        """Why the mempool would refuse ``tx`` now (Bitcoin Core's reject reasons), and its fee."""
+    def _refusal(self, tx: Any, raw: bytes) -> tuple[tuple[Refusal, str] | None, int]:  # noqa: C901 - Bitcoin Core's mempool reject reasons, in Core's order
+        """Why the mempool would refuse ``tx`` now, as (class, Bitcoin Core's reject reason
+        with the detail after it), or None; and its fee."""
         txid: str = b2lx(tx.GetTxid())
         if tx.is_coinbase():
-            return "coinbase", 0
+            return (Refusal.INVALID, "coinbase"), 0
         outpoints = [(b2lx(i.prevout.hash), i.prevout.n) for i in tx.vin]
         if len(set(outpoints)) != len(outpoints):
-            return "bad-txns-inputs-duplicate", 0
+            return (Refusal.INVALID, "bad-txns-inputs-duplicate"), 0
         if any(not 0 <= o.nValue <= MAX_MONEY for o in tx.vout):
-            return "bad-txns-vout-negative-or-toolarge", 0
+            return (Refusal.INVALID, "bad-txns-vout-toolarge"), 0
         paid = sum(o.nValue for o in tx.vout)
         if paid > MAX_MONEY:
-            return "bad-txns-txouttotal-toolarge", 0
+            return (Refusal.INVALID, "bad-txns-txouttotal-toolarge"), 0
         if _weight(tx) > MAX_BLOCK_WEIGHT:
-            return "bad-txns-oversize", 0
+            return (Refusal.INVALID, "bad-txns-oversize"), 0
         if txid in self._mempool:
-            return "txn-already-in-mempool", 0
+            return (Refusal.ALREADY_KNOWN, "txn-already-in-mempool"), 0
         if self._db.execute("SELECT 1 FROM txs WHERE txid = ?", (txid,)).fetchone():
-            return "txn-already-known", 0
+            return (Refusal.ALREADY_KNOWN, "txn-already-known"), 0
         tip = self._tip()
         coins: list[_Coin] = []
         for n, (prev_txid, vout) in enumerate(outpoints):
             if (prev_txid, vout) in self._mempool_spends:
-                return f"txn-mempool-conflict (input {n} is spent by {self._mempool_spends[(prev_txid, vout)]})", 0
+                spender = self._mempool_spends[(prev_txid, vout)]
+                return (Refusal.MEMPOOL_CONFLICT, f"txn-mempool-conflict (input {n} is spent by {spender})"), 0
             coin = self._coin(prev_txid, vout)
             if coin is None:
-                return f"bad-txns-inputs-missingorspent (input {n}: {prev_txid}:{vout})", 0
+                return (Refusal.MISSING_INPUTS, f"bad-txns-inputs-missingorspent (input {n}: {prev_txid}:{vout})"), 0
             if coin.coinbase and tip + 1 - coin.height < COINBASE_MATURITY:
-                return f"bad-txns-premature-spend-of-coinbase (input {n}, depth {tip + 1 - coin.height})", 0
+                depth = tip + 1 - coin.height
+                return (Refusal.PREMATURE, f"bad-txns-premature-spend-of-coinbase (input {n}, depth {depth})"), 0
             coins.append(coin)
         value_in = sum(c.amount for c in coins)
         if value_in > MAX_MONEY:
-            return "bad-txns-inputvalues-outofrange", 0
+            return (Refusal.INVALID, "bad-txns-inputvalues-outofrange"), 0
         if value_in < paid:
-            return f"bad-txns-in-belowout ({value_in} < {paid})", 0
+            return (Refusal.INVALID, f"bad-txns-in-belowout ({value_in} < {paid})"), 0
         fee = value_in - paid
         if not self._final(tx, tip):
-            return "non-final", fee
+            return (Refusal.PREMATURE, "non-final"), fee
         if not self._sequence_locks_met(tx, coins, tip):
-            return "non-BIP68-final", fee
+            return (Refusal.PREMATURE, "non-BIP68-final"), fee
         spent = [(c.amount, c.script_pubkey) for c in coins]
         problem = standardness_problem(tx, spent)
         if problem is not None:
-            return f"non-standard: {problem}", fee
+            return (Refusal.NON_STANDARD, f"non-standard: {problem}"), fee
         vsize = (_weight(tx) + 3) // 4
         if fee < vsize * MIN_RELAY_FEE:
-            return f"min relay fee not met ({fee} < {vsize * MIN_RELAY_FEE} sat)", fee
+            return (Refusal.FEE_TOO_LOW, f"min relay fee not met ({fee} < {vsize * MIN_RELAY_FEE} sat)"), fee
         problem = script_problem(raw, spent)
         if problem is not None:
-            return f"mandatory-script-verify-flag-failed: {problem}", fee
+            return (Refusal.INVALID, f"mandatory-script-verify-flag-failed ({problem})"), fee
         return None, fee
 
     def _final(self, tx: Any, tip: int) -> bool:
@@ -763,25 +776,31 @@ class EmbeddedBackend:
             return AcceptResult(False, str(e), "")
         with self._open():
             refusal, _ = self._refusal(tx, bytes(raw_tx))
-        return AcceptResult(refusal is None, refusal, b2lx(tx.GetTxid()))
+        if refusal is None:
+            return AcceptResult(True, None, b2lx(tx.GetTxid()))
+        return AcceptResult(False, refusal[1], b2lx(tx.GetTxid()), refusal[0])
 
     def broadcast(self, raw_tx: bytes) -> str:
         """Add ``raw_tx`` to the mempool and return its txid; one already known is no error.
 
-        Raises NodeError with the reason when the transaction is refused.
+        Raises TransactionRefused with the class and the reason when the transaction is refused.
         """
         raw = bytes(raw_tx)
         try:
             tx = decode_transaction(raw)
         except InputError as e:
-            raise NodeError(f"the embedded chain refused the transaction: {e}") from None
+            raise TransactionRefused(
+                f"the embedded chain refused the transaction: {e}", Refusal.UNDECODABLE, str(e)
+            ) from None
         txid: str = b2lx(tx.GetTxid())
         with self._open():
             if txid in self._mempool or self._db.execute("SELECT 1 FROM txs WHERE txid = ?", (txid,)).fetchone():
                 return txid
             refusal, fee = self._refusal(tx, raw)
             if refusal is not None:
-                raise NodeError(f"the embedded chain refused transaction {txid}: {refusal}")
+                raise TransactionRefused(
+                    f"the embedded chain refused transaction {txid} ({refusal[0].value}): {refusal[1]}", *refusal
+                )
             with self._write() as db:
                 self._add_to_mempool(db, txid, raw, tx, fee)
         return txid
@@ -798,6 +817,26 @@ class EmbeddedBackend:
             return TxStatus(txid, known=False, in_mempool=False, confirmations=0, block_height=None)
         height = int(row[0])
         return TxStatus(txid, known=True, in_mempool=False, confirmations=tip - height + 1, block_height=height)
+
+    def spends(self, outpoints: Sequence[tuple[str, int]]) -> list[OutputSpend]:
+        """What spends each output: the index's record of the spending block, or the mempool."""
+        found = []
+        with self._open():
+            tip = self._tip()
+            for txid, vout in outpoints:
+                row = self._db.execute(
+                    "SELECT spent_height, spent_by FROM outputs WHERE txid = ? AND vout = ?", (_check_txid(txid), vout)
+                ).fetchone()
+                if row is None:
+                    found.append(OutputSpend(txid, vout, SpendState.UNKNOWN))
+                elif row[0] is not None:
+                    height = int(row[0])
+                    found.append(OutputSpend(txid, vout, SpendState.SPENT, str(row[1]), tip - height + 1, height))
+                elif (txid, vout) in self._mempool_spends:
+                    found.append(OutputSpend(txid, vout, SpendState.IN_MEMPOOL, self._mempool_spends[(txid, vout)]))
+                else:
+                    found.append(OutputSpend(txid, vout, SpendState.UNSPENT))
+        return found
 
     def mine(self, blocks: int, script_pubkey: bytes) -> list[str]:
         """Mine ``blocks`` blocks paying ``script_pubkey``, with the mempool; their hashes.

@@ -19,7 +19,19 @@ from custody.bitcoin.amounts import sats_from_btc
 from custody.bitcoin.encoding import hash160, sha256
 from custody.bitcoin.network import NETWORKS
 from custody.chain.rpc import RpcClient, RpcError, expect_chain
-from custody.chain.types import MAX_MINE, AcceptResult, ChainBackend, Snapshot, TxStatus, Utxo
+from custody.chain.types import (
+    MAX_MINE,
+    AcceptResult,
+    ChainBackend,
+    OutputSpend,
+    Refusal,
+    Snapshot,
+    SpendState,
+    TransactionRefused,
+    TxStatus,
+    Utxo,
+    classify,
+)
 from custody.errors import InputError, NodeError, NotFound
 
 SCAN_CHUNK = 1000
@@ -38,14 +50,17 @@ CORE_CHAIN = {"regtest": "regtest", "testnet": "test", "mainnet": "main", "signe
 RPC_INVALID_PARAMETER = -8
 RPC_INVALID_ADDRESS_OR_KEY = -5  # also: "No such mempool or blockchain transaction"
 RPC_DESERIALIZATION_ERROR = -22
-RPC_VERIFY_REJECTED = -26
+RPC_VERIFY_ERROR = -25  # sendrawtransaction: missing inputs, fee above maxfeerate, ...
+RPC_VERIFY_REJECTED = -26  # sendrawtransaction: refused by the mempool (the reason follows)
 RPC_VERIFY_ALREADY_IN_CHAIN = -27
 
 SNAPSHOT_ATTEMPTS = 3
 """How often ``unspent_at`` starts again when a block arrives while it reads."""
 
 _TXID_RE = re.compile(r"[0-9a-f]{64}")
-_ALREADY_KNOWN = ("txn-already-known", "txn-already-in-mempool", "already in block chain")
+
+SPENDER_SCAN_LIMIT = 10_000
+"""The most blocks one ``spends`` call reads to find which transaction spent an output."""
 
 
 class RpcBackend(ChainBackend):
@@ -239,38 +254,44 @@ class RpcBackend(ChainBackend):
             answer = self.client.call("testmempoolaccept", [bytes(raw_tx).hex()])
         except RpcError as e:
             if e.code == RPC_DESERIALIZATION_ERROR:
-                return AcceptResult(False, f"not a transaction: {e.rpc_message}", "")
+                return AcceptResult(False, f"not a transaction: {e.rpc_message}", "", Refusal.UNDECODABLE)
             raise
         results = _list(answer, "testmempoolaccept")
         if len(results) != 1 or not isinstance(results[0], dict):
             raise NodeError(f"node at {self.client.address} answered testmempoolaccept with {len(results)} results")
         result = results[0]
-        allowed = result.get("allowed") is True
-        reason = None if allowed else str(result.get("reject-reason") or "rejected without a reason")
-        return AcceptResult(allowed, reason, _check_txid(str(result.get("txid", "")), node=True))
+        txid = _check_txid(str(result.get("txid", "")), node=True)
+        if result.get("allowed") is True:
+            return AcceptResult(True, None, txid)
+        reason = str(result.get("reject-reason") or "rejected without a reason")
+        return AcceptResult(False, reason, txid, classify(reason))
 
     def broadcast(self, raw_tx: bytes) -> str:
         """Send ``raw_tx`` to the node and return its txid.
 
         Idempotent: a transaction the node already has (in its mempool or in a block) is
-        reported as broadcast. Raises RpcError (a NodeError) when the node refuses it.
+        reported as broadcast. Raises TransactionRefused with the refusal's class when the
+        node refuses it (RpcError for any other error of the node).
         """
         hex_tx = bytes(raw_tx).hex()
         try:
             return _check_txid(str(self.client.call("sendrawtransaction", hex_tx)), node=True)
         except RpcError as e:
-            refusal = e
-        try:
-            txid = _check_txid(str(self.client.call("decoderawtransaction", hex_tx)["txid"]), node=True)
-        except (NodeError, KeyError, TypeError):
-            raise refusal from None
-        already = refusal.code == RPC_VERIFY_ALREADY_IN_CHAIN or (
-            refusal.code == RPC_VERIFY_REJECTED and any(s in refusal.rpc_message for s in _ALREADY_KNOWN)
-        )
+            if e.code == RPC_DESERIALIZATION_ERROR:
+                raise TransactionRefused(str(e), Refusal.UNDECODABLE, e.rpc_message) from None
+            if e.code not in (RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED, RPC_VERIFY_ALREADY_IN_CHAIN):
+                raise
+            error = e
+        refusal = Refusal.ALREADY_KNOWN if error.code == RPC_VERIFY_ALREADY_IN_CHAIN else classify(error.rpc_message)
+        txid = _check_txid(str(self.client.call("decoderawtransaction", hex_tx).get("txid")), node=True)
         # Confirmed and all outputs spent since, the node answers "missing inputs": ask.
-        if already or self.tx_status(txid).known:
+        if refusal is Refusal.ALREADY_KNOWN or self.tx_status(txid).known:
             return txid
-        raise refusal
+        raise TransactionRefused(
+            f"node at {self.client.address} refused transaction {txid} ({refusal.value}): {error.rpc_message}",
+            refusal,
+            error.rpc_message,
+        )
 
     def tx_status(self, txid: str) -> TxStatus:
         """The transaction's place: unknown, in the mempool, or in a block of the best chain."""
@@ -292,6 +313,71 @@ class RpcBackend(ChainBackend):
         height = _int(header.get("height") if isinstance(header, dict) else None, "getblockheader height")
         return TxStatus(txid, known=True, in_mempool=False, confirmations=confirmations, block_height=height)
 
+    def spends(self, outpoints: Sequence[tuple[str, int]]) -> list[OutputSpend]:
+        """What spends each output, from the node's unspent set and its blocks.
+
+        ``gettxout`` says unspent, spent in the mempool, or gone from the unspent set. Gone
+        is SPENT only when the output's own transaction is in a block of the best chain
+        (``getrawtransaction``, so the node needs ``txindex=1``); otherwise the node does not
+        know the output (UNKNOWN), which proves nothing. The spender of a SPENT output is
+        found by reading the blocks from the tip down to the output's own block (at most
+        SPENDER_SCAN_LIMIT blocks; one pass for all outpoints). Raises InputError for a
+        malformed txid, NodeError when the node's answers disagree (gone, yet no block spends it).
+        """
+        tip = self.tip_height()
+        found: dict[tuple[str, int], OutputSpend] = {}
+        gone: dict[tuple[str, int], int] = {}  # outpoint -> height of its own block
+        for txid, vout in outpoints:
+            key = (_check_txid(txid), int(vout))
+            if key in found or key in gone:
+                continue
+            if self.client.call("gettxout", txid, vout, True) is not None:
+                found[key] = OutputSpend(txid, vout, SpendState.UNSPENT)
+            elif self.client.call("gettxout", txid, vout, False) is not None:
+                found[key] = OutputSpend(txid, vout, SpendState.IN_MEMPOOL)
+            else:
+                status = self.tx_status(txid)
+                if status.block_height is None or status.confirmations <= 0 or not self._has_output(txid, vout):
+                    found[key] = OutputSpend(txid, vout, SpendState.UNKNOWN)
+                else:
+                    gone[key] = status.block_height
+        if gone:
+            found.update(self._spenders(gone, tip))
+        return [found[(t, int(v))] for t, v in outpoints]
+
+    def _spenders(self, gone: dict[tuple[str, int], int], tip: int) -> dict[tuple[str, int], OutputSpend]:
+        """Which block transactions spent the outputs ``gone`` (outpoint -> its own block's
+        height): the blocks are read from the tip down to the lowest of those heights."""
+        wanted = dict(gone)
+        lowest = min(wanted.values())
+        if tip - lowest + 1 > SPENDER_SCAN_LIMIT:
+            raise NodeError(
+                f"finding what spent {len(wanted)} output(s) means reading {tip - lowest + 1} blocks "
+                f"(more than {SPENDER_SCAN_LIMIT})"
+            )
+        found: dict[tuple[str, int], OutputSpend] = {}
+        for height in range(tip, lowest - 1, -1):
+            block = self.client.call("getblock", self.client.call("getblockhash", height), 2)
+            for tx in _list(block.get("tx") if isinstance(block, dict) else None, "getblock tx"):
+                inputs = tx.get("vin") if isinstance(tx, dict) else None
+                for vin in inputs if isinstance(inputs, list) else []:
+                    key = (str(vin.get("txid", "")), vin.get("vout")) if isinstance(vin, dict) else ("", None)
+                    if key in wanted:
+                        del wanted[key]
+                        spender = _check_txid(str(tx.get("txid")), node=True)
+                        found[key] = OutputSpend(key[0], key[1], SpendState.SPENT, spender, tip - height + 1, height)
+            if not wanted:
+                return found
+        missing = ", ".join(f"{t}:{v}" for t, v in wanted)
+        raise NodeError(
+            f"node at {self.client.address} has {missing} neither unspent nor spent in a block: its answers disagree"
+        )
+
+    def _has_output(self, txid: str, vout: int) -> bool:
+        tx = self.client.call("getrawtransaction", txid, True)
+        outputs = tx.get("vout") if isinstance(tx, dict) else None
+        return isinstance(outputs, list) and 0 <= vout < len(outputs)
+
     def mine(self, blocks: int, script_pubkey: bytes) -> list[str]:
         """Mine ``blocks`` blocks with coinbases paying ``script_pubkey``; their hashes.
 
@@ -311,22 +397,47 @@ class RpcBackend(ChainBackend):
 
 
 def connect(client: RpcClient, network_name: str) -> RpcBackend:
-    """An RpcBackend for ``network_name`` after checking that the node runs that chain.
+    """An RpcBackend for ``network_name`` after checking that the node runs that chain and
+    is synced with it.
 
-    Raises InputError for an unknown network, NodeError when the node cannot be reached
-    or runs another chain (the message names both).
+    A node still in initial block download, or one that has headers it has not the blocks
+    of, does not know what the chain says: what it answers (an input missing, a
+    transaction unknown) is refused before anyone acts on it.
+    Raises InputError for an unknown network, NodeError when the node cannot be reached,
+    runs another chain (the message names both) or is not synced.
     """
     if network_name not in CORE_CHAIN:
         raise InputError(f"unknown network {network_name!r}: expected one of {', '.join(NETWORKS)}")
     try:
-        expect_chain(client, CORE_CHAIN[network_name])
+        info = expect_chain(client, CORE_CHAIN[network_name])
     except RpcError:
         raise
     except NodeError as e:
         if "is on chain" in str(e):
             raise NodeError(f"{e} (the policy's network is {network_name})") from None
         raise
+    check_synced(client.address, info)
     return RpcBackend(client, network_name)
+
+
+def check_synced(address: str, info: dict[str, Any]) -> None:
+    """Refuse a node whose ``getblockchaininfo`` says it is still syncing (NodeError).
+
+    Still syncing: ``initialblockdownload`` is not false (a fresh regtest node is in it
+    until it has a block less than a day old), or ``headers`` is ahead of ``blocks``.
+    """
+    blocks, headers = info.get("blocks"), info.get("headers")
+    if info.get("initialblockdownload") is not False:
+        raise NodeError(
+            f"node at {address} is still in initial block download (at block {blocks!r} of {headers!r} headers): "
+            "what it says of the chain cannot be trusted yet; wait until it is synced"
+        )
+    blocks, headers = _int(blocks, "getblockchaininfo blocks"), _int(headers, "getblockchaininfo headers")
+    if headers > blocks:
+        raise NodeError(
+            f"node at {address} has {headers} headers but only {blocks} blocks: it is still syncing; "
+            "wait until it has them all"
+        )
 
 
 def _check_txid(txid: str, *, node: bool = False) -> str:

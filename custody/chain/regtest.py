@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,9 +120,15 @@ def start_node(
     p2p_port: int | None = None,
     binary: Path | None = None,
     timeout: float = 60,
+    leave_ibd: bool = True,
+    extra_args: Sequence[str] = (),
 ) -> NodeInfo:
     """Start a regtest node in ``datadir`` on loopback and wait until its RPC answers.
 
+    A regtest node stays in initial block download until its tip is less than a day old,
+    and custody refuses a node in it: with ``leave_ibd`` (the default), a node still in it
+    mines one block paying ``raw(51)`` (OP_1: anyone can spend it). ``extra_args`` are
+    added to the node's command line (``-mempoolreplacement=1``, ...).
     Ports not given are chosen free. ``binary`` is the node to run (the CLI passes
     :func:`find_node_binary` of the settings' ``BITCOIND``); None looks on PATH only.
     Returns the node's NodeInfo, also saved in datadir.
@@ -140,10 +147,17 @@ def start_node(
     attempts = 1 if rpc_port is not None and p2p_port is not None else 3
     for attempt in range(attempts):
         try:
-            return _start_once(datadir, binary, version, rpc_port, p2p_port, timeout)
+            info = _start_once(datadir, binary, version, rpc_port, p2p_port, timeout, extra_args)
         except _PortTaken as e:
             if attempt == attempts - 1:
                 raise NodeError(str(e)) from None
+            continue
+        if leave_ibd:
+            client = info.client()
+            chain_info = client.call("getblockchaininfo")
+            if isinstance(chain_info, dict) and chain_info.get("initialblockdownload") is not False:
+                client.call("generatetodescriptor", 1, "raw(51)")
+        return info
     raise AssertionError("unreachable")
 
 
@@ -240,6 +254,7 @@ def _start_once(
     rpc_port: int | None,
     p2p_port: int | None,
     timeout: float,
+    extra_args: Sequence[str] = (),
 ) -> NodeInfo:
     chosen_ports = rpc_port is None or p2p_port is None
     taken: set[int] = set()
@@ -266,6 +281,7 @@ def _start_once(
                 f"-conf={conf}",
                 f"-pid={pid_file}",
                 "-printtoconsole=0",
+                *extra_args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=out,

@@ -7,9 +7,13 @@ Bitcoin's, while its script and transaction rules are the same. Amounts are inte
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from custody.errors import NodeError
 
 MAX_MINE = 10_000
 """The most blocks one ``mine`` call makes."""
@@ -46,16 +50,169 @@ class TxStatus:
     block_height: int | None
 
 
+class Refusal(enum.Enum):
+    """Why a chain refused a transaction, by Bitcoin Core's reject reason (see REJECT_REASONS).
+
+    What a refusal proves is small: MISSING_INPUTS is said alike by a node that saw the
+    inputs spent and by one that never saw them (not synced, another chain); a
+    MEMPOOL_CONFLICT is a transaction in a mempool, which blocks may never take. Neither
+    ever fails a signed withdrawal: only the chain's blocks can (custody.withdraw.queue).
+    """
+
+    MISSING_INPUTS = "missing-inputs"
+    """An input is not in the node's unspent set: spent, or never seen by this node."""
+    MEMPOOL_CONFLICT = "mempool-conflict"
+    """A transaction in the node's mempool spends an input (not a block: not spent)."""
+    REPLACEMENT_REFUSED = "replacement-refused"
+    """It conflicts with replaceable mempool transactions and does not pay enough to replace them."""
+    ALREADY_KNOWN = "already-known"
+    """The node has this very transaction, in its mempool or in a block."""
+    FEE_TOO_LOW = "fee-too-low"
+    """Below the node's minimum relay fee or its mempool's minimum fee (or the mempool is full)."""
+    FEE_TOO_HIGH = "fee-too-high"
+    """Above the fee cap given to the node (maxfeerate)."""
+    PREMATURE = "premature"
+    """Not valid yet: a locktime, a relative locktime (BIP-68) or an immature coinbase input."""
+    NON_STANDARD = "non-standard"
+    """Valid by consensus, but outside the node's relay policy."""
+    MEMPOOL_POLICY = "mempool-policy"
+    """Refused by a limit of the mempool (chain of unconfirmed ancestors too long)."""
+    INVALID = "invalid"
+    """Invalid by consensus: no node will ever take it as it is."""
+    UNDECODABLE = "undecodable"
+    """Not a transaction the node can decode."""
+    UNKNOWN = "unknown"
+    """A reason not in REJECT_REASONS (another node version): assumed to prove nothing."""
+
+
+# Bitcoin Core 0.21's reject reasons (Litecoin Core 0.21 uses the same), by where they are
+# raised: src/validation.cpp (MemPoolAccept::PreChecks, PolicyScriptChecks, ...),
+# src/policy/policy.cpp (IsStandardTx), src/consensus/tx_check.cpp (CheckTransaction),
+# src/consensus/tx_verify.cpp (CheckTxInputs), src/rpc/rawtransaction.cpp
+# (testmempoolaccept's "missing-inputs" and "max-fee-exceeded") and src/util/error.cpp
+# (TransactionErrorString, what sendrawtransaction says when no state is given).
+REJECT_REASONS: Mapping[str, Refusal] = {
+    "missing-inputs": Refusal.MISSING_INPUTS,
+    "bad-txns-inputs-missingorspent": Refusal.MISSING_INPUTS,
+    "Inputs missing or spent": Refusal.MISSING_INPUTS,
+    "txn-mempool-conflict": Refusal.MEMPOOL_CONFLICT,
+    "insufficient fee": Refusal.REPLACEMENT_REFUSED,
+    "too many potential replacements": Refusal.REPLACEMENT_REFUSED,
+    "replacement-adds-unconfirmed": Refusal.REPLACEMENT_REFUSED,
+    "bad-txns-spends-conflicting-tx": Refusal.REPLACEMENT_REFUSED,
+    "txn-already-in-mempool": Refusal.ALREADY_KNOWN,
+    "txn-already-known": Refusal.ALREADY_KNOWN,
+    "Transaction already in block chain": Refusal.ALREADY_KNOWN,
+    "min relay fee not met": Refusal.FEE_TOO_LOW,
+    "mempool min fee not met": Refusal.FEE_TOO_LOW,
+    "mempool full": Refusal.FEE_TOO_LOW,
+    "max-fee-exceeded": Refusal.FEE_TOO_HIGH,
+    "absurdly-high-fee": Refusal.FEE_TOO_HIGH,
+    "Fee exceeds maximum configured by user (e.g. -maxtxfee, maxfeerate)": Refusal.FEE_TOO_HIGH,
+    "non-final": Refusal.PREMATURE,
+    "non-BIP68-final": Refusal.PREMATURE,
+    "bad-txns-premature-spend-of-coinbase": Refusal.PREMATURE,
+    "version": Refusal.NON_STANDARD,
+    "tx-size": Refusal.NON_STANDARD,
+    "tx-size-small": Refusal.NON_STANDARD,
+    "scriptsig-size": Refusal.NON_STANDARD,
+    "scriptsig-not-pushonly": Refusal.NON_STANDARD,
+    "scriptpubkey": Refusal.NON_STANDARD,
+    "bare-multisig": Refusal.NON_STANDARD,
+    "dust": Refusal.NON_STANDARD,
+    "multi-op-return": Refusal.NON_STANDARD,
+    "bad-txns-nonstandard-inputs": Refusal.NON_STANDARD,
+    "bad-witness-nonstandard": Refusal.NON_STANDARD,
+    "bad-txns-too-many-sigops": Refusal.NON_STANDARD,
+    "non-mandatory-script-verify-flag": Refusal.NON_STANDARD,
+    "too-long-mempool-chain": Refusal.MEMPOOL_POLICY,
+    "mandatory-script-verify-flag-failed": Refusal.INVALID,
+    "coinbase": Refusal.INVALID,
+    "bad-txns-vin-empty": Refusal.INVALID,
+    "bad-txns-vout-empty": Refusal.INVALID,
+    "bad-txns-oversize": Refusal.INVALID,
+    "bad-txns-vout-negative": Refusal.INVALID,
+    "bad-txns-vout-toolarge": Refusal.INVALID,
+    "bad-txns-txouttotal-toolarge": Refusal.INVALID,
+    "bad-txns-inputs-duplicate": Refusal.INVALID,
+    "bad-txns-prevout-null": Refusal.INVALID,
+    "bad-txns-inputvalues-outofrange": Refusal.INVALID,
+    "bad-txns-in-belowout": Refusal.INVALID,
+    "bad-txns-fee-outofrange": Refusal.INVALID,
+}
+
+_REJECT_CODE = re.compile(r"(\d{1,3}): (.*)", re.DOTALL)
+
+
+def classify(reason: str) -> Refusal:
+    """The Refusal of a node's reject reason, read as Core writes it, never by substring.
+
+    ``reason`` is a ``testmempoolaccept`` reject-reason or a ``sendrawtransaction`` error
+    message. Core writes a reason alone (``txn-mempool-conflict``), with its debug message
+    after a comma (``min relay fee not met, 110 < 141``), or with a script error in
+    parentheses (``non-mandatory-script-verify-flag (Non-canonical DER signature)``); nodes
+    before 0.20 put the BIP-61 reject code first (``18: txn-mempool-conflict``). The
+    reason itself is then looked up exactly in REJECT_REASONS; anything else is UNKNOWN.
+    """
+    text = reason.strip()
+    coded = _REJECT_CODE.fullmatch(text)
+    if coded is not None:
+        text = coded.group(2)
+    for candidate in (text, text.partition(", ")[0], text.partition(" (")[0]):
+        found = REJECT_REASONS.get(candidate)
+        if found is not None:
+            return found
+    return Refusal.UNKNOWN
+
+
 @dataclass(frozen=True)
 class AcceptResult:
     """Whether the node would accept a transaction into its mempool, and if not, why.
 
-    ``txid`` is empty when the node could not even decode the transaction.
+    ``refusal`` classifies ``reason`` (None when allowed). ``txid`` is empty when the node
+    could not even decode the transaction.
     """
 
     allowed: bool
     reason: str | None
     txid: str
+    refusal: Refusal | None = None
+
+
+class TransactionRefused(NodeError):
+    """The chain refused to take a transaction (exit code 8, like every NodeError)."""
+
+    def __init__(self, message: str, refusal: Refusal, reason: str) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+        self.reason = reason
+
+
+class SpendState(enum.Enum):
+    """Where one output stands on a chain (see OutputSpend)."""
+
+    UNKNOWN = "unknown"
+    """The chain has no such output in a block of its best chain: it never saw it (not
+    synced, another chain, a transaction it never got) or dropped it in a reorganisation."""
+    UNSPENT = "unspent"
+    IN_MEMPOOL = "in-mempool"
+    """Unspent in the blocks; a mempool transaction spends it (which no block may ever take)."""
+    SPENT = "spent"
+    """Spent by a transaction in a block of the best chain."""
+
+
+@dataclass(frozen=True)
+class OutputSpend:
+    """What spends output ``txid:vout``. ``spender`` is the spending transaction when the
+    chain says (always when SPENT); ``confirmations`` and ``block_height`` are its block's,
+    0 and None unless SPENT."""
+
+    txid: str
+    vout: int
+    state: SpendState
+    spender: str | None = None
+    confirmations: int = 0
+    block_height: int | None = None
 
 
 class ChainBackend(Protocol):
@@ -88,11 +245,17 @@ class ChainBackend(Protocol):
         ...
 
     def broadcast(self, raw_tx: bytes) -> str:
-        """Broadcast ``raw_tx`` and return its txid; a transaction already known is no error."""
+        """Broadcast ``raw_tx`` and return its txid; a transaction already known is no error.
+
+        Raises TransactionRefused (with its Refusal) when the chain refuses it."""
         ...
 
     def tx_status(self, txid: str) -> TxStatus:
         """Whether ``txid`` is unknown, in the mempool, or confirmed (and how deep)."""
+        ...
+
+    def spends(self, outpoints: Sequence[tuple[str, int]]) -> list[OutputSpend]:
+        """What spends each of ``outpoints`` (txid, vout), in the same order."""
         ...
 
     def mine(self, blocks: int, script_pubkey: bytes) -> list[str]:

@@ -36,6 +36,7 @@ EVENTS = (
     "withdrawal.finalized",
     "withdrawal.broadcast",
     "withdrawal.confirmed",
+    "withdrawal.refused",
     "withdrawal.failed",
     "notify.recipient_added",
     "notify.recipient_removed",
@@ -88,6 +89,29 @@ def _amount(p: dict[str, Any]) -> str:
     return f"{format_btc(value)} BTC" if isinstance(value, int) else "?"
 
 
+def _describe_withdrawal(event: str, actor: str, p: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(kind, severity, title) of a withdrawal's step, None for the steps not notified."""
+    if event == "withdrawal.requested":
+        return event, "info", f"Withdrawal {_wid(p)} requested by {actor}: {_amount(p)} to {p.get('destination')}"
+    if event == "withdrawal.approved":
+        return event, "info", f"Withdrawal {_wid(p)} approved by {actor}"
+    if event == "withdrawal.batched":
+        members = ", ".join(f"#{m}" for m in p.get("members") or [])
+        return event, "info", f"Withdrawal batch #{p.get('batch_id')} created by {actor} of {members}"
+    if event == "withdrawal.finalized":
+        return "withdrawal.signed", "info", f"Withdrawal {_wid(p)} signed by the founders: txid {p.get('txid')}"
+    if event == "withdrawal.broadcast":
+        return event, "info", f"Withdrawal {_wid(p)} broadcast: txid {p.get('txid')}"
+    if event == "withdrawal.confirmed":
+        return event, "info", f"Withdrawal {_wid(p)} confirmed at height {p.get('height')}: txid {p.get('txid')}"
+    if event == "withdrawal.refused":
+        refusal = f"refused by the node ({p.get('refusal')}): {p.get('reason')}; it stays signed and held"
+        return event, "critical", f"Withdrawal {_wid(p)} {refusal}"
+    if event == "withdrawal.failed":
+        return event, "critical", f"Withdrawal {_wid(p)} failed: {p.get('reason')}"
+    return None
+
+
 def _describe(event: str, actor: str, p: dict[str, Any]) -> tuple[str, str, str] | None:
     """(kind, severity, title) for a notifiable event, None for the rest."""
     if event == "halt.raised":
@@ -115,21 +139,8 @@ def _describe(event: str, actor: str, p: dict[str, Any]) -> tuple[str, str, str]
             "critical",
             f"Address verification FAILED: {failures} problem(s) in {p.get('checked')} checked ({p.get('source')})",
         )
-    if event == "withdrawal.requested":
-        return event, "info", f"Withdrawal {_wid(p)} requested by {actor}: {_amount(p)} to {p.get('destination')}"
-    if event == "withdrawal.approved":
-        return event, "info", f"Withdrawal {_wid(p)} approved by {actor}"
-    if event == "withdrawal.batched":
-        members = ", ".join(f"#{m}" for m in p.get("members") or [])
-        return event, "info", f"Withdrawal batch #{p.get('batch_id')} created by {actor} of {members}"
-    if event == "withdrawal.finalized":
-        return "withdrawal.signed", "info", f"Withdrawal {_wid(p)} signed by the founders: txid {p.get('txid')}"
-    if event == "withdrawal.broadcast":
-        return event, "info", f"Withdrawal {_wid(p)} broadcast: txid {p.get('txid')}"
-    if event == "withdrawal.confirmed":
-        return event, "info", f"Withdrawal {_wid(p)} confirmed at height {p.get('height')}: txid {p.get('txid')}"
-    if event == "withdrawal.failed":
-        return event, "critical", f"Withdrawal {_wid(p)} failed: {p.get('reason')}"
+    if event.startswith("withdrawal."):
+        return _describe_withdrawal(event, actor, p)
     if event in ("notify.recipient_added", "notify.recipient_removed"):
         verb = "added" if event.endswith("added") else "removed"
         return event, "critical", f"Notification recipient {verb} by {actor}: {p.get('kind')} {p.get('target')}"
