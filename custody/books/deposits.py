@@ -34,7 +34,7 @@ from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log, halt
 from custody.control.wallet import policy_from_session
-from custody.errors import InputError, NotFound, VerificationFailed
+from custody.errors import InputError, NodeError, NotFound, VerificationFailed
 from custody.issuance import record
 from custody.policy.generator import AddressDeriver
 from custody.policy.model import RECEIVE
@@ -51,6 +51,31 @@ FINAL_DEPTH = 100
 """Confirmations after which a deposit is final: deeper reorganisations are not followed."""
 
 _CHUNK = 500
+
+TIP_DROP_ALLOWED = 6
+"""How far below the highest block custody recorded a chain's tip may be (a reorganisation
+onto a shorter chain) before the chain is taken for one that is behind or another chain."""
+
+
+def check_not_behind(db: Database, tip: int) -> None:
+    """Refuse a chain whose tip is well below blocks custody already recorded from it.
+
+    A node that stopped syncing, was restored from an old copy or follows another chain
+    does not know recent deposits and withdrawals; acting on its word would reverse them
+    (and unsettle withdrawals). Raises NodeError (exit 8) when ``tip`` is more than
+    TIP_DROP_ALLOWED blocks below the highest deposit or withdrawal block recorded.
+    """
+    from sqlalchemy import func
+
+    with db.transaction() as s:
+        deposit = s.exec(select(func.max(DepositRow.height))).one()
+        withdrawal = s.exec(select(func.max(WithdrawalRow.block_height))).one()
+    seen = max((h for h in (deposit, withdrawal) if h is not None), default=None)
+    if seen is not None and tip < seen - TIP_DROP_ALLOWED:
+        raise NodeError(
+            f"the chain's tip is at height {tip}, yet custody recorded blocks up to height {seen} from it: "
+            "the node is behind or follows another chain; nothing it says is acted on"
+        )
 
 
 def deposit_confirmations(settings: Settings) -> int:
@@ -271,6 +296,7 @@ def sync_deposits(  # noqa: C901 - the deposit state machine in one pass, until 
         if u.script_pubkey.hex() in addresses:
             utxos[f"{u.txid}:{u.vout}"] = u
     tip = backend.tip_height()
+    check_not_behind(db, tip)
     changed: list[dict[str, Any]] = []
     negative: list[tuple[str, str, int]] = []
     mismatches: list[OwnerMismatch] = []

@@ -773,7 +773,7 @@ class EmbeddedBackend:
         try:
             tx = decode_transaction(raw_tx)
         except InputError as e:
-            return AcceptResult(False, str(e), "")
+            return AcceptResult(False, str(e), "", Refusal.UNDECODABLE)
         with self._open():
             refusal, _ = self._refusal(tx, bytes(raw_tx))
         if refusal is None:

@@ -141,7 +141,9 @@ REJECT_REASONS: Mapping[str, Refusal] = {
     "bad-txns-fee-outofrange": Refusal.INVALID,
 }
 
-_REJECT_CODE = re.compile(r"(\d{1,3}): (.*)", re.DOTALL)
+_REJECT_CODE = re.compile(r"(\d{1,2}): (.*)", re.DOTALL)
+_BIP61_CODES = frozenset({1, 16, 17, 18, 64, 65, 66, 67})
+"""REJECT_MALFORMED, _INVALID, _OBSOLETE, _DUPLICATE, _NONSTANDARD, _DUST, _INSUFFICIENTFEE, _CHECKPOINT."""
 
 
 def classify(reason: str) -> Refusal:
@@ -156,7 +158,7 @@ def classify(reason: str) -> Refusal:
     """
     text = reason.strip()
     coded = _REJECT_CODE.fullmatch(text)
-    if coded is not None:
+    if coded is not None and int(coded.group(1)) in _BIP61_CODES:
         text = coded.group(2)
     for candidate in (text, text.partition(", ")[0], text.partition(" (")[0]):
         found = REJECT_REASONS.get(candidate)

@@ -35,7 +35,7 @@ from custody.bitcoin.destinations import address_of, dust_limit, parse_destinati
 from custody.bitcoin.keys import b58check_decode
 from custody.bitcoin.script import ScriptType
 from custody.bitcoin.txbuild import Coin, build_transaction, fee_for, select_coins, tx_vsize
-from custody.books import ledger
+from custody.books import deposits, ledger
 from custody.chain.consensus import check_before_broadcast
 from custody.chain.types import (
     AcceptResult,
@@ -965,10 +965,13 @@ def sync(db: Database, backend: ChainBackend, limits: Limits = Limits(), *, sett
       deep; the audit log's ``withdrawal.failed`` names that transaction. Nothing else
       fails a withdrawal that carries founders' signatures.
 
-    Raises NodeError; HaltedError after raising the halt when the ledger does not balance.
+    Raises NodeError (also for a chain whose tip is well below what custody recorded from
+    it: see custody.books.deposits.check_not_behind); HaltedError after raising the halt
+    when the ledger does not balance.
     """
     changed = []
     tip = backend.tip_height()
+    deposits.check_not_behind(db, tip)
     with db.transaction() as s:
         ids = _watched(s, tip)
     for wid in ids:

@@ -1,0 +1,309 @@
+"""No refund without proof: a withdrawal carrying founders' signatures, on real regtest nodes.
+
+The harm this guards against: a signed transaction refused by one node (that did not know
+its inputs, or was still syncing) was failed and refunded, then confirmed when broadcast
+elsewhere: the customer was paid twice. Here the withdrawal stays signed, reserved and held
+whatever a node says; it is settled when the chain shows its transaction, and failed and
+refunded exactly once when the chain shows another transaction spending one of its inputs
+CUSTODY_REFUND_CONFIRMATIONS (6) blocks deep, not one block earlier.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from bitcoin.core import b2lx
+
+from custody.bitcoin import psbt as psbt_lib
+from custody.bitcoin.txbuild import Coin, build_transaction
+from custody.chain.node import connect
+from custody.chain.regtest import NodeInfo, start_node, stop_node
+from custody.chain.rpc import RpcClient
+from custody.chain.types import SpendState
+from custody.config import Settings
+from custody.identity.keyfile import open_founder_key
+from custody.store.db import Database
+from custody.withdraw import queue as wd
+from tests.support import PASSPHRASE
+from tests.withdraw_support import Shop
+
+pytestmark = pytest.mark.regtest
+
+AMOUNT_SAT = 1_500_000
+
+
+@pytest.fixture(scope="module")
+def stranger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeInfo]:
+    """A second regtest node, never connected to the first: one block of its own, out of
+    initial block download, and none of the first node's coins."""
+    datadir = tmp_path_factory.mktemp("stranger-node")
+    node = start_node(datadir)
+    try:
+        yield node
+    finally:
+        stop_node(datadir)
+
+
+def use_node(shop: Shop, node: NodeInfo) -> None:
+    shop.c.env["CUSTODY_NODE_URL"] = node.rpc_url
+    shop.c.env["CUSTODY_NODE_COOKIE"] = str(node.cookie_file)
+
+
+def signed(shop: Shop, founders: tuple[str, ...] = ("founder-a", "founder-b"), finalize: bool = True) -> int:
+    """A withdrawal of 0.015 to the node's wallet, approved, signed by ``founders`` and imported."""
+    wid = shop.approved("0.015")
+    psbt = shop.export(wid)
+    for founder in founders:
+        out = shop.tmp / f"w{wid}-{founder}.psbt"
+        assert shop.sign(psbt, founder, out).exit_code == 0
+        shop.ok("withdraw", "import", str(wid), str(out))
+    if finalize:
+        shop.ok("withdraw", "finalize", str(wid))
+    return wid
+
+
+def store(shop: Shop) -> sqlite3.Connection:
+    return sqlite3.connect(shop.c.home / "custody.db")
+
+
+def reserved(shop: Shop, wid: int) -> list[str]:
+    with store(shop) as db:
+        rows = db.execute("SELECT outpoint FROM reserved_input WHERE withdrawal_id = ? ORDER BY outpoint", (wid,))
+        return [r[0] for r in rows]
+
+
+def final_tx(shop: Shop, wid: int) -> str:
+    with store(shop) as db:
+        (raw,) = db.execute("SELECT final_tx FROM withdrawal WHERE id = ?", (wid,)).fetchone()
+    return str(raw)
+
+
+def postings(shop: Shop, wid: int) -> list[str]:
+    """The ledger events posted for withdrawal ``wid``, one per ledger transaction."""
+    seen: dict[int, str] = {}
+    for e in shop.ok("ledger", "entries"):
+        if e["ref"] == f"withdrawal:{wid}":
+            seen[e["txn"]] = e["event"]
+    return list(seen.values())
+
+
+def events(shop: Shop, wid: int) -> list[str]:
+    return [e["event"] for e in shop.ok("audit", "log") if e["payload"].get("withdrawal_id") == wid]
+
+
+def balance(shop: Shop, account: str) -> int:
+    return int(shop.ok("ledger", "balance", account)["balance_sat"])
+
+
+def double_spend(shop: Shop, wid: int, rpc: RpcClient) -> str:
+    """Spend the withdrawal's first input to the node's wallet, signed with two founders'
+    keys (opened from their key files), and send it to ``rpc``'s node: another transaction."""
+    with store(shop) as db:
+        txid, vout, amount, spk, chain, idx = db.execute(
+            "SELECT txid, vout, amount, script_pubkey, chain, idx FROM withdrawal_input "
+            "WHERE withdrawal_id = ? ORDER BY position LIMIT 1",
+            (wid,),
+        ).fetchone()
+        (script,) = db.execute("SELECT script FROM address WHERE script_pubkey = ?", (spk,)).fetchone()
+    to = shop.wallet.call("getaddressinfo", shop.wallet.call("getnewaddress", "", "bech32"))["scriptPubKey"]
+    tx = build_transaction(
+        [Coin(txid, vout, amount, bytes.fromhex(spk), chain, idx)], [(bytes.fromhex(to), amount - 20_000)]
+    )
+    p = psbt_lib.Psbt.from_unsigned_tx(tx)
+    p.inputs[0].witness_utxo = psbt_lib.WitnessUtxo(amount, bytes.fromhex(spk))
+    p.inputs[0].witness_script = bytes.fromhex(script)
+    for name in ("founder-b", "founder-c"):
+        key = open_founder_key(shop.founder_keys[name], PASSPHRASE)
+        assert psbt_lib.sign_input(p, 0, key.master.derive((*key.account_path, chain, idx)).private_key())
+    raw = psbt_lib.extract(psbt_lib.finalize(p)).serialize().hex()
+    return str(rpc.call("sendrawtransaction", raw))
+
+
+@pytest.fixture
+def shop(tmp_path: Path, regtest_node: NodeInfo, funded_wallet: RpcClient) -> Shop:
+    s = Shop(tmp_path, regtest_node, funded_wallet)
+    s.deposit("acct-1", "0.3", count=2)
+    return s
+
+
+def test_an_unsynced_node_refunds_nothing_and_the_transaction_confirms_elsewhere_once(
+    shop: Shop, stranger: NodeInfo, tmp_path: Path
+) -> None:
+    before = balance(shop, "acct-1")
+    wid = signed(shop)
+    fee = shop.ok("withdraw", "show", str(wid))["fee_sat"]
+    held = balance(shop, "acct-1")
+    assert held == before - AMOUNT_SAT - fee
+    inputs = reserved(shop, wid)
+    assert inputs
+
+    # A node that never saw the inputs: it says "missing-inputs", which proves nothing.
+    use_node(shop, stranger)
+    refused = shop.cli("withdraw", "broadcast", str(wid))
+    assert refused.exit_code == 8, refused.output
+    assert "(missing-inputs): missing-inputs" in refused.stderr and "stays signed" in refused.stderr
+    behind = shop.cli("sync")  # far below the blocks custody has seen: behind, or another chain
+    assert behind.exit_code == 8 and "behind or follows another chain" in behind.stderr, behind.output
+    # A fresh node still in initial block download is refused before it is asked anything.
+    fresh_dir = tmp_path / "fresh-node"
+    fresh = start_node(fresh_dir, leave_ibd=False)
+    try:
+        assert fresh.client().call("getblockchaininfo")["initialblockdownload"] is True
+        use_node(shop, fresh)
+        for args in (("withdraw", "broadcast", str(wid)), ("sync",)):
+            result = shop.cli(*args)
+            assert result.exit_code == 8 and "initial block download" in result.stderr, (args, result.output)
+    finally:
+        stop_node(fresh_dir)
+
+    shown = shop.ok("withdraw", "show", str(wid))
+    assert shown["status"] == "signed" and shown["reason"].startswith("refused by the node (missing-inputs)")
+    assert reserved(shop, wid) == inputs
+    assert balance(shop, "acct-1") == held and balance(shop, f"held:withdrawal-{wid}") == AMOUNT_SAT + fee
+    assert postings(shop, wid) == ["withdrawal.requested"]
+    assert events(shop, wid).count("withdrawal.refused") == 1
+    # Nothing was released: the same coins cannot go to another withdrawal.
+    use_node(shop, shop.node)
+    taken = shop.request(shop.destination()[0], "0.4")  # the balance covers it, the unreserved coins do not
+    assert taken.exit_code == 2 and "unreserved" in taken.stderr
+
+    # Whoever holds the signed transaction broadcasts it through the first node.
+    txid = shop.rpc.call("sendrawtransaction", final_tx(shop, wid))
+    shop.mine(1)
+    (synced,) = shop.ok("sync")
+    assert (synced["id"], synced["status"], synced["txid"]) == (wid, "confirmed", txid)
+    assert shop.ok("withdraw", "broadcast", str(wid))["status"] == "confirmed"  # idempotent
+    shop.mine(10)
+    shop.ok("sync")
+
+    assert postings(shop, wid) == ["withdrawal.requested", "withdrawal.settled"]  # settled once, no refund
+    assert balance(shop, "acct-1") == held and balance(shop, f"held:withdrawal-{wid}") == 0
+    assert reserved(shop, wid) == []
+    with store(shop) as db:
+        (destination,) = db.execute("SELECT destination_spk FROM withdrawal WHERE id = ?", (wid,)).fetchone()
+    paid = shop.rpc.call("scantxoutset", "start", [f"raw({destination})"])["unspents"]
+    assert [(u["txid"], u["amount"]) for u in paid] == [(txid, Decimal("0.015"))]  # paid once
+    assert events(shop, wid).count("withdrawal.confirmed") == 1
+    told = [e for e in shop.ok("audit", "log") if e["event"] == "withdrawal.broadcast"]
+    assert told[-1]["payload"] == {"withdrawal_id": wid, "txid": txid, "seen_on_chain": True}
+    assert shop.ok("audit", "ledger")["ok"] is True
+
+
+def test_a_double_spend_refunds_only_at_depth_and_exactly_once(shop: Shop) -> None:
+    before = balance(shop, "acct-1")
+    wid = signed(shop)
+    held = balance(shop, "acct-1")
+    other = double_spend(shop, wid, shop.rpc)
+
+    # In the mempool only: a conflict, not a spend.
+    conflict = shop.cli("withdraw", "broadcast", str(wid))
+    assert conflict.exit_code == 8 and "(mempool-conflict): txn-mempool-conflict" in conflict.stderr
+    assert shop.ok("sync") == []
+    for depth in range(1, 6):  # 1 .. 5 confirmations: CUSTODY_REFUND_CONFIRMATIONS - 1 at most
+        shop.mine(1)
+        assert shop.ok("sync") == [], depth
+        assert shop.ok("withdraw", "show", str(wid))["status"] == "signed"
+        assert balance(shop, "acct-1") == held and reserved(shop, wid)
+    missing = shop.cli("withdraw", "broadcast", str(wid))
+    assert missing.exit_code == 8 and "(missing-inputs)" in missing.stderr
+
+    shop.mine(1)  # 6 confirmations: the proof is in
+    (failed,) = shop.ok("sync")
+    assert failed["id"] == wid and failed["status"] == "failed"
+    assert other in failed["reason"] and "6 confirmations" in failed["reason"]
+    assert balance(shop, "acct-1") == before and balance(shop, f"held:withdrawal-{wid}") == 0
+    assert reserved(shop, wid) == []
+    (told,) = [e for e in shop.ok("audit", "log") if e["event"] == "withdrawal.failed"]
+    assert told["actor"] == "sync" and told["payload"]["spent_by"] == other
+    assert told["payload"]["confirmations"] == 6 and told["payload"]["refunded"] == before - held
+
+    shop.mine(3)
+    assert shop.ok("sync") == []
+    assert shop.cli("withdraw", "broadcast", str(wid)).exit_code == 6  # failed: nothing to broadcast
+    assert postings(shop, wid) == ["withdrawal.requested", "withdrawal.released"]  # refunded exactly once
+    assert shop.ok("audit", "ledger")["ok"] is True
+
+
+def test_partial_signatures_are_held_too(shop: Shop) -> None:
+    """One founder's signature imported: no cancel, no refund on a node's word; the proof
+    (at the configured depth) refunds it."""
+    before = balance(shop, "acct-1")
+    wid = signed(shop, founders=("founder-a",), finalize=False)
+    assert shop.ok("withdraw", "show", str(wid))["status"] == "approved"
+    cancel = shop.cli("withdraw", "cancel", str(wid), "--reason", "changed my mind", *shop.as_("dave"))
+    assert cancel.exit_code == 6 and "carries founders' signatures" in cancel.stderr
+    other = double_spend(shop, wid, shop.rpc)
+    shop.c.env["CUSTODY_REFUND_CONFIRMATIONS"] = "2"
+    shop.mine(1)
+    assert shop.ok("sync") == []
+    shop.mine(1)
+    (failed,) = shop.ok("sync")
+    assert failed["status"] == "failed" and other in failed["reason"]
+    assert balance(shop, "acct-1") == before
+    assert postings(shop, wid) == ["withdrawal.requested", "withdrawal.released"]
+
+
+def test_a_p2sh_transaction_signed_and_sent_elsewhere_is_ours_not_a_conflict(
+    tmp_path: Path, regtest_node: NodeInfo, funded_wallet: RpcClient
+) -> None:
+    """Legacy p2sh: the signatures change the txid, so the chain's spender is recognised by
+    what it spends and pays (the approved transaction), never taken for a double spend."""
+    shop = Shop(tmp_path, regtest_node, funded_wallet, script="p2sh")
+    shop.deposit("acct-1", "0.3", count=2)
+    held_before = balance(shop, "acct-1")
+    wid = signed(shop, founders=("founder-a",), finalize=False)  # only founder-a's imported
+    psbt = shop.export(wid)
+    parts = []
+    for founder in ("founder-b", "founder-c"):  # two founders sign elsewhere and never import
+        out = tmp_path / f"elsewhere-{founder}.psbt"
+        assert shop.sign(psbt, founder, out).exit_code == 0
+        parts.append(psbt_lib.Psbt.from_base64(out.read_text().strip()))
+    final = psbt_lib.extract(psbt_lib.finalize(psbt_lib.combine(parts)))
+    unsigned = shop.ok("withdraw", "show", str(wid))["unsigned_txid"]
+    assert b2lx(final.GetTxid()) != unsigned
+    txid = shop.rpc.call("sendrawtransaction", final.serialize().hex())
+    shop.mine(7)
+    (synced,) = shop.ok("sync")
+    assert (synced["status"], synced["txid"]) == ("confirmed", txid)
+    assert postings(shop, wid) == ["withdrawal.requested", "withdrawal.settled"]
+    fee = synced["fee_sat"]
+    assert balance(shop, "acct-1") == held_before - AMOUNT_SAT - fee
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CUSTODY_REFUND_CONFIRMATIONS": "0"}, "must be at least CUSTODY_CONFIRMATIONS"),
+        ({"CUSTODY_REFUND_CONFIRMATIONS": "six"}, "whole numbers"),
+        ({"CUSTODY_CONFIRMATIONS": "3", "CUSTODY_REFUND_CONFIRMATIONS": "2"}, "(2) must be at least"),
+    ],
+)
+def test_a_refund_depth_below_the_settlement_depth_is_refused(
+    tmp_path: Path, regtest_node: NodeInfo, funded_wallet: RpcClient, env: dict[str, str], message: str
+) -> None:
+    shop = Shop(tmp_path, regtest_node, funded_wallet)
+    shop.c.env.update(env)
+    result = shop.cli("sync")
+    assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_a_node_ahead_that_never_saw_the_inputs_proves_nothing(shop: Shop, stranger: NodeInfo) -> None:
+    """The stranger mines past the first node's height: it is synced with its own chain and
+    still knows nothing of our inputs. Following withdrawals against it changes nothing."""
+    wid = signed(shop)
+    held = balance(shop, "acct-1")
+    inputs = reserved(shop, wid)
+    ahead = shop.rpc.call("getblockcount") + 10 - stranger.client().call("getblockcount")
+    stranger.client().call("generatetodescriptor", ahead, "raw(51)")
+    backend = connect(stranger.client(), "regtest")
+    settings = Settings.load(env=shop.c.env)
+    assert wd.sync(Database(settings.db_url), backend, wd.Limits(), settings=settings) == []
+    outpoints = [(txid, int(vout)) for txid, vout in (i.split(":") for i in inputs)]
+    assert [sp.state for sp in backend.spends(outpoints)] == [SpendState.UNKNOWN] * len(inputs)
+    shown = shop.ok("withdraw", "show", str(wid))
+    assert shown["status"] == "signed" and reserved(shop, wid) == inputs and balance(shop, "acct-1") == held
+    assert postings(shop, wid) == ["withdrawal.requested"]
