@@ -1,6 +1,10 @@
 """The one module that talks to the terminal (rich): data on stdout, messages on stderr.
 
-Untrusted strings (names, reasons, addresses) are never interpreted as markup.
+Every string shown passes through :func:`one_line` here, in messages, table cells, table
+titles and CSV cells alike: halt reasons, incident messages, names, addresses, node errors
+come from the store, files or other machines, and must not drive the terminal (ANSI and OSC
+escape sequences, carriage returns, bidi overrides) or the rendering (rich markup: every
+string is a Text, never markup). JSON output escapes them by itself.
 """
 
 from __future__ import annotations
@@ -38,36 +42,42 @@ def emit_csv(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
     writer = csv.DictWriter(sys.stdout, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow(row)
+        writer.writerow({k: one_line(v) if isinstance(v, str) else v for k, v in row.items()})
+
+
+def cell(value: Any) -> Text:
+    """One value as plain text for a table: never markup, never a control character."""
+    return Text(one_line("" if value is None else str(value)))
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    t = Table(title=title, show_lines=False)
+    t = Table(title=None if title is None else cell(title), show_lines=False)
     for c in columns:
-        t.add_column(c, overflow="fold")
+        t.add_column(cell(c), overflow="fold")
     for row in rows:
-        t.add_row(*[Text("" if v is None else str(v)) for v in row])
+        t.add_row(*[cell(v) for v in row])
     out().print(t)
 
 
-# Bidirectional overrides and isolates: they reorder what a terminal shows.
-_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Unicode categories shown as escapes: control (C0, DEL, C1: ESC, CSI, OSC, ST, ...), format
+# (bidi overrides and isolates, zero-width characters), surrogates, private use, unassigned,
+# line and paragraph separators.
+_ESCAPED = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
 
 
 def one_line(text: str) -> str:
     """``text`` safe for one terminal line: control characters (newlines, carriage returns,
-    escape sequences, ...), line separators and bidi overrides shown as escapes.
+    escape sequences, ...), format characters (bidi overrides, zero-width), line separators
+    and the like shown as Python escapes (``\\x1b``, ``\\u202e``).
 
-    Messages carry untrusted strings (file contents, names, addresses); rich prints control
-    characters as they are, so a message could otherwise span lines or drive the terminal.
+    Untrusted strings (file contents, names, reasons, addresses, a node's errors) reach the
+    terminal through messages and tables; rich prints control characters as they are, so a
+    string could otherwise span lines, rewrite what is on the screen or drive the terminal.
     """
-    if text.isprintable() and not _BIDI.intersection(text):
+    if text.isprintable() and text.isascii():
         return text
     return "".join(
-        ch.encode("unicode_escape").decode("ascii")
-        if unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs") or ch in _BIDI
-        else ch
-        for ch in text
+        ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in _ESCAPED else ch for ch in text
     )
 
 
@@ -101,11 +111,11 @@ def error(message: str) -> None:
 
 
 def key_values(title: str, pairs: Sequence[tuple[str, Any]]) -> None:
-    t = Table(title=title, show_header=False)
+    t = Table(title=cell(title), show_header=False)
     t.add_column("field", style="bold")
     t.add_column("value", overflow="fold")
     for k, v in pairs:
-        t.add_row(Text(k), Text("" if v is None else str(v)))
+        t.add_row(cell(k), cell(v))
     out().print(t)
 
 
