@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from custody.errors import CustodyError, InputError
+from custody.files import PGP_KEY_MAX, SECRET_FILE_MAX, read_limited, read_limited_text
 from custody.notify import delivery, recipients
 from custody.notify import mail as pgp_mime
 from custody.store.db import Database
@@ -137,8 +138,8 @@ def recipient_add(app: AppContext, address: str, pgp_key: Path | None, as_json: 
     armored = None
     if pgp_key is not None:
         try:
-            armored = pgp_key.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            armored = read_limited_text(pgp_key, PGP_KEY_MAX, "PGP key file")
+        except OSError as exc:
             raise InputError(f"cannot read {pgp_key}: {exc}") from None
     row = recipients.add_email(app.db, address, armored)
     if as_json:
@@ -194,7 +195,7 @@ def webhook_group() -> None:
 def webhook_add(app: AppContext, url: str, secret_file: Path, as_json: bool) -> None:
     """POST every notification to URL (http or https), signed with the shared secret."""
     try:
-        lines = secret_file.read_bytes().splitlines()
+        lines = read_limited(secret_file, SECRET_FILE_MAX, "secret file").splitlines()
     except OSError as exc:
         raise InputError(f"cannot read {secret_file}: {exc.strerror}") from None
     secret = lines[0].strip() if lines else b""

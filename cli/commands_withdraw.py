@@ -16,6 +16,7 @@ from custody.chain.backend import backend_for
 from custody.control import halt as halt_lib
 from custody.control.wallet import load_policy
 from custody.errors import ApprovalError, HaltedError, InputError
+from custody.files import PSBT_MAX, read_limited
 from custody.withdraw import queue as wd
 from custody.withdraw.signer import Review, SignerState, review, sign_reviewed, state_path
 from custody_cli import output
@@ -33,19 +34,21 @@ from custody_cli.context import (
     passphrase_options,
 )
 
-MAX_PSBT_BYTES = 64 * 1024 * 1024
+MAX_PSBT_BYTES = PSBT_MAX
 STDIO = "-"
 
 
 def read_psbt_file(path: Path) -> bytes:
-    """A PSBT from a file, or from standard input for ``-``: binary (BIP-174) or base64."""
+    """A PSBT from a file, or from standard input for ``-``: binary (BIP-174) or base64.
+
+    A file is refused from its size before it is read (a device such as /dev/zero at once);
+    standard input is read up to the limit."""
     name = "standard input" if str(path) == STDIO else str(path)
     try:
         if str(path) == STDIO:
             data = sys.stdin.buffer.read(MAX_PSBT_BYTES + 1)
         else:
-            with open(path, "rb") as f:
-                data = f.read(MAX_PSBT_BYTES + 1)
+            data = read_limited(path, MAX_PSBT_BYTES, "PSBT file")
     except OSError as exc:
         raise InputError(f"cannot read {name}: {exc.strerror or exc}") from None
     if len(data) > MAX_PSBT_BYTES:

@@ -12,6 +12,7 @@ import click
 
 from custody.config import Settings
 from custody.errors import InputError, KeyFileError
+from custody.files import SECRET_FILE_MAX, read_limited_text
 from custody.identity.employee_keys import FileSigner, Pkcs11Uri, is_pkcs11_uri, parse_pkcs11_uri
 from custody.identity.keyfile import FounderKey, open_employee_key, open_founder_key
 from custody.identity.pkcs11_keys import Pkcs11Signer
@@ -60,11 +61,9 @@ def read_secret(
     never from a command-line argument. Raises InputError when none is given or readable."""
     if secret_file is not None:
         try:
-            lines = secret_file.read_text(encoding="utf-8").splitlines()
+            lines = read_limited_text(secret_file, SECRET_FILE_MAX, f"{kind} file").splitlines()
         except OSError as exc:
             raise InputError(f"cannot read {kind} file {secret_file}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise InputError(f"{kind} file {secret_file} is not UTF-8 text") from None
         if not lines or not lines[0]:
             raise InputError(f"{kind} file {secret_file} is empty")
         return lines[0]

@@ -1,29 +1,157 @@
-"""Reading and writing the small files custody trusts or publishes: bounded reads (an endless
-or huge file is refused before it is read) and atomic writes (temporary file, fsync, rename)."""
+"""Files given to custody, read within a size limit that is checked before reading; and the
+small files custody writes, written atomically (temporary file, fsync, rename).
+
+Every file input (key files, passphrase and PIN files, manifests, PSBTs, liabilities and
+proofs, webhook secrets, PGP keys, a node's cookie and state) is read through
+:func:`read_limited`. A regular file larger than its limit is refused from its size alone,
+before a byte is read. A pipe (a shell's ``<(...)``, ``/dev/stdin`` fed by a pipe) is read
+up to the limit and refused beyond it. Anything else, a device such as ``/dev/zero`` or
+``/dev/urandom``, a terminal, a socket, is refused at once: it has no size to check and may
+never end. A refusal is an InputError (exit code 2) that names the file, the limit and why.
+
+``custody.verify`` keeps its own copy of these checks: it imports nothing of ours.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import stat
 from pathlib import Path
 
 from custody.errors import InputError, StorageError
 
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+KEY_FILE_MAX = 1 * MIB
+"""An encrypted founder or employee key file (a few hundred bytes of JSON)."""
+SECRET_FILE_MAX = 64 * KIB
+"""A file holding a secret on its first line: passphrase, PIN, webhook secret, SMTP password."""
+MANIFEST_MAX = 1 * MIB
+"""The founders' manifest (short JSON; custody.verify.manifest.MAX_BYTES is the same)."""
+PSBT_MAX = 64 * MIB
+"""A withdrawal PSBT, binary or base64 (every input carries its whole previous transaction)."""
+PGP_KEY_MAX = 1 * MIB
+"""An armored OpenPGP public key."""
+LIABILITIES_MAX = 256 * MIB
+"""A published liabilities tree, or a proofs file (one account's proof, or every account's)."""
+NODE_FILE_MAX = 64 * KIB
+"""A node's RPC cookie, or the state file ``custody node start`` writes."""
+EXPORT_MAX = 16 * GIB
+"""An address export (JSON Lines, streamed; custody.verify.export checks each line's length)."""
+
+_CHUNK = 64 * KIB
+
+
+def describe_size(limit: int) -> str:
+    """``limit`` bytes in the largest whole unit (``64 KiB``, ``100 MiB``)."""
+    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if limit >= size and limit % size == 0:
+            return f"{limit // size} {unit}"
+    return f"{limit} bytes"
+
+
+def _too_large(what: str, path: Path, limit: int, size: int | None = None) -> InputError:
+    have = f" ({size} bytes)" if size is not None else ""
+    return InputError(f"{what} {path} is larger than {describe_size(limit)}{have}: refused unread")
+
+
+def _not_a_file(what: str, path: Path, mode: int) -> InputError:
+    kind = (
+        "a character device"
+        if stat.S_ISCHR(mode)
+        else "a block device"
+        if stat.S_ISBLK(mode)
+        else "a directory"
+        if stat.S_ISDIR(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
+    return InputError(f"{what} {path} is {kind}, not a file or a pipe: refused unread")
+
+
+def _open(path: Path) -> tuple[int, os.stat_result]:
+    """Open for reading without blocking on a FIFO or taking a terminal; fstat it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_size(path: Path, limit: int, what: str) -> None:
+    """Refuse ``path`` unless it is a regular file of at most ``limit`` bytes, or a pipe
+    (whose reader must then stop at ``limit`` itself).
+
+    Raises InputError (exit 2) for a larger file or a device, directory or socket;
+    OSError when it cannot be opened (callers keep their own messages for that).
+    """
+    fd, info = _open(Path(path))
+    os.close(fd)
+    if stat.S_ISREG(info.st_mode):
+        if info.st_size > limit:
+            raise _too_large(what, Path(path), limit, info.st_size)
+    elif not stat.S_ISFIFO(info.st_mode):
+        raise _not_a_file(what, Path(path), info.st_mode)
+
+
+def read_limited(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of file ``path``, at most ``limit`` of them (see the module's docstring).
+
+    ``what`` names the file in messages ("passphrase file", "PSBT", ...). Raises InputError
+    (exit 2) for a file larger than ``limit`` or one that is not a regular file or a pipe;
+    OSError when it cannot be opened or read (callers keep their own messages for that).
+    """
+    path = Path(path)
+    fd, info = _open(path)
+    try:
+        if stat.S_ISREG(info.st_mode):
+            if info.st_size > limit:
+                raise _too_large(what, path, limit, info.st_size)
+        elif stat.S_ISFIFO(info.st_mode):
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)  # wait for the writer's data
+        else:
+            raise _not_a_file(what, path, info.st_mode)
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            # A regular file may grow while it is read: never more than limit + 1 bytes.
+            chunk = os.read(fd, min(_CHUNK, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(what, path, limit)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_limited_text(path: Path, limit: int, what: str) -> str:
+    """:func:`read_limited`, decoded as UTF-8. Raises InputError also for text that is not UTF-8."""
+    data = read_limited(path, limit, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {path} is not UTF-8 text") from None
+
 
 def read_bounded(path: Path, limit: int, what: str) -> bytes:
-    """At most ``limit`` bytes of ``path``. Raises FileNotFoundError (for the caller to word),
-    InputError (exit 2) for a larger or endless file (``/dev/zero``), a directory, or a read error."""
+    """At most ``limit`` bytes of ``path`` (:func:`read_limited`, with its checks before
+    reading). Raises FileNotFoundError (for the caller to word), InputError (exit 2) for a
+    larger file, a device (``/dev/zero``), a directory, or a read error."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
+        return read_limited(path, limit, what)
     except FileNotFoundError:
         raise
-    except IsADirectoryError:
-        raise InputError(f"{what} {path} is a directory") from None
     except OSError as exc:
         raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    if len(data) > limit:
-        raise InputError(f"{what} {path} is larger than {limit} bytes")
-    return data
 
 
 def write_atomic(path: Path, text: str) -> None:

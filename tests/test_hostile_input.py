@@ -558,7 +558,6 @@ def test_mutated_key_file_json(tmp_path: Path, key_files: dict[str, Path]) -> No
         b' "ciphertext": "00"}',  # found: int(Infinity) raised OverflowError
         b'{"format": "custody-key", "version": true}',
         b"null",
-        b"\x00" * 2_000_000,
         PSBT_MAGIC + b"\x00",
     ],
 )
@@ -567,6 +566,15 @@ def test_hostile_key_files(tmp_path: Path, content: bytes) -> None:
     path.write_bytes(content)
     for fn in (open_employee_key, open_founder_key):
         with pytest.raises(KeyFileError):
+            fn(path, PASSPHRASE)
+
+
+def test_an_oversize_key_file_is_refused_unread(tmp_path: Path) -> None:
+    """Above 1 MiB a key file is bad input (exit 2), refused by its size (tests/test_file_limits.py)."""
+    path = tmp_path / "hostile.key"
+    path.write_bytes(b"\x00" * 2_000_000)
+    for fn in (open_employee_key, open_founder_key):
+        with pytest.raises(InputError, match="larger than 1 MiB"):
             fn(path, PASSPHRASE)
 
 

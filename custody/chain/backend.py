@@ -10,6 +10,7 @@ from custody.chain.rpc import RpcClient
 from custody.chain.types import ChainBackend
 from custody.config import Settings
 from custody.errors import InputError, NodeError
+from custody.files import NODE_FILE_MAX, read_limited_text
 
 
 def backend_for(settings: Settings, network_name: str) -> ChainBackend:
@@ -49,7 +50,7 @@ def backend_for(settings: Settings, network_name: str) -> ChainBackend:
 def _started_node(settings: Settings) -> NodeInfo:
     path = settings.node_datadir / STATE_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_limited_text(path, NODE_FILE_MAX, "node state file"))
     except FileNotFoundError:
         raise NodeError(
             f"no node configured: run `custody node start` or set CUSTODY_NODE_URL (no node in {settings.node_datadir})"

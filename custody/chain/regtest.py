@@ -33,6 +33,7 @@ from typing import Any
 
 from custody.chain.rpc import RPC_IN_WARMUP, RpcClient, RpcError, expect_chain
 from custody.errors import Conflict, NodeError
+from custody.files import NODE_FILE_MAX, read_limited_text
 
 CONF_FILE = "custody-node.conf"
 STATE_FILE = "custody-node.json"
@@ -444,7 +445,7 @@ def _indent(lines: list[str]) -> str:
 
 def _load_state(datadir: Path) -> NodeInfo | None:
     try:
-        data = json.loads((datadir / STATE_FILE).read_text(encoding="utf-8"))
+        data = json.loads(read_limited_text(datadir / STATE_FILE, NODE_FILE_MAX, "node state file"))
         return NodeInfo.from_json(data)
     except FileNotFoundError:
         return None

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from custody.errors import InputError, NodeError
+from custody.files import NODE_FILE_MAX, read_limited_text
 
 RPC_IN_WARMUP = -28
 """Bitcoin Core's error code while it loads its block index, wallets, ..."""
@@ -201,8 +202,10 @@ class RpcClient:
 
 
 def _read_cookie(path: Path) -> tuple[str, str]:
+    """``user:password`` from a node's cookie file. Raises NodeError when it is missing or
+    malformed, InputError when it is larger than NODE_FILE_MAX or no file (unread)."""
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        text = read_limited_text(path, NODE_FILE_MAX, "node cookie file").strip()
     except FileNotFoundError:
         raise NodeError(
             f"node cookie file {path} does not exist: is the node running with this data directory?"

@@ -32,6 +32,7 @@ from custody.bitcoin.keys import (
 )
 from custody.bitcoin.network import Network, get_network
 from custody.errors import Conflict, InputError, KeyFileError
+from custody.files import KEY_FILE_MAX, read_limited
 
 FORMAT = "custody-key"
 VERSION = 1
@@ -191,16 +192,14 @@ def read_header(path: Path) -> dict[str, Any]:
     """The clear part of a key file, checked for format and version.
 
     Raises KeyFileError for a missing, unreadable, truncated or foreign file, or one of a
-    newer format version.
+    newer format version; InputError for a file above KEY_FILE_MAX or a device (unread).
     """
     try:
-        raw = path.read_bytes()
+        raw = read_limited(path, KEY_FILE_MAX, "key file")
     except FileNotFoundError:
         raise KeyFileError(f"key file {path} does not exist") from None
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
-    if len(raw) > 1_000_000:
-        raise KeyFileError(f"{path} is not a custody key file (too large)")
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError):  # not UTF-8, not JSON, a 5000-digit number, nested too deep

@@ -14,6 +14,7 @@ from custody import verify
 from custody.config import Settings
 from custody.control import audit_log, halt
 from custody.errors import CustodyError, InputError, StorageError
+from custody.files import EXPORT_MAX, check_size
 from custody.issuance import record
 from custody.issuance.issuer import count_addresses, iter_addresses
 from custody.store.db import Database
@@ -84,12 +85,19 @@ def run(
     """
     if export is not None and not export.exists():
         raise InputError(f"export {export} does not exist")
+    if export is not None:
+        try:
+            check_size(export, EXPORT_MAX, "address export")
+        except OSError as exc:
+            raise InputError(f"cannot read export {export}: {exc.strerror or exc}") from None
     try:
         if export is not None:
             report = verify.verify_export(manifest, export, workers=workers, progress=progress)
         else:
             report = verify.verify_records(manifest, store_records(db), workers=workers, progress=progress)
             report.failures.extend(check_against_log(db))
+    except verify.FileRefused as exc:
+        raise InputError(str(exc)) from None
     except verify.ExportError as exc:
         report = verify.Report(checked=0, failures=[verify.Failure("(export file)", -1, -1, str(exc))])
     try:

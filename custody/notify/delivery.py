@@ -25,6 +25,7 @@ from typing import Any
 from custody.clock import iso
 from custody.config import Settings
 from custody.errors import CustodyError, InputError
+from custody.files import SECRET_FILE_MAX, read_limited, read_limited_text
 from custody.notify import mail, outbox, webhook
 from custody.notify.catalog import Notification
 from custody.notify.recipients import WEBHOOK, active, recipient_dict, secret_path, webhook_secrets_dir
@@ -45,8 +46,8 @@ def _secret(name: str, path: Path | None, value: str | None) -> str | None:
     """
     if path is not None:
         try:
-            lines = path.expanduser().read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
+            lines = read_limited_text(path.expanduser(), SECRET_FILE_MAX, f"{name}_FILE").splitlines()
+        except OSError as exc:
             raise InputError(f"cannot read {name}_FILE {path}: {exc}") from None
         if not lines or not lines[0]:
             raise InputError(f"{name}_FILE {path} is empty")
@@ -222,8 +223,8 @@ class _WebhookChannel(_Channel):
     def __init__(self, config: NotifyConfig, r: NotifyRecipient) -> None:
         path = secret_path(config.secrets_dir, r.id or 0)
         try:
-            secret = path.read_bytes()
-        except OSError:
+            secret = read_limited(path, SECRET_FILE_MAX, "webhook secret file")
+        except (OSError, InputError):
             raise _NotHere(f"its secret is not on this machine ({path})") from None
         if hashlib.sha256(secret).hexdigest() != r.secret_sha256:
             raise _NotHere(f"the secret in {path} is not the one registered")

@@ -7,9 +7,9 @@ and the import-linter contracts enforce it).
 
 Public API::
 
-    load_manifest(path) -> Manifest                 # raises ManifestError
+    load_manifest(path) -> Manifest                 # raises ManifestError, FileRefused
     parse_manifest(obj) -> Manifest                 # raises ManifestError
-    read_export(path) -> (ExportHeader, Iterator[AddressRecord])   # raises ExportError
+    read_export(path) -> (ExportHeader, Iterator[AddressRecord])   # raises ExportError, FileRefused
     check_header(manifest, header) -> None          # raises ExportError on any discrepancy
     verify_records(manifest, records, *, workers=1, progress=None) -> Report
     verify_export(manifest, path, *, workers=1, progress=None) -> Report
@@ -17,7 +17,7 @@ Public API::
 """
 
 from .core import Failure, Report, check_header, verify_address
-from .errors import DecodeError, ExportError, ManifestError
+from .errors import DecodeError, ExportError, FileRefused, ManifestError
 from .export import AddressRecord, ExportHeader, ExportRecords, read_export
 from .manifest import Founder, KeyOrigin, Manifest, load_manifest, parse_manifest
 from .parallel import verify_export, verify_records
@@ -29,6 +29,7 @@ __all__ = [
     "ExportHeader",
     "ExportRecords",
     "Failure",
+    "FileRefused",
     "Founder",
     "KeyOrigin",
     "Manifest",

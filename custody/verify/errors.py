@@ -17,3 +17,8 @@ class DecodeError(ValueError):
 
 class LiabilitiesFileError(ValueError):
     """A proof of liabilities file cannot be read: bad header, line, value or tree shape."""
+
+
+class FileRefused(ValueError):
+    """A file refused before it is read: larger than its limit, or not a regular file or a
+    pipe (a device such as /dev/zero, which has no size and never ends)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import ExportError
+from .files import EXPORT_MAX_BYTES, EXPORT_MAX_LINE, open_checked
 from .manifest import SCRIPT_TYPES
 from .networks import NETWORKS
 
@@ -208,7 +209,7 @@ class ExportRecords(Iterator[AddressRecord]):
             raise StopIteration
         try:
             while True:
-                line = f.readline()
+                line = _readline(f, self.lineno + 1)
                 if not line:
                     self.finish()
                     raise StopIteration
@@ -249,7 +250,9 @@ class ExportRecords(Iterator[AddressRecord]):
                     return
                 data = carry + data
                 cut = data.rfind(b"\n") + 1
-                if cut == 0:  # one very long line: keep reading
+                if cut == 0:  # one long line: keep reading, up to EXPORT_MAX_LINE
+                    if len(data) > EXPORT_MAX_LINE:
+                        raise ExportError(f"line {self.lineno + 1}: longer than {EXPORT_MAX_LINE} bytes")
                     carry = data
                     continue
                 block, carry = data[:cut], data[cut:]
@@ -282,18 +285,29 @@ class ExportRecords(Iterator[AddressRecord]):
             self._f = None
 
 
+def _readline(f: IO[bytes], lineno: int) -> bytes:
+    """The next line, at most EXPORT_MAX_LINE bytes (a device or a corrupted file may have
+    no newline at all). Raises ExportError naming the line when it is longer."""
+    line = f.readline(EXPORT_MAX_LINE + 1)
+    if len(line) > EXPORT_MAX_LINE:
+        raise ExportError(f"line {lineno}: longer than {EXPORT_MAX_LINE} bytes")
+    return line
+
+
 def read_export(path: str | Path) -> tuple[ExportHeader, ExportRecords]:
     """Open an export, validate its header, and return it with an iterator over its records.
 
-    Raises ExportError if the file cannot be opened or its header is invalid; the iterator
-    raises ExportError later for problems further down (see ExportRecords).
+    Raises ExportError if the file cannot be opened or its header is invalid, FileRefused
+    (unread) when it is larger than EXPORT_MAX_BYTES or not a file; the iterator raises
+    ExportError later for problems further down (see ExportRecords), a line longer than
+    EXPORT_MAX_LINE included.
     """
     try:
-        f = open(path, "rb")  # noqa: SIM115 - handed to the iterator, which closes it
+        f = open_checked(path, EXPORT_MAX_BYTES, "export")  # handed to the iterator, which closes it
     except OSError as exc:
         raise ExportError(f"cannot read export {path}: {exc.strerror or exc}") from None
     try:
-        first = f.readline()
+        first = _readline(f, 1)
         if not first:
             raise ExportError("line 1: the file is empty (no header)")
         header = parse_header(first)

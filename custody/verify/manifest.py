@@ -10,6 +10,7 @@ from typing import Any
 
 from .bip32 import HARDENED, ExtendedPublicKey, parse_extended_public_key
 from .errors import DecodeError, ManifestError
+from .files import MANIFEST_MAX_BYTES, read_checked
 from .networks import NETWORKS, PUBLIC_VERSIONS
 
 MANIFEST_FORMAT = "custody-founders-manifest"
@@ -152,13 +153,15 @@ def parse_manifest(obj: dict[str, Any]) -> Manifest:  # noqa: C901 - one refusal
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate a manifest file.
 
-    Raises ManifestError if the file cannot be read, is not JSON, or is invalid.
+    Raises ManifestError if the file cannot be read, is not JSON, or is invalid;
+    FileRefused (unread) when it is larger than MANIFEST_MAX_BYTES or not a file.
     """
     try:
-        with open(path, "rb") as f:
-            obj = json.load(f)
+        data = read_checked(path, MANIFEST_MAX_BYTES, "manifest")
     except OSError as exc:
         raise ManifestError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+    try:
+        obj = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ManifestError(f"manifest {path} is not valid JSON: {exc}") from None
     except RecursionError:
