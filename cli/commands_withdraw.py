@@ -270,7 +270,12 @@ def withdraw_finalize(app: AppContext, withdrawal_id: int, as_json: bool) -> Non
 @pass_app
 @example("custody withdraw broadcast 1")
 def withdraw_broadcast(app: AppContext, withdrawal_id: int, as_json: bool) -> None:
-    """Test-accept the final transaction on the node, then broadcast it (idempotent)."""
+    """Test-accept the final transaction on the node, then broadcast it (idempotent).
+
+    A refusal exits 8 naming its class (missing-inputs, mempool-conflict, ...) and is
+    recorded in the audit log; nothing else changes: the withdrawal stays signed, its inputs
+    reserved and its hold in place (custody sync settles or refunds it on the chain's proof).
+    """
     _show(wd.broadcast(app.db, _backend(app), withdrawal_id, settings=app.settings), as_json)
 
 
@@ -290,7 +295,10 @@ def withdraw_cancel(
     passphrase_file: Path | None,
     as_json: bool,
 ) -> None:
-    """Fail a withdrawal that was not broadcast and release its inputs."""
+    """Fail a withdrawal that was not broadcast and release its inputs.
+
+    Refused (exit 6) once founders' signatures exist: only the chain can void those.
+    """
     key = employee_key(key_file, passphrase_file)
     _show(wd.cancel(app.db, withdrawal_id, employee, key, reason, settings=app.settings), as_json)
 
@@ -470,10 +478,13 @@ def render_signer_review(r: Review) -> None:
 @pass_app
 @example("custody sync")
 def sync(app: AppContext, as_json: bool) -> None:
-    """Follow broadcast withdrawals to confirmation and credit deposits from the chain.
+    """Follow withdrawals to confirmation and credit deposits from the chain.
 
-    Deposits to issued addresses are credited to their account at
-    CUSTODY_DEPOSIT_CONFIRMATIONS confirmations (default 1); a credited deposit a chain
+    A signed withdrawal is settled once the chain shows its transaction (wherever it was
+    broadcast), and failed and refunded only when another transaction spends one of its
+    inputs CUSTODY_REFUND_CONFIRMATIONS (default 6) blocks deep. Deposits to issued
+    addresses are credited to their account at CUSTODY_DEPOSIT_CONFIRMATIONS confirmations
+    (default 1); a credited deposit a chain
     reorganisation removed is reversed. --json: a list of what changed, each item with its
     "kind" (single or batch withdrawal, or deposit).
     """
