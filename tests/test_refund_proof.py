@@ -247,12 +247,15 @@ def test_partial_signatures_are_held_too(shop: Shop) -> None:
     assert postings(shop, wid) == ["withdrawal.requested", "withdrawal.released"]
 
 
-def test_a_p2sh_transaction_signed_and_sent_elsewhere_is_ours_not_a_conflict(
-    tmp_path: Path, regtest_node: NodeInfo, funded_wallet: RpcClient
+@pytest.mark.parametrize("script", ["p2wsh", "p2sh"])
+def test_a_transaction_signed_and_sent_elsewhere_is_ours_not_a_conflict(
+    tmp_path: Path, regtest_node: NodeInfo, funded_wallet: RpcClient, script: str
 ) -> None:
-    """Legacy p2sh: the signatures change the txid, so the chain's spender is recognised by
-    what it spends and pays (the approved transaction), never taken for a double spend."""
-    shop = Shop(tmp_path, regtest_node, funded_wallet, script="p2sh")
+    """Two founders sign elsewhere and someone broadcasts it; custody only saw one founder's
+    signature. It is settled, never refunded. Legacy p2sh: the signatures change the txid,
+    so the chain's spender is recognised by what it spends and pays (the approved
+    transaction), never taken for a double spend."""
+    shop = Shop(tmp_path, regtest_node, funded_wallet, script=script)
     shop.deposit("acct-1", "0.3", count=2)
     held_before = balance(shop, "acct-1")
     wid = signed(shop, founders=("founder-a",), finalize=False)  # only founder-a's imported
@@ -264,11 +267,13 @@ def test_a_p2sh_transaction_signed_and_sent_elsewhere_is_ours_not_a_conflict(
         parts.append(psbt_lib.Psbt.from_base64(out.read_text().strip()))
     final = psbt_lib.extract(psbt_lib.finalize(psbt_lib.combine(parts)))
     unsigned = shop.ok("withdraw", "show", str(wid))["unsigned_txid"]
-    assert b2lx(final.GetTxid()) != unsigned
+    assert (b2lx(final.GetTxid()) != unsigned) == (script == "p2sh")
     txid = shop.rpc.call("sendrawtransaction", final.serialize().hex())
     shop.mine(7)
     (synced,) = shop.ok("sync")
     assert (synced["status"], synced["txid"]) == ("confirmed", txid)
+    assert final_tx(shop, wid) == final.serialize().hex()  # the chain's final transaction, kept
+    assert shop.ok("withdraw", "broadcast", str(wid))["status"] == "confirmed"
     assert postings(shop, wid) == ["withdrawal.requested", "withdrawal.settled"]
     fee = synced["fee_sat"]
     assert balance(shop, "acct-1") == held_before - AMOUNT_SAT - fee

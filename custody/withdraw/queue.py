@@ -908,8 +908,11 @@ def _ours(raw: bytes, unsigned_tx: str) -> bool:
         return False
 
 
-def _look(backend: ChainBackend, txid: str, unsigned_tx: str, outpoints: Sequence[tuple[str, int]]) -> _Seen:
-    """Ask the chain about a withdrawal: its transaction, else what spent its inputs.
+def _look(
+    backend: ChainBackend, txid: str, unsigned_tx: str, outpoints: Sequence[tuple[str, int]], need_raw: bool
+) -> _Seen:
+    """Ask the chain about a withdrawal: its transaction (and, with ``need_raw``, its bytes
+    as the chain has them), else what spent its inputs.
 
     An input the chain shows spent by a transaction that is the approved one with
     signatures (a p2sh spend's txid is only known once signed) is ours, not a conflict.
@@ -917,7 +920,15 @@ def _look(backend: ChainBackend, txid: str, unsigned_tx: str, outpoints: Sequenc
     conflicts: only a spend in a block is.
     """
     status = backend.tx_status(txid)
-    if status.known or not outpoints:
+    if status.known:
+        if need_raw:  # signed elsewhere: keep the final transaction the chain has
+            try:
+                raw = backend.raw_transaction(txid)
+            except NotFound:
+                return _Seen(status)
+            return _Seen(status, raw if _ours(raw, unsigned_tx) else None)
+        return _Seen(status)
+    if not outpoints:
         return _Seen(status)
     conflict = None
     for spend in backend.spends(outpoints):
@@ -981,7 +992,8 @@ def sync(db: Database, backend: ChainBackend, limits: Limits = Limits(), *, sett
             txid = row.txid or b2lx(_tx(row).GetTxid())
             unsigned = row.unsigned_tx
             outpoints = [(i.txid, i.vout) for i in _inputs(s, wid)] if row.batch_id is None else []
-        seen = _look(backend, txid, unsigned, outpoints)  # no lock held while the chain is asked
+            need_raw = row.final_tx is None and row.batch_id is None
+        seen = _look(backend, txid, unsigned, outpoints, need_raw)  # no lock held while the chain is asked
         with ledger.halting(db, settings), db.transaction() as s:
             policy = policy_from_session(s)
             row = _get(s, wid, lock=True)
