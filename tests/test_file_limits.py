@@ -22,8 +22,11 @@ import pytest
 from custody import files
 from custody.bitcoin import psbt as psbt_lib
 from custody.bitcoin.txbuild import Coin, build_transaction
+from custody.chain.embedded import open_chain
+from custody.control import witness
 from custody.errors import InputError
 from custody.verify import files as verify_files
+from custody_cli import commands_trust as trust
 from tests.support import PASSPHRASE, Custody, founders
 
 ADDRESS_SPACE = 512 * 1024 * 1024
@@ -63,6 +66,7 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     tmp = tmp_path_factory.mktemp("limits")
     c = Custody(tmp / "home")
+    c.env["CUSTODY_CHAIN"] = "embedded"  # the proof of liabilities is made at the chain's tip
     assert c.init(founders()).exit_code == 0
     employee_key = c.employee("alice")
     founder_key = tmp / "founder.key"
@@ -72,10 +76,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     tx = build_transaction([Coin("11" * 32, 0, 100_000, b"\x00\x20" + bytes(32), 0, 0)], [(b"\x51", 90_000)])
     psbt = tmp / "w.psbt"
     psbt.write_text(psbt_lib.Psbt.from_unsigned_tx(tx).to_base64() + "\n")
-    liabilities = tmp / "liabilities.json"
-    published = c("audit", "liabilities", "--out", str(liabilities))
+    liabilities = tmp / "liabilities.txt"
+    published = c("audit", "liabilities", "--out", str(liabilities), "--nonces", str(tmp / "nonces"))
     assert published.exit_code == 0, published.output
-    env = {k: v for k, v in c.env.items() if v}
+    open_chain(tmp / "home" / "chain").close()  # the CLI ran in this process: free the kernel's directory
+    env = {k: v for k, v in c.env.items() if v and k != "CUSTODY_CHAIN"}  # the node cases need the node backend
     return World(tmp, env, employee_key, founder_key, manifest, psbt, liabilities)
 
 
@@ -124,12 +129,22 @@ CASES: dict[str, tuple[int, Case]] = {
     ),
     "liabilities file": (
         files.LIABILITIES_MAX,
-        lambda w, f: ({}, ["audit", "check-inclusion", str(f), "--account", "a", "--nonce", "00" * 16]),
+        lambda w, f: ({}, ["audit", "check-inclusion", str(f), "--account", "1", "--nonce", "00" * 32]),
     ),
-    "proof file": (
+    "nonce file": (
+        files.SECRET_FILE_MAX,
+        lambda w, f: ({}, ["audit", "check-inclusion", str(w.liabilities), "--nonce-file", str(f)]),
+    ),
+    "proof of reserves": (
         files.LIABILITIES_MAX,
-        lambda w, f: ({}, ["audit", "check-inclusion", str(w.liabilities), "--account", "a", "--proof", str(f)]),
+        lambda w, f: ({}, ["verify", "reserves", str(f), "--manifest", str(w.manifest)]),
     ),
+    "audit log witness": (
+        witness.MAX_WITNESS_BYTES,
+        lambda w, f: ({}, ["audit", "log", "--verify", "--against", str(f)]),
+    ),
+    "founders-signed manifest": (trust.MAX_MANIFEST_BYTES, lambda w, f: ({}, ["manifest", "show", str(f)])),
+    "founders-signed roster": (trust.MAX_ROSTER_BYTES, lambda w, f: ({}, ["roster", "apply", str(f)])),
     "webhook secret file": (
         files.SECRET_FILE_MAX,
         lambda w, f: ({}, ["notify", "webhook", "add", "https://hooks.example/custody", "--secret-file", str(f)]),

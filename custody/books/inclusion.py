@@ -12,6 +12,7 @@ from typing import Any
 
 from custody.books.liability_accounts import read_nonce_file
 from custody.errors import InputError, VerificationFailed
+from custody.files import LIABILITIES_MAX, read_limited
 from custody.verify import liabilities as checker
 from custody.verify.errors import LiabilitiesFileError
 
@@ -58,7 +59,7 @@ def check_inclusion(
     if account is None:
         raise InputError("give the account number (--account)")
     try:
-        text = file.read_text(encoding="ascii")
+        text = read_limited(file, LIABILITIES_MAX, "liabilities file").decode("ascii")
     except FileNotFoundError:
         raise InputError(f"liabilities file {file} does not exist") from None
     except (OSError, ValueError) as exc:

@@ -34,6 +34,7 @@ from custody.chain.types import ChainBackend
 from custody.clock import now
 from custody.control import audit_log
 from custody.errors import Conflict, InputError
+from custody.files import SECRET_FILE_MAX, read_limited_text
 from custody.store.db import Database
 from custody.store.models import AuditEntry, LedgerAccount, LiabilityAccountRow, WithdrawalRow
 
@@ -145,7 +146,7 @@ def nonce_document(ledger_key: str, number: int, nonce: bytes) -> dict[str, Any]
 def read_nonce_file(path: Path) -> tuple[str, int, bytes]:
     """(ledger key, account number, account nonce) of a nonce file. Raises InputError."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(read_limited_text(path, SECRET_FILE_MAX, "nonce file"))
     except FileNotFoundError:
         raise InputError(f"nonce file {path} does not exist") from None
     except (OSError, ValueError) as exc:

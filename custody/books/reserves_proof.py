@@ -34,6 +34,7 @@ from custody.bitcoin.script import ScriptType
 from custody.chain.node import CORE_CHAIN
 from custody.chain.types import Snapshot
 from custody.errors import InputError, VerificationFailed
+from custody.files import LIABILITIES_MAX, read_limited_text
 from custody.issuance.verification import load_auditor_manifest
 from custody.policy.generator import AddressDeriver
 from custody.policy.model import Policy
@@ -123,7 +124,7 @@ def verify_file(manifest_path: Path, proof_path: Path) -> dict[str, Any]:
     """
     manifest = load_auditor_manifest(manifest_path)
     try:
-        doc = json.loads(proof_path.read_text(encoding="utf-8"))
+        doc = json.loads(read_limited_text(proof_path, LIABILITIES_MAX, "proof of reserves"))
     except FileNotFoundError:
         raise InputError(f"proof of reserves {proof_path} does not exist") from None
     except (OSError, ValueError) as exc:

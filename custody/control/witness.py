@@ -39,6 +39,7 @@ from custody.config import Settings
 from custody.control import halt
 from custody.control.audit_log import GENESIS, ChainProblem
 from custody.errors import CustodyError, HaltedError, InputError, StorageError
+from custody.files import read_limited_text
 from custody.store.db import Database
 from custody.store.models import AuditEntry, AuditHead
 
@@ -144,16 +145,11 @@ def parse(text: str, source: str) -> list[Checkpoint]:
 def read(path: Path) -> list[Checkpoint]:
     """The checkpoints of a witness file. Raises InputError (missing, too large, unreadable)."""
     try:
-        size = path.stat().st_size
-        if size > MAX_WITNESS_BYTES:
-            raise InputError(f"witness {path} is {size} bytes, more than {MAX_WITNESS_BYTES}: refused")
-        text = path.read_text(encoding="utf-8")
+        text = read_limited_text(path, MAX_WITNESS_BYTES, "witness")
     except FileNotFoundError:
         raise InputError(f"witness {path} does not exist") from None
     except OSError as exc:
         raise InputError(f"cannot read witness {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"witness {path} is not UTF-8 text") from None
     return parse(text, str(path))
 
 
