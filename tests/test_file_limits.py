@@ -23,7 +23,7 @@ from custody import files
 from custody.bitcoin import psbt as psbt_lib
 from custody.bitcoin.txbuild import Coin, build_transaction
 from custody.chain.embedded import open_chain
-from custody.control import witness
+from custody.control import halt_file, witness
 from custody.errors import InputError
 from custody.verify import files as verify_files
 from custody_cli import commands_trust as trust
@@ -243,3 +243,17 @@ def test_an_export_line_without_end_is_refused(tmp_path: Path, world: World) -> 
         world.env, "verify", "addresses", "--manifest", str(world.manifest), "--export", str(export), "--no-halt"
     )
     assert result.returncode == 3 and "longer than 65536 bytes" in result.stdout + result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("hostile", ["/dev/zero", "oversize"])
+def test_a_halt_file_that_cannot_be_read_is_a_halt(world: World, hostile: str, tmp_path: Path) -> None:
+    """The offline signer reads the halt file: unreadable (endless, too large) means halted
+    (exit 3), found without reading it all."""
+    path = Path(hostile)
+    if hostile == "oversize":
+        path = tmp_path / "halt.json"
+        with open(path, "wb") as f:
+            f.truncate(halt_file.MAX_BYTES + 1)
+    env = {"CUSTODY_MANIFEST": str(world.manifest), "CUSTODY_HALT_FILE": str(path)}
+    result = run(world.env | env, "sign", str(world.psbt), "--key", str(world.founder_key), "--yes")
+    assert result.returncode == 3 and "halted" in result.stderr, result.stderr[-2000:]

@@ -46,6 +46,7 @@ from custody.errors import (
     StorageError,
 )
 from custody.faults import crash_point, pause_point
+from custody.files import read_limited
 from custody.identity.employee_keys import EmployeeSigner
 from custody.identity.statements import sign_statement, verify_statement
 from custody.store.db import Database
@@ -943,9 +944,9 @@ def check_before_signing(db: Database, settings: Settings) -> str:
     if settings.halt_file.exists():
         consulted.append(str(settings.halt_file))
         try:
-            doc = json.loads(settings.halt_file.read_text(encoding="utf-8"))
+            doc = json.loads(read_limited(settings.halt_file, halt_file.MAX_BYTES, "halt file"))
             halted = doc.get("halted") is not False
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, InputError):  # too large, a device: unreadable, halted
             halted = True
         if halted:
             raise HaltedError(f"trading is halted (halt file {settings.halt_file}): signing refused")
