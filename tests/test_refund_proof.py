@@ -264,7 +264,7 @@ def test_a_transaction_signed_and_sent_elsewhere_is_ours_not_a_conflict(
     for founder in ("founder-b", "founder-c"):  # two founders sign elsewhere and never import
         out = tmp_path / f"elsewhere-{founder}.psbt"
         assert shop.sign(psbt, founder, out).exit_code == 0
-        parts.append(psbt_lib.Psbt.from_base64(out.read_text().strip()))
+        parts.append(psbt_lib.Psbt.parse(out.read_bytes()))  # a .psbt file is binary (BIP-174)
     final = psbt_lib.extract(psbt_lib.finalize(psbt_lib.combine(parts)))
     unsigned = shop.ok("withdraw", "show", str(wid))["unsigned_txid"]
     assert (b2lx(final.GetTxid()) != unsigned) == (script == "p2sh")
