@@ -24,16 +24,28 @@ rights away, so the worst that two colluding employees can do with it is stop a 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from custody.bitcoin.message import sign_message, verify_message
 from custody.errors import ApprovalError, InputError
+from custody.identity.founders_documents import (
+    HEADER_FIELDS,
+    Founders,
+    FoundersDocument,
+    canonical_json,
+    check_canonical,
+    founder_signature,
+    is_digest,
+    load_json,
+    parse_header,
+    parse_signatures,
+    signature_problems,
+)
 from custody.identity.statements import parse_pubkey, statement_digest, verify_statement
+
+__all__ = ["Founders", "canonical_json"]  # re-exported: the roster's callers found them here
 
 FORMAT = "custody-roster"
 FORMAT_VERSION = 1
@@ -48,10 +60,6 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9._-]{0,31}$")
 # Characters that read alike in most fonts, mapped to one representative (a small "skeleton"
 # in the spirit of Unicode TR39, for the ASCII names we allow).
 _LOOKALIKE = str.maketrans({"0": "o", "1": "l", "i": "l", "|": "l", "5": "s", "2": "z", "8": "b", "_": "-", ".": "-"})
-
-
-def canonical_json(doc: Any) -> str:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def skeleton(name: str) -> str:
@@ -86,9 +94,10 @@ class Employee:
 
 
 @dataclass(frozen=True)
-class Roster:
+class Roster(FoundersDocument):
     """A roster body (what founders sign) with its signatures; see :func:`verify_roster`."""
 
+    KIND: ClassVar[str] = "roster"
     network: str
     manifest: str  # digest of the founders' manifest it belongs to
     serial: int
@@ -109,41 +118,11 @@ class Roster:
             "cleared_suspensions": sorted(self.cleared_suspensions),
         }
 
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(canonical_json(self.body()).encode()).hexdigest()
-
-    @property
-    def message(self) -> str:
-        return f"custody roster {self.network} #{self.serial} sha256:{self.digest}"
-
-    def to_document(self) -> dict[str, Any]:
-        return {
-            "roster": self.body(),
-            "signatures": [{"founder": n, "signature": s} for n, s in sorted(self.signatures.items())],
-        }
-
     def employee(self, name: str) -> Employee | None:
         return next((e for e in self.employees if e.name == name), None)
 
     def owner_of(self, pubkey_hex: str) -> Employee | None:
         return next((e for e in self.employees if pubkey_hex in e.keys), None)
-
-    def with_signature(self, founder: str, signature: str) -> Roster:
-        return Roster(
-            self.network,
-            self.manifest,
-            self.serial,
-            self.previous,
-            self.employees,
-            self.cleared_suspensions,
-            dict(self.signatures) | {founder: signature},
-        )
-
-    def unsigned(self) -> Roster:
-        return Roster(
-            self.network, self.manifest, self.serial, self.previous, self.employees, self.cleared_suspensions, {}
-        )
 
 
 def _employee(entry: object, where: str) -> Employee:
@@ -188,99 +167,29 @@ def parse_roster(doc: object) -> Roster:  # noqa: C901 - one refusal per roster 
     Checks its shape and the roster-wide rules, not its signatures (:func:`verify_roster`).
     Raises InputError.
     """
-    if not isinstance(doc, dict) or not isinstance(doc.get("roster"), dict):
-        raise InputError("not a custody roster document")
-    body = doc["roster"]
-    if body.get("format") != FORMAT:
-        raise InputError(f"not a custody roster: format is {str(body.get('format'))[:40]!r}")
-    if body.get("version") != FORMAT_VERSION:
-        raise InputError(f"unsupported roster format version {str(body.get('version'))[:20]!r}")
-    expected = {"format", "version", "network", "manifest", "serial", "previous", "employees", "cleared_suspensions"}
-    if set(body) != expected:
-        raise InputError(f"a roster body has exactly the fields {', '.join(sorted(expected))}")
-    serial = body["serial"]
-    if not isinstance(serial, int) or isinstance(serial, bool) or not 1 <= serial < 2**53:
-        raise InputError("the roster's serial is a whole number from 1")
-    for f in ("network", "manifest"):
-        if not isinstance(body[f], str) or not body[f]:
-            raise InputError(f"the roster's {f} is missing")
-    previous = body["previous"]
-    if not (previous is None or (isinstance(previous, str) and re.fullmatch(r"[0-9a-f]{64}", previous))):
-        raise InputError("the roster's previous is the hex digest of the roster it replaces, or null")
-    if (previous is None) != (serial == 1):
-        raise InputError("only roster #1 has no previous roster")
+    body, h = parse_header(doc, "roster", FORMAT, FORMAT_VERSION, HEADER_FIELDS | {"employees", "cleared_suspensions"})
     if not isinstance(body["employees"], list):
         raise InputError("the roster's employees are a list")
     employees = tuple(_employee(e, f"employee {i + 1}") for i, e in enumerate(body["employees"]))
     check_employees(employees)
     cleared = body["cleared_suspensions"]
-    if not isinstance(cleared, list) or not all(
-        isinstance(c, str) and re.fullmatch(r"[0-9a-f]{64}", c) for c in cleared
-    ):
+    if not isinstance(cleared, list) or not all(is_digest(c) for c in cleared):
         raise InputError("cleared_suspensions is a list of suspension digests")
-    sigs: dict[str, str] = {}
-    raw = doc.get("signatures", [])
-    if not isinstance(raw, list):
-        raise InputError("the roster's signatures are a list")
-    for entry in raw:
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("founder"), str)
-            or not isinstance(entry.get("signature"), str)
-        ):
-            raise InputError('each roster signature is {"founder": NAME, "signature": BASE64}')
-        if entry["founder"] in sigs:
-            raise InputError(f"founder {entry['founder']!r} signed the roster twice")
-        sigs[entry["founder"]] = entry["signature"]
-    roster = Roster(body["network"], body["manifest"], serial, previous, employees, tuple(cleared), sigs)
-    if canonical_json(roster.body()) != canonical_json(body):
-        raise InputError("the roster body is not in its canonical order (employees by name, clearings sorted)")
+    assert isinstance(doc, dict)
+    sigs = parse_signatures(doc, "roster")
+    roster = Roster(h.network, h.manifest, h.serial, h.previous, employees, tuple(cleared), sigs)
+    check_canonical(roster, body, "employees by name, clearings sorted")
     return roster
 
 
 def load_roster(data: bytes) -> Roster:
     """Parse a roster file's bytes. Raises InputError."""
-    if len(data) > MAX_ROSTER_BYTES:
-        raise InputError(f"a roster is at most {MAX_ROSTER_BYTES} bytes")
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):
-        raise InputError("the roster is not valid JSON") from None
-    return parse_roster(doc)
-
-
-@dataclass(frozen=True)
-class Founders:
-    """What a roster is checked against: the pinned manifest's founders, threshold and digest."""
-
-    network: str
-    manifest: str
-    threshold: int
-    pubkeys: Mapping[str, bytes]
+    return parse_roster(load_json(data, MAX_ROSTER_BYTES, "roster"))
 
 
 def roster_problems(roster: Roster, founders: Founders) -> list[str]:
     """Why ``roster`` is not a valid founders' roster for ``founders`` (empty: it is)."""
-    out = []
-    if roster.network != founders.network:
-        out.append(f"it is for network {roster.network!r}, the manifest says {founders.network}")
-    if roster.manifest != founders.manifest:
-        out.append("it belongs to another founders' manifest")
-    valid = []
-    for name, sig in roster.signatures.items():
-        pub = founders.pubkeys.get(name)
-        if pub is None:
-            out.append(f"it carries a signature by {name!r}, who is not a founder")
-        elif not verify_message(pub, roster.message, sig):
-            out.append(f"founder {name}'s signature does not verify")
-        else:
-            valid.append(name)
-    if len(valid) < founders.threshold:
-        out.append(
-            f"{len(valid)} valid founder signature(s) ({', '.join(sorted(valid)) or 'none'}); "
-            f"a roster needs {founders.threshold}"
-        )
-    return out
+    return signature_problems(roster, founders)
 
 
 def verify_roster(roster: Roster, founders: Founders) -> Roster:
@@ -296,12 +205,7 @@ def verify_roster(roster: Roster, founders: Founders) -> Roster:
 
 def sign_roster(roster: Roster, founder: str, account_key: Any, founders: Founders) -> Roster:
     """Add ``founder``'s signature (``account_key``: coincurve private key of their xpub)."""
-    pub = founders.pubkeys.get(founder)
-    if pub is None:
-        raise InputError(f"{founder} is not a founder of the pinned manifest")
-    if account_key.public_key.format(compressed=True) != pub:
-        raise InputError(f"this key is not founder {founder}'s")
-    return roster.with_signature(founder, sign_message(account_key, roster.message))
+    return roster.with_signature(founder, founder_signature(roster, founder, account_key, founders))
 
 
 # ---------------------------------------------------------------- suspensions

@@ -51,6 +51,7 @@ from custody.identity.approvals import (
     request_problem,
     summarize,
 )
+from custody.identity.founders_documents import rollback_problem
 from custody.identity.keyfile import FounderKey
 from custody.identity.roster import (
     Founders,
@@ -222,16 +223,9 @@ def _roster(p: psbt_lib.Psbt, founders: Founders, state: SignerState) -> Roster:
     problems = roster_problems(roster, founders)
     if problems:
         raise ApprovalError(f"the PSBT's roster #{roster.serial} is not the founders' roster: " + "; ".join(problems))
-    if roster.serial < state.serial:
-        raise ApprovalError(
-            f"the PSBT's roster #{roster.serial} is older than roster #{state.serial}, which this signer has seen: "
-            "a roster is never rolled back"
-        )
-    if roster.serial == state.serial and roster.digest != state.digest:
-        raise ApprovalError(
-            f"the PSBT's roster #{roster.serial} is not the roster #{state.serial} this signer has seen "
-            "(two rosters with one serial)"
-        )
+    rollback = rollback_problem("roster", roster.serial, {roster.serial: roster.digest}, state.serial, state.digest)
+    if rollback:
+        raise ApprovalError(f"the PSBT's {rollback}")
     return roster
 
 
