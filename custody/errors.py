@@ -7,7 +7,7 @@ Exit codes (documented in the README, tested in tests/test_cli_*):
 1     CustodyError: an error not covered below
 2     InputError: bad input (option values, keys, addresses, amounts, files)
 3     HaltedError / VerificationFailed: trading is halted, or an address mismatched
-4     ApprovalError: a rule of the approval process was broken
+4     ApprovalError: a rule of the approval process was broken (PolicyViolation: of the rulebook)
 5     NotFound: the thing named does not exist (policy, address, employee, ...)
 6     Conflict: it exists already, or the stored state forbids the change
 7     KeyFileError: a key file or token key could not be used (wrong passphrase or PIN, ...)
@@ -45,6 +45,12 @@ class VerificationFailed(CustodyError):
 
 class ApprovalError(CustodyError):
     """A rule of the approval process was broken."""
+
+    exit_code = 4
+
+
+class PolicyViolation(ApprovalError):
+    """The founders' rulebook forbids it (a tier, a limit, a destination, a fee); names the rule."""
 
     exit_code = 4
 
@@ -89,6 +95,7 @@ EXIT_CODES: dict[str, int] = {
         HaltedError,
         VerificationFailed,
         ApprovalError,
+        PolicyViolation,
         NotFound,
         Conflict,
         KeyFileError,

@@ -21,6 +21,7 @@ from custody.identity.statements import sign_statement, statement_digest, verify
 
 APPROVAL_DOMAIN = "custody/withdrawal-approval/v1"
 REQUIRED_APPROVALS = 2
+"""The fewest approvals any withdrawal needs; the rulebook's tiers may ask for more."""
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,16 @@ class ApprovalCheck:
 
     valid: tuple[str, ...]
     rejected: tuple[tuple[str, str], ...]  # (employee, reason)
+    required: int = REQUIRED_APPROVALS  # the rulebook's tier for this withdrawal
+    tier: str | None = None
 
     @property
     def enough(self) -> bool:
-        return len(self.valid) >= REQUIRED_APPROVALS
+        return len(self.valid) >= self.required
 
     def explain(self) -> str:
-        parts = [f"{len(self.valid)} of {REQUIRED_APPROVALS} valid approvals ({', '.join(self.valid) or 'none'})"]
+        tier = f" (tier {self.tier})" if self.tier else ""
+        parts = [f"{len(self.valid)} of {self.required} valid approvals{tier} ({', '.join(self.valid) or 'none'})"]
         parts += [f"{name}: {why}" for name, why in self.rejected]
         return "; ".join(parts)
 
@@ -116,9 +120,12 @@ def check_approvals(
     approvals: Sequence[Approval],
     registry: Mapping[str, RegistryEntry],
     requester: str,
+    required: int = REQUIRED_APPROVALS,
+    tier: str | None = None,
 ) -> ApprovalCheck:
     """Count distinct employees of the registry who may approve (never the requester) and whose
-    signature, made with one of their roster keys, verifies over exactly ``summary``."""
+    signature, made with one of their roster keys, verifies over exactly ``summary``; ``required``
+    of them are enough (the rulebook's tier ``tier``)."""
     valid: list[str] = []
     rejected: list[tuple[str, str]] = []
     for a in approvals:
@@ -135,7 +142,7 @@ def check_approvals(
             rejected.append((a.employee, "signature does not cover this exact transaction"))
         elif a.employee not in valid:
             valid.append(a.employee)
-    return ApprovalCheck(tuple(sorted(valid)), tuple(rejected))
+    return ApprovalCheck(tuple(sorted(valid)), tuple(rejected), required, tier)
 
 
 REQUEST_DOMAIN = "custody/withdrawal-request/v2"

@@ -1,0 +1,737 @@
+"""The founders-signed rulebook: what a withdrawal may be, checked by the store and again by
+every offline signer.
+
+A rulebook is a founders-signed document like the roster (custody.identity.founders_documents:
+serial, previous, bound to the manifest, m founders' signed messages of
+``custody rulebook <network> #<serial> sha256:<digest>``). Its rules, all amounts in integer
+satoshis and all times in blocks:
+
+* ``tiers``: by amount, how many distinct approvers (never the requester) a withdrawal needs;
+  ascending ``up_to_sat``, the last without a bound; never fewer than two;
+* ``max_withdrawal_sat``: the most one withdrawal may pay (null: no maximum);
+* ``velocity``: rolling windows of ``window_blocks`` in which withdrawals together (``global``)
+  or one account's (``account``) may pay at most ``max_sat``;
+* ``destinations``: an allowlist of scriptPubKeys (for one account, or any), each usable from
+  the ``effective_height`` of the rulebook that added it plus ``cooling_off_blocks``; a
+  destination outside it is refused, allowed, or needs the approvals of a named tier;
+* ``fees``: the most fee in satoshis, in sat/vB, as a share of the amount (basis points), and
+  for a batch's transaction;
+* ``self_transfer``: the approvals a transaction paying only custody needs (kept for
+  consolidations; none is built yet);
+* ``loosening_delay_blocks``: how long the NEXT rulebook waits when it loosens anything.
+
+Heights: ``proposed_height`` (the chain's tip when it was proposed) and ``effective_height``
+(from which block it applies). A rulebook that only tightens may apply at once; one that
+loosens anything applies only from ``proposed_height`` plus the previous rulebook's
+``loosening_delay_blocks``. The rulebook in force at a height is the newest whose
+``effective_height`` is at most that height; before any, :data:`DEFAULT_RULES` apply.
+
+:func:`judge` applies a rulebook to one transaction; the store and the offline signer call it
+with their own history (the store's withdrawals; the signer's journal) and their own idea of
+the height (the tip; the transaction's locktime).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from custody.bitcoin.amounts import MAX_MONEY, parse_fee_rate
+from custody.bitcoin.destinations import parse_destination
+from custody.bitcoin.network import get_network
+from custody.errors import ApprovalError, InputError
+from custody.identity.approvals import REQUIRED_APPROVALS
+from custody.identity.founders_documents import (
+    HEADER_FIELDS,
+    Founders,
+    FoundersDocument,
+    check_canonical,
+    founder_signature,
+    load_json,
+    parse_header,
+    parse_signatures,
+    rollback_problem,
+    signature_problems,
+)
+
+FORMAT = "custody-rulebook"
+FORMAT_VERSION = 1
+MAX_RULEBOOK_BYTES = 1024 * 1024
+MAX_CHAIN_BYTES = 8 * 1024 * 1024
+MIN_APPROVALS = REQUIRED_APPROVALS
+MAX_APPROVALS = 20
+MAX_TIERS = 16
+MAX_VELOCITY = 32
+MAX_ALLOWLIST = 4000
+MAX_BLOCKS = 10_000_000
+LOCKTIME_THRESHOLD = 500_000_000
+"""nLockTime values from here on are timestamps, not heights (BIP-113's threshold)."""
+SCOPES = ("global", "account")
+OUTSIDE = ("refuse", "allow")  # or "tier:<name>"
+RULE_FIELDS = frozenset(
+    {
+        "tiers",
+        "max_withdrawal_sat",
+        "velocity",
+        "destinations",
+        "cooling_off_blocks",
+        "fees",
+        "self_transfer",
+        "loosening_delay_blocks",
+    }
+)
+BODY_FIELDS = HEADER_FIELDS | RULE_FIELDS | {"proposed_height", "effective_height"}
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9._-]{0,31}$")
+_LABEL_RE = re.compile(r"^[ -~]{0,64}$")  # printable ASCII: shown to founders on their terminals
+_ACCOUNT_RE = re.compile(r"^[!-~]{1,128}$")
+_SCRIPT_RE = re.compile(r"^(?:[0-9a-f]{2}){1,100}$")
+
+
+# ---------------------------------------------------------------- the vocabulary
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    up_to_sat: int | None  # None: no upper bound (the last tier)
+    approvals: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "up_to_sat": self.up_to_sat, "approvals": self.approvals}
+
+
+@dataclass(frozen=True)
+class Velocity:
+    name: str
+    scope: str  # global | account
+    window_blocks: int
+    max_sat: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "scope": self.scope, "window_blocks": self.window_blocks, "max_sat": self.max_sat}
+
+    def at_least_as_tight_as(self, other: Velocity) -> bool:
+        """Every withdrawal this rule lets through, ``other`` lets through too."""
+        scope_ok = self.scope == other.scope or self.scope == "global"
+        return scope_ok and self.window_blocks >= other.window_blocks and self.max_sat <= other.max_sat
+
+
+@dataclass(frozen=True)
+class Destination:
+    script_pubkey: str  # hex
+    account: str | None  # None: any account may pay it
+    label: str
+    added_serial: int  # the rulebook that added it: its cooling-off counts from that one's effective height
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.script_pubkey, self.account or ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "script_pubkey": self.script_pubkey,
+            "account": self.account,
+            "label": self.label,
+            "added_serial": self.added_serial,
+        }
+
+
+@dataclass(frozen=True)
+class Fees:
+    max_fee_sat: int
+    max_fee_rate: Decimal  # sat/vB
+    max_fee_share_bp: int  # basis points of the amount paid
+    max_batch_fee_sat: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_fee_sat": self.max_fee_sat,
+            "max_fee_rate": rate_text(self.max_fee_rate),
+            "max_fee_share_bp": self.max_fee_share_bp,
+            "max_batch_fee_sat": self.max_batch_fee_sat,
+        }
+
+
+def rate_text(rate: Decimal) -> str:
+    return format(rate.normalize(), "f")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What a rulebook says (everything but its header and heights)."""
+
+    tiers: tuple[Tier, ...]
+    max_withdrawal_sat: int | None
+    velocity: tuple[Velocity, ...]
+    allowlist: tuple[Destination, ...]
+    outside: str  # refuse | allow | tier:<name>
+    cooling_off_blocks: int
+    fees: Fees
+    self_transfer_approvals: int
+    loosening_delay_blocks: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tiers": [t.to_dict() for t in self.tiers],
+            "max_withdrawal_sat": self.max_withdrawal_sat,
+            "velocity": [v.to_dict() for v in sorted(self.velocity, key=lambda v: v.name)],
+            "destinations": {
+                "allowlist": [d.to_dict() for d in sorted(self.allowlist, key=lambda d: (d.key, d.added_serial))],
+                "outside": self.outside,
+            },
+            "cooling_off_blocks": self.cooling_off_blocks,
+            "fees": self.fees.to_dict(),
+            "self_transfer": {"approvals": self.self_transfer_approvals},
+            "loosening_delay_blocks": self.loosening_delay_blocks,
+        }
+
+    def tier(self, name: str) -> Tier | None:
+        return next((t for t in self.tiers if t.name == name), None)
+
+    def tier_for(self, amount: int) -> Tier:
+        return next(t for t in self.tiers if t.up_to_sat is None or amount <= t.up_to_sat)
+
+    def outside_approvals(self) -> int | None:
+        """The approvals a destination outside the allowlist needs (None: refused or allowed as is)."""
+        if self.outside.startswith("tier:"):
+            t = self.tier(self.outside[5:])
+            return t.approvals if t else None
+        return None
+
+
+DEFAULT_RULES = Rules(
+    tiers=(Tier("standard", None, MIN_APPROVALS),),
+    max_withdrawal_sat=None,
+    velocity=(),
+    allowlist=(),
+    outside="allow",
+    cooling_off_blocks=0,
+    fees=Fees(max_fee_sat=1_000_000, max_fee_rate=Decimal(500), max_fee_share_bp=1000, max_batch_fee_sat=1_000_000),
+    self_transfer_approvals=MIN_APPROVALS,
+    loosening_delay_blocks=0,
+)
+"""What applies before the founders sign a rulebook: two approvals, any destination, the fee
+caps that were CUSTODY_MAX_FEE's and CUSTODY_MAX_FEE_RATE's defaults, a fee of at most 10% of
+the amount, no velocity limit."""
+
+
+@dataclass(frozen=True)
+class Rulebook(FoundersDocument):
+    """A rulebook body (what founders sign) with its signatures."""
+
+    KIND: ClassVar[str] = "rulebook"
+    network: str
+    manifest: str
+    serial: int
+    previous: str | None
+    proposed_height: int
+    effective_height: int
+    rules: Rules
+    signatures: Mapping[str, str] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "network": self.network,
+            "manifest": self.manifest,
+            "serial": self.serial,
+            "previous": self.previous,
+            "proposed_height": self.proposed_height,
+            "effective_height": self.effective_height,
+        } | self.rules.to_dict()
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _whole(value: object, what: str, low: int = 0, high: int = MAX_MONEY) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InputError(f"{what} is a whole number from {low} to {high}")
+    return value
+
+
+def _name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise InputError(f"{what}: a name is 1 to 32 lower-case ASCII letters, digits, '.', '_' or '-'")
+    return value
+
+
+def _fields(entry: object, keys: set[str], what: str) -> dict[str, Any]:
+    if not isinstance(entry, dict) or set(entry) != keys:
+        raise InputError(f"{what} is {{{', '.join(sorted(keys))}}}")
+    return entry
+
+
+def _tiers(raw: object) -> tuple[Tier, ...]:
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_TIERS:
+        raise InputError(f"tiers are a list of 1 to {MAX_TIERS} tiers")
+    tiers = []
+    for i, entry in enumerate(raw):
+        e = _fields(entry, {"name", "up_to_sat", "approvals"}, f"tier {i + 1}")
+        name = _name(e["name"], f"tier {i + 1}")
+        up_to = None if e["up_to_sat"] is None else _whole(e["up_to_sat"], f"tier {name}'s up_to_sat", 1)
+        approvals = _whole(e["approvals"], f"tier {name}'s approvals", MIN_APPROVALS, MAX_APPROVALS)
+        tiers.append(Tier(name, up_to, approvals))
+    if len({t.name for t in tiers}) != len(tiers):
+        raise InputError("two tiers have one name")
+    finite = [t.up_to_sat for t in tiers if t.up_to_sat is not None]
+    if tiers[-1].up_to_sat is not None or len(finite) != len(tiers) - 1:
+        raise InputError("only the last tier has no upper bound (up_to_sat null), and it must have none")
+    if any(a >= b for a, b in zip(finite, finite[1:], strict=False)):
+        raise InputError("tiers are in ascending order of up_to_sat")
+    return tuple(tiers)
+
+
+def _velocity(raw: object) -> tuple[Velocity, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_VELOCITY:
+        raise InputError(f"velocity is a list of at most {MAX_VELOCITY} limits")
+    out = []
+    for i, entry in enumerate(raw):
+        e = _fields(entry, {"name", "scope", "window_blocks", "max_sat"}, f"velocity limit {i + 1}")
+        name = _name(e["name"], f"velocity limit {i + 1}")
+        if e["scope"] not in SCOPES:
+            raise InputError(f"velocity limit {name}: scope is global or account")
+        window = _whole(e["window_blocks"], f"velocity limit {name}'s window_blocks", 1, MAX_BLOCKS)
+        out.append(Velocity(name, e["scope"], window, _whole(e["max_sat"], f"velocity limit {name}'s max_sat")))
+    if len({v.name for v in out}) != len(out):
+        raise InputError("two velocity limits have one name")
+    return tuple(out)
+
+
+def _account(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _ACCOUNT_RE.fullmatch(value):
+        raise InputError(f"{what}: an account is 1 to 128 printable ASCII characters without spaces, or null")
+    return value
+
+
+def _destination(entry: object, i: int, serial: int, network: str | None) -> Destination:
+    """One allowlist entry. With ``network`` (a proposal being written), ``address`` may stand for
+    ``script_pubkey`` and ``added_serial`` may be left out (the caller fills it in)."""
+    what = f"allowlist entry {i + 1}"
+    if not isinstance(entry, dict):
+        raise InputError(f"{what} is an object")
+    e = dict(entry)
+    if network is not None:
+        address = e.pop("address", None)
+        if address is not None:
+            spk = parse_destination(str(address), get_network(network)).script_pubkey.hex()
+            if e.setdefault("script_pubkey", spk) != spk:
+                raise InputError(f"{what}: the address and the script_pubkey given are not the same destination")
+        e.setdefault("added_serial", 0)
+        e.setdefault("label", "")
+        e.setdefault("account", None)
+    e = _fields(e, {"script_pubkey", "account", "label", "added_serial"}, what)
+    if not isinstance(e["script_pubkey"], str) or not _SCRIPT_RE.fullmatch(e["script_pubkey"]):
+        raise InputError(f"{what}: script_pubkey is the destination's scriptPubKey in lower-case hex")
+    if not isinstance(e["label"], str) or not _LABEL_RE.fullmatch(e["label"]):
+        raise InputError(f"{what}: a label is at most 64 printable ASCII characters")
+    low = 0 if network is not None else 1
+    added = _whole(e["added_serial"], f"{what}'s added_serial", low, serial)
+    return Destination(e["script_pubkey"], _account(e["account"], what), e["label"], added)
+
+
+def _destinations(raw: object, serial: int, network: str | None) -> tuple[tuple[Destination, ...], str]:
+    d = _fields(raw, {"allowlist", "outside"}, "destinations")
+    if not isinstance(d["allowlist"], list) or len(d["allowlist"]) > MAX_ALLOWLIST:
+        raise InputError(f"the allowlist is a list of at most {MAX_ALLOWLIST} destinations")
+    allowlist = tuple(_destination(e, i, serial, network) for i, e in enumerate(d["allowlist"]))
+    if len({x.key for x in allowlist}) != len(allowlist):
+        raise InputError("a destination is listed twice for one account")
+    outside = d["outside"]
+    if not isinstance(outside, str) or not (outside in OUTSIDE or outside.startswith("tier:")):
+        raise InputError("destinations.outside is refuse, allow or tier:<name>")
+    return allowlist, outside
+
+
+def _fees(raw: object) -> Fees:
+    f = _fields(raw, {"max_fee_sat", "max_fee_rate", "max_fee_share_bp", "max_batch_fee_sat"}, "fees")
+    if not isinstance(f["max_fee_rate"], str):
+        raise InputError("fees.max_fee_rate is a decimal number in a string (sat/vB)")
+    rate = parse_fee_rate(f["max_fee_rate"])
+    return Fees(
+        _whole(f["max_fee_sat"], "fees.max_fee_sat"),
+        rate,
+        _whole(f["max_fee_share_bp"], "fees.max_fee_share_bp", 0, 10_000),
+        _whole(f["max_batch_fee_sat"], "fees.max_batch_fee_sat"),
+    )
+
+
+def parse_rules(body: Mapping[str, Any], serial: int, network: str | None = None) -> Rules:
+    """The rules of a rulebook body (or of a proposal, with ``network``: see :func:`_destination`).
+    Raises InputError."""
+    allowlist, outside = _destinations(body["destinations"], serial, network)
+    st = _fields(body["self_transfer"], {"approvals"}, "self_transfer")
+    maximum = body["max_withdrawal_sat"]
+    rules = Rules(
+        tiers=_tiers(body["tiers"]),
+        max_withdrawal_sat=None if maximum is None else _whole(maximum, "max_withdrawal_sat", 1),
+        velocity=_velocity(body["velocity"]),
+        allowlist=allowlist,
+        outside=outside,
+        cooling_off_blocks=_whole(body["cooling_off_blocks"], "cooling_off_blocks", 0, MAX_BLOCKS),
+        fees=_fees(body["fees"]),
+        self_transfer_approvals=_whole(st["approvals"], "self_transfer.approvals", MIN_APPROVALS, MAX_APPROVALS),
+        loosening_delay_blocks=_whole(body["loosening_delay_blocks"], "loosening_delay_blocks", 0, MAX_BLOCKS),
+    )
+    if outside.startswith("tier:") and rules.tier(outside[5:]) is None:
+        raise InputError(f"destinations.outside names tier {outside[5:]!r}, which the rulebook does not have")
+    return rules
+
+
+def parse_rulebook(doc: object) -> Rulebook:
+    """Read a rulebook document ``{"rulebook": BODY, "signatures": [...]}``, signed or not.
+
+    Checks its shape, not its signatures or its place in the chain (:func:`check_chain`).
+    Raises InputError.
+    """
+    body, h = parse_header(doc, "rulebook", FORMAT, FORMAT_VERSION, BODY_FIELDS)
+    proposed = _whole(body["proposed_height"], "proposed_height", 0, LOCKTIME_THRESHOLD - 1)
+    effective = _whole(body["effective_height"], "effective_height", 0, LOCKTIME_THRESHOLD - 1)
+    rules = parse_rules(body, h.serial)
+    assert isinstance(doc, dict)
+    book = Rulebook(
+        h.network, h.manifest, h.serial, h.previous, proposed, effective, rules, parse_signatures(doc, "rulebook")
+    )
+    check_canonical(book, body, "tiers ascending, velocity limits by name, the allowlist by script and account")
+    return book
+
+
+def load_rulebook(data: bytes) -> Rulebook:
+    """Parse a rulebook file's bytes. Raises InputError."""
+    return parse_rulebook(load_json(data, MAX_RULEBOOK_BYTES, "rulebook"))
+
+
+def parse_chain(docs: object) -> list[Rulebook]:
+    """A list of rulebook documents (a PSBT's record). Raises InputError."""
+    if not isinstance(docs, list):
+        raise InputError("the rulebooks are a list of rulebook documents")
+    return [parse_rulebook(d) for d in docs]
+
+
+# ---------------------------------------------------------------- loosening and the chain
+
+
+def _required_at(rules: Rules, amount: int) -> int:
+    return rules.tier_for(amount).approvals
+
+
+def loosened(old: Rules, new: Rules) -> list[str]:
+    """What ``new`` allows that ``old`` did not (empty: it only tightens or keeps)."""
+    out = []
+    points = {0, MAX_MONEY} | {
+        b + d for t in (*old.tiers, *new.tiers) if (b := t.up_to_sat) is not None for d in (0, 1)
+    }
+    lower = sorted(a for a in points if _required_at(new, a) < _required_at(old, a))
+    if lower:
+        out.append(f"fewer approvals for {lower[0]} sat")
+    if old.max_withdrawal_sat is not None and (new.max_withdrawal_sat or MAX_MONEY + 1) > old.max_withdrawal_sat:
+        out.append("a higher max_withdrawal_sat")
+    for v in old.velocity:
+        if not any(n.at_least_as_tight_as(v) for n in new.velocity):
+            out.append(f"velocity limit {v.name} raised or removed")
+    known = {d.key for d in old.allowlist}
+    out += [
+        f"destination {d.script_pubkey} added for {d.account or 'any account'}"
+        for d in new.allowlist
+        if d.key not in known
+    ]
+    out += _outside_loosened(old, new)
+    if new.cooling_off_blocks < old.cooling_off_blocks:
+        out.append("a shorter cooling_off_blocks")
+    for f in ("max_fee_sat", "max_fee_rate", "max_fee_share_bp", "max_batch_fee_sat"):
+        if getattr(new.fees, f) > getattr(old.fees, f):
+            out.append(f"a higher fees.{f}")
+    if new.self_transfer_approvals < old.self_transfer_approvals:
+        out.append("fewer self_transfer approvals")
+    if new.loosening_delay_blocks < old.loosening_delay_blocks:
+        out.append("a shorter loosening_delay_blocks")
+    return out
+
+
+def _outside_loosened(old: Rules, new: Rules) -> list[str]:
+    rank = {"refuse": 0, "allow": 2}
+    a, b = rank.get(old.outside, 1), rank.get(new.outside, 1)
+    if b > a:
+        return [f"destinations outside the allowlist: {old.outside} -> {new.outside}"]
+    if a == b == 1 and (new.outside_approvals() or 0) < (old.outside_approvals() or 0):
+        return [f"destinations outside the allowlist need fewer approvals ({old.outside} -> {new.outside})"]
+    return []
+
+
+def earliest_effective(previous: Rulebook | None, rules: Rules, proposed_height: int) -> int:
+    """The lowest effective height the next rulebook may have: the previous one's, and when it
+    loosens anything, ``proposed_height`` plus the previous rulebook's loosening delay."""
+    prev_rules = previous.rules if previous else DEFAULT_RULES
+    floor = previous.effective_height if previous else 0
+    if loosened(prev_rules, rules):
+        floor = max(floor, proposed_height + prev_rules.loosening_delay_blocks)
+    return floor
+
+
+def successor_problems(previous: Rulebook | None, book: Rulebook) -> list[str]:
+    """Why ``book`` cannot follow ``previous`` (None: it is the first), beyond signatures."""
+    out = []
+    if book.serial != (previous.serial + 1 if previous else 1):
+        out.append(f"it is #{book.serial}, not #{previous.serial + 1 if previous else 1}")
+    if book.previous != (previous.digest if previous else None):
+        out.append(f"it does not follow rulebook #{previous.serial if previous else 0}")
+    floor = earliest_effective(previous, book.rules, book.proposed_height)
+    if book.effective_height < floor:
+        what = loosened(previous.rules if previous else DEFAULT_RULES, book.rules)
+        out.append(
+            f"it takes effect at height {book.effective_height}, before {floor}"
+            + (f" (it loosens: {'; '.join(what)})" if what else " (the previous rulebook's)")
+        )
+    kept = {(d.key, d.added_serial) for d in previous.rules.allowlist} if previous else set()
+    for d in book.rules.allowlist:
+        if d.added_serial != book.serial and (d.key, d.added_serial) not in kept:
+            out.append(f"destination {d.script_pubkey} claims rulebook #{d.added_serial} added it, which it did not")
+    return out
+
+
+def check_chain(chain: Sequence[Rulebook], founders: Founders) -> None:
+    """Every rulebook of ``chain`` (#1 to #N in order) signed by m founders, each following the one
+    before by the rules above. Raises ApprovalError naming every problem."""
+    previous: Rulebook | None = None
+    for book in chain:
+        problems = signature_problems(book, founders) + successor_problems(previous, book)
+        if problems:
+            raise ApprovalError(f"rulebook #{book.serial} is not valid: " + "; ".join(problems))
+        previous = book
+
+
+def rulebook_at(chain: Sequence[Rulebook], height: int) -> Rulebook | None:
+    """The rulebook in force at ``height``: the newest whose effective height it has reached."""
+    return next((b for b in reversed(chain) if b.effective_height <= height), None)
+
+
+def chain_rollback(chain: Sequence[Rulebook], seen_serial: int, seen_digest: str | None) -> str | None:
+    """Why ``chain`` rolls back what a signer has seen (None: it does not)."""
+    if seen_digest is not None and not chain:
+        return f"no founders-signed rulebook, and this signer has seen rulebook #{seen_serial}: it is never rolled back"
+    newest = chain[-1].serial if chain else 0
+    return rollback_problem("rulebook", newest, {b.serial: b.digest for b in chain}, seen_serial, seen_digest)
+
+
+def sign_rulebook(book: Rulebook, founder: str, account_key: Any, founders: Founders) -> Rulebook:
+    """Add ``founder``'s signature (``account_key``: coincurve private key of their xpub)."""
+    return book.with_signature(founder, founder_signature(book, founder, account_key, founders))
+
+
+# ---------------------------------------------------------------- judging a transaction
+
+
+@dataclass(frozen=True)
+class Payout:
+    """One customer withdrawal: a transaction of its own, or a member of a batch."""
+
+    withdrawal_id: int
+    account: str
+    payments: tuple[tuple[str, int], ...]  # (scriptPubKey hex, amount): every output but change
+    fee: int
+
+    @property
+    def amount(self) -> int:
+        return sum(a for _, a in self.payments)
+
+    @property
+    def label(self) -> str:
+        return f"withdrawal #{self.withdrawal_id}" if self.withdrawal_id else "this withdrawal"
+
+
+@dataclass(frozen=True)
+class Counted:
+    """An earlier withdrawal, as velocity counts it."""
+
+    height: int
+    account: str
+    amount: int
+
+
+@dataclass(frozen=True)
+class Violation:
+    rule: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"rule {self.rule}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class Need:
+    """Which tier a withdrawal falls under and how many approvals it needs."""
+
+    tier: str
+    approvals: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    serial: int  # the rulebook applied (0: the built-in defaults)
+    height: int
+    needs: Mapping[int, Need]  # withdrawal id -> need
+    violations: tuple[Violation, ...]
+
+    def required(self, withdrawal_id: int) -> int:
+        need = self.needs.get(withdrawal_id)
+        return need.approvals if need else MIN_APPROVALS
+
+    def explain(self) -> str:
+        return "; ".join(str(v) for v in self.violations)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rulebook": self.serial,
+            "height": self.height,
+            "needs": {str(k): {"tier": n.tier, "approvals": n.approvals, "why": n.why} for k, n in self.needs.items()},
+            "violations": [{"rule": v.rule, "detail": v.detail} for v in self.violations],
+        }
+
+
+@dataclass(frozen=True)
+class Spend:
+    """A transaction as the rules see it."""
+
+    height: int
+    payouts: tuple[Payout, ...]
+    fee: int
+    vsize: int
+    batch: bool = False
+
+
+def _destination_need(
+    rules: Rules, effective: Mapping[int, int], height: int, p: Payout, spk: str
+) -> tuple[int | None, Violation | None]:
+    """(approvals a destination outside the allowlist needs, or a refusal) for one payment."""
+    listed = [d for d in rules.allowlist if d.script_pubkey == spk and d.account in (None, p.account)]
+    usable = [
+        d for d in listed if effective.get(d.added_serial, LOCKTIME_THRESHOLD) + rules.cooling_off_blocks <= height
+    ]
+    if usable or rules.outside == "allow":
+        return None, None
+    if rules.outside == "refuse":
+        if listed:
+            start = min(effective.get(d.added_serial, LOCKTIME_THRESHOLD) for d in listed) + rules.cooling_off_blocks
+            return None, Violation(
+                "destinations.cooling_off",
+                f"{p.label}: destination {spk} is allowlisted but usable only from height {start} (now {height})",
+            )
+        return None, Violation("destinations.outside", f"{p.label}: destination {spk} is not on the allowlist")
+    return rules.outside_approvals(), None
+
+
+def _payout_rules(rules: Rules, effective: Mapping[int, int], spend: Spend, p: Payout) -> tuple[Need, list[Violation]]:
+    bad = []
+    amount = p.amount
+    if rules.max_withdrawal_sat is not None and amount > rules.max_withdrawal_sat:
+        bad.append(
+            Violation(
+                "max_withdrawal",
+                f"{p.label} pays {amount} sat, above the maximum of {rules.max_withdrawal_sat} sat",
+            )
+        )
+    if not p.payments:
+        need = Need("self_transfer", rules.self_transfer_approvals, "pays only custody")
+    else:
+        tier = rules.tier_for(amount)
+        need = Need(tier.name, tier.approvals, f"{amount} sat")
+    for spk, _ in p.payments:
+        outside, refused = _destination_need(rules, effective, spend.height, p, spk)
+        if refused:
+            bad.append(refused)
+        elif outside is not None and outside > need.approvals:
+            need = Need(rules.outside[5:], outside, f"destination {spk[:16]}... is outside the allowlist")
+    fee = p.fee if not spend.batch else None
+    if fee is not None and fee > rules.fees.max_fee_sat:
+        bad.append(
+            Violation("fees.max_fee_sat", f"a fee of {fee} sat is above the cap of {rules.fees.max_fee_sat} sat")
+        )
+    return need, bad
+
+
+def _fee_rules(fees: Fees, spend: Spend) -> list[Violation]:
+    bad = []
+    if spend.batch and spend.fee > fees.max_batch_fee_sat:
+        bad.append(
+            Violation(
+                "fees.max_batch_fee_sat",
+                f"the batch's fee of {spend.fee} sat is above the cap of {fees.max_batch_fee_sat} sat",
+            )
+        )
+    if spend.vsize > 0 and Decimal(spend.fee) > fees.max_fee_rate * spend.vsize:
+        rate = Decimal(spend.fee) / spend.vsize
+        bad.append(
+            Violation(
+                "fees.max_fee_rate",
+                f"a fee rate of {rate:.2f} sat/vB is above the cap of {rate_text(fees.max_fee_rate)} sat/vB",
+            )
+        )
+    amount = sum(p.amount for p in spend.payouts)
+    if amount > 0 and spend.fee * 10_000 > fees.max_fee_share_bp * amount:
+        bad.append(
+            Violation(
+                "fees.max_fee_share_bp",
+                f"a fee of {spend.fee} sat is {spend.fee * 100 / amount:.2f}% of the {amount} sat paid, above "
+                f"{fees.max_fee_share_bp / 100:.2f}%",
+            )
+        )
+    return bad
+
+
+def _velocity_rules(rules: Rules, spend: Spend, history: Iterable[Counted]) -> list[Violation]:
+    bad = []
+    past = list(history)
+    for v in rules.velocity:
+        start = spend.height - v.window_blocks  # the window is (start, height]
+        window = [c for c in past if start < c.height <= spend.height]
+        if v.scope == "global":
+            groups = {"": (sum(c.amount for c in window), sum(p.amount for p in spend.payouts))}
+        else:
+            groups = {
+                acct: (
+                    sum(c.amount for c in window if c.account == acct),
+                    sum(p.amount for p in spend.payouts if p.account == acct),
+                )
+                for acct in sorted({p.account for p in spend.payouts})
+            }
+        for acct, (before, now) in groups.items():
+            if now and before + now > v.max_sat:
+                whose = f"account {acct}'s" if acct else "all"
+                bad.append(
+                    Violation(
+                        f"velocity:{v.name}",
+                        f"{whose} withdrawals in the {v.window_blocks} blocks to height {spend.height} would be "
+                        f"{before + now} sat ({before} sat before this), above {v.max_sat} sat",
+                    )
+                )
+    return bad
+
+
+def judge(book: Rulebook | None, effective: Mapping[int, int], spend: Spend, history: Iterable[Counted]) -> Verdict:
+    """Apply ``book`` (None: the built-in defaults) to ``spend``.
+
+    ``effective``: every rulebook's effective height by serial (an allowlisted destination's
+    cooling-off counts from the one that added it); ``history``: earlier withdrawals for velocity
+    (never ``spend``'s own).
+    """
+    rules = book.rules if book else DEFAULT_RULES
+    needs: dict[int, Need] = {}
+    bad: list[Violation] = []
+    for p in spend.payouts:
+        needs[p.withdrawal_id], found = _payout_rules(rules, effective, spend, p)
+        bad += found
+    bad += _fee_rules(rules.fees, spend)
+    bad += _velocity_rules(rules, spend, history)
+    return Verdict(book.serial if book else 0, spend.height, needs, tuple(bad))
+
+
+def with_heights(book: Rulebook, proposed_height: int, effective_height: int) -> Rulebook:
+    return replace(book, proposed_height=proposed_height, effective_height=effective_height, signatures={})
