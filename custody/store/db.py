@@ -130,6 +130,8 @@ class Database:
                 # 2 -> 3 also: the notification tables, which came during version 2 without a
                 # version of their own, for a store made before them (notify.ensure_tables did
                 # this on demand before).
+                # 3 -> 4: the rulebook and rulebook proposal tables (created above). A store
+                # from before has no rulebook: the built-in default rules apply.
                 row.value = str(models.SCHEMA_VERSION)
                 s.add(row)
             if s.get(models.LedgerHead, 1) is None:

@@ -39,6 +39,7 @@ APPEND_ONLY = (
     "incident_update",
     "signed_manifest",
     "roster",
+    "rulebook",
 )
 """Tables the tool only ever inserts into."""
 

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class Meta(SQLModel, table=True):
@@ -182,6 +182,30 @@ class IncidentUpdate(SQLModel, table=True):
     status: str = Field(max_length=16)
     message: str = Field(sa_column=Column(Text, nullable=False))
     actor: str = Field(max_length=64)
+
+
+class RulebookRow(SQLModel, table=True):
+    """An applied founders-signed rulebook; serials only go up, rows are never changed."""
+
+    __tablename__ = "rulebook"
+    serial: int = Field(primary_key=True)
+    digest: str = Field(max_length=64, unique=True)
+    effective_height: int = Field(sa_column=Column(BigInteger, nullable=False))
+    document: str = Field(sa_column=Column(Text, nullable=False))  # JSON, with the founders' signatures
+    applied_at: datetime
+
+
+class RulebookProposal(SQLModel, table=True):
+    """The next rulebook as proposed on the online machine, waiting for the founders' signatures."""
+
+    __tablename__ = "rulebook_proposal"
+    id: int | None = Field(default=None, primary_key=True)
+    serial: int
+    digest: str = Field(max_length=64)
+    document: str = Field(sa_column=Column(Text, nullable=False))  # unsigned rulebook JSON
+    status: str = Field(max_length=16)  # open, applied, superseded, discarded
+    created_by: str = Field(max_length=64)
+    created_at: datetime
 
 
 class WithdrawalRow(SQLModel, table=True):
