@@ -112,11 +112,14 @@ def select_coins(
     )
 
 
-def build_transaction(coins: Sequence[Coin], outputs: Sequence[tuple[bytes, int]]) -> CMutableTransaction:
-    """Version 2, locktime 0, inputs and outputs in BIP-69 order."""
+def build_transaction(
+    coins: Sequence[Coin], outputs: Sequence[tuple[bytes, int]], locktime: int = 0
+) -> CMutableTransaction:
+    """Version 2, inputs and outputs in BIP-69 order. ``locktime``: the chain's tip height, as
+    Bitcoin Core's wallet sets it (anti-fee-sniping); the offline signer reads it as "now"."""
     vin = [
         CMutableTxIn(COutPoint(lx(c.txid), c.vout), nSequence=SEQUENCE)
         for c in sorted(coins, key=lambda c: (bytes.fromhex(c.txid)[::-1], c.vout))
     ]
     vout = [CMutableTxOut(amount, spk) for spk, amount in sorted(outputs, key=lambda o: (o[1], o[0]))]
-    return CMutableTransaction(vin, vout, nLockTime=0, nVersion=2)
+    return CMutableTransaction(vin, vout, nLockTime=locktime, nVersion=2)

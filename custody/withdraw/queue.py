@@ -50,9 +50,18 @@ from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log, halt
 from custody.control import roster as roster_lib
+from custody.control import rulebook as rulebook_lib
 from custody.control.roster import authenticate, check_pinned, load_trust, store_trust
 from custody.control.wallet import policy_from_session
-from custody.errors import ApprovalError, Conflict, InputError, NotFound, StorageError, VerificationFailed
+from custody.errors import (
+    ApprovalError,
+    Conflict,
+    InputError,
+    NotFound,
+    PolicyViolation,
+    StorageError,
+    VerificationFailed,
+)
 from custody.faults import crash_point
 from custody.identity.approvals import (
     Approval,
@@ -66,11 +75,19 @@ from custody.identity.approvals import (
     summarize,
 )
 from custody.identity.employee_keys import EmployeeSigner
+from custody.identity.rulebook import Counted, Need, Payout, Spend, Verdict, judge
 from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, issue_in_session, load_manifest_or_halt
 from custody.policy.model import CHANGE, Policy
 from custody.store.db import Database
 from custody.store.models import AddressRow, ApprovalRow, ReservedInput, RosterRow, WithdrawalInput, WithdrawalRow
-from custody.withdraw.signer import PROP_APPROVALS, PROP_META, PROP_ROSTER, PROP_SUSPENSIONS, PROPRIETARY_ID
+from custody.withdraw.signer import (
+    PROP_APPROVALS,
+    PROP_META,
+    PROP_ROSTER,
+    PROP_RULEBOOKS,
+    PROP_SUSPENSIONS,
+    PROPRIETARY_ID,
+)
 
 REQUESTED = "requested"
 APPROVED = "approved"
@@ -167,24 +184,94 @@ def _change_position(s: Session, row: WithdrawalRow) -> int | None:
     return None
 
 
-def _member(s: Session, policy: Policy, row: WithdrawalRow) -> Member:
-    summary, check = _check(s, policy, row)
+def _member(s: Session, policy: Policy, row: WithdrawalRow, need: Need | None) -> Member:
+    summary, check = _check(s, policy, row, need)
     return Member(summary, _change_position(s, row), check)
 
 
-def _check(s: Session, policy: Policy, row: WithdrawalRow) -> tuple[TxSummary, ApprovalCheck]:
-    """The approval statement and which approvals count; a batch counts its members'."""
+def _check(s: Session, policy: Policy, row: WithdrawalRow, need: Need | None = None) -> tuple[TxSummary, ApprovalCheck]:
+    """The approval statement and which approvals count, as many as the rulebook's tier needs
+    (``need``: given for a batch's member, judged with its batch); a batch counts its members'."""
     summary = _summary(policy, row, _inputs(s, row.id or 0))
     if row.kind == BATCH:
-        members = [_member(s, policy, m) for m in _members(s, row.id or 0)]
+        needs = _verdict(s, policy, row, history=False).needs
+        members = [_member(s, policy, m, needs.get(m.id or 0)) for m in _members(s, row.id or 0)]
         problems = check_batch(summary, _change_position(s, row), members)
         valid = tuple(sorted({name for m in members for name in m.check.valid}))
         rejected = tuple(("batch", p) for p in problems)
         # A batch is approved when check_batch finds nothing wrong: the union then counts.
         return summary, ApprovalCheck(valid if not problems else (), rejected)
+    if need is None:
+        need = _verdict(s, policy, row, history=False).needs[row.id or 0]
     return summary, check_approvals(
-        summary, _approvals(s, row.id or 0), _standing(s).registry("approve"), row.requester
+        summary, _approvals(s, row.id or 0), _standing(s).registry("approve"), row.requester, need.approvals, need.tier
     )
+
+
+# ---------------------------------------------------------------- the rulebook
+
+
+def _rulebooks(s: Session) -> rulebook_lib.Chain:
+    """The applied rulebooks, checked (once per transaction)."""
+    cached = s.info.get("custody.rulebooks")
+    if not isinstance(cached, rulebook_lib.Chain):
+        cached = s.info["custody.rulebooks"] = rulebook_lib.store_chain(s)
+    return cached
+
+
+def _locktime(row: WithdrawalRow) -> int:
+    """The height the withdrawal was requested at: its transaction's nLockTime (its last 4 bytes)."""
+    return int.from_bytes(bytes.fromhex(row.unsigned_tx[-8:]), "little")
+
+
+def _payout(s: Session, row: WithdrawalRow) -> Payout:
+    change = _change_position(s, row)
+    payments = tuple((bytes(o.scriptPubKey).hex(), int(o.nValue)) for n, o in enumerate(_tx(row).vout) if n != change)
+    return Payout(row.id or 0, row.account, payments, row.fee)
+
+
+def _spend(s: Session, policy: Policy, row: WithdrawalRow) -> Spend:
+    tx = _tx(row)
+    payouts = [_payout(s, m) for m in _members(s, row.id or 0)] if row.kind == BATCH else [_payout(s, row)]
+    outputs = [bytes(o.scriptPubKey) for o in tx.vout]
+    vsize = tx_vsize(policy.script_type, policy.threshold, policy.n, len(tx.vin), outputs)
+    return Spend(tx.nLockTime, tuple(payouts), row.fee, vsize, row.kind == BATCH)
+
+
+def _history(s: Session, exclude: set[int]) -> list[Counted]:
+    """Every withdrawal velocity counts, at the height it was requested: all but the failed ones
+    that never carried founders' signatures (a signed transaction may still be broadcast)."""
+    rows = s.exec(select(WithdrawalRow).where(WithdrawalRow.kind == SINGLE)).all()
+    return [
+        Counted(_locktime(r), r.account, r.amount)
+        for r in rows
+        if r.id not in exclude and (r.status != FAILED or r.psbt is not None or r.final_tx is not None)
+    ]
+
+
+def _judge(s: Session, spend: Spend, exclude: set[int], history: bool = True) -> Verdict:
+    books = _rulebooks(s)
+    return judge(books.at(spend.height), books.effective, spend, _history(s, exclude) if history else ())
+
+
+def _verdict(s: Session, policy: Policy, row: WithdrawalRow, history: bool = True) -> Verdict:
+    """The rulebook in force at the withdrawal's height, applied to it (to a batch: to its
+    members together, in one transaction)."""
+    spend = _spend(s, policy, row)
+    return _judge(s, spend, {row.id or 0, *(p.withdrawal_id for p in spend.payouts)}, history)
+
+
+def _refuse_violations(verdict: Verdict, what: str) -> None:
+    if verdict.violations:
+        book = f"rulebook #{verdict.serial}" if verdict.serial else "the built-in rules (no rulebook signed yet)"
+        raise PolicyViolation(f"{what} is refused by {book} at height {verdict.height}: {verdict.explain()}")
+
+
+def _enforce(s: Session, policy: Policy, row: WithdrawalRow) -> Verdict:
+    """Raise PolicyViolation naming every rule the withdrawal (or batch) breaks."""
+    verdict = _verdict(s, policy, row)
+    _refuse_violations(verdict, f"{'batch' if row.kind == BATCH else 'withdrawal'} #{row.id}")
+    return verdict
 
 
 def _require_approved(s: Session, policy: Policy, row: WithdrawalRow) -> TxSummary:
@@ -330,6 +417,42 @@ def final_transaction(db: Database, withdrawal_id: int) -> str:
         return row.final_tx
 
 
+def rule_check(db: Database, withdrawal_id: int) -> dict[str, Any]:
+    """Which rulebook and tier a withdrawal falls under, the approvals it has and still needs,
+    and every rule it breaks (``custody rules check``). Raises NotFound, VerificationFailed."""
+    db.check_schema()
+    with db.transaction() as s:
+        policy = policy_from_session(s)
+        row = _get(s, withdrawal_id)
+        verdict = _verdict(s, policy, row)
+        _, check = _check(s, policy, row)
+        members = {m.id or 0: m for m in _members(s, withdrawal_id)} if row.kind == BATCH else {row.id or 0: row}
+        approvals = {
+            wid: (check if row.kind != BATCH else _check(s, policy, m, verdict.needs.get(wid))[1])
+            for wid, m in members.items()
+        }
+        return {
+            "withdrawal_id": withdrawal_id,
+            "kind": row.kind,
+            "status": row.status,
+            "height": verdict.height,
+            "rulebook": verdict.serial,
+            "withdrawals": [
+                {
+                    "withdrawal_id": wid,
+                    "tier": need.tier,
+                    "why": need.why,
+                    "approvals_needed": need.approvals,
+                    "approved_by": list(approvals[wid].valid),
+                    "still_needed": max(0, need.approvals - len(approvals[wid].valid)),
+                }
+                for wid, need in sorted(verdict.needs.items())
+            ],
+            "violations": [{"rule": v.rule, "detail": v.detail} for v in verdict.violations],
+            "allowed": not verdict.violations and check.enough,
+        }
+
+
 # ---------------------------------------------------------------- 1. request
 
 
@@ -372,6 +495,7 @@ def request_withdrawal(
     """
     manifest = load_manifest_or_halt(db, settings)
     pinned = load_trust(settings)
+    tip = backend.tip_height()  # the transaction's locktime: the signers' "now"
     sats = parse_btc_amount(amount)
     rate = parse_fee_rate(fee_rate) if fee_rate is not None else limits.default_fee_rate
     if rate > limits.max_fee_rate:
@@ -402,13 +526,17 @@ def request_withdrawal(
             )
             if selection.fee > limits.max_fee:
                 raise InputError(f"the fee of {selection.fee} sat is above the cap of {limits.max_fee} sat")
+            payout = Payout(0, account, ((dest.script_pubkey.hex(), sats),), selection.fee)
+            _refuse_violations(
+                _judge(s, Spend(tip, (payout,), selection.fee, selection.vsize), set()), "the withdrawal"
+            )
             outputs: list[tuple[bytes, int]] = [(dest.script_pubkey, sats)]
             change_index = None
             if selection.change:
                 change = issue_in_session(s, manifest, CHANGE_ACCOUNT, 1, CHANGE, actor=requester)[0]
                 change_index = change.index
                 outputs.append((bytes.fromhex(change.script_pubkey), selection.change))
-            tx = build_transaction(selection.coins, outputs)
+            tx = build_transaction(selection.coins, outputs, tip)
             stamp = now()
             row = WithdrawalRow(
                 account=account,
@@ -495,6 +623,7 @@ def approve(
         if name == row.requester:
             raise ApprovalError(f"{name} requested withdrawal #{withdrawal_id} and cannot approve it")
         summary = _summary(policy, row, _inputs(s, withdrawal_id))
+        _enforce(s, policy, row)
         if expect_digest is not None and not summary.digest().startswith(expect_digest.lower().replace("-", "")):
             raise ApprovalError(
                 f"withdrawal #{withdrawal_id}'s statement digest is {summary.digest()[:16]}, not the {expect_digest} "
@@ -651,6 +780,7 @@ def build_psbt(s: Session, policy: Policy, row: WithdrawalRow) -> psbt_lib.Psbt:
         raise ApprovalError("there is no founders-signed roster: the offline signer would refuse this PSBT")
     p.proprietary[_prop(PROP_ROSTER)] = newest.document.encode()
     p.proprietary[_prop(PROP_SUSPENSIONS)] = json.dumps(roster_lib.suspension_documents(s)).encode()
+    p.proprietary[_prop(PROP_RULEBOOKS)] = json.dumps(rulebook_lib.chain_documents(s)).encode()
     return p
 
 
@@ -670,6 +800,7 @@ def export_psbt(db: Database, withdrawal_id: int) -> psbt_lib.Psbt:
                 _require_approved(s, policy, row)
             raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; nothing to sign")
         _require_approved(s, policy, row)
+        _enforce(s, policy, row)
         fresh = build_psbt(s, policy, row)
         if row.psbt:
             fresh = psbt_lib.combine([fresh, _signatures_only(psbt_lib.Psbt.from_base64(row.psbt))])
@@ -1148,6 +1279,7 @@ def _dissolve(s: Session, batch: WithdrawalRow) -> None:
 def create_batch(
     db: Database,
     settings: Settings,
+    backend: ChainBackend,
     *,
     actor: str,
     key: EmployeeSigner,
@@ -1164,6 +1296,7 @@ def create_batch(
     """
     manifest = load_manifest_or_halt(db, settings)
     rate = parse_fee_rate(fee_rate) if fee_rate is not None else limits.default_fee_rate
+    tip = backend.tip_height()
     try:
         with db.transaction() as s:
             halt.guard(s)  # also takes the audit head's lock: reading then reserving coins is serial
@@ -1204,7 +1337,7 @@ def create_batch(
             else:
                 fee += change_amount
                 change_amount = 0
-            tx = build_transaction(coins, outputs)
+            tx = build_transaction(coins, outputs, tip)
             stamp = now()
             total = sum(m.amount for m in members)
             batch = WithdrawalRow(
@@ -1245,6 +1378,7 @@ def create_batch(
             s.add(batch)
             ledger.batch_created(s, batch, members)
             _require_approved(s, policy, batch)  # the batch as stored passes its own check
+            _enforce(s, policy, batch)  # and the rulebook, its members together
             audit_log.append(
                 s,
                 "withdrawal.batched",
