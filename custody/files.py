@@ -9,6 +9,10 @@ up to the limit and refused beyond it. Anything else, a device such as ``/dev/ze
 ``/dev/urandom``, a terminal, a socket, is refused at once: it has no size to check and may
 never end. A refusal is an InputError (exit code 2) that names the file, the limit and why.
 
+JSON Lines files custody appends to (the audit log's witness, the offline signer's journal)
+get one whole line at a time, under an exclusive lock, fsynced; a last line torn by a crash is
+cut off before the next append.
+
 ``custody.verify`` keeps its own copy of these checks: it imports nothing of ours.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from custody.errors import InputError, StorageError
@@ -173,3 +178,47 @@ def write_atomic(path: Path, text: str) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+TAIL_BYTES = 64 * 1024
+
+
+def read_tail(fd: int, size: int) -> bytes:
+    """The last whole lines within TAIL_BYTES of an open file of ``size`` bytes."""
+    start = max(0, size - TAIL_BYTES)
+    os.lseek(fd, start, os.SEEK_SET)
+    data = b""
+    while len(data) < size - start:
+        chunk = os.read(fd, size - start - len(data))
+        if not chunk:
+            break
+        data += chunk
+    if start > 0:  # the first line read may be cut: it starts after the first newline
+        data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
+    return data
+
+
+def append_line(path: Path, line: bytes, skip: Callable[[bytes], bool] | None = None) -> bool:
+    """Append ``line`` (ending in a newline) to a JSON Lines file; True when written.
+
+    One write of one whole line under an exclusive lock, then fsync; an unterminated last
+    line (an append torn by a crash) is cut off first. Nothing is written when ``skip`` says
+    yes to the file's last line. Raises OSError for the caller to word.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        tail = read_tail(fd, size)
+        if tail and not tail.endswith(b"\n"):
+            os.ftruncate(fd, size - (len(tail) - (tail.rfind(b"\n") + 1)))
+            tail = tail[: tail.rfind(b"\n") + 1]
+        last = tail.rstrip(b"\n").rsplit(b"\n", 1)[-1] if tail.strip() else b""
+        if last and skip is not None and skip(last):
+            return False
+        os.write(fd, line)
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)  # releases the lock

@@ -23,7 +23,6 @@ docs/FORMATS.md.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -39,7 +38,7 @@ from custody.config import Settings
 from custody.control import halt
 from custody.control.audit_log import GENESIS, ChainProblem
 from custody.errors import CustodyError, HaltedError, InputError, StorageError
-from custody.files import read_limited_text
+from custody.files import append_line, read_limited_text, read_tail
 from custody.store.db import Database
 from custody.store.models import AuditEntry, AuditHead
 
@@ -47,8 +46,6 @@ FORMAT = "custody-checkpoint"
 VERSION = 1
 MAX_WITNESS_BYTES = 256 * 1024 * 1024
 """A witness file larger than this is refused before it is read (InputError, exit 2)."""
-TAIL_BYTES = 64 * 1024
-"""How much of the local witness file each command reads back: its last lines."""
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _MAIL_SEQ = re.compile(r"\(audit log entry (\d{1,18})\)")
@@ -194,20 +191,6 @@ def compare(s: Session, witnessed: Sequence[Checkpoint]) -> list[ChainProblem]:
     return problems
 
 
-def _tail(fd: int, size: int) -> bytes:
-    start = max(0, size - TAIL_BYTES)
-    os.lseek(fd, start, os.SEEK_SET)
-    data = b""
-    while len(data) < size - start:
-        chunk = os.read(fd, size - start - len(data))
-        if not chunk:
-            break
-        data += chunk
-    if start > 0:  # the first line read may be cut: it starts after the first newline
-        data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
-    return data
-
-
 def append(path: Path, checkpoint: Checkpoint) -> bool:
     """Append ``checkpoint`` unless it is the file's last line already; True when written.
 
@@ -215,38 +198,22 @@ def append(path: Path, checkpoint: Checkpoint) -> bool:
     line (an append torn by a crash) is cut off first. Raises InputError when the file
     cannot be written.
     """
+
+    def same(last: bytes) -> bool:
+        try:
+            previous = _checkpoint(json.loads(last), str(path))
+        except ValueError:
+            return False
+        return previous is not None and (previous.seq, previous.hash) == (checkpoint.seq, checkpoint.hash)
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        return append_line(path, checkpoint.line().encode(), same)
     except OSError as exc:
         raise InputError(f"cannot write the witness {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        size = os.fstat(fd).st_size
-        tail = _tail(fd, size)
-        if tail and not tail.endswith(b"\n"):
-            keep = size - (len(tail) - (tail.rfind(b"\n") + 1))
-            os.ftruncate(fd, keep)
-            tail = tail[: tail.rfind(b"\n") + 1]
-        last = tail.rstrip(b"\n").rsplit(b"\n", 1)[-1] if tail.strip() else b""
-        if last:
-            try:
-                previous = _checkpoint(json.loads(last), str(path))
-            except ValueError:
-                previous = None
-            if previous is not None and (previous.seq, previous.hash) == (checkpoint.seq, checkpoint.hash):
-                return False
-        os.write(fd, checkpoint.line().encode())
-        os.fsync(fd)
-        return True
-    except OSError as exc:
-        raise InputError(f"cannot write the witness {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def recent(path: Path) -> list[Checkpoint]:
-    """The checkpoints in the last TAIL_BYTES of a witness file (empty when it does not exist)."""
+    """The checkpoints in the last lines of a witness file (files.TAIL_BYTES; empty when it does not exist)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -254,7 +221,7 @@ def recent(path: Path) -> list[Checkpoint]:
     except OSError as exc:
         raise InputError(f"cannot read the witness {path}: {exc.strerror}") from None
     try:
-        data = _tail(fd, os.fstat(fd).st_size)
+        data = read_tail(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
     text = data.decode("utf-8", errors="replace")

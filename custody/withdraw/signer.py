@@ -14,18 +14,25 @@ adds a single signature it checks, from the PSBT and the pins alone, that:
 * at least two distinct roster employees with the approve role, enabled, not suspended, none of
   them the requester, signed exactly this transaction, each with one of their roster keys;
 * every input spends one of the policy's own scripts, re-derived here from the manifest, and the
-  change output (if any) re-derives from the policy's change chain.
+  change output (if any) re-derives from the policy's change chain;
+* the PSBT's chain of founders-signed rulebooks is signed, chained and not older than the newest
+  this machine has seen; the transaction's locktime (its height: "now") is a height, and not
+  below the highest height in this machine's journal; and the rulebook in force at that height
+  allows it: the approvals its tier needs, the maximum, the destinations, the fee caps, and the
+  velocity limits, counted from this machine's own journal of what it signed.
 
 :func:`review` does all of that and returns what a founder should look at before signing
 (destinations and amounts, the verified change, fee and fee rate, requester, approvers, the
-statement's digest); :func:`sign_reviewed` then adds the signatures (RFC 6979, low S; signing
-twice adds nothing) and remembers the roster and suspensions it saw.
+statement's digest, the rulebook and tier); :func:`sign_reviewed` then remembers the roster,
+suspensions and rulebook it saw, appends the transaction to the journal (``signer-journal.jsonl``,
+fsynced) and only then adds the signatures (RFC 6979, low S; signing twice adds nothing).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +45,9 @@ from custody.bitcoin.amounts import format_btc
 from custody.bitcoin.destinations import address_of
 from custody.bitcoin.script import ScriptType
 from custody.bitcoin.txbuild import tx_vsize
-from custody.errors import ApprovalError, Conflict, InputError, StorageError
-from custody.files import read_bounded, write_atomic
+from custody.clock import iso, now
+from custody.errors import ApprovalError, Conflict, InputError, PolicyViolation, StorageError
+from custody.files import append_line, read_bounded, write_atomic
 from custody.identity.approvals import (
     Approval,
     ApprovalCheck,
@@ -62,6 +70,20 @@ from custody.identity.roster import (
     parse_suspension,
     roster_problems,
 )
+from custody.identity.rulebook import (
+    LOCKTIME_THRESHOLD,
+    Counted,
+    Need,
+    Payout,
+    Rulebook,
+    Spend,
+    Verdict,
+    chain_rollback,
+    check_chain,
+    judge,
+    parse_chain,
+    rulebook_at,
+)
 from custody.policy.generator import AddressDeriver, DerivedAddress
 from custody.policy.manifest import SignedManifest
 from custody.policy.model import BRANCHES, CHANGE, Policy
@@ -73,8 +95,12 @@ PROP_APPROVALS = 1  # JSON: the approvals of the withdrawal
 # 2 was the store's unsigned employee registry: never read any more
 PROP_ROSTER = 3  # JSON: the founders-signed roster the approvals were made under
 PROP_SUSPENSIONS = 4  # JSON: suspensions signed by roster employees
+PROP_RULEBOOKS = 5  # JSON: every applied founders-signed rulebook, #1 first
 STATE_NAME = "signer-state.json"
+JOURNAL_NAME = "signer-journal.jsonl"
+JOURNAL_FORMAT = "custody-signer-journal"
 MAX_STATE_BYTES = 4 * 1024 * 1024
+MAX_JOURNAL_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -98,6 +124,12 @@ class SignerState:
     serial: int = 0
     digest: str | None = None
     suspensions: dict[str, dict[str, Any]] = field(default_factory=dict)  # digest -> document
+    rulebook_serial: int = 0
+    rulebook_digest: str | None = None
+
+    @property
+    def journal(self) -> Path:
+        return self.path.with_name(JOURNAL_NAME)
 
     @classmethod
     def load(cls, path: Path, manifest: SignedManifest) -> SignerState:
@@ -118,9 +150,12 @@ class SignerState:
             serial = int(roster["serial"]) if roster else 0
             digest = str(roster["digest"]) if roster else None
             suspensions = {str(k): dict(v) for k, v in doc["suspensions"].items()}
+            rulebook = doc.get("rulebook")  # absent in a state written before rulebooks
+            book_serial = int(rulebook["serial"]) if rulebook else 0
+            book_digest = str(rulebook["digest"]) if rulebook else None
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise StorageError(f"the signer's state {path} is unreadable: {exc}; restore it from a backup") from None
-        return cls(path, manifest.digest, serial, digest, suspensions)
+        return cls(path, manifest.digest, serial, digest, suspensions, book_serial, book_digest)
 
     def save(self) -> None:
         doc = {
@@ -129,8 +164,130 @@ class SignerState:
             "manifest": self.manifest,
             "roster": {"serial": self.serial, "digest": self.digest} if self.digest else None,
             "suspensions": self.suspensions,
+            "rulebook": {"serial": self.rulebook_serial, "digest": self.rulebook_digest}
+            if self.rulebook_digest
+            else None,
         }
         write_atomic(self.path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------- the journal of what this machine signed
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One transaction this signer machine signed (JSON Lines, one entry a line)."""
+
+    txid: str
+    withdrawal_id: int
+    kind: str
+    height: int  # the transaction's locktime
+    fee: int
+    rulebook: int  # the serial applied (0: the built-in rules)
+    founder: str
+    payouts: tuple[Payout, ...]
+
+    def line(self, manifest: str) -> bytes:
+        doc = {
+            "format": JOURNAL_FORMAT,
+            "version": 1,
+            "manifest": manifest,
+            "txid": self.txid,
+            "withdrawal_id": self.withdrawal_id,
+            "kind": self.kind,
+            "height": self.height,
+            "fee": self.fee,
+            "rulebook": self.rulebook,
+            "founder": self.founder,
+            "payouts": [
+                {
+                    "withdrawal_id": p.withdrawal_id,
+                    "account": p.account,
+                    "fee": p.fee,
+                    "payments": [{"script_pubkey": spk, "amount": a} for spk, a in p.payments],
+                }
+                for p in self.payouts
+            ],
+            "at": iso(now()),
+        }
+        return (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+def _journal_entry(doc: Any, manifest: str) -> JournalEntry:
+    if doc.get("format") != JOURNAL_FORMAT or doc.get("version") != 1:
+        raise ValueError("not a custody signer journal entry")
+    if doc["manifest"] != manifest:
+        raise ValueError("it belongs to another founders' manifest")
+    payouts = tuple(
+        Payout(
+            int(p["withdrawal_id"]),
+            str(p["account"]),
+            tuple((str(x["script_pubkey"]), int(x["amount"])) for x in p["payments"]),
+            int(p["fee"]),
+        )
+        for p in doc["payouts"]
+    )
+    return JournalEntry(
+        str(doc["txid"]),
+        int(doc["withdrawal_id"]),
+        str(doc["kind"]),
+        int(doc["height"]),
+        int(doc["fee"]),
+        int(doc["rulebook"]),
+        str(doc["founder"]),
+        payouts,
+    )
+
+
+@dataclass(frozen=True)
+class Journal:
+    """What this signer machine has signed, read back whole. Its velocity counts come from here,
+    never from the online machine; its highest height is a floor for the next locktime."""
+
+    entries: tuple[JournalEntry, ...]
+
+    @classmethod
+    def load(cls, path: Path, manifest: str) -> Journal:
+        """Raises StorageError for a damaged line (a torn last line, a crash's, is skipped)."""
+        try:
+            data = read_bounded(path, MAX_JOURNAL_BYTES, "the signer's journal")
+        except FileNotFoundError:
+            return cls(())
+        except InputError as exc:
+            raise StorageError(str(exc)) from None
+        lines = data.split(b"\n")
+        entries = []
+        for n, raw in enumerate(lines[:-1], 1):  # the part after the last newline was never completed
+            try:
+                entries.append(_journal_entry(json.loads(raw), manifest))
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+                raise StorageError(
+                    f"the signer's journal {path} is damaged at line {n} ({exc}): restore it from a backup"
+                ) from None
+        return cls(tuple(entries))
+
+    @property
+    def height(self) -> int:
+        """The highest height this machine has signed at (0: none)."""
+        return max((e.height for e in self.entries), default=0)
+
+    def counted(self, txid: str) -> Iterator[Counted]:
+        """Every payout signed here, once per transaction, but ``txid``'s own."""
+        seen = {txid}
+        for e in self.entries:
+            if e.txid in seen:
+                continue
+            seen.add(e.txid)
+            for p in e.payouts:
+                yield Counted(e.height, p.account, p.amount)
+
+
+def append_journal(state: SignerState, entry: JournalEntry) -> None:
+    """Append ``entry`` to the journal beside the state, fsynced. Raises StorageError."""
+    try:
+        append_line(state.journal, entry.line(state.manifest))
+    except OSError as exc:
+        raise StorageError(f"cannot write the signer's journal {state.journal}: {exc.strerror or exc}") from None
 
 
 def state_path(manifest_path: Path) -> Path:
@@ -256,9 +413,15 @@ class Review:
     digest: str  # the approval statement's digest (of the batch, for a batch)
     roster_serial: int
     manifest: str  # fingerprint
+    height: int  # the transaction's locktime: the height the rules were applied at
+    journal_height: int  # the highest height this machine had signed at before
+    rulebook_serial: int  # 0: the built-in rules (no founders-signed rulebook seen)
+    needs: dict[int, Need]
     keys: dict[bytes, Any] = field(repr=False, compare=False, default_factory=dict)  # pubkey -> private key
     roster: Roster | None = field(repr=False, compare=False, default=None)
     suspensions: tuple[Suspension, ...] = field(repr=False, compare=False, default=())
+    rulebooks: tuple[Rulebook, ...] = field(repr=False, compare=False, default=())
+    entry: JournalEntry | None = field(repr=False, compare=False, default=None)
 
     @property
     def short_digest(self) -> str:
@@ -282,6 +445,11 @@ class Review:
             "short_digest": self.short_digest,
             "roster_serial": self.roster_serial,
             "manifest": self.manifest,
+            "height": self.height,
+            "journal_height": self.journal_height,
+            "rulebook_serial": self.rulebook_serial,
+            "built_in_rules": self.rulebook_serial == 0,
+            "tiers": {str(k): {"tier": n.tier, "approvals": n.approvals, "why": n.why} for k, n in self.needs.items()},
         }
 
 
@@ -312,36 +480,137 @@ def _check_request(summary: TxSummary, entry: dict[str, Any], requesters: dict[s
     raise ApprovalError(f"{what}: {problem}")
 
 
-def _batch_check(
-    policy: Policy,
-    meta: dict[str, Any],
-    summary: TxSummary,
-    change: int | None,
-    approvers: dict[str, RegistryEntry],
-    requesters: dict[str, RegistryEntry],
-) -> ApprovalCheck:
-    """A batch counts when every member is requested and approved for its own transaction and
-    the batch spends, pays and charges exactly what the members were approved for."""
+@dataclass(frozen=True)
+class _BatchMember:
+    summary: TxSummary
+    entry: dict[str, Any]
+    change_output: int | None
+
+    @property
+    def payout(self) -> Payout:
+        payments = tuple(o for n, o in enumerate(self.summary.outputs) if n != self.change_output)
+        return Payout(self.summary.withdrawal_id, str(self.entry.get("account")), payments, self.summary.fee)
+
+
+def _batch_members(policy: Policy, meta: dict[str, Any]) -> list[_BatchMember]:
+    """A batch's members as the PSBT describes them (each checked by :func:`_batch_check`)."""
     members = []
     try:
         for m in meta["members"]:
             tx = CTransaction.deserialize(bytes.fromhex(m["unsigned_tx"]))
             wid = int(m["withdrawal_id"])
             member_summary = summarize(policy.network.name, wid, tx, [int(a) for a in m["amounts"]])
-            _check_request(member_summary, m, requesters, f"batch member #{wid}")
-            approvals = [Approval(str(a["employee"]), str(a["pubkey"]), str(a["signature"])) for a in m["approvals"]]
-            check = check_approvals(member_summary, approvals, approvers, str(m["requester"]))
             change_output = m["change_output"]
-            members.append(Member(member_summary, change_output if isinstance(change_output, int) else None, check))
+            members.append(_BatchMember(member_summary, m, change_output if isinstance(change_output, int) else None))
     except (KeyError, TypeError, ValueError, OverflowError, SerializationError) as exc:
         # OverflowError: int(Infinity); SerializationError: a member's transaction does not decode
+        raise InputError(f"the PSBT's batch members are malformed: {exc}") from None
+    return members
+
+
+def _batch_check(
+    parsed: Sequence[_BatchMember],
+    summary: TxSummary,
+    change: int | None,
+    approvers: dict[str, RegistryEntry],
+    requesters: dict[str, RegistryEntry],
+    verdict: Verdict,
+) -> ApprovalCheck:
+    """A batch counts when every member is requested and approved (as many approvers as its tier
+    needs) for its own transaction and the batch spends, pays and charges exactly what the
+    members were approved for."""
+    members = []
+    try:
+        for m in parsed:
+            wid = m.summary.withdrawal_id
+            _check_request(m.summary, m.entry, requesters, f"batch member #{wid}")
+            approvals = [
+                Approval(str(a["employee"]), str(a["pubkey"]), str(a["signature"])) for a in m.entry["approvals"]
+            ]
+            need = verdict.needs[wid]
+            check = check_approvals(
+                m.summary, approvals, approvers, str(m.entry["requester"]), need.approvals, need.tier
+            )
+            members.append(Member(m.summary, m.change_output, check))
+    except (KeyError, TypeError) as exc:
         raise InputError(f"the PSBT's batch members are malformed: {exc}") from None
     problems = check_batch(summary, change, members)
     valid = tuple(sorted({name for m in members for name in m.check.valid}))
     return ApprovalCheck(valid if not problems else (), tuple(("batch", p) for p in problems))
 
 
-def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state: SignerState) -> Review:  # noqa: C901 - the offline signer's checks, read top to bottom in one place
+def _rulebooks(p: psbt_lib.Psbt, founders: Founders, state: SignerState) -> list[Rulebook]:
+    """The PSBT's rulebooks, checked: each signed by m founders of the pinned manifest and
+    following the one before, and the chain not older than what this machine has seen."""
+    raw = _prop_raw(p, PROP_RULEBOOKS)
+    books = parse_chain(_prop_json(p, PROP_RULEBOOKS, "rulebook list")) if raw is not None else []
+    check_chain(books, founders)
+    rollback = chain_rollback(books, state.rulebook_serial, state.rulebook_digest)
+    if rollback:
+        raise ApprovalError(f"the PSBT's {rollback}")
+    return books
+
+
+def _height(p: psbt_lib.Psbt, journal: Journal) -> int:
+    """The transaction's locktime, the height this signer takes as now: a height (not a time),
+    never below the highest height this machine has signed at."""
+    height = int(p.tx.nLockTime)
+    if height >= LOCKTIME_THRESHOLD:
+        raise PolicyViolation(f"rule locktime: the transaction's locktime {height} is a time, not a block height")
+    if height < journal.height:
+        raise PolicyViolation(
+            f"rule locktime: the transaction's locktime is height {height}, below height {journal.height} at which "
+            "this signer has signed already: its idea of the height never goes backwards"
+        )
+    return height
+
+
+def _judged(books: Sequence[Rulebook], journal: Journal, txid: str, spend: Spend) -> Verdict:
+    """The rulebook in force at the spend's height applied to it, velocity counted from the journal."""
+    effective = {b.serial: b.effective_height for b in books}
+    return judge(rulebook_at(books, spend.height), effective, spend, journal.counted(txid))
+
+
+def _our_inputs(
+    p: psbt_lib.Psbt, founder: FounderKey, policy: Policy, deriver: AddressDeriver
+) -> tuple[list[int], dict[bytes, Any]]:
+    """Each input's amount, and this founder's private key for each, once every input is shown
+    to spend one of the policy's scripts (re-derived here). Raises InputError."""
+    amounts: list[int] = []
+    keys: dict[bytes, Any] = {}
+    for n, pin in enumerate(p.inputs):
+        where = _our_position(pin.bip32_derivations, founder)
+        if where is None:
+            raise InputError(f"input {n} is not one of our policy's scripts (no derivation for this founder)")
+        derived = deriver.derive(*where)
+        spent = _spent_output(p, n)
+        if spent.script_pubkey != derived.script_pubkey or not _expect(
+            derived, policy.script_type, pin.redeem_script, pin.witness_script
+        ):
+            raise InputError(f"input {n} is not one of our policy's scripts at {where[0]}/{where[1]}")
+        amounts.append(spent.amount)
+        key = founder.master.derive((*founder.account_path, *where)).private_key()
+        keys[key.public_key.format(compressed=True)] = key
+    return amounts, keys
+
+
+def _verified_change(p: psbt_lib.Psbt, change: int | None, founder: FounderKey, deriver: AddressDeriver) -> set[int]:
+    """The outputs that re-derive from the policy's change chain; one claimed as change that does
+    not is refused (InputError)."""
+    verified_change: set[int] = set()
+    for n, out in enumerate(p.outputs):
+        claims = _our_position(out.bip32_derivations, founder) if out.bip32_derivations else None
+        if n == change or claims is not None:
+            if claims is None or claims[0] != CHANGE:
+                raise InputError(f"output {n} is marked as change but does not derive from the policy's change chain")
+            derived = deriver.derive(*claims)
+            if bytes(p.tx.vout[n].scriptPubKey) != derived.script_pubkey:
+                raise InputError(f"output {n}: the change output is not ours (it does not re-derive from the policy)")
+            verified_change.add(n)
+    return verified_change
+
+
+def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state: SignerState) -> Review:
     """Check everything (see the module's docstring) without signing; return what to show.
 
     Raises InputError (not our policy, a foreign input or change, malformed data),
@@ -362,34 +631,10 @@ def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state:
         raise InputError("this key is not one of the policy's founders' keys")
     deriver = AddressDeriver(policy)
 
-    amounts: list[int] = []
-    keys: dict[bytes, Any] = {}
-    for n, pin in enumerate(p.inputs):
-        where = _our_position(pin.bip32_derivations, founder)
-        if where is None:
-            raise InputError(f"input {n} is not one of our policy's scripts (no derivation for this founder)")
-        derived = deriver.derive(*where)
-        spent = _spent_output(p, n)
-        if spent.script_pubkey != derived.script_pubkey or not _expect(
-            derived, policy.script_type, pin.redeem_script, pin.witness_script
-        ):
-            raise InputError(f"input {n} is not one of our policy's scripts at {where[0]}/{where[1]}")
-        amounts.append(spent.amount)
-        key = founder.master.derive((*founder.account_path, *where)).private_key()
-        keys[key.public_key.format(compressed=True)] = key
-
+    amounts, keys = _our_inputs(p, founder, policy, deriver)
     change = meta.get("change_output")
     change = change if isinstance(change, int) and not isinstance(change, bool) else None
-    verified_change: set[int] = set()
-    for n, out in enumerate(p.outputs):
-        claims = _our_position(out.bip32_derivations, founder) if out.bip32_derivations else None
-        if n == change or claims is not None:
-            if claims is None or claims[0] != CHANGE:
-                raise InputError(f"output {n} is marked as change but does not derive from the policy's change chain")
-            derived = deriver.derive(*claims)
-            if bytes(p.tx.vout[n].scriptPubKey) != derived.script_pubkey:
-                raise InputError(f"output {n}: the change output is not ours (it does not re-derive from the policy)")
-            verified_change.add(n)
+    verified_change = _verified_change(p, change, founder, deriver)
 
     withdrawal_id = meta.get("withdrawal_id")
     if not isinstance(withdrawal_id, int) or isinstance(withdrawal_id, bool):
@@ -400,8 +645,26 @@ def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state:
     suspended, suspensions = _suspended(p, roster, state)
     approvers = _registry(roster, suspended, "approve")
     requesters = _registry(roster, suspended, "request")
-    if meta.get("kind") == "batch":
-        check = _batch_check(policy, meta, summary, change, approvers, requesters)
+    books = _rulebooks(p, founders, state)
+    journal = Journal.load(state.journal, pinned.digest)
+    height = _height(p, journal)
+    vsize = tx_vsize(
+        policy.script_type, policy.threshold, policy.n, len(p.inputs), [bytes(o.scriptPubKey) for o in p.tx.vout]
+    )
+    batch = meta.get("kind") == "batch"
+    members = _batch_members(policy, meta) if batch else []
+    payouts = [m.payout for m in members] or [
+        Payout(
+            withdrawal_id,
+            str(meta.get("account")),
+            tuple(o for n, o in enumerate(summary.outputs) if n not in verified_change),
+            summary.fee,
+        )
+    ]
+    txid = b2lx(p.tx.GetTxid())
+    verdict = _judged(books, journal, txid, Spend(height, tuple(payouts), summary.fee, vsize, batch))
+    if batch:
+        check = _batch_check(members, summary, change, approvers, requesters, verdict)
     else:
         _check_request(summary, meta, requesters, f"withdrawal #{withdrawal_id}")
         try:
@@ -411,13 +674,16 @@ def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state:
             ]
         except (KeyError, TypeError):
             raise InputError("the PSBT's approval bundle is malformed") from None
-        check = check_approvals(summary, approvals, approvers, str(meta.get("requester")))
+        need = verdict.needs[withdrawal_id]
+        check = check_approvals(summary, approvals, approvers, str(meta.get("requester")), need.approvals, need.tier)
     if not check.enough:
         raise ApprovalError(f"withdrawal #{withdrawal_id}: {check.explain()}")
+    if verdict.violations:
+        book = f"rulebook #{verdict.serial}" if verdict.serial else "the built-in rules"
+        raise PolicyViolation(
+            f"withdrawal #{withdrawal_id} is refused by {book} at height {height}: {verdict.explain()}"
+        )
 
-    vsize = tx_vsize(
-        policy.script_type, policy.threshold, policy.n, len(p.inputs), [bytes(o.scriptPubKey) for o in p.tx.vout]
-    )
     outputs = tuple(
         {
             "n": n,
@@ -444,23 +710,42 @@ def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state:
         digest=summary.digest(),
         roster_serial=roster.serial,
         manifest=pinned.fingerprint,
+        height=height,
+        journal_height=journal.height,
+        rulebook_serial=verdict.serial,
+        needs={k: v for k, v in verdict.needs.items()},
         keys=keys,
         roster=roster,
         suspensions=tuple(suspensions),
+        rulebooks=tuple(books),
+        entry=JournalEntry(
+            txid,
+            withdrawal_id,
+            "batch" if batch else "single",
+            height,
+            summary.fee,
+            verdict.serial,
+            names[0],
+            tuple(payouts),
+        ),
     )
 
 
 def sign_reviewed(p: psbt_lib.Psbt, r: Review, state: SignerState) -> SignResult:
-    """Remember the roster and suspensions seen, then add the founder's signatures.
+    """Remember the roster, suspensions and rulebook seen, journal the transaction, then add the
+    founder's signatures.
 
-    Raises Conflict (this founder has signed already: nothing added), StorageError (state).
+    Raises Conflict (this founder has signed already: nothing added), StorageError (state, journal).
     """
-    assert r.roster is not None
+    assert r.roster is not None and r.entry is not None
     if r.roster.serial > state.serial:
         state.serial, state.digest = r.roster.serial, r.roster.digest
     for s in r.suspensions:
         state.suspensions.setdefault(s.digest, s.to_dict())
+    if r.rulebooks and r.rulebooks[-1].serial > state.rulebook_serial:
+        state.rulebook_serial, state.rulebook_digest = r.rulebooks[-1].serial, r.rulebooks[-1].digest
     state.save()  # before signing: a crash after it leaves the newer roster remembered, never the older
+    append_journal(state, r.entry)  # before signing too: nothing signed here goes uncounted
     added = psbt_lib.sign(p, r.keys)
     if added == 0:
         raise Conflict(f"{r.founder} has signed this PSBT already; a founder's signatures count once")
