@@ -39,7 +39,7 @@ from custody_cli.context import (
 )
 
 
-def _read(path: Path, limit: int, what: str) -> bytes:
+def read_file(path: Path, limit: int, what: str) -> bytes:
     try:
         return read_bounded(path, limit, what)
     except FileNotFoundError:
@@ -47,7 +47,7 @@ def _read(path: Path, limit: int, what: str) -> bytes:
 
 
 def read_manifest_file(path: Path) -> SignedManifest:
-    return load_signed_manifest(_read(path, MAX_MANIFEST_BYTES, "manifest"))
+    return load_signed_manifest(read_file(path, MAX_MANIFEST_BYTES, "manifest"))
 
 
 def write_new(path: Path, text: str, *, overwrite: bool = False) -> None:
@@ -203,7 +203,7 @@ def manifest_draft(
 def _read_input(name: str) -> bytes:
     """A wallet setup file's bytes, or standard input's for ``-`` (bounded either way)."""
     if name != "-":
-        return _read(Path(name), MAX_SETUP_FILE_BYTES, "wallet setup file")
+        return read_file(Path(name), MAX_SETUP_FILE_BYTES, "wallet setup file")
     data = sys.stdin.buffer.read(MAX_SETUP_FILE_BYTES + 1)
     if len(data) > MAX_SETUP_FILE_BYTES:
         raise InputError(f"a wallet setup file is at most {MAX_SETUP_FILE_BYTES} bytes")
@@ -439,7 +439,7 @@ def roster_sign(
 
     The roster is checked against the manifest pinned on this machine (--manifest)."""
     pinned = roster_lib.load_trust(app.settings)
-    r = load_roster(_read(file, MAX_ROSTER_BYTES, "roster"))
+    r = load_roster(read_file(file, MAX_ROSTER_BYTES, "roster"))
     if r.manifest != pinned.manifest.digest or r.network != pinned.policy.network.name:
         raise InputError("this roster belongs to another founders' manifest than the one pinned here: do not sign it")
     key = founder_key(key_file, passphrase_file)
@@ -465,7 +465,7 @@ def roster_sign(
 @example("custody roster apply roster-2.json")
 def roster_apply(app: AppContext, file: Path, as_json: bool) -> None:
     """Apply a roster m founders signed; it must be the next serial after the one in force."""
-    r = roster_lib.apply_roster(app.db, app.settings, _read(file, MAX_ROSTER_BYTES, "roster"))
+    r = roster_lib.apply_roster(app.db, app.settings, read_file(file, MAX_ROSTER_BYTES, "roster"))
     if as_json:
         output.emit_json({"serial": r.serial, "digest": r.digest, "signed_by": sorted(r.signatures)})
         return
@@ -482,7 +482,7 @@ def roster_pin(app: AppContext, file: Path, as_json: bool) -> None:
     older roster is signed here (checked against the manifest pinned here)."""
     pinned = read_manifest_file(app.settings.manifest).check()
     state = SignerState.load(state_path(app.settings.manifest), pinned)
-    doc = json.loads(_read(file, MAX_ROSTER_BYTES, "roster"))
+    doc = json.loads(read_file(file, MAX_ROSTER_BYTES, "roster"))
     r = pin_roster(doc, pinned, state)
     if as_json:
         output.emit_json({"serial": r.serial, "digest": r.digest, "state": str(state.path)})

@@ -89,7 +89,7 @@ def base64_option(f: Any) -> Any:
     )(f)
 
 
-def _backend(app: AppContext) -> Any:
+def chain_backend(app: AppContext) -> Any:
     return backend_for(app.settings, load_policy(app.db).network.name)
 
 
@@ -150,7 +150,7 @@ def withdraw_request(
     data = wd.request_withdrawal(
         app.db,
         app.settings,
-        _backend(app),
+        chain_backend(app),
         account=account,
         destination=destination,
         amount=amount,
@@ -276,7 +276,7 @@ def withdraw_broadcast(app: AppContext, withdrawal_id: int, as_json: bool) -> No
     recorded in the audit log; nothing else changes: the withdrawal stays signed, its inputs
     reserved and its hold in place (custody sync settles or refunds it on the chain's proof).
     """
-    _show(wd.broadcast(app.db, _backend(app), withdrawal_id, settings=app.settings), as_json)
+    _show(wd.broadcast(app.db, chain_backend(app), withdrawal_id, settings=app.settings), as_json)
 
 
 @withdraw.command("cancel")
@@ -320,6 +320,7 @@ def withdraw_batch(
     data = wd.create_batch(
         app.db,
         app.settings,
+        chain_backend(app),
         actor=employee,
         key=employee_key(key_file, passphrase_file),
         fee_rate=fee_rate,
@@ -405,10 +406,12 @@ def sign(
     """Review and sign a withdrawal PSBT offline with a founder key (no store, no node needed).
 
     Believes only what is pinned on this machine: the founders-signed manifest (--manifest /
-    CUSTODY_MANIFEST) and, beside it, the newest employee roster seen. Refuses unless the PSBT's
-    roster is signed by m founders and not older, the requester signed the exact transaction,
-    two distinct approvers of the roster (never the requester) did too, every input is one of the
-    policy's scripts and the change re-derives. Shows what is signed and asks on a terminal.
+    CUSTODY_MANIFEST) and, beside it, the newest employee roster and rulebook seen and the journal
+    of what it signed. Refuses unless the PSBT's roster and rulebooks are signed by m founders and
+    not older, the requester signed the exact transaction, as many distinct approvers of the roster
+    as the rulebook's tier needs (never the requester) did too, every input is one of the policy's
+    scripts, the change re-derives, and the rulebook in force at the transaction's locktime allows
+    it (velocity counted from the journal). Shows what is signed and asks on a terminal.
     """
     if out_file is None and str(file) == STDIO:
         out_file = Path(STDIO)
@@ -463,6 +466,12 @@ def render_signer_review(r: Review) -> None:
             ("inputs", f"{r.inputs} of our policy, {r.input_total} sat"),
             ("fee", f"{r.fee} sat ({r.fee_rate} sat/vB)"),
             ("roster", f"#{r.roster_serial}, signed by the founders of manifest {r.manifest}"),
+            ("rulebook", f"#{r.rulebook_serial}" if r.rulebook_serial else "NONE SIGNED YET: the built-in rules apply"),
+            ("height", f"{r.height} (the transaction's locktime; this signer last signed at {r.journal_height})"),
+            (
+                "tier",
+                ", ".join(f"#{wid}: {n.tier}, {n.approvals} approvals ({n.why})" for wid, n in sorted(r.needs.items())),
+            ),
             ("statement digest", r.short_digest),
         ],
     )
@@ -488,7 +497,7 @@ def sync(app: AppContext, as_json: bool) -> None:
     reorganisation removed is reversed. --json: a list of what changed, each item with its
     "kind" (single or batch withdrawal, or deposit).
     """
-    backend = _backend(app)
+    backend = chain_backend(app)
     confirmations = deposits.deposit_confirmations(app.settings)
     changed = wd.sync(app.db, backend, wd.limits_from_settings(app.settings), settings=app.settings)
     credited = deposits.sync_deposits(app.db, app.settings, backend, confirmations)

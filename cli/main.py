@@ -166,6 +166,7 @@ def _register() -> None:
         commands_node,
         commands_notify,
         commands_policy,
+        commands_rules,
         commands_serve,
         commands_trust,
         commands_verify,
@@ -176,6 +177,7 @@ def _register() -> None:
     for module in (
         commands_keys,
         commands_trust,
+        commands_rules,
         commands_policy,
         commands_address,
         commands_halt,
