@@ -24,6 +24,7 @@ POINTS = (
     "withdrawal.finalized",  # final transaction committed
     "withdrawal.sent",  # handed to the node, not yet recorded
     "withdrawal.broadcast",  # recorded as broadcast
+    "signer.journaled",  # offline: the transaction in the signer's journal, not yet signed
 )
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from custody.errors import InputError, StorageError
@@ -183,9 +184,9 @@ def write_atomic(path: Path, text: str) -> None:
 TAIL_BYTES = 64 * 1024
 
 
-def read_tail(fd: int, size: int) -> bytes:
-    """The last whole lines within TAIL_BYTES of an open file of ``size`` bytes."""
-    start = max(0, size - TAIL_BYTES)
+def read_tail(fd: int, size: int, limit: int = TAIL_BYTES) -> bytes:
+    """The last whole lines within ``limit`` bytes of an open file of ``size`` bytes."""
+    start = max(0, size - limit)
     os.lseek(fd, start, os.SEEK_SET)
     data = b""
     while len(data) < size - start:
@@ -198,27 +199,47 @@ def read_tail(fd: int, size: int) -> bytes:
     return data
 
 
-def append_line(path: Path, line: bytes, skip: Callable[[bytes], bool] | None = None) -> bool:
-    """Append ``line`` (ending in a newline) to a JSON Lines file; True when written.
+class LockedLines:
+    """A JSON Lines file held under its exclusive lock: ``data``, its whole lines as read (all of
+    them, or the last ones), and :meth:`append`."""
 
-    One write of one whole line under an exclusive lock, then fsync; an unterminated last
-    line (an append torn by a crash) is cut off first. Nothing is written when ``skip`` says
-    yes to the file's last line. Raises OSError for the caller to word.
-    """
+    def __init__(self, fd: int, data: bytes) -> None:
+        self.fd = fd
+        self.data = data
+
+    @property
+    def last(self) -> bytes:
+        return self.data.rstrip(b"\n").rsplit(b"\n", 1)[-1] if self.data.strip() else b""
+
+    def append(self, line: bytes) -> None:
+        """Append one whole line (ending in a newline), then fsync. A write that stops part of the
+        way (a full disk writes what fits, then fails) is cut back off. Raises OSError."""
+        start = os.fstat(self.fd).st_size
+        rest = memoryview(line)
+        try:
+            while rest:
+                rest = rest[os.write(self.fd, rest) :]
+            os.fsync(self.fd)
+        except OSError:
+            with suppress(OSError):
+                os.ftruncate(self.fd, start)
+            raise
+
+
+@contextmanager
+def locked_lines(path: Path, whole: bool = False) -> Iterator[LockedLines]:
+    """Open (or create) a JSON Lines file under an exclusive lock, cut off an unterminated last
+    line (an append torn by a crash), and read its whole lines: all of them (``whole``) or
+    those in the last TAIL_BYTES. Raises OSError for the caller to word."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
-        tail = read_tail(fd, size)
-        if tail and not tail.endswith(b"\n"):
-            os.ftruncate(fd, size - (len(tail) - (tail.rfind(b"\n") + 1)))
-            tail = tail[: tail.rfind(b"\n") + 1]
-        last = tail.rstrip(b"\n").rsplit(b"\n", 1)[-1] if tail.strip() else b""
-        if last and skip is not None and skip(last):
-            return False
-        os.write(fd, line)
-        os.fsync(fd)
-        return True
+        data = read_tail(fd, size, size if whole else TAIL_BYTES)
+        if data and not data.endswith(b"\n"):
+            os.ftruncate(fd, size - (len(data) - (data.rfind(b"\n") + 1)))
+            data = data[: data.rfind(b"\n") + 1]
+        yield LockedLines(fd, data)
     finally:
         os.close(fd)  # releases the lock

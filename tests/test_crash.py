@@ -171,3 +171,27 @@ def test_withdrawal_killed_at_every_step(tmp_path: Path, regtest_node: NodeInfo,
         len([t for t in shop.wallet.call("listreceivedbyaddress", 0) if t["address"] == node_address][0]["txids"]) == 1
     )
     _audit_intact(shop.c.home)
+
+
+def test_the_offline_signer_killed_after_its_journal_counts_the_withdrawal_once(tmp_path: Path) -> None:
+    """Killed between the journal's append and the signatures: run again, it signs (its own
+    entry is not counted against it) and the withdrawal counts once towards velocity."""
+    from tests.test_rulebook_enforced import Offline, Shop, _signed, _with_chain
+
+    shop = Shop.funded(tmp_path)
+    try:
+        limit = shop.withheld(
+            {"velocity": [{"name": "daily", "scope": "global", "window_blocks": 10, "max_sat": 10**8}]}
+        )
+        path, more = (_with_chain(shop.export(shop.approved(btc)), [limit]) for btc in ("1", "0.001"))
+        offline = Offline(shop, tmp_path / "offline")
+        out = tmp_path / "s.psbt"
+        args = ("sign", str(path), "--key", str(offline.key), "--yes", "--out", str(out))
+        killed = run_cli(offline.env, *args, crash_at="signer.journaled")
+        assert killed.returncode == KILLED and not out.exists()
+        assert len((offline.home / "signer-journal.jsonl").read_text().splitlines()) == 1
+        _signed(offline.sign(path))
+        refused = offline.sign(more)
+        assert refused.returncode == 4 and "(100000000 sat before this)" in refused.stderr, refused.stderr
+    finally:
+        shop.chain.close()

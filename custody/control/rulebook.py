@@ -92,7 +92,27 @@ def chain(s: Session, trust: Trust) -> Chain:
         check_chain(books, trust.founders)
     except ApprovalError as exc:
         raise VerificationFailed(f"the store's rulebooks do not stand against the pinned manifest: {exc}") from None
+    logged = _applied_in_log(s)
+    rows = {b.serial: b.digest for b in books}
+    if logged != rows:
+        missing = sorted(set(logged) - set(rows)) or sorted(k for k in rows if logged.get(k) != rows[k])
+        raise VerificationFailed(
+            f"the store's rulebooks are not those the audit log recorded as applied (rulebook #{missing[0]} "
+            "differs or is missing): a row was deleted, or the log was edited"
+        )
     return Chain(tuple(books))
+
+
+def _applied_in_log(s: Session) -> dict[int, str]:
+    """Serial -> digest of every rulebook the audit log recorded as applied."""
+    out = {}
+    for entry in s.exec(select(AuditEntry).where(AuditEntry.event == "rulebook.applied")).all():
+        try:
+            payload = json.loads(entry.payload)
+            out[int(payload["serial"])] = str(payload["digest"])
+        except (ValueError, KeyError, TypeError):
+            out[-entry.seq] = "unreadable"
+    return out
 
 
 def store_chain(s: Session) -> Chain:

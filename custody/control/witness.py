@@ -38,7 +38,7 @@ from custody.config import Settings
 from custody.control import halt
 from custody.control.audit_log import GENESIS, ChainProblem
 from custody.errors import CustodyError, HaltedError, InputError, StorageError
-from custody.files import append_line, read_limited_text, read_tail
+from custody.files import locked_lines, read_limited_text, read_tail
 from custody.store.db import Database
 from custody.store.models import AuditEntry, AuditHead
 
@@ -199,15 +199,17 @@ def append(path: Path, checkpoint: Checkpoint) -> bool:
     cannot be written.
     """
 
-    def same(last: bytes) -> bool:
-        try:
-            previous = _checkpoint(json.loads(last), str(path))
-        except ValueError:
-            return False
-        return previous is not None and (previous.seq, previous.hash) == (checkpoint.seq, checkpoint.hash)
-
     try:
-        return append_line(path, checkpoint.line().encode(), same)
+        with locked_lines(path) as f:
+            if f.last:
+                try:
+                    previous = _checkpoint(json.loads(f.last), str(path))
+                except ValueError:
+                    previous = None
+                if previous is not None and (previous.seq, previous.hash) == (checkpoint.seq, checkpoint.hash):
+                    return False
+            f.append(checkpoint.line().encode())
+            return True
     except OSError as exc:
         raise InputError(f"cannot write the witness {path}: {exc.strerror}") from None
 

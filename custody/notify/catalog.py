@@ -10,7 +10,9 @@ What is notified (:func:`notification_for`):
   signatures; a signatures import that does not complete it is not told), ``.broadcast``,
   ``.confirmed``, ``.failed``;
 * every ``audit.*`` event (ledger and reserve audits);
-* ``notify.recipient_added`` and ``.recipient_removed``, so that the others learn of it.
+* ``notify.recipient_added`` and ``.recipient_removed``, so that the others learn of it;
+* ``rulebook.proposed`` and ``.applied`` (critical when the rulebook loosens anything: everyone
+  learns of it before it can take effect).
 
 :data:`EVENTS` and :data:`PREFIXES` narrow the audit log to the candidates in SQL; the
 final word is :func:`notification_for` (a ``verification.run`` without failures is not told).
@@ -40,6 +42,8 @@ EVENTS = (
     "withdrawal.failed",
     "notify.recipient_added",
     "notify.recipient_removed",
+    "rulebook.proposed",
+    "rulebook.applied",
 )
 """Audit events that may be told, named exactly."""
 
@@ -141,6 +145,8 @@ def _describe(event: str, actor: str, p: dict[str, Any]) -> tuple[str, str, str]
         )
     if event.startswith("withdrawal."):
         return _describe_withdrawal(event, actor, p)
+    if event in ("rulebook.proposed", "rulebook.applied"):
+        return _rulebook(event, actor, p)
     if event in ("notify.recipient_added", "notify.recipient_removed"):
         verb = "added" if event.endswith("added") else "removed"
         return event, "critical", f"Notification recipient {verb} by {actor}: {p.get('kind')} {p.get('target')}"
@@ -148,6 +154,17 @@ def _describe(event: str, actor: str, p: dict[str, Any]) -> tuple[str, str, str]
         failed = p.get("ok") is False or (isinstance(p.get("failures"), int) and p["failures"] > 0)
         return event, "critical", f"{'AUDIT FAILED' if failed else 'Audit'}: {event} by {actor}"
     return None
+
+
+def _rulebook(event: str, actor: str, p: dict[str, Any]) -> tuple[str, str, str]:
+    loosens = [str(x) for x in p.get("loosens") or []]
+    verb = "proposed" if event.endswith("proposed") else "applied"
+    what = f"LOOSENS ({'; '.join(loosens)})" if loosens else "only tightens"
+    return (
+        event,
+        "critical" if loosens else "info",
+        f"Rulebook #{p.get('serial')} {verb} by {actor}: {what}; in force from height {p.get('effective_height')}",
+    )
 
 
 def notification_for(entry: AuditEntry) -> Notification | None:

@@ -47,7 +47,8 @@ from custody.bitcoin.script import ScriptType
 from custody.bitcoin.txbuild import tx_vsize
 from custody.clock import iso, now
 from custody.errors import ApprovalError, Conflict, InputError, PolicyViolation, StorageError
-from custody.files import append_line, read_bounded, write_atomic
+from custody.faults import crash_point
+from custody.files import locked_lines, read_bounded, write_atomic
 from custody.identity.approvals import (
     Approval,
     ApprovalCheck,
@@ -255,9 +256,15 @@ class Journal:
             return cls(())
         except InputError as exc:
             raise StorageError(str(exc)) from None
-        lines = data.split(b"\n")
+        return cls.parse(data, path, manifest)
+
+    @classmethod
+    def parse(cls, data: bytes, path: Path, manifest: str) -> Journal:
+        """Raises StorageError for a damaged line or a journal too large to read."""
+        if len(data) > MAX_JOURNAL_BYTES:
+            raise StorageError(f"the signer's journal {path} is larger than {MAX_JOURNAL_BYTES} bytes")
         entries = []
-        for n, raw in enumerate(lines[:-1], 1):  # the part after the last newline was never completed
+        for n, raw in enumerate(data.split(b"\n")[:-1], 1):  # after the last newline: an append never completed
             try:
                 entries.append(_journal_entry(json.loads(raw), manifest))
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
@@ -282,10 +289,18 @@ class Journal:
                 yield Counted(e.height, p.account, p.amount)
 
 
-def append_journal(state: SignerState, entry: JournalEntry) -> None:
-    """Append ``entry`` to the journal beside the state, fsynced. Raises StorageError."""
+def _record_in_journal(state: SignerState, r: Review) -> None:
+    """Append ``r``'s transaction to the journal beside the state, fsynced, after checking again,
+    under the journal's lock, what another signing on this machine may have changed since the
+    review: the height floor and velocity. Raises PolicyViolation, StorageError."""
+    assert r.entry is not None and r.spend is not None
     try:
-        append_line(state.journal, entry.line(state.manifest))
+        with locked_lines(state.journal, whole=True) as f:
+            journal = Journal.parse(f.data, state.journal, state.manifest)
+            _height(r.height, journal)
+            verdict = judge(r.book, r.effective, r.spend, journal.counted(r.entry.txid))
+            _refuse(verdict, r.withdrawal_id)
+            f.append(r.entry.line(state.manifest))
     except OSError as exc:
         raise StorageError(f"cannot write the signer's journal {state.journal}: {exc.strerror or exc}") from None
 
@@ -421,6 +436,9 @@ class Review:
     roster: Roster | None = field(repr=False, compare=False, default=None)
     suspensions: tuple[Suspension, ...] = field(repr=False, compare=False, default=())
     rulebooks: tuple[Rulebook, ...] = field(repr=False, compare=False, default=())
+    book: Rulebook | None = field(repr=False, compare=False, default=None)  # in force at ``height``
+    effective: dict[int, int] = field(repr=False, compare=False, default_factory=dict)
+    spend: Spend | None = field(repr=False, compare=False, default=None)
     entry: JournalEntry | None = field(repr=False, compare=False, default=None)
 
     @property
@@ -551,10 +569,9 @@ def _rulebooks(p: psbt_lib.Psbt, founders: Founders, state: SignerState) -> list
     return books
 
 
-def _height(p: psbt_lib.Psbt, journal: Journal) -> int:
+def _height(height: int, journal: Journal) -> int:
     """The transaction's locktime, the height this signer takes as now: a height (not a time),
     never below the highest height this machine has signed at."""
-    height = int(p.tx.nLockTime)
     if height >= LOCKTIME_THRESHOLD:
         raise PolicyViolation(f"rule locktime: the transaction's locktime {height} is a time, not a block height")
     if height < journal.height:
@@ -565,10 +582,12 @@ def _height(p: psbt_lib.Psbt, journal: Journal) -> int:
     return height
 
 
-def _judged(books: Sequence[Rulebook], journal: Journal, txid: str, spend: Spend) -> Verdict:
-    """The rulebook in force at the spend's height applied to it, velocity counted from the journal."""
-    effective = {b.serial: b.effective_height for b in books}
-    return judge(rulebook_at(books, spend.height), effective, spend, journal.counted(txid))
+def _refuse(verdict: Verdict, withdrawal_id: int) -> None:
+    if verdict.violations:
+        book = f"rulebook #{verdict.serial}" if verdict.serial else "the built-in rules"
+        raise PolicyViolation(
+            f"withdrawal #{withdrawal_id} is refused by {book} at height {verdict.height}: {verdict.explain()}"
+        )
 
 
 def _our_inputs(
@@ -646,8 +665,13 @@ def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state:
     approvers = _registry(roster, suspended, "approve")
     requesters = _registry(roster, suspended, "request")
     books = _rulebooks(p, founders, state)
+    if books and books[-1].serial > state.rulebook_serial:
+        # Remembered at once, even if this PSBT is refused below: it can only tighten what this
+        # machine accepts from now on.
+        state.rulebook_serial, state.rulebook_digest = books[-1].serial, books[-1].digest
+        state.save()
     journal = Journal.load(state.journal, pinned.digest)
-    height = _height(p, journal)
+    height = _height(int(p.tx.nLockTime), journal)
     vsize = tx_vsize(
         policy.script_type, policy.threshold, policy.n, len(p.inputs), [bytes(o.scriptPubKey) for o in p.tx.vout]
     )
@@ -662,7 +686,10 @@ def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state:
         )
     ]
     txid = b2lx(p.tx.GetTxid())
-    verdict = _judged(books, journal, txid, Spend(height, tuple(payouts), summary.fee, vsize, batch))
+    book = rulebook_at(books, height)
+    effective = {b.serial: b.effective_height for b in books}
+    spend = Spend(height, tuple(payouts), summary.fee, vsize, batch)
+    verdict = judge(book, effective, spend, journal.counted(txid))
     if batch:
         check = _batch_check(members, summary, change, approvers, requesters, verdict)
     else:
@@ -678,11 +705,7 @@ def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state:
         check = check_approvals(summary, approvals, approvers, str(meta.get("requester")), need.approvals, need.tier)
     if not check.enough:
         raise ApprovalError(f"withdrawal #{withdrawal_id}: {check.explain()}")
-    if verdict.violations:
-        book = f"rulebook #{verdict.serial}" if verdict.serial else "the built-in rules"
-        raise PolicyViolation(
-            f"withdrawal #{withdrawal_id} is refused by {book} at height {height}: {verdict.explain()}"
-        )
+    _refuse(verdict, withdrawal_id)
 
     outputs = tuple(
         {
@@ -718,6 +741,9 @@ def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state:
         roster=roster,
         suspensions=tuple(suspensions),
         rulebooks=tuple(books),
+        book=book,
+        effective=effective,
+        spend=spend,
         entry=JournalEntry(
             txid,
             withdrawal_id,
@@ -745,7 +771,8 @@ def sign_reviewed(p: psbt_lib.Psbt, r: Review, state: SignerState) -> SignResult
     if r.rulebooks and r.rulebooks[-1].serial > state.rulebook_serial:
         state.rulebook_serial, state.rulebook_digest = r.rulebooks[-1].serial, r.rulebooks[-1].digest
     state.save()  # before signing: a crash after it leaves the newer roster remembered, never the older
-    append_journal(state, r.entry)  # before signing too: nothing signed here goes uncounted
+    _record_in_journal(state, r)  # before signing too: nothing signed here goes uncounted
+    crash_point("signer.journaled")
     added = psbt_lib.sign(p, r.keys)
     if added == 0:
         raise Conflict(f"{r.founder} has signed this PSBT already; a founder's signatures count once")
