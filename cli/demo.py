@@ -76,6 +76,18 @@ def _deposits(d: dict[str, Any]) -> None:
         output.line(f"  {c['account']}: {c['amount']} BTC credited ({c['outpoint'][:16]}...)")
 
 
+def _rulebook(d: dict[str, Any]) -> None:
+    fees = d["rules"]["fees"]
+    output.line(
+        f"  rulebook #{d['serial']} ({d['fingerprint']}) signed by {', '.join(d['signed_by'])}: at most "
+        f"{d['rules']['max_withdrawal_sat']} sat a withdrawal, {d['rules']['velocity'][0]['max_sat']} sat in "
+        f"{d['rules']['velocity'][0]['window_blocks']} blocks, fees at most {fees['max_fee_sat']} sat, "
+        f"{fees['max_fee_rate']} sat/vB and {fees['max_fee_share_bp'] / 100:.0f}% of the amount"
+    )
+    refused = d["refused"]
+    output.line(f"  carol's request of 5 BTC refused (exit {refused['exit_code']}): {refused['message']}")
+
+
 def _request(d: dict[str, Any]) -> None:
     w = d["withdrawal"]
     output.line(
@@ -97,7 +109,10 @@ def _offline(d: dict[str, Any]) -> None:
             f"{o['amount']} BTC to {o['address']}" + (" (change, verified)" if o["change"] else "")
             for o in s["outputs"]
         )
-        output.line(f"  {s['founder']} reviews digest {s['digest']}: {outs}, fee {s['fee']} sat")
+        output.line(
+            f"  {s['founder']} reviews digest {s['digest']}: {outs}, fee {s['fee']} sat; rulebook #{s['rulebook']} "
+            f"at height {s['height']}: tier {s['tier']}, {s['tier_approvals']} approvals"
+        )
         output.line(
             f"  {s['founder']} checked approvals ({', '.join(s['approvals'])}), inputs and change; "
             f"signed {s['signatures_added']} input(s)"
@@ -135,6 +150,7 @@ RENDER: dict[str, Callable[[dict[str, Any]], None]] = {
     "tamper": _tamper,
     "lift": _lift,
     "deposits": _deposits,
+    "rulebook": _rulebook,
     "request": _request,
     "approvals": _approvals,
     "offline": _offline,

@@ -4,8 +4,9 @@ It plays every role in one process, with a demo passphrase, in a fresh directory
 embedded regtest chain (SQLite, no server): the founders' key ceremony, the 2-of-3 manifest
 every founder signs, employees enrolled by a founders-signed roster, deposit addresses for a
 few accounts, the auditors' independent verification, a tampered export caught and trading
-halted, the halt lifted by two employees, deposits, a withdrawal from request through offline
-review and signing to confirmation, and the continuous audit.
+halted, the halt lifted by two employees, deposits, a founders-signed rulebook that refuses a
+withdrawal above its maximum, a withdrawal from request through offline review and signing to
+confirmation, and the continuous audit.
 
 :class:`Story` holds the steps in order; each step does its work and returns what it did as
 data. The CLI announces a step, runs it and renders the data: nothing here prints.
@@ -36,11 +37,13 @@ from custody.chain.types import ChainBackend
 from custody.config import Settings
 from custody.control import halt as halt_lib
 from custody.control import roster as roster_lib
+from custody.control import rulebook as rulebook_lib
 from custody.control.wallet import init_store
 from custody.errors import CustodyError, InputError
 from custody.identity.employee_keys import FileSigner
 from custody.identity.keyfile import create_employee_key, create_founder_key, open_employee_key, open_founder_key
 from custody.identity.roster import sign_roster
+from custody.identity.rulebook import sign_rulebook
 from custody.issuance.issuer import export_addresses, issue_addresses, list_addresses
 from custody.policy.manifest import SignedManifest, load_signed_manifest, sign_manifest, unsigned, write_manifest
 from custody.policy.model import make_policy
@@ -55,6 +58,12 @@ FOUNDERS = ("founder-a", "founder-b", "founder-c")
 EMPLOYEES = ("alice", "bob", "carol")
 ACCOUNTS = ("acct-1001", "acct-1002", "acct-1003")
 WITHDRAWAL_BTC = "1.5"
+RULES: dict[str, Any] = {
+    "max_withdrawal_sat": 200_000_000,
+    "velocity": [{"name": "daily", "scope": "global", "window_blocks": 144, "max_sat": 500_000_000}],
+    "fees": {"max_fee_sat": 100_000, "max_fee_rate": "50", "max_fee_share_bp": 100, "max_batch_fee_sat": 200_000},
+}
+"""The demo's rulebook: at most 2 BTC a withdrawal and 5 BTC in 144 blocks, modest fees."""
 
 
 def fresh_directory(base: Path = Path("custody-demo")) -> Path:
@@ -131,6 +140,11 @@ class Story:
                 "deposits",
                 "Customers deposit: blocks mined on the embedded chain (Bitcoin Core's validation) pay them",
                 self.deposit,
+            ),
+            (
+                "rulebook",
+                "The founders sign rulebook #1 (limits the store and every offline signer enforce); it refuses 5 BTC",
+                self.rulebook,
             ),
             (
                 "request",
@@ -317,23 +331,48 @@ class Story:
         self.backend.mine(100, b"\x51")  # coinbase maturity
         return {"credited": deposits.sync_deposits(self.db, self.settings, self.backend, 1)}
 
-    def request(self) -> dict[str, Any]:
-        """carol's request: coins selected, change to a fresh verified address, inputs reserved."""
+    def _request(self, amount: str) -> dict[str, Any]:
         customer = coincurve.PrivateKey(hashlib.sha256(b"demo customer wallet").digest())
-        destination = encode_segwit("bcrt", 0, hash160(customer.public_key.format()))
-        w = wd.request_withdrawal(
+        self._destination = encode_segwit("bcrt", 0, hash160(customer.public_key.format()))
+        return wd.request_withdrawal(
             self.db,
             self.settings,
             self.backend,
             account=ACCOUNTS[0],
-            destination=destination,
-            amount=WITHDRAWAL_BTC,
+            destination=self._destination,
+            amount=amount,
             fee_rate="2",
             requester="carol",
             key=self._employee("carol"),
         )
-        self._wid, self._destination = int(w["id"]), destination
-        return {"withdrawal": w, "destination": destination}
+
+    def rulebook(self) -> dict[str, Any]:
+        """Rulebook #1 proposed, signed by two founders offline and applied; carol's request of
+        5 BTC, above its maximum, refused with the rule's name."""
+        book, _ = rulebook_lib.propose(self.db, self.settings, self.backend, RULES)
+        founders_view = roster_lib.load_trust(self.settings).founders
+        for name in FOUNDERS[:2]:
+            book = sign_rulebook(book, name, self._founder_keys[name], founders_view)
+        applied, _ = rulebook_lib.apply(self.db, self.settings, json.dumps(book.to_document()).encode())
+        try:
+            self._request("5")
+        except CustodyError as exc:
+            refused = {"exit_code": exc.exit_code, "message": str(exc)}
+        else:
+            raise CustodyError("a withdrawal above the rulebook's maximum was accepted")
+        return {
+            "serial": applied.serial,
+            "fingerprint": rulebook_lib.fingerprint(applied.digest),
+            "signed_by": sorted(applied.signatures),
+            "rules": RULES,
+            "refused": refused,
+        }
+
+    def request(self) -> dict[str, Any]:
+        """carol's request: coins selected, change to a fresh verified address, inputs reserved."""
+        w = self._request(WITHDRAWAL_BTC)
+        self._wid = int(w["id"])
+        return {"withdrawal": w, "destination": self._destination}
 
     def approvals(self) -> dict[str, Any]:
         """carol's own approval refused; alice's and bob's counted."""
@@ -375,6 +414,10 @@ class Story:
                     "fee": r.fee,
                     "approvals": list(result.approvals),
                     "signatures_added": result.signatures_added,
+                    "rulebook": r.rulebook_serial,
+                    "height": r.height,
+                    "tier": r.needs[wid].tier,
+                    "tier_approvals": r.needs[wid].approvals,
                 }
             )
         return {"psbt": unsigned_psbt, "signed": signed}
