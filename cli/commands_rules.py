@@ -24,9 +24,18 @@ from custody.identity.rulebook import (
 )
 from custody.withdraw import queue as wd
 from custody_cli import output
-from custody_cli.commands_trust import confirm, read_file, write_new, yes_option
+from custody_cli.commands_trust import confirm, read_file, signing_founder, write_new, yes_option
 from custody_cli.commands_withdraw import chain_backend
-from custody_cli.context import AppContext, example, founder_key, json_option, pass_app, passphrase_options
+from custody_cli.context import (
+    AppContext,
+    example,
+    founder_key,
+    founder_key_option,
+    json_option,
+    out_file_option,
+    pass_app,
+    passphrase_options,
+)
 
 
 def _render_rules(title: str, rules: dict[str, Any]) -> None:
@@ -151,13 +160,7 @@ def rules_discard(app: AppContext) -> None:
 
 
 @rules.command("export")
-@click.option(
-    "--out",
-    "out_file",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write it for the founders (never overwritten).",
-)
+@out_file_option("Where to write it for the founders (never overwritten).")
 @click.option("--current", is_flag=True, help="Write the newest applied rulebook instead.")
 @pass_app
 @example("custody rules export --out rulebook-2.json")
@@ -171,13 +174,7 @@ def rules_export(app: AppContext, out_file: Path, current: bool) -> None:
 
 @rules.command("sign")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--key",
-    "key_file",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The founder's encrypted key file.",
-)
+@founder_key_option
 @yes_option
 @passphrase_options
 @json_option
@@ -201,9 +198,7 @@ def rules_sign(
         loosened(previous.rules if previous else DEFAULT_RULES, book.rules) if previous or book.serial == 1 else None
     )
     key = founder_key(key_file, passphrase_file)
-    mine = [f.name for f in pinned.policy.founders if f.key.xpub.identity() == key.account.xpub.identity()]
-    if not mine:
-        raise InputError("your key is not one of the pinned manifest's founders'")
+    me = signing_founder(pinned, key)
     if not as_json:
         _render_rules(f"Rulebook #{book.serial}", rulebook_lib.rules_view(book.rules, book.network))
         output.info(f"proposed at height {book.proposed_height}, in force from height {book.effective_height}")
@@ -211,14 +206,14 @@ def rules_sign(
             output.warning("the file does not carry the previous rulebook: what this one loosens cannot be shown")
         elif looser:
             output.warning(f"it loosens: {'; '.join(looser)}")
-    confirm(f"Sign rulebook #{book.serial} as {mine[0]}?", yes)
-    signed = sign_rulebook(book, mine[0], key.master.derive(key.account_path).private_key(), pinned.founders)
+    confirm(f"Sign rulebook #{book.serial} as {me}?", yes)
+    signed = sign_rulebook(book, me, key.master.derive(key.account_path).private_key(), pinned.founders)
     write_atomic(file, json.dumps(signed.to_document() | {"previous_rulebook": before}, indent=2) + "\n")
     complete = not signature_problems(signed, pinned.founders)
     if as_json:
         output.emit_json({"serial": signed.serial, "signed_by": sorted(signed.signatures), "complete": complete})
         return
-    output.success(f"{mine[0]} signed rulebook #{signed.serial} ({len(signed.signatures)} signature(s))")
+    output.success(f"{me} signed rulebook #{signed.serial} ({len(signed.signatures)} signature(s))")
 
 
 @rules.command("apply")

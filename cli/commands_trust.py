@@ -15,6 +15,7 @@ from custody.bitcoin.script import ScriptType, parse_script_type
 from custody.control import roster as roster_lib
 from custody.errors import Conflict, InputError
 from custody.files import read_bounded, write_atomic
+from custody.identity.keyfile import FounderKey
 from custody.identity.roster import MAX_ROSTER_BYTES, Roster, load_roster, roster_problems, sign_roster
 from custody.policy.generator import AddressDeriver
 from custody.policy.manifest import (
@@ -34,6 +35,7 @@ from custody_cli.context import (
     founder_key,
     founder_key_option,
     json_option,
+    out_file_option,
     pass_app,
     passphrase_options,
 )
@@ -68,6 +70,14 @@ def confirm(question: str, yes: bool) -> None:
         raise InputError("not a terminal, so nobody confirmed: review the output above and pass --yes")
     if not click.confirm(question, default=False, err=True):
         raise InputError("not confirmed; nothing was signed")
+
+
+def signing_founder(pinned: roster_lib.Trust, key: FounderKey) -> str:
+    """The pinned manifest's founder whose account key ``key`` is. Raises InputError."""
+    mine = [f.name for f in pinned.policy.founders if f.key.xpub.identity() == key.account.xpub.identity()]
+    if not mine:
+        raise InputError("your key is not one of the pinned manifest's founders'")
+    return mine[0]
 
 
 def _manifest_view(m: SignedManifest) -> dict[str, Any]:
@@ -407,13 +417,7 @@ def roster_discard(app: AppContext) -> None:
 
 
 @roster.command("export")
-@click.option(
-    "--out",
-    "out_file",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write the proposal for the founders (never overwritten).",
-)
+@out_file_option("Where to write the proposal for the founders (never overwritten).")
 @click.option("--current", is_flag=True, help="Write the roster in force instead (to pin on a signer machine).")
 @pass_app
 @example("custody roster export --out roster-2.json")
@@ -443,19 +447,17 @@ def roster_sign(
     if r.manifest != pinned.manifest.digest or r.network != pinned.policy.network.name:
         raise InputError("this roster belongs to another founders' manifest than the one pinned here: do not sign it")
     key = founder_key(key_file, passphrase_file)
-    mine = [f.name for f in pinned.policy.founders if f.key.xpub.identity() == key.account.xpub.identity()]
-    if not mine:
-        raise InputError("your key is not one of the pinned manifest's founders'")
+    me = signing_founder(pinned, key)
     if not as_json:
         _show_roster(r, False)
-    confirm(f"Sign roster #{r.serial} as {mine[0]}?", yes)
-    signed = sign_roster(r, mine[0], key.master.derive(key.account_path).private_key(), pinned.founders)
+    confirm(f"Sign roster #{r.serial} as {me}?", yes)
+    signed = sign_roster(r, me, key.master.derive(key.account_path).private_key(), pinned.founders)
     write_atomic(file, json.dumps(signed.to_document(), indent=2) + "\n")
     missing = roster_problems(signed, pinned.founders)
     if as_json:
         output.emit_json({"serial": signed.serial, "signed_by": sorted(signed.signatures), "complete": not missing})
         return
-    output.success(f"{mine[0]} signed roster #{signed.serial} ({len(signed.signatures)} signature(s))")
+    output.success(f"{me} signed roster #{signed.serial} ({len(signed.signatures)} signature(s))")
 
 
 @roster.command("apply")

@@ -186,6 +186,11 @@ def employee_key(key_file: KeyRef, passphrase_file: Path | None) -> FileSigner |
     )
 
 
+def out_file_option(help: str) -> Callable[[F], F]:
+    """``--out FILE`` (required): where a command writes its file."""
+    return click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path), help=help)
+
+
 def founder_key_option(f: F) -> F:
     """``--key FILE``: a founder's encrypted key file (founders sign offline, never on a token here)."""
     return click.option(

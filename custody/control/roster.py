@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlmodel import Session, col, select
 
@@ -26,6 +26,7 @@ from custody.errors import ApprovalError, Conflict, InputError, NotFound, Storag
 from custody.files import read_bounded, write_atomic
 from custody.identity.approvals import RegistryEntry
 from custody.identity.employee_keys import EmployeeSigner
+from custody.identity.founders_documents import FoundersDocument
 from custody.identity.roster import (
     ROLES,
     SUSPENSION_DOMAIN,
@@ -46,7 +47,7 @@ from custody.identity.statements import parse_pubkey, sign_statement
 from custody.policy.manifest import MAX_MANIFEST_BYTES, SignedManifest, load_signed_manifest
 from custody.policy.model import Policy
 from custody.store.db import Database
-from custody.store.models import RosterProposal, RosterRow, SignedManifestRow, SuspensionRow
+from custody.store.models import RosterProposal, RosterRow, RulebookProposal, SignedManifestRow, SuspensionRow
 
 DEFAULT_ROLES = ROLES
 
@@ -375,11 +376,18 @@ def discard_proposal(db: Database, actor: str = "operator") -> Roster:
         row = open_proposal(s)
         if row is None:
             raise NotFound("no roster proposal is open")
-        dropped = load_roster(row.document.encode())
-        row.status = "discarded"
-        s.add(row)
-        audit_log.append(s, "roster.discarded", actor, {"serial": dropped.serial, "digest": dropped.digest})
-        return dropped
+        return discard_row(s, row, load_roster(row.document.encode()), actor)
+
+
+D = TypeVar("D", bound=FoundersDocument)
+
+
+def discard_row(s: Session, row: RosterProposal | RulebookProposal, dropped: D, actor: str) -> D:
+    """Mark a proposal row discarded, in the audit log too (``<kind>.discarded``)."""
+    row.status = "discarded"
+    s.add(row)
+    audit_log.append(s, f"{dropped.KIND}.discarded", actor, {"serial": dropped.serial, "digest": dropped.digest})
+    return dropped
 
 
 def proposal(db: Database) -> Roster:

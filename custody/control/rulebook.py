@@ -24,7 +24,7 @@ from custody.chain.types import ChainBackend
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log
-from custody.control.roster import Trust, load_trust, store_trust
+from custody.control.roster import Trust, discard_row, load_trust, store_trust
 from custody.errors import ApprovalError, Conflict, InputError, NotFound, VerificationFailed
 from custody.identity.founders_documents import signature_problems
 from custody.identity.rulebook import (
@@ -262,11 +262,7 @@ def discard(db: Database, actor: str = "operator") -> Rulebook:
         row = _open(s)
         if row is None:
             raise NotFound("no rulebook proposal is open")
-        dropped = load_rulebook(row.document.encode())
-        row.status = "discarded"
-        s.add(row)
-        audit_log.append(s, "rulebook.discarded", actor, {"serial": dropped.serial, "digest": dropped.digest})
-        return dropped
+        return discard_row(s, row, load_rulebook(row.document.encode()), actor)
 
 
 def _was_proposed(s: Session, digest: str) -> bool:

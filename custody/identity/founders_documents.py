@@ -20,7 +20,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 
 from custody.bitcoin.message import sign_message, verify_message
 from custody.errors import InputError
@@ -53,6 +53,8 @@ class FoundersDocument:
     and says what its ``body()`` is."""
 
     KIND: ClassVar[str]  # "roster", "rulebook": the document's key and its word in the message
+    FORMAT: ClassVar[str]  # "custody-roster", ...
+    VERSION: ClassVar[int]
     network: str
     manifest: str
     serial: int
@@ -61,6 +63,17 @@ class FoundersDocument:
 
     def body(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def header(self) -> dict[str, Any]:
+        """The fields every body starts with."""
+        return {
+            "format": self.FORMAT,
+            "version": self.VERSION,
+            "network": self.network,
+            "manifest": self.manifest,
+            "serial": self.serial,
+            "previous": self.previous,
+        }
 
     @property
     def digest(self) -> str:
@@ -179,15 +192,18 @@ def signature_problems(doc: FoundersDocument, founders: Founders) -> list[str]:
     return out
 
 
-def founder_signature(doc: FoundersDocument, founder: str, account_key: Any, founders: Founders) -> str:
-    """``founder``'s signature of ``doc`` (``account_key``: coincurve private key of their xpub).
-    Raises InputError when ``founder`` is not a founder or the key is not theirs."""
+D = TypeVar("D", bound=FoundersDocument)
+
+
+def sign_document(doc: D, founder: str, account_key: Any, founders: Founders) -> D:
+    """``doc`` with ``founder``'s signature added (``account_key``: coincurve private key of their
+    xpub). Raises InputError when ``founder`` is not a founder or the key is not theirs."""
     pub = founders.pubkeys.get(founder)
     if pub is None:
         raise InputError(f"{founder} is not a founder of the pinned manifest")
     if account_key.public_key.format(compressed=True) != pub:
         raise InputError(f"this key is not founder {founder}'s")
-    return sign_message(account_key, doc.message)
+    return doc.with_signature(founder, sign_message(account_key, doc.message))
 
 
 def rollback_problem(

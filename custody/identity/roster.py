@@ -36,11 +36,11 @@ from custody.identity.founders_documents import (
     FoundersDocument,
     canonical_json,
     check_canonical,
-    founder_signature,
     is_digest,
     load_json,
     parse_header,
     parse_signatures,
+    sign_document,
     signature_problems,
 )
 from custody.identity.statements import parse_pubkey, statement_digest, verify_statement
@@ -98,6 +98,8 @@ class Roster(FoundersDocument):
     """A roster body (what founders sign) with its signatures; see :func:`verify_roster`."""
 
     KIND: ClassVar[str] = "roster"
+    FORMAT: ClassVar[str] = FORMAT
+    VERSION: ClassVar[int] = FORMAT_VERSION
     network: str
     manifest: str  # digest of the founders' manifest it belongs to
     serial: int
@@ -107,13 +109,7 @@ class Roster(FoundersDocument):
     signatures: Mapping[str, str] = field(default_factory=dict)  # founder name -> base64
 
     def body(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "network": self.network,
-            "manifest": self.manifest,
-            "serial": self.serial,
-            "previous": self.previous,
+        return self.header() | {
             "employees": [e.to_dict() for e in sorted(self.employees, key=lambda e: e.name)],
             "cleared_suspensions": sorted(self.cleared_suspensions),
         }
@@ -203,9 +199,8 @@ def verify_roster(roster: Roster, founders: Founders) -> Roster:
     return roster
 
 
-def sign_roster(roster: Roster, founder: str, account_key: Any, founders: Founders) -> Roster:
-    """Add ``founder``'s signature (``account_key``: coincurve private key of their xpub)."""
-    return roster.with_signature(founder, founder_signature(roster, founder, account_key, founders))
+sign_roster = sign_document
+"""Add a founder's signature (``account_key``: coincurve private key of their xpub)."""
 
 
 # ---------------------------------------------------------------- suspensions

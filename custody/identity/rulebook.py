@@ -49,11 +49,11 @@ from custody.identity.founders_documents import (
     Founders,
     FoundersDocument,
     check_canonical,
-    founder_signature,
     load_json,
     parse_header,
     parse_signatures,
     rollback_problem,
+    sign_document,
     signature_problems,
 )
 
@@ -224,6 +224,8 @@ class Rulebook(FoundersDocument):
     """A rulebook body (what founders sign) with its signatures."""
 
     KIND: ClassVar[str] = "rulebook"
+    FORMAT: ClassVar[str] = FORMAT
+    VERSION: ClassVar[int] = FORMAT_VERSION
     network: str
     manifest: str
     serial: int
@@ -234,16 +236,14 @@ class Rulebook(FoundersDocument):
     signatures: Mapping[str, str] = field(default_factory=dict)
 
     def body(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "network": self.network,
-            "manifest": self.manifest,
-            "serial": self.serial,
-            "previous": self.previous,
-            "proposed_height": self.proposed_height,
-            "effective_height": self.effective_height,
-        } | self.rules.to_dict()
+        return (
+            self.header()
+            | {
+                "proposed_height": self.proposed_height,
+                "effective_height": self.effective_height,
+            }
+            | self.rules.to_dict()
+        )
 
 
 # ---------------------------------------------------------------- reading
@@ -520,9 +520,8 @@ def chain_rollback(chain: Sequence[Rulebook], seen_serial: int, seen_digest: str
     return rollback_problem("rulebook", newest, {b.serial: b.digest for b in chain}, seen_serial, seen_digest)
 
 
-def sign_rulebook(book: Rulebook, founder: str, account_key: Any, founders: Founders) -> Rulebook:
-    """Add ``founder``'s signature (``account_key``: coincurve private key of their xpub)."""
-    return book.with_signature(founder, founder_signature(book, founder, account_key, founders))
+sign_rulebook = sign_document
+"""Add a founder's signature (``account_key``: coincurve private key of their xpub)."""
 
 
 # ---------------------------------------------------------------- judging a transaction
