@@ -320,3 +320,12 @@ def test_a_batch_within_each_members_limits_but_not_in_total() -> None:
     assert rules_of(judge(B1, EFFECTIVE, spend(members[1], fee=1_000, vsize=10_000), history)) == []
     together = judge(B1, EFFECTIVE, spend(*members, fee=2_000, vsize=10_000, batch=True), history)
     assert rules_of(together) == ["velocity:day"]
+
+
+def test_one_withdrawal_id_twice_needs_the_most_approvals_of_either() -> None:
+    """A forged batch listing a large payout and a small one under the same id: the small one's
+    tier must not stand for the large one's."""
+    v = judge(B1, EFFECTIVE, spend(pay(20 * BTC, wid=3), pay(1000, wid=3), fee=1, batch=True), [])
+    assert v.needs[3].approvals == 4
+    v = judge(B1, EFFECTIVE, spend(pay(1000, wid=3), pay(20 * BTC, wid=3), fee=1, batch=True), [])
+    assert v.needs[3].approvals == 4

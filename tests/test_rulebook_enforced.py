@@ -599,6 +599,13 @@ def test_a_batch_whose_members_are_within_limits_but_whose_total_is_not(shop: Sh
     review = _signed(Offline(shop, shop.tmp / "offline-3").sign(path))
     assert review["kind"] == "batch" and sorted(review["tiers"]) == sorted(str(m) for m in members)
 
+    def twice(p: psbt_lib.Psbt) -> None:  # one member's id on both, so that one tier stands for two
+        meta = _get(p, PROP_META)
+        meta["members"][1]["withdrawal_id"] = meta["members"][0]["withdrawal_id"]
+        _put(p, PROP_META, meta)
+
+    _refused(Offline(shop, shop.tmp / "offline-4").sign(_edit(path, twice)), 2, "lists one withdrawal twice")
+
 
 # ---------------------------------------------------------------- time
 

@@ -52,7 +52,7 @@ def test_a_version_2_store_gets_the_liability_account_numbers_table(tmp_path: Pa
         db.execute("UPDATE custody_meta SET value = '2' WHERE key = 'schema_version'")
     assert c("policy", "show").exit_code == 0
     with _db(c) as db:
-        assert db.execute("SELECT value FROM custody_meta").fetchone()[0] == str(SCHEMA_VERSION) == "3"
+        assert db.execute("SELECT value FROM custody_meta").fetchone()[0] == str(SCHEMA_VERSION)
         assert db.execute("SELECT COUNT(*) FROM liability_account").fetchone()[0] == 0
 
 
@@ -111,3 +111,19 @@ def test_a_dropped_halt_table_is_not_made_again_empty(tmp_path: Path) -> None:
     assert status.exit_code == 3
     assert "halt" not in _tables(c) and "halt_lift" not in _tables(c)
     assert c("address", "new", "--account", "a").exit_code in (3, 9)
+
+
+def test_a_version_3_store_is_upgraded_to_rulebooks(tmp_path: Path) -> None:
+    """Version 3 had no rulebook: its tables are created, the built-in rules apply, data kept."""
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    issued = c.json("address", "new", "--account", "a", "--count", "2")
+    with _db(c) as db:
+        for table in ("rulebook", "rulebook_proposal"):
+            db.execute(f"DROP TABLE {table}")
+        db.execute("UPDATE custody_meta SET value = '3' WHERE key = 'schema_version'")
+    assert [a["address"] for a in c.json("address", "list")] == [a["address"] for a in issued]
+    with _db(c) as db:
+        assert db.execute("SELECT value FROM custody_meta").fetchone()[0] == str(SCHEMA_VERSION)
+        assert db.execute("SELECT COUNT(*) FROM rulebook").fetchone() == (0,)
+    assert c("audit", "log", "--verify").exit_code == 0

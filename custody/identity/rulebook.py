@@ -725,7 +725,9 @@ def judge(book: Rulebook | None, effective: Mapping[int, int], spend: Spend, his
     needs: dict[int, Need] = {}
     bad: list[Violation] = []
     for p in spend.payouts:
-        needs[p.withdrawal_id], found = _payout_rules(rules, effective, spend, p)
+        need, found = _payout_rules(rules, effective, spend, p)
+        if p.withdrawal_id not in needs or need.approvals > needs[p.withdrawal_id].approvals:
+            needs[p.withdrawal_id] = need  # one id twice (a forged batch) needs the most of either
         bad += found
     bad += _fee_rules(rules.fees, spend)
     bad += _velocity_rules(rules, spend, history)

@@ -523,6 +523,9 @@ def _batch_members(policy: Policy, meta: dict[str, Any]) -> list[_BatchMember]:
     except (KeyError, TypeError, ValueError, OverflowError, SerializationError) as exc:
         # OverflowError: int(Infinity); SerializationError: a member's transaction does not decode
         raise InputError(f"the PSBT's batch members are malformed: {exc}") from None
+    ids = [m.summary.withdrawal_id for m in members]
+    if len(set(ids)) != len(ids):
+        raise InputError("the PSBT's batch lists one withdrawal twice")
     return members
 
 
