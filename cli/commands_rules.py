@@ -23,8 +23,9 @@ from custody.identity.rulebook import (
     sign_rulebook,
 )
 from custody.withdraw import queue as wd
+from custody.withdraw.signer import SignerState, pin_rulebook, state_path
 from custody_cli import output
-from custody_cli.commands_trust import confirm, read_file, signing_founder, write_new, yes_option
+from custody_cli.commands_trust import confirm, read_file, read_manifest_file, signing_founder, write_new, yes_option
 from custody_cli.commands_withdraw import chain_backend
 from custody_cli.context import (
     AppContext,
@@ -279,6 +280,24 @@ def rules_check(app: AppContext, withdrawal_id: int, as_json: bool) -> None:
         output.warning(f"rule {x['rule']}: {x['detail']}")
     if v["allowed"]:
         output.success("the rules allow it")
+
+
+@rules.command("pin")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+@pass_app
+@example("custody rules pin rulebook-3.json")
+def rules_pin(app: AppContext, file: Path, as_json: bool) -> None:
+    """Offline: remember a founders' rulebook on this signer machine now, so that no PSBT under an
+    older rulebook (or none) is signed here (checked against the manifest pinned here)."""
+    pinned = read_manifest_file(app.settings.manifest).check()
+    state = SignerState.load(state_path(app.settings.manifest), pinned)
+    doc = load_json(read_file(file, MAX_RULEBOOK_BYTES * 2, "rulebook"), MAX_RULEBOOK_BYTES * 2, "rulebook")
+    book = pin_rulebook(doc, pinned, state)
+    if as_json:
+        output.emit_json({"serial": book.serial, "digest": book.digest, "state": str(state.path)})
+        return
+    output.success(f"rulebook #{book.serial} pinned on this signer ({state.path})")
 
 
 COMMANDS = [rules]

@@ -35,7 +35,7 @@ from custody.store.db import Database
 from custody.store.models import AuditEntry
 from custody.withdraw.signer import PROP_APPROVALS, PROP_META
 from tests.chain_support import fresh_script
-from tests.support import PASSPHRASE, Custody
+from tests.support import PASSPHRASE, Custody, run_cli
 from tests.test_root_of_trust import Offline, _get, _put, _refused
 
 __all__ = ["Offline", "Shop"]
@@ -716,3 +716,23 @@ def test_a_damaged_or_unwritable_journal_refuses_to_sign(shop: Shop) -> None:
     journal.unlink()
     journal.mkdir()
     _refused(offline.sign(third), 9, "signer's journal", "is a directory")
+
+
+def test_a_founder_pins_a_rulebook_on_their_signer_before_any_psbt_carries_it(shop: Shop) -> None:
+    """The insider withholds the founders' tighter rulebook from the store; the founders pin it on
+    their signers at once, so the store's PSBTs under the older one are refused there."""
+    shop.rules({"max_withdrawal_sat": 2 * BTC})
+    path = shop.export(shop.approved("1.5"))
+    lower = shop.withheld({"max_withdrawal_sat": BTC})
+    offline = Offline(shop, shop.tmp / "offline")
+    file = shop.tmp / "rulebook-2-signed.json"
+    file.write_text(json.dumps(lower))
+    one = shop.tmp / "rulebook-2-one-signature.json"
+    one.write_text(json.dumps(lower | {"signatures": lower["signatures"][:1]}))
+    _refused(run_cli(offline.env, "rules", "pin", str(one)), 4, "a rulebook needs 2")
+    assert run_cli(offline.env, "rules", "pin", str(file), "--json").returncode == 0
+    _refused(offline.sign(path), 4, "older than rulebook #2")
+    _refused(offline.sign(_with_chain(path, [*shop.chain_docs(path), lower])), 4, "rule max_withdrawal")
+    first = shop.tmp / "rulebook-1.json"
+    first.write_text(json.dumps(shop.chain_docs(path)[0]))
+    _refused(run_cli(offline.env, "rules", "pin", str(first)), 4, "older than rulebook #2")

@@ -60,7 +60,7 @@ from custody.identity.approvals import (
     request_problem,
     summarize,
 )
-from custody.identity.founders_documents import rollback_problem
+from custody.identity.founders_documents import FoundersDocument, rollback_problem, signature_problems
 from custody.identity.keyfile import FounderKey
 from custody.identity.roster import (
     Founders,
@@ -83,6 +83,7 @@ from custody.identity.rulebook import (
     check_chain,
     judge,
     parse_chain,
+    parse_rulebook,
     rulebook_at,
 )
 from custody.policy.generator import AddressDeriver, DerivedAddress
@@ -309,6 +310,20 @@ def state_path(manifest_path: Path) -> Path:
     return manifest_path.with_name(STATE_NAME)
 
 
+def _pinnable(doc: FoundersDocument, pinned: SignedManifest, seen_serial: int, seen_digest: str | None) -> None:
+    """Raise ApprovalError unless m founders of the pinned manifest signed ``doc`` and it is not
+    older than, nor another than, the one of its kind this machine has seen."""
+    pinned.check()
+    policy = pinned.policy
+    founders = Founders(policy.network.name, pinned.digest, policy.threshold, pinned.founder_pubkeys())
+    problems = signature_problems(doc, founders)
+    if problems:
+        raise ApprovalError(f"{doc.KIND} #{doc.serial} is not the founders' {doc.KIND}: " + "; ".join(problems))
+    rollback = rollback_problem(doc.KIND, doc.serial, {doc.serial: doc.digest}, seen_serial, seen_digest)
+    if rollback:
+        raise ApprovalError(rollback)
+
+
 def pin_roster(doc: object, pinned: SignedManifest, state: SignerState) -> Roster:
     """Remember a founders' roster on this signer machine without waiting for a PSBT to carry it
     (for example right after the founders signed one that disables an employee).
@@ -316,18 +331,21 @@ def pin_roster(doc: object, pinned: SignedManifest, state: SignerState) -> Roste
     Raises ApprovalError (not m founders of the pinned manifest, older than or forking the one
     seen), InputError, StorageError.
     """
-    pinned.check()
-    policy = pinned.policy
-    founders = Founders(policy.network.name, pinned.digest, policy.threshold, pinned.founder_pubkeys())
     roster = parse_roster(doc)
-    problems = roster_problems(roster, founders)
-    if problems:
-        raise ApprovalError(f"roster #{roster.serial} is not the founders' roster: " + "; ".join(problems))
-    if roster.serial < state.serial or (roster.serial == state.serial and roster.digest != state.digest):
-        raise ApprovalError(f"roster #{roster.serial} is older than, or another than, roster #{state.serial} seen here")
+    _pinnable(roster, pinned, state.serial, state.digest)
     state.serial, state.digest = roster.serial, roster.digest
     state.save()
     return roster
+
+
+def pin_rulebook(doc: object, pinned: SignedManifest, state: SignerState) -> Rulebook:
+    """Remember a founders' rulebook on this signer machine now (for example one that tightens):
+    from then on every PSBT must carry it, or a newer one. Raises as :func:`pin_roster`."""
+    book = parse_rulebook(doc)
+    _pinnable(book, pinned, state.rulebook_serial, state.rulebook_digest)
+    state.rulebook_serial, state.rulebook_digest = book.serial, book.digest
+    state.save()
+    return book
 
 
 # ---------------------------------------------------------------- reading the PSBT
