@@ -4,9 +4,11 @@
   to a fresh, verified change address (``/1/i``), caps the fee and records the unsigned
   transaction. Its inputs are reserved: the ``reserved_input`` primary key lets no other
   pending withdrawal take them.
-* Two distinct employees, never the requester, approve the exact transaction. Approvals
-  are re-checked against the transaction and the current employee registry at every
-  later step; any change to the transaction voids them.
+* Distinct employees, never the requester, approve the exact transaction: as many as the
+  founders' rulebook's tier for its amount asks (two at least). Approvals are re-checked
+  against the transaction and the current roster at every later step; any change to the
+  transaction voids them. Request, approval, export and batch refuse what the rulebook in
+  force at the transaction's height (its locktime, the tip when requested) forbids.
 * ``export`` writes a PSBT for the offline signer (``custody.withdraw.signer``), ``import_psbt``
   merges founders' signatures, ``finalize`` builds the final transaction, ``broadcast``
   test-accepts it first, ``sync`` follows it to confirmation.
@@ -490,8 +492,9 @@ def request_withdrawal(
     transaction and the account, and that signature travels to the offline signer.
 
     Raises HaltedError, InputError (destination, amount, dust, fee cap, not enough coins),
-    NotFound/ApprovalError (requester), VerificationFailed (change address mismatch,
-    after raising the halt), NodeError, StorageError.
+    NotFound/ApprovalError (requester), PolicyViolation (a rule of the rulebook in force at the
+    chain's tip, named), VerificationFailed (change address mismatch, after raising the halt),
+    NodeError, StorageError.
     """
     manifest = load_manifest_or_halt(db, settings)
     pinned = load_trust(settings)
@@ -606,7 +609,8 @@ def approve(
     the approver was shown).
 
     Raises HaltedError, NotFound, ApprovalError (self-approval, disabled, suspended, no role,
-    wrong key, another digest), Conflict (not awaiting approval), VerificationFailed.
+    wrong key, another digest), PolicyViolation (a rule of the rulebook in force at its height),
+    Conflict (not awaiting approval), VerificationFailed.
     """
     pinned = load_trust(settings)
     with db.transaction() as s:
@@ -787,8 +791,8 @@ def build_psbt(s: Session, policy: Policy, row: WithdrawalRow) -> psbt_lib.Psbt:
 def export_psbt(db: Database, withdrawal_id: int) -> psbt_lib.Psbt:
     """The PSBT of an approved withdrawal, carrying the signatures merged so far.
 
-    Raises HaltedError, NotFound, ApprovalError (fewer than two valid approvals),
-    Conflict (already broadcast or failed).
+    Raises HaltedError, NotFound, ApprovalError (fewer valid approvals than its tier needs),
+    PolicyViolation (a rule of the rulebook), Conflict (already broadcast or failed).
     """
     with db.transaction() as s:
         halt.guard(s)
@@ -1292,7 +1296,8 @@ def create_batch(
     one change output to a fresh verified change address, and pays no more fee than its
     members together; its approvals are the union of its members'.
     Raises HaltedError, Conflict (fewer than two approved withdrawals), InputError (fee),
-    ApprovalError, VerificationFailed (change address, after raising the halt).
+    ApprovalError, PolicyViolation (the batch, its members together, breaks a rule of the
+    rulebook), VerificationFailed (change address, after raising the halt).
     """
     manifest = load_manifest_or_halt(db, settings)
     rate = parse_fee_rate(fee_rate) if fee_rate is not None else limits.default_fee_rate
