@@ -260,7 +260,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @v1.post("/withdrawals", status_code=201, summary="Request a withdrawal")
     def request_withdrawal(body: WithdrawalBody) -> dict[str, Any]:
-        """Request a withdrawal as the service identity (two employees then approve it)."""
+        """Request a withdrawal as the service identity (employees then approve it, as many as the
+        rulebook's tier asks; a request the rulebook forbids is refused, 403, naming the rule)."""
         with state_lock:
             backend = backend_for(settings, load_policy(db).network.name)
             result = wd.request_withdrawal(
