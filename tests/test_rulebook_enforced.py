@@ -35,7 +35,7 @@ from custody.store.db import Database
 from custody.store.models import AuditEntry
 from custody.withdraw.signer import PROP_APPROVALS, PROP_META
 from tests.chain_support import fresh_script
-from tests.support import PASSPHRASE, Custody, run_cli
+from tests.support import PASSPHRASE, Custody, read_psbt, run_cli
 from tests.test_root_of_trust import Offline, _get, _put, _refused
 
 __all__ = ["Offline", "Shop"]
@@ -168,7 +168,7 @@ class Shop(EmbeddedShop):
         return dict(doc)
 
     def chain_docs(self, path: Path) -> list[Any]:
-        p = psbt_lib.Psbt.from_base64(path.read_text().strip())
+        p = psbt_lib.Psbt.parse(read_psbt(path))
         return list(_get(p, PROP_RULEBOOKS))
 
 
@@ -197,7 +197,7 @@ _EDITS = iter(range(1, 10**6))
 
 def _edit(path: Path, change: Any) -> Path:
     """A copy of the PSBT in ``path`` changed by ``change`` (each copy under its own name)."""
-    p = psbt_lib.Psbt.from_base64(path.read_text().strip())
+    p = psbt_lib.Psbt.parse(read_psbt(path))
     change(p)
     out = path.with_name(f"{path.stem}-edit{next(_EDITS)}.psbt")
     out.write_text(p.to_base64() + "\n")
@@ -424,9 +424,7 @@ def test_a_loosening_rulebook_waits_for_its_delay_and_a_tightening_one_is_immedi
 
     enlarged = _edit(small, enlarge)
     signed = [
-        psbt_lib.Psbt.from_base64(
-            Path(_signed(Offline(shop, shop.tmp / f"off-{f}", f).sign(enlarged))["out"]).read_text().strip()
-        )
+        psbt_lib.Psbt.parse(read_psbt(Path(_signed(Offline(shop, shop.tmp / f"off-{f}", f).sign(enlarged))["out"])))
         for f in ("founder-a", "founder-b")
     ]
     raw = psbt_lib.extract(psbt_lib.finalize(psbt_lib.combine(signed))).serialize()
@@ -506,7 +504,7 @@ def test_a_fee_above_each_cap_is_refused_by_the_signer(shop: Shop) -> None:
     store but given to the signer, has lower caps. Each refused with its rule's name."""
     amount = BTC // 1000
     path = shop.export(shop.approved("0.001", fee_rate="4"))
-    p = psbt_lib.Psbt.from_base64(path.read_text().strip())
+    p = psbt_lib.Psbt.parse(read_psbt(path))
     fee = sum(i.witness_utxo.amount for i in p.inputs) - sum(o.nValue for o in p.tx.vout)
     rate = int(_signed(Offline(shop, shop.tmp / "probe").sign(path))["fee_rate"].split(".")[0])
     share = -(-fee * 10_000 // amount)  # the lowest share in basis points that covers the fee
