@@ -141,11 +141,12 @@ def test_an_unsynced_node_refunds_nothing_and_the_transaction_confirms_elsewhere
     inputs = reserved(shop, wid)
     assert inputs
 
-    # A node that never saw the inputs: it says "missing-inputs", which proves nothing.
+    # A node that never saw the inputs, far behind: the transaction's locktime is the height
+    # custody saw, so it says "non-final" before it looks for the inputs. That proves nothing.
     use_node(shop, stranger)
     refused = shop.cli("withdraw", "broadcast", str(wid))
     assert refused.exit_code == 8, refused.output
-    assert "(missing-inputs): missing-inputs" in refused.stderr and "stays signed" in refused.stderr
+    assert "(premature): non-final" in refused.stderr and "stays signed" in refused.stderr
     behind = shop.cli("sync")  # far below the blocks custody has seen: behind, or another chain
     assert behind.exit_code == 8 and "behind or follows another chain" in behind.stderr, behind.output
     # A fresh node still in initial block download is refused before it is asked anything.
@@ -161,7 +162,7 @@ def test_an_unsynced_node_refunds_nothing_and_the_transaction_confirms_elsewhere
         stop_node(fresh_dir)
 
     shown = shop.ok("withdraw", "show", str(wid))
-    assert shown["status"] == "signed" and shown["reason"].startswith("refused by the node (missing-inputs)")
+    assert shown["status"] == "signed" and shown["reason"].startswith("refused by the node (premature)")
     assert reserved(shop, wid) == inputs
     assert balance(shop, "acct-1") == held and balance(shop, f"held:withdrawal-{wid}") == AMOUNT_SAT + fee
     assert postings(shop, wid) == ["withdrawal.requested"]
