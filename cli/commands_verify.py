@@ -22,10 +22,12 @@ def verify_group() -> None:
 @verify_group.command("addresses")
 @click.option(
     "--manifest",
-    "manifest_file",
+    "manifest_files",
     required=True,
+    multiple=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The founders' key manifest the auditors hold.",
+    help="The founders' key manifest the auditors hold; after a key rotation, repeat it: the first "
+    "manifest, then each rotation manifest, in order.",
 )
 @click.option(
     "--export",
@@ -39,19 +41,25 @@ def verify_group() -> None:
 @pass_app
 @example("custody verify addresses --manifest founders.json --export addresses.jsonl")
 def verify_addresses(
-    app: AppContext, manifest_file: Path, export_file: Path | None, workers: int | None, no_halt: bool, as_json: bool
+    app: AppContext,
+    manifest_files: tuple[Path, ...],
+    export_file: Path | None,
+    workers: int | None,
+    no_halt: bool,
+    as_json: bool,
 ) -> None:
-    """Re-derive every issued address from the founders' manifest alone.
+    """Re-derive every issued address from the founders' manifest alone (each from the policy
+    of its epoch, after a key rotation).
 
     Exit 0 when all pass; on any mismatch the trading halt is raised and the exit code is 3.
     """
-    manifest = verification.load_auditor_manifest(manifest_file)
+    chain = verification.load_auditor_chain(manifest_files)
     total = verification.count_store(app.db) if export_file is None else None
     with output.Progress("verifying", total) as bar:
         outcome = verification.run(
             app.db,
             app.settings,
-            manifest,
+            chain,
             export_file,
             workers=workers or os.cpu_count() or 1,
             progress=bar.update,
@@ -95,21 +103,23 @@ COMMANDS = [verify_group]
 @click.argument("proof", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--manifest",
-    "manifest_file",
+    "manifest_files",
     required=True,
+    multiple=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The founders' key manifest the auditors hold.",
+    help="The founders' key manifest the auditors hold; after a key rotation, repeat it: the first "
+    "manifest, then each rotation manifest, in order.",
 )
 @json_option
 @example("custody verify reserves reserves.yaml --manifest founders.json")
-def verify_reserves(proof: Path, manifest_file: Path, as_json: bool) -> None:
+def verify_reserves(proof: Path, manifest_files: tuple[Path, ...], as_json: bool) -> None:
     """Check that a proof of reserves lists only the founders' multisig addresses (no store needed).
 
     Its chain, claim and xpubs must be the manifest's, and every descriptor sortedmulti of
     all the founders' keys at one position, whose address re-derives from the manifest.
     BitMEX's validate_reserves.py then proves the amounts on a node. Exit 3 when not.
     """
-    data = reserves_proof.verify_file(manifest_file, proof)
+    data = reserves_proof.verify_file(manifest_files, proof)
     if as_json:
         output.emit_json(data)
         return

@@ -13,6 +13,7 @@ import click
 from custody.bitcoin import psbt as psbt_lib
 from custody.books import deposits
 from custody.chain.backend import backend_for
+from custody.control import epochs
 from custody.control import halt as halt_lib
 from custody.control.wallet import load_policy
 from custody.errors import ApprovalError, HaltedError, InputError
@@ -426,7 +427,8 @@ def sign(
     p = psbt_lib.Psbt.parse(read_psbt_file(file))
     key = founder_key(key_file, passphrase_file)
     state = SignerState.load(state_path(app.settings.manifest), pinned)
-    r = review(p, key, pinned, state)
+    rotations = epochs.read_rotations(epochs.rotations_path(app.settings))  # re-checked by the signer
+    r = review(p, key, pinned, state, rotations)
     if expect_digest is not None:
         if not r.digest.startswith(expect_digest.strip().lower().replace("-", "")):
             raise ApprovalError(f"the statement digest is {r.short_digest}, not {expect_digest}: do not sign")

@@ -25,6 +25,8 @@ POINTS = (
     "withdrawal.sent",  # handed to the node, not yet recorded
     "withdrawal.broadcast",  # recorded as broadcast
     "signer.journaled",  # offline: the transaction in the signer's journal, not yet signed
+    "rotate.pinned",  # a rotation pinned on this machine, not yet in the store
+    "rotate.committed",  # the rotation's epoch and audit entry committed, not yet shown
 )
 
 

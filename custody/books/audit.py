@@ -37,9 +37,8 @@ from custody.books import ledger, liabilities, liability_accounts, reserves_proo
 from custody.chain.types import ChainBackend
 from custody.clock import iso, now
 from custody.config import Settings
-from custody.control import audit_log, halt, witness
+from custody.control import audit_log, epochs, halt, witness
 from custody.control.roster import current_roster, load_trust
-from custody.control.wallet import policy_from_session
 from custody.errors import CustodyError, InputError, NodeError, VerificationFailed
 from custody.issuance import record
 from custody.issuance.issuer import iter_addresses
@@ -213,7 +212,8 @@ def audit_reserves(
     """
     db.check_schema()
     with db.transaction() as s:
-        policy = policy_from_session(s)
+        every = epochs.store_epochs(s)  # old policies' addresses hold coins until swept
+        policy = every[-1].policy
         addresses = [
             reserves_proof.StoredAddress(a.chain, a.idx, a.address, a.script_pubkey)
             for a in s.exec(select(AddressRow)).all()
@@ -221,7 +221,7 @@ def audit_reserves(
         ledger_asset = ledger.totals(s).asset
     snapshot = backend.unspent_at([bytes.fromhex(a.script_pubkey) for a in addresses], height)
     at_tip = height is None or snapshot.height == backend.tip_height()
-    built = reserves_proof.build(policy, addresses, snapshot)
+    built = reserves_proof.build(every, addresses, snapshot)
     with db.transaction() as s:
         published = liability_accounts.published_at(s, snapshot.height)
     current = liability_accounts.owed(db, backend) if at_tip else None

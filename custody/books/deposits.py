@@ -32,11 +32,9 @@ from custody.books import ledger
 from custody.chain.types import ChainBackend, Utxo
 from custody.clock import iso, now
 from custody.config import Settings
-from custody.control import audit_log, halt
-from custody.control.wallet import policy_from_session
+from custody.control import audit_log, epochs, halt
 from custody.errors import InputError, NodeError, NotFound, VerificationFailed
 from custody.issuance import record
-from custody.policy.generator import AddressDeriver
 from custody.policy.model import RECEIVE
 from custody.store.db import Database
 from custody.store.models import AddressRow, DepositRow, WithdrawalInput, WithdrawalRow
@@ -147,7 +145,7 @@ class _Owners:
 
     def __init__(self, s: Session) -> None:
         self.log = record.LogAccounts(s, RECEIVE)
-        self.deriver = AddressDeriver(policy_from_session(s))
+        self.deriver = epochs.Derivers(epochs.store_epochs(s))  # every policy: old addresses stay ours
 
     def check(self, index: int, account: str, address: str, script_pubkey: str | None = None) -> None:
         """Raises OwnerMismatch unless the log issued ``index`` to ``account`` and it derives to ``address``."""

@@ -33,10 +33,10 @@ from custody.bitcoin.descriptors import add_checksum
 from custody.bitcoin.script import ScriptType
 from custody.chain.node import CORE_CHAIN
 from custody.chain.types import Snapshot
+from custody.control.epochs import Derivers, Epoch
 from custody.errors import InputError, VerificationFailed
 from custody.files import LIABILITIES_MAX, read_limited_text
-from custody.issuance.verification import load_auditor_manifest
-from custody.policy.generator import AddressDeriver
+from custody.issuance.verification import load_auditor_chain
 from custody.policy.model import Policy
 from custody.verify import reserves as reserves_checker
 
@@ -72,13 +72,25 @@ class ReservesProof:
         return json.dumps(self.document, indent=1) + "\n"
 
 
-def build(policy: Policy, addresses: Sequence[StoredAddress], snapshot: Snapshot) -> ReservesProof:
-    """The proof of the coins in ``snapshot`` at ``addresses`` (those holding none are not listed)."""
+def _policy_claim(policy: Policy) -> dict[str, Any]:
+    return {
+        "claim": {"m": policy.threshold, "n": policy.n},
+        "xpub": [f.key.xpub.serialize() for f in policy.founders],
+        "addr_type": ADDR_TYPES[policy.script_type],
+    }
+
+
+def build(every: Sequence[Epoch], addresses: Sequence[StoredAddress], snapshot: Snapshot) -> ReservesProof:
+    """The proof of the coins in ``snapshot`` at ``addresses`` (those holding none are not listed).
+
+    Each address is proven with the policy of its epoch (``every``: the store's policies, first
+    to newest); the top-level claim and xpubs are the newest policy's and, after a rotation,
+    ``policies`` lists every policy's (docs/FORMATS.md)."""
     held: dict[str, tuple[int, int]] = {}
     for u in snapshot.utxos:
         amount, count = held.get(u.script_pubkey.hex(), (0, 0))
         held[u.script_pubkey.hex()] = (amount + u.amount, count + 1)
-    deriver = AddressDeriver(policy)
+    derivers = Derivers(every)
     entries: list[tuple[int, int, dict[str, Any]]] = []
     unproven: list[str] = []
     total = outputs = 0
@@ -86,7 +98,8 @@ def build(policy: Policy, addresses: Sequence[StoredAddress], snapshot: Snapshot
         if a.script_pubkey not in held:
             continue
         amount, count = held.pop(a.script_pubkey)
-        derived = deriver.derive(a.chain, a.index)
+        derived = derivers.derive(a.chain, a.index)
+        policy = derivers.policy(a.chain, a.index)
         if derived.script_pubkey.hex() != a.script_pubkey or derived.address != a.address:
             unproven.append(
                 f"address {a.address} at {a.chain}/{a.index} in the store is not the policy's address there "
@@ -103,33 +116,37 @@ def build(policy: Policy, addresses: Sequence[StoredAddress], snapshot: Snapshot
         }
         entries.append((a.chain, a.index, entry))
     entries.sort(key=lambda e: (e[0], e[1]))
+    newest = every[-1].policy
     document = {
-        "chain": CORE_CHAIN[policy.network.name],
+        "chain": CORE_CHAIN[newest.network.name],
         "height": snapshot.height,
         "block_hash": snapshot.block_hash,
-        "claim": {"m": policy.threshold, "n": policy.n},
+        "claim": {"m": newest.threshold, "n": newest.n},
         "keys": [],
-        "xpub": [f.key.xpub.serialize() for f in policy.founders],
+        "xpub": [f.key.xpub.serialize() for f in newest.founders],
         "total": total,
         "address": [e for _, _, e in entries],
     }
+    if len(every) > 1:
+        document["policies"] = [_policy_claim(e.policy) | {"manifest_digest": e.manifest.digest} for e in every]
     return ReservesProof(document, total, outputs, unproven)
 
 
-def verify_file(manifest_path: Path, proof_path: Path) -> dict[str, Any]:
-    """An auditor's check of a proof of reserves against the founders' manifest (custody.verify.reserves).
+def verify_file(manifest_paths: Sequence[Path], proof_path: Path) -> dict[str, Any]:
+    """An auditor's check of a proof of reserves against the founders' manifests (custody.verify.reserves):
+    the first, then each rotation, in order.
 
     Returns the report; raises InputError for an unreadable manifest or proof (custody's
     JSON form of the YAML), VerificationFailed listing what is not the founders' multisig.
     """
-    manifest = load_auditor_manifest(manifest_path)
+    manifests = [d.manifest for d in load_auditor_chain(manifest_paths)]
     try:
         doc = json.loads(read_limited_text(proof_path, LIABILITIES_MAX, "proof of reserves"))
     except FileNotFoundError:
         raise InputError(f"proof of reserves {proof_path} does not exist") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"proof of reserves {proof_path} is not readable JSON: {exc}") from None
-    report = reserves_checker.check_proof(manifest, doc)
+    report = reserves_checker.check_proof(manifests, doc)
     if not report.ok:
         shown = "; ".join(report.problems[:10])
         more = f" (and {len(report.problems) - 10} more)" if len(report.problems) > 10 else ""

@@ -31,10 +31,9 @@ from sqlmodel import Session, col, func, select
 from custody import verify
 from custody.clock import iso, now
 from custody.config import Settings
-from custody.control import audit_log, halt
-from custody.control.roster import load_trust
-from custody.control.wallet import COUNTER_NAMES, policy_from_session
-from custody.errors import InputError, NotFound, StorageError, VerificationFailed
+from custody.control import audit_log, epochs, halt
+from custody.control.wallet import COUNTER_NAMES
+from custody.errors import Conflict, InputError, NotFound, StorageError, VerificationFailed
 from custody.faults import crash_point
 from custody.issuance.record import ISSUED, row_line
 from custody.policy.generator import AddressDeriver, DerivedAddress
@@ -79,15 +78,17 @@ def _row_to_issued(row: AddressRow) -> IssuedAddress:
 
 
 def load_manifest(settings: Settings) -> verify.Manifest:
-    """The founders-signed manifest pinned on this machine, as the independent verifier reads it:
+    """The newest founders-signed manifest pinned on this machine (the first one, or the newest
+    rotation pinned beside it: custody.control.epochs), as the independent verifier reads it:
     what every issued address is verified against.
 
     Raises StorageError when none is pinned, VerificationFailed when it is not signed by every
-    founder: issuing unverified addresses is never an option.
+    founder (or a rotation by too few of its predecessor's): issuing unverified addresses is
+    never an option.
     """
-    trust = load_trust(settings)
+    newest = epochs.pinned_chain(settings)[-1]
     try:
-        return verify.parse_manifest(trust.manifest.body)
+        return verify.parse_manifest(newest.body)
     except verify.ManifestError as exc:
         raise VerificationFailed(f"the pinned founders' manifest is unusable: {exc}") from None
 
@@ -96,10 +97,26 @@ def load_manifest_or_halt(db: Database, settings: Settings) -> verify.Manifest:
     """:func:`load_manifest`; a pinned manifest the founders' signatures do not cover halts
     trading before the error is raised (someone edited or replaced it)."""
     try:
-        return load_manifest(settings)
+        manifest = load_manifest(settings)
     except VerificationFailed as exc:
         halt.raise_halt(db, settings, reason=str(exc), source="verification", actor="address-issuance")
         raise VerificationFailed(f"{exc} — trading is halted") from None
+    _not_behind(db, settings)
+    return manifest
+
+
+def _not_behind(db: Database, settings: Settings) -> None:
+    """Refuse (Conflict, nothing halted) while a rotation is pinned here but not yet in the store:
+    `custody rotate apply` stopped between its two steps. Anything else that differs is left to
+    the verification of every issued address, which halts."""
+    chain = [m.digest for m in epochs.pinned_chain(settings)]
+    with db.transaction() as s:
+        stored = [e.manifest.digest for e in epochs.store_epochs(s)]
+    if len(chain) > len(stored) and chain[: len(stored)] == stored:
+        raise Conflict(
+            f"a rotation is pinned on this machine but not applied to the store: run `custody rotate apply` "
+            f"with it again ({len(chain) - len(stored)} pending)"
+        )
 
 
 def _allocate(s: Session, chain: int, count: int) -> int:
@@ -189,7 +206,7 @@ def issue_in_session(
     if not 1 <= count <= MAX_BATCH:
         raise InputError(f"count must be between 1 and {MAX_BATCH}")
     halt.guard(s)
-    policy = policy_from_session(s)
+    policy = epochs.current_policy(s)  # the newest: old policies' addresses are never issued again
     first = _allocate(s, chain, count)
     crash_point("issuance.allocated")
     good, failure = _derive_checked(policy, manifest, chain, first, count)
@@ -320,8 +337,9 @@ def export_addresses(db: Database, path: Path) -> int:
     count = 0
     try:
         with db.transaction() as s, open(tmp, "w", encoding="utf-8") as fh:
-            policy = policy_from_session(s)
-            header = {
+            every = epochs.store_epochs(s)
+            policy = every[-1].policy  # the newest; each address belongs to the policy of its epoch
+            header: dict[str, Any] = {
                 "format": "custody-address-export",
                 "version": 1,
                 "network": policy.network.name,
@@ -330,6 +348,11 @@ def export_addresses(db: Database, path: Path) -> int:
                 "descriptors": policy.descriptors(),
                 "exported_at": iso(now()),
             }
+            if len(every) > 1:
+                header["epochs"] = [
+                    {"manifest_digest": e.manifest.digest, "receive_from": e.receive_from, "change_from": e.change_from}
+                    for e in every
+                ]
             fh.write(json.dumps(header) + "\n")
             for row in iter_addresses(s):
                 fh.write(json.dumps(_row_to_issued(row).to_dict()) + "\n")

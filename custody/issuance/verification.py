@@ -6,14 +6,14 @@ feeds it and, on a mismatch, raises the trading halt.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from custody import verify
 from custody.config import Settings
-from custody.control import audit_log, halt
-from custody.errors import CustodyError, InputError, StorageError
+from custody.control import audit_log, epochs, halt
+from custody.errors import CustodyError, InputError, StorageError, VerificationFailed
 from custody.files import EXPORT_MAX, check_size
 from custody.issuance import record
 from custody.issuance.issuer import count_addresses, iter_addresses
@@ -37,6 +37,82 @@ def load_auditor_manifest(path: Path) -> verify.Manifest:
         raise InputError(f"manifest {path} does not exist") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"manifest {path}: {exc}") from None
+
+
+def load_auditor_chain(paths: Sequence[Path]) -> list[verify.ManifestDocument]:
+    """The manifests the auditors hold: the first, then each rotation, in order. Several must be
+    a chain the independent verifier accepts (each rotation signed by its founders and approved
+    by its predecessor's quorum). Raises InputError."""
+    docs = []
+    for path in paths:
+        try:
+            docs.append(verify.load_document(path))
+        except FileNotFoundError:
+            raise InputError(f"manifest {path} does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise InputError(f"manifest {path}: {exc}") from None
+    if len(docs) > 1:
+        problems = verify.chain_problems(docs)
+        if problems:
+            raise InputError("the manifests given are not a founders-approved chain: " + "; ".join(problems))
+    return docs
+
+
+def _epoch_failure(reason: str) -> verify.Report:
+    return verify.Report(checked=0, failures=[verify.Failure("(policy epochs)", -1, -1, reason)])
+
+
+def _matched(
+    chain: Sequence[verify.ManifestDocument], store: Sequence[tuple[str, int, int]]
+) -> list[verify.Epoch] | str:
+    """The auditors' manifests for the store's (or export's) epochs, or why they do not match."""
+    out = []
+    for n, (digest, receive_from, change_from) in enumerate(store):
+        if n >= len(chain) or chain[n].digest != digest:
+            return (
+                f"policy epoch {n} (manifest {digest[:16]}) is not the manifest given at position {n + 1}: "
+                "give --manifest for the first policy and for each rotation, in order"
+            )
+        out.append(verify.Epoch(chain[n].manifest, receive_from, change_from))
+    return out
+
+
+def _store_report(
+    db: Database, chain: Sequence[verify.ManifestDocument], workers: int, progress: Callable[[int], None] | None
+) -> verify.Report:
+    db.check_schema()
+    with db.transaction() as s:
+        try:
+            stored = epochs.store_epochs(s)
+        except VerificationFailed as exc:
+            return _epoch_failure(str(exc))
+    if len(stored) == 1:  # never rotated: every address against the first manifest
+        matched: list[verify.Epoch] | str = [verify.Epoch(chain[0].manifest, 0, 0)]
+    else:
+        matched = _matched(chain, [(e.manifest.digest, e.receive_from, e.change_from) for e in stored])
+    if isinstance(matched, str):
+        return _epoch_failure(matched)
+    report = verify.verify_epochs(matched, lambda: store_records(db), workers=workers, progress=progress)
+    report.failures.extend(check_against_log(db))
+    return report
+
+
+def _export_report(
+    chain: Sequence[verify.ManifestDocument], export: Path, workers: int, progress: Callable[[int], None] | None
+) -> verify.Report:
+    header, records = verify.read_export(export)
+    records.close()
+    if not header.epochs:
+        return verify.verify_export(chain[0].manifest, export, workers=workers, progress=progress)
+    matched = _matched(chain, header.epochs)
+    if isinstance(matched, str):
+        return _epoch_failure(matched)
+    verify.check_header(matched[-1].manifest, header)
+
+    def again() -> verify.ExportRecords:
+        return verify.read_export(export)[1]
+
+    return verify.verify_epochs(matched, again, workers=workers, progress=progress)
 
 
 def store_records(db: Database) -> Iterator[verify.AddressRecord]:
@@ -71,17 +147,20 @@ def count_store(db: Database) -> int:
 def run(
     db: Database,
     settings: Settings,
-    manifest: verify.Manifest,
+    chain: Sequence[verify.ManifestDocument],
     export: Path | None,
     *,
     workers: int,
     progress: Callable[[int], None] | None = None,
     raise_halt: bool = True,
 ) -> Outcome:
-    """Verify the export (or the store's addresses), record the run, halt on any mismatch.
+    """Verify the export (or the store's addresses) against the manifests the auditors hold
+    (``chain``: the first, then each rotation), record the run, halt on any mismatch.
 
-    A malformed or truncated export is a verification failure. Raises InputError when the
-    export does not exist; StorageError when the store is unusable.
+    Each address is re-derived from the policy of its epoch. A malformed or truncated export,
+    or a store's (export's) policy that is not the auditors' manifest, is a verification
+    failure. Raises InputError when the export does not exist; StorageError when the store is
+    unusable.
     """
     if export is not None and not export.exists():
         raise InputError(f"export {export} does not exist")
@@ -92,10 +171,9 @@ def run(
             raise InputError(f"cannot read export {export}: {exc.strerror or exc}") from None
     try:
         if export is not None:
-            report = verify.verify_export(manifest, export, workers=workers, progress=progress)
+            report = _export_report(chain, export, workers, progress)
         else:
-            report = verify.verify_records(manifest, store_records(db), workers=workers, progress=progress)
-            report.failures.extend(check_against_log(db))
+            report = _store_report(db, chain, workers, progress)
     except verify.FileRefused as exc:
         raise InputError(str(exc)) from None
     except verify.ExportError as exc:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,10 @@ from custody.files import write_atomic
 from custody.policy.model import Policy, policy_from_manifest
 
 SIGNATURES = "signatures"
+# A rotation manifest (custody.policy.rotation) also carries the current founders' approvals;
+# like the signatures, they are not part of what is signed.
+APPROVALS = "predecessor_signatures"
+UNSIGNED_FIELDS = (SIGNATURES, APPROVALS)
 MAX_MANIFEST_BYTES = 256 * 1024
 
 
@@ -48,6 +52,7 @@ class SignedManifest:
     body: dict[str, Any]  # the manifest without its signatures
     signatures: dict[str, str]  # founder name -> base64 signature
     policy: Policy
+    approvals: dict[str, str] = field(default_factory=dict)  # a rotation's: predecessor founder -> signature
 
     @property
     def digest(self) -> str:
@@ -95,10 +100,16 @@ class SignedManifest:
             for f in self.policy.founders
             if f.name in self.signatures
         ]
-        return self.body | {SIGNATURES: sigs}
+        doc = self.body | {SIGNATURES: sigs}
+        if self.approvals:
+            doc[APPROVALS] = [{"founder": n, "signature": sig} for n, sig in sorted(self.approvals.items())]
+        return doc
 
     def with_signature(self, founder: str, signature: str) -> SignedManifest:
-        return SignedManifest(self.body, self.signatures | {founder: signature}, self.policy)
+        return SignedManifest(self.body, self.signatures | {founder: signature}, self.policy, self.approvals)
+
+    def with_approval(self, founder: str, signature: str) -> SignedManifest:
+        return SignedManifest(self.body, self.signatures, self.policy, self.approvals | {founder: signature})
 
 
 def unsigned(policy: Policy) -> SignedManifest:
@@ -114,11 +125,15 @@ def parse_signed_manifest(doc: object) -> SignedManifest:
     """
     if not isinstance(doc, dict):
         raise InputError("not a custody founders' manifest")
-    body = {k: v for k, v in doc.items() if k != SIGNATURES}
+    body = {k: v for k, v in doc.items() if k not in UNSIGNED_FIELDS}
     policy = policy_from_manifest(body)
-    raw = doc.get(SIGNATURES, [])
+    return SignedManifest(body, _signature_list(doc, SIGNATURES), policy, _signature_list(doc, APPROVALS))
+
+
+def _signature_list(doc: dict[str, Any], name: str) -> dict[str, str]:
+    raw = doc.get(name, [])
     if not isinstance(raw, list):
-        raise InputError("the manifest's signatures must be a list")
+        raise InputError(f"the manifest's {name} must be a list")
     sigs: dict[str, str] = {}
     for entry in raw:
         if (
@@ -126,11 +141,11 @@ def parse_signed_manifest(doc: object) -> SignedManifest:
             or not isinstance(entry.get("founder"), str)
             or not isinstance(entry.get("signature"), str)
         ):
-            raise InputError('each manifest signature is {"founder": NAME, "signature": BASE64}')
+            raise InputError(f'each entry of the manifest\'s {name} is {{"founder": NAME, "signature": BASE64}}')
         if entry["founder"] in sigs:
-            raise InputError(f"founder {entry['founder']!r} signed the manifest twice")
+            raise InputError(f"founder {entry['founder']!r} appears twice in the manifest's {name}")
         sigs[entry["founder"]] = entry["signature"]
-    return SignedManifest(body, sigs, policy)
+    return sigs
 
 
 def load_signed_manifest(data: bytes) -> SignedManifest:

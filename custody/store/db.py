@@ -132,6 +132,8 @@ class Database:
                 # this on demand before).
                 # 3 -> 4: the rulebook and rulebook proposal tables (created above). A store
                 # from before has no rulebook: the built-in default rules apply.
+                # 4 -> 5: the policy_epoch table (created above): key rotations. A store from
+                # before has none: its one policy is epoch 0.
                 row.value = str(models.SCHEMA_VERSION)
                 s.add(row)
             if s.get(models.LedgerHead, 1) is None:

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class Meta(SQLModel, table=True):
@@ -76,6 +76,25 @@ class SignedManifestRow(SQLModel, table=True):
     digest: str = Field(max_length=64)
     document: str = Field(sa_column=Column(Text, nullable=False))  # JSON, with the founders' signatures
     created_at: datetime
+
+
+class PolicyEpochRow(SQLModel, table=True):
+    """A policy that succeeded the first one (custody.control.epochs); rows are never changed.
+
+    Epoch 0 is the first policy (``policy``, ``founder`` and ``signed_manifest``); each row here
+    is a rotation manifest approved by its predecessor's quorum. Derivation indexes go on across
+    epochs: epoch N issues receive indexes from ``receive_from`` and change indexes from
+    ``change_from`` (the counters when it was applied) until the next epoch begins.
+    """
+
+    __tablename__ = "policy_epoch"
+    epoch: int = Field(primary_key=True)
+    digest: str = Field(max_length=64, unique=True)
+    previous: str = Field(max_length=64)
+    document: str = Field(sa_column=Column(Text, nullable=False))  # JSON, signatures and approvals included
+    receive_from: int = Field(sa_column=Column(BigInteger, nullable=False))
+    change_from: int = Field(sa_column=Column(BigInteger, nullable=False))
+    applied_at: datetime
 
 
 class RosterRow(SQLModel, table=True):

@@ -14,9 +14,13 @@ Public API::
     verify_records(manifest, records, *, workers=1, progress=None) -> Report
     verify_export(manifest, path, *, workers=1, progress=None) -> Report
     verify_address(manifest, chain, index, address) -> list[str]   # empty = good
+    load_document(path) / parse_document(obj) -> ManifestDocument  # a manifest with digest and signatures
+    chain_problems(documents) -> list[str]          # a rotation chain: every link founders-approved
+    verify_epochs(epochs, records_factory, *, workers=1, progress=None) -> Report   # several policies
 """
 
 from .core import Failure, Report, check_header, verify_address
+from .epochs import Epoch, ManifestDocument, chain_problems, epoch_index, load_document, parse_document, verify_epochs
 from .errors import DecodeError, ExportError, FileRefused, ManifestError
 from .export import AddressRecord, ExportHeader, ExportRecords, read_export
 from .manifest import Founder, KeyOrigin, Manifest, load_manifest, parse_manifest
@@ -25,6 +29,7 @@ from .parallel import verify_export, verify_records
 __all__ = [
     "AddressRecord",
     "DecodeError",
+    "Epoch",
     "ExportError",
     "ExportHeader",
     "ExportRecords",
@@ -33,13 +38,19 @@ __all__ = [
     "Founder",
     "KeyOrigin",
     "Manifest",
+    "ManifestDocument",
     "ManifestError",
     "Report",
+    "chain_problems",
     "check_header",
+    "epoch_index",
+    "load_document",
     "load_manifest",
+    "parse_document",
     "parse_manifest",
     "read_export",
     "verify_address",
+    "verify_epochs",
     "verify_export",
     "verify_records",
 ]

@@ -45,6 +45,26 @@ class ExportHeader:
     script_type: str
     descriptors: dict[str, str] = field(default_factory=dict, hash=False)
     exported_at: str | None = None
+    # a store that rotated its keys: (manifest digest, receive_from, change_from) of each policy
+    epochs: tuple[tuple[str, int, int], ...] = ()
+
+
+def _parse_epochs(raw: Any) -> tuple[tuple[str, int, int], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ExportError("line 1: 'epochs' must be a list")
+    out = []
+    for e in raw:
+        if (
+            not isinstance(e, dict)
+            or not isinstance(e.get("manifest_digest"), str)
+            or type(e.get("receive_from")) is not int
+            or type(e.get("change_from")) is not int
+        ):
+            raise ExportError("line 1: each epoch is {manifest_digest, receive_from, change_from}")
+        out.append((e["manifest_digest"], e["receive_from"], e["change_from"]))
+    return tuple(out)
 
 
 def parse_header(line: bytes | str) -> ExportHeader:
@@ -82,7 +102,16 @@ def parse_header(line: bytes | str) -> ExportHeader:
     exported_at = obj.get("exported_at")
     if exported_at is not None and not isinstance(exported_at, str):
         raise ExportError("line 1: 'exported_at' must be a string")
-    return ExportHeader(EXPORT_FORMAT, version, str(network), threshold, str(script_type), descriptors, exported_at)
+    return ExportHeader(
+        EXPORT_FORMAT,
+        version,
+        str(network),
+        threshold,
+        str(script_type),
+        descriptors,
+        exported_at,
+        _parse_epochs(obj.get("epochs")),
+    )
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ positive and add up to the total. Standard library and this package only.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,22 +102,66 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def check_proof(manifest: Manifest, doc: Any) -> ReservesCheck:
-    """Every way the proof ``doc`` (its parsed JSON/YAML) is not the founders' multisig."""
+def _claims(manifest: Manifest) -> tuple[tuple[int, int], list[str], str]:
+    return (
+        (manifest.threshold, manifest.n),
+        sorted(f.xpub.rsplit("]", 1)[-1] for f in manifest.founders),
+        ADDR_TYPES[manifest.script_type],
+    )
+
+
+def _check_policies(manifests: Sequence[Manifest], doc: dict[str, Any], problems: list[str]) -> None:
+    """The top-level claim and xpubs are the newest policy's; after a rotation ``policies`` lists
+    every policy's, first to newest."""
+    newest = manifests[-1]
+    if doc.get("chain") != CORE_CHAIN[newest.network]:
+        problems.append(f"chain is {doc.get('chain')!r}, the manifest's network is {newest.network}")
+    claim = doc.get("claim")
+    if not isinstance(claim, dict) or (claim.get("m"), claim.get("n")) != (newest.threshold, newest.n):
+        problems.append(f"claim is {claim!r}, the manifest is {newest.threshold} of {newest.n}")
+    xpubs = doc.get("xpub")
+    if not isinstance(xpubs, list) or sorted(str(x) for x in xpubs) != _claims(newest)[1]:
+        problems.append("xpub does not list exactly the founders' keys of the manifest")
+    if len(manifests) == 1:
+        return
+    listed = doc.get("policies")
+    if not isinstance(listed, list) or len(listed) != len(manifests):
+        problems.append(f"policies must list the {len(manifests)} policies of the manifests given")
+        return
+    for n, (entry, m) in enumerate(zip(listed, manifests, strict=True)):
+        (mn, keys, addr_type) = _claims(m)
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("claim"), dict)
+            or (entry["claim"].get("m"), entry["claim"].get("n")) != mn
+            or not isinstance(entry.get("xpub"), list)
+            or sorted(str(x) for x in entry["xpub"]) != keys
+            or entry.get("addr_type") != addr_type
+        ):
+            problems.append(f"policies[{n}] is not the policy of manifest {n + 1}")
+
+
+def _placed(manifests: Sequence[Manifest], descriptor: str) -> tuple[Manifest, tuple[int, int]] | str:
+    """The manifest whose multisig the descriptor is, and its position; or why none."""
+    reasons = []
+    for m in manifests:
+        where = _position(m, descriptor)
+        if not isinstance(where, str):
+            return m, where
+        reasons.append(where)
+    return reasons[0] if len(manifests) == 1 else "; ".join(dict.fromkeys(reasons))
+
+
+def check_proof(manifests: Manifest | Sequence[Manifest], doc: Any) -> ReservesCheck:
+    """Every way the proof ``doc`` (its parsed JSON/YAML) is not the founders' multisig: of the
+    one manifest, or of any of ``manifests`` (a store that rotated its keys: first to newest)."""
+    every = [manifests] if isinstance(manifests, Manifest) else list(manifests)
     report = ReservesCheck()
     problems = report.problems
     if not isinstance(doc, dict):
         problems.append("the proof is not a mapping")
         return report
-    if doc.get("chain") != CORE_CHAIN[manifest.network]:
-        problems.append(f"chain is {doc.get('chain')!r}, the manifest's network is {manifest.network}")
-    claim = doc.get("claim")
-    if not isinstance(claim, dict) or (claim.get("m"), claim.get("n")) != (manifest.threshold, manifest.n):
-        problems.append(f"claim is {claim!r}, the manifest is {manifest.threshold} of {manifest.n}")
-    founders = sorted(f.xpub.rsplit("]", 1)[-1] for f in manifest.founders)
-    xpubs = doc.get("xpub")
-    if not isinstance(xpubs, list) or sorted(str(x) for x in xpubs) != founders:
-        problems.append("xpub does not list exactly the founders' keys of the manifest")
+    _check_policies(every, doc, problems)
     if doc.get("keys") not in ([], None):
         problems.append("keys lists fixed public keys: custody's addresses have none")
     entries = doc.get("address")
@@ -130,16 +175,17 @@ def check_proof(manifest: Manifest, doc: Any) -> ReservesCheck:
             continue
         addr = str(entry.get("addr"))
         balance = _count(entry.get("balance"))
-        if entry.get("addr_type") != ADDR_TYPES[manifest.script_type]:
-            problems.append(f"{addr}: addr_type is {entry.get('addr_type')!r}, not {ADDR_TYPES[manifest.script_type]}")
         if balance is None or balance <= 0:
             problems.append(f"{addr}: balance {entry.get('balance')!r} is not a positive number of satoshis")
         else:
             report.total += balance
-        where = _position(manifest, str(entry.get("script")))
-        if isinstance(where, str):
-            problems.append(f"{addr}: its descriptor is not the founders' multisig: {where}")
+        placed = _placed(every, str(entry.get("script")))
+        if isinstance(placed, str):
+            problems.append(f"{addr}: its descriptor is not the founders' multisig: {placed}")
             continue
+        manifest, where = placed
+        if entry.get("addr_type") != ADDR_TYPES[manifest.script_type]:
+            problems.append(f"{addr}: addr_type is {entry.get('addr_type')!r}, not {ADDR_TYPES[manifest.script_type]}")
         if where in seen:
             problems.append(f"{addr}: position {where[0]}/{where[1]} is listed twice")
         seen.add(where)

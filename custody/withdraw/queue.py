@@ -53,8 +53,12 @@ from custody.config import Settings
 from custody.control import audit_log, halt
 from custody.control import roster as roster_lib
 from custody.control import rulebook as rulebook_lib
+
+# Withdrawals spend and change to the newest policy only; after a key rotation the older
+# policies' coins move by the sweep (custody.control.epochs).
+from custody.control.epochs import current_policy as policy_from_session
+from custody.control.epochs import newest_only
 from custody.control.roster import authenticate, check_pinned, load_trust, store_trust
-from custody.control.wallet import policy_from_session
 from custody.errors import (
     ApprovalError,
     Conflict,
@@ -460,7 +464,7 @@ def rule_check(db: Database, withdrawal_id: int) -> dict[str, Any]:
 
 def _spendable(s: Session, backend: ChainBackend, policy: Policy) -> list[Coin]:
     """Confirmed unspent outputs at our verified addresses that no pending withdrawal holds."""
-    addresses = {bytes.fromhex(a.script_pubkey): a for a in s.exec(select(AddressRow)).all()}
+    addresses = {bytes.fromhex(a.script_pubkey): a for a in newest_only(s, s.exec(select(AddressRow)).all())}
     if not addresses:
         return []
     reserved = {r.outpoint for r in s.exec(select(ReservedInput)).all()}

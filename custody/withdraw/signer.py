@@ -89,6 +89,7 @@ from custody.identity.rulebook import (
 from custody.policy.generator import AddressDeriver, DerivedAddress
 from custody.policy.manifest import SignedManifest
 from custody.policy.model import BRANCHES, CHANGE, Policy
+from custody.policy.rotation import check_chain as check_manifest_chain
 
 # The PSBT's proprietary records (identifier "custody"), written by custody.withdraw.queue:
 PROPRIETARY_ID = b"custody"
@@ -650,22 +651,43 @@ def _verified_change(p: psbt_lib.Psbt, change: int | None, founder: FounderKey, 
     return verified_change
 
 
-def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state: SignerState) -> Review:
+def _spent_policy(meta: dict[str, Any], pinned: SignedManifest, rotations: Sequence[SignedManifest]) -> Policy:
+    """The pinned policy the PSBT spends from: the newest pinned here. After a key rotation
+    (``rotations``: the rotation manifests pinned beside the first one, each approved by the
+    quorum before it, re-checked here) an older policy's coins may only move to the newest policy
+    (custody.control.epochs), never out: that is refused in :func:`_verified_change`.
+
+    Raises InputError (another network or policy, a pinned chain that does not stand).
+    """
+    chain = check_manifest_chain([pinned, *rotations])
+    network = pinned.policy.network
+    if meta.get("network") != network.name:
+        raise InputError(f"the PSBT is for network {meta.get('network')!r}, the manifest says {network.name}")
+    for m in reversed(chain):
+        if meta.get("policy") == m.policy.to_manifest():
+            return m.policy
+    raise InputError("the PSBT is for another policy than the founders' manifests pinned here")
+
+
+def review(
+    p: psbt_lib.Psbt,
+    founder: FounderKey,
+    pinned: SignedManifest,
+    state: SignerState,
+    rotations: Sequence[SignedManifest] = (),
+) -> Review:
     """Check everything (see the module's docstring) without signing; return what to show.
 
     Raises InputError (not our policy, a foreign input or change, malformed data),
     ApprovalError (roster, request or approvals missing or invalid), StorageError (state).
     """
     pinned.check()
-    policy = pinned.policy
-    founders = Founders(policy.network.name, pinned.digest, policy.threshold, pinned.founder_pubkeys())
+    # Rosters and rulebooks are signed by the founders of the first manifest pinned here.
+    founders = Founders(pinned.policy.network.name, pinned.digest, pinned.policy.threshold, pinned.founder_pubkeys())
     meta = _prop_json(p, PROP_META, "withdrawal metadata")
     if not isinstance(meta, dict):
         raise InputError("the PSBT's withdrawal metadata is malformed")
-    if meta.get("network") != policy.network.name:
-        raise InputError(f"the PSBT is for network {meta.get('network')!r}, the manifest says {policy.network.name}")
-    if meta.get("policy") != policy.to_manifest():
-        raise InputError("the PSBT is for another policy than the founders' manifest pinned here")
+    policy = _spent_policy(meta, pinned, rotations)
     names = [f.name for f in policy.founders if f.key.xpub.identity() == founder.account.xpub.identity()]
     if not names or founder.network != policy.network:
         raise InputError("this key is not one of the policy's founders' keys")
@@ -675,6 +697,12 @@ def review(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state:
     change = meta.get("change_output")
     change = change if isinstance(change, int) and not isinstance(change, bool) else None
     verified_change = _verified_change(p, change, founder, deriver)
+    newest = (rotations or [pinned])[-1].policy
+    if policy.to_manifest() != newest.to_manifest():
+        raise InputError(
+            "the PSBT spends the coins of a policy the founders rotated away from: they only move to the newest "
+            "pinned policy, by `custody rotate sweep`, which is not built yet"
+        )
 
     withdrawal_id = meta.get("withdrawal_id")
     if not isinstance(withdrawal_id, int) or isinstance(withdrawal_id, bool):
@@ -800,6 +828,12 @@ def sign_reviewed(p: psbt_lib.Psbt, r: Review, state: SignerState) -> SignResult
     return SignResult(r.withdrawal_id, r.founder, added, r.approvals)
 
 
-def check_and_sign(p: psbt_lib.Psbt, founder: FounderKey, pinned: SignedManifest, state: SignerState) -> SignResult:
+def check_and_sign(
+    p: psbt_lib.Psbt,
+    founder: FounderKey,
+    pinned: SignedManifest,
+    state: SignerState,
+    rotations: Sequence[SignedManifest] = (),
+) -> SignResult:
     """:func:`review`, then :func:`sign_reviewed` (for scripts that have shown nothing)."""
-    return sign_reviewed(p, review(p, founder, pinned, state), state)
+    return sign_reviewed(p, review(p, founder, pinned, state, rotations), state)
