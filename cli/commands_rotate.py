@@ -20,9 +20,12 @@ from custody_cli import output
 from custody_cli.commands_trust import confirm, read_manifest_file, write_new, yes_option
 from custody_cli.context import (
     AppContext,
+    KeyRef,
+    employee_key,
     example,
     founder_key,
     founder_key_option,
+    identity_options,
     json_option,
     out_file_option,
     pass_app,
@@ -195,6 +198,38 @@ def rotate_show(app: AppContext, as_json: bool) -> None:
             for r in rows
         ],
     )
+
+
+@rotate.command("sweep")
+@click.option("--fee-rate", help="Fee rate in sat/vB (default CUSTODY_FEE_RATE or 2).")
+@identity_options
+@json_option
+@pass_app
+@example("custody rotate sweep --as carol --key carol.key")
+def rotate_sweep(
+    app: AppContext,
+    fee_rate: str | None,
+    employee: str,
+    key_file: KeyRef,
+    passphrase_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Request the next sweep: the oldest policy's coins to a fresh address of the newest one, in
+    one self-transfer that then takes the withdrawal's path (`withdraw approve` by two employees,
+    `sign` by the OLD policy's founders, `withdraw import/finalize/broadcast`, `sync`)."""
+    from custody.withdraw import queue, sweep
+    from custody_cli.commands_withdraw import _show, chain_backend
+
+    data = sweep.propose_sweep(
+        app.db,
+        app.settings,
+        chain_backend(app),
+        requester=employee,
+        key=employee_key(key_file, passphrase_file),
+        fee_rate=fee_rate,
+        limits=queue.limits_from_settings(app.settings),
+    )
+    _show(data, as_json, title=f"Sweep #{data['id']}")
 
 
 COMMANDS = [rotate]

@@ -27,6 +27,7 @@ POINTS = (
     "signer.journaled",  # offline: the transaction in the signer's journal, not yet signed
     "rotate.pinned",  # a rotation pinned on this machine, not yet in the store
     "rotate.committed",  # the rotation's epoch and audit entry committed, not yet shown
+    "sweep.requested",  # inside the sweep's transaction: inputs reserved, change address issued
 )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from custody import verify
-from custody.chain.embedded import COINBASE_MATURITY
+from custody.chain.embedded import COINBASE_MATURITY, open_chain
 from custody.policy.generator import AddressDeriver
 from custody.policy.manifest import load_signed_manifest
 from tests.support import run_cli
@@ -60,6 +60,16 @@ def _approve(shop: EmbeddedShop, path: Path, founder: str) -> None:
 
 def _db(shop: EmbeddedShop) -> sqlite3.Connection:
     return sqlite3.connect(shop.c.home / "custody.db", isolation_level=None)
+
+
+def _killed_at(shop: EmbeddedShop, point: str, *args: str) -> None:
+    """``custody ARGS`` in a subprocess, SIGKILLed at ``point`` (the chain handed over meanwhile)."""
+    shop.chain.close()
+    try:
+        killed = run_cli(shop.c.env, *args, crash_at=point)
+    finally:
+        shop.chain = open_chain(shop.tmp / "home" / "chain")
+    assert killed.returncode == -9, killed.stderr
 
 
 def _lift(shop: EmbeddedShop, halt_id: int) -> None:
@@ -151,6 +161,60 @@ def test_a_withdrawal_after_the_rotation_is_signed_by_the_new_quorum(
     new_m = verify.load_manifest(rotated["rotation"])
     (change,) = [a for a in shop.ok("address", "list") if a["chain"] == 1]
     assert verify.verify_address(new_m, 1, change["index"], change["address"]) == []
+
+
+def test_the_old_policy_coins_are_swept_to_the_new_one_once_across_sigkills(
+    shop: EmbeddedShop, rotated: dict[str, Any]
+) -> None:
+    old_spk = bytes.fromhex(rotated["old"]["script_pubkey"])
+    (old_coin,) = shop.chain.unspent([old_spk])
+    fees_before = shop.ok("ledger", "balance", "expense:network-fees")["balance_sat"]
+    customer_before = shop.ok("ledger", "balance", "customer:acct-1")["balance_sat"]
+    # Killed inside the sweep's transaction: nothing recorded, nothing reserved.
+    _killed_at(shop, "sweep.requested", "rotate", "sweep", *shop.as_("carol"))
+    assert [w for w in shop.ok("withdraw", "list") if w["kind"] == "sweep"] == []
+    sweep = shop.ok("rotate", "sweep", *shop.as_("carol"))
+    wid = str(sweep["id"])
+    assert [i["outpoint"] for i in sweep["inputs"]] == [f"{old_coin.txid}:{old_coin.vout}"]
+    assert sweep["amount_sat"] + sweep["fee_sat"] == old_coin.amount
+    twice = shop.c("rotate", "sweep", *shop.as_("carol"))
+    assert twice.exit_code == 6 and "one sweep at a time" in twice.stderr
+    # Its one output is the new policy's (the independent verifier says so), at a change index.
+    new_m = verify.load_manifest(rotated["rotation"])
+    assert verify.verify_address(new_m, 1, sweep["change_index"], sweep["destination"]) == []
+    unapproved = shop.c("withdraw", "export", wid, str(shop.tmp / "early.psbt"))
+    assert unapproved.exit_code == 4  # two employees first
+    for who in ("alice", "bob"):
+        shop.ok("withdraw", "approve", wid, *shop.as_(who), "--yes")
+    psbt = shop.tmp / f"sweep{wid}.psbt"
+    assert shop.c("withdraw", "export", wid, str(psbt)).exit_code == 0
+    # A signer that never pinned the rotation cannot see where the coins go: refused.
+    stale = EmbeddedSigner(shop)
+    refused = stale("sign", str(psbt), "--key", str(shop.founder_keys["founder-a"]), "--out", "-", "--yes")
+    assert refused.exit_code == 2 and "does not re-derive" in refused.stderr, refused.output
+    for founder in ("founder-a", "founder-c"):  # two of the OLD 2-of-3 quorum
+        out = shop.tmp / f"sweep{wid}-{founder}.psbt"
+        signed = shop.c("sign", str(psbt), "--key", str(shop.founder_keys[founder]), "--out", str(out), "--yes")
+        assert signed.exit_code == 0, signed.output
+        shop.ok("withdraw", "import", wid, str(out))
+    shop.ok("withdraw", "finalize", wid)
+    # Killed after the chain took it, before it was recorded: broadcast again, one transaction.
+    _killed_at(shop, "withdrawal.sent", "withdraw", "broadcast", wid)
+    sent = shop.ok("withdraw", "broadcast", wid)
+    assert shop.chain.mempool() == [sent["txid"]]
+    shop.chain.mine(1, OP_TRUE)
+    assert [w["status"] for w in shop.ok("sync") if str(w["id"]) == wid] == ["confirmed"]
+    shop.ok("sync")
+    assert shop.chain.unspent([old_spk]) == []
+    moved = shop.chain.unspent([bytes.fromhex(shop.ok("address", "show", sweep["destination"])["script_pubkey"])])
+    assert [u.amount for u in moved] == [sweep["amount_sat"]]
+    # The customer's balance never moved; the network fee is booked once.
+    assert shop.ok("ledger", "balance", "customer:acct-1")["balance_sat"] == customer_before
+    fees = shop.ok("ledger", "balance", "expense:network-fees")["balance_sat"]
+    assert fees - fees_before == sweep["fee_sat"]
+    assert shop.c("audit", "ledger").exit_code == 0
+    nothing = shop.c("rotate", "sweep", *shop.as_("carol"))
+    assert nothing.exit_code == 2 and "nothing to sweep" in nothing.stderr
 
 
 def test_the_verifier_and_the_reserves_proof_know_both_policies(shop: EmbeddedShop, rotated: dict[str, Any]) -> None:

@@ -397,8 +397,14 @@ def withdrawal_requested(s: Session, row: WithdrawalRow) -> LedgerTxn:
     )
 
 
-def withdrawal_released(s: Session, row: WithdrawalRow, members: Sequence[WithdrawalRow], why: str) -> LedgerTxn:
-    """A failed or cancelled withdrawal (or batch): each member's amount + fee back to its customer."""
+SWEEP = "sweep"  # custody.withdraw.sweep: a self-transfer to the newest policy, no customer's
+
+
+def withdrawal_released(s: Session, row: WithdrawalRow, members: Sequence[WithdrawalRow], why: str) -> LedgerTxn | None:
+    """A failed or cancelled withdrawal (or batch): each member's amount + fee back to its customer.
+    A sweep held nothing: nothing is posted (None)."""
+    if row.kind == SWEEP:
+        return None
     members = members or [row]
     lines: list[tuple[str, int]] = [(held(row.id or 0), sum(m.amount + m.fee for m in members))]
     lines += [(customer(m.account), -(m.amount + m.fee)) for m in members]
@@ -422,8 +428,13 @@ def batch_dissolved(s: Session, batch: WithdrawalRow, members: Sequence[Withdraw
 def withdrawal_settled(s: Session, row: WithdrawalRow, members: Sequence[WithdrawalRow]) -> LedgerTxn:
     """A confirmed withdrawal (or batch): the hold leaves the asset account; fees booked.
 
-    ``row.fee`` is what the transaction paid; the members' fees are what they were charged.
+    ``row.fee`` is what the transaction paid; the members' fees are what they were charged. A
+    sweep moves coins between custody's own addresses: only its network fee leaves the asset.
     """
+    if row.kind == SWEEP:
+        return post(
+            s, "sweep.settled", [(NETWORK_FEES, row.fee), (ASSET, -row.fee)], ref=_ref(row), memo=f"txid {row.txid}"
+        )
     members = members or [row]
     paid_out = sum(m.amount for m in members)
     charged = sum(m.fee for m in members)
@@ -440,6 +451,10 @@ def withdrawal_settled(s: Session, row: WithdrawalRow, members: Sequence[Withdra
 def withdrawal_unsettled(s: Session, row: WithdrawalRow, members: Sequence[WithdrawalRow]) -> LedgerTxn:
     """A confirmed withdrawal a reorganisation took out of the chain: its settlement reversed,
     the hold back in place until it confirms again."""
+    if row.kind == SWEEP:
+        return post(
+            s, "sweep.unsettled", [(NETWORK_FEES, -row.fee), (ASSET, row.fee)], ref=_ref(row), memo=f"txid {row.txid}"
+        )
     members = members or [row]
     paid_out = sum(m.amount for m in members)
     charged = sum(m.fee for m in members)

@@ -50,12 +50,12 @@ from custody.chain.types import (
 )
 from custody.clock import iso, now
 from custody.config import Settings
-from custody.control import audit_log, halt
-from custody.control import roster as roster_lib
-from custody.control import rulebook as rulebook_lib
 
 # Withdrawals spend and change to the newest policy only; after a key rotation the older
 # policies' coins move by the sweep (custody.control.epochs).
+from custody.control import audit_log, epochs, halt
+from custody.control import roster as roster_lib
+from custody.control import rulebook as rulebook_lib
 from custody.control.epochs import current_policy as policy_from_session
 from custody.control.epochs import newest_only
 from custody.control.roster import authenticate, check_pinned, load_trust, store_trust
@@ -105,6 +105,7 @@ PENDING = (REQUESTED, APPROVED, SIGNED)
 CHANGE_ACCOUNT = "custody-change"
 SINGLE = "single"
 BATCH = "batch"
+SWEEP = "sweep"  # custody.withdraw.sweep: an older policy's coins to the newest policy
 
 
 @dataclass(frozen=True)
@@ -728,10 +729,20 @@ def _previous_tx(wid: int, rec: WithdrawalInput) -> CTransaction:
     return prev
 
 
+def _spent_policy(s: Session, row: WithdrawalRow) -> Policy:
+    """The policy whose coins the withdrawal spends: the newest, but an older one for a sweep."""
+    first = _inputs(s, row.id or 0)[:1]
+    every = epochs.store_epochs(s)
+    return epochs.epoch_of(every, first[0].chain, first[0].idx).policy if first else every[-1].policy
+
+
 def build_psbt(s: Session, policy: Policy, row: WithdrawalRow) -> psbt_lib.Psbt:
-    """The PSBT an offline signer needs, with the approval bundle in proprietary fields."""
+    """The PSBT an offline signer needs, with the approval bundle in proprietary fields. Each
+    input and change output carries the scripts and derivations of its own epoch's policy."""
     wid = row.id or 0
     tx = _tx(row)
+    derivers = epochs.Derivers(epochs.store_epochs(s))
+    policy = _spent_policy(s, row)
     p = psbt_lib.Psbt.from_unsigned_tx(CMutableTransaction.from_tx(tx))
     inputs = {f"{i.txid}:{i.vout}": i for i in _inputs(s, wid)}
     scripts = {a.script_pubkey: a for a in s.exec(select(AddressRow)).all()}
@@ -750,8 +761,9 @@ def build_psbt(s: Session, policy: Policy, row: WithdrawalRow) -> psbt_lib.Psbt:
         ours = scripts.get(bytes(vout.scriptPubKey).hex())
         if ours is not None and ours.chain == CHANGE:
             change_output = n
-            p.outputs[n].redeem_script, p.outputs[n].witness_script = _scripts(policy, bytes.fromhex(ours.script))
-            p.outputs[n].bip32_derivations = _derivations(policy, ours.chain, ours.idx)
+            own = derivers.policy(ours.chain, ours.idx)
+            p.outputs[n].redeem_script, p.outputs[n].witness_script = _scripts(own, bytes.fromhex(ours.script))
+            p.outputs[n].bip32_derivations = _derivations(own, ours.chain, ours.idx)
     for i, f in enumerate(policy.founders):
         p.xpubs[b58check_decode(f.key.xpub.serialize())] = psbt_lib.KeyOrigin(*_origin_of(policy, i))
     meta = {
@@ -766,6 +778,8 @@ def build_psbt(s: Session, policy: Policy, row: WithdrawalRow) -> psbt_lib.Psbt:
         "change_output": change_output,
         "policy": policy.to_manifest(),
     }
+    if row.kind == SWEEP:
+        meta["kind"] = SWEEP
     if row.kind == BATCH:
         meta["kind"] = BATCH
         meta["members"] = [
@@ -850,8 +864,8 @@ def import_psbt(db: Database, withdrawal_id: int, data: bytes) -> dict[str, Any]
     incoming = psbt_lib.Psbt.parse(data)
     with db.transaction() as s:
         halt.guard(s)
-        policy = policy_from_session(s)
         row = _get(s, withdrawal_id, lock=True)
+        policy = _spent_policy(s, row)
         _not_in_batch(row)
         if row.status not in (APPROVED, SIGNED):
             raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; signatures cannot be imported")
@@ -895,8 +909,8 @@ def finalize(db: Database, withdrawal_id: int) -> dict[str, Any]:
     """
     with db.transaction() as s:
         halt.guard(s)
-        policy = policy_from_session(s)
         row = _get(s, withdrawal_id, lock=True)
+        policy = _spent_policy(s, row)
         _not_in_batch(row)
         if row.final_tx and row.status in (SIGNED, BROADCAST, CONFIRMED):
             return view(s, policy, row)  # idempotent
@@ -1217,7 +1231,7 @@ def _refund(s: Session, row: WithdrawalRow, conflict: OutputSpend) -> None:
             "height": conflict.block_height,
             "confirmations": conflict.confirmations,
             "refunded": sum(m.amount + m.fee for m in members or [row]),
-            "ledger_txn": txn.id,
+            "ledger_txn": txn.id if txn else None,
         },
     )
 

@@ -14,7 +14,10 @@ adds a single signature it checks, from the PSBT and the pins alone, that:
 * at least two distinct roster employees with the approve role, enabled, not suspended, none of
   them the requester, signed exactly this transaction, each with one of their roster keys;
 * every input spends one of the policy's own scripts, re-derived here from the manifest, and the
-  change output (if any) re-derives from the policy's change chain;
+  change output (if any) re-derives from the policy's change chain; after a key rotation (the
+  rotation manifests pinned beside the first one, each approved by its predecessor's quorum) the
+  policy is the newest pinned one, or an older one for a sweep, whose every output must then
+  re-derive from the newest policy's change chain;
 * the PSBT's chain of founders-signed rulebooks is signed, chained and not older than the newest
   this machine has seen; the transaction's locktime (its height: "now") is a height, and not
   below the highest height in this machine's journal; and the rulebook in force at that height
@@ -652,10 +655,10 @@ def _verified_change(p: psbt_lib.Psbt, change: int | None, founder: FounderKey, 
 
 
 def _spent_policy(meta: dict[str, Any], pinned: SignedManifest, rotations: Sequence[SignedManifest]) -> Policy:
-    """The pinned policy the PSBT spends from: the newest pinned here. After a key rotation
+    """The pinned policy the PSBT spends from: normally the newest pinned here. After a key rotation
     (``rotations``: the rotation manifests pinned beside the first one, each approved by the
     quorum before it, re-checked here) an older policy's coins may only move to the newest policy
-    (custody.control.epochs), never out: that is refused in :func:`_verified_change`.
+    (custody.control.epochs), never out: :func:`_moved_to` checks every output.
 
     Raises InputError (another network or policy, a pinned chain that does not stand).
     """
@@ -667,6 +670,31 @@ def _spent_policy(meta: dict[str, Any], pinned: SignedManifest, rotations: Seque
         if meta.get("policy") == m.policy.to_manifest():
             return m.policy
     raise InputError("the PSBT is for another policy than the founders' manifests pinned here")
+
+
+def _moved_to(p: psbt_lib.Psbt, newest: Policy) -> set[int]:
+    """Every output, once each re-derives from the newest pinned policy's change chain (at the
+    position its derivations claim); the coins of a policy the founders rotated away from move
+    nowhere else. Raises InputError."""
+    deriver = AddressDeriver(newest)
+    for n, out in enumerate(p.outputs):
+        paths = {tuple(origin.path[-2:]) for origin in out.bip32_derivations.values()}
+        if len(paths) != 1 or len(next(iter(paths))) != 2:
+            raise InputError(
+                f"output {n}: the coins of a policy the founders rotated away from move only to the newest policy, "
+                "and this output claims no position of it"
+            )
+        chain, index = next(iter(paths))
+        if (
+            chain != CHANGE
+            or not 0 <= index < 2**31
+            or bytes(p.tx.vout[n].scriptPubKey) != deriver.derive(chain, index).script_pubkey
+        ):
+            raise InputError(
+                f"output {n} does not re-derive from the newest pinned policy's change chain: the coins of a policy "
+                "the founders rotated away from move only to the newest policy"
+            )
+    return set(range(len(p.outputs)))
 
 
 def review(
@@ -696,13 +724,11 @@ def review(
     amounts, keys = _our_inputs(p, founder, policy, deriver)
     change = meta.get("change_output")
     change = change if isinstance(change, int) and not isinstance(change, bool) else None
-    verified_change = _verified_change(p, change, founder, deriver)
     newest = (rotations or [pinned])[-1].policy
-    if policy.to_manifest() != newest.to_manifest():
-        raise InputError(
-            "the PSBT spends the coins of a policy the founders rotated away from: they only move to the newest "
-            "pinned policy, by `custody rotate sweep`, which is not built yet"
-        )
+    if policy.to_manifest() == newest.to_manifest():
+        verified_change = _verified_change(p, change, founder, deriver)
+    else:  # an older policy's coins: a sweep, every output the newest policy's
+        verified_change = _moved_to(p, newest)
 
     withdrawal_id = meta.get("withdrawal_id")
     if not isinstance(withdrawal_id, int) or isinstance(withdrawal_id, bool):

@@ -1,0 +1,174 @@
+"""``custody rotate sweep``: an older policy's coins moved to the newest policy after a key rotation.
+
+A sweep is a self-transfer recorded as a withdrawal of kind ``sweep`` (account
+``custody-sweep``): the oldest policy that still holds coins, all its confirmed unspent outputs
+(up to :data:`MAX_INPUTS`) in, one output out to a fresh change address of the NEWEST policy,
+minus the network fee. From there it takes the withdrawal's path unchanged: two employees
+approve the exact transaction (`withdraw approve`; the rulebook's ``self_transfer`` tier, its
+fee caps), m founders of the OLD policy sign it offline (`sign`: the signer refuses unless every
+output re-derives from the newest policy pinned on its own machine), then `withdraw import`,
+`finalize`, `broadcast`, and `sync` follows it. Nothing is held from any customer; when it
+confirms, the ledger books its network fee, once (custody.books.ledger).
+
+This module is the sweep's own until the general self-transfer of issue #18 part 1 lands; the
+sweep is then one more user of it.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+from typing import Any
+
+from bitcoin.core import b2lx, b2x
+from sqlmodel import Session, col, select
+
+from custody.bitcoin.amounts import parse_fee_rate
+from custody.bitcoin.destinations import dust_limit
+from custody.bitcoin.txbuild import Coin, build_transaction, tx_vsize
+from custody.chain.types import ChainBackend
+from custody.clock import now
+from custody.config import Settings
+from custody.control import audit_log, epochs, halt
+from custody.control.roster import authenticate, check_pinned, load_trust
+from custody.errors import Conflict, InputError
+from custody.faults import crash_point
+from custody.identity.approvals import sign_request
+from custody.identity.employee_keys import EmployeeSigner
+from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, issue_in_session, load_manifest_or_halt
+from custody.policy.model import CHANGE
+from custody.store.db import Database
+from custody.store.models import AddressRow, ReservedInput, WithdrawalRow
+from custody.withdraw import queue
+
+SWEEP = queue.SWEEP
+ACCOUNT = "custody-sweep"
+MAX_INPUTS = 250  # a p2sh 2-of-3 input weighs ~1,200 WU: 250 stay well under 400,000
+_OPEN = (*queue.PENDING, queue.BROADCAST)
+_DEFAULT_LIMITS = queue.Limits()
+
+
+def _old_coins(s: Session, backend: ChainBackend) -> tuple[epochs.Epoch, list[Coin]]:
+    """The oldest policy that still holds coins, and its confirmed unspent outputs, unreserved."""
+    every = epochs.store_epochs(s)
+    if len(every) == 1:
+        raise InputError("nothing to sweep: the store never rotated its keys (`custody rotate apply`)")
+    rows = s.exec(select(AddressRow).order_by(col(AddressRow.chain), col(AddressRow.idx))).all()
+    reserved = {r.outpoint for r in s.exec(select(ReservedInput)).all()}
+    for epoch in every[:-1]:
+        mine = {bytes.fromhex(a.script_pubkey): a for a in rows if epochs.epoch_of(every, a.chain, a.idx) is epoch}
+        coins = [
+            Coin(u.txid, u.vout, u.amount, u.script_pubkey, mine[u.script_pubkey].chain, mine[u.script_pubkey].idx)
+            for u in (backend.unspent(list(mine)) if mine else [])
+            if u.script_pubkey in mine and f"{u.txid}:{u.vout}" not in reserved
+        ]
+        if coins:
+            coins.sort(key=lambda c: (-c.amount, c.txid, c.vout))
+            return epoch, coins[:MAX_INPUTS]
+    raise InputError("nothing to sweep: no older policy's address holds a confirmed, unreserved coin")
+
+
+def propose_sweep(
+    db: Database,
+    settings: Settings,
+    backend: ChainBackend,
+    *,
+    requester: str,
+    key: EmployeeSigner,
+    fee_rate: str | None,
+    limits: queue.Limits = _DEFAULT_LIMITS,
+) -> dict[str, Any]:
+    """Record the next sweep (see the module's docstring) as requested by ``requester`` (request
+    role); its inputs are reserved in the same transaction, audited as ``sweep.requested``.
+
+    Raises HaltedError, InputError (nothing to sweep, a fee above the cap or leaving dust),
+    Conflict (a sweep is already between request and confirmation), ApprovalError, NodeError,
+    VerificationFailed (the new address, after raising the halt), StorageError.
+    """
+    manifest = load_manifest_or_halt(db, settings)
+    pinned = load_trust(settings)
+    tip = backend.tip_height()
+    rate = parse_fee_rate(fee_rate) if fee_rate is not None else limits.default_fee_rate
+    if rate > limits.max_fee_rate:
+        raise InputError(f"fee rate {rate} sat/vB is above the cap of {limits.max_fee_rate} sat/vB")
+    try:
+        with db.transaction() as s:
+            halt.guard(s)
+            open_sweep = s.exec(
+                select(WithdrawalRow).where(WithdrawalRow.kind == SWEEP, col(WithdrawalRow.status).in_(_OPEN))
+            ).first()
+            if open_sweep is not None:
+                raise Conflict(f"sweep #{open_sweep.id} is {open_sweep.status}: one sweep at a time")
+            authenticate(s, check_pinned(s, pinned), requester, key, "request")
+            return _record(s, backend, manifest, requester, key, tip, rate, limits)
+    except AddressMismatch as exc:
+        raise halt_for_mismatch(db, settings, exc) from None
+
+
+def _record(
+    s: Session,
+    backend: ChainBackend,
+    manifest: Any,
+    requester: str,
+    key: EmployeeSigner,
+    tip: int,
+    rate: Decimal,
+    limits: queue.Limits,
+) -> dict[str, Any]:
+    epoch, coins = _old_coins(s, backend)
+    old = epoch.policy
+    change = issue_in_session(s, manifest, queue.CHANGE_ACCOUNT, 1, CHANGE, actor=requester)[0]
+    spk = bytes.fromhex(change.script_pubkey)
+    fee = math.ceil(rate * tx_vsize(old.script_type, old.threshold, old.n, len(coins), [spk]))
+    total = sum(c.amount for c in coins)
+    if fee > limits.max_fee:
+        raise InputError(f"the sweep's fee of {fee} sat is above the cap of {limits.max_fee} sat")
+    if total - fee < dust_limit(spk):
+        raise InputError(f"the {total} sat to sweep do not cover the fee of {fee} sat above dust")
+    tx = build_transaction(coins, [(spk, total - fee)], tip)
+    stamp = now()
+    row = WithdrawalRow(
+        kind=SWEEP,
+        account=ACCOUNT,
+        requester=requester,
+        request_signature="",
+        destination=change.address,
+        destination_spk=change.script_pubkey,
+        amount=total - fee,
+        fee=fee,
+        fee_rate=str(rate),
+        change_index=change.index,
+        change_amount=total - fee,
+        status=queue.REQUESTED,
+        unsigned_tx=b2x(tx.serialize()),
+        created_at=stamp,
+        updated_at=stamp,
+    )
+    s.add(row)
+    s.flush()
+    wid = row.id or 0
+    prev: dict[str, str | None] = {c.outpoint: b2x(backend.raw_transaction(c.txid)) for c in coins}
+    for rec in queue._input_rows(wid, tx, coins, prev):
+        s.add(rec)
+        s.add(ReservedInput(outpoint=f"{rec.txid}:{rec.vout}", withdrawal_id=wid))
+    s.flush()
+    row.request_signature = sign_request(key, queue._summary(old, row, queue._inputs(s, wid)), ACCOUNT)
+    s.add(row)
+    crash_point("sweep.requested")
+    audit_log.append(
+        s,
+        "sweep.requested",
+        requester,
+        {
+            "withdrawal_id": wid,
+            "from_epoch": epoch.number,
+            "to_epoch": epochs.store_epochs(s)[-1].number,
+            "inputs": len(coins),
+            "swept": total,
+            "fee": fee,
+            "destination": change.address,
+            "unsigned_txid": b2lx(tx.GetTxid()),
+        },
+        row.request_signature,
+    )
+    return queue.view(s, old, row)
