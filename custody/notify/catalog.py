@@ -12,7 +12,8 @@ What is notified (:func:`notification_for`):
 * every ``audit.*`` event (ledger and reserve audits);
 * ``notify.recipient_added`` and ``.recipient_removed``, so that the others learn of it;
 * ``rulebook.proposed`` and ``.applied`` (critical when the rulebook loosens anything: everyone
-  learns of it before it can take effect).
+  learns of it before it can take effect);
+* ``policy.rotated`` (critical: new founders' keys from now on) and ``sweep.requested``.
 
 :data:`EVENTS` and :data:`PREFIXES` narrow the audit log to the candidates in SQL; the
 final word is :func:`notification_for` (a ``verification.run`` without failures is not told).
@@ -44,6 +45,8 @@ EVENTS = (
     "notify.recipient_removed",
     "rulebook.proposed",
     "rulebook.applied",
+    "policy.rotated",
+    "sweep.requested",
 )
 """Audit events that may be told, named exactly."""
 
@@ -147,6 +150,17 @@ def _describe(event: str, actor: str, p: dict[str, Any]) -> tuple[str, str, str]
         return _describe_withdrawal(event, actor, p)
     if event in ("rulebook.proposed", "rulebook.applied"):
         return _rulebook(event, actor, p)
+    if event == "policy.rotated":
+        founders = ", ".join(map(str, p.get("founders") or []))
+        approved = ", ".join(map(str, p.get("approved_by") or []))
+        policy = f"epoch {p.get('epoch')}, {p.get('threshold')}-of-{p.get('n')} ({founders})"
+        return event, "critical", f"Founders' keys ROTATED by {actor}: {policy}, approved by {approved}"
+    if event == "sweep.requested":
+        return (
+            event,
+            "info",
+            f"Sweep {_wid(p)} requested by {actor}: {p.get('inputs')} old coin(s) to {p.get('destination')}",
+        )
     if event in ("notify.recipient_added", "notify.recipient_removed"):
         verb = "added" if event.endswith("added") else "removed"
         return event, "critical", f"Notification recipient {verb} by {actor}: {p.get('kind')} {p.get('target')}"
