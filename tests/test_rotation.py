@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bitcoin.core.script import CScript
 
 from custody import verify
+from custody.bitcoin import psbt as psbt_lib
 from custody.chain.embedded import COINBASE_MATURITY, open_chain
 from custody.policy.generator import AddressDeriver
 from custody.policy.manifest import load_signed_manifest
-from tests.support import run_cli
+from tests.support import read_psbt, run_cli
 from tests.test_withdraw_embedded import EmbeddedShop, destination
 
 OP_TRUE = b"\x51"
@@ -192,6 +194,15 @@ def test_the_old_policy_coins_are_swept_to_the_new_one_once_across_sigkills(
     stale = EmbeddedSigner(shop)
     refused = stale("sign", str(psbt), "--key", str(shop.founder_keys["founder-a"]), "--out", "-", "--yes")
     assert refused.exit_code == 2 and "does not re-derive" in refused.stderr, refused.output
+    # Two colluding insiders re-point the output, byte for byte, at the OLD policy's change
+    # address (or anywhere else): the old coins move only into the newest pinned policy.
+    p = psbt_lib.Psbt.parse(read_psbt(psbt))
+    old_policy = load_signed_manifest(rotated["first"].read_bytes()).policy
+    p.tx.vout[0].scriptPubKey = CScript(AddressDeriver(old_policy).derive(1, sweep["change_index"]).script_pubkey)
+    redirected = shop.tmp / "sweep-redirected.psbt"
+    redirected.write_bytes(p.serialize())
+    moved = shop.c("sign", str(redirected), "--key", str(shop.founder_keys["founder-a"]), "--out", "-", "--yes")
+    assert moved.exit_code == 2 and "move only to the newest policy" in moved.stderr, moved.output
     for founder in ("founder-a", "founder-c"):  # two of the OLD 2-of-3 quorum
         out = shop.tmp / f"sweep{wid}-{founder}.psbt"
         signed = shop.c("sign", str(psbt), "--key", str(shop.founder_keys[founder]), "--out", str(out), "--yes")
