@@ -365,3 +365,29 @@ class EmbeddedSigner:
 
     def __call__(self, *args: str) -> Any:
         return self.c(*args)
+
+
+def test_a_rotation_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    from custody.bitcoin.network import REGTEST
+    from custody.bitcoin.script import ScriptType
+    from custody.policy.model import make_policy
+    from custody.policy.rotation import approve_rotation, draft_rotation
+    from tests.support import Custody, account_key, founders, sign_manifest_with
+
+    c = Custody(tmp_path / "home", db_url=pg_url)
+    old = founders(n=3)
+    assert c.init(old).exit_code == 0
+    first = load_signed_manifest((c.home / "founders-manifest.json").read_bytes())
+    new = founders(n=4, tag="rotated-")
+    m = draft_rotation(first, make_policy(REGTEST, 3, ScriptType.P2WSH, [(f.name, str(f.account)) for f in new]))
+    m = sign_manifest_with(m, new)
+    for f in old[:2]:
+        m = approve_rotation(m, first, f.name, account_key(f))
+    path = tmp_path / "rotation.json"
+    path.write_text(json.dumps(m.to_document()))
+    assert c("rotate", "apply", str(path)).exit_code == 0
+    (issued,) = c.json("address", "new", "--account", "a")
+    assert verify.verify_address(verify.load_manifest(path), 0, issued["index"], issued["address"]) == []
+    assert [e["epoch"] for e in c.json("rotate", "show")] == [0, 1]
+    first_file = c.home / "founders-manifest.json"
+    assert c.json("verify", "addresses", "--manifest", str(first_file), "--manifest", str(path))["ok"]
