@@ -19,7 +19,7 @@ import pytest
 from sqlmodel import select
 
 from custody.books import audit, deposits, ledger
-from custody.chain.types import TxStatus, Utxo
+from custody.chain.types import ChainBlock, ChainTx, Snapshot, TxStatus, Utxo
 from custody.config import Settings
 from custody.control.halt import active_halts
 from custody.errors import HaltedError, InputError
@@ -30,13 +30,18 @@ from tests.support import Custody, founders
 
 @dataclass
 class FakeChain:
-    """Confirmed outputs at heights, a mempool, spends and reorganisations, by hand."""
+    """Confirmed outputs at heights, a mempool, spends and reorganisations, by hand.
+
+    Its blocks are what it holds at each height; a block's hash covers its content and the
+    previous hash, so moving a transaction (``unmine``) changes the chain from that height
+    up, as a reorganisation does, and the block scanner sees it.
+    """
 
     network_name: str = "regtest"
     tip: int = 200
     heights: dict[str, int | None] = field(default_factory=dict)  # txid -> height (None: mempool)
     outputs: dict[str, tuple[bytes, int]] = field(default_factory=dict)  # outpoint -> (spk, amount)
-    spent: set[str] = field(default_factory=set)
+    spent: dict[str, int] = field(default_factory=dict)  # outpoint -> height of the block spending it
     n: int = 0
 
     def pay(self, script_pubkey: str, amount: int) -> str:
@@ -47,6 +52,10 @@ class FakeChain:
         self.heights[txid] = self.tip
         self.outputs[f"{txid}:0"] = (bytes.fromhex(script_pubkey), amount)
         return f"{txid}:0"
+
+    def spend(self, outpoint: str) -> None:
+        """Spent in the next block (by a withdrawal of ours, or anyone)."""
+        self.spent[outpoint] = self.tip + 1
 
     def mine(self, blocks: int = 1) -> None:
         self.tip += blocks
@@ -67,6 +76,40 @@ class FakeChain:
             if spk in wanted and height is not None and outpoint not in self.spent:
                 out.append(Utxo(txid, int(vout), amount, spk, height))
         return out
+
+    def unspent_at(self, script_pubkeys: Any, height: int | None = None) -> Snapshot:
+        assert height is None
+        return Snapshot(self.tip, self.block_hash(self.tip), self.unspent(script_pubkeys))
+
+    def _txs(self, height: int | None) -> list[ChainTx]:
+        txs = []
+        for txid, at in sorted(self.heights.items()):
+            if at == height:
+                outs = [(int(o.split(":")[1]), a, spk) for o, (spk, a) in self.outputs.items() if o.startswith(txid)]
+                txs.append(ChainTx(txid, (), tuple(outs)))
+        spends = tuple((o.split(":")[0], int(o.split(":")[1])) for o, at in self.spent.items() if at == height)
+        if spends and height is not None:
+            txs.append(ChainTx(hashlib.sha256(f"spend{height}".encode()).hexdigest(), spends, ()))
+        return txs
+
+    def block_hash(self, height: int) -> str:
+        if not 0 <= height <= self.tip:
+            raise InputError(f"height {height} is not on the chain")
+        digest = "00" * 32
+        for at in range(height + 1):
+            digest = hashlib.sha256(f"{at} {digest} {self._txs(at)}".encode()).hexdigest()
+        return digest
+
+    def block_at(self, height: int) -> ChainBlock:
+        prev = self.block_hash(height - 1) if height else "00" * 32
+        return ChainBlock(height, self.block_hash(height), prev, tuple(self._txs(height)))
+
+    def mempool_txids(self) -> list[str]:
+        return [t for t, at in self.heights.items() if at is None]
+
+    def mempool_tx(self, txid: str) -> ChainTx | None:
+        found = [tx for tx in self._txs(None) if tx.txid == txid]
+        return found[0] if found else None
 
     def tx_status(self, txid: str) -> TxStatus:
         if txid not in self.heights:
@@ -280,7 +323,7 @@ def test_deposit_confirmations_from_the_environment(tmp_path: Path) -> None:
 def test_a_spent_deposit_is_neither_reversed_nor_credited_twice(store: Store) -> None:
     outpoint = store.pay("alice", 70_000)
     store.sync()
-    store.chain.spent.add(outpoint)  # spent (by a withdrawal of ours, or anyone): its tx stays confirmed
+    store.chain.spend(outpoint)  # by a withdrawal of ours, or anyone: its tx stays confirmed
     store.chain.mine(2)
     assert store.sync() == [] and store.sync() == []
     assert store.balance("alice") == 70_000

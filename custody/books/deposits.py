@@ -1,8 +1,10 @@
 """Deposits read from the chain and credited to customers in the ledger.
 
-``sync_deposits`` asks the chain backend for the unspent outputs paying our deposit
-addresses (chain 0) and follows each one:
+``sync_deposits`` takes the unspent outputs paying our deposit addresses (chain 0) from the
+block scanner (:mod:`custody.books.blockscan`: each new block read once, whatever the number
+of addresses) and follows each one:
 
+* unconfirmed (``pending`` at height None): seen in the mempool; never credited there.
 * ``pending``: seen in a block, not yet deep enough; credited at CUSTODY_DEPOSIT_CONFIRMATIONS
   (default 1) confirmations: Dr asset:onchain, Cr customer (custody.books.ledger), once per outpoint.
 * ``credited``: in the customer's balance. It stays credited when it leaves the unspent set
@@ -15,7 +17,7 @@ addresses (chain 0) and follows each one:
   is confirmed again.
 
 Deposits buried FINAL_DEPTH blocks deep are no longer re-checked, so that a sync costs the
-same however long the history: unspent outputs come from one scan; only deposits that left
+same however long the history: unspent outputs come from the scanned blocks; only deposits that left
 the unspent set within the last FINAL_DEPTH blocks are asked about one by one.
 """
 
@@ -28,7 +30,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from custody.bitcoin.amounts import format_btc
-from custody.books import ledger
+from custody.books import blockscan, ledger
 from custody.chain.types import ChainBackend, Utxo
 from custody.clock import iso, now
 from custody.config import Settings
@@ -277,7 +279,6 @@ def sync_deposits(  # noqa: C901 - the deposit state machine in one pass, until 
     """
     db.check_schema()
     with db.transaction() as s:
-        addresses = {a.script_pubkey: a for a in s.exec(select(AddressRow).where(AddressRow.chain == RECEIVE)).all()}
         owners = _Owners(s)
         watched = [
             d.outpoint
@@ -287,14 +288,13 @@ def sync_deposits(  # noqa: C901 - the deposit state machine in one pass, until 
                 )
             ).all()
         ]
-    if not addresses:
-        return []
-    utxos: dict[str, Utxo] = {}
-    for u in backend.unspent([bytes.fromhex(h) for h in addresses]):
-        if u.script_pubkey.hex() in addresses:
-            utxos[f"{u.txid}:{u.vout}"] = u
     tip = backend.tip_height()
     check_not_behind(db, tip)
+    observed = blockscan.observe(db, backend, tip)  # each new block read once (custody.books.blockscan)
+    if observed.forged:
+        _halt_for_forged(db, settings, observed.forged)
+    utxos = observed.utxos
+    addresses = blockscan.receive_addresses(db, (u.script_pubkey.hex() for u in utxos.values()))
     changed: list[dict[str, Any]] = []
     negative: list[tuple[str, str, int]] = []
     mismatches: list[OwnerMismatch] = []
@@ -400,6 +400,14 @@ def sync_deposits(  # noqa: C901 - the deposit state machine in one pass, until 
         )
         raise VerificationFailed(f"{len(mismatches)} deposit(s) not credited: {first}{more}; trading is halted")
     return changed
+
+
+def _halt_for_forged(db: Database, settings: Settings, forged: Mapping[str, str]) -> None:
+    """Scanned rows the chain does not have: someone wrote them. Halt, credit nothing (raises)."""
+    (first, why), more = next(iter(forged.items())), len(forged) - 1
+    reason = f"scanned output {first} is not on the chain ({why})" + (f" (and {more} more)" if more else "")
+    halt.raise_halt(db, settings, reason=f"deposit not credited: {reason}", source="verification", actor="sync")
+    raise VerificationFailed(f"{len(forged)} deposit(s) not credited: {reason}; trading is halted")
 
 
 def _needs_update(dep: DepositRow, u: Utxo, depth: int, confirmations: int) -> bool:

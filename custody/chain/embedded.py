@@ -71,6 +71,8 @@ from custody.chain.consensus import (
 from custody.chain.types import (
     MAX_MINE,
     AcceptResult,
+    ChainBlock,
+    ChainTx,
     OutputSpend,
     Refusal,
     Snapshot,
@@ -200,6 +202,12 @@ def _parse_block(raw: bytes) -> _Block:
         time=struct.unpack("<I", header[68:72])[0],
         txs=txs,
     )
+
+
+def _chain_tx(txid: str, tx: Any) -> ChainTx:
+    spends = () if tx.is_coinbase() else tuple((b2lx(i.prevout.hash), int(i.prevout.n)) for i in tx.vin)
+    outputs = tuple((n, int(o.nValue), bytes(o.scriptPubKey)) for n, o in enumerate(tx.vout))
+    return ChainTx(txid, spends, outputs)
 
 
 def subsidy(height: int) -> int:
@@ -901,6 +909,33 @@ class EmbeddedBackend:
         """Txids in the mempool, in acceptance order."""
         with self._open():
             return list(self._mempool)
+
+    def block_hash(self, height: int) -> str:
+        """The hash of the block at ``height``; InputError above the tip or below zero."""
+        with self._open():
+            found = self._index_hash(height) if 0 <= height else None
+        if found is None:
+            raise InputError(f"height {height} is not on the chain")
+        return found
+
+    def block_at(self, height: int) -> ChainBlock:
+        """The block at ``height``, from the index; InputError above the tip or below zero."""
+        with self._open():
+            row = self._db.execute("SELECT raw FROM blocks WHERE height = ?", (height,)).fetchone()
+        if row is None or height < 0:
+            raise InputError(f"height {height} is not on the chain")
+        block = _parse_block(bytes(row[0]))
+        return ChainBlock(height, block.hash, block.prev, tuple(_chain_tx(txid, tx) for txid, _, tx in block.txs))
+
+    def mempool_txids(self) -> list[str]:
+        """Txids in the mempool, in acceptance order."""
+        return self.mempool()
+
+    def mempool_tx(self, txid: str) -> ChainTx | None:
+        """The mempool transaction ``txid``, or None when it is not in the mempool."""
+        with self._open():
+            entry = self._mempool.get(_check_txid(txid))
+        return None if entry is None else _chain_tx(entry.txid, entry.tx)
 
     def audit(self) -> None:
         """Check the index against the kernel: the same block at every height, and the same

@@ -23,6 +23,8 @@ from custody.chain.types import (
     MAX_MINE,
     AcceptResult,
     ChainBackend,
+    ChainBlock,
+    ChainTx,
     OutputSpend,
     Refusal,
     Snapshot,
@@ -394,6 +396,64 @@ class RpcBackend(ChainBackend):
             "generatetodescriptor",
         )
         return [str(h) for h in hashes]
+
+    def block_hash(self, height: int) -> str:
+        """The best chain's block hash at ``height`` (``getblockhash``); InputError off the chain."""
+        try:
+            answer = self.client.call("getblockhash", height)
+        except RpcError as e:
+            if e.code == RPC_INVALID_PARAMETER:
+                raise InputError(f"height {height} is not on the chain") from None
+            raise
+        return _check_txid(str(answer), node=True)
+
+    def block_at(self, height: int) -> ChainBlock:
+        """The best chain's block at ``height``: ``getblockhash``, then ``getblock`` (verbosity 2)
+        once. Raises InputError off the chain, NodeError for an answer that is not a block."""
+        block_hash = self.block_hash(height)
+        block = self.client.call("getblock", block_hash, 2)
+        if not isinstance(block, dict) or block.get("hash") != block_hash:
+            raise NodeError(f"node at {self.client.address} answered getblock {block_hash} with another block")
+        prev = str(block.get("previousblockhash") or "00" * 32)
+        txs = tuple(_chain_tx(tx) for tx in _list(block.get("tx"), "getblock tx"))
+        return ChainBlock(height, block_hash, prev, txs)
+
+    def mempool_txids(self) -> list[str]:
+        """The node's mempool (``getrawmempool``)."""
+        return [_check_txid(str(t), node=True) for t in _list(self.client.call("getrawmempool"), "getrawmempool")]
+
+    def mempool_tx(self, txid: str) -> ChainTx | None:
+        """Mempool transaction ``txid`` (``getrawtransaction``); None once it left the mempool
+        (mined, replaced or evicted: the blocks tell the rest)."""
+        try:
+            tx = self.client.call("getrawtransaction", _check_txid(txid), True)
+        except RpcError as e:
+            if e.code == RPC_INVALID_ADDRESS_OR_KEY:
+                return None
+            raise
+        if not isinstance(tx, dict) or tx.get("blockhash"):
+            return None
+        return _chain_tx(tx)
+
+
+def _chain_tx(tx: Any) -> ChainTx:
+    """A decoded transaction of ``getblock`` (verbosity 2) or ``getrawtransaction`` (verbose)."""
+    if not isinstance(tx, dict):
+        raise NodeError("node answered with a transaction that is not an object")
+    spends = []
+    for vin in _list(tx.get("vin"), "transaction vin"):
+        if isinstance(vin, dict) and "coinbase" not in vin:
+            spends.append((_check_txid(str(vin.get("txid")), node=True), _int(vin.get("vout"), "vin vout")))
+    outputs = []
+    for out in _list(tx.get("vout"), "transaction vout"):
+        spk = out.get("scriptPubKey") if isinstance(out, dict) else None
+        try:
+            amount = sats_from_btc(out["value"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise NodeError(f"node answered with an output of unusable value: {e}") from None
+        script = _hex(spk.get("hex") if isinstance(spk, dict) else None, "vout scriptPubKey")
+        outputs.append((_int(out.get("n"), "vout n"), amount, script))
+    return ChainTx(_check_txid(str(tx.get("txid")), node=True), tuple(spends), tuple(outputs))
 
 
 def connect(client: RpcClient, network_name: str) -> RpcBackend:

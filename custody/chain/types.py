@@ -217,6 +217,29 @@ class OutputSpend:
     block_height: int | None = None
 
 
+@dataclass(frozen=True)
+class ChainTx:
+    """A transaction as the block scanner reads it: what it spends and what it pays.
+
+    ``spends`` are the (txid, vout) outpoints of its inputs (none for a coinbase);
+    ``outputs`` are (vout, amount in satoshis, scriptPubKey).
+    """
+
+    txid: str
+    spends: tuple[tuple[str, int], ...]
+    outputs: tuple[tuple[int, int, bytes], ...]
+
+
+@dataclass(frozen=True)
+class ChainBlock:
+    """One block of the best chain: its height, hash, previous block's hash and transactions."""
+
+    height: int
+    hash: str
+    prev: str
+    txs: tuple[ChainTx, ...]
+
+
 class ChainBackend(Protocol):
     """A view of one chain. Every method raises NodeError when the chain cannot be asked."""
 
@@ -262,4 +285,20 @@ class ChainBackend(Protocol):
 
     def mine(self, blocks: int, script_pubkey: bytes) -> list[str]:
         """Mine ``blocks`` blocks paying ``script_pubkey`` (regtest only); their hashes."""
+        ...
+
+    def block_hash(self, height: int) -> str:
+        """The hash of the best chain's block at ``height``. Raises InputError above the tip."""
+        ...
+
+    def block_at(self, height: int) -> ChainBlock:
+        """The best chain's block at ``height``, read once. Raises InputError above the tip."""
+        ...
+
+    def mempool_txids(self) -> list[str]:
+        """The txids in the mempool."""
+        ...
+
+    def mempool_tx(self, txid: str) -> ChainTx | None:
+        """Mempool transaction ``txid``; None when it is no longer in the mempool."""
         ...

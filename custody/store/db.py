@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, inspect
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, create_engine, select
@@ -134,6 +134,11 @@ class Database:
                 # from before has no rulebook: the built-in default rules apply.
                 # 4 -> 5: the policy_epoch table (created above): key rotations. A store from
                 # before has none: its one policy is epoch 0.
+                # 4 -> 5 also: the block scanner's tables (created above) and an index of the
+                # address table by scriptPubKey, which create_all does not add to an existing
+                # table. The first sync seeds the scanner with one scan of the unspent set.
+                index = models.ADDRESS_SCRIPT_INDEX
+                s.connection().execute(text(f"CREATE INDEX IF NOT EXISTS {index} ON address (script_pubkey)"))
                 row.value = str(models.SCHEMA_VERSION)
                 s.add(row)
             if s.get(models.LedgerHead, 1) is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 SCHEMA_VERSION = 5
@@ -45,9 +45,15 @@ class Counter(SQLModel, table=True):
     next_value: int = Field(sa_column=Column(BigInteger, nullable=False))
 
 
+ADDRESS_SCRIPT_INDEX = "ix_address_script_pubkey"
+
+
 class AddressRow(SQLModel, table=True):
     __tablename__ = "address"
-    __table_args__ = (UniqueConstraint("chain", "idx", name="uq_address_chain_idx"),)
+    __table_args__ = (
+        UniqueConstraint("chain", "idx", name="uq_address_chain_idx"),
+        Index(ADDRESS_SCRIPT_INDEX, "script_pubkey"),  # the block scanner's lookup (custody.books.blockscan)
+    )
     id: int | None = Field(default=None, primary_key=True)
     chain: int
     idx: int = Field(sa_column=Column("idx", BigInteger, nullable=False))
@@ -383,6 +389,42 @@ class DepositRow(SQLModel, table=True):
     credit_txn: int | None = None  # the ledger transaction of the latest credit
     first_seen_at: datetime
     updated_at: datetime
+
+
+# ---------------------------------------------------------------- block scanner (custody.books.blockscan)
+
+
+class ScanBlockRow(SQLModel, table=True):
+    """A block the scanner read, by height: the highest row is its cursor, the hashes find a reorg."""
+
+    __tablename__ = "scan_block"
+    height: int = Field(primary_key=True)
+    hash: str = Field(max_length=64)
+
+
+class ScanOutputRow(SQLModel, table=True):
+    """An output of a scanned block paying one of our addresses, and what spent it (if a block did).
+
+    An observation cache: the sync checks a row against the chain before it credits from it.
+    """
+
+    __tablename__ = "scan_output"
+    outpoint: str = Field(primary_key=True, max_length=80)  # txid:vout
+    txid: str = Field(max_length=64)
+    vout: int
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    script_pubkey: str = Field(sa_column=Column(Text, nullable=False))  # hex
+    chain: int = Field(index=True)
+    height: int = Field(index=True)
+    spent_height: int | None = Field(default=None, index=True)
+    spent_by: str | None = Field(default=None, max_length=64)
+
+
+class ScanMempoolRow(SQLModel, table=True):
+    """A mempool transaction the scanner already examined (dropped when it leaves the mempool)."""
+
+    __tablename__ = "scan_mempool"
+    txid: str = Field(primary_key=True, max_length=64)
 
 
 # ---------------------------------------------------------------- notifications (custody.notify.outbox)
