@@ -53,10 +53,16 @@ LOOKUP_CHUNK = 500
 MEMPOOL_LIMIT = 5000
 """The most new mempool transactions one sync reads; the rest wait for the next sync (or a block)."""
 
+COMMIT_BLOCKS = 20
+"""Blocks recorded per database transaction: a sync far behind commits every so often, and a
+crash loses at most that much reading (the cursor moves with what was recorded)."""
+
 SEED_HISTORY = 100
 """Blocks below the first sync's block whose hashes are kept too (the deposits' FINAL_DEPTH)."""
 
 CREDITED = "credited"
+MOVED = "moved"
+SHORTER = "shorter"
 
 
 @dataclass
@@ -90,20 +96,15 @@ def observe(db: Database, backend: ChainBackend, tip: int) -> Observation:
         seen.rolled_back += height - fork
         height = fork
     while height < tip:
-        try:
-            block = backend.block_at(height + 1)
-        except InputError:
-            break  # the chain got shorter while we read: the next sync goes on from here
-        if block.prev != _hash_at(db, height):
+        height, stop = _read_run(db, backend, height, tip, seen, fresh)
+        if stop == MOVED:  # a block whose previous hash is not ours: the chain moved while we read
             fork = _fork(db, backend, height)
             _undo_above(db, fork)
             seen.rolled_back += height - fork
             height = fork
             fresh.clear()
-            continue
-        fresh |= _record(db, block)
-        seen.blocks_read += 1
-        height += 1
+        elif stop == SHORTER:
+            break  # the chain got shorter while we read: the next sync goes on from here
     unspent = _unspent_receive(db)
     seen.forged = _check_rows(db, backend, [r for r in unspent if r.outpoint not in fresh])
     seen.utxos = {
@@ -113,6 +114,30 @@ def observe(db: Database, backend: ChainBackend, tip: int) -> Observation:
     }
     seen.utxos.update(_mempool(db, backend))
     return seen
+
+
+def _read_run(
+    db: Database, backend: ChainBackend, height: int, tip: int, seen: Observation, fresh: set[str]
+) -> tuple[int, str | None]:
+    """Read and record up to COMMIT_BLOCKS blocks above ``height`` in one transaction (one
+    commit for several blocks; each block is dropped once recorded). Returns the height
+    reached and why it stopped short: MOVED (a block did not follow the one below it),
+    SHORTER (no block at the next height any more), or None."""
+    prev = _hash_at(db, height)
+    with db.transaction() as s:
+        for _ in range(COMMIT_BLOCKS):
+            if height >= tip:
+                break
+            try:
+                block = backend.block_at(height + 1)
+            except InputError:
+                return height, SHORTER
+            if block.prev != prev:
+                return height, MOVED
+            fresh |= _record(s, block)
+            seen.blocks_read += 1
+            height, prev = height + 1, block.hash
+    return height, None
 
 
 def receive_addresses(db: Database, scripts: Iterable[str]) -> dict[str, AddressRow]:
@@ -202,25 +227,25 @@ def _undo_above(db: Database, fork: int) -> None:
 # ---------------------------------------------------------------- one block
 
 
-def _record(db: Database, block: ChainBlock) -> set[str]:
+def _record(s: Session, block: ChainBlock) -> set[str]:
     """Keep ``block``'s outputs paying us and mark the outputs of ours it spends, with its hash;
     the outpoints kept."""
-    with db.transaction() as s:
-        scripts = sorted({spk.hex() for tx in block.txs for _, _, spk in tx.outputs})
-        chains = {a.script_pubkey: a.chain for a in _addresses(s, scripts)}
-        kept: set[str] = set()
-        for tx in block.txs:
-            for vout, amount, spk in tx.outputs:
-                chain = chains.get(spk.hex())
-                if chain is not None:
-                    kept.add(s.merge(_output_row(tx.txid, vout, amount, spk.hex(), chain, block.height)).outpoint)
-        s.flush()
-        spender = {f"{t}:{v}": tx.txid for tx in block.txs for t, v in tx.spends}
-        for row in _outputs(s, sorted(spender)):
-            if row.spent_height is None:
-                row.spent_height, row.spent_by = block.height, spender[row.outpoint]
-                s.add(row)
-        s.add(ScanBlockRow(height=block.height, hash=block.hash))
+    scripts = sorted({spk.hex() for tx in block.txs for _, _, spk in tx.outputs})
+    chains = {a.script_pubkey: a.chain for a in _addresses(s, scripts)}
+    kept: set[str] = set()
+    for tx in block.txs:
+        for vout, amount, spk in tx.outputs:
+            chain = chains.get(spk.hex())
+            if chain is not None:
+                kept.add(s.merge(_output_row(tx.txid, vout, amount, spk.hex(), chain, block.height)).outpoint)
+    s.flush()
+    spender = {f"{t}:{v}": tx.txid for tx in block.txs for t, v in tx.spends}
+    for row in _outputs(s, sorted(spender)):
+        if row.spent_height is None:
+            row.spent_height, row.spent_by = block.height, spender[row.outpoint]
+            s.add(row)
+    s.add(ScanBlockRow(height=block.height, hash=block.hash))
+    s.flush()
     return kept
 
 
