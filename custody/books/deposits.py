@@ -145,24 +145,30 @@ class _Owners:
     address that index derives to from the policy. Built once per sync; the address rows are
     only a way to find the index."""
 
-    def __init__(self, s: Session) -> None:
-        self.log = record.LogAccounts(s, RECEIVE)
-        self.deriver = epochs.Derivers(epochs.store_epochs(s))  # every policy: old addresses stay ours
+    def __init__(self) -> None:
+        self._log: record.LogAccounts | None = None
+        self._deriver: epochs.Derivers | None = None
 
-    def check(self, index: int, account: str, address: str, script_pubkey: str | None = None) -> None:
-        """Raises OwnerMismatch unless the log issued ``index`` to ``account`` and it derives to ``address``."""
-        logged = self.log.account_of(index)
+    def check(self, s: Session, index: int, account: str, address: str, script_pubkey: str | None = None) -> None:
+        """Raises OwnerMismatch unless the log issued ``index`` to ``account`` and it derives to ``address``.
+
+        The log's issuances are read at the first check of a sync (through ``s``), so a sync
+        with no deposit to record or credit does not read them."""
+        if self._log is None or self._deriver is None:
+            self._log = record.LogAccounts(s, RECEIVE)
+            self._deriver = epochs.Derivers(epochs.store_epochs(s))  # every policy: old addresses stay ours
+        logged = self._log.account_of(index)
         if logged is None:
             raise OwnerMismatch(address, f"index 0/{index} was never issued in the audit log")
         if logged != account:
             raise OwnerMismatch(address, f"the store says account {account!r}; the audit log issued it to {logged!r}")
-        derived = self.deriver.derive(RECEIVE, index)
+        derived = self._deriver.derive(RECEIVE, index)
         if derived.address != address or (script_pubkey is not None and derived.script_pubkey.hex() != script_pubkey):
             raise OwnerMismatch(address, f"index 0/{index} derives to {derived.address}, not to this address")
 
 
 def _credit(s: Session, dep: DepositRow, actor: str, owners: _Owners) -> None:
-    owners.check(dep.address_index, dep.account, dep.address)
+    owners.check(s, dep.address_index, dep.account, dep.address)
     again = dep.status in (REVERSED, DROPPED)
     txn = ledger.deposit_credited(s, dep)
     dep.status = CREDITED
@@ -232,7 +238,7 @@ def _follow_unspent(
     change = None
     if dep is None:
         a = addresses[u.script_pubkey.hex()]
-        owners.check(a.idx, a.account, a.address, u.script_pubkey.hex())
+        owners.check(s, a.idx, a.account, a.address, u.script_pubkey.hex())
         dep = DepositRow(
             outpoint=outpoint,
             txid=u.txid,
@@ -278,8 +284,8 @@ def sync_deposits(  # noqa: C901 - the deposit state machine in one pass, until 
     the halt and is reported (``"halt_id"``), not raised.
     """
     db.check_schema()
+    owners = _Owners()
     with db.transaction() as s:
-        owners = _Owners(s)
         watched = [
             d.outpoint
             for d in s.exec(
@@ -342,7 +348,7 @@ def sync_deposits(  # noqa: C901 - the deposit state machine in one pass, until 
                     if dep.status == CREDITED and seen.confirmations >= FINAL_DEPTH:
                         dep.final = True
                 elif dep.status == CREDITED:
-                    owners.check(dep.address_index, dep.account, dep.address)
+                    owners.check(s, dep.address_index, dep.account, dep.address)
                     txn = ledger.deposit_reversed(s, dep)
                     dep.status, dep.confirmations, dep.height = REVERSED, 0, None
                     balance = ledger.customer_balance(s, dep.account)
