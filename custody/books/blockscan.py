@@ -244,7 +244,7 @@ def _record(s: Session, block: ChainBlock) -> set[str]:
         if row.spent_height is None:
             row.spent_height, row.spent_by = block.height, spender[row.outpoint]
             s.add(row)
-    s.add(ScanBlockRow(height=block.height, hash=block.hash))
+    s.merge(ScanBlockRow(height=block.height, hash=block.hash))  # a concurrent sync may have read it too
     s.flush()
     return kept
 
