@@ -39,6 +39,13 @@ from custody_cli.context import (
 )
 
 
+def _bump_text(rules: dict[str, Any]) -> str:
+    bump = rules.get("bump")
+    if bump is None:
+        return "2 approvals, the fee caps above (no bump section)"
+    return f"{bump['approvals']} approvals, at most {bump['max_fee_sat']} sat and {bump['max_fee_rate']} sat/vB"
+
+
 def _render_rules(title: str, rules: dict[str, Any]) -> None:
     fees = rules["fees"]
     output.key_values(
@@ -53,6 +60,7 @@ def _render_rules(title: str, rules: dict[str, Any]) -> None:
                 f"of the amount; a batch {fees['max_batch_fee_sat']} sat",
             ),
             ("self-transfer", f"{rules['self_transfer']['approvals']} approvals"),
+            ("fee bump", _bump_text(rules)),
             ("loosening delay", f"{rules['loosening_delay_blocks']} blocks"),
         ],
     )

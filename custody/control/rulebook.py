@@ -152,6 +152,7 @@ def _proposed_rules(base: Rules, changes: Mapping[str, Any], serial: int, networ
         draft.fees,
         draft.self_transfer_approvals,
         draft.loosening_delay_blocks,
+        draft.bump,
     )
 
 

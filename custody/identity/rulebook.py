@@ -16,8 +16,10 @@ satoshis and all times in blocks:
   destination outside it is refused, allowed, or needs the approvals of a named tier;
 * ``fees``: the most fee in satoshis, in sat/vB, as a share of the amount (basis points), and
   for a batch's transaction;
-* ``self_transfer``: the approvals a transaction paying only custody needs (kept for
-  consolidations; none is built yet);
+* ``self_transfer``: the approvals a transaction paying only custody needs (a cancel, a
+  child-pays-for-parent, a consolidation: every output re-derives from the policy);
+* ``bump`` (optional): the approvals a fee-only replacement (RBF) of a signed withdrawal needs,
+  and the most fee and fee rate it may pay; absent, two approvals and the ``fees`` caps;
 * ``loosening_delay_blocks``: how long the NEXT rulebook waits when it loosens anything.
 
 Heights: ``proposed_height`` (the chain's tip when it was proposed) and ``effective_height``
@@ -80,9 +82,12 @@ RULE_FIELDS = frozenset(
         "cooling_off_blocks",
         "fees",
         "self_transfer",
+        "bump",
         "loosening_delay_blocks",
     }
 )
+OPTIONAL_FIELDS = frozenset({"bump"})
+"""Sections a rulebook may leave out (one signed before they existed): their defaults apply."""
 BODY_FIELDS = HEADER_FIELDS | RULE_FIELDS | {"proposed_height", "effective_height"}
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9._-]{0,31}$")
@@ -156,6 +161,22 @@ class Fees:
         }
 
 
+@dataclass(frozen=True)
+class BumpRule:
+    """Who approves a fee-only replacement, and up to what fee (``bump``)."""
+
+    approvals: int
+    max_fee_sat: int
+    max_fee_rate: Decimal  # sat/vB
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "approvals": self.approvals,
+            "max_fee_sat": self.max_fee_sat,
+            "max_fee_rate": rate_text(self.max_fee_rate),
+        }
+
+
 def rate_text(rate: Decimal) -> str:
     return format(rate.normalize(), "f")
 
@@ -173,8 +194,18 @@ class Rules:
     fees: Fees
     self_transfer_approvals: int
     loosening_delay_blocks: int
+    bump: BumpRule | None = None  # None: the section is absent (see bump_rule)
+
+    def bump_rule(self) -> BumpRule:
+        """The bump rule in force: the section, or two approvals and the ``fees`` caps."""
+        if self.bump is not None:
+            return self.bump
+        return BumpRule(MIN_APPROVALS, self.fees.max_fee_sat, self.fees.max_fee_rate)
 
     def to_dict(self) -> dict[str, Any]:
+        return self._sections() | ({"bump": self.bump.to_dict()} if self.bump is not None else {})
+
+    def _sections(self) -> dict[str, Any]:
         return {
             "tiers": [t.to_dict() for t in self.tiers],
             "max_withdrawal_sat": self.max_withdrawal_sat,
@@ -363,6 +394,19 @@ def _fees(raw: object) -> Fees:
     )
 
 
+def _bump(raw: object) -> BumpRule | None:
+    if raw is None:
+        return None
+    b = _fields(raw, {"approvals", "max_fee_sat", "max_fee_rate"}, "bump")
+    if not isinstance(b["max_fee_rate"], str):
+        raise InputError("bump.max_fee_rate is a decimal number in a string (sat/vB)")
+    return BumpRule(
+        _whole(b["approvals"], "bump.approvals", MIN_APPROVALS, MAX_APPROVALS),
+        _whole(b["max_fee_sat"], "bump.max_fee_sat"),
+        parse_fee_rate(b["max_fee_rate"]),
+    )
+
+
 def parse_rules(body: Mapping[str, Any], serial: int, network: str | None = None) -> Rules:
     """The rules of a rulebook body (or of a proposal, with ``network``: see :func:`_destination`).
     Raises InputError."""
@@ -379,6 +423,7 @@ def parse_rules(body: Mapping[str, Any], serial: int, network: str | None = None
         fees=_fees(body["fees"]),
         self_transfer_approvals=_whole(st["approvals"], "self_transfer.approvals", MIN_APPROVALS, MAX_APPROVALS),
         loosening_delay_blocks=_whole(body["loosening_delay_blocks"], "loosening_delay_blocks", 0, MAX_BLOCKS),
+        bump=_bump(body.get("bump")),
     )
     if outside.startswith("tier:") and rules.tier(outside[5:]) is None:
         raise InputError(f"destinations.outside names tier {outside[5:]!r}, which the rulebook does not have")
@@ -391,7 +436,9 @@ def parse_rulebook(doc: object) -> Rulebook:
     Checks its shape, not its signatures or its place in the chain (:func:`check_chain`).
     Raises InputError.
     """
-    body, h = parse_header(doc, "rulebook", FORMAT, FORMAT_VERSION, BODY_FIELDS)
+    raw_body = doc.get("rulebook") if isinstance(doc, dict) else None
+    absent = OPTIONAL_FIELDS - set(raw_body) if isinstance(raw_body, dict) else frozenset()
+    body, h = parse_header(doc, "rulebook", FORMAT, FORMAT_VERSION, BODY_FIELDS - absent)
     proposed = _whole(body["proposed_height"], "proposed_height", 0, LOCKTIME_THRESHOLD - 1)
     effective = _whole(body["effective_height"], "effective_height", 0, LOCKTIME_THRESHOLD - 1)
     rules = parse_rules(body, h.serial)
@@ -452,6 +499,12 @@ def loosened(old: Rules, new: Rules) -> list[str]:
         out.append("fewer self_transfer approvals")
     if new.loosening_delay_blocks < old.loosening_delay_blocks:
         out.append("a shorter loosening_delay_blocks")
+    old_bump, new_bump = old.bump_rule(), new.bump_rule()
+    if new_bump.approvals < old_bump.approvals:
+        out.append("fewer bump approvals")
+    out += [
+        f"a higher bump.{f}" for f in ("max_fee_sat", "max_fee_rate") if getattr(new_bump, f) > getattr(old_bump, f)
+    ]
     return out
 
 

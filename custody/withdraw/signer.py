@@ -65,6 +65,7 @@ from custody.identity.approvals import (
 )
 from custody.identity.founders_documents import FoundersDocument, rollback_problem, signature_problems
 from custody.identity.keyfile import FounderKey
+from custody.identity.replacement_rules import judge_bump
 from custody.identity.roster import (
     Founders,
     Roster,
@@ -93,6 +94,7 @@ from custody.policy.generator import AddressDeriver, DerivedAddress
 from custody.policy.manifest import SignedManifest
 from custody.policy.model import BRANCHES, CHANGE, Policy
 from custody.policy.rotation import check_chain as check_manifest_chain
+from custody.withdraw.replace_check import BUMP, SELF_TRANSFERS, check_bump, check_self_transfer, replaced_tx
 
 # The PSBT's proprietary records (identifier "custody"), written by custody.withdraw.queue:
 PROPRIETARY_ID = b"custody"
@@ -283,11 +285,16 @@ class Journal:
         """The highest height this machine has signed at (0: none)."""
         return max((e.height for e in self.entries), default=0)
 
+    def find(self, txid: str) -> JournalEntry | None:
+        """The entry of transaction ``txid`` (its unsigned txid), if this machine signed it."""
+        return next((e for e in self.entries if e.txid == txid), None)
+
     def counted(self, txid: str) -> Iterator[Counted]:
-        """Every payout signed here, once per transaction, but ``txid``'s own."""
+        """Every payout signed here, once per transaction, but ``txid``'s own; a bump pays what
+        the transaction it replaces paid, which counts already."""
         seen = {txid}
         for e in self.entries:
-            if e.txid in seen:
+            if e.txid in seen or e.kind == BUMP:
                 continue
             seen.add(e.txid)
             for p in e.payouts:
@@ -303,7 +310,7 @@ def _record_in_journal(state: SignerState, r: Review) -> None:
         with locked_lines(state.journal, whole=True) as f:
             journal = Journal.parse(f.data, state.journal, state.manifest)
             _height(r.height, journal)
-            verdict = judge(r.book, r.effective, r.spend, journal.counted(r.entry.txid))
+            verdict = _judged(r.book, r.effective, r.spend, r.withdrawal_id, r.replaced_fee, journal, r.entry.txid)
             _refuse(verdict, r.withdrawal_id)
             f.append(r.entry.line(state.manifest))
     except OSError as exc:
@@ -462,6 +469,7 @@ class Review:
     effective: dict[int, int] = field(repr=False, compare=False, default_factory=dict)
     spend: Spend | None = field(repr=False, compare=False, default=None)
     entry: JournalEntry | None = field(repr=False, compare=False, default=None)
+    replaced_fee: int | None = None  # a bump: the fee of the transaction it replaces
 
     @property
     def short_digest(self) -> str:
@@ -615,6 +623,39 @@ def _refuse(verdict: Verdict, withdrawal_id: int) -> None:
         )
 
 
+def _judged(
+    book: Rulebook | None,
+    effective: dict[int, int],
+    spend: Spend,
+    withdrawal_id: int,
+    replaced_fee: int | None,
+    journal: Journal,
+    txid: str,
+) -> Verdict:
+    """The rulebook's verdict: on a bump, its ``bump`` rule (a replacement of a transaction
+    that paid ``replaced_fee``); on anything else, every rule, velocity from the journal."""
+    if replaced_fee is not None:
+        return judge_bump(book, withdrawal_id, spend.height, spend.fee, spend.vsize, replaced_fee)
+    return judge(book, effective, spend, journal.counted(txid))
+
+
+def _kind_checks(
+    kind: str, meta: dict[str, Any], p: psbt_lib.Psbt, change: set[int], input_total: int, journal: Journal
+) -> int | None:
+    """A bump's fee-only replacement check (returns the fee it replaces) or a self-transfer's
+    every-output-is-ours check. Raises PolicyViolation, InputError (an unknown kind)."""
+    if kind == BUMP:
+        old = replaced_tx(meta)
+        entry = journal.find(b2lx(old.GetTxid()))
+        payments = [pay for payout in entry.payouts for pay in payout.payments] if entry else None
+        return check_bump(p.tx, old, change, payments, entry.fee if entry else None, input_total)
+    if kind in SELF_TRANSFERS:
+        check_self_transfer(kind, p.tx, change)
+    elif kind not in ("single", "batch", "sweep"):  # a sweep's outputs are checked by _moved_to
+        raise InputError(f"the PSBT is of a kind this signer does not know: {kind[:20]!r}")
+    return None
+
+
 def _our_inputs(
     p: psbt_lib.Psbt, founder: FounderKey, policy: Policy, deriver: AddressDeriver
 ) -> tuple[list[int], dict[bytes, Any]]:
@@ -747,10 +788,12 @@ def review(
         state.save()
     journal = Journal.load(state.journal, pinned.digest)
     height = _height(int(p.tx.nLockTime), journal)
+    kind = str(meta.get("kind") or "single")
+    replaced_fee = _kind_checks(kind, meta, p, verified_change, sum(amounts), journal)
     vsize = tx_vsize(
         policy.script_type, policy.threshold, policy.n, len(p.inputs), [bytes(o.scriptPubKey) for o in p.tx.vout]
     )
-    batch = meta.get("kind") == "batch"
+    batch = kind == "batch"
     members = _batch_members(policy, meta) if batch else []
     payouts = [m.payout for m in members] or [
         Payout(
@@ -764,7 +807,7 @@ def review(
     book = rulebook_at(books, height)
     effective = {b.serial: b.effective_height for b in books}
     spend = Spend(height, tuple(payouts), summary.fee, vsize, batch)
-    verdict = judge(book, effective, spend, journal.counted(txid))
+    verdict = _judged(book, effective, spend, withdrawal_id, replaced_fee, journal, txid)
     if batch:
         check = _batch_check(members, summary, change, approvers, requesters, verdict)
     else:
@@ -794,7 +837,7 @@ def review(
     )
     return Review(
         withdrawal_id=withdrawal_id,
-        kind=str(meta.get("kind") or "single"),
+        kind=kind,
         founder=names[0],
         network=policy.network.name,
         requester=str(meta.get("requester")),
@@ -822,13 +865,14 @@ def review(
         entry=JournalEntry(
             txid,
             withdrawal_id,
-            "batch" if batch else "single",
+            kind,
             height,
             summary.fee,
             verdict.serial,
             names[0],
             tuple(payouts),
         ),
+        replaced_fee=replaced_fee,
     )
 
 
