@@ -19,6 +19,7 @@ from custody.control.wallet import load_policy
 from custody.errors import ApprovalError, HaltedError, InputError
 from custody.files import PSBT_MAX, read_limited
 from custody.withdraw import queue as wd
+from custody.withdraw import replace
 from custody.withdraw.signer import Review, SignerState, review, sign_reviewed, state_path
 from custody_cli import output
 from custody_cli.commands_trust import confirm, read_manifest_file, yes_option
@@ -283,6 +284,7 @@ def withdraw_broadcast(app: AppContext, withdrawal_id: int, as_json: bool) -> No
 @withdraw.command("cancel")
 @click.argument("withdrawal_id", type=int)
 @click.option("--reason", required=True, help="Why the withdrawal is cancelled.")
+@click.option("--fee-rate", help="A signed withdrawal's cancel: its fee rate in sat/vB (default CUSTODY_FEE_RATE).")
 @identity_options
 @json_option
 @pass_app
@@ -291,17 +293,64 @@ def withdraw_cancel(
     app: AppContext,
     withdrawal_id: int,
     reason: str,
+    fee_rate: str | None,
     employee: str,
     key_file: KeyRef,
     passphrase_file: Path | None,
     as_json: bool,
 ) -> None:
-    """Fail a withdrawal that was not broadcast and release its inputs.
-
-    Refused (exit 6) once founders' signatures exist: only the chain can void those.
+    """Cancel a withdrawal. Without founders' signatures: failed at once, its inputs and hold
+    released. With them (signed, broadcast, or refused by the node): a self-transfer of its
+    inputs back to a fresh change address is requested, to approve, sign and broadcast like a
+    withdrawal; the hold is released only once that cancel confirms CUSTODY_REFUND_CONFIRMATIONS
+    deep (custody sync), and if the original confirms first, nothing is refunded.
     """
     key = employee_key(key_file, passphrase_file)
-    _show(wd.cancel(app.db, withdrawal_id, employee, key, reason, settings=app.settings), as_json)
+    data = replace.cancel(
+        app.db,
+        app.settings,
+        chain_backend(app),
+        withdrawal_id,
+        reason=reason,
+        fee_rate=fee_rate,
+        actor=employee,
+        key=key,
+        limits=wd.limits_from_settings(app.settings),
+    )
+    _show(data, as_json)
+
+
+@withdraw.command("bump")
+@click.argument("withdrawal_id", type=int)
+@click.option("--fee-rate", required=True, help="The replacement's fee rate in sat/vB.")
+@identity_options
+@json_option
+@pass_app
+@example("custody withdraw bump 1 --fee-rate 20 --as carol --key carol.key")
+def withdraw_bump(
+    app: AppContext,
+    withdrawal_id: int,
+    fee_rate: str,
+    employee: str,
+    key_file: KeyRef,
+    passphrase_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Request a fee bump (RBF) of a signed withdrawal: the same destinations and amounts, the
+    extra fee taken from change. It gets an id of its own to approve (the rulebook's bump rule),
+    export, sign, import, finalize and broadcast; custody sync follows whichever version confirms.
+    """
+    data = replace.bump(
+        app.db,
+        app.settings,
+        chain_backend(app),
+        withdrawal_id,
+        fee_rate=fee_rate,
+        actor=employee,
+        key=employee_key(key_file, passphrase_file),
+        limits=wd.limits_from_settings(app.settings),
+    )
+    _show(data, as_json)
 
 
 @withdraw.command("batch")
@@ -501,7 +550,9 @@ def sync(app: AppContext, as_json: bool) -> None:
     """
     backend = chain_backend(app)
     confirmations = deposits.deposit_confirmations(app.settings)
-    changed = wd.sync(app.db, backend, wd.limits_from_settings(app.settings), settings=app.settings)
+    limits = wd.limits_from_settings(app.settings)
+    changed = wd.sync(app.db, backend, limits, settings=app.settings)
+    changed += replace.sync_replacements(app.db, backend, limits, settings=app.settings)
     credited = deposits.sync_deposits(app.db, app.settings, backend, confirmations)
     halts = [d for d in credited if d.get("halt_id")]
     if as_json:

@@ -28,6 +28,8 @@ POINTS = (
     "rotate.pinned",  # a rotation pinned on this machine, not yet in the store
     "rotate.committed",  # the rotation's epoch and audit entry committed, not yet shown
     "sweep.requested",  # inside the sweep's transaction: inputs reserved, change address issued
+    "bump.requested",  # inside the bump's request transaction, its row and link stored
+    "cancel.requested",  # inside the cancel's request transaction, its row and link stored
 )
 
 

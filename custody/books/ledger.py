@@ -425,11 +425,14 @@ def batch_dissolved(s: Session, batch: WithdrawalRow, members: Sequence[Withdraw
     return post(s, "batch.dissolved", lines, ref=_ref(batch), memo=f"members {', '.join(str(m.id) for m in members)}")
 
 
-def withdrawal_settled(s: Session, row: WithdrawalRow, members: Sequence[WithdrawalRow]) -> LedgerTxn:
+def withdrawal_settled(
+    s: Session, row: WithdrawalRow, members: Sequence[WithdrawalRow], network_fee: int | None = None
+) -> LedgerTxn:
     """A confirmed withdrawal (or batch): the hold leaves the asset account; fees booked.
 
-    ``row.fee`` is what the transaction paid; the members' fees are what they were charged. A
-    sweep moves coins between custody's own addresses: only its network fee leaves the asset.
+    ``row.fee`` is what the transaction paid, unless ``network_fee`` says otherwise (a fee bump
+    confirmed: the replacement's); the members' fees are what they were charged. A sweep moves
+    coins between custody's own addresses: only its network fee leaves the asset.
     """
     if row.kind == SWEEP:
         return post(
@@ -438,12 +441,13 @@ def withdrawal_settled(s: Session, row: WithdrawalRow, members: Sequence[Withdra
     members = members or [row]
     paid_out = sum(m.amount for m in members)
     charged = sum(m.fee for m in members)
+    paid_fee = row.fee if network_fee is None else network_fee
     lines = [
         (held(row.id or 0), paid_out + charged),
         (ASSET, -paid_out),
         (FEE_INCOME, -charged),
-        (NETWORK_FEES, row.fee),
-        (ASSET, -row.fee),
+        (NETWORK_FEES, paid_fee),
+        (ASSET, -paid_fee),
     ]
     return post(s, "withdrawal.settled", lines, ref=_ref(row), memo=f"txid {row.txid}")
 
@@ -466,6 +470,18 @@ def withdrawal_unsettled(s: Session, row: WithdrawalRow, members: Sequence[Withd
         (ASSET, row.fee),
     ]
     return post(s, "withdrawal.unsettled", lines, ref=_ref(row), memo=f"txid {row.txid} no longer confirmed")
+
+
+def self_transfer_settled(s: Session, row: WithdrawalRow) -> LedgerTxn:
+    """A confirmed self-transfer (a cancel, a child paying for its parent, a consolidation): its
+    coins stay custody's; only its network fee leaves the asset account, at the house's cost."""
+    return post(
+        s,
+        "selftransfer.settled",
+        [(NETWORK_FEES, row.fee), (ASSET, -row.fee)],
+        ref=_ref(row),
+        memo=f"{row.kind} txid {row.txid}",
+    )
 
 
 def deposit_credited(s: Session, dep: DepositRow) -> LedgerTxn:

@@ -139,6 +139,8 @@ class Database:
                 # table. The first sync seeds the scanner with one scan of the unspent set.
                 index = models.ADDRESS_SCRIPT_INDEX
                 s.connection().execute(text(f"CREATE INDEX IF NOT EXISTS {index} ON address (script_pubkey)"))
+                # 4 -> 5 also: the replacement table (created above): fee bumps, cancels and
+                # children paying for a signed withdrawal; a store from before has none.
                 row.value = str(models.SCHEMA_VERSION)
                 s.add(row)
             if s.get(models.LedgerHead, 1) is None:

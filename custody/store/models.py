@@ -288,6 +288,22 @@ class ReservedInput(SQLModel, table=True):
     withdrawal_id: int = Field(foreign_key="withdrawal.id", index=True)
 
 
+class ReplacementRow(SQLModel, table=True):
+    """A transaction that replaces or settles a signed withdrawal's: a fee bump (RBF), a cancel
+    (a self-transfer double-spending its inputs) or a child paying for it (CPFP).
+
+    ``withdrawal_id`` is the replacement's own row (kind bump, cancel or cpfp), approved and
+    signed like any withdrawal; ``original_id`` the customer's withdrawal (or batch) it is for;
+    ``replaces_id`` the version whose transaction it replaces (the original, or an earlier bump).
+    """
+
+    __tablename__ = "replacement"
+    withdrawal_id: int = Field(primary_key=True, foreign_key="withdrawal.id")
+    original_id: int = Field(foreign_key="withdrawal.id", index=True)
+    replaces_id: int = Field(foreign_key="withdrawal.id")
+    kind: str = Field(max_length=8)
+
+
 class ApprovalRow(SQLModel, table=True):
     """One employee's signature over one withdrawal's exact transaction."""
 

@@ -86,6 +86,7 @@ from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, issue_in
 from custody.policy.model import CHANGE, Policy
 from custody.store.db import Database
 from custody.store.models import AddressRow, ApprovalRow, ReservedInput, RosterRow, WithdrawalInput, WithdrawalRow
+from custody.withdraw import replacements
 from custody.withdraw.signer import (
     PROP_APPROVALS,
     PROP_META,
@@ -263,7 +264,9 @@ def _judge(s: Session, spend: Spend, exclude: set[int], history: bool = True) ->
 
 def _verdict(s: Session, policy: Policy, row: WithdrawalRow, history: bool = True) -> Verdict:
     """The rulebook in force at the withdrawal's height, applied to it (to a batch: to its
-    members together, in one transaction)."""
+    members together, in one transaction; a fee bump: by the rulebook's bump rule)."""
+    if row.kind == "bump":
+        return replacements.bump_verdict(s, policy, row, _tx(row))
     spend = _spend(s, policy, row)
     return _judge(s, spend, {row.id or 0, *(p.withdrawal_id for p in spend.payouts)}, history)
 
@@ -777,7 +780,7 @@ def build_psbt(s: Session, policy: Policy, row: WithdrawalRow) -> psbt_lib.Psbt:
         "amount": row.amount,
         "change_output": change_output,
         "policy": policy.to_manifest(),
-    }
+    } | replacements.psbt_meta(s, row)
     if row.kind == SWEEP:
         meta["kind"] = SWEEP
     if row.kind == BATCH:
@@ -1104,7 +1107,10 @@ def _watched(s: Session, tip: int) -> list[int]:
     founders' signatures but were not broadcast by us (refused by a node, or not sent yet)."""
     rows = s.exec(select(WithdrawalRow).where(col(WithdrawalRow.status).in_((APPROVED, SIGNED, BROADCAST, CONFIRMED))))
     ids = []
+    theirs = replacements.grouped(s)  # followed by custody.withdraw.replace.sync_replacements
     for r in rows.all():
+        if r.id in theirs:
+            continue
         if r.status == BROADCAST:
             ids.append(r.id or 0)
         elif r.batch_id is not None:

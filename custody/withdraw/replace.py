@@ -1,0 +1,419 @@
+"""Fee bumps (RBF) and cancels of withdrawals that carry founders' signatures, and following
+them on the chain.
+
+* ``bump``: a replacement paying exactly the same destinations and amounts, its extra fee taken
+  from change (BIP-125: a higher absolute fee, at least the old fee plus 1 sat/vB of its own
+  size). It is a withdrawal row of kind ``bump``, requested, approved (the rulebook's ``bump``
+  rule: how many approvers, up to what fee and fee rate), exported, signed (the offline signer
+  checks it replaces a transaction in its own journal, fee only), imported, finalized and
+  broadcast like any other.
+* ``cancel``: a self-transfer spending every input of the withdrawal back to a fresh change
+  address of the policy, at a higher fee (BIP-125); approved as a self-transfer (the rulebook's
+  ``self_transfer`` rule), signed (the signer checks every output re-derives from the policy).
+* :func:`sync_replacements` follows a withdrawal and its replacements together: whichever
+  version confirms, the withdrawal is settled with that transaction's txid and the fee it
+  actually paid (once); a cancel that confirms ``refund_confirmations`` deep fails the
+  withdrawal and gives its customer the amount and fee back (the cancel's own fee is the
+  house's); a cancel that loses the race to the original is failed, nothing refunded.
+
+Every step respects the halt and writes its audit event in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+from bitcoin.core import b2lx, b2x
+from sqlmodel import Session, select
+
+from custody.bitcoin.amounts import parse_fee_rate
+from custody.bitcoin.destinations import dust_limit
+from custody.bitcoin.txbuild import Coin, build_transaction, fee_for, tx_vsize
+from custody.books import ledger
+from custody.chain.types import ChainBackend, TxStatus
+from custody.clock import now
+from custody.config import Settings
+from custody.control import audit_log, halt
+from custody.control.roster import authenticate, check_pinned, load_trust
+from custody.control.wallet import policy_from_session
+from custody.errors import Conflict, InputError
+from custody.faults import crash_point
+from custody.identity.approvals import sign_request
+from custody.identity.employee_keys import EmployeeSigner
+from custody.identity.replacement_rules import bump_fee_floor
+from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, issue_in_session, load_manifest_or_halt
+from custody.policy.model import CHANGE, Policy
+from custody.store.db import Database
+from custody.store.models import ReplacementRow, WithdrawalRow
+from custody.withdraw import queue as q
+from custody.withdraw.replace_check import BUMP
+from custody.withdraw.replacements import replacements_of
+
+CANCEL = "cancel"
+SELF_ACCOUNT = "(self-transfer)"
+OPEN = (q.REQUESTED, q.APPROVED)
+LIVE = (q.SIGNED, q.BROADCAST)
+DEFAULT_LIMITS = q.Limits()
+
+
+def _signed(row: WithdrawalRow) -> bool:
+    return row.psbt is not None or row.final_tx is not None
+
+
+def _original(s: Session, withdrawal_id: int) -> WithdrawalRow:
+    """A customer withdrawal (or batch) carrying founders' signatures, not settled, locked."""
+    row = q._get(s, withdrawal_id, lock=True)
+    q._not_in_batch(row)
+    if row.kind not in (q.SINGLE, q.BATCH):
+        raise Conflict(f"#{withdrawal_id} is a {row.kind}: bump or cancel the withdrawal it is for")
+    if row.status not in (q.APPROVED, *LIVE) or not _signed(row):
+        raise Conflict(
+            f"withdrawal #{withdrawal_id} is {row.status}: only a withdrawal carrying founders' signatures that has "
+            "not confirmed can be replaced"
+        )
+    for r in replacements_of(s, withdrawal_id):
+        if r.status in OPEN:
+            raise Conflict(f"{r.kind} #{r.id} of withdrawal #{withdrawal_id} awaits approval already")
+        if r.kind == CANCEL and r.status in LIVE:
+            raise Conflict(f"withdrawal #{withdrawal_id} is being cancelled by #{r.id}")
+    return row
+
+
+def _latest(s: Session, original: WithdrawalRow) -> WithdrawalRow:
+    """The version a bump replaces: the signed one paying the most fee."""
+    versions = [original] + [r for r in replacements_of(s, original.id or 0) if r.kind == BUMP and r.status in LIVE]
+    return max(versions, key=lambda r: r.fee)
+
+
+def _coins(s: Session, row: WithdrawalRow) -> tuple[list[Coin], dict[str, str | None]]:
+    inputs = q._inputs(s, row.id or 0)
+    coins = [Coin(i.txid, i.vout, i.amount, bytes.fromhex(i.script_pubkey), i.chain, i.idx) for i in inputs]
+    return coins, {f"{i.txid}:{i.vout}": i.prev_tx for i in inputs}
+
+
+def _record(
+    s: Session,
+    policy: Policy,
+    row: WithdrawalRow,
+    link: tuple[WithdrawalRow, WithdrawalRow],
+    coins: Sequence[Coin],
+    prev: dict[str, str | None],
+    key: EmployeeSigner,
+) -> int:
+    """Store a replacement row, its inputs (held by the original's reservation) and its link;
+    the requester signs it. Returns its id."""
+    s.add(row)
+    s.flush()
+    rid = row.id or 0
+    for rec in q._input_rows(rid, q._tx(row), coins, prev):
+        s.add(rec)
+    original, replaced = link
+    s.add(ReplacementRow(withdrawal_id=rid, original_id=original.id or 0, replaces_id=replaced.id or 0, kind=row.kind))
+    s.flush()
+    row.request_signature = sign_request(key, q._summary(policy, row, q._inputs(s, rid)), row.account)
+    s.add(row)
+    return rid
+
+
+def _rate(fee_rate: str, limits: q.Limits) -> Decimal:
+    rate = parse_fee_rate(fee_rate)
+    if rate > limits.max_fee_rate:
+        raise InputError(f"fee rate {rate} sat/vB is above the cap of {limits.max_fee_rate} sat/vB")
+    return rate
+
+
+def bump(
+    db: Database,
+    settings: Settings,
+    backend: ChainBackend,
+    withdrawal_id: int,
+    *,
+    fee_rate: str,
+    actor: str,
+    key: EmployeeSigner,
+    limits: q.Limits = DEFAULT_LIMITS,
+) -> dict[str, Any]:
+    """Request a fee-only replacement of a signed withdrawal's transaction at ``fee_rate``.
+
+    Raises HaltedError, NotFound, Conflict (not signed, settled, or a replacement pending),
+    InputError (no change, or too little to pay the extra fee: use CPFP; above the fee cap),
+    PolicyViolation (the rulebook's bump rule), ApprovalError (requester).
+    """
+    rate = _rate(fee_rate, limits)
+    tip = backend.tip_height()
+    with ledger.halting(db, settings), db.transaction() as s:
+        halt.guard(s)
+        policy = policy_from_session(s)
+        authenticate(s, check_pinned(s, load_trust(settings)), actor, key, "request")
+        original = _original(s, withdrawal_id)
+        replaced = _latest(s, original)
+        old = q._tx(replaced)
+        change = q._change_position(s, replaced)
+        outputs = [(bytes(o.scriptPubKey), int(o.nValue)) for o in old.vout]
+        vsize = tx_vsize(policy.script_type, policy.threshold, policy.n, len(old.vin), [spk for spk, _ in outputs])
+        fee = max(fee_for(vsize, rate), bump_fee_floor(replaced.fee, vsize))
+        if change is None or outputs[change][1] - (fee - replaced.fee) < dust_limit(outputs[change][0]):
+            have = outputs[change][1] if change is not None else 0
+            raise InputError(
+                f"withdrawal #{withdrawal_id}'s change ({have} sat) cannot pay the extra {fee - replaced.fee} sat "
+                f"a fee of {fee} sat needs and stay above dust: a bump takes its fee from change only. Pay it from "
+                f"a child instead: custody withdraw cpfp {withdrawal_id} --fee-rate R"
+            )
+        if fee > limits.max_fee:
+            raise InputError(f"the fee of {fee} sat is above the cap of {limits.max_fee} sat (CUSTODY_MAX_FEE)")
+        outputs[change] = (outputs[change][0], outputs[change][1] - (fee - replaced.fee))
+        coins, prev = _coins(s, replaced)
+        tx = build_transaction(coins, outputs, max(tip, int(old.nLockTime)))
+        stamp = now()
+        row = WithdrawalRow(
+            kind=BUMP,
+            account=original.account,
+            requester=actor,
+            request_signature="",
+            destination=original.destination,
+            destination_spk=original.destination_spk,
+            amount=original.amount,
+            fee=fee,
+            fee_rate=str(rate),
+            change_index=replaced.change_index,
+            change_amount=outputs[change][1],
+            status=q.REQUESTED,
+            unsigned_tx=b2x(tx.serialize()),
+            created_at=stamp,
+            updated_at=stamp,
+        )
+        rid = _record(s, policy, row, (original, replaced), coins, prev, key)
+        q._enforce(s, policy, row)
+        crash_point("bump.requested")
+        audit_log.append(
+            s,
+            "withdrawal.bump_requested",
+            actor,
+            {
+                "withdrawal_id": rid,
+                "original_id": withdrawal_id,
+                "replaces_id": replaced.id,
+                "fee": fee,
+                "replaced_fee": replaced.fee,
+                "unsigned_txid": b2lx(tx.GetTxid()),
+            },
+            row.request_signature,
+        )
+        return q.view(s, policy, row)
+
+
+def cancel(
+    db: Database,
+    settings: Settings,
+    backend: ChainBackend,
+    withdrawal_id: int,
+    *,
+    reason: str,
+    fee_rate: str | None,
+    actor: str,
+    key: EmployeeSigner,
+    limits: q.Limits = DEFAULT_LIMITS,
+) -> dict[str, Any]:
+    """Request a self-transfer double-spending every input of a signed withdrawal back to a
+    fresh change address of the policy (a withdrawal without founders' signatures is simply
+    cancelled: :func:`custody.withdraw.queue.cancel`).
+
+    Raises HaltedError, NotFound, Conflict, InputError (fee), PolicyViolation, ApprovalError,
+    VerificationFailed (change address, after raising the halt).
+    """
+    with db.transaction() as s:
+        row = q._get(s, withdrawal_id)
+        plain = row.kind in (q.SINGLE, q.BATCH) and row.status in q.PENDING and not _signed(row)
+    if plain:
+        return q.cancel(db, withdrawal_id, actor, key, reason, settings=settings)
+    manifest = load_manifest_or_halt(db, settings)
+    rate = _rate(fee_rate, limits) if fee_rate is not None else limits.default_fee_rate
+    tip = backend.tip_height()
+    try:
+        with ledger.halting(db, settings), db.transaction() as s:
+            halt.guard(s)
+            policy = policy_from_session(s)
+            authenticate(s, check_pinned(s, load_trust(settings)), actor, key, "request")
+            original = _original(s, withdrawal_id)
+            rid = _request_cancel(s, manifest, policy, original, rate, tip, actor, key, limits)
+            row = q._get(s, rid)
+            audit_log.append(
+                s,
+                "withdrawal.cancel_requested",
+                actor,
+                {
+                    "withdrawal_id": rid,
+                    "original_id": withdrawal_id,
+                    "reason": reason,
+                    "fee": row.fee,
+                    "unsigned_txid": b2lx(q._tx(row).GetTxid()),
+                },
+                row.request_signature,
+            )
+            return q.view(s, policy, row)
+    except AddressMismatch as exc:
+        raise halt_for_mismatch(db, settings, exc) from None
+
+
+def _request_cancel(
+    s: Session,
+    manifest: Any,
+    policy: Policy,
+    original: WithdrawalRow,
+    rate: Decimal,
+    tip: int,
+    actor: str,
+    key: EmployeeSigner,
+    limits: q.Limits,
+) -> int:
+    coins, prev = _coins(s, original)
+    change = issue_in_session(s, manifest, q.CHANGE_ACCOUNT, 1, CHANGE, actor=actor)[0]
+    spk = bytes.fromhex(change.script_pubkey)
+    vsize = tx_vsize(policy.script_type, policy.threshold, policy.n, len(coins), [spk])
+    replaced = _latest(s, original)
+    fee = max(fee_for(vsize, rate), bump_fee_floor(replaced.fee, vsize))
+    value = sum(c.amount for c in coins) - fee
+    if fee > limits.max_fee or value < dust_limit(spk):
+        raise InputError(f"a cancel of withdrawal #{original.id} would pay {fee} sat: above the cap or its inputs")
+    tx = build_transaction(coins, [(spk, value)], max(tip, int(q._tx(original).nLockTime)))
+    stamp = now()
+    row = WithdrawalRow(
+        kind=CANCEL,
+        account=SELF_ACCOUNT,
+        requester=actor,
+        request_signature="",
+        destination=change.address,
+        destination_spk=change.script_pubkey,
+        amount=0,
+        fee=fee,
+        fee_rate=str(rate),
+        change_index=change.index,
+        change_amount=value,
+        status=q.REQUESTED,
+        unsigned_tx=b2x(tx.serialize()),
+        created_at=stamp,
+        updated_at=stamp,
+    )
+    rid = _record(s, policy, row, (original, replaced), coins, prev, key)
+    q._enforce(s, policy, row)
+    crash_point("cancel.requested")
+    return rid
+
+
+# ---------------------------------------------------------------- following them on the chain
+
+
+def _groups(s: Session) -> list[int]:
+    """Withdrawals with replacements that are not settled yet."""
+    out = set()
+    for r in s.exec(select(ReplacementRow)).all():
+        original = s.get(WithdrawalRow, r.original_id)
+        if original is not None and original.status not in (q.CONFIRMED, q.FAILED):
+            out.add(r.original_id)
+    return sorted(out)
+
+
+def _versions(s: Session, original: WithdrawalRow) -> list[WithdrawalRow]:
+    """The original and its replacements that have a final transaction (a txid to look for)."""
+    rows = [original, *(r for r in replacements_of(s, original.id or 0) if r.status != q.FAILED)]
+    return [r for r in rows if r.txid]
+
+
+def sync_replacements(
+    db: Database, backend: ChainBackend, limits: q.Limits = DEFAULT_LIMITS, *, settings: Settings
+) -> list[dict[str, Any]]:
+    """Follow every unsettled withdrawal that has replacements; return the rows that changed."""
+    changed = []
+    with db.transaction() as s:
+        groups = _groups(s)
+    for wid in groups:
+        with db.transaction() as s:
+            original = q._get(s, wid)
+            before = [(r.id, r.status, r.txid) for r in _versions(s, original)]
+        seen = {rid: backend.tx_status(txid or "") for rid, _, txid in before}  # no lock while asking
+        with ledger.halting(db, settings), db.transaction() as s:
+            policy = policy_from_session(s)
+            original = q._get(s, wid, lock=True)
+            if [(r.id, r.status, r.txid) for r in _versions(s, original)] != before:
+                continue  # moved on meanwhile: the next sync looks again
+            changed += [q.view(s, policy, r) for r in _follow_group(s, original, seen, limits)]
+    return changed
+
+
+def _follow_group(
+    s: Session, original: WithdrawalRow, seen: dict[int | None, TxStatus], limits: q.Limits
+) -> list[WithdrawalRow]:
+    """Apply what the chain says to a withdrawal and its replacements (locked)."""
+    versions = {r.id: r for r in _versions(s, original)}
+    winner = next((versions[rid] for rid, st in seen.items() if st.confirmations > 0), None)
+    if winner is None:
+        return []
+    status = seen[winner.id]
+    depth = limits.refund_confirmations if winner.kind == CANCEL else limits.confirmations
+    if status.confirmations < depth:
+        if winner.confirmations != status.confirmations:
+            winner.confirmations, winner.block_height = status.confirmations, status.block_height
+            q._touch(s, winner)
+            return [winner]
+        return []
+    if winner.kind == CANCEL:
+        _cancelled(s, original, winner, status)
+    else:
+        _settled(s, original, winner, status)
+    losers = [r for r in replacements_of(s, original.id or 0) if r.id != winner.id and r.status != q.FAILED]
+    for r in losers:
+        q._touch(s, r, q.FAILED, f"transaction {winner.txid} of #{winner.id} confirmed instead")
+        audit_log.append(s, "withdrawal.failed", "sync", {"withdrawal_id": r.id, "replaced_by": winner.txid})
+    return [original, *([winner] if winner is not original else []), *losers]
+
+
+def _settled(s: Session, original: WithdrawalRow, winner: WithdrawalRow, status: TxStatus) -> None:
+    """The original, or a bump of it, confirmed: the withdrawal is settled with that txid and
+    the fee that transaction paid."""
+    original.txid = winner.txid
+    original.confirmations, original.block_height = status.confirmations, status.block_height
+    q._touch(s, original, q.CONFIRMED)
+    q._release(s, original.id or 0)
+    ledger.withdrawal_settled(s, original, q._members(s, original.id or 0), network_fee=winner.fee)
+    if winner is not original:
+        winner.confirmations, winner.block_height = status.confirmations, status.block_height
+        q._touch(s, winner, q.CONFIRMED)
+    audit_log.append(
+        s,
+        "withdrawal.confirmed",
+        "sync",
+        {
+            "withdrawal_id": original.id,
+            "txid": winner.txid,
+            "height": status.block_height,
+            "fee_paid": winner.fee,
+            "version": winner.id,
+        },
+    )
+
+
+def _cancelled(s: Session, original: WithdrawalRow, cancel_row: WithdrawalRow, status: TxStatus) -> None:
+    """The cancel confirmed deep enough: the withdrawal fails, its customer gets amount and fee
+    back; the cancel's own fee is the house's."""
+    reason = f"cancelled: self-transfer #{cancel_row.id} ({cancel_row.txid}) confirmed at height {status.block_height}"
+    members = q._members(s, original.id or 0)
+    q._touch(s, original, q.FAILED, reason)
+    q._release(s, original.id or 0)
+    txn = ledger.withdrawal_released(s, original, members, f"refunded: {reason}")
+    cancel_row.confirmations, cancel_row.block_height = status.confirmations, status.block_height
+    q._touch(s, cancel_row, q.CONFIRMED)
+    ledger.self_transfer_settled(s, cancel_row)
+    audit_log.append(
+        s,
+        "withdrawal.failed",
+        "sync",
+        {
+            "withdrawal_id": original.id,
+            "reason": reason,
+            "spent_by": cancel_row.txid,
+            "refunded": sum(m.amount + m.fee for m in members or [original]),
+            "ledger_txn": txn.id,
+        },
+    )

@@ -1,0 +1,78 @@
+"""Replacements as the queue sees them: which rows replace (or settle) which withdrawal, what
+a replacement's PSBT says about the transaction it replaces, and how a bump is judged.
+
+The commands that make replacements and follow them on the chain are in
+:mod:`custody.withdraw.replace`; this module is what :mod:`custody.withdraw.queue` needs of
+them (it imports nothing of the queue).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from custody.bitcoin.txbuild import tx_vsize
+from custody.control import rulebook as rulebook_lib
+from custody.errors import StorageError
+from custody.identity.replacement_rules import judge_bump
+from custody.identity.rulebook import Verdict
+from custody.policy.model import Policy
+from custody.store.models import ReplacementRow, WithdrawalRow
+from custody.withdraw.replace_check import BUMP, REPLACEMENT_KINDS
+
+SETTLED = ("confirmed", "failed")
+
+
+def link(s: Session, withdrawal_id: int) -> ReplacementRow | None:
+    """The replacement record of row ``withdrawal_id`` (None: not a replacement)."""
+    return s.get(ReplacementRow, withdrawal_id)
+
+
+def replacements_of(s: Session, original_id: int) -> list[WithdrawalRow]:
+    """Every replacement made for withdrawal ``original_id``, oldest first."""
+    ids = [r.withdrawal_id for r in s.exec(select(ReplacementRow).where(ReplacementRow.original_id == original_id))]
+    if not ids:
+        return []
+    return list(s.exec(select(WithdrawalRow).where(col(WithdrawalRow.id).in_(ids)).order_by(col(WithdrawalRow.id))))
+
+
+def grouped(s: Session) -> set[int]:
+    """Rows the queue's own sync leaves to :func:`custody.withdraw.replace.sync_replacements`:
+    every replacement, and every withdrawal that has one."""
+    out: set[int] = set()
+    for r in s.exec(select(ReplacementRow)).all():
+        out |= {r.withdrawal_id, r.original_id}
+    rows = s.exec(select(WithdrawalRow.id).where(col(WithdrawalRow.kind).in_(sorted(REPLACEMENT_KINDS))))
+    return out | {i for i in rows.all() if i is not None}
+
+
+def _replaced(s: Session, row: WithdrawalRow) -> WithdrawalRow:
+    r = link(s, row.id or 0)
+    replaced = s.get(WithdrawalRow, r.replaces_id) if r is not None else None
+    if replaced is None:
+        raise StorageError(f"withdrawal #{row.id} is a {row.kind} of no recorded withdrawal")
+    return replaced
+
+
+def psbt_meta(s: Session, row: WithdrawalRow) -> dict[str, Any]:
+    """What a replacement's PSBT adds to its metadata: its kind and, for a bump, the unsigned
+    transaction it replaces (the signer looks its txid up in its own journal)."""
+    if row.kind not in REPLACEMENT_KINDS:
+        return {}
+    meta: dict[str, Any] = {"kind": row.kind}
+    r = link(s, row.id or 0)
+    if r is not None:
+        replaced = _replaced(s, row)
+        meta["replaces"] = {"withdrawal_id": replaced.id, "unsigned_tx": replaced.unsigned_tx}
+    return meta
+
+
+def bump_verdict(s: Session, policy: Policy, row: WithdrawalRow, tx: Any) -> Verdict:
+    """A bump judged by the rulebook's ``bump`` rule in force at its height (its locktime)."""
+    assert row.kind == BUMP
+    books = rulebook_lib.store_chain(s)
+    outputs = [bytes(o.scriptPubKey) for o in tx.vout]
+    vsize = tx_vsize(policy.script_type, policy.threshold, policy.n, len(tx.vin), outputs)
+    height = int(tx.nLockTime)
+    return judge_bump(books.at(height), row.id or 0, height, row.fee, vsize, _replaced(s, row).fee)

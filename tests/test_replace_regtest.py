@@ -1,0 +1,277 @@
+"""Fee bumps (RBF) and cancels of signed withdrawals, against the real regtest node.
+
+One store serves the module (a key ceremony per test would dominate its time); each test makes
+its own withdrawals and compares the ledger before and after.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bitcoin.core import CMutableTransaction
+
+from custody.bitcoin import psbt as psbt_lib
+from custody.chain.regtest import NodeInfo, find_node_binary, start_node, stop_node
+from custody.chain.rpc import RpcError
+from custody.config import Settings
+from tests.conftest import fund_wallet
+from tests.support import read_psbt, run_cli
+from tests.withdraw_support import Shop
+
+pytestmark = pytest.mark.regtest
+KILLED = -9
+FEES = "expense:network-fees"
+
+
+@pytest.fixture(scope="module")
+def rbf_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeInfo]:
+    """A node of its own that relays replacements: Litecoin Core refuses every replacement
+    unless -mempoolreplacement=1 (its default is off; Bitcoin Core honours BIP-125 always)."""
+    datadir = tmp_path_factory.mktemp("rbf-node")
+    node = start_node(
+        datadir, binary=find_node_binary(Settings.load().node_binary), extra_args=["-mempoolreplacement=1"]
+    )
+    try:
+        yield node
+    finally:
+        stop_node(datadir)
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory, rbf_node: NodeInfo) -> Shop:
+    wallet = fund_wallet(rbf_node.client(), "replace")
+    s = Shop(tmp_path_factory.mktemp("replace"), rbf_node, wallet)
+    s.deposit("acct-1", "0.5", count=8)
+    return s
+
+
+def balance(shop: Shop, account: str) -> int:
+    result = shop.c("ledger", "balance", account, "--json")
+    if result.exit_code == 5:  # no entry yet
+        return 0
+    assert result.exit_code == 0, result.output
+    return int(json.loads(result.stdout)["balance_sat"])
+
+
+def request(shop: Shop, amount: str, rate: str) -> int:
+    to, _ = shop.destination()
+    result = shop.c(
+        "withdraw", "request", "--account", "acct-1", "--to", to, "--amount", amount, "--fee-rate", rate,
+        *shop.as_("carol"), "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return int(json.loads(result.stdout)["id"])
+
+
+def approve(shop: Shop, wid: int) -> None:
+    for who in ("alice", "bob"):
+        result = shop.approve(wid, who)
+        assert result.exit_code == 0, result.output
+
+
+def sign(shop: Shop, wid: int) -> dict[str, Any]:
+    """Export, two founders sign offline, import both, finalize."""
+    psbt = shop.export(wid)
+    for founder in ("founder-a", "founder-b"):
+        out = shop.tmp / f"w{wid}-{founder}.psbt"
+        signed = shop.sign(psbt, founder, out)
+        assert signed.exit_code == 0, signed.output
+        shop.ok("withdraw", "import", str(wid), str(out))
+    return dict(shop.ok("withdraw", "finalize", str(wid)))
+
+
+def broadcast(shop: Shop, wid: int) -> str:
+    sent = shop.ok("withdraw", "broadcast", str(wid))
+    assert sent["status"] == "broadcast"
+    return str(sent["txid"])
+
+
+def in_mempool(shop: Shop, txid: str) -> bool:
+    try:
+        shop.rpc.call("getmempoolentry", txid)
+    except RpcError:
+        return False
+    return True
+
+
+def sent_at_1(shop: Shop, amount: str = "0.01") -> tuple[int, str]:
+    """A withdrawal approved, signed and broadcast at 1 sat/vB."""
+    wid = request(shop, amount, "1")
+    approve(shop, wid)
+    sign(shop, wid)
+    return wid, broadcast(shop, wid)
+
+
+def test_a_bump_replaces_the_original_and_the_ledger_charges_one_fee(shop: Shop) -> None:
+    settle_others(shop)
+    customer, fees = balance(shop, "acct-1"), balance(shop, FEES)
+    wid, original_txid = sent_at_1(shop)
+    original = shop.ok("withdraw", "show", str(wid))
+    assert in_mempool(shop, original_txid)
+
+    bumped = shop.ok("withdraw", "bump", str(wid), "--fee-rate", "6", *shop.as_("dave"))
+    bid = bumped["id"]
+    assert bumped["kind"] == "bump" and bumped["status"] == "requested"
+    assert bumped["fee_sat"] > original["fee_sat"]
+    paid = sorted((o["address"], o["amount_sat"]) for o in original["outputs"] if not o["change"])
+    assert sorted((o["address"], o["amount_sat"]) for o in bumped["outputs"] if not o["change"]) == paid
+    # the requester of the bump never approves it
+    assert shop.approve(bid, "dave").exit_code == 4
+    approve(shop, bid)
+    sign(shop, bid)
+    bump_txid = broadcast(shop, bid)
+
+    entry = shop.rpc.call("getmempoolentry", bump_txid)  # the node's own account of the fee
+    assert int(Decimal(str(entry["fees"]["base"])) * 100_000_000) == bumped["fee_sat"]
+    assert not in_mempool(shop, original_txid)
+
+    shop.mine(1)
+    shop.ok("sync")
+    shown = shop.ok("withdraw", "show", str(wid))
+    assert shown["status"] == "confirmed" and shown["txid"] == bump_txid
+    assert shop.ok("withdraw", "show", str(bid))["status"] == "confirmed"
+    assert shop.rpc.call("getrawtransaction", bump_txid, True)["confirmations"] == 1
+    # the customer pays what they were quoted; the network fee is the one paid, once
+    assert balance(shop, "acct-1") == customer - original["amount_sat"] - original["fee_sat"]
+    assert balance(shop, FEES) == fees + bumped["fee_sat"]
+    shop.ok("sync")  # a second sync posts nothing again
+    assert balance(shop, FEES) == fees + bumped["fee_sat"]
+    assert shop.cli("audit", "ledger").exit_code == 0
+
+
+def _rewritten(shop: Shop, bid: int, edit: Any) -> Path:
+    """The bump's PSBT, its transaction rewritten by an insider on the online machine."""
+    path = shop.export(bid)
+    p = psbt_lib.Psbt.parse(read_psbt(path))
+    tx = CMutableTransaction.from_tx(p.tx)
+    edit(tx)
+    p.tx = tx
+    path.write_text(p.to_base64() + "\n")
+    return path
+
+
+def _payment(tx: CMutableTransaction, amount: int) -> Any:
+    return next(o for o in tx.vout if o.nValue == amount)
+
+
+def test_the_signer_refuses_a_bump_that_changes_a_destination_or_an_amount(shop: Shop) -> None:
+    wid, _ = sent_at_1(shop, "0.02")
+    bid = shop.ok("withdraw", "bump", str(wid), "--fee-rate", "4", *shop.as_("dave"))["id"]
+    approve(shop, bid)
+
+    def more(tx: CMutableTransaction) -> None:
+        change = max(tx.vout, key=lambda o: o.nValue)
+        _payment(tx, 2_000_000).nValue += 5000
+        change.nValue -= 5000
+
+    def elsewhere(tx: CMutableTransaction) -> None:
+        _payment(tx, 2_000_000).scriptPubKey = bytes.fromhex("0014" + "11" * 20)
+
+    for edit in (more, elsewhere):
+        refused = shop.sign(_rewritten(shop, bid, edit), "founder-a")
+        assert refused.exit_code == 4, refused.output
+        assert "does not pay exactly the destinations and amounts" in refused.stderr
+
+
+def settle_others(shop: Shop) -> None:
+    """Earlier tests' withdrawals confirmed and settled, so that the ledger moves only for this one."""
+    shop.mine(1)
+    shop.ok("sync")
+
+
+def test_a_cancel_that_confirms_refunds_the_customer(shop: Shop) -> None:
+    settle_others(shop)
+    customer, fees = balance(shop, "acct-1"), balance(shop, FEES)
+    wid, original_txid = sent_at_1(shop, "0.03")
+    cancel = shop.ok("withdraw", "cancel", str(wid), "--reason", "customer asked", "--fee-rate", "5", *shop.as_("dave"))
+    cid = cancel["id"]
+    assert cancel["kind"] == "cancel" and all(o["change"] for o in cancel["outputs"])
+    approve(shop, cid)
+    sign(shop, cid)
+    cancel_txid = broadcast(shop, cid)
+    assert in_mempool(shop, cancel_txid) and not in_mempool(shop, original_txid)
+    shop.mine(1)
+    shop.ok("sync")
+    held = shop.ok("withdraw", "show", str(wid))
+    assert held["status"] == "broadcast", "the hold stays until the cancel is CUSTODY_REFUND_CONFIRMATIONS deep"
+    assert balance(shop, "acct-1") < customer
+    shop.mine(5)
+    shop.ok("sync")
+    assert shop.ok("withdraw", "show", str(wid))["status"] == "failed"
+    assert shop.ok("withdraw", "show", str(cid))["status"] == "confirmed"
+    assert balance(shop, "acct-1") == customer  # amount and fee back
+    assert balance(shop, FEES) == fees + cancel["fee_sat"]  # the cancel's fee is the house's
+    assert shop.cli("audit", "ledger").exit_code == 0
+
+
+def test_a_cancel_that_loses_the_race_refunds_nothing(shop: Shop) -> None:
+    settle_others(shop)
+    customer, fees = balance(shop, "acct-1"), balance(shop, FEES)
+    wid, original_txid = sent_at_1(shop, "0.04")
+    original = shop.ok("withdraw", "show", str(wid))
+    cid = shop.ok("withdraw", "cancel", str(wid), "--reason", "too late", *shop.as_("dave"))["id"]
+    approve(shop, cid)
+    sign(shop, cid)
+    shop.mine(1)  # the original confirms before the cancel is sent
+    late = shop.c("withdraw", "broadcast", str(cid), "--json")
+    assert late.exit_code == 8, late.output
+    shop.ok("sync")
+    assert shop.ok("withdraw", "show", str(wid))["status"] == "confirmed"
+    assert shop.ok("withdraw", "show", str(wid))["txid"] == original_txid
+    assert shop.ok("withdraw", "show", str(cid))["status"] == "failed"
+    assert balance(shop, "acct-1") == customer - original["amount_sat"] - original["fee_sat"]
+    assert balance(shop, FEES) == fees + original["fee_sat"]
+    assert shop.cli("audit", "ledger").exit_code == 0
+
+
+def test_a_bump_killed_midway_loses_nothing_and_pays_once(shop: Shop) -> None:
+    settle_others(shop)
+    fees = balance(shop, FEES)
+    wid, _ = sent_at_1(shop, "0.01")
+    env = shop.c.env
+    bump = ["withdraw", "bump", str(wid), "--fee-rate", "5", *shop.as_("dave"), "--json"]
+    assert run_cli(env, *bump, crash_at="bump.requested").returncode == KILLED
+    assert [w["id"] for w in shop.ok("withdraw", "list") if w["kind"] == "bump" and w["status"] == "requested"] == []
+    done = run_cli(env, *bump)
+    assert done.returncode == 0, done.stderr
+    bid = json.loads(done.stdout)["id"]
+    approve(shop, bid)
+    sign(shop, bid)
+    # killed after the node took the replacement, before the store recorded it
+    assert run_cli(env, "withdraw", "broadcast", str(bid), crash_at="withdrawal.sent").returncode == KILLED
+    assert shop.ok("withdraw", "show", str(bid))["status"] == "signed"
+    txid = broadcast(shop, bid)  # again: recorded, not sent twice
+    shop.mine(1)
+    shop.ok("sync")
+    shop.ok("sync")
+    assert shop.ok("withdraw", "show", str(wid))["txid"] == txid
+    assert balance(shop, FEES) == fees + shop.ok("withdraw", "show", str(bid))["fee_sat"]
+    assert shop.cli("audit", "ledger").exit_code == 0
+
+
+def test_a_bump_above_the_rulebook_bump_rule_is_refused(shop: Shop, tmp_path: Path) -> None:
+    """Last in the module: the rulebook it applies stays."""
+    wid, _ = sent_at_1(shop, "0.01")
+    # Founders cap bumps at 3 sat/vB (and ask three approvers for one).
+    changes = tmp_path / "changes.json"
+    changes.write_text(json.dumps({"bump": {"approvals": 3, "max_fee_sat": 50_000, "max_fee_rate": "3"}}))
+    proposed = shop.c("rules", "propose", str(changes), "--json")
+    assert proposed.exit_code == 0, proposed.output
+    doc = tmp_path / "rulebook.json"
+    assert shop.c("rules", "export", "--out", str(doc)).exit_code == 0
+    for founder in ("founder-a", "founder-b"):
+        assert shop.c("rules", "sign", str(doc), "--key", str(shop.founder_keys[founder]), "--yes").exit_code == 0
+    assert shop.c("rules", "apply", str(doc)).exit_code == 0, "a tightening rulebook applies at once"
+
+    refused = shop.c("withdraw", "bump", str(wid), "--fee-rate", "10", *shop.as_("dave"), "--json")
+    assert refused.exit_code == 4 and "bump.max_fee_rate" in refused.stderr
+    bid = shop.ok("withdraw", "bump", str(wid), "--fee-rate", "3", *shop.as_("dave"))["id"]
+    approve(shop, bid)
+    assert shop.ok("withdraw", "show", str(bid))["status"] == "requested"  # two of the three needed
+    assert shop.approve(bid, "carol").exit_code == 0
+    assert shop.ok("withdraw", "show", str(bid))["status"] == "approved"
