@@ -353,6 +353,38 @@ def withdraw_bump(
     _show(data, as_json)
 
 
+@withdraw.command("cpfp")
+@click.argument("withdrawal_id", type=int)
+@click.option("--fee-rate", required=True, help="The fee rate in sat/vB the transaction and its child pay together.")
+@identity_options
+@json_option
+@pass_app
+@example("custody withdraw cpfp 1 --fee-rate 20 --as carol --key carol.key")
+def withdraw_cpfp(
+    app: AppContext,
+    withdrawal_id: int,
+    fee_rate: str,
+    employee: str,
+    key_file: KeyRef,
+    passphrase_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Request a child paying for a broadcast withdrawal (CPFP), when a bump is not possible:
+    a self-transfer of its change to a fresh change address, approved and signed like a
+    withdrawal, whose fee lifts both to --fee-rate."""
+    data = replace.cpfp(
+        app.db,
+        app.settings,
+        chain_backend(app),
+        withdrawal_id,
+        fee_rate=fee_rate,
+        actor=employee,
+        key=employee_key(key_file, passphrase_file),
+        limits=wd.limits_from_settings(app.settings),
+    )
+    _show(data, as_json)
+
+
 @withdraw.command("batch")
 @click.option("--fee-rate", help="Fee rate in sat/vB for the batch (default CUSTODY_FEE_RATE or 2).")
 @identity_options

@@ -46,7 +46,7 @@ def rbf_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeInfo]:
 def shop(tmp_path_factory: pytest.TempPathFactory, rbf_node: NodeInfo) -> Shop:
     wallet = fund_wallet(rbf_node.client(), "replace")
     s = Shop(tmp_path_factory.mktemp("replace"), rbf_node, wallet)
-    s.deposit("acct-1", "0.5", count=8)
+    s.deposit("acct-1", "0.5", count=12)
     return s
 
 
@@ -252,6 +252,36 @@ def test_a_bump_killed_midway_loses_nothing_and_pays_once(shop: Shop) -> None:
     assert shop.ok("withdraw", "show", str(wid))["txid"] == txid
     assert balance(shop, FEES) == fees + shop.ok("withdraw", "show", str(bid))["fee_sat"]
     assert shop.cli("audit", "ledger").exit_code == 0
+
+
+def test_a_child_pays_for_its_parent(shop: Shop) -> None:
+    settle_others(shop)
+    fees = balance(shop, FEES)
+    wid, parent_txid = sent_at_1(shop, "0.01")
+    parent = shop.ok("withdraw", "show", str(wid))
+    child = shop.ok("withdraw", "cpfp", str(wid), "--fee-rate", "10", *shop.as_("dave"))
+    assert child["kind"] == "cpfp" and all(o["change"] for o in child["outputs"])
+    assert [i["outpoint"].split(":")[0] for i in child["inputs"]] == [parent_txid]
+    approve(shop, child["id"])
+    sign(shop, child["id"])
+    child_txid = broadcast(shop, child["id"])
+    entry = shop.rpc.call("getmempoolentry", child_txid)
+    assert entry["depends"] == [parent_txid]
+    package = Decimal(str(entry["fees"]["ancestor"])) * 100_000_000 / entry["ancestorsize"]
+    assert package >= Decimal("9.9")  # the pair pays about the rate asked (sizes are estimated)
+    shop.mine(1)
+    shop.ok("sync")
+    shown = shop.ok("withdraw", "show", str(wid))
+    assert shown["status"] == "confirmed" and shown["txid"] == parent_txid
+    assert shop.ok("withdraw", "show", str(child["id"]))["status"] == "confirmed"
+    assert balance(shop, FEES) == fees + parent["fee_sat"] + child["fee_sat"]
+    assert shop.cli("audit", "ledger").exit_code == 0
+
+
+def test_a_bump_without_enough_change_points_to_cpfp(shop: Shop) -> None:
+    wid, _ = sent_at_1(shop, "0.4999")  # from a coin of 0.5: about 9,800 sat of change
+    refused = shop.c("withdraw", "bump", str(wid), "--fee-rate", "100", *shop.as_("dave"), "--json")
+    assert refused.exit_code == 2 and "withdraw cpfp" in refused.stderr, refused.output
 
 
 def test_a_bump_above_the_rulebook_bump_rule_is_refused(shop: Shop, tmp_path: Path) -> None:

@@ -43,16 +43,17 @@ from custody.faults import crash_point
 from custody.identity.approvals import sign_request
 from custody.identity.employee_keys import EmployeeSigner
 from custody.identity.replacement_rules import bump_fee_floor
-from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, issue_in_session, load_manifest_or_halt
+from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, load_manifest_or_halt
 from custody.policy.model import CHANGE, Policy
 from custody.store.db import Database
 from custody.store.models import ReplacementRow, WithdrawalRow
 from custody.withdraw import queue as q
+from custody.withdraw import selftransfer as st
 from custody.withdraw.replace_check import BUMP
 from custody.withdraw.replacements import replacements_of
 
-CANCEL = "cancel"
-SELF_ACCOUNT = "(self-transfer)"
+CANCEL = st.CANCEL
+CPFP = st.CPFP
 OPEN = (q.REQUESTED, q.APPROVED)
 LIVE = (q.SIGNED, q.BROADCAST)
 DEFAULT_LIMITS = q.Limits()
@@ -225,9 +226,12 @@ def cancel(
     """
     with db.transaction() as s:
         row = q._get(s, withdrawal_id)
-        plain = row.kind in (q.SINGLE, q.BATCH) and row.status in q.PENDING and not _signed(row)
-    if plain:
+        unsigned = row.status in q.PENDING and not _signed(row)
+        customer = row.kind in (q.SINGLE, q.BATCH)
+    if unsigned and customer:
         return q.cancel(db, withdrawal_id, actor, key, reason, settings=settings)
+    if unsigned:
+        return _drop(db, withdrawal_id, actor, key, reason, settings)
     manifest = load_manifest_or_halt(db, settings)
     rate = _rate(fee_rate, limits) if fee_rate is not None else limits.default_fee_rate
     tip = backend.tip_height()
@@ -257,6 +261,24 @@ def cancel(
         raise halt_for_mismatch(db, settings, exc) from None
 
 
+def _drop(
+    db: Database, withdrawal_id: int, actor: str, key: EmployeeSigner, reason: str, settings: Settings
+) -> dict[str, Any]:
+    """Fail a bump or self-transfer nobody signed yet: it holds no customer's money, only
+    (a consolidation, a child) its own inputs' reservations."""
+    with db.transaction() as s:
+        halt.guard(s)
+        policy = policy_from_session(s)
+        authenticate(s, check_pinned(s, load_trust(settings)), actor, key, None)
+        row = q._get(s, withdrawal_id, lock=True)
+        if row.status not in q.PENDING or _signed(row):
+            raise Conflict(f"#{withdrawal_id} is {row.status}: it can no longer be dropped")
+        q._touch(s, row, q.FAILED, f"cancelled by {actor}: {reason}")
+        q._release(s, withdrawal_id)
+        audit_log.append(s, "withdrawal.failed", actor, {"withdrawal_id": withdrawal_id, "reason": reason})
+        return q.view(s, policy, row)
+
+
 def _request_cancel(
     s: Session,
     manifest: Any,
@@ -269,37 +291,97 @@ def _request_cancel(
     limits: q.Limits,
 ) -> int:
     coins, prev = _coins(s, original)
-    change = issue_in_session(s, manifest, q.CHANGE_ACCOUNT, 1, CHANGE, actor=actor)[0]
-    spk = bytes.fromhex(change.script_pubkey)
-    vsize = tx_vsize(policy.script_type, policy.threshold, policy.n, len(coins), [spk])
     replaced = _latest(s, original)
-    fee = max(fee_for(vsize, rate), bump_fee_floor(replaced.fee, vsize))
-    value = sum(c.amount for c in coins) - fee
-    if fee > limits.max_fee or value < dust_limit(spk):
-        raise InputError(f"a cancel of withdrawal #{original.id} would pay {fee} sat: above the cap or its inputs")
-    tx = build_transaction(coins, [(spk, value)], max(tip, int(q._tx(original).nLockTime)))
-    stamp = now()
-    row = WithdrawalRow(
-        kind=CANCEL,
-        account=SELF_ACCOUNT,
-        requester=actor,
-        request_signature="",
-        destination=change.address,
-        destination_spk=change.script_pubkey,
-        amount=0,
-        fee=fee,
-        fee_rate=str(rate),
-        change_index=change.index,
-        change_amount=value,
-        status=q.REQUESTED,
-        unsigned_tx=b2x(tx.serialize()),
-        created_at=stamp,
-        updated_at=stamp,
+    plan = st.Plan(
+        CANCEL,
+        coins,
+        prev,
+        lambda vsize: max(fee_for(vsize, rate), bump_fee_floor(replaced.fee, vsize)),
+        max(tip, int(q._tx(original).nLockTime)),
+        rate,
+        reserve=False,  # they stay the withdrawal's until the chain decides
+        link=(original, replaced),
     )
-    rid = _record(s, policy, row, (original, replaced), coins, prev, key)
-    q._enforce(s, policy, row)
+    row = st.record(s, manifest, policy, plan, actor=actor, key=key, limits=limits)
     crash_point("cancel.requested")
-    return rid
+    return row.id or 0
+
+
+def cpfp(
+    db: Database,
+    settings: Settings,
+    backend: ChainBackend,
+    withdrawal_id: int,
+    *,
+    fee_rate: str,
+    actor: str,
+    key: EmployeeSigner,
+    limits: q.Limits = DEFAULT_LIMITS,
+) -> dict[str, Any]:
+    """Request a child paying for a broadcast withdrawal: a self-transfer of its change output
+    (unconfirmed) to a fresh change address, whose fee lifts the pair to ``fee_rate``.
+
+    Raises HaltedError, NotFound, Conflict (not broadcast, or no change output), InputError
+    (fee), PolicyViolation, ApprovalError, VerificationFailed (after raising the halt).
+    """
+    manifest = load_manifest_or_halt(db, settings)
+    rate = _rate(fee_rate, limits)
+    tip = backend.tip_height()
+    try:
+        with ledger.halting(db, settings), db.transaction() as s:
+            halt.guard(s)
+            policy = policy_from_session(s)
+            authenticate(s, check_pinned(s, load_trust(settings)), actor, key, "request")
+            original = _original(s, withdrawal_id)
+            parent = _latest(s, original)
+            plan = _child_plan(s, policy, original, parent, rate, tip)
+            row = st.record(s, manifest, policy, plan, actor=actor, key=key, limits=limits)
+            crash_point("cpfp.requested")
+            audit_log.append(
+                s,
+                "withdrawal.cpfp_requested",
+                actor,
+                {"withdrawal_id": row.id, "original_id": withdrawal_id, "parent_txid": parent.txid, "fee": row.fee},
+                row.request_signature,
+            )
+            return q.view(s, policy, row)
+    except AddressMismatch as exc:
+        raise halt_for_mismatch(db, settings, exc) from None
+
+
+def _child_plan(
+    s: Session, policy: Policy, original: WithdrawalRow, parent: WithdrawalRow, rate: Decimal, tip: int
+) -> st.Plan:
+    """Spend ``parent``'s change so that parent and child together pay ``rate``."""
+    change = q._change_position(s, parent)
+    if parent.status != q.BROADCAST or not parent.final_tx or not parent.txid or change is None:
+        raise Conflict(
+            f"withdrawal #{original.id}: a child pays from the change of a broadcast transaction, and "
+            f"#{parent.id} is {parent.status}{' with no change output' if change is None else ''}"
+        )
+    out = q._tx(parent).vout[change]
+    spk = bytes(out.scriptPubKey)
+    coin = Coin(parent.txid, change, int(out.nValue), spk, CHANGE, parent.change_index or 0)
+    parent_vsize = tx_vsize(
+        policy.script_type,
+        policy.threshold,
+        policy.n,
+        len(q._tx(parent).vin),
+        [bytes(o.scriptPubKey) for o in q._tx(parent).vout],
+    )
+
+    def fee(vsize: int) -> int:  # the package's rate, and at least 1 sat/vB of the child's own
+        return max(fee_for(parent_vsize + vsize, rate) - parent.fee, bump_fee_floor(0, vsize))
+
+    return st.Plan(
+        CPFP,
+        [coin],
+        {coin.outpoint: parent.final_tx},
+        fee,
+        max(tip, int(q._tx(parent).nLockTime)),
+        rate,
+        link=(original, parent),
+    )
 
 
 # ---------------------------------------------------------------- following them on the chain
@@ -308,9 +390,10 @@ def _request_cancel(
 def _groups(s: Session) -> list[int]:
     """Withdrawals with replacements that are not settled yet."""
     out = set()
+    done = (q.CONFIRMED, q.FAILED)
     for r in s.exec(select(ReplacementRow)).all():
-        original = s.get(WithdrawalRow, r.original_id)
-        if original is not None and original.status not in (q.CONFIRMED, q.FAILED):
+        original, row = s.get(WithdrawalRow, r.original_id), s.get(WithdrawalRow, r.withdrawal_id)
+        if (original is not None and original.status not in done) or (row is not None and row.status not in done):
             out.add(r.original_id)
     return sorted(out)
 
@@ -324,8 +407,10 @@ def _versions(s: Session, original: WithdrawalRow) -> list[WithdrawalRow]:
 def sync_replacements(
     db: Database, backend: ChainBackend, limits: q.Limits = DEFAULT_LIMITS, *, settings: Settings
 ) -> list[dict[str, Any]]:
-    """Follow every unsettled withdrawal that has replacements; return the rows that changed."""
-    changed = []
+    """Follow every unsettled withdrawal that has replacements, and consolidations; return the
+    rows that changed."""
+    with ledger.halting(db, settings):
+        changed = st.sync_standalone(db, backend, limits)
     with db.transaction() as s:
         groups = _groups(s)
     for wid in groups:
@@ -346,8 +431,36 @@ def _follow_group(
     s: Session, original: WithdrawalRow, seen: dict[int | None, TxStatus], limits: q.Limits
 ) -> list[WithdrawalRow]:
     """Apply what the chain says to a withdrawal and its replacements (locked)."""
-    versions = {r.id: r for r in _versions(s, original)}
-    winner = next((versions[rid] for rid, st in seen.items() if st.confirmations > 0), None)
+    changed = [] if original.status in (q.CONFIRMED, q.FAILED) else _follow_versions(s, original, seen, limits)
+    return changed + _follow_children(s, original, seen, limits)
+
+
+def _follow_children(
+    s: Session, original: WithdrawalRow, seen: dict[int | None, TxStatus], limits: q.Limits
+) -> list[WithdrawalRow]:
+    """Children paying for a version: settled when they confirm; failed when another version
+    than their parent confirmed (their input no longer exists)."""
+    changed = []
+    for child in (r for r in replacements_of(s, original.id or 0) if r.kind == CPFP and r.status == q.BROADCAST):
+        status = seen.get(child.id)
+        if status is not None and status.confirmations >= limits.confirmations:
+            st.settle(s, child, status.confirmations, status.block_height)
+            changed.append(child)
+        elif original.status == q.FAILED or (
+            original.status == q.CONFIRMED and original.txid != q._inputs(s, child.id or 0)[0].txid
+        ):
+            q._touch(s, child, q.FAILED, f"its parent was replaced by {original.txid}")
+            q._release(s, child.id or 0)
+            audit_log.append(s, "withdrawal.failed", "sync", {"withdrawal_id": child.id, "parent_replaced": True})
+            changed.append(child)
+    return changed
+
+
+def _follow_versions(
+    s: Session, original: WithdrawalRow, seen: dict[int | None, TxStatus], limits: q.Limits
+) -> list[WithdrawalRow]:
+    versions = {r.id: r for r in _versions(s, original) if r.kind != CPFP}
+    winner = next((versions[rid] for rid, status in seen.items() if rid in versions and status.confirmations > 0), None)
     if winner is None:
         return []
     status = seen[winner.id]
@@ -362,7 +475,9 @@ def _follow_group(
         _cancelled(s, original, winner, status)
     else:
         _settled(s, original, winner, status)
-    losers = [r for r in replacements_of(s, original.id or 0) if r.id != winner.id and r.status != q.FAILED]
+    losers = [
+        r for r in replacements_of(s, original.id or 0) if r.id != winner.id and r.status != q.FAILED and r.kind != CPFP
+    ]
     for r in losers:
         q._touch(s, r, q.FAILED, f"transaction {winner.txid} of #{winner.id} confirmed instead")
         audit_log.append(s, "withdrawal.failed", "sync", {"withdrawal_id": r.id, "replaced_by": winner.txid})

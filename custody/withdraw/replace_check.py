@@ -6,9 +6,10 @@ no store, no chain, nothing but the PSBT's transaction and what this machine rem
   must be in this machine's journal; the replacement spends exactly the same inputs, pays
   exactly the journaled destinations and amounts (every output but verified change), and
   pays more fee. The fee rule itself is :func:`custody.identity.replacement_rules.judge_bump`.
-* A **self-transfer** (kinds ``cancel``, ``cpfp``, ``consolidate``, and any other that pays
-  only custody) pays every output to an address that re-derives from the pinned policy's
-  change chain: nothing leaves custody but the fee.
+* A **self-transfer** (kinds ``cancel``, ``cpfp``, ``consol``: a consolidation) pays every
+  output to an address that re-derives from the pinned policy's change chain: nothing leaves
+  custody but the fee. (A sweep to a new policy can add its kind here, with a deriver of the
+  policy it pays.)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from bitcoin.core.serialize import SerializationError
 from custody.errors import InputError, PolicyViolation
 
 BUMP = "bump"
-SELF_TRANSFERS = frozenset({"cancel", "cpfp", "consolidate"})
+SELF_TRANSFERS = frozenset({"cancel", "cpfp", "consol"})  # consol: a consolidation
 REPLACEMENT_KINDS = frozenset({BUMP, *SELF_TRANSFERS})
 
 

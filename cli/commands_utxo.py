@@ -1,0 +1,72 @@
+"""``custody utxo list|consolidate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from custody.withdraw import queue as wd
+from custody.withdraw import utxo as utxo_lib
+from custody_cli import output
+from custody_cli.commands_withdraw import _show, chain_backend
+from custody_cli.context import AppContext, KeyRef, employee_key, example, identity_options, json_option, pass_app
+
+
+@click.group()
+def utxo() -> None:
+    """Custody's coins on the chain, and consolidating many small ones."""
+
+
+@utxo.command("list")
+@json_option
+@pass_app
+@example("custody utxo list --json")
+def utxo_list(app: AppContext, as_json: bool) -> None:
+    """Every confirmed unspent output at custody's addresses, smallest first, and the
+    withdrawal or self-transfer that holds it."""
+    rows = utxo_lib.list_utxos(app.db, chain_backend(app))
+    if as_json:
+        output.emit_json(rows)
+        return
+    output.table(
+        f"{len(rows)} coins, {sum(r['amount_sat'] for r in rows)} sat",
+        ["outpoint", "amount (sat)", "address", "account", "held by"],
+        [(r["outpoint"], r["amount_sat"], r["address"], r["account"], r["reserved_by"] or "") for r in rows],
+    )
+
+
+@utxo.command("consolidate")
+@click.option("--max-inputs", type=click.IntRange(2), default=500, show_default=True, help="The most coins to merge.")
+@click.option("--fee-rate", help="Fee rate in sat/vB (default CUSTODY_FEE_RATE or 2).")
+@identity_options
+@json_option
+@pass_app
+@example("custody utxo consolidate --max-inputs 300 --fee-rate 1 --as carol --key carol.key")
+def utxo_consolidate(
+    app: AppContext,
+    max_inputs: int,
+    fee_rate: str | None,
+    employee: str,
+    key_file: KeyRef,
+    passphrase_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Request a consolidation: the smallest coins worth spending into one fresh change
+    address, the transaction standard (weight under 400,000) and within the fee caps. Approve
+    (the rulebook's self_transfer rule), export, sign, import, finalize and broadcast it by its id.
+    """
+    data = utxo_lib.consolidate(
+        app.db,
+        app.settings,
+        chain_backend(app),
+        fee_rate=fee_rate,
+        max_inputs=max_inputs,
+        actor=employee,
+        key=employee_key(key_file, passphrase_file),
+        limits=wd.limits_from_settings(app.settings),
+    )
+    _show(data, as_json, title=f"Consolidation #{data['id']} of {len(data['inputs'])} coins")
+
+
+COMMANDS = [utxo]

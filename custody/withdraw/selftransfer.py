@@ -1,0 +1,184 @@
+"""Self-transfers: transactions that pay only custody (every output a fresh change address
+of the policy, which the offline signer re-derives before it signs).
+
+One mechanism serves a cancel (its inputs are a signed withdrawal's), a child paying for its
+parent (its input is a withdrawal's unconfirmed change) and a consolidation (many small
+coins into one): :func:`record` stores the row (kind ``cancel``, ``cpfp`` or ``consol``,
+account ``(self-transfer)``, amount 0), its inputs, optionally their reservation and its
+link to the withdrawal it is for, and has the requester sign it; it is then approved under the
+rulebook's ``self_transfer`` rule, exported, signed, imported, finalized and broadcast like a
+withdrawal. When it confirms, its fee is the house's network fee
+(:func:`custody.books.ledger.self_transfer_settled`); nothing else moves in the ledger.
+
+:func:`choose_coins` picks a consolidation's coins: smallest first, each worth more than the
+fee of spending it, while the transaction stays standard (weight under 400,000) and its fee
+within the caps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from bitcoin.core import b2x
+from sqlmodel import Session, col, select
+
+from custody.bitcoin.destinations import dust_limit
+from custody.bitcoin.script import ScriptType
+from custody.bitcoin.txbuild import Coin, build_transaction, fee_for, input_vsize, tx_vsize
+from custody.books import ledger
+from custody.chain.types import ChainBackend
+from custody.clock import now
+from custody.control import audit_log
+from custody.control.wallet import policy_from_session
+from custody.errors import InputError
+from custody.identity.approvals import sign_request
+from custody.identity.employee_keys import EmployeeSigner
+from custody.issuance.issuer import issue_in_session
+from custody.policy.model import CHANGE, Policy
+from custody.store.models import ReplacementRow, ReservedInput, WithdrawalRow
+from custody.withdraw import queue as q
+
+SELF_ACCOUNT = "(self-transfer)"
+CANCEL = "cancel"
+CPFP = "cpfp"
+CONSOLIDATE = "consol"  # the kind column holds 8 characters
+MAX_STANDARD_WEIGHT = 400_000
+"""Bitcoin Core's MAX_STANDARD_TX_WEIGHT: a heavier transaction is not relayed."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a self-transfer spends and how its fee is found from its size."""
+
+    kind: str
+    coins: Sequence[Coin]
+    prev: dict[str, str | None]  # outpoint -> previous transaction (hex)
+    fee: Callable[[int], int]  # vsize -> fee
+    locktime: int
+    rate: Decimal
+    reserve: bool = True  # reserve its inputs (a cancel's stay the withdrawal's)
+    link: tuple[WithdrawalRow, WithdrawalRow] | None = None  # (withdrawal it is for, version it replaces)
+
+
+def record(
+    s: Session, manifest: Any, policy: Policy, plan: Plan, *, actor: str, key: EmployeeSigner, limits: q.Limits
+) -> WithdrawalRow:
+    """Store a requested self-transfer (see the module's docstring) and judge it by the rulebook.
+
+    Raises InputError (fee above the cap, or more than the inputs), PolicyViolation,
+    AddressMismatch (the change address: the caller rolls back and halts).
+    """
+    change = issue_in_session(s, manifest, q.CHANGE_ACCOUNT, 1, CHANGE, actor=actor)[0]
+    spk = bytes.fromhex(change.script_pubkey)
+    vsize = tx_vsize(policy.script_type, policy.threshold, policy.n, len(plan.coins), [spk])
+    fee = plan.fee(vsize)
+    value = sum(c.amount for c in plan.coins) - fee
+    if fee > limits.max_fee or value < dust_limit(spk):
+        raise InputError(
+            f"a {plan.kind} of {sum(c.amount for c in plan.coins)} sat would pay a fee of {fee} sat: above the cap "
+            f"of {limits.max_fee} sat (CUSTODY_MAX_FEE), or leaving less than dust"
+        )
+    tx = build_transaction(plan.coins, [(spk, value)], plan.locktime)
+    stamp = now()
+    row = WithdrawalRow(
+        kind=plan.kind,
+        account=SELF_ACCOUNT,
+        requester=actor,
+        request_signature="",
+        destination=change.address,
+        destination_spk=change.script_pubkey,
+        amount=0,
+        fee=fee,
+        fee_rate=str(plan.rate),
+        change_index=change.index,
+        change_amount=value,
+        status=q.REQUESTED,
+        unsigned_tx=b2x(tx.serialize()),
+        created_at=stamp,
+        updated_at=stamp,
+    )
+    s.add(row)
+    s.flush()
+    rid = row.id or 0
+    for rec in q._input_rows(rid, tx, plan.coins, plan.prev):
+        s.add(rec)
+        if plan.reserve:
+            s.add(ReservedInput(outpoint=f"{rec.txid}:{rec.vout}", withdrawal_id=rid))
+    if plan.link is not None:
+        original, replaced = plan.link
+        s.add(
+            ReplacementRow(withdrawal_id=rid, original_id=original.id or 0, replaces_id=replaced.id or 0, kind=row.kind)
+        )
+    s.flush()
+    row.request_signature = sign_request(key, q._summary(policy, row, q._inputs(s, rid)), row.account)
+    s.add(row)
+    q._enforce(s, policy, row)
+    return row
+
+
+def choose_coins(
+    coins: Sequence[Coin],
+    shape: tuple[ScriptType, int, int],
+    out_spk: bytes,
+    rate: Decimal,
+    max_fee: int,
+    max_inputs: int,
+) -> list[Coin]:
+    """A consolidation's coins: smallest first, each worth more than the fee of spending it,
+    as many as ``max_inputs`` while the transaction's weight stays under 400,000 and its fee at
+    most ``max_fee``. Raises InputError when fewer than two qualify."""
+    script_type, threshold, n = shape
+    cost = fee_for(int(input_vsize(script_type, threshold, n)) + 1, rate)
+    chosen: list[Coin] = []
+    for c in sorted((c for c in coins if c.amount > cost), key=lambda c: (c.amount, c.txid, c.vout)):
+        if len(chosen) >= max_inputs:
+            break
+        vsize = tx_vsize(script_type, threshold, n, len(chosen) + 1, [out_spk])
+        if vsize * 4 >= MAX_STANDARD_WEIGHT or fee_for(vsize, rate) > max_fee:
+            break
+        chosen.append(c)
+    if len(chosen) < 2:
+        raise InputError(
+            f"{len(chosen)} coin(s) worth more than the {cost} sat their spending costs at {rate} sat/vB: "
+            "nothing to consolidate"
+        )
+    return chosen
+
+
+def standalone(s: Session) -> list[WithdrawalRow]:
+    """Broadcast self-transfers that are for no withdrawal (consolidations)."""
+    linked = {r.withdrawal_id for r in s.exec(select(ReplacementRow)).all()}
+    rows = s.exec(
+        select(WithdrawalRow).where(WithdrawalRow.kind == CONSOLIDATE, col(WithdrawalRow.status) == q.BROADCAST)
+    )
+    return [r for r in rows.all() if r.id not in linked]
+
+
+def settle(s: Session, row: WithdrawalRow, confirmations: int, height: int | None) -> None:
+    """A self-transfer confirmed deep enough: its fee booked, its own reservations released."""
+    row.confirmations, row.block_height = confirmations, height
+    q._touch(s, row, q.CONFIRMED)
+    q._release(s, row.id or 0)
+    ledger.self_transfer_settled(s, row)
+    audit_log.append(
+        s, "withdrawal.confirmed", "sync", {"withdrawal_id": row.id, "txid": row.txid, "height": height, "fee": row.fee}
+    )
+
+
+def sync_standalone(db: Any, backend: ChainBackend, limits: q.Limits) -> list[dict[str, Any]]:
+    """Follow consolidations to confirmation; the rows that changed."""
+    changed = []
+    with db.transaction() as s:
+        ids = [(r.id, r.txid) for r in standalone(s)]
+    for rid, txid in ids:
+        status = backend.tx_status(txid or "")
+        with db.transaction() as s:
+            row = q._get(s, rid or 0, lock=True)
+            if row.status != q.BROADCAST or status.confirmations < limits.confirmations:
+                continue
+            settle(s, row, status.confirmations, status.block_height)
+            changed.append(q.view(s, policy_from_session(s), row))
+    return changed
