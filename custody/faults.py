@@ -30,8 +30,6 @@ POINTS = (
     "sweep.requested",  # inside the sweep's transaction: inputs reserved, change address issued
     "bump.requested",  # inside the bump's request transaction, its row and link stored
     "cancel.requested",  # inside the cancel's request transaction, its row and link stored
-    "cpfp.requested",  # inside the child's request transaction, its input reserved
-    "consolidation.requested",  # inside the consolidation's request transaction, its inputs reserved
 )
 
 

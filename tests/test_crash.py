@@ -32,8 +32,10 @@ def _audit_intact(home: Path) -> None:
 
 def test_every_crash_point_is_exercised() -> None:
     """A crash point no test kills at is a promise nobody checks (here, or beside its feature:
-    the key rotation's and the sweep's in tests/test_rotation.py)."""
-    here = Path(__file__).read_text() + (Path(__file__).parent / "test_rotation.py").read_text()
+    the key rotation's and the sweep's in tests/test_rotation.py; the fee bump's and cancel's in
+    tests/test_replace_regtest.py, on a node that relays replacements)."""
+    beside = ("test_rotation.py", "test_replace_regtest.py")
+    here = "".join(p.read_text() for p in (Path(__file__), *(Path(__file__).with_name(b) for b in beside)))
     for point in POINTS:
         assert f'"{point}"' in here, point
 

@@ -172,6 +172,16 @@ def test_the_signer_refuses_a_bump_that_changes_a_destination_or_an_amount(shop:
     def elsewhere(tx: CMutableTransaction) -> None:
         _payment(tx, 2_000_000).scriptPubKey = bytes.fromhex("0014" + "11" * 20)
 
+    # a signer machine whose journal does not hold the original signs no replacement of it
+    journal = next(shop.tmp.rglob("signer-journal.jsonl"))
+    kept = journal.with_name("journal-elsewhere")
+    journal.rename(kept)
+    try:
+        refused = shop.sign(shop.export(bid), "founder-c")
+        assert refused.exit_code == 4 and "never signed transaction" in refused.stderr, refused.output
+    finally:
+        journal.unlink(missing_ok=True)
+        kept.rename(journal)
     for edit in (more, elsewhere):
         refused = shop.sign(_rewritten(shop, bid, edit), "founder-a")
         assert refused.exit_code == 4, refused.output
@@ -188,7 +198,10 @@ def test_a_cancel_that_confirms_refunds_the_customer(shop: Shop) -> None:
     settle_others(shop)
     customer, fees = balance(shop, "acct-1"), balance(shop, FEES)
     wid, original_txid = sent_at_1(shop, "0.03")
-    cancel = shop.ok("withdraw", "cancel", str(wid), "--reason", "customer asked", "--fee-rate", "5", *shop.as_("dave"))
+    args = ["withdraw", "cancel", str(wid), "--reason", "customer asked", "--fee-rate", "5", *shop.as_("dave")]
+    assert run_cli(shop.c.env, *args, "--json", crash_at="cancel.requested").returncode == KILLED
+    assert [w for w in shop.ok("withdraw", "list") if w["kind"] == "cancel"] == []  # nothing half-written
+    cancel = shop.ok(*args)
     cid = cancel["id"]
     assert cancel["kind"] == "cancel" and all(o["change"] for o in cancel["outputs"])
     approve(shop, cid)

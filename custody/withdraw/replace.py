@@ -336,7 +336,6 @@ def cpfp(
             parent = _latest(s, original)
             plan = _child_plan(s, policy, original, parent, rate, tip)
             row = st.record(s, manifest, policy, plan, actor=actor, key=key, limits=limits)
-            crash_point("cpfp.requested")
             audit_log.append(
                 s,
                 "withdrawal.cpfp_requested",

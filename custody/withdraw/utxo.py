@@ -17,7 +17,6 @@ from custody.control import audit_log, halt
 from custody.control.roster import authenticate, check_pinned, load_trust
 from custody.control.wallet import policy_from_session
 from custody.errors import InputError
-from custody.faults import crash_point
 from custody.identity.employee_keys import EmployeeSigner
 from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, load_manifest_or_halt
 from custody.store.db import Database
@@ -99,7 +98,6 @@ def consolidate(
             prev = {c.outpoint: b2x(backend.raw_transaction(c.txid)) for c in chosen}
             plan = st.Plan(st.CONSOLIDATE, chosen, prev, lambda vsize: fee_for(vsize, rate), tip, rate)
             row = st.record(s, manifest, policy, plan, actor=actor, key=key, limits=limits)
-            crash_point("consolidation.requested")
             audit_log.append(
                 s,
                 "withdrawal.consolidation_requested",
