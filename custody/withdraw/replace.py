@@ -36,8 +36,8 @@ from custody.chain.types import ChainBackend, TxStatus
 from custody.clock import now
 from custody.config import Settings
 from custody.control import audit_log, halt
+from custody.control.epochs import current_policy as policy_from_session
 from custody.control.roster import authenticate, check_pinned, load_trust
-from custody.control.wallet import policy_from_session
 from custody.errors import Conflict, InputError
 from custody.faults import crash_point
 from custody.identity.approvals import sign_request
@@ -528,6 +528,6 @@ def _cancelled(s: Session, original: WithdrawalRow, cancel_row: WithdrawalRow, s
             "reason": reason,
             "spent_by": cancel_row.txid,
             "refunded": sum(m.amount + m.fee for m in members or [original]),
-            "ledger_txn": txn.id,
+            "ledger_txn": txn.id if txn else None,
         },
     )

@@ -32,7 +32,7 @@ from custody.books import ledger
 from custody.chain.types import ChainBackend
 from custody.clock import now
 from custody.control import audit_log
-from custody.control.wallet import policy_from_session
+from custody.control.epochs import current_policy as policy_from_session
 from custody.errors import InputError
 from custody.identity.approvals import sign_request
 from custody.identity.employee_keys import EmployeeSigner

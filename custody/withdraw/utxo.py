@@ -14,8 +14,8 @@ from custody.books import ledger
 from custody.chain.types import ChainBackend
 from custody.config import Settings
 from custody.control import audit_log, halt
+from custody.control.epochs import current_policy as policy_from_session
 from custody.control.roster import authenticate, check_pinned, load_trust
-from custody.control.wallet import policy_from_session
 from custody.errors import InputError
 from custody.identity.employee_keys import EmployeeSigner
 from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, load_manifest_or_halt
