@@ -11,7 +11,7 @@ import click
 
 from custody.config import parse_lease
 from custody.control import halt as halt_lib
-from custody.errors import StorageError
+from custody.errors import UNKNOWN_EXIT, StorageError
 from custody_cli import output
 from custody_cli.context import (
     AppContext,
@@ -34,12 +34,13 @@ def halt() -> None:
 @pass_app
 @example("custody halt status --json")
 def halt_status(app: AppContext, as_json: bool) -> None:
-    """Exit 0 when trading may run, 3 when halted (also when the state cannot be read)."""
+    """Exit 0 when trading may run, 3 when halted (also when the state cannot be read), 10 when
+    unknown: the store is locked elsewhere right now (the halt file is left to its lease)."""
     state = halt_lib.publish(app.db, app.settings)
     if as_json:
         output.emit_json(state.to_dict())
     elif state.error:
-        output.error(state.error)
+        output.error(state.error + (" (trading: UNKNOWN)" if state.unknown else ""))
     elif not state.halted:
         output.line("trading: running", style="green")
     else:
@@ -68,7 +69,7 @@ def halt_status(app: AppContext, as_json: bool) -> None:
         )
     for w in state.warnings:
         output.warning(w)
-    click.get_current_context().exit(3 if state.halted else 0)
+    click.get_current_context().exit(UNKNOWN_EXIT if state.unknown else 3 if state.halted else 0)
 
 
 @halt.command("watch")
@@ -208,7 +209,7 @@ def status(app: AppContext, as_json: bool) -> None:
     view = halt_lib.status_view(app.db)
     if as_json:
         output.emit_json(view)
-        click.get_current_context().exit(3 if view["halted"] else 0)
+        click.get_current_context().exit(_status_exit(view))
     if view["error"]:
         output.error(view["error"])
     output.table("Components", ["component", "status"], list(view["components"].items()))
@@ -218,7 +219,12 @@ def status(app: AppContext, as_json: bool) -> None:
             ["at", "status", "by", "message"],
             [(u["at"], u["status"], u["actor"], u["message"]) for u in inc["updates"]],
         )
-    click.get_current_context().exit(3 if view["halted"] else 0)
+    click.get_current_context().exit(_status_exit(view))
+
+
+def _status_exit(view: dict[str, object]) -> int:
+    """0 running, 3 halted, 10 unknown (``halted`` is null: the store is locked elsewhere)."""
+    return UNKNOWN_EXIT if view["halted"] is None else 3 if view["halted"] else 0
 
 
 COMMANDS = [halt, incident, status]

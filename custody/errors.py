@@ -13,6 +13,7 @@ Exit codes (documented in the README, tested in tests/test_cli_*):
 7     KeyFileError: a key file or token key could not be used (wrong passphrase or PIN, ...)
 8     NodeError: the chain backend failed or is unreachable
 9     StorageError: the database failed, or its schema is newer than this tool
+10    (halt status / status only) the halt state is unknown: StoreBusy, the store locked elsewhere
 ====  =========================================================================
 """
 
@@ -85,6 +86,17 @@ class StorageError(CustodyError):
     """The database failed, or its schema is newer than this tool understands."""
 
     exit_code = 9
+
+
+class StoreBusy(StorageError):
+    """A read could not complete because another connection holds a lock on the store (SQLite
+    locked exclusively, a PostgreSQL table lock): the store is not damaged, its answer is
+    unknown for now. ``halt status`` and ``status`` exit :data:`UNKNOWN_EXIT` for it."""
+
+
+UNKNOWN_EXIT = 10
+"""``custody halt status`` / ``custody status``: the halt state is unknown right now (the store
+is locked elsewhere); the halt file, whose lease then runs out, decides for the engine."""
 
 
 EXIT_CODES: dict[str, int] = {

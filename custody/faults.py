@@ -33,7 +33,10 @@ POINTS = (
 )
 
 
-PAUSE_POINTS = ("halt.state_read",)  # halt state read from the store, halt file not yet written
+PAUSE_POINTS = (
+    "halt.state_read",  # halt state read from the store, halt file not yet written
+    "issuance.allocated",  # inside the issuing transaction (SQLite's write lock held), nothing stored
+)
 
 
 # The two environment reads outside custody/config.py, on purpose. Crash and pause points

@@ -44,6 +44,7 @@ from custody.errors import (
     InputError,
     NotFound,
     StorageError,
+    StoreBusy,
 )
 from custody.faults import crash_point, pause_point
 from custody.files import read_limited
@@ -359,6 +360,10 @@ class HaltState:
     """Halts waiting in the halt file for the store."""
     file: dict[str, Any] | None = None
     """The halt file as written (None: not written)."""
+    unknown: bool = False
+    """The store was locked elsewhere (StoreBusy): the state is unknown, not a halt. ``halted``
+    stays True for every caller in the library (fail closed); ``halt status`` says "unknown"
+    and leaves the halt file alone, whose lease then decides for the engine."""
 
     def to_dict(self) -> dict[str, Any]:
         if self.file is not None:
@@ -366,7 +371,7 @@ class HaltState:
         doc: dict[str, Any] = {
             "format": halt_file.FORMAT,
             "version": halt_file.VERSION,
-            "halted": self.halted,
+            "halted": None if self.unknown else self.halted,
             "seq": self.seq,
             "updated_at": iso(now()),
             "valid_until": None,
@@ -380,13 +385,17 @@ class HaltState:
 
 
 def read_state(db: Database) -> HaltState:
-    """The halt state from the store; unreadable means halted (with the error)."""
+    """The halt state from the store, read without waiting behind a writer; unreadable means
+    halted (with the error), a store locked elsewhere means unknown (``unknown``, and halted
+    for the library's callers)."""
     try:
         db.check_schema()
-        with db.transaction() as s:
+        with db.transaction(read_only=True) as s:
             seq = _consistent_seq(s)
             halts, recorded = _derive(s, seq)
         return HaltState(bool(halts), halts, seq=seq, recorded=recorded)
+    except StoreBusy as exc:
+        return HaltState(True, [], error=f"halt state unknown: {exc}", unknown=True)
     except CustodyError as exc:
         return HaltState(True, [], error=f"halt state unreadable: {exc}")
 
@@ -409,6 +418,8 @@ def publish(
     state = state or read_state(db)
     pause_point("halt.state_read")
     state.warnings[:0] = warnings
+    if state.unknown:  # nothing known to write: the file's lease runs out on its own
+        return state
     lease = settings.halt_lease if lease is None else lease
     force_over: int | None = None
     for _ in range(5):
@@ -897,7 +908,7 @@ def status_view(db: Database, recent: int = 10) -> dict[str, Any]:
     incidents: list[dict[str, Any]] = []
     halted_components: set[str] = set()
     if state.error is None:
-        with db.transaction() as s:
+        with db.transaction(read_only=True) as s:
             rows = s.exec(select(IncidentRow).order_by(col(IncidentRow.id).desc()).limit(recent)).all()
             open_rows = s.exec(select(IncidentRow).where(IncidentRow.status != "resolved")).all()
             for row in {r.id: r for r in [*open_rows, *rows]}.values():
@@ -926,9 +937,12 @@ def status_view(db: Database, recent: int = 10) -> dict[str, Any]:
         halted_components.update(COMPONENTS)
     incidents.sort(key=lambda i: i["id"], reverse=True)
     return {
-        "halted": state.halted,
+        "halted": None if state.unknown else state.halted,
         "error": state.error,
-        "components": {c: ("halted" if c in halted_components else "operational") for c in COMPONENTS},
+        "components": {
+            c: ("unknown" if state.unknown else "halted" if c in halted_components else "operational")
+            for c in COMPONENTS
+        },
         "incidents": incidents,
     }
 

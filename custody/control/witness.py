@@ -237,7 +237,7 @@ def record(db: Database, path: Path) -> tuple[Checkpoint, list[ChainProblem]]:
     keeps what it saw). Raises StorageError, InputError.
     """
     witnessed = recent(path)
-    with db.transaction() as s:
+    with db.transaction(read_only=True) as s:
         current = head(s)
         problems = compare(s, witnessed)
     if not problems:

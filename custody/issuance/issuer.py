@@ -34,7 +34,7 @@ from custody.config import Settings
 from custody.control import audit_log, epochs, halt
 from custody.control.wallet import COUNTER_NAMES
 from custody.errors import Conflict, InputError, NotFound, StorageError, VerificationFailed
-from custody.faults import crash_point
+from custody.faults import crash_point, pause_point
 from custody.issuance.record import ISSUED, row_line
 from custody.policy.generator import AddressDeriver, DerivedAddress
 from custody.policy.model import RECEIVE, Policy
@@ -209,6 +209,7 @@ def issue_in_session(
     policy = epochs.current_policy(s)  # the newest: old policies' addresses are never issued again
     first = _allocate(s, chain, count)
     crash_point("issuance.allocated")
+    pause_point("issuance.allocated")
     good, failure = _derive_checked(policy, manifest, chain, first, count)
     if failure:
         raise AddressMismatch(*failure[0])
@@ -284,7 +285,7 @@ def issue_addresses(
 def list_addresses(db: Database, account: str | None = None, chain: int | None = None) -> list[IssuedAddress]:
     """Issued addresses in index order, optionally of one account or chain."""
     db.check_schema()
-    with db.transaction() as s:
+    with db.transaction(read_only=True) as s:
         query = select(AddressRow)
         if account is not None:
             query = query.where(AddressRow.account == account)
@@ -300,7 +301,7 @@ def get_address(db: Database, address: str) -> IssuedAddress:
         # No address has such characters (a lone surrogate could not even be sent to the store).
         raise NotFound(f"address {ascii(address)[:100]} was not issued by this store")
     db.check_schema()
-    with db.transaction() as s:
+    with db.transaction(read_only=True) as s:
         row = s.exec(select(AddressRow).where(AddressRow.address == address.strip())).first()
         if row is None:
             raise NotFound(f"address {address} was not issued by this store")
@@ -336,7 +337,7 @@ def export_addresses(db: Database, path: Path) -> int:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     count = 0
     try:
-        with db.transaction() as s, open(tmp, "w", encoding="utf-8") as fh:
+        with db.transaction(read_only=True) as s, open(tmp, "w", encoding="utf-8") as fh:
             every = epochs.store_epochs(s)
             policy = every[-1].policy  # the newest; each address belongs to the policy of its epoch
             header: dict[str, Any] = {

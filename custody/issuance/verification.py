@@ -118,7 +118,7 @@ def _export_report(
 def store_records(db: Database) -> Iterator[verify.AddressRecord]:
     """Every issued address of the store as the verifier's records (constant memory)."""
     db.check_schema()
-    with db.transaction() as s:
+    with db.transaction(read_only=True) as s:
         for row in iter_addresses(s):
             yield verify.AddressRecord(
                 chain=row.chain,
@@ -133,14 +133,14 @@ def store_records(db: Database) -> Iterator[verify.AddressRecord]:
 def check_against_log(db: Database) -> list[verify.Failure]:
     """The store's address rows against the audit log's issuances (custody.issuance.record):
     an account changed, a row deleted or inserted outside the tool."""
-    with db.transaction() as s:
+    with db.transaction(read_only=True) as s:  # one snapshot: rows and log agree in it
         return record.check_rows(s, iter_addresses(s))
 
 
 def count_store(db: Database) -> int:
     """How many addresses the store holds (for a progress bar)."""
     db.check_schema()
-    with db.transaction() as s:
+    with db.transaction(read_only=True) as s:
         return count_addresses(s)
 
 

@@ -191,5 +191,5 @@ def active(s: Session) -> list[NotifyRecipient]:
 
 def has_recipients(db: Database) -> bool:
     """Whether any recipient is registered."""
-    with db.transaction() as s:
+    with db.transaction(read_only=True) as s:
         return s.exec(select(NotifyRecipient.id).where(col(NotifyRecipient.active)).limit(1)).first() is not None

@@ -1,8 +1,14 @@
 """The engine/session factory and the schema: SQLite by default, PostgreSQL by URL.
 
 Every unit of work is one database transaction (:meth:`Database.transaction`). On SQLite
-each transaction takes the write lock up front (``BEGIN IMMEDIATE``) so that two processes
-never interleave read-then-write sequences; on PostgreSQL row locks do that job.
+(always in WAL mode) a writing transaction takes the write lock up front (``BEGIN IMMEDIATE``)
+so that two processes never interleave read-then-write sequences; on PostgreSQL row locks do
+that job. A reading transaction (``transaction(read_only=True)``) never takes that lock: on
+SQLite it is a deferred ``BEGIN`` on a WAL snapshot, refused any write (``query_only``), and
+waits at most :data:`READ_TIMEOUT` seconds for a lock (only a connection that locked the
+file exclusively holds one against a WAL reader); on PostgreSQL it is ``READ ONLY`` with a
+``lock_timeout``. So readers never wait behind writers, and a read that cannot complete
+raises :class:`StoreBusy` quickly instead of waiting a writer's minute.
 """
 
 from __future__ import annotations
@@ -17,8 +23,14 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, create_engine, select
 
-from custody.errors import CustodyError, InputError, StorageError
+from custody.errors import CustodyError, InputError, StorageError, StoreBusy
 from custody.store import models
+
+WRITE_TIMEOUT = 60
+"""Seconds a writing transaction waits for SQLite's write lock (another writer's chunk)."""
+READ_TIMEOUT = 5
+"""Seconds a reading transaction waits for a lock before it raises StoreBusy."""
+_READ_ONLY = "custody_read_only"
 
 
 def normalize_url(url: str) -> str:
@@ -54,21 +66,28 @@ class Database:
                 path = make_url(self.url).database
                 if path and path != ":memory:":
                     Path(path).parent.mkdir(parents=True, exist_ok=True)
-                self.engine: Engine = create_engine(self.url, connect_args={"timeout": 60, "isolation_level": None})
+                self.engine: Engine = create_engine(
+                    self.url, connect_args={"timeout": WRITE_TIMEOUT, "isolation_level": None}
+                )
                 event.listen(self.engine, "connect", _sqlite_on_connect)
                 event.listen(self.engine, "begin", _sqlite_on_begin)
             else:
                 self.engine = create_engine(self.url, pool_pre_ping=True)
+                event.listen(self.engine, "begin", _postgres_on_begin)
+            self._reader: Engine = self.engine.execution_options(**{_READ_ONLY: True})
         except (ArgumentError, SQLAlchemyError) as exc:
             raise StorageError(f"cannot open database {redact(self.url)}: {exc}") from None
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
+    def transaction(self, *, read_only: bool = False) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on any error.
 
-        The first transaction of this Database checks the store's schema version: a store
-        from a newer tool is refused, an older one upgraded, before anything is read or
-        written. Raises StorageError for database failures; CustodyErrors pass through.
+        ``read_only``: a reading transaction (see the module's docstring) that never waits
+        behind a writer; anything it tries to write fails. The first transaction of this
+        Database checks the store's schema version: a store from a newer tool is refused, an
+        older one upgraded, before anything is read or written. Raises StoreBusy when a lock
+        held elsewhere kept a read from completing, StorageError for other database failures;
+        CustodyErrors pass through.
         """
         if not self._version_checked:
             self._version_checked = True
@@ -79,12 +98,14 @@ class Database:
                 self._version_checked = False
                 raise
         try:
-            with Session(self.engine, expire_on_commit=False) as session:
+            with Session(self._reader if read_only else self.engine, expire_on_commit=False) as session:
                 with session.begin():
                     yield session
         except CustodyError:
             raise
         except DBAPIError as exc:
+            if _is_busy(exc):
+                raise StoreBusy(f"the store is locked by another connection: {_first_line(exc)}") from exc
             raise StorageError(f"database error: {_first_line(exc)}") from exc
         except SQLAlchemyError as exc:
             raise StorageError(f"database error: {_first_line(exc)}") from exc
@@ -99,7 +120,11 @@ class Database:
 
     def has_schema(self) -> bool:
         try:
-            return inspect(self.engine).has_table("custody_meta")
+            return inspect(self._reader).has_table("custody_meta")
+        except DBAPIError as exc:
+            if _is_busy(exc):
+                raise StoreBusy(f"the store is locked by another connection: {_first_line(exc)}") from None
+            raise StorageError(f"cannot reach database {redact(self.url)}: {_first_line(exc)}") from None
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot reach database {redact(self.url)}: {_first_line(exc)}") from None
 
@@ -154,7 +179,7 @@ class Database:
         """
         if not self.has_schema():
             raise StorageError(f"no custody store at {redact(self.url)}: run `custody init` first")
-        with self.transaction() as s:
+        with self.transaction(read_only=True) as s:
             row = s.exec(select(models.Meta).where(models.Meta.key == "schema_version")).first()
             version = int(row.value) if row else 0
         if version > models.SCHEMA_VERSION:
@@ -180,11 +205,39 @@ def _first_line(exc: BaseException) -> str:
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout = {READ_TIMEOUT * 1000}")  # a file locked exclusively: StoreBusy soon
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=FULL")
     cur.close()
 
 
+def _is_busy(exc: DBAPIError) -> bool:
+    """Whether a database error is a lock held elsewhere (SQLite busy/locked; PostgreSQL's
+    lock_timeout), not damage."""
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) == "55P03":  # lock_not_available
+        return True
+    name = getattr(orig, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return True
+    return "database is locked" in str(orig)
+
+
 def _sqlite_on_begin(conn: Any) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    """A writer takes the write lock now and waits for it; a reader takes none (WAL) and
+    refuses to write."""
+    if conn.get_execution_options().get(_READ_ONLY):
+        conn.exec_driver_sql(f"PRAGMA busy_timeout = {READ_TIMEOUT * 1000}")
+        conn.exec_driver_sql("PRAGMA query_only = 1")
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql(f"PRAGMA busy_timeout = {WRITE_TIMEOUT * 1000}")
+        conn.exec_driver_sql("PRAGMA query_only = 0")
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _postgres_on_begin(conn: Any) -> None:
+    if conn.get_execution_options().get(_READ_ONLY):
+        conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{READ_TIMEOUT}s'")
