@@ -13,10 +13,12 @@ import click
 from custody.config import Settings
 from custody.errors import InputError, KeyFileError
 from custody.files import SECRET_FILE_MAX, read_limited_text
-from custody.identity.employee_keys import FileSigner, Pkcs11Uri, is_pkcs11_uri, parse_pkcs11_uri
-from custody.identity.keyfile import FounderKey, open_employee_key, open_founder_key
-from custody.identity.pkcs11_keys import Pkcs11Signer
-from custody.store.db import Database
+
+if TYPE_CHECKING:  # imported where used: a command that opens no store or key loads neither
+    from custody.identity.employee_keys import FileSigner, Pkcs11Uri
+    from custody.identity.keyfile import FounderKey
+    from custody.identity.pkcs11_keys import Pkcs11Signer
+    from custody.store.db import Database
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -29,6 +31,8 @@ class AppContext:
     @property
     def db(self) -> Database:
         if self._db is None:
+            from custody.store.db import Database
+
             self._db = Database(self.settings.db_url)
         return self._db
 
@@ -89,8 +93,11 @@ def read_passphrase(passphrase_file: Path | None, *, confirm: bool = False, what
     )
 
 
-KeyRef = Path | Pkcs11Uri
-"""Where an employee's key is: a key file, or a key on a PKCS#11 token."""
+if TYPE_CHECKING:
+    KeyRef = Path | Pkcs11Uri
+    """Where an employee's key is: a key file, or a key on a PKCS#11 token."""
+else:  # the same at run time, without importing the key modules for every command
+    KeyRef = Any
 
 _PIN_FILE = "custody.pin_file"
 
@@ -107,6 +114,8 @@ class KeyRefType(_KeyRefParam):
     name = "FILE|URI"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> KeyRef:
+        from custody.identity.employee_keys import Pkcs11Uri, is_pkcs11_uri, parse_pkcs11_uri
+
         if isinstance(value, Path | Pkcs11Uri):
             return value
         text = str(value)
@@ -168,6 +177,10 @@ def employee_key(key_file: KeyRef, passphrase_file: Path | None) -> FileSigner |
     takes --pin-file (or CUSTODY_PKCS11_PIN, or a prompt). Raises InputError for the other
     one's option, KeyFileError when the key cannot be opened.
     """
+    from custody.identity.employee_keys import FileSigner, Pkcs11Uri
+    from custody.identity.keyfile import open_employee_key
+    from custody.identity.pkcs11_keys import Pkcs11Signer
+
     ctx = click.get_current_context(silent=True)
     pin_file: Path | None = ctx.meta.get(_PIN_FILE) if ctx is not None else None
     if isinstance(key_file, Pkcs11Uri):
@@ -203,6 +216,8 @@ def founder_key_option(f: F) -> F:
 
 
 def founder_key(key_file: Path, passphrase_file: Path | None) -> FounderKey:
+    from custody.identity.keyfile import open_founder_key
+
     if not key_file.exists():
         raise KeyFileError(f"key file {key_file} does not exist")
     return open_founder_key(key_file, read_passphrase(passphrase_file, what=f"founder key {key_file.name}"))

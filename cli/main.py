@@ -2,27 +2,137 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
+from collections.abc import MutableMapping
 from typing import Any
 
 import click
 
 from custody import __version__
 from custody.config import Settings
-from custody.control import halt_file, witness
+from custody.control import halt_file
 from custody.errors import CustodyError
-from custody_cli import output
 from custody_cli.context import AppContext
 
 JSON_ERRORS = "custody.json"  # ctx.meta: the command line has --json, so errors are JSON too
 
+COMMAND_INDEX: dict[str, tuple[str, str]] = {
+    # command: (module of custody_cli that defines it, its one-line summary for `custody --help`)
+    # A command's module (and the library it needs: the ORM, the kernel, GnuPG, PKCS#11, the
+    # web server) is imported only when that command runs, so `custody --help`, `-V` and
+    # `halt status` start fast. tests/test_startup.py fails when this index and the commands'
+    # own help disagree, and prints the line to put here.
+    "address": ("commands_address", "Deposit addresses: issue (verified before they are shown), list, show, export."),
+    "audit": ("commands_audit", "Audits: the ledger, reserves against liabilities, the liabilities tree."),
+    "db": ("commands_db", "The store's database (PostgreSQL)."),
+    "demo": ("demo", "Run the custody story end to end in a fresh directory (SQLite, regtest, no server)."),
+    "employee": (
+        "commands_keys",
+        "Employees: each signs requests, approvals and halt lifts with a key of the founders' roster.",
+    ),
+    "halt": ("commands_halt", "The trading halt: raise it, read it, lift it (two employees)."),
+    "incident": ("commands_halt", "Incidents on the status view: every halt opens one."),
+    "init": (
+        "commands_policy",
+        "Create the store from the founders-signed manifest (never overwrites one); pin it here.",
+    ),
+    "keygen": ("commands_keys", "Create a founder key and print its account xpub for the key ceremony."),
+    "ledger": ("commands_ledger", "The double-entry ledger: every account sums to zero after every event."),
+    "manifest": (
+        "commands_trust",
+        "The founders-signed manifest: drafted once, signed by every founder, pinned everywhere.",
+    ),
+    "node": (
+        "commands_node",
+        "A regtest node on loopback (bitcoind, or litecoind): start, stop, status; fund and mine "
+        "(also on the embedded chain).",
+    ),
+    "notify": ("commands_notify", "Signed notifications: PGP-signed mail and HMAC-signed webhooks of custody events."),
+    "policy": ("commands_policy", "The wallet policy: show it, its descriptors, and the founders' manifest."),
+    "roster": (
+        "commands_trust",
+        "The founders-signed employee roster: proposed online, signed offline by m founders, applied.",
+    ),
+    "qr": ("commands_qr", "Carry PSBTs as animated QR codes (BBQr): screen to camera, no cable, no USB stick."),
+    "rotate": ("commands_rotate", "Key rotation: a new founders' quorum, approved by the current one."),
+    "rules": (
+        "commands_rules",
+        "The founders-signed rulebook: approval tiers, limits, velocity, trusted destinations, fees.",
+    ),
+    "serve": ("commands_serve", "Serve the HTTP API (OpenAPI at /openapi.json) until SIGTERM or Ctrl-C."),
+    "sign": (
+        "commands_withdraw",
+        "Review and sign a withdrawal PSBT offline with a founder key (no store, no node needed).",
+    ),
+    "status": (
+        "commands_halt",
+        "The status view: each component operational or halted, open and recent incidents.",
+    ),
+    "sync": ("commands_withdraw", "Follow withdrawals to confirmation and credit deposits from the chain."),
+    "utxo": ("commands_utxo", "Custody's coins on the chain, and consolidating many small ones."),
+    "verify": ("commands_verify", "Independent verification (auditors)."),
+    "withdraw": (
+        "commands_withdraw",
+        "The withdrawal queue: request, approve (two employees), export, import, finalize, broadcast.",
+    ),
+}
 
-class CustodyGroup(click.Group):
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported when one runs (:data:`COMMAND_INDEX`).
+
+    ``commands`` (every command, e.g. for the docs test or the man page) imports them all;
+    running, completing or listing them imports only what is needed.
+    """
+
+    @property
+    def commands(self) -> MutableMapping[str, click.Command]:
+        for name in COMMAND_INDEX:
+            self._load(name)
+        return self._commands
+
+    @commands.setter
+    def commands(self, value: MutableMapping[str, click.Command]) -> None:
+        self._commands = dict(value)
+
+    def _load(self, name: str) -> click.Command | None:
+        if name not in self._commands and name in COMMAND_INDEX:
+            module = importlib.import_module(f"custody_cli.{COMMAND_INDEX[name][0]}")
+            for command in module.COMMANDS:
+                self._commands.setdefault(command.name or "", command)
+        return self._commands.get(name)
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        self._commands[name or cmd.name or ""] = cmd
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self._commands) | set(COMMAND_INDEX))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self._load(cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list from the index: no command module imported for ``--help``."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names))
+        rows = []
+        for name in names:
+            cmd = self._commands.get(name) or click.Command(name, help=COMMAND_INDEX[name][1])
+            if not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+class CustodyGroup(LazyGroup):
     """Turns library errors into a message on stderr and their stable exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from custody_cli import output  # here, not at the top: `--help` and `-V` never reach invoke
+
         if "--json" in ctx.args:  # before parsing, so that usage errors are JSON too
             ctx.meta[JSON_ERRORS] = True
         try:
@@ -34,7 +144,7 @@ class CustodyGroup(click.Group):
             code = exc.exit_code
             if not ctx.meta.get(JSON_ERRORS):
                 output.error(str(exc))
-            if not isinstance(exc, witness.WitnessMismatch):
+            if type(exc).__name__ != "WitnessMismatch":  # custody.control.witness's, not imported for this
                 code = _witness_after_error(ctx, code)
             if ctx.meta.get(JSON_ERRORS):
                 output.error_json(str(exc), code or 1)
@@ -67,6 +177,8 @@ class CustodyGroup(click.Group):
 
 def _error(ctx: click.Context, message: str, code: int) -> None:
     """An error as text on stderr, or as JSON on stdout when the command was given --json."""
+    from custody_cli import output
+
     if ctx.meta.get(JSON_ERRORS):
         output.error_json(message, code)
     else:
@@ -79,6 +191,9 @@ def _witness(ctx: click.Context) -> None:
     app = ctx.find_object(AppContext)
     if app is None or app._db is None:
         return
+    from custody.control import witness
+    from custody_cli import output
+
     warning = witness.after_command(app._db, app.settings)
     if warning:
         output.warning(warning)
@@ -89,6 +204,8 @@ def _witness_after_error(ctx: click.Context, code: int) -> int:
     try:
         _witness(ctx)
     except CustodyError as exc:
+        from custody_cli import output
+
         output.error(str(exc))
         return exc.exit_code
     return code
@@ -149,59 +266,11 @@ def _replay_halts(app: AppContext) -> None:
     if not halt_file.pending(app.settings.halt_file):
         return
     from custody.control import halt as halt_lib
+    from custody_cli import output
 
     state = halt_lib.publish(app.db, app.settings, hook=None)
     for w in state.warnings:
         output.warning(w)
-
-
-def _register() -> None:
-    from custody_cli import (
-        commands_address,
-        commands_audit,
-        commands_db,
-        commands_halt,
-        commands_keys,
-        commands_ledger,
-        commands_node,
-        commands_notify,
-        commands_policy,
-        commands_qr,
-        commands_rotate,
-        commands_rules,
-        commands_serve,
-        commands_trust,
-        commands_utxo,
-        commands_verify,
-        commands_withdraw,
-        demo,
-    )
-
-    for module in (
-        commands_keys,
-        commands_trust,
-        commands_rules,
-        commands_policy,
-        commands_rotate,
-        commands_address,
-        commands_halt,
-        commands_verify,
-        commands_node,
-        commands_withdraw,
-        commands_qr,
-        commands_utxo,
-        commands_ledger,
-        commands_audit,
-        commands_notify,
-        commands_db,
-        commands_serve,
-        demo,
-    ):
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
-_register()
 
 
 def main() -> None:

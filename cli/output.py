@@ -18,7 +18,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 
@@ -51,6 +50,8 @@ def cell(value: Any) -> Text:
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    from rich.table import Table  # here: a command that prints no table does not load it
+
     t = Table(title=None if title is None else cell(title), show_lines=False)
     for c in columns:
         t.add_column(cell(c), overflow="fold")
@@ -111,6 +112,8 @@ def error(message: str) -> None:
 
 
 def key_values(title: str, pairs: Sequence[tuple[str, Any]]) -> None:
+    from rich.table import Table
+
     t = Table(title=cell(title), show_header=False)
     t.add_column("field", style="bold")
     t.add_column("value", overflow="fold")

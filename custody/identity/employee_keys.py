@@ -17,12 +17,14 @@ either unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import quote, unquote
 
 from custody.bitcoin.encoding import SECP256K1_ORDER
 from custody.errors import InputError
-from custody.identity.keyfile import EmployeeKey
+
+if TYPE_CHECKING:  # a key file's type only: reading the halt state needs no key-file crypto
+    from custody.identity.keyfile import EmployeeKey
 
 DIGEST_SIZE = 32
 

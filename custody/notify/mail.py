@@ -24,8 +24,6 @@ from email.mime.text import MIMEText
 from pathlib import Path
 from typing import Any
 
-import gnupg
-
 from custody.errors import Conflict, CustodyError, InputError, KeyFileError, NotFound
 
 CRLF = b"\r\n"
@@ -44,6 +42,8 @@ def _gpg(home: Path) -> Any:
     if shutil.which("gpg") is None:
         raise GnuPGMissing("GnuPG is not installed (the `gpg` program): run scripts/install-gnupg.sh")
     try:
+        import gnupg  # here: a command that sends no mail does not load it
+
         return gnupg.GPG(gnupghome=str(home))
     except (OSError, ValueError) as exc:
         raise GnuPGMissing(f"GnuPG cannot run: {exc}") from None

@@ -1,0 +1,76 @@
+"""Start-up: `custody --help`, `custody --version` and `custody halt status` beside a bare
+interpreter (`python -c pass`), measured side by side in interleaved rounds.
+
+What a person feels on every command, and what a trading engine pays on every poll of the
+halt. Goals (issue 17): `--help` within 4x and `halt status` within 6x of `python -c pass`.
+Each round runs every command once, in a rotated order, so a busy machine slows them all
+alike; medians are reported with the 1-minute load average.
+
+    .venv/bin/python benchmarks/bench_startup.py [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+GOALS = {"--help": 4.0, "--version": 4.0, "halt status": 6.0}
+
+
+def _store(home: Path) -> dict[str, str]:
+    """A store to read the halt state from, made as the CLI tests make one."""
+    from tests.support import Custody, founders
+
+    c = Custody(home)
+    result = c.init(founders())
+    if result.exit_code != 0:
+        raise SystemExit(f"cannot create the store: {result.output}")
+    return dict(os.environ, **c.env)
+
+
+def _time(argv: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    custody = [sys.executable, "-m", "custody_cli"]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = _store(Path(tmp) / "home")
+        cases = {
+            "python -c pass": [sys.executable, "-c", "pass"],
+            "--help": [*custody, "--help"],
+            "--version": [*custody, "--version"],
+            "halt status": [*custody, "halt", "status", "--json"],
+        }
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        names = list(cases)
+        for r in range(args.rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                times[name].append(_time(cases[name], env))
+    floor = statistics.median(times["python -c pass"])
+    print(f"{'':16}{'median ms':>10}{'ratio':>8}{'goal':>7}")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        goal = GOALS.get(name)
+        verdict = "" if goal is None else ("  met" if median / floor <= goal else "  MISSED")
+        print(
+            f"{name:16}{median * 1000:10.0f}{median / floor:8.2f}{'' if goal is None else f'{goal:.0f}x':>7}{verdict}"
+        )
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()

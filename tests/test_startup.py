@@ -1,0 +1,98 @@
+"""Start-up: which modules `custody --help`, `-V` and `halt status` load (not how long they take).
+
+A trading engine polls `custody halt status`; people read `--help`. Neither may pay for the
+ORM, the kernel, GnuPG, PKCS#11, the web server or rich's tables when it does not use them.
+The timings are benchmarks/bench_startup.py's business.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from tests.support import Custody, founders
+
+HEAVY = (
+    "sqlalchemy",
+    "sqlmodel",
+    "pydantic",
+    "fastapi",
+    "uvicorn",
+    "gnupg",
+    "pkcs11",
+    "cryptography",
+    "pbk",  # libbitcoinkernel (py-bitcoinkernel)
+    "rich",
+    "rich.table",
+    "coincurve",
+    "custody.store.models",
+)
+
+_PROBE = """
+import atexit, json, sys
+heavy = json.loads(sys.argv[1])
+atexit.register(lambda: sys.stderr.write("\\nLOADED " + json.dumps([m for m in heavy if m in sys.modules]) + "\\n"))
+sys.argv = ["custody", *sys.argv[2:]]
+from custody_cli.main import main
+main()
+"""
+
+
+def _loaded(env: dict[str, str], *args: str) -> tuple[int, set[str]]:
+    """Run ``custody ARGS`` in a fresh interpreter; the heavy modules it had loaded at exit."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(HEAVY), *args],
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("LOADED ")][-1]
+    return proc.returncode, set(json.loads(line.removeprefix("LOADED ")))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Custody:
+    c = Custody(tmp_path_factory.mktemp("startup") / "home")
+    assert c.init(founders()).exit_code == 0
+    return c
+
+
+def test_help_and_version_load_nothing_heavy(store: Custody) -> None:
+    for args in (["--help"], ["--version"]):
+        code, loaded = _loaded(store.env, *args)
+        assert code == 0, args
+        assert loaded == set(), (args, loaded)
+
+
+def test_halt_status_loads_only_the_store(store: Custody) -> None:
+    """It reads the store (the ORM and the lift signatures' curve), nothing else."""
+    code, loaded = _loaded(store.env, "halt", "status", "--json")
+    assert code == 0
+    assert loaded & {"fastapi", "uvicorn", "gnupg", "pkcs11", "cryptography", "pbk", "rich.table"} == set(), loaded
+    assert {"sqlalchemy", "custody.store.models"} <= loaded  # the probe sees what a command loads
+
+
+def test_the_index_agrees_with_the_commands() -> None:
+    """`custody --help` lists commands from main.COMMAND_INDEX without importing them: the
+    index names each command's module and summary as the command itself does."""
+    from custody_cli.main import COMMAND_INDEX, cli
+
+    found = {}
+    for name, cmd in cli.commands.items():
+        module = sys.modules[cmd.callback.__module__] if cmd.callback else None
+        if isinstance(cmd, click.Group) and module is None:
+            module = sys.modules[type(cmd).__module__]
+        found[name] = (Path(module.__file__ or "").stem if module else "?", cmd.get_short_help_str(10_000))
+    index = {
+        name: (mod, click.Command(name, help=text).get_short_help_str(10_000))
+        for name, (mod, text) in COMMAND_INDEX.items()
+    }
+    assert index == found, f"put this in cli/main.py's COMMAND_INDEX: {found}"
