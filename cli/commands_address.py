@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, TextIO
 
 import click
 
-from custody.issuance.issuer import export_addresses, get_address, issue_addresses, list_addresses
+from custody.issuance.issuer import ISSUE_CHUNK, export_addresses, get_address, issue_chunks, iter_issued
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
 
@@ -25,27 +30,44 @@ def address() -> None:
 @pass_app
 @example("custody address new --account alice --count 3")
 def address_new(app: AppContext, account: str, count: int, as_json: bool) -> None:
-    """Issue the next deposit address(es) of the policy, each verified independently first."""
-    issued = issue_addresses(app.db, app.settings, account, count)
-    if as_json:
-        output.emit_json([a.to_dict() for a in issued])
-        return
-    for a in issued:
-        output.line(a.address)
-    output.success(f"{len(issued)} address(es) issued for {account} (indexes {issued[0].index}..{issued[-1].index})")
+    """Issue the next deposit address(es) of the policy, each verified independently first.
+
+    A large count is committed and printed in chunks of 10,000 (progress on stderr when it
+    is a terminal); a failure stops the rest, the chunks printed before it stay issued.
+    """
+    first: int | None = None
+    last = 0
+    done = 0
+    with _JsonArray(sys.stdout) if as_json else contextlib.nullcontext() as array:
+        for part in issue_chunks(app.db, app.settings, account, count):
+            first = part[0].index if first is None else first
+            last = part[-1].index
+            done += len(part)
+            if array is not None:
+                array.extend(a.to_dict() for a in part)
+            else:
+                sys.stdout.write("".join(f"{a.address}\n" for a in part))
+            _progress(done, count)
+    if not as_json:
+        output.success(f"{done} address(es) issued for {account} (indexes {first}..{last})")
 
 
 @address.command("list")
 @click.option("--account", help="Only this account's addresses.")
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip this many first.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="At most this many (default: all).")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")
 @json_option
 @pass_app
 @example("custody address list --account alice --csv")
-def address_list(app: AppContext, account: str | None, as_csv: bool, as_json: bool) -> None:
-    """List issued addresses in index order."""
-    rows = [a.to_dict() for a in list_addresses(app.db, account)]
+def address_list(
+    app: AppContext, account: str | None, offset: int, limit: int | None, as_csv: bool, as_json: bool
+) -> None:
+    """List issued addresses in index order (JSON and CSV stream: any number in bounded memory)."""
+    rows = (a.to_dict() for a in iter_issued(app.db, account, offset=offset, limit=limit))
     if as_json:
-        output.emit_json(rows)
+        with _JsonArray(sys.stdout) as array:
+            array.extend(rows)
     elif as_csv:
         output.emit_csv(COLUMNS, rows)
     else:
@@ -54,6 +76,33 @@ def address_list(app: AppContext, account: str | None, as_csv: bool, as_json: bo
             ["chain", "index", "account", "address", "created"],
             [(r["chain"], r["index"], r["account"], r["address"], r["created_at"]) for r in rows],
         )
+
+
+class _JsonArray:
+    """A JSON array written item by item, the same text as ``json.dumps(items, indent=2)``."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.count = 0
+
+    def __enter__(self) -> _JsonArray:
+        return self
+
+    def extend(self, items: Iterable[dict[str, Any]]) -> None:
+        for item in items:
+            body = json.dumps(item, indent=2, default=str).replace("\n", "\n  ")
+            self.out.write(("[\n  " if self.count == 0 else ",\n  ") + body)
+            self.count += 1
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None or self.count:  # closed also after a failure: what was issued stays readable
+            self.out.write("\n]\n" if self.count else "[]\n")
+
+
+def _progress(done: int, total: int) -> None:
+    if total > ISSUE_CHUNK and sys.stderr.isatty():
+        sys.stderr.write(f"\r{done:,} of {total:,} issued" + ("\n" if done == total else ""))
+        sys.stderr.flush()
 
 
 @address.command("show")

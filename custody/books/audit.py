@@ -331,9 +331,8 @@ def audit_log_check(
         witnesses.append((str(settings.witness_file), witness.read(settings.witness_file)))
     for path in against:
         witnesses.append((str(path), witness.read(path)))
-    with db.transaction() as s:
-        problems = audit_log.verify_chain(s)
-        count = len(audit_log.entries(s))
+    with db.transaction(read_only=True) as s:  # one snapshot; writers go on meanwhile
+        problems, count = audit_log.verify_chain_counted(s)
         try:  # the roster rows must stand against the founders' manifest pinned here
             current_roster(s, load_trust(settings))
         except VerificationFailed as exc:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import text
 from sqlmodel import Session, col, select
 
 from custody.clock import iso, now
@@ -89,34 +91,80 @@ class ChainProblem:
     reason: str
 
 
-def verify_chain(session: Session) -> list[ChainProblem]:
-    """Check every entry's hash and link, and the head; return what is wrong (empty = intact)."""
+CHAIN_BATCH = 10_000
+"""Entries read per query when the chain is checked: memory stays bounded at any length."""
+
+
+_CHAIN_PAGE = text(
+    "SELECT seq, at, event, actor, payload, signature, prev_hash, hash FROM audit_log "
+    "WHERE seq > :last ORDER BY seq LIMIT :n"
+)
+
+
+def iter_chain(session: Session, batch: int = CHAIN_BATCH) -> Iterator[tuple[Any, ...]]:
+    """Every entry as a plain row ``(seq, at, event, actor, payload, signature, prev_hash,
+    hash)`` in order, read ``batch`` at a time by sequence (no ORM objects, no type
+    conversion: ``at`` is as the driver gives it, see :func:`_stamp`)."""
+    last = -1
+    while True:
+        rows = session.connection().execute(_CHAIN_PAGE, {"last": last, "n": batch}).all()
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1][0]
+
+
+def _stamp(value: Any) -> str:
+    """The hashed form of a stored ``at`` (:func:`_at`): from a datetime (PostgreSQL), or from
+    SQLite's text, whose usual form ``YYYY-MM-DD HH:MM:SS.ffffff`` (naive UTC, as SQLAlchemy
+    writes it) is rewritten without parsing."""
+    if isinstance(value, str):
+        if len(value) == 26 and value[10] == " " and value[19] == ".":
+            return f"{value[:10]}T{value[11:]}Z"
+        value = datetime.fromisoformat(value)
+    return _at(value)
+
+
+def verify_chain_counted(session: Session) -> tuple[list[ChainProblem], int]:
+    """:func:`verify_chain`, and how many entries it read; streamed in bounded memory."""
     problems: list[ChainProblem] = []
     prev = GENESIS
     expected_seq = 1
-    for entry in session.exec(select(AuditEntry).order_by(col(AuditEntry.seq))):
-        if entry.seq != expected_seq:
-            problems.append(ChainProblem(entry.seq, f"expected entry {expected_seq}: entries missing or inserted"))
-        if entry.prev_hash != prev:
-            problems.append(ChainProblem(entry.seq, "does not link to the entry before it"))
-        if not intact(entry):
-            problems.append(ChainProblem(entry.seq, "content does not match its hash (edited)"))
-        prev = entry.hash
-        expected_seq = entry.seq + 1
+    count = 0
+    dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+    sha256 = hashlib.sha256
+    for seq, at, event, actor, payload, signature, prev_hash, digest in iter_chain(session):
+        count += 1
+        if seq != expected_seq:
+            problems.append(ChainProblem(seq, f"expected entry {expected_seq}: entries missing or inserted"))
+        if prev_hash != prev:
+            problems.append(ChainProblem(seq, "does not link to the entry before it"))
+        body = dumps([seq, _stamp(at), event, actor, payload, signature, prev_hash])  # entry_hash, inlined
+        if sha256(body.encode()).hexdigest() != digest:
+            problems.append(ChainProblem(seq, "content does not match its hash (edited)"))
+        prev = digest
+        expected_seq = seq + 1
     head = session.get(AuditHead, 1)
     if head is None or head.seq != expected_seq - 1 or head.hash != prev:
         problems.append(
             ChainProblem(expected_seq - 1, "the chain's tip does not match the head (entries deleted at the end?)")
         )
-    return problems
+    return problems, count
+
+
+def verify_chain(session: Session) -> list[ChainProblem]:
+    """Check every entry's hash and link, and the head; return what is wrong (empty = intact)."""
+    return verify_chain_counted(session)[0]
 
 
 def entries(session: Session, limit: int | None = None) -> list[dict[str, Any]]:
-    """The log's entries, oldest first (the last ``limit`` when given)."""
-    query = select(AuditEntry).order_by(col(AuditEntry.seq))
+    """The log's entries, oldest first (the last ``limit`` when given: only those are read)."""
+    query = select(AuditEntry).order_by(col(AuditEntry.seq).desc() if limit is not None else col(AuditEntry.seq))
+    if limit is not None:
+        query = query.limit(limit)
     rows = list(session.exec(query).all())
     if limit is not None:
-        rows = rows[-limit:]
+        rows.reverse()
     return [
         {
             "seq": e.seq,

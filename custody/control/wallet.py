@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 from sqlmodel import Session, col, select
@@ -73,14 +74,21 @@ def policy_from_session(s: Session) -> Policy:
     row = s.get(PolicyRow, 1)
     if row is None:
         raise StorageError("the store has no policy: run `custody init` first")
-    network = get_network(row.network)
     founders = s.exec(select(FounderRow).order_by(col(FounderRow.position))).all()
     try:
-        parsed = tuple(Founder(f.name, parse_origin_xpub(f.xpub, network)) for f in founders)
-        script_type = parse_script_type(row.script_type)
+        return _parsed_policy(row.network, row.threshold, row.script_type, tuple((f.name, f.xpub) for f in founders))
     except Exception as exc:  # a stored policy that does not parse is a damaged store
         raise StorageError(f"the stored policy is damaged: {exc}") from None
-    return Policy(network, row.threshold, script_type, parsed)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_policy(network_name: str, threshold: int, script: str, founders: tuple[tuple[str, str], ...]) -> Policy:
+    """The policy parsed from its stored text, once per process for the same text (parsing
+    the xpubs was a fifth of a single-address issuance). Keyed by every stored value, so a
+    row changed in the store is parsed, and judged, anew."""
+    network = get_network(network_name)
+    parsed = tuple(Founder(name, parse_origin_xpub(xpub, network)) for name, xpub in founders)
+    return Policy(network, threshold, parse_script_type(script), parsed)
 
 
 def load_policy(db: Database) -> Policy:

@@ -13,6 +13,7 @@ returned.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import os
@@ -138,7 +139,7 @@ _pool: ProcessPoolExecutor | None = None
 
 def _derive_range(policy: Policy, manifest: verify.Manifest, chain: int, first: int, count: int) -> Checked:
     """Derive ``count`` addresses from ``first`` and have the verifier check each one."""
-    deriver = AddressDeriver(policy)
+    deriver = _deriver(policy)
     good: list[DerivedAddress] = []
     bad: list[tuple[DerivedAddress, list[str]]] = []
     for index in range(first, first + count):
@@ -149,6 +150,12 @@ def _derive_range(policy: Policy, manifest: verify.Manifest, chain: int, first: 
         else:
             good.append(derived)
     return good, bad
+
+
+@functools.lru_cache(maxsize=4)
+def _deriver(policy: Policy) -> AddressDeriver:
+    """One deriver (its founders' chain-level keys derived once) per policy per process."""
+    return AddressDeriver(policy)
 
 
 def _workers() -> ProcessPoolExecutor:
@@ -257,6 +264,44 @@ def halt_for_mismatch(db: Database, settings: Settings, exc: AddressMismatch) ->
     return VerificationFailed(f"{exc} — trading is halted")
 
 
+ISSUE_CHUNK = 10_000
+"""Addresses committed per transaction by a large issuance: the write lock is held for one
+chunk at a time (other writers, such as a halt, get in between) and memory stays bounded."""
+
+
+def issue_chunks(
+    db: Database,
+    settings: Settings,
+    account: str,
+    count: int = 1,
+    chain: int = RECEIVE,
+    actor: str = "operator",
+    chunk: int | None = None,
+) -> Iterator[list[IssuedAddress]]:
+    """Issue the next ``count`` addresses of ``chain`` for ``account``, committed and yielded
+    ``chunk`` at a time (each chunk its own transaction and audit entry, no gap between them).
+
+    The halt is checked in every chunk: a halt raised meanwhile stops the rest. Raises as
+    :func:`issue_addresses`; the chunks yielded before an error stay issued.
+    """
+    check_account(account)
+    if not 1 <= count <= MAX_BATCH:
+        raise InputError(f"count must be between 1 and {MAX_BATCH}")
+    manifest = load_manifest_or_halt(db, settings)
+    chunk = chunk or ISSUE_CHUNK
+    left = count
+    while left:
+        size = min(chunk, left)
+        try:
+            with db.transaction() as s:
+                issued = issue_in_session(s, manifest, account, size, chain, actor)
+            crash_point("issuance.committed")
+        except AddressMismatch as exc:  # the chunk's transaction rolled back: nothing of it stored
+            raise halt_for_mismatch(db, settings, exc) from None
+        yield issued
+        left -= size
+
+
 def issue_addresses(
     db: Database,
     settings: Settings,
@@ -265,34 +310,60 @@ def issue_addresses(
     chain: int = RECEIVE,
     actor: str = "operator",
 ) -> list[IssuedAddress]:
-    """Issue the next ``count`` addresses of ``chain`` for ``account``.
+    """Issue the next ``count`` addresses of ``chain`` for ``account`` (:func:`issue_chunks`,
+    gathered: for small batches; a large one streams through :func:`issue_chunks`).
 
     Raises HaltedError while trading is halted, InputError for a bad account or count,
     VerificationFailed (after raising the halt) when a derived address does not verify
     against the pinned manifest, StorageError.
     """
-    check_account(account)
-    manifest = load_manifest_or_halt(db, settings)
-    try:
-        with db.transaction() as s:
-            issued = issue_in_session(s, manifest, account, count, chain, actor)
-        crash_point("issuance.committed")
-        return issued
-    except AddressMismatch as exc:  # the transaction rolled back: nothing stored
-        raise halt_for_mismatch(db, settings, exc) from None
+    return [a for part in issue_chunks(db, settings, account, count, chain, actor) for a in part]
 
 
-def list_addresses(db: Database, account: str | None = None, chain: int | None = None) -> list[IssuedAddress]:
-    """Issued addresses in index order, optionally of one account or chain."""
+def iter_issued(
+    db: Database,
+    account: str | None = None,
+    chain: int | None = None,
+    *,
+    offset: int = 0,
+    limit: int | None = None,
+    batch: int = 5000,
+) -> Iterator[IssuedAddress]:
+    """Issued addresses in (chain, index) order, optionally of one account or chain, from the
+    ``offset``-th, at most ``limit``: read ``batch`` at a time, each batch its own read
+    transaction (bounded memory; no snapshot held while the caller writes them out)."""
     db.check_schema()
-    with db.transaction(read_only=True) as s:
+    last: tuple[int, int] | None = None
+    left = limit
+    while left is None or left > 0:
         query = select(AddressRow)
         if account is not None:
             query = query.where(AddressRow.account == account)
         if chain is not None:
             query = query.where(AddressRow.chain == chain)
-        rows = s.exec(query.order_by(col(AddressRow.chain), col(AddressRow.idx))).all()
-        return [_row_to_issued(r) for r in rows]
+        if last is not None:
+            query = query.where(
+                (col(AddressRow.chain) > last[0])
+                | ((col(AddressRow.chain) == last[0]) & (col(AddressRow.idx) > last[1]))
+            )
+        else:
+            query = query.offset(offset)
+        size = batch if left is None else min(batch, left)
+        with db.transaction(read_only=True) as s:
+            rows = s.exec(query.order_by(col(AddressRow.chain), col(AddressRow.idx)).limit(size)).all()
+            issued = [_row_to_issued(r) for r in rows]
+        if not issued:
+            return
+        yield from issued
+        last = (issued[-1].chain, issued[-1].index)
+        if left is not None:
+            left -= len(issued)
+
+
+def list_addresses(db: Database, account: str | None = None, chain: int | None = None) -> list[IssuedAddress]:
+    """Issued addresses in index order, optionally of one account or chain (all in memory:
+    :func:`iter_issued` streams them)."""
+    return list(iter_issued(db, account, chain))
 
 
 def get_address(db: Database, address: str) -> IssuedAddress:
