@@ -71,8 +71,11 @@ def active_halts(s: Session) -> list[HaltRow]:
     return list(s.exec(select(HaltRow).where(col(HaltRow.active)).order_by(col(HaltRow.id))).all())
 
 
-def guard(s: Session) -> None:
+def guard(s: Session, *, lock: bool = True) -> None:
     """Refuse (HaltedError, exit 3) while trading is halted or the halt state is unreadable.
+
+    ``lock=False``: the same check without the head's lock, for a path that checks first
+    (refusing before any work) and takes the locked guard later, before it writes.
 
     It first takes the audit log head's row lock, which raising a halt also takes: a halt
     committed before this transaction got the lock is seen here, and one raised after it
@@ -80,7 +83,8 @@ def guard(s: Session) -> None:
     The halt state is the audit log's, checked against the halt table.
     """
     try:
-        head = s.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
+        query = select(AuditHead).where(AuditHead.id == 1)
+        head = s.exec(query.with_for_update() if lock else query).first()
         _check_log_tip(s, head)
         halts = _derive(s, head.seq if head else 0)[0]
     except SQLAlchemyError as exc:

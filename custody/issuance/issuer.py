@@ -212,7 +212,7 @@ def issue_in_session(
     check_account(account)
     if not 1 <= count <= MAX_BATCH:
         raise InputError(f"count must be between 1 and {MAX_BATCH}")
-    halt.guard(s)
+    halt.guard(s, lock=False)  # the halt first: refused before any work
     policy = epochs.current_policy(s)  # the newest: old policies' addresses are never issued again
     first = _allocate(s, chain, count)
     crash_point("issuance.allocated")
@@ -220,6 +220,13 @@ def issue_in_session(
     good, failure = _derive_checked(policy, manifest, chain, first, count)
     if failure:
         raise AddressMismatch(*failure[0])
+    # The halt's guard takes the audit head's row lock, which every other writer (a halt, a
+    # withdrawal) needs: taken here, after the derivation and the verification, it is held
+    # only around the insert and the log entry. The halt still wins every race: one raised
+    # before this point is seen, one raised after waits for this commit; nothing is shown
+    # before the commit. Lock order: the receive counter, then the head; withdrawals take
+    # the head, then the change counter; no cycle.
+    halt.guard(s)
     at = now()
     issued = [
         IssuedAddress(d.chain, d.index, account, d.address, d.script_pubkey.hex(), d.script.hex(), at) for d in good
