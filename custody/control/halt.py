@@ -74,8 +74,10 @@ def active_halts(s: Session) -> list[HaltRow]:
 def guard(s: Session, *, lock: bool = True) -> None:
     """Refuse (HaltedError, exit 3) while trading is halted or the halt state is unreadable.
 
-    ``lock=False``: the same check without the head's lock, for a path that checks first
-    (refusing before any work) and takes the locked guard later, before it writes.
+    ``lock=False``: the same check without the head's lock (head and log tip read in one
+    statement, as :func:`read_state` does, so a concurrent append cannot make them look
+    apart), for a path that checks first, refusing before any work, and takes the locked
+    guard later, before it writes.
 
     It first takes the audit log head's row lock, which raising a halt also takes: a halt
     committed before this transaction got the lock is seen here, and one raised after it
@@ -83,10 +85,13 @@ def guard(s: Session, *, lock: bool = True) -> None:
     The halt state is the audit log's, checked against the halt table.
     """
     try:
-        query = select(AuditHead).where(AuditHead.id == 1)
-        head = s.exec(query.with_for_update() if lock else query).first()
-        _check_log_tip(s, head)
-        halts = _derive(s, head.seq if head else 0)[0]
+        if lock:
+            head = s.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
+            _check_log_tip(s, head)
+            seq = head.seq if head else 0
+        else:
+            seq = _consistent_seq(s)
+        halts = _derive(s, seq)[0]
     except SQLAlchemyError as exc:
         raise HaltedError(f"the halt state cannot be read ({type(exc).__name__}): treated as halted") from None
     if halts:
