@@ -361,6 +361,7 @@ def _changes(
     enable: tuple[str, ...],
     roles: tuple[str, ...],
     clear: tuple[str, ...],
+    webauthn: tuple[str, ...] = (),
 ) -> list[roster_lib.Change]:
     out = []
     for spec in add:
@@ -377,8 +378,15 @@ def _changes(
             raise InputError(f"--roles takes NAME=ROLE[,ROLE...], got {spec[:40]!r}")
         out.append(roster_lib.Change("roles", name, roles=roster_lib.parse_roles(role_text)))
     out += [roster_lib.Change("clear", "-", digest=d.strip().lower()) for d in clear]
+    for spec in webauthn:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise InputError(f"--webauthn takes NAME=FILE, got {spec[:40]!r}")
+        out.append(roster_lib.webauthn_change(name, Path(path)))
     if not out:
-        raise InputError("nothing to propose: give --add, --disable, --enable, --roles or --clear-suspension")
+        raise InputError(
+            "nothing to propose: give --add, --disable, --enable, --roles, --webauthn or --clear-suspension"
+        )
     return out
 
 
@@ -388,6 +396,12 @@ def _changes(
 @click.option("--enable", multiple=True, metavar="NAME", help="Enable a disabled employee again.")
 @click.option("--roles", multiple=True, metavar="NAME=ROLES", help="Set roles: request, approve, lift.")
 @click.option("--clear-suspension", "clear", multiple=True, metavar="DIGEST", help="Clear a suspension.")
+@click.option(
+    "--webauthn",
+    multiple=True,
+    metavar="NAME=FILE",
+    help="Add a security key (the credential the approval console's /console/register shows) to an employee.",
+)
 @json_option
 @pass_app
 @example("custody roster propose --add bob=02ab...:approve,lift --disable carol")
@@ -398,10 +412,11 @@ def roster_propose(
     enable: tuple[str, ...],
     roles: tuple[str, ...],
     clear: tuple[str, ...],
+    webauthn: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Propose changes for the next roster; nothing changes until m founders sign it."""
-    r = roster_lib.propose(app.db, app.settings, _changes(add, disable, enable, roles, clear))
+    r = roster_lib.propose(app.db, app.settings, _changes(add, disable, enable, roles, clear, webauthn))
     _show_roster(r, as_json)
     if not as_json:
         output.success(f"roster #{r.serial} proposed: `custody roster export --out FILE` for the founders")

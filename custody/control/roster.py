@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +44,7 @@ from custody.identity.roster import (
     suspension_signers,
 )
 from custody.identity.statements import parse_pubkey, sign_statement
+from custody.identity.webauthn import Credential, parse_credential
 from custody.policy.manifest import MAX_MANIFEST_BYTES, SignedManifest, load_signed_manifest
 from custody.policy.model import Policy
 from custody.store.db import Database
@@ -223,7 +224,9 @@ class Standing:
     def registry(self, role: str) -> dict[str, RegistryEntry]:
         if self.roster is None:
             return {}
-        return {e.name: RegistryEntry(e.name, e.keys, self.refusal(e.name, role)) for e in self.roster.employees}
+        return {
+            e.name: RegistryEntry(e.name, e.keys, self.refusal(e.name, role), e.webauthn) for e in self.roster.employees
+        }
 
 
 def standing(s: Session, trust: Trust) -> Standing:
@@ -258,11 +261,26 @@ def authenticate(s: Session, trust: Trust, name: str, key: EmployeeSigner, role:
 class Change:
     """One change to the roster: add, disable, enable, set roles, add a key, clear a suspension."""
 
-    kind: str  # add | disable | enable | roles | key | clear
+    kind: str  # add | disable | enable | roles | key | webauthn | clear
     name: str
     pubkey: str | None = None
     roles: tuple[str, ...] = ()
     digest: str | None = None
+    credential: Credential | None = None  # webauthn: a security key's credential
+
+
+def webauthn_change(name: str, path: Path) -> Change:
+    """Add the security-key credential in ``path`` (what the approval console's registration
+    page shows: ``{id, public_key, rp_id, origin}``) to employee ``name``. Raises InputError."""
+    try:
+        doc = json.loads(read_bounded(path, 64 * 1024, "WebAuthn credential"))
+    except FileNotFoundError:
+        raise InputError(f"no WebAuthn credential file {path}") from None
+    except ValueError:
+        raise InputError(f"{path} is not a JSON WebAuthn credential") from None
+    if isinstance(doc, dict):
+        doc = {k: v for k, v in doc.items() if k in ("id", "public_key", "rp_id", "origin")}
+    return Change("webauthn", name, credential=parse_credential(doc, str(path)))
 
 
 def parse_roles(text: str) -> tuple[str, ...]:
@@ -288,14 +306,19 @@ def _apply_change(employees: dict[str, Employee], cleared: set[str], c: Change) 
     if e is None:
         raise NotFound(f"no employee named {c.name!r} in the roster")
     if c.kind == "disable":
-        employees[c.name] = Employee(e.name, e.keys, e.roles, False)
+        employees[c.name] = replace(e, enabled=False)
     elif c.kind == "enable":
-        employees[c.name] = Employee(e.name, e.keys, e.roles, True)
+        employees[c.name] = replace(e, enabled=True)
     elif c.kind == "roles":
-        employees[c.name] = Employee(e.name, e.keys, frozenset(c.roles), e.enabled)
+        employees[c.name] = replace(e, roles=frozenset(c.roles))
     elif c.kind == "key":
         assert c.pubkey is not None
-        employees[c.name] = Employee(e.name, (*e.keys, parse_pubkey(c.pubkey)), e.roles, e.enabled)
+        employees[c.name] = replace(e, keys=(*e.keys, parse_pubkey(c.pubkey)))
+    elif c.kind == "webauthn":
+        assert c.credential is not None
+        if any(w.id == c.credential.id for w in e.webauthn):
+            raise Conflict(f"{c.name} has this WebAuthn credential already")
+        employees[c.name] = replace(e, webauthn=(*e.webauthn, c.credential))
     else:
         raise InputError(f"unknown roster change {c.kind!r}")
 

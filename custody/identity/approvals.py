@@ -18,6 +18,8 @@ from bitcoin.core import b2lx
 from custody.errors import InputError
 from custody.identity.employee_keys import DigestSigner, EmployeeSigner
 from custody.identity.statements import sign_statement, statement_digest, verify_statement
+from custody.identity.webauthn import PREFIX as WEBAUTHN
+from custody.identity.webauthn import Credential, assertion_problem
 
 APPROVAL_DOMAIN = "custody/withdrawal-approval/v1"
 REQUIRED_APPROVALS = 2
@@ -93,6 +95,10 @@ class RegistryEntry:
     name: str
     pubkeys: tuple[str, ...]
     refusal: str | None = None
+    webauthn: tuple[Credential, ...] = ()  # security keys (custody.identity.webauthn)
+
+    def credential(self, fingerprint: str) -> Credential | None:
+        return next((c for c in self.webauthn if c.fingerprint == fingerprint), None)
 
 
 @dataclass(frozen=True)
@@ -134,15 +140,31 @@ def check_approvals(
             rejected.append((a.employee, "not an employee of the founders' roster"))
         elif entry.refusal is not None:
             rejected.append((a.employee, entry.refusal))
-        elif a.pubkey not in entry.pubkeys:
-            rejected.append((a.employee, "signed with a key that is not theirs in the roster"))
         elif a.employee == requester:
             rejected.append((a.employee, "the requester cannot approve their own withdrawal"))
-        elif not verify_statement(a.pubkey, a.signature, APPROVAL_DOMAIN, summary.fields()):
-            rejected.append((a.employee, "signature does not cover this exact transaction"))
-        elif a.employee not in valid:
-            valid.append(a.employee)
+        else:
+            problem = approval_problem(a, entry, summary)
+            if problem is not None:
+                rejected.append((a.employee, problem))
+            elif a.employee not in valid:
+                valid.append(a.employee)
     return ApprovalCheck(tuple(sorted(valid)), tuple(rejected), required, tier)
+
+
+def approval_problem(a: Approval, entry: RegistryEntry, summary: TxSummary) -> str | None:
+    """Why ``a`` is not ``entry``'s signature over exactly ``summary`` (None: it is): a secp256k1
+    signature by one of their roster keys, or a WebAuthn assertion by one of their roster
+    security keys whose challenge is the statement's digest."""
+    if a.pubkey.startswith(WEBAUTHN):
+        credential = entry.credential(a.pubkey)
+        if credential is None:
+            return "signed with a security key that is not theirs in the roster"
+        return assertion_problem(credential, a.signature, bytes.fromhex(summary.digest()))
+    if a.pubkey not in entry.pubkeys:
+        return "signed with a key that is not theirs in the roster"
+    if not verify_statement(a.pubkey, a.signature, APPROVAL_DOMAIN, summary.fields()):
+        return "signature does not cover this exact transaction"
+    return None
 
 
 REQUEST_DOMAIN = "custody/withdrawal-request/v2"

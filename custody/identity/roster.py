@@ -44,6 +44,7 @@ from custody.identity.founders_documents import (
     signature_problems,
 )
 from custody.identity.statements import parse_pubkey, statement_digest, verify_statement
+from custody.identity.webauthn import Credential, parse_credential
 
 __all__ = ["Founders", "canonical_json"]  # re-exported: the roster's callers found them here
 
@@ -55,6 +56,7 @@ SUSPENSION_QUORUM = 2
 MAX_ROSTER_BYTES = 1024 * 1024
 MAX_EMPLOYEES = 1000
 MAX_KEYS = 8
+MAX_CREDENTIALS = 8
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9._-]{0,31}$")
 # Characters that read alike in most fonts, mapped to one representative (a small "skeleton"
@@ -85,9 +87,14 @@ class Employee:
     keys: tuple[str, ...]  # compressed public keys, hex
     roles: frozenset[str]
     enabled: bool = True
+    webauthn: tuple[Credential, ...] = ()  # security keys that may sign approvals (WebAuthn)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "keys": list(self.keys), "roles": sorted(self.roles), "enabled": self.enabled}
+        d: dict[str, Any] = {"name": self.name, "keys": list(self.keys), "roles": sorted(self.roles)}
+        d["enabled"] = self.enabled
+        if self.webauthn:  # absent when none: rosters made before WebAuthn keep their digest
+            d["webauthn"] = [c.to_dict() for c in self.webauthn]
+        return d
 
     def may(self, role: str) -> bool:
         return self.enabled and role in self.roles
@@ -121,9 +128,19 @@ class Roster(FoundersDocument):
         return next((e for e in self.employees if pubkey_hex in e.keys), None)
 
 
+def _credentials(name: str, entry: object) -> tuple[Credential, ...]:
+    if not isinstance(entry, list) or not 1 <= len(entry) <= MAX_CREDENTIALS:
+        raise InputError(f"employee {name}: 'webauthn' is a list of 1 to {MAX_CREDENTIALS} credentials (or absent)")
+    creds = tuple(parse_credential(c, f"employee {name}, WebAuthn credential {i + 1}") for i, c in enumerate(entry))
+    if len({c.id for c in creds}) != len(creds):
+        raise InputError(f"employee {name}: a WebAuthn credential is listed twice")
+    return creds
+
+
 def _employee(entry: object, where: str) -> Employee:
-    if not isinstance(entry, dict) or set(entry) != {"name", "keys", "roles", "enabled"}:
-        raise InputError(f"{where}: an employee is {{name, keys, roles, enabled}}")
+    fields = {"name", "keys", "roles", "enabled"}
+    if not isinstance(entry, dict) or not fields <= set(entry) <= fields | {"webauthn"}:
+        raise InputError(f"{where}: an employee is {{name, keys, roles, enabled[, webauthn]}}")
     name = check_name(entry["name"])
     keys = entry["keys"]
     if not isinstance(keys, list) or not 1 <= len(keys) <= MAX_KEYS or not all(isinstance(k, str) for k in keys):
@@ -136,7 +153,8 @@ def _employee(entry: object, where: str) -> Employee:
         raise InputError(f"employee {name}: roles are among {', '.join(ROLES)}")
     if not isinstance(entry["enabled"], bool):
         raise InputError(f"employee {name}: 'enabled' is true or false")
-    return Employee(name, parsed, frozenset(roles), entry["enabled"])
+    creds = _credentials(name, entry["webauthn"]) if "webauthn" in entry else ()
+    return Employee(name, parsed, frozenset(roles), entry["enabled"], creds)
 
 
 def check_employees(employees: Sequence[Employee]) -> None:
@@ -155,6 +173,10 @@ def check_employees(employees: Sequence[Employee]) -> None:
             if k in keys:
                 raise InputError(f"employees {keys[k]} and {e.name} share a public key")
             keys[k] = e.name
+        for c in e.webauthn:
+            if c.fingerprint in keys:
+                raise InputError(f"employees {keys[c.fingerprint]} and {e.name} share a WebAuthn credential")
+            keys[c.fingerprint] = e.name
 
 
 def parse_roster(doc: object) -> Roster:  # noqa: C901 - one refusal per roster field, each naming it

@@ -512,7 +512,7 @@ def _registry(roster: Roster, suspended: dict[str, str], role: str) -> dict[str,
             return "suspended"
         return None if role in e.roles else f"has no {role} role in the founders' roster"
 
-    return {e.name: RegistryEntry(e.name, e.keys, refusal(e.name)) for e in roster.employees}
+    return {e.name: RegistryEntry(e.name, e.keys, refusal(e.name), e.webauthn) for e in roster.employees}
 
 
 def _check_request(summary: TxSummary, entry: dict[str, Any], requesters: dict[str, RegistryEntry], what: str) -> None:
