@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 
 from custody.errors import InputError
+from custody.identity.webauthn import check_origin
 from custody.service import auth
 from custody.service.api import ServiceConfig, check_identity, create_app
 from custody_cli import output
@@ -30,6 +32,12 @@ from custody_cli.context import AppContext, KeyRef, employee_key, example, ident
     show_default=True,
     help="Seconds a signed request's timestamp may differ from the server's clock.",
 )
+@click.option(
+    "--console-origin",
+    metavar="URL",
+    help="Serve the approval console (/console/) for browsers at this origin, e.g. https://custody.internal "
+    "or http://localhost:8080 (the origin security keys are registered for in the roster).",
+)
 @identity_options
 @pass_app
 @example(
@@ -42,6 +50,7 @@ def serve(
     port: int,
     secret_file: Path | None,
     window: float,
+    console_origin: str | None,
     employee: str,
     key_file: KeyRef,
     passphrase_file: Path | None,
@@ -56,11 +65,15 @@ def serve(
     secret = auth.read_secret(secret_file)
     key = employee_key(key_file, passphrase_file)
     check_identity(app.db, app.settings, employee, key)
-    config = ServiceConfig(app.settings, app.db, secret, employee, key, window=window)
+    if console_origin is not None:
+        console_origin = check_origin(console_origin, urlsplit(console_origin).hostname or "")
+    config = ServiceConfig(app.settings, app.db, secret, employee, key, window=window, console_origin=console_origin)
 
     import uvicorn
 
     output.info(f"custody serve: http://{host}:{port} as {employee} (OpenAPI: /openapi.json)")
+    if console_origin:
+        output.info(f"approval console: {console_origin}/console/ (keep it on the staff network)")
     uvicorn.run(
         create_app(config),
         host=host,

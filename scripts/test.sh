@@ -12,6 +12,7 @@ scripts/lint.sh
 scripts/install-node.sh
 scripts/install-softhsm.sh >/dev/null
 scripts/install-gnupg.sh
+scripts/install-chromium.sh >/dev/null
 
 status=0
 .venv/bin/pytest "$@" || status=$?

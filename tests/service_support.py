@@ -30,11 +30,17 @@ def free_port() -> int:
 class Server:
     """``custody serve`` in a subprocess; stopped with SIGTERM."""
 
-    def __init__(self, env: Mapping[str, str], tmp: Path, identity: str, key: Path, *extra: str) -> None:
+    def __init__(
+        self, env: Mapping[str, str], tmp: Path, identity: str, key: Path, *extra: str, console: bool = False
+    ) -> None:
         self.secret_file = tmp / "api.secret"
         self.secret_file.write_bytes(SECRET + b"\n")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Browsers allow WebAuthn on http only for localhost: the console's origin.
+        self.origin = f"http://localhost:{self.port}"
+        if console:
+            extra = (*extra, "--console-origin", self.origin)
         self.log = tmp / f"serve-{self.port}.log"
         args = [sys.executable, "-m", "custody_cli", "serve", "--as", identity, "--key", str(key)]
         args += ["--secret-file", str(self.secret_file), "--port", str(self.port), *extra]

@@ -46,6 +46,7 @@ from custody.errors import (
 from custody.identity.employee_keys import EmployeeSigner
 from custody.issuance.issuer import get_address, issue_addresses, list_addresses
 from custody.service import auth
+from custody.service.console import console_router
 from custody.service.metrics import CustodyCollector
 from custody.store.db import Database
 from custody.store.models import AuditHead
@@ -69,6 +70,8 @@ class ServiceConfig:
     """The roster employee the service requests withdrawals as (``request`` role only)."""
     key: EmployeeSigner = field(repr=False)
     window: float = auth.WINDOW
+    console_origin: str | None = None
+    """The approval console's origin as browsers see it (``http://localhost:8080``); None: no console."""
 
 
 def check_identity(db: Database, settings: Settings, name: str, key: EmployeeSigner) -> tuple[str, ...]:
@@ -308,6 +311,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return audit_head(db)
 
     app.include_router(v1)
+    if config.console_origin is not None:
+        app.include_router(console_router(db, settings, config.console_origin))
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CustodyCollector(db, settings))
