@@ -200,12 +200,14 @@ def incident_update(app: AppContext, incident_id: int, status: str, message: str
     output.success(f"incident #{incident_id}: {status}")
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @json_option
 @pass_app
 @example("custody status")
 def status(app: AppContext, as_json: bool) -> None:
     """The status view: each component operational or halted, open and recent incidents."""
+    if click.get_current_context().invoked_subcommand is not None:
+        return  # `custody status publish`, below
     view = halt_lib.status_view(app.db)
     if as_json:
         output.emit_json(view)
@@ -225,6 +227,22 @@ def status(app: AppContext, as_json: bool) -> None:
 def _status_exit(view: dict[str, object]) -> int:
     """0 running, 3 halted, 10 unknown (``halted`` is null: the store is locked elsewhere)."""
     return UNKNOWN_EXIT if view["halted"] is None else 3 if view["halted"] else 0
+
+
+@status.command("publish")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@json_option
+@pass_app
+@example("custody status publish /var/www/status")
+def status_publish(app: AppContext, directory: Path, as_json: bool) -> None:
+    """Write the status page (index.html, status.json, status.atom) into DIRECTORY for a public host."""
+    from custody.service import status_page
+
+    written = status_page.publish(app.db, directory)
+    if as_json:
+        output.emit_json({"written": [str(p) for p in written]})
+        return
+    output.success(f"status page written: {', '.join(str(p) for p in written)}")
 
 
 COMMANDS = [halt, incident, status]

@@ -45,7 +45,7 @@ from custody.errors import (
 )
 from custody.identity.employee_keys import EmployeeSigner
 from custody.issuance.issuer import get_address, issue_addresses, list_addresses
-from custody.service import auth
+from custody.service import auth, status_page
 from custody.service.console import console_router
 from custody.service.metrics import CustodyCollector
 from custody.store.db import Database
@@ -316,6 +316,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CustodyCollector(db, settings))
+
+    app.include_router(status_page.status_router(db))
 
     @app.get("/metrics", summary="Prometheus metrics (not signed: keep the listener private)")
     def metrics() -> Response:
