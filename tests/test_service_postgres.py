@@ -1,6 +1,7 @@
 """Two ``custody serve`` instances on one PostgreSQL store, as behind a load balancer: 50
 concurrent issuance requests spread over both get unique indexes with no gap, each recorded
-once in the audit log."""
+once in the audit log; a signed request accepted by one is refused by the other (the nonces
+are in the store), also when both receive it at once."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.service_support import Client, Server
 from tests.support import Custody
@@ -17,7 +19,15 @@ from tests.withdraw_support import enrol, key_ceremony
 pytestmark = pytest.mark.postgres
 
 
-def test_two_instances_issue_disjoint_indexes_without_gaps(tmp_path: Path, pg_url: str) -> None:
+def _to(req: requests.PreparedRequest, server: Server) -> requests.PreparedRequest:
+    """The same signed request, as a load balancer forwards it to ``server`` (the signature
+    covers the path, not the host)."""
+    copy = req.copy()
+    copy.url = server.url + req.path_url
+    return copy
+
+
+def test_two_instances_issue_disjoint_indexes_without_gaps_and_share_nonces(tmp_path: Path, pg_url: str) -> None:
     c = Custody(tmp_path / "home", db_url=pg_url)
     founders = key_ceremony(c, tmp_path, "p2wsh")
     keys = enrol(c, tmp_path, founders, ["svc"], roles="request")
@@ -32,11 +42,29 @@ def test_two_instances_issue_disjoint_indexes_without_gaps(tmp_path: Path, pg_ur
 
         with ThreadPoolExecutor(10) as pool:
             indexes = [i for batch in pool.map(issue, range(50)) for i in batch]
+
+        # Replayed at the other instance: refused there, nothing issued.
+        first = clients[0].sign(clients[0].prepare("POST", "/v1/accounts/acct-r/addresses", json={"count": 1}))
+        assert clients[0].send(first).status_code == 201
+        replayed = clients[1].send(_to(first, servers[1]))
+        assert replayed.status_code == 401 and "replayed" in replayed.json()["error"]["message"], replayed.text
+        read = clients[1].sign(clients[1].prepare("GET", "/v1/halt"))
+        assert clients[1].send(read).status_code == 200
+        assert clients[0].send(_to(read, servers[0])).status_code == 401
+
+        # The same signed request at both at once: exactly one accepts it.
+        def race(n: int) -> list[int]:
+            req = clients[0].sign(clients[0].prepare("POST", f"/v1/accounts/acct-race-{n}/addresses", json={}))
+            with ThreadPoolExecutor(2) as both:
+                answers = list(both.map(lambda i: clients[i].send(_to(req, servers[i])), range(2)))
+            return sorted(a.status_code for a in answers)
+
+        assert [race(n) for n in range(8)] == [[201, 401]] * 8
     finally:
         codes = [s.stop() for s in servers]
     assert all(code in (0, -signal.SIGTERM) for code in codes)
     assert sorted(indexes) == list(range(150))
     stored = c.json("address", "list")
-    assert sorted(a["index"] for a in stored) == list(range(150))
+    assert sorted(a["index"] for a in stored) == list(range(150 + 1 + 8))  # and the replay and race tests' own
     log = c.json("audit", "log")
-    assert sum(e["payload"]["count"] for e in log if e["event"] == "address.issued") == 150
+    assert sum(e["payload"]["count"] for e in log if e["event"] == "address.issued") == 150 + 1 + 8

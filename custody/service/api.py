@@ -48,6 +48,7 @@ from custody.issuance.issuer import get_address, issue_addresses, list_addresses
 from custody.service import auth, status_page
 from custody.service.console import console_router
 from custody.service.metrics import CustodyCollector
+from custody.service.nonces import StoreNonces
 from custody.store.db import Database
 from custody.store.models import AuditHead
 from custody.withdraw import queue as wd
@@ -225,7 +226,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(config: ServiceConfig) -> FastAPI:
     """The ASGI application of ``custody serve``."""
-    verifier = auth.Verifier(config.secret, window=config.window)
+    verifier = auth.Verifier(config.secret, window=config.window, nonces=StoreNonces(config.db))
     db, settings = config.db, config.settings
     state_lock = threading.Lock()  # one state change at a time in this process (the chain backend is one object)
     app = FastAPI(

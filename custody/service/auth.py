@@ -15,6 +15,8 @@ The server refuses (401) a request without them, with a timestamp more than ``wi
 seconds from its clock, with another signature, or with a nonce it has accepted within the
 window. Nonces are remembered only after the signature checked, so unsigned traffic cannot
 fill the memory; a full memory refuses (429) rather than forgetting a nonce early.
+``custody serve`` remembers them in the store (:mod:`custody.service.nonces`), so that a
+request accepted by one instance behind a load balancer is refused by every other.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from custody.errors import ApprovalError, InputError
 
@@ -71,23 +74,55 @@ def sign(secret: bytes, method: str, target: str, timestamp: str, nonce: str, bo
     return hmac.new(secret, canonical(method, target, timestamp, nonce, body), hashlib.sha256).hexdigest()
 
 
+class NonceStore(Protocol):
+    """Where accepted nonces are remembered until they can no longer be replayed."""
+
+    def claim(self, nonce: str, now: float, until: float) -> None:
+        """Remember ``nonce`` until ``until``; raise Unauthorized when it is remembered already
+        (TooManyNonces when there is no room)."""
+
+
+class MemoryNonces:
+    """Nonces in this process's memory: right for one process only (tests, a single instance)."""
+
+    def __init__(self, max_nonces: int = MAX_NONCES) -> None:
+        self._max = max_nonces
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def claim(self, nonce: str, now: float, until: float) -> None:
+        with self._lock:
+            self._expire(now)
+            if nonce in self._seen:
+                raise Unauthorized("replayed request: this nonce was used already")
+            if len(self._seen) >= self._max:
+                raise TooManyNonces("too many requests within the replay window; try again later")
+            self._seen[nonce] = until
+
+    def _expire(self, now: float) -> None:
+        # Insertion order is expiry order (the clock only moves forward, mostly); stop at the first live one.
+        while self._seen:
+            nonce, until = next(iter(self._seen.items()))
+            if until > now:
+                return
+            del self._seen[nonce]
+
+
 class Verifier:
-    """Checks signed requests and remembers their nonces for the window (thread-safe)."""
+    """Checks signed requests and remembers their nonces for twice the window (thread-safe)."""
 
     def __init__(
         self,
         secret: bytes,
         *,
         window: float = WINDOW,
-        max_nonces: int = MAX_NONCES,
+        nonces: NonceStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._secret = secret
         self.window = window
-        self._max = max_nonces
+        self._nonces = nonces if nonces is not None else MemoryNonces()
         self._clock = clock
-        self._seen: OrderedDict[str, float] = OrderedDict()
-        self._lock = threading.Lock()
 
     def check(
         self, method: str, target: str, timestamp: str | None, nonce: str | None, signature: str | None, body: bytes
@@ -105,18 +140,4 @@ class Verifier:
         expected = sign(self._secret, method, target, timestamp, nonce, body)
         if not hmac.compare_digest(expected, signature.strip().lower()):
             raise Unauthorized("bad signature")
-        with self._lock:
-            self._expire(now)
-            if nonce in self._seen:
-                raise Unauthorized("replayed request: this nonce was used already")
-            if len(self._seen) >= self._max:
-                raise TooManyNonces("too many requests within the replay window; try again later")
-            self._seen[nonce] = now + 2 * self.window
-
-    def _expire(self, now: float) -> None:
-        # Insertion order is expiry order (the clock only moves forward, mostly); stop at the first live one.
-        while self._seen:
-            nonce, until = next(iter(self._seen.items()))
-            if until > now:
-                return
-            del self._seen[nonce]
+        self._nonces.claim(nonce, now, now + 2 * self.window)

@@ -166,6 +166,8 @@ class Database:
                 s.connection().execute(text(f"CREATE INDEX IF NOT EXISTS {index} ON address (script_pubkey)"))
                 # 4 -> 5 also: the replacement table (created above): fee bumps, cancels and
                 # children paying for a signed withdrawal; a store from before has none.
+                # 4 -> 5 also: service_nonce, the signed requests' nonces `custody serve` accepted,
+                # shared by its instances (created above; empty: nothing to carry over).
                 row.value = str(models.SCHEMA_VERSION)
                 s.add(row)
             if s.get(models.LedgerHead, 1) is None:

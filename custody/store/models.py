@@ -489,3 +489,15 @@ class NotifyCursor(SQLModel, table=True):
     last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     lease_owner: str | None = Field(default=None, max_length=64)
     lease_until: datetime | None = None
+
+
+# ---------------------------------------------------------------- the HTTP service (custody.service)
+
+
+class ServiceNonce(SQLModel, table=True):
+    """A signed request's nonce that ``custody serve`` accepted, kept until it can no longer be
+    replayed; shared by every instance on this store (custody.service.nonces)."""
+
+    __tablename__ = "service_nonce"
+    nonce: str = Field(primary_key=True, max_length=64)
+    expires_at: float = Field(index=True)  # Unix seconds

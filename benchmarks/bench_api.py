@@ -1,0 +1,301 @@
+"""``custody serve`` under 50 concurrent clients on loopback, beside floors measured in the same run.
+
+* Halt-state read (``GET /v1/halt``, signed): p50 and p99 latency, beside a bare endpoint of the
+  same framework and server (FastAPI on uvicorn) returning a constant, read the same way.
+  Target: p99 under 50 ms.
+* Deposit-address issuance (``POST /v1/accounts/A/addresses``, one address a request): requests
+  per second, beside the library's own rate (``issue_addresses`` one at a time, in process).
+  Target: within 2x of the library.
+* Nothing lost or duplicated: every answer's index is unique, the store holds exactly the
+  addresses answered, and the receive indexes have no gap.
+
+Each server is a subprocess (so that the clients do not share its interpreter); each client a
+thread with one keep-alive connection, signing every request as the README says.
+
+    .venv/bin/python benchmarks/bench_api.py [--clients 50] [--reads 40] [--issues 20] [--postgres URL]
+
+With ``--postgres URL`` the store (and the library's floor) is a fresh schema on that server,
+dropped afterwards; SQLite in a temporary directory otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SECRET = b"benchmark-shared-secret-0123456789"
+ENV: dict[str, str] = {}
+"""The store's settings (CUSTODY_DB_URL with --postgres), for this process and the servers."""
+
+
+def serve(home: str, port: int, bare: bool) -> None:
+    """The server subprocess: custody's app on the store in ``home``, or a bare FastAPI app."""
+    import coincurve
+    import uvicorn
+    from fastapi import FastAPI
+
+    if bare:
+        app = FastAPI()
+
+        @app.get("/bare")
+        def constant() -> dict[str, bool]:
+            return {"halted": False}
+
+    else:
+        from custody.config import Settings
+        from custody.identity.keyfile import EmployeeKey
+        from custody.service.api import ServiceConfig, create_app
+        from custody.store.db import Database
+
+        settings = Settings.load(home=home, env=ENV)
+        key = EmployeeKey("bench-svc", coincurve.PrivateKey())
+        app = create_app(ServiceConfig(settings, Database(settings.db_url), SECRET, "bench-svc", key))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+class Client:
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def call(self, method: str, path: str, body: bytes = b"", signed: bool = True) -> tuple[int, bytes, float]:
+        from custody.service import auth
+
+        headers = {"Content-Type": "application/json"} if body else {}
+        start = time.perf_counter()
+        if signed:
+            ts, nonce = str(int(time.time())), secrets.token_hex(16)
+            headers |= {auth.TIMESTAMP: ts, auth.NONCE: nonce}
+            headers[auth.SIGNATURE] = auth.sign(SECRET, method, path, ts, nonce, body)
+        self.conn.request(method, path, body=body or None, headers=headers)
+        r = self.conn.getresponse()
+        data = r.read()
+        return r.status, data, time.perf_counter() - start
+
+
+def start_server(home: str, bare: bool) -> tuple[subprocess.Popen[bytes], int]:
+    from tests.service_support import free_port
+
+    port = free_port()
+    args = [sys.executable, __file__, "--serve", home, "--port", str(port)] + (["--bare"] if bare else [])
+    if "CUSTODY_DB_URL" in ENV:
+        args += ["--db-url", ENV["CUSTODY_DB_URL"]]
+    proc = subprocess.Popen(args)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/openapi.json")
+            if c.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise SystemExit("the server did not start")
+        time.sleep(0.1)
+
+
+def hammer(port: int, clients: int, per_client: int, request: Callable[[Client, int, int], float]) -> list[float]:
+    """``clients`` threads, each making ``per_client`` requests; every request's latency."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients)
+
+    def run(n: int) -> None:
+        c = Client(port)
+        barrier.wait()
+        mine = [request(c, n, i) for i in range(per_client)]
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies
+
+
+def percentiles(xs: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(xs, n=100, method="inclusive")
+    return q[49] * 1000, q[98] * 1000
+
+
+def library_rate(count: int) -> float:
+    from custody.bitcoin.network import REGTEST
+    from custody.bitcoin.script import ScriptType
+    from custody.config import Settings
+    from custody.issuance.issuer import issue_addresses
+    from custody.policy.model import make_policy
+    from custody.store.db import Database
+    from tests.support import create_store, founders
+
+    fs = founders()
+    policy = make_policy(REGTEST, 2, ScriptType.P2WSH, [(f.name, str(f.account)) for f in fs])
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings.load(home=tmp, env=ENV)
+        db = Database(settings.db_url)
+        create_store(db, settings, policy, fs)
+        start = time.perf_counter()
+        for i in range(count):
+            issue_addresses(db, settings, f"lib-{i % 50}", 1)
+        elapsed = time.perf_counter() - start
+        db.dispose()
+    return count / elapsed
+
+
+def make_store(home: str) -> None:
+    from custody.bitcoin.network import REGTEST
+    from custody.bitcoin.script import ScriptType
+    from custody.config import Settings
+    from custody.policy.model import make_policy
+    from custody.store.db import Database
+    from tests.support import create_store, founders
+
+    fs = founders()
+    policy = make_policy(REGTEST, 2, ScriptType.P2WSH, [(f.name, str(f.account)) for f in fs])
+    settings = Settings.load(home=home, env=ENV)
+    db = Database(settings.db_url)
+    create_store(db, settings, policy, fs)
+    db.dispose()
+
+
+def check_store(home: str, answered: list[int]) -> str:
+    """Every answered index unique and stored, the store holding nothing else, no gap."""
+    from sqlmodel import select
+
+    from custody.config import Settings
+    from custody.policy.model import RECEIVE
+    from custody.store.db import Database
+    from custody.store.models import AddressRow
+
+    settings = Settings.load(home=home, env=ENV)
+    db = Database(settings.db_url)
+    with db.transaction() as s:
+        stored = sorted(s.exec(select(AddressRow.idx).where(AddressRow.chain == RECEIVE)).all())
+    db.dispose()
+    problems = []
+    if len(set(answered)) != len(answered):
+        problems.append(f"{len(answered) - len(set(answered))} index(es) answered twice")
+    if sorted(answered) != stored:
+        problems.append(f"answered {len(answered)} addresses, the store holds {len(stored)} others or more")
+    if stored and stored != list(range(stored[0], stored[0] + len(stored))):
+        problems.append("the stored receive indexes have a gap")
+    return "; ".join(problems) or f"{len(answered)} addresses: unique, all stored, no gap"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--reads", type=int, default=40, help="halt reads per client")
+    parser.add_argument("--issues", type=int, default=20, help="issuance requests per client")
+    parser.add_argument("--postgres", metavar="URL", help="a PostgreSQL server to run on (a fresh schema)")
+    parser.add_argument("--db-url", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", metavar="HOME", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.db_url:
+        ENV["CUSTODY_DB_URL"] = args.db_url
+    if args.serve is not None:
+        serve(args.serve, args.port, args.bare)
+        return
+    if args.postgres:
+        with postgres_schema(args.postgres) as url:
+            ENV["CUSTODY_DB_URL"] = url
+            run(args)
+    else:
+        run(args)
+
+
+@contextmanager
+def postgres_schema(url: str) -> Iterator[str]:
+    """A fresh schema on the server at ``url`` (dropped afterwards), as the URL to use it."""
+    from sqlalchemy import create_engine, text
+
+    schema = f"custody_bench_{secrets.token_hex(5)}"
+    admin = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def run(args: argparse.Namespace) -> None:
+    """The measurements (see the module's docstring)."""
+
+    with tempfile.TemporaryDirectory() as home:
+        make_store(home)
+        bare, bare_port = start_server(home, bare=True)
+        custody, port = start_server(home, bare=False)
+        answered: list[int] = []
+        answered_lock = threading.Lock()
+        try:
+
+            def bare_read(c: Client, n: int, i: int) -> float:
+                status, _, t = c.call("GET", "/bare", signed=False)
+                assert status == 200
+                return t
+
+            def halt_read(c: Client, n: int, i: int) -> float:
+                status, body, t = c.call("GET", "/v1/halt")
+                assert status == 200 and json.loads(body)["halted"] is False, body
+                return t
+
+            def issue(c: Client, n: int, i: int) -> float:
+                status, body, t = c.call("POST", f"/v1/accounts/acct-{n}/addresses", b'{"count": 1}')
+                assert status == 201, body
+                with answered_lock:
+                    answered.extend(a["index"] for a in json.loads(body))
+                return t
+
+            hammer(bare_port, args.clients, 5, bare_read)  # warm both up
+            hammer(port, args.clients, 5, halt_read)
+            floor_p50, floor_p99 = percentiles(hammer(bare_port, args.clients, args.reads, bare_read))
+            p50, p99 = percentiles(hammer(port, args.clients, args.reads, halt_read))
+            start = time.perf_counter()
+            hammer(port, args.clients, args.issues, issue)
+            api_rate = len(answered) / (time.perf_counter() - start)
+        finally:
+            for proc in (bare, custody):
+                proc.terminate()
+                proc.wait(20)
+        verdict = check_store(home, answered)
+    if args.postgres:  # the library's floor on a schema of its own
+        with postgres_schema(args.postgres) as url:
+            ENV["CUSTODY_DB_URL"] = url
+            lib_rate = library_rate(min(len(answered), 500))
+    else:
+        lib_rate = library_rate(min(len(answered), 500))
+    store = "PostgreSQL" if args.postgres else "SQLite"
+
+    reads = args.clients * args.reads
+    print(f"{args.clients} concurrent clients on loopback, the store on {store}")
+    print(f"halt read (signed), {reads} requests: p50 {p50:.1f} ms, p99 {p99:.1f} ms (target p99 < 50 ms)")
+    print(f"floor: a bare FastAPI endpoint returning a constant: p50 {floor_p50:.1f} ms, p99 {floor_p99:.1f} ms")
+    print(f"ratio to floor: p50 {p50 / floor_p50:.2f}x, p99 {p99 / floor_p99:.2f}x")
+    print(f"issuance through the API: {api_rate:,.0f} requests/s (one address each)")
+    print(f"floor: the library's issue_addresses, one at a time in process: {lib_rate:,.0f}/s")
+    print(f"ratio: the library is {lib_rate / api_rate:.2f}x the API's rate (target <= 2x)")
+    print(f"nothing lost or duplicated: {verdict}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Accepted request nonces in the store, shared by every ``custody serve`` instance on it.
+
+Behind a load balancer a replayed request may reach another instance than the first; a
+nonce remembered in one process's memory would not stop it there. Each accepted nonce is
+inserted into ``service_nonce`` (its primary key) in a transaction of its own: a second
+insert of the same nonce, by this instance or any other, fails on the key and the request
+is refused as replayed. Rows are deleted once expired (twice the window after acceptance),
+every :data:`SWEEP_EVERY` claims of a process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, delete
+
+from custody.errors import StorageError
+from custody.service.auth import Unauthorized
+from custody.store.db import Database
+from custody.store.models import ServiceNonce
+
+SWEEP_EVERY = 256
+
+
+class StoreNonces:
+    """The :class:`custody.service.auth.NonceStore` of ``custody serve``."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._count = itertools.count()
+        self._lock = threading.Lock()
+
+    def claim(self, nonce: str, now: float, until: float) -> None:
+        """Insert ``nonce``; raise Unauthorized when any instance inserted it before and it has
+        not expired. Raises StorageError when the store cannot be written."""
+        with self._lock:
+            sweep = next(self._count) % SWEEP_EVERY == 0
+        try:
+            with self._db.transaction() as s:
+                if sweep:
+                    s.exec(delete(ServiceNonce).where(col(ServiceNonce.expires_at) <= now))
+                old = s.get(ServiceNonce, nonce)
+                if old is not None and old.expires_at > now:
+                    raise Unauthorized("replayed request: this nonce was used already")
+                if old is not None:
+                    s.delete(old)  # expired: the timestamp check refuses its old request anyway
+                    s.flush()
+                s.add(ServiceNonce(nonce=nonce, expires_at=until))
+        except StorageError as exc:
+            if isinstance(exc.__cause__, IntegrityError):  # another instance inserted it meanwhile
+                raise Unauthorized("replayed request: this nonce was used already") from None
+            raise
