@@ -50,6 +50,7 @@ from custody.faults import crash_point, pause_point
 from custody.files import read_limited
 from custody.identity.employee_keys import EmployeeSigner
 from custody.identity.statements import sign_statement, verify_statement
+from custody.identity.webauthn import Credential, parse_credential, signs_statement
 from custody.store.db import Database
 from custody.store.models import AuditEntry, AuditHead, HaltLift, HaltRow, IncidentRow, IncidentUpdate
 
@@ -219,30 +220,35 @@ def _read_log(s: Session) -> tuple[list[_Logged], dict[int, list[_Logged]], froz
     return halts, by_id, frozenset(journal), unreadable
 
 
-def _roster_events(s: Session) -> list[tuple[int, dict[str, tuple[str, ...]]]]:
+Signers = dict[str, tuple[str | Credential, ...]]
+"""Employees by name with their keys: secp256k1 public keys (hex) and security keys."""
+
+
+def _roster_events(s: Session) -> list[tuple[int, Signers]]:
     """(seq, {name: keys}) of every founders' roster the log applied, oldest first: who could
-    lift from that entry on (enabled, with the lift role) and with which keys."""
-    events: list[tuple[int, dict[str, tuple[str, ...]]]] = []
+    lift from that entry on (enabled, with the lift role) and with which keys (and security keys)."""
+    events: list[tuple[int, Signers]] = []
     rows = s.exec(
         select(AuditEntry.seq, AuditEntry.payload)
         .where(AuditEntry.event == _ROSTER_EVENT)
         .order_by(col(AuditEntry.seq))
     ).all()
     for seq, payload in rows:
-        lifters: dict[str, tuple[str, ...]] = {}
+        lifters: Signers = {}
         try:
             for e in json.loads(payload)["employees"]:
                 if e["enabled"] is True and "lift" in e["roles"]:
-                    lifters[str(e["name"])] = tuple(str(k) for k in e["keys"])
-        except (ValueError, KeyError, TypeError):
+                    creds = tuple(parse_credential(c, "roster") for c in e.get("webauthn", []))
+                    lifters[str(e["name"])] = (*(str(k) for k in e["keys"]), *creds)
+        except (ValueError, KeyError, TypeError, InputError):
             lifters = {}  # an unreadable roster entry lets nobody lift
         events.append((seq, lifters))
     return events
 
 
-def _lifter_keys(events: list[tuple[int, dict[str, tuple[str, ...]]]], before: int) -> dict[str, tuple[str, ...]]:
+def _lifter_keys(events: list[tuple[int, Signers]], before: int) -> Signers:
     """Who could lift at log entry ``before``, with which keys: the roster in force then."""
-    keys: dict[str, tuple[str, ...]] = {}
+    keys: Signers = {}
     for seq, lifters in events:
         if seq >= before:
             break
@@ -251,11 +257,18 @@ def _lifter_keys(events: list[tuple[int, dict[str, tuple[str, ...]]]], before: i
 
 
 @functools.lru_cache(maxsize=4096)
-def _verifies(pubkey: str, signature: str, statement: tuple[str | int, ...]) -> bool:
-    return verify_statement(pubkey, signature, LIFT_DOMAIN, list(statement))
+def _verifies(key: str | Credential, signature: str, statement: tuple[str | int, ...]) -> bool:
+    if isinstance(key, Credential):  # a security key's WebAuthn assertion over the statement
+        return signs_statement(key, signature, LIFT_DOMAIN, list(statement))
+    return verify_statement(key, signature, LIFT_DOMAIN, list(statement))
 
 
-def _lift_problem(s: Session, h: _Logged, events: list[tuple[int, dict[str, tuple[str, ...]]]]) -> str | None:
+def _named(key: str | Credential) -> str:
+    """What a lift's ``pubkey`` says for ``key``: the public key, or the security key's fingerprint."""
+    return key.fingerprint if isinstance(key, Credential) else key
+
+
+def _lift_problem(s: Session, h: _Logged, events: list[tuple[int, Signers]]) -> str | None:
     """Why the log's lift of ``h`` does not count (None: it counts)."""
     raised_at = h.raised_at
     if raised_at is None:  # a log from before the field: the row's (its lifters signed that)
@@ -268,7 +281,7 @@ def _lift_problem(s: Session, h: _Logged, events: list[tuple[int, dict[str, tupl
     valid = {
         name
         for name, pubkey, signature in h.lifts
-        if any(pubkey in (None, k) and _verifies(k, signature, statement) for k in keys.get(name, ()))
+        if any(pubkey in (None, _named(k)) and _verifies(k, signature, statement) for k in keys.get(name, ()))
     }
     if len(valid) < LIFT_QUORUM:
         return f"its lift in the audit log carries {len(valid)} valid employee signature(s), not {LIFT_QUORUM}"
@@ -698,7 +711,10 @@ def _checked_origin(s: Session, entry: dict[str, Any], trust: Trust | None) -> t
         and e is not None
         and st.refusal(actor, None) is None
         and isinstance(signature, str)
-        and any(verify_statement(k, signature, RAISE_DOMAIN, statement) for k in e.keys)
+        and (
+            any(verify_statement(k, signature, RAISE_DOMAIN, statement) for k in e.keys)
+            or any(signs_statement(c, signature, RAISE_DOMAIN, statement) for c in e.webauthn)
+        )
     ):
         return "employee", actor, reason
     return "journal", "journal", f"unverified halt request from the halt file (signed as {actor}): {reason}"
@@ -798,23 +814,29 @@ def lift(db: Database, settings: Settings, halt_id: int, name: str, key: Employe
             s.add(HaltLift(halt_id=halt_id, employee=name, pubkey=key.public_key.hex(), signature=signature, at=now()))
             audit_log.append(s, "halt.lift_signed", name, {"halt_id": halt_id}, signature)
             s.flush()
-        signers = _valid_lifters(s, trust, h)
-        lifted = len(signers) >= LIFT_QUORUM
-        if lifted:
-            h.active = False
-            h.lifted_at = now()
-            s.add(h)
-            _resolve_incidents(s, h, signers)
-            lifts = [
-                {"employee": x.employee, "pubkey": x.pubkey, "signature": x.signature}
-                for x in s.exec(select(HaltLift).where(HaltLift.halt_id == halt_id).order_by(col(HaltLift.id)))
-                if x.employee in signers
-            ]
-            audit_log.append(
-                s, "halt.lifted", ",".join(signers), {"halt_id": halt_id, "signers": signers, "lifts": lifts}
-            )
+        signers, lifted = conclude_lift(s, trust, h)
     state = publish(db, settings) if lifted else None
     return LiftResult(halt_id, signers, lifted, LIFT_QUORUM, state)
+
+
+def conclude_lift(s: Session, trust: Trust, h: HaltRow) -> tuple[list[str], bool]:
+    """After a lift signature was added: the valid lifters, and the halt lifted (with its
+    incidents resolved and the log entry) when they are enough."""
+    halt_id = h.id or 0
+    signers = _valid_lifters(s, trust, h)
+    lifted = len(signers) >= LIFT_QUORUM
+    if lifted:
+        h.active = False
+        h.lifted_at = now()
+        s.add(h)
+        _resolve_incidents(s, h, signers)
+        lifts = [
+            {"employee": x.employee, "pubkey": x.pubkey, "signature": x.signature}
+            for x in s.exec(select(HaltLift).where(HaltLift.halt_id == halt_id).order_by(col(HaltLift.id)))
+            if x.employee in signers
+        ]
+        audit_log.append(s, "halt.lifted", ",".join(signers), {"halt_id": halt_id, "signers": signers, "lifts": lifts})
+    return signers, lifted
 
 
 def _restore_from_log(s: Session, halt_id: int, row: HaltRow | None) -> HaltRow | None:
@@ -846,12 +868,14 @@ def _valid_lifters(s: Session, trust: Trust, h: HaltRow) -> list[str]:
     whose lift signature verifies with one of their roster keys."""
     st = standing(s, trust)
     signers: list[str] = []
-    statement = lift_statement(h)
+    statement = tuple(lift_statement(h))
     for lift_row in s.exec(select(HaltLift).where(HaltLift.halt_id == h.id)).all():
         e = st.roster.employee(lift_row.employee) if st.roster else None
-        if e is None or st.refusal(e.name, "lift") is not None or lift_row.pubkey not in e.keys:
+        if e is None or st.refusal(e.name, "lift") is not None:
             continue
-        if verify_statement(lift_row.pubkey, lift_row.signature, LIFT_DOMAIN, statement) and e.name not in signers:
+        mine: tuple[str | Credential, ...] = (*e.keys, *e.webauthn)
+        keys = [k for k in mine if _named(k) == lift_row.pubkey]
+        if keys and _verifies(keys[0], lift_row.signature, statement) and e.name not in signers:
             signers.append(e.name)
     return signers
 

@@ -30,6 +30,7 @@ import base64
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +40,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from custody.errors import InputError
+from custody.identity.statements import statement_digest
 
 PREFIX = "webauthn:"
 ES256 = -7
@@ -287,6 +289,12 @@ def assertion_problem(credential: Credential, text: str, challenge: bytes) -> st
     except (InvalidSignature, ValueError):
         return "the WebAuthn assertion's signature does not verify with the roster's public key"
     return None
+
+
+def signs_statement(credential: Credential, text: str, domain: str, fields: Sequence[object]) -> bool:
+    """Whether ``text`` is ``credential``'s assertion over a custody statement (a halt, a lift):
+    the statement's digest is the challenge, as for approvals."""
+    return assertion_problem(credential, text, statement_digest(domain, fields)) is None
 
 
 # ---------------------------------------------------------------- registration

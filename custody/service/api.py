@@ -47,6 +47,7 @@ from custody.identity.employee_keys import EmployeeSigner
 from custody.issuance.issuer import get_address, issue_addresses, list_addresses
 from custody.service import auth, status_page
 from custody.service.console import console_router
+from custody.service.console_halt import halt_router
 from custody.service.metrics import CustodyCollector
 from custody.service.nonces import StoreNonces
 from custody.store.db import Database
@@ -314,6 +315,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.include_router(v1)
     if config.console_origin is not None:
         app.include_router(console_router(db, settings, config.console_origin))
+        app.include_router(halt_router(db, settings))
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CustodyCollector(db, settings))

@@ -34,26 +34,26 @@ from custody.withdraw import queue as wd
 from custody.withdraw.webauthn_approval import approve_with_security_key
 
 MAX_ID = 2**31 - 1
-_B64 = r"^[A-Za-z0-9_-]{1,16384}$"
-_NAME = r"^[a-z][a-z0-9._-]{0,31}$"
+B64_PATTERN = r"^[A-Za-z0-9_-]{1,16384}$"
+NAME_PATTERN = r"^[a-z][a-z0-9._-]{0,31}$"
 # Scripts only from the console itself (no inline script: what a page shows cannot run).
 CSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'"
 
 WithdrawalId = Annotated[int, Path(ge=1, le=MAX_ID)]
-EmployeeName = Annotated[str, Path(pattern=_NAME)]
+EmployeeName = Annotated[str, Path(pattern=NAME_PATTERN)]
 
 
 class ApprovalBody(BaseModel):
-    employee: str = Field(pattern=_NAME)
-    credential_id: str = Field(pattern=_B64)
-    authenticator_data: str = Field(pattern=_B64)
-    client_data_json: str = Field(pattern=_B64)
-    signature: str = Field(pattern=_B64)
+    employee: str = Field(pattern=NAME_PATTERN)
+    credential_id: str = Field(pattern=B64_PATTERN)
+    authenticator_data: str = Field(pattern=B64_PATTERN)
+    client_data_json: str = Field(pattern=B64_PATTERN)
+    signature: str = Field(pattern=B64_PATTERN)
 
 
 class RegistrationBody(BaseModel):
-    attestation_object: str = Field(pattern=_B64)
-    client_data_json: str = Field(pattern=_B64)
+    attestation_object: str = Field(pattern=B64_PATTERN)
+    client_data_json: str = Field(pattern=B64_PATTERN)
 
 
 def _e(value: object) -> str:

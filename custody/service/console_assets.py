@@ -83,7 +83,54 @@ async function register(form) {
   document.getElementById("credential").textContent = JSON.stringify(made, null, 2);
   say("credential made: give it to the founders for the roster (" + name + ")", "ok");
 }
-for (const [id, run] of [["approve", approve], ["register", register]]) {
+async function signWith(name, digest) {
+  const who = await answer(await fetch("/console/api/employees/" + encodeURIComponent(name)));
+  const cred = await navigator.credentials.get({
+    publicKey: {
+      challenge: hexBytes(digest),
+      rpId: who.rp_id,
+      allowCredentials: who.credentials.map((id) => ({ type: "public-key", id: b64u.dec(id) })),
+      userVerification: "required",
+      timeout: 120000,
+    },
+  });
+  return {
+    employee: name,
+    credential_id: b64u.enc(cred.rawId),
+    authenticator_data: b64u.enc(cred.response.authenticatorData),
+    client_data_json: b64u.enc(cred.response.clientDataJSON),
+    signature: b64u.enc(cred.response.signature),
+  };
+}
+function post(url, body) {
+  return fetch(url, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+}
+async function raiseHalt(form) {
+  const name = document.getElementById("employee").value;
+  const reason = document.getElementById("reason").value;
+  const c = await answer(await post("/console/api/halt/challenge", { employee: name, reason: reason }));
+  const signed = await signWith(name, c.digest);
+  const r = await answer(await post("/console/api/halt", { ...signed, reason: reason, at: c.at }));
+  say("halt #" + r.halt_id + " raised: trading is halted", "ok");
+}
+async function liftHalt(form) {
+  const name = form.querySelector(".employee").value;
+  const id = form.dataset.halt;
+  const c = await answer(await fetch("/console/api/halts/" + id + "/challenge"));
+  const signed = await signWith(name, c.digest);
+  const r = await answer(await post("/console/api/halts/" + id + "/lift", signed));
+  form.closest("tr").querySelector(".lifters").textContent = r.signers.join(", ");
+  say(r.lifted ? "halt #" + id + " lifted by " + r.signers.join(" and ") :
+      "lift of halt #" + id + ": " + r.signers.length + " of " + r.needed + " employees", "ok");
+}
+for (const form of document.querySelectorAll("form.lift")) {
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    say("waiting for the security key...", "waiting");
+    liftHalt(form).catch((err) => say("refused: " + err.message, "refused"));
+  });
+}
+for (const [id, run] of [["approve", approve], ["register", register], ["raise", raiseHalt]]) {
   const form = document.getElementById(id);
   if (!form) continue;
   form.addEventListener("submit", (event) => {
