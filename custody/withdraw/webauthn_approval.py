@@ -52,10 +52,18 @@ def _credential(entry: RegistryEntry, credential_id: str) -> Credential:
     return credential
 
 
+def _count(text: str) -> int:
+    """A stored assertion's counter (0 for a row that is not one: planted by SQL, it counts for nothing)."""
+    try:
+        return decode_assertion(text).sign_count
+    except InputError:
+        return 0
+
+
 def _check_counter(s: Session, credential: Credential, count: int) -> None:
     """Refuse a signature counter at or below one already stored for this credential."""
     stored = s.exec(select(ApprovalRow.signature).where(ApprovalRow.pubkey == credential.fingerprint)).all()
-    highest = max((decode_assertion(text).sign_count for text in stored), default=0)
+    highest = max((_count(text) for text in stored), default=0)
     if (count or highest) and count <= highest:
         raise ApprovalError(
             f"the security key's signature counter {count} is not above {highest}, the highest already used: "
@@ -118,13 +126,3 @@ def approve_with_security_key(
         result = wd.view(s, policy, row)
     crash_point("withdrawal.approved")
     return result
-
-
-def approval_challenge(db: Database, withdrawal_id: int) -> bytes:
-    """The WebAuthn challenge for approving ``withdrawal_id``: its statement's digest, rebuilt
-    from the stored transaction. Raises NotFound, Conflict, StorageError, InputError."""
-    shown = wd.show_withdrawal(db, withdrawal_id)
-    digest = shown.get("statement_digest")
-    if not isinstance(digest, str):
-        raise InputError(f"withdrawal #{withdrawal_id} has no statement to approve: {shown['approvals'].get('error')}")
-    return bytes.fromhex(digest)
