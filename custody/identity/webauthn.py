@@ -32,15 +32,14 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from custody.errors import InputError
 from custody.identity.statements import statement_digest
+
+if TYPE_CHECKING:  # imported where a key is read: reading the halt state loads no cryptography
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 PREFIX = "webauthn:"
 ES256 = -7
@@ -134,6 +133,8 @@ def cose_es256_key(cose: bytes) -> ec.EllipticCurvePublicKey:
     x, y = key.get(-2), key.get(-3)
     if not isinstance(x, bytes) or not isinstance(y, bytes) or len(x) != 32 or len(y) != 32:
         raise InputError("the credential's COSE key has no 32-byte x and y")
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     try:
         return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + x + y)
     except ValueError:
@@ -284,6 +285,10 @@ def assertion_problem(credential: Credential, text: str, challenge: bytes) -> st
     if problem:
         return f"the WebAuthn assertion does not stand: {problem}"
     signed = a.authenticator_data + hashlib.sha256(a.client_data_json).digest()
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     try:
         key.verify(a.signature, signed, ec.ECDSA(hashes.SHA256()))
     except (InvalidSignature, ValueError):
