@@ -11,6 +11,8 @@ import click
 
 from custody.config import parse_lease
 from custody.control import halt as halt_lib
+from custody.control import halt_lift as lift_lib
+from custody.control import incidents
 from custody.errors import UNKNOWN_EXIT, StorageError
 from custody_cli import output
 from custody_cli.context import (
@@ -164,7 +166,7 @@ def halt_lift(
 ) -> None:
     """Sign the lift of one halt; it lifts when two distinct employees have signed."""
     key = employee_key(key_file, passphrase_file)
-    result = halt_lib.lift(app.db, app.settings, halt_id, employee, key)
+    result = lift_lib.lift(app.db, app.settings, halt_id, employee, key)
     if result.state:
         for w in result.state.warnings:
             output.warning(w)
@@ -189,14 +191,14 @@ def incident() -> None:
 
 @incident.command("update")
 @click.argument("incident_id", type=int)
-@click.option("--status", required=True, type=click.Choice(list(halt_lib.STATUSES)), help="The new status.")
+@click.option("--status", required=True, type=click.Choice(list(incidents.STATUSES)), help="The new status.")
 @click.option("--message", required=True, help="What is known now.")
 @click.option("--as", "actor", default="operator", show_default=True, help="Who writes the update.")
 @pass_app
 @example("custody incident update 1 --status identified --message 'tampered row found'")
 def incident_update(app: AppContext, incident_id: int, status: str, message: str, actor: str) -> None:
     """Add a timestamped update to an incident's timeline."""
-    halt_lib.update_incident(app.db, incident_id, status, message, actor)
+    incidents.update_incident(app.db, incident_id, status, message, actor)
     output.success(f"incident #{incident_id}: {status}")
 
 
@@ -208,7 +210,7 @@ def status(app: AppContext, as_json: bool) -> None:
     """The status view: each component operational or halted, open and recent incidents."""
     if click.get_current_context().invoked_subcommand is not None:
         return  # `custody status publish`, below
-    view = halt_lib.status_view(app.db)
+    view = incidents.status_view(app.db)
     if as_json:
         output.emit_json(view)
         click.get_current_context().exit(_status_exit(view))

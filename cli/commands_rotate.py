@@ -217,7 +217,7 @@ def rotate_sweep(
     """Request the next sweep: the oldest policy's coins to a fresh address of the newest one, in
     one self-transfer that then takes the withdrawal's path (`withdraw approve` by two employees,
     `sign` by the OLD policy's founders, `withdraw import/finalize/broadcast`, `sync`)."""
-    from custody.withdraw import queue, sweep
+    from custody.withdraw import limits, sweep
     from custody_cli.commands_withdraw import _show, chain_backend
 
     data = sweep.propose_sweep(
@@ -227,7 +227,7 @@ def rotate_sweep(
         requester=employee,
         key=employee_key(key_file, passphrase_file),
         fee_rate=fee_rate,
-        limits=queue.limits_from_settings(app.settings),
+        limits=limits.limits_from_settings(app.settings),
     )
     _show(data, as_json, title=f"Sweep #{data['id']}")
 

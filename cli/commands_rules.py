@@ -14,14 +14,8 @@ from custody.control import rulebook as rulebook_lib
 from custody.errors import InputError
 from custody.files import write_atomic
 from custody.identity.founders_documents import load_json, signature_problems
-from custody.identity.rulebook import (
-    DEFAULT_RULES,
-    MAX_RULEBOOK_BYTES,
-    load_rulebook,
-    loosened,
-    parse_rulebook,
-    sign_rulebook,
-)
+from custody.identity.rulebook import DEFAULT_RULES, MAX_RULEBOOK_BYTES, load_rulebook, parse_rulebook, sign_rulebook
+from custody.identity.rulebook_chain import loosened
 from custody.withdraw import queue as wd
 from custody.withdraw.signer import SignerState, pin_rulebook, state_path
 from custody_cli import output

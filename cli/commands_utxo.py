@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from custody.withdraw import queue as wd
+from custody.withdraw import limits as wd_limits
 from custody.withdraw import utxo as utxo_lib
 from custody_cli import output
 from custody_cli.commands_withdraw import _show, chain_backend
@@ -64,7 +64,7 @@ def utxo_consolidate(
         max_inputs=max_inputs,
         actor=employee,
         key=employee_key(key_file, passphrase_file),
-        limits=wd.limits_from_settings(app.settings),
+        limits=wd_limits.limits_from_settings(app.settings),
     )
     _show(data, as_json, title=f"Consolidation #{data['id']} of {len(data['inputs'])} coins")
 

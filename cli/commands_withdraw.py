@@ -18,8 +18,13 @@ from custody.control import halt as halt_lib
 from custody.control.wallet import load_policy
 from custody.errors import ApprovalError, HaltedError, InputError
 from custody.files import PSBT_MAX, read_limited
+from custody.withdraw import batch as wd_batch
+from custody.withdraw import broadcast as wd_broadcast
+from custody.withdraw import limits as wd_limits
+from custody.withdraw import psbt_io as wd_psbt
 from custody.withdraw import queue as wd
 from custody.withdraw import replace
+from custody.withdraw import states as wd_states
 from custody.withdraw.signer import Review, SignerState, review, sign_reviewed, state_path
 from custody_cli import output
 from custody_cli.commands_trust import confirm, read_manifest_file, yes_option
@@ -159,7 +164,7 @@ def withdraw_request(
         fee_rate=fee_rate,
         requester=employee,
         key=key,
-        limits=wd.limits_from_settings(app.settings),
+        limits=wd_limits.limits_from_settings(app.settings),
     )
     _show(data, as_json)
 
@@ -233,7 +238,7 @@ def render_review(w: dict[str, Any]) -> None:
 def withdraw_export(app: AppContext, withdrawal_id: int, file: Path, as_base64: bool) -> None:
     """Write the PSBT with the approval bundle for the offline signers: binary (BIP-174) to a
     .psbt file, base64 to any other name or to standard output (FILE `-`)."""
-    where = write_psbt_file(file, wd.export_psbt(app.db, withdrawal_id), as_base64)
+    where = write_psbt_file(file, wd_psbt.export_psbt(app.db, withdrawal_id), as_base64)
     output.success(f"withdrawal #{withdrawal_id} written to {where}")
 
 
@@ -246,7 +251,7 @@ def withdraw_export(app: AppContext, withdrawal_id: int, file: Path, as_base64: 
 def withdraw_import(app: AppContext, withdrawal_id: int, file: Path, as_json: bool) -> None:
     """Merge a signed PSBT's signatures (PSBTs signed separately combine; inputs another signer
     finalized give up theirs). FILE: binary or base64, `-` for standard input."""
-    data = wd.import_psbt(app.db, withdrawal_id, read_psbt_file(file))
+    data = wd_psbt.import_psbt(app.db, withdrawal_id, read_psbt_file(file))
     if as_json:
         output.emit_json(data)
         return
@@ -263,7 +268,7 @@ def withdraw_import(app: AppContext, withdrawal_id: int, file: Path, as_json: bo
 @example("custody withdraw finalize 1")
 def withdraw_finalize(app: AppContext, withdrawal_id: int, as_json: bool) -> None:
     """Build the final transaction from the founders' signatures."""
-    _show(wd.finalize(app.db, withdrawal_id), as_json)
+    _show(wd_psbt.finalize(app.db, withdrawal_id), as_json)
 
 
 @withdraw.command("broadcast")
@@ -278,7 +283,7 @@ def withdraw_broadcast(app: AppContext, withdrawal_id: int, as_json: bool) -> No
     recorded in the audit log; nothing else changes: the withdrawal stays signed, its inputs
     reserved and its hold in place (custody sync settles or refunds it on the chain's proof).
     """
-    _show(wd.broadcast(app.db, chain_backend(app), withdrawal_id, settings=app.settings), as_json)
+    _show(wd_broadcast.broadcast(app.db, chain_backend(app), withdrawal_id, settings=app.settings), as_json)
 
 
 @withdraw.command("cancel")
@@ -315,7 +320,7 @@ def withdraw_cancel(
         fee_rate=fee_rate,
         actor=employee,
         key=key,
-        limits=wd.limits_from_settings(app.settings),
+        limits=wd_limits.limits_from_settings(app.settings),
     )
     _show(data, as_json)
 
@@ -348,7 +353,7 @@ def withdraw_bump(
         fee_rate=fee_rate,
         actor=employee,
         key=employee_key(key_file, passphrase_file),
-        limits=wd.limits_from_settings(app.settings),
+        limits=wd_limits.limits_from_settings(app.settings),
     )
     _show(data, as_json)
 
@@ -380,7 +385,7 @@ def withdraw_cpfp(
         fee_rate=fee_rate,
         actor=employee,
         key=employee_key(key_file, passphrase_file),
-        limits=wd.limits_from_settings(app.settings),
+        limits=wd_limits.limits_from_settings(app.settings),
     )
     _show(data, as_json)
 
@@ -399,21 +404,31 @@ def withdraw_batch(
     Its approvals are the union of its members'; sign, import, finalize and broadcast
     it by the batch's id.
     """
-    data = wd.create_batch(
+    data = wd_batch.create_batch(
         app.db,
         app.settings,
         chain_backend(app),
         actor=employee,
         key=employee_key(key_file, passphrase_file),
         fee_rate=fee_rate,
-        limits=wd.limits_from_settings(app.settings),
+        limits=wd_limits.limits_from_settings(app.settings),
     )
     _show(data, as_json, title=f"Batch #{data['id']} of withdrawals {', '.join(map(str, data['members']))}")
 
 
 @withdraw.command("list")
 @click.option(
-    "--status", type=click.Choice([wd.REQUESTED, wd.APPROVED, wd.SIGNED, wd.BROADCAST, wd.CONFIRMED, wd.FAILED])
+    "--status",
+    type=click.Choice(
+        [
+            wd_states.REQUESTED,
+            wd_states.APPROVED,
+            wd_states.SIGNED,
+            wd_states.BROADCAST,
+            wd_states.CONFIRMED,
+            wd_states.FAILED,
+        ]
+    ),
 )
 @json_option
 @pass_app
@@ -582,8 +597,8 @@ def sync(app: AppContext, as_json: bool) -> None:
     """
     backend = chain_backend(app)
     confirmations = deposits.deposit_confirmations(app.settings)
-    limits = wd.limits_from_settings(app.settings)
-    changed = wd.sync(app.db, backend, limits, settings=app.settings)
+    limits = wd_limits.limits_from_settings(app.settings)
+    changed = wd_broadcast.sync(app.db, backend, limits, settings=app.settings)
     changed += replace.sync_replacements(app.db, backend, limits, settings=app.settings)
     credited = deposits.sync_deposits(app.db, app.settings, backend, confirmations)
     halts = [d for d in credited if d.get("halt_id")]

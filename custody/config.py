@@ -63,7 +63,7 @@ class Settings:
     """The environment these settings were read from; the halt hook inherits an allow-list of
     it (custody.control.halt.HOOK_ENV). It holds secrets, so it stays out of repr."""
 
-    # Withdrawals and deposits: as given, parsed by custody.withdraw.queue.limits_from_settings
+    # Withdrawals and deposits: as given, parsed by custody.withdraw.limits.limits_from_settings
     # and custody.books.deposits.deposit_confirmations (None when the variable is not set).
     fee_rate: str | None = None
     """``CUSTODY_FEE_RATE``: the default fee rate in sat/vB (2)."""

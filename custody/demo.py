@@ -36,6 +36,7 @@ from custody.chain.backend import backend_for
 from custody.chain.types import ChainBackend
 from custody.config import Settings
 from custody.control import halt as halt_lib
+from custody.control import halt_lift, incidents
 from custody.control import roster as roster_lib
 from custody.control import rulebook as rulebook_lib
 from custody.control.wallet import init_store
@@ -48,6 +49,9 @@ from custody.issuance.issuer import export_addresses, issue_addresses, list_addr
 from custody.policy.manifest import SignedManifest, load_signed_manifest, sign_manifest, unsigned, write_manifest
 from custody.policy.model import make_policy
 from custody.store.db import Database
+from custody.withdraw import broadcast as wd_broadcast
+from custody.withdraw import limits as wd_limits
+from custody.withdraw import psbt_io as wd_psbt
 from custody.withdraw import queue as wd
 from custody.withdraw.signer import SignerState, review, sign_reviewed
 
@@ -195,7 +199,7 @@ class Story:
         return FileSigner(open_employee_key(self.keys / f"{name}.key", PASSPHRASE))
 
     def _components(self) -> list[tuple[str, str]]:
-        return list(halt_lib.status_view(self.db)["components"].items())
+        return list(incidents.status_view(self.db)["components"].items())
 
     # ------------------------------------------------------------ the steps
 
@@ -317,7 +321,7 @@ class Story:
         """alice and bob sign the lift of the halt the tampering raised."""
         signed = []
         for name in ("alice", "bob"):
-            result = halt_lib.lift(self.db, self.settings, self._halt_id, name, self._employee(name))
+            result = halt_lift.lift(self.db, self.settings, self._halt_id, name, self._employee(name))
             signed.append(
                 {"employee": name, "signers": len(result.signers), "needed": result.needed, "lifted": result.lifted}
             )
@@ -395,7 +399,7 @@ class Story:
         wid = self._wid
         unsigned_psbt = self.directory / "offline" / f"withdrawal-{wid}.psbt"
         unsigned_psbt.parent.mkdir(parents=True, exist_ok=True)
-        unsigned_psbt.write_bytes(wd.export_psbt(self.db, wid).serialize())  # binary, as BIP-174 names .psbt files
+        unsigned_psbt.write_bytes(wd_psbt.export_psbt(self.db, wid).serialize())  # binary, as BIP-174 names .psbt files
         pinned = load_signed_manifest(self.auditor_manifest.read_bytes()).check()
         signed = []
         for name in FOUNDERS[:2]:
@@ -426,11 +430,11 @@ class Story:
         """Signatures imported, finalized, broadcast, mined and followed to confirmation."""
         wid = self._wid
         for path in self._signed:
-            wd.import_psbt(self.db, wid, path.read_bytes())
-        wd.finalize(self.db, wid)
-        sent = wd.broadcast(self.db, self.backend, wid, settings=self.settings)
+            wd_psbt.import_psbt(self.db, wid, path.read_bytes())
+        wd_psbt.finalize(self.db, wid)
+        sent = wd_broadcast.broadcast(self.db, self.backend, wid, settings=self.settings)
         self.backend.mine(1, b"\x51")
-        wd.sync(self.db, self.backend, wd.Limits(), settings=self.settings)
+        wd_broadcast.sync(self.db, self.backend, wd_limits.Limits(), settings=self.settings)
         deposits.sync_deposits(self.db, self.settings, self.backend, 1)
         script = parse_destination(self._destination, REGTEST).script_pubkey
         paid = self.backend.unspent([bytes(script)])

@@ -19,7 +19,8 @@ from bitcoin.core import CMutableTransaction
 
 from custody.bitcoin import psbt as psbt_lib
 from custody.bitcoin.txbuild import Coin, build_transaction
-from custody.chain.embedded import COINBASE_MATURITY, EmbeddedBackend, open_chain
+from custody.chain.embedded import EmbeddedBackend, open_chain
+from custody.chain.kernel import COINBASE_MATURITY
 from custody.chain.node import check_synced, connect
 from custody.chain.regtest import NodeInfo, start_node, stop_node
 from custody.chain.types import (

@@ -14,7 +14,8 @@ import pytest
 from bitcoin.core import CMutableTransaction, CScript, CTransaction
 
 from custody.chain.consensus import check_before_broadcast, signature_problem
-from custody.chain.embedded import COINBASE_MATURITY, open_chain
+from custody.chain.embedded import open_chain
+from custody.chain.kernel import COINBASE_MATURITY
 from custody.chain.node import connect
 from custody.chain.types import ChainBackend, Utxo
 from custody.errors import InputError, NodeError

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from custody.chain import embedded
+from custody.chain import accept as accept_lib
 from custody.chain.backend import backend_for
-from custody.chain.embedded import COINBASE_MATURITY, EmbeddedBackend, open_chain, subsidy
+from custody.chain.embedded import EmbeddedBackend, open_chain
+from custody.chain.kernel import COINBASE_MATURITY, subsidy
 from custody.chain.types import Utxo
 from custody.config import Settings
 from custody.errors import InputError, NodeError, NotFound
@@ -129,7 +130,7 @@ def test_a_block_the_kernel_refuses_evicts_the_culprit(
     bad_coin, bad_address = funded(chain, ms, index=2)
     good = chain.broadcast(spend(ms, [(good_coin, good_address)]))
     with monkeypatch.context() as m:
-        m.setattr(embedded, "script_problem", lambda raw, spent: None)  # a blind test-accept
+        m.setattr(accept_lib, "script_problem", lambda raw, spent: None)  # a blind test-accept
         bad = chain.broadcast(spend(ms, [(bad_coin, bad_address)], tamper=corrupt_signature))
     assert chain.mempool() == [good, bad]
     tip = chain.tip_height()

@@ -302,7 +302,7 @@ def test_raises_racing_status_polls_never_leave_trading_allowed(shop: tuple[Cust
     `halt status` does, read then write), the other raises halts; after every raise, the
     engine's file says halted for as long as the halt stands."""
     from custody.config import Settings
-    from custody.control import halt
+    from custody.control import halt_lift
     from custody.identity.employee_keys import FileSigner
     from custody.identity.keyfile import open_employee_key
     from tests.support import PASSPHRASE
@@ -334,7 +334,7 @@ def test_raises_racing_status_polls_never_leave_trading_allowed(shop: tuple[Cust
                 assert not _engine(c)
                 time.sleep(0.005)
             for name, key in lifters.items():
-                halt.lift(db, settings, halt_id, name, key)
+                halt_lift.lift(db, settings, halt_id, name, key)
     finally:
         db.dispose()
         polled, _ = poller.communicate(timeout=120)  # closes its stdin: it stops

@@ -21,7 +21,7 @@ from sqlmodel import select
 from custody.books import audit, deposits, ledger
 from custody.chain.types import ChainBlock, ChainTx, Snapshot, TxStatus, Utxo
 from custody.config import Settings
-from custody.control.halt import active_halts
+from custody.control.halt_log import active_halts
 from custody.errors import HaltedError, InputError
 from custody.store.db import Database
 from custody.store.models import AuditEntry, LedgerHead, LedgerTxn, WithdrawalRow

@@ -18,7 +18,8 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
-from custody.chain.embedded import COINBASE_MATURITY, EmbeddedBackend, open_chain
+from custody.chain.embedded import EmbeddedBackend, open_chain
+from custody.chain.kernel import COINBASE_MATURITY
 from custody.control import audit_log
 from custody.control.witness import Checkpoint, parse
 from custody.notify.outbox import notification_for

@@ -27,7 +27,8 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from custody.bitcoin.bech32 import encode_segwit
-from custody.chain.embedded import COINBASE_MATURITY, open_chain
+from custody.chain.embedded import open_chain
+from custody.chain.kernel import COINBASE_MATURITY
 from custody.errors import Conflict, InputError, KeyFileError
 from custody.identity.approvals import (
     APPROVAL_DOMAIN,

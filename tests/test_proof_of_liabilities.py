@@ -17,7 +17,8 @@ import pytest
 from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, CScript, lx
 
 from custody.bitcoin.descriptors import add_checksum
-from custody.chain.embedded import COINBASE_MATURITY, EmbeddedBackend, open_chain
+from custody.chain.embedded import EmbeddedBackend, open_chain
+from custody.chain.kernel import COINBASE_MATURITY
 from custody.verify import liabilities as checker
 from tests.support import Custody
 from tests.withdraw_support import key_ceremony

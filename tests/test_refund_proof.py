@@ -27,7 +27,8 @@ from custody.chain.types import SpendState
 from custody.config import Settings
 from custody.identity.keyfile import open_founder_key
 from custody.store.db import Database
-from custody.withdraw import queue as wd
+from custody.withdraw import broadcast as wd_broadcast
+from custody.withdraw import limits as wd_limits
 from tests.support import PASSPHRASE
 from tests.withdraw_support import Shop
 
@@ -307,7 +308,7 @@ def test_a_node_ahead_that_never_saw_the_inputs_proves_nothing(shop: Shop, stran
     stranger.client().call("generatetodescriptor", ahead, "raw(51)")
     backend = connect(stranger.client(), "regtest")
     settings = Settings.load(env=shop.c.env)
-    assert wd.sync(Database(settings.db_url), backend, wd.Limits(), settings=settings) == []
+    assert wd_broadcast.sync(Database(settings.db_url), backend, wd_limits.Limits(), settings=settings) == []
     outpoints = [(txid, int(vout)) for txid, vout in (i.split(":") for i in inputs)]
     assert [sp.state for sp in backend.spends(outpoints)] == [SpendState.UNKNOWN] * len(inputs)
     shown = shop.ok("withdraw", "show", str(wid))

@@ -8,7 +8,8 @@ import pytest
 
 from custody.errors import InputError
 from custody.identity.replacement_rules import bump_fee_floor, judge_bump
-from custody.identity.rulebook import DEFAULT_RULES, BumpRule, loosened, parse_rules
+from custody.identity.rulebook import DEFAULT_RULES, BumpRule, parse_rules
+from custody.identity.rulebook_chain import loosened
 
 
 def test_a_rulebook_without_a_bump_section_keeps_its_bytes_and_uses_the_fee_caps() -> None:

@@ -22,7 +22,7 @@ from custody.bitcoin.bech32 import encode_segwit
 from custody.bitcoin.message import sign_message
 from custody.bitcoin.network import REGTEST
 from custody.bitcoin.script import ScriptType
-from custody.chain.embedded import COINBASE_MATURITY
+from custody.chain.kernel import COINBASE_MATURITY
 from custody.identity.approvals import sign_approval, sign_request, summarize
 from custody.identity.keyfile import open_employee_key, open_founder_key
 from custody.identity.roster import Employee, Roster, parse_roster

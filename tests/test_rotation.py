@@ -17,7 +17,8 @@ from bitcoin.core.script import CScript
 
 from custody import verify
 from custody.bitcoin import psbt as psbt_lib
-from custody.chain.embedded import COINBASE_MATURITY, open_chain
+from custody.chain.embedded import open_chain
+from custody.chain.kernel import COINBASE_MATURITY
 from custody.policy.generator import AddressDeriver
 from custody.policy.manifest import load_signed_manifest
 from tests.support import read_psbt, run_cli

@@ -18,26 +18,25 @@ from custody.errors import ApprovalError, InputError
 from custody.identity.founders_documents import Founders
 from custody.identity.rulebook import (
     DEFAULT_RULES,
-    Counted,
     Destination,
     Fees,
-    Payout,
     Rulebook,
     Rules,
-    Spend,
     Tier,
     Velocity,
+    load_rulebook,
+    parse_rulebook,
+    sign_rulebook,
+)
+from custody.identity.rulebook_chain import (
     chain_rollback,
     check_chain,
     earliest_effective,
-    judge,
-    load_rulebook,
     loosened,
-    parse_rulebook,
     rulebook_at,
-    sign_rulebook,
     successor_problems,
 )
+from custody.identity.rulebook_judge import Counted, Payout, Spend, judge
 from tests.support import account_key, founders
 
 BTC = 100_000_000

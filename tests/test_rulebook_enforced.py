@@ -27,7 +27,8 @@ from sqlmodel import col, select
 
 from custody.bitcoin import psbt as psbt_lib
 from custody.bitcoin.bech32 import encode_segwit
-from custody.chain.embedded import COINBASE_MATURITY, open_chain
+from custody.chain.embedded import open_chain
+from custody.chain.kernel import COINBASE_MATURITY
 from custody.identity.approvals import sign_approval, sign_request, summarize
 from custody.identity.keyfile import open_employee_key
 from custody.notify.catalog import notification_for

@@ -17,7 +17,8 @@ import pytest
 from bitcoin.core import CScriptWitness, CTransaction, CTxInWitness, CTxWitness, b2x, x
 
 from custody.bitcoin.bech32 import encode_segwit
-from custody.chain.embedded import COINBASE_MATURITY, EmbeddedBackend, open_chain
+from custody.chain.embedded import EmbeddedBackend, open_chain
+from custody.chain.kernel import COINBASE_MATURITY
 from tests.chain_support import fresh_script, high_s
 from tests.support import Custody
 from tests.withdraw_support import enrol, key_ceremony

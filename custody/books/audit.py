@@ -22,6 +22,11 @@
   (custody.books.liability_accounts).
 """
 
+# size(audit_ledger): a list of independent recomputations (sums, heads, per-account totals) in one
+#   pass over the books; split once the books' current changes land
+# size(audit_reserves): the reserves audit's steps (snapshot at one height, sum by address, compare
+#   with the books) in one pass; split with audit_ledger
+
 from __future__ import annotations
 
 import os

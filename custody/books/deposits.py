@@ -21,6 +21,9 @@ same however long the history: unspent outputs come from the scanned blocks; onl
 the unspent set within the last FINAL_DEPTH blocks are asked about one by one.
 """
 
+# size(sync_deposits): the deposit state machine in one pass; it becomes
+#   custody.books.deposit_states.next_state
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence

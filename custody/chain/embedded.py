@@ -30,15 +30,19 @@ Test-accept checks what a node's mempool would, short of package and replacement
 inputs exist and are unspent (chain and mempool), no conflict within the mempool, amounts,
 coinbase maturity (100), locktime and BIP-68 sequence locks, the 1 sat/vB minimum relay fee,
 relay standardness and every input's script under all consensus flags
-(:mod:`custody.chain.consensus`).
+(:mod:`custody.chain.consensus`); those checks are in :mod:`custody.chain.accept`. Regtest's
+constants, blocks and the kernel's chainstate manager are in :mod:`custody.chain.kernel`.
 
 The kernel needs exclusive use of its directory: use :func:`open_chain`, which shares one
 open chain per directory within the process, and :meth:`EmbeddedBackend.close`.
 """
 
+# size(module): one class, the backend, whose methods share one lock, one SQLite index and the
+#   kernel; what needs none of them is in custody.chain.kernel (blocks, the kernel) and
+#   custody.chain.accept (test-accept)
+
 from __future__ import annotations
 
-import io
 import sqlite3
 import struct
 import threading
@@ -49,7 +53,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pbk
 from bitcoin.core import (
     CMutableTxIn,
     CMutableTxOut,
@@ -62,11 +65,31 @@ from bitcoin.core import (
     b2lx,
 )
 
-from custody.bitcoin.encoding import MAX_MONEY, read_compact_size, ser_compact_size, sha256d
+from custody.bitcoin.encoding import ser_compact_size, sha256d
+from custody.chain import accept
 from custody.chain.consensus import (
     decode_transaction,
-    script_problem,
-    standardness_problem,
+)
+from custody.chain.kernel import (
+    BLOCK_TX_WEIGHT,
+    BLOCK_VERSION,
+    NETWORK,
+    OP_RETURN,
+    REGTEST_BITS,
+    REGTEST_GENESIS,
+    REGTEST_TARGET,
+    SEQUENCE_FINAL,
+    WITNESS_MAGIC,
+    WITNESS_RESERVED,
+    _Block,
+    _chain_tx,
+    _has_witness,
+    _Kernel,
+    _merkle_root,
+    _parse_block,
+    _spendable,
+    _weight,
+    subsidy,
 )
 from custody.chain.types import (
     MAX_MINE,
@@ -83,27 +106,6 @@ from custody.chain.types import (
 )
 from custody.errors import InputError, NodeError, NotFound, StorageError
 
-NETWORK = "regtest"
-REGTEST_GENESIS = "0f9188f13cb7b2c71f2a335e3a4fc328bf5beb436012afca590b1a11466e2206"
-REGTEST_BITS = 0x207FFFFF
-REGTEST_TARGET = 0x7FFFFF << (8 * (0x20 - 3))
-BLOCK_VERSION = 0x20000000  # BIP-9 top bits, no deployment signalled
-COINBASE_MATURITY = 100
-HALVING_INTERVAL = 150  # regtest's nSubsidyHalvingInterval
-INITIAL_SUBSIDY = 50 * 100_000_000
-MAX_BLOCK_WEIGHT = 4_000_000
-BLOCK_TX_WEIGHT = 3_990_000  # for the mempool's transactions: room for header and coinbase
-MIN_RELAY_FEE = 1  # sat/vB, Bitcoin Core's default -minrelaytxfee (1,000 sat/kvB)
-LOCKTIME_THRESHOLD = 500_000_000
-SEQUENCE_FINAL = 0xFFFFFFFF
-SEQUENCE_LOCKTIME_DISABLE = 1 << 31
-SEQUENCE_LOCKTIME_TYPE = 1 << 22
-SEQUENCE_LOCKTIME_MASK = 0xFFFF
-SEQUENCE_LOCKTIME_GRANULARITY = 9
-WITNESS_MAGIC = b"\xaa\x21\xa9\xed"
-WITNESS_RESERVED = bytes(32)
-OP_RETURN = 0x6A
-MAX_SCRIPT_SIZE = 10_000
 SCHEMA_VERSION = 1
 QUERY_CHUNK = 500
 
@@ -143,148 +145,6 @@ def open_chain(datadir: Path) -> EmbeddedBackend:
             chain = EmbeddedBackend(key)
             _open_chains[key] = chain
         return chain
-
-
-# --------------------------------------------------------------------------- serialization
-
-
-def _merkle_root(leaves: list[bytes]) -> bytes:
-    level = list(leaves)
-    while len(level) > 1:
-        if len(level) % 2:
-            level.append(level[-1])
-        level = [sha256d(level[i] + level[i + 1]) for i in range(0, len(level), 2)]
-    return level[0]
-
-
-def _weight(tx: Any) -> int:
-    base = len(CTransaction(tx.vin, tx.vout, tx.nLockTime, tx.nVersion).serialize())
-    return 3 * base + len(tx.serialize())
-
-
-def _has_witness(tx: Any) -> bool:
-    return not tx.wit.is_null()
-
-
-@dataclass(frozen=True)
-class _Block:
-    """A block split into its parts: header, hash (display order), time, transactions."""
-
-    raw: bytes
-    hash: str
-    prev: str
-    time: int
-    txs: list[tuple[str, bytes, Any]]  # (txid, raw, CTransaction)
-
-
-def _parse_block(raw: bytes) -> _Block:
-    """Split a serialized block; InputError when it is not one."""
-    try:
-        f = io.BytesIO(raw)
-        header = f.read(80)
-        if len(header) != 80:
-            raise ValueError("truncated header")
-        count = read_compact_size(f)
-        txs = []
-        for _ in range(count):
-            start = f.tell()
-            tx = CTransaction.stream_deserialize(f)
-            end = f.tell()
-            txs.append((b2lx(tx.GetTxid()), raw[start:end], tx))
-        if f.read(1):
-            raise ValueError("data after the last transaction")
-    except Exception as e:  # python-bitcoinlib raises several unrelated types
-        raise InputError(f"not a block: {e}") from None
-    return _Block(
-        raw=raw,
-        hash=sha256d(header)[::-1].hex(),
-        prev=header[4:36][::-1].hex(),
-        time=struct.unpack("<I", header[68:72])[0],
-        txs=txs,
-    )
-
-
-def _chain_tx(txid: str, tx: Any) -> ChainTx:
-    spends = () if tx.is_coinbase() else tuple((b2lx(i.prevout.hash), int(i.prevout.n)) for i in tx.vin)
-    outputs = tuple((n, int(o.nValue), bytes(o.scriptPubKey)) for n, o in enumerate(tx.vout))
-    return ChainTx(txid, spends, outputs)
-
-
-def subsidy(height: int) -> int:
-    """The block subsidy at ``height`` on regtest, in satoshis."""
-    halvings = height // HALVING_INTERVAL
-    return 0 if halvings >= 64 else INITIAL_SUBSIDY >> halvings
-
-
-def _spendable(spk: bytes) -> bool:
-    """Whether an output enters the UTXO set (Core's CScript::IsUnspendable, negated)."""
-    return not (spk[:1] == bytes([OP_RETURN]) or len(spk) > MAX_SCRIPT_SIZE)
-
-
-# --------------------------------------------------------------------------- kernel
-
-
-class _Kernel:
-    """libbitcoinkernel's chainstate manager on one directory, and its block callback."""
-
-    def __init__(self, directory: Path) -> None:
-        self.checked: dict[str, tuple[str, str]] = {}
-        callbacks = pbk.ValidationInterfaceCallbacks(block_checked=self._block_checked)
-        try:
-            self.chainman: Any = pbk.load_chainman(directory, pbk.ChainType.REGTEST, validation_callbacks=callbacks)
-        except RuntimeError:
-            raise NodeError(
-                f"libbitcoinkernel cannot open the chain in {directory}: another process is using it, or it is damaged"
-            ) from None
-
-    def _block_checked(self, user_data: Any, block: Any, state: Any) -> None:
-        # Called synchronously inside process_block; must not raise.
-        try:
-            self.checked[str(block.block_hash)] = (state.validation_mode.name, state.block_validation_result.name)
-        except Exception:  # an exception here would only be printed by ctypes
-            pass
-
-    def height(self) -> int:
-        return int(self.chainman.get_active_chain().height)
-
-    def hash_at(self, height: int) -> str:
-        chain = self.chainman.get_active_chain()
-        return str(chain.block_tree_entries[height].block_hash)
-
-    def block_at(self, height: int) -> bytes:
-        entry = self.chainman.get_active_chain().block_tree_entries[height]
-        return bytes(self.chainman.blocks[entry])
-
-    def submit(self, raw: bytes, block_hash: str) -> str | None:
-        """Hand a block to the kernel; None when it is on the active chain, else the reason."""
-        self.checked.pop(block_hash, None)
-        try:
-            block = pbk.Block(raw)
-        except RuntimeError:
-            return "libbitcoinkernel cannot parse the block"
-        try:
-            self.chainman.process_block(block)
-        except pbk.ProcessBlockException as e:
-            refused: str | None = f"process_block failed with code {e.code} (a duplicate of an invalid block?)"
-        else:
-            refused = None
-        # process_block returns true for a block it rejected: only the active chain tells.
-        height = self.height()
-        if height > 0 and self.hash_at(height) == block_hash:
-            return None
-        entries = self.chainman.block_tree_entries
-        key = pbk.BlockHash(bytes.fromhex(block_hash)[::-1])
-        if key in entries:
-            entry = entries[key]
-            if entry.height <= height and self.hash_at(entry.height) == block_hash:
-                return None  # known already, on the active chain below its tip
-        state = self.checked.get(block_hash)
-        if state is not None and state[0] != "VALID":
-            return f"libbitcoinkernel rejected it: {state[0].lower()}, {state[1].lower()}"
-        return refused or "libbitcoinkernel did not connect it to the active chain"
-
-    def close(self) -> None:
-        self.chainman.__exit__(None, None, None)  # destroys the chainstate manager: flushes to disk
 
 
 # --------------------------------------------------------------------------- the backend
@@ -465,7 +325,7 @@ class EmbeddedBackend:
                     tx = decode_transaction(raw)
                 except InputError:
                     continue
-                refusal, fee = self._refusal(tx, raw)
+                refusal, fee = accept.refusal(self, tx, raw)
                 if refusal is None:
                     self._add_to_mempool(db, txid, raw, tx, fee)
 
@@ -567,90 +427,6 @@ class EmbeddedBackend:
         ).fetchall()
         times = sorted(int(r[0]) for r in rows)
         return times[len(times) // 2]  # Core's GetMedianTimePast: the upper median of an even count
-
-    # ------------------------------------------------------------------ test-accept
-
-    def _refusal(self, tx: Any, raw: bytes) -> tuple[tuple[Refusal, str] | None, int]:  # noqa: C901 - Bitcoin Core's mempool reject reasons, in Core's order
-        """Why the mempool would refuse ``tx`` now, as (class, Bitcoin Core's reject reason
-        with the detail after it), or None; and its fee."""
-        txid: str = b2lx(tx.GetTxid())
-        if tx.is_coinbase():
-            return (Refusal.INVALID, "coinbase"), 0
-        outpoints = [(b2lx(i.prevout.hash), i.prevout.n) for i in tx.vin]
-        if len(set(outpoints)) != len(outpoints):
-            return (Refusal.INVALID, "bad-txns-inputs-duplicate"), 0
-        if any(not 0 <= o.nValue <= MAX_MONEY for o in tx.vout):
-            return (Refusal.INVALID, "bad-txns-vout-toolarge"), 0
-        paid = sum(o.nValue for o in tx.vout)
-        if paid > MAX_MONEY:
-            return (Refusal.INVALID, "bad-txns-txouttotal-toolarge"), 0
-        if _weight(tx) > MAX_BLOCK_WEIGHT:
-            return (Refusal.INVALID, "bad-txns-oversize"), 0
-        if txid in self._mempool:
-            return (Refusal.ALREADY_KNOWN, "txn-already-in-mempool"), 0
-        if self._db.execute("SELECT 1 FROM txs WHERE txid = ?", (txid,)).fetchone():
-            return (Refusal.ALREADY_KNOWN, "txn-already-known"), 0
-        tip = self._tip()
-        coins: list[_Coin] = []
-        for n, (prev_txid, vout) in enumerate(outpoints):
-            if (prev_txid, vout) in self._mempool_spends:
-                spender = self._mempool_spends[(prev_txid, vout)]
-                return (Refusal.MEMPOOL_CONFLICT, f"txn-mempool-conflict (input {n} is spent by {spender})"), 0
-            coin = self._coin(prev_txid, vout)
-            if coin is None:
-                return (Refusal.MISSING_INPUTS, f"bad-txns-inputs-missingorspent (input {n}: {prev_txid}:{vout})"), 0
-            if coin.coinbase and tip + 1 - coin.height < COINBASE_MATURITY:
-                depth = tip + 1 - coin.height
-                return (Refusal.PREMATURE, f"bad-txns-premature-spend-of-coinbase (input {n}, depth {depth})"), 0
-            coins.append(coin)
-        value_in = sum(c.amount for c in coins)
-        if value_in > MAX_MONEY:
-            return (Refusal.INVALID, "bad-txns-inputvalues-outofrange"), 0
-        if value_in < paid:
-            return (Refusal.INVALID, f"bad-txns-in-belowout ({value_in} < {paid})"), 0
-        fee = value_in - paid
-        if not self._final(tx, tip):
-            return (Refusal.PREMATURE, "non-final"), fee
-        if not self._sequence_locks_met(tx, coins, tip):
-            return (Refusal.PREMATURE, "non-BIP68-final"), fee
-        spent = [(c.amount, c.script_pubkey) for c in coins]
-        problem = standardness_problem(tx, spent)
-        if problem is not None:
-            return (Refusal.NON_STANDARD, f"non-standard: {problem}"), fee
-        vsize = (_weight(tx) + 3) // 4
-        if fee < vsize * MIN_RELAY_FEE:
-            return (Refusal.FEE_TOO_LOW, f"min relay fee not met ({fee} < {vsize * MIN_RELAY_FEE} sat)"), fee
-        problem = script_problem(raw, spent)
-        if problem is not None:
-            return (Refusal.INVALID, f"mandatory-script-verify-flag-failed ({problem})"), fee
-        return None, fee
-
-    def _final(self, tx: Any, tip: int) -> bool:
-        """Core's IsFinalTx for the next block."""
-        if tx.nLockTime == 0:
-            return True
-        cutoff = tip + 1 if tx.nLockTime < LOCKTIME_THRESHOLD else self._median_time_past(tip)
-        if tx.nLockTime < cutoff:
-            return True
-        return all(i.nSequence == SEQUENCE_FINAL for i in tx.vin)
-
-    def _sequence_locks_met(self, tx: Any, coins: Sequence[_Coin], tip: int) -> bool:
-        """BIP-68 relative locktimes for the next block."""
-        if tx.nVersion < 2:
-            return True
-        min_height, min_time = -1, -1
-        for txin, coin in zip(tx.vin, coins, strict=True):
-            seq = txin.nSequence
-            if seq & SEQUENCE_LOCKTIME_DISABLE:
-                continue
-            if seq & SEQUENCE_LOCKTIME_TYPE:
-                coin_time = self._median_time_past(max(coin.height - 1, 0))
-                min_time = max(
-                    min_time, coin_time + ((seq & SEQUENCE_LOCKTIME_MASK) << SEQUENCE_LOCKTIME_GRANULARITY) - 1
-                )
-            else:
-                min_height = max(min_height, coin.height + (seq & SEQUENCE_LOCKTIME_MASK) - 1)
-        return min_height < tip + 1 and min_time < self._median_time_past(tip)
 
     # ------------------------------------------------------------------ blocks
 
@@ -783,7 +559,7 @@ class EmbeddedBackend:
         except InputError as e:
             return AcceptResult(False, str(e), "", Refusal.UNDECODABLE)
         with self._open():
-            refusal, _ = self._refusal(tx, bytes(raw_tx))
+            refusal, _ = accept.refusal(self, tx, bytes(raw_tx))
         if refusal is None:
             return AcceptResult(True, None, b2lx(tx.GetTxid()))
         return AcceptResult(False, refusal[1], b2lx(tx.GetTxid()), refusal[0])
@@ -804,7 +580,7 @@ class EmbeddedBackend:
         with self._open():
             if txid in self._mempool or self._db.execute("SELECT 1 FROM txs WHERE txid = ?", (txid,)).fetchone():
                 return txid
-            refusal, fee = self._refusal(tx, raw)
+            refusal, fee = accept.refusal(self, tx, raw)
             if refusal is not None:
                 raise TransactionRefused(
                     f"the embedded chain refused transaction {txid} ({refusal[0].value}): {refusal[1]}", *refusal

@@ -16,6 +16,9 @@ Files in the data directory (the node's own files are under ``regtest/``)::
     custody-node.out    the node's stdout and stderr (errors before debug.log exists)
 """
 
+# size(_start_once): starting a real node step by step (ports, config, process, RPC wait, wallet),
+#   each failure naming its step
+
 from __future__ import annotations
 
 import dataclasses

@@ -56,7 +56,7 @@ class Refusal(enum.Enum):
     What a refusal proves is small: MISSING_INPUTS is said alike by a node that saw the
     inputs spent and by one that never saw them (not synced, another chain); a
     MEMPOOL_CONFLICT is a transaction in a mempool, which blocks may never take. Neither
-    ever fails a signed withdrawal: only the chain's blocks can (custody.withdraw.queue).
+    ever fails a signed withdrawal: only the chain's blocks can (custody.withdraw.broadcast).
     """
 
     MISSING_INPUTS = "missing-inputs"

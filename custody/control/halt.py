@@ -14,35 +14,36 @@ every change, with an environment that carries no secret.
 Every entry point that moves custody state (issuance, approvals, signing, broadcast) calls
 :func:`guard` inside its transaction; when the halt state cannot be read, the answer is
 "halted".
+
+This module: the guard, the halt state and its file and hook, raising a halt. Beside it:
+``halt_log`` (the state the audit log says), ``halt_lift`` (lifting by two signatures) and
+``incidents`` (incidents and the status view).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import secrets
 import shlex
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, func, select
 
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log, halt_file
-from custody.control.roster import Trust, authenticate, check_pinned, load_trust, standing
+from custody.control.halt_log import _derive, _read_log
+from custody.control.roster import Trust, authenticate, load_trust, standing
 from custody.errors import (
     ApprovalError,
-    Conflict,
     CustodyError,
     HaltedError,
     InputError,
-    NotFound,
     StorageError,
     StoreBusy,
 )
@@ -50,26 +51,19 @@ from custody.faults import crash_point, pause_point
 from custody.files import read_limited
 from custody.identity.employee_keys import EmployeeSigner
 from custody.identity.statements import sign_statement, verify_statement
-from custody.identity.webauthn import Credential, parse_credential, signs_statement
+from custody.identity.webauthn import signs_statement
 from custody.store.db import Database
-from custody.store.models import AuditEntry, AuditHead, HaltLift, HaltRow, IncidentRow, IncidentUpdate
+from custody.store.models import AuditEntry, AuditHead, HaltRow, IncidentRow, IncidentUpdate
 
-LIFT_QUORUM = 2
 COMPONENTS = ("address-issuance", "address-verification", "withdrawals", "trading")
-STATUSES = ("investigating", "identified", "monitoring", "resolved")
 SOURCES = ("employee", "verification", "ledger", "reserves", "audit-log", "journal")
 RAISE_DOMAIN = "custody/halt-raise/v1"
-LIFT_DOMAIN = "custody/halt-lift/v1"
 MAX_REASON = 2000
 """A halt reason replayed from the halt file is cut to this many characters."""
 
 HOOK_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR")
 """The only variables of custody's environment a halt hook inherits (and ``LC_*``): never a
 passphrase, PIN, node or mail credential, nor the database URL."""
-
-
-def active_halts(s: Session) -> list[HaltRow]:
-    return list(s.exec(select(HaltRow).where(col(HaltRow.active)).order_by(col(HaltRow.id))).all())
 
 
 def guard(s: Session, *, lock: bool = True) -> None:
@@ -149,218 +143,7 @@ def ensure_running(db: Database) -> None:
         raise HaltedError(f"the halt state cannot be read ({exc}): treated as halted") from None
 
 
-# ---------------------------------------------------------------- the halt state from the audit log
-
-_HALT_EVENTS = ("halt.raised", "halt.lift_signed", "halt.lifted")
-_ROSTER_EVENT = "roster.applied"
-
-
-@dataclass
-class _Logged:
-    """One halt as the audit log tells it."""
-
-    id: int
-    raised_at: str | None  # the lift statement's field (microseconds); None in logs before it was recorded
-    at: str  # when the halt.raised entry was appended
-    raised_by: str
-    source: str
-    reason: str
-    lifted_seq: int | None = None
-    lifts: list[tuple[str, str | None, str]] = field(default_factory=list)  # (employee, pubkey, signature)
-    signed: list[tuple[int, str, str]] = field(default_factory=list)  # halt.lift_signed: (seq, employee, signature)
-
-
-def _read_log(s: Session) -> tuple[list[_Logged], dict[int, list[_Logged]], frozenset[str], list[str]]:
-    """Every halt of the log; by id; the journal ids it recorded; entries it cannot read."""
-    halts: list[_Logged] = []
-    by_id: dict[int, list[_Logged]] = {}
-    journal: set[str] = set()
-    unreadable: list[str] = []
-    rows = s.exec(select(AuditEntry).where(col(AuditEntry.event).in_(_HALT_EVENTS)).order_by(col(AuditEntry.seq))).all()
-    for e in rows:
-        seq, at, event, actor, payload, signature = e.seq, e.at, e.event, e.actor, e.payload, e.signature
-        try:
-            doc = json.loads(payload)
-            halt_id = doc["halt_id"]
-            if not isinstance(halt_id, int):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            unreadable.append(f"audit entry {seq} ({event}) cannot be read")
-            continue
-        if event == "halt.raised":
-            logged = _Logged(
-                halt_id,
-                doc.get("raised_at") if isinstance(doc.get("raised_at"), str) else None,
-                iso(at) or "",
-                actor,
-                str(doc.get("source", "")),
-                str(doc.get("reason", "")),
-            )
-            halts.append(logged)
-            by_id.setdefault(halt_id, []).append(logged)
-            if isinstance(doc.get("journal_id"), str):
-                journal.add(doc["journal_id"])
-            continue
-        target = by_id.get(halt_id, [])
-        if not target:
-            continue  # a lift of a halt the log never raised changes nothing
-        if event == "halt.lift_signed" and signature:
-            target[-1].signed.append((seq, actor, signature))
-        elif event == "halt.lifted" and target[-1].lifted_seq is None:
-            target[-1].lifted_seq = seq
-            lifts = doc.get("lifts")
-            if isinstance(lifts, list):
-                target[-1].lifts = [
-                    (str(x.get("employee")), x.get("pubkey"), str(x.get("signature")))
-                    for x in lifts
-                    if isinstance(x, dict)
-                ]
-            else:  # a log from before lifts carried their signatures: the signed entries before it
-                target[-1].lifts = [(name, None, sig) for at_seq, name, sig in target[-1].signed if at_seq < seq]
-    return halts, by_id, frozenset(journal), unreadable
-
-
-Signers = dict[str, tuple[str | Credential, ...]]
 """Employees by name with their keys: secp256k1 public keys (hex) and security keys."""
-
-
-def _roster_events(s: Session) -> list[tuple[int, Signers]]:
-    """(seq, {name: keys}) of every founders' roster the log applied, oldest first: who could
-    lift from that entry on (enabled, with the lift role) and with which keys (and security keys)."""
-    events: list[tuple[int, Signers]] = []
-    rows = s.exec(
-        select(AuditEntry.seq, AuditEntry.payload)
-        .where(AuditEntry.event == _ROSTER_EVENT)
-        .order_by(col(AuditEntry.seq))
-    ).all()
-    for seq, payload in rows:
-        lifters: Signers = {}
-        try:
-            for e in json.loads(payload)["employees"]:
-                if e["enabled"] is True and "lift" in e["roles"]:
-                    creds = tuple(parse_credential(c, "roster") for c in e.get("webauthn", []))
-                    lifters[str(e["name"])] = (*(str(k) for k in e["keys"]), *creds)
-        except (ValueError, KeyError, TypeError, InputError):
-            lifters = {}  # an unreadable roster entry lets nobody lift
-        events.append((seq, lifters))
-    return events
-
-
-def _lifter_keys(events: list[tuple[int, Signers]], before: int) -> Signers:
-    """Who could lift at log entry ``before``, with which keys: the roster in force then."""
-    keys: Signers = {}
-    for seq, lifters in events:
-        if seq >= before:
-            break
-        keys = lifters
-    return keys
-
-
-@functools.lru_cache(maxsize=4096)
-def _verifies(key: str | Credential, signature: str, statement: tuple[str | int, ...]) -> bool:
-    if isinstance(key, Credential):  # a security key's WebAuthn assertion over the statement
-        return signs_statement(key, signature, LIFT_DOMAIN, list(statement))
-    return verify_statement(key, signature, LIFT_DOMAIN, list(statement))
-
-
-def _named(key: str | Credential) -> str:
-    """What a lift's ``pubkey`` says for ``key``: the public key, or the security key's fingerprint."""
-    return key.fingerprint if isinstance(key, Credential) else key
-
-
-def _lift_problem(s: Session, h: _Logged, events: list[tuple[int, Signers]]) -> str | None:
-    """Why the log's lift of ``h`` does not count (None: it counts)."""
-    raised_at = h.raised_at
-    if raised_at is None:  # a log from before the field: the row's (its lifters signed that)
-        row = s.get(HaltRow, h.id)
-        raised_at = iso(row.raised_at, "microseconds") if row is not None else None
-    if raised_at is None:
-        return "its lift cannot be checked: the log does not say when it was raised"
-    statement: tuple[str | int, ...] = (h.id, raised_at, h.raised_by, h.reason)
-    keys = _lifter_keys(events, h.lifted_seq or 0)
-    valid = {
-        name
-        for name, pubkey, signature in h.lifts
-        if any(pubkey in (None, _named(k)) and _verifies(k, signature, statement) for k in keys.get(name, ()))
-    }
-    if len(valid) < LIFT_QUORUM:
-        return f"its lift in the audit log carries {len(valid)} valid employee signature(s), not {LIFT_QUORUM}"
-    return None
-
-
-def _derive(s: Session, seq: int) -> tuple[list[dict[str, Any]], frozenset[str]]:
-    """The active halts as of audit entry ``seq``, each checked against its row; and the
-    journal ids the log recorded. A row that says lifted when the log does not, a row
-    deleted, a lift without two valid signatures: each stays a halt, with a ``problem``."""
-    halts, by_id, journal, unreadable = _read_log(s)
-    events = _roster_events(s) if any(h.lifted_seq is not None for h in halts) else []
-    active: list[dict[str, Any]] = []
-    seen: set[int] = set()
-    for h in halts:
-        seen.add(h.id)
-        problem = _lift_problem(s, h, events) if h.lifted_seq is not None else None
-        if h.lifted_seq is not None and h.lifted_seq <= seq and problem is None:
-            continue  # lifted, with two valid signatures, by the entry this state reflects
-        row = s.get(HaltRow, h.id)
-        if h is not by_id[h.id][-1]:
-            problem = "a later halt was raised under its id (its row was replaced outside the tool)"
-        elif h.lifted_seq is None and row is None:
-            problem = "its row was deleted outside the tool"
-        elif h.lifted_seq is None and row is not None and not row.active:
-            problem = "its row says lifted; the audit log does not"
-        active.append(_logged_dict(s, h, row, problem))
-    for row in active_halts(s):
-        if row.id not in seen:
-            d = _halt_dict(s, row)
-            d["problem"] = "its row is not in the audit log"
-            active.append(d)
-    for i, why in enumerate(unreadable):
-        active.append(
-            {
-                "id": 0,
-                "raised_at": None,
-                "raised_by": "audit-log",
-                "source": "audit-log",
-                "reason": why,
-                "active": True,
-                "lift_signatures": [],
-                "lifted_at": None,
-                "problem": f"unreadable halt entry {i + 1}",
-            }
-        )
-    active.sort(key=lambda d: d["id"])
-    return active, journal
-
-
-def _logged_dict(s: Session, h: _Logged, row: HaltRow | None, problem: str | None) -> dict[str, Any]:
-    lifts = s.exec(select(HaltLift).where(HaltLift.halt_id == h.id).order_by(col(HaltLift.id))).all()
-    d: dict[str, Any] = {
-        "id": h.id,
-        "raised_at": iso(row.raised_at) if row is not None else h.at,
-        "raised_by": h.raised_by,
-        "source": h.source,
-        "reason": h.reason,
-        "active": True,
-        "lift_signatures": [lift.employee for lift in lifts],
-        "lifted_at": None,
-    }
-    if problem:
-        d["problem"] = problem
-    return d
-
-
-def _halt_dict(s: Session, h: HaltRow) -> dict[str, Any]:
-    lifts = s.exec(select(HaltLift).where(HaltLift.halt_id == h.id).order_by(col(HaltLift.id))).all()
-    return {
-        "id": h.id,
-        "raised_at": iso(h.raised_at),
-        "raised_by": h.raised_by,
-        "source": h.source,
-        "reason": h.reason,
-        "active": h.active,
-        "lift_signatures": [lift.employee for lift in lifts],
-        "lifted_at": iso(h.lifted_at),
-    }
 
 
 # ---------------------------------------------------------------- the state, the halt file, the hook
@@ -766,218 +549,6 @@ def raise_by_employee(db: Database, settings: Settings, name: str, key: Employee
     except StorageError:
         pass  # the store is down: halt first; the store checks the signature when it records it
     return raise_halt(db, settings, reason=reason, source="employee", actor=name, signature=signature, at=at)
-
-
-def lift_statement(h: HaltRow) -> list[str | int]:
-    """What a lift signs: this exact halt (id, when, by whom, why)."""
-    return [h.id or 0, iso(h.raised_at, "microseconds") or "", h.raised_by, h.reason]
-
-
-@dataclass(frozen=True)
-class LiftResult:
-    halt_id: int
-    signers: list[str]
-    lifted: bool
-    needed: int
-    state: HaltState | None
-
-
-def lift(db: Database, settings: Settings, halt_id: int, name: str, key: EmployeeSigner) -> LiftResult:
-    """Add ``name``'s signed consent to lift halt ``halt_id``; lift it at two distinct employees
-    of the founders' roster with the lift role.
-
-    The same employee twice counts once; the consent of one who is no longer allowed to lift
-    (disabled, suspended, the role or key taken away by a later roster) no longer counts.
-    Raises NotFound, Conflict (not active), ApprovalError, VerificationFailed.
-    """
-    trust = load_trust(settings)
-    with db.transaction() as s:
-        h = s.exec(select(HaltRow).where(HaltRow.id == halt_id).with_for_update()).first()
-        if h is None or not h.active:
-            h = _restore_from_log(s, halt_id, h) or h
-        if h is None:
-            raise NotFound(f"no halt #{halt_id}")
-        if not h.active:
-            raise Conflict(f"halt #{halt_id} was lifted already")
-        authenticate(s, check_pinned(s, trust), name, key, "lift")
-        statement = lift_statement(h)
-        signature = sign_statement(key, LIFT_DOMAIN, statement)
-        existing = s.exec(select(HaltLift).where(HaltLift.halt_id == halt_id, HaltLift.employee == name)).first()
-        if existing is not None and not (
-            existing.pubkey == key.public_key.hex()
-            and verify_statement(existing.pubkey, existing.signature, LIFT_DOMAIN, statement)
-        ):
-            s.delete(existing)  # a row this key did not sign (planted by SQL, or an old key): replaced
-            s.flush()
-            existing = None
-        if existing is None:
-            s.add(HaltLift(halt_id=halt_id, employee=name, pubkey=key.public_key.hex(), signature=signature, at=now()))
-            audit_log.append(s, "halt.lift_signed", name, {"halt_id": halt_id}, signature)
-            s.flush()
-        signers, lifted = conclude_lift(s, trust, h)
-    state = publish(db, settings) if lifted else None
-    return LiftResult(halt_id, signers, lifted, LIFT_QUORUM, state)
-
-
-def conclude_lift(s: Session, trust: Trust, h: HaltRow) -> tuple[list[str], bool]:
-    """After a lift signature was added: the valid lifters, and the halt lifted (with its
-    incidents resolved and the log entry) when they are enough."""
-    halt_id = h.id or 0
-    signers = _valid_lifters(s, trust, h)
-    lifted = len(signers) >= LIFT_QUORUM
-    if lifted:
-        h.active = False
-        h.lifted_at = now()
-        s.add(h)
-        _resolve_incidents(s, h, signers)
-        lifts = [
-            {"employee": x.employee, "pubkey": x.pubkey, "signature": x.signature}
-            for x in s.exec(select(HaltLift).where(HaltLift.halt_id == halt_id).order_by(col(HaltLift.id)))
-            if x.employee in signers
-        ]
-        audit_log.append(s, "halt.lifted", ",".join(signers), {"halt_id": halt_id, "signers": signers, "lifts": lifts})
-    return signers, lifted
-
-
-def _restore_from_log(s: Session, halt_id: int, row: HaltRow | None) -> HaltRow | None:
-    """A halt the log holds active whose row was deleted or marked lifted outside the tool:
-    its row made active again from the log (recorded), so that two employees can lift it.
-    None when the log does not hold it active."""
-    s.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
-    halts, by_id, _, _ = _read_log(s)
-    logged = by_id.get(halt_id, [])
-    if not logged or logged[-1].lifted_seq is not None and _lift_problem(s, logged[-1], _roster_events(s)) is None:
-        return None
-    h = logged[-1]
-    if row is None:
-        raised_at = _parse_time(h.raised_at or h.at)
-        row = HaltRow(id=halt_id, raised_at=raised_at, raised_by=h.raised_by, source=h.source, reason=h.reason)
-    row.active, row.lifted_at = True, None
-    s.add(row)
-    s.flush()
-    audit_log.append(s, "halt.restored", "tool", {"halt_id": halt_id, "why": "its row disagreed with the audit log"})
-    return row
-
-
-def _parse_time(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def _valid_lifters(s: Session, trust: Trust, h: HaltRow) -> list[str]:
-    """Distinct employees who may lift now (founders' roster, lift role, enabled, not suspended)
-    whose lift signature verifies with one of their roster keys."""
-    st = standing(s, trust)
-    signers: list[str] = []
-    statement = tuple(lift_statement(h))
-    for lift_row in s.exec(select(HaltLift).where(HaltLift.halt_id == h.id)).all():
-        e = st.roster.employee(lift_row.employee) if st.roster else None
-        if e is None or st.refusal(e.name, "lift") is not None:
-            continue
-        mine: tuple[str | Credential, ...] = (*e.keys, *e.webauthn)
-        keys = [k for k in mine if _named(k) == lift_row.pubkey]
-        if keys and _verifies(keys[0], lift_row.signature, statement) and e.name not in signers:
-            signers.append(e.name)
-    return signers
-
-
-def _resolve_incidents(s: Session, h: HaltRow, signers: list[str]) -> None:
-    for incident in s.exec(select(IncidentRow).where(IncidentRow.halt_id == h.id)).all():
-        if incident.status != "resolved":
-            incident.status = "resolved"
-            incident.resolved_at = h.lifted_at
-            s.add(incident)
-            s.add(
-                IncidentUpdate(
-                    incident_id=incident.id or 0,
-                    at=h.lifted_at or now(),
-                    status="resolved",
-                    message=f"Halt #{h.id} lifted by {' and '.join(signers)}",
-                    actor=",".join(signers),
-                )
-            )
-
-
-# ---------------------------------------------------------------- incidents and status view
-
-
-def update_incident(db: Database, incident_id: int, status: str, message: str, actor: str) -> IncidentRow:
-    """Add a timestamped update to an incident.
-
-    Raises InputError (unknown status, empty message), NotFound, Conflict (resolving an
-    incident whose halt is still active, or updating a resolved one).
-    """
-    if status not in STATUSES:
-        raise InputError(f"unknown status {status!r}: expected one of {', '.join(STATUSES)}")
-    if not message.strip():
-        raise InputError("an incident update needs a message")
-    with db.transaction() as s:
-        incident = s.get(IncidentRow, incident_id)
-        if incident is None:
-            raise NotFound(f"no incident #{incident_id}")
-        if incident.status == "resolved":
-            raise Conflict(f"incident #{incident_id} is resolved")
-        if status == "resolved" and incident.halt_id is not None:
-            h = s.get(HaltRow, incident.halt_id)
-            if h is not None and h.active:
-                raise Conflict(
-                    f"incident #{incident_id} cannot be resolved while halt #{h.id} is active: "
-                    "lift the halt (two employees)"
-                )
-        at = now()
-        incident.status = status
-        if status == "resolved":
-            incident.resolved_at = at
-        s.add(incident)
-        s.add(IncidentUpdate(incident_id=incident_id, at=at, status=status, message=message.strip(), actor=actor))
-        audit_log.append(
-            s, "incident.updated", actor, {"incident_id": incident_id, "status": status, "message": message}
-        )
-        return incident
-
-
-def status_view(db: Database, recent: int = 10) -> dict[str, Any]:
-    """Components (operational or halted) and open and recent incidents with their timelines."""
-    state = read_state(db)
-    incidents: list[dict[str, Any]] = []
-    halted_components: set[str] = set()
-    if state.error is None:
-        with db.transaction(read_only=True) as s:
-            rows = s.exec(select(IncidentRow).order_by(col(IncidentRow.id).desc()).limit(recent)).all()
-            open_rows = s.exec(select(IncidentRow).where(IncidentRow.status != "resolved")).all()
-            for row in {r.id: r for r in [*open_rows, *rows]}.values():
-                comps = json.loads(row.components)
-                if row.status != "resolved":
-                    halted_components.update(comps)
-                updates = s.exec(
-                    select(IncidentUpdate).where(IncidentUpdate.incident_id == row.id).order_by(col(IncidentUpdate.id))
-                ).all()
-                incidents.append(
-                    {
-                        "id": row.id,
-                        "halt_id": row.halt_id,
-                        "title": row.title,
-                        "status": row.status,
-                        "components": comps,
-                        "opened_at": iso(row.opened_at),
-                        "resolved_at": iso(row.resolved_at),
-                        "updates": [
-                            {"at": iso(u.at), "status": u.status, "message": u.message, "actor": u.actor}
-                            for u in updates
-                        ],
-                    }
-                )
-    if state.halted:
-        halted_components.update(COMPONENTS)
-    incidents.sort(key=lambda i: i["id"], reverse=True)
-    return {
-        "halted": None if state.unknown else state.halted,
-        "error": state.error,
-        "components": {
-            c: ("unknown" if state.unknown else "halted" if c in halted_components else "operational")
-            for c in COMPONENTS
-        },
-        "incidents": incidents,
-    }
 
 
 def check_before_signing(db: Database, settings: Settings) -> str:

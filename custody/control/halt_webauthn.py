@@ -17,8 +17,9 @@ from sqlmodel import Session, select
 
 from custody.clock import iso, now
 from custody.config import Settings
-from custody.control import audit_log
+from custody.control import audit_log, halt_log
 from custody.control import halt as halt_lib
+from custody.control import halt_lift as lift_lib
 from custody.control.roster import Trust, check_pinned, load_trust, standing
 from custody.errors import ApprovalError, Conflict, InputError, NotFound
 from custody.identity.statements import statement_digest
@@ -83,12 +84,12 @@ def lift_challenge(db: Database, halt_id: int) -> Challenge:
         h = s.get(HaltRow, halt_id)
         if h is None or not h.active:
             raise NotFound(f"no active halt #{halt_id}")
-        return Challenge(statement_digest(halt_lib.LIFT_DOMAIN, halt_lib.lift_statement(h)).hex())
+        return Challenge(statement_digest(halt_log.LIFT_DOMAIN, lift_lib.lift_statement(h)).hex())
 
 
 def lift_with_security_key(
     db: Database, settings: Settings, halt_id: int, name: str, credential_id: str, assertion: str
-) -> halt_lib.LiftResult:
+) -> lift_lib.LiftResult:
     """Add ``name``'s security-key consent to lifting ``halt_id``; lifted at two distinct employees.
 
     Raises InputError, NotFound, Conflict (not active), ApprovalError (no lift role, not their
@@ -101,7 +102,7 @@ def lift_with_security_key(
         if h is None or not h.active:
             raise Conflict(f"halt #{halt_id} is not active") if h is not None else NotFound(f"no halt #{halt_id}")
         credential = _credential(s, check_pinned(s, trust), name, credential_id, "lift")
-        if not signs_statement(credential, assertion, halt_lib.LIFT_DOMAIN, halt_lib.lift_statement(h)):
+        if not signs_statement(credential, assertion, halt_log.LIFT_DOMAIN, lift_lib.lift_statement(h)):
             raise ApprovalError(f"{name}'s lift of halt #{halt_id} is refused: the security key did not sign it")
         for old in s.exec(select(HaltLift).where(HaltLift.halt_id == halt_id, HaltLift.employee == name)).all():
             s.delete(old)  # one consent per employee: the newest
@@ -111,6 +112,6 @@ def lift_with_security_key(
             s, "halt.lift_signed", name, {"halt_id": halt_id, "webauthn": credential.fingerprint}, assertion
         )
         s.flush()
-        signers, lifted = halt_lib.conclude_lift(s, trust, h)
+        signers, lifted = lift_lib.conclude_lift(s, trust, h)
     state = halt_lib.publish(db, settings) if lifted else None
-    return halt_lib.LiftResult(halt_id, signers, lifted, halt_lib.LIFT_QUORUM, state)
+    return lift_lib.LiftResult(halt_id, signers, lifted, halt_log.LIFT_QUORUM, state)

@@ -27,19 +27,8 @@ from custody.control import audit_log
 from custody.control.roster import Trust, discard_row, load_trust, store_trust
 from custody.errors import ApprovalError, Conflict, InputError, NotFound, VerificationFailed
 from custody.identity.founders_documents import signature_problems
-from custody.identity.rulebook import (
-    DEFAULT_RULES,
-    RULE_FIELDS,
-    Rulebook,
-    Rules,
-    check_chain,
-    earliest_effective,
-    load_rulebook,
-    loosened,
-    parse_rules,
-    rulebook_at,
-    successor_problems,
-)
+from custody.identity.rulebook import DEFAULT_RULES, RULE_FIELDS, Rulebook, Rules, load_rulebook, parse_rules
+from custody.identity.rulebook_chain import check_chain, earliest_effective, loosened, rulebook_at, successor_problems
 from custody.store.db import Database
 from custody.store.models import AuditEntry, RulebookProposal, RulebookRow
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from custody.identity.rulebook import DEFAULT_RULES, Need, Rulebook, Verdict, Violation, rate_text
+from custody.identity.rulebook import DEFAULT_RULES, Rulebook, rate_text
+from custody.identity.rulebook_judge import Need, Verdict, Violation
 
 INCREMENTAL_RELAY_RATE = 1
 """sat/vB: Bitcoin Core's (and Litecoin Core's) default -incrementalrelayfee, per BIP-125 rule 4."""

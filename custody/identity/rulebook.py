@@ -28,7 +28,9 @@ loosens anything applies only from ``proposed_height`` plus the previous ruleboo
 ``loosening_delay_blocks``. The rulebook in force at a height is the newest whose
 ``effective_height`` is at most that height; before any, :data:`DEFAULT_RULES` apply.
 
-:func:`judge` applies a rulebook to one transaction; the store and the offline signer call it
+:mod:`custody.identity.rulebook_chain`: the chain of rulebooks and what loosens one.
+:mod:`custody.identity.rulebook_judge`: its :func:`judge` applies a rulebook to one transaction;
+the store and the offline signer call it
 with their own history (the store's withdrawals; the signer's journal) and their own idea of
 the height (the tip; the transaction's locktime).
 """
@@ -36,7 +38,7 @@ the height (the tip; the transaction's locktime).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -44,19 +46,16 @@ from typing import Any, ClassVar
 from custody.bitcoin.amounts import MAX_MONEY, parse_fee_rate
 from custody.bitcoin.destinations import parse_destination
 from custody.bitcoin.network import get_network
-from custody.errors import ApprovalError, InputError
+from custody.errors import InputError
 from custody.identity.approvals import REQUIRED_APPROVALS
 from custody.identity.founders_documents import (
     HEADER_FIELDS,
-    Founders,
     FoundersDocument,
     check_canonical,
     load_json,
     parse_header,
     parse_signatures,
-    rollback_problem,
     sign_document,
-    signature_problems,
 )
 
 FORMAT = "custody-rulebook"
@@ -462,329 +461,8 @@ def parse_chain(docs: object) -> list[Rulebook]:
     return [parse_rulebook(d) for d in docs]
 
 
-# ---------------------------------------------------------------- loosening and the chain
-
-
-def _required_at(rules: Rules, amount: int) -> int:
-    return rules.tier_for(amount).approvals
-
-
-def loosened(old: Rules, new: Rules) -> list[str]:
-    """What ``new`` allows that ``old`` did not (empty: it only tightens or keeps)."""
-    out = []
-    points = {0, MAX_MONEY} | {
-        b + d for t in (*old.tiers, *new.tiers) if (b := t.up_to_sat) is not None for d in (0, 1)
-    }
-    lower = sorted(a for a in points if _required_at(new, a) < _required_at(old, a))
-    if lower:
-        out.append(f"fewer approvals for {lower[0]} sat")
-    if old.max_withdrawal_sat is not None and (new.max_withdrawal_sat or MAX_MONEY + 1) > old.max_withdrawal_sat:
-        out.append("a higher max_withdrawal_sat")
-    for v in old.velocity:
-        if not any(n.at_least_as_tight_as(v) for n in new.velocity):
-            out.append(f"velocity limit {v.name} raised or removed")
-    known = {d.key for d in old.allowlist}
-    out += [
-        f"destination {d.script_pubkey} added for {d.account or 'any account'}"
-        for d in new.allowlist
-        if d.key not in known
-    ]
-    out += _outside_loosened(old, new)
-    if new.cooling_off_blocks < old.cooling_off_blocks:
-        out.append("a shorter cooling_off_blocks")
-    for f in ("max_fee_sat", "max_fee_rate", "max_fee_share_bp", "max_batch_fee_sat"):
-        if getattr(new.fees, f) > getattr(old.fees, f):
-            out.append(f"a higher fees.{f}")
-    if new.self_transfer_approvals < old.self_transfer_approvals:
-        out.append("fewer self_transfer approvals")
-    if new.loosening_delay_blocks < old.loosening_delay_blocks:
-        out.append("a shorter loosening_delay_blocks")
-    old_bump, new_bump = old.bump_rule(), new.bump_rule()
-    if new_bump.approvals < old_bump.approvals:
-        out.append("fewer bump approvals")
-    out += [
-        f"a higher bump.{f}" for f in ("max_fee_sat", "max_fee_rate") if getattr(new_bump, f) > getattr(old_bump, f)
-    ]
-    return out
-
-
-def _outside_loosened(old: Rules, new: Rules) -> list[str]:
-    rank = {"refuse": 0, "allow": 2}
-    a, b = rank.get(old.outside, 1), rank.get(new.outside, 1)
-    if b > a:
-        return [f"destinations outside the allowlist: {old.outside} -> {new.outside}"]
-    if a == b == 1 and (new.outside_approvals() or 0) < (old.outside_approvals() or 0):
-        return [f"destinations outside the allowlist need fewer approvals ({old.outside} -> {new.outside})"]
-    return []
-
-
-def earliest_effective(previous: Rulebook | None, rules: Rules, proposed_height: int) -> int:
-    """The lowest effective height the next rulebook may have: the previous one's, and when it
-    loosens anything, ``proposed_height`` plus the previous rulebook's loosening delay."""
-    prev_rules = previous.rules if previous else DEFAULT_RULES
-    floor = previous.effective_height if previous else 0
-    if loosened(prev_rules, rules):
-        floor = max(floor, proposed_height + prev_rules.loosening_delay_blocks)
-    return floor
-
-
-def successor_problems(previous: Rulebook | None, book: Rulebook) -> list[str]:
-    """Why ``book`` cannot follow ``previous`` (None: it is the first), beyond signatures."""
-    out = []
-    if book.serial != (previous.serial + 1 if previous else 1):
-        out.append(f"it is #{book.serial}, not #{previous.serial + 1 if previous else 1}")
-    if book.previous != (previous.digest if previous else None):
-        out.append(f"it does not follow rulebook #{previous.serial if previous else 0}")
-    floor = earliest_effective(previous, book.rules, book.proposed_height)
-    if book.effective_height < floor:
-        what = loosened(previous.rules if previous else DEFAULT_RULES, book.rules)
-        out.append(
-            f"it takes effect at height {book.effective_height}, before {floor}"
-            + (f" (it loosens: {'; '.join(what)})" if what else " (the previous rulebook's)")
-        )
-    kept = {(d.key, d.added_serial) for d in previous.rules.allowlist} if previous else set()
-    for d in book.rules.allowlist:
-        if d.added_serial != book.serial and (d.key, d.added_serial) not in kept:
-            out.append(f"destination {d.script_pubkey} claims rulebook #{d.added_serial} added it, which it did not")
-    return out
-
-
-def check_chain(chain: Sequence[Rulebook], founders: Founders) -> None:
-    """Every rulebook of ``chain`` (#1 to #N in order) signed by m founders, each following the one
-    before by the rules above. Raises ApprovalError naming every problem."""
-    previous: Rulebook | None = None
-    for book in chain:
-        problems = signature_problems(book, founders) + successor_problems(previous, book)
-        if problems:
-            raise ApprovalError(f"rulebook #{book.serial} is not valid: " + "; ".join(problems))
-        previous = book
-
-
-def rulebook_at(chain: Sequence[Rulebook], height: int) -> Rulebook | None:
-    """The rulebook in force at ``height``: the newest whose effective height it has reached."""
-    return next((b for b in reversed(chain) if b.effective_height <= height), None)
-
-
-def chain_rollback(chain: Sequence[Rulebook], seen_serial: int, seen_digest: str | None) -> str | None:
-    """Why ``chain`` rolls back what a signer has seen (None: it does not)."""
-    if seen_digest is not None and not chain:
-        return f"no founders-signed rulebook, and this signer has seen rulebook #{seen_serial}: it is never rolled back"
-    newest = chain[-1].serial if chain else 0
-    return rollback_problem("rulebook", newest, {b.serial: b.digest for b in chain}, seen_serial, seen_digest)
-
-
 sign_rulebook = sign_document
 """Add a founder's signature (``account_key``: coincurve private key of their xpub)."""
-
-
-# ---------------------------------------------------------------- judging a transaction
-
-
-@dataclass(frozen=True)
-class Payout:
-    """One customer withdrawal: a transaction of its own, or a member of a batch."""
-
-    withdrawal_id: int
-    account: str
-    payments: tuple[tuple[str, int], ...]  # (scriptPubKey hex, amount): every output but change
-    fee: int
-
-    @property
-    def amount(self) -> int:
-        return sum(a for _, a in self.payments)
-
-    @property
-    def label(self) -> str:
-        return f"withdrawal #{self.withdrawal_id}" if self.withdrawal_id else "this withdrawal"
-
-
-@dataclass(frozen=True)
-class Counted:
-    """An earlier withdrawal, as velocity counts it."""
-
-    height: int
-    account: str
-    amount: int
-
-
-@dataclass(frozen=True)
-class Violation:
-    rule: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"rule {self.rule}: {self.detail}"
-
-
-@dataclass(frozen=True)
-class Need:
-    """Which tier a withdrawal falls under and how many approvals it needs."""
-
-    tier: str
-    approvals: int
-    why: str
-
-
-@dataclass(frozen=True)
-class Verdict:
-    serial: int  # the rulebook applied (0: the built-in defaults)
-    height: int
-    needs: Mapping[int, Need]  # withdrawal id -> need
-    violations: tuple[Violation, ...]
-
-    def required(self, withdrawal_id: int) -> int:
-        need = self.needs.get(withdrawal_id)
-        return need.approvals if need else MIN_APPROVALS
-
-    def explain(self) -> str:
-        return "; ".join(str(v) for v in self.violations)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rulebook": self.serial,
-            "height": self.height,
-            "needs": {str(k): {"tier": n.tier, "approvals": n.approvals, "why": n.why} for k, n in self.needs.items()},
-            "violations": [{"rule": v.rule, "detail": v.detail} for v in self.violations],
-        }
-
-
-@dataclass(frozen=True)
-class Spend:
-    """A transaction as the rules see it."""
-
-    height: int
-    payouts: tuple[Payout, ...]
-    fee: int
-    vsize: int
-    batch: bool = False
-
-
-def _destination_need(
-    rules: Rules, effective: Mapping[int, int], height: int, p: Payout, spk: str
-) -> tuple[int | None, Violation | None]:
-    """(approvals a destination outside the allowlist needs, or a refusal) for one payment."""
-    listed = [d for d in rules.allowlist if d.script_pubkey == spk and d.account in (None, p.account)]
-    usable = [
-        d for d in listed if effective.get(d.added_serial, LOCKTIME_THRESHOLD) + rules.cooling_off_blocks <= height
-    ]
-    if usable or rules.outside == "allow":
-        return None, None
-    if rules.outside == "refuse":
-        if listed:
-            start = min(effective.get(d.added_serial, LOCKTIME_THRESHOLD) for d in listed) + rules.cooling_off_blocks
-            return None, Violation(
-                "destinations.cooling_off",
-                f"{p.label}: destination {spk} is allowlisted but usable only from height {start} (now {height})",
-            )
-        return None, Violation("destinations.outside", f"{p.label}: destination {spk} is not on the allowlist")
-    return rules.outside_approvals(), None
-
-
-def _payout_rules(rules: Rules, effective: Mapping[int, int], spend: Spend, p: Payout) -> tuple[Need, list[Violation]]:
-    bad = []
-    amount = p.amount
-    if rules.max_withdrawal_sat is not None and amount > rules.max_withdrawal_sat:
-        bad.append(
-            Violation(
-                "max_withdrawal",
-                f"{p.label} pays {amount} sat, above the maximum of {rules.max_withdrawal_sat} sat",
-            )
-        )
-    if not p.payments:
-        need = Need("self_transfer", rules.self_transfer_approvals, "pays only custody")
-    else:
-        tier = rules.tier_for(amount)
-        need = Need(tier.name, tier.approvals, f"{amount} sat")
-    for spk, _ in p.payments:
-        outside, refused = _destination_need(rules, effective, spend.height, p, spk)
-        if refused:
-            bad.append(refused)
-        elif outside is not None and outside > need.approvals:
-            need = Need(rules.outside[5:], outside, f"destination {spk[:16]}... is outside the allowlist")
-    fee = p.fee if not spend.batch else None
-    if fee is not None and fee > rules.fees.max_fee_sat:
-        bad.append(
-            Violation("fees.max_fee_sat", f"a fee of {fee} sat is above the cap of {rules.fees.max_fee_sat} sat")
-        )
-    return need, bad
-
-
-def _fee_rules(fees: Fees, spend: Spend) -> list[Violation]:
-    bad = []
-    if spend.batch and spend.fee > fees.max_batch_fee_sat:
-        bad.append(
-            Violation(
-                "fees.max_batch_fee_sat",
-                f"the batch's fee of {spend.fee} sat is above the cap of {fees.max_batch_fee_sat} sat",
-            )
-        )
-    if spend.vsize > 0 and Decimal(spend.fee) > fees.max_fee_rate * spend.vsize:
-        rate = Decimal(spend.fee) / spend.vsize
-        bad.append(
-            Violation(
-                "fees.max_fee_rate",
-                f"a fee rate of {rate:.2f} sat/vB is above the cap of {rate_text(fees.max_fee_rate)} sat/vB",
-            )
-        )
-    amount = sum(p.amount for p in spend.payouts)
-    if amount > 0 and spend.fee * 10_000 > fees.max_fee_share_bp * amount:
-        bad.append(
-            Violation(
-                "fees.max_fee_share_bp",
-                f"a fee of {spend.fee} sat is {spend.fee * 100 / amount:.2f}% of the {amount} sat paid, above "
-                f"{fees.max_fee_share_bp / 100:.2f}%",
-            )
-        )
-    return bad
-
-
-def _velocity_rules(rules: Rules, spend: Spend, history: Iterable[Counted]) -> list[Violation]:
-    bad = []
-    past = list(history)
-    for v in rules.velocity:
-        start = spend.height - v.window_blocks  # the window is (start, height]
-        window = [c for c in past if start < c.height <= spend.height]
-        if v.scope == "global":
-            groups = {"": (sum(c.amount for c in window), sum(p.amount for p in spend.payouts))}
-        else:
-            groups = {
-                acct: (
-                    sum(c.amount for c in window if c.account == acct),
-                    sum(p.amount for p in spend.payouts if p.account == acct),
-                )
-                for acct in sorted({p.account for p in spend.payouts})
-            }
-        for acct, (before, now) in groups.items():
-            if now and before + now > v.max_sat:
-                whose = f"account {acct}'s" if acct else "all"
-                bad.append(
-                    Violation(
-                        f"velocity:{v.name}",
-                        f"{whose} withdrawals in the {v.window_blocks} blocks to height {spend.height} would be "
-                        f"{before + now} sat ({before} sat before this), above {v.max_sat} sat",
-                    )
-                )
-    return bad
-
-
-def judge(book: Rulebook | None, effective: Mapping[int, int], spend: Spend, history: Iterable[Counted]) -> Verdict:
-    """Apply ``book`` (None: the built-in defaults) to ``spend``.
-
-    ``effective``: every rulebook's effective height by serial (an allowlisted destination's
-    cooling-off counts from the one that added it); ``history``: earlier withdrawals for velocity
-    (never ``spend``'s own).
-    """
-    rules = book.rules if book else DEFAULT_RULES
-    needs: dict[int, Need] = {}
-    bad: list[Violation] = []
-    for p in spend.payouts:
-        need, found = _payout_rules(rules, effective, spend, p)
-        if p.withdrawal_id not in needs or need.approvals > needs[p.withdrawal_id].approvals:
-            needs[p.withdrawal_id] = need  # one id twice (a forged batch) needs the most of either
-        bad += found
-    bad += _fee_rules(rules.fees, spend)
-    bad += _velocity_rules(rules, spend, history)
-    return Verdict(book.serial if book else 0, spend.height, needs, tuple(bad))
 
 
 def with_heights(book: Rulebook, proposed_height: int, effective_height: int) -> Rulebook:

@@ -7,6 +7,9 @@ withdrawals as one roster employee that holds the ``request`` role and no other,
 own key. Errors keep the CLI's exit code in the body and map to an HTTP status.
 """
 
+# size(create_app): FastAPI's routes are closures over the app's settings and database, registered
+#   in the factory that builds them
+
 from __future__ import annotations
 
 import threading
@@ -52,6 +55,7 @@ from custody.service.metrics import CustodyCollector
 from custody.service.nonces import StoreNonces
 from custody.store.db import Database
 from custody.store.models import AuditHead
+from custody.withdraw import limits as wd_limits
 from custody.withdraw import queue as wd
 
 MAX_ISSUE = 1000
@@ -279,7 +283,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 fee_rate=body.fee_rate,
                 requester=config.identity,
                 key=config.key,
-                limits=wd.limits_from_settings(settings),
+                limits=wd_limits.limits_from_settings(settings),
             )
             witnessed()
         return result

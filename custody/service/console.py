@@ -31,6 +31,7 @@ from custody.identity.webauthn import Assertion, credential_from_registration, u
 from custody.service import console_assets as assets
 from custody.store.db import Database
 from custody.withdraw import queue as wd
+from custody.withdraw import states as wd_states
 from custody.withdraw.webauthn_approval import approve_with_security_key
 
 MAX_ID = 2**31 - 1
@@ -78,7 +79,7 @@ def _table(headers: Iterable[str], rows: Iterable[Iterable[object]], cls: str = 
 
 
 def _pending_page(db: Database) -> HTMLResponse:
-    rows = [w for status in (wd.REQUESTED, wd.APPROVED) for w in wd.list_withdrawals(db, status)]
+    rows = [w for status in (wd_states.REQUESTED, wd_states.APPROVED) for w in wd.list_withdrawals(db, status)]
     links = "".join(
         f"<tr><td><a href=/console/withdrawals/{int(w['id'])}>#{int(w['id'])}</a></td><td>{_e(w['status'])}</td>"
         f"<td>{_e(w['account'])}</td><td>{_e(w['destination'])}</td><td class=num>{_e(w['amount'])}</td>"

@@ -1,6 +1,6 @@
 """The public status page: components, incident timelines and reserves against liabilities.
 
-Built on :func:`custody.control.halt.status_view` (the halt state and incidents, the same view
+Built on :func:`custody.control.incidents.status_view` (the halt state and incidents, the same view
 as ``custody status``) and the audit log's ``audit.reserves`` entries (what ``custody audit
 reserves`` recorded at each height, never a live scan). Three renderings of one document:
 HTML (with a small inline SVG chart), JSON (``custody-status`` version 1, :data:`SCHEMA`) and
@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, Response
 from sqlmodel import col, select
 
 from custody.clock import iso, now
-from custody.control import halt as halt_lib
+from custody.control import incidents as incidents_lib
 from custody.files import write_atomic
 from custody.store.db import Database
 from custody.store.models import AuditEntry
@@ -132,7 +132,7 @@ def _reserves(db: Database) -> list[dict[str, Any]]:
 
 def status_document(db: Database) -> dict[str, Any]:
     """The status page's document (``custody-status`` version 1; :data:`SCHEMA`)."""
-    view = halt_lib.status_view(db)
+    view = incidents_lib.status_view(db)
     states = dict(view["components"])
     # Deposits are credited by `custody sync`, which the halt stops like every state change.
     states.setdefault("deposits", "halted" if view["halted"] else "operational")

@@ -1,2 +1,5 @@
-"""Withdrawals: the queue (request, approve, export, import, finalize, broadcast, follow), the
-daily batch, and signer.py, the OFFLINE founder signer, which imports neither the store nor the chain."""
+"""Withdrawals, one module a step: ``states`` (the state machine), ``limits`` (fee caps, depths),
+``records`` (a withdrawal's stored state, judged by approvals and the rulebook), ``queue`` (request,
+approve, cancel, list), ``psbt_io`` (export, import, finalize), ``broadcast`` (broadcast and follow on
+the chain), ``batch`` (the daily batch), and ``signer``, the OFFLINE founder signer, which imports
+neither the store nor the chain."""

@@ -47,16 +47,19 @@ from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, load_man
 from custody.policy.model import CHANGE, Policy
 from custody.store.db import Database
 from custody.store.models import ReplacementRow, WithdrawalRow
+from custody.withdraw import limits as wd_limits
 from custody.withdraw import queue as q
+from custody.withdraw import records as wd_records
 from custody.withdraw import selftransfer as st
+from custody.withdraw import states as wd_states
 from custody.withdraw.replace_check import BUMP
 from custody.withdraw.replacements import replacements_of
 
 CANCEL = st.CANCEL
 CPFP = st.CPFP
-OPEN = (q.REQUESTED, q.APPROVED)
-LIVE = (q.SIGNED, q.BROADCAST)
-DEFAULT_LIMITS = q.Limits()
+OPEN = (wd_states.REQUESTED, wd_states.APPROVED)
+LIVE = (wd_states.SIGNED, wd_states.BROADCAST)
+DEFAULT_LIMITS = wd_limits.Limits()
 
 
 def _signed(row: WithdrawalRow) -> bool:
@@ -65,11 +68,11 @@ def _signed(row: WithdrawalRow) -> bool:
 
 def _original(s: Session, withdrawal_id: int) -> WithdrawalRow:
     """A customer withdrawal (or batch) carrying founders' signatures, not settled, locked."""
-    row = q._get(s, withdrawal_id, lock=True)
-    q._not_in_batch(row)
-    if row.kind not in (q.SINGLE, q.BATCH):
+    row = wd_records._get(s, withdrawal_id, lock=True)
+    wd_records._not_in_batch(row)
+    if row.kind not in (wd_states.SINGLE, wd_states.BATCH):
         raise Conflict(f"#{withdrawal_id} is a {row.kind}: bump or cancel the withdrawal it is for")
-    if row.status not in (q.APPROVED, *LIVE) or not _signed(row):
+    if row.status not in (wd_states.APPROVED, *LIVE) or not _signed(row):
         raise Conflict(
             f"withdrawal #{withdrawal_id} is {row.status}: only a withdrawal carrying founders' signatures that has "
             "not confirmed can be replaced"
@@ -89,7 +92,7 @@ def _latest(s: Session, original: WithdrawalRow) -> WithdrawalRow:
 
 
 def _coins(s: Session, row: WithdrawalRow) -> tuple[list[Coin], dict[str, str | None]]:
-    inputs = q._inputs(s, row.id or 0)
+    inputs = wd_records._inputs(s, row.id or 0)
     coins = [Coin(i.txid, i.vout, i.amount, bytes.fromhex(i.script_pubkey), i.chain, i.idx) for i in inputs]
     return coins, {f"{i.txid}:{i.vout}": i.prev_tx for i in inputs}
 
@@ -108,17 +111,17 @@ def _record(
     s.add(row)
     s.flush()
     rid = row.id or 0
-    for rec in q._input_rows(rid, q._tx(row), coins, prev):
+    for rec in wd_records._input_rows(rid, wd_records._tx(row), coins, prev):
         s.add(rec)
     original, replaced = link
     s.add(ReplacementRow(withdrawal_id=rid, original_id=original.id or 0, replaces_id=replaced.id or 0, kind=row.kind))
     s.flush()
-    row.request_signature = sign_request(key, q._summary(policy, row, q._inputs(s, rid)), row.account)
+    row.request_signature = sign_request(key, wd_records._summary(policy, row, wd_records._inputs(s, rid)), row.account)
     s.add(row)
     return rid
 
 
-def _rate(fee_rate: str, limits: q.Limits) -> Decimal:
+def _rate(fee_rate: str, limits: wd_limits.Limits) -> Decimal:
     rate = parse_fee_rate(fee_rate)
     if rate > limits.max_fee_rate:
         raise InputError(f"fee rate {rate} sat/vB is above the cap of {limits.max_fee_rate} sat/vB")
@@ -134,7 +137,7 @@ def bump(
     fee_rate: str,
     actor: str,
     key: EmployeeSigner,
-    limits: q.Limits = DEFAULT_LIMITS,
+    limits: wd_limits.Limits = DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     """Request a fee-only replacement of a signed withdrawal's transaction at ``fee_rate``.
 
@@ -150,8 +153,8 @@ def bump(
         authenticate(s, check_pinned(s, load_trust(settings)), actor, key, "request")
         original = _original(s, withdrawal_id)
         replaced = _latest(s, original)
-        old = q._tx(replaced)
-        change = q._change_position(s, replaced)
+        old = wd_records._tx(replaced)
+        change = wd_records._change_position(s, replaced)
         outputs = [(bytes(o.scriptPubKey), int(o.nValue)) for o in old.vout]
         vsize = tx_vsize(policy.script_type, policy.threshold, policy.n, len(old.vin), [spk for spk, _ in outputs])
         fee = max(fee_for(vsize, rate), bump_fee_floor(replaced.fee, vsize))
@@ -180,13 +183,13 @@ def bump(
             fee_rate=str(rate),
             change_index=replaced.change_index,
             change_amount=outputs[change][1],
-            status=q.REQUESTED,
+            status=wd_states.REQUESTED,
             unsigned_tx=b2x(tx.serialize()),
             created_at=stamp,
             updated_at=stamp,
         )
         rid = _record(s, policy, row, (original, replaced), coins, prev, key)
-        q._enforce(s, policy, row)
+        wd_records._enforce(s, policy, row)
         crash_point("bump.requested")
         audit_log.append(
             s,
@@ -202,7 +205,7 @@ def bump(
             },
             row.request_signature,
         )
-        return q.view(s, policy, row)
+        return wd_records.view(s, policy, row)
 
 
 def cancel(
@@ -215,7 +218,7 @@ def cancel(
     fee_rate: str | None,
     actor: str,
     key: EmployeeSigner,
-    limits: q.Limits = DEFAULT_LIMITS,
+    limits: wd_limits.Limits = DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     """Request a self-transfer double-spending every input of a signed withdrawal back to a
     fresh change address of the policy (a withdrawal without founders' signatures is simply
@@ -225,9 +228,9 @@ def cancel(
     VerificationFailed (change address, after raising the halt).
     """
     with db.transaction() as s:
-        row = q._get(s, withdrawal_id)
-        unsigned = row.status in q.PENDING and not _signed(row)
-        customer = row.kind in (q.SINGLE, q.BATCH)
+        row = wd_records._get(s, withdrawal_id)
+        unsigned = row.status in wd_states.PENDING and not _signed(row)
+        customer = row.kind in (wd_states.SINGLE, wd_states.BATCH)
     if unsigned and customer:
         return q.cancel(db, withdrawal_id, actor, key, reason, settings=settings)
     if unsigned:
@@ -242,7 +245,7 @@ def cancel(
             authenticate(s, check_pinned(s, load_trust(settings)), actor, key, "request")
             original = _original(s, withdrawal_id)
             rid = _request_cancel(s, manifest, policy, original, rate, tip, actor, key, limits)
-            row = q._get(s, rid)
+            row = wd_records._get(s, rid)
             audit_log.append(
                 s,
                 "withdrawal.cancel_requested",
@@ -252,11 +255,11 @@ def cancel(
                     "original_id": withdrawal_id,
                     "reason": reason,
                     "fee": row.fee,
-                    "unsigned_txid": b2lx(q._tx(row).GetTxid()),
+                    "unsigned_txid": b2lx(wd_records._tx(row).GetTxid()),
                 },
                 row.request_signature,
             )
-            return q.view(s, policy, row)
+            return wd_records.view(s, policy, row)
     except AddressMismatch as exc:
         raise halt_for_mismatch(db, settings, exc) from None
 
@@ -270,13 +273,13 @@ def _drop(
         halt.guard(s)
         policy = policy_from_session(s)
         authenticate(s, check_pinned(s, load_trust(settings)), actor, key, None)
-        row = q._get(s, withdrawal_id, lock=True)
-        if row.status not in q.PENDING or _signed(row):
+        row = wd_records._get(s, withdrawal_id, lock=True)
+        if row.status not in wd_states.PENDING or _signed(row):
             raise Conflict(f"#{withdrawal_id} is {row.status}: it can no longer be dropped")
-        q._touch(s, row, q.FAILED, f"cancelled by {actor}: {reason}")
-        q._release(s, withdrawal_id)
+        wd_records._touch(s, row, wd_states.FAILED, f"cancelled by {actor}: {reason}")
+        wd_records._release(s, withdrawal_id)
         audit_log.append(s, "withdrawal.failed", actor, {"withdrawal_id": withdrawal_id, "reason": reason})
-        return q.view(s, policy, row)
+        return wd_records.view(s, policy, row)
 
 
 def _request_cancel(
@@ -288,7 +291,7 @@ def _request_cancel(
     tip: int,
     actor: str,
     key: EmployeeSigner,
-    limits: q.Limits,
+    limits: wd_limits.Limits,
 ) -> int:
     coins, prev = _coins(s, original)
     replaced = _latest(s, original)
@@ -297,7 +300,7 @@ def _request_cancel(
         coins,
         prev,
         lambda vsize: max(fee_for(vsize, rate), bump_fee_floor(replaced.fee, vsize)),
-        max(tip, int(q._tx(original).nLockTime)),
+        max(tip, int(wd_records._tx(original).nLockTime)),
         rate,
         reserve=False,  # they stay the withdrawal's until the chain decides
         link=(original, replaced),
@@ -316,7 +319,7 @@ def cpfp(
     fee_rate: str,
     actor: str,
     key: EmployeeSigner,
-    limits: q.Limits = DEFAULT_LIMITS,
+    limits: wd_limits.Limits = DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     """Request a child paying for a broadcast withdrawal: a self-transfer of its change output
     (unconfirmed) to a fresh change address, whose fee lifts the pair to ``fee_rate``.
@@ -343,7 +346,7 @@ def cpfp(
                 {"withdrawal_id": row.id, "original_id": withdrawal_id, "parent_txid": parent.txid, "fee": row.fee},
                 row.request_signature,
             )
-            return q.view(s, policy, row)
+            return wd_records.view(s, policy, row)
     except AddressMismatch as exc:
         raise halt_for_mismatch(db, settings, exc) from None
 
@@ -352,21 +355,21 @@ def _child_plan(
     s: Session, policy: Policy, original: WithdrawalRow, parent: WithdrawalRow, rate: Decimal, tip: int
 ) -> st.Plan:
     """Spend ``parent``'s change so that parent and child together pay ``rate``."""
-    change = q._change_position(s, parent)
-    if parent.status != q.BROADCAST or not parent.final_tx or not parent.txid or change is None:
+    change = wd_records._change_position(s, parent)
+    if parent.status != wd_states.BROADCAST or not parent.final_tx or not parent.txid or change is None:
         raise Conflict(
             f"withdrawal #{original.id}: a child pays from the change of a broadcast transaction, and "
             f"#{parent.id} is {parent.status}{' with no change output' if change is None else ''}"
         )
-    out = q._tx(parent).vout[change]
+    out = wd_records._tx(parent).vout[change]
     spk = bytes(out.scriptPubKey)
     coin = Coin(parent.txid, change, int(out.nValue), spk, CHANGE, parent.change_index or 0)
     parent_vsize = tx_vsize(
         policy.script_type,
         policy.threshold,
         policy.n,
-        len(q._tx(parent).vin),
-        [bytes(o.scriptPubKey) for o in q._tx(parent).vout],
+        len(wd_records._tx(parent).vin),
+        [bytes(o.scriptPubKey) for o in wd_records._tx(parent).vout],
     )
 
     def fee(vsize: int) -> int:  # the package's rate, and at least 1 sat/vB of the child's own
@@ -377,7 +380,7 @@ def _child_plan(
         [coin],
         {coin.outpoint: parent.final_tx},
         fee,
-        max(tip, int(q._tx(parent).nLockTime)),
+        max(tip, int(wd_records._tx(parent).nLockTime)),
         rate,
         link=(original, parent),
     )
@@ -389,7 +392,7 @@ def _child_plan(
 def _groups(s: Session) -> list[int]:
     """Withdrawals with replacements that are not settled yet."""
     out = set()
-    done = (q.CONFIRMED, q.FAILED)
+    done = (wd_states.CONFIRMED, wd_states.FAILED)
     for r in s.exec(select(ReplacementRow)).all():
         original, row = s.get(WithdrawalRow, r.original_id), s.get(WithdrawalRow, r.withdrawal_id)
         if (original is not None and original.status not in done) or (row is not None and row.status not in done):
@@ -399,12 +402,12 @@ def _groups(s: Session) -> list[int]:
 
 def _versions(s: Session, original: WithdrawalRow) -> list[WithdrawalRow]:
     """The original and its replacements that have a final transaction (a txid to look for)."""
-    rows = [original, *(r for r in replacements_of(s, original.id or 0) if r.status != q.FAILED)]
+    rows = [original, *(r for r in replacements_of(s, original.id or 0) if r.status != wd_states.FAILED)]
     return [r for r in rows if r.txid]
 
 
 def sync_replacements(
-    db: Database, backend: ChainBackend, limits: q.Limits = DEFAULT_LIMITS, *, settings: Settings
+    db: Database, backend: ChainBackend, limits: wd_limits.Limits = DEFAULT_LIMITS, *, settings: Settings
 ) -> list[dict[str, Any]]:
     """Follow every unsettled withdrawal that has replacements, and consolidations; return the
     rows that changed."""
@@ -414,49 +417,55 @@ def sync_replacements(
         groups = _groups(s)
     for wid in groups:
         with db.transaction() as s:
-            original = q._get(s, wid)
+            original = wd_records._get(s, wid)
             before = [(r.id, r.status, r.txid) for r in _versions(s, original)]
         seen = {rid: backend.tx_status(txid or "") for rid, _, txid in before}  # no lock while asking
         with ledger.halting(db, settings), db.transaction() as s:
             policy = policy_from_session(s)
-            original = q._get(s, wid, lock=True)
+            original = wd_records._get(s, wid, lock=True)
             if [(r.id, r.status, r.txid) for r in _versions(s, original)] != before:
                 continue  # moved on meanwhile: the next sync looks again
-            changed += [q.view(s, policy, r) for r in _follow_group(s, original, seen, limits)]
+            changed += [wd_records.view(s, policy, r) for r in _follow_group(s, original, seen, limits)]
     return changed
 
 
 def _follow_group(
-    s: Session, original: WithdrawalRow, seen: dict[int | None, TxStatus], limits: q.Limits
+    s: Session, original: WithdrawalRow, seen: dict[int | None, TxStatus], limits: wd_limits.Limits
 ) -> list[WithdrawalRow]:
     """Apply what the chain says to a withdrawal and its replacements (locked)."""
-    changed = [] if original.status in (q.CONFIRMED, q.FAILED) else _follow_versions(s, original, seen, limits)
+    changed = (
+        []
+        if original.status in (wd_states.CONFIRMED, wd_states.FAILED)
+        else _follow_versions(s, original, seen, limits)
+    )
     return changed + _follow_children(s, original, seen, limits)
 
 
 def _follow_children(
-    s: Session, original: WithdrawalRow, seen: dict[int | None, TxStatus], limits: q.Limits
+    s: Session, original: WithdrawalRow, seen: dict[int | None, TxStatus], limits: wd_limits.Limits
 ) -> list[WithdrawalRow]:
     """Children paying for a version: settled when they confirm; failed when another version
     than their parent confirmed (their input no longer exists)."""
     changed = []
-    for child in (r for r in replacements_of(s, original.id or 0) if r.kind == CPFP and r.status == q.BROADCAST):
+    for child in (
+        r for r in replacements_of(s, original.id or 0) if r.kind == CPFP and r.status == wd_states.BROADCAST
+    ):
         status = seen.get(child.id)
         if status is not None and status.confirmations >= limits.confirmations:
             st.settle(s, child, status.confirmations, status.block_height)
             changed.append(child)
-        elif original.status == q.FAILED or (
-            original.status == q.CONFIRMED and original.txid != q._inputs(s, child.id or 0)[0].txid
+        elif original.status == wd_states.FAILED or (
+            original.status == wd_states.CONFIRMED and original.txid != wd_records._inputs(s, child.id or 0)[0].txid
         ):
-            q._touch(s, child, q.FAILED, f"its parent was replaced by {original.txid}")
-            q._release(s, child.id or 0)
+            wd_records._touch(s, child, wd_states.FAILED, f"its parent was replaced by {original.txid}")
+            wd_records._release(s, child.id or 0)
             audit_log.append(s, "withdrawal.failed", "sync", {"withdrawal_id": child.id, "parent_replaced": True})
             changed.append(child)
     return changed
 
 
 def _follow_versions(
-    s: Session, original: WithdrawalRow, seen: dict[int | None, TxStatus], limits: q.Limits
+    s: Session, original: WithdrawalRow, seen: dict[int | None, TxStatus], limits: wd_limits.Limits
 ) -> list[WithdrawalRow]:
     versions = {r.id: r for r in _versions(s, original) if r.kind != CPFP}
     winner = next((versions[rid] for rid, status in seen.items() if rid in versions and status.confirmations > 0), None)
@@ -467,7 +476,7 @@ def _follow_versions(
     if status.confirmations < depth:
         if winner.confirmations != status.confirmations:
             winner.confirmations, winner.block_height = status.confirmations, status.block_height
-            q._touch(s, winner)
+            wd_records._touch(s, winner)
             return [winner]
         return []
     if winner.kind == CANCEL:
@@ -475,10 +484,12 @@ def _follow_versions(
     else:
         _settled(s, original, winner, status)
     losers = [
-        r for r in replacements_of(s, original.id or 0) if r.id != winner.id and r.status != q.FAILED and r.kind != CPFP
+        r
+        for r in replacements_of(s, original.id or 0)
+        if r.id != winner.id and r.status != wd_states.FAILED and r.kind != CPFP
     ]
     for r in losers:
-        q._touch(s, r, q.FAILED, f"transaction {winner.txid} of #{winner.id} confirmed instead")
+        wd_records._touch(s, r, wd_states.FAILED, f"transaction {winner.txid} of #{winner.id} confirmed instead")
         audit_log.append(s, "withdrawal.failed", "sync", {"withdrawal_id": r.id, "replaced_by": winner.txid})
     return [original, *([winner] if winner is not original else []), *losers]
 
@@ -488,12 +499,12 @@ def _settled(s: Session, original: WithdrawalRow, winner: WithdrawalRow, status:
     the fee that transaction paid."""
     original.txid = winner.txid
     original.confirmations, original.block_height = status.confirmations, status.block_height
-    q._touch(s, original, q.CONFIRMED)
-    q._release(s, original.id or 0)
-    ledger.withdrawal_settled(s, original, q._members(s, original.id or 0), network_fee=winner.fee)
+    wd_records._touch(s, original, wd_states.CONFIRMED)
+    wd_records._release(s, original.id or 0)
+    ledger.withdrawal_settled(s, original, wd_records._members(s, original.id or 0), network_fee=winner.fee)
     if winner is not original:
         winner.confirmations, winner.block_height = status.confirmations, status.block_height
-        q._touch(s, winner, q.CONFIRMED)
+        wd_records._touch(s, winner, wd_states.CONFIRMED)
     audit_log.append(
         s,
         "withdrawal.confirmed",
@@ -512,12 +523,12 @@ def _cancelled(s: Session, original: WithdrawalRow, cancel_row: WithdrawalRow, s
     """The cancel confirmed deep enough: the withdrawal fails, its customer gets amount and fee
     back; the cancel's own fee is the house's."""
     reason = f"cancelled: self-transfer #{cancel_row.id} ({cancel_row.txid}) confirmed at height {status.block_height}"
-    members = q._members(s, original.id or 0)
-    q._touch(s, original, q.FAILED, reason)
-    q._release(s, original.id or 0)
+    members = wd_records._members(s, original.id or 0)
+    wd_records._touch(s, original, wd_states.FAILED, reason)
+    wd_records._release(s, original.id or 0)
     txn = ledger.withdrawal_released(s, original, members, f"refunded: {reason}")
     cancel_row.confirmations, cancel_row.block_height = status.confirmations, status.block_height
-    q._touch(s, cancel_row, q.CONFIRMED)
+    wd_records._touch(s, cancel_row, wd_states.CONFIRMED)
     ledger.self_transfer_settled(s, cancel_row)
     audit_log.append(
         s,

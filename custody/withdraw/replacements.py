@@ -16,7 +16,7 @@ from custody.bitcoin.txbuild import tx_vsize
 from custody.control import rulebook as rulebook_lib
 from custody.errors import StorageError
 from custody.identity.replacement_rules import judge_bump
-from custody.identity.rulebook import Verdict
+from custody.identity.rulebook_judge import Verdict
 from custody.policy.model import Policy
 from custody.store.models import ReplacementRow, WithdrawalRow
 from custody.withdraw.replace_check import BUMP, REPLACEMENT_KINDS

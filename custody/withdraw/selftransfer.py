@@ -39,7 +39,9 @@ from custody.identity.employee_keys import EmployeeSigner
 from custody.issuance.issuer import issue_in_session
 from custody.policy.model import CHANGE, Policy
 from custody.store.models import ReplacementRow, ReservedInput, WithdrawalRow
-from custody.withdraw import queue as q
+from custody.withdraw import limits as wd_limits
+from custody.withdraw import records as wd_records
+from custody.withdraw import states as wd_states
 
 SELF_ACCOUNT = "(self-transfer)"
 CANCEL = "cancel"
@@ -64,14 +66,14 @@ class Plan:
 
 
 def record(
-    s: Session, manifest: Any, policy: Policy, plan: Plan, *, actor: str, key: EmployeeSigner, limits: q.Limits
+    s: Session, manifest: Any, policy: Policy, plan: Plan, *, actor: str, key: EmployeeSigner, limits: wd_limits.Limits
 ) -> WithdrawalRow:
     """Store a requested self-transfer (see the module's docstring) and judge it by the rulebook.
 
     Raises InputError (fee above the cap, or more than the inputs), PolicyViolation,
     AddressMismatch (the change address: the caller rolls back and halts).
     """
-    change = issue_in_session(s, manifest, q.CHANGE_ACCOUNT, 1, CHANGE, actor=actor)[0]
+    change = issue_in_session(s, manifest, wd_records.CHANGE_ACCOUNT, 1, CHANGE, actor=actor)[0]
     spk = bytes.fromhex(change.script_pubkey)
     vsize = tx_vsize(policy.script_type, policy.threshold, policy.n, len(plan.coins), [spk])
     fee = plan.fee(vsize)
@@ -95,7 +97,7 @@ def record(
         fee_rate=str(plan.rate),
         change_index=change.index,
         change_amount=value,
-        status=q.REQUESTED,
+        status=wd_states.REQUESTED,
         unsigned_tx=b2x(tx.serialize()),
         created_at=stamp,
         updated_at=stamp,
@@ -103,7 +105,7 @@ def record(
     s.add(row)
     s.flush()
     rid = row.id or 0
-    for rec in q._input_rows(rid, tx, plan.coins, plan.prev):
+    for rec in wd_records._input_rows(rid, tx, plan.coins, plan.prev):
         s.add(rec)
         if plan.reserve:
             s.add(ReservedInput(outpoint=f"{rec.txid}:{rec.vout}", withdrawal_id=rid))
@@ -113,9 +115,9 @@ def record(
             ReplacementRow(withdrawal_id=rid, original_id=original.id or 0, replaces_id=replaced.id or 0, kind=row.kind)
         )
     s.flush()
-    row.request_signature = sign_request(key, q._summary(policy, row, q._inputs(s, rid)), row.account)
+    row.request_signature = sign_request(key, wd_records._summary(policy, row, wd_records._inputs(s, rid)), row.account)
     s.add(row)
-    q._enforce(s, policy, row)
+    wd_records._enforce(s, policy, row)
     return row
 
 
@@ -152,7 +154,7 @@ def standalone(s: Session) -> list[WithdrawalRow]:
     """Broadcast self-transfers that are for no withdrawal (consolidations)."""
     linked = {r.withdrawal_id for r in s.exec(select(ReplacementRow)).all()}
     rows = s.exec(
-        select(WithdrawalRow).where(WithdrawalRow.kind == CONSOLIDATE, col(WithdrawalRow.status) == q.BROADCAST)
+        select(WithdrawalRow).where(WithdrawalRow.kind == CONSOLIDATE, col(WithdrawalRow.status) == wd_states.BROADCAST)
     )
     return [r for r in rows.all() if r.id not in linked]
 
@@ -160,15 +162,15 @@ def standalone(s: Session) -> list[WithdrawalRow]:
 def settle(s: Session, row: WithdrawalRow, confirmations: int, height: int | None) -> None:
     """A self-transfer confirmed deep enough: its fee booked, its own reservations released."""
     row.confirmations, row.block_height = confirmations, height
-    q._touch(s, row, q.CONFIRMED)
-    q._release(s, row.id or 0)
+    wd_records._touch(s, row, wd_states.CONFIRMED)
+    wd_records._release(s, row.id or 0)
     ledger.self_transfer_settled(s, row)
     audit_log.append(
         s, "withdrawal.confirmed", "sync", {"withdrawal_id": row.id, "txid": row.txid, "height": height, "fee": row.fee}
     )
 
 
-def sync_standalone(db: Any, backend: ChainBackend, limits: q.Limits) -> list[dict[str, Any]]:
+def sync_standalone(db: Any, backend: ChainBackend, limits: wd_limits.Limits) -> list[dict[str, Any]]:
     """Follow consolidations to confirmation; the rows that changed."""
     changed = []
     with db.transaction() as s:
@@ -176,9 +178,9 @@ def sync_standalone(db: Any, backend: ChainBackend, limits: q.Limits) -> list[di
     for rid, txid in ids:
         status = backend.tx_status(txid or "")
         with db.transaction() as s:
-            row = q._get(s, rid or 0, lock=True)
-            if row.status != q.BROADCAST or status.confirmations < limits.confirmations:
+            row = wd_records._get(s, rid or 0, lock=True)
+            if row.status != wd_states.BROADCAST or status.confirmations < limits.confirmations:
                 continue
             settle(s, row, status.confirmations, status.block_height)
-            changed.append(q.view(s, policy_from_session(s), row))
+            changed.append(wd_records.view(s, policy_from_session(s), row))
     return changed

@@ -31,6 +31,11 @@ suspensions and rulebook it saw, appends the transaction to the journal (``signe
 fsynced) and only then adds the signatures (RFC 6979, low S; signing twice adds nothing).
 """
 
+# size(module): the OFFLINE signer's whole trust boundary in one file that imports neither the store
+#   nor the chain (a contract says so); helper bump changes it now (replacements), so it is split
+#   after that lands
+# size(review): the offline signer's checks, read top to bottom in one place at the trust boundary
+
 from __future__ import annotations
 
 import hashlib
@@ -75,28 +80,16 @@ from custody.identity.roster import (
     parse_suspension,
     roster_problems,
 )
-from custody.identity.rulebook import (
-    LOCKTIME_THRESHOLD,
-    Counted,
-    Need,
-    Payout,
-    Rulebook,
-    Spend,
-    Verdict,
-    chain_rollback,
-    check_chain,
-    judge,
-    parse_chain,
-    parse_rulebook,
-    rulebook_at,
-)
+from custody.identity.rulebook import LOCKTIME_THRESHOLD, Rulebook, parse_chain, parse_rulebook
+from custody.identity.rulebook_chain import chain_rollback, check_chain, rulebook_at
+from custody.identity.rulebook_judge import Counted, Need, Payout, Spend, Verdict, judge
 from custody.policy.generator import AddressDeriver, DerivedAddress
 from custody.policy.manifest import SignedManifest
 from custody.policy.model import BRANCHES, CHANGE, Policy
 from custody.policy.rotation import check_chain as check_manifest_chain
 from custody.withdraw.replace_check import BUMP, SELF_TRANSFERS, check_bump, check_self_transfer, replaced_tx
 
-# The PSBT's proprietary records (identifier "custody"), written by custody.withdraw.queue:
+# The PSBT's proprietary records (identifier "custody"), written by custody.withdraw.psbt_io:
 PROPRIETARY_ID = b"custody"
 PROP_META = 0  # JSON: network, withdrawal (or batch members), requester and their signature, change output, policy
 PROP_APPROVALS = 1  # JSON: the approvals of the withdrawal

@@ -39,13 +39,15 @@ from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, issue_in
 from custody.policy.model import CHANGE
 from custody.store.db import Database
 from custody.store.models import AddressRow, ReservedInput, WithdrawalRow
-from custody.withdraw import queue
+from custody.withdraw import limits as wd_limits
+from custody.withdraw import records
+from custody.withdraw import states as wd_states
 
-SWEEP = queue.SWEEP
+SWEEP = wd_states.SWEEP
 ACCOUNT = "custody-sweep"
 MAX_INPUTS = 250  # a p2sh 2-of-3 input weighs ~1,200 WU: 250 stay well under 400,000
-_OPEN = (*queue.PENDING, queue.BROADCAST)
-_DEFAULT_LIMITS = queue.Limits()
+_OPEN = (*wd_states.PENDING, wd_states.BROADCAST)
+_DEFAULT_LIMITS = wd_limits.Limits()
 
 
 def _old_coins(s: Session, backend: ChainBackend) -> tuple[epochs.Epoch, list[Coin]]:
@@ -76,7 +78,7 @@ def propose_sweep(
     requester: str,
     key: EmployeeSigner,
     fee_rate: str | None,
-    limits: queue.Limits = _DEFAULT_LIMITS,
+    limits: wd_limits.Limits = _DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     """Record the next sweep (see the module's docstring) as requested by ``requester`` (request
     role); its inputs are reserved in the same transaction, audited as ``sweep.requested``.
@@ -113,11 +115,11 @@ def _record(
     key: EmployeeSigner,
     tip: int,
     rate: Decimal,
-    limits: queue.Limits,
+    limits: wd_limits.Limits,
 ) -> dict[str, Any]:
     epoch, coins = _old_coins(s, backend)
     old = epoch.policy
-    change = issue_in_session(s, manifest, queue.CHANGE_ACCOUNT, 1, CHANGE, actor=requester)[0]
+    change = issue_in_session(s, manifest, records.CHANGE_ACCOUNT, 1, CHANGE, actor=requester)[0]
     spk = bytes.fromhex(change.script_pubkey)
     fee = math.ceil(rate * tx_vsize(old.script_type, old.threshold, old.n, len(coins), [spk]))
     total = sum(c.amount for c in coins)
@@ -139,7 +141,7 @@ def _record(
         fee_rate=str(rate),
         change_index=change.index,
         change_amount=total - fee,
-        status=queue.REQUESTED,
+        status=wd_states.REQUESTED,
         unsigned_tx=b2x(tx.serialize()),
         created_at=stamp,
         updated_at=stamp,
@@ -148,11 +150,11 @@ def _record(
     s.flush()
     wid = row.id or 0
     prev: dict[str, str | None] = {c.outpoint: b2x(backend.raw_transaction(c.txid)) for c in coins}
-    for rec in queue._input_rows(wid, tx, coins, prev):
+    for rec in records._input_rows(wid, tx, coins, prev):
         s.add(rec)
         s.add(ReservedInput(outpoint=f"{rec.txid}:{rec.vout}", withdrawal_id=wid))
     s.flush()
-    row.request_signature = sign_request(key, queue._summary(old, row, queue._inputs(s, wid)), ACCOUNT)
+    row.request_signature = sign_request(key, records._summary(old, row, records._inputs(s, wid)), ACCOUNT)
     s.add(row)
     crash_point("sweep.requested")
     audit_log.append(
@@ -171,4 +173,4 @@ def _record(
         },
         row.request_signature,
     )
-    return queue.view(s, old, row)
+    return records.view(s, old, row)

@@ -21,10 +21,12 @@ from custody.identity.employee_keys import EmployeeSigner
 from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, load_manifest_or_halt
 from custody.store.db import Database
 from custody.store.models import AddressRow, ReservedInput
+from custody.withdraw import limits as wd_limits
 from custody.withdraw import queue as q
+from custody.withdraw import records as wd_records
 from custody.withdraw import selftransfer as st
 
-DEFAULT_LIMITS = q.Limits()
+DEFAULT_LIMITS = wd_limits.Limits()
 
 
 def list_utxos(db: Database, backend: ChainBackend) -> list[dict[str, Any]]:
@@ -65,7 +67,7 @@ def consolidate(
     max_inputs: int,
     actor: str,
     key: EmployeeSigner,
-    limits: q.Limits = DEFAULT_LIMITS,
+    limits: wd_limits.Limits = DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     """Request a consolidation: up to ``max_inputs`` unreserved coins (smallest first, each
     worth more than its spending costs) into one fresh change address, the transaction's weight
@@ -89,7 +91,7 @@ def consolidate(
             authenticate(s, check_pinned(s, load_trust(settings)), actor, key, "request")
             coins = q._spendable(s, backend, policy)
             probe = next(iter(s.exec(select(AddressRow)).all()), None)
-            rules = q._rulebooks(s).at(tip)
+            rules = wd_records._rulebooks(s).at(tip)
             cap = min(limits.max_fee, rules.rules.fees.max_fee_sat if rules else limits.max_fee)
             shape = (policy.script_type, policy.threshold, policy.n)
             chosen = st.choose_coins(
@@ -107,10 +109,10 @@ def consolidate(
                     "inputs": len(chosen),
                     "amount": sum(c.amount for c in chosen),
                     "fee": row.fee,
-                    "unsigned_txid": b2lx(q._tx(row).GetTxid()),
+                    "unsigned_txid": b2lx(wd_records._tx(row).GetTxid()),
                 },
                 row.request_signature,
             )
-            return q.view(s, policy, row)
+            return wd_records.view(s, policy, row)
     except AddressMismatch as exc:
         raise halt_for_mismatch(db, settings, exc) from None

@@ -29,7 +29,8 @@ from custody.identity.approvals import RegistryEntry
 from custody.identity.webauthn import Credential, assertion_problem, decode_assertion
 from custody.store.db import Database
 from custody.store.models import ApprovalRow
-from custody.withdraw import queue as wd
+from custody.withdraw import records as wd_records
+from custody.withdraw import states as wd_states
 
 
 def _entry(s: Session, settings: Settings, name: str) -> RegistryEntry:
@@ -85,17 +86,17 @@ def approve_with_security_key(
     with db.transaction() as s:
         halt.guard(s)
         policy = policy_from_session(s)
-        row = wd._get(s, withdrawal_id, lock=True)
-        wd._not_in_batch(row)
-        if row.kind == wd.BATCH:
+        row = wd_records._get(s, withdrawal_id, lock=True)
+        wd_records._not_in_batch(row)
+        if row.kind == wd_states.BATCH:
             raise Conflict(f"#{withdrawal_id} is a batch: its members' approvals are its approvals")
-        if row.status not in (wd.REQUESTED, wd.APPROVED):
+        if row.status not in (wd_states.REQUESTED, wd_states.APPROVED):
             raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; approvals are closed")
         credential = _credential(_entry(s, settings, name), credential_id)
         if name == row.requester:
             raise ApprovalError(f"{name} requested withdrawal #{withdrawal_id} and cannot approve it")
-        summary = wd._summary(policy, row, wd._inputs(s, withdrawal_id))
-        wd._enforce(s, policy, row)
+        summary = wd_records._summary(policy, row, wd_records._inputs(s, withdrawal_id))
+        wd_records._enforce(s, policy, row)
         problem = assertion_problem(credential, assertion, bytes.fromhex(summary.digest()))
         if problem is not None:
             raise ApprovalError(f"{name}'s approval of withdrawal #{withdrawal_id} is refused: {problem}")
@@ -120,9 +121,9 @@ def approve_with_security_key(
         s.flush()
         payload = {"withdrawal_id": withdrawal_id, "digest": digest, "webauthn": credential.fingerprint}
         audit_log.append(s, "withdrawal.approved", name, payload, assertion)
-        _, check = wd._check(s, policy, row)
-        if check.enough and row.status == wd.REQUESTED:
-            wd._touch(s, row, wd.APPROVED)
-        result = wd.view(s, policy, row)
+        _, check = wd_records._check(s, policy, row)
+        if check.enough and row.status == wd_states.REQUESTED:
+            wd_records._touch(s, row, wd_states.APPROVED)
+        result = wd_records.view(s, policy, row)
     crash_point("withdrawal.approved")
     return result

@@ -8,6 +8,10 @@ Core's: known fields by key type; partial signatures by the HASH160 of their pub
 then proprietary and unknown records by key bytes.
 """
 
+# size(module): BIP-174's global, input and output maps, read and written side by side so that each
+#   key type's reader and writer are checked together; one more split (by map) waits for the PSBT
+#   work of other issues
+
 from __future__ import annotations
 
 import base64

@@ -1,0 +1,373 @@
+"""Broadcasting a signed withdrawal (test-accepted first) and following it on the chain to
+confirmation, a refund (a conflict buried ``refund_confirmations`` deep) or back (a reorg).
+
+Once founders' signatures exist, only the chain's blocks fail a withdrawal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bitcoin.core import CMutableTransaction, CTransaction, b2lx, b2x, x
+from sqlmodel import Session, col, select
+
+from custody.books import deposits, ledger
+from custody.chain.consensus import check_before_broadcast
+from custody.chain.types import (
+    AcceptResult,
+    ChainBackend,
+    OutputSpend,
+    Refusal,
+    SpendState,
+    TransactionRefused,
+    TxStatus,
+)
+from custody.config import Settings
+from custody.control import audit_log, halt
+from custody.control.epochs import current_policy as policy_from_session
+from custody.errors import (
+    Conflict,
+    NotFound,
+    StorageError,
+)
+from custody.faults import crash_point
+from custody.store.db import Database
+from custody.store.models import ReservedInput, WithdrawalRow
+from custody.withdraw import replacements
+from custody.withdraw.limits import Limits
+from custody.withdraw.records import (
+    _get,
+    _inputs,
+    _members,
+    _not_in_batch,
+    _release,
+    _require_approved,
+    _touch,
+    _tx,
+    view,
+)
+from custody.withdraw.states import APPROVED, BROADCAST, CONFIRMED, FAILED, SIGNED
+
+
+def _stripped(raw: bytes) -> bytes:
+    """A transaction without its scriptSigs and witnesses: what the approvals cover."""
+    tx = CMutableTransaction.from_tx(CTransaction.deserialize(raw))
+    for vin in tx.vin:
+        vin.scriptSig = b""
+    return bytes(CTransaction(tx.vin, tx.vout, tx.nLockTime, tx.nVersion).serialize())
+
+
+def _final_matches(row: WithdrawalRow) -> bool:
+    """The final transaction is the approved one with signatures added, nothing else."""
+    return _stripped(x(row.final_tx or "")) == bytes(x(row.unsigned_tx))
+
+
+def _consensus_refusal(raw: bytes, spent: Sequence[tuple[int, bytes]]) -> AcceptResult | None:
+    """The pre-broadcast consensus and standardness check's refusal (as a test-accept's), or None."""
+    try:
+        check_before_broadcast(raw, spent)
+    except TransactionRefused as exc:
+        return AcceptResult(False, f"pre-broadcast consensus check: {exc}", "", exc.refusal)
+    return None
+
+
+def _record_refusal(db: Database, withdrawal_id: int, refusal: Refusal, reason: str) -> None:
+    """Write down a refusal of a signed withdrawal's transaction; change nothing else.
+
+    The withdrawal stays signed, its inputs reserved and its hold in place: a signed
+    transaction stays valid whatever one node says, and anyone holding it can broadcast it.
+    """
+    with db.transaction() as s:
+        row = _get(s, withdrawal_id, lock=True)
+        if row.status != SIGNED:
+            return
+        _touch(s, row, reason=f"refused by the node ({refusal.value}): {reason}")
+        audit_log.append(
+            s,
+            "withdrawal.refused",
+            "operator",
+            {"withdrawal_id": withdrawal_id, "txid": row.txid, "refusal": refusal.value, "reason": reason},
+        )
+
+
+def _refused(withdrawal_id: int, refusal: Refusal, reason: str) -> TransactionRefused:
+    return TransactionRefused(
+        f"the node refused withdrawal #{withdrawal_id}'s transaction ({refusal.value}): {reason}. "
+        "It stays signed, its inputs reserved and its hold in place: it is settled once the chain shows it "
+        "confirmed, and failed and refunded only once the chain shows its inputs spent by another transaction "
+        "CUSTODY_REFUND_CONFIRMATIONS blocks deep (custody sync)",
+        refusal,
+        reason,
+    )
+
+
+def broadcast(db: Database, backend: ChainBackend, withdrawal_id: int, *, settings: Settings) -> dict[str, Any]:
+    """Test-accept, then broadcast the final transaction; idempotent.
+
+    A refusal (by the pre-broadcast check or the node) is recorded in the audit log
+    (``withdrawal.refused``) and changes nothing else: the withdrawal stays signed, its
+    inputs reserved and its customer's hold in place (see :func:`sync` for what fails it).
+    Raises HaltedError, NotFound, ApprovalError, Conflict, StorageError, TransactionRefused
+    (a NodeError, with its Refusal), NodeError.
+    """
+    with db.transaction() as s:
+        halt.guard(s)
+        policy = policy_from_session(s)
+        row = _get(s, withdrawal_id, lock=True)
+        _not_in_batch(row)
+        if row.status in (BROADCAST, CONFIRMED):
+            if row.final_tx:
+                backend.broadcast(x(row.final_tx))  # the node already has it: same txid
+            return view(s, policy, row)
+        if row.status != SIGNED or not row.final_tx:
+            raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}: finalize it first")
+        _require_approved(s, policy, row)
+        if not _final_matches(row):
+            raise StorageError(f"withdrawal #{withdrawal_id}: the final transaction is not the approved one")
+        raw = x(row.final_tx)
+        spent = [(i.amount, bytes.fromhex(i.script_pubkey)) for i in _inputs(s, withdrawal_id)]
+    txid = b2lx(CTransaction.deserialize(raw).GetTxid())
+    # Broadcast before a crash, recorded after it: the node has it, so record it.
+    if not backend.tx_status(txid).known:
+        accept = _consensus_refusal(raw, spent) or backend.test_accept(raw)
+        if not accept.allowed and accept.refusal is not Refusal.ALREADY_KNOWN:
+            refusal, reason = accept.refusal or Refusal.UNKNOWN, accept.reason or "no reason given"
+            _record_refusal(db, withdrawal_id, refusal, reason)
+            raise _refused(withdrawal_id, refusal, reason)
+        try:
+            txid = backend.broadcast(raw)
+        except TransactionRefused as exc:  # the chain moved between the test and the broadcast
+            _record_refusal(db, withdrawal_id, exc.refusal, exc.reason)
+            raise _refused(withdrawal_id, exc.refusal, exc.reason) from None
+    crash_point("withdrawal.sent")
+    with db.transaction() as s:
+        policy = policy_from_session(s)
+        row = _get(s, withdrawal_id, lock=True)
+        if row.status == SIGNED:
+            row.txid = txid
+            row.reason = None  # a refusal before this one stays in the audit log
+            _touch(s, row, BROADCAST)
+            audit_log.append(s, "withdrawal.broadcast", "operator", {"withdrawal_id": withdrawal_id, "txid": txid})
+        result = view(s, policy, row)
+    crash_point("withdrawal.broadcast")
+    return result
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What the chain says of a withdrawal carrying founders' signatures.
+
+    ``status``: its own transaction's (unknown when the chain does not have it); ``raw``:
+    that transaction as the chain has it, when the store lacks it; ``conflict``: the
+    deepest input spent by another transaction in a block, if any.
+    """
+
+    status: TxStatus
+    raw: bytes | None = None
+    conflict: OutputSpend | None = None
+
+
+def _ours(raw: bytes, unsigned_tx: str) -> bool:
+    try:
+        return _stripped(raw) == bytes(x(unsigned_tx))
+    except Exception:  # python-bitcoinlib raises several unrelated types for a bad transaction
+        return False
+
+
+def _look(
+    backend: ChainBackend, txid: str, unsigned_tx: str, outpoints: Sequence[tuple[str, int]], need_raw: bool
+) -> _Seen:
+    """Ask the chain about a withdrawal: its transaction (and, with ``need_raw``, its bytes
+    as the chain has them), else what spent its inputs.
+
+    An input the chain shows spent by a transaction that is the approved one with
+    signatures (a p2sh spend's txid is only known once signed) is ours, not a conflict.
+    A node's refusal, a mempool conflict and an input the node does not know are no
+    conflicts: only a spend in a block is.
+    """
+    status = backend.tx_status(txid)
+    if status.known:
+        if need_raw:  # signed elsewhere: keep the final transaction the chain has
+            try:
+                raw = backend.raw_transaction(txid)
+            except NotFound:
+                return _Seen(status)
+            return _Seen(status, raw if _ours(raw, unsigned_tx) else None)
+        return _Seen(status)
+    if not outpoints:
+        return _Seen(status)
+    conflict = None
+    for spend in backend.spends(outpoints):
+        if spend.state is not SpendState.SPENT or spend.spender is None:
+            continue
+        try:
+            raw = backend.raw_transaction(spend.spender)
+        except NotFound:
+            continue  # the chain cannot show what spent it: no proof either way
+        if _ours(raw, unsigned_tx):
+            return _Seen(backend.tx_status(spend.spender), raw)
+        if conflict is None or spend.confirmations > conflict.confirmations:
+            conflict = spend
+    return _Seen(status, None, conflict)
+
+
+def _watched(s: Session, tip: int) -> list[int]:
+    """Withdrawals sync follows: broadcast; confirmed but shallow enough for a
+    reorganisation to take out (a batch speaks for its members); and those that carry
+    founders' signatures but were not broadcast by us (refused by a node, or not sent yet)."""
+    rows = s.exec(select(WithdrawalRow).where(col(WithdrawalRow.status).in_((APPROVED, SIGNED, BROADCAST, CONFIRMED))))
+    ids = []
+    theirs = replacements.grouped(s)  # followed by custody.withdraw.replace.sync_replacements
+    for r in rows.all():
+        if r.id in theirs:
+            continue
+        if r.status == BROADCAST:
+            ids.append(r.id or 0)
+        elif r.batch_id is not None:
+            continue
+        elif r.status == CONFIRMED:
+            if r.block_height is None or tip - r.block_height < REORG_DEPTH:
+                ids.append(r.id or 0)
+        elif r.status == SIGNED or r.psbt is not None:
+            ids.append(r.id or 0)
+    return sorted(ids)
+
+
+def sync(db: Database, backend: ChainBackend, limits: Limits = Limits(), *, settings: Settings) -> list[dict[str, Any]]:
+    """Follow withdrawals on the chain (and settle them in the ledger); return those that changed.
+
+    * Broadcast: confirmed at ``limits.confirmations`` and settled; a confirmed one a
+      reorganisation took out goes back to broadcast, its settlement reversed.
+    * Carrying founders' signatures but not broadcast by us (refused by a node, or signed
+      and not sent): broadcast once the chain shows its transaction, wherever it came from.
+    * Failed, its inputs released and its customer refunded, only when the chain shows one
+      of its inputs spent by another transaction in a block ``limits.refund_confirmations``
+      deep; the audit log's ``withdrawal.failed`` names that transaction. Nothing else
+      fails a withdrawal that carries founders' signatures.
+
+    Raises NodeError (also for a chain whose tip is well below what custody recorded from
+    it: see custody.books.deposits.check_not_behind); HaltedError after raising the halt
+    when the ledger does not balance.
+    """
+    changed = []
+    tip = backend.tip_height()
+    deposits.check_not_behind(db, tip)
+    with db.transaction() as s:
+        ids = _watched(s, tip)
+    for wid in ids:
+        with db.transaction() as s:
+            row = _get(s, wid)
+            before = (row.status, row.txid)
+            txid = row.txid or b2lx(_tx(row).GetTxid())
+            unsigned = row.unsigned_tx
+            outpoints = [(i.txid, i.vout) for i in _inputs(s, wid)] if row.batch_id is None else []
+            need_raw = row.final_tx is None and row.batch_id is None
+        seen = _look(backend, txid, unsigned, outpoints, need_raw)  # no lock held while the chain is asked
+        with ledger.halting(db, settings), db.transaction() as s:
+            policy = policy_from_session(s)
+            row = _get(s, wid, lock=True)
+            if (row.status, row.txid) != before:
+                continue  # moved on meanwhile (a broadcast, another sync): the next sync looks again
+            if _follow(s, row, seen, limits):
+                changed.append(view(s, policy, row))
+    return changed
+
+
+def _follow(s: Session, row: WithdrawalRow, seen: _Seen, limits: Limits) -> bool:
+    """Apply what the chain says to one withdrawal (locked); whether anything changed."""
+    wid = row.id or 0
+    status = seen.status
+    changed = False
+    if status.known and row.status in (APPROVED, SIGNED):
+        # Its transaction is on the chain though we did not send it: signed elsewhere, or
+        # sent through another node after ours refused it. It is broadcast, never refunded.
+        if seen.raw is not None and (row.final_tx is None or x(row.final_tx) != seen.raw):
+            row.final_tx = b2x(seen.raw)
+        row.txid = status.txid
+        row.reason = None
+        _touch(s, row, BROADCAST)
+        audit_log.append(
+            s, "withdrawal.broadcast", "sync", {"withdrawal_id": wid, "txid": status.txid, "seen_on_chain": True}
+        )
+        changed = True
+    if row.status in (BROADCAST, CONFIRMED) and (
+        status.confirmations != row.confirmations or status.block_height != row.block_height
+    ):
+        changed = True
+        row.confirmations = status.confirmations
+        row.block_height = status.block_height
+        if status.confirmations >= limits.confirmations and row.status == BROADCAST:
+            _touch(s, row, CONFIRMED)
+            _release(s, wid)
+            if row.batch_id is None:  # a batch settles for its members
+                ledger.withdrawal_settled(s, row, _members(s, wid))
+            audit_log.append(
+                s,
+                "withdrawal.confirmed",
+                "sync",
+                {"withdrawal_id": wid, "txid": row.txid, "height": status.block_height},
+            )
+        elif row.status == CONFIRMED and status.confirmations < limits.confirmations:
+            _reorged(s, row, status.in_mempool)
+        else:
+            _touch(s, row)
+    conflict = seen.conflict
+    if (
+        conflict is not None
+        and conflict.confirmations >= limits.refund_confirmations
+        and row.status in (APPROVED, SIGNED, BROADCAST)
+        and row.batch_id is None
+    ):
+        _refund(s, row, conflict)
+        changed = True
+    return changed
+
+
+def _refund(s: Session, row: WithdrawalRow, conflict: OutputSpend) -> None:
+    """The proof is in: another transaction spent an input, deep in the chain. Fail the
+    withdrawal, release its inputs and give each member's amount and fee back."""
+    wid = row.id or 0
+    reason = (
+        f"input {conflict.txid}:{conflict.vout} spent by another transaction {conflict.spender} "
+        f"at height {conflict.block_height} ({conflict.confirmations} confirmations)"
+    )
+    members = _members(s, wid)
+    _touch(s, row, FAILED, reason)
+    _release(s, wid)
+    txn = ledger.withdrawal_released(s, row, members, f"refunded: {reason}")
+    audit_log.append(
+        s,
+        "withdrawal.failed",
+        "sync",
+        {
+            "withdrawal_id": wid,
+            "reason": reason,
+            "spent_by": conflict.spender,
+            "outpoint": f"{conflict.txid}:{conflict.vout}",
+            "height": conflict.block_height,
+            "confirmations": conflict.confirmations,
+            "refunded": sum(m.amount + m.fee for m in members or [row]),
+            "ledger_txn": txn.id if txn else None,
+        },
+    )
+
+
+REORG_DEPTH = 100
+
+
+def _reorged(s: Session, row: WithdrawalRow, in_mempool: bool) -> None:
+    """A reorganisation took a confirmed withdrawal out of the chain: back to broadcast, its
+    inputs reserved again (the transaction may confirm again), its settlement reversed."""
+    _touch(s, row, BROADCAST)
+    for i in _inputs(s, row.id or 0):
+        if s.get(ReservedInput, f"{i.txid}:{i.vout}") is None:
+            s.add(ReservedInput(outpoint=f"{i.txid}:{i.vout}", withdrawal_id=row.id or 0))
+    ledger.withdrawal_unsettled(s, row, _members(s, row.id or 0))
+    audit_log.append(
+        s,
+        "withdrawal.reorged",
+        "sync",
+        {"withdrawal_id": row.id, "txid": row.txid, "in_mempool": in_mempool},
+    )

@@ -1,0 +1,322 @@
+"""Reading a withdrawal's stored state, judging it by the approvals and the founders' rulebook, and
+showing it: what every step of the queue (``custody.withdraw.queue``) re-checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bitcoin.core import CMutableTransaction, CTransaction, b2lx, x
+from sqlmodel import Session, col, select
+
+from custody.bitcoin.amounts import format_btc
+from custody.bitcoin.destinations import address_of
+from custody.bitcoin.txbuild import Coin, tx_vsize
+from custody.clock import iso, now
+from custody.control import roster as roster_lib
+from custody.control import rulebook as rulebook_lib
+from custody.control.roster import store_trust
+from custody.errors import (
+    ApprovalError,
+    Conflict,
+    NotFound,
+    PolicyViolation,
+    StorageError,
+    VerificationFailed,
+)
+from custody.identity.approvals import (
+    Approval,
+    ApprovalCheck,
+    Member,
+    TxSummary,
+    check_approvals,
+    check_batch,
+    summarize,
+)
+from custody.identity.rulebook_judge import Counted, Need, Payout, Spend, Verdict, judge
+from custody.policy.model import CHANGE, Policy
+from custody.store.models import AddressRow, ApprovalRow, ReservedInput, WithdrawalInput, WithdrawalRow
+from custody.withdraw import replacements
+from custody.withdraw.states import BATCH, BROADCAST, CONFIRMED, FAILED, SINGLE
+
+CHANGE_ACCOUNT = "custody-change"
+
+
+# ---------------------------------------------------------------- reading the stored state
+
+
+def _get(s: Session, withdrawal_id: int, lock: bool = False) -> WithdrawalRow:
+    query = select(WithdrawalRow).where(WithdrawalRow.id == withdrawal_id)
+    if lock:
+        query = query.with_for_update()
+    row = s.exec(query).first()
+    if row is None:
+        raise NotFound(f"no withdrawal #{withdrawal_id}")
+    return row
+
+
+def _inputs(s: Session, withdrawal_id: int) -> list[WithdrawalInput]:
+    return list(
+        s.exec(
+            select(WithdrawalInput)
+            .where(WithdrawalInput.withdrawal_id == withdrawal_id)
+            .order_by(col(WithdrawalInput.position))
+        ).all()
+    )
+
+
+def _tx(row: WithdrawalRow) -> CTransaction:
+    return CTransaction.deserialize(x(row.unsigned_tx))
+
+
+def _summary(policy: Policy, row: WithdrawalRow, inputs: Sequence[WithdrawalInput]) -> TxSummary:
+    """The approval statement rebuilt from the stored transaction, checked against the row.
+
+    Raises StorageError when the row disagrees with its own transaction (store tampering).
+    """
+    tx = _tx(row)
+    by_outpoint = {f"{i.txid}:{i.vout}": i.amount for i in inputs}
+    try:
+        amounts = [by_outpoint[f"{b2lx(v.prevout.hash)}:{v.prevout.n}"] for v in tx.vin]
+    except KeyError:
+        raise StorageError(f"withdrawal #{row.id}: its transaction spends an input it did not record") from None
+    summary = summarize(policy.network.name, row.id or 0, tx, amounts)
+    paid = [a for spk, a in summary.outputs if spk == row.destination_spk]
+    if row.kind == SINGLE and (not paid or paid[0] != row.amount or summary.fee != row.fee):
+        raise StorageError(
+            f"withdrawal #{row.id}: destination, amount or fee in the store disagree with its transaction"
+        )
+    return summary
+
+
+def _standing(s: Session) -> roster_lib.Standing:
+    """The founders' roster in force (checked against the store's founders-signed manifest)."""
+    return roster_lib.standing(s, store_trust(s))
+
+
+def _approvals(s: Session, withdrawal_id: int) -> list[Approval]:
+    rows = s.exec(select(ApprovalRow).where(ApprovalRow.withdrawal_id == withdrawal_id).order_by(col(ApprovalRow.id)))
+    return [Approval(r.employee, r.pubkey, r.signature) for r in rows]
+
+
+def _members(s: Session, batch_id: int) -> list[WithdrawalRow]:
+    return list(s.exec(select(WithdrawalRow).where(WithdrawalRow.batch_id == batch_id).order_by(col(WithdrawalRow.id))))
+
+
+def _change_position(s: Session, row: WithdrawalRow) -> int | None:
+    """Which output of the transaction pays one of our change addresses, if any."""
+    change = {a.script_pubkey for a in s.exec(select(AddressRow).where(AddressRow.chain == CHANGE)).all()}
+    for n, out in enumerate(_tx(row).vout):
+        if bytes(out.scriptPubKey).hex() in change:
+            return n
+    return None
+
+
+def _member(s: Session, policy: Policy, row: WithdrawalRow, need: Need | None) -> Member:
+    summary, check = _check(s, policy, row, need)
+    return Member(summary, _change_position(s, row), check)
+
+
+def _check(s: Session, policy: Policy, row: WithdrawalRow, need: Need | None = None) -> tuple[TxSummary, ApprovalCheck]:
+    """The approval statement and which approvals count, as many as the rulebook's tier needs
+    (``need``: given for a batch's member, judged with its batch); a batch counts its members'."""
+    summary = _summary(policy, row, _inputs(s, row.id or 0))
+    if row.kind == BATCH:
+        needs = _verdict(s, policy, row, history=False).needs
+        members = [_member(s, policy, m, needs.get(m.id or 0)) for m in _members(s, row.id or 0)]
+        problems = check_batch(summary, _change_position(s, row), members)
+        valid = tuple(sorted({name for m in members for name in m.check.valid}))
+        rejected = tuple(("batch", p) for p in problems)
+        # A batch is approved when check_batch finds nothing wrong: the union then counts.
+        return summary, ApprovalCheck(valid if not problems else (), rejected)
+    if need is None:
+        need = _verdict(s, policy, row, history=False).needs[row.id or 0]
+    return summary, check_approvals(
+        summary, _approvals(s, row.id or 0), _standing(s).registry("approve"), row.requester, need.approvals, need.tier
+    )
+
+
+# ---------------------------------------------------------------- the rulebook
+
+
+def _rulebooks(s: Session) -> rulebook_lib.Chain:
+    """The applied rulebooks, checked (once per transaction)."""
+    cached = s.info.get("custody.rulebooks")
+    if not isinstance(cached, rulebook_lib.Chain):
+        cached = s.info["custody.rulebooks"] = rulebook_lib.store_chain(s)
+    return cached
+
+
+def _locktime(row: WithdrawalRow) -> int:
+    """The height the withdrawal was requested at: its transaction's nLockTime (its last 4 bytes)."""
+    return int.from_bytes(bytes.fromhex(row.unsigned_tx[-8:]), "little")
+
+
+def _payout(s: Session, row: WithdrawalRow) -> Payout:
+    change = _change_position(s, row)
+    payments = tuple((bytes(o.scriptPubKey).hex(), int(o.nValue)) for n, o in enumerate(_tx(row).vout) if n != change)
+    return Payout(row.id or 0, row.account, payments, row.fee)
+
+
+def _spend(s: Session, policy: Policy, row: WithdrawalRow) -> Spend:
+    tx = _tx(row)
+    payouts = [_payout(s, m) for m in _members(s, row.id or 0)] if row.kind == BATCH else [_payout(s, row)]
+    outputs = [bytes(o.scriptPubKey) for o in tx.vout]
+    vsize = tx_vsize(policy.script_type, policy.threshold, policy.n, len(tx.vin), outputs)
+    return Spend(tx.nLockTime, tuple(payouts), row.fee, vsize, row.kind == BATCH)
+
+
+def _history(s: Session, exclude: set[int]) -> list[Counted]:
+    """Every withdrawal velocity counts, at the height it was requested: all but the failed ones
+    that never carried founders' signatures (a signed transaction may still be broadcast)."""
+    rows = s.exec(select(WithdrawalRow).where(WithdrawalRow.kind == SINGLE)).all()
+    return [
+        Counted(_locktime(r), r.account, r.amount)
+        for r in rows
+        if r.id not in exclude and (r.status != FAILED or r.psbt is not None or r.final_tx is not None)
+    ]
+
+
+def _judge(s: Session, spend: Spend, exclude: set[int], history: bool = True) -> Verdict:
+    books = _rulebooks(s)
+    return judge(books.at(spend.height), books.effective, spend, _history(s, exclude) if history else ())
+
+
+def _verdict(s: Session, policy: Policy, row: WithdrawalRow, history: bool = True) -> Verdict:
+    """The rulebook in force at the withdrawal's height, applied to it (to a batch: to its
+    members together, in one transaction; a fee bump: by the rulebook's bump rule)."""
+    if row.kind == "bump":
+        return replacements.bump_verdict(s, policy, row, _tx(row))
+    spend = _spend(s, policy, row)
+    return _judge(s, spend, {row.id or 0, *(p.withdrawal_id for p in spend.payouts)}, history)
+
+
+def _refuse_violations(verdict: Verdict, what: str) -> None:
+    if verdict.violations:
+        book = f"rulebook #{verdict.serial}" if verdict.serial else "the built-in rules (no rulebook signed yet)"
+        raise PolicyViolation(f"{what} is refused by {book} at height {verdict.height}: {verdict.explain()}")
+
+
+def _enforce(s: Session, policy: Policy, row: WithdrawalRow) -> Verdict:
+    """Raise PolicyViolation naming every rule the withdrawal (or batch) breaks."""
+    verdict = _verdict(s, policy, row)
+    _refuse_violations(verdict, f"{'batch' if row.kind == BATCH else 'withdrawal'} #{row.id}")
+    return verdict
+
+
+def _require_approved(s: Session, policy: Policy, row: WithdrawalRow) -> TxSummary:
+    summary, check = _check(s, policy, row)
+    if not check.enough:
+        raise ApprovalError(f"withdrawal #{row.id} is not approved: {check.explain()}")
+    return summary
+
+
+def _not_in_batch(row: WithdrawalRow) -> None:
+    if row.batch_id is not None:
+        raise Conflict(f"withdrawal #{row.id} is part of batch #{row.batch_id}: use the batch's id")
+
+
+def _input_rows(
+    withdrawal_id: int, tx: CMutableTransaction, coins: Sequence[Coin], prev_txs: Mapping[str, str | None]
+) -> list[WithdrawalInput]:
+    """The rows recording ``tx``'s inputs, in its input order (``prev_txs``: p2sh's previous txs)."""
+    by_outpoint = {c.outpoint: c for c in coins}
+    rows = []
+    for position, vin in enumerate(tx.vin):
+        c = by_outpoint[f"{b2lx(vin.prevout.hash)}:{vin.prevout.n}"]
+        rows.append(
+            WithdrawalInput(
+                withdrawal_id=withdrawal_id,
+                position=position,
+                txid=c.txid,
+                vout=c.vout,
+                amount=c.amount,
+                script_pubkey=c.script_pubkey.hex(),
+                chain=c.chain,
+                idx=c.index,
+                prev_tx=prev_txs.get(c.outpoint),
+            )
+        )
+    return rows
+
+
+def _touch(s: Session, row: WithdrawalRow, status: str | None = None, reason: str | None = None) -> None:
+    """Update a withdrawal; a batch carries its members along (status, txid, depth)."""
+    if status:
+        row.status = status
+    if reason is not None:
+        row.reason = reason
+    row.updated_at = now()
+    s.add(row)
+    if row.kind == BATCH and status in (BROADCAST, CONFIRMED, FAILED):
+        for m in _members(s, row.id or 0):
+            m.status = status
+            m.txid = row.txid
+            m.confirmations = row.confirmations
+            m.block_height = row.block_height
+            m.reason = row.reason if status == FAILED else m.reason
+            m.updated_at = row.updated_at
+            s.add(m)
+
+
+def _release(s: Session, withdrawal_id: int) -> None:
+    for r in s.exec(select(ReservedInput).where(ReservedInput.withdrawal_id == withdrawal_id)).all():
+        s.delete(r)
+
+
+# ---------------------------------------------------------------- views
+
+
+def view(s: Session, policy: Policy, row: WithdrawalRow) -> dict[str, Any]:
+    """A withdrawal as shown by ``withdraw show``/``list`` (approvals re-checked)."""
+    digest = None
+    try:
+        summary, check = _check(s, policy, row)
+        digest = summary.digest()
+        approvals: dict[str, Any] = {"valid": list(check.valid), "rejected": [list(r) for r in check.rejected]}
+    except (StorageError, VerificationFailed) as exc:
+        approvals = {"valid": [], "rejected": [], "error": str(exc)}
+    return {
+        "id": row.id,
+        "kind": row.kind,
+        "members": [m.id for m in _members(s, row.id or 0)] if row.kind == BATCH else [],
+        "status": row.status,
+        "account": row.account,
+        "requester": row.requester,
+        "destination": row.destination,
+        "amount_sat": row.amount,
+        "amount": format_btc(row.amount),
+        "fee_sat": row.fee,
+        "fee_rate": row.fee_rate,
+        "change_sat": row.change_amount,
+        "change_index": row.change_index,
+        "inputs": [{"outpoint": f"{i.txid}:{i.vout}", "amount_sat": i.amount} for i in _inputs(s, row.id or 0)],
+        "approvals": approvals,
+        "unsigned_txid": b2lx(_tx(row).GetTxid()),
+        "statement_digest": digest,
+        "outputs": _outputs(policy, row, _change_position(s, row)),
+        "txid": row.txid,
+        "confirmations": row.confirmations,
+        "block_height": row.block_height,
+        "reason": row.reason,
+        "batch_id": row.batch_id,
+        "created_at": iso(row.created_at),
+        "updated_at": iso(row.updated_at),
+    }
+
+
+def _outputs(policy: Policy, row: WithdrawalRow, change: int | None) -> list[dict[str, Any]]:
+    """Every output of the transaction as a person checks it: address, amount, ours or not."""
+    out = []
+    for n, o in enumerate(_tx(row).vout):
+        spk = bytes(o.scriptPubKey)
+        out.append(
+            {
+                "n": n,
+                "address": address_of(spk, policy.network) or f"script {spk.hex()}",
+                "amount_sat": int(o.nValue),
+                "change": n == change,
+            }
+        )
+    return out
