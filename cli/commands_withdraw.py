@@ -1,5 +1,8 @@
 """``custody withdraw ...``, ``custody sign`` and ``custody sync``."""
 
+# size(module): every withdraw command in one group (bump and cancel added); split the replacements'
+#   commands into their own module next
+
 from __future__ import annotations
 
 import base64

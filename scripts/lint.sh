@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The gates (CONTRIBUTING.md): ruff lint (complexity included), ruff format, mypy --strict
+# The gates (CONTRIBUTING.md): ruff lint (complexity included), ruff format, sizes, mypy --strict
 # over the library and the CLI, import-linter's contracts. Runs them all, then fails when
 # any failed. scripts/test.sh calls it before the tests; it expects .venv (setup-venv.sh test).
 set -uo pipefail
@@ -23,6 +23,8 @@ gate "ruff format" .venv/bin/ruff format --check "${code[@]}"
 # An exception to the complexity gate says why it remains.
 gate "complexity exceptions give a reason" bash -c \
     '! grep -rnE "noqa: C901(\$| *[^ -])" --include="*.py" "$@"' _ "${code[@]}"
+# No module over 600 lines, no function over 60, without a reason at its module's top.
+gate "sizes" .venv/bin/python scripts/check_sizes.py custody cli
 gate "mypy --strict" .venv/bin/mypy
 gate "import-linter" .venv/bin/lint-imports
 

@@ -137,17 +137,57 @@ def test_every_gate_can_fail_ci(tmp_path: Path) -> None:
         + '    return "not an int"  # a type error\n\n\n'
         "def quiet() -> object:  # noqa"
         ": C901\n"  # split: the gate reads this file too
-        "    return   Story\n"
+        "    return   Story\n\n\n"
+        "def long_one() -> int:\n" + "    x = 1\n" * 61 + "    return x\n"
     )
     broken = _lint(copy)
     assert broken.returncode == 1, broken.stdout + broken.stderr
     verdict = broken.stderr.strip().splitlines()[-1]
-    for gate in ("ruff check", "ruff format", "complexity exceptions give a reason", "mypy --strict", "import-linter"):
+    gates = (
+        "ruff check",
+        "ruff format",
+        "complexity exceptions give a reason",
+        "sizes",
+        "mypy --strict",
+        "import-linter",
+    )
+    for gate in gates:
         assert gate in verdict, (gate, verdict)
     assert "C901" in broken.stdout and "probe.py" in broken.stdout
+    assert "probe.py: long_one has 63 lines" in broken.stdout
 
 
 def test_the_test_command_runs_the_gates_before_the_tests() -> None:
     script = (ROOT / "scripts" / "test.sh").read_text()
     assert "scripts/lint.sh" in script.split(".venv/bin/pytest")[0]
     assert "./scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def _sizes(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "pkg").mkdir(exist_ok=True)
+    (tmp_path / "pkg" / "mod.py").write_text(source)
+    script = ROOT / "scripts" / "check_sizes.py"
+    return subprocess.run([sys.executable, str(script), str(tmp_path / "pkg")], capture_output=True, text=True)
+
+
+def test_the_size_gate_wants_a_reason_and_refuses_a_stale_one(tmp_path: Path) -> None:
+    """A long function or module passes only with a reason at its module's top; a reason
+    that names nothing over its limit, or says nothing, fails."""
+    long_fn = "def long_one() -> int:\n" + '    """Its docstring is not counted."""\n' + "    x = 1\n" * 59
+    assert _sizes(tmp_path, long_fn).returncode == 0  # 60 lines with its def: at the limit
+    longer = long_fn + "    return x\n"
+    refused = _sizes(tmp_path, longer)
+    assert refused.returncode == 1 and "long_one has 61 lines" in refused.stdout
+    reasoned = "# size(long_one): the steps of one story, in order\n" + longer
+    assert _sizes(tmp_path, reasoned).returncode == 0, _sizes(tmp_path, reasoned).stdout
+    stale = "# size(long_one): the steps of one story, in order\n" + long_fn
+    assert "names nothing over its limit" in _sizes(tmp_path, stale).stdout
+    empty = "# size(long_one): ok\n" + longer
+    assert "gives no reason" in _sizes(tmp_path, empty).stdout
+    module = "x = 1\n" * 601
+    assert "601 lines (over 600)" in _sizes(tmp_path, module).stdout
+    assert _sizes(tmp_path, "# size(module): a table of vectors, one a line\n" + module).returncode == 0
+    below = "# size(module): a table of vectors, one a line\n" + "def f() -> None:\n    pass\n" + module
+    assert _sizes(tmp_path, below).returncode == 0  # a reason above the first def counts
+    late = "def f() -> None:\n    pass\n# size(module): a table of vectors, one a line\n" + module
+    assert "lines (over 600) and no '# size(module)" in _sizes(tmp_path, late).stdout  # below a def: not its top

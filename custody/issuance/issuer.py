@@ -10,6 +10,9 @@ manifest before it is stored or shown; a mismatch raises the trading halt and no
 returned.
 """
 
+# size(issue_in_session): one issuance's steps under the audit head's lock, as helper speed left it;
+#   split with the issuance's next change
+
 from __future__ import annotations
 
 import atexit

@@ -19,6 +19,9 @@ them on the chain.
 Every step respects the halt and writes its audit event in the same transaction.
 """
 
+# size(bump): a fee bump's steps in one database transaction, as helper bump wrote it; split with
+#   the replacements' next change
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -14,6 +14,9 @@ This module is the sweep's own until the general self-transfer of issue #18 part
 sweep is then one more user of it.
 """
 
+# size(_record): the sweep's record (withdrawal row, inputs, reservation, ledger, audit log) in one
+#   database transaction, as helper rotate wrote it; split with request_withdrawal
+
 from __future__ import annotations
 
 import math
