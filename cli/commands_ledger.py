@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from custody.books import deposits, ledger
+from custody.books import deposit_states, deposits, ledger
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
 
@@ -82,7 +82,7 @@ def ledger_entries(app: AppContext, account: str | None, limit: int | None, as_c
 
 @ledger_group.command("deposits")
 @click.option("--account", help="Only this customer account's deposits.")
-@click.option("--status", type=click.Choice(deposits.STATUSES))
+@click.option("--status", type=click.Choice(deposit_states.STATUSES))
 @json_option
 @pass_app
 @example("custody ledger deposits --status pending")

@@ -68,6 +68,11 @@ class Conflict(CustodyError):
     exit_code = 6
 
 
+class IllegalTransition(Conflict):
+    """A state machine (custody.transitions) was asked for a transition its table does not hold:
+    the stored state forbids the change, or the stored state is not one of its states."""
+
+
 class KeyFileError(CustodyError):
     """A key file is unreadable (wrong passphrase, corrupted, wrong type or newer format), or a
     key on a PKCS#11 token cannot be used (no module, token or key; wrong PIN; a key that is

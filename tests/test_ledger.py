@@ -22,7 +22,7 @@ from custody.books import audit, deposits, ledger
 from custody.chain.types import ChainBlock, ChainTx, Snapshot, TxStatus, Utxo
 from custody.config import Settings
 from custody.control.halt_log import active_halts
-from custody.errors import HaltedError, InputError
+from custody.errors import HaltedError, IllegalTransition, InputError
 from custody.store.db import Database
 from custody.store.models import AuditEntry, LedgerHead, LedgerTxn, WithdrawalRow
 from tests.support import Custody, founders
@@ -352,6 +352,31 @@ def test_a_reorg_reverses_a_credit_visibly_and_credits_it_again_when_it_returns(
     assert [(d["status"], d["change"]) for d in again] == [("credited", "credited")]
     assert store.balance("alice") == 90_000
     assert audit.audit_ledger(store.db, store.settings)["ok"]
+
+
+def test_a_credit_after_a_reversal_says_again_in_the_audit_log(store: Store) -> None:
+    outpoint = store.pay("alice", 90_000)
+    store.sync()
+    store.chain.unmine(outpoint)
+    store.sync()
+    store.chain.heights[outpoint.split(":")[0]] = store.chain.tip + 1  # mined again
+    store.chain.mine(1)
+    store.sync()
+    with store.db.transaction() as s:
+        credits = [e for e in s.exec(select(AuditEntry)).all() if e.event == "deposit.credited"]
+        assert [json.loads(e.payload)["again"] for e in credits] == [False, True]
+
+
+def test_a_deposit_whose_state_was_edited_by_sql_stops_the_sync(store: Store) -> None:
+    """An insider writes a state the deposit machine does not know: sync refuses it, naming it,
+    and credits nothing."""
+    outpoint = store.pay("alice", 50_000)
+    assert store.sync(confirmations=2)[0]["status"] == "pending"
+    store.sql(f"UPDATE deposit SET status = 'creditable' WHERE outpoint = '{outpoint}'")
+    store.chain.mine(1)
+    with pytest.raises(IllegalTransition, match="a deposit cannot be 'creditable'"):
+        store.sync(confirmations=2)
+    assert store.balance("alice") == 0
 
 
 def test_a_reversal_that_takes_a_customer_negative_is_posted_and_halts(store: Store) -> None:

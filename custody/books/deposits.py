@@ -21,19 +21,27 @@ same however long the history: unspent outputs come from the scanned blocks; onl
 the unspent set within the last FINAL_DEPTH blocks are asked about one by one.
 """
 
-# size(sync_deposits): the deposit state machine in one pass; it becomes
-#   custody.books.deposit_states.next_state
-
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from sqlmodel import Session, col, select
 
 from custody.bitcoin.amounts import format_btc
 from custody.books import blockscan, ledger
+from custody.books.deposit_states import (
+    CREDITED,
+    DROPPED,
+    PENDING,
+    REVERSED,
+    WATCHED,
+    Observation,
+    next_state,
+    observe,
+)
 from custody.chain.types import ChainBackend, Utxo
 from custody.clock import iso, now
 from custody.config import Settings
@@ -43,12 +51,6 @@ from custody.issuance import record
 from custody.policy.model import RECEIVE
 from custody.store.db import Database
 from custody.store.models import AddressRow, DepositRow, WithdrawalInput, WithdrawalRow
-
-PENDING = "pending"
-CREDITED = "credited"
-REVERSED = "reversed"
-DROPPED = "dropped"
-STATUSES = (PENDING, CREDITED, REVERSED, DROPPED)
 
 FINAL_DEPTH = 100
 """Confirmations after which a deposit is final: deeper reorganisations are not followed."""
@@ -170,9 +172,9 @@ class _Owners:
             raise OwnerMismatch(address, f"index 0/{index} derives to {derived.address}, not to this address")
 
 
-def _credit(s: Session, dep: DepositRow, actor: str, owners: _Owners) -> None:
+def _credit(s: Session, dep: DepositRow, actor: str, owners: _Owners, again: bool) -> None:
+    """Enter ``credited``: Dr asset:onchain, Cr the customer, once per entry into the state."""
     owners.check(s, dep.address_index, dep.account, dep.address)
-    again = dep.status in (REVERSED, DROPPED)
     txn = ledger.deposit_credited(s, dep)
     dep.status = CREDITED
     dep.credit_txn = txn.id
@@ -189,6 +191,30 @@ def _credit(s: Session, dep: DepositRow, actor: str, owners: _Owners) -> None:
             "again": again,
         },
     )
+
+
+def _reverse(s: Session, dep: DepositRow, owners: _Owners, negative: list[tuple[str, str, int]]) -> None:
+    """Leave ``credited``: the credit reversed by a visible posting; a balance this takes below
+    zero is noted in ``negative`` (the caller raises the halt)."""
+    owners.check(s, dep.address_index, dep.account, dep.address)
+    txn = ledger.deposit_reversed(s, dep)
+    dep.status, dep.confirmations, dep.height = REVERSED, 0, None
+    balance = ledger.customer_balance(s, dep.account)
+    audit_log.append(
+        s,
+        "deposit.reversed",
+        "sync",
+        {
+            "outpoint": dep.outpoint,
+            "account": dep.account,
+            "amount": dep.amount,
+            "reason": "its transaction is no longer confirmed (chain reorganisation)",
+            "ledger_txn": txn.id,
+            "balance_after": balance,
+        },
+    )
+    if balance < 0:
+        negative.append((dep.account, dep.outpoint, balance))
 
 
 def _by_outpoint(s: Session, outpoints: Sequence[str]) -> dict[str, DepositRow]:
@@ -264,27 +290,51 @@ def _follow_unspent(
         )
         change = "seen"
     dep.height, dep.confirmations, dep.spent, dep.updated_at = u.height, depth, False, stamp
-    if dep.status in (REVERSED, DROPPED):
-        dep.status = PENDING
-        change = "seen again"
-    if dep.status == PENDING and depth >= confirmations:
-        _credit(s, dep, "sync", owners)
+    old = dep.status
+    # An unspent output is in a block (the backend's unspent() lists confirmed outputs only).
+    new = next_state(old, Observation.DEEP if depth >= confirmations else Observation.SHALLOW)
+    if new == CREDITED and old != CREDITED:
+        _credit(s, dep, "sync", owners, again=old in (REVERSED, DROPPED))
         change = "credited"
+    elif new != old:
+        dep.status = new
+        change = "seen again"
     if dep.status == CREDITED and depth >= FINAL_DEPTH:
         dep.final = True
     s.add(dep)
     return view(dep, change) if change is not None else None
 
 
-def sync_deposits(  # noqa: C901 - the deposit state machine in one pass, until it becomes next_state()
+@dataclass
+class _Run:
+    """What one sync changed, and what it must raise the halt for once it is done."""
+
+    changed: list[dict[str, Any]] = field(default_factory=list)
+    negative: list[tuple[str, str, int]] = field(default_factory=list)
+    mismatches: list[OwnerMismatch] = field(default_factory=list)
+
+    def step(self, db: Database, settings: Settings, follow: Callable[[Session], dict[str, Any] | None]) -> None:
+        """One deposit in its own database transaction; an owner mismatch rolls it back."""
+        try:
+            with ledger.halting(db, settings), db.transaction() as s:
+                item = follow(s)
+        except OwnerMismatch as exc:  # rolled back: not recorded, not credited
+            self.mismatches.append(exc)
+            return
+        if item is not None:
+            self.changed.append(item)
+
+
+def sync_deposits(
     db: Database, settings: Settings, backend: ChainBackend, confirmations: int = 1
 ) -> list[dict[str, Any]]:
     """Record new deposits, credit those ``confirmations`` deep, reverse those a reorg removed.
 
-    Runs while trading is halted too (it records what the chain says). Returns the deposits
-    that changed. Raises NodeError, StorageError; HaltedError after raising the halt when
-    the ledger does not balance. A reversal that leaves a customer's balance negative raises
-    the halt and is reported (``"halt_id"``), not raised.
+    Each deposit moves by custody.books.deposit_states' table. Runs while trading is halted
+    too (it records what the chain says). Returns the deposits that changed. Raises NodeError,
+    StorageError; HaltedError after raising the halt when the ledger does not balance;
+    IllegalTransition for a deposit in a state the table does not know. A reversal that leaves
+    a customer's balance negative raises the halt and is reported (``"halt_id"``), not raised.
     """
     db.check_schema()
     owners = _Owners()
@@ -292,9 +342,7 @@ def sync_deposits(  # noqa: C901 - the deposit state machine in one pass, until 
         watched = [
             d.outpoint
             for d in s.exec(
-                select(DepositRow).where(
-                    col(DepositRow.status).in_((PENDING, CREDITED)), col(DepositRow.final).is_(False)
-                )
+                select(DepositRow).where(col(DepositRow.status).in_(WATCHED), col(DepositRow.final).is_(False))
             ).all()
         ]
     tip = backend.tip_height()
@@ -304,86 +352,86 @@ def sync_deposits(  # noqa: C901 - the deposit state machine in one pass, until 
         _halt_for_forged(db, settings, observed.forged)
     utxos = observed.utxos
     addresses = blockscan.receive_addresses(db, (u.script_pubkey.hex() for u in utxos.values()))
-    changed: list[dict[str, Any]] = []
-    negative: list[tuple[str, str, int]] = []
-    mismatches: list[OwnerMismatch] = []
-
+    run = _Run()
     with db.transaction() as s:
         known = _by_outpoint(s, sorted(set(utxos) | set(watched)))
-
     for outpoint, u in sorted(utxos.items(), key=lambda kv: ((kv[1].height or 0), kv[0])):
         depth = tip - u.height + 1 if u.height is not None else 0
         prior = known.get(outpoint)
-        if prior is not None and not _needs_update(prior, u, depth, confirmations):
-            continue
-        try:
-            with ledger.halting(db, settings), db.transaction() as s:
-                item = _follow_unspent(s, owners, addresses, outpoint, u, depth, confirmations)
-        except OwnerMismatch as exc:  # rolled back: not recorded, not credited
-            mismatches.append(exc)
-            continue
-        if item is not None:
-            changed.append(item)
-
+        if prior is None or _needs_update(prior, u, depth, confirmations):
+            run.step(
+                db,
+                settings,
+                partial(
+                    _follow_unspent,
+                    owners=owners,
+                    addresses=addresses,
+                    outpoint=outpoint,
+                    u=u,
+                    depth=depth,
+                    confirmations=confirmations,
+                ),
+            )
     for outpoint in watched:
-        if outpoint in utxos:
-            continue
-        with db.transaction() as s:
-            snapshot = s.exec(select(DepositRow).where(DepositRow.outpoint == outpoint)).first()
-            spender = _spending_withdrawal_txid(s, snapshot) if snapshot is not None else None
-        if snapshot is None or snapshot.status not in (PENDING, CREDITED):
-            continue
-        seen = _where(backend, snapshot, spender)
-        try:
-            with ledger.halting(db, settings), db.transaction() as s:
-                dep = s.exec(select(DepositRow).where(DepositRow.outpoint == outpoint).with_for_update()).first()
-                if dep is None or dep.status not in (PENDING, CREDITED):
-                    continue
-                stamp = now()
-                change = None
-                if seen.confirmations > 0:  # spent while its transaction stays confirmed
-                    if not dep.spent or dep.confirmations != seen.confirmations:
-                        dep.spent, dep.confirmations = True, seen.confirmations  # recorded; no ledger change
-                        dep.height = seen.height if seen.height is not None else dep.height
-                    if dep.status == PENDING and seen.confirmations >= confirmations:
-                        _credit(s, dep, "sync", owners)
-                        change = "credited"
-                    if dep.status == CREDITED and seen.confirmations >= FINAL_DEPTH:
-                        dep.final = True
-                elif dep.status == CREDITED:
-                    owners.check(s, dep.address_index, dep.account, dep.address)
-                    txn = ledger.deposit_reversed(s, dep)
-                    dep.status, dep.confirmations, dep.height = REVERSED, 0, None
-                    balance = ledger.customer_balance(s, dep.account)
-                    audit_log.append(
-                        s,
-                        "deposit.reversed",
-                        "sync",
-                        {
-                            "outpoint": dep.outpoint,
-                            "account": dep.account,
-                            "amount": dep.amount,
-                            "reason": "its transaction is no longer confirmed (chain reorganisation)",
-                            "ledger_txn": txn.id,
-                            "balance_after": balance,
-                        },
-                    )
-                    if balance < 0:
-                        negative.append((dep.account, dep.outpoint, balance))
-                    change = "reversed"
-                elif dep.confirmations or dep.height is not None or not seen.known:
-                    # pending and no longer in a block: back in the mempool, or gone
-                    dep.status = PENDING if seen.known else DROPPED
-                    dep.confirmations, dep.height = 0, None
-                    change = "unconfirmed" if seen.known else "dropped"
-                dep.updated_at = stamp
-                s.add(dep)
-                if change is not None:
-                    changed.append(view(dep, change))
-        except OwnerMismatch as exc:  # rolled back: nothing changed
-            mismatches.append(exc)
+        if outpoint not in utxos:
+            _sync_left(db, settings, backend, run, owners, outpoint, confirmations)
+    _raise_halts(db, settings, run)
+    return run.changed
 
-    for account, outpoint, balance in negative:
+
+def _sync_left(
+    db: Database, settings: Settings, backend: ChainBackend, run: _Run, owners: _Owners, outpoint: str, required: int
+) -> None:
+    """Ask the chain about a watched deposit that left the unspent set, and follow its answer."""
+    with db.transaction() as s:
+        snapshot = s.exec(select(DepositRow).where(DepositRow.outpoint == outpoint)).first()
+        spender = _spending_withdrawal_txid(s, snapshot) if snapshot is not None else None
+    if snapshot is None or snapshot.status not in WATCHED:
+        return
+    seen = _where(backend, snapshot, spender)
+
+    def follow(s: Session) -> dict[str, Any] | None:
+        dep = s.exec(select(DepositRow).where(DepositRow.outpoint == outpoint).with_for_update()).first()
+        if dep is None or dep.status not in WATCHED:
+            return None
+        change = _follow_left(s, dep, seen, required, owners, run.negative)
+        dep.updated_at = now()
+        s.add(dep)
+        return view(dep, change) if change is not None else None
+
+    run.step(db, settings, follow)
+
+
+def _follow_left(
+    s: Session, dep: DepositRow, seen: _Seen, required: int, owners: _Owners, negative: list[tuple[str, str, int]]
+) -> str | None:
+    """Apply what the chain says of a deposit that left the unspent set; the change, if any."""
+    old = dep.status
+    new = next_state(old, observe(seen.confirmations, seen.known, required))
+    if seen.confirmations > 0 and (not dep.spent or dep.confirmations != seen.confirmations):
+        # spent while its transaction stays confirmed: recorded, no ledger change
+        dep.spent, dep.confirmations = True, seen.confirmations
+        dep.height = seen.height if seen.height is not None else dep.height
+    change = None
+    if new == CREDITED and old != CREDITED:
+        _credit(s, dep, "sync", owners, again=old in (REVERSED, DROPPED))
+        change = "credited"
+    elif old == CREDITED and new != CREDITED:
+        _reverse(s, dep, owners, negative)
+        return "reversed"
+    elif seen.confirmations == 0 and (new != old or dep.confirmations or dep.height is not None):
+        # pending and no longer in a block: back in the mempool, or gone
+        dep.status, dep.confirmations, dep.height = new, 0, None
+        return "unconfirmed" if new == PENDING else "dropped"
+    if dep.status == CREDITED and seen.confirmations >= FINAL_DEPTH:
+        dep.final = True
+    return change
+
+
+def _raise_halts(db: Database, settings: Settings, run: _Run) -> None:
+    """The halts a sync owes: a balance a reversal took below zero; deposits not credited
+    because their address's owner is in doubt (then VerificationFailed)."""
+    for account, outpoint, balance in run.negative:
         raised = halt.raise_halt(
             db,
             settings,
@@ -394,12 +442,12 @@ def sync_deposits(  # noqa: C901 - the deposit state machine in one pass, until 
             source="ledger",
             actor="sync",
         )
-        for item in changed:
+        for item in run.changed:
             if item["outpoint"] == outpoint:
                 item["halt_id"] = raised.id
-    if mismatches:
-        first = mismatches[0]
-        more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+    if run.mismatches:
+        first = run.mismatches[0]
+        more = f" (and {len(run.mismatches) - 1} more)" if len(run.mismatches) > 1 else ""
         halt.raise_halt(
             db,
             settings,
@@ -407,8 +455,7 @@ def sync_deposits(  # noqa: C901 - the deposit state machine in one pass, until 
             source="verification",
             actor="sync",
         )
-        raise VerificationFailed(f"{len(mismatches)} deposit(s) not credited: {first}{more}; trading is halted")
-    return changed
+        raise VerificationFailed(f"{len(run.mismatches)} deposit(s) not credited: {first}{more}; trading is halted")
 
 
 def _halt_for_forged(db: Database, settings: Settings, forged: Mapping[str, str]) -> None:
@@ -421,10 +468,8 @@ def _halt_for_forged(db: Database, settings: Settings, forged: Mapping[str, str]
 
 def _needs_update(dep: DepositRow, u: Utxo, depth: int, confirmations: int) -> bool:
     """Whether an unspent deposit's row must change (kept cheap: most rows need nothing)."""
-    if dep.status in (REVERSED, DROPPED):
-        return True
-    if dep.status == PENDING:
-        return True  # its depth grows with every block until it is credited
+    if dep.status != CREDITED:
+        return True  # pending: its depth grows until it is credited; reversed, dropped: seen again
     if dep.final:
         return False
     return dep.height != u.height or dep.spent or depth >= FINAL_DEPTH

@@ -48,7 +48,7 @@ from custody.withdraw.records import (
     _tx,
     view,
 )
-from custody.withdraw.states import APPROVED, BROADCAST, CONFIRMED, FAILED, SIGNED
+from custody.withdraw.states import APPROVED, BROADCAST, CONFIRMED, SIGNED, Event, can, next_state
 
 
 def _stripped(raw: bytes) -> bytes:
@@ -145,10 +145,10 @@ def broadcast(db: Database, backend: ChainBackend, withdrawal_id: int, *, settin
     with db.transaction() as s:
         policy = policy_from_session(s)
         row = _get(s, withdrawal_id, lock=True)
-        if row.status == SIGNED:
+        if can(row.status, Event.BROADCAST):
             row.txid = txid
             row.reason = None  # a refusal before this one stays in the audit log
-            _touch(s, row, BROADCAST)
+            _touch(s, row, next_state(row.status, Event.BROADCAST))
             audit_log.append(s, "withdrawal.broadcast", "operator", {"withdrawal_id": withdrawal_id, "txid": txid})
         result = view(s, policy, row)
     crash_point("withdrawal.broadcast")
@@ -280,14 +280,14 @@ def _follow(s: Session, row: WithdrawalRow, seen: _Seen, limits: Limits) -> bool
     wid = row.id or 0
     status = seen.status
     changed = False
-    if status.known and row.status in (APPROVED, SIGNED):
+    if status.known and can(row.status, Event.SEEN_ON_CHAIN):
         # Its transaction is on the chain though we did not send it: signed elsewhere, or
         # sent through another node after ours refused it. It is broadcast, never refunded.
         if seen.raw is not None and (row.final_tx is None or x(row.final_tx) != seen.raw):
             row.final_tx = b2x(seen.raw)
         row.txid = status.txid
         row.reason = None
-        _touch(s, row, BROADCAST)
+        _touch(s, row, next_state(row.status, Event.SEEN_ON_CHAIN))
         audit_log.append(
             s, "withdrawal.broadcast", "sync", {"withdrawal_id": wid, "txid": status.txid, "seen_on_chain": True}
         )
@@ -298,8 +298,8 @@ def _follow(s: Session, row: WithdrawalRow, seen: _Seen, limits: Limits) -> bool
         changed = True
         row.confirmations = status.confirmations
         row.block_height = status.block_height
-        if status.confirmations >= limits.confirmations and row.status == BROADCAST:
-            _touch(s, row, CONFIRMED)
+        if status.confirmations >= limits.confirmations and can(row.status, Event.CONFIRMED):
+            _touch(s, row, next_state(row.status, Event.CONFIRMED))
             _release(s, wid)
             if row.batch_id is None:  # a batch settles for its members
                 ledger.withdrawal_settled(s, row, _members(s, wid))
@@ -309,7 +309,7 @@ def _follow(s: Session, row: WithdrawalRow, seen: _Seen, limits: Limits) -> bool
                 "sync",
                 {"withdrawal_id": wid, "txid": row.txid, "height": status.block_height},
             )
-        elif row.status == CONFIRMED and status.confirmations < limits.confirmations:
+        elif can(row.status, Event.REORGED) and status.confirmations < limits.confirmations:
             _reorged(s, row, status.in_mempool)
         else:
             _touch(s, row)
@@ -317,7 +317,7 @@ def _follow(s: Session, row: WithdrawalRow, seen: _Seen, limits: Limits) -> bool
     if (
         conflict is not None
         and conflict.confirmations >= limits.refund_confirmations
-        and row.status in (APPROVED, SIGNED, BROADCAST)
+        and can(row.status, Event.REFUNDED)
         and row.batch_id is None
     ):
         _refund(s, row, conflict)
@@ -334,7 +334,7 @@ def _refund(s: Session, row: WithdrawalRow, conflict: OutputSpend) -> None:
         f"at height {conflict.block_height} ({conflict.confirmations} confirmations)"
     )
     members = _members(s, wid)
-    _touch(s, row, FAILED, reason)
+    _touch(s, row, next_state(row.status, Event.REFUNDED), reason)
     _release(s, wid)
     txn = ledger.withdrawal_released(s, row, members, f"refunded: {reason}")
     audit_log.append(
@@ -355,12 +355,13 @@ def _refund(s: Session, row: WithdrawalRow, conflict: OutputSpend) -> None:
 
 
 REORG_DEPTH = 100
+"""Confirmed withdrawals shallower than this are re-checked by every sync."""
 
 
 def _reorged(s: Session, row: WithdrawalRow, in_mempool: bool) -> None:
     """A reorganisation took a confirmed withdrawal out of the chain: back to broadcast, its
     inputs reserved again (the transaction may confirm again), its settlement reversed."""
-    _touch(s, row, BROADCAST)
+    _touch(s, row, next_state(row.status, Event.REORGED))
     for i in _inputs(s, row.id or 0):
         if s.get(ReservedInput, f"{i.txid}:{i.vout}") is None:
             s.add(ReservedInput(outpoint=f"{i.txid}:{i.vout}", withdrawal_id=row.id or 0))

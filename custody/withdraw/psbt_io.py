@@ -57,7 +57,18 @@ from custody.withdraw.signer import (
     PROP_SUSPENSIONS,
     PROPRIETARY_ID,
 )
-from custody.withdraw.states import APPROVED, BATCH, BROADCAST, CONFIRMED, REQUESTED, SIGNED, SWEEP
+from custody.withdraw.states import (
+    APPROVED,
+    BATCH,
+    BROADCAST,
+    CONFIRMED,
+    REQUESTED,
+    SIGNED,
+    SWEEP,
+    Event,
+    can,
+    next_state,
+)
 
 # ---------------------------------------------------------------- 3. export (PSBT)
 
@@ -279,8 +290,8 @@ def import_psbt(db: Database, withdrawal_id: int, data: bytes) -> dict[str, Any]
                     raise InputError(f"input {n}: a signature is not a valid founder signature of this transaction")
         signers = _founders_signed(policy, merged, valid)
         row.psbt = _signatures_only(merged).to_base64()
-        if len(signers) >= policy.threshold and row.status == APPROVED:
-            _touch(s, row, SIGNED)
+        if len(signers) >= policy.threshold and can(row.status, Event.SIGNED):
+            _touch(s, row, next_state(row.status, Event.SIGNED))
         else:
             _touch(s, row)
         audit_log.append(

@@ -84,7 +84,7 @@ from custody.withdraw.records import (
     _verdict,
     view,
 )
-from custody.withdraw.states import APPROVED, BATCH, FAILED, PENDING, REQUESTED
+from custody.withdraw.states import APPROVED, BATCH, PENDING, REQUESTED, Event, can, next_state
 
 
 def list_withdrawals(db: Database, status: str | None = None) -> list[dict[str, Any]]:
@@ -350,14 +350,11 @@ def approve(
                 s, "withdrawal.approved", name, {"withdrawal_id": withdrawal_id, "digest": summary.digest()}, signature
             )
         _, check = _check(s, policy, row)
-        if check.enough and row.status == REQUESTED:
-            _touch(s, row, APPROVED)
+        if check.enough and can(row.status, Event.APPROVED):
+            _touch(s, row, next_state(row.status, Event.APPROVED))
         result = view(s, policy, row)
     crash_point("withdrawal.approved")
     return result
-
-
-"""Confirmed withdrawals shallower than this are re-checked by every sync."""
 
 
 def cancel(
@@ -382,7 +379,7 @@ def cancel(
             _dissolve(s, row)
         else:
             ledger.withdrawal_released(s, row, [], f"cancelled by {name}: {reason}")
-        _touch(s, row, FAILED, f"cancelled by {name}: {reason}")
+        _touch(s, row, next_state(row.status, Event.CANCELLED), f"cancelled by {name}: {reason}")
         _release(s, withdrawal_id)
         audit_log.append(s, "withdrawal.failed", name, {"withdrawal_id": withdrawal_id, "reason": reason})
         return view(s, policy, row)
