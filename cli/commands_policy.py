@@ -15,8 +15,8 @@ from custody.files import write_atomic
 from custody.policy.manifest import write_manifest
 from custody.policy.setupfiles import FORMATS, descriptor_text, export_policy
 from custody_cli import output
-from custody_cli.commands_trust import read_manifest_file
 from custody_cli.context import AppContext, example, json_option, pass_app
+from custody_cli.documents import read_manifest_file
 
 
 def _founder_pair(text: str) -> tuple[str, str]:

@@ -17,7 +17,6 @@ from custody.files import write_atomic
 from custody.policy.model import make_policy
 from custody.policy.rotation import approve_rotation, approvers, draft_rotation, rotation_problems
 from custody_cli import output
-from custody_cli.commands_trust import confirm, read_manifest_file, write_new, yes_option
 from custody_cli.context import (
     AppContext,
     KeyRef,
@@ -31,6 +30,7 @@ from custody_cli.context import (
     pass_app,
     passphrase_options,
 )
+from custody_cli.documents import confirm, read_manifest_file, write_new, yes_option
 
 
 @click.group()

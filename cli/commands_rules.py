@@ -4,6 +4,7 @@ trusted destinations and fee caps. Proposed online, signed offline by m founders
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,25 +13,20 @@ import click
 from custody.control import roster as roster_lib
 from custody.control import rulebook as rulebook_lib
 from custody.errors import InputError
-from custody.files import write_atomic
-from custody.identity.founders_documents import load_json, signature_problems
+from custody.identity.founders_documents import load_json
 from custody.identity.rulebook import DEFAULT_RULES, MAX_RULEBOOK_BYTES, load_rulebook, parse_rulebook, sign_rulebook
 from custody.identity.rulebook_chain import loosened
 from custody.withdraw import queue as wd
-from custody.withdraw.signer import SignerState, pin_rulebook, state_path
+from custody.withdraw.signer import pin_rulebook
 from custody_cli import output
-from custody_cli.commands_trust import confirm, read_file, read_manifest_file, signing_founder, write_new, yes_option
 from custody_cli.commands_withdraw import chain_backend
 from custody_cli.context import (
     AppContext,
     example,
-    founder_key,
-    founder_key_option,
     json_option,
-    out_file_option,
     pass_app,
-    passphrase_options,
 )
+from custody_cli.documents import DocumentKind, ToSign, add_document_commands, read_file
 
 
 def _bump_text(rules: dict[str, Any]) -> str:
@@ -153,103 +149,6 @@ def rules_propose(app: AppContext, file: Path, effective_height: int | None, as_
     )
 
 
-@rules.command("discard")
-@pass_app
-@example("custody rules discard")
-def rules_discard(app: AppContext) -> None:
-    """Drop the open proposal (nothing it proposed was ever in force)."""
-    book = rulebook_lib.discard(app.db)
-    output.success(f"proposal for rulebook #{book.serial} discarded")
-
-
-@rules.command("export")
-@out_file_option("Where to write it for the founders (never overwritten).")
-@click.option("--current", is_flag=True, help="Write the newest applied rulebook instead.")
-@pass_app
-@example("custody rules export --out rulebook-2.json")
-def rules_export(app: AppContext, out_file: Path, current: bool) -> None:
-    """Write the open proposal (or, with --current, the newest applied rulebook), with the
-    rulebook before it so that a founder sees what changes."""
-    doc = rulebook_lib.export_document(app.db, app.settings, current)
-    write_new(out_file, json.dumps(doc, indent=2) + "\n")
-    output.success(f"rulebook #{doc['rulebook']['serial']} written to {out_file}")
-
-
-@rules.command("sign")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@founder_key_option
-@yes_option
-@passphrase_options
-@json_option
-@pass_app
-@example("custody rules sign rulebook-2.json --key founder-a.key")
-def rules_sign(
-    app: AppContext, file: Path, key_file: Path, yes: bool, passphrase_file: Path | None, as_json: bool
-) -> None:
-    """Offline: show the rulebook (and what it loosens against the one before, when the file
-    carries it) and add your founder's signature to FILE. Checked against the manifest pinned here."""
-    pinned = roster_lib.load_trust(app.settings)
-    raw = load_json(read_file(file, MAX_RULEBOOK_BYTES * 2, "rulebook"), MAX_RULEBOOK_BYTES * 2, "rulebook")
-    book = parse_rulebook(raw)
-    if book.manifest != pinned.manifest.digest or book.network != pinned.policy.network.name:
-        raise InputError("this rulebook belongs to another founders' manifest than the one pinned here: do not sign it")
-    before = raw.get("previous_rulebook") if isinstance(raw, dict) else None
-    previous = parse_rulebook(before) if before else None
-    if previous is not None and previous.digest != book.previous:
-        raise InputError("the rulebook given as the previous one is not the one this rulebook follows")
-    looser = (
-        loosened(previous.rules if previous else DEFAULT_RULES, book.rules) if previous or book.serial == 1 else None
-    )
-    key = founder_key(key_file, passphrase_file)
-    me = signing_founder(pinned, key)
-    if not as_json:
-        _render_rules(f"Rulebook #{book.serial}", rulebook_lib.rules_view(book.rules, book.network))
-        output.info(f"proposed at height {book.proposed_height}, in force from height {book.effective_height}")
-        if looser is None:
-            output.warning("the file does not carry the previous rulebook: what this one loosens cannot be shown")
-        elif looser:
-            output.warning(f"it loosens: {'; '.join(looser)}")
-    confirm(f"Sign rulebook #{book.serial} as {me}?", yes)
-    signed = sign_rulebook(book, me, key.master.derive(key.account_path).private_key(), pinned.founders)
-    write_atomic(file, json.dumps(signed.to_document() | {"previous_rulebook": before}, indent=2) + "\n")
-    complete = not signature_problems(signed, pinned.founders)
-    if as_json:
-        output.emit_json({"serial": signed.serial, "signed_by": sorted(signed.signatures), "complete": complete})
-        return
-    output.success(f"{me} signed rulebook #{signed.serial} ({len(signed.signatures)} signature(s))")
-
-
-@rules.command("apply")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@json_option
-@pass_app
-@example("custody rules apply rulebook-2.json")
-def rules_apply(app: AppContext, file: Path, as_json: bool) -> None:
-    """Apply a rulebook m founders signed: the next in the chain; a loosening one only when it was
-    proposed here and takes effect no earlier than the current rulebook's delay allows."""
-    doc = load_json(read_file(file, MAX_RULEBOOK_BYTES * 2, "rulebook"), MAX_RULEBOOK_BYTES * 2, "rulebook")
-    if isinstance(doc, dict):
-        doc.pop("previous_rulebook", None)  # shown to the founders; the chain in the store is what counts
-    data = json.dumps(doc).encode()
-    load_rulebook(data)  # a clear error for a malformed file before the store is opened
-    book, looser = rulebook_lib.apply(app.db, app.settings, data)
-    if as_json:
-        output.emit_json(
-            {
-                "serial": book.serial,
-                "digest": book.digest,
-                "effective_height": book.effective_height,
-                "signed_by": sorted(book.signatures),
-                "loosens": looser,
-            }
-        )
-        return
-    output.success(
-        f"rulebook #{book.serial} applied (signed by {', '.join(sorted(book.signatures))}); "
-        f"in force from height {book.effective_height}"
-    )
-
-
 @rules.command("check")
 @click.argument("withdrawal_id", type=int)
 @json_option
@@ -284,22 +183,83 @@ def rules_check(app: AppContext, withdrawal_id: int, as_json: bool) -> None:
         output.success("the rules allow it")
 
 
-@rules.command("pin")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@json_option
-@pass_app
-@example("custody rules pin rulebook-3.json")
-def rules_pin(app: AppContext, file: Path, as_json: bool) -> None:
-    """Offline: remember a founders' rulebook on this signer machine now, so that no PSBT under an
-    older rulebook (or none) is signed here (checked against the manifest pinned here)."""
-    pinned = read_manifest_file(app.settings.manifest).check()
-    state = SignerState.load(state_path(app.settings.manifest), pinned)
-    doc = load_json(read_file(file, MAX_RULEBOOK_BYTES * 2, "rulebook"), MAX_RULEBOOK_BYTES * 2, "rulebook")
-    book = pin_rulebook(doc, pinned, state)
-    if as_json:
-        output.emit_json({"serial": book.serial, "digest": book.digest, "state": str(state.path)})
-        return
-    output.success(f"rulebook #{book.serial} pinned on this signer ({state.path})")
+def _rules_export(app: AppContext, current: bool) -> dict[str, Any]:
+    return rulebook_lib.export_document(app.db, app.settings, current)
+
+
+def _read_rulebook(file: Path) -> object:
+    return load_json(read_file(file, MAX_RULEBOOK_BYTES * 2, "rulebook"), MAX_RULEBOOK_BYTES * 2, "rulebook")
+
+
+def _rulebook_to_sign(pinned: roster_lib.Trust, file: Path) -> ToSign:
+    raw = _read_rulebook(file)
+    book = parse_rulebook(raw)
+    if book.manifest != pinned.manifest.digest or book.network != pinned.policy.network.name:
+        raise InputError("this rulebook belongs to another founders' manifest than the one pinned here: do not sign it")
+    before = raw.get("previous_rulebook") if isinstance(raw, dict) else None
+    previous = parse_rulebook(before) if before else None
+    if previous is not None and previous.digest != book.previous:
+        raise InputError("the rulebook given as the previous one is not the one this rulebook follows")
+    looser = (
+        loosened(previous.rules if previous else DEFAULT_RULES, book.rules) if previous or book.serial == 1 else None
+    )
+
+    def show() -> None:
+        _render_rules(f"Rulebook #{book.serial}", rulebook_lib.rules_view(book.rules, book.network))
+        output.info(f"proposed at height {book.proposed_height}, in force from height {book.effective_height}")
+        if looser is None:
+            output.warning("the file does not carry the previous rulebook: what this one loosens cannot be shown")
+        elif looser:
+            output.warning(f"it loosens: {'; '.join(looser)}")
+
+    return ToSign(book.serial, show, partial(sign_rulebook, book), {"previous_rulebook": before})
+
+
+def _rules_apply(app: AppContext, file: Path) -> tuple[dict[str, Any], str]:
+    doc = _read_rulebook(file)
+    if isinstance(doc, dict):
+        doc.pop("previous_rulebook", None)  # shown to the founders; the chain in the store is what counts
+    data = json.dumps(doc).encode()
+    load_rulebook(data)  # a clear error for a malformed file before the store is opened
+    book, looser = rulebook_lib.apply(app.db, app.settings, data)
+    view = {
+        "serial": book.serial,
+        "digest": book.digest,
+        "effective_height": book.effective_height,
+        "signed_by": sorted(book.signatures),
+        "loosens": looser,
+    }
+    message = (
+        f"rulebook #{book.serial} applied (signed by {', '.join(sorted(book.signatures))}); "
+        f"in force from height {book.effective_height}"
+    )
+    return view, message
+
+
+add_document_commands(
+    rules,
+    DocumentKind(
+        group="rules",
+        noun="rulebook",
+        example_file="rulebook-2.json",
+        discard=rulebook_lib.discard,
+        export=_rules_export,
+        export_help="Write the open proposal (or, with --current, the newest applied rulebook), with the\n"
+        "rulebook before it so that a founder sees what changes.",
+        out_help="Where to write it for the founders (never overwritten).",
+        current_help="Write the newest applied rulebook instead.",
+        read_to_sign=_rulebook_to_sign,
+        sign_help="Offline: show the rulebook (and what it loosens against the one before, when the file\n"
+        "carries it) and add your founder's signature to FILE. Checked against the manifest pinned here.",
+        apply=_rules_apply,
+        apply_help="Apply a rulebook m founders signed: the next in the chain; a loosening one only when it was\n"
+        "proposed here and takes effect no earlier than the current rulebook's delay allows.",
+        read_to_pin=_read_rulebook,
+        pin=pin_rulebook,
+        pin_help="Offline: remember a founders' rulebook on this signer machine now, so that no PSBT under an\n"
+        "older rulebook (or none) is signed here (checked against the manifest pinned here).",
+    ),
+)
 
 
 COMMANDS = [rules]

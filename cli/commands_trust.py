@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +15,17 @@ from custody.bitcoin.network import NETWORKS, get_network
 from custody.bitcoin.script import ScriptType, parse_script_type
 from custody.control import roster as roster_lib
 from custody.errors import Conflict, InputError
-from custody.files import read_bounded, write_atomic
-from custody.identity.keyfile import FounderKey
-from custody.identity.roster import MAX_ROSTER_BYTES, Roster, load_roster, roster_problems, sign_roster
+from custody.files import write_atomic
+from custody.identity.roster import MAX_ROSTER_BYTES, Roster, load_roster, sign_roster
 from custody.policy.generator import AddressDeriver
 from custody.policy.manifest import (
-    MAX_MANIFEST_BYTES,
     SignedManifest,
-    load_signed_manifest,
     sign_manifest,
     unsigned,
 )
 from custody.policy.model import RECEIVE, make_policy
 from custody.policy.setupfiles import MAX_SETUP_FILE_BYTES, policy_from_draft, read_setup_files
-from custody.withdraw.signer import SignerState, pin_roster, state_path
+from custody.withdraw.signer import pin_roster
 from custody_cli import output
 from custody_cli.context import (
     AppContext,
@@ -35,49 +33,19 @@ from custody_cli.context import (
     founder_key,
     founder_key_option,
     json_option,
-    out_file_option,
     pass_app,
     passphrase_options,
 )
-
-
-def read_file(path: Path, limit: int, what: str) -> bytes:
-    try:
-        return read_bounded(path, limit, what)
-    except FileNotFoundError:
-        raise InputError(f"{what} {path} does not exist") from None
-
-
-def read_manifest_file(path: Path) -> SignedManifest:
-    return load_signed_manifest(read_file(path, MAX_MANIFEST_BYTES, "manifest"))
-
-
-def write_new(path: Path, text: str, *, overwrite: bool = False) -> None:
-    if path.exists() and not overwrite:
-        raise Conflict(f"{path} exists already; not overwritten")
-    write_atomic(path, text)
-
-
-def yes_option(f: Any) -> Any:
-    return click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")(f)
-
-
-def confirm(question: str, yes: bool) -> None:
-    """Ask on a terminal; refuse (exit 2) off a terminal unless --yes was given."""
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise InputError("not a terminal, so nobody confirmed: review the output above and pass --yes")
-    if not click.confirm(question, default=False, err=True):
-        raise InputError("not confirmed; nothing was signed")
-
-
-def signing_founder(pinned: roster_lib.Trust, key: FounderKey) -> str:
-    """The pinned manifest's founder whose account key ``key`` is. Raises InputError."""
-    mine = [f.name for f in pinned.policy.founders if f.key.xpub.identity() == key.account.xpub.identity()]
-    if not mine:
-        raise InputError("your key is not one of the pinned manifest's founders'")
-    return mine[0]
+from custody_cli.documents import (
+    DocumentKind,
+    ToSign,
+    add_document_commands,
+    confirm,
+    read_file,
+    read_manifest_file,
+    write_new,
+    yes_option,
+)
 
 
 def _manifest_view(m: SignedManifest) -> dict[str, Any]:
@@ -422,89 +390,45 @@ def roster_propose(
         output.success(f"roster #{r.serial} proposed: `custody roster export --out FILE` for the founders")
 
 
-@roster.command("discard")
-@pass_app
-@example("custody roster discard")
-def roster_discard(app: AppContext) -> None:
-    """Drop the open proposal (nothing it proposed was ever in force)."""
-    r = roster_lib.discard_proposal(app.db)
-    output.success(f"proposal for roster #{r.serial} discarded")
+def _roster_export(app: AppContext, current: bool) -> dict[str, Any]:
+    return roster_lib.export_roster(app.db) if current else roster_lib.proposal(app.db).to_document()
 
 
-@roster.command("export")
-@out_file_option("Where to write the proposal for the founders (never overwritten).")
-@click.option("--current", is_flag=True, help="Write the roster in force instead (to pin on a signer machine).")
-@pass_app
-@example("custody roster export --out roster-2.json")
-def roster_export(app: AppContext, out_file: Path, current: bool) -> None:
-    """Write the open proposal (or, with --current, the roster in force) to a file."""
-    doc = roster_lib.export_roster(app.db) if current else roster_lib.proposal(app.db).to_document()
-    write_new(out_file, json.dumps(doc, indent=2) + "\n")
-    output.success(f"roster #{doc['roster']['serial']} written to {out_file}")
-
-
-@roster.command("sign")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@founder_key_option
-@yes_option
-@passphrase_options
-@json_option
-@pass_app
-@example("custody roster sign roster-2.json --key founder-a.key")
-def roster_sign(
-    app: AppContext, file: Path, key_file: Path, yes: bool, passphrase_file: Path | None, as_json: bool
-) -> None:
-    """Offline: show the proposed roster and add your founder's signature to FILE.
-
-    The roster is checked against the manifest pinned on this machine (--manifest)."""
-    pinned = roster_lib.load_trust(app.settings)
+def _roster_to_sign(pinned: roster_lib.Trust, file: Path) -> ToSign:
     r = load_roster(read_file(file, MAX_ROSTER_BYTES, "roster"))
     if r.manifest != pinned.manifest.digest or r.network != pinned.policy.network.name:
         raise InputError("this roster belongs to another founders' manifest than the one pinned here: do not sign it")
-    key = founder_key(key_file, passphrase_file)
-    me = signing_founder(pinned, key)
-    if not as_json:
-        _show_roster(r, False)
-    confirm(f"Sign roster #{r.serial} as {me}?", yes)
-    signed = sign_roster(r, me, key.master.derive(key.account_path).private_key(), pinned.founders)
-    write_atomic(file, json.dumps(signed.to_document(), indent=2) + "\n")
-    missing = roster_problems(signed, pinned.founders)
-    if as_json:
-        output.emit_json({"serial": signed.serial, "signed_by": sorted(signed.signatures), "complete": not missing})
-        return
-    output.success(f"{me} signed roster #{signed.serial} ({len(signed.signatures)} signature(s))")
+    return ToSign(r.serial, lambda: _show_roster(r, False), partial(sign_roster, r))
 
 
-@roster.command("apply")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@json_option
-@pass_app
-@example("custody roster apply roster-2.json")
-def roster_apply(app: AppContext, file: Path, as_json: bool) -> None:
-    """Apply a roster m founders signed; it must be the next serial after the one in force."""
+def _roster_apply(app: AppContext, file: Path) -> tuple[dict[str, Any], str]:
     r = roster_lib.apply_roster(app.db, app.settings, read_file(file, MAX_ROSTER_BYTES, "roster"))
-    if as_json:
-        output.emit_json({"serial": r.serial, "digest": r.digest, "signed_by": sorted(r.signatures)})
-        return
-    output.success(f"roster #{r.serial} applied (signed by {', '.join(sorted(r.signatures))})")
+    view = {"serial": r.serial, "digest": r.digest, "signed_by": sorted(r.signatures)}
+    return view, f"roster #{r.serial} applied (signed by {', '.join(sorted(r.signatures))})"
 
 
-@roster.command("pin")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@json_option
-@pass_app
-@example("custody roster pin roster-3.json")
-def roster_pin(app: AppContext, file: Path, as_json: bool) -> None:
-    """Offline: remember a founders' roster on this signer machine now, so that no PSBT under an
-    older roster is signed here (checked against the manifest pinned here)."""
-    pinned = read_manifest_file(app.settings.manifest).check()
-    state = SignerState.load(state_path(app.settings.manifest), pinned)
-    doc = json.loads(read_file(file, MAX_ROSTER_BYTES, "roster"))
-    r = pin_roster(doc, pinned, state)
-    if as_json:
-        output.emit_json({"serial": r.serial, "digest": r.digest, "state": str(state.path)})
-        return
-    output.success(f"roster #{r.serial} pinned on this signer ({state.path})")
+add_document_commands(
+    roster,
+    DocumentKind(
+        group="roster",
+        noun="roster",
+        example_file="roster-2.json",
+        discard=roster_lib.discard_proposal,
+        export=_roster_export,
+        export_help="Write the open proposal (or, with --current, the roster in force) to a file.",
+        out_help="Where to write the proposal for the founders (never overwritten).",
+        current_help="Write the roster in force instead (to pin on a signer machine).",
+        read_to_sign=_roster_to_sign,
+        sign_help="Offline: show the proposed roster and add your founder's signature to FILE.\n\n"
+        "The roster is checked against the manifest pinned on this machine (--manifest).",
+        apply=_roster_apply,
+        apply_help="Apply a roster m founders signed; it must be the next serial after the one in force.",
+        read_to_pin=lambda file: json.loads(read_file(file, MAX_ROSTER_BYTES, "roster")),
+        pin=pin_roster,
+        pin_help="Offline: remember a founders' roster on this signer machine now, so that no PSBT under an\n"
+        "older roster is signed here (checked against the manifest pinned here).",
+    ),
+)
 
 
 COMMANDS = [manifest, roster]

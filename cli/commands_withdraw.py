@@ -30,7 +30,6 @@ from custody.withdraw import replace
 from custody.withdraw import states as wd_states
 from custody.withdraw.signer import Review, SignerState, review, sign_reviewed, state_path
 from custody_cli import output
-from custody_cli.commands_trust import confirm, read_manifest_file, yes_option
 from custody_cli.context import (
     AppContext,
     KeyRef,
@@ -43,6 +42,7 @@ from custody_cli.context import (
     pass_app,
     passphrase_options,
 )
+from custody_cli.documents import confirm, read_manifest_file, yes_option
 
 MAX_PSBT_BYTES = PSBT_MAX
 STDIO = "-"

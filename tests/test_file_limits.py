@@ -25,8 +25,9 @@ from custody.bitcoin.txbuild import Coin, build_transaction
 from custody.chain.embedded import open_chain
 from custody.control import halt_file, witness
 from custody.errors import InputError
+from custody.identity.roster import MAX_ROSTER_BYTES
+from custody.policy.manifest import MAX_MANIFEST_BYTES
 from custody.verify import files as verify_files
-from custody_cli import commands_trust as trust
 from tests.support import PASSPHRASE, Custody, founders
 
 ADDRESS_SPACE = 512 * 1024 * 1024
@@ -143,8 +144,8 @@ CASES: dict[str, tuple[int, Case]] = {
         witness.MAX_WITNESS_BYTES,
         lambda w, f: ({}, ["audit", "log", "--verify", "--against", str(f)]),
     ),
-    "founders-signed manifest": (trust.MAX_MANIFEST_BYTES, lambda w, f: ({}, ["manifest", "show", str(f)])),
-    "founders-signed roster": (trust.MAX_ROSTER_BYTES, lambda w, f: ({}, ["roster", "apply", str(f)])),
+    "founders-signed manifest": (MAX_MANIFEST_BYTES, lambda w, f: ({}, ["manifest", "show", str(f)])),
+    "founders-signed roster": (MAX_ROSTER_BYTES, lambda w, f: ({}, ["roster", "apply", str(f)])),
     "webhook secret file": (
         files.SECRET_FILE_MAX,
         lambda w, f: ({}, ["notify", "webhook", "add", "https://hooks.example/custody", "--secret-file", str(f)]),

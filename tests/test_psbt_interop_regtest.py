@@ -18,7 +18,7 @@ from custody.chain.rpc import RpcClient
 from custody.errors import InputError
 from custody.identity.keyfile import open_founder_key
 from custody.withdraw.signer import SignerState, review, state_path
-from custody_cli.commands_trust import read_manifest_file
+from custody_cli.documents import read_manifest_file
 from tests.support import PASSPHRASE, psbt_b64, read_psbt
 from tests.withdraw_support import Shop
 
