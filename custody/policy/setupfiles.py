@@ -28,7 +28,7 @@ accepted: anything else would give other addresses than custody derives.
 """
 
 # size(module): every wallet's setup file (Sparrow, Specter, BSMS, Electrum, Coldcard) in one place,
-#   two lines over; each export is short
+#   a few lines over; each export is short
 
 from __future__ import annotations
 
