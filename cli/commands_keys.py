@@ -18,6 +18,7 @@ from custody.identity.keyfile import check_passphrase, create_employee_key, crea
 from custody.identity.pkcs11_keys import generate_token_key
 from custody.identity.roster import check_name
 from custody.identity.words import seed_from_words
+from custody.policy.origins import standard_path
 from custody_cli import output
 from custody_cli.context import (
     AppContext,
@@ -55,8 +56,9 @@ from custody_cli.context import (
     "script_type",
     default="p2wsh",
     show_default=True,
-    type=click.Choice([t.value for t in ScriptType if t.bip48_script_index is not None]),
-    help="BIP-48 script type of the account key.",
+    type=click.Choice([t.value for t in ScriptType]),
+    help="Script type of the account key: m/48'/coin'/0'/2' for p2wsh, /1' for p2sh-p2wsh (BIP-48), "
+    "m/45' for p2sh (BIP-45).",
 )
 @click.option(
     "--mnemonic",
@@ -103,11 +105,11 @@ def keygen(
     if with_words and not sys.stderr.isatty():
         raise InputError("--mnemonic shows the words on a terminal only: run it with stderr on a terminal")
     net = get_network(network)
-    index = parse_script_type(script_type).bip48_script_index or 2
+    path = standard_path(net, parse_script_type(script_type))
     if restore:
         seed = seed_from_words(_read_words(words_file))
         passphrase = read_passphrase(passphrase_file, confirm=True, what="restored founder key")
-        key = write_founder_key(out_file, name, net, passphrase, seed, index, seed_source=words_lib.SOURCE)
+        key = write_founder_key(out_file, name, net, passphrase, seed, seed_source=words_lib.SOURCE, account_path=path)
     elif with_words:
         passphrase = read_passphrase(passphrase_file, confirm=True, what="new founder key")
         check_passphrase(passphrase)
@@ -117,10 +119,10 @@ def keygen(
             raise InputError("not confirmed; no key file was written (the words shown are void)")
         seed = seed_from_words(phrase)
         del phrase
-        key = write_founder_key(out_file, name, net, passphrase, seed, index, seed_source=words_lib.SOURCE)
+        key = write_founder_key(out_file, name, net, passphrase, seed, seed_source=words_lib.SOURCE, account_path=path)
     else:
         passphrase = read_passphrase(passphrase_file, confirm=True, what="new founder key")
-        key = create_founder_key(out_file, name, net, passphrase, index)
+        key = create_founder_key(out_file, name, net, passphrase, account_path=path)
     if as_json:
         output.emit_json(
             {

@@ -13,6 +13,7 @@ from custody.control.wallet import init_store, load_policy
 from custody.errors import Conflict, InputError
 from custody.files import write_atomic
 from custody.policy.manifest import write_manifest
+from custody.policy.origins import origin_problem
 from custody.policy.setupfiles import FORMATS, descriptor_text, export_policy
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
@@ -43,6 +44,10 @@ def init(app: AppContext, manifest_file: Path, as_json: bool) -> None:
         raise Conflict(f"a different founders' manifest is pinned at {path}; not overwritten")
     init_store(app.db, signed)
     pin_manifest(path, signed)
+    for founder in signed.policy.founders:  # every founder signed it: warned loudly, not refused
+        problem = origin_problem(founder.name, founder.key, signed.policy.network, signed.policy.script_type)
+        if problem is not None:
+            output.warning(f"NON-STANDARD KEY ORIGIN: {problem}; check every founder's signer derives it")
     state = publish(app.db, app.settings)
     for w in state.warnings:
         output.warning(w)

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from custody.bitcoin.keys import KeyOrigin
 from custody.bitcoin.network import NETWORKS, get_network
 from custody.bitcoin.script import ScriptType, parse_script_type
 from custody.control import roster as roster_lib
@@ -23,7 +24,8 @@ from custody.policy.manifest import (
     sign_manifest,
     unsigned,
 )
-from custody.policy.model import RECEIVE, make_policy
+from custody.policy.model import RECEIVE, Policy, make_policy
+from custody.policy.origins import origin_problem, own_origin_problem
 from custody.policy.setupfiles import MAX_SETUP_FILE_BYTES, policy_from_draft, read_setup_files
 from custody.withdraw.signer import pin_roster
 from custody_cli import output
@@ -124,6 +126,12 @@ def manifest() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where to write the unsigned manifest (never overwritten).",
 )
+@click.option(
+    "--allow-nonstandard-path",
+    is_flag=True,
+    help="Draft even when a key origin is not the script type's standard path (BIP-48 m/48'/coin'/account'/2' "
+    "for p2wsh, /1' for p2sh-p2wsh; BIP-45 m/45' for p2sh): warned, not refused.",
+)
 @json_option
 @example(
     "custody manifest draft --network regtest --founder 'a=[fp/48h/1h/0h/2h]tpub...' ... --out m.json\n"
@@ -137,10 +145,15 @@ def manifest_draft(
     from_files: tuple[str, ...],
     tokens: tuple[str, ...],
     out_file: Path,
+    allow_nonstandard_path: bool,
     as_json: bool,
 ) -> None:
     """Write the founders' manifest for every founder to sign (`custody manifest sign`), from
-    --founder keys or from the wallet setup file the founders' wallets or devices wrote."""
+    --founder keys or from the wallet setup file the founders' wallets or devices wrote.
+
+    Quote each key: an unquoted shell eats the ' of 48'/1'/0'/2' (or write 48h/1h/0h/2h). A key
+    origin that is not the standard path for the script type is refused (exit 2) unless
+    --allow-nonstandard-path."""
     net = get_network(network)
     st = parse_script_type(script_type) if script_type else None
     if bool(founders) == bool(from_files):
@@ -162,6 +175,7 @@ def manifest_draft(
                 raise InputError(f"--founder takes NAME=XPUB, got {text[:40]!r}")
             pairs.append((name, key))
         policy = make_policy(net, 2 if threshold is None else threshold, st or ScriptType.P2WSH, pairs)
+    _check_origins(policy, allow_nonstandard_path)
     m = unsigned(policy)
     write_new(out_file, json.dumps(m.to_document(), indent=2) + "\n")
     if as_json:
@@ -176,6 +190,19 @@ def manifest_draft(
         )
         output.info(f"first deposit address: {first}; compare it with what each founder's wallet or device shows")
     output.success(f"manifest {m.fingerprint} written to {out_file}; every founder signs it next")
+
+
+def _check_origins(policy: Policy, allow: bool) -> None:
+    """Refuse (or, allowed, warn about) key origins off the script type's standard path."""
+    problems = [
+        p
+        for f in policy.founders
+        if (p := origin_problem(f.name, f.key, policy.network, policy.script_type)) is not None
+    ]
+    if problems and not allow:
+        raise InputError("; ".join(problems) + " (--allow-nonstandard-path drafts it anyway)")
+    for p in problems:
+        output.warning(f"NON-STANDARD KEY ORIGIN: {p}")
 
 
 def _read_input(name: str) -> bytes:
@@ -202,6 +229,10 @@ def manifest_sign(file: Path, key_file: Path, yes: bool, passphrase_file: Path |
     mine = [f.name for f in m.policy.founders if f.key.xpub.identity() == key.account.xpub.identity()]
     if not mine or key.network != m.policy.network:
         raise InputError("your key's account xpub is not in this manifest: do not sign it")
+    listed = next(f for f in m.policy.founders if f.name == mine[0])
+    wrong_origin = own_origin_problem(mine[0], listed.key, key.account.origin or KeyOrigin(b"", ()))
+    if wrong_origin is not None:
+        raise InputError(wrong_origin)
     if not as_json:
         _show_manifest(m, False)
     confirm(f"Sign manifest {m.fingerprint} as {mine[0]}?", yes)

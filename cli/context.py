@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -227,7 +228,9 @@ def example(text: str) -> Callable[[F], F]:
     """Append an example to a command's help."""
 
     def wrap(f: F) -> F:
-        doc = (f.__doc__ or "").rstrip()
+        # cleandoc first: the appended lines are not indented, so click's own cleandoc would
+        # otherwise keep the docstring's indentation inside the sentences.
+        doc = inspect.cleandoc(f.__doc__ or "").rstrip()
         f.__doc__ = f"{doc}\n\n\b\nExample:\n  {text}\n"
         return f
 

@@ -17,8 +17,10 @@ from click.testing import CliRunner, Result
 from custody.bitcoin.keys import ExtendedPrivateKey, KeyOrigin, OriginKey, bip48_path
 from custody.bitcoin.message import sign_message
 from custody.bitcoin.network import Network, get_network
+from custody.bitcoin.script import parse_script_type
 from custody.identity.roster import Roster, load_roster
 from custody.policy.manifest import SignedManifest, load_signed_manifest, sign_manifest
+from custody.policy.origins import standard_path
 from custody_cli.main import cli
 
 PASSPHRASE = "correct horse battery staple"
@@ -39,17 +41,19 @@ class TestFounder:
         return f"{self.name}={self.account}"
 
 
-def founders(network: str = "regtest", n: int = 3, script_index: int = 2, tag: str = "") -> list[TestFounder]:
-    """Deterministic regtest-only founder keys (seeds from a label, never for real money)."""
+def founders(
+    network: str = "regtest", n: int = 3, script_index: int = 2, tag: str = "", script: str | None = None
+) -> list[TestFounder]:
+    """Deterministic regtest-only founder keys (seeds from a label, never for real money); with
+    ``script``, at that script type's standard path (custody.policy.origins)."""
     net: Network = get_network(network)
+    path = bip48_path(net, script_index)
+    if script is not None:
+        path = standard_path(net, parse_script_type(script))
     out = []
     for i in range(n):
         seed = hashlib.sha256(f"custody test founder {tag}{i}".encode()).digest()
-        out.append(
-            TestFounder(
-                f"founder-{chr(97 + i)}", ExtendedPrivateKey.from_seed(seed, net), bip48_path(net, script_index)
-            )
-        )
+        out.append(TestFounder(f"founder-{chr(97 + i)}", ExtendedPrivateKey.from_seed(seed, net), path))
     return out
 
 

@@ -73,7 +73,7 @@ def test_init_then_policy_show_descriptors_manifest(ready: Custody, tmp_path: Pa
 
 @pytest.mark.parametrize("script,wrapper", [("p2sh-p2wsh", "sh(wsh(sortedmulti("), ("p2sh", "sh(sortedmulti(")])
 def test_init_script_types(custody: Custody, script: str, wrapper: str) -> None:
-    assert custody.init(founders(), script=script).exit_code == 0
+    assert custody.init(founders(script=script), script=script).exit_code == 0
     assert custody.json("policy", "descriptors")["receive"].startswith(wrapper)
 
 

@@ -128,13 +128,22 @@ def _write_new(path: Path, document: dict[str, Any]) -> None:
         raise
 
 
-def create_founder_key(path: Path, name: str, network: Network, passphrase: str, script_index: int = 2) -> FounderKey:
+def create_founder_key(
+    path: Path,
+    name: str,
+    network: Network,
+    passphrase: str,
+    script_index: int = 2,
+    account_path: tuple[int, ...] | None = None,
+) -> FounderKey:
     """Create a founder key (BIP-32 master from the OS's randomness) and write it to ``path``.
 
     The account key is at BIP-48 ``m/48'/coin'/0'/script'`` (2' for p2wsh, 1' for
     p2sh-p2wsh). Raises Conflict when ``path`` exists, InputError for a weak passphrase.
     """
-    return write_founder_key(path, name, network, passphrase, secrets.token_bytes(32), script_index)
+    return write_founder_key(
+        path, name, network, passphrase, secrets.token_bytes(32), script_index, account_path=account_path
+    )
 
 
 def write_founder_key(
@@ -145,6 +154,7 @@ def write_founder_key(
     seed: bytes,
     script_index: int = 2,
     seed_source: str | None = None,
+    account_path: tuple[int, ...] | None = None,
 ) -> FounderKey:
     """Write a founder key file holding the BIP-32 ``seed`` (16 to 64 bytes) to ``path``.
 
@@ -154,7 +164,8 @@ def write_founder_key(
     """
     check_passphrase(passphrase)
     master = ExtendedPrivateKey.from_seed(seed, network)
-    key = FounderKey(name, network, master, bip48_path(network, script_index))
+    path_ = account_path if account_path is not None else bip48_path(network, script_index)
+    key = FounderKey(name, network, master, path_)
     header: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
