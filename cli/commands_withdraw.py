@@ -609,11 +609,11 @@ def sync(app: AppContext, as_json: bool) -> None:
         output.emit_json([*changed, *credited])
     else:
         for r in changed:
-            output.line(f"withdrawal #{r['id']}: {r['status']} ({r['confirmations']} confirmations)")
+            output.line(f"withdrawal #{r['id']}: {r['status']} ({output.plural(r['confirmations'], 'confirmation')})")
         for d in credited:
             output.line(
                 f"deposit {d['outpoint']} to {d['account']}: {d['amount']} BTC {d['change']} "
-                f"({d['confirmations']} confirmations)"
+                f"({output.plural(d['confirmations'], 'confirmation')})"
             )
         if not changed and not credited:
             output.info("nothing changed")

@@ -123,7 +123,8 @@ def _broadcast(d: dict[str, Any]) -> None:
     w = d["withdrawal"]
     output.line(f"  broadcast {d['txid']}")
     output.line(
-        f"  withdrawal #{w['id']}: {w['status']} at height {w['block_height']} ({w['confirmations']} confirmation)",
+        f"  withdrawal #{w['id']}: {w['status']} at height {w['block_height']} "
+        f"({output.plural(w['confirmations'], 'confirmation')})",
         style="green",
     )
     output.line(f"  the customer's address holds {d['customer_sat']} sat on chain")

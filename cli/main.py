@@ -16,6 +16,7 @@ from custody.config import Settings
 from custody.control import halt_file
 from custody.errors import CustodyError
 from custody_cli.context import AppContext
+from custody_cli.helptext import SUMMARY_LIMIT
 
 JSON_ERRORS = "custody.json"  # ctx.meta: the command line has --json, so errors are JSON too
 
@@ -72,6 +73,10 @@ COMMAND_INDEX: dict[str, tuple[str, str]] = {
         "The status view: each component operational or halted, open and recent incidents.",
     ),
     "sync": ("commands_withdraw", "Follow withdrawals to confirmation and credit deposits from the chain."),
+    "version": (
+        "commands_meta",
+        "The version of custody, of the store format it writes and of Python (also `custody -V`).",
+    ),
     "utxo": ("commands_utxo", "Custody's coins on the chain, and consolidating many small ones."),
     "verify": ("commands_verify", "Independent verification (auditors)."),
     "withdraw": (
@@ -117,7 +122,7 @@ class LazyGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The command list from the index: no command module imported for ``--help``."""
         names = self.list_commands(ctx)
-        limit = formatter.width - 6 - max(map(len, names))
+        limit = SUMMARY_LIMIT  # whole summaries, wrapped by the formatter, never cut with "..."
         rows = []
         for name in names:
             cmd = self._commands.get(name) or click.Command(name, help=COMMAND_INDEX[name][1])
@@ -157,10 +162,7 @@ class CustodyGroup(LazyGroup):
                 ctx.exit(code)
             raise
         except click.ClickException as exc:  # usage errors: exit 2
-            if not ctx.meta.get(JSON_ERRORS):
-                raise
-            output.error_json(exc.format_message(), exc.exit_code)
-            ctx.exit(exc.exit_code)
+            _usage_error(ctx, _place_global_option(exc))
         except click.Abort:
             raise
         except KeyboardInterrupt:
@@ -173,6 +175,31 @@ class CustodyGroup(LazyGroup):
             ctx.exit(1)
         _after_command(ctx)
         return result
+
+
+GLOBAL_OPTIONS = ("--home", "--db", "--halt-file", "--manifest")
+
+
+def _place_global_option(exc: click.ClickException) -> click.ClickException:
+    """`custody sign FILE --manifest F`: the usage error says a global option goes before the command."""
+    if not isinstance(exc, click.NoSuchOption) or exc.option_name not in GLOBAL_OPTIONS:
+        return exc
+    name = exc.option_name
+    env = "CUSTODY_DB_URL" if name == "--db" else "CUSTODY_" + name.lstrip("-").replace("-", "_").upper()
+    return click.UsageError(
+        f"{name} is a global option: give it before the command (custody {name} VALUE COMMAND ...) or set {env}",
+        ctx=exc.ctx,
+    )
+
+
+def _usage_error(ctx: click.Context, exc: click.ClickException) -> None:
+    """A usage error: click's text on stderr, or one JSON line under --json; exit 2."""
+    if not ctx.meta.get(JSON_ERRORS):
+        raise exc
+    from custody_cli import output
+
+    output.error_json(exc.format_message(), exc.exit_code)
+    ctx.exit(exc.exit_code)
 
 
 def _error(ctx: click.Context, message: str, code: int) -> None:
@@ -219,7 +246,7 @@ def _after_command(ctx: click.Context) -> None:
 
 
 @click.group(cls=CustodyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="custody")
+@click.version_option(__version__, "-V", "--version", prog_name="custody")
 @click.option(
     "--home", envvar="CUSTODY_HOME", help="Data directory (default ~/.local/share/custody). [env: CUSTODY_HOME]"
 )

@@ -82,6 +82,11 @@ def one_line(text: str) -> str:
     )
 
 
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """``1 confirmation``, ``2 confirmations``: a count with its noun agreeing."""
+    return f"{count} {word if count == 1 else (words or word + 's')}"
+
+
 def line(message: str, style: str | None = None) -> None:
     """A plain line of data on stdout."""
     out().print(Text(one_line(message), style=style or ""))

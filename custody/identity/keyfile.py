@@ -230,7 +230,8 @@ def read_header(path: Path) -> dict[str, Any]:
 def _open(path: Path, passphrase: str, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
     doc = read_header(path)
     if doc.get("kind") != kind:
-        raise KeyFileError(f"{path} holds a {doc.get('kind')} key, not a {kind} key")
+        held = str(doc.get("kind"))
+        raise KeyFileError(f"{path} holds {_article(held)} {held} key, not {_article(kind)} {kind} key")
     try:
         kdf = doc["kdf"]
         cipher = doc["cipher"]
@@ -256,6 +257,10 @@ def _open(path: Path, passphrase: str, kind: str) -> tuple[dict[str, Any], dict[
         return doc, json.loads(plaintext)
     except (ValueError, RecursionError):
         raise KeyFileError(f"{path} is corrupted (its secret is not readable)") from None
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def open_founder_key(path: Path, passphrase: str) -> FounderKey:
