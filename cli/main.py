@@ -69,8 +69,9 @@ COMMAND_INDEX: dict[str, tuple[str, str]] = {
         "Review and sign a withdrawal PSBT offline with a founder key (no store, no node needed).",
     ),
     "status": (
-        "commands_halt",
-        "The status view: each component operational or halted, open and recent incidents.",
+        "commands_status",
+        "Whether custody is operational: the halt, the node, sync, withdrawals waiting on people, reserves "
+        "against liabilities, the halt file's lease, open and recent incidents.",
     ),
     "sync": ("commands_withdraw", "Follow withdrawals to confirmation and credit deposits from the chain."),
     "version": (

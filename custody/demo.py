@@ -48,6 +48,7 @@ from custody.identity.rulebook import sign_rulebook
 from custody.issuance.issuer import export_addresses, issue_addresses, list_addresses
 from custody.policy.manifest import SignedManifest, load_signed_manifest, sign_manifest, unsigned, write_manifest
 from custody.policy.model import make_policy
+from custody.policy.origins import standard_path
 from custody.store.db import Database
 from custody.withdraw import broadcast as wd_broadcast
 from custody.withdraw import limits as wd_limits
@@ -208,7 +209,9 @@ class Story:
         founders = []
         for name in FOUNDERS:
             path = self.keys / f"{name}.key"
-            key = create_founder_key(path, name, REGTEST, PASSPHRASE, self.script_type.bip48_script_index or 2)
+            key = create_founder_key(
+                path, name, REGTEST, PASSPHRASE, account_path=standard_path(REGTEST, self.script_type)
+            )
             founders.append((name, str(key.account)))
             self._founder_keys[name] = key.master.derive(key.account_path).private_key()
         self._manifest = unsigned(make_policy(REGTEST, 2, self.script_type, founders))

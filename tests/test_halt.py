@@ -109,6 +109,7 @@ def test_wrong_passphrase_cannot_halt_or_lift(shop: tuple[Custody, dict[str, Pat
 
 def test_status_view_shows_incident_timeline(shop: tuple[Custody, dict[str, Path]]) -> None:
     c, keys = shop
+    c.env["CUSTODY_CHAIN"] = "embedded"  # a node that answers: status is about the halt here
     view = c("status", "--json")
     assert view.exit_code == 0
     assert set(json.loads(view.stdout)["components"].values()) == {"operational"}

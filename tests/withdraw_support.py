@@ -20,8 +20,7 @@ def key_ceremony(c: Custody, tmp: Path, script: str) -> dict[str, Path]:
     specs = []
     for name in ("founder-a", "founder-b", "founder-c"):
         path = tmp / "keys" / f"{name}.key"
-        script_arg = "p2sh-p2wsh" if script == "p2sh-p2wsh" else "p2wsh"
-        result = c("keygen", name, "--out", str(path), "--script", script_arg, "--json")
+        result = c("keygen", name, "--out", str(path), "--script", script, "--json")
         assert result.exit_code == 0, result.output
         keys[name] = path
         specs += ["--founder", f"{name}={json.loads(result.stdout)['xpub']}"]
