@@ -49,12 +49,22 @@ def cell(value: Any) -> Text:
     return Text(one_line("" if value is None else str(value)))
 
 
+IDENTIFIER_COLUMNS = frozenset(
+    ("address", "destination", "txid", "outpoint", "xpub", "account xpub", "key", "keys", "public keys", "ref")
+)
+"""Columns of identifiers: never wrapped over two lines in a table (a piece cannot be copied),
+shortened with an ellipsis when the terminal is narrow; `show` and --json give them whole."""
+
+
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     from rich.table import Table  # here: a command that prints no table does not load it
 
     t = Table(title=None if title is None else cell(title), show_lines=False)
     for c in columns:
-        t.add_column(cell(c), overflow="fold")
+        if c in IDENTIFIER_COLUMNS:
+            t.add_column(cell(c), no_wrap=True, overflow="ellipsis", min_width=14)
+        else:
+            t.add_column(cell(c), overflow="fold")
     for row in rows:
         t.add_row(*[cell(v) for v in row])
     out().print(t)
@@ -117,14 +127,14 @@ def error(message: str) -> None:
 
 
 def key_values(title: str, pairs: Sequence[tuple[str, Any]]) -> None:
-    from rich.table import Table
-
-    t = Table(title=cell(title), show_header=False)
-    t.add_column("field", style="bold")
-    t.add_column("value", overflow="fold")
+    """A record (what `show` prints): a title, then one line per field, each value whole on its
+    line (a terminal may soft-wrap it; no newline is ever put inside an identifier)."""
+    console = out()
+    console.print(Text(one_line(title), style="bold"))
+    width = max((len(one_line(k)) for k, _ in pairs), default=0)
     for k, v in pairs:
-        t.add_row(cell(k), cell(v))
-    out().print(t)
+        value = one_line("" if v is None else str(v))
+        console.print(Text("  ") + Text(one_line(k).ljust(width), style="bold") + Text("  " + value))
 
 
 class Progress:
