@@ -246,9 +246,24 @@ def audit_log_command(
         return
     output.table(
         "Audit log",
-        ["seq", "at", "event", "actor", "details"],
-        [(r["seq"], r["at"], r["event"], r["actor"], json.dumps(r["payload"], sort_keys=True)[:120]) for r in rows],
+        ["seq", "at", "event", "actor", "on", "details"],
+        [
+            (
+                r["seq"],
+                r["at"],
+                r["event"],
+                r["actor"],
+                _on(r["origin"]),
+                json.dumps(r["payload"], sort_keys=True)[:120],
+            )
+            for r in rows
+        ],
     )
+
+
+def _on(origin: dict[str, Any] | None) -> str:
+    """``user@host`` of the process that appended an entry (blank before schema 5)."""
+    return "" if not origin else f"{origin.get('user')}@{origin.get('host')}"
 
 
 @audit_log_command.command("checkpoint")

@@ -32,8 +32,12 @@ class AppContext:
     @property
     def db(self) -> Database:
         if self._db is None:
+            from custody.control import audit_log
             from custody.store.db import Database
 
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None:  # the audit log names the command in every entry it appends
+                audit_log.set_command(ctx.command_path.partition(" ")[2] or ctx.command_path)
             self._db = Database(self.settings.db_url)
         return self._db
 

@@ -317,7 +317,9 @@ def _rehash_from(shop: Shop, seq: int) -> None:
         prev = s.exec(select(AuditEntry.hash).where(AuditEntry.seq == seq - 1)).one()
     db.dispose()
     for e in rows:
-        digest = audit_log.entry_hash(e.seq, audit_log._at(e.at), e.event, e.actor, e.payload, e.signature, prev)
+        digest = audit_log.entry_hash(
+            e.seq, audit_log._at(e.at), e.event, e.actor, e.payload, e.signature, prev, e.origin
+        )
         shop.sql("UPDATE audit_log SET prev_hash = :p, hash = :h WHERE seq = :s", p=prev, h=digest, s=e.seq)
         prev = digest
     shop.sql("UPDATE audit_head SET hash = :h WHERE id = 1", h=prev)

@@ -3,15 +3,24 @@
 Each entry is appended in the same database transaction as the event it records. Entry
 ``seq`` hashes its own fields together with the hash of entry ``seq - 1``; the chain's tip
 lives in ``audit_head``, whose row lock serializes appends across processes.
+
+Every entry since schema 5 names where it was made (``origin``): the OS user and host of the
+process that appended it, and the command when the CLI says which (:func:`set_command`). An
+entry's hash covers its origin; entries made before it have none and hash as they always did.
 """
 
 from __future__ import annotations
 
+import contextvars
+import getpass
 import hashlib
 import json
+import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Any
 
 from sqlalchemy import text
@@ -29,9 +38,49 @@ def canonical(payload: Any) -> str:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def entry_hash(seq: int, at: str, event: str, actor: str, payload: str, signature: str | None, prev: str) -> str:
-    body = canonical([seq, at, event, actor, payload, signature, prev])
-    return hashlib.sha256(body.encode()).hexdigest()
+def entry_hash(
+    seq: int,
+    at: str,
+    event: str,
+    actor: str,
+    payload: str,
+    signature: str | None,
+    prev: str,
+    origin: str | None = None,
+) -> str:
+    """SHA-256 of the canonical JSON list of the fields; ``origin`` is the list's eighth item
+    only when the entry has one (entries from before schema 5 keep their seven-item hash)."""
+    fields: list[Any] = [seq, at, event, actor, payload, signature, prev]
+    if origin is not None:
+        fields.append(origin)
+    return hashlib.sha256(canonical(fields).encode()).hexdigest()
+
+
+_COMMAND: contextvars.ContextVar[str | None] = contextvars.ContextVar("custody_audit_command", default=None)
+
+
+def set_command(command: str | None) -> None:
+    """The command line's command (``withdraw finalize``), named in the origin of what it appends."""
+    _COMMAND.set(command)
+
+
+@cache
+def _os_identity() -> tuple[str, str]:
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry: the uid says who
+        user = f"uid:{os.getuid()}"
+    return user, socket.gethostname()
+
+
+def origin() -> str:
+    """This process's origin for an entry (canonical JSON): OS user, host, and the command."""
+    user, host = _os_identity()
+    doc: dict[str, Any] = {"user": user[:64], "host": host[:255]}
+    command = _COMMAND.get()
+    if command:
+        doc["command"] = command[:128]
+    return canonical(doc)
 
 
 def _at(value: datetime) -> str:
@@ -55,7 +104,8 @@ def append(
     at = now()
     body = canonical(payload)
     seq = head.seq + 1
-    digest = entry_hash(seq, _at(at), event, actor, body, signature, head.hash)
+    made_by = origin()
+    digest = entry_hash(seq, _at(at), event, actor, body, signature, head.hash, made_by)
     entry = AuditEntry(
         seq=seq,
         at=at,
@@ -65,6 +115,7 @@ def append(
         signature=signature,
         prev_hash=head.hash,
         hash=digest,
+        origin=made_by,
     )
     session.add(entry)
     head.seq = seq
@@ -80,7 +131,14 @@ def intact(entry: AuditEntry) -> bool:
     A consistent rewrite from this entry on is for the chain check and the witnesses.
     """
     recomputed = entry_hash(
-        entry.seq, _at(entry.at), entry.event, entry.actor, entry.payload, entry.signature, entry.prev_hash
+        entry.seq,
+        _at(entry.at),
+        entry.event,
+        entry.actor,
+        entry.payload,
+        entry.signature,
+        entry.prev_hash,
+        entry.origin,
     )
     return recomputed == entry.hash
 
@@ -96,14 +154,14 @@ CHAIN_BATCH = 10_000
 
 
 _CHAIN_PAGE = text(
-    "SELECT seq, at, event, actor, payload, signature, prev_hash, hash FROM audit_log "
+    "SELECT seq, at, event, actor, payload, signature, prev_hash, hash, origin FROM audit_log "
     "WHERE seq > :last ORDER BY seq LIMIT :n"
 )
 
 
 def iter_chain(session: Session, batch: int = CHAIN_BATCH) -> Iterator[tuple[Any, ...]]:
     """Every entry as a plain row ``(seq, at, event, actor, payload, signature, prev_hash,
-    hash)`` in order, read ``batch`` at a time by sequence (no ORM objects, no type
+    hash, origin)`` in order, read ``batch`` at a time by sequence (no ORM objects, no type
     conversion: ``at`` is as the driver gives it, see :func:`_stamp`)."""
     last = -1
     while True:
@@ -133,13 +191,16 @@ def verify_chain_counted(session: Session) -> tuple[list[ChainProblem], int]:
     count = 0
     dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
     sha256 = hashlib.sha256
-    for seq, at, event, actor, payload, signature, prev_hash, digest in iter_chain(session):
+    for seq, at, event, actor, payload, signature, prev_hash, digest, made_by in iter_chain(session):
         count += 1
         if seq != expected_seq:
             problems.append(ChainProblem(seq, f"expected entry {expected_seq}: entries missing or inserted"))
         if prev_hash != prev:
             problems.append(ChainProblem(seq, "does not link to the entry before it"))
-        body = dumps([seq, _stamp(at), event, actor, payload, signature, prev_hash])  # entry_hash, inlined
+        fields = [seq, _stamp(at), event, actor, payload, signature, prev_hash]
+        if made_by is not None:  # entry_hash, inlined: the origin is hashed when the entry has one
+            fields.append(made_by)
+        body = dumps(fields)
         if sha256(body.encode()).hexdigest() != digest:
             problems.append(ChainProblem(seq, "content does not match its hash (edited)"))
         prev = digest
@@ -173,6 +234,7 @@ def entries(session: Session, limit: int | None = None) -> list[dict[str, Any]]:
             "actor": e.actor,
             "payload": json.loads(e.payload),
             "signature": e.signature,
+            "origin": json.loads(e.origin) if e.origin else None,
             "hash": e.hash,
         }
         for e in rows

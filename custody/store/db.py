@@ -168,6 +168,9 @@ class Database:
                 # children paying for a signed withdrawal; a store from before has none.
                 # 4 -> 5 also: service_nonce, the signed requests' nonces `custody serve` accepted,
                 # shared by its instances (created above; empty: nothing to carry over).
+                # 4 -> 5 also: audit_log.origin, who appended each entry (OS user, host, command);
+                # entries from before keep none and their hashes (audit_log.entry_hash).
+                _add_column(s, "audit_log", "origin", "TEXT")
                 row.value = str(models.SCHEMA_VERSION)
                 s.add(row)
             if s.get(models.LedgerHead, 1) is None:
@@ -191,6 +194,13 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _add_column(s: Session, table: str, column: str, sql_type: str) -> None:
+    """ALTER TABLE ... ADD COLUMN (nullable) unless the column is there already."""
+    present = {c["name"] for c in inspect(s.connection()).get_columns(table)}
+    if column not in present:
+        s.connection().execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
 
 
 def _newer(version: int) -> StorageError:

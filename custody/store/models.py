@@ -157,6 +157,9 @@ class AuditEntry(SQLModel, table=True):
     signature: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     prev_hash: str = Field(max_length=64)
     hash: str = Field(max_length=64)
+    # Canonical JSON {"user", "host", "command"?} of the process that appended it; None before
+    # schema 5. Covered by the hash when present (custody.control.audit_log.entry_hash).
+    origin: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
 class HaltRow(SQLModel, table=True):
