@@ -213,7 +213,7 @@ def short(digest: str) -> str:
 def render_review(w: dict[str, Any]) -> None:
     """What an approver checks, on stdout: every output, the change, the fee, the digest."""
     output.key_values(
-        f"Withdrawal #{w['id']} ({w['kind']})",
+        f"Withdrawal #{w['id']} ({w['withdrawal_kind']})",
         [
             ("account", w["account"]),
             ("requester", w["requester"]),
@@ -596,7 +596,7 @@ def sync(app: AppContext, as_json: bool) -> None:
     addresses are credited to their account at CUSTODY_DEPOSIT_CONFIRMATIONS confirmations
     (default 1); a credited deposit a chain
     reorganisation removed is reversed. --json: a list of what changed, each item with its
-    "kind" (single or batch withdrawal, or deposit).
+    "record" ("withdrawal", with its "withdrawal_kind": single or batch; or "deposit").
     """
     backend = chain_backend(app)
     confirmations = deposits.deposit_confirmations(app.settings)

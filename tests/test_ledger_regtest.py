@@ -154,7 +154,7 @@ def test_deposits_are_credited_at_the_confirmation_depth(
     assert shop.ok("sync") == [] and _balance(shop, "acct-1") == 0
     shop.mine(1)
     (credited,) = shop.ok("sync")
-    assert credited["kind"] == "deposit" and credited["status"] == "credited" and credited["confirmations"] == 3
+    assert credited["record"] == "deposit" and credited["status"] == "credited" and credited["confirmations"] == 3
     assert _balance(shop, "acct-1") == 25_000_000
     shop.mine(1)
     assert shop.ok("sync") == [] and _balance(shop, "acct-1") == 25_000_000
@@ -175,7 +175,7 @@ def test_a_reorg_reverses_a_credited_deposit_and_halts_when_it_leaves_the_custom
         assert txid in shop.rpc.call("getrawmempool")
         synced = shop.cli("sync", "--json")
         assert synced.exit_code == 3, synced.output  # recorded, and trading halted
-        (reversed_,) = [d for d in json.loads(synced.stdout) if d["kind"] == "deposit"]
+        (reversed_,) = [d for d in json.loads(synced.stdout) if d["record"] == "deposit"]
         assert reversed_["status"] == "reversed" and reversed_["halt_id"]
         assert "'acct-1' went negative" in synced.stderr
         owed = 30_000_000 - 25_000_000 - w["fee_sat"] - 30_000_000
@@ -191,7 +191,7 @@ def test_a_reorg_reverses_a_credited_deposit_and_halts_when_it_leaves_the_custom
     finally:
         shop.rpc.call("reconsiderblock", block)
     assert txid not in shop.rpc.call("getrawmempool")
-    again = [d for d in shop.ok("sync") if d["kind"] == "deposit"]
+    again = [d for d in shop.ok("sync") if d["record"] == "deposit"]
     assert [(d["status"], d["change"]) for d in again] == [("credited", "credited")]
     assert _balance(shop, "acct-1") == 30_000_000 - 25_000_000 - w["fee_sat"]
     _audited(shop)

@@ -551,7 +551,7 @@ def test_cli_token_employees_through_the_whole_withdrawal_flow(tmp_path: Path, s
             c.json("withdraw", "approve", member, *tia, "--yes")
             c.json("withdraw", "approve", member, *tom, "--yes")
         batch = c.json("withdraw", "batch", *tom)
-        assert batch["kind"] == "batch" and sorted(map(str, batch["members"])) == sorted(members)
+        assert batch["withdrawal_kind"] == "batch" and sorted(map(str, batch["members"])) == sorted(members)
         assert batch["approvals"]["valid"] == ["tia", "tom"]
     finally:
         chain.close()

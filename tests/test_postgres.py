@@ -58,8 +58,10 @@ def test_concurrent_issuers_get_disjoint_indexes_without_gaps(tmp_path: Path, pg
 
 def test_team_store_round_trip(tmp_path: Path, pg_url: str) -> None:
     c = Custody(tmp_path / "home", db_url=pg_url)
-    assert c.init(founders(script="p2sh-p2wsh"), script="p2sh-p2wsh").exit_code == 0
+    team = founders(script="p2sh-p2wsh")
+    assert c.init(team, script="p2sh-p2wsh").exit_code == 0
     assert c.init(founders()).exit_code == 6  # never overwritten, on PostgreSQL too
+    c.founders = team  # the store's founders sign its rosters
     key = c.employee("alice")
     issued = c.json("address", "new", "--account", "alice", "--count", "5")
     assert [a["index"] for a in issued] == [0, 1, 2, 3, 4]

@@ -128,7 +128,7 @@ def test_daily_batch_pays_every_member_in_one_transaction(
         members.append((wid, node_address, Decimal(amount)))
     unapproved = json.loads(shop.request(shop.destination()[0], "0.001").stdout)["id"]
     batch = shop.ok("withdraw", "batch", *shop.as_("dave"))
-    assert batch["kind"] == "batch" and sorted(batch["members"]) == [m[0] for m in members]
+    assert batch["withdrawal_kind"] == "batch" and sorted(batch["members"]) == [m[0] for m in members]
     assert unapproved not in batch["members"]
     assert batch["fee_sat"] <= sum(shop.ok("withdraw", "show", str(m[0]))["fee_sat"] for m in members)
     bid = batch["id"]
@@ -203,7 +203,7 @@ def test_a_reorg_that_unconfirms_a_withdrawal_is_followed(
     block = shop.rpc.call("getrawtransaction", txid, True)["blockhash"]
     shop.rpc.call("invalidateblock", block)  # the withdrawal is back in the mempool
     changed = shop.ok("sync")
-    assert [c["id"] for c in changed if c.get("kind", "single") != "deposit"] == [int(wid)]
+    assert [c["id"] for c in changed if c["record"] == "withdrawal"] == [int(wid)]
     shown = shop.ok("withdraw", "show", wid)
     assert shown["status"] == "broadcast" and shown["confirmations"] == 0
     assert shop.cli("audit", "ledger").exit_code == 0  # the settlement was reversed, still balanced

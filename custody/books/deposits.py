@@ -98,7 +98,7 @@ def deposit_confirmations(settings: Settings) -> int:
 def view(dep: DepositRow, change: str | None = None) -> dict[str, Any]:
     """A deposit as ``custody sync`` and ``custody ledger deposits`` show it."""
     return {
-        "kind": "deposit",
+        "record": "deposit",
         "id": dep.id,
         "outpoint": dep.outpoint,
         "account": dep.account,

@@ -519,6 +519,7 @@ def _account_dict(a: LedgerAccount) -> dict[str, Any]:
         "balance_sat": balance,
         "balance": _btc(balance),
         "raw_sat": a.balance,
+        "normal_side": "debit" if NORMAL_SIGN.get(a.kind, 1) == 1 else "credit",
     }
 
 

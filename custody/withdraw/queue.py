@@ -129,7 +129,7 @@ def rule_check(db: Database, withdrawal_id: int) -> dict[str, Any]:
         }
         return {
             "withdrawal_id": withdrawal_id,
-            "kind": row.kind,
+            "withdrawal_kind": row.kind,
             "status": row.status,
             "height": verdict.height,
             "rulebook": verdict.serial,

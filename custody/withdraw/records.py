@@ -278,8 +278,9 @@ def view(s: Session, policy: Policy, row: WithdrawalRow) -> dict[str, Any]:
     except (StorageError, VerificationFailed) as exc:
         approvals = {"valid": [], "rejected": [], "error": str(exc)}
     return {
+        "record": "withdrawal",
         "id": row.id,
-        "kind": row.kind,
+        "withdrawal_kind": row.kind,
         "members": [m.id for m in _members(s, row.id or 0)] if row.kind == BATCH else [],
         "status": row.status,
         "account": row.account,
@@ -288,7 +289,7 @@ def view(s: Session, policy: Policy, row: WithdrawalRow) -> dict[str, Any]:
         "amount_sat": row.amount,
         "amount": format_btc(row.amount),
         "fee_sat": row.fee,
-        "fee_rate": row.fee_rate,
+        "fee_rate": float(row.fee_rate),
         "change_sat": row.change_amount,
         "change_index": row.change_index,
         "inputs": [{"outpoint": f"{i.txid}:{i.vout}", "amount_sat": i.amount} for i in _inputs(s, row.id or 0)],
