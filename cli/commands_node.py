@@ -44,8 +44,17 @@ def node() -> None:
 @pass_app
 @example("custody node start --datadir ./regtest-node")
 def node_start(app: AppContext, datadir: Path | None, as_json: bool) -> None:
-    """Start a regtest node listening on 127.0.0.1 only, on free ports."""
-    info = start_node(_datadir(app, datadir), binary=find_node_binary(app.settings.node_binary))
+    """Start a regtest node listening on 127.0.0.1 only, on free ports; nothing to do (exit 0)
+    when one already runs and answers in the data directory."""
+    path = _datadir(app, datadir)
+    current = node_status(path)
+    if current["running"] and current["error"] is None:
+        if as_json:
+            output.emit_json(current | {"already_running": True})
+        else:
+            output.info(f"a node already runs in {current['datadir']} (pid {current['pid']}, {current['rpc_url']})")
+        return
+    info = start_node(path, binary=find_node_binary(app.settings.node_binary))
     if as_json:
         output.emit_json(info.to_json())
         return

@@ -42,8 +42,10 @@ def test_start_status_stop(custody: Custody) -> None:
     assert shown.exit_code == 0 and info["rpc_url"] in shown.stdout
 
     again = custody("node", "start")
-    assert again.exit_code == 6, again.output  # one node per data directory
-    assert "already runs" in again.stderr
+    assert again.exit_code == 0, again.output  # idempotent: the one node of the data directory
+    assert "already runs" in again.stderr and str(info["pid"]) in again.stderr
+    same = custody.json("node", "start")
+    assert same["already_running"] is True and same["pid"] == info["pid"]
 
     stop = custody("node", "stop")
     assert stop.exit_code == 0, stop.output
