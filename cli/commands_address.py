@@ -125,8 +125,11 @@ def address_show(app: AppContext, addr: str, as_json: bool) -> None:
 @example("custody address export addresses.jsonl")
 def address_export(app: AppContext, file: Path) -> None:
     """Write the export auditors verify: network, descriptors and every address (JSON Lines)."""
-    count = export_addresses(app.db, file)
-    output.success(f"{count} address(es) exported to {file}")
+    from custody.issuance.verification import count_store
+
+    with output.Progress("exporting addresses", count_store(app.db)) as bar:
+        count = export_addresses(app.db, file, progress=bar.update)
+    output.success(f"{output.plural(count, 'address', 'addresses')} exported to {file}")
 
 
 COMMANDS = [address]

@@ -17,7 +17,7 @@ from custody.control import audit_log as audit_log_lib
 from custody.control import witness as witness_lib
 from custody.control.wallet import load_policy
 from custody.errors import HaltedError
-from custody_cli import output
+from custody_cli import listing, output
 from custody_cli.context import AppContext, example, json_option, pass_app
 
 
@@ -244,7 +244,7 @@ def audit_log_command(
     if as_json:
         output.emit_json(rows)
         return
-    output.table(
+    listing.table(
         "Audit log",
         ["seq", "at", "event", "actor", "on", "details"],
         [
@@ -258,6 +258,7 @@ def audit_log_command(
             )
             for r in rows
         ],
+        limit=last,
     )
 
 

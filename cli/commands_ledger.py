@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from custody.books import deposit_states, deposits, ledger
-from custody_cli import output
+from custody_cli import listing, output
 from custody_cli.context import AppContext, example, json_option, pass_app
 
 
@@ -70,32 +70,36 @@ def ledger_entries(app: AppContext, account: str | None, limit: int | None, as_c
     if as_json:
         output.emit_json(list(rows))
         return
-    output.table(
+    listing.table(
         "Ledger entries",
         ["txn", "at", "event", "ref", "account", "debit", "credit"],
         [
             (r["txn"], r["at"], r["event"], r["ref"], r["account"], r["debit_sat"] or "", r["credit_sat"] or "")
             for r in rows
         ],
+        limit=limit,
+        newest_last=False,
     )
 
 
 @ledger_group.command("deposits")
 @click.option("--account", help="Only this customer account's deposits.")
 @click.option("--status", type=click.Choice(deposit_states.STATUSES))
+@listing.limit_option("deposits")
 @json_option
 @pass_app
-@example("custody ledger deposits --status pending")
-def ledger_deposits(app: AppContext, account: str | None, status: str | None, as_json: bool) -> None:
+@example("custody ledger deposits --status pending --limit 50")
+def ledger_deposits(app: AppContext, account: str | None, status: str | None, limit: int | None, as_json: bool) -> None:
     """Deposits seen on the chain by `custody sync`: pending, credited, reversed or dropped."""
     rows = deposits.list_deposits(app.db, account, status)
     if as_json:
-        output.emit_json(rows)
+        output.emit_json(listing.limited(rows, limit))
         return
-    output.table(
+    listing.table(
         "Deposits",
         ["outpoint", "account", "amount", "status", "height", "confirmations"],
         [(d["outpoint"], d["account"], d["amount"], d["status"], d["height"], d["confirmations"]) for d in rows],
+        limit=limit,
     )
 
 

@@ -29,7 +29,7 @@ from custody.withdraw import queue as wd
 from custody.withdraw import replace
 from custody.withdraw import states as wd_states
 from custody.withdraw.signer import Review, SignerState, review, sign_reviewed, state_path
-from custody_cli import output
+from custody_cli import listing, output
 from custody_cli.context import (
     AppContext,
     KeyRef,
@@ -433,16 +433,17 @@ def withdraw_batch(
         ]
     ),
 )
+@listing.limit_option("withdrawals")
 @json_option
 @pass_app
-@example("custody withdraw list --status approved")
-def withdraw_list(app: AppContext, status: str | None, as_json: bool) -> None:
+@example("custody withdraw list --status approved --limit 20")
+def withdraw_list(app: AppContext, status: str | None, limit: int | None, as_json: bool) -> None:
     """List withdrawals and where each stands."""
     rows = wd.list_withdrawals(app.db, status)
     if as_json:
-        output.emit_json(rows)
+        output.emit_json(listing.limited(rows, limit))
         return
-    output.table(
+    listing.table(
         "Withdrawals",
         ["id", "status", "account", "amount", "destination", "approvals", "txid"],
         [
@@ -457,6 +458,7 @@ def withdraw_list(app: AppContext, status: str | None, as_json: bool) -> None:
             )
             for r in rows
         ],
+        limit=limit,
     )
 
 

@@ -20,7 +20,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -412,8 +412,11 @@ def count_addresses(s: Session) -> int:
     return int(s.exec(select(func.count()).select_from(AddressRow)).one())
 
 
-def export_addresses(db: Database, path: Path) -> int:
-    """Write the auditors' export (JSON Lines, docs/FORMATS.md) atomically; return the count."""
+def export_addresses(db: Database, path: Path, progress: Callable[[int], None] | None = None) -> int:
+    """Write the auditors' export (JSON Lines, docs/FORMATS.md) atomically; return the count.
+
+    ``progress`` is called with the count written so far, every 500 addresses and at the end.
+    """
     db.check_schema()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     count = 0
@@ -439,6 +442,10 @@ def export_addresses(db: Database, path: Path) -> int:
             for row in iter_addresses(s):
                 fh.write(json.dumps(_row_to_issued(row).to_dict()) + "\n")
                 count += 1
+                if progress is not None and count % 500 == 0:
+                    progress(count)
+            if progress is not None:
+                progress(count)
             fh.write(json.dumps({"end": True, "count": count}) + "\n")
             fh.flush()
             os.fsync(fh.fileno())

@@ -1,0 +1,48 @@
+"""Long work shows progress on a terminal (never in a pipe); long lists are capped on a terminal
+and limited by --limit everywhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from custody_cli.listing import FRAME
+from tests.support import Custody, founders
+from tests.terminal_support import plain, run_on_pty
+
+ROWS = 20  # a 20-line terminal shows ROWS - FRAME rows of a table
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Custody:
+    c = Custody(tmp_path_factory.mktemp("long") / "home")
+    assert c.init(founders()).exit_code == 0
+    assert c("address", "new", "--account", "bulk", "--count", "600").exit_code == 0
+    for i in range(ROWS):  # one audit log entry each: a log longer than a screenful
+        assert c("address", "new", "--account", f"a{i}").exit_code == 0
+    return c
+
+
+def test_a_long_export_shows_a_progress_bar_on_a_terminal_only(store: Custody, tmp_path: Path) -> None:
+    out = tmp_path / "on-terminal.jsonl"
+    screen = plain(run_on_pty(["address", "export", str(out)], store.env, columns=120))
+    assert "exporting addresses" in screen and "━" in screen, screen[-500:]
+    assert json.loads(out.read_text().splitlines()[-1]) == {"end": True, "count": 600 + ROWS}
+    piped = store("address", "export", str(tmp_path / "piped.jsonl"))
+    assert piped.exit_code == 0 and "exporting" not in piped.stderr and "━" not in piped.stderr
+    assert f"{600 + ROWS} addresses exported" in piped.stderr
+
+
+def test_lists_take_a_limit_and_a_terminal_gets_a_screenful(store: Custody) -> None:
+    every = store.json("audit", "log")
+    assert len(every) > ROWS  # --json gets them all
+    assert [e["seq"] for e in store.json("audit", "log", "--last", "3")] == [e["seq"] for e in every[-3:]]
+    assert store.json("withdraw", "list", "--limit", "2") == []
+    assert store.json("ledger", "deposits", "--limit", "2") == []
+    piped = store("audit", "log")
+    assert piped.exit_code == 0 and "shown" not in piped.stderr  # a pipe gets every row
+    screen = plain(run_on_pty(["audit", "log"], store.env, columns=200, rows=ROWS))
+    assert f"{ROWS - FRAME} of {len(every)} shown" in screen
+    assert f"│ {every[-1]['seq']} " in screen and f"│ {every[0]['seq']} " not in screen  # the newest
