@@ -16,12 +16,16 @@ import time
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 
 
-def run_on_pty(args: list[str], env: dict[str, str], columns: int, rows: int = 40, timeout: float = 120) -> str:
+def run_on_pty(
+    args: list[str], env: dict[str, str], columns: int, rows: int = 40, timeout: float = 120, inherit: bool = True
+) -> str:
     """``custody ARGS`` with stdin, stdout and stderr on one pseudo-terminal of ``columns`` x
-    ``rows`` (COLUMNS and LINES unset: the program asks the terminal); the raw screen bytes."""
+    ``rows`` (COLUMNS and LINES unset: the program asks the terminal); the raw screen bytes.
+    ``env`` adds to this process's environment, or is the whole of it without ``inherit``."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
-    child_env = {k: v for k, v in {**os.environ, **env}.items() if k not in ("COLUMNS", "LINES")}
+    base = {**os.environ, **env} if inherit else dict(env)
+    child_env = {k: v for k, v in base.items() if k not in ("COLUMNS", "LINES")}
     child_env["TERM"] = "xterm-256color"
     proc = subprocess.Popen(
         [sys.executable, "-m", "custody_cli", *args], stdin=slave, stdout=slave, stderr=slave, env=child_env

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.terminal_support import plain, run_on_pty
 
-def _demo(directory: Path) -> subprocess.CompletedProcess[str]:
+
+def _demo(directory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "custody_cli", "demo", "--dir", str(directory)],
+        [sys.executable, "-m", "custody_cli", "demo", "--dir", str(directory), *extra],
         capture_output=True,
         text=True,
         timeout=600,
@@ -22,9 +24,16 @@ def _demo(directory: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_runs_the_whole_story_and_runs_again(tmp_path: Path) -> None:
-    first = _demo(tmp_path / "one")
-    assert first.returncode == 0, first.stdout + first.stderr
-    out = first.stdout
+    """On a 120x40 terminal the story fits two screens, no line wider than the terminal."""
+    env = {"PATH": "/usr/bin:/bin", "NO_COLOR": "1", "HOME": str(tmp_path)}
+    out = plain(
+        run_on_pty(["demo", "--dir", str(tmp_path / "one")], env, columns=120, rows=40, timeout=600, inherit=False)
+    )
+    lines = out.rstrip("\n").split("\n")
+    assert len(lines) <= 80, f"{len(lines)} lines: more than two screens of 40"
+    too_wide = [line for line in lines if len(line) > 120]
+    assert not too_wide, too_wide
+    assert "tpub" in out and not any(len(word) > 100 for word in out.split())  # keys shortened
     for needle in (
         "verified: PASS",
         "FAIL",  # the tampered export caught
@@ -48,8 +57,11 @@ def test_demo_runs_the_whole_story_and_runs_again(tmp_path: Path) -> None:
         assert needle in out, needle
     store = tmp_path / "one" / "store"
     assert json.loads((store / "halt.json").read_text())["halted"] is False
-    again = _demo(tmp_path / "two")  # running it twice works: a fresh directory each time
+    again = _demo(tmp_path / "two", "--verbose")  # running it twice works: a fresh directory each time
     assert again.returncode == 0, again.stderr
+    xpubs = [w for w in again.stdout.split() if "tpub" in w]
+    assert len(xpubs) == 3 and all(len(w.split("]")[1]) == 111 for w in xpubs), xpubs  # whole with --verbose
+    assert "address-issuance" in again.stdout and "Ledger" in again.stdout  # the tables
     reuse = _demo(tmp_path / "one")
     assert reuse.returncode == 2 and "not empty" in reuse.stderr
 
