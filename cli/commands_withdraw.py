@@ -614,16 +614,25 @@ def sync(app: AppContext, as_json: bool) -> None:
             output.line(f"withdrawal #{r['id']}: {r['status']} ({output.plural(r['confirmations'], 'confirmation')})")
         for d in credited:
             output.line(
-                f"deposit {d['outpoint']} to {d['account']}: {d['amount']} BTC {d['change']} "
+                f"deposit {d['outpoint']} to {d['account']}: {d['amount_sat']} sat ({d['amount']} BTC) {d['change']} "
                 f"({output.plural(d['confirmations'], 'confirmation')})"
             )
         if not changed and not credited:
-            output.info("nothing changed")
+            output.info(_nothing_changed(app))
     if halts:  # recorded, and trading halted: say so with exit code 3
         raise HaltedError(
             "; ".join(f"account {d['account']!r} went negative (halt #{d['halt_id']})" for d in halts)
             + ": a reversed deposit left it owing; trading is halted"
         )
+
+
+def _nothing_changed(app: AppContext) -> str:
+    """What sync says when the chain changed nothing: and what still waits on it."""
+    waiting = wd.list_withdrawals(app.db, wd.BROADCAST)
+    if not waiting:
+        return "nothing changed"
+    ids = ", ".join(f"#{w['id']}" for w in waiting[:5]) + (" ..." if len(waiting) > 5 else "")
+    return f"nothing changed; {output.plural(len(waiting), 'withdrawal')} broadcast, waiting for a block: {ids}"
 
 
 COMMANDS = [withdraw, sign, sync]

@@ -98,3 +98,17 @@ def test_old_resolved_incidents_only_with_all(tmp_path: Path) -> None:
         assert [i["title"] for i in every] == ["Trading halted: drill"]
     finally:
         shop.chain.close()
+
+
+def test_sync_says_what_still_waits_on_the_chain(shop: EmbeddedShop) -> None:
+    """Runs last on the module's store: a withdrawal in the mempool is not 'nothing'."""
+    shop.deposit("acct-1")  # the first deposit's coin is reserved by the request above
+    to, _ = destination()
+    wid = shop.signed(to, "0.01")
+    shop.ok("withdraw", "broadcast", str(wid))
+    synced = shop.c("sync")
+    assert synced.exit_code == 0, synced.output
+    assert f"1 withdrawal broadcast, waiting for a block: #{wid}" in synced.stderr
+    assert shop.ok("status")["withdrawals"] == {"approvals": 1, "signatures": 0, "broadcast": 0}
+    shown = shop.ok("withdraw", "show", str(wid))
+    assert isinstance(shown["fee_rate"], float) and shown["fee_rate"] > 0
