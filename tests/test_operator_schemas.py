@@ -33,6 +33,9 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("audit", "log"): "audit-log",
     ("audit", "ledger"): "audit-ledger",
     ("roster", "show"): "roster",
+    ("rules", "show"): "rulebook",
+    ("manifest", "show"): "manifest",
+    ("audit", "reserves"): "audit-reserves",
     ("sync",): "sync",
 }
 
