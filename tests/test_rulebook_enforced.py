@@ -596,7 +596,7 @@ def test_a_batch_whose_members_are_within_limits_but_whose_total_is_not(shop: Sh
         "rule fees.max_batch_fee_sat",
     )
     review = _signed(Offline(shop, shop.tmp / "offline-3").sign(path))
-    assert review["withdrawal_kind"] == "batch" and sorted(review["tiers"]) == sorted(str(m) for m in members)
+    assert review["kind"] == "batch" and sorted(review["tiers"]) == sorted(str(m) for m in members)
 
     def twice(p: psbt_lib.Psbt) -> None:  # one member's id on both, so that one tier stands for two
         meta = _get(p, PROP_META)
