@@ -628,7 +628,7 @@ def sync(app: AppContext, as_json: bool) -> None:
 
 def _nothing_changed(app: AppContext) -> str:
     """What sync says when the chain changed nothing: and what still waits on it."""
-    waiting = wd.list_withdrawals(app.db, wd.BROADCAST)
+    waiting = wd.list_withdrawals(app.db, wd_states.BROADCAST)
     if not waiting:
         return "nothing changed"
     ids = ", ".join(f"#{w['id']}" for w in waiting[:5]) + (" ..." if len(waiting) > 5 else "")

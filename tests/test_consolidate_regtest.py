@@ -43,7 +43,7 @@ def test_three_hundred_deposits_consolidated_in_one_self_transfer(
 
     made = shop.ok("utxo", "consolidate", "--max-inputs", "250", "--fee-rate", "1", *shop.as_("carol"))
     cid = made["id"]
-    assert made["kind"] == "consol" and len(made["inputs"]) == 250
+    assert made["withdrawal_kind"] == "consol" and len(made["inputs"]) == 250
     assert [o["change"] for o in made["outputs"]] == [True]
     assert {c["reserved_by"] for c in shop.ok("utxo", "list")} == {cid, None}
 

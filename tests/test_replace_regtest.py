@@ -116,7 +116,7 @@ def test_a_bump_replaces_the_original_and_the_ledger_charges_one_fee(shop: Shop)
 
     bumped = shop.ok("withdraw", "bump", str(wid), "--fee-rate", "6", *shop.as_("dave"))
     bid = bumped["id"]
-    assert bumped["kind"] == "bump" and bumped["status"] == "requested"
+    assert bumped["withdrawal_kind"] == "bump" and bumped["status"] == "requested"
     assert bumped["fee_sat"] > original["fee_sat"]
     paid = sorted((o["address"], o["amount_sat"]) for o in original["outputs"] if not o["change"])
     assert sorted((o["address"], o["amount_sat"]) for o in bumped["outputs"] if not o["change"]) == paid
@@ -200,10 +200,10 @@ def test_a_cancel_that_confirms_refunds_the_customer(shop: Shop) -> None:
     wid, original_txid = sent_at_1(shop, "0.03")
     args = ["withdraw", "cancel", str(wid), "--reason", "customer asked", "--fee-rate", "5", *shop.as_("dave")]
     assert run_cli(shop.c.env, *args, "--json", crash_at="cancel.requested").returncode == KILLED
-    assert [w for w in shop.ok("withdraw", "list") if w["kind"] == "cancel"] == []  # nothing half-written
+    assert [w for w in shop.ok("withdraw", "list") if w["withdrawal_kind"] == "cancel"] == []  # nothing half-written
     cancel = shop.ok(*args)
     cid = cancel["id"]
-    assert cancel["kind"] == "cancel" and all(o["change"] for o in cancel["outputs"])
+    assert cancel["withdrawal_kind"] == "cancel" and all(o["change"] for o in cancel["outputs"])
     approve(shop, cid)
     sign(shop, cid)
     cancel_txid = broadcast(shop, cid)
@@ -249,7 +249,9 @@ def test_a_bump_killed_midway_loses_nothing_and_pays_once(shop: Shop) -> None:
     env = shop.c.env
     bump = ["withdraw", "bump", str(wid), "--fee-rate", "5", *shop.as_("dave"), "--json"]
     assert run_cli(env, *bump, crash_at="bump.requested").returncode == KILLED
-    assert [w["id"] for w in shop.ok("withdraw", "list") if w["kind"] == "bump" and w["status"] == "requested"] == []
+    assert [
+        w["id"] for w in shop.ok("withdraw", "list") if w["withdrawal_kind"] == "bump" and w["status"] == "requested"
+    ] == []
     done = run_cli(env, *bump)
     assert done.returncode == 0, done.stderr
     bid = json.loads(done.stdout)["id"]
@@ -273,7 +275,7 @@ def test_a_child_pays_for_its_parent(shop: Shop) -> None:
     wid, parent_txid = sent_at_1(shop, "0.01")
     parent = shop.ok("withdraw", "show", str(wid))
     child = shop.ok("withdraw", "cpfp", str(wid), "--fee-rate", "10", *shop.as_("dave"))
-    assert child["kind"] == "cpfp" and all(o["change"] for o in child["outputs"])
+    assert child["withdrawal_kind"] == "cpfp" and all(o["change"] for o in child["outputs"])
     assert [i["outpoint"].split(":")[0] for i in child["inputs"]] == [parent_txid]
     approve(shop, child["id"])
     sign(shop, child["id"])

@@ -175,7 +175,7 @@ def test_the_old_policy_coins_are_swept_to_the_new_one_once_across_sigkills(
     customer_before = shop.ok("ledger", "balance", "customer:acct-1")["balance_sat"]
     # Killed inside the sweep's transaction: nothing recorded, nothing reserved.
     _killed_at(shop, "sweep.requested", "rotate", "sweep", *shop.as_("carol"))
-    assert [w for w in shop.ok("withdraw", "list") if w["kind"] == "sweep"] == []
+    assert [w for w in shop.ok("withdraw", "list") if w["withdrawal_kind"] == "sweep"] == []
     sweep = shop.ok("rotate", "sweep", *shop.as_("carol"))
     wid = str(sweep["id"])
     assert [i["outpoint"] for i in sweep["inputs"]] == [f"{old_coin.txid}:{old_coin.vout}"]

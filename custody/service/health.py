@@ -1,6 +1,6 @@
 """The operator's status: the halt's status view and what else decides whether custody runs.
 
-:func:`operator_status` returns :func:`custody.control.halt.status_view`'s dictionary
+:func:`operator_status` returns :func:`custody.control.incidents.status_view`'s dictionary
 unchanged in its keys (``halted``, ``error``, ``components``, ``incidents``; what the status
 page builds on) with these added:
 
@@ -32,8 +32,7 @@ from sqlmodel import col, select
 from custody.chain.types import ChainBackend
 from custody.clock import iso, now
 from custody.config import Settings
-from custody.control import halt as halt_lib
-from custody.control import halt_file
+from custody.control import halt_file, incidents
 from custody.errors import CustodyError
 from custody.store.db import Database
 from custody.store.models import AuditEntry, DepositRow, WithdrawalRow
@@ -76,7 +75,7 @@ def operator_status(
     """The status view with the node, sync, pending withdrawals, reserves and the halt file's
     lease (module docstring). ``node`` opens the chain backend (None: no node to ask). Never
     raises for a node or a store that cannot be read: they show in ``problems``."""
-    view = halt_lib.status_view(db, recent=1_000_000_000 if all_incidents else 10)
+    view = incidents.status_view(db, recent=1_000_000_000 if all_incidents else 10)
     if not all_incidents:
         cutoff = now() - timedelta(days=recent_days)
         view["incidents"] = [
