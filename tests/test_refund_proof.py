@@ -10,6 +10,8 @@ CUSTODY_REFUND_CONFIRMATIONS (6) blocks deep, not one block earlier.
 
 from __future__ import annotations
 
+import json
+
 import sqlite3
 from collections.abc import Iterator
 from decimal import Decimal
@@ -231,13 +233,20 @@ def test_a_double_spend_refunds_only_at_depth_and_exactly_once(shop: Shop) -> No
 
 
 def test_partial_signatures_are_held_too(shop: Shop) -> None:
-    """One founder's signature imported: no cancel, no refund on a node's word; the proof
-    (at the configured depth) refunds it."""
+    """One founder's signature imported: a cancel is only a request to double-spend it (no
+    refund on an employee's word), no refund on a node's word; the proof (at the configured
+    depth) refunds it."""
     before = balance(shop, "acct-1")
     wid = signed(shop, founders=("founder-a",), finalize=False)
     assert shop.ok("withdraw", "show", str(wid))["status"] == "approved"
-    cancel = shop.cli("withdraw", "cancel", str(wid), "--reason", "changed my mind", *shop.as_("dave"))
-    assert cancel.exit_code == 6 and "carries founders' signatures" in cancel.stderr
+    cancel = shop.cli("withdraw", "cancel", str(wid), "--reason", "changed my mind", *shop.as_("dave"), "--json")
+    assert cancel.exit_code == 0, cancel.stderr
+    request = json.loads(cancel.stdout)
+    assert request["withdrawal_kind"] == "cancel" and request["status"] == "requested"
+    assert shop.ok("withdraw", "show", str(wid))["status"] == "approved"  # still signed, reserved, held
+    assert balance(shop, "acct-1") < before
+    dropped = shop.cli("withdraw", "cancel", str(request["id"]), "--reason", "not needed", *shop.as_("dave"))
+    assert dropped.exit_code == 0, dropped.stderr
     other = double_spend(shop, wid, shop.rpc)
     shop.c.env["CUSTODY_REFUND_CONFIRMATIONS"] = "2"
     shop.mine(1)

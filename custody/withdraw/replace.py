@@ -53,6 +53,7 @@ from custody.store.models import ReplacementRow, WithdrawalRow
 from custody.withdraw import limits as wd_limits
 from custody.withdraw import queue as q
 from custody.withdraw import records as wd_records
+from custody.withdraw import replacements
 from custody.withdraw import selftransfer as st
 from custody.withdraw import states as wd_states
 from custody.withdraw.replace_check import BUMP
@@ -398,6 +399,8 @@ def _groups(s: Session) -> list[int]:
     done = (wd_states.CONFIRMED, wd_states.FAILED)
     for r in s.exec(select(ReplacementRow)).all():
         original, row = s.get(WithdrawalRow, r.original_id), s.get(WithdrawalRow, r.withdrawal_id)
+        if replacements.dropped(row):
+            continue  # the queue's own sync follows the original (replacements.grouped)
         if (original is not None and original.status not in done) or (row is not None and row.status not in done):
             out.add(r.original_id)
     return sorted(out)

@@ -37,12 +37,23 @@ def replacements_of(s: Session, original_id: int) -> list[WithdrawalRow]:
     return list(s.exec(select(WithdrawalRow).where(col(WithdrawalRow.id).in_(ids)).order_by(col(WithdrawalRow.id))))
 
 
+def dropped(row: WithdrawalRow | None) -> bool:
+    """A replacement failed before it had a final transaction (dropped while requested or
+    approved): nothing of it can be on the chain, so it changes nothing of how its original is
+    followed."""
+    return row is None or (row.status == "failed" and not row.txid)
+
+
 def grouped(s: Session) -> set[int]:
     """Rows the queue's own sync leaves to :func:`custody.withdraw.replace.sync_replacements`:
-    every replacement, and every withdrawal that has one."""
+    every replacement, and every withdrawal that has one that was not dropped before it had a
+    transaction (a withdrawal whose only cancel was dropped is the queue's again: its refund
+    by proof of a double spend included)."""
     out: set[int] = set()
     for r in s.exec(select(ReplacementRow)).all():
-        out |= {r.withdrawal_id, r.original_id}
+        out.add(r.withdrawal_id)
+        if not dropped(s.get(WithdrawalRow, r.withdrawal_id)):
+            out.add(r.original_id)
     rows = s.exec(select(WithdrawalRow.id).where(col(WithdrawalRow.kind).in_(sorted(REPLACEMENT_KINDS))))
     return out | {i for i in rows.all() if i is not None}
 
