@@ -11,7 +11,6 @@ CUSTODY_REFUND_CONFIRMATIONS (6) blocks deep, not one block earlier.
 from __future__ import annotations
 
 import json
-
 import sqlite3
 from collections.abc import Iterator
 from decimal import Decimal
