@@ -35,6 +35,16 @@ WITHDRAWAL_RULES = {
     ("broadcast", W.CONFIRMED): "confirmed",
     ("broadcast", W.REFUNDED): "failed",
     ("confirmed", W.REORGED): "broadcast",
+    # versions of one withdrawal (fee bumps, a cancel, a child paying for its parent) race:
+    # the one the chain confirms settles it (and itself) from wherever a version can be
+    # outstanding; every other version can never confirm, whatever state it got to
+    ("approved", W.SETTLED): "confirmed",
+    ("signed", W.SETTLED): "confirmed",
+    ("broadcast", W.SETTLED): "confirmed",
+    ("requested", W.REPLACED): "failed",
+    ("approved", W.REPLACED): "failed",
+    ("signed", W.REPLACED): "failed",
+    ("broadcast", W.REPLACED): "failed",
 }
 
 
@@ -53,15 +63,25 @@ def test_every_withdrawal_state_and_event(state: str, event: wd.Event) -> None:
 
 def test_once_founders_signed_only_the_chain_moves_a_withdrawal() -> None:
     """Nobody's word fails a signed withdrawal: no employee event from signed on, and failed
-    only by the chain's proof (refunded)."""
+    only by the chain's proof (refunded, or another version of it confirmed)."""
     employee_events = {W.APPROVED, W.CANCELLED, W.SIGNED, W.BROADCAST}
     for state in ("signed", "broadcast", "confirmed"):
         for event in wd.Event:
             if wd.can(state, event) and wd.next_state(state, event) == "failed":
-                assert event == W.REFUNDED
+                assert event in (W.REFUNDED, W.REPLACED)
     for state in ("broadcast", "confirmed", "failed"):
         assert not any(wd.can(state, e) for e in employee_events), state
     assert not wd.can("signed", W.CANCELLED)
+
+
+def test_a_settled_or_void_withdrawal_is_never_settled_or_replaced_again() -> None:
+    """A version confirming moves only what is still outstanding: nothing confirmed is
+    replaced (a reorganisation, not a rival's confirmation, moves it), nothing failed revived,
+    and nothing nobody approved is settled."""
+    for state in ("confirmed", "failed", "requested"):
+        assert not wd.can(state, W.SETTLED), state
+    for state in ("confirmed", "failed"):
+        assert not wd.can(state, W.REPLACED), state
 
 
 def test_failed_is_final_and_every_state_is_reachable() -> None:

@@ -3,7 +3,8 @@
 A withdrawal is created ``requested`` (a single one) or ``approved`` (a batch, whose members
 were). What moves it is one of :class:`Event`; :func:`next_state` gives the state after it or
 raises IllegalTransition. The steps of the queue (custody.withdraw.queue, psbt_io, broadcast)
-ask it for every status they write, and :func:`can` where a step depends on the state alone.
+and of replacements and self-transfers (replace, selftransfer, webauthn_approval) ask it for
+every status they write, and :func:`can` where a step depends on the state alone.
 A batch's members follow their batch (custody.withdraw.records._touch): they are ``approved``
 until it is broadcast, then carry its status.
 
@@ -49,7 +50,15 @@ class Event(enum.StrEnum):
     CANCELLED = "cancelled"
     """An employee cancelled it, before any founder signed."""
     REFUNDED = "refunded"
-    """Another transaction spent one of its inputs, CUSTODY_REFUND_CONFIRMATIONS deep."""
+    """Another transaction spent one of its inputs, CUSTODY_REFUND_CONFIRMATIONS deep (for a
+    withdrawal with replacements: its cancel by double-spend did)."""
+    SETTLED = "settled"
+    """One version of a withdrawal that has replacements (custody.withdraw.replace) confirmed as
+    deep as it must: the withdrawal, and that version itself (a fee bump, a cancel), whether or
+    not we saw it sent."""
+    REPLACED = "replaced"
+    """Another version of it confirmed instead (the original, a fee bump or a cancel), or, for a
+    child paying for its parent (CPFP), another version than that parent: it can never confirm."""
 
 
 TRANSITIONS: dict[tuple[str, Event], str] = {
@@ -65,6 +74,14 @@ TRANSITIONS: dict[tuple[str, Event], str] = {
     (BROADCAST, Event.CONFIRMED): CONFIRMED,
     (BROADCAST, Event.REFUNDED): FAILED,
     (CONFIRMED, Event.REORGED): BROADCAST,
+    # custody.withdraw.replace: versions of one withdrawal race; the chain picks one
+    (APPROVED, Event.SETTLED): CONFIRMED,
+    (SIGNED, Event.SETTLED): CONFIRMED,
+    (BROADCAST, Event.SETTLED): CONFIRMED,
+    (REQUESTED, Event.REPLACED): FAILED,
+    (APPROVED, Event.REPLACED): FAILED,
+    (SIGNED, Event.REPLACED): FAILED,
+    (BROADCAST, Event.REPLACED): FAILED,
 }
 """Every legal transition; nothing else happens to a withdrawal. ``failed`` is final."""
 
