@@ -58,12 +58,18 @@ from custody.withdraw import selftransfer as st
 from custody.withdraw import states as wd_states
 from custody.withdraw.replace_check import BUMP
 from custody.withdraw.replacements import replacements_of
+from custody.withdraw.states import Event
 
 CANCEL = st.CANCEL
 CPFP = st.CPFP
 OPEN = (wd_states.REQUESTED, wd_states.APPROVED)
 LIVE = (wd_states.SIGNED, wd_states.BROADCAST)
 DEFAULT_LIMITS = wd_limits.Limits()
+
+
+def _next(row: WithdrawalRow, event: Event) -> str:
+    """The state ``event`` moves ``row`` to (custody.withdraw.states); IllegalTransition if none."""
+    return wd_states.next_state(row.status, event)
 
 
 def _signed(row: WithdrawalRow) -> bool:
@@ -280,7 +286,7 @@ def _drop(
         row = wd_records._get(s, withdrawal_id, lock=True)
         if row.status not in wd_states.PENDING or _signed(row):
             raise Conflict(f"#{withdrawal_id} is {row.status}: it can no longer be dropped")
-        wd_records._touch(s, row, wd_states.FAILED, f"cancelled by {actor}: {reason}")
+        wd_records._touch(s, row, _next(row, Event.CANCELLED), f"cancelled by {actor}: {reason}")
         wd_records._release(s, withdrawal_id)
         audit_log.append(s, "withdrawal.failed", actor, {"withdrawal_id": withdrawal_id, "reason": reason})
         return wd_records.view(s, policy, row)
@@ -463,7 +469,7 @@ def _follow_children(
         elif original.status == wd_states.FAILED or (
             original.status == wd_states.CONFIRMED and original.txid != wd_records._inputs(s, child.id or 0)[0].txid
         ):
-            wd_records._touch(s, child, wd_states.FAILED, f"its parent was replaced by {original.txid}")
+            wd_records._touch(s, child, _next(child, Event.REPLACED), f"its parent was replaced by {original.txid}")
             wd_records._release(s, child.id or 0)
             audit_log.append(s, "withdrawal.failed", "sync", {"withdrawal_id": child.id, "parent_replaced": True})
             changed.append(child)
@@ -495,7 +501,9 @@ def _follow_versions(
         if r.id != winner.id and r.status != wd_states.FAILED and r.kind != CPFP
     ]
     for r in losers:
-        wd_records._touch(s, r, wd_states.FAILED, f"transaction {winner.txid} of #{winner.id} confirmed instead")
+        wd_records._touch(
+            s, r, _next(r, Event.REPLACED), f"transaction {winner.txid} of #{winner.id} confirmed instead"
+        )
         audit_log.append(s, "withdrawal.failed", "sync", {"withdrawal_id": r.id, "replaced_by": winner.txid})
     return [original, *([winner] if winner is not original else []), *losers]
 
@@ -505,12 +513,12 @@ def _settled(s: Session, original: WithdrawalRow, winner: WithdrawalRow, status:
     the fee that transaction paid."""
     original.txid = winner.txid
     original.confirmations, original.block_height = status.confirmations, status.block_height
-    wd_records._touch(s, original, wd_states.CONFIRMED)
+    wd_records._touch(s, original, _next(original, Event.SETTLED))
     wd_records._release(s, original.id or 0)
     ledger.withdrawal_settled(s, original, wd_records._members(s, original.id or 0), network_fee=winner.fee)
     if winner is not original:
         winner.confirmations, winner.block_height = status.confirmations, status.block_height
-        wd_records._touch(s, winner, wd_states.CONFIRMED)
+        wd_records._touch(s, winner, _next(winner, Event.SETTLED))
     audit_log.append(
         s,
         "withdrawal.confirmed",
@@ -530,11 +538,11 @@ def _cancelled(s: Session, original: WithdrawalRow, cancel_row: WithdrawalRow, s
     back; the cancel's own fee is the house's."""
     reason = f"cancelled: self-transfer #{cancel_row.id} ({cancel_row.txid}) confirmed at height {status.block_height}"
     members = wd_records._members(s, original.id or 0)
-    wd_records._touch(s, original, wd_states.FAILED, reason)
+    wd_records._touch(s, original, _next(original, Event.REFUNDED), reason)
     wd_records._release(s, original.id or 0)
     txn = ledger.withdrawal_released(s, original, members, f"refunded: {reason}")
     cancel_row.confirmations, cancel_row.block_height = status.confirmations, status.block_height
-    wd_records._touch(s, cancel_row, wd_states.CONFIRMED)
+    wd_records._touch(s, cancel_row, _next(cancel_row, Event.SETTLED))
     ledger.self_transfer_settled(s, cancel_row)
     audit_log.append(
         s,

@@ -162,7 +162,7 @@ def standalone(s: Session) -> list[WithdrawalRow]:
 def settle(s: Session, row: WithdrawalRow, confirmations: int, height: int | None) -> None:
     """A self-transfer confirmed deep enough: its fee booked, its own reservations released."""
     row.confirmations, row.block_height = confirmations, height
-    wd_records._touch(s, row, wd_states.CONFIRMED)
+    wd_records._touch(s, row, wd_states.next_state(row.status, wd_states.Event.CONFIRMED))
     wd_records._release(s, row.id or 0)
     ledger.self_transfer_settled(s, row)
     audit_log.append(

@@ -123,7 +123,7 @@ def approve_with_security_key(
         audit_log.append(s, "withdrawal.approved", name, payload, assertion)
         _, check = wd_records._check(s, policy, row)
         if check.enough and row.status == wd_states.REQUESTED:
-            wd_records._touch(s, row, wd_states.APPROVED)
+            wd_records._touch(s, row, wd_states.next_state(row.status, wd_states.Event.APPROVED))
         result = wd_records.view(s, policy, row)
     crash_point("withdrawal.approved")
     return result
