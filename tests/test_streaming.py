@@ -54,7 +54,10 @@ def _fill(c: Custody, n: int) -> None:
         digest = audit_log.entry_hash(seq, stamp, "bench.entry", "test", payload, None, prev)
         entries.append((seq, stored, "bench.entry", "test", payload, None, prev, digest))
         prev = digest
-    db.executemany("INSERT INTO audit_log VALUES (?, ?, ?, ?, ?, ?, ?, ?)", entries)
+    db.executemany(
+        "INSERT INTO audit_log (seq, at, event, actor, payload, signature, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        entries,
+    )
     db.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
     first = db.execute("SELECT COALESCE(MAX(idx), -1) + 1 FROM address WHERE chain = 1").fetchone()[0]
     db.executemany(
