@@ -17,3 +17,20 @@ def iso(value: datetime | None, timespec: str = "seconds") -> str | None:
     if value.utcoffset() is not None:
         value = value.astimezone(UTC)
     return value.replace(tzinfo=None).isoformat(timespec=timespec) + "Z"
+
+
+def aware(value: datetime) -> datetime:
+    """``value`` with UTC attached when it is naive (as SQLite gives stored times back)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def parse_iso(value: object) -> datetime | None:
+    """A stored ISO 8601 time (``Z`` or an offset; naive taken as UTC) as aware UTC; None for
+    anything else (not a string, not a time)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return aware(parsed)

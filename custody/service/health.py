@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func
 from sqlmodel import col, select
 
 from custody.chain.types import ChainBackend
-from custody.clock import iso, now
+from custody.clock import iso, now, parse_iso
 from custody.config import Settings
 from custody.control import halt_file, incidents
 from custody.errors import CustodyError
@@ -51,19 +51,6 @@ SYNC_EVENTS = (
 )
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def _parse(value: object) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return _aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
-    except ValueError:
-        return None
-
-
 def operator_status(
     db: Database,
     settings: Settings,
@@ -79,7 +66,9 @@ def operator_status(
     if not all_incidents:
         cutoff = now() - timedelta(days=recent_days)
         view["incidents"] = [
-            i for i in view["incidents"] if i["status"] != "resolved" or (_parse(i["resolved_at"]) or cutoff) > cutoff
+            i
+            for i in view["incidents"]
+            if i["status"] != "resolved" or (parse_iso(i["resolved_at"]) or cutoff) > cutoff
         ]
     view["node"] = _node(node)
     view.update(_store_figures(db))
@@ -156,7 +145,7 @@ def _store_figures(db: Database) -> dict[str, Any]:
 def _lease(settings: Settings) -> dict[str, Any]:
     current = halt_file.read(settings.halt_file)
     doc = current.doc if current is not None else {}
-    until = _parse(doc.get("valid_until"))
+    until = parse_iso(doc.get("valid_until"))
     return {
         "path": str(settings.halt_file),
         "halted": None if current is None else current.halted,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -17,7 +16,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from custody.clock import now
+from custody.clock import aware, now, parse_iso
 from custody.config import Settings
 from custody.control import halt as halt_lib
 from custody.control import halt_file
@@ -30,19 +29,6 @@ PENDING = ("requested", "approved")
 """Withdrawals waiting for people: requested (approvals to come) and approved (signatures to come)."""
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def _parse(value: object) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return _aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
-    except ValueError:
-        return None
-
-
 def snapshot(db: Database, settings: Settings) -> dict[str, Any]:
     """The figures /metrics publishes (NaN where unknown). Never raises: a store that cannot
     be read shows as halted with ``store_up`` 0."""
@@ -52,8 +38,8 @@ def snapshot(db: Database, settings: Settings) -> dict[str, Any]:
     out["halted"] = 1.0 if state.halted else 0.0
     current = halt_file.read(settings.halt_file)
     doc = current.doc if current is not None else None
-    updated = _parse(doc.get("updated_at")) if isinstance(doc, dict) else None
-    until = _parse(doc.get("valid_until")) if isinstance(doc, dict) else None
+    updated = parse_iso(doc.get("updated_at")) if isinstance(doc, dict) else None
+    until = parse_iso(doc.get("valid_until")) if isinstance(doc, dict) else None
     out["lease_age"] = (stamp - updated).total_seconds() if updated else math.nan
     out["lease_remaining"] = (until - stamp).total_seconds() if until else math.nan
     out["withdrawals"] = {}
@@ -73,7 +59,7 @@ def snapshot(db: Database, settings: Settings) -> dict[str, Any]:
                 select(func.min(WithdrawalRow.created_at)).where(col(WithdrawalRow.status).in_(PENDING))
             ).first()
             if oldest is not None:
-                out["oldest_pending_age"] = (stamp - _aware(oldest)).total_seconds()
+                out["oldest_pending_age"] = (stamp - aware(oldest)).total_seconds()
             heights = [
                 s.exec(select(func.max(DepositRow.height))).first(),
                 s.exec(select(func.max(WithdrawalRow.block_height))).first(),
