@@ -50,7 +50,7 @@ from custody.errors import InputError, NodeError, NotFound, VerificationFailed
 from custody.issuance import record
 from custody.policy.model import RECEIVE
 from custody.store.db import Database
-from custody.store.models import AddressRow, DepositRow, WithdrawalInput, WithdrawalRow
+from custody.store.models import AddressRow, DepositRow, ScanBlockRow, WithdrawalInput, WithdrawalRow
 
 FINAL_DEPTH = 100
 """Confirmations after which a deposit is final: deeper reorganisations are not followed."""
@@ -95,8 +95,29 @@ def deposit_confirmations(settings: Settings) -> int:
     return value
 
 
-def view(dep: DepositRow, change: str | None = None) -> dict[str, Any]:
-    """A deposit as ``custody sync`` and ``custody ledger deposits`` show it."""
+def depth(dep: DepositRow, tip: int | None) -> int:
+    """A deposit's confirmations below ``tip``, the highest block custody has read.
+
+    The stored count is frozen once sync stops re-checking a credited deposit, so the views
+    count from the tip instead; without a tip (no sync yet), out of a block, or at a height
+    above ``tip`` (a reorganisation sync has not finished), the stored count stands.
+    """
+    if tip is None or dep.height is None or dep.height > tip:
+        return dep.confirmations
+    return tip - dep.height + 1
+
+
+def known_tip(s: Session) -> int | None:
+    """The highest block the last ``custody sync`` read (the scan cursor), or None."""
+    from sqlalchemy import func
+
+    top: int | None = s.exec(select(func.max(ScanBlockRow.height))).one()
+    return top
+
+
+def view(dep: DepositRow, change: str | None = None, tip: int | None = None) -> dict[str, Any]:
+    """A deposit as ``custody sync`` and ``custody ledger deposits`` show it; confirmations
+    counted below ``tip`` when given (see ``depth``)."""
     return {
         "record": "deposit",
         "id": dep.id,
@@ -107,7 +128,7 @@ def view(dep: DepositRow, change: str | None = None) -> dict[str, Any]:
         "amount": format_btc(dep.amount),
         "status": dep.status,
         "height": dep.height,
-        "confirmations": dep.confirmations,
+        "confirmations": depth(dep, tip),
         "spent": dep.spent,
         "change": change,
         "first_seen_at": iso(dep.first_seen_at),
@@ -123,7 +144,8 @@ def list_deposits(db: Database, account: str | None = None, status: str | None =
             query = query.where(DepositRow.account == account)
         if status is not None:
             query = query.where(DepositRow.status == status)
-        return [view(d) for d in s.exec(query.order_by(col(DepositRow.id))).all()]
+        tip = known_tip(s)
+        return [view(d, tip=tip) for d in s.exec(query.order_by(col(DepositRow.id))).all()]
 
 
 @dataclass(frozen=True)
@@ -482,4 +504,4 @@ def deposit(db: Database, outpoint: str) -> dict[str, Any]:
         dep = s.exec(select(DepositRow).where(DepositRow.outpoint == outpoint)).first()
         if dep is None:
             raise NotFound(f"no deposit {outpoint}")
-        return view(dep)
+        return view(dep, tip=known_tip(s))
