@@ -14,11 +14,12 @@ import click
 from custody.issuance.issuer import ISSUE_CHUNK, export_addresses, get_address, issue_chunks, iter_issued
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
+from custody_cli.helptext import SummaryGroup
 
 COLUMNS = ["chain", "index", "account", "address", "script_pubkey", "script", "created_at"]
 
 
-@click.group()
+@click.group(cls=SummaryGroup)
 def address() -> None:
     """Deposit addresses: issue (verified before they are shown), list, show, export."""
 

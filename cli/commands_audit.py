@@ -19,9 +19,10 @@ from custody.control.wallet import load_policy
 from custody.errors import HaltedError
 from custody_cli import listing, output
 from custody_cli.context import AppContext, example, json_option, pass_app
+from custody_cli.helptext import SummaryGroup
 
 
-@click.group("audit")
+@click.group("audit", cls=SummaryGroup)
 def audit() -> None:
     """Audits: the ledger, reserves against liabilities, the liabilities tree."""
 

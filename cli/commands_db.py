@@ -7,9 +7,10 @@ import click
 from custody.store import harden as harden_lib
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
+from custody_cli.helptext import SummaryGroup
 
 
-@click.group("db")
+@click.group("db", cls=SummaryGroup)
 def db_group() -> None:
     """The store's database (PostgreSQL)."""
 

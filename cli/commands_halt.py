@@ -24,9 +24,10 @@ from custody_cli.context import (
     json_option,
     pass_app,
 )
+from custody_cli.helptext import SummaryGroup
 
 
-@click.group()
+@click.group(cls=SummaryGroup)
 def halt() -> None:
     """The trading halt: raise it, read it, lift it (two employees)."""
 
@@ -184,7 +185,7 @@ def halt_lift(
         )
 
 
-@click.group()
+@click.group(cls=SummaryGroup)
 def incident() -> None:
     """Incidents on the status view: every halt opens one."""
 

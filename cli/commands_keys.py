@@ -33,6 +33,7 @@ from custody_cli.context import (
     read_passphrase,
     read_pin,
 )
+from custody_cli.helptext import SummaryGroup
 
 
 @click.command()
@@ -167,7 +168,7 @@ def _read_words(words_file: Path | None) -> str:
     return text
 
 
-@click.group()
+@click.group(cls=SummaryGroup)
 def employee() -> None:
     """Employees: each signs requests, approvals and halt lifts with a key of the founders' roster.
 

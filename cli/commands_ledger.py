@@ -7,9 +7,10 @@ import click
 from custody.books import deposit_states, deposits, ledger
 from custody_cli import listing, output
 from custody_cli.context import AppContext, example, json_option, pass_app
+from custody_cli.helptext import SummaryGroup
 
 
-@click.group("ledger")
+@click.group("ledger", cls=SummaryGroup)
 def ledger_group() -> None:
     """The double-entry ledger: every account sums to zero after every event."""
 

@@ -12,6 +12,7 @@ from custody.chain.regtest import find_node_binary, node_status, start_node, sto
 from custody.errors import NodeError
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
+from custody_cli.helptext import SummaryGroup
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,7 +29,7 @@ def _datadir(app: AppContext, datadir: Path | None) -> Path:
     return datadir if datadir is not None else app.settings.node_datadir
 
 
-@click.group()
+@click.group(cls=SummaryGroup)
 def node() -> None:
     """A regtest node on loopback (bitcoind, or litecoind): start, stop, status; fund and mine
     (also on the embedded chain).

@@ -18,6 +18,7 @@ from custody.notify import mail as pgp_mime
 from custody.store.db import Database
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app, read_secret
+from custody_cli.helptext import SummaryGroup
 
 DEFAULT_UID = "custody notifications <custody@localhost>"
 
@@ -34,7 +35,7 @@ def _read_key_passphrase(passphrase_file: Path | None) -> str:
     )
 
 
-@click.group()
+@click.group(cls=SummaryGroup)
 def notify() -> None:
     """Signed notifications: PGP-signed mail and HMAC-signed webhooks of custody events."""
 

@@ -18,6 +18,7 @@ from custody.policy.setupfiles import FORMATS, descriptor_text, export_policy
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
 from custody_cli.documents import read_manifest_file
+from custody_cli.helptext import SummaryGroup
 
 
 def _founder_pair(text: str) -> tuple[str, str]:
@@ -69,7 +70,7 @@ def init(app: AppContext, manifest_file: Path, as_json: bool) -> None:
     output.info(f"founders' manifest {signed.fingerprint} pinned at {path}")
 
 
-@click.group()
+@click.group(cls=SummaryGroup)
 def policy() -> None:
     """The wallet policy: show it, its descriptors, and the founders' manifest."""
 

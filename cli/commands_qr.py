@@ -15,9 +15,10 @@ from custody.errors import InputError
 from custody_cli import output
 from custody_cli.commands_withdraw import STDIO, base64_option, read_psbt_file
 from custody_cli.context import example, json_option
+from custody_cli.helptext import SummaryGroup
 
 
-@click.group()
+@click.group(cls=SummaryGroup)
 def qr() -> None:
     """Carry PSBTs as animated QR codes (BBQr): screen to camera, no cable, no USB stick.
 

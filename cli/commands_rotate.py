@@ -31,9 +31,10 @@ from custody_cli.context import (
     passphrase_options,
 )
 from custody_cli.documents import confirm, read_manifest_file, write_new, yes_option
+from custody_cli.helptext import SummaryGroup
 
 
-@click.group()
+@click.group(cls=SummaryGroup)
 def rotate() -> None:
     """Key rotation: a new founders' quorum, approved by the current one."""
 

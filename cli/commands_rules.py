@@ -27,6 +27,7 @@ from custody_cli.context import (
     pass_app,
 )
 from custody_cli.documents import DocumentKind, ToSign, add_document_commands, read_file
+from custody_cli.helptext import SummaryGroup
 
 
 def _bump_text(rules: dict[str, Any]) -> str:
@@ -90,7 +91,7 @@ def _render_book(title: str, view: dict[str, Any]) -> None:
     _render_rules(title, view["rules"])
 
 
-@click.group()
+@click.group(cls=SummaryGroup)
 def rules() -> None:
     """The founders-signed rulebook: approval tiers, limits, velocity, trusted destinations, fees."""
 

@@ -10,11 +10,12 @@ import click
 from custody.errors import UNKNOWN_EXIT, StorageError
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
+from custody_cli.helptext import SummaryGroup
 
 NODE_EXIT = 8
 
 
-@click.group(invoke_without_command=True)
+@click.group(cls=SummaryGroup, invoke_without_command=True)
 @click.option("--all", "all_incidents", is_flag=True, help="Every incident ever, not only open and recent ones.")
 @json_option
 @pass_app

@@ -48,6 +48,7 @@ from custody_cli.documents import (
     write_new,
     yes_option,
 )
+from custody_cli.helptext import SummaryGroup
 
 
 def _manifest_view(m: SignedManifest) -> dict[str, Any]:
@@ -87,7 +88,7 @@ def _show_manifest(m: SignedManifest, as_json: bool) -> None:
         output.warning(p)
 
 
-@click.group()
+@click.group(cls=SummaryGroup)
 def manifest() -> None:
     """The founders-signed manifest: drafted once, signed by every founder, pinned everywhere."""
 
@@ -311,7 +312,7 @@ def _show_roster(r: Roster, as_json: bool, extra: dict[str, Any] | None = None) 
         output.info(f"clears suspensions: {', '.join(d[:16] for d in r.cleared_suspensions)}")
 
 
-@click.group()
+@click.group(cls=SummaryGroup)
 def roster() -> None:
     """The founders-signed employee roster: proposed online, signed offline by m founders, applied."""
 

@@ -11,9 +11,10 @@ from custody.withdraw import utxo as utxo_lib
 from custody_cli import output
 from custody_cli.commands_withdraw import _show, chain_backend
 from custody_cli.context import AppContext, KeyRef, employee_key, example, identity_options, json_option, pass_app
+from custody_cli.helptext import SummaryGroup
 
 
-@click.group()
+@click.group(cls=SummaryGroup)
 def utxo() -> None:
     """Custody's coins on the chain, and consolidating many small ones."""
 

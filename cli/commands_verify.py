@@ -12,9 +12,10 @@ from custody.errors import VerificationFailed
 from custody.issuance import verification
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
+from custody_cli.helptext import SummaryGroup
 
 
-@click.group("verify")
+@click.group("verify", cls=SummaryGroup)
 def verify_group() -> None:
     """Independent verification (auditors)."""
 

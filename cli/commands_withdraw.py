@@ -43,6 +43,7 @@ from custody_cli.context import (
     passphrase_options,
 )
 from custody_cli.documents import confirm, read_manifest_file, yes_option
+from custody_cli.helptext import SummaryGroup
 
 MAX_PSBT_BYTES = PSBT_MAX
 STDIO = "-"
@@ -130,7 +131,7 @@ def _show(data: dict[str, Any], as_json: bool, title: str | None = None) -> None
     )
 
 
-@click.group()
+@click.group(cls=SummaryGroup)
 def withdraw() -> None:
     """The withdrawal queue: request, approve (two employees), export, import, finalize, broadcast."""
 

@@ -17,7 +17,12 @@ SUMMARY_LIMIT = 10_000  # click cuts a summary at 45 characters or the terminal'
 
 
 class SummaryGroup(click.Group):
-    """A group whose command list gives each command's first sentence whole (wrapped, not cut)."""
+    """A group whose command list gives each command's first sentence whole (wrapped, not cut).
+
+    Its subgroups (``@group.group()``) are SummaryGroups too (click's ``group_class = type``).
+    """
+
+    group_class = type
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = []

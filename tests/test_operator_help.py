@@ -47,6 +47,38 @@ def test_top_level_help_never_cuts_a_summary() -> None:
     assert "Employees: each signs requests, approvals and halt lifts with a" in commands
 
 
+def _groups(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Group]]:
+    """Every group, root included, through the groups' own lookup (the root loads lazily)."""
+    yield path, group
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        sub = group.get_command(ctx, name)
+        if isinstance(sub, click.Group):
+            yield from _groups(sub, (*path, name))
+
+
+def test_every_groups_help_gives_each_summary_whole() -> None:
+    """`custody withdraw --help` cut summaries with "..." where `custody --help` did not."""
+    runner = CliRunner()
+    cut, groups = [], 0
+    for path, group in _groups(cli):
+        result = runner.invoke(cli, [*path, "--help"], env=ENV)
+        assert result.exit_code == 0, path
+        listed = " ".join(result.stdout.split("Commands:", 1)[1].split())  # wrapped at 80: join the lines
+        ctx = click.Context(group)
+        for name in group.list_commands(ctx):
+            sub = group.get_command(ctx, name)
+            assert sub is not None
+            whole = " ".join(sub.get_short_help_str(10_000).split())
+            if sub.hidden or not whole:
+                continue
+            if f"{name} {whole}" not in listed:
+                cut.append((*path, name))
+        groups += 1
+    assert groups > 20, groups  # the walk reached the subgroups (notify key, trust ..., audit log)
+    assert not cut, cut[:5]
+
+
 def test_no_help_text_carries_code_indentation() -> None:
     """`scrypt +     ChaCha20-Poly1305`: a docstring's indentation inside a sentence."""
     runner = CliRunner()
