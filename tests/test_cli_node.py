@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from jsonschema import Draft202012Validator
 
 from custody.chain.regtest import stop_node
 from tests.support import Custody
@@ -38,6 +39,8 @@ def test_start_status_stop(custody: Custody) -> None:
     status = custody.json("node", "status")
     assert status["running"] is True and status["chain"] == "regtest" and status["pid"] == info["pid"]
     assert isinstance(status["blocks"], int)
+    schema = json.loads((Path(__file__).resolve().parent.parent / "docs/schemas/node-status.schema.json").read_text())
+    assert not list(Draft202012Validator(schema).iter_errors(status))
     shown = custody("node", "status")
     assert shown.exit_code == 0 and info["rpc_url"] in shown.stdout
 

@@ -37,6 +37,13 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("manifest", "show"): "manifest",
     ("audit", "reserves"): "audit-reserves",
     ("sync",): "sync",
+    ("employee", "list"): "employee-list",
+    # changes, run once by the fixture (not by its loop): their output is the withdrawal
+    ("withdraw", "request"): "withdrawal",
+    ("withdraw", "approve"): "withdrawal",
+    # no node runs beside the embedded chain: the stopped shape, exit 8 (tests/test_cli_node.py
+    # validates the running one against the same schema)
+    ("node", "status"): "node-status",
 }
 
 
@@ -58,14 +65,20 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str
         wid = s.signed(to, "0.01")
         s.ok("withdraw", "broadcast", str(wid))
         s.deposit("acct-1")  # mines the withdrawal too: sync below reports what changed
-        s.ok("withdraw", "request", "--account", "acct-1", "--to", to, "--amount", "0.02", *s.as_("carol"))
+        got: dict[tuple[str, ...], Any] = {}
+        got[("withdraw", "request")] = requested = s.ok(
+            "withdraw", "request", "--account", "acct-1", "--to", to, "--amount", "0.02", *s.as_("carol")
+        )
+        got[("withdraw", "approve")] = s.ok("withdraw", "approve", str(requested["id"]), "--yes", *s.as_("alice"))
+        stopped = s.c("node", "status", "--datadir", str(tmp_path_factory.mktemp("no-node")), "--json")
+        assert stopped.exit_code == 8, stopped.output
+        got[("node", "status")] = json.loads(stopped.stdout)
         assert s.c("audit", "reserves").exit_code == 0
         raised = s.ok("halt", "raise", "--reason", "drill", *s.as_("alice"))
         for who in ("alice", "bob"):
             assert s.c("halt", "lift", str(raised["halt_id"]), *s.as_(who)).exit_code == 0
         address = s.ok("address", "list")[0]["address"]
-        got: dict[tuple[str, ...], Any] = {}
-        for command in COMMANDS:
+        for command in (c for c in COMMANDS if c not in got):
             args = [{"ID": str(wid), "ADDR": address}.get(a, a) for a in command]
             result = s.c(*args, "--json")
             assert result.exit_code == 0, (command, result.output)
@@ -97,6 +110,10 @@ def test_every_schema_is_used_and_not_vacuous(outputs: dict[tuple[str, ...], Any
     deposit = outputs[("ledger", "deposits")][0]
     assert not _validator("sync").is_valid([{k: v for k, v in deposit.items() if k != "record"} | {"kind": "deposit"}])
     assert _validator("sync").is_valid([deposit, withdrawal])
+    # a running node without its pid, an employee with a role the roster does not know
+    assert not _validator("node-status").is_valid(outputs[("node", "status")] | {"running": True})
+    alice = outputs[("employee", "list")][0]
+    assert not _validator("employee-list").is_valid([alice | {"roles": ["admin"]}])
 
 
 def test_raw_and_normal_balances_say_why_they_differ(outputs: dict[tuple[str, ...], Any]) -> None:
