@@ -55,7 +55,8 @@ def _fill(c: Custody, n: int) -> None:
         entries.append((seq, stored, "bench.entry", "test", payload, None, prev, digest))
         prev = digest
     db.executemany(
-        "INSERT INTO audit_log (seq, at, event, actor, payload, signature, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO audit_log (seq, at, event, actor, payload, signature, prev_hash, hash)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         entries,
     )
     db.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
