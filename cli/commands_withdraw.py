@@ -349,7 +349,21 @@ def withdraw_bump(
     extra fee taken from change. It gets an id of its own to approve (the rulebook's bump rule),
     export, sign, import, finalize and broadcast; custody sync follows whichever version confirms.
     """
-    data = replace.bump(
+    _request_fee_change(app, replace.bump, withdrawal_id, fee_rate, employee, key_file, passphrase_file, as_json)
+
+
+def _request_fee_change(
+    app: AppContext,
+    request: Any,
+    withdrawal_id: int,
+    fee_rate: str,
+    employee: str,
+    key_file: KeyRef,
+    passphrase_file: Path | None,
+    as_json: bool,
+) -> None:
+    """A bump or a child paying for a withdrawal: the same request, one library call apart."""
+    data = request(
         app.db,
         app.settings,
         chain_backend(app),
@@ -381,17 +395,7 @@ def withdraw_cpfp(
     """Request a child paying for a broadcast withdrawal (CPFP), when a bump is not possible:
     a self-transfer of its change to a fresh change address, approved and signed like a
     withdrawal, whose fee lifts both to --fee-rate."""
-    data = replace.cpfp(
-        app.db,
-        app.settings,
-        chain_backend(app),
-        withdrawal_id,
-        fee_rate=fee_rate,
-        actor=employee,
-        key=employee_key(key_file, passphrase_file),
-        limits=wd_limits.limits_from_settings(app.settings),
-    )
-    _show(data, as_json)
+    _request_fee_change(app, replace.cpfp, withdrawal_id, fee_rate, employee, key_file, passphrase_file, as_json)
 
 
 @withdraw.command("batch")
