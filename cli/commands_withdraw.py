@@ -26,7 +26,7 @@ from custody.withdraw import broadcast as wd_broadcast
 from custody.withdraw import limits as wd_limits
 from custody.withdraw import psbt_io as wd_psbt
 from custody.withdraw import queue as wd
-from custody.withdraw import replace
+from custody.withdraw import replace, replace_sync
 from custody.withdraw import states as wd_states
 from custody.withdraw.signer import Review, SignerState, review, sign_reviewed, state_path
 from custody_cli import listing, output
@@ -609,7 +609,7 @@ def sync(app: AppContext, as_json: bool) -> None:
     confirmations = deposits.deposit_confirmations(app.settings)
     limits = wd_limits.limits_from_settings(app.settings)
     changed = wd_broadcast.sync(app.db, backend, limits, settings=app.settings)
-    changed += replace.sync_replacements(app.db, backend, limits, settings=app.settings)
+    changed += replace_sync.sync_replacements(app.db, backend, limits, settings=app.settings)
     credited = deposits.sync_deposits(app.db, app.settings, backend, confirmations)
     halts = [d for d in credited if d.get("halt_id")]
     if as_json:

@@ -20,18 +20,15 @@ import pytest
 from bitcoin.core import b2lx
 
 from custody.bitcoin import psbt as psbt_lib
-from custody.bitcoin.txbuild import Coin, build_transaction
 from custody.chain.node import connect
 from custody.chain.regtest import NodeInfo, start_node, stop_node
 from custody.chain.rpc import RpcClient
 from custody.chain.types import SpendState
 from custody.config import Settings
-from custody.identity.keyfile import open_founder_key
 from custody.store.db import Database
 from custody.withdraw import broadcast as wd_broadcast
 from custody.withdraw import limits as wd_limits
-from tests.support import PASSPHRASE
-from tests.withdraw_support import Shop
+from tests.withdraw_support import Shop, double_spend, postings, reserved
 
 pytestmark = pytest.mark.regtest
 
@@ -72,25 +69,10 @@ def store(shop: Shop) -> sqlite3.Connection:
     return sqlite3.connect(shop.c.home / "custody.db")
 
 
-def reserved(shop: Shop, wid: int) -> list[str]:
-    with store(shop) as db:
-        rows = db.execute("SELECT outpoint FROM reserved_input WHERE withdrawal_id = ? ORDER BY outpoint", (wid,))
-        return [r[0] for r in rows]
-
-
 def final_tx(shop: Shop, wid: int) -> str:
     with store(shop) as db:
         (raw,) = db.execute("SELECT final_tx FROM withdrawal WHERE id = ?", (wid,)).fetchone()
     return str(raw)
-
-
-def postings(shop: Shop, wid: int) -> list[str]:
-    """The ledger events posted for withdrawal ``wid``, one per ledger transaction."""
-    seen: dict[int, str] = {}
-    for e in shop.ok("ledger", "entries"):
-        if e["ref"] == f"withdrawal:{wid}":
-            seen[e["txn"]] = e["event"]
-    return list(seen.values())
 
 
 def events(shop: Shop, wid: int) -> list[str]:
@@ -99,30 +81,6 @@ def events(shop: Shop, wid: int) -> list[str]:
 
 def balance(shop: Shop, account: str) -> int:
     return int(shop.ok("ledger", "balance", account)["balance_sat"])
-
-
-def double_spend(shop: Shop, wid: int, rpc: RpcClient) -> str:
-    """Spend the withdrawal's first input to the node's wallet, signed with two founders'
-    keys (opened from their key files), and send it to ``rpc``'s node: another transaction."""
-    with store(shop) as db:
-        txid, vout, amount, spk, chain, idx = db.execute(
-            "SELECT txid, vout, amount, script_pubkey, chain, idx FROM withdrawal_input "
-            "WHERE withdrawal_id = ? ORDER BY position LIMIT 1",
-            (wid,),
-        ).fetchone()
-        (script,) = db.execute("SELECT script FROM address WHERE script_pubkey = ?", (spk,)).fetchone()
-    to = shop.wallet.call("getaddressinfo", shop.wallet.call("getnewaddress", "", "bech32"))["scriptPubKey"]
-    tx = build_transaction(
-        [Coin(txid, vout, amount, bytes.fromhex(spk), chain, idx)], [(bytes.fromhex(to), amount - 20_000)]
-    )
-    p = psbt_lib.Psbt.from_unsigned_tx(tx)
-    p.inputs[0].witness_utxo = psbt_lib.WitnessUtxo(amount, bytes.fromhex(spk))
-    p.inputs[0].witness_script = bytes.fromhex(script)
-    for name in ("founder-b", "founder-c"):
-        key = open_founder_key(shop.founder_keys[name], PASSPHRASE)
-        assert psbt_lib.sign_input(p, 0, key.master.derive((*key.account_path, chain, idx)).private_key())
-    raw = psbt_lib.extract(psbt_lib.finalize(p)).serialize().hex()
-    return str(rpc.call("sendrawtransaction", raw))
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from custody.chain.rpc import RpcError
 from custody.config import Settings
 from tests.conftest import fund_wallet
 from tests.support import read_psbt, run_cli
-from tests.withdraw_support import Shop
+from tests.withdraw_support import Shop, double_spend, postings, reserved
 
 pytestmark = pytest.mark.regtest
 KILLED = -9
@@ -236,6 +236,14 @@ def test_a_cancel_that_loses_the_race_refunds_nothing(shop: Shop) -> None:
     shop.ok("sync")
     assert shop.ok("withdraw", "show", str(wid))["status"] == "confirmed"
     assert shop.ok("withdraw", "show", str(wid))["txid"] == original_txid
+    # a reorganisation could still let the cancel confirm: it fails once the original is
+    # CUSTODY_REFUND_CONFIRMATIONS deep
+    assert shop.ok("withdraw", "show", str(cid))["status"] == "signed"
+    shop.mine(4)
+    shop.ok("sync")
+    assert shop.ok("withdraw", "show", str(cid))["status"] == "signed"
+    shop.mine(1)
+    shop.ok("sync")
     assert shop.ok("withdraw", "show", str(cid))["status"] == "failed"
     assert balance(shop, "acct-1") == customer - original["amount_sat"] - original["fee_sat"]
     assert balance(shop, FEES) == fees + original["fee_sat"]
@@ -297,6 +305,122 @@ def test_a_bump_without_enough_change_points_to_cpfp(shop: Shop) -> None:
     wid, _ = sent_at_1(shop, "0.4999")  # from a coin of 0.5: about 9,800 sat of change
     refused = shop.c("withdraw", "bump", str(wid), "--fee-rate", "100", *shop.as_("dave"), "--json")
     assert refused.exit_code == 2 and "withdraw cpfp" in refused.stderr, refused.output
+
+
+def show(shop: Shop, wid: int) -> dict[str, Any]:
+    return dict(shop.ok("withdraw", "show", str(wid)))
+
+
+def synced(shop: Shop, ids: set[int]) -> list[tuple[int, str]]:
+    """Sync; what changed among ``ids``."""
+    return [(c["id"], c["status"]) for c in shop.ok("sync") if c.get("record") == "withdrawal" and c["id"] in ids]
+
+
+def test_a_replaced_withdrawal_double_spent_by_a_foreign_transaction_is_refunded_once_at_depth(shop: Shop) -> None:
+    settle_others(shop)
+    customer, fees = balance(shop, "acct-1"), balance(shop, FEES)
+    wid, original_txid = sent_at_1(shop, "0.05")
+    original = show(shop, wid)
+    bid = shop.ok("withdraw", "bump", str(wid), "--fee-rate", "4", *shop.as_("dave"))["id"]
+    approve(shop, bid)
+    sign(shop, bid)  # signed, never sent
+    cid = shop.ok("withdraw", "cancel", str(wid), "--reason", "customer asked", *shop.as_("dave"))["id"]
+    group = {wid, bid, cid}
+    held = balance(shop, "acct-1")
+    assert held == customer - original["amount_sat"] - original["fee_sat"]
+
+    foreign = double_spend(shop, wid, shop.rpc)  # none of the group's versions: it outbids the original
+    assert in_mempool(shop, foreign) and not in_mempool(shop, original_txid)
+    assert synced(shop, group) == []  # in the mempool only: no proof
+    for depth in range(1, 6):  # 1 .. CUSTODY_REFUND_CONFIRMATIONS - 1
+        shop.mine(1)
+        assert synced(shop, group) == [], depth
+        assert [show(shop, i)["status"] for i in (wid, bid, cid)] == ["broadcast", "signed", "requested"]
+        assert balance(shop, "acct-1") == held and reserved(shop, wid)
+
+    shop.mine(1)  # 6 deep: the proof is in
+    killed = run_cli(shop.c.env, "sync", "--json", crash_at="group.refunded")
+    assert killed.returncode == KILLED
+    assert [show(shop, i)["status"] for i in (wid, bid, cid)] == ["broadcast", "signed", "requested"]
+    assert balance(shop, "acct-1") == held and postings(shop, wid) == ["withdrawal.requested"]
+
+    assert sorted(synced(shop, group)) == sorted((i, "failed") for i in group)
+    failed = show(shop, wid)
+    assert foreign in failed["reason"] and "6 confirmations" in failed["reason"]
+    assert balance(shop, "acct-1") == customer and balance(shop, f"held:withdrawal-{wid}") == 0
+    assert balance(shop, FEES) == fees  # no fee of ours was paid
+    assert reserved(shop, wid) == []
+    told = [
+        e
+        for e in shop.ok("audit", "log")
+        if e["event"] == "withdrawal.failed" and e["payload"].get("withdrawal_id") == wid
+    ]
+    assert len(told) == 1 and told[0]["actor"] == "sync"
+    assert told[0]["payload"]["spent_by"] == foreign and told[0]["payload"]["confirmations"] == 6
+    assert told[0]["payload"]["refunded"] == customer - held
+    assert sorted(told[0]["payload"]["versions_failed"]) == sorted([bid, cid])
+
+    shop.mine(2)
+    assert synced(shop, group) == []
+    assert postings(shop, wid) == ["withdrawal.requested", "withdrawal.released"]  # refunded exactly once
+    assert shop.ok("audit", "ledger")["ok"] is True
+
+
+def test_a_reorg_after_a_replaced_withdrawal_settled_is_followed(shop: Shop) -> None:
+    settle_others(shop)
+    customer, fees = balance(shop, "acct-1"), balance(shop, FEES)
+    wid, original_txid = sent_at_1(shop, "0.06")
+    original = show(shop, wid)
+    charged = customer - original["amount_sat"] - original["fee_sat"]
+    bumped = shop.ok("withdraw", "bump", str(wid), "--fee-rate", "8", *shop.as_("dave"))
+    bid = bumped["id"]
+    approve(shop, bid)
+    sign(shop, bid)  # signed, not sent: the original confirms first
+    shop.mine(1)
+    shop.ok("sync")
+    assert show(shop, wid)["status"] == "confirmed" and show(shop, wid)["txid"] == original_txid
+    assert show(shop, bid)["status"] == "signed", "a rival fails only once the winner is refund-deep"
+    assert balance(shop, FEES) == fees + original["fee_sat"]
+    block = shop.rpc.call("getrawtransaction", original_txid, True)["blockhash"]
+
+    # the block goes; nothing else confirms; then it comes back: settled again, once
+    shop.rpc.call("invalidateblock", block)
+    assert run_cli(shop.c.env, "sync", "--json", crash_at="group.reorged").returncode == KILLED
+    assert show(shop, wid)["status"] == "confirmed" and balance(shop, FEES) == fees + original["fee_sat"]
+    assert (wid, "broadcast") in synced(shop, {wid})
+    assert show(shop, wid)["status"] == "broadcast" and reserved(shop, wid)
+    assert balance(shop, FEES) == fees and balance(shop, "acct-1") == charged  # the hold is back
+    assert synced(shop, {wid, bid}) == []  # reversed once, not on every sync
+    assert balance(shop, FEES) == fees
+    shop.rpc.call("reconsiderblock", block)
+    assert (wid, "confirmed") in synced(shop, {wid})
+    assert balance(shop, FEES) == fees + original["fee_sat"] and reserved(shop, wid) == []
+
+    # the block goes again, and the bump confirms instead: the fee booked is the bump's, once
+    shop.rpc.call("invalidateblock", block)
+    shop.ok("sync")
+    assert show(shop, wid)["status"] == "broadcast"
+    bump_txid = broadcast(shop, bid)
+    assert not in_mempool(shop, original_txid)
+    shop.mine(1)
+    shop.ok("sync")
+    shop.ok("sync")
+    shown = show(shop, wid)
+    assert shown["status"] == "confirmed" and shown["txid"] == bump_txid
+    assert show(shop, bid)["status"] == "confirmed"
+    assert balance(shop, FEES) == fees + bumped["fee_sat"]
+    assert balance(shop, "acct-1") == charged  # the customer pays what they were quoted, once
+    assert postings(shop, wid) == [
+        "withdrawal.requested",
+        "withdrawal.settled",
+        "withdrawal.unsettled",
+        "withdrawal.settled",
+        "withdrawal.unsettled",
+        "withdrawal.settled",
+    ]
+    reorged = [e["payload"] for e in shop.ok("audit", "log") if e["event"] == "withdrawal.reorged"]
+    assert [(p["withdrawal_id"], p["fee_paid"]) for p in reorged[-2:]] == [(wid, original["fee_sat"])] * 2
+    assert shop.ok("audit", "ledger")["ok"] is True
 
 
 def test_a_bump_above_the_rulebook_bump_rule_is_refused(shop: Shop, tmp_path: Path) -> None:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from custody.bitcoin import psbt as psbt_lib
 from custody.bitcoin.bech32 import encode_segwit
+from custody.bitcoin.txbuild import Coin, build_transaction
 from custody.chain.regtest import NodeInfo
 from custody.chain.rpc import RpcClient
-from tests.support import Custody
+from custody.identity.keyfile import open_founder_key
+from tests.support import PASSPHRASE, Custody
 
 
 def key_ceremony(c: Custody, tmp: Path, script: str) -> dict[str, Path]:
@@ -163,3 +167,44 @@ class Shop:
         result = self.cli("withdraw", "export", str(wid), str(path))
         assert result.exit_code == 0, result.output
         return path
+
+
+def double_spend(shop: Shop, wid: int, rpc: RpcClient) -> str:
+    """Spend the withdrawal's first input to the node's wallet (a fee of 20,000 sat), signed
+    with two founders' keys opened from their key files (a p2wsh store), and send it to
+    ``rpc``'s node: another transaction than any custody recorded."""
+    with sqlite3.connect(shop.c.home / "custody.db") as db:
+        txid, vout, amount, spk, chain, idx = db.execute(
+            "SELECT txid, vout, amount, script_pubkey, chain, idx FROM withdrawal_input "
+            "WHERE withdrawal_id = ? ORDER BY position LIMIT 1",
+            (wid,),
+        ).fetchone()
+        (script,) = db.execute("SELECT script FROM address WHERE script_pubkey = ?", (spk,)).fetchone()
+    to = shop.wallet.call("getaddressinfo", shop.wallet.call("getnewaddress", "", "bech32"))["scriptPubKey"]
+    tx = build_transaction(
+        [Coin(txid, vout, amount, bytes.fromhex(spk), chain, idx)], [(bytes.fromhex(to), amount - 20_000)]
+    )
+    p = psbt_lib.Psbt.from_unsigned_tx(tx)
+    p.inputs[0].witness_utxo = psbt_lib.WitnessUtxo(amount, bytes.fromhex(spk))
+    p.inputs[0].witness_script = bytes.fromhex(script)
+    for name in ("founder-b", "founder-c"):
+        key = open_founder_key(shop.founder_keys[name], PASSPHRASE)
+        assert psbt_lib.sign_input(p, 0, key.master.derive((*key.account_path, chain, idx)).private_key())
+    raw = psbt_lib.extract(psbt_lib.finalize(p)).serialize().hex()
+    return str(rpc.call("sendrawtransaction", raw))
+
+
+def postings(shop: Shop, wid: int) -> list[str]:
+    """The ledger events posted for withdrawal ``wid``, one per ledger transaction."""
+    seen: dict[int, str] = {}
+    for e in shop.ok("ledger", "entries"):
+        if e["ref"] == f"withdrawal:{wid}":
+            seen[e["txn"]] = e["event"]
+    return list(seen.values())
+
+
+def reserved(shop: Shop, wid: int) -> list[str]:
+    """The outpoints the store holds reserved for withdrawal ``wid`` (a SQLite store)."""
+    with sqlite3.connect(shop.c.home / "custody.db") as db:
+        rows = db.execute("SELECT outpoint FROM reserved_input WHERE withdrawal_id = ? ORDER BY outpoint", (wid,))
+        return [r[0] for r in rows]

@@ -455,9 +455,12 @@ def withdrawal_settled(
     return post(s, "withdrawal.settled", lines, ref=_ref(row), memo=f"txid {row.txid}")
 
 
-def withdrawal_unsettled(s: Session, row: WithdrawalRow, members: Sequence[WithdrawalRow]) -> LedgerTxn:
+def withdrawal_unsettled(
+    s: Session, row: WithdrawalRow, members: Sequence[WithdrawalRow], network_fee: int | None = None
+) -> LedgerTxn:
     """A confirmed withdrawal a reorganisation took out of the chain: its settlement reversed,
-    the hold back in place until it confirms again."""
+    the hold back in place until it confirms again. ``network_fee``: the fee its settlement
+    booked, when not ``row.fee`` (a fee bump had confirmed)."""
     if row.kind == SWEEP:
         return post(
             s, "sweep.unsettled", [(NETWORK_FEES, -row.fee), (ASSET, row.fee)], ref=_ref(row), memo=f"txid {row.txid}"
@@ -465,12 +468,13 @@ def withdrawal_unsettled(s: Session, row: WithdrawalRow, members: Sequence[Withd
     members = members or [row]
     paid_out = sum(m.amount for m in members)
     charged = sum(m.fee for m in members)
+    paid_fee = row.fee if network_fee is None else network_fee
     lines = [
         (held(row.id or 0), -(paid_out + charged)),
         (ASSET, paid_out),
         (FEE_INCOME, charged),
-        (NETWORK_FEES, -row.fee),
-        (ASSET, row.fee),
+        (NETWORK_FEES, -paid_fee),
+        (ASSET, paid_fee),
     ]
     return post(s, "withdrawal.unsettled", lines, ref=_ref(row), memo=f"txid {row.txid} no longer confirmed")
 

@@ -198,6 +198,19 @@ def _look(
         return _Seen(status)
     if not outpoints:
         return _Seen(status)
+    spend, mine = spent_by(backend, outpoints, [unsigned_tx])
+    if mine is not None and spend is not None and spend.spender is not None:
+        return _Seen(backend.tx_status(spend.spender), mine)
+    return _Seen(status, None, spend)
+
+
+def spent_by(
+    backend: ChainBackend, outpoints: Sequence[tuple[str, int]], ours: Sequence[str]
+) -> tuple[OutputSpend | None, bytes | None]:
+    """What spends ``outpoints`` in a block: the first spend by one of ``ours`` (unsigned
+    transactions: the spender is one of them with signatures added) and that transaction;
+    else the deepest spend by another transaction (a conflict) and None; else (None, None).
+    A spender the chain cannot show proves nothing either way."""
     conflict = None
     for spend in backend.spends(outpoints):
         if spend.state is not SpendState.SPENT or spend.spender is None:
@@ -205,12 +218,12 @@ def _look(
         try:
             raw = backend.raw_transaction(spend.spender)
         except NotFound:
-            continue  # the chain cannot show what spent it: no proof either way
-        if _ours(raw, unsigned_tx):
-            return _Seen(backend.tx_status(spend.spender), raw)
+            continue
+        if any(_ours(raw, unsigned) for unsigned in ours):
+            return spend, raw
         if conflict is None or spend.confirmations > conflict.confirmations:
             conflict = spend
-    return _Seen(status, None, conflict)
+    return conflict, None
 
 
 def _watched(s: Session, tip: int) -> list[int]:
@@ -219,7 +232,7 @@ def _watched(s: Session, tip: int) -> list[int]:
     founders' signatures but were not broadcast by us (refused by a node, or not sent yet)."""
     rows = s.exec(select(WithdrawalRow).where(col(WithdrawalRow.status).in_((APPROVED, SIGNED, BROADCAST, CONFIRMED))))
     ids = []
-    theirs = replacements.grouped(s)  # followed by custody.withdraw.replace.sync_replacements
+    theirs = replacements.grouped(s)  # followed by custody.withdraw.replace_sync.sync_replacements
     for r in rows.all():
         if r.id in theirs:
             continue
@@ -320,19 +333,25 @@ def _follow(s: Session, row: WithdrawalRow, seen: _Seen, limits: Limits) -> bool
         and can(row.status, Event.REFUNDED)
         and row.batch_id is None
     ):
-        _refund(s, row, conflict)
+        refund(s, row, conflict)
         changed = True
     return changed
 
 
-def _refund(s: Session, row: WithdrawalRow, conflict: OutputSpend) -> None:
-    """The proof is in: another transaction spent an input, deep in the chain. Fail the
-    withdrawal, release its inputs and give each member's amount and fee back."""
-    wid = row.id or 0
-    reason = (
+def refund_reason(conflict: OutputSpend) -> str:
+    """Why a withdrawal is failed and refunded: the spend that proves it."""
+    return (
         f"input {conflict.txid}:{conflict.vout} spent by another transaction {conflict.spender} "
         f"at height {conflict.block_height} ({conflict.confirmations} confirmations)"
     )
+
+
+def refund(s: Session, row: WithdrawalRow, conflict: OutputSpend, note: dict[str, Any] | None = None) -> None:
+    """The proof is in: another transaction spent an input, deep in the chain. Fail the
+    withdrawal, release its inputs and give each member's amount and fee back (``note``:
+    more for the audit event)."""
+    wid = row.id or 0
+    reason = refund_reason(conflict)
     members = _members(s, wid)
     _touch(s, row, next_state(row.status, Event.REFUNDED), reason)
     _release(s, wid)
@@ -350,6 +369,7 @@ def _refund(s: Session, row: WithdrawalRow, conflict: OutputSpend) -> None:
             "confirmations": conflict.confirmations,
             "refunded": sum(m.amount + m.fee for m in members or [row]),
             "ledger_txn": txn.id if txn else None,
+            **(note or {}),
         },
     )
 

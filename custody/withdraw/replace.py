@@ -1,5 +1,5 @@
-"""Fee bumps (RBF) and cancels of withdrawals that carry founders' signatures, and following
-them on the chain.
+"""Fee bumps (RBF), cancels and children paying for their parent (CPFP) of withdrawals that
+carry founders' signatures.
 
 * ``bump``: a replacement paying exactly the same destinations and amounts, its extra fee taken
   from change (BIP-125: a higher absolute fee, at least the old fee plus 1 sat/vB of its own
@@ -10,11 +10,8 @@ them on the chain.
 * ``cancel``: a self-transfer spending every input of the withdrawal back to a fresh change
   address of the policy, at a higher fee (BIP-125); approved as a self-transfer (the rulebook's
   ``self_transfer`` rule), signed (the signer checks every output re-derives from the policy).
-* :func:`sync_replacements` follows a withdrawal and its replacements together: whichever
-  version confirms, the withdrawal is settled with that transaction's txid and the fee it
-  actually paid (once); a cancel that confirms ``refund_confirmations`` deep fails the
-  withdrawal and gives its customer the amount and fee back (the cancel's own fee is the
-  house's); a cancel that loses the race to the original is failed, nothing refunded.
+* Following them on the chain (which version settles the withdrawal, a reorganisation, a
+  foreign double spend) is :mod:`custody.withdraw.replace_sync`'s.
 
 Every step respects the halt and writes its audit event in the same transaction.
 """
@@ -29,13 +26,13 @@ from decimal import Decimal
 from typing import Any
 
 from bitcoin.core import b2lx, b2x
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from custody.bitcoin.amounts import parse_fee_rate
 from custody.bitcoin.destinations import dust_limit
 from custody.bitcoin.txbuild import Coin, build_transaction, fee_for, tx_vsize
 from custody.books import ledger
-from custody.chain.types import ChainBackend, TxStatus
+from custody.chain.types import ChainBackend
 from custody.clock import now
 from custody.config import Settings
 from custody.control import audit_log, halt
@@ -53,7 +50,6 @@ from custody.store.models import ReplacementRow, WithdrawalRow
 from custody.withdraw import limits as wd_limits
 from custody.withdraw import queue as q
 from custody.withdraw import records as wd_records
-from custody.withdraw import replacements
 from custody.withdraw import selftransfer as st
 from custody.withdraw import states as wd_states
 from custody.withdraw.replace_check import BUMP
@@ -393,166 +389,4 @@ def _child_plan(
         max(tip, int(wd_records._tx(parent).nLockTime)),
         rate,
         link=(original, parent),
-    )
-
-
-# ---------------------------------------------------------------- following them on the chain
-
-
-def _groups(s: Session) -> list[int]:
-    """Withdrawals with replacements that are not settled yet."""
-    out = set()
-    done = (wd_states.CONFIRMED, wd_states.FAILED)
-    for r in s.exec(select(ReplacementRow)).all():
-        original, row = s.get(WithdrawalRow, r.original_id), s.get(WithdrawalRow, r.withdrawal_id)
-        if replacements.dropped(row):
-            continue  # the queue's own sync follows the original (replacements.grouped)
-        if (original is not None and original.status not in done) or (row is not None and row.status not in done):
-            out.add(r.original_id)
-    return sorted(out)
-
-
-def _versions(s: Session, original: WithdrawalRow) -> list[WithdrawalRow]:
-    """The original and its replacements that have a final transaction (a txid to look for)."""
-    rows = [original, *(r for r in replacements_of(s, original.id or 0) if r.status != wd_states.FAILED)]
-    return [r for r in rows if r.txid]
-
-
-def sync_replacements(
-    db: Database, backend: ChainBackend, limits: wd_limits.Limits = DEFAULT_LIMITS, *, settings: Settings
-) -> list[dict[str, Any]]:
-    """Follow every unsettled withdrawal that has replacements, and consolidations; return the
-    rows that changed."""
-    with ledger.halting(db, settings):
-        changed = st.sync_standalone(db, backend, limits)
-    with db.transaction() as s:
-        groups = _groups(s)
-    for wid in groups:
-        with db.transaction() as s:
-            original = wd_records._get(s, wid)
-            before = [(r.id, r.status, r.txid) for r in _versions(s, original)]
-        seen = {rid: backend.tx_status(txid or "") for rid, _, txid in before}  # no lock while asking
-        with ledger.halting(db, settings), db.transaction() as s:
-            policy = policy_from_session(s)
-            original = wd_records._get(s, wid, lock=True)
-            if [(r.id, r.status, r.txid) for r in _versions(s, original)] != before:
-                continue  # moved on meanwhile: the next sync looks again
-            changed += [wd_records.view(s, policy, r) for r in _follow_group(s, original, seen, limits)]
-    return changed
-
-
-def _follow_group(
-    s: Session, original: WithdrawalRow, seen: dict[int | None, TxStatus], limits: wd_limits.Limits
-) -> list[WithdrawalRow]:
-    """Apply what the chain says to a withdrawal and its replacements (locked)."""
-    changed = (
-        []
-        if original.status in (wd_states.CONFIRMED, wd_states.FAILED)
-        else _follow_versions(s, original, seen, limits)
-    )
-    return changed + _follow_children(s, original, seen, limits)
-
-
-def _follow_children(
-    s: Session, original: WithdrawalRow, seen: dict[int | None, TxStatus], limits: wd_limits.Limits
-) -> list[WithdrawalRow]:
-    """Children paying for a version: settled when they confirm; failed when another version
-    than their parent confirmed (their input no longer exists)."""
-    changed = []
-    for child in (
-        r for r in replacements_of(s, original.id or 0) if r.kind == CPFP and r.status == wd_states.BROADCAST
-    ):
-        status = seen.get(child.id)
-        if status is not None and status.confirmations >= limits.confirmations:
-            st.settle(s, child, status.confirmations, status.block_height)
-            changed.append(child)
-        elif original.status == wd_states.FAILED or (
-            original.status == wd_states.CONFIRMED and original.txid != wd_records._inputs(s, child.id or 0)[0].txid
-        ):
-            wd_records._touch(s, child, _next(child, Event.REPLACED), f"its parent was replaced by {original.txid}")
-            wd_records._release(s, child.id or 0)
-            audit_log.append(s, "withdrawal.failed", "sync", {"withdrawal_id": child.id, "parent_replaced": True})
-            changed.append(child)
-    return changed
-
-
-def _follow_versions(
-    s: Session, original: WithdrawalRow, seen: dict[int | None, TxStatus], limits: wd_limits.Limits
-) -> list[WithdrawalRow]:
-    versions = {r.id: r for r in _versions(s, original) if r.kind != CPFP}
-    winner = next((versions[rid] for rid, status in seen.items() if rid in versions and status.confirmations > 0), None)
-    if winner is None:
-        return []
-    status = seen[winner.id]
-    depth = limits.refund_confirmations if winner.kind == CANCEL else limits.confirmations
-    if status.confirmations < depth:
-        if winner.confirmations != status.confirmations:
-            winner.confirmations, winner.block_height = status.confirmations, status.block_height
-            wd_records._touch(s, winner)
-            return [winner]
-        return []
-    if winner.kind == CANCEL:
-        _cancelled(s, original, winner, status)
-    else:
-        _settled(s, original, winner, status)
-    losers = [
-        r
-        for r in replacements_of(s, original.id or 0)
-        if r.id != winner.id and r.status != wd_states.FAILED and r.kind != CPFP
-    ]
-    for r in losers:
-        wd_records._touch(
-            s, r, _next(r, Event.REPLACED), f"transaction {winner.txid} of #{winner.id} confirmed instead"
-        )
-        audit_log.append(s, "withdrawal.failed", "sync", {"withdrawal_id": r.id, "replaced_by": winner.txid})
-    return [original, *([winner] if winner is not original else []), *losers]
-
-
-def _settled(s: Session, original: WithdrawalRow, winner: WithdrawalRow, status: TxStatus) -> None:
-    """The original, or a bump of it, confirmed: the withdrawal is settled with that txid and
-    the fee that transaction paid."""
-    original.txid = winner.txid
-    original.confirmations, original.block_height = status.confirmations, status.block_height
-    wd_records._touch(s, original, _next(original, Event.SETTLED))
-    wd_records._release(s, original.id or 0)
-    ledger.withdrawal_settled(s, original, wd_records._members(s, original.id or 0), network_fee=winner.fee)
-    if winner is not original:
-        winner.confirmations, winner.block_height = status.confirmations, status.block_height
-        wd_records._touch(s, winner, _next(winner, Event.SETTLED))
-    audit_log.append(
-        s,
-        "withdrawal.confirmed",
-        "sync",
-        {
-            "withdrawal_id": original.id,
-            "txid": winner.txid,
-            "height": status.block_height,
-            "fee_paid": winner.fee,
-            "version": winner.id,
-        },
-    )
-
-
-def _cancelled(s: Session, original: WithdrawalRow, cancel_row: WithdrawalRow, status: TxStatus) -> None:
-    """The cancel confirmed deep enough: the withdrawal fails, its customer gets amount and fee
-    back; the cancel's own fee is the house's."""
-    reason = f"cancelled: self-transfer #{cancel_row.id} ({cancel_row.txid}) confirmed at height {status.block_height}"
-    members = wd_records._members(s, original.id or 0)
-    wd_records._touch(s, original, _next(original, Event.REFUNDED), reason)
-    wd_records._release(s, original.id or 0)
-    txn = ledger.withdrawal_released(s, original, members, f"refunded: {reason}")
-    cancel_row.confirmations, cancel_row.block_height = status.confirmations, status.block_height
-    wd_records._touch(s, cancel_row, _next(cancel_row, Event.SETTLED))
-    ledger.self_transfer_settled(s, cancel_row)
-    audit_log.append(
-        s,
-        "withdrawal.failed",
-        "sync",
-        {
-            "withdrawal_id": original.id,
-            "reason": reason,
-            "spent_by": cancel_row.txid,
-            "refunded": sum(m.amount + m.fee for m in members or [original]),
-            "ledger_txn": txn.id if txn else None,
-        },
     )

@@ -45,7 +45,7 @@ def dropped(row: WithdrawalRow | None) -> bool:
 
 
 def grouped(s: Session) -> set[int]:
-    """Rows the queue's own sync leaves to :func:`custody.withdraw.replace.sync_replacements`:
+    """Rows the queue's own sync leaves to :func:`custody.withdraw.replace_sync.sync_replacements`:
     every replacement, and every withdrawal that has one that was not dropped before it had a
     transaction (a withdrawal whose only cancel was dropped is the queue's again: its refund
     by proof of a double spend included)."""

@@ -51,14 +51,17 @@ class Event(enum.StrEnum):
     """An employee cancelled it, before any founder signed."""
     REFUNDED = "refunded"
     """Another transaction spent one of its inputs, CUSTODY_REFUND_CONFIRMATIONS deep (for a
-    withdrawal with replacements: its cancel by double-spend did)."""
+    withdrawal with replacements: its cancel by double-spend did, or a transaction none of its
+    versions is; its signed versions are refunded with it)."""
     SETTLED = "settled"
     """One version of a withdrawal that has replacements (custody.withdraw.replace) confirmed as
     deep as it must: the withdrawal, and that version itself (a fee bump, a cancel), whether or
     not we saw it sent."""
     REPLACED = "replaced"
-    """Another version of it confirmed instead (the original, a fee bump or a cancel), or, for a
-    child paying for its parent (CPFP), another version than that parent: it can never confirm."""
+    """Another version of it confirmed instead (the original, a fee bump or a cancel),
+    CUSTODY_REFUND_CONFIRMATIONS deep, or, for a child paying for its parent (CPFP), another
+    version than that parent: it can never confirm. (A replacement nobody signed yet fails so
+    too when its withdrawal is refunded.)"""
 
 
 TRANSITIONS: dict[tuple[str, Event], str] = {
