@@ -2,9 +2,11 @@
 of the policy, which the offline signer re-derives before it signs).
 
 One mechanism serves a cancel (its inputs are a signed withdrawal's), a child paying for its
-parent (its input is a withdrawal's unconfirmed change) and a consolidation (many small
-coins into one): :func:`record` stores the row (kind ``cancel``, ``cpfp`` or ``consol``,
-account ``(self-transfer)``, amount 0), its inputs, optionally their reservation and its
+parent (its input is a withdrawal's unconfirmed change), a consolidation (many small
+coins into one) and the rotation's sweep (custody.withdraw.sweep: an older policy's coins to
+the newest policy): :func:`record` stores the row (kind ``cancel``, ``cpfp``, ``consol``,
+account ``(self-transfer)``, amount 0; or kind ``sweep``, account ``custody-sweep``, the
+amount moved), its inputs, optionally their reservation and its
 link to the withdrawal it is for, and has the requester sign it; it is then approved under the
 rulebook's ``self_transfer`` rule, exported, signed, imported, finalized and broadcast like a
 withdrawal. When it confirms, its fee is the house's network fee
@@ -63,12 +65,17 @@ class Plan:
     rate: Decimal
     reserve: bool = True  # reserve its inputs (a cancel's stay the withdrawal's)
     link: tuple[WithdrawalRow, WithdrawalRow] | None = None  # (withdrawal it is for, version it replaces)
+    account: str = SELF_ACCOUNT
+    moves: bool = False  # its amount column shows the value moved (a sweep), not 0
+    judge: bool = True  # judged by the rulebook when requested (a sweep is judged when approved)
 
 
 def record(
     s: Session, manifest: Any, policy: Policy, plan: Plan, *, actor: str, key: EmployeeSigner, limits: wd_limits.Limits
 ) -> WithdrawalRow:
     """Store a requested self-transfer (see the module's docstring) and judge it by the rulebook.
+    ``policy`` is the one whose coins it spends (the fee is for its inputs' size; the requester
+    signs the summary made with it); its output is a change address of the newest.
 
     Raises InputError (fee above the cap, or more than the inputs), PolicyViolation,
     AddressMismatch (the change address: the caller rolls back and halts).
@@ -87,12 +94,12 @@ def record(
     stamp = now()
     row = WithdrawalRow(
         kind=plan.kind,
-        account=SELF_ACCOUNT,
+        account=plan.account,
         requester=actor,
         request_signature="",
         destination=change.address,
         destination_spk=change.script_pubkey,
-        amount=0,
+        amount=value if plan.moves else 0,
         fee=fee,
         fee_rate=str(plan.rate),
         change_index=change.index,
@@ -102,23 +109,42 @@ def record(
         created_at=stamp,
         updated_at=stamp,
     )
+    store(s, policy, row, plan.coins, plan.prev, key, reserve=plan.reserve, link=plan.link)
+    if plan.judge:
+        wd_records._enforce(s, policy, row)
+    return row
+
+
+def store(
+    s: Session,
+    policy: Policy,
+    row: WithdrawalRow,
+    coins: Sequence[Coin],
+    prev: dict[str, str | None],
+    key: EmployeeSigner,
+    *,
+    reserve: bool,
+    link: tuple[WithdrawalRow, WithdrawalRow] | None,
+) -> int:
+    """Store a requested row (a self-transfer, a fee bump), its inputs (reserved with
+    ``reserve``) and its ``link`` (the withdrawal it is for, the version it replaces); the
+    requester signs it. Returns its id."""
     s.add(row)
     s.flush()
     rid = row.id or 0
-    for rec in wd_records._input_rows(rid, tx, plan.coins, plan.prev):
+    for rec in wd_records._input_rows(rid, wd_records._tx(row), coins, prev):
         s.add(rec)
-        if plan.reserve:
+        if reserve:
             s.add(ReservedInput(outpoint=f"{rec.txid}:{rec.vout}", withdrawal_id=rid))
-    if plan.link is not None:
-        original, replaced = plan.link
+    if link is not None:
+        original, replaced = link
         s.add(
             ReplacementRow(withdrawal_id=rid, original_id=original.id or 0, replaces_id=replaced.id or 0, kind=row.kind)
         )
     s.flush()
     row.request_signature = sign_request(key, wd_records._summary(policy, row, wd_records._inputs(s, rid)), row.account)
     s.add(row)
-    wd_records._enforce(s, policy, row)
-    return row
+    return rid
 
 
 def choose_coins(

@@ -10,16 +10,12 @@ output re-derives from the newest policy pinned on its own machine), then `withd
 `finalize`, `broadcast`, and `sync` follows it. Nothing is held from any customer; when it
 confirms, the ledger books its network fee, once (custody.books.ledger).
 
-This module is the sweep's own until the general self-transfer of issue #18 part 1 lands; the
-sweep is then one more user of it.
+The sweep is recorded as every self-transfer is (custody.withdraw.selftransfer.record): its
+own here are which coins it takes and its audit event.
 """
-
-# size(_record): the sweep's record (withdrawal row, inputs, reservation, ledger, audit log) in one
-#   database transaction, as helper rotate wrote it; split with request_withdrawal
 
 from __future__ import annotations
 
-import math
 from decimal import Decimal
 from typing import Any
 
@@ -27,23 +23,20 @@ from bitcoin.core import b2lx, b2x
 from sqlmodel import Session, col, select
 
 from custody.bitcoin.amounts import parse_fee_rate
-from custody.bitcoin.destinations import dust_limit
-from custody.bitcoin.txbuild import Coin, build_transaction, tx_vsize
+from custody.bitcoin.txbuild import Coin, fee_for
 from custody.chain.types import ChainBackend
-from custody.clock import now
 from custody.config import Settings
 from custody.control import audit_log, epochs, halt
 from custody.control.roster import authenticate, check_pinned, load_trust
 from custody.errors import Conflict, InputError
 from custody.faults import crash_point
-from custody.identity.approvals import sign_request
 from custody.identity.employee_keys import EmployeeSigner
-from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, issue_in_session, load_manifest_or_halt
-from custody.policy.model import CHANGE
+from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, load_manifest_or_halt
 from custody.store.db import Database
 from custody.store.models import AddressRow, ReservedInput, WithdrawalRow
 from custody.withdraw import limits as wd_limits
 from custody.withdraw import records
+from custody.withdraw import selftransfer as st
 from custody.withdraw import states as wd_states
 
 SWEEP = wd_states.SWEEP
@@ -121,44 +114,12 @@ def _record(
     limits: wd_limits.Limits,
 ) -> dict[str, Any]:
     epoch, coins = _old_coins(s, backend)
-    old = epoch.policy
-    change = issue_in_session(s, manifest, records.CHANGE_ACCOUNT, 1, CHANGE, actor=requester)[0]
-    spk = bytes.fromhex(change.script_pubkey)
-    fee = math.ceil(rate * tx_vsize(old.script_type, old.threshold, old.n, len(coins), [spk]))
-    total = sum(c.amount for c in coins)
-    if fee > limits.max_fee:
-        raise InputError(f"the sweep's fee of {fee} sat is above the cap of {limits.max_fee} sat")
-    if total - fee < dust_limit(spk):
-        raise InputError(f"the {total} sat to sweep do not cover the fee of {fee} sat above dust")
-    tx = build_transaction(coins, [(spk, total - fee)], tip)
-    stamp = now()
-    row = WithdrawalRow(
-        kind=SWEEP,
-        account=ACCOUNT,
-        requester=requester,
-        request_signature="",
-        destination=change.address,
-        destination_spk=change.script_pubkey,
-        amount=total - fee,
-        fee=fee,
-        fee_rate=str(rate),
-        change_index=change.index,
-        change_amount=total - fee,
-        status=wd_states.REQUESTED,
-        unsigned_tx=b2x(tx.serialize()),
-        created_at=stamp,
-        updated_at=stamp,
-    )
-    s.add(row)
-    s.flush()
-    wid = row.id or 0
     prev: dict[str, str | None] = {c.outpoint: b2x(backend.raw_transaction(c.txid)) for c in coins}
-    for rec in records._input_rows(wid, tx, coins, prev):
-        s.add(rec)
-        s.add(ReservedInput(outpoint=f"{rec.txid}:{rec.vout}", withdrawal_id=wid))
-    s.flush()
-    row.request_signature = sign_request(key, records._summary(old, row, records._inputs(s, wid)), ACCOUNT)
-    s.add(row)
+    plan = st.Plan(
+        SWEEP, coins, prev, lambda vsize: fee_for(vsize, rate), tip, rate, account=ACCOUNT, moves=True, judge=False
+    )
+    row = st.record(s, manifest, epoch.policy, plan, actor=requester, key=key, limits=limits)
+    wid, total, fee = row.id or 0, sum(c.amount for c in coins), row.fee
     crash_point("sweep.requested")
     audit_log.append(
         s,
@@ -171,9 +132,9 @@ def _record(
             "inputs": len(coins),
             "swept": total,
             "fee": fee,
-            "destination": change.address,
-            "unsigned_txid": b2lx(tx.GetTxid()),
+            "destination": row.destination,
+            "unsigned_txid": b2lx(records._tx(row).GetTxid()),
         },
         row.request_signature,
     )
-    return records.view(s, old, row)
+    return records.view(s, epoch.policy, row)
