@@ -20,7 +20,6 @@ from custody_cli import output
 from custody_cli.context import (
     AppContext,
     KeyRef,
-    employee_key,
     example,
     founder_key,
     founder_key_option,
@@ -218,19 +217,18 @@ def rotate_sweep(
     """Request the next sweep: the oldest policy's coins to a fresh address of the newest one, in
     one self-transfer that then takes the withdrawal's path (`withdraw approve` by two employees,
     `sign` by the OLD policy's founders, `withdraw import/finalize/broadcast`, `sync`)."""
-    from custody.withdraw import limits, sweep
-    from custody_cli.commands_withdraw import _show, chain_backend
+    from custody.withdraw import sweep
+    from custody_cli.commands_withdraw import request_row
 
-    data = sweep.propose_sweep(
-        app.db,
-        app.settings,
-        chain_backend(app),
-        requester=employee,
-        key=employee_key(key_file, passphrase_file),
+    request_row(
+        app,
+        sweep.propose_sweep,
+        who=(employee, key_file, passphrase_file),
+        as_json=as_json,
+        title=lambda d: f"Sweep #{d['id']}",
+        actor="requester",
         fee_rate=fee_rate,
-        limits=limits.limits_from_settings(app.settings),
     )
-    _show(data, as_json, title=f"Sweep #{data['id']}")
 
 
 COMMANDS = [rotate]

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import click
 
-from custody.withdraw import limits as wd_limits
 from custody.withdraw import utxo as utxo_lib
 from custody_cli import output
-from custody_cli.commands_withdraw import _show, chain_backend
-from custody_cli.context import AppContext, KeyRef, employee_key, example, identity_options, json_option, pass_app
+from custody_cli.commands_withdraw import chain_backend, request_row
+from custody_cli.context import AppContext, KeyRef, example, identity_options, json_option, pass_app
 from custody_cli.helptext import SummaryGroup
 
 
@@ -57,17 +56,15 @@ def utxo_consolidate(
     address, the transaction standard (weight under 400,000) and within the fee caps. Approve
     (the rulebook's self_transfer rule), export, sign, import, finalize and broadcast it by its id.
     """
-    data = utxo_lib.consolidate(
-        app.db,
-        app.settings,
-        chain_backend(app),
+    request_row(
+        app,
+        utxo_lib.consolidate,
+        who=(employee, key_file, passphrase_file),
+        as_json=as_json,
+        title=lambda d: f"Consolidation #{d['id']} of {len(d['inputs'])} coins",
         fee_rate=fee_rate,
         max_inputs=max_inputs,
-        actor=employee,
-        key=employee_key(key_file, passphrase_file),
-        limits=wd_limits.limits_from_settings(app.settings),
     )
-    _show(data, as_json, title=f"Consolidation #{data['id']} of {len(data['inputs'])} coins")
 
 
 COMMANDS = [utxo]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,35 @@ def _show(data: dict[str, Any], as_json: bool, title: str | None = None) -> None
     )
 
 
+def request_row(
+    app: AppContext,
+    call: Callable[..., dict[str, Any]],
+    *args: Any,
+    who: tuple[str, KeyRef, Path | None],
+    as_json: bool,
+    title: Callable[[dict[str, Any]], str] | None = None,
+    actor: str = "actor",
+    **options: Any,
+) -> None:
+    """A command that requests a withdrawal row (a withdrawal, a batch, a bump, a cancel, a
+    child, a consolidation, a sweep): the employee's key opened, the library's ``call`` with the
+    store, the settings, the chain, ``args``, the employee (as ``actor``), the key, the limits and
+    ``options``; the row it made shown."""
+    employee, key_file, passphrase_file = who
+    key = employee_key(key_file, passphrase_file)
+    data = call(
+        app.db,
+        app.settings,
+        chain_backend(app),
+        *args,
+        **{actor: employee},
+        key=key,
+        limits=wd_limits.limits_from_settings(app.settings),
+        **options,
+    )
+    _show(data, as_json, title=title(data) if title else None)
+
+
 @click.group(cls=SummaryGroup)
 def withdraw() -> None:
     """The withdrawal queue: request, approve (two employees), export, import, finalize, broadcast."""
@@ -157,20 +187,17 @@ def withdraw_request(
     as_json: bool,
 ) -> None:
     """Request a withdrawal: coins selected, change to a fresh verified address, inputs reserved."""
-    key = employee_key(key_file, passphrase_file)
-    data = wd.request_withdrawal(
-        app.db,
-        app.settings,
-        chain_backend(app),
+    request_row(
+        app,
+        wd.request_withdrawal,
+        who=(employee, key_file, passphrase_file),
+        as_json=as_json,
+        actor="requester",
         account=account,
         destination=destination,
         amount=amount,
         fee_rate=fee_rate,
-        requester=employee,
-        key=key,
-        limits=wd_limits.limits_from_settings(app.settings),
     )
-    _show(data, as_json)
 
 
 @withdraw.command("approve")
@@ -314,19 +341,15 @@ def withdraw_cancel(
     withdrawal; the hold is released only once that cancel confirms CUSTODY_REFUND_CONFIRMATIONS
     deep (custody sync), and if the original confirms first, nothing is refunded.
     """
-    key = employee_key(key_file, passphrase_file)
-    data = replace.cancel(
-        app.db,
-        app.settings,
-        chain_backend(app),
+    request_row(
+        app,
+        replace.cancel,
         withdrawal_id,
+        who=(employee, key_file, passphrase_file),
+        as_json=as_json,
         reason=reason,
         fee_rate=fee_rate,
-        actor=employee,
-        key=key,
-        limits=wd_limits.limits_from_settings(app.settings),
     )
-    _show(data, as_json)
 
 
 @withdraw.command("bump")
@@ -349,31 +372,9 @@ def withdraw_bump(
     extra fee taken from change. It gets an id of its own to approve (the rulebook's bump rule),
     export, sign, import, finalize and broadcast; custody sync follows whichever version confirms.
     """
-    _request_fee_change(app, replace.bump, withdrawal_id, fee_rate, employee, key_file, passphrase_file, as_json)
-
-
-def _request_fee_change(
-    app: AppContext,
-    request: Any,
-    withdrawal_id: int,
-    fee_rate: str,
-    employee: str,
-    key_file: KeyRef,
-    passphrase_file: Path | None,
-    as_json: bool,
-) -> None:
-    """A bump or a child paying for a withdrawal: the same request, one library call apart."""
-    data = request(
-        app.db,
-        app.settings,
-        chain_backend(app),
-        withdrawal_id,
-        fee_rate=fee_rate,
-        actor=employee,
-        key=employee_key(key_file, passphrase_file),
-        limits=wd_limits.limits_from_settings(app.settings),
+    request_row(
+        app, replace.bump, withdrawal_id, who=(employee, key_file, passphrase_file), as_json=as_json, fee_rate=fee_rate
     )
-    _show(data, as_json)
 
 
 @withdraw.command("cpfp")
@@ -395,7 +396,9 @@ def withdraw_cpfp(
     """Request a child paying for a broadcast withdrawal (CPFP), when a bump is not possible:
     a self-transfer of its change to a fresh change address, approved and signed like a
     withdrawal, whose fee lifts both to --fee-rate."""
-    _request_fee_change(app, replace.cpfp, withdrawal_id, fee_rate, employee, key_file, passphrase_file, as_json)
+    request_row(
+        app, replace.cpfp, withdrawal_id, who=(employee, key_file, passphrase_file), as_json=as_json, fee_rate=fee_rate
+    )
 
 
 @withdraw.command("batch")
@@ -412,16 +415,14 @@ def withdraw_batch(
     Its approvals are the union of its members'; sign, import, finalize and broadcast
     it by the batch's id.
     """
-    data = wd_batch.create_batch(
-        app.db,
-        app.settings,
-        chain_backend(app),
-        actor=employee,
-        key=employee_key(key_file, passphrase_file),
+    request_row(
+        app,
+        wd_batch.create_batch,
+        who=(employee, key_file, passphrase_file),
+        as_json=as_json,
+        title=lambda d: f"Batch #{d['id']} of withdrawals {', '.join(map(str, d['members']))}",
         fee_rate=fee_rate,
-        limits=wd_limits.limits_from_settings(app.settings),
     )
-    _show(data, as_json, title=f"Batch #{data['id']} of withdrawals {', '.join(map(str, data['members']))}")
 
 
 @withdraw.command("list")

@@ -21,11 +21,12 @@ Every step respects the halt and writes its audit event in the same transaction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
-from bitcoin.core import b2lx, b2x
+from bitcoin.core import b2x
 from sqlmodel import Session
 
 from custody.bitcoin.amounts import parse_fee_rate
@@ -40,13 +41,12 @@ from custody.control.epochs import current_policy as policy_from_session
 from custody.control.roster import authenticate, check_pinned, load_trust
 from custody.errors import Conflict, InputError
 from custody.faults import crash_point
-from custody.identity.approvals import sign_request
 from custody.identity.employee_keys import EmployeeSigner
 from custody.identity.replacement_rules import bump_fee_floor
 from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, load_manifest_or_halt
 from custody.policy.model import CHANGE, Policy
 from custody.store.db import Database
-from custody.store.models import ReplacementRow, WithdrawalRow
+from custody.store.models import WithdrawalRow
 from custody.withdraw import limits as wd_limits
 from custody.withdraw import queue as q
 from custody.withdraw import records as wd_records
@@ -103,28 +103,17 @@ def _coins(s: Session, row: WithdrawalRow) -> tuple[list[Coin], dict[str, str | 
     return coins, {f"{i.txid}:{i.vout}": i.prev_tx for i in inputs}
 
 
-def _record(
-    s: Session,
-    policy: Policy,
-    row: WithdrawalRow,
-    link: tuple[WithdrawalRow, WithdrawalRow],
-    coins: Sequence[Coin],
-    prev: dict[str, str | None],
-    key: EmployeeSigner,
-) -> int:
-    """Store a replacement row, its inputs (held by the original's reservation) and its link;
-    the requester signs it. Returns its id."""
-    s.add(row)
-    s.flush()
-    rid = row.id or 0
-    for rec in wd_records._input_rows(rid, wd_records._tx(row), coins, prev):
-        s.add(rec)
-    original, replaced = link
-    s.add(ReplacementRow(withdrawal_id=rid, original_id=original.id or 0, replaces_id=replaced.id or 0, kind=row.kind))
-    s.flush()
-    row.request_signature = sign_request(key, wd_records._summary(policy, row, wd_records._inputs(s, rid)), row.account)
-    s.add(row)
-    return rid
+@contextmanager
+def _requesting(
+    db: Database, settings: Settings, withdrawal_id: int, actor: str, key: EmployeeSigner
+) -> Iterator[tuple[Session, Policy, WithdrawalRow]]:
+    """A replacement's request transaction: the halt respected, the ledger checked, the
+    requester authenticated (request role), the withdrawal it is for locked."""
+    with ledger.halting(db, settings), db.transaction() as s:
+        halt.guard(s)
+        policy = policy_from_session(s)
+        authenticate(s, check_pinned(s, load_trust(settings)), actor, key, "request")
+        yield s, policy, _original(s, withdrawal_id)
 
 
 def _rate(fee_rate: str, limits: wd_limits.Limits) -> Decimal:
@@ -153,11 +142,7 @@ def bump(
     """
     rate = _rate(fee_rate, limits)
     tip = backend.tip_height()
-    with ledger.halting(db, settings), db.transaction() as s:
-        halt.guard(s)
-        policy = policy_from_session(s)
-        authenticate(s, check_pinned(s, load_trust(settings)), actor, key, "request")
-        original = _original(s, withdrawal_id)
+    with _requesting(db, settings, withdrawal_id, actor, key) as (s, policy, original):
         replaced = _latest(s, original)
         old = wd_records._tx(replaced)
         change = wd_records._change_position(s, replaced)
@@ -194,22 +179,17 @@ def bump(
             created_at=stamp,
             updated_at=stamp,
         )
-        rid = _record(s, policy, row, (original, replaced), coins, prev, key)
+        st.store(s, policy, row, coins, prev, key, reserve=False, link=(original, replaced))
         wd_records._enforce(s, policy, row)
         crash_point("bump.requested")
-        audit_log.append(
+        st.audit_requested(
             s,
             "withdrawal.bump_requested",
             actor,
-            {
-                "withdrawal_id": rid,
-                "original_id": withdrawal_id,
-                "replaces_id": replaced.id,
-                "fee": fee,
-                "replaced_fee": replaced.fee,
-                "unsigned_txid": b2lx(tx.GetTxid()),
-            },
-            row.request_signature,
+            row,
+            original_id=withdrawal_id,
+            replaces_id=replaced.id,
+            replaced_fee=replaced.fee,
         )
         return wd_records.view(s, policy, row)
 
@@ -245,26 +225,10 @@ def cancel(
     rate = _rate(fee_rate, limits) if fee_rate is not None else limits.default_fee_rate
     tip = backend.tip_height()
     try:
-        with ledger.halting(db, settings), db.transaction() as s:
-            halt.guard(s)
-            policy = policy_from_session(s)
-            authenticate(s, check_pinned(s, load_trust(settings)), actor, key, "request")
-            original = _original(s, withdrawal_id)
+        with _requesting(db, settings, withdrawal_id, actor, key) as (s, policy, original):
             rid = _request_cancel(s, manifest, policy, original, rate, tip, actor, key, limits)
             row = wd_records._get(s, rid)
-            audit_log.append(
-                s,
-                "withdrawal.cancel_requested",
-                actor,
-                {
-                    "withdrawal_id": rid,
-                    "original_id": withdrawal_id,
-                    "reason": reason,
-                    "fee": row.fee,
-                    "unsigned_txid": b2lx(wd_records._tx(row).GetTxid()),
-                },
-                row.request_signature,
-            )
+            st.audit_requested(s, "withdrawal.cancel_requested", actor, row, original_id=withdrawal_id, reason=reason)
             return wd_records.view(s, policy, row)
     except AddressMismatch as exc:
         raise halt_for_mismatch(db, settings, exc) from None
@@ -337,11 +301,7 @@ def cpfp(
     rate = _rate(fee_rate, limits)
     tip = backend.tip_height()
     try:
-        with ledger.halting(db, settings), db.transaction() as s:
-            halt.guard(s)
-            policy = policy_from_session(s)
-            authenticate(s, check_pinned(s, load_trust(settings)), actor, key, "request")
-            original = _original(s, withdrawal_id)
+        with _requesting(db, settings, withdrawal_id, actor, key) as (s, policy, original):
             parent = _latest(s, original)
             plan = _child_plan(s, policy, original, parent, rate, tip)
             row = st.record(s, manifest, policy, plan, actor=actor, key=key, limits=limits)

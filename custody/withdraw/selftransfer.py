@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from bitcoin.core import b2x
+from bitcoin.core import b2lx, b2x
 from sqlmodel import Session, col, select
 
 from custody.bitcoin.destinations import dust_limit
@@ -145,6 +145,13 @@ def store(
     row.request_signature = sign_request(key, wd_records._summary(policy, row, wd_records._inputs(s, rid)), row.account)
     s.add(row)
     return rid
+
+
+def audit_requested(s: Session, event: str, actor: str, row: WithdrawalRow, **fields: Any) -> None:
+    """A requested row's audit event (a bump, a cancel, a consolidation, a sweep), signed by its
+    requester: its id, fee and unsigned txid, and ``fields``."""
+    payload = {"withdrawal_id": row.id, "fee": row.fee, "unsigned_txid": b2lx(wd_records._tx(row).GetTxid()), **fields}
+    audit_log.append(s, event, actor, payload, row.request_signature)
 
 
 def choose_coins(

@@ -19,14 +19,14 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from bitcoin.core import b2lx, b2x
+from bitcoin.core import b2x
 from sqlmodel import Session, col, select
 
 from custody.bitcoin.amounts import parse_fee_rate
 from custody.bitcoin.txbuild import Coin, fee_for
 from custody.chain.types import ChainBackend
 from custody.config import Settings
-from custody.control import audit_log, epochs, halt
+from custody.control import epochs, halt
 from custody.control.roster import authenticate, check_pinned, load_trust
 from custody.errors import Conflict, InputError
 from custody.faults import crash_point
@@ -119,22 +119,16 @@ def _record(
         SWEEP, coins, prev, lambda vsize: fee_for(vsize, rate), tip, rate, account=ACCOUNT, moves=True, judge=False
     )
     row = st.record(s, manifest, epoch.policy, plan, actor=requester, key=key, limits=limits)
-    wid, total, fee = row.id or 0, sum(c.amount for c in coins), row.fee
     crash_point("sweep.requested")
-    audit_log.append(
+    st.audit_requested(
         s,
         "sweep.requested",
         requester,
-        {
-            "withdrawal_id": wid,
-            "from_epoch": epoch.number,
-            "to_epoch": epochs.store_epochs(s)[-1].number,
-            "inputs": len(coins),
-            "swept": total,
-            "fee": fee,
-            "destination": row.destination,
-            "unsigned_txid": b2lx(records._tx(row).GetTxid()),
-        },
-        row.request_signature,
+        row,
+        from_epoch=epoch.number,
+        to_epoch=epochs.store_epochs(s)[-1].number,
+        inputs=len(coins),
+        swept=sum(c.amount for c in coins),
+        destination=row.destination,
     )
     return records.view(s, epoch.policy, row)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bitcoin.core import b2lx, b2x
+from bitcoin.core import b2x
 from sqlmodel import select
 
 from custody.bitcoin.amounts import parse_fee_rate
@@ -13,7 +13,7 @@ from custody.bitcoin.txbuild import fee_for
 from custody.books import ledger
 from custody.chain.types import ChainBackend
 from custody.config import Settings
-from custody.control import audit_log, halt
+from custody.control import halt
 from custody.control.epochs import current_policy as policy_from_session
 from custody.control.roster import authenticate, check_pinned, load_trust
 from custody.errors import InputError
@@ -100,18 +100,13 @@ def consolidate(
             prev = {c.outpoint: b2x(backend.raw_transaction(c.txid)) for c in chosen}
             plan = st.Plan(st.CONSOLIDATE, chosen, prev, lambda vsize: fee_for(vsize, rate), tip, rate)
             row = st.record(s, manifest, policy, plan, actor=actor, key=key, limits=limits)
-            audit_log.append(
+            st.audit_requested(
                 s,
                 "withdrawal.consolidation_requested",
                 actor,
-                {
-                    "withdrawal_id": row.id,
-                    "inputs": len(chosen),
-                    "amount": sum(c.amount for c in chosen),
-                    "fee": row.fee,
-                    "unsigned_txid": b2lx(wd_records._tx(row).GetTxid()),
-                },
-                row.request_signature,
+                row,
+                inputs=len(chosen),
+                amount=sum(c.amount for c in chosen),
             )
             return wd_records.view(s, policy, row)
     except AddressMismatch as exc:
