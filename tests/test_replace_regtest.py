@@ -423,6 +423,34 @@ def test_a_reorg_after_a_replaced_withdrawal_settled_is_followed(shop: Shop) -> 
     assert shop.ok("audit", "ledger")["ok"] is True
 
 
+def test_a_reorg_takes_a_settled_child_and_its_parent_back_and_their_fees_once(shop: Shop) -> None:
+    settle_others(shop)
+    fees = balance(shop, FEES)
+    wid, parent_txid = sent_at_1(shop, "0.01")
+    parent = show(shop, wid)
+    child = shop.ok("withdraw", "cpfp", str(wid), "--fee-rate", "10", *shop.as_("dave"))
+    cid = child["id"]
+    approve(shop, cid)
+    sign(shop, cid)
+    broadcast(shop, cid)
+    shop.mine(1)
+    shop.ok("sync")
+    assert [show(shop, i)["status"] for i in (wid, cid)] == ["confirmed", "confirmed"]
+    assert balance(shop, FEES) == fees + parent["fee_sat"] + child["fee_sat"]
+    block = shop.rpc.call("getrawtransaction", parent_txid, True)["blockhash"]
+
+    shop.rpc.call("invalidateblock", block)  # parent and child back in the mempool
+    assert sorted(synced(shop, {wid, cid})) == [(wid, "broadcast"), (cid, "broadcast")]
+    assert balance(shop, FEES) == fees and reserved(shop, cid)
+    assert synced(shop, {wid, cid}) == []
+    assert balance(shop, FEES) == fees
+    shop.rpc.call("reconsiderblock", block)
+    assert sorted(synced(shop, {wid, cid})) == [(wid, "confirmed"), (cid, "confirmed")]
+    assert balance(shop, FEES) == fees + parent["fee_sat"] + child["fee_sat"]
+    assert postings(shop, cid) == ["selftransfer.settled", "selftransfer.unsettled", "selftransfer.settled"]
+    assert shop.ok("audit", "ledger")["ok"] is True
+
+
 def test_a_bump_above_the_rulebook_bump_rule_is_refused(shop: Shop, tmp_path: Path) -> None:
     """Last in the module: the rulebook it applies stays."""
     wid, _ = sent_at_1(shop, "0.01")

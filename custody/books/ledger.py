@@ -491,6 +491,18 @@ def self_transfer_settled(s: Session, row: WithdrawalRow) -> LedgerTxn:
     )
 
 
+def self_transfer_unsettled(s: Session, row: WithdrawalRow) -> LedgerTxn:
+    """A confirmed self-transfer a reorganisation took out of the chain: its fee no longer
+    booked until it confirms again."""
+    return post(
+        s,
+        "selftransfer.unsettled",
+        [(NETWORK_FEES, -row.fee), (ASSET, row.fee)],
+        ref=_ref(row),
+        memo=f"{row.kind} txid {row.txid} no longer confirmed",
+    )
+
+
 def deposit_credited(s: Session, dep: DepositRow) -> LedgerTxn:
     return post(
         s,

@@ -382,9 +382,7 @@ def _reorged(s: Session, row: WithdrawalRow, in_mempool: bool) -> None:
     """A reorganisation took a confirmed withdrawal out of the chain: back to broadcast, its
     inputs reserved again (the transaction may confirm again), its settlement reversed."""
     _touch(s, row, next_state(row.status, Event.REORGED))
-    for i in _inputs(s, row.id or 0):
-        if s.get(ReservedInput, f"{i.txid}:{i.vout}") is None:
-            s.add(ReservedInput(outpoint=f"{i.txid}:{i.vout}", withdrawal_id=row.id or 0))
+    reserve_again(s, row)
     ledger.withdrawal_unsettled(s, row, _members(s, row.id or 0))
     audit_log.append(
         s,
@@ -392,3 +390,11 @@ def _reorged(s: Session, row: WithdrawalRow, in_mempool: bool) -> None:
         "sync",
         {"withdrawal_id": row.id, "txid": row.txid, "in_mempool": in_mempool},
     )
+
+
+def reserve_again(s: Session, row: WithdrawalRow) -> None:
+    """A reorganisation took ``row``'s transaction out: its inputs reserved again (it may
+    confirm again), those nobody else holds."""
+    for i in _inputs(s, row.id or 0):
+        if s.get(ReservedInput, f"{i.txid}:{i.vout}") is None:
+            s.add(ReservedInput(outpoint=f"{i.txid}:{i.vout}", withdrawal_id=row.id or 0))

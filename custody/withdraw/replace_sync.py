@@ -36,13 +36,13 @@ from custody.control import audit_log
 from custody.control.epochs import current_policy as policy_from_session
 from custody.faults import crash_point
 from custody.store.db import Database
-from custody.store.models import ReplacementRow, ReservedInput, WithdrawalRow
+from custody.store.models import ReplacementRow, WithdrawalRow
 from custody.withdraw import limits as wd_limits
 from custody.withdraw import records as wd_records
 from custody.withdraw import replacements
 from custody.withdraw import selftransfer as st
 from custody.withdraw import states as wd_states
-from custody.withdraw.broadcast import REORG_DEPTH, refund, refund_reason, spent_by
+from custody.withdraw.broadcast import REORG_DEPTH, refund, refund_reason, reserve_again, spent_by
 from custody.withdraw.replacements import replacements_of
 from custody.withdraw.states import Event
 
@@ -200,9 +200,7 @@ def _unsettled(s: Session, original: WithdrawalRow, winner: WithdrawalRow, statu
         r.confirmations, r.block_height = status.confirmations, status.block_height
         wd_records._touch(s, r, _next(r, Event.REORGED))
     wid = original.id or 0
-    for i in wd_records._inputs(s, wid):
-        if s.get(ReservedInput, f"{i.txid}:{i.vout}") is None:
-            s.add(ReservedInput(outpoint=f"{i.txid}:{i.vout}", withdrawal_id=wid))
+    reserve_again(s, original)
     txn = ledger.withdrawal_unsettled(s, original, wd_records._members(s, wid), network_fee=winner.fee)
     crash_point("group.reorged")
     audit_log.append(
@@ -270,18 +268,22 @@ def _fail_losers(s: Session, original: WithdrawalRow, look: _Look, limits: wd_li
 
 
 def _follow_children(s: Session, original: WithdrawalRow, look: _Look, limits: wd_limits.Limits) -> list[WithdrawalRow]:
-    """Children paying for a version: settled when they confirm; failed when the withdrawal
-    failed, or when another version than their parent confirmed ``refund_confirmations`` deep
-    (their input no longer exists)."""
+    """Children paying for a version: settled when they confirm, back to broadcast (their fee
+    no longer booked) when a reorganisation takes them out; failed when the withdrawal failed,
+    or when another version than their parent confirmed ``refund_confirmations`` deep (their
+    input no longer exists)."""
     changed = []
     deep = original.status == wd_states.CONFIRMED and (
         look.settled is not None and look.settled.confirmations >= limits.refund_confirmations
     )
-    for child in (
-        r for r in replacements_of(s, original.id or 0) if r.kind == CPFP and r.status == wd_states.BROADCAST
-    ):
+    live = (wd_states.BROADCAST, wd_states.CONFIRMED)
+    for child in (r for r in replacements_of(s, original.id or 0) if r.kind == CPFP and r.status in live):
         status = look.versions.get(child.id or 0)
-        if status is not None and status.confirmations >= limits.confirmations:
+        if child.status == wd_states.CONFIRMED:
+            if status is not None and status.confirmations < limits.confirmations:
+                _child_unsettled(s, child, status)
+                changed.append(child)
+        elif status is not None and status.confirmations >= limits.confirmations:
             st.settle(s, child, status.confirmations, status.block_height)
             changed.append(child)
         elif original.status == wd_states.FAILED or (
@@ -292,6 +294,21 @@ def _follow_children(s: Session, original: WithdrawalRow, look: _Look, limits: w
             audit_log.append(s, "withdrawal.failed", "sync", {"withdrawal_id": child.id, "parent_replaced": True})
             changed.append(child)
     return changed
+
+
+def _child_unsettled(s: Session, child: WithdrawalRow, status: TxStatus) -> None:
+    """A reorganisation took a confirmed child out: back to broadcast, its input reserved
+    again, its fee no longer booked (it is booked again if it confirms again)."""
+    child.confirmations, child.block_height = status.confirmations, status.block_height
+    wd_records._touch(s, child, _next(child, Event.REORGED))
+    reserve_again(s, child)
+    ledger.self_transfer_unsettled(s, child)
+    audit_log.append(
+        s,
+        "withdrawal.reorged",
+        "sync",
+        {"withdrawal_id": child.id, "txid": child.txid, "fee_paid": child.fee, "in_mempool": status.in_mempool},
+    )
 
 
 def _settled(s: Session, original: WithdrawalRow, winner: WithdrawalRow, status: TxStatus) -> None:
