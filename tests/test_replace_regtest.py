@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -344,7 +345,17 @@ def test_a_replaced_withdrawal_double_spent_by_a_foreign_transaction_is_refunded
     assert [show(shop, i)["status"] for i in (wid, bid, cid)] == ["broadcast", "signed", "requested"]
     assert balance(shop, "acct-1") == held and postings(shop, wid) == ["withdrawal.requested"]
 
-    assert sorted(synced(shop, group)) == sorted((i, "failed") for i in group)
+    # two syncs at once: one refunds, the other finds it done
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: run_cli(shop.c.env, "sync", "--json"), range(2)))
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+    told_by = [
+        (c["id"], c["status"])
+        for r in runs
+        for c in json.loads(r.stdout)
+        if c.get("record") == "withdrawal" and c["id"] in group
+    ]
+    assert sorted(told_by) == sorted((i, "failed") for i in group)
     failed = show(shop, wid)
     assert foreign in failed["reason"] and "6 confirmations" in failed["reason"]
     assert balance(shop, "acct-1") == customer and balance(shop, f"held:withdrawal-{wid}") == 0
