@@ -30,6 +30,8 @@ POINTS = (
     "sweep.requested",  # inside the sweep's transaction: inputs reserved, change address issued
     "bump.requested",  # inside the bump's request transaction, its row and link stored
     "cancel.requested",  # inside the cancel's request transaction, its row and link stored
+    "group.refunded",  # inside sync: a replaced withdrawal's versions failed, its refund not yet posted
+    "group.reorged",  # inside sync: a replaced withdrawal back to broadcast, its settlement reversed
 )
 
 
