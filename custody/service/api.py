@@ -13,7 +13,6 @@ own key. Errors keep the CLI's exit code in the body and map to an HTTP status.
 from __future__ import annotations
 
 import threading
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Annotated, Any
@@ -24,6 +23,8 @@ from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field
 from sqlmodel import select
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from custody import __version__
 from custody.books.deposits import deposit, list_deposits
@@ -31,7 +32,7 @@ from custody.chain.backend import backend_for
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import halt as halt_lib
-from custody.control import halt_file, witness
+from custody.control import halt_file
 from custody.control.roster import authenticate, check_pinned, load_trust
 from custody.control.wallet import load_policy
 from custody.errors import (
@@ -51,8 +52,10 @@ from custody.issuance.issuer import get_address, issue_addresses, list_addresses
 from custody.service import auth, status_page
 from custody.service.console import console_router
 from custody.service.console_halt import halt_router
+from custody.service.halt_read import HaltReader
 from custody.service.metrics import CustodyCollector
 from custody.service.nonces import StoreNonces
+from custody.service.witnessing import Witnessing
 from custody.store.db import Database
 from custody.store.models import AuditHead
 from custody.withdraw import limits as wd_limits
@@ -152,10 +155,9 @@ StatusQuery = Annotated[str | None, Query(max_length=32, pattern=r"^[a-z_]+$")]
 # ---------------------------------------------------------------- the app
 
 
-def halt_document(db: Database, lease: float) -> dict[str, Any]:
+def halt_document(state: halt_lib.HaltState, lease: float) -> dict[str, Any]:
     """The halt state under the halt file's contract: trade only while it parses, says
-    ``"halted": false`` and ``valid_until`` is in the future."""
-    state = halt_lib.read_state(db)
+    ``"halted": false`` and ``valid_until`` is in the future (the lease counted from now)."""
     stamp = now()
     doc: dict[str, Any] = {
         "format": halt_file.FORMAT,
@@ -179,6 +181,10 @@ def audit_head(db: Database) -> dict[str, Any]:
         head = s.exec(select(AuditHead).where(AuditHead.id == 1)).first()
         return {"seq": head.seq if head else 0, "hash": head.hash if head else ""}
 
+
+_OBJECT: dict[int | str, dict[str, Any]] = {
+    200: {"description": "A JSON object", "content": {"application/json": {"schema": {"type": "object"}}}}
+}
 
 _TIMESTAMP = APIKeyHeader(
     name=auth.TIMESTAMP,
@@ -210,7 +216,10 @@ async def signed(
     if query:
         target += "?" + query.decode("latin-1")
     verifier: auth.Verifier = request.app.state.verifier
-    verifier.check(request.method, target, timestamp, nonce, signature, body)
+    if request.method in auth.READS:  # its nonce in memory: never waits
+        verifier.check(request.method, target, timestamp, nonce, signature, body)
+    else:  # its nonce written to the store, which may wait for a writer: never on the event loop
+        await run_in_threadpool(verifier.check, request.method, target, timestamp, nonce, signature, body)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -220,19 +229,44 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def custody_error(_request: Request, exc: CustodyError) -> JSONResponse:
         return JSONResponse(error_body(exc), status_code=http_status(exc))
 
-    @app.middleware("http")
-    async def last_defence(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    app.add_middleware(LastDefence)
+
+
+class LastDefence:
+    """An answer, never a traceback on the wire: any other exception is a 500 with its kind only.
+
+    Plain ASGI rather than ``@app.middleware("http")``, whose task group and streams cost
+    every request more than the halt read itself.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            return await call_next(request)
+            await self.app(scope, receive, sending)
         except Exception as exc:  # noqa: BLE001 - an answer, never a traceback on the wire
+            if started or scope["type"] != "http":
+                raise  # too late for another answer: the server closes the connection
             body = {"error": {"kind": "InternalError", "exit_code": 1, "message": type(exc).__name__}}
-            return JSONResponse(body, status_code=500)
+            await JSONResponse(body, status_code=500)(scope, receive, send)
 
 
 def create_app(config: ServiceConfig) -> FastAPI:
     """The ASGI application of ``custody serve``."""
-    verifier = auth.Verifier(config.secret, window=config.window, nonces=StoreNonces(config.db))
+    # A write's nonce in the store, refused by every instance; a read's in this process (auth's docstring).
+    verifier = auth.Verifier(
+        config.secret, window=config.window, nonces=StoreNonces(config.db), read_nonces=auth.MemoryNonces()
+    )
     db, settings = config.db, config.settings
+    halt_reader = HaltReader(db)
     state_lock = threading.Lock()  # one state change at a time in this process (the chain backend is one object)
     app = FastAPI(
         title="custody",
@@ -245,9 +279,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.state.verifier = verifier
     _install_error_handlers(app)
 
-    def witnessed() -> None:
-        """After a state change, as after every CLI command: the log against the local witness."""
-        witness.after_command(db, settings)
+    witnessed = Witnessing(db, settings).after_change  # shared by concurrent requests (its docstring)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(signed)])
 
@@ -256,7 +288,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         """Issue the next deposit address(es) for the account, each verified independently first."""
         with state_lock:
             issued = issue_addresses(db, settings, account, body.count, actor=config.identity)
-            witnessed()
+        witnessed()
         return [a.to_dict() for a in issued]
 
     @v1.get("/accounts/{account}/addresses", summary="An account's deposit addresses")
@@ -285,7 +317,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 key=config.key,
                 limits=wd_limits.limits_from_settings(settings),
             )
-            witnessed()
+        witnessed()
         return result
 
     @v1.get("/withdrawals", summary="Withdrawals, optionally of one status")
@@ -307,10 +339,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def one_deposit(outpoint: Annotated[str, Path(min_length=1, max_length=128, pattern=_TEXT)]) -> dict[str, Any]:
         return deposit(db, outpoint)
 
-    @v1.get("/halt", summary="The halt state (the halt file's contract)")
-    def halt() -> dict[str, Any]:
+    @v1.get("/halt", summary="The halt state (the halt file's contract)", response_model=None, responses=_OBJECT)
+    def halt() -> JSONResponse:
         """Trade only while this answers 200, ``"halted": false`` and ``valid_until`` is in the future."""
-        return halt_document(db, settings.halt_lease)
+        # A response, not a dict: FastAPI would validate a dict in a second worker-thread hop.
+        return JSONResponse(halt_document(halt_reader.read(), settings.halt_lease))
 
     @v1.get("/audit/head", summary="The audit log's head")
     def head() -> dict[str, Any]:

@@ -15,8 +15,13 @@ The server refuses (401) a request without them, with a timestamp more than ``wi
 seconds from its clock, with another signature, or with a nonce it has accepted within the
 window. Nonces are remembered only after the signature checked, so unsigned traffic cannot
 fill the memory; a full memory refuses (429) rather than forgetting a nonce early.
-``custody serve`` remembers them in the store (:mod:`custody.service.nonces`), so that a
-request accepted by one instance behind a load balancer is refused by every other.
+
+``custody serve`` remembers the nonce of every state-changing request (any method but GET and
+HEAD) in the store (:mod:`custody.service.nonces`), so that a request accepted by one instance
+behind a load balancer is refused by every other. A read's nonce it remembers in the
+process's memory only: a replayed read changes nothing and answers only what the captured
+request asked, so it may be answered once more by each other process within the window
+(docs/THREAT_MODEL.md), and no read waits for a write to the store.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ WINDOW = 300.0
 """Seconds a signed request stays acceptable either side of the server's clock."""
 MAX_NONCES = 1_000_000
 MIN_SECRET = 16
+READS = frozenset({"GET", "HEAD"})
+"""The methods that change nothing (every route answering them is a read)."""
 _NONCE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
@@ -109,7 +116,8 @@ class MemoryNonces:
 
 
 class Verifier:
-    """Checks signed requests and remembers their nonces for twice the window (thread-safe)."""
+    """Checks signed requests and remembers their nonces for twice the window (thread-safe):
+    a read's (GET, HEAD) in ``read_nonces`` (default: ``nonces``), any other's in ``nonces``."""
 
     def __init__(
         self,
@@ -117,11 +125,13 @@ class Verifier:
         *,
         window: float = WINDOW,
         nonces: NonceStore | None = None,
+        read_nonces: NonceStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._secret = secret
         self.window = window
         self._nonces = nonces if nonces is not None else MemoryNonces()
+        self._read_nonces = read_nonces if read_nonces is not None else self._nonces
         self._clock = clock
 
     def check(
@@ -140,4 +150,5 @@ class Verifier:
         expected = sign(self._secret, method, target, timestamp, nonce, body)
         if not hmac.compare_digest(expected, signature.strip().lower()):
             raise Unauthorized("bad signature")
-        self._nonces.claim(nonce, now, now + 2 * self.window)
+        store = self._read_nonces if method.upper() in READS else self._nonces
+        store.claim(nonce, now, now + 2 * self.window)
