@@ -175,6 +175,12 @@ def test_two_workers_issue_unique_gap_free_indexes_and_refuse_each_others_replay
     with ThreadPoolExecutor(10) as pool:
         indexes = [i for batch in pool.map(issue, range(60)) for i in batch]
     assert sorted(indexes) == list(range(before, before + 120))
+    # Each request answered only after a witness check that began after its commit (checks are
+    # shared by concurrent requests): the last head is in the witness file before any CLI runs.
+    with sqlite3.connect(served.c.home / "custody.db") as db:
+        head = db.execute("SELECT seq, hash FROM audit_head").fetchone()
+    witnessed = [json.loads(line) for line in (served.c.home / "witness.jsonl").read_text().splitlines()]
+    assert any(w["seq"] == head[0] and w["hash"] == head[1] for w in witnessed), (head, witnessed[-3:])
 
     # The same signed write on two new connections at once, eight times: one answer each time.
     def race(n: int) -> list[int]:

@@ -32,7 +32,7 @@ from custody.chain.backend import backend_for
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import halt as halt_lib
-from custody.control import halt_file
+from custody.control import halt_file, witness
 from custody.control.roster import authenticate, check_pinned, load_trust
 from custody.control.wallet import load_policy
 from custody.errors import (
@@ -50,12 +50,12 @@ from custody.errors import (
 from custody.identity.employee_keys import EmployeeSigner
 from custody.issuance.issuer import get_address, issue_addresses, list_addresses
 from custody.service import auth, status_page
+from custody.service.coalesce import Coalesced
 from custody.service.console import console_router
 from custody.service.console_halt import halt_router
 from custody.service.halt_read import HaltReader
 from custody.service.metrics import CustodyCollector
 from custody.service.nonces import StoreNonces
-from custody.service.witnessing import Witnessing
 from custody.store.db import Database
 from custody.store.models import AuditHead
 from custody.withdraw import limits as wd_limits
@@ -279,7 +279,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.state.verifier = verifier
     _install_error_handlers(app)
 
-    witnessed = Witnessing(db, settings).after_change  # shared by concurrent requests (its docstring)
+    # After a state change, as after every CLI command: the log checked against the local witness
+    # and its head appended. Concurrent requests share a check that began after each one's commit.
+    witnessed = Coalesced(lambda: witness.after_command(db, settings)).call
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(signed)])
 

@@ -15,13 +15,13 @@ derivation reads those too.
 Fail closed: a read that fails, a log that does not end at its head, or a head whose hash is
 not its last entry's (the head rewritten by SQL) is a halt for this answer only, never cached.
 A derivation is kept only when it read without error and the inputs read before it equal
-those read after it (it saw those inputs and no others). The lease (``valid_until``) is
-counted from each answer, as before.
+those read after it (it saw those inputs and no others). Concurrent reads share one read of
+the inputs that began after each of them came (:mod:`custody.service.coalesce`): as fresh as
+a read of its own. The lease (``valid_until``) is counted from each answer, as before.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from custody.control import halt as halt_lib
 from custody.control.halt_log import _HALT_EVENTS, _ROSTER_EVENT
 from custody.errors import CustodyError, StoreBusy
+from custody.service.coalesce import Coalesced
 from custody.store.db import Database
 from custody.store.models import SCHEMA_VERSION
 
@@ -59,31 +60,30 @@ class HaltReader:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._cached: tuple[Inputs, halt_lib.HaltState] | None = None
-        self._derive_lock = threading.Lock()  # one derivation at a time: a change is derived once, not by every thread
+        self._shared = Coalesced(self._read)  # concurrent reads share one that began after each came
 
     def read(self) -> halt_lib.HaltState:
         """The halt state as :func:`custody.control.halt.read_state` gives it (halted, with
-        ``error``, when it cannot be read; ``unknown`` when the store is locked elsewhere)."""
+        ``error``, when it cannot be read; ``unknown`` when the store is locked elsewhere), read
+        from the store after this call began."""
+        return self._shared.call()
+
+    def _read(self) -> halt_lib.HaltState:
         try:
             inputs = self.inputs()
         except StoreBusy as exc:
             return halt_lib.HaltState(True, [], error=f"halt state unknown: {exc}", unknown=True)
         except CustodyError as exc:
             return halt_lib.HaltState(True, [], error=f"halt state unreadable: {exc}")
-        cached = self._cached
-        if cached is not None and cached[0] == inputs:
-            return cached[1]
-        with self._derive_lock:
-            cached = self._cached
-            if cached is not None and cached[0] == inputs:
-                return cached[1]
-            state = halt_lib.read_state(self._db)
-            if state.error is None and not state.unknown:
-                try:
-                    if self.inputs() == inputs:
-                        self._cached = (inputs, state)
-                except CustodyError:
-                    pass  # not kept; this answer is the derivation's, as an uncached read's would be
+        if self._cached is not None and self._cached[0] == inputs:
+            return self._cached[1]
+        state = halt_lib.read_state(self._db)
+        if state.error is None and not state.unknown:
+            try:
+                if self.inputs() == inputs:
+                    self._cached = (inputs, state)
+            except CustodyError:
+                pass  # not kept; this answer is the derivation's, as an uncached read's would be
         return state
 
     def inputs(self) -> Inputs:
