@@ -26,7 +26,6 @@ from types import FrameType
 from custody.config import Settings
 from custody.errors import CustodyError, InputError
 from custody.identity.employee_keys import EmployeeSigner, FileSigner
-from custody.identity.keyfile import EmployeeKey
 from custody.store.db import Database
 
 MAX_WORKERS = 32
@@ -40,7 +39,7 @@ def check_forkable(workers: int, settings: Settings, key: EmployeeSigner) -> Non
     """Raise InputError unless ``workers`` processes can each hold the service's key and chain."""
     if workers == 1:
         return
-    if not isinstance(key, FileSigner | EmployeeKey):
+    if not isinstance(key, FileSigner):
         raise InputError("--workers above 1 needs the service's key in a key file: a token's session is one process's")
     if settings.chain == "embedded":
         raise InputError("--workers above 1 needs a node (CUSTODY_NODE_URL): the embedded chain is one process's")
@@ -65,7 +64,7 @@ def serve(
         uvicorn.run(make_app(), host=host, port=port, log_level=log_level, access_log=False)  # type: ignore[arg-type]
         return
     try:
-        sock = uvicorn.Config(app=None, host=host, port=port).bind_socket()  # type: ignore[arg-type]
+        sock = uvicorn.Config(app=None, host=host, port=port, log_level=log_level).bind_socket()  # type: ignore[arg-type]
     except SystemExit:  # uvicorn exits when the address is taken (it logs why)
         raise InputError(f"cannot listen on {host}:{port}") from None
     db.dispose()  # no connection of this process crosses the fork
