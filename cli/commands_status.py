@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -11,6 +11,9 @@ from custody.errors import UNKNOWN_EXIT, StorageError
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
 from custody_cli.helptext import SummaryGroup
+
+if TYPE_CHECKING:
+    from custody.chain.types import ChainBackend
 
 NODE_EXIT = 8
 
@@ -26,28 +29,35 @@ def status(app: AppContext, all_incidents: bool, as_json: bool) -> None:
 
     Exit 0 operational, 3 halted (or the halt file tells the trading engine to stop), 8 the
     node cannot be reached, 9 no store yet (run `custody init`), 10 unknown (the store is
-    locked by another process).
+    locked by another process). The node is given CUSTODY_STATUS_NODE_TIMEOUT seconds
+    (default 5) to answer before it is reported unreachable.
     """
     if click.get_current_context().invoked_subcommand is not None:
         return  # `custody status publish`, below
-    from custody.chain.backend import backend_for
-    from custody.control.wallet import load_policy
+    from custody.chain.backend import status_node_timeout
     from custody.service import health
     from custody.store.db import redact
 
     if not _store_exists(app):
         raise StorageError(f"no custody store at {redact(app.settings.db_url)}: run `custody init MANIFEST` first")
-    view = health.operator_status(
-        app.db,
-        app.settings,
-        lambda: backend_for(app.settings, load_policy(app.db).network.name),
-        all_incidents=all_incidents,
-    )
+    timeout = status_node_timeout(app.settings)  # a malformed value is refused before anything is read
+    view = health.operator_status(app.db, app.settings, lambda: _node(app, timeout), all_incidents=all_incidents)
     if as_json:
         output.emit_json(view)
     else:
         _show(view)
     click.get_current_context().exit(_exit_code(view))
+
+
+def _node(app: AppContext, timeout: float) -> ChainBackend:
+    """The chain backend, for the policy's network read without the write lock (a reader never
+    waits behind a writer), given ``timeout`` seconds to answer."""
+    from custody.chain.backend import backend_for
+    from custody.control.wallet import policy_from_session
+
+    with app.db.transaction(read_only=True) as s:
+        network = policy_from_session(s).network.name
+    return backend_for(app.settings, network, timeout=timeout)
 
 
 def _store_exists(app: AppContext) -> bool:

@@ -88,8 +88,8 @@ def man_page(root: click.Group, version: str) -> str:
         ".SH COMMANDS",
     ]
     for path, cmd in _walk(root, ()):
-        if not path or cmd.hidden or isinstance(cmd, click.Group):
-            continue
+        if not path or cmd.hidden or (isinstance(cmd, click.Group) and not cmd.invoke_without_command):
+            continue  # a group that runs itself (`custody status`, `audit log`) is a command too
         sub = click.Context(cmd, info_name=" ".join(path), parent=ctx, **cmd.context_settings)
         usage = " ".join(cmd.collect_usage_pieces(sub))
         lines += [".SS " + _roff("custody " + " ".join(path) + " " + usage).rstrip()]

@@ -6,7 +6,7 @@ module of the library that reads the environment (a test keeps it so); the excep
 (custody/faults.py says why).
 
 Values whose refusal belongs to the command that uses them (fee limits, confirmations, the
-notification timeout) are kept as given and parsed by their layer, so a malformed one fails
+notification timeout, status's node timeout) are kept as given and parsed by their layer, so a malformed one fails
 only the commands that need it, as before: ``custody halt status`` never fails over a fee cap.
 """
 
@@ -78,6 +78,9 @@ class Settings:
     withdrawal's input must be before the withdrawal is failed and refunded (6)."""
     deposit_confirmations: str | None = None
     """``CUSTODY_DEPOSIT_CONFIRMATIONS``: confirmations after which a deposit is credited (1)."""
+    status_node_timeout: str | None = None
+    """``CUSTODY_STATUS_NODE_TIMEOUT``: seconds ``custody status`` waits for the node before
+    it reports it unreachable (5); parsed by custody.chain.backend.status_node_timeout."""
 
     # Notifications (custody.notify.delivery.NotifyConfig reads the secret files and checks these).
     gnupg_home: Path = Path("gnupg")
@@ -152,6 +155,7 @@ class Settings:
             confirmations=env.get("CUSTODY_CONFIRMATIONS"),
             refund_confirmations=env.get("CUSTODY_REFUND_CONFIRMATIONS"),
             deposit_confirmations=env.get("CUSTODY_DEPOSIT_CONFIRMATIONS"),
+            status_node_timeout=env.get("CUSTODY_STATUS_NODE_TIMEOUT") or None,
             gnupg_home=Path(gnupg_home).expanduser(),
             smtp_url=env.get("CUSTODY_SMTP_URL") or None,
             smtp_starttls=_flag(env.get("CUSTODY_SMTP_STARTTLS")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -43,6 +44,28 @@ def test_a_node_that_is_down_is_not_operational(tmp_path: Path) -> None:
     assert any("node cannot be reached" in p for p in view["problems"])
     text = c("status")
     assert text.exit_code == 8 and "NOT OPERATIONAL" in text.stdout and "unreachable" in text.stdout
+
+
+def test_a_node_that_never_answers_is_given_the_documented_timeout(tmp_path: Path) -> None:
+    """A node that accepts the connection and says nothing (a hung node, a firewall that
+    swallows packets) is reported unreachable after CUSTODY_STATUS_NODE_TIMEOUT, not after
+    the ten minutes a withdrawal's node calls may take; a malformed value is refused."""
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens; nobody ever answers
+        c.env.update(CUSTODY_NODE_URL=f"http://127.0.0.1:{silent.getsockname()[1]}", CUSTODY_NODE_AUTH="u:p")
+        c.env["CUSTODY_STATUS_NODE_TIMEOUT"] = "0.5"
+        result = c("status", "--json")
+        assert result.exit_code == 8, result.output
+        assert "did not answer getblockchaininfo within 0.5s" in json.loads(result.stdout)["node"]["error"]
+        del c.env["CUSTODY_STATUS_NODE_TIMEOUT"]  # the default, named in the help
+        result = c("status", "--json")
+        assert result.exit_code == 8, result.output
+        assert "within 5s" in json.loads(result.stdout)["node"]["error"]
+    assert "CUSTODY_STATUS_NODE_TIMEOUT" in " ".join(c("status", "--help").stdout.split())
+    c.env["CUSTODY_STATUS_NODE_TIMEOUT"] = "soon"
+    refused = c("status")
+    assert refused.exit_code == 2 and "CUSTODY_STATUS_NODE_TIMEOUT" in refused.stderr, refused.output
 
 
 def test_status_shows_node_sync_waiting_withdrawals_and_reserves(shop: EmbeddedShop) -> None:

@@ -12,9 +12,31 @@ from custody.config import Settings
 from custody.errors import InputError, NodeError
 from custody.files import NODE_FILE_MAX, read_limited_text
 
+STATUS_NODE_TIMEOUT = 5.0
+"""Seconds ``custody status`` waits for the node by default (``CUSTODY_STATUS_NODE_TIMEOUT``)."""
 
-def backend_for(settings: Settings, network_name: str) -> ChainBackend:
+
+def status_node_timeout(settings: Settings) -> float:
+    """``CUSTODY_STATUS_NODE_TIMEOUT`` in seconds: a number in (0, 600]; STATUS_NODE_TIMEOUT
+    when unset. Raises InputError."""
+    value = settings.status_node_timeout
+    if value is None:
+        return STATUS_NODE_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise InputError(f"CUSTODY_STATUS_NODE_TIMEOUT must be a number of seconds, not {value!r}") from None
+    if not 0 < seconds <= BACKEND_TIMEOUT:
+        raise InputError(f"CUSTODY_STATUS_NODE_TIMEOUT must be more than 0 and at most {BACKEND_TIMEOUT:g} seconds")
+    return seconds
+
+
+def backend_for(settings: Settings, network_name: str, *, timeout: float | None = None) -> ChainBackend:
     """The backend for ``network_name`` as ``settings`` configure it, connected and checked.
+
+    ``timeout`` bounds each call to a node and its warm-up wait (default: BACKEND_TIMEOUT
+    per call, the client's own warm-up bound); a quick check (``custody status``) gives a
+    short one so that a node that does not answer is reported soon.
 
     With ``chain`` "embedded": the embedded regtest chain in ``chain_datadir`` (opened once
     per process, see :func:`custody.chain.embedded.open_chain`); NodeError off regtest.
@@ -41,9 +63,13 @@ def backend_for(settings: Settings, network_name: str) -> ChainBackend:
                 "CUSTODY_NODE_URL is set without credentials: set CUSTODY_NODE_COOKIE "
                 "(the node's .cookie file) or CUSTODY_NODE_AUTH (user:password)"
             )
-        client = RpcClient(settings.node_url, auth=auth, cookie_file=settings.node_cookie, timeout=BACKEND_TIMEOUT)
+        client = RpcClient(
+            settings.node_url, auth=auth, cookie_file=settings.node_cookie, timeout=timeout or BACKEND_TIMEOUT
+        )
     else:
-        client = _started_node(settings).client(timeout=BACKEND_TIMEOUT)
+        client = _started_node(settings).client(timeout=timeout or BACKEND_TIMEOUT)
+    if timeout is not None:
+        client.warmup_timeout = min(client.warmup_timeout, timeout)
     return connect(client, network_name)
 
 

@@ -109,7 +109,7 @@ def _store_figures(db: Database) -> dict[str, Any]:
     }
     try:
         db.check_schema()
-        with db.transaction() as s:
+        with db.transaction(read_only=True) as s:  # never waits behind a writer
             for status, n in s.exec(
                 select(WithdrawalRow.status, func.count())
                 .where(col(WithdrawalRow.status).in_(list(WAITING)))
