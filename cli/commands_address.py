@@ -34,7 +34,7 @@ def address_new(app: AppContext, account: str, count: int, as_json: bool) -> Non
     """Issue the next deposit address(es) of the policy, each verified independently first.
 
     A large count is committed and printed in chunks of 10,000 (progress on stderr when it
-    is a terminal); a failure stops the rest, the chunks printed before it stay issued.
+    is a terminal, never with --json); a failure stops the rest, the chunks printed before it stay issued.
     """
     first: int | None = None
     last = 0
@@ -48,7 +48,8 @@ def address_new(app: AppContext, account: str, count: int, as_json: bool) -> Non
                 array.extend(a.to_dict() for a in part)
             else:
                 sys.stdout.write("".join(f"{a.address}\n" for a in part))
-            _progress(done, count)
+            if not as_json:
+                _progress(done, count)
     if not as_json:
         output.success(f"{done} address(es) issued for {account} (indexes {first}..{last})")
 

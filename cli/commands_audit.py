@@ -214,7 +214,8 @@ def audit_log_command(
     number; the log is compared with the local witness file and each --against witness (a
     log shorter than witnessed, or diverging from it, was truncated or rewritten); the
     ledger's entries and the address rows are compared with what the log recorded. On any
-    problem trading is halted and the exit code is 3.
+    problem trading is halted and the exit code is 3. A progress bar follows the check on a
+    terminal (stderr; never with --json).
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -223,7 +224,8 @@ def audit_log_command(
     if against and not check:
         raise click.UsageError("--against goes with --verify")
     if check:
-        report = audit_lib.audit_log_check(app.db, app.settings, against=against)
+        with output.Progress("checking the audit log", None, shown=not as_json) as bar:  # a terminal's only
+            report = audit_lib.audit_log_check(app.db, app.settings, against=against, progress=bar.update)
         if as_json:
             output.emit_json(report)
         elif report["ok"]:

@@ -56,7 +56,7 @@ def verify_addresses(
     """
     chain = verification.load_auditor_chain(manifest_files)
     total = verification.count_store(app.db) if export_file is None else None
-    with output.Progress("verifying", total) as bar:
+    with output.Progress("verifying", total, shown=not as_json) as bar:
         outcome = verification.run(
             app.db,
             app.settings,

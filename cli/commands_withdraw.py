@@ -605,13 +605,15 @@ def sync(app: AppContext, as_json: bool) -> None:
     (default 1); a credited deposit a chain
     reorganisation removed is reversed. --json: a list of what changed, each item with its
     "record" ("withdrawal", with its "withdrawal_kind": single or batch; or "deposit").
+    Reading new blocks shows a progress bar on a terminal (stderr; never with --json).
     """
     backend = chain_backend(app)
     confirmations = deposits.deposit_confirmations(app.settings)
     limits = wd_limits.limits_from_settings(app.settings)
     changed = wd_broadcast.sync(app.db, backend, limits, settings=app.settings)
     changed += replace_sync.sync_replacements(app.db, backend, limits, settings=app.settings)
-    credited = deposits.sync_deposits(app.db, app.settings, backend, confirmations)
+    with output.Progress("reading blocks", None, shown=not as_json) as bar:  # a terminal's only
+        credited = deposits.sync_deposits(app.db, app.settings, backend, confirmations, progress=bar.update)
     halts = [d for d in credited if d.get("halt_id")]
     if as_json:
         output.emit_json([*changed, *credited])

@@ -138,9 +138,10 @@ def key_values(title: str, pairs: Sequence[tuple[str, Any]]) -> None:
 
 
 class Progress:
-    """A progress bar on stderr for long work; silent when stderr is not a terminal."""
+    """A progress bar on stderr for long work; silent when stderr is not a terminal, and when
+    not ``shown`` (a command asked for --json keeps its terminal for the JSON alone)."""
 
-    def __init__(self, description: str, total: int | None) -> None:
+    def __init__(self, description: str, total: int | None, *, shown: bool = True) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
 
@@ -151,7 +152,7 @@ class Progress:
             TimeRemainingColumn(),
             console=err(),
             transient=True,
-            disable=not sys.stderr.isatty(),
+            disable=not (shown and sys.stderr.isatty()),
         )
         self._task = self._progress.add_task(description, total=total)
 
@@ -162,5 +163,9 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         self._progress.__exit__(None, None, None)
 
-    def update(self, done: int) -> None:
-        self._progress.update(self._task, completed=done)
+    def update(self, done: int, total: int | None = None) -> None:
+        """``done`` so far; ``total`` when the work learns how much there is as it goes."""
+        if total is None:
+            self._progress.update(self._task, completed=done)
+        else:
+            self._progress.update(self._task, completed=done, total=total)

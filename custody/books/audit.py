@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,9 @@ from custody.control import audit_log, epochs, halt, witness
 from custody.control.roster import current_roster, load_trust
 from custody.errors import CustodyError, InputError, NodeError, VerificationFailed
 from custody.issuance import record
-from custody.issuance.issuer import iter_addresses
+from custody.issuance.issuer import count_addresses, iter_addresses
 from custody.store.db import Database
-from custody.store.models import AddressRow, LedgerAccount, LedgerHead
+from custody.store.models import AddressRow, AuditHead, LedgerAccount, LedgerHead
 
 SHOWN = 20
 """Problems of one kind listed in full; more are counted."""
@@ -318,7 +318,12 @@ def _record(db: Database, event: str, payload: dict[str, Any], report: dict[str,
 
 
 def audit_log_check(
-    db: Database, settings: Settings, *, halt_on_failure: bool = True, against: Sequence[Path] = ()
+    db: Database,
+    settings: Settings,
+    *,
+    halt_on_failure: bool = True,
+    against: Sequence[Path] = (),
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Verify the audit log and what the tool keeps beside it; on any break, raise the trading halt.
 
@@ -327,6 +332,8 @@ def audit_log_check(
     shorter than witnessed or diverging from it was truncated or rewritten; the ledger's
     entries and the address rows against the postings and issuances the log recorded.
 
+    ``progress`` is called with the rows checked so far and the rows to check (the log's
+    entries, then the address rows), as the chain and the rows are walked.
     Returns ``{"ok", "entries", "problems": [{"seq", "reason"}], "witnesses", "halt_id"}``.
     Raises InputError for a witness that cannot be read (before anything is checked).
     """
@@ -337,7 +344,14 @@ def audit_log_check(
     for path in against:
         witnesses.append((str(path), witness.read(path)))
     with db.transaction(read_only=True) as s:  # one snapshot; writers go on meanwhile
-        problems, count = audit_log.verify_chain_counted(s)
+        total = 0
+        if progress is not None:
+            head = s.get(AuditHead, 1)
+            total = (head.seq if head is not None else 0) + count_addresses(s)
+            progress(0, total)
+        problems, count = audit_log.verify_chain_counted(
+            s, None if progress is None else lambda done: progress(done, max(total, done))
+        )
         try:  # the roster rows must stand against the founders' manifest pinned here
             current_roster(s, load_trust(settings))
         except VerificationFailed as exc:
@@ -345,7 +359,8 @@ def audit_log_check(
         for _, checkpoints in witnesses:
             problems += witness.compare(s, checkpoints)
         problems += [audit_log.ChainProblem(0, why) for why in ledger.log_problems(s, SHOWN)]
-        for f in record.check_rows(s, iter_addresses(s))[:SHOWN]:
+        rows = iter_addresses(s) if progress is None else _counted(iter_addresses(s), count, total, progress)
+        for f in record.check_rows(s, rows)[:SHOWN]:
             problems.append(audit_log.ChainProblem(0, f"address {f.address} ({f.chain}/{f.index}): {f.reason}"))
     report: dict[str, Any] = {
         "ok": not problems,
@@ -364,6 +379,19 @@ def audit_log_check(
         # halt, but the halt file says halted (raise_halt writes it first) and keeps it pending.
         _halt_first(db, settings, report, reason=reason, source="audit-log")
     return report
+
+
+def _counted(
+    rows: Iterable[AddressRow], before: int, total: int, progress: Callable[[int, int], None]
+) -> Iterator[AddressRow]:
+    """``rows``, calling ``progress`` every PROGRESS_EVERY rows and at the end, counted on from ``before``."""
+    done = before
+    for row in rows:
+        yield row
+        done += 1
+        if done % audit_log.PROGRESS_EVERY == 0:
+            progress(done, max(total, done))
+    progress(done, max(total, done))
 
 
 def write_liabilities(db: Database, backend: ChainBackend, out: Path, nonces_dir: Path) -> dict[str, Any]:

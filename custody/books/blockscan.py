@@ -35,7 +35,7 @@ height before it is handed on; one the chain does not have is returned as ``forg
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import delete, func, update
@@ -81,11 +81,15 @@ class Observation:
     rolled_back: int = 0
 
 
-def observe(db: Database, backend: ChainBackend, tip: int) -> Observation:
+def observe(
+    db: Database, backend: ChainBackend, tip: int, progress: Callable[[int, int], None] | None = None
+) -> Observation:
     """Bring the scan up to ``tip`` and say what pays our deposit addresses.
 
-    Raises NodeError (the chain cannot be asked, or reorganised below the scan's first block),
-    StorageError.
+    ``progress`` is called with the blocks read so far and the blocks to read in all, before
+    the first and after each block (the total grows when a reorganisation makes blocks to
+    read again). Raises NodeError (the chain cannot be asked, or reorganised below the
+    scan's first block), StorageError.
     """
     seen = Observation(tip)
     fresh: set[str] = set()  # outpoints recorded from blocks read in this very sync
@@ -95,8 +99,10 @@ def observe(db: Database, backend: ChainBackend, tip: int) -> Observation:
         _undo_above(db, fork)
         seen.rolled_back += height - fork
         height = fork
+    if progress is not None:
+        progress(0, max(tip - height, 0))
     while height < tip:
-        height, stop = _read_run(db, backend, height, tip, seen, fresh)
+        height, stop = _read_run(db, backend, height, tip, seen, fresh, progress)
         if stop == MOVED:  # a block whose previous hash is not ours: the chain moved while we read
             fork = _fork(db, backend, height)
             _undo_above(db, fork)
@@ -117,7 +123,13 @@ def observe(db: Database, backend: ChainBackend, tip: int) -> Observation:
 
 
 def _read_run(
-    db: Database, backend: ChainBackend, height: int, tip: int, seen: Observation, fresh: set[str]
+    db: Database,
+    backend: ChainBackend,
+    height: int,
+    tip: int,
+    seen: Observation,
+    fresh: set[str],
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[int, str | None]:
     """Read and record up to COMMIT_BLOCKS blocks above ``height`` in one transaction (one
     commit for several blocks; each block is dropped once recorded). Returns the height
@@ -137,6 +149,8 @@ def _read_run(
             fresh |= _record(s, block)
             seen.blocks_read += 1
             height, prev = height + 1, block.hash
+            if progress is not None:
+                progress(seen.blocks_read, seen.blocks_read + tip - height)
     return height, None
 
 

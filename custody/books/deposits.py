@@ -348,9 +348,15 @@ class _Run:
 
 
 def sync_deposits(
-    db: Database, settings: Settings, backend: ChainBackend, confirmations: int = 1
+    db: Database,
+    settings: Settings,
+    backend: ChainBackend,
+    confirmations: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Record new deposits, credit those ``confirmations`` deep, reverse those a reorg removed.
+
+    ``progress`` follows the blocks read (custody.books.blockscan.observe's).
 
     Each deposit moves by custody.books.deposit_states' table. Runs while trading is halted
     too (it records what the chain says). Returns the deposits that changed. Raises NodeError,
@@ -369,7 +375,7 @@ def sync_deposits(
         ]
     tip = backend.tip_height()
     check_not_behind(db, tip)
-    observed = blockscan.observe(db, backend, tip)  # each new block read once (custody.books.blockscan)
+    observed = blockscan.observe(db, backend, tip, progress)  # each new block read once (custody.books.blockscan)
     if observed.forged:
         _halt_for_forged(db, settings, observed.forged)
     utxos = observed.utxos

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -183,8 +183,15 @@ def _stamp(value: Any) -> str:
     return _at(value)
 
 
-def verify_chain_counted(session: Session) -> tuple[list[ChainProblem], int]:
-    """:func:`verify_chain`, and how many entries it read; streamed in bounded memory."""
+PROGRESS_EVERY = 1000
+"""How many entries :func:`verify_chain_counted` checks between two calls of its ``progress``."""
+
+
+def verify_chain_counted(
+    session: Session, progress: Callable[[int], None] | None = None
+) -> tuple[list[ChainProblem], int]:
+    """:func:`verify_chain`, and how many entries it read; streamed in bounded memory.
+    ``progress`` is called with the entries checked so far, every PROGRESS_EVERY and at the end."""
     problems: list[ChainProblem] = []
     prev = GENESIS
     expected_seq = 1
@@ -205,6 +212,10 @@ def verify_chain_counted(session: Session) -> tuple[list[ChainProblem], int]:
             problems.append(ChainProblem(seq, "content does not match its hash (edited)"))
         prev = digest
         expected_seq = seq + 1
+        if progress is not None and count % PROGRESS_EVERY == 0:
+            progress(count)
+    if progress is not None:
+        progress(count)
     head = session.get(AuditHead, 1)
     if head is None or head.seq != expected_seq - 1 or head.hash != prev:
         problems.append(
