@@ -51,7 +51,8 @@ def address_new(app: AppContext, account: str, count: int, as_json: bool) -> Non
             if not as_json:
                 _progress(done, count)
     if not as_json:
-        output.success(f"{done} address(es) issued for {account} (indexes {first}..{last})")
+        span = f"index {first}" if first == last else f"indexes {first}..{last}"
+        output.success(f"{output.plural(done, 'address', 'addresses')} issued for {account} ({span})")
 
 
 @address.command("list")

@@ -64,7 +64,7 @@ def audit_ledger(app: AppContext, as_json: bool) -> None:
                 f"{report['accounts']} accounts, sum 0 ({report['seconds']} s)"
             )
     if not report["ok"]:
-        raise _halted(report, f"the ledger audit found {len(report['problems'])} problem(s)")
+        raise _halted(report, f"the ledger audit found {output.plural(len(report['problems']), 'problem')}")
 
 
 @audit.command("reserves")
@@ -110,7 +110,9 @@ def audit_reserves(app: AppContext, proof: Path | None, height: int | None, as_j
     if not report["ok"]:
         if report["difference_sat"] < 0:
             raise _halted(report, f"reserves are short of liabilities by {-report['difference_sat']} sat")
-        raise _halted(report, f"{len(report['unproven'])} address(es) holding coins are not the policy's")
+        raise _halted(
+            report, f"coins at {output.plural(len(report['unproven']), 'address', 'addresses')} not the policy's"
+        )
 
 
 @audit.command("liabilities")
@@ -140,7 +142,8 @@ def audit_liabilities(app: AppContext, out: Path, nonces_dir: Path, as_json: boo
         output.emit_json(data)
         return
     output.success(
-        f"{data['accounts']} account(s) in {data['leaves']} leaves, {data['root']['value_sat']} sat in all at height "
+        f"{output.plural(data['accounts'], 'account')} in {data['leaves']} leaves, "
+        f"{data['root']['value_sat']} sat in all at height "
         f"{data['height']}, root {data['root']['digest']}: written to {data['out']}"
     )
     for new in data["new_nonces"]:
@@ -239,7 +242,7 @@ def audit_log_command(
                 output.line(f"entry {p['seq']}: {p['reason']}", style="red")
         _warn(report)
         if not report["ok"]:
-            raise _halted(report, f"the audit log is broken ({len(report['problems'])} problem(s))")
+            raise _halted(report, f"the audit log is broken ({output.plural(len(report['problems']), 'problem')})")
         return
     app.db.check_schema()
     with app.db.transaction() as s:

@@ -154,7 +154,7 @@ def node_mine(app: AppContext, blocks: int, address: str | None, as_json: bool) 
         return
     for h in hashes:
         output.line(h)
-    output.success(f"{len(hashes)} block(s) mined; the tip is at height {backend.tip_height()}")
+    output.success(f"{output.plural(len(hashes), 'block')} mined; the tip is at height {backend.tip_height()}")
 
 
 COMMANDS = [node]

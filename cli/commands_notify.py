@@ -288,7 +288,8 @@ def retry_cmd(app: AppContext, timeout: float, as_json: bool) -> None:
         output.success(f"{len(report.delivered)} delivered, {len(report.failed)} failed")
     if report.failed or report.timed_out:
         raise CustodyError(
-            f"{len(report.failed)} recipient(s) failed{' and time ran out' if report.timed_out else ''}: "
+            f"{output.plural(len(report.failed), 'recipient')} failed"
+            f"{' and time ran out' if report.timed_out else ''}: "
             "their notifications are kept (custody notify pending)"
         )
 

@@ -76,7 +76,7 @@ def encode(file: Path, out_dir: Path | None, terminal: bool, interval: float, lo
     if as_json:
         output.emit_json(result)
     elif out_dir is not None:
-        output.success(f"{len(frames)} QR frame(s) ({len(data)} bytes of PSBT) written to {out_dir}")
+        output.success(f"{output.plural(len(frames), 'QR frame')} ({len(data)} bytes of PSBT) written to {out_dir}")
         output.info(f"PSBT SHA-256: {digest} (check it on the other side: custody qr decode --expect-sha256)")
 
 

@@ -170,7 +170,7 @@ def rotate_pin(app: AppContext, file: Path, fingerprint: str, as_json: bool) -> 
     if as_json:
         output.emit_json({"pinned": [c.fingerprint for c in chain]})
         return
-    output.success(f"pinned {len(chain)} manifest(s); the newest is {chain[-1].fingerprint}")
+    output.success(f"pinned {output.plural(len(chain), 'manifest')}; the newest is {chain[-1].fingerprint}")
 
 
 @rotate.command("show")

@@ -81,7 +81,9 @@ def verify_addresses(
         for f in report.failures:
             output.line(f"FAIL {f.address} ({f.chain}/{f.index}): {f.reason}", style="red")
         if report.ok:
-            output.success(f"all {report.checked} address(es) verified against the founders' manifest")
+            output.success(
+                f"all {output.plural(report.checked, 'address', 'addresses')} verified against the founders' manifest"
+            )
     for w in [*outcome.warnings, *(outcome.halt.state.warnings if outcome.halt else [])]:
         output.warning(w)
     if not report.ok:
@@ -93,7 +95,8 @@ def verify_addresses(
             else "; no custody store here: raise the halt on it"
         )
         raise VerificationFailed(
-            f"{len(report.failures)} verification failure(s) in {report.checked} address(es){suffix}"
+            f"{output.plural(len(report.failures), 'verification failure')} in "
+            f"{output.plural(report.checked, 'address', 'addresses')}{suffix}"
         )
 
 
@@ -125,5 +128,6 @@ def verify_reserves(proof: Path, manifest_files: tuple[Path, ...], as_json: bool
         output.emit_json(data)
         return
     output.success(
-        f"{data['addresses']} address(es), {data['total_sat']} sat at height {data['height']}: the founders' multisig"
+        f"{output.plural(data['addresses'], 'address', 'addresses')}, {data['total_sat']} sat at height "
+        f"{data['height']}: the founders' multisig"
     )

@@ -559,7 +559,7 @@ def sign(
         )
         return
     output.success(
-        f"{result.founder} signed {result.signatures_added} input(s) of withdrawal "
+        f"{result.founder} signed {output.plural(result.signatures_added, 'input')} of withdrawal "
         f"#{result.withdrawal_id} (approved by {', '.join(result.approvals)}); written to {written}"
     )
 

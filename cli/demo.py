@@ -158,11 +158,11 @@ def _offline(d: dict[str, Any]) -> None:
             )
             _say(
                 f"  {s['founder']} checked approvals ({', '.join(s['approvals'])}), inputs and change; "
-                f"signed {s['signatures_added']} input(s)"
+                f"signed {output.plural(s['signatures_added'], 'input')}"
             )
             continue
         _say(
-            f"  {s['founder']} signed {s['signatures_added']} input(s): digest {s['digest']}, "
+            f"  {s['founder']} signed {output.plural(s['signatures_added'], 'input')}: digest {s['digest']}, "
             f"rulebook #{s['rulebook']} at height {s['height']}, {len(s['outputs'])} outputs, fee {s['fee']} sat"
         )
 

@@ -178,7 +178,9 @@ def _sign(group: click.Group, kind: DocumentKind, cmd: str) -> None:
         if as_json:
             output.emit_json({"serial": signed.serial, "signed_by": sorted(signed.signatures), "complete": complete})
             return
-        output.success(f"{me} signed {kind.noun} #{signed.serial} ({len(signed.signatures)} signature(s))")
+        output.success(
+            f"{me} signed {kind.noun} #{signed.serial} ({output.plural(len(signed.signatures), 'signature')})"
+        )
 
 
 def _apply(group: click.Group, kind: DocumentKind, cmd: str) -> None:

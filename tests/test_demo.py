@@ -45,7 +45,7 @@ def test_demo_runs_the_whole_story_and_runs_again(tmp_path: Path) -> None:
         "rule max_withdrawal",
         "rulebook #1 at height",
         "bob approved -> approved",
-        "signed 1 input(s)",
+        "signed 1 input",
         "confirmed at height",
         "the customer's address holds 150000000 sat",
         "all accounts sum to 0 sat",
