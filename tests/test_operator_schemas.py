@@ -10,10 +10,12 @@ from typing import Any
 
 import click
 import pytest
+from coincurve import PrivateKey
 from jsonschema import Draft202012Validator
 
+from custody.policy.manifest import load_signed_manifest
 from custody_cli.main import cli
-from tests.support import Custody, founders
+from tests.support import Custody, founders, sign_manifest_with, sign_roster_file
 from tests.test_notify import FROM, SECRET, Mailbox, Receiver, free_port, kill_agent
 from tests.test_withdraw_embedded import EmbeddedShop, destination
 
@@ -76,6 +78,18 @@ NOTIFY: dict[tuple[str, ...], str] = {
     ("notify", "webhook", "list"): "notify-recipient-list",
     ("notify", "recipient", "remove"): "notify-recipient",
     ("notify", "webhook", "remove"): "notify-recipient",
+}
+
+
+# The key ceremony's commands, on a fresh store (tests/support.py's founders sign in between)
+CEREMONY: dict[tuple[str, ...], str] = {
+    ("manifest", "draft"): "manifest-draft",
+    ("init",): "init",
+    ("employee", "keygen"): "roster-proposal",
+    ("roster", "apply"): "roster-applied",
+    ("employee", "add"): "roster-proposal",
+    ("employee", "disable"): "roster-proposal",
+    ("employee", "enable"): "roster-proposal",
 }
 
 
@@ -185,6 +199,58 @@ def notify_outputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tu
         kill_agent(c.home / "gnupg")
 
 
+@pytest.fixture(scope="module")
+def ceremony_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], Any]:
+    tmp = tmp_path_factory.mktemp("ceremony-schemas")
+    c = Custody(tmp / "home")
+    fs = founders()
+    got: dict[tuple[str, ...], Any] = {}
+
+    def run(key: tuple[str, ...], *args: str) -> None:
+        result = c(*key, *args, "--json")
+        assert result.exit_code == 0, (key, result.output)
+        got[key] = json.loads(result.stdout)
+
+    def apply_roster() -> None:
+        proposal = tmp / "roster.json"
+        proposal.unlink(missing_ok=True)
+        assert c("roster", "export", "--out", str(proposal)).exit_code == 0
+        proposal.write_text(json.dumps(sign_roster_file(proposal, fs[:2]).to_document()))
+        run(("roster", "apply"), str(proposal))
+
+    manifest = tmp / "manifest.json"
+    run(
+        ("manifest", "draft"),
+        "--network",
+        "regtest",
+        "--threshold",
+        "2",
+        *[a for f in fs for a in ("--founder", f.spec)],
+        "--out",
+        str(manifest),
+    )
+    manifest.write_text(json.dumps(sign_manifest_with(load_signed_manifest(manifest.read_bytes()), fs).to_document()))
+    run(("init",), str(manifest))
+    run(("employee", "keygen"), "alice", "--out", str(tmp / "alice.key"), "--roles", "request,approve,lift")
+    apply_roster()
+    run(("employee", "add"), "bob", "--pubkey", PrivateKey().public_key.format().hex(), "--roles", "approve")
+    run(("employee", "disable"), "alice")
+    apply_roster()
+    run(("employee", "enable"), "alice")
+    return got
+
+
+@pytest.mark.parametrize("command", list(CEREMONY), ids=" ".join)
+def test_every_ceremony_command_prints_its_documented_shape(
+    ceremony_outputs: dict[tuple[str, ...], Any], command: tuple[str, ...]
+) -> None:
+    errors = sorted(_validator(CEREMONY[command]).iter_errors(ceremony_outputs[command]), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
+    if command == ("employee", "keygen"):  # the key it made, and a proposal that is not one of them refused
+        assert {"pubkey", "file"} <= set(ceremony_outputs[command])
+        assert not _validator("roster-proposal").is_valid(ceremony_outputs[command] | {"pubkey": "04ab"})
+
+
 @pytest.mark.parametrize("command", list(NOTIFY), ids=" ".join)
 def test_every_notify_command_prints_its_documented_shape(
     notify_outputs: dict[tuple[str, ...], Any], command: tuple[str, ...]
@@ -212,7 +278,7 @@ def test_notify_outputs_say_what_happened(notify_outputs: dict[tuple[str, ...], 
 
 def test_every_schema_is_used_and_not_vacuous(outputs: dict[tuple[str, ...], Any]) -> None:
     names = {p.name.removesuffix(".schema.json") for p in SCHEMAS.glob("*.schema.json")}
-    assert names == set(COMMANDS.values()) | set(NOTIFY.values())
+    assert names == set(COMMANDS.values()) | set(NOTIFY.values()) | set(CEREMONY.values())
     # The old, ambiguous shape is refused: `kind` for a withdrawal's kind, a string fee rate.
     withdrawal = dict(outputs[("withdraw", "show", "ID")])
     old = {k: v for k, v in withdrawal.items() if k not in ("withdrawal_kind", "record")} | {"kind": "single"}
@@ -241,21 +307,14 @@ def test_raw_and_normal_balances_say_why_they_differ(outputs: dict[tuple[str, ..
 WITHOUT_SCHEMA = {
     ("audit", "check-inclusion"),
     ("db", "harden"),
-    ("employee", "add"),
-    ("employee", "disable"),
-    ("employee", "enable"),
-    ("employee", "keygen"),
     ("employee", "suspend"),
-    ("init",),
     ("keygen",),
-    ("manifest", "draft"),
     ("manifest", "pin"),
     ("manifest", "sign"),
     ("node", "fund"),
     ("node", "start"),
     ("qr", "decode"),
     ("qr", "encode"),
-    ("roster", "apply"),
     ("roster", "pin"),
     ("roster", "propose"),
     ("roster", "sign"),
@@ -301,7 +360,7 @@ def _command_path(args: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def test_every_command_with_json_has_a_validated_schema_or_is_named_as_missing() -> None:
-    validated = {_command_path(c) for c in [*COMMANDS, *NOTIFY]}
+    validated = {_command_path(c) for c in [*COMMANDS, *NOTIFY, *CEREMONY]}
     every = set(_json_commands(cli))
     assert every - validated - WITHOUT_SCHEMA == set(), "a --json command with neither a schema nor a place here"
     assert validated & WITHOUT_SCHEMA == set(), "validated now: take it off WITHOUT_SCHEMA"
