@@ -101,7 +101,7 @@ def _animate(drawn: list[str], interval: float, loops: int) -> None:
     required=True,
     type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
     help="Where to write the PSBT: binary for a .psbt name (unless --base64), base64 otherwise; `-`: standard "
-    "output, base64.",
+    "output, base64 (not with --json).",
 )
 @click.option(
     "--expect-sha256",
@@ -123,6 +123,8 @@ def decode(images: tuple[Path, ...], out_file: Path, expect_sha256: str | None, 
     """
     from custody import qrcodes
 
+    if as_json and str(out_file) == STDIO:  # the PSBT and the JSON would share standard output
+        raise click.UsageError("--json prints to standard output: give --out a file")
     data = qrcodes.read_psbt(list(images))
     psbt_lib.Psbt.parse(data)  # refuses what is no PSBT before anything is written
     digest = hashlib.sha256(data).hexdigest()

@@ -53,6 +53,9 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("withdraw", "approve"): "withdrawal",
     ("withdraw", "broadcast"): "withdrawal",
     ("withdraw", "import"): "withdrawal",
+    ("qr", "encode"): "qr-encode",
+    ("qr", "decode"): "qr-decode",
+    ("status", "publish"): "status-publish",
     ("withdraw", "finalize"): "withdrawal",
     ("employee", "suspend"): "suspension",
     ("halt", "raise"): "halt-raise",
@@ -132,6 +135,13 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str
         got: dict[tuple[str, ...], Any] = {}
         wid = _signed(s, to, "0.01", got)
         got[("withdraw", "broadcast")] = s.ok("withdraw", "broadcast", str(wid))
+        psbt, files = s.tmp / f"w{wid}.psbt", tmp_path_factory.mktemp("qr")
+        got[("qr", "encode")] = s.ok("qr", "encode", str(psbt), "--out", str(files / "frames"))
+        got[("qr", "decode")] = s.ok("qr", "decode", str(files / "frames"), "--out", str(files / "back.psbt"))
+        assert (files / "back.psbt").read_bytes() == psbt.read_bytes()
+        mixed = s.c("qr", "decode", str(files / "frames"), "--out", "-", "--json")  # PSBT and JSON on one stdout
+        assert mixed.exit_code == 2 and mixed.stdout == "", mixed.output
+        got[("status", "publish")] = s.ok("status", "publish", str(files / "site"))
         s.deposit("acct-1")  # mines the withdrawal too: sync below reports what changed
         got[("withdraw", "request")] = requested = s.ok(
             "withdraw", "request", "--account", "acct-1", "--to", to, "--amount", "0.02", *s.as_("carol")
@@ -334,8 +344,6 @@ WITHOUT_SCHEMA = {
     ("manifest", "sign"),
     ("node", "fund"),
     ("node", "start"),
-    ("qr", "decode"),
-    ("qr", "encode"),
     ("roster", "pin"),
     ("roster", "propose"),
     ("roster", "sign"),
@@ -349,7 +357,6 @@ WITHOUT_SCHEMA = {
     ("rules", "propose"),
     ("rules", "sign"),
     ("sign",),
-    ("status", "publish"),
     ("utxo", "consolidate"),
     ("verify", "reserves"),
     ("withdraw", "batch"),
