@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any, NamedTuple
 
 import coincurve
 from bitcoin.core import (
+    CMutableOutPoint,
     CMutableTransaction,
     CMutableTxIn,
     CMutableTxOut,
@@ -78,6 +80,13 @@ _KNOWN_GLOBAL = frozenset({0x00, 0x01, 0xFB, 0xFC, *_V2_ONLY_GLOBAL})
 _KNOWN_INPUT = frozenset({*range(0x00, 0x09), 0xFC, *_V2_ONLY_INPUT})
 _KNOWN_OUTPUT = frozenset({0x00, 0x01, 0x02, 0xFC, *_V2_ONLY_OUTPUT})
 
+# Compiled once: the hot paths read and write 500-input PSBTs.
+_I32 = struct.Struct("<i")
+_U32 = struct.Struct("<I")
+_I64 = struct.Struct("<q")
+_PATH_STRUCTS = [struct.Struct(f"<{n}I") for n in range(16)]  # BIP-32 paths of up to 15 elements
+_EMPTY_SCRIPT = CScript()  # immutable (bytes): shared by every empty scriptSig
+
 
 # --------------------------------------------------------------------------- data model
 
@@ -87,6 +96,9 @@ class KeyOrigin(NamedTuple):
 
     fingerprint: bytes  # 4 bytes
     path: tuple[int, ...]  # child numbers; hardened ones have bit 31 set
+
+
+_new_origin = functools.partial(tuple.__new__, KeyOrigin)  # KeyOrigin((fingerprint, path)), minus a call
 
 
 class ProprietaryKey(NamedTuple):
@@ -205,10 +217,15 @@ class Psbt:
             raise InputError("not a PSBT: it does not start with the magic bytes 'psbt' 0xff")
         r = _Reader(data, len(PSBT_MAGIC))
         psbt = _parse_global(r)
+        valid_keys: set[bytes] = set()  # public keys found on the curve in this PSBT
         for i in range(len(psbt.tx.vin)):
-            psbt.inputs.append(_parse_input(_read_map(r, f"input {i}"), f"input {i}"))
+            psbt.inputs.append(_parse_input(_read_map(r, f"input {i}"), f"input {i}", valid_keys))
         for i in range(len(psbt.tx.vout)):
-            psbt.outputs.append(_parse_output(_read_map(r, f"output {i}"), f"output {i}"))
+            if r.pos < len(data) and data[r.pos] == 0:  # an empty map: its separator alone
+                r.pos += 1
+                psbt.outputs.append(PsbtOutput())
+            else:
+                psbt.outputs.append(_parse_output(_read_map(r, f"output {i}"), f"output {i}", valid_keys))
         if r.pos != len(data):
             raise InputError(
                 f"PSBT has {len(data) - r.pos} trailing bytes after its last output map "
@@ -263,7 +280,7 @@ class Psbt:
     def copy(self) -> Psbt:
         """Return an independent copy (the transaction and every map are copied)."""
         return Psbt(
-            tx=CMutableTransaction.from_tx(self.tx),
+            tx=_copy_tx(self.tx),
             inputs=[inp.copy() for inp in self.inputs],
             outputs=[out.copy() for out in self.outputs],
             xpubs=dict(self.xpubs),
@@ -315,25 +332,59 @@ class _Reader:
 
 
 def _record(key: bytes, value: bytes) -> bytes:
+    if len(key) < 0xFD and len(value) < 0xFD:  # one-byte lengths: the common case, written at once
+        return b"%c%b%c%b" % (len(key), key, len(value), value)
     return ser_compact_size(len(key)) + key + ser_compact_size(len(value)) + value
 
 
 def _read_map(r: _Reader, scope: str) -> list[tuple[int, bytes, bytes, bytes]]:
-    """Read one map up to its 0x00 separator: (key type, key data, whole key, value) records."""
+    """Read one map up to its 0x00 separator: (key type, key data, whole key, value) records.
+
+    One-byte compact sizes (every length below 253) are read inline; the others, and every
+    overrun, go through :class:`_Reader`, whose checks and messages they keep.
+    """
     records: list[tuple[int, bytes, bytes, bytes]] = []
     seen: set[bytes] = set()
+    data = r.data
+    size = len(data)
+    pos = r.pos
     while True:
-        keylen = r.compact_size(f"{scope} map: key length")
+        if pos < size and data[pos] < 0xFD:
+            keylen = data[pos]
+            pos += 1
+        else:
+            r.pos = pos
+            keylen = r.compact_size(f"{scope} map: key length")
+            pos = r.pos
         if keylen == 0:
+            r.pos = pos
             return records
-        key = r.read(keylen, f"{scope} map: key")
-        value = r.read(r.compact_size(f"{scope} map: value length"), f"{scope} map: value")
+        if pos + keylen > size:
+            r.pos = pos
+            r.read(keylen, f"{scope} map: key")  # raises: truncated
+        key = data[pos : pos + keylen]
+        pos += keylen
+        if pos < size and data[pos] < 0xFD:
+            valuelen = data[pos]
+            pos += 1
+        else:
+            r.pos = pos
+            valuelen = r.compact_size(f"{scope} map: value length")
+            pos = r.pos
+        if pos + valuelen > size:
+            r.pos = pos
+            r.read(valuelen, f"{scope} map: value")  # raises: truncated
+        value = data[pos : pos + valuelen]
+        pos += valuelen
         if key in seen:
             raise InputError(f"{scope}: duplicate key {key.hex()}")
         seen.add(key)
-        kr = _Reader(key)
-        ktype = kr.compact_size(f"{scope} map: key type")
-        records.append((ktype, key[kr.pos :], key, value))
+        if key[0] < 0xFD:
+            records.append((key[0], key[1:], key, value))
+        else:
+            kr = _Reader(key)
+            ktype = kr.compact_size(f"{scope} map: key type")
+            records.append((ktype, key[kr.pos :], key, value))
 
 
 def _no_keydata(scope: str, name: str, keydata: bytes) -> None:
@@ -341,13 +392,22 @@ def _no_keydata(scope: str, name: str, keydata: bytes) -> None:
         raise InputError(f"{scope}: {name} key must have no key data, found {keydata.hex()}")
 
 
-def _check_pubkey(scope: str, name: str, pubkey: bytes) -> None:
+def _check_pubkey(scope: str, name: str, pubkey: bytes, valid: set[bytes] | None = None) -> None:
+    """Raise InputError unless ``pubkey`` is a valid public key (33 or 65 bytes, on the curve).
+
+    ``valid`` holds keys found valid before in the same parse (a key's validity depends on its
+    bytes alone): a founder's key on 500 inputs is checked on the curve once.
+    """
+    if valid is not None and pubkey in valid:
+        return
     if len(pubkey) not in (33, 65):
         raise InputError(f"{scope}: {name} key holds a public key of {len(pubkey)} bytes (33 or 65 expected)")
     try:
         coincurve.PublicKey(pubkey)
     except ValueError:
         raise InputError(f"{scope}: {name} key holds an invalid public key {pubkey.hex()}") from None
+    if valid is not None:
+        valid.add(pubkey)
 
 
 def _parse_origin(scope: str, name: str, value: bytes) -> KeyOrigin:
@@ -355,15 +415,18 @@ def _parse_origin(scope: str, name: str, value: bytes) -> KeyOrigin:
         raise InputError(
             f"{scope}: {name} value must be a 4-byte fingerprint and 4-byte path elements, found {len(value)} bytes"
         )
-    path = struct.unpack(f"<{(len(value) - 4) // 4}I", value[4:])
-    return KeyOrigin(value[:4], tuple(path))
+    count = (len(value) - 4) // 4
+    layout = _PATH_STRUCTS[count] if count < len(_PATH_STRUCTS) else struct.Struct(f"<{count}I")
+    return _new_origin((value[:4], layout.unpack_from(value, 4)))
 
 
 def _ser_origin(origin: KeyOrigin) -> bytes:
     if len(origin.fingerprint) != 4:
         raise InputError(f"key origin fingerprint must be 4 bytes, not {len(origin.fingerprint)}")
+    count = len(origin.path)
+    layout = _PATH_STRUCTS[count] if count < len(_PATH_STRUCTS) else struct.Struct(f"<{count}I")
     try:
-        return bytes(origin.fingerprint) + struct.pack(f"<{len(origin.path)}I", *origin.path)
+        return bytes(origin.fingerprint) + layout.pack(*origin.path)
     except struct.error:
         raise InputError(f"key origin path {origin.path} has an element out of range") from None
 
@@ -396,6 +459,8 @@ def _extra_records(
     An "unknown" key must be of a type this map does not define (else parsing it back would
     read it as that field, or refuse it).
     """
+    if not proprietary and not unknown:
+        return []
     for key in unknown:
         ktype = _Reader(bytes(key)).compact_size(f"{scope} unknown key")
         if ktype in known:
@@ -423,6 +488,63 @@ def _parse_unsigned_tx(raw: bytes) -> Any:
 
 
 def _parse_legacy_tx(raw: bytes) -> Any:
+    """The unsigned transaction: read fast when it is well formed, else by the checked reader,
+    which says what is wrong (both accept exactly the same transactions)."""
+    tx = _parse_legacy_tx_fast(raw)
+    return tx if tx is not None else _parse_legacy_tx_checked(raw)
+
+
+def _fast_compact_size(raw: bytes, pos: int) -> tuple[int, int] | None:
+    """A minimally encoded compact size of 1 or 3 bytes at ``pos`` and the position after it;
+    None for anything else (the checked reader then decides)."""
+    if pos >= len(raw):
+        return None
+    first = raw[pos]
+    if first < 0xFD:
+        return first, pos + 1
+    if first == 0xFD and pos + 3 <= len(raw):
+        value = raw[pos + 1] | raw[pos + 2] << 8
+        return (value, pos + 3) if value >= 0xFD else None
+    return None
+
+
+def _parse_legacy_tx_fast(raw: bytes) -> Any | None:
+    """:func:`_parse_legacy_tx_checked`'s transaction, or None where that one might refuse it
+    (or reads a rarer encoding: a count or script length of 65,536 or more)."""
+    size = len(raw)
+    if size < 4:
+        return None
+    counted = _fast_compact_size(raw, 4)
+    if counted is None:
+        return None
+    n_in, pos = counted
+    vin = []
+    for _ in range(n_in):
+        if pos + 41 > size or raw[pos + 36] != 0:  # outpoint, empty scriptSig, sequence
+            return None
+        outpoint = COutPoint(raw[pos : pos + 32], _U32.unpack_from(raw, pos + 32)[0])
+        vin.append(CMutableTxIn(outpoint, _EMPTY_SCRIPT, _U32.unpack_from(raw, pos + 37)[0]))
+        pos += 41
+    counted = _fast_compact_size(raw, pos)
+    if counted is None:
+        return None
+    n_out, pos = counted
+    vout = []
+    for _ in range(n_out):
+        if pos + 9 > size:
+            return None
+        amount = _I64.unpack_from(raw, pos)[0]
+        script_len = _fast_compact_size(raw, pos + 8)
+        if not 0 <= amount <= MAX_MONEY or script_len is None or script_len[1] + script_len[0] > size:
+            return None
+        pos = script_len[1] + script_len[0]
+        vout.append(CMutableTxOut(amount, CScript(raw[script_len[1] : pos])))
+    if pos + 4 != size:
+        return None
+    return CMutableTransaction(vin, vout, _U32.unpack_from(raw, pos)[0], _I32.unpack_from(raw, 0)[0])
+
+
+def _parse_legacy_tx_checked(raw: bytes) -> Any:
     what = "unsigned transaction"
     r = _Reader(raw)
     version = struct.unpack("<i", r.read(4, what))[0]
@@ -459,6 +581,22 @@ def _serialize_unsigned_tx(tx: Any) -> bytes:
     parts.extend(_ser_txout(o.nValue, bytes(o.scriptPubKey)) for o in tx.vout)
     parts.append(struct.pack("<I", tx.nLockTime))
     return b"".join(parts)
+
+
+def _copy_tx(tx: Any) -> Any:
+    """An independent copy of ``tx``, as ``CMutableTransaction.from_tx`` makes it, sharing only
+    what cannot change: outpoints of the immutable kind (the parser's), scripts (bytes) and
+    the witness (``from_tx`` shares it too)."""
+    vin = [
+        CMutableTxIn(
+            t.prevout if type(t.prevout) is COutPoint else CMutableOutPoint.from_outpoint(t.prevout),
+            t.scriptSig,
+            t.nSequence,
+        )
+        for t in tx.vin
+    ]
+    vout = [CMutableTxOut(o.nValue, o.scriptPubKey) for o in tx.vout]
+    return CMutableTransaction(vin, vout, tx.nLockTime, tx.nVersion, tx.wit)
 
 
 def _ser_txout(amount: int, script_pubkey: bytes) -> bytes:
@@ -534,14 +672,24 @@ def _parse_global(r: _Reader) -> Psbt:
     return Psbt(tx=tx, inputs=[], outputs=[], xpubs=xpubs, version=version, proprietary=proprietary, unknown=unknown)
 
 
-def _parse_input(records: list[tuple[int, bytes, bytes, bytes]], scope: str) -> PsbtInput:  # noqa: C901 - one branch per BIP-174 input key type, in the spec's order
+def _parse_input(records: list[tuple[int, bytes, bytes, bytes]], scope: str, valid_keys: set[bytes]) -> PsbtInput:  # noqa: C901 - one branch per BIP-174 input key type, in the spec's order (derivations first)
     inp = PsbtInput()
     for ktype, keydata, key, value in records:
-        if ktype == PSBT_IN_NON_WITNESS_UTXO:
+        if ktype == PSBT_IN_BIP32_DERIVATION:  # first: the commonest record (one per key of the script)
+            if keydata not in valid_keys:
+                _check_pubkey(scope, "BIP-32 derivation", keydata, valid_keys)
+            inp.bip32_derivations[keydata] = _parse_origin(scope, "BIP-32 derivation", value)
+        elif ktype == PSBT_IN_NON_WITNESS_UTXO:
             _no_keydata(scope, "non-witness UTXO", keydata)
             inp.non_witness_utxo = _parse_full_tx(scope, value)
         elif ktype == PSBT_IN_WITNESS_UTXO:
             _no_keydata(scope, "witness UTXO", keydata)
+            if len(value) > 8 and value[8] < 0xFD and len(value) == 9 + value[8]:  # well formed: read at once
+                amount = _I64.unpack_from(value)[0]
+                if not 0 <= amount <= MAX_MONEY:
+                    raise InputError(f"{scope}: witness UTXO amount {amount} is out of range")
+                inp.witness_utxo = WitnessUtxo(amount, value[9:])
+                continue
             vr = _Reader(value)
             amount = struct.unpack("<q", vr.read(8, f"{scope} witness UTXO amount"))[0]
             spk = vr.read(vr.compact_size(f"{scope} witness UTXO"), f"{scope} witness UTXO script")
@@ -551,7 +699,7 @@ def _parse_input(records: list[tuple[int, bytes, bytes, bytes]], scope: str) -> 
                 raise InputError(f"{scope}: witness UTXO amount {amount} is out of range")
             inp.witness_utxo = WitnessUtxo(amount, spk)
         elif ktype == PSBT_IN_PARTIAL_SIG:
-            _check_pubkey(scope, "partial signature", keydata)
+            _check_pubkey(scope, "partial signature", keydata, valid_keys)
             if not value:
                 raise InputError(f"{scope}: empty partial signature for {keydata.hex()}")
             inp.partial_sigs[keydata] = value
@@ -566,9 +714,6 @@ def _parse_input(records: list[tuple[int, bytes, bytes, bytes]], scope: str) -> 
         elif ktype == PSBT_IN_WITNESS_SCRIPT:
             _no_keydata(scope, "witness script", keydata)
             inp.witness_script = value
-        elif ktype == PSBT_IN_BIP32_DERIVATION:
-            _check_pubkey(scope, "BIP-32 derivation", keydata)
-            inp.bip32_derivations[keydata] = _parse_origin(scope, "BIP-32 derivation", value)
         elif ktype == PSBT_IN_FINAL_SCRIPTSIG:
             _no_keydata(scope, "final scriptSig", keydata)
             inp.final_script_sig = value
@@ -584,7 +729,7 @@ def _parse_input(records: list[tuple[int, bytes, bytes, bytes]], scope: str) -> 
     return inp
 
 
-def _parse_output(records: list[tuple[int, bytes, bytes, bytes]], scope: str) -> PsbtOutput:
+def _parse_output(records: list[tuple[int, bytes, bytes, bytes]], scope: str, valid_keys: set[bytes]) -> PsbtOutput:
     out = PsbtOutput()
     for ktype, keydata, key, value in records:
         if ktype == PSBT_OUT_REDEEM_SCRIPT:
@@ -594,7 +739,7 @@ def _parse_output(records: list[tuple[int, bytes, bytes, bytes]], scope: str) ->
             _no_keydata(scope, "witness script", keydata)
             out.witness_script = value
         elif ktype == PSBT_OUT_BIP32_DERIVATION:
-            _check_pubkey(scope, "BIP-32 derivation", keydata)
+            _check_pubkey(scope, "BIP-32 derivation", keydata, valid_keys)
             out.bip32_derivations[keydata] = _parse_origin(scope, "BIP-32 derivation", value)
         elif ktype == PSBT_OUT_PROPRIETARY:
             out.proprietary[_parse_proprietary(scope, keydata)] = value
@@ -612,7 +757,8 @@ def _serialize_input(inp: PsbtInput, scope: str) -> bytes:
     if inp.witness_utxo is not None:
         wu = inp.witness_utxo
         parts.append(_record(b"\x01", _ser_txout(wu.amount, wu.script_pubkey)))
-    for pub in sorted(inp.partial_sigs, key=hash160):  # Core's CKeyID order
+    sig_order = sorted(inp.partial_sigs, key=hash160) if len(inp.partial_sigs) > 1 else inp.partial_sigs
+    for pub in sig_order:  # Core's CKeyID order
         parts.append(_record(b"\x02" + pub, inp.partial_sigs[pub]))
     if inp.sighash_type is not None:
         parts.append(_record(b"\x03", struct.pack("<I", inp.sighash_type)))
@@ -631,7 +777,19 @@ def _serialize_input(inp: PsbtInput, scope: str) -> bytes:
     return b"".join(parts)
 
 
+def _is_empty(out: PsbtOutput) -> bool:
+    return (
+        out.redeem_script is None
+        and out.witness_script is None
+        and not out.bip32_derivations
+        and not out.proprietary
+        and not out.unknown
+    )
+
+
 def _serialize_output(out: PsbtOutput, scope: str) -> bytes:
+    if _is_empty(out):
+        return b"\x00"
     parts: list[bytes] = []
     if out.redeem_script is not None:
         parts.append(_record(b"\x00", out.redeem_script))
@@ -672,7 +830,8 @@ def combine(psbts: Sequence[Psbt]) -> Psbt:
         for i, (mine, theirs) in enumerate(zip(result.inputs, other.inputs, strict=True)):
             _merge_input(mine, theirs, f"PSBT {n} input {i}")
         for i, (mo, to) in enumerate(zip(result.outputs, other.outputs, strict=True)):
-            _merge_output(mo, to, f"PSBT {n} output {i}")
+            if not _is_empty(to):  # an empty map (most outputs: no change) adds nothing
+                _merge_output(mo, to, f"PSBT {n} output {i}")
     return result
 
 
