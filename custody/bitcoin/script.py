@@ -4,6 +4,7 @@ pushes, and the signature encoding rules (BIP-66 strict DER, low S) every layer 
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -90,8 +91,16 @@ def parse_multisig(script: bytes) -> Multisig:
 
     m and n are OP_1..OP_16, or a one-byte push for 17..20; 1 <= m <= n <= 20 and the keys
     are pairwise distinct. Raises InputError for any other script.
+
+    The answer depends on the script's bytes alone and :class:`Multisig` is immutable, so the
+    last scripts parsed are remembered (a 500-input spend has one script on every input); a
+    refusal is never remembered: it is raised again on every call.
     """
-    script = bytes(script)
+    return _parse_multisig(bytes(script))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_multisig(script: bytes) -> Multisig:
     bad = f"not an m-of-n OP_CHECKMULTISIG script of compressed keys: {script.hex()}"
     first = _read_small_int(script, 0)
     if first is None:

@@ -7,7 +7,7 @@ from typing import Any
 from bitcoin.core import CMutableTxIn, CScript, CScriptWitness, CTransaction, CTxInWitness, CTxWitness
 
 from custody.bitcoin.psbt.maps import Psbt, PsbtInput
-from custody.bitcoin.psbt.sighash import _Bip143, _sighash, _signature_problem, _spend_info
+from custody.bitcoin.psbt.sighash import _Bip143, _PublicKeys, _sighash, _signature_problem, _spend_info
 from custody.bitcoin.script import ScriptType, parse_multisig, push
 from custody.errors import InputError
 
@@ -29,6 +29,7 @@ def finalize(psbt: Psbt) -> Psbt:
     """
     out = psbt.copy()
     cache = _Bip143(out.tx)
+    keys = _PublicKeys()
     for i, inp in enumerate(out.inputs):
         if inp.is_finalized:
             _clear_signing_fields(inp)
@@ -42,7 +43,7 @@ def finalize(psbt: Psbt) -> Psbt:
             sig = inp.partial_sigs.get(pub)
             if sig is None:
                 continue
-            problem = _signature_problem(pub, sig, digest)
+            problem = _signature_problem(pub, sig, digest, keys)
             if problem is not None:
                 problems.append(f"{pub.hex()}: {problem}")
             elif len(sigs) < multisig.threshold:

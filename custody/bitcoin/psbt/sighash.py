@@ -214,8 +214,11 @@ def sign(psbt: Psbt, privkeys_by_pubkey: Mapping[bytes, Any]) -> int:
     return sum(_sign_one(psbt, i, spend, privkeys_by_pubkey, get_cache) for i, spend in spends.items())
 
 
-def _signature_problem(pub: bytes, sig: bytes, digest: bytes) -> str | None:
-    """Why ``sig`` is no valid SIGHASH_ALL signature of ``digest`` by ``pub``; None if it is."""
+def _signature_problem(pub: bytes, sig: bytes, digest: bytes, keys: _PublicKeys | None = None) -> str | None:
+    """Why ``sig`` is no valid SIGHASH_ALL signature of ``digest`` by ``pub``; None if it is.
+
+    ``keys`` remembers the public keys parsed before (a key's point depends on its bytes
+    alone); every signature is still verified against its own digest."""
     if not is_strict_der(sig):
         return "not a strict DER signature"
     if sig[-1] != SIGHASH_ALL:
@@ -223,10 +226,28 @@ def _signature_problem(pub: bytes, sig: bytes, digest: bytes) -> str | None:
     if not is_low_s(sig[:-1]):
         return "high-S signature"
     try:
-        ok = coincurve.PublicKey(pub).verify(sig[:-1], digest, hasher=None)
+        key = (keys or _PublicKeys()).get(pub)
+        ok = key is not None and key.verify(sig[:-1], digest, hasher=None)
     except ValueError:
         ok = False
     return None if ok else "signature does not verify"
+
+
+class _PublicKeys:
+    """Public keys parsed once for one check of a PSBT: bytes -> ``coincurve.PublicKey``, None
+    for bytes that are no point on the curve."""
+
+    def __init__(self) -> None:
+        self._keys: dict[bytes, coincurve.PublicKey | None] = {}
+
+    def get(self, pub: bytes) -> coincurve.PublicKey | None:
+        pub = bytes(pub)
+        if pub not in self._keys:
+            try:
+                self._keys[pub] = coincurve.PublicKey(pub)
+            except ValueError:
+                self._keys[pub] = None
+        return self._keys[pub]
 
 
 def valid_signers(psbt: Psbt) -> list[set[bytes]]:
@@ -236,11 +257,12 @@ def valid_signers(psbt: Psbt) -> list[set[bytes]]:
     Raises InputError when an input's spend information is missing or inconsistent.
     """
     cache = _Bip143(psbt.tx)
+    keys = _PublicKeys()
     out: list[set[bytes]] = []
     for i, inp in enumerate(psbt.inputs):
         if not inp.partial_sigs:
             out.append(set())
             continue
         digest = _sighash(psbt, i, _spend_info(psbt, i), cache)
-        out.append({pub for pub, sig in inp.partial_sigs.items() if _signature_problem(pub, sig, digest) is None})
+        out.append({pub for pub, sig in inp.partial_sigs.items() if _signature_problem(pub, sig, digest, keys) is None})
     return out
