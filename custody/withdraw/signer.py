@@ -369,16 +369,54 @@ def _prop_json(p: psbt_lib.Psbt, subtype: int, what: str, error: type[Exception]
         raise InputError(f"the PSBT's {what} is not valid JSON") from None
 
 
-def _our_position(derivations: dict[bytes, psbt_lib.KeyOrigin], founder: FounderKey) -> tuple[int, int] | None:
-    """(chain, index) of this founder's key among an input's or output's derivations."""
-    fp = founder.master.fingerprint
-    base = founder.account_path
+def _our_position(
+    derivations: dict[bytes, psbt_lib.KeyOrigin], fingerprint: bytes, base: tuple[int, ...]
+) -> tuple[int, int] | None:
+    """(chain, index) of this founder's key (master ``fingerprint``, account path ``base``) among an
+    input's or output's derivations."""
     for origin in derivations.values():
-        if origin.fingerprint == fp and origin.path[: len(base)] == base and len(origin.path) == len(base) + 2:
+        if origin.fingerprint == fingerprint and origin.path[: len(base)] == base and len(origin.path) == len(base) + 2:
             chain, index = origin.path[-2:]
             if chain in BRANCHES:
                 return chain, index
     return None
+
+
+class _Derivations:
+    """What one review derives, each once: the policy's script at (chain, index) and this founder's
+    private key there (a 500-input spend asks for the same founder's account key 500 times).
+
+    Made afresh by each review from that review's policy and founder key and dropped with it: a
+    derivation made for one policy, network or founder never answers for another.
+    """
+
+    def __init__(self, founder: FounderKey, deriver: AddressDeriver) -> None:
+        self.fingerprint = founder.master.fingerprint
+        self.account_path = founder.account_path
+        self._founder = founder
+        self._deriver = deriver
+        self._chains: dict[int, Any] = {}  # chain -> the founder's ExtendedPrivateKey at account/chain
+        self._scripts: dict[tuple[int, int], DerivedAddress] = {}
+        self._keys: dict[tuple[int, int], Any] = {}
+
+    def position(self, derivations: dict[bytes, psbt_lib.KeyOrigin]) -> tuple[int, int] | None:
+        return _our_position(derivations, self.fingerprint, self.account_path)
+
+    def script(self, chain: int, index: int) -> DerivedAddress:
+        where = (chain, index)
+        if where not in self._scripts:
+            self._scripts[where] = self._deriver.derive(chain, index)
+        return self._scripts[where]
+
+    def private_key(self, chain: int, index: int) -> Any:
+        """This founder's ``coincurve.PrivateKey`` at account/chain/index (the path
+        ``master.derive(account_path + (chain, index))`` takes, its first steps made once)."""
+        where = (chain, index)
+        if where not in self._keys:
+            if chain not in self._chains:
+                self._chains[chain] = self._founder.master.derive((*self.account_path, chain))
+            self._keys[where] = self._chains[chain].child(index).private_key()
+        return self._keys[where]
 
 
 def _expect(derived: DerivedAddress, script_type: ScriptType, redeem: bytes | None, witness: bytes | None) -> bool:
@@ -649,39 +687,37 @@ def _kind_checks(
     return None
 
 
-def _our_inputs(
-    p: psbt_lib.Psbt, founder: FounderKey, policy: Policy, deriver: AddressDeriver
-) -> tuple[list[int], dict[bytes, Any]]:
+def _our_inputs(p: psbt_lib.Psbt, policy: Policy, derivations: _Derivations) -> tuple[list[int], dict[bytes, Any]]:
     """Each input's amount, and this founder's private key for each, once every input is shown
     to spend one of the policy's scripts (re-derived here). Raises InputError."""
     amounts: list[int] = []
     keys: dict[bytes, Any] = {}
     for n, pin in enumerate(p.inputs):
-        where = _our_position(pin.bip32_derivations, founder)
+        where = derivations.position(pin.bip32_derivations)
         if where is None:
             raise InputError(f"input {n} is not one of our policy's scripts (no derivation for this founder)")
-        derived = deriver.derive(*where)
+        derived = derivations.script(*where)
         spent = _spent_output(p, n)
         if spent.script_pubkey != derived.script_pubkey or not _expect(
             derived, policy.script_type, pin.redeem_script, pin.witness_script
         ):
             raise InputError(f"input {n} is not one of our policy's scripts at {where[0]}/{where[1]}")
         amounts.append(spent.amount)
-        key = founder.master.derive((*founder.account_path, *where)).private_key()
+        key = derivations.private_key(*where)
         keys[key.public_key.format(compressed=True)] = key
     return amounts, keys
 
 
-def _verified_change(p: psbt_lib.Psbt, change: int | None, founder: FounderKey, deriver: AddressDeriver) -> set[int]:
+def _verified_change(p: psbt_lib.Psbt, change: int | None, derivations: _Derivations) -> set[int]:
     """The outputs that re-derive from the policy's change chain; one claimed as change that does
     not is refused (InputError)."""
     verified_change: set[int] = set()
     for n, out in enumerate(p.outputs):
-        claims = _our_position(out.bip32_derivations, founder) if out.bip32_derivations else None
+        claims = derivations.position(out.bip32_derivations) if out.bip32_derivations else None
         if n == change or claims is not None:
             if claims is None or claims[0] != CHANGE:
                 raise InputError(f"output {n} is marked as change but does not derive from the policy's change chain")
-            derived = deriver.derive(*claims)
+            derived = derivations.script(*claims)
             if bytes(p.tx.vout[n].scriptPubKey) != derived.script_pubkey:
                 raise InputError(f"output {n}: the change output is not ours (it does not re-derive from the policy)")
             verified_change.add(n)
@@ -753,14 +789,14 @@ def review(
     names = [f.name for f in policy.founders if f.key.xpub.identity() == founder.account.xpub.identity()]
     if not names or founder.network != policy.network:
         raise InputError("this key is not one of the policy's founders' keys")
-    deriver = AddressDeriver(policy)
+    derivations = _Derivations(founder, AddressDeriver(policy))
 
-    amounts, keys = _our_inputs(p, founder, policy, deriver)
+    amounts, keys = _our_inputs(p, policy, derivations)
     change = meta.get("change_output")
     change = change if isinstance(change, int) and not isinstance(change, bool) else None
     newest = (rotations or [pinned])[-1].policy
     if policy.to_manifest() == newest.to_manifest():
-        verified_change = _verified_change(p, change, founder, deriver)
+        verified_change = _verified_change(p, change, derivations)
     else:  # an older policy's coins: a sweep, every output the newest policy's
         verified_change = _moved_to(p, newest)
 
