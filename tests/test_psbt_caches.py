@@ -54,7 +54,7 @@ def _psbt(amounts: list[int], script: bytes = SCRIPT) -> Psbt:
         inp.witness_utxo = WitnessUtxo(amounts[n], spk)
         inp.witness_script = script
         for k, pub in enumerate(PUBS):
-            inp.bip32_derivations[pub] = KeyOrigin(bytes([k + 1]) * 4, (48 | HARDENED, 0, n))
+            inp.bip32_derivations[pub] = KeyOrigin(bytes([k + 1]) * 4, (48 | HARDENED, 1 | HARDENED, 0, 2, 0, n))
     return psbt
 
 
@@ -329,3 +329,64 @@ def test_derivations_for_another_policy_or_founder_are_never_shared() -> None:
     assert (
         c.position(dict.fromkeys([b"k"], KeyOrigin(founder.master.fingerprint, (*founder.account_path, 0, 3)))) is None
     )
+
+
+# ---------------------------------------------------------------- the input maps' fast reader
+
+
+def _input_maps() -> list[tuple[bytes, set[bytes]]]:
+    """Input maps as our signers write them (unsigned, signed once and twice), and the keys a parse
+    would have found valid before reaching them."""
+    psbt = _psbt([50_000, 70_000])
+    unsigned = maps._serialize_input(psbt.inputs[1], "input 1")
+    sign(psbt, {PUBS[0]: KEYS[0]})
+    once = maps._serialize_input(psbt.inputs[1], "input 1")
+    sign(psbt, {PUBS[2]: KEYS[2]})
+    twice = maps._serialize_input(psbt.inputs[1], "input 1")
+    return [(m + b"\xee", set(PUBS)) for m in (unsigned, once, twice)] + [(twice, {PUBS[0]})]
+
+
+INPUT_MAPS = _input_maps()
+
+
+@st.composite
+def _mutated_map(draw: st.DrawFn) -> tuple[bytes, set[bytes]]:
+    raw, valid = draw(st.sampled_from(INPUT_MAPS))
+    data = bytearray(raw)
+    for _ in range(draw(st.integers(0, 3))):
+        kind = draw(st.sampled_from(["flip", "cut", "insert", "delete", "duplicate"]))
+        at = draw(st.integers(0, max(len(data) - 1, 0)))
+        if kind == "flip" and data:
+            data[at] = draw(st.sampled_from([0x00, 0x01, 0x02, 0x05, 0x06, 0x1C, 0x22, 0xFD, data[at] ^ 0x01]))
+        elif kind == "cut":
+            del data[at:]
+        elif kind == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=3))
+        elif kind == "delete" and data:
+            del data[at]
+        elif kind == "duplicate":
+            data[at:at] = data[at : at + draw(st.integers(1, 40))]
+    return bytes(data), set(valid)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_mutated_map())
+def test_the_fast_input_reader_accepts_a_map_only_as_the_checked_reader_does(case: tuple[bytes, set[bytes]]) -> None:
+    data, valid = case
+    fast = maps._parse_input_fast(data, 0, set(valid))
+    r = maps._Reader(data)
+    try:
+        checked = maps._parse_input(maps._read_map(r, "input 1"), "input 1", set(valid))
+    except InputError:
+        assert fast is None
+        return
+    if fast is not None:
+        assert fast == (checked, r.pos)
+
+
+def test_the_fast_input_reader_reads_what_our_signers_write() -> None:
+    for data, valid in INPUT_MAPS[:3]:
+        fast = maps._parse_input_fast(data, 0, valid)
+        assert fast is not None and fast[1] == len(data) - 1
+    data, valid = INPUT_MAPS[3]
+    assert maps._parse_input_fast(data, 0, valid) is None  # a key not yet checked: the checked reader reads it

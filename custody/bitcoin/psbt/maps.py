@@ -85,6 +85,7 @@ _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
 _PATH_STRUCTS = [struct.Struct(f"<{n}I") for n in range(16)]  # BIP-32 paths of up to 15 elements
+_PATH6 = _PATH_STRUCTS[6]
 _EMPTY_SCRIPT = CScript()  # immutable (bytes): shared by every empty scriptSig
 
 
@@ -109,7 +110,7 @@ class ProprietaryKey(NamedTuple):
     keydata: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WitnessUtxo:
     """The output an input spends, as PSBT_IN_WITNESS_UTXO carries it."""
 
@@ -117,7 +118,7 @@ class WitnessUtxo:
     script_pubkey: bytes
 
 
-@dataclass
+@dataclass(slots=True)
 class PsbtInput:
     """The per-input map of a PSBT."""
 
@@ -153,7 +154,7 @@ class PsbtInput:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class PsbtOutput:
     """The per-output map of a PSBT."""
 
@@ -173,7 +174,7 @@ class PsbtOutput:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class Psbt:
     """A version 0 PSBT: the unsigned transaction and one map per input and per output."""
 
@@ -219,7 +220,12 @@ class Psbt:
         psbt = _parse_global(r)
         valid_keys: set[bytes] = set()  # public keys found on the curve in this PSBT
         for i in range(len(psbt.tx.vin)):
-            psbt.inputs.append(_parse_input(_read_map(r, f"input {i}"), f"input {i}", valid_keys))
+            fast = _parse_input_fast(data, r.pos, valid_keys)
+            if fast is not None:
+                psbt.inputs.append(fast[0])
+                r.pos = fast[1]
+            else:
+                psbt.inputs.append(_parse_input(_read_map(r, f"input {i}"), f"input {i}", valid_keys))
         for i in range(len(psbt.tx.vout)):
             if r.pos < len(data) and data[r.pos] == 0:  # an empty map: its separator alone
                 r.pos += 1
@@ -678,7 +684,10 @@ def _parse_input(records: list[tuple[int, bytes, bytes, bytes]], scope: str, val
         if ktype == PSBT_IN_BIP32_DERIVATION:  # first: the commonest record (one per key of the script)
             if keydata not in valid_keys:
                 _check_pubkey(scope, "BIP-32 derivation", keydata, valid_keys)
-            inp.bip32_derivations[keydata] = _parse_origin(scope, "BIP-32 derivation", value)
+            if len(value) == 28:  # a fingerprint and a 6-step path (BIP-48's): read at once
+                inp.bip32_derivations[keydata] = _new_origin((value[:4], _PATH6.unpack_from(value, 4)))
+            else:
+                inp.bip32_derivations[keydata] = _parse_origin(scope, "BIP-32 derivation", value)
         elif ktype == PSBT_IN_NON_WITNESS_UTXO:
             _no_keydata(scope, "non-witness UTXO", keydata)
             inp.non_witness_utxo = _parse_full_tx(scope, value)
@@ -727,6 +736,46 @@ def _parse_input(records: list[tuple[int, bytes, bytes, bytes]], scope: str, val
         else:
             inp.unknown[key] = value
     return inp
+
+
+def _parse_input_fast(data: bytes, pos: int, valid_keys: set[bytes]) -> tuple[PsbtInput, int] | None:
+    """The input map at ``pos`` and the position after it, when the map holds only what a
+    multisig spend's PSBT carries (witness UTXO, witness script, partial signatures, BIP-32
+    derivations with 6-step paths), each record well formed with lengths under 253 and its key
+    found valid before in this parse; None for anything else, and :func:`_parse_input` then
+    reads the map whole (and refuses what is wrong). Both accept such a map alike."""
+    size = len(data)
+    inp = PsbtInput()
+    while pos < size:
+        keylen = data[pos]
+        if keylen == 0:
+            return inp, pos + 1
+        vpos = pos + 1 + keylen  # the value's length
+        if keylen >= 0xFD or vpos >= size or data[vpos] >= 0xFD or vpos + 1 + data[vpos] > size:
+            return None
+        end = vpos + 1 + data[vpos]
+        ktype = data[pos + 1]
+        if ktype == PSBT_IN_BIP32_DERIVATION and keylen == 34 and end - vpos == 29:
+            pub = data[pos + 2 : vpos]
+            if pub not in valid_keys or pub in inp.bip32_derivations:
+                return None
+            inp.bip32_derivations[pub] = _new_origin((data[vpos + 1 : vpos + 5], _PATH6.unpack_from(data, vpos + 5)))
+        elif ktype == PSBT_IN_PARTIAL_SIG and keylen == 34 and end > vpos + 1:
+            pub = data[pos + 2 : vpos]
+            if pub not in valid_keys or pub in inp.partial_sigs:
+                return None
+            inp.partial_sigs[pub] = data[vpos + 1 : end]
+        elif ktype == PSBT_IN_WITNESS_SCRIPT and keylen == 1 and inp.witness_script is None:
+            inp.witness_script = data[vpos + 1 : end]
+        elif ktype == PSBT_IN_WITNESS_UTXO and keylen == 1 and inp.witness_utxo is None and end - vpos > 10:
+            amount = _I64.unpack_from(data, vpos + 1)[0]
+            if data[vpos + 9] != end - vpos - 10 or not 0 <= amount <= MAX_MONEY:
+                return None
+            inp.witness_utxo = WitnessUtxo(amount, data[vpos + 10 : end])
+        else:
+            return None
+        pos = end
+    return None
 
 
 def _parse_output(records: list[tuple[int, bytes, bytes, bytes]], scope: str, valid_keys: set[bytes]) -> PsbtOutput:
