@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bitcoin.core import CMutableTxIn, CScript, CScriptWitness, CTransaction, CTxInWitness, CTxWitness
+from bitcoin.core import COutPoint, CScript, CScriptWitness, CTransaction, CTxIn, CTxInWitness, CTxWitness
 
 from custody.bitcoin.psbt.maps import Psbt, PsbtInput
 from custody.bitcoin.psbt.sighash import _Bip143, _PublicKeys, _sighash, _signature_problem, _spend_info
@@ -166,6 +166,7 @@ def extract(psbt: Psbt) -> Any:
     for i, (txin, inp) in enumerate(zip(psbt.tx.vin, psbt.inputs, strict=True)):
         if not inp.is_finalized:
             raise InputError(f"input {i} is not finalized")
-        vin.append(CMutableTxIn(txin.prevout, CScript(inp.final_script_sig or b""), txin.nSequence))
+        # immutable inputs, as CTransaction would copy them into (it keeps a CTxIn as it is)
+        vin.append(CTxIn(COutPoint.from_outpoint(txin.prevout), CScript(inp.final_script_sig or b""), txin.nSequence))
         wits.append(CTxInWitness(CScriptWitness(list(inp.final_script_witness or ()))))
     return CTransaction(vin, psbt.tx.vout, psbt.tx.nLockTime, psbt.tx.nVersion, CTxWitness(wits))

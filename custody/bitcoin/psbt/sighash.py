@@ -7,8 +7,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import coincurve
 from bitcoin.core import CScript
@@ -23,9 +22,9 @@ _MAX_P2SH_SCRIPT = 520  # a redeem script is one push: MAX_SCRIPT_ELEMENT_SIZE
 _MAX_WITNESS_SCRIPT = 3600  # MAX_STANDARD_P2WSH_SCRIPT_SIZE
 
 
-@dataclass(frozen=True)
-class _Spend:
-    """What spending one input takes: script type, multisig script (script code), amount."""
+class _Spend(NamedTuple):
+    """What spending one input takes: script type, multisig script (script code), amount.
+    (Immutable; a NamedTuple rather than a frozen dataclass: one is made per input and check.)"""
 
     kind: ScriptType
     script: bytes  # the witness script (segwit kinds) or the redeem script (p2sh)
@@ -110,25 +109,29 @@ class _Bip143:
     """
 
     def __init__(self, tx: Any) -> None:
-        vin = tx.vin
-        self.head = struct.pack("<i", tx.nVersion)
-        self.head += sha256d(b"".join(bytes(t.prevout.hash) + struct.pack("<I", t.prevout.n) for t in vin))
-        self.head += sha256d(b"".join(struct.pack("<I", t.nSequence) for t in vin))
+        # Each input's outpoint and sequence serialized once: for the shared hashes and for its digest.
+        self.outpoints = [bytes(t.prevout.hash) + struct.pack("<I", t.prevout.n) for t in tx.vin]
+        self.sequences = [struct.pack("<I", t.nSequence) for t in tx.vin]
+        self.head = (
+            struct.pack("<i", tx.nVersion) + sha256d(b"".join(self.outpoints)) + sha256d(b"".join(self.sequences))
+        )
         self.tail = sha256d(b"".join(_ser_txout(o.nValue, bytes(o.scriptPubKey)) for o in tx.vout)) + struct.pack(
             "<II", tx.nLockTime, SIGHASH_ALL
         )
-        self.vin = vin
 
     def digest(self, i: int, script_code: bytes, amount: int) -> bytes:
-        txin = self.vin[i]
         return sha256d(
-            self.head
-            + bytes(txin.prevout.hash)
-            + struct.pack("<I", txin.prevout.n)
-            + ser_compact_size(len(script_code))
-            + script_code
-            + struct.pack("<qI", amount, txin.nSequence)
-            + self.tail
+            b"".join(
+                (
+                    self.head,
+                    self.outpoints[i],
+                    ser_compact_size(len(script_code)),
+                    script_code,
+                    struct.pack("<q", amount),
+                    self.sequences[i],
+                    self.tail,
+                )
+            )
         )
 
 
