@@ -244,7 +244,18 @@ def test_the_fast_reader_accepts_exactly_what_the_checked_reader_accepts(raw: by
 
 def test_the_fast_reader_reads_the_common_sizes_and_leaves_the_rest() -> None:
     for raw in BASES:
-        assert maps._serialize_unsigned_tx(maps._parse_legacy_tx_fast(raw)) == raw
+        fast, checked = maps._parse_legacy_tx_fast(raw), maps._parse_legacy_tx_checked(raw)
+        assert maps._serialize_unsigned_tx(fast) == raw
+        # The same objects as python-bitcoinlib's constructors make, attribute by attribute.
+        for mine, theirs in [*zip(fast.vin, checked.vin, strict=True), *zip(fast.vout, checked.vout, strict=True)]:
+            assert type(mine) is type(theirs) and mine == theirs
+            for name in type(theirs).__slots__ or type(theirs).__mro__[1].__slots__:
+                assert type(getattr(mine, name)) is type(getattr(theirs, name))
+                assert getattr(mine, name) == getattr(theirs, name)
+        for mine, theirs in zip(fast.vin, checked.vin, strict=True):
+            assert type(mine.prevout) is type(theirs.prevout) and mine.prevout == theirs.prevout
+            with pytest.raises(AttributeError):
+                mine.prevout.n = 1  # an immutable outpoint, as COutPoint(...) makes it
     non_minimal = BASES[0][:4] + b"\xfd\x01\x00" + BASES[0][5:]  # one input, counted in 3 bytes
     assert maps._parse_legacy_tx_fast(non_minimal) is None
     with pytest.raises(InputError, match="not minimally encoded"):

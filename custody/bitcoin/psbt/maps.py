@@ -87,6 +87,10 @@ _I64 = struct.Struct("<q")
 _PATH_STRUCTS = [struct.Struct(f"<{n}I") for n in range(16)]  # BIP-32 paths of up to 15 elements
 _PATH6 = _PATH_STRUCTS[6]
 _EMPTY_SCRIPT = CScript()  # immutable (bytes): shared by every empty scriptSig
+_BYTE = [bytes([n]) for n in range(0xFD)]  # one-byte compact sizes, made once
+_new = object.__new__
+_setattr = object.__setattr__  # for python-bitcoinlib's immutable classes (COutPoint)
+_new_bytes = bytes.__new__  # CScript(b) for bytes b, without CScript.__new__'s type dispatch
 
 
 # --------------------------------------------------------------------------- data model
@@ -268,7 +272,9 @@ class Psbt:
         parts.extend(_extra_records("global map", _KNOWN_GLOBAL, self.proprietary, self.unknown))
         parts.append(b"\x00")
         parts.extend(_serialize_input(inp, f"input {i}") for i, inp in enumerate(self.inputs))
-        parts.extend(_serialize_output(out, f"output {i}") for i, out in enumerate(self.outputs))
+        parts.extend(
+            b"\x00" if _is_empty(out) else _serialize_output(out, f"output {i}") for i, out in enumerate(self.outputs)
+        )
         return b"".join(parts)
 
     def to_base64(self) -> str:
@@ -338,8 +344,8 @@ class _Reader:
 
 
 def _record(key: bytes, value: bytes) -> bytes:
-    if len(key) < 0xFD and len(value) < 0xFD:  # one-byte lengths: the common case, written at once
-        return b"%c%b%c%b" % (len(key), key, len(value), value)
+    if len(key) < 0xFD and len(value) < 0xFD:  # one-byte lengths: the common case
+        return _BYTE[len(key)] + key + _BYTE[len(value)] + value
     return ser_compact_size(len(key)) + key + ser_compact_size(len(value)) + value
 
 
@@ -514,9 +520,14 @@ def _fast_compact_size(raw: bytes, pos: int) -> tuple[int, int] | None:
     return None
 
 
-def _parse_legacy_tx_fast(raw: bytes) -> Any | None:
+def _parse_legacy_tx_fast(raw: bytes) -> Any | None:  # noqa: C901 - one bounds check per field, in wire order
     """:func:`_parse_legacy_tx_checked`'s transaction, or None where that one might refuse it
-    (or reads a rarer encoding: a count or script length of 65,536 or more)."""
+    (or reads a rarer encoding: a count or script length of 65,536 or more).
+
+    The inputs, outpoints and outputs are made with their attributes set directly: python-bitcoinlib's
+    constructors (0.12.2, pinned) only set the same attributes after range checks the reading
+    here makes anyway (a 32-byte hash, 32-bit numbers), and cost more than the reading itself.
+    """
     size = len(raw)
     if size < 4:
         return None
@@ -528,8 +539,13 @@ def _parse_legacy_tx_fast(raw: bytes) -> Any | None:
     for _ in range(n_in):
         if pos + 41 > size or raw[pos + 36] != 0:  # outpoint, empty scriptSig, sequence
             return None
-        outpoint = COutPoint(raw[pos : pos + 32], _U32.unpack_from(raw, pos + 32)[0])
-        vin.append(CMutableTxIn(outpoint, _EMPTY_SCRIPT, _U32.unpack_from(raw, pos + 37)[0]))
+        txin = _new(CMutableTxIn)
+        txin.prevout = _new(COutPoint)
+        _setattr(txin.prevout, "hash", raw[pos : pos + 32])
+        _setattr(txin.prevout, "n", _U32.unpack_from(raw, pos + 32)[0])
+        txin.scriptSig = _EMPTY_SCRIPT
+        txin.nSequence = _U32.unpack_from(raw, pos + 37)[0]
+        vin.append(txin)
         pos += 41
     counted = _fast_compact_size(raw, pos)
     if counted is None:
@@ -544,7 +560,10 @@ def _parse_legacy_tx_fast(raw: bytes) -> Any | None:
         if not 0 <= amount <= MAX_MONEY or script_len is None or script_len[1] + script_len[0] > size:
             return None
         pos = script_len[1] + script_len[0]
-        vout.append(CMutableTxOut(amount, CScript(raw[script_len[1] : pos])))
+        txout = _new(CMutableTxOut)
+        txout.nValue = amount
+        txout.scriptPubKey = _new_bytes(CScript, raw[script_len[1] : pos])
+        vout.append(txout)
     if pos + 4 != size:
         return None
     return CMutableTransaction(vin, vout, _U32.unpack_from(raw, pos)[0], _I32.unpack_from(raw, 0)[0])
@@ -581,10 +600,10 @@ def _serialize_unsigned_tx(tx: Any) -> bytes:
     for i, txin in enumerate(tx.vin):
         if len(txin.scriptSig):
             raise InputError(f"unsigned transaction: input {i} has a non-empty scriptSig")
-        parts.append(bytes(txin.prevout.hash) + struct.pack("<I", txin.prevout.n) + b"\x00")
-        parts.append(struct.pack("<I", txin.nSequence))
+        prevout = txin.prevout
+        parts.append(bytes(prevout.hash) + _U32.pack(prevout.n) + b"\x00" + _U32.pack(txin.nSequence))
     parts.append(ser_compact_size(len(tx.vout)))
-    parts.extend(_ser_txout(o.nValue, bytes(o.scriptPubKey)) for o in tx.vout)
+    parts.extend([_ser_txout(o.nValue, o.scriptPubKey) for o in tx.vout])
     parts.append(struct.pack("<I", tx.nLockTime))
     return b"".join(parts)
 
@@ -606,7 +625,9 @@ def _copy_tx(tx: Any) -> Any:
 
 
 def _ser_txout(amount: int, script_pubkey: bytes) -> bytes:
-    return struct.pack("<q", amount) + ser_compact_size(len(script_pubkey)) + script_pubkey
+    if len(script_pubkey) < 0xFD:
+        return _I64.pack(amount) + _BYTE[len(script_pubkey)] + script_pubkey
+    return _I64.pack(amount) + ser_compact_size(len(script_pubkey)) + script_pubkey
 
 
 def _parse_full_tx(scope: str, raw: bytes) -> Any:
@@ -801,28 +822,30 @@ def _parse_output(records: list[tuple[int, bytes, bytes, bytes]], scope: str, va
 
 def _serialize_input(inp: PsbtInput, scope: str) -> bytes:
     parts: list[bytes] = []
+    add = parts.append
     if inp.non_witness_utxo is not None:
-        parts.append(_record(b"\x00", inp.non_witness_utxo.serialize()))
+        add(_record(b"\x00", inp.non_witness_utxo.serialize()))
     if inp.witness_utxo is not None:
-        wu = inp.witness_utxo
-        parts.append(_record(b"\x01", _ser_txout(wu.amount, wu.script_pubkey)))
-    sig_order = sorted(inp.partial_sigs, key=hash160) if len(inp.partial_sigs) > 1 else inp.partial_sigs
-    for pub in sig_order:  # Core's CKeyID order
-        parts.append(_record(b"\x02" + pub, inp.partial_sigs[pub]))
+        add(_record(b"\x01", _ser_txout(inp.witness_utxo.amount, inp.witness_utxo.script_pubkey)))
+    sigs = inp.partial_sigs
+    for pub in sorted(sigs, key=hash160) if len(sigs) > 1 else sigs:  # Core's CKeyID order
+        add(_record(b"\x02" + pub, sigs[pub]))
     if inp.sighash_type is not None:
-        parts.append(_record(b"\x03", struct.pack("<I", inp.sighash_type)))
+        add(_record(b"\x03", struct.pack("<I", inp.sighash_type)))
     if inp.redeem_script is not None:
-        parts.append(_record(b"\x04", inp.redeem_script))
+        add(_record(b"\x04", inp.redeem_script))
     if inp.witness_script is not None:
-        parts.append(_record(b"\x05", inp.witness_script))
-    for pub in sorted(inp.bip32_derivations):
-        parts.append(_record(b"\x06" + pub, _ser_origin(inp.bip32_derivations[pub])))
+        add(_record(b"\x05", inp.witness_script))
+    derivations = inp.bip32_derivations
+    for pub in sorted(derivations):
+        add(_record(b"\x06" + pub, _ser_origin(derivations[pub])))
     if inp.final_script_sig is not None:
-        parts.append(_record(b"\x07", inp.final_script_sig))
+        add(_record(b"\x07", inp.final_script_sig))
     if inp.final_script_witness is not None:
-        parts.append(_record(b"\x08", _ser_witness_stack(inp.final_script_witness)))
-    parts.extend(_extra_records(scope, _KNOWN_INPUT, inp.proprietary, inp.unknown))
-    parts.append(b"\x00")
+        add(_record(b"\x08", _ser_witness_stack(inp.final_script_witness)))
+    if inp.proprietary or inp.unknown:
+        parts.extend(_extra_records(scope, _KNOWN_INPUT, inp.proprietary, inp.unknown))
+    add(b"\x00")
     return b"".join(parts)
 
 
