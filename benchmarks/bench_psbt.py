@@ -127,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     unsigned = psbt.serialize()
     n_sigs = 2 * args.inputs
 
-    runs = []
-    floors = []
+    runs, floors, cpu_runs, cpu_floors = [], [], [], []
     for _ in range(args.repeat):  # interleaved: a change of the machine's load touches both alike
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         workflow(unsigned, keys[0], keys[2])
         runs.append(time.perf_counter() - start)
+        cpu_runs.append(time.process_time() - cpu)
+        cpu = time.process_time()
         floors.append(floor(psbt, witness_script, keys[0], n_sigs))
+        cpu_floors.append(time.process_time() - cpu)
     best = min(runs)
     sign_floor, verify_floor, digest_floor = (min(f[k] for f in floors) for k in range(3))
     best_floor = sign_floor + verify_floor + digest_floor
@@ -147,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ratio = best / best_floor
     print(f"ratio workflow / floor: {ratio:.2f} (goal within 2x: {'met' if ratio <= 2 else 'MISSED'})")
+    # CPU time leaves out the time other processes held the cores: on a shared, loaded machine
+    # the wall-clock best of a 0.1 s floor finds a quiet moment more often than the workflow's.
+    cpu_ratio = min(cpu_runs) / min(cpu_floors)
+    print(
+        f"CPU time of this process: workflow {min(cpu_runs):.3f} s, floor {min(cpu_floors):.3f} s, "
+        f"ratio {cpu_ratio:.2f} (goal within 2x: {'met' if cpu_ratio <= 2 else 'MISSED'})"
+    )
     print(f"target under {TARGET_SECONDS:.0f} s: {'met' if best < TARGET_SECONDS else 'MISSED'}")
     print(f"load average (1 min): {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     return 0 if best < TARGET_SECONDS else 1
