@@ -401,3 +401,19 @@ def test_the_fast_input_reader_reads_what_our_signers_write() -> None:
         assert fast is not None and fast[1] == len(data) - 1
     data, valid = INPUT_MAPS[3]
     assert maps._parse_input_fast(data, 0, valid) is None  # a key not yet checked: the checked reader reads it
+
+
+def test_six_step_derivations_are_written_as_the_generic_writer_writes_them() -> None:
+    psbt = _psbt([50_000])
+    inp = psbt.inputs[0]
+    written = maps._serialize_input(inp, "input 0")
+    for pub, origin in inp.bip32_derivations.items():
+        generic = maps._record(b"\x06" + pub, maps._ser_origin(origin))
+        assert generic == b"\x22\x06" + pub + b"\x1c" + origin.fingerprint + struct.pack("<6I", *origin.path)
+        assert written.count(generic) == 1
+    inp.bip32_derivations[PUBS[0]] = KeyOrigin(b"\x01" * 4, (48 | HARDENED, 1, 0, 2, 0, 2**32))
+    with pytest.raises(InputError, match="has an element out of range"):
+        psbt.serialize()
+    inp.bip32_derivations[PUBS[0]] = KeyOrigin(b"\x01" * 3, (48 | HARDENED, 1, 0, 2, 0, 1))
+    with pytest.raises(InputError, match="fingerprint must be 4 bytes"):
+        psbt.serialize()

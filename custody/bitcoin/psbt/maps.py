@@ -838,7 +838,14 @@ def _serialize_input(inp: PsbtInput, scope: str) -> bytes:
         add(_record(b"\x05", inp.witness_script))
     derivations = inp.bip32_derivations
     for pub in sorted(derivations):
-        add(_record(b"\x06" + pub, _ser_origin(derivations[pub])))
+        origin = derivations[pub]
+        if len(pub) == 33 and len(origin.fingerprint) == 4 and len(origin.path) == 6:  # BIP-48's, at once
+            try:
+                add(b"\x22\x06" + pub + b"\x1c" + origin.fingerprint + _PATH6.pack(*origin.path))
+                continue
+            except struct.error:
+                pass  # an element out of range: refused below, with its message
+        add(_record(b"\x06" + pub, _ser_origin(origin)))
     if inp.final_script_sig is not None:
         add(_record(b"\x07", inp.final_script_sig))
     if inp.final_script_witness is not None:

@@ -115,7 +115,7 @@ class _Bip143:
         self.head = (
             struct.pack("<i", tx.nVersion) + sha256d(b"".join(self.outpoints)) + sha256d(b"".join(self.sequences))
         )
-        self.tail = sha256d(b"".join(_ser_txout(o.nValue, bytes(o.scriptPubKey)) for o in tx.vout)) + struct.pack(
+        self.tail = sha256d(b"".join([_ser_txout(o.nValue, o.scriptPubKey) for o in tx.vout])) + struct.pack(
             "<II", tx.nLockTime, SIGHASH_ALL
         )
 
