@@ -14,7 +14,7 @@ import struct
 
 import coincurve
 import pytest
-from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, CScript
+from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, CScript, CTransaction
 from bitcoin.core.script import OP_0, OP_CHECKMULTISIG
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -417,3 +417,50 @@ def test_six_step_derivations_are_written_as_the_generic_writer_writes_them() ->
     inp.bip32_derivations[PUBS[0]] = KeyOrigin(b"\x01" * 3, (48 | HARDENED, 1, 0, 2, 0, 1))
     with pytest.raises(InputError, match="fingerprint must be 4 bytes"):
         psbt.serialize()
+
+
+# ---------------------------------------------------------------- previous transactions read once per PSBT
+
+
+def _p2sh_spend(n_inputs: int) -> tuple[Psbt, CTransaction]:
+    """A PSBT spending ``n_inputs`` p2sh 2-of-3 outputs of one funding transaction."""
+    spk = bytes(CScript(SCRIPT).to_p2sh_scriptPubKey())
+    funding = CTransaction(
+        [CMutableTxIn(COutPoint(b"\x11" * 32, 0), CScript([b"\x01"]))],
+        [CMutableTxOut(40_000 + n, CScript(spk)) for n in range(n_inputs)],
+        0,
+        2,
+    )
+    tx = CMutableTransaction(
+        [CMutableTxIn(COutPoint(funding.GetTxid(), n)) for n in range(n_inputs)],
+        [CMutableTxOut(30_000, CScript(b"\x00\x14" + b"\x44" * 20))],
+        0,
+        2,
+    )
+    psbt = Psbt.from_unsigned_tx(tx)
+    for inp in psbt.inputs:
+        inp.non_witness_utxo = funding
+        inp.redeem_script = SCRIPT
+    return psbt, funding
+
+
+def test_one_previous_transaction_is_read_once_and_a_differing_copy_on_its_own() -> None:
+    psbt, funding = _p2sh_spend(3)
+    raw = psbt.serialize()
+    parsed = Psbt.parse(raw)
+    assert parsed.inputs[0].non_witness_utxo is parsed.inputs[2].non_witness_utxo
+    assert parsed.inputs[0].non_witness_utxo.serialize() == funding.serialize()
+    sign(parsed, {PUBS[0]: KEYS[0], PUBS[1]: KEYS[1]})
+    finalize(parsed)
+
+    # Input 2's copy of the previous transaction pays itself more (one byte changed): it is read
+    # on its own, and is not the transaction input 2 spends.
+    amount = struct.pack("<q", 40_002)
+    assert raw.count(amount) == 3  # once in each input's copy
+    forged = Psbt.parse(_replace_nth(raw, amount, struct.pack("<q", 90_002), 2))
+    assert forged.inputs[0].non_witness_utxo is forged.inputs[1].non_witness_utxo
+    assert forged.inputs[2].non_witness_utxo is not forged.inputs[0].non_witness_utxo
+    assert forged.inputs[2].non_witness_utxo.vout[2].nValue == 90_002
+    assert forged.inputs[0].non_witness_utxo.vout[2].nValue == 40_002
+    with pytest.raises(InputError, match=r"^input 2: non-witness UTXO is transaction"):
+        sign(forged, {PUBS[0]: KEYS[0]})

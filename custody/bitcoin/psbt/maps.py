@@ -223,13 +223,14 @@ class Psbt:
         r = _Reader(data, len(PSBT_MAGIC))
         psbt = _parse_global(r)
         valid_keys: set[bytes] = set()  # public keys found on the curve in this PSBT
+        prev_txs: dict[bytes, Any] = {}  # previous transactions read in this PSBT, by their bytes
         for i in range(len(psbt.tx.vin)):
             fast = _parse_input_fast(data, r.pos, valid_keys)
             if fast is not None:
                 psbt.inputs.append(fast[0])
                 r.pos = fast[1]
             else:
-                psbt.inputs.append(_parse_input(_read_map(r, f"input {i}"), f"input {i}", valid_keys))
+                psbt.inputs.append(_parse_input(_read_map(r, f"input {i}"), f"input {i}", valid_keys, prev_txs))
         for i in range(len(psbt.tx.vout)):
             if r.pos < len(data) and data[r.pos] == 0:  # an empty map: its separator alone
                 r.pos += 1
@@ -699,7 +700,12 @@ def _parse_global(r: _Reader) -> Psbt:
     return Psbt(tx=tx, inputs=[], outputs=[], xpubs=xpubs, version=version, proprietary=proprietary, unknown=unknown)
 
 
-def _parse_input(records: list[tuple[int, bytes, bytes, bytes]], scope: str, valid_keys: set[bytes]) -> PsbtInput:  # noqa: C901 - one branch per BIP-174 input key type, in the spec's order (derivations first)
+def _parse_input(  # noqa: C901 - one branch per BIP-174 input key type, in the spec's order (derivations first)
+    records: list[tuple[int, bytes, bytes, bytes]],
+    scope: str,
+    valid_keys: set[bytes],
+    prev_txs: dict[bytes, Any] | None = None,
+) -> PsbtInput:
     inp = PsbtInput()
     for ktype, keydata, key, value in records:
         if ktype == PSBT_IN_BIP32_DERIVATION:  # first: the commonest record (one per key of the script)
@@ -711,23 +717,10 @@ def _parse_input(records: list[tuple[int, bytes, bytes, bytes]], scope: str, val
                 inp.bip32_derivations[keydata] = _parse_origin(scope, "BIP-32 derivation", value)
         elif ktype == PSBT_IN_NON_WITNESS_UTXO:
             _no_keydata(scope, "non-witness UTXO", keydata)
-            inp.non_witness_utxo = _parse_full_tx(scope, value)
+            inp.non_witness_utxo = _previous_tx(scope, value, prev_txs)
         elif ktype == PSBT_IN_WITNESS_UTXO:
             _no_keydata(scope, "witness UTXO", keydata)
-            if len(value) > 8 and value[8] < 0xFD and len(value) == 9 + value[8]:  # well formed: read at once
-                amount = _I64.unpack_from(value)[0]
-                if not 0 <= amount <= MAX_MONEY:
-                    raise InputError(f"{scope}: witness UTXO amount {amount} is out of range")
-                inp.witness_utxo = WitnessUtxo(amount, value[9:])
-                continue
-            vr = _Reader(value)
-            amount = struct.unpack("<q", vr.read(8, f"{scope} witness UTXO amount"))[0]
-            spk = vr.read(vr.compact_size(f"{scope} witness UTXO"), f"{scope} witness UTXO script")
-            if not vr.at_end():
-                raise InputError(f"{scope}: witness UTXO has {len(value) - vr.pos} trailing bytes")
-            if not 0 <= amount <= MAX_MONEY:
-                raise InputError(f"{scope}: witness UTXO amount {amount} is out of range")
-            inp.witness_utxo = WitnessUtxo(amount, spk)
+            inp.witness_utxo = _parse_witness_utxo(scope, value)
         elif ktype == PSBT_IN_PARTIAL_SIG:
             _check_pubkey(scope, "partial signature", keydata, valid_keys)
             if not value:
@@ -757,6 +750,32 @@ def _parse_input(records: list[tuple[int, bytes, bytes, bytes]], scope: str, val
         else:
             inp.unknown[key] = value
     return inp
+
+
+def _previous_tx(scope: str, value: bytes, prev_txs: dict[bytes, Any] | None) -> Any:
+    """A non-witness UTXO. Inputs spending outputs of one transaction carry it byte for byte the
+    same: read once per PSBT (an immutable CTransaction, shared as copies of a PSBT share it)."""
+    known = prev_txs.get(value) if prev_txs is not None else None
+    if known is None:
+        known = _parse_full_tx(scope, value)
+        if prev_txs is not None:
+            prev_txs[value] = known
+    return known
+
+
+def _parse_witness_utxo(scope: str, value: bytes) -> WitnessUtxo:
+    if len(value) > 8 and value[8] < 0xFD and len(value) == 9 + value[8]:  # well formed: read at once
+        amount = _I64.unpack_from(value)[0]
+        spk = value[9:]
+    else:
+        vr = _Reader(value)
+        amount = struct.unpack("<q", vr.read(8, f"{scope} witness UTXO amount"))[0]
+        spk = vr.read(vr.compact_size(f"{scope} witness UTXO"), f"{scope} witness UTXO script")
+        if not vr.at_end():
+            raise InputError(f"{scope}: witness UTXO has {len(value) - vr.pos} trailing bytes")
+    if not 0 <= amount <= MAX_MONEY:
+        raise InputError(f"{scope}: witness UTXO amount {amount} is out of range")
+    return WitnessUtxo(amount, spk)
 
 
 def _parse_input_fast(data: bytes, pos: int, valid_keys: set[bytes]) -> tuple[PsbtInput, int] | None:
