@@ -26,8 +26,8 @@ from sqlmodel import Session, col, func, select
 from custody.clock import now
 from custody.config import Settings
 from custody.control import audit_log, halt
-from custody.control.roster import load_trust, store_trust
-from custody.control.wallet import policy_from_session
+from custody.control.roster import read_pinned, trust_from_pinned, trust_from_stored
+from custody.control.wallet import StoredPolicy, policy_from_stored, stored_policy
 from custody.errors import Conflict, InputError, StorageError, VerificationFailed
 from custody.faults import crash_point
 from custody.files import read_bounded, write_atomic
@@ -36,7 +36,7 @@ from custody.policy.manifest import MAX_MANIFEST_BYTES, SignedManifest, load_sig
 from custody.policy.model import RECEIVE, Policy
 from custody.policy.rotation import approvers, check_chain, check_rotation, previous_of
 from custody.store.db import Database
-from custody.store.models import AddressRow, AuditEntry, Counter, PolicyEpochRow, WithdrawalRow
+from custody.store.models import AddressRow, AuditEntry, Counter, PolicyEpochRow, SignedManifestRow, WithdrawalRow
 
 ROTATIONS_NAME = "founders-rotations.json"
 ROTATIONS_FORMAT = "custody-founders-rotations"
@@ -111,9 +111,18 @@ def rotations_path(settings: Settings) -> Path:
 def read_rotations(path: Path) -> list[SignedManifest]:
     """The rotation manifests pinned in ``path`` (none when it does not exist), unchecked: see
     :func:`pinned_chain`. Raises VerificationFailed for an unreadable file."""
+    return _parse_rotations(path, _rotation_bytes(path))
+
+
+def _rotation_bytes(path: Path) -> bytes | None:
     try:
-        data = read_bounded(path, MAX_ROTATIONS_BYTES, "the pinned rotations")
+        return read_bounded(path, MAX_ROTATIONS_BYTES, "the pinned rotations")
     except FileNotFoundError:
+        return None
+
+
+def _parse_rotations(path: Path, data: bytes | None) -> list[SignedManifest]:
+    if data is None:
         return []
     try:
         doc = json.loads(data)
@@ -126,17 +135,39 @@ def read_rotations(path: Path) -> list[SignedManifest]:
         raise VerificationFailed(f"the pinned rotations {path} cannot be read: {exc}") from None
 
 
+# What was checked, keyed by every byte it was checked from (the pinned files, the store's rows):
+# a changed byte is a new key, judged anew; a failure is never kept. Bounded: a few entries.
+_CACHE_SIZE = 8
+_pinned_checked: dict[tuple[str, bytes, str, bytes | None], tuple[SignedManifest, ...]] = {}
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= _CACHE_SIZE:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
 def pinned_chain(settings: Settings) -> list[SignedManifest]:
     """The first manifest pinned here and every rotation pinned beside it, each link checked.
 
+    Both files are read on every call; what they say is checked once per process for the same
+    bytes (the signatures are most of a single-address issuance's own work).
+
     Raises StorageError (nothing pinned), VerificationFailed (a link does not stand: exit 3).
     """
-    first = load_trust(settings).manifest
-    chain = [first, *read_rotations(rotations_path(settings))]
-    try:
-        return check_chain(chain)
-    except InputError as exc:
-        raise VerificationFailed(f"the founders' manifests pinned on this machine do not stand: {exc}") from None
+    path, rotations = settings.manifest, rotations_path(settings)
+    first_bytes = read_pinned(path)
+    rotation_bytes = _rotation_bytes(rotations)
+    key = (str(path), first_bytes, str(rotations), rotation_bytes)
+    chain = _pinned_checked.get(key)
+    if chain is None:
+        first = trust_from_pinned(path, first_bytes).manifest
+        try:
+            chain = tuple(check_chain([first, *_parse_rotations(rotations, rotation_bytes)]))
+        except InputError as exc:
+            raise VerificationFailed(f"the founders' manifests pinned on this machine do not stand: {exc}") from None
+        _remember(_pinned_checked, key, chain)
+    return list(chain)
 
 
 def pin_rotation(settings: Settings, m: SignedManifest) -> list[SignedManifest]:
@@ -159,69 +190,99 @@ def pin_rotation(settings: Settings, m: SignedManifest) -> list[SignedManifest]:
 # ---------------------------------------------------------------- what the store holds
 
 
-def _logged(s: Session) -> dict[int, dict[str, Any]]:
-    """The rotations the audit log recorded, by epoch number."""
+_RawEpoch = tuple[int, str, str, str, int, int]  # a policy_epoch row as read
+_StoreText = tuple[StoredPolicy, tuple[str, str] | None, tuple[_RawEpoch, ...], tuple[str, ...]]
+_epochs_checked: dict[_StoreText, tuple[Epoch, ...]] = {}
+
+
+def _logged(payloads: Iterable[str]) -> dict[int, dict[str, Any]]:
+    """The rotations the audit log recorded (their payloads in log order), by epoch number."""
     out: dict[int, dict[str, Any]] = {}
-    for entry in s.exec(select(AuditEntry).where(AuditEntry.event == ROTATED).order_by(col(AuditEntry.seq))).all():
+    for text in payloads:
         try:
-            payload = json.loads(entry.payload)
+            payload = json.loads(text)
             out[int(payload["epoch"])] = payload
         except (ValueError, KeyError, TypeError):
             continue  # an unreadable entry vouches for nothing
     return out
 
 
-def _first_epoch(s: Session, any_rotation: bool) -> Epoch:
+def _first_epoch(policy: StoredPolicy, manifest: tuple[str, str] | None, any_rotation: bool) -> Epoch:
     if any_rotation:
-        return Epoch(0, store_trust(s).manifest, 0, 0)
+        return Epoch(0, trust_from_stored(manifest, policy).manifest, 0, 0)
     # A store without rotations needs no signed manifest row to issue (stores from before them).
-    policy = policy_from_session(s)
-    return Epoch(0, SignedManifest(policy.to_manifest(), {}, policy), 0, 0)
+    parsed = policy_from_stored(policy)
+    return Epoch(0, SignedManifest(parsed.to_manifest(), {}, parsed), 0, 0)
 
 
-def _row_epoch(row: PolicyEpochRow, before: Epoch, logged: dict[str, Any] | None) -> Epoch:
+def _row_epoch(row: _RawEpoch, before: Epoch, logged: dict[str, Any] | None) -> Epoch:
+    number, digest, previous, document, receive_from, change_from = row
     try:
-        m = load_signed_manifest(row.document.encode())
+        m = load_signed_manifest(document.encode())
         check_rotation(m, before.manifest)
     except InputError as exc:
-        raise VerificationFailed(f"the store's policy epoch {row.epoch} does not stand: {exc}") from None
-    epoch = Epoch(row.epoch, m, row.receive_from, row.change_from)
+        raise VerificationFailed(f"the store's policy epoch {number} does not stand: {exc}") from None
+    epoch = Epoch(number, m, receive_from, change_from)
     facts = (epoch.number, m.digest, previous_of(m), epoch.receive_from, epoch.change_from)
     if (
-        row.epoch != before.number + 1
-        or m.digest != row.digest
-        or row.previous != before.manifest.digest
-        or row.receive_from < before.receive_from
-        or row.change_from < before.change_from
+        number != before.number + 1
+        or m.digest != digest
+        or previous != before.manifest.digest
+        or receive_from < before.receive_from
+        or change_from < before.change_from
     ):
         raise VerificationFailed(
-            f"the store's policy epoch {row.epoch} disagrees with its manifest or with epoch {before.number}"
+            f"the store's policy epoch {number} disagrees with its manifest or with epoch {before.number}"
         )
     if logged is None or facts != tuple(
         logged.get(k) for k in ("epoch", "manifest_digest", "previous", "receive_from", "change_from")
     ):
         raise VerificationFailed(
-            f"the store's policy epoch {row.epoch} is not the rotation the audit log recorded: "
+            f"the store's policy epoch {number} is not the rotation the audit log recorded: "
             "it was written or changed outside custody"
         )
     return epoch
+
+
+def _read_store(s: Session) -> _StoreText:
+    """Everything :func:`store_epochs` judges, as text, read in this transaction."""
+    rows = s.exec(select(PolicyEpochRow).order_by(col(PolicyEpochRow.epoch))).all()
+    raw = tuple((r.epoch, r.digest, r.previous, r.document, r.receive_from, r.change_from) for r in rows)
+    if not raw:
+        return stored_policy(s), None, (), ()
+    signed = s.get(SignedManifestRow, 1)
+    logged = s.exec(select(AuditEntry.payload).where(AuditEntry.event == ROTATED).order_by(col(AuditEntry.seq))).all()
+    return stored_policy(s), None if signed is None else (signed.digest, signed.document), raw, tuple(logged)
+
+
+def _judge(text: _StoreText) -> tuple[Epoch, ...]:
+    policy, manifest, rows, payloads = text
+    epochs = [_first_epoch(policy, manifest, bool(rows))]
+    logged = _logged(payloads)
+    for row in rows:
+        epochs.append(_row_epoch(row, epochs[-1], logged.get(row[0])))
+    if len(logged) > len(rows):
+        raise VerificationFailed("the audit log records a rotation the store no longer has: its row was deleted")
+    return tuple(epochs)
 
 
 def store_epochs(s: Session) -> list[Epoch]:
     """Every epoch of the store, each rotation re-checked against the one before it and against
     its audit log entry.
 
+    The rows are read on every call; they are judged once per process for the same text
+    (every column of the policy, the signed manifest, every epoch row and every rotation entry
+    of the log is the key: a row written or edited by SQL is judged anew).
+
     Raises StorageError (no policy), VerificationFailed (a row that does not stand: written by
     SQL, too few approvals, out of order, not what the log recorded).
     """
-    rows = s.exec(select(PolicyEpochRow).order_by(col(PolicyEpochRow.epoch))).all()
-    epochs = [_first_epoch(s, bool(rows))]
-    logged = _logged(s) if rows else {}
-    for row in rows:
-        epochs.append(_row_epoch(row, epochs[-1], logged.get(row.epoch)))
-    if len(logged) > len(rows):
-        raise VerificationFailed("the audit log records a rotation the store no longer has: its row was deleted")
-    return epochs
+    text = _read_store(s)
+    epochs = _epochs_checked.get(text)
+    if epochs is None:
+        epochs = _judge(text)
+        _remember(_epochs_checked, text, epochs)
+    return list(epochs)
 
 
 def check_epochs_pinned(epochs: Sequence[Epoch], chain: Sequence[SignedManifest]) -> None:

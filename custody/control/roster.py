@@ -21,7 +21,7 @@ from sqlmodel import Session, col, select
 from custody.clock import now
 from custody.config import Settings
 from custody.control import audit_log
-from custody.control.wallet import policy_from_session
+from custody.control.wallet import StoredPolicy, policy_from_stored, stored_policy
 from custody.errors import ApprovalError, Conflict, InputError, NotFound, StorageError, VerificationFailed
 from custody.files import read_bounded, write_atomic
 from custody.identity.approvals import RegistryEntry
@@ -81,14 +81,24 @@ def load_trust(settings: Settings) -> Trust:
     Raises StorageError (none pinned), VerificationFailed (unreadable, or not signed by every
     founder: exit 3, nothing may act on it).
     """
-    path = settings.manifest
+    return trust_from_pinned(settings.manifest, read_pinned(settings.manifest))
+
+
+def read_pinned(path: Path) -> bytes:
+    """The pinned manifest's bytes, unchecked (:func:`trust_from_pinned`). Raises StorageError
+    (none pinned), VerificationFailed (unreadable)."""
     try:
-        data = read_bounded(path, MAX_MANIFEST_BYTES, "the pinned founders' manifest")
+        return read_bounded(path, MAX_MANIFEST_BYTES, "the pinned founders' manifest")
     except FileNotFoundError:
         raise StorageError(
             f"no founders' manifest is pinned at {path}: `custody init MANIFEST` (first machine) or "
             "`custody manifest pin` (another machine), or set CUSTODY_MANIFEST"
         ) from None
+
+
+def trust_from_pinned(path: Path, data: bytes) -> Trust:
+    """The manifest pinned at ``path`` from its bytes, every founder's signature checked.
+    Raises VerificationFailed."""
     try:
         signed = load_signed_manifest(data).check()
     except InputError as exc:
@@ -123,16 +133,23 @@ def store_trust(s: Session) -> Trust:
     Raises StorageError (none: a store from before signed manifests), VerificationFailed.
     """
     row = s.get(SignedManifestRow, 1)
-    if row is None:
+    return trust_from_stored(None if row is None else (row.digest, row.document), stored_policy(s))
+
+
+def trust_from_stored(manifest: tuple[str, str] | None, policy: StoredPolicy) -> Trust:
+    """:func:`store_trust` from the text read: the signed manifest row's (digest, document)
+    and the stored policy's. Raises StorageError, VerificationFailed."""
+    if manifest is None:
         raise StorageError("the store carries no founders-signed manifest (`custody manifest adopt FILE`)")
+    digest, document = manifest
     try:
-        m = load_signed_manifest(row.document.encode()).check()
+        m = load_signed_manifest(document.encode()).check()
     except InputError as exc:
         raise VerificationFailed(f"the store's founders' manifest cannot be trusted: {exc}") from None
-    if m.digest != row.digest:
+    if m.digest != digest:
         raise VerificationFailed("the store's founders' manifest does not match its recorded digest")
     trust = Trust(m)
-    check_store_policy(policy_from_session(s), trust)
+    check_store_policy(policy_from_stored(policy), trust)
     return trust
 
 

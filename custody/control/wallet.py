@@ -69,16 +69,34 @@ def init_store(db: Database, signed: SignedManifest, actor: str = "operator") ->
         )
 
 
-def policy_from_session(s: Session) -> Policy:
-    """The stored policy. Raises StorageError when there is none or it is unreadable."""
+StoredPolicy = tuple[str, int, str, tuple[tuple[str, str], ...]] | None
+"""The stored policy's text as read (network, threshold, script type, founders' names and
+xpubs), None when the store has none: what :func:`policy_from_stored` parses."""
+
+
+def stored_policy(s: Session) -> StoredPolicy:
+    """The stored policy's text, unparsed (None when there is none)."""
     row = s.get(PolicyRow, 1)
     if row is None:
-        raise StorageError("the store has no policy: run `custody init` first")
+        return None
     founders = s.exec(select(FounderRow).order_by(col(FounderRow.position))).all()
+    return row.network, row.threshold, row.script_type, tuple((f.name, f.xpub) for f in founders)
+
+
+def policy_from_stored(stored: StoredPolicy) -> Policy:
+    """The policy of :func:`stored_policy`'s text. Raises StorageError when there is none or
+    it is unreadable."""
+    if stored is None:
+        raise StorageError("the store has no policy: run `custody init` first")
     try:
-        return _parsed_policy(row.network, row.threshold, row.script_type, tuple((f.name, f.xpub) for f in founders))
+        return _parsed_policy(*stored)
     except Exception as exc:  # a stored policy that does not parse is a damaged store
         raise StorageError(f"the stored policy is damaged: {exc}") from None
+
+
+def policy_from_session(s: Session) -> Policy:
+    """The stored policy. Raises StorageError when there is none or it is unreadable."""
+    return policy_from_stored(stored_policy(s))
 
 
 @functools.lru_cache(maxsize=8)
