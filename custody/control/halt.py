@@ -30,14 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, func, select
 
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log, halt_file
-from custody.control.halt_log import _derive, _read_log
+from custody.control.halt_log import _HALT_EVENTS, _ROSTER_EVENT, _derive, _read_log
 from custody.control.roster import Trust, authenticate, load_trust, standing
 from custody.errors import (
     ApprovalError,
@@ -66,7 +66,7 @@ HOOK_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR
 passphrase, PIN, node or mail credential, nor the database URL."""
 
 
-def guard(s: Session, *, lock: bool = True) -> None:
+def guard(s: Session, *, lock: bool = True) -> int:
     """Refuse (HaltedError, exit 3) while trading is halted or the halt state is unreadable.
 
     ``lock=False``: the same check without the head's lock (head and log tip read in one
@@ -77,7 +77,8 @@ def guard(s: Session, *, lock: bool = True) -> None:
     It first takes the audit log head's row lock, which raising a halt also takes: a halt
     committed before this transaction got the lock is seen here, and one raised after it
     waits for this transaction. So the halt wins every race, on PostgreSQL as on SQLite.
-    The halt state is the audit log's, checked against the halt table.
+    The halt state is the audit log's, checked against the halt table. Returns the audit
+    entry the state was checked at (for :func:`guard_since`).
     """
     try:
         if lock:
@@ -91,6 +92,29 @@ def guard(s: Session, *, lock: bool = True) -> None:
         raise HaltedError(f"the halt state cannot be read ({type(exc).__name__}): treated as halted") from None
     if halts:
         raise HaltedError(_halted_message(halts))
+    return seq
+
+
+_SINCE = text(
+    "SELECT (SELECT MAX(seq) FROM audit_log), EXISTS (SELECT 1 FROM audit_log WHERE seq > :seen AND event IN :events)"
+).bindparams(bindparam("events", value=(*_HALT_EVENTS, _ROSTER_EVENT), expanding=True))
+
+
+def guard_since(s: Session, seen: int) -> None:
+    """:func:`guard` with the lock after ``seen = guard(s, lock=False)`` in this transaction:
+    the head's row lock, the log's tip, and only what was appended after ``seen`` (a halt or
+    roster entry there: the full check again). One statement under the lock, not every halt.
+    The halt wins every race as with :func:`guard` (a halt commits with its ``halt.raised``
+    entry); a halt row written by SQL alone is the next full check's to see."""
+    try:
+        head = s.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
+        row = s.execute(_SINCE, {"seen": seen}).first()
+    except SQLAlchemyError as exc:
+        raise HaltedError(f"the halt state cannot be read ({type(exc).__name__}): treated as halted") from None
+    if head is None or row is None or (row[0] or 0) != head.seq or head.seq < seen:
+        raise HaltedError(_LOG_PAST_HEAD)
+    if row[1]:
+        guard(s)
 
 
 def _halted_message(halts: list[dict[str, Any]]) -> str:

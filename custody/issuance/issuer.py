@@ -10,9 +10,6 @@ manifest before it is stored or shown; a mismatch raises the trading halt and no
 returned.
 """
 
-# size(issue_in_session): one issuance's steps under the audit head's lock, as helper speed left it;
-#   split with the issuance's next change
-
 from __future__ import annotations
 
 import atexit
@@ -41,6 +38,7 @@ from custody.errors import Conflict, InputError, NotFound, StorageError, Verific
 from custody.faults import crash_point, pause_point
 from custody.issuance.record import ISSUED, row_line
 from custody.policy.generator import AddressDeriver, DerivedAddress
+from custody.policy.manifest import SignedManifest
 from custody.policy.model import RECEIVE, Policy
 from custody.store.db import Database
 from custody.store.models import AddressRow
@@ -90,37 +88,66 @@ def load_manifest(settings: Settings) -> verify.Manifest:
     founder (or a rotation by too few of its predecessor's): issuing unverified addresses is
     never an option.
     """
-    newest = epochs.pinned_chain(settings)[-1]
-    try:
-        return verify.parse_manifest(newest.body)
-    except verify.ManifestError as exc:
-        raise VerificationFailed(f"the pinned founders' manifest is unusable: {exc}") from None
+    return _verifier_manifest(epochs.pinned_chain(settings)[-1])
+
+
+_parsed: dict[str, verify.Manifest] = {}
+
+
+def _verifier_manifest(newest: SignedManifest) -> verify.Manifest:
+    """The verifier's reading of ``newest``, once per process per manifest (its digest covers
+    every byte of the body the verifier reads)."""
+    manifest = _parsed.get(newest.digest)
+    if manifest is None:
+        try:
+            manifest = verify.parse_manifest(newest.body)
+        except verify.ManifestError as exc:
+            raise VerificationFailed(f"the pinned founders' manifest is unusable: {exc}") from None
+        if len(_parsed) >= 8:
+            _parsed.clear()
+        _parsed[newest.digest] = manifest
+    return manifest
 
 
 def load_manifest_or_halt(db: Database, settings: Settings) -> verify.Manifest:
     """:func:`load_manifest`; a pinned manifest the founders' signatures do not cover halts
     trading before the error is raised (someone edited or replaced it)."""
-    try:
-        manifest = load_manifest(settings)
-    except VerificationFailed as exc:
-        halt.raise_halt(db, settings, reason=str(exc), source="verification", actor="address-issuance")
-        raise VerificationFailed(f"{exc} — trading is halted") from None
-    _not_behind(db, settings)
+    manifest, pinned = _pinned_or_halt(db, settings)
+    with db.transaction() as s:
+        _not_behind(pinned, epochs.store_epochs(s))
     return manifest
 
 
-def _not_behind(db: Database, settings: Settings) -> None:
+def _pinned_or_halt(db: Database, settings: Settings) -> tuple[verify.Manifest, list[str]]:
+    """The verifier's manifest and the digests of the chain pinned here; halts as
+    :func:`load_manifest_or_halt`."""
+    try:
+        chain = epochs.pinned_chain(settings)
+        manifest = _verifier_manifest(chain[-1])
+    except VerificationFailed as exc:
+        halt.raise_halt(db, settings, reason=str(exc), source="verification", actor="address-issuance")
+        raise VerificationFailed(f"{exc} — trading is halted") from None
+    return manifest, [m.digest for m in chain]
+
+
+def _not_behind(pinned: list[str], store: list[epochs.Epoch]) -> None:
     """Refuse (Conflict, nothing halted) while a rotation is pinned here but not yet in the store:
     `custody rotate apply` stopped between its two steps. Anything else that differs is left to
     the verification of every issued address, which halts."""
-    chain = [m.digest for m in epochs.pinned_chain(settings)]
-    with db.transaction() as s:
-        stored = [e.manifest.digest for e in epochs.store_epochs(s)]
-    if len(chain) > len(stored) and chain[: len(stored)] == stored:
+    stored = [e.manifest.digest for e in store]
+    if len(pinned) > len(stored) and pinned[: len(stored)] == stored:
         raise Conflict(
             f"a rotation is pinned on this machine but not applied to the store: run `custody rotate apply` "
-            f"with it again ({len(chain) - len(stored)} pending)"
+            f"with it again ({len(pinned) - len(stored)} pending)"
         )
+
+
+def _peek(s: Session, chain: int) -> int:
+    """The next index of ``chain`` as last committed, without a lock: a prediction only."""
+    value = s.execute(
+        text("SELECT next_value FROM counter WHERE name = :name"), {"name": COUNTER_NAMES[chain]}
+    ).scalar()
+    return int(value or 0)
 
 
 def _allocate(s: Session, chain: int, count: int) -> int:
@@ -206,30 +233,52 @@ def issue_in_session(
     count: int = 1,
     chain: int = RECEIVE,
     actor: str = "operator",
+    *,
+    pinned: list[str] | None = None,
 ) -> list[IssuedAddress]:
-    """Issue addresses inside the caller's transaction (see :func:`issue_addresses`).
+    """Issue addresses inside the caller's transaction (see :func:`issue_addresses`);
+    ``pinned``: the digests of the chain pinned here, to refuse while a rotation is pinned but
+    not applied (:func:`load_manifest_or_halt` checks that for the other callers).
 
-    Raises HaltedError, InputError, AddressMismatch (the caller must roll back, then
+    Raises HaltedError, InputError, Conflict, AddressMismatch (the caller must roll back, then
     raise the halt with :func:`halt_for_mismatch`), StorageError.
     """
     check_account(account)
     if not 1 <= count <= MAX_BATCH:
         raise InputError(f"count must be between 1 and {MAX_BATCH}")
-    halt.guard(s, lock=False)  # the halt first: refused before any work
-    policy = epochs.current_policy(s)  # the newest: old policies' addresses are never issued again
+    store = epochs.store_epochs(s)
+    if pinned is not None:
+        _not_behind(pinned, store)
+    policy = store[-1].policy  # the newest: old policies' addresses are never issued again
+    seen = halt.guard(s, lock=False)  # refused before any work; the locked part below is short
+    # Derived and verified before any lock, at the index the counter says now: with one issuer
+    # that is the index it gets; another that allocated meanwhile makes it derive again below.
+    # Nothing of this is stored or shown unless the allocation under the lock confirms it.
+    predicted = _peek(s, chain)
+    good, failure = _derive_checked(policy, manifest, chain, predicted, count)
+    if failure:
+        raise AddressMismatch(*failure[0])
+    # The serialized section: the halt's guard takes the audit head's row lock, which every
+    # other writer (a halt, a withdrawal, a rotation, another issuer) needs, and looks at what
+    # was appended since the full check above; then the counter's row lock. The halt wins every
+    # race: one raised before this point is seen here, one raised after waits for this commit;
+    # nothing is shown before the commit. Lock order: the head, then a counter, for every
+    # writer (withdrawals and rotations too): no cycle.
+    halt.guard_since(s, seen)
     first = _allocate(s, chain, count)
     crash_point("issuance.allocated")
     pause_point("issuance.allocated")
-    good, failure = _derive_checked(policy, manifest, chain, first, count)
-    if failure:
-        raise AddressMismatch(*failure[0])
-    # The halt's guard takes the audit head's row lock, which every other writer (a halt, a
-    # withdrawal) needs: taken here, after the derivation and the verification, it is held
-    # only around the insert and the log entry. The halt still wins every race: one raised
-    # before this point is seen, one raised after waits for this commit; nothing is shown
-    # before the commit. Lock order: the receive counter, then the head; withdrawals take
-    # the head, then the change counter; no cycle.
-    halt.guard(s)
+    if first != predicted:
+        good, failure = _derive_checked(policy, manifest, chain, first, count)
+        if failure:
+            raise AddressMismatch(*failure[0])
+    return _store(s, good, account, chain, first, count, actor)
+
+
+def _store(
+    s: Session, good: list[DerivedAddress], account: str, chain: int, first: int, count: int, actor: str
+) -> list[IssuedAddress]:
+    """Insert the issued rows and their ``address.issued`` entry (the head's lock held)."""
     at = now()
     issued = [
         IssuedAddress(d.chain, d.index, account, d.address, d.script_pubkey.hex(), d.script.hex(), at) for d in good
@@ -297,14 +346,14 @@ def issue_chunks(
     check_account(account)
     if not 1 <= count <= MAX_BATCH:
         raise InputError(f"count must be between 1 and {MAX_BATCH}")
-    manifest = load_manifest_or_halt(db, settings)
+    manifest, pinned = _pinned_or_halt(db, settings)
     chunk = chunk or ISSUE_CHUNK
     left = count
     while left:
         size = min(chunk, left)
         try:
             with db.transaction() as s:
-                issued = issue_in_session(s, manifest, account, size, chain, actor)
+                issued = issue_in_session(s, manifest, account, size, chain, actor, pinned=pinned)
             crash_point("issuance.committed")
         except AddressMismatch as exc:  # the chunk's transaction rolled back: nothing of it stored
             raise halt_for_mismatch(db, settings, exc) from None

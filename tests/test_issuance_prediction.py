@@ -1,0 +1,110 @@
+"""Issuance derives and verifies the next address before it takes any lock, at the index the
+counter says then; the lock confirms it or the work is done again. Another issuer that
+commits in between (PostgreSQL: nothing is locked before the allocation) must make this one
+derive again: every stored address is its own index's, no index twice, no gap, and the
+store's rows stand against the audit log."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from custody.bitcoin.network import REGTEST
+from custody.bitcoin.script import ScriptType
+from custody.config import Settings
+from custody.control import halt
+from custody.errors import HaltedError
+from custody.issuance import issuer
+from custody.issuance.record import check_rows
+from custody.policy.generator import AddressDeriver
+from custody.policy.model import make_policy
+from custody.store.db import Database
+from tests.support import create_store, founders
+
+
+def _store(tmp_path: Path, url: str) -> tuple[Database, Settings, AddressDeriver]:
+    settings = Settings.load(home=str(tmp_path), db_url=url)
+    db = Database(url)
+    fs = founders()
+    policy = make_policy(REGTEST, 2, ScriptType.P2WSH, [(f.name, str(f.account)) for f in fs])
+    create_store(db, settings, policy, fs)
+    return db, settings, AddressDeriver(policy)
+
+
+def _stands(db: Database, deriver: AddressDeriver, n: int) -> None:
+    stored = issuer.list_addresses(db)
+    assert [a.index for a in stored] == list(range(n))  # no index twice, no gap
+    assert all(a.address == deriver.derive(0, a.index).address for a in stored)
+    with db.transaction(read_only=True) as s:
+        assert check_rows(s, issuer.iter_addresses(s)) == []
+
+
+def test_an_issuer_that_commits_between_the_prediction_and_the_lock(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, settings, deriver = _store(tmp_path, pg_url)
+    other = Database(pg_url)
+    derive = issuer._derive_checked
+    calls: list[int] = []
+
+    def derive_while_another_issues(*args: Any) -> issuer.Checked:
+        calls.append(args[3])  # the first index asked for
+        if len(calls) == 1:  # the prediction: another process issues 3 meanwhile, and commits
+            assert [a.index for a in issuer.issue_addresses(other, settings, "other", 3)] == [0, 1, 2]
+        return derive(*args)
+
+    monkeypatch.setattr(issuer, "_derive_checked", derive_while_another_issues)
+    (mine,) = issuer.issue_addresses(db, settings, "mine", 1)
+    assert calls[0] == 0 and mine.index == 3 and calls[-1] == 3  # predicted 0, derived again at 3
+    assert mine.address == deriver.derive(0, 3).address
+    _stands(db, deriver, 4)
+    other.dispose()
+    db.dispose()
+
+
+def test_a_halt_committed_between_the_full_check_and_the_lock_wins(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, settings, deriver = _store(tmp_path, pg_url)
+    other = Database(pg_url)
+    derive = issuer._derive_checked
+
+    def derive_while_a_halt_is_raised(*args: Any) -> issuer.Checked:
+        halt.raise_halt(other, settings, reason="drill", source="employee", actor="alice")
+        return derive(*args)
+
+    monkeypatch.setattr(issuer, "_derive_checked", derive_while_a_halt_is_raised)
+    with pytest.raises(HaltedError, match="drill"):
+        issuer.issue_addresses(db, settings, "mine", 1)
+    assert issuer.list_addresses(db) == []
+    with db.transaction(read_only=True) as s:
+        assert check_rows(s, issuer.iter_addresses(s)) == []  # the counter was not moved either
+    other.dispose()
+    db.dispose()
+
+
+def test_concurrent_single_address_issuers_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    db, settings, deriver = _store(tmp_path, pg_url)
+    errors: list[BaseException] = []
+
+    def issue(n: int) -> None:
+        mine = Database(pg_url)
+        try:
+            for _ in range(n):
+                issuer.issue_addresses(mine, settings, "acct", 1)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            mine.dispose()
+
+    threads = [threading.Thread(target=issue, args=(8,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    _stands(db, deriver, 32)
+    db.dispose()
