@@ -295,7 +295,7 @@ def _store(
         }
         for a in issued
     ]
-    s.execute(insert(AddressRow), rows)
+    s.connection().execute(insert(AddressRow.metadata.tables["address"]), rows)  # Core: no ORM work per row
     digest = hashlib.sha256("\n".join(a.address for a in issued).encode()).hexdigest()
     rows_digest = hashlib.sha256()
     for a in issued:
