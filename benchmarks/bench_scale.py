@@ -7,6 +7,7 @@ n, `audit log --verify` at 100,000 entries/s or more. The stores are filled by S
 (rows and hash-chained entries as the tool writes them); `address new` issues for real.
 
     .venv/bin/python benchmarks/bench_scale.py [--sizes 10000,100000,1000000] [--issue-sizes 2000,20000]
+    .venv/bin/python benchmarks/bench_scale.py --sizes '' --issue-sizes 100000,1000000   # `address new` only
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{'what':28}{'n':>10}{'seconds':>9}{'per s':>11}{'peak MB':>9}{'floor s':>9}{'ratio':>7}")
     with tempfile.TemporaryDirectory() as tmp:
-        for n in map(int, args.sizes.split(",")):
+        for n in (int(x) for x in args.sizes.split(",") if x):
             c = Custody(Path(tmp) / f"s{n}")
             assert c.init(founders()).exit_code == 0
             env = dict(os.environ, **c.env)
@@ -95,7 +96,7 @@ def main() -> None:
             print(f"{'address list --json':28}{n:10,}{secs:9.2f}{n / secs:11,.0f}{peak:9.0f}")
             code, secs, peak = _run(env, "address", "list", "--csv")
             print(f"{'address list --csv':28}{n:10,}{secs:9.2f}{n / secs:11,.0f}{peak:9.0f}")
-        for n in map(int, args.issue_sizes.split(",")):
+        for n in (int(x) for x in args.issue_sizes.split(",") if x):
             c = Custody(Path(tmp) / f"i{n}")
             assert c.init(founders()).exit_code == 0
             code, secs, peak = _run(
