@@ -3,7 +3,10 @@
 Each index is used exactly once: the chain's counter row is bumped with
 ``UPDATE ... RETURNING`` inside the same transaction that stores the addresses, so two
 processes (PostgreSQL row lock, SQLite write lock) get disjoint ranges, and a failed
-issuance rolls its range back (no gaps).
+issuance rolls its range back (no gaps). The addresses are derived and verified before any
+lock is taken, at the index the counter says then, and again if the allocation under the
+lock gives another: the locks are held only for the halt's check of what changed since,
+the allocation and the insert (:func:`issue_in_session`).
 
 Every new address is checked by the independent verifier against the pinned founders'
 manifest before it is stored or shown; a mismatch raises the trading halt and nothing is
