@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlmodel import col, select
 
-from custody.books import ledger, liabilities, liability_accounts, reserves_proof
+from custody.books import blockscan, ledger, liabilities, liability_accounts, reserves_proof
 from custody.chain.types import ChainBackend
 from custody.clock import iso, now
 from custody.config import Settings
@@ -47,8 +47,9 @@ from custody.control.roster import current_roster, load_trust
 from custody.errors import CustodyError, InputError, NodeError, VerificationFailed
 from custody.issuance import record
 from custody.issuance.issuer import count_addresses, iter_addresses
+from custody.issuance.record import StoredRow
 from custody.store.db import Database
-from custody.store.models import AddressRow, AuditHead, LedgerAccount, LedgerHead
+from custody.store.models import AuditHead, LedgerAccount, LedgerHead
 
 SHOWN = 20
 """Problems of one kind listed in full; more are counted."""
@@ -216,15 +217,12 @@ def audit_reserves(
     unwritable file), NodeError, StorageError.
     """
     db.check_schema()
-    with db.transaction() as s:
+    with db.transaction(read_only=True) as s:  # one snapshot of the rows, read in chunks
         every = epochs.store_epochs(s)  # old policies' addresses hold coins until swept
         policy = every[-1].policy
-        addresses = [
-            reserves_proof.StoredAddress(a.chain, a.idx, a.address, a.script_pubkey)
-            for a in s.exec(select(AddressRow)).all()
-        ]
+        snapshot, holding = blockscan.unspent_of_store(s, backend, height)
         ledger_asset = ledger.totals(s).asset
-    snapshot = backend.unspent_at([bytes.fromhex(a.script_pubkey) for a in addresses], height)
+    addresses = [reserves_proof.StoredAddress(a.chain, a.idx, a.address, a.script_pubkey) for a in holding]
     at_tip = height is None or snapshot.height == backend.tip_height()
     built = reserves_proof.build(every, addresses, snapshot)
     with db.transaction() as s:
@@ -382,8 +380,8 @@ def audit_log_check(
 
 
 def _counted(
-    rows: Iterable[AddressRow], before: int, total: int, progress: Callable[[int, int], None]
-) -> Iterator[AddressRow]:
+    rows: Iterable[StoredRow], before: int, total: int, progress: Callable[[int, int], None]
+) -> Iterator[StoredRow]:
     """``rows``, calling ``progress`` every PROGRESS_EVERY rows and at the end, counted on from ``before``."""
     done = before
     for row in rows:

@@ -41,8 +41,10 @@ from dataclasses import dataclass, field
 from sqlalchemy import delete, func, update
 from sqlmodel import Session, col, select
 
-from custody.chain.types import ChainBackend, ChainBlock, Utxo
+from custody.chain.types import ChainBackend, ChainBlock, Snapshot, Utxo
 from custody.errors import InputError, NodeError
+from custody.issuance.issuer import iter_addresses
+from custody.issuance.record import StoredRow
 from custody.policy.model import RECEIVE
 from custody.store.db import Database
 from custody.store.models import AddressRow, DepositRow, ScanBlockRow, ScanMempoolRow, ScanOutputRow
@@ -57,6 +59,9 @@ COMMIT_BLOCKS = 20
 """Blocks recorded per database transaction: a sync far behind commits every so often, and a
 crash loses at most that much reading (the cursor moves with what was recorded)."""
 
+STORE_CHUNK = 5000
+"""Address rows whose unspent outputs are asked for at once when every address is (the first
+sync, the reserves): memory stays bounded at any number of addresses."""
 SEED_HISTORY = 100
 """Blocks below the first sync's block whose hashes are kept too (the deposits' FINAL_DEPTH)."""
 
@@ -180,20 +185,52 @@ def _cursor(db: Database, backend: ChainBackend, tip: int) -> int:
         with db.transaction() as s:
             _seed_history(s, backend, tip, backend.block_hash(tip))
         return tip
+    with db.transaction(read_only=True) as s:
+        snapshot, holding = unspent_of_store(s, backend)
+    chains = {a.script_pubkey: a.chain for a in holding}
     with db.transaction() as s:
-        scripts = [bytes.fromhex(h) for h in s.exec(select(AddressRow.script_pubkey)).all()]
-    snapshot = backend.unspent_at(scripts)
-    del scripts
-    with db.transaction() as s:
-        chains = {
-            a.script_pubkey: a.chain for a in _addresses(s, sorted({u.script_pubkey.hex() for u in snapshot.utxos}))
-        }
         for u in snapshot.utxos:
             spk = u.script_pubkey.hex()
             if spk in chains and u.height is not None:
                 s.merge(_output_row(u.txid, u.vout, u.amount, spk, chains[spk], u.height))
         _seed_history(s, backend, snapshot.height, snapshot.block_hash)
     return snapshot.height
+
+
+def unspent_of_store(s: Session, backend: ChainBackend, height: int | None = None) -> tuple[Snapshot, list[StoredRow]]:
+    """The unspent outputs paying any stored address just after block ``height`` (the tip when
+    None), and the address rows they pay (those holding none are not kept).
+
+    The rows are read in the caller's transaction (one snapshot) :data:`STORE_CHUNK` at a
+    time, and each chunk's outputs asked for at the same height: memory is bounded by the
+    chunk and the addresses holding coins, not by the addresses. Raises NodeError when the
+    chain reorganised at that height meanwhile, InputError for a height off the chain.
+    """
+    at = backend.tip_height() if height is None else height
+    block_hash: str | None = None
+    utxos: list[Utxo] = []
+    holding: list[StoredRow] = []
+    chunk: list[StoredRow] = []
+
+    def ask() -> None:
+        nonlocal block_hash
+        part = backend.unspent_at([bytes.fromhex(a.script_pubkey) for a in chunk], at)
+        if block_hash is not None and part.block_hash != block_hash:
+            raise NodeError(f"the chain reorganised at height {at} while its unspent outputs were read; try again")
+        block_hash = part.block_hash
+        paid = {u.script_pubkey.hex() for u in part.utxos}
+        utxos.extend(part.utxos)
+        holding.extend(a for a in chunk if a.script_pubkey in paid)
+        chunk.clear()
+
+    for row in iter_addresses(s):
+        chunk.append(row)
+        if len(chunk) >= STORE_CHUNK:
+            ask()
+    if chunk or block_hash is None:
+        ask()
+    assert block_hash is not None
+    return Snapshot(at, block_hash, sorted(utxos, key=lambda u: (u.height or 0, u.txid, u.vout))), holding
 
 
 def _seed_history(s: Session, backend: ChainBackend, height: int, block_hash: str) -> None:

@@ -159,11 +159,12 @@ _CHAIN_PAGE = text(
 )
 
 
-def iter_chain(session: Session, batch: int = CHAIN_BATCH) -> Iterator[tuple[Any, ...]]:
+def iter_chain(session: Session, batch: int | None = None) -> Iterator[tuple[Any, ...]]:
     """Every entry as a plain row ``(seq, at, event, actor, payload, signature, prev_hash,
     hash, origin)`` in order, read ``batch`` at a time by sequence (no ORM objects, no type
     conversion: ``at`` is as the driver gives it, see :func:`_stamp`)."""
     last = -1
+    batch = batch or CHAIN_BATCH
     while True:
         rows = session.connection().execute(_CHAIN_PAGE, {"last": last, "n": batch}).all()
         if not rows:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert, text
+from sqlalchemy import select as select_columns
 from sqlmodel import Session, col, func, select
 
 from custody import verify
@@ -39,7 +40,7 @@ from custody.control import audit_log, epochs, halt
 from custody.control.wallet import COUNTER_NAMES
 from custody.errors import Conflict, InputError, NotFound, StorageError, VerificationFailed
 from custody.faults import crash_point, pause_point
-from custody.issuance.record import ISSUED, row_line
+from custody.issuance.record import ISSUED, StoredRow, row_line
 from custody.policy.generator import AddressDeriver, DerivedAddress
 from custody.policy.manifest import SignedManifest
 from custody.policy.model import RECEIVE, Policy
@@ -78,7 +79,7 @@ def check_account(account: str) -> str:
     return account
 
 
-def _row_to_issued(row: AddressRow) -> IssuedAddress:
+def _row_to_issued(row: AddressRow | StoredRow) -> IssuedAddress:
     return IssuedAddress(row.chain, row.idx, row.account, row.address, row.script_pubkey, row.script, row.created_at)
 
 
@@ -389,12 +390,13 @@ def iter_issued(
     *,
     offset: int = 0,
     limit: int | None = None,
-    batch: int = 5000,
+    batch: int | None = None,
 ) -> Iterator[IssuedAddress]:
     """Issued addresses in (chain, index) order, optionally of one account or chain, from the
     ``offset``-th, at most ``limit``: read ``batch`` at a time, each batch its own read
     transaction (bounded memory; no snapshot held while the caller writes them out)."""
     db.check_schema()
+    batch = batch or ADDRESS_BATCH
     last: tuple[int, int] | None = None
     left = limit
     while left is None or left > 0:
@@ -441,23 +443,47 @@ def get_address(db: Database, address: str) -> IssuedAddress:
         return _row_to_issued(row)
 
 
-def iter_addresses(s: Session, batch: int = 5000) -> Iterator[AddressRow]:
-    """Every issued address in (chain, index) order, read in batches (constant memory)."""
+_ROW_COLUMNS: tuple[Any, ...] = (
+    AddressRow.chain,
+    AddressRow.idx,
+    AddressRow.account,
+    AddressRow.address,
+    AddressRow.script_pubkey,
+    AddressRow.script,
+    AddressRow.created_at,
+)
+
+
+ADDRESS_BATCH = 5000
+"""Address rows read per query by the streaming reads (listing, export, verification, audits)."""
+
+
+def iter_addresses(s: Session, batch: int | None = None) -> Iterator[StoredRow]:
+    """Every issued address in (chain, index) order, read ``batch`` (:data:`ADDRESS_BATCH`) at
+    a time by key in the caller's transaction: constant memory, and one snapshot when the
+    caller's transaction is a read transaction (custody.store.db)."""
+    batch = batch or ADDRESS_BATCH
     last = (-1, -1)
+    make = StoredRow._make
     while True:
-        rows = s.exec(
-            select(AddressRow)
-            .where(
-                (col(AddressRow.chain) > last[0])
-                | ((col(AddressRow.chain) == last[0]) & (col(AddressRow.idx) > last[1]))
+        rows = (
+            s.connection()
+            .execute(
+                select_columns(*_ROW_COLUMNS)
+                .where(
+                    (col(AddressRow.chain) > last[0])
+                    | ((col(AddressRow.chain) == last[0]) & (col(AddressRow.idx) > last[1]))
+                )
+                .order_by(col(AddressRow.chain), col(AddressRow.idx))
+                .limit(batch)
             )
-            .order_by(col(AddressRow.chain), col(AddressRow.idx))
-            .limit(batch)
-        ).all()
+            .all()
+        )
         if not rows:
             return
-        yield from rows
-        last = (rows[-1].chain, rows[-1].idx)
+        for row in rows:
+            yield make(row)
+        last = (rows[-1][0], rows[-1][1])
 
 
 def count_addresses(s: Session) -> int:

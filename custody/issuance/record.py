@@ -22,22 +22,40 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import NamedTuple
 
 from sqlmodel import Session, col, select
 
 from custody import verify
 from custody.control import audit_log
 from custody.control.wallet import COUNTER_NAMES
-from custody.store.models import AddressRow, AuditEntry, Counter
+from custody.store.models import AuditEntry, Counter
 
 ISSUED = "address.issued"
 SHOWN = 20
+LISTED = 1000
+"""Failures :func:`check_rows` lists at most; the rest are counted (memory stays bounded when
+every row of a million differs)."""
 LOG = "(audit log)"
 
 
 def row_line(chain: int, index: int, account: str, address: str, script_pubkey: str, script: str) -> bytes:
     """One issued row as ``rows_sha256`` hashes it (hex scripts, one line each)."""
     return f"{chain}/{index} {account} {address} {script_pubkey} {script}\n".encode()
+
+
+class StoredRow(NamedTuple):
+    """One address row as read in bulk (custody.issuance.issuer.iter_addresses): a plain
+    tuple, no ORM object kept or tracked."""
+
+    chain: int
+    idx: int
+    account: str
+    address: str
+    script_pubkey: str
+    script: str
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -116,7 +134,7 @@ class _Walk:
         self.next = record.first
         self.accounts_ok = True
 
-    def add(self, row: AddressRow, failures: list[verify.Failure]) -> None:
+    def add(self, row: StoredRow, failures: list[verify.Failure]) -> None:
         r = self.record
         if row.idx > self.next:
             self.missing(self.next, row.idx, failures)
@@ -176,12 +194,38 @@ class _Walk:
             )
 
 
-def check_rows(s: Session, rows: Iterable[AddressRow]) -> list[verify.Failure]:
+class _Bounded(list[verify.Failure]):
+    """A list of failures that keeps the first ``LISTED`` and counts the rest."""
+
+    def __init__(self, first: list[verify.Failure]) -> None:
+        super().__init__(first[:LISTED])
+        self.more = max(0, len(first) - LISTED)
+
+    def append(self, failure: verify.Failure) -> None:
+        if len(self) < LISTED:
+            super().append(failure)
+        else:
+            self.more += 1
+
+    def listed(self) -> list[verify.Failure]:
+        out = list(self)
+        if self.more:
+            out.append(
+                verify.Failure(
+                    LOG, -1, -1, f"{self.more} more differences between the address rows and the audit log (not listed)"
+                )
+            )
+        return out
+
+
+def check_rows(s: Session, rows: Iterable[StoredRow]) -> list[verify.Failure]:
     """Every address row against the log's issuances (``rows`` in (chain, index) order).
 
-    Returns what differs, empty when the store's addresses are exactly what was issued.
+    Returns what differs, empty when the store's addresses are exactly what was issued: the
+    first :data:`LISTED` differences, then one that counts the rest.
     """
-    records, failures = issuances(s)
+    records, bad = issuances(s)
+    failures = _Bounded(bad)
     ends: dict[int, int] = {}
     for a, b in zip(records, records[1:], strict=False):
         if a.chain == b.chain and b.first < a.end:
@@ -231,4 +275,4 @@ def check_rows(s: Session, rows: Iterable[AddressRow]) -> list[verify.Failure]:
                     f"{ends.get(chain, 0)}: the counter was changed outside the tool",
                 )
             )
-    return failures
+    return failures.listed()

@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlmodel import Session
+
 from custody import verify
 from custody.config import Settings
 from custody.control import audit_log, epochs, halt
@@ -80,20 +82,24 @@ def _matched(
 def _store_report(
     db: Database, chain: Sequence[verify.ManifestDocument], workers: int, progress: Callable[[int], None] | None
 ) -> verify.Report:
+    """Every address row re-derived, then checked against the log's issuances, all in ONE read
+    transaction: one snapshot (SQLite's WAL, PostgreSQL's repeatable read), read in chunks by
+    key. A writer's row that lands meanwhile is in neither pass; none can be slipped in
+    between two chunks, or between the derivations and the log check, and be seen by one only."""
     db.check_schema()
-    with db.transaction() as s:
+    with db.transaction(read_only=True) as s:
         try:
             stored = epochs.store_epochs(s)
         except VerificationFailed as exc:
             return _epoch_failure(str(exc))
-    if len(stored) == 1:  # never rotated: every address against the first manifest
-        matched: list[verify.Epoch] | str = [verify.Epoch(chain[0].manifest, 0, 0)]
-    else:
-        matched = _matched(chain, [(e.manifest.digest, e.receive_from, e.change_from) for e in stored])
-    if isinstance(matched, str):
-        return _epoch_failure(matched)
-    report = verify.verify_epochs(matched, lambda: store_records(db), workers=workers, progress=progress)
-    report.failures.extend(check_against_log(db))
+        if len(stored) == 1:  # never rotated: every address against the first manifest
+            matched: list[verify.Epoch] | str = [verify.Epoch(chain[0].manifest, 0, 0)]
+        else:
+            matched = _matched(chain, [(e.manifest.digest, e.receive_from, e.change_from) for e in stored])
+        if isinstance(matched, str):
+            return _epoch_failure(matched)
+        report = verify.verify_epochs(matched, lambda: store_records(s), workers=workers, progress=progress)
+        report.failures.extend(record.check_rows(s, iter_addresses(s)))
     return report
 
 
@@ -115,26 +121,18 @@ def _export_report(
     return verify.verify_epochs(matched, again, workers=workers, progress=progress)
 
 
-def store_records(db: Database) -> Iterator[verify.AddressRecord]:
-    """Every issued address of the store as the verifier's records (constant memory)."""
-    db.check_schema()
-    with db.transaction(read_only=True) as s:
-        for row in iter_addresses(s):
-            yield verify.AddressRecord(
-                chain=row.chain,
-                index=row.idx,
-                address=row.address,
-                script=bytes.fromhex(row.script),
-                script_pubkey=bytes.fromhex(row.script_pubkey),
-                account=row.account,
-            )
-
-
-def check_against_log(db: Database) -> list[verify.Failure]:
-    """The store's address rows against the audit log's issuances (custody.issuance.record):
-    an account changed, a row deleted or inserted outside the tool."""
-    with db.transaction(read_only=True) as s:  # one snapshot: rows and log agree in it
-        return record.check_rows(s, iter_addresses(s))
+def store_records(s: Session) -> Iterator[verify.AddressRecord]:
+    """Every issued address of the store as the verifier's records, read in the caller's
+    transaction (constant memory)."""
+    for row in iter_addresses(s):
+        yield verify.AddressRecord(
+            chain=row.chain,
+            index=row.idx,
+            address=row.address,
+            script=bytes.fromhex(row.script),
+            script_pubkey=bytes.fromhex(row.script_pubkey),
+            account=row.account,
+        )
 
 
 def count_store(db: Database) -> int:

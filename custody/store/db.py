@@ -6,9 +6,10 @@ so that two processes never interleave read-then-write sequences; on PostgreSQL 
 that job. A reading transaction (``transaction(read_only=True)``) never takes that lock: on
 SQLite it is a deferred ``BEGIN`` on a WAL snapshot, refused any write (``query_only``), and
 waits at most :data:`READ_TIMEOUT` seconds for a lock (only a connection that locked the
-file exclusively holds one against a WAL reader); on PostgreSQL it is ``READ ONLY`` with a
-``lock_timeout``. So readers never wait behind writers, and a read that cannot complete
-raises :class:`StoreBusy` quickly instead of waiting a writer's minute.
+file exclusively holds one against a WAL reader); on PostgreSQL it is ``REPEATABLE READ, READ
+ONLY`` (one snapshot, as SQLite's) with a ``lock_timeout``. So readers never wait behind
+writers, and a read that cannot complete raises :class:`StoreBusy` quickly instead of waiting
+a writer's minute.
 """
 
 from __future__ import annotations
@@ -251,5 +252,8 @@ def _sqlite_on_begin(conn: Any) -> None:
 
 def _postgres_on_begin(conn: Any) -> None:
     if conn.get_execution_options().get(_READ_ONLY):
-        conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+        # One snapshot for the whole transaction (a reader that pages through a million rows
+        # in chunks sees them as they stood when it began; a read-only transaction never fails
+        # to serialize), read only.
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{READ_TIMEOUT}s'")
