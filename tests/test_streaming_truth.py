@@ -10,8 +10,10 @@ verification sees one snapshot (SQLite's WAL; PostgreSQL's repeatable read).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import random
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,3 +207,73 @@ def test_a_writer_racing_the_store_verification_hides_nothing_postgres(
 
     _race(c, monkeypatch, pg_url, read)
     engine.dispose()
+
+
+ODD = ['quote " backslash \\ newline \n tab \t', "é € 😀 \u2028", "\x00\x1f control", "/slash/"]
+
+
+def test_the_chain_check_hashes_every_kind_of_text_as_entry_hash_does(store: Custody) -> None:
+    """Entries whose fields hold quotes, escapes, control characters and non-ASCII (with and
+    without a signature and an origin), re-hashed independently, verify; one changed by SQL
+    is named."""
+    from custody.store.db import Database
+
+    db = Database(store.env["CUSTODY_DB_URL"])
+    with db.transaction() as s:
+        for n, odd in enumerate(ODD):
+            audit_log.append(s, f"test.{n}", odd[:20], {"text": odd, odd: [odd]}, signature=odd if n % 2 else None)
+    _sql(store, "UPDATE audit_log SET origin = NULL WHERE event = 'test.0'")  # entries from before schema 5 have none
+    ((seq, prev, payload, at, signature),) = _sql(
+        store, "SELECT seq, prev_hash, payload, at, signature FROM audit_log WHERE event = 'test.0'"
+    )
+    # re-hash test.0 without its origin, as such an entry was written (independently: hashlib and json)
+    stamp = at.replace(" ", "T") + "Z"
+    fields = [seq, stamp, "test.0", ODD[0][:20], payload, signature, prev]
+    digest = hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
+    _sql(store, "UPDATE audit_log SET hash = ? WHERE seq = ?", digest, seq)
+    rest = _sql(store, "SELECT seq FROM audit_log WHERE seq > ? ORDER BY seq", seq)
+    assert rest  # the entries after it no longer link: re-chain them as an insider would
+    for (later,) in rest:
+        row = _sql(
+            store, "SELECT seq, at, event, actor, payload, signature, origin FROM audit_log WHERE seq = ?", later
+        )[0]
+        f = [row[0], row[1].replace(" ", "T") + "Z", row[2], row[3], row[4], row[5], digest]
+        if row[6] is not None:
+            f.append(row[6])
+        new = hashlib.sha256(json.dumps(f, separators=(",", ":")).encode()).hexdigest()
+        _sql(store, "UPDATE audit_log SET prev_hash = ?, hash = ? WHERE seq = ?", digest, new, later)
+        digest = new
+    _sql(store, "UPDATE audit_head SET hash = ? WHERE id = 1", digest)
+    for witness in store.home.glob("witness.jsonl"):
+        witness.unlink()  # the local witness would (rightly) see the rewrite: here only the hashing is tested
+    result = store("audit", "log", "--verify", "--json")
+    assert result.exit_code == 0, result.stdout
+
+    _sql(store, "UPDATE audit_log SET payload = replace(payload, 'text', 'next') WHERE event = 'test.1'")
+    (edited,) = _sql(store, "SELECT seq FROM audit_log WHERE event = 'test.1'")[0]
+    result = store("audit", "log", "--verify", "--json")
+    assert result.exit_code == 3
+    named = [(p["seq"], p["reason"]) for p in json.loads(result.stdout)["problems"]]
+    assert (edited, "content does not match its hash (edited)") in named, named
+
+
+def test_duplicates_are_found_part_by_part() -> None:
+    """The verifier's duplicate search over a large set (looked at a sixteenth at a time)
+    finds exactly the values that occur more than once (counted here by Counter)."""
+    from array import array
+    from collections import Counter
+
+    from custody.verify.core import _duplicates
+
+    rng = random.Random(17)
+    values = array("Q", (rng.getrandbits(64) for _ in range(200_000)))
+    for k in range(0, 200_000, 20_011):  # some repeated, once or several times, anywhere
+        values.append(values[k])
+        if k % 3 == 0:
+            values.append(values[k])
+    values.append((1 << 32) | 5)
+    values.append((1 << 32) | 5)  # a chain/index position, as the positions array holds them
+    expected = {v for v, n in Counter(values).items() if n > 1}
+    assert len(expected) >= 11
+    assert _duplicates(values) == expected
+    assert _duplicates(array("Q", range(100_000))) == set()

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from sqlalchemy import text
@@ -188,6 +189,11 @@ PROGRESS_EVERY = 1000
 """How many entries :func:`verify_chain_counted` checks between two calls of its ``progress``."""
 
 
+def _fields(*values: Any) -> list[Any]:
+    """entry_hash's list: the origin (the last value) only when the entry has one."""
+    return list(values[:-1]) if values[-1] is None else list(values)
+
+
 def verify_chain_counted(
     session: Session, progress: Callable[[int], None] | None = None
 ) -> tuple[list[ChainProblem], int]:
@@ -198,6 +204,7 @@ def verify_chain_counted(
     expected_seq = 1
     count = 0
     dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+    quote = encode_basestring_ascii  # what that encoder writes for a string (ensure_ascii)
     sha256 = hashlib.sha256
     for seq, at, event, actor, payload, signature, prev_hash, digest, made_by in iter_chain(session):
         count += 1
@@ -205,10 +212,18 @@ def verify_chain_counted(
             problems.append(ChainProblem(seq, f"expected entry {expected_seq}: entries missing or inserted"))
         if prev_hash != prev:
             problems.append(ChainProblem(seq, "does not link to the entry before it"))
-        fields = [seq, _stamp(at), event, actor, payload, signature, prev_hash]
-        if made_by is not None:  # entry_hash, inlined: the origin is hashed when the entry has one
-            fields.append(made_by)
-        body = dumps(fields)
+        stamp = _stamp(at)
+        try:  # entry_hash's canonical JSON written directly: the same text, without the general
+            # encoder's dispatch per item (about half the time of a million entries)
+            if type(seq) is not int:
+                raise TypeError
+            body = (
+                f"[{seq},{quote(stamp)},{quote(event)},{quote(actor)},{quote(payload)},"
+                f"{'null' if signature is None else quote(signature)},{quote(prev_hash)}"
+                f"{'' if made_by is None else ',' + quote(made_by)}]"
+            )
+        except TypeError:  # a value of another type (edited by SQL): the general encoder, as entry_hash
+            body = dumps(_fields(seq, stamp, event, actor, payload, signature, prev_hash, made_by))
         if sha256(body.encode()).hexdigest() != digest:
             problems.append(ChainProblem(seq, "content does not match its hash (edited)"))
         prev = digest

@@ -29,8 +29,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, text
-from sqlalchemy import select as select_columns
+from sqlalchemy import insert, text, tuple_
 from sqlmodel import Session, col, func, select
 
 from custody import verify
@@ -80,7 +79,8 @@ def check_account(account: str) -> str:
 
 
 def _row_to_issued(row: AddressRow | StoredRow) -> IssuedAddress:
-    return IssuedAddress(row.chain, row.idx, row.account, row.address, row.script_pubkey, row.script, row.created_at)
+    at = row.created_at if isinstance(row, AddressRow) else stored_at(row.created_at)
+    return IssuedAddress(row.chain, row.idx, row.account, row.address, row.script_pubkey, row.script, at)
 
 
 def load_manifest(settings: Settings) -> verify.Manifest:
@@ -405,11 +405,8 @@ def iter_issued(
             query = query.where(AddressRow.account == account)
         if chain is not None:
             query = query.where(AddressRow.chain == chain)
-        if last is not None:
-            query = query.where(
-                (col(AddressRow.chain) > last[0])
-                | ((col(AddressRow.chain) == last[0]) & (col(AddressRow.idx) > last[1]))
-            )
+        if last is not None:  # a row value: answered from the unique index, not a scan from the start
+            query = query.where(tuple_(col(AddressRow.chain), col(AddressRow.idx)) > tuple_(last[0], last[1]))
         else:
             query = query.offset(offset)
         size = batch if left is None else min(batch, left)
@@ -443,47 +440,36 @@ def get_address(db: Database, address: str) -> IssuedAddress:
         return _row_to_issued(row)
 
 
-_ROW_COLUMNS: tuple[Any, ...] = (
-    AddressRow.chain,
-    AddressRow.idx,
-    AddressRow.account,
-    AddressRow.address,
-    AddressRow.script_pubkey,
-    AddressRow.script,
-    AddressRow.created_at,
-)
-
-
 ADDRESS_BATCH = 5000
 """Address rows read per query by the streaming reads (listing, export, verification, audits)."""
+
+_ADDRESS_PAGE = text(
+    "SELECT chain, idx, account, address, script_pubkey, script, created_at FROM address "
+    "WHERE (chain, idx) > (:chain, :idx) ORDER BY chain, idx LIMIT :n"
+)
 
 
 def iter_addresses(s: Session, batch: int | None = None) -> Iterator[StoredRow]:
     """Every issued address in (chain, index) order, read ``batch`` (:data:`ADDRESS_BATCH`) at
-    a time by key in the caller's transaction: constant memory, and one snapshot when the
-    caller's transaction is a read transaction (custody.store.db)."""
+    a time by key (a row-value comparison both databases answer from the unique index) in the
+    caller's transaction: constant memory, and one snapshot when the caller's transaction is
+    a read transaction (custody.store.db). Plain rows: ``created_at`` is as the driver gives
+    it (:func:`stored_at`)."""
     batch = batch or ADDRESS_BATCH
     last = (-1, -1)
     make = StoredRow._make
     while True:
-        rows = (
-            s.connection()
-            .execute(
-                select_columns(*_ROW_COLUMNS)
-                .where(
-                    (col(AddressRow.chain) > last[0])
-                    | ((col(AddressRow.chain) == last[0]) & (col(AddressRow.idx) > last[1]))
-                )
-                .order_by(col(AddressRow.chain), col(AddressRow.idx))
-                .limit(batch)
-            )
-            .all()
-        )
+        rows = s.connection().execute(_ADDRESS_PAGE, {"chain": last[0], "idx": last[1], "n": batch}).all()
         if not rows:
             return
         for row in rows:
             yield make(row)
         last = (rows[-1][0], rows[-1][1])
+
+
+def stored_at(value: datetime | str) -> datetime:
+    """A stored ``created_at`` as a datetime (SQLite's driver gives the text SQLAlchemy wrote)."""
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
 
 
 def count_addresses(s: Session) -> int:

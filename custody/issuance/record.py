@@ -55,7 +55,7 @@ class StoredRow(NamedTuple):
     address: str
     script_pubkey: str
     script: str
-    created_at: datetime
+    created_at: datetime | str  # as the driver gives it: custody.issuance.issuer.stored_at
 
 
 @dataclass(frozen=True)
