@@ -25,19 +25,28 @@ SMALL, LARGE = 1_000, 30_000
 GROWTH_MB = 25  # what loading 30,000 rows costs is several times this
 
 
+_LAUNCHER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024)
+"""
+
+
 def _peak_mb(c: Custody, *args: str) -> tuple[int, float]:
-    """Run ``custody ARGS`` (stdout discarded); its exit code and peak RSS in MB."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "custody_cli", *args],
+    """Run ``custody ARGS`` (stdout discarded); its exit code and peak RSS in MB.
+
+    Started by a small launcher: a child's peak RSS counts the pages of the process it was
+    forked from (Linux keeps the forked image's high-water mark at exec), and pytest's own
+    would hide the command's."""
+    out = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "custody_cli", *args],
         env=dict(os.environ, **c.env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.stderr is not None
-    proc.stderr.close()
-    return proc.returncode, usage.ru_maxrss / 1024
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return int(out[0]), float(out[1])
 
 
 def _fill(c: Custody, n: int) -> None:
