@@ -1,16 +1,20 @@
 """The halt state as the audit log says it: a halt stands from its ``halt.raised`` entry until a
 ``halt.lifted`` entry that carries two distinct employees' valid signatures of its lift, by the
 roster in force when they signed. The ``halt`` table is checked against this on every read.
+
+The rows come from a :class:`HaltRows`: the ORM session (:class:`OrmRows`, what every caller
+but one uses) or a DB-API cursor (custody.control.halt_light, the ORM-free read of
+``custody halt status``). One derivation, two row sources: this module imports no ORM itself.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from sqlmodel import Session, col, select
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from custody.clock import iso
 from custody.errors import (
@@ -18,20 +22,123 @@ from custody.errors import (
 )
 from custody.identity.statements import verify_statement
 from custody.identity.webauthn import Credential, parse_credential, signs_statement
-from custody.store.models import AuditEntry, HaltLift, HaltRow
+
+if TYPE_CHECKING:  # the ORM is imported by OrmRows when it reads: halt_light reads without it
+    from sqlmodel import Session
+
+    from custody.store.models import HaltRow
 
 LIFT_QUORUM = 2
 LIFT_DOMAIN = "custody/halt-lift/v1"
 
 
 def active_halts(s: Session) -> list[HaltRow]:
+    from sqlmodel import col, select
+
+    from custody.store.models import HaltRow
+
     return list(s.exec(select(HaltRow).where(col(HaltRow.active)).order_by(col(HaltRow.id))).all())
 
 
-# ---------------------------------------------------------------- the halt state from the audit log
+# ---------------------------------------------------------------- where the rows come from
 
 _HALT_EVENTS = ("halt.raised", "halt.lift_signed", "halt.lifted")
 _ROSTER_EVENT = "roster.applied"
+
+
+class HaltRecord(Protocol):
+    """A row of the ``halt`` table (the ORM's HaltRow, or halt_light's)."""
+
+    @property
+    def id(self) -> int | None: ...
+    @property
+    def raised_at(self) -> datetime: ...
+    @property
+    def raised_by(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def active(self) -> bool: ...
+    @property
+    def lifted_at(self) -> datetime | None: ...
+
+
+LogRow = tuple[int, datetime, str, str, str, str | None]
+"""An audit entry of a halt event: (seq, at, event, actor, payload, signature)."""
+
+
+@runtime_checkable
+class HaltRows(Protocol):
+    """The rows the halt state is derived from, read in one transaction."""
+
+    def halt_entries(self) -> Iterable[LogRow]:
+        """The audit entries of _HALT_EVENTS, by seq."""
+        ...
+
+    def roster_entries(self) -> Iterable[tuple[int, str]]:
+        """(seq, payload) of the roster.applied entries, by seq."""
+        ...
+
+    def halt(self, halt_id: int) -> HaltRecord | None: ...
+
+    def active_halts(self) -> Sequence[HaltRecord]:
+        """The rows that say active, by id."""
+        ...
+
+    def lift_employees(self, halt_id: int) -> list[str]:
+        """Who signed the lift of ``halt_id`` (halt_lift rows, by id)."""
+        ...
+
+
+class OrmRows:
+    """The rows through the ORM session ``s``."""
+
+    def __init__(self, s: Session) -> None:
+        self.s = s
+
+    def halt_entries(self) -> Iterable[LogRow]:
+        from sqlmodel import col, select
+
+        from custody.store.models import AuditEntry
+
+        query = select(AuditEntry).where(col(AuditEntry.event).in_(_HALT_EVENTS)).order_by(col(AuditEntry.seq))
+        return ((e.seq, e.at, e.event, e.actor, e.payload, e.signature) for e in self.s.exec(query).all())
+
+    def roster_entries(self) -> Iterable[tuple[int, str]]:
+        from sqlmodel import col, select
+
+        from custody.store.models import AuditEntry
+
+        return self.s.exec(
+            select(AuditEntry.seq, AuditEntry.payload)
+            .where(AuditEntry.event == _ROSTER_EVENT)
+            .order_by(col(AuditEntry.seq))
+        ).all()
+
+    def halt(self, halt_id: int) -> HaltRecord | None:
+        from custody.store.models import HaltRow
+
+        return self.s.get(HaltRow, halt_id)
+
+    def active_halts(self) -> Sequence[HaltRecord]:
+        return active_halts(self.s)
+
+    def lift_employees(self, halt_id: int) -> list[str]:
+        from sqlmodel import col, select
+
+        from custody.store.models import HaltLift
+
+        query = select(HaltLift.employee).where(HaltLift.halt_id == halt_id).order_by(col(HaltLift.id))
+        return list(self.s.exec(query).all())
+
+
+def _rows(s: Session | HaltRows) -> HaltRows:
+    return s if isinstance(s, HaltRows) else OrmRows(s)
+
+
+# ---------------------------------------------------------------- the halt state from the audit log
 
 
 @dataclass
@@ -49,15 +156,13 @@ class _Logged:
     signed: list[tuple[int, str, str]] = field(default_factory=list)  # halt.lift_signed: (seq, employee, signature)
 
 
-def _read_log(s: Session) -> tuple[list[_Logged], dict[int, list[_Logged]], frozenset[str], list[str]]:
+def _read_log(s: Session | HaltRows) -> tuple[list[_Logged], dict[int, list[_Logged]], frozenset[str], list[str]]:
     """Every halt of the log; by id; the journal ids it recorded; entries it cannot read."""
     halts: list[_Logged] = []
     by_id: dict[int, list[_Logged]] = {}
     journal: set[str] = set()
     unreadable: list[str] = []
-    rows = s.exec(select(AuditEntry).where(col(AuditEntry.event).in_(_HALT_EVENTS)).order_by(col(AuditEntry.seq))).all()
-    for e in rows:
-        seq, at, event, actor, payload, signature = e.seq, e.at, e.event, e.actor, e.payload, e.signature
+    for seq, at, event, actor, payload, signature in _rows(s).halt_entries():
         try:
             doc = json.loads(payload)
             halt_id = doc["halt_id"]
@@ -102,16 +207,11 @@ def _read_log(s: Session) -> tuple[list[_Logged], dict[int, list[_Logged]], froz
 Signers = dict[str, tuple[str | Credential, ...]]
 
 
-def _roster_events(s: Session) -> list[tuple[int, Signers]]:
+def _roster_events(s: Session | HaltRows) -> list[tuple[int, Signers]]:
     """(seq, {name: keys}) of every founders' roster the log applied, oldest first: who could
     lift from that entry on (enabled, with the lift role) and with which keys (and security keys)."""
     events: list[tuple[int, Signers]] = []
-    rows = s.exec(
-        select(AuditEntry.seq, AuditEntry.payload)
-        .where(AuditEntry.event == _ROSTER_EVENT)
-        .order_by(col(AuditEntry.seq))
-    ).all()
-    for seq, payload in rows:
+    for seq, payload in _rows(s).roster_entries():
         lifters: Signers = {}
         try:
             for e in json.loads(payload)["employees"]:
@@ -146,11 +246,11 @@ def _named(key: str | Credential) -> str:
     return key.fingerprint if isinstance(key, Credential) else key
 
 
-def _lift_problem(s: Session, h: _Logged, events: list[tuple[int, Signers]]) -> str | None:
+def _lift_problem(s: Session | HaltRows, h: _Logged, events: list[tuple[int, Signers]]) -> str | None:
     """Why the log's lift of ``h`` does not count (None: it counts)."""
     raised_at = h.raised_at
     if raised_at is None:  # a log from before the field: the row's (its lifters signed that)
-        row = s.get(HaltRow, h.id)
+        row = _rows(s).halt(h.id)
         raised_at = iso(row.raised_at, "microseconds") if row is not None else None
     if raised_at is None:
         return "its lift cannot be checked: the log does not say when it was raised"
@@ -166,10 +266,11 @@ def _lift_problem(s: Session, h: _Logged, events: list[tuple[int, Signers]]) -> 
     return None
 
 
-def _derive(s: Session, seq: int) -> tuple[list[dict[str, Any]], frozenset[str]]:
+def _derive(s: Session | HaltRows, seq: int) -> tuple[list[dict[str, Any]], frozenset[str]]:
     """The active halts as of audit entry ``seq``, each checked against its row; and the
     journal ids the log recorded. A row that says lifted when the log does not, a row
     deleted, a lift without two valid signatures: each stays a halt, with a ``problem``."""
+    s = _rows(s)
     halts, by_id, journal, unreadable = _read_log(s)
     events = _roster_events(s) if any(h.lifted_seq is not None for h in halts) else []
     active: list[dict[str, Any]] = []
@@ -179,7 +280,7 @@ def _derive(s: Session, seq: int) -> tuple[list[dict[str, Any]], frozenset[str]]
         problem = _lift_problem(s, h, events) if h.lifted_seq is not None else None
         if h.lifted_seq is not None and h.lifted_seq <= seq and problem is None:
             continue  # lifted, with two valid signatures, by the entry this state reflects
-        row = s.get(HaltRow, h.id)
+        row = s.halt(h.id)
         if h is not by_id[h.id][-1]:
             problem = "a later halt was raised under its id (its row was replaced outside the tool)"
         elif h.lifted_seq is None and row is None:
@@ -187,7 +288,7 @@ def _derive(s: Session, seq: int) -> tuple[list[dict[str, Any]], frozenset[str]]
         elif h.lifted_seq is None and row is not None and not row.active:
             problem = "its row says lifted; the audit log does not"
         active.append(_logged_dict(s, h, row, problem))
-    for row in active_halts(s):
+    for row in s.active_halts():
         if row.id not in seen:
             d = _halt_dict(s, row)
             d["problem"] = "its row is not in the audit log"
@@ -210,8 +311,7 @@ def _derive(s: Session, seq: int) -> tuple[list[dict[str, Any]], frozenset[str]]
     return active, journal
 
 
-def _logged_dict(s: Session, h: _Logged, row: HaltRow | None, problem: str | None) -> dict[str, Any]:
-    lifts = s.exec(select(HaltLift).where(HaltLift.halt_id == h.id).order_by(col(HaltLift.id))).all()
+def _logged_dict(s: HaltRows, h: _Logged, row: HaltRecord | None, problem: str | None) -> dict[str, Any]:
     d: dict[str, Any] = {
         "id": h.id,
         "raised_at": iso(row.raised_at) if row is not None else h.at,
@@ -219,7 +319,7 @@ def _logged_dict(s: Session, h: _Logged, row: HaltRow | None, problem: str | Non
         "source": h.source,
         "reason": h.reason,
         "active": True,
-        "lift_signatures": [lift.employee for lift in lifts],
+        "lift_signatures": s.lift_employees(h.id),
         "lifted_at": None,
     }
     if problem:
@@ -227,8 +327,7 @@ def _logged_dict(s: Session, h: _Logged, row: HaltRow | None, problem: str | Non
     return d
 
 
-def _halt_dict(s: Session, h: HaltRow) -> dict[str, Any]:
-    lifts = s.exec(select(HaltLift).where(HaltLift.halt_id == h.id).order_by(col(HaltLift.id))).all()
+def _halt_dict(s: HaltRows, h: HaltRecord) -> dict[str, Any]:
     return {
         "id": h.id,
         "raised_at": iso(h.raised_at),
@@ -236,6 +335,6 @@ def _halt_dict(s: Session, h: HaltRow) -> dict[str, Any]:
         "source": h.source,
         "reason": h.reason,
         "active": h.active,
-        "lift_signatures": [lift.employee for lift in lifts],
+        "lift_signatures": s.lift_employees(h.id or 0),
         "lifted_at": iso(h.lifted_at),
     }
