@@ -57,11 +57,14 @@ class Settings:
     """The local witness of the audit log's head, appended after every command (default HOME/witness.jsonl)."""
     halt_lease: float = 60.0
     """Seconds a halt file that allows trading holds (its ``valid_until``)."""
+    halt_light: bool = True
+    """``CUSTODY_HALT_LIGHT`` (default 1; 0 turns it off): ``halt status`` reads a SQLite store
+    without the ORM where that gives the same answer (custody.control.halt_light)."""
     node_binary: str | None = None
     """``BITCOIND``: the node binary ``custody node start`` runs (else bitcoind, then litecoind, on PATH)."""
     hook_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False, compare=False)
     """The environment these settings were read from; the halt hook inherits an allow-list of
-    it (custody.control.halt.HOOK_ENV). It holds secrets, so it stays out of repr."""
+    it (custody.control.halt_state.HOOK_ENV). It holds secrets, so it stays out of repr."""
 
     # Withdrawals and deposits: as given, parsed by custody.withdraw.limits.limits_from_settings
     # and custody.books.deposits.deposit_confirmations (None when the variable is not set).
@@ -147,6 +150,7 @@ class Settings:
             chain_datadir=Path(chain_datadir).expanduser(),
             witness_file=Path(env.get("CUSTODY_WITNESS_FILE") or str(home_path / "witness.jsonl")).expanduser(),
             halt_lease=lease,
+            halt_light=env.get("CUSTODY_HALT_LIGHT", "1").strip() != "0",
             node_binary=env.get("BITCOIND") or None,
             hook_env=dict(env),
             fee_rate=env.get("CUSTODY_FEE_RATE"),

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import json
 import secrets
-import shlex
-import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import bindparam, text
@@ -38,6 +36,8 @@ from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log, halt_file
 from custody.control.halt_log import _HALT_EVENTS, _ROSTER_EVENT, _derive, _read_log
+from custody.control.halt_state import HaltState as HaltState
+from custody.control.halt_state import run_hook, write_out
 from custody.control.roster import Trust, authenticate, load_trust, standing
 from custody.errors import (
     ApprovalError,
@@ -60,10 +60,6 @@ SOURCES = ("employee", "verification", "ledger", "reserves", "audit-log", "journ
 RAISE_DOMAIN = "custody/halt-raise/v1"
 MAX_REASON = 2000
 """A halt reason replayed from the halt file is cut to this many characters."""
-
-HOOK_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR")
-"""The only variables of custody's environment a halt hook inherits (and ``LC_*``): never a
-passphrase, PIN, node or mail credential, nor the database URL."""
 
 
 def guard(s: Session, *, lock: bool = True) -> int:
@@ -173,46 +169,6 @@ def ensure_running(db: Database) -> None:
 # ---------------------------------------------------------------- the state, the halt file, the hook
 
 
-@dataclass
-class HaltState:
-    """What ``custody halt status`` shows and the halt file mirrors."""
-
-    halted: bool
-    halts: list[dict[str, Any]]
-    error: str | None = None
-    warnings: list[str] = field(default_factory=list)
-    seq: int | None = None
-    """The audit log entry this state reflects (None: the store was not read)."""
-    recorded: frozenset[str] = frozenset()
-    """Journal ids the store has recorded."""
-    pending: list[dict[str, Any]] = field(default_factory=list)
-    """Halts waiting in the halt file for the store."""
-    file: dict[str, Any] | None = None
-    """The halt file as written (None: not written)."""
-    unknown: bool = False
-    """The store was locked elsewhere (StoreBusy): the state is unknown, not a halt. ``halted``
-    stays True for every caller in the library (fail closed); ``halt status`` says "unknown"
-    and leaves the halt file alone, whose lease then decides for the engine."""
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.file is not None:
-            return dict(self.file)
-        doc: dict[str, Any] = {
-            "format": halt_file.FORMAT,
-            "version": halt_file.VERSION,
-            "halted": None if self.unknown else self.halted,
-            "seq": self.seq,
-            "updated_at": iso(now()),
-            "valid_until": None,
-            "halts": self.halts,
-        }
-        if self.pending:
-            doc["pending"] = self.pending
-        if self.error:
-            doc["error"] = self.error
-        return doc
-
-
 def read_state(db: Database) -> HaltState:
     """The halt state from the store, read without waiting behind a writer; unreadable means
     halted (with the error), a store locked elsewhere means unknown (``unknown``, and halted
@@ -247,64 +203,7 @@ def publish(
     state = state or read_state(db)
     pause_point("halt.state_read")
     state.warnings[:0] = warnings
-    if state.unknown:  # nothing known to write: the file's lease runs out on its own
-        return state
-    lease = settings.halt_lease if lease is None else lease
-    force_over: int | None = None
-    for _ in range(5):
-        want = halt_file.Doc(state.halted, state.seq, state.halts, recorded=state.recorded, error=state.error)
-        written = halt_file.write(settings.halt_file, want, lease=lease, force_over=force_over)
-        if written.newer is None:
-            break
-        again = read_state(db)
-        again.warnings[:0] = state.warnings
-        state = again
-        if state.seq is not None and state.seq < written.newer:
-            state.warnings.append(
-                f"the halt file {settings.halt_file} claimed audit entry {written.newer}, beyond the log's head "
-                f"{state.seq}: replaced"
-            )
-            force_over = written.newer
-    state.warnings.extend(written.warnings)
-    if written.written and written.doc is not None:
-        state.file = written.doc
-        state.halted = bool(written.doc["halted"])
-        state.pending = list(written.doc.get("pending", []))
-    elif written.error:
-        removed = " (removed instead: the engine reads that as halted)" if written.removed else ""
-        state.warnings.append(written.error + removed)
-    changed = written.before is None or written.before != state.halted
-    if hook or (hook is None and (changed or not written.written)):
-        problem = run_hook(settings, state.halted, state.seq)
-        if problem:
-            state.warnings.append(problem)
-    return state
-
-
-def hook_environment(settings: Settings, halted: bool, seq: int | None) -> dict[str, str]:
-    """The hook's environment: an allow-list of custody's, and the halt state."""
-    env = {k: v for k, v in settings.hook_env.items() if k in HOOK_ENV or k.startswith("LC_")}
-    env["CUSTODY_HALTED"] = "1" if halted else "0"
-    env["CUSTODY_HALT_FILE"] = str(settings.halt_file)
-    env["CUSTODY_HALT_SEQ"] = "" if seq is None else str(seq)
-    return env
-
-
-def run_hook(settings: Settings, halted: bool, seq: int | None) -> str | None:
-    """Run CUSTODY_HALT_HOOK (at most 30 s); returns what went wrong, else None."""
-    if not settings.halt_hook:
-        return None
-    try:
-        result = subprocess.run(
-            shlex.split(settings.halt_hook),
-            env=hook_environment(settings, halted, seq),
-            timeout=30,
-            capture_output=True,
-            check=False,
-        )
-    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
-        return f"halt hook failed: {exc}"
-    return f"halt hook exited with {result.returncode}" if result.returncode != 0 else None
+    return write_out(settings, state, lambda: read_state(db), hook=hook, lease=lease)
 
 
 def watch(

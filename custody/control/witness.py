@@ -23,11 +23,7 @@ docs/FORMATS.md.
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,36 +32,17 @@ from sqlmodel import Session, col, select
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import halt
-from custody.control.audit_log import GENESIS, ChainProblem
-from custody.errors import CustodyError, HaltedError, InputError, StorageError
-from custody.files import locked_lines, read_limited_text, read_tail
+from custody.control.audit_log import ChainProblem
+from custody.control.witness_file import FORMAT as FORMAT
+from custody.control.witness_file import MAX_WITNESS_BYTES as MAX_WITNESS_BYTES
+from custody.control.witness_file import VERSION as VERSION
+from custody.control.witness_file import Checkpoint as Checkpoint
+from custody.control.witness_file import append, disagreements, recent, wanted_seqs
+from custody.control.witness_file import parse as parse
+from custody.control.witness_file import read as read
+from custody.errors import CustodyError, HaltedError, StorageError
 from custody.store.db import Database
 from custody.store.models import AuditEntry, AuditHead
-
-FORMAT = "custody-checkpoint"
-VERSION = 1
-MAX_WITNESS_BYTES = 256 * 1024 * 1024
-"""A witness file larger than this is refused before it is read (InputError, exit 2)."""
-
-_HASH = re.compile(r"^[0-9a-f]{64}$")
-_MAIL_SEQ = re.compile(r"\(audit log entry (\d{1,18})\)")
-_MAIL_HASH = re.compile(r"^hash:\s+([0-9a-f]{64})\s*$", re.MULTILINE)
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """The log's head as someone saw it: entry ``seq`` had hash ``hash``."""
-
-    seq: int
-    hash: str
-    at: str | None = None
-    source: str = ""
-
-    def document(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "seq": self.seq, "hash": self.hash, "at": self.at}
-
-    def line(self) -> str:
-        return json.dumps(self.document(), sort_keys=True, separators=(",", ":")) + "\n"
 
 
 def head(s: Session) -> Checkpoint:
@@ -76,158 +53,17 @@ def head(s: Session) -> Checkpoint:
     return Checkpoint(row.seq, row.hash, iso(now()), "the store")
 
 
-def _checkpoint(doc: Any, source: str) -> Checkpoint | None:
-    """A checkpoint line or a notification body as a checkpoint; None for anything else."""
-    if not isinstance(doc, dict):
-        return None
-    if doc.get("format") == FORMAT:
-        seq, digest, at = doc.get("seq"), doc.get("hash"), doc.get("at")
-    elif doc.get("format") == "custody-notification" and isinstance(doc.get("audit"), dict):
-        seq, digest, at = doc["audit"].get("seq"), doc["audit"].get("hash"), doc["audit"].get("at")
-    else:
-        return None
-    if type(seq) is not int or seq < 0 or not isinstance(digest, str) or not _HASH.match(digest):
-        return None
-    return Checkpoint(seq, digest, at if isinstance(at, str) else None, source)
-
-
-def parse(text: str, source: str) -> list[Checkpoint]:
-    """Checkpoints in a witness: checkpoint lines, a notification body (or lines of them), or
-    the text of a notification mail. An unterminated last line (a torn append) is skipped.
-
-    Raises InputError when nothing in it is a witness or a line is not one.
-    """
-    stripped = text.strip()
-    if not stripped:
-        raise InputError(f"{source} is empty: it witnesses nothing")
-    try:
-        whole = json.loads(stripped)
-    except ValueError:
-        whole = None
-    if whole is not None:
-        found = _checkpoint(whole, source)
-        if found is None:
-            raise InputError(f"{source} is JSON but neither a custody checkpoint nor a custody notification")
-        return [found]
-    if stripped.startswith("{"):
-        lines = text.split("\n")
-        complete, torn = lines[:-1], lines[-1]  # after the last newline: a line maybe never finished
-        try:
-            last = _checkpoint(json.loads(torn), f"{source} line {len(lines)}") if torn.strip() else None
-        except ValueError:
-            last = None  # torn by a crash: skipped
-        checkpoints = []
-        for number, line in enumerate(complete, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                doc = None
-            found = _checkpoint(doc, f"{source} line {number}")
-            if found is None:
-                raise InputError(f"{source} line {number} is not a custody checkpoint or notification")
-            checkpoints.append(found)
-        if last is not None:
-            checkpoints.append(last)
-        if not checkpoints:
-            raise InputError(f"{source} holds only an unfinished line")
-        return checkpoints
-    seq, digest = _MAIL_SEQ.search(text), _MAIL_HASH.search(text)
-    if seq is None or digest is None:
-        raise InputError(f"{source} is not a checkpoint file, a notification body or a notification mail")
-    return [Checkpoint(int(seq.group(1)), digest.group(1), None, source)]
-
-
-def read(path: Path) -> list[Checkpoint]:
-    """The checkpoints of a witness file. Raises InputError (missing, too large, unreadable)."""
-    try:
-        text = read_limited_text(path, MAX_WITNESS_BYTES, "witness")
-    except FileNotFoundError:
-        raise InputError(f"witness {path} does not exist") from None
-    except OSError as exc:
-        raise InputError(f"cannot read witness {path}: {exc.strerror}") from None
-    return parse(text, str(path))
-
-
 def compare(s: Session, witnessed: Sequence[Checkpoint]) -> list[ChainProblem]:
     """What the store's log does not agree with: shorter than witnessed, or another hash at a
     witnessed sequence. Empty when every checkpoint is an entry of this log (or the genesis)."""
     row = s.get(AuditHead, 1)
     tip = row.seq if row is not None else 0
-    wanted = sorted({c.seq for c in witnessed if 0 < c.seq <= tip})
+    wanted = wanted_seqs(witnessed, tip)
     stored: dict[int, str] = {}
     for start in range(0, len(wanted), 500):
         chunk = wanted[start : start + 500]
         stored.update(s.exec(select(AuditEntry.seq, AuditEntry.hash).where(col(AuditEntry.seq).in_(chunk))).all())
-    diverged: Checkpoint | None = None
-    beyond: Checkpoint | None = None
-    for c in witnessed:
-        if c.seq > tip:
-            if beyond is None or c.seq > beyond.seq:
-                beyond = c
-        elif (GENESIS if c.seq == 0 else stored.get(c.seq)) != c.hash:
-            if diverged is None or c.seq < diverged.seq:
-                diverged = c
-    problems = []
-    if diverged is not None:
-        have = GENESIS if diverged.seq == 0 else stored.get(diverged.seq)
-        what = f"has hash {have[:16]}…" if have else "is missing"
-        problems.append(
-            ChainProblem(
-                diverged.seq,
-                f"entry {diverged.seq} {what}; {diverged.source} witnessed {diverged.hash[:16]}…: "
-                "the log was rewritten at or before it",
-            )
-        )
-    if beyond is not None:
-        problems.append(
-            ChainProblem(
-                beyond.seq,
-                f"the log ends at entry {tip}; {beyond.source} witnessed entry {beyond.seq} "
-                f"({beyond.hash[:16]}…): entries were removed from its end",
-            )
-        )
-    return problems
-
-
-def append(path: Path, checkpoint: Checkpoint) -> bool:
-    """Append ``checkpoint`` unless it is the file's last line already; True when written.
-
-    One write of one whole line under an exclusive lock, then fsync; an unterminated last
-    line (an append torn by a crash) is cut off first. Raises InputError when the file
-    cannot be written.
-    """
-
-    try:
-        with locked_lines(path) as f:
-            if f.last:
-                try:
-                    previous = _checkpoint(json.loads(f.last), str(path))
-                except ValueError:
-                    previous = None
-                if previous is not None and (previous.seq, previous.hash) == (checkpoint.seq, checkpoint.hash):
-                    return False
-            f.append(checkpoint.line().encode())
-            return True
-    except OSError as exc:
-        raise InputError(f"cannot write the witness {path}: {exc.strerror}") from None
-
-
-def recent(path: Path) -> list[Checkpoint]:
-    """The checkpoints in the last lines of a witness file (files.TAIL_BYTES; empty when it does not exist)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise InputError(f"cannot read the witness {path}: {exc.strerror}") from None
-    try:
-        data = read_tail(fd, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-    text = data.decode("utf-8", errors="replace")
-    return parse(text, str(path)) if text.strip() else []
+    return [ChainProblem(seq, reason) for seq, reason in disagreements(witnessed, tip, stored)]
 
 
 def record(db: Database, path: Path) -> tuple[Checkpoint, list[ChainProblem]]:

@@ -26,11 +26,10 @@ from sqlmodel import Session, SQLModel, create_engine, select
 
 from custody.errors import CustodyError, InputError, StorageError, StoreBusy
 from custody.store import models
+from custody.store.light import READ_TIMEOUT as READ_TIMEOUT
+from custody.store.light import WRITE_TIMEOUT as WRITE_TIMEOUT
+from custody.store.light import is_busy, sqlite_on_connect
 
-WRITE_TIMEOUT = 60
-"""Seconds a writing transaction waits for SQLite's write lock (another writer's chunk)."""
-READ_TIMEOUT = 5
-"""Seconds a reading transaction waits for a lock before it raises StoreBusy."""
 _READ_ONLY = "custody_read_only"
 
 
@@ -218,23 +217,14 @@ def _first_line(exc: BaseException) -> str:
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute(f"PRAGMA busy_timeout = {READ_TIMEOUT * 1000}")  # a file locked exclusively: StoreBusy soon
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA synchronous=FULL")
+    sqlite_on_connect(cur)
     cur.close()
 
 
 def _is_busy(exc: DBAPIError) -> bool:
     """Whether a database error is a lock held elsewhere (SQLite busy/locked; PostgreSQL's
     lock_timeout), not damage."""
-    orig = exc.orig
-    if getattr(orig, "sqlstate", None) == "55P03":  # lock_not_available
-        return True
-    name = getattr(orig, "sqlite_errorname", "")
-    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        return True
-    return "database is locked" in str(orig)
+    return is_busy(exc.orig)
 
 
 def _sqlite_on_begin(conn: Any) -> None:

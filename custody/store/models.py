@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 5
+from custody.store.schema_version import SCHEMA_VERSION as SCHEMA_VERSION
 
 
 class Meta(SQLModel, table=True):
