@@ -1,4 +1,8 @@
-"""``custody halt ...``, ``custody incident ...`` and ``custody status``."""
+"""``custody halt ...``.
+
+`halt status` is what a trading engine polls: this module imports the ORM (through
+custody.control.halt) only in the commands that need it, and `halt status` reads the SQLite
+store without it (custody.control.halt_light) wherever that gives the full path's answer."""
 
 from __future__ import annotations
 
@@ -10,12 +14,11 @@ from types import FrameType
 import click
 
 from custody.config import parse_lease
-from custody.control import halt as halt_lib
-from custody.control import halt_lift as lift_lib
-from custody.control import incidents
+from custody.control.halt_state import HaltState
 from custody.errors import UNKNOWN_EXIT, StorageError
 from custody_cli import output
 from custody_cli.context import (
+    NOTHING_TO_DELIVER,
     AppContext,
     KeyRef,
     employee_key,
@@ -39,7 +42,7 @@ def halt() -> None:
 def halt_status(app: AppContext, as_json: bool) -> None:
     """Exit 0 when trading may run, 3 when halted (also when the state cannot be read), 10 when
     unknown: the store is locked elsewhere right now (the halt file is left to its lease)."""
-    state = halt_lib.publish(app.db, app.settings)
+    state = _status(app)
     if as_json:
         output.emit_json(state.to_dict())
     elif state.error:
@@ -75,6 +78,23 @@ def halt_status(app: AppContext, as_json: bool) -> None:
     click.get_current_context().exit(UNKNOWN_EXIT if state.unknown else 3 if state.halted else 0)
 
 
+def _status(app: AppContext) -> HaltState:
+    """The light read (no ORM) where it answers, else the full path's. Either way: the halt file
+    written, the hook run, the log's head witnessed; the notification step after the command
+    is skipped only where the light read saw no recipient (it has nothing to do then)."""
+    if app.settings.halt_light and app._db is None:
+        from custody.control import halt_light
+
+        published = halt_light.publish(app.settings)
+        if published is not None:
+            if not published.notify:
+                click.get_current_context().find_root().meta[NOTHING_TO_DELIVER] = True
+            return published.state
+    from custody.control import halt as halt_lib
+
+    return halt_lib.publish(app.db, app.settings)
+
+
 @halt.command("watch")
 @click.option(
     "--interval",
@@ -107,7 +127,7 @@ def halt_watch(app: AppContext, interval: float, lease: str | None) -> None:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     last_warnings: list[str] = []
 
-    def report(state: halt_lib.HaltState, changed: bool) -> None:
+    def report(state: HaltState, changed: bool) -> None:
         nonlocal last_warnings
         if changed:
             where = f"audit entry {state.seq}" if state.seq is not None else "store not read"
@@ -117,6 +137,8 @@ def halt_watch(app: AppContext, interval: float, lease: str | None) -> None:
             for w in state.warnings:
                 output.warning(w)
             last_warnings = list(state.warnings)
+
+    from custody.control import halt as halt_lib
 
     try:
         halt_lib.watch(app.db, app.settings, interval=interval, lease=seconds, stop=stop.wait, report=report)
@@ -136,6 +158,8 @@ def halt_raise(
     app: AppContext, reason: str, employee: str, key_file: KeyRef, passphrase_file: Path | None, as_json: bool
 ) -> None:
     """Halt trading now. Any single registered employee may do it."""
+    from custody.control import halt as halt_lib
+
     key = employee_key(key_file, passphrase_file)
     result = halt_lib.raise_by_employee(app.db, app.settings, employee, key, reason)
     for w in result.state.warnings:
@@ -166,6 +190,8 @@ def halt_lift(
     app: AppContext, halt_id: int, employee: str, key_file: KeyRef, passphrase_file: Path | None, as_json: bool
 ) -> None:
     """Sign the lift of one halt; it lifts when two distinct employees have signed."""
+    from custody.control import halt_lift as lift_lib
+
     key = employee_key(key_file, passphrase_file)
     result = lift_lib.lift(app.db, app.settings, halt_id, employee, key)
     if result.state:
@@ -185,22 +211,4 @@ def halt_lift(
         )
 
 
-@click.group(cls=SummaryGroup)
-def incident() -> None:
-    """Incidents on the status view: every halt opens one."""
-
-
-@incident.command("update")
-@click.argument("incident_id", type=int)
-@click.option("--status", required=True, type=click.Choice(list(incidents.STATUSES)), help="The new status.")
-@click.option("--message", required=True, help="What is known now.")
-@click.option("--as", "actor", default="operator", show_default=True, help="Who writes the update.")
-@pass_app
-@example("custody incident update 1 --status identified --message 'tampered row found'")
-def incident_update(app: AppContext, incident_id: int, status: str, message: str, actor: str) -> None:
-    """Add a timestamped update to an incident's timeline."""
-    incidents.update_incident(app.db, incident_id, status, message, actor)
-    output.success(f"incident #{incident_id}: {status}")
-
-
-COMMANDS = [halt, incident]
+COMMANDS = [halt]

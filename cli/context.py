@@ -23,6 +23,10 @@ if TYPE_CHECKING:  # imported where used: a command that opens no store or key l
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+NOTHING_TO_DELIVER = "custody.nothing_to_deliver"
+"""ctx.meta: the command saw no notification recipient in the store: the notification step
+after it (custody_cli.main) has nothing to do and is skipped."""
+
 
 @dataclass
 class AppContext:

@@ -15,7 +15,7 @@ from custody import __version__
 from custody.config import Settings
 from custody.control import halt_file
 from custody.errors import CustodyError
-from custody_cli.context import AppContext
+from custody_cli.context import NOTHING_TO_DELIVER, AppContext
 from custody_cli.helptext import SUMMARY_LIMIT
 
 JSON_ERRORS = "custody.json"  # ctx.meta: the command line has --json, so errors are JSON too
@@ -35,7 +35,7 @@ COMMAND_INDEX: dict[str, tuple[str, str]] = {
         "Employees: each signs requests, approvals and halt lifts with a key of the founders' roster.",
     ),
     "halt": ("commands_halt", "The trading halt: raise it, read it, lift it (two employees)."),
-    "incident": ("commands_halt", "Incidents on the status view: every halt opens one."),
+    "incident": ("commands_incident", "Incidents on the status view: every halt opens one."),
     "init": (
         "commands_policy",
         "Create the store from the founders-signed manifest (never overwrites one); pin it here.",
@@ -240,7 +240,10 @@ def _witness_after_error(ctx: click.Context, code: int) -> int:
 
 
 def _after_command(ctx: click.Context) -> None:
-    """Deliver pending notifications, best effort: never raises, never changes the exit code."""
+    """Deliver pending notifications, best effort: never raises, never changes the exit code.
+    Skipped where the command found no recipient (the light `halt status`)."""
+    if ctx.meta.get(NOTHING_TO_DELIVER):
+        return
     from custody_cli.commands_notify import after_command
 
     after_command(ctx)

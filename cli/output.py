@@ -15,10 +15,11 @@ import os
 import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.text import Text
+if TYPE_CHECKING:  # imported when something is printed: `halt status --json` loads no rich
+    from rich.console import Console
+    from rich.text import Text
 
 
 def _no_color() -> bool:
@@ -26,11 +27,21 @@ def _no_color() -> bool:
 
 
 def out() -> Console:
+    from rich.console import Console
+
     return Console(file=sys.stdout, no_color=_no_color(), highlight=False, soft_wrap=True)
 
 
 def err() -> Console:
+    from rich.console import Console
+
     return Console(file=sys.stderr, no_color=_no_color(), highlight=False, soft_wrap=True)
+
+
+def _text(text: str = "", style: str = "") -> Text:
+    from rich.text import Text
+
+    return Text(text, style=style)
 
 
 def emit_json(data: Any) -> None:
@@ -46,7 +57,7 @@ def emit_csv(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
 
 def cell(value: Any) -> Text:
     """One value as plain text for a table: never markup, never a control character."""
-    return Text(one_line("" if value is None else str(value)))
+    return _text(one_line("" if value is None else str(value)))
 
 
 IDENTIFIER_COLUMNS = frozenset(
@@ -99,19 +110,19 @@ def plural(count: int, word: str, words: str | None = None) -> str:
 
 def line(message: str, style: str | None = None) -> None:
     """A plain line of data on stdout."""
-    out().print(Text(one_line(message), style=style or ""))
+    out().print(_text(one_line(message), style=style or ""))
 
 
 def info(message: str) -> None:
-    err().print(Text(one_line(message)))
+    err().print(_text(one_line(message)))
 
 
 def success(message: str) -> None:
-    err().print(Text(one_line(message), style="green"))
+    err().print(_text(one_line(message), style="green"))
 
 
 def warning(message: str) -> None:
-    err().print(Text("warning: ", style="yellow") + Text(one_line(message)))
+    err().print(_text("warning: ", style="yellow") + _text(one_line(message)))
 
 
 def error_json(message: str, code: int) -> None:
@@ -123,18 +134,18 @@ def error_json(message: str, code: int) -> None:
 
 
 def error(message: str) -> None:
-    err().print(Text("error: ", style="bold red") + Text(one_line(message)))
+    err().print(_text("error: ", style="bold red") + _text(one_line(message)))
 
 
 def key_values(title: str, pairs: Sequence[tuple[str, Any]]) -> None:
     """A record (what `show` prints): a title, then one line per field, each value whole on its
     line (a terminal may soft-wrap it; no newline is ever put inside an identifier)."""
     console = out()
-    console.print(Text(one_line(title), style="bold"))
+    console.print(_text(one_line(title), style="bold"))
     width = max((len(one_line(k)) for k, _ in pairs), default=0)
     for k, v in pairs:
         value = one_line("" if v is None else str(v))
-        console.print(Text("  ") + Text(one_line(k).ljust(width), style="bold") + Text("  " + value))
+        console.print(_text("  ") + _text(one_line(k).ljust(width), style="bold") + _text("  " + value))
 
 
 class Progress:
