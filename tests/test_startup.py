@@ -72,12 +72,24 @@ def test_help_and_version_load_nothing_heavy(store: Custody) -> None:
         assert loaded == set(), (args, loaded)
 
 
-def test_halt_status_loads_only_the_store(store: Custody) -> None:
-    """It reads the store (the ORM and the lift signatures' curve), nothing else."""
+def test_halt_status_loads_no_orm(store: Custody) -> None:
+    """On SQLite it reads the store through the DB-API (custody.control.halt_light): no
+    sqlalchemy, sqlmodel, models, nor anything else heavy but the lift signatures' curve."""
     code, loaded = _loaded(store.env, "halt", "status", "--json")
     assert code == 0
+    assert loaded <= {"coincurve"}, loaded
+    code, loaded = _loaded(store.env, "halt", "status")  # the words, not JSON: rich's console, no table
+    assert code == 0
+    assert loaded <= {"coincurve", "rich"}, loaded
+
+
+def test_halt_status_without_the_light_path_loads_the_store(store: Custody) -> None:
+    """CUSTODY_HALT_LIGHT=0 (and every state the light path leaves to it, tests/test_halt_light.py)
+    takes the ORM, nothing else: and the probe sees what a command loads."""
+    code, loaded = _loaded(dict(store.env, CUSTODY_HALT_LIGHT="0"), "halt", "status", "--json")
+    assert code == 0
     assert loaded & {"fastapi", "uvicorn", "gnupg", "pkcs11", "cryptography", "pbk", "rich.table"} == set(), loaded
-    assert {"sqlalchemy", "custody.store.models"} <= loaded  # the probe sees what a command loads
+    assert {"sqlalchemy", "custody.store.models"} <= loaded
 
 
 def test_the_index_agrees_with_the_commands() -> None:
