@@ -438,3 +438,25 @@ def test_a_store_held_by_a_writer(shop: Shop, exclusive: bool) -> None:
         assert (homes[0] / "halt.json").read_text() == before
     else:
         assert light.code == 3 and light.doc["halted"] is True
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres@127.0.0.1:5432/custody",
+        "postgresql+psycopg://u@h/d",
+        "sqlite://",
+        "sqlite:///:memory:",
+        "sqlite:///custody.db?mode=ro",
+        "sqlite:///my%20store.db",
+    ],
+)
+def test_only_a_plain_sqlite_file_is_read_lightly(tmp_path: Path, url: str) -> None:
+    """PostgreSQL (its driver's import alone costs more than the start-up target), memory and
+    URLs with parameters or escapes take the full path: publish declines before touching anything."""
+    from custody.config import Settings
+    from custody.control import halt_light
+
+    settings = Settings.load(home=str(tmp_path), db_url=url, env={})
+    assert halt_light.publish(settings) is None
+    assert not (tmp_path / "halt.json").exists() and not (tmp_path / "witness.jsonl").exists()
