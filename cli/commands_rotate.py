@@ -1,6 +1,7 @@
 """``custody rotate ...``: key rotation to a new quorum (custody.policy.rotation,
-custody.control.epochs). Drafting and approving run on a founder's machine; ``apply`` on the
-online machine; ``pin`` on every other machine, the offline signers first."""
+custody.control.epochs). Drafting runs where the store is (it names the roster and rulebook the
+rotation carries over); approving on a founder's machine; ``apply`` on the online machine; ``pin``
+on every other machine, the offline signers first."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from custody.bitcoin.script import ScriptType, parse_script_type
 from custody.control import epochs
 from custody.errors import InputError
 from custody.files import write_atomic
+from custody.identity.governance import carried_of
 from custody.policy.model import make_policy
 from custody.policy.rotation import approve_rotation, approvers, draft_rotation, rotation_problems
 from custody_cli import output
@@ -38,6 +40,10 @@ def rotate() -> None:
     """Key rotation: a new founders' quorum, approved by the current one."""
 
 
+def carried_view(m: Any) -> dict[str, Any]:
+    return {k: c.to_dict() if c else None for k, c in carried_of(m.body).items()}
+
+
 def _view(m: Any, current: Any) -> dict[str, Any]:
     return {
         "fingerprint": m.fingerprint,
@@ -47,10 +53,15 @@ def _view(m: Any, current: Any) -> dict[str, Any]:
         "policy": f"{m.policy.threshold}-of-{m.policy.n}",
         "script_type": m.policy.script_type.value,
         "founders": [{"name": f.name, "xpub": str(f.key), "signed": f.name in m.signatures} for f in m.policy.founders],
+        "carries": carried_view(m),
         "approved_by": approvers(m, current),
         "approvals_needed": current.policy.threshold,
         "problems": rotation_problems(m, current),
     }
+
+
+def _carried(v: dict[str, Any]) -> list[tuple[str, Any]]:
+    return list(v["carries"].items())
 
 
 def _show(v: dict[str, Any], as_json: bool) -> None:
@@ -63,6 +74,7 @@ def _show(v: dict[str, Any], as_json: bool) -> None:
             ("fingerprint", v["fingerprint"]),
             ("rotates from", v["previous_fingerprint"]),
             ("new policy", f"{v['policy']} {v['script_type']}"),
+            *((f"carries {k}", f"#{c['serial']} sha256:{c['digest']}" if c else "none") for k, c in _carried(v)),
             ("approved by", f"{', '.join(v['approved_by']) or 'nobody'} (needs {v['approvals_needed']})"),
         ],
     )
@@ -87,7 +99,9 @@ def rotate_draft(
     app: AppContext, threshold: int, founders: tuple[str, ...], script_type: str | None, out_file: Path, as_json: bool
 ) -> None:
     """Write a rotation manifest from the newest manifest pinned here to a new policy, for every
-    new founder to sign (`custody manifest sign`) and m current founders to approve (`rotate approve`)."""
+    new founder to sign (`custody manifest sign`) and m current founders to approve (`rotate approve`).
+    It carries over the store's roster and rulebook in force: they stay in force until the new
+    founders sign the next ones, and nothing the old founders sign after them counts."""
     current = epochs.pinned_chain(app.settings)[-1]
     pairs = []
     for text in founders:
@@ -96,7 +110,8 @@ def rotate_draft(
             raise InputError(f"--founder takes NAME=XPUB, got {text[:40]!r}")
         pairs.append((name, key))
     st = parse_script_type(script_type) if script_type else current.policy.script_type
-    m = draft_rotation(current, make_policy(current.policy.network, threshold, st, pairs))
+    carried = epochs.draft_carries(app.db)  # the roster and rulebook in force stay until the new founders sign
+    m = draft_rotation(current, make_policy(current.policy.network, threshold, st, pairs), carried)
     write_new(out_file, json.dumps(m.to_document(), indent=2) + "\n")
     if as_json:
         output.emit_json(_view(m, current) | {"file": str(out_file)})

@@ -195,8 +195,10 @@ def _read_rulebook(file: Path) -> object:
 def _rulebook_to_sign(pinned: roster_lib.Trust, file: Path) -> ToSign:
     raw = _read_rulebook(file)
     book = parse_rulebook(raw)
-    if book.manifest != pinned.manifest.digest or book.network != pinned.policy.network.name:
-        raise InputError("this rulebook belongs to another founders' manifest than the one pinned here: do not sign it")
+    if book.manifest != pinned.newest.digest or book.network != pinned.policy.network.name:
+        raise InputError(
+            "this rulebook belongs to another founders' manifest than the newest one pinned here: do not sign it"
+        )
     before = raw.get("previous_rulebook") if isinstance(raw, dict) else None
     previous = parse_rulebook(before) if before else None
     if previous is not None and previous.digest != book.previous:

@@ -428,8 +428,10 @@ def _roster_export(app: AppContext, current: bool) -> dict[str, Any]:
 
 def _roster_to_sign(pinned: roster_lib.Trust, file: Path) -> ToSign:
     r = load_roster(read_file(file, MAX_ROSTER_BYTES, "roster"))
-    if r.manifest != pinned.manifest.digest or r.network != pinned.policy.network.name:
-        raise InputError("this roster belongs to another founders' manifest than the one pinned here: do not sign it")
+    if r.manifest != pinned.newest.digest or r.network != pinned.policy.network.name:
+        raise InputError(
+            "this roster belongs to another founders' manifest than the newest one pinned here: do not sign it"
+        )
     return ToSign(r.serial, lambda: _show_roster(r, False), partial(sign_roster, r))
 
 

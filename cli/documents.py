@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from custody.control import epochs
 from custody.control import roster as roster_lib
 from custody.errors import Conflict, InputError
 from custody.files import read_bounded, write_atomic
-from custody.identity.founders_documents import Founders, FoundersDocument, signature_problems
+from custody.identity.founders_documents import Founders, FoundersDocument
 from custody.identity.keyfile import FounderKey
 from custody.policy.manifest import MAX_MANIFEST_BYTES, SignedManifest, load_signed_manifest
 from custody.store.db import Database
@@ -70,9 +71,10 @@ def confirm(question: str, yes: bool) -> None:
 
 def signing_founder(pinned: roster_lib.Trust, key: FounderKey) -> str:
     """The pinned manifest's founder whose account key ``key`` is. Raises InputError."""
-    mine = [f.name for f in pinned.policy.founders if f.key.xpub.identity() == key.account.xpub.identity()]
+    newest = pinned.newest.policy  # after a key rotation, only the newest founders sign
+    mine = [f.name for f in newest.founders if f.key.xpub.identity() == key.account.xpub.identity()]
     if not mine:
-        raise InputError("your key is not one of the pinned manifest's founders'")
+        raise InputError("your key is not one of the founders' keys of the newest manifest pinned here")
     return mine[0]
 
 
@@ -109,7 +111,7 @@ class DocumentKind:
     """Apply the file: its JSON view and the success message."""
     apply_help: str
     read_to_pin: Callable[[Path], object]
-    pin: Callable[[object, SignedManifest, SignerState], FoundersDocument]
+    pin: Callable[[object, SignedManifest, SignerState, Sequence[SignedManifest]], FoundersDocument]
     pin_help: str
 
 
@@ -174,7 +176,7 @@ def _sign(group: click.Group, kind: DocumentKind, cmd: str) -> None:
         confirm(f"Sign {kind.noun} #{doc.serial} as {me}?", yes)
         signed = doc.sign(me, key.master.derive(key.account_path).private_key(), pinned.founders)
         write_atomic(file, json.dumps(signed.to_document() | doc.beside, indent=2) + "\n")
-        complete = not signature_problems(signed, pinned.founders)
+        complete = not pinned.governance.problems(signed)
         if as_json:
             output.emit_json({"serial": signed.serial, "signed_by": sorted(signed.signatures), "complete": complete})
             return
@@ -208,7 +210,8 @@ def _pin(group: click.Group, kind: DocumentKind, cmd: str) -> None:
     def pin(app: AppContext, file: Path, as_json: bool) -> None:
         pinned = read_manifest_file(app.settings.manifest).check()
         state = SignerState.load(state_path(app.settings.manifest), pinned)
-        doc = kind.pin(kind.read_to_pin(file), pinned, state)
+        rotations = epochs.read_rotations(epochs.rotations_path(app.settings))  # re-checked by the signer
+        doc = kind.pin(kind.read_to_pin(file), pinned, state, rotations)
         if as_json:
             output.emit_json({"serial": doc.serial, "digest": doc.digest, "state": str(state.path)})
             return

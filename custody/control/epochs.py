@@ -25,12 +25,13 @@ from sqlmodel import Session, col, func, select
 
 from custody.clock import now
 from custody.config import Settings
-from custody.control import audit_log, halt
-from custody.control.roster import read_pinned, trust_from_pinned, trust_from_stored
+from custody.control import audit_log, halt, rulebook
+from custody.control.roster import current_roster, read_pinned, store_trust, trust_from_pinned, trust_from_stored
 from custody.control.wallet import StoredPolicy, policy_from_stored, stored_policy
 from custody.errors import Conflict, InputError, StorageError, VerificationFailed
 from custody.faults import crash_point
 from custody.files import read_bounded, write_atomic
+from custody.identity.governance import carried_of, carries
 from custody.policy.generator import AddressDeriver, DerivedAddress
 from custody.policy.manifest import MAX_MANIFEST_BYTES, SignedManifest, load_signed_manifest, parse_signed_manifest
 from custody.policy.model import RECEIVE, Policy
@@ -328,6 +329,35 @@ def _counter(s: Session, name: str) -> int:
     return int(row.next_value)
 
 
+def carried_now(s: Session) -> dict[str, Any]:
+    """What a rotation drafted now carries over (custody.identity.governance): the store's roster
+    and newest rulebook, which stay in force until the new founders sign the next ones."""
+    trust = store_trust(s)
+    return carries(current_roster(s, trust), rulebook.chain(s, trust).newest)
+
+
+def draft_carries(db: Database) -> dict[str, Any]:
+    db.check_schema()
+    with db.transaction() as s:
+        return carried_now(s)
+
+
+def _check_carries(s: Session, m: SignedManifest) -> dict[str, Any]:
+    """Raise Conflict unless ``m`` carries exactly the store's roster and rulebook in force."""
+    now_carried = carried_now(s)
+    said, store = carried_of(m.body), carried_of({"carries": now_carried})
+    if said != store:
+
+        def serials(c: dict[str, Any]) -> str:
+            return ", ".join(f"{k} #{v.serial if v else 'none'}" for k, v in c.items())
+
+        raise Conflict(
+            f"the rotation {m.fingerprint} carries {serials(said)}, not the store's in force ({serials(store)}): "
+            "one was applied since it was drafted (or it was drafted elsewhere); draft the rotation again"
+        )
+    return now_carried
+
+
 def apply_rotation(db: Database, settings: Settings, m: SignedManifest, actor: str = "operator") -> Epoch:
     """Make rotation ``m`` the store's newest policy: pinned on this machine, then recorded with
     its audit entry in one transaction. From then on new addresses come from it.
@@ -343,6 +373,7 @@ def apply_rotation(db: Database, settings: Settings, m: SignedManifest, actor: s
         if m.digest == newest.manifest.digest:
             raise Conflict(f"the rotation {m.fingerprint} is applied already (epoch {newest.number})")
         check_rotation(m, newest.manifest)
+        _check_carries(s, m)
     chain = pin_rotation(settings, m)
     crash_point("rotate.pinned")
     with db.transaction() as s:
@@ -356,6 +387,7 @@ def apply_rotation(db: Database, settings: Settings, m: SignedManifest, actor: s
             raise Conflict(
                 f"{open_count} withdrawal(s) are between request and broadcast: broadcast or cancel them, then rotate"
             )
+        carried = _check_carries(s, m)
         s.exec(select(Counter).with_for_update()).all()  # no address is issued while the epoch begins
         epoch = Epoch(epochs[-1].number + 1, m, _counter(s, "receive"), _counter(s, "change"))
         s.add(
@@ -373,7 +405,8 @@ def apply_rotation(db: Database, settings: Settings, m: SignedManifest, actor: s
             s,
             ROTATED,
             actor,
-            epoch.to_dict() | {"approved_by": approvers(m, epochs[-1].manifest), "signed_by": sorted(m.signatures)},
+            epoch.to_dict()
+            | {"approved_by": approvers(m, epochs[-1].manifest), "signed_by": sorted(m.signatures), "carries": carried},
         )
     crash_point("rotate.committed")
     return epoch

@@ -1,9 +1,9 @@
-"""The store's side of the root of trust: the pinned founders-signed manifest, the applied
-founders-signed employee roster, proposals for the next roster, and suspensions.
+"""The store's side of the root of trust: the applied founders-signed employee roster, proposals
+for the next roster, and suspensions (the pinned manifests they rest on: custody.control.trust).
 
-Nothing here takes the store's word for who the founders or the employees are: the manifest is
-the one pinned on this machine (every founder's signature checked on every load), and every
-roster row is checked against that manifest's founders before anyone is authenticated by it.
+Nothing here takes the store's word for who the founders or the employees are: the manifests are
+the ones pinned on this machine (every founder's signature checked), and every roster row is
+checked against the founders of its policy epoch before anyone is authenticated by it.
 A roster can only be added by the founders' signatures (m of n, serial + 1, chained to the one
 before); the online machine can propose, never enrol.
 """
@@ -21,9 +21,22 @@ from sqlmodel import Session, col, select
 from custody.clock import now
 from custody.config import Settings
 from custody.control import audit_log
-from custody.control.wallet import StoredPolicy, policy_from_stored, stored_policy
-from custody.errors import ApprovalError, Conflict, InputError, NotFound, StorageError, VerificationFailed
-from custody.files import read_bounded, write_atomic
+from custody.control.trust import (
+    Trust,
+    check_pinned,
+    check_store_policy,
+    founders_of,
+    load_trust,
+    manifest_in_store,
+    pin_manifest,
+    read_pinned,
+    store_governance,
+    store_trust,
+    trust_from_pinned,
+    trust_from_stored,
+)
+from custody.errors import ApprovalError, Conflict, InputError, NotFound, VerificationFailed
+from custody.files import read_bounded
 from custody.identity.approvals import RegistryEntry
 from custody.identity.employee_keys import EmployeeSigner
 from custody.identity.founders_documents import FoundersDocument
@@ -32,7 +45,6 @@ from custody.identity.roster import (
     SUSPENSION_DOMAIN,
     SUSPENSION_QUORUM,
     Employee,
-    Founders,
     Roster,
     Suspension,
     check_employees,
@@ -40,138 +52,30 @@ from custody.identity.roster import (
     in_force,
     load_roster,
     parse_suspension,
-    roster_problems,
     suspension_signers,
 )
 from custody.identity.statements import parse_pubkey, sign_statement
 from custody.identity.webauthn import Credential, parse_credential
-from custody.policy.manifest import MAX_MANIFEST_BYTES, SignedManifest, load_signed_manifest
-from custody.policy.model import Policy
 from custody.store.db import Database
-from custody.store.models import RosterProposal, RosterRow, RulebookProposal, SignedManifestRow, SuspensionRow
+from custody.store.models import RosterProposal, RosterRow, RulebookProposal, SuspensionRow
 
 DEFAULT_ROLES = ROLES
 
 
-# ---------------------------------------------------------------- the pinned manifest
-
-
-@dataclass(frozen=True)
-class Trust:
-    """What this machine believes: the founders-signed manifest pinned here."""
-
-    manifest: SignedManifest
-
-    @property
-    def policy(self) -> Policy:
-        return self.manifest.policy
-
-    @property
-    def founders(self) -> Founders:
-        return founders_of(self.manifest)
-
-
-def founders_of(m: SignedManifest) -> Founders:
-    return Founders(m.policy.network.name, m.digest, m.policy.threshold, m.founder_pubkeys())
-
-
-def load_trust(settings: Settings) -> Trust:
-    """The pinned manifest, every founder's signature checked.
-
-    Raises StorageError (none pinned), VerificationFailed (unreadable, or not signed by every
-    founder: exit 3, nothing may act on it).
-    """
-    return trust_from_pinned(settings.manifest, read_pinned(settings.manifest))
-
-
-def read_pinned(path: Path) -> bytes:
-    """The pinned manifest's bytes, unchecked (:func:`trust_from_pinned`). Raises StorageError
-    (none pinned), VerificationFailed (unreadable)."""
-    try:
-        return read_bounded(path, MAX_MANIFEST_BYTES, "the pinned founders' manifest")
-    except FileNotFoundError:
-        raise StorageError(
-            f"no founders' manifest is pinned at {path}: `custody init MANIFEST` (first machine) or "
-            "`custody manifest pin` (another machine), or set CUSTODY_MANIFEST"
-        ) from None
-
-
-def trust_from_pinned(path: Path, data: bytes) -> Trust:
-    """The manifest pinned at ``path`` from its bytes, every founder's signature checked.
-    Raises VerificationFailed."""
-    try:
-        signed = load_signed_manifest(data).check()
-    except InputError as exc:
-        raise VerificationFailed(f"the pinned founders' manifest {path} cannot be trusted: {exc}") from None
-    return Trust(signed)
-
-
-def pin_manifest(path: Path, m: SignedManifest) -> None:
-    """Write the signed manifest to ``path`` atomically (temporary file, fsync, rename)."""
-    write_atomic(path, json.dumps(m.to_document(), indent=2) + "\n")
-
-
-def manifest_in_store(db: Database) -> SignedManifest:
-    """The signed manifest the store carries (checked: every founder signed). Raises StorageError,
-    VerificationFailed."""
-    db.check_schema()
-    with db.transaction() as s:
-        row = s.get(SignedManifestRow, 1)
-        if row is None:
-            raise StorageError("the store carries no founders-signed manifest")
-        try:
-            return load_signed_manifest(row.document.encode()).check()
-        except InputError as exc:
-            raise VerificationFailed(f"the store's founders' manifest cannot be trusted: {exc}") from None
-
-
-def store_trust(s: Session) -> Trust:
-    """The founders-signed manifest the store carries, checked: every founder signed it and it
-    is the store's policy. What the online views count approvals against; every step that acts
-    also compares it with the manifest pinned on this machine (:func:`check_pinned`).
-
-    Raises StorageError (none: a store from before signed manifests), VerificationFailed.
-    """
-    row = s.get(SignedManifestRow, 1)
-    return trust_from_stored(None if row is None else (row.digest, row.document), stored_policy(s))
-
-
-def trust_from_stored(manifest: tuple[str, str] | None, policy: StoredPolicy) -> Trust:
-    """:func:`store_trust` from the text read: the signed manifest row's (digest, document)
-    and the stored policy's. Raises StorageError, VerificationFailed."""
-    if manifest is None:
-        raise StorageError("the store carries no founders-signed manifest (`custody manifest adopt FILE`)")
-    digest, document = manifest
-    try:
-        m = load_signed_manifest(document.encode()).check()
-    except InputError as exc:
-        raise VerificationFailed(f"the store's founders' manifest cannot be trusted: {exc}") from None
-    if m.digest != digest:
-        raise VerificationFailed("the store's founders' manifest does not match its recorded digest")
-    trust = Trust(m)
-    check_store_policy(policy_from_stored(policy), trust)
-    return trust
-
-
-def check_pinned(s: Session, pinned: Trust) -> Trust:
-    """The store's trust, required to be the manifest pinned on this machine. Raises
-    VerificationFailed on any difference (the store or the pin was swapped)."""
-    mine = store_trust(s)
-    if mine.manifest.digest != pinned.manifest.digest:
-        raise VerificationFailed(
-            f"the store's founders' manifest {mine.manifest.fingerprint} is not the one pinned on this machine "
-            f"({pinned.manifest.fingerprint})"
-        )
-    return mine
-
-
-def check_store_policy(policy: Policy, trust: Trust) -> None:
-    """Raise VerificationFailed when the store's policy is not the founders-signed one."""
-    if policy.to_manifest() != trust.manifest.body:
-        raise VerificationFailed(
-            f"the store's policy differs from the founders-signed manifest {trust.manifest.fingerprint} "
-            "pinned on this machine: the store was tampered with, or belongs to other founders"
-        )
+__all__ = [  # the trust this roster is checked against lives in custody.control.trust; found here too
+    "Trust",
+    "check_pinned",
+    "check_store_policy",
+    "founders_of",
+    "load_trust",
+    "manifest_in_store",
+    "pin_manifest",
+    "read_pinned",
+    "store_governance",
+    "store_trust",
+    "trust_from_pinned",
+    "trust_from_stored",
+]
 
 
 # ---------------------------------------------------------------- the applied roster
@@ -182,12 +86,12 @@ def _row_roster(row: RosterRow, trust: Trust) -> Roster:
         roster = load_roster(row.document.encode())
     except InputError as exc:
         raise VerificationFailed(f"the store's roster #{row.serial} is unreadable: {exc}") from None
-    problems = roster_problems(roster, trust.founders)
+    problems = trust.governance.problems(roster)
     if roster.serial != row.serial or roster.digest != row.digest:
         problems.append("its serial or digest disagree with the row")
     if problems:
         raise VerificationFailed(
-            f"the store's roster #{row.serial} does not stand against the pinned founders' manifest: "
+            f"the store's roster #{row.serial} does not stand against the pinned founders' manifests: "
             + "; ".join(problems)
         )
     return roster
@@ -248,7 +152,7 @@ class Standing:
 
 def standing(s: Session, trust: Trust) -> Standing:
     roster = current_roster(s, trust)
-    return Standing(roster, in_force(_suspensions(s), roster) if roster else {})
+    return Standing(roster, in_force(_suspensions(s), roster, trust.governance.manifests) if roster else {})
 
 
 def authenticate(s: Session, trust: Trust, name: str, key: EmployeeSigner, role: str | None) -> Employee:
@@ -357,7 +261,7 @@ def propose(db: Database, settings: Settings, changes: Sequence[Change], actor: 
         row = open_proposal(s)
         if row is not None:
             base = load_roster(row.document.encode())
-            if base.serial != (current.serial + 1 if current else 1):
+            if base.serial != (current.serial + 1 if current else 1) or base.manifest != trust.founders.manifest:
                 row.status = "superseded"
                 s.add(row)
                 row = None
@@ -446,7 +350,7 @@ def apply_roster(db: Database, settings: Settings, data: bytes, actor: str = "op
     (not the next serial, or not chained)."""
     trust = load_trust(settings)
     roster = load_roster(data)
-    problems = roster_problems(roster, trust.founders)
+    problems = trust.governance.problems(roster)
     if problems:
         raise ApprovalError(f"roster #{roster.serial} is not signed as the founders' roster: " + "; ".join(problems))
     db.check_schema()
@@ -504,7 +408,7 @@ def roster_view(db: Database, settings: Settings) -> dict[str, Any]:
         ]
     r = st.roster
     return {
-        "manifest": trust.manifest.fingerprint,
+        "manifest": trust.newest.fingerprint,
         "serial": r.serial if r else None,
         "digest": r.digest if r else None,
         "signed_by": sorted(r.signatures) if r else [],
@@ -571,7 +475,7 @@ def suspend(
         else:
             row.document = json.dumps(sus.to_dict())
             s.add(row)
-        signers = suspension_signers(sus, st.roster)
+        signers = suspension_signers(sus, st.roster, trust.governance.manifests)
         active = len(signers) >= SUSPENSION_QUORUM
         audit_log.append(
             s,

@@ -26,7 +26,6 @@ from custody.config import Settings
 from custody.control import audit_log
 from custody.control.roster import Trust, discard_row, load_trust, store_trust
 from custody.errors import ApprovalError, Conflict, InputError, NotFound, VerificationFailed
-from custody.identity.founders_documents import signature_problems
 from custody.identity.rulebook import DEFAULT_RULES, RULE_FIELDS, Rulebook, Rules, load_rulebook, parse_rules
 from custody.identity.rulebook_chain import check_chain, earliest_effective, loosened, rulebook_at, successor_problems
 from custody.store.db import Database
@@ -67,7 +66,7 @@ class Chain:
 
 def chain(s: Session, trust: Trust) -> Chain:
     """The applied rulebooks. Raises VerificationFailed when a row does not stand (edited,
-    inserted, deleted from the middle, or not signed by the founders of the pinned manifest)."""
+    inserted, deleted from the middle, or not signed by the founders of its policy epoch)."""
     books = []
     for row in s.exec(select(RulebookRow).order_by(col(RulebookRow.serial))).all():
         try:
@@ -78,9 +77,9 @@ def chain(s: Session, trust: Trust) -> Chain:
             raise VerificationFailed(f"the store's rulebook #{row.serial}: its serial, digest or height disagree")
         books.append(book)
     try:
-        check_chain(books, trust.founders)
+        check_chain(books, trust.governance)
     except ApprovalError as exc:
-        raise VerificationFailed(f"the store's rulebooks do not stand against the pinned manifest: {exc}") from None
+        raise VerificationFailed(f"the store's rulebooks do not stand against the pinned manifests: {exc}") from None
     logged = _applied_in_log(s)
     rows = {b.serial: b.digest for b in books}
     if logged != rows:
@@ -275,7 +274,7 @@ def apply(db: Database, settings: Settings, data: bytes, actor: str = "operator"
     """
     trust = load_trust(settings)
     book = load_rulebook(data)
-    problems = signature_problems(book, trust.founders)
+    problems = trust.governance.problems(book)
     if problems:
         raise ApprovalError(f"rulebook #{book.serial} is not signed as the founders' rulebook: " + "; ".join(problems))
     db.check_schema()
@@ -365,7 +364,7 @@ def show(db: Database, settings: Settings, backend: ChainBackend) -> dict[str, A
         proposed = book_view(pending, network) | {"loosens": loosened(c.rules_newest, pending.rules)}
     return {
         "height": tip,
-        "manifest": trust.manifest.fingerprint,
+        "manifest": trust.newest.fingerprint,
         "in_force": book_view(c.at(tip), network),
         "waiting": [book_view(b, network) for b in c.books if b.effective_height > tip],
         "proposal": proposed,

@@ -25,7 +25,7 @@ rights away, so the worst that two colluding employees can do with it is stop a 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -206,7 +206,8 @@ def load_roster(data: bytes) -> Roster:
 
 
 def roster_problems(roster: Roster, founders: Founders) -> list[str]:
-    """Why ``roster`` is not a valid founders' roster for ``founders`` (empty: it is)."""
+    """Why ``roster`` is not a valid founders' roster for ``founders`` (empty: it is). After a key
+    rotation, check against every epoch's founders instead (custody.identity.governance)."""
     return signature_problems(roster, founders)
 
 
@@ -276,10 +277,12 @@ def parse_suspension(doc: object) -> Suspension:
         raise InputError("a suspension is {network, manifest, serial, employee, reason, signatures}") from None
 
 
-def suspension_signers(s: Suspension, roster: Roster) -> list[str]:
+def suspension_signers(s: Suspension, roster: Roster, manifests: Collection[str] = ()) -> list[str]:
     """The distinct enabled employees of ``roster`` (never the one suspended) whose signature
-    over the suspension verifies with one of their roster keys."""
-    if s.network != roster.network or s.manifest != roster.manifest or s.serial > roster.serial:
+    over the suspension verifies with one of their roster keys. A suspension names the manifest
+    of the roster it was signed under: ``roster``'s, or one of ``manifests`` (the founders'
+    manifests of every policy epoch: a suspension outlives a key rotation)."""
+    if s.network != roster.network or s.manifest not in {roster.manifest, *manifests} or s.serial > roster.serial:
         return []
     ok: list[str] = []
     for name, sig in s.signatures:
@@ -291,13 +294,13 @@ def suspension_signers(s: Suspension, roster: Roster) -> list[str]:
     return ok
 
 
-def in_force(suspensions: Iterable[Suspension], roster: Roster) -> dict[str, str]:
+def in_force(suspensions: Iterable[Suspension], roster: Roster, manifests: Collection[str] = ()) -> dict[str, str]:
     """Employee name -> suspension digest, for every suspension two roster employees signed
-    and no later roster of the founders cleared."""
+    and no later roster of the founders cleared (``manifests``: as for :func:`suspension_signers`)."""
     out: dict[str, str] = {}
     for s in suspensions:
         if s.digest in roster.cleared_suspensions:
             continue
-        if len(suspension_signers(s, roster)) >= SUSPENSION_QUORUM:
+        if len(suspension_signers(s, roster, manifests)) >= SUSPENSION_QUORUM:
             out.setdefault(s.employee, s.digest)
     return out

@@ -9,11 +9,8 @@ from collections.abc import Sequence
 
 from custody.bitcoin.amounts import MAX_MONEY
 from custody.errors import ApprovalError
-from custody.identity.founders_documents import (
-    Founders,
-    rollback_problem,
-    signature_problems,
-)
+from custody.identity.founders_documents import Founders, rollback_problem
+from custody.identity.governance import Governance, single
 from custody.identity.rulebook import DEFAULT_RULES, Rulebook, Rules
 
 # ---------------------------------------------------------------- loosening and the chain
@@ -103,12 +100,14 @@ def successor_problems(previous: Rulebook | None, book: Rulebook) -> list[str]:
     return out
 
 
-def check_chain(chain: Sequence[Rulebook], founders: Founders) -> None:
-    """Every rulebook of ``chain`` (#1 to #N in order) signed by m founders, each following the one
-    before by the rules above. Raises ApprovalError naming every problem."""
+def check_chain(chain: Sequence[Rulebook], founders: Founders | Governance) -> None:
+    """Every rulebook of ``chain`` (#1 to #N in order) signed by m founders (after a key rotation:
+    of its epoch, custody.identity.governance), each following the one before by the rules above.
+    Raises ApprovalError naming every problem."""
+    governance = single(founders) if isinstance(founders, Founders) else founders
     previous: Rulebook | None = None
     for book in chain:
-        problems = signature_problems(book, founders) + successor_problems(previous, book)
+        problems = governance.problems(book) + successor_problems(previous, book)
         if problems:
             raise ApprovalError(f"rulebook #{book.serial} is not valid: " + "; ".join(problems))
         previous = book

@@ -13,13 +13,20 @@ So the quorum that can move the coins today is the one that decides who holds th
 a minority of today's founders, or tomorrow's founders alone, cannot rotate. The network never
 changes; the script type, the threshold and the founders may.
 
+Its body also says which employee roster and rulebook it carries over (``carries``: the serial and
+digest of each in force when it was drafted, or null): they stay in force after the rotation until
+the new founders sign the next ones, and nothing the old founders sign after them counts
+(custody.identity.governance). A rotation without ``carries`` carries nothing.
+
 A chain of manifests (the first one, then each rotation) is what a machine pins: each link is
 checked against the one before it, never against what the online store says.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import coincurve
 
@@ -29,6 +36,8 @@ from custody.policy.manifest import SignedManifest
 from custody.policy.model import Policy
 
 PREVIOUS = "previous"
+CARRIES = "carries"  # custody.identity.governance reads it
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def previous_of(m: SignedManifest) -> str | None:
@@ -37,8 +46,33 @@ def previous_of(m: SignedManifest) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def draft_rotation(current: SignedManifest, new: Policy) -> SignedManifest:
-    """An unsigned rotation manifest from ``current`` to ``new``.
+def _carried_entry_ok(entry: object) -> bool:
+    if entry is None:
+        return True
+    if not isinstance(entry, dict) or set(entry) != {"serial", "digest"}:
+        return False
+    serial, digest = entry["serial"], entry["digest"]
+    return (
+        isinstance(serial, int)
+        and not isinstance(serial, bool)
+        and 1 <= serial < 2**53
+        and isinstance(digest, str)
+        and _DIGEST.fullmatch(digest) is not None
+    )
+
+
+def carries_ok(value: object) -> bool:
+    """Whether ``value`` is a ``carries`` field: ``{roster, rulebook}``, each ``{serial, digest}`` or null."""
+    return (
+        isinstance(value, dict)
+        and set(value) == {"roster", "rulebook"}
+        and all(_carried_entry_ok(v) for v in value.values())
+    )
+
+
+def draft_rotation(current: SignedManifest, new: Policy, carries: Mapping[str, Any] | None = None) -> SignedManifest:
+    """An unsigned rotation manifest from ``current`` to ``new``, carrying over ``carries`` (the
+    roster and rulebook in force, custody.identity.governance.carries; None: nothing).
 
     Raises InputError when the network differs or the new policy is the current one.
     """
@@ -49,7 +83,10 @@ def draft_rotation(current: SignedManifest, new: Policy) -> SignedManifest:
         )
     if new.to_manifest() == current.policy.to_manifest():
         raise InputError("the new policy is the current one: nothing to rotate")
-    return SignedManifest(new.to_manifest() | {PREVIOUS: current.digest}, {}, new)
+    if carries is not None and not carries_ok(carries):
+        raise InputError("what a rotation carries is {roster, rulebook}, each {serial, digest} or null")
+    extra = {CARRIES: dict(carries)} if carries is not None else {}
+    return SignedManifest(new.to_manifest() | {PREVIOUS: current.digest} | extra, {}, new)
 
 
 def approve_rotation(
@@ -83,8 +120,11 @@ def rotation_problems(m: SignedManifest, current: SignedManifest) -> list[str]:
     out = []
     if previous_of(m) != current.digest:
         out.append(f"it does not name the founders' manifest {current.fingerprint} as its predecessor")
-    if m.body != m.policy.to_manifest() | {PREVIOUS: previous_of(m)}:
+    extra = {CARRIES: m.body[CARRIES]} if CARRIES in m.body else {}
+    if m.body != m.policy.to_manifest() | {PREVIOUS: previous_of(m)} | extra:
         out.append("it is not in canonical form (draft it with `custody rotate draft`)")
+    if extra and not carries_ok(extra[CARRIES]):
+        out.append("what it carries is not {roster, rulebook}, each {serial, digest} or null")
     if m.policy.network != current.policy.network:
         out.append(f"it is for network {m.policy.network.name}, not {current.policy.network.name}")
     out.extend(m.problems())

@@ -6,9 +6,10 @@ adds a single signature it checks, from the PSBT and the pins alone, that:
 
 * the pinned manifest is signed by every founder, the PSBT is for its policy and network, and
   the key is one of its founders';
-* the PSBT's employee roster is signed by at least m founders of the pinned manifest, belongs to
-  that manifest, and is not older than the newest roster this machine has seen (nor a different
-  roster with the same serial);
+* the PSBT's employee roster is signed by at least m founders of the pinned manifest it belongs
+  to (after a key rotation: of its policy epoch, and no later than the roster the next rotation
+  carried; custody.identity.governance), and is not older than the newest roster this machine
+  has seen (nor a different roster with the same serial);
 * the requester is an enabled, unsuspended roster employee with the request role whose signature
   covers exactly this transaction and the account;
 * at least two distinct roster employees with the approve role, enabled, not suspended, none of
@@ -68,17 +69,16 @@ from custody.identity.approvals import (
     request_problem,
     summarize,
 )
-from custody.identity.founders_documents import FoundersDocument, rollback_problem, signature_problems
+from custody.identity.founders_documents import FoundersDocument, rollback_problem
+from custody.identity.governance import Governance, governance_of
 from custody.identity.keyfile import FounderKey
 from custody.identity.replacement_rules import judge_bump
 from custody.identity.roster import (
-    Founders,
     Roster,
     Suspension,
     in_force,
     parse_roster,
     parse_suspension,
-    roster_problems,
 )
 from custody.identity.rulebook import LOCKTIME_THRESHOLD, Rulebook, parse_chain, parse_rulebook
 from custody.identity.rulebook_chain import chain_rollback, check_chain, rulebook_at
@@ -314,13 +314,18 @@ def state_path(manifest_path: Path) -> Path:
     return manifest_path.with_name(STATE_NAME)
 
 
-def _pinnable(doc: FoundersDocument, pinned: SignedManifest, seen_serial: int, seen_digest: str | None) -> None:
-    """Raise ApprovalError unless m founders of the pinned manifest signed ``doc`` and it is not
-    older than, nor another than, the one of its kind this machine has seen."""
+def _pinnable(
+    doc: FoundersDocument,
+    pinned: SignedManifest,
+    rotations: Sequence[SignedManifest],
+    seen_serial: int,
+    seen_digest: str | None,
+) -> None:
+    """Raise ApprovalError unless m founders of its epoch's pinned manifest signed ``doc``
+    (custody.identity.governance) and it is not older than, nor another than, the one of its kind
+    this machine has seen. Raises InputError when the pinned chain does not stand."""
     pinned.check()
-    policy = pinned.policy
-    founders = Founders(policy.network.name, pinned.digest, policy.threshold, pinned.founder_pubkeys())
-    problems = signature_problems(doc, founders)
+    problems = governance_of(check_manifest_chain([pinned, *rotations])).problems(doc)
     if problems:
         raise ApprovalError(f"{doc.KIND} #{doc.serial} is not the founders' {doc.KIND}: " + "; ".join(problems))
     rollback = rollback_problem(doc.KIND, doc.serial, {doc.serial: doc.digest}, seen_serial, seen_digest)
@@ -328,25 +333,29 @@ def _pinnable(doc: FoundersDocument, pinned: SignedManifest, seen_serial: int, s
         raise ApprovalError(rollback)
 
 
-def pin_roster(doc: object, pinned: SignedManifest, state: SignerState) -> Roster:
+def pin_roster(
+    doc: object, pinned: SignedManifest, state: SignerState, rotations: Sequence[SignedManifest] = ()
+) -> Roster:
     """Remember a founders' roster on this signer machine without waiting for a PSBT to carry it
     (for example right after the founders signed one that disables an employee).
 
-    Raises ApprovalError (not m founders of the pinned manifest, older than or forking the one
-    seen), InputError, StorageError.
+    Raises ApprovalError (not m founders of its epoch's pinned manifest, signed by founders rotated
+    away from after the rotation, older than or forking the one seen), InputError, StorageError.
     """
     roster = parse_roster(doc)
-    _pinnable(roster, pinned, state.serial, state.digest)
+    _pinnable(roster, pinned, rotations, state.serial, state.digest)
     state.serial, state.digest = roster.serial, roster.digest
     state.save()
     return roster
 
 
-def pin_rulebook(doc: object, pinned: SignedManifest, state: SignerState) -> Rulebook:
+def pin_rulebook(
+    doc: object, pinned: SignedManifest, state: SignerState, rotations: Sequence[SignedManifest] = ()
+) -> Rulebook:
     """Remember a founders' rulebook on this signer machine now (for example one that tightens):
     from then on every PSBT must carry it, or a newer one. Raises as :func:`pin_roster`."""
     book = parse_rulebook(doc)
-    _pinnable(book, pinned, state.rulebook_serial, state.rulebook_digest)
+    _pinnable(book, pinned, rotations, state.rulebook_serial, state.rulebook_digest)
     state.rulebook_serial, state.rulebook_digest = book.serial, book.digest
     state.save()
     return book
@@ -448,11 +457,11 @@ def _spent_output(p: psbt_lib.Psbt, n: int) -> psbt_lib.WitnessUtxo:
     return spent
 
 
-def _roster(p: psbt_lib.Psbt, founders: Founders, state: SignerState) -> Roster:
-    """The PSBT's roster, checked against the pinned manifest and this machine's state."""
+def _roster(p: psbt_lib.Psbt, governance: Governance, state: SignerState) -> Roster:
+    """The PSBT's roster, checked against the pinned manifests and this machine's state."""
     doc = _prop_json(p, PROP_ROSTER, "founders-signed employee roster", ApprovalError)
     roster = parse_roster(doc)
-    problems = roster_problems(roster, founders)
+    problems = governance.problems(roster)
     if problems:
         raise ApprovalError(f"the PSBT's roster #{roster.serial} is not the founders' roster: " + "; ".join(problems))
     rollback = rollback_problem("roster", roster.serial, {roster.serial: roster.digest}, state.serial, state.digest)
@@ -461,12 +470,14 @@ def _roster(p: psbt_lib.Psbt, founders: Founders, state: SignerState) -> Roster:
     return roster
 
 
-def _suspended(p: psbt_lib.Psbt, roster: Roster, state: SignerState) -> tuple[dict[str, str], list[Suspension]]:
+def _suspended(
+    p: psbt_lib.Psbt, roster: Roster, state: SignerState, manifests: frozenset[str]
+) -> tuple[dict[str, str], list[Suspension]]:
     docs = _prop_json(p, PROP_SUSPENSIONS, "suspension list") if _prop_raw(p, PROP_SUSPENSIONS) else []
     if not isinstance(docs, list):
         raise InputError("the PSBT's suspension list is malformed")
     seen = [parse_suspension(d) for d in docs] + [parse_suspension(d) for d in state.suspensions.values()]
-    return in_force(seen, roster), seen
+    return in_force(seen, roster, manifests), seen
 
 
 @dataclass(frozen=True)
@@ -621,8 +632,8 @@ def _batch_check(
     return ApprovalCheck(valid if not problems else (), tuple(("batch", p) for p in problems))
 
 
-def _rulebooks(p: psbt_lib.Psbt, founders: Founders, state: SignerState) -> list[Rulebook]:
-    """The PSBT's rulebooks, checked: each signed by m founders of the pinned manifest and
+def _rulebooks(p: psbt_lib.Psbt, founders: Governance, state: SignerState) -> list[Rulebook]:
+    """The PSBT's rulebooks, checked: each signed by m founders of its epoch's pinned manifest and
     following the one before, and the chain not older than what this machine has seen."""
     raw = _prop_raw(p, PROP_RULEBOOKS)
     books = parse_chain(_prop_json(p, PROP_RULEBOOKS, "rulebook list")) if raw is not None else []
@@ -780,12 +791,12 @@ def review(
     ApprovalError (roster, request or approvals missing or invalid), StorageError (state).
     """
     pinned.check()
-    # Rosters and rulebooks are signed by the founders of the first manifest pinned here.
-    founders = Founders(pinned.policy.network.name, pinned.digest, pinned.policy.threshold, pinned.founder_pubkeys())
     meta = _prop_json(p, PROP_META, "withdrawal metadata")
     if not isinstance(meta, dict):
         raise InputError("the PSBT's withdrawal metadata is malformed")
-    policy = _spent_policy(meta, pinned, rotations)
+    policy = _spent_policy(meta, pinned, rotations)  # checks the pinned chain
+    # Rosters and rulebooks: signed by the founders of their policy epoch (custody.identity.governance).
+    founders = governance_of([pinned, *rotations])
     names = [f.name for f in policy.founders if f.key.xpub.identity() == founder.account.xpub.identity()]
     if not names or founder.network != policy.network:
         raise InputError("this key is not one of the policy's founders' keys")
@@ -806,7 +817,7 @@ def review(
     summary = summarize(policy.network.name, withdrawal_id, p.tx, amounts)
 
     roster = _roster(p, founders, state)
-    suspended, suspensions = _suspended(p, roster, state)
+    suspended, suspensions = _suspended(p, roster, state, founders.manifests)
     approvers = _registry(roster, suspended, "approve")
     requesters = _registry(roster, suspended, "request")
     books = _rulebooks(p, founders, state)
