@@ -27,6 +27,7 @@ from custody.config import Settings
 from custody.control import halt_file, witness_file
 from custody.control.halt_log import _HALT_EVENTS, _ROSTER_EVENT, LogRow, _derive
 from custody.control.halt_state import HaltState, write_out
+from custody.control.trust_text import StoredManifest, StoredPolicy
 from custody.errors import InputError, StoreBusy
 from custody.faults import pause_point
 from custody.store.light import (
@@ -87,6 +88,27 @@ class SqlRows:
             "SELECT seq, payload FROM audit_log WHERE audit_log.event = ? ORDER BY audit_log.seq", (_ROSTER_EVENT,)
         ).fetchall()
         return [(stored_int(seq), stored_str(payload)) for seq, payload in rows]
+
+    def governance_text(self) -> tuple[StoredManifest, tuple[str, ...], StoredPolicy]:
+        """custody.control.trust.store_text's reads, by SQL."""
+        row = self.cur.execute("SELECT digest, document FROM signed_manifest WHERE signed_manifest.id = 1").fetchone()
+        manifest = None if row is None else (stored_str(row[0]), stored_str(row[1]))
+        epochs = self.cur.execute("SELECT document FROM policy_epoch ORDER BY policy_epoch.epoch").fetchall()
+        policy = self.cur.execute("SELECT network, threshold, script_type FROM policy WHERE policy.id = 1").fetchone()
+        stored: StoredPolicy = None
+        if policy is not None:
+            founders = self.cur.execute("SELECT name, xpub FROM founder ORDER BY founder.position").fetchall()
+            stored = (
+                stored_str(policy[0]),
+                stored_int(policy[1]),
+                stored_str(policy[2]),
+                tuple((stored_str(n), stored_str(x)) for n, x in founders),
+            )
+        return manifest, tuple(stored_str(d) for (d,) in epochs), stored
+
+    def roster_documents(self) -> dict[int, str]:
+        rows = self.cur.execute("SELECT serial, document FROM roster").fetchall()
+        return {stored_int(serial): stored_str(document) for serial, document in rows}
 
     def halt(self, halt_id: int) -> LightHalt | None:
         row = self.cur.execute(f"SELECT {_HALT_COLUMNS} FROM halt WHERE halt.id = ?", (halt_id,)).fetchone()

@@ -17,11 +17,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from custody.clock import iso
+from custody.control.trust_text import StoredManifest, StoredPolicy, governance_from_text
 from custody.errors import (
     InputError,
 )
+from custody.identity.governance import Governance
+from custody.identity.roster import Roster, load_roster
 from custody.identity.statements import verify_statement
-from custody.identity.webauthn import Credential, parse_credential, signs_statement
+from custody.identity.webauthn import Credential, signs_statement
 
 if TYPE_CHECKING:  # the ORM is imported by OrmRows when it reads: halt_light reads without it
     from sqlmodel import Session
@@ -81,6 +84,14 @@ class HaltRows(Protocol):
         """(seq, payload) of the roster.applied entries, by seq."""
         ...
 
+    def governance_text(self) -> tuple[StoredManifest, tuple[str, ...], StoredPolicy]:
+        """What the store's governance is built from (custody.control.trust_text)."""
+        ...
+
+    def roster_documents(self) -> dict[int, str]:
+        """The applied rosters' documents by serial."""
+        ...
+
     def halt(self, halt_id: int) -> HaltRecord | None: ...
 
     def active_halts(self) -> Sequence[HaltRecord]:
@@ -116,6 +127,18 @@ class OrmRows:
             .where(AuditEntry.event == _ROSTER_EVENT)
             .order_by(col(AuditEntry.seq))
         ).all()
+
+    def governance_text(self) -> tuple[StoredManifest, tuple[str, ...], StoredPolicy]:
+        from custody.control.trust import store_text
+
+        return store_text(self.s)
+
+    def roster_documents(self) -> dict[int, str]:
+        from sqlmodel import select
+
+        from custody.store.models import RosterRow
+
+        return dict(self.s.exec(select(RosterRow.serial, RosterRow.document)).all())
 
     def halt(self, halt_id: int) -> HaltRecord | None:
         from custody.store.models import HaltRow
@@ -209,19 +232,46 @@ Signers = dict[str, tuple[str | Credential, ...]]
 
 def _roster_events(s: Session | HaltRows) -> list[tuple[int, Signers]]:
     """(seq, {name: keys}) of every founders' roster the log applied, oldest first: who could
-    lift from that entry on (enabled, with the lift role) and with which keys (and security keys)."""
+    lift from that entry on (enabled, with the lift role) and with which keys (and security keys).
+    An entry only says which roster (serial and digest); who is in it is read from that roster's
+    document, whose founders' signatures are checked against its policy epoch's founders: an
+    entry written by SQL, or a roster that does not stand, lets nobody lift."""
     events: list[tuple[int, Signers]] = []
-    for seq, payload in _rows(s).roster_entries():
+    rows = _rows(s)
+    entries = list(rows.roster_entries())
+    governance = governance_from_text(*rows.governance_text()) if entries else None
+    documents = rows.roster_documents() if governance else {}
+    for seq, payload in entries:
         lifters: Signers = {}
         try:
-            for e in json.loads(payload)["employees"]:
-                if e["enabled"] is True and "lift" in e["roles"]:
-                    creds = tuple(parse_credential(c, "roster") for c in e.get("webauthn", []))
-                    lifters[str(e["name"])] = (*(str(k) for k in e["keys"]), *creds)
+            logged = json.loads(payload)
+            roster = _founders_roster(documents, governance, logged["serial"], logged["digest"])
+            for e in roster.employees if roster else ():
+                if e.may("lift"):
+                    lifters[e.name] = (*e.keys, *e.webauthn)
         except (ValueError, KeyError, TypeError, InputError):
             lifters = {}  # an unreadable roster entry lets nobody lift
         events.append((seq, lifters))
     return events
+
+
+def _founders_roster(
+    documents: dict[int, str], governance: Governance | None, serial: object, digest: object
+) -> Roster | None:
+    """The applied roster ``serial`` when it is the one of ``digest`` and its founders signed it."""
+    if governance is None or not isinstance(serial, int) or not isinstance(digest, str):
+        return None
+    document = documents.get(serial)
+    return _standing_roster(document, digest, governance) if document is not None else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _standing_roster(document: str, digest: str, governance: Governance) -> Roster | None:
+    try:
+        roster = load_roster(document.encode())
+    except InputError:
+        return None
+    return roster if roster.digest == digest and not governance.problems(roster) else None
 
 
 def _lifter_keys(events: list[tuple[int, Signers]], before: int) -> Signers:

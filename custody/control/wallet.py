@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 from sqlmodel import Session, col, select
 
-from custody.bitcoin.keys import parse_origin_xpub
-from custody.bitcoin.network import get_network
-from custody.bitcoin.script import parse_script_type
 from custody.clock import now
 from custody.control import audit_log
-from custody.errors import Conflict, InputError, StorageError
+from custody.control.trust_text import StoredPolicy, policy_from_stored
+from custody.errors import Conflict, InputError
 from custody.policy.manifest import SignedManifest
-from custody.policy.model import BRANCHES, Founder, Policy
+from custody.policy.model import BRANCHES, Policy
 from custody.store.db import Database
 from custody.store.models import Counter, FounderRow, PolicyRow, SignedManifestRow
+
+__all__ = ["StoredPolicy", "policy_from_stored"]  # parsed in custody.control.trust_text, found here too
 
 COUNTER_NAMES = {0: "receive", 1: "change"}
 
@@ -69,11 +68,6 @@ def init_store(db: Database, signed: SignedManifest, actor: str = "operator") ->
         )
 
 
-StoredPolicy = tuple[str, int, str, tuple[tuple[str, str], ...]] | None
-"""The stored policy's text as read (network, threshold, script type, founders' names and
-xpubs), None when the store has none: what :func:`policy_from_stored` parses."""
-
-
 def stored_policy(s: Session) -> StoredPolicy:
     """The stored policy's text, unparsed (None when there is none)."""
     row = s.get(PolicyRow, 1)
@@ -83,30 +77,9 @@ def stored_policy(s: Session) -> StoredPolicy:
     return row.network, row.threshold, row.script_type, tuple((f.name, f.xpub) for f in founders)
 
 
-def policy_from_stored(stored: StoredPolicy) -> Policy:
-    """The policy of :func:`stored_policy`'s text. Raises StorageError when there is none or
-    it is unreadable."""
-    if stored is None:
-        raise StorageError("the store has no policy: run `custody init` first")
-    try:
-        return _parsed_policy(*stored)
-    except Exception as exc:  # a stored policy that does not parse is a damaged store
-        raise StorageError(f"the stored policy is damaged: {exc}") from None
-
-
 def policy_from_session(s: Session) -> Policy:
     """The stored policy. Raises StorageError when there is none or it is unreadable."""
     return policy_from_stored(stored_policy(s))
-
-
-@functools.lru_cache(maxsize=8)
-def _parsed_policy(network_name: str, threshold: int, script: str, founders: tuple[tuple[str, str], ...]) -> Policy:
-    """The policy parsed from its stored text, once per process for the same text (parsing
-    the xpubs was a fifth of a single-address issuance). Keyed by every stored value, so a
-    row changed in the store is parsed, and judged, anew."""
-    network = get_network(network_name)
-    parsed = tuple(Founder(name, parse_origin_xpub(xpub, network)) for name, xpub in founders)
-    return Policy(network, threshold, parse_script_type(script), parsed)
 
 
 def load_policy(db: Database) -> Policy:
