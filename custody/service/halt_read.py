@@ -46,6 +46,15 @@ _HEAD = (
 _ENTRIES = "SELECT * FROM audit_log WHERE event IN (" + ", ".join(f"'{e}'" for e in _EVENTS) + ") ORDER BY seq"
 _HALTS = "SELECT * FROM halt ORDER BY id"
 _LIFTS = "SELECT * FROM halt_lift ORDER BY id"
+# Who may lift is read from the founders-signed rosters, checked against the founders of their
+# policy epoch (custody.control.trust_text): those documents and the manifests are inputs too.
+_GOVERNANCE = (
+    "SELECT * FROM roster ORDER BY serial",
+    "SELECT * FROM signed_manifest ORDER BY id",
+    "SELECT * FROM policy_epoch ORDER BY epoch",
+    "SELECT * FROM policy ORDER BY id",
+    "SELECT * FROM founder ORDER BY id",
+)
 
 Inputs = tuple[Any, ...]
 
@@ -122,7 +131,7 @@ def _inputs(cursor: Any) -> Inputs:
     if str(version) != str(SCHEMA_VERSION):
         return (version,)  # read_state upgrades or refuses the store; never equal to a cached key
     rows = []
-    for statement in (_ENTRIES, _HALTS, _LIFTS):
+    for statement in (_ENTRIES, _HALTS, _LIFTS, *_GOVERNANCE):
         cursor.execute(statement)
         rows.append(tuple(tuple(r) for r in cursor.fetchall()))
     return (seq, digest, *rows)
