@@ -138,6 +138,20 @@ def test_a_halt_raised_by_the_cli_and_rows_edited_by_sql_are_seen_by_the_next_re
     served.sql("UPDATE audit_log SET payload = ? WHERE seq = ?", payload, seq)
     assert not _halted(served.reads(clients), tmp_path)
 
+    # The founders-signed roster the lifters were read from, rewritten by SQL to carry one
+    # founder's signature (under the quorum): it no longer stands, nobody could lift, halted again.
+    with sqlite3.connect(served.c.home / "custody.db") as db:
+        rosters = db.execute("SELECT serial, document FROM roster").fetchall()
+    assert rosters, "the fixture's employees come from a founders-signed roster"
+    for serial, document in rosters:
+        one = json.loads(document)
+        one["signatures"] = one["signatures"][:1]
+        served.sql("UPDATE roster SET document = ? WHERE serial = ?", json.dumps(one), serial)
+    assert _halted(served.reads(clients), tmp_path)
+    for serial, document in rosters:
+        served.sql("UPDATE roster SET document = ? WHERE serial = ?", document, serial)
+    assert not _halted(served.reads(clients), tmp_path)
+
 
 @pytest.mark.parametrize(
     "tamper",
