@@ -566,14 +566,14 @@ def sign(
 
 def render_signer_review(r: Review) -> None:
     output.key_values(
-        f"Withdrawal #{r.withdrawal_id} ({r.kind}), to sign as {r.founder}",
+        f"Withdrawal #{r.withdrawal_id} ({r.withdrawal_kind}), to sign as {r.founder}",
         [
             ("network", r.network),
             ("account", r.account),
             ("requester", f"{r.requester} (signature checked)"),
             ("approved by", ", ".join(r.approvals)),
             ("inputs", f"{r.inputs} of our policy, {r.input_total} sat"),
-            ("fee", f"{r.fee} sat ({r.fee_rate} sat/vB)"),
+            ("fee", f"{r.fee} sat ({r.fee_rate:.2f} sat/vB)"),
             ("roster", f"#{r.roster_serial}, signed by the founders of manifest {r.manifest}"),
             ("rulebook", f"#{r.rulebook_serial}" if r.rulebook_serial else "NONE SIGNED YET: the built-in rules apply"),
             ("height", f"{r.height} (the transaction's locktime; this signer last signed at {r.journal_height})"),

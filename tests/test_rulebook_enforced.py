@@ -507,7 +507,7 @@ def test_a_fee_above_each_cap_is_refused_by_the_signer(shop: Shop) -> None:
     path = shop.export(shop.approved("0.001", fee_rate="4"))
     p = psbt_lib.Psbt.parse(read_psbt(path))
     fee = sum(i.witness_utxo.amount for i in p.inputs) - sum(o.nValue for o in p.tx.vout)
-    rate = int(_signed(Offline(shop, shop.tmp / "probe").sign(path))["fee_rate"].split(".")[0])
+    rate = int(_signed(Offline(shop, shop.tmp / "probe").sign(path))["fee_rate"])
     share = -(-fee * 10_000 // amount)  # the lowest share in basis points that covers the fee
     base = {"max_fee_sat": 1_000_000, "max_fee_rate": "500", "max_fee_share_bp": 1000, "max_batch_fee_sat": 1_000_000}
     for cap, value, rule in (
@@ -596,7 +596,7 @@ def test_a_batch_whose_members_are_within_limits_but_whose_total_is_not(shop: Sh
         "rule fees.max_batch_fee_sat",
     )
     review = _signed(Offline(shop, shop.tmp / "offline-3").sign(path))
-    assert review["kind"] == "batch" and sorted(review["tiers"]) == sorted(str(m) for m in members)
+    assert review["withdrawal_kind"] == "batch" and sorted(review["tiers"]) == sorted(str(m) for m in members)
 
     def twice(p: psbt_lib.Psbt) -> None:  # one member's id on both, so that one tier stands for two
         meta = _get(p, PROP_META)

@@ -485,7 +485,7 @@ class Review:
     """Everything the checks established, for a person to read before signing."""
 
     withdrawal_id: int
-    kind: str
+    withdrawal_kind: str  # single, batch, sweep, bump, cancel, cpfp, consol
     founder: str
     network: str
     requester: str
@@ -494,7 +494,7 @@ class Review:
     inputs: int
     input_total: int
     fee: int
-    fee_rate: str  # sat/vB, estimated from the signed size
+    fee_rate: float  # sat/vB (2 decimals), estimated from the signed size
     approvals: tuple[str, ...]
     digest: str  # the approval statement's digest (of the batch, for a batch)
     roster_serial: int
@@ -520,7 +520,7 @@ class Review:
     def to_dict(self) -> dict[str, Any]:
         return {
             "withdrawal_id": self.withdrawal_id,
-            "kind": self.kind,
+            "withdrawal_kind": self.withdrawal_kind,
             "founder": self.founder,
             "network": self.network,
             "requester": self.requester,
@@ -877,7 +877,7 @@ def review(
     )
     return Review(
         withdrawal_id=withdrawal_id,
-        kind=kind,
+        withdrawal_kind=kind,
         founder=names[0],
         network=policy.network.name,
         requester=str(meta.get("requester")),
@@ -886,7 +886,7 @@ def review(
         inputs=len(p.inputs),
         input_total=sum(amounts),
         fee=summary.fee,
-        fee_rate=f"{summary.fee / vsize:.2f}",
+        fee_rate=round(summary.fee / vsize, 2),
         approvals=check.valid,
         digest=summary.digest(),
         roster_serial=roster.serial,
