@@ -46,7 +46,8 @@ def node() -> None:
 @example("custody node start --datadir ./regtest-node")
 def node_start(app: AppContext, datadir: Path | None, as_json: bool) -> None:
     """Start a regtest node listening on 127.0.0.1 only, on free ports; nothing to do (exit 0)
-    when one already runs and answers in the data directory."""
+    when one already runs and answers in the data directory. --json: the node's status (as
+    `node status` prints it) and "already_running"."""
     path = _datadir(app, datadir)
     current = node_status(path)
     if current["running"] and current["error"] is None:
@@ -56,8 +57,8 @@ def node_start(app: AppContext, datadir: Path | None, as_json: bool) -> None:
             output.info(f"a node already runs in {current['datadir']} (pid {current['pid']}, {current['rpc_url']})")
         return
     info = start_node(path, binary=find_node_binary(app.settings.node_binary))
-    if as_json:
-        output.emit_json(info.to_json())
+    if as_json:  # one shape either way: the node's status, and whether this command started it
+        output.emit_json(node_status(path) | {"already_running": False})
         return
     output.key_values(
         "Node",

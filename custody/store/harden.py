@@ -114,7 +114,7 @@ def harden(db: Database, app_role: str, owner_role: str = "custody_owner", *, dr
         schema = conn.execute(text("SELECT current_schema()")).scalar_one()
         sql = statements(schema, app_role, owner_role)
         if dry_run:
-            return {"schema": schema, "statements": sql, "privileges": {}}
+            return {"schema": schema, "owner": owner_role, "role": app_role, "statements": sql, "privileges": {}}
         role = conn.execute(
             text("SELECT rolsuper, rolcreaterole, rolbypassrls FROM pg_roles WHERE rolname = :r"), {"r": app_role}
         ).first()
