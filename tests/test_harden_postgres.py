@@ -14,6 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from tests.conftest import PG_URL
 from tests.support import Custody, founders
+from tests.test_operator_schemas import _validator
 
 pytestmark = pytest.mark.postgres
 
@@ -63,7 +64,10 @@ def test_the_tools_role_can_append_but_not_change_and_keeps_working(
     superuser = Custody(tmp_path / "admin", db_url=_url("postgres", schema))
     hardened = superuser("db", "harden", "--role", app, "--owner", owner, "--json")
     assert hardened.exit_code == 0, hardened.output
-    privileges = json.loads(hardened.stdout)["privileges"]
+    data = json.loads(hardened.stdout)
+    assert not list(_validator("db-harden").iter_errors(data))  # its documented shape
+    assert (data["role"], data["owner"], data["schema"]) == (app, owner, schema)
+    privileges = data["privileges"]
     assert privileges["audit_log"] == ["SELECT", "INSERT"]
     assert privileges["ledger_entry"] == ["SELECT", "INSERT"]
     assert privileges["address"] == ["SELECT", "INSERT"]

@@ -13,10 +13,12 @@ import pytest
 from coincurve import PrivateKey
 from jsonschema import Draft202012Validator
 
+from custody.chain.regtest import NodeInfo
 from custody.policy.manifest import load_signed_manifest
 from custody_cli.main import cli
 from tests.support import Custody, founders, sign_manifest_with, sign_roster_file
 from tests.test_notify import FROM, SECRET, Mailbox, Receiver, free_port, kill_agent
+from tests.test_rotation import _keygen, _xpub
 from tests.test_withdraw_embedded import EmbeddedShop, destination
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "docs" / "schemas"
@@ -57,6 +59,12 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("qr", "decode"): "qr-decode",
     ("status", "publish"): "status-publish",
     ("withdraw", "finalize"): "withdrawal",
+    ("sign",): "signer-review",
+    ("withdraw", "cpfp"): "withdrawal",
+    ("withdraw", "bump"): "withdrawal",
+    ("withdraw", "batch"): "withdrawal",
+    ("utxo", "consolidate"): "withdrawal",
+    ("node", "fund"): "node-fund",
     ("employee", "suspend"): "suspension",
     ("halt", "raise"): "halt-raise",
     ("halt", "lift"): "halt-lift",
@@ -112,11 +120,56 @@ def _signed(s: EmbeddedShop, to: str, amount: str, got: dict[tuple[str, ...], An
     assert s.c("withdraw", "export", str(wid), str(psbt)).exit_code == 0
     for founder in ("founder-a", "founder-b"):
         out = s.tmp / f"w{wid}-{founder}.psbt"
-        signed = s.c("sign", str(psbt), "--key", str(s.founder_keys[founder]), "--out", str(out), "--yes")
-        assert signed.exit_code == 0, signed.output
+        got[("sign",)] = s.ok("sign", str(psbt), "--key", str(s.founder_keys[founder]), "--out", str(out), "--yes")
         got[("withdraw", "import")] = s.ok("withdraw", "import", str(wid), str(out))
     got[("withdraw", "finalize")] = s.ok("withdraw", "finalize", str(wid))
     return wid
+
+
+# The founders' documents and a key rotation, on a store of their own (the rotation changes its
+# policy): proposals, signatures, applies, and the pins of an offline signer machine
+GOVERNANCE: dict[tuple[str, ...], str] = {
+    ("roster", "propose"): "roster-document",
+    ("roster", "sign"): "document-signature",
+    ("roster", "pin"): "document-pin",
+    ("rules", "propose"): "rulebook-proposal",
+    ("rules", "sign"): "document-signature",
+    ("rules", "apply"): "rulebook-applied",
+    ("rules", "pin"): "document-pin",
+    ("manifest", "pin"): "manifest-pinned",
+    ("rotate", "draft"): "rotation",
+    ("manifest", "sign"): "manifest",
+    ("rotate", "approve"): "rotation",
+    ("rotate", "apply"): "policy-epoch",
+    ("rotate", "pin"): "rotation-pinned",
+    ("rotate", "sweep"): "withdrawal",
+}
+
+# A node's: the session's regtest node (`node start` finds it running; tests/test_cli_node.py
+# validates a fresh start against the same schema); PostgreSQL's (tests/test_harden_postgres.py
+# validates a real hardening against the same schema).
+NODE: dict[tuple[str, ...], str] = {("node", "start"): "node-start"}
+POSTGRES: dict[tuple[str, ...], str] = {("db", "harden"): "db-harden"}
+
+
+def _replacements(s: EmbeddedShop, wid: int, to: str, got: dict[tuple[str, ...], Any]) -> None:
+    """A bump and a child of the broadcast withdrawal ``wid`` requested (each then dropped: they
+    were never signed), and a coin paid by the faucet."""
+    for command in (("withdraw", "bump"), ("withdraw", "cpfp")):
+        got[command] = row = s.ok(*command, str(wid), "--fee-rate", "5", *s.as_("carol"))
+        s.ok("withdraw", "cancel", str(row["id"]), "--reason", "schema test", *s.as_("alice"))
+    got[("node", "fund")] = s.ok("node", "fund", to, "0.001")
+
+
+def _batch_and_consolidation(s: EmbeddedShop, to: str, got: dict[tuple[str, ...], Any]) -> None:
+    """A consolidation of the store's coins (dropped again), then a batch of two approved withdrawals."""
+    got[("utxo", "consolidate")] = merged = s.ok("utxo", "consolidate", *s.as_("carol"))
+    s.ok("withdraw", "cancel", str(merged["id"]), "--reason", "schema test", *s.as_("alice"))
+    for amount in ("0.001", "0.002"):
+        w = s.ok("withdraw", "request", "--account", "acct-1", "--to", to, "--amount", amount, *s.as_("carol"))
+        for who in ("alice", "bob"):
+            s.ok("withdraw", "approve", str(w["id"]), *s.as_(who), "--yes")
+    got[("withdraw", "batch")] = s.ok("withdraw", "batch", *s.as_("carol"))
 
 
 def _validator(name: str) -> Draft202012Validator:
@@ -124,6 +177,12 @@ def _validator(name: str) -> Draft202012Validator:
     Draft202012Validator.check_schema(schema)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     return Draft202012Validator(schema)
+
+
+def _assert_valid(name: str, data: Any) -> None:
+    """``data`` has the shape of schema ``name`` (the first errors, by path, said if not)."""
+    errors = sorted(_validator(name).iter_errors(data), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +203,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str
         mixed = s.c("qr", "decode", str(files / "frames"), "--out", "-", "--json")  # PSBT and JSON on one stdout
         assert mixed.exit_code == 2 and mixed.stdout == "", mixed.output
         got[("status", "publish")] = s.ok("status", "publish", str(files / "site"))
+        _replacements(s, wid, to, got)
         s.deposit("acct-1")  # mines the withdrawal too: sync below reports what changed
         got[("withdraw", "request")] = requested = s.ok(
             "withdraw", "request", "--account", "acct-1", "--to", to, "--amount", "0.02", *s.as_("carol")
@@ -151,6 +211,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str
         got[("withdraw", "approve")] = s.ok("withdraw", "approve", str(requested["id"]), "--yes", *s.as_("alice"))
         got[("rules", "check")] = s.ok("rules", "check", str(requested["id"]))
         got[("withdraw", "cancel")] = s.ok("withdraw", "cancel", str(requested["id"]), "--reason", "x", *s.as_("alice"))
+        _batch_and_consolidation(s, to, got)
         got[("node", "mine")] = s.ok("node", "mine", "1")
         files = tmp_path_factory.mktemp("files")
         got[("audit", "liabilities")] = s.ok(
@@ -193,8 +254,7 @@ def test_every_data_command_prints_its_documented_shape(
     data = outputs[command]
     if isinstance(data, list) and command != ("sync",):
         assert data, f"{command}: an empty list would validate anything"
-    errors = sorted(_validator(COMMANDS[command]).iter_errors(data), key=lambda e: list(e.path))
-    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
+    _assert_valid(COMMANDS[command], data)
 
 
 @pytest.fixture(scope="module")
@@ -286,11 +346,114 @@ def ceremony_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str
 def test_every_ceremony_command_prints_its_documented_shape(
     ceremony_outputs: dict[tuple[str, ...], Any], command: tuple[str, ...]
 ) -> None:
-    errors = sorted(_validator(CEREMONY[command]).iter_errors(ceremony_outputs[command]), key=lambda e: list(e.path))
-    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
+    _assert_valid(CEREMONY[command], ceremony_outputs[command])
     if command == ("employee", "keygen"):  # the key it made, and a proposal that is not one of them refused
         assert {"pubkey", "file"} <= set(ceremony_outputs[command])
         assert not _validator("roster-proposal").is_valid(ceremony_outputs[command] | {"pubkey": "04ab"})
+
+
+def _signer_machine(s: EmbeddedShop, name: str) -> tuple[Custody, Any]:
+    """An offline signer: a home with nothing but the manifest, pinned by `manifest pin` (what it printed)."""
+    machine = Custody(s.tmp / name)
+    manifest = s.c.home / "founders-manifest.json"
+    fingerprint = load_signed_manifest(manifest.read_bytes()).fingerprint
+    return machine, machine.json("manifest", "pin", str(manifest), "--fingerprint", fingerprint)
+
+
+def _by_founders(s: EmbeddedShop, command: tuple[str, ...], path: Path, *names: str) -> Any:
+    """`COMMAND PATH --key K` (sign, approve) by each founder in turn; what the last one printed."""
+    for name in names:
+        result = s.c(*command, str(path), "--key", str(s.founder_keys[name]), "--yes", "--json")
+        assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def governance_outputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, ...], Any]]:
+    s = EmbeddedShop(tmp_path_factory.mktemp("governance-schemas"), "p2wsh")
+    try:
+        signer, pinned = _signer_machine(s, "signer")
+        got: dict[tuple[str, ...], Any] = {("manifest", "pin"): pinned}
+        dave = PrivateKey().public_key.format().hex()
+        got[("roster", "propose")] = s.ok("roster", "propose", "--add", f"dave={dave}:approve")
+        roster = s.tmp / "roster-2.json"
+        assert s.c("roster", "export", "--out", str(roster)).exit_code == 0
+        got[("roster", "sign")] = _by_founders(s, ("roster", "sign"), roster, "founder-a", "founder-b")
+        s.ok("roster", "apply", str(roster))
+        got[("roster", "pin")] = signer.json("roster", "pin", str(roster))
+        changes = s.tmp / "rules-changes.json"
+        changes.write_text(json.dumps({"max_withdrawal_sat": 200_000_000}))
+        got[("rules", "propose")] = s.ok("rules", "propose", str(changes))
+        rules = s.tmp / "rules-1.json"
+        assert s.c("rules", "export", "--out", str(rules)).exit_code == 0
+        got[("rules", "sign")] = _by_founders(s, ("rules", "sign"), rules, "founder-a", "founder-b")
+        got[("rules", "apply")] = s.ok("rules", "apply", str(rules))
+        got[("rules", "pin")] = signer.json("rules", "pin", str(rules))
+        s.deposit("acct-1")  # a coin of the first policy, for the sweep
+        s.founder_keys["founder-d"], xpub_d = _keygen(s, "founder-d")
+        rotation = s.tmp / "rotation.json"
+        draft = ["rotate", "draft", "--threshold", "3", "--out", str(rotation), "--founder", f"founder-d={xpub_d}"]
+        for name in ("founder-a", "founder-b", "founder-c"):
+            draft += ["--founder", f"{name}={_xpub(s, name)}"]
+        got[("rotate", "draft")] = s.ok(*draft)
+        got[("manifest", "sign")] = _by_founders(s, ("manifest", "sign"), rotation, *sorted(s.founder_keys))
+        got[("rotate", "approve")] = _by_founders(s, ("rotate", "approve"), rotation, "founder-a", "founder-b")
+        got[("rotate", "apply")] = epoch = s.ok("rotate", "apply", str(rotation))
+        got[("rotate", "pin")] = signer.json("rotate", "pin", str(rotation), "--fingerprint", epoch["fingerprint"])
+        got[("rotate", "sweep")] = s.ok("rotate", "sweep", *s.as_("carol"))
+        yield got
+    finally:
+        s.chain.close()
+
+
+@pytest.mark.parametrize("command", list(GOVERNANCE), ids=" ".join)
+def test_every_governance_command_prints_its_documented_shape(
+    governance_outputs: dict[tuple[str, ...], Any], command: tuple[str, ...]
+) -> None:
+    _assert_valid(GOVERNANCE[command], governance_outputs[command])
+
+
+def test_governance_outputs_say_what_happened(governance_outputs: dict[tuple[str, ...], Any]) -> None:
+    """Not vacuous: the last signature completed each document, the rotation was approved by two
+    and pinned after the first manifest, the sweep is one; and a wrong shape is refused."""
+    got = governance_outputs
+    assert got[("roster", "sign")]["complete"] and got[("rules", "sign")]["complete"]
+    assert got[("rotate", "approve")]["approved_by"] == ["founder-a", "founder-b"]
+    assert len(got[("rotate", "pin")]["pinned"]) == 2 and got[("rotate", "apply")]["epoch"] == 1
+    assert got[("rotate", "sweep")]["withdrawal_kind"] == "sweep"
+    signature = _validator("document-signature")
+    assert not signature.is_valid(got[("roster", "sign")] | {"complete": "yes"})
+    assert not signature.is_valid({k: v for k, v in got[("rules", "sign")].items() if k != "signed_by"})
+    assert not _validator("document-pin").is_valid(got[("rules", "pin")] | {"serial": "1"})
+    applied = _validator("rulebook-applied")
+    assert not applied.is_valid(got[("rules", "apply")] | {"signed_by": "founder-a"})
+    assert not applied.is_valid(got[("rules", "apply")] | {"extra": 1})
+    assert not _validator("policy-epoch").is_valid({k: v for k, v in got[("rotate", "apply")].items() if k != "n"})
+
+
+def test_node_start_prints_its_documented_shape(regtest_node: NodeInfo, tmp_path: Path) -> None:
+    """`node start` on the session's running node: nothing started, the node's status said."""
+    c = Custody(tmp_path / "home")
+    data = c.json("node", "start", "--datadir", str(regtest_node.datadir))
+    assert data["already_running"] is True and data["pid"] == regtest_node.pid
+    _assert_valid(NODE[("node", "start")], data)
+    validator = _validator(NODE[("node", "start")])
+    assert not validator.is_valid({k: v for k, v in data.items() if k != "already_running"})
+    assert not validator.is_valid(data | {"pid": str(data["pid"])})
+
+
+@pytest.mark.postgres
+def test_db_harden_prints_its_documented_shape(pg_url: str, tmp_path: Path) -> None:
+    """`db harden --sql`: the statements it would run, on a real PostgreSQL store (the hardening
+    itself is validated against the same schema by tests/test_harden_postgres.py)."""
+    c = Custody(tmp_path / "home", db_url=pg_url)
+    assert c.init(founders()).exit_code == 0
+    data = c.json("db", "harden", "--role", "custody_app", "--sql")
+    assert data["statements"] and data["privileges"] == {} and data["role"] == "custody_app"
+    _assert_valid(POSTGRES[("db", "harden")], data)
+    validator = _validator(POSTGRES[("db", "harden")])
+    assert not validator.is_valid(data | {"statements": "GRANT ..."})
+    assert not validator.is_valid(data | {"privileges": {"audit_log": ["SELECT", "UPDATE", "DROP"]}})
 
 
 @pytest.mark.parametrize("command", list(NOTIFY), ids=" ".join)
@@ -300,8 +463,7 @@ def test_every_notify_command_prints_its_documented_shape(
     data = notify_outputs[command]
     if isinstance(data, list):
         assert data, f"{command}: an empty list would validate anything"
-    errors = sorted(_validator(NOTIFY[command]).iter_errors(data), key=lambda e: list(e.path))
-    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
+    _assert_valid(NOTIFY[command], data)
 
 
 def test_notify_outputs_say_what_happened(notify_outputs: dict[tuple[str, ...], Any]) -> None:
@@ -320,7 +482,7 @@ def test_notify_outputs_say_what_happened(notify_outputs: dict[tuple[str, ...], 
 
 def test_every_schema_is_used_and_not_vacuous(outputs: dict[tuple[str, ...], Any]) -> None:
     names = {p.name.removesuffix(".schema.json") for p in SCHEMAS.glob("*.schema.json")}
-    assert names == set(COMMANDS.values()) | set(NOTIFY.values()) | set(CEREMONY.values())
+    assert names == set().union(*(d.values() for d in EVERY))
     # The old, ambiguous shape is refused: `kind` for a withdrawal's kind, a string fee rate.
     withdrawal = dict(outputs[("withdraw", "show", "ID")])
     old = {k: v for k, v in withdrawal.items() if k not in ("withdrawal_kind", "record")} | {"kind": "single"}
@@ -329,6 +491,15 @@ def test_every_schema_is_used_and_not_vacuous(outputs: dict[tuple[str, ...], Any
     deposit = outputs[("ledger", "deposits")][0]
     assert not _validator("sync").is_valid([{k: v for k, v in deposit.items() if k != "record"} | {"kind": "deposit"}])
     assert _validator("sync").is_valid([deposit, withdrawal])
+    # sign's review: the old `kind` and a text fee rate are refused too, and so is a field it never had
+    review = outputs[("sign",)]
+    signer = _validator("signer-review")
+    assert not signer.is_valid({k: v for k, v in review.items() if k != "withdrawal_kind"} | {"kind": "single"})
+    assert not signer.is_valid(review | {"fee_rate": f"{review['fee_rate']:.2f}"})
+    assert not signer.is_valid(review | {"tiers": {"1": {"tier": "standard", "approvals": "2", "why": ""}}})
+    assert not _validator("node-fund").is_valid({k: v for k, v in outputs[("node", "fund")].items() if k != "block"})
+    changes = [("withdraw", "bump"), ("withdraw", "cpfp"), ("withdraw", "batch"), ("utxo", "consolidate")]
+    assert [outputs[c]["withdrawal_kind"] for c in changes] == ["bump", "cpfp", "batch", "consol"]
     # a running node without its pid, an employee with a role the roster does not know
     assert not _validator("node-status").is_valid(outputs[("node", "status")] | {"running": True})
     alice = outputs[("employee", "list")][0]
@@ -343,33 +514,12 @@ def test_raw_and_normal_balances_say_why_they_differ(outputs: dict[tuple[str, ..
     assert customer["normal_side"] == "credit" and customer["raw_sat"] < 0 < customer["balance_sat"]
 
 
-# Commands whose --json has no schema yet: changes and ceremonies rather than the data
-# commands above (#16 asks for one per shape; this list is what is left, and it only shrinks).
-# A new command with --json fails the test below until it has a schema or is named here.
-WITHOUT_SCHEMA = {
-    ("db", "harden"),
-    ("manifest", "pin"),
-    ("manifest", "sign"),
-    ("node", "fund"),
-    ("node", "start"),
-    ("roster", "pin"),
-    ("roster", "propose"),
-    ("roster", "sign"),
-    ("rotate", "apply"),
-    ("rotate", "approve"),
-    ("rotate", "draft"),
-    ("rotate", "pin"),
-    ("rotate", "sweep"),
-    ("rules", "apply"),
-    ("rules", "pin"),
-    ("rules", "propose"),
-    ("rules", "sign"),
-    ("sign",),
-    ("utxo", "consolidate"),
-    ("withdraw", "batch"),
-    ("withdraw", "bump"),
-    ("withdraw", "cpfp"),
-}
+# Commands whose --json has no schema yet (#16 asks for one per shape): none is left, and a new
+# command with --json fails the test below until it has a schema (or is named here, for a reason).
+WITHOUT_SCHEMA: set[tuple[str, ...]] = set()
+
+
+EVERY = (COMMANDS, NOTIFY, CEREMONY, GOVERNANCE, NODE, POSTGRES)
 
 
 def _json_commands(cmd: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
@@ -393,7 +543,7 @@ def _command_path(args: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def test_every_command_with_json_has_a_validated_schema_or_is_named_as_missing() -> None:
-    validated = {_command_path(c) for c in [*COMMANDS, *NOTIFY, *CEREMONY]}
+    validated = {_command_path(c) for d in EVERY for c in d}
     every = set(_json_commands(cli))
     assert every - validated - WITHOUT_SCHEMA == set(), "a --json command with neither a schema nor a place here"
     assert validated & WITHOUT_SCHEMA == set(), "validated now: take it off WITHOUT_SCHEMA"
