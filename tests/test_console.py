@@ -2,7 +2,8 @@
 
 An employee registers a security key on the console, the founders add it to the roster,
 the employee approves a withdrawal with it in the browser, the approval is counted, and the
-offline signer accepts the PSBT that carries it. Then an insider's attempts: a tampered
+offline signer accepts the PSBT that carries it; she requests a withdrawal in the console,
+signed with the same key, and sees it listed (and cannot approve it). Then an insider's attempts: a tampered
 assertion, one made at another origin, one made for another withdrawal, one from a key not
 in the roster, one played again, and the approval bundle of a PSBT rewritten: each refused.
 """
@@ -70,7 +71,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     tmp = tmp_path_factory.mktemp("console")
     shop = EmbeddedShop(tmp, "p2wsh")
     shop.employees.update(enrol(shop.c, tmp, shop.founder_keys, ["svc"], roles="request"))
-    for issued in shop.ok("address", "new", "--account", "acct-1", "--count", "3"):  # a coin per withdrawal
+    for issued in shop.ok("address", "new", "--account", "acct-1", "--count", "4"):  # a coin per withdrawal
         shop.chain.mine(1, bytes.fromhex(issued["script_pubkey"]))
     shop.chain.mine(COINBASE_MATURITY, OP_TRUE)
     shop.ok("sync")
@@ -161,6 +162,33 @@ def test_a_security_key_approves_in_the_browser_and_the_offline_signer_accepts_i
         "sign", str(psbt), "--key", str(console.shop.founder_keys["founder-a"]), "--out", str(psbt) + ".b", "--yes"
     )
     assert refused.exit_code == 4 and "signature does not verify" in refused.stderr, refused.output
+
+
+def test_a_withdrawal_requested_in_the_console_with_a_security_key_is_listed(console: Console) -> None:
+    _enrol_key(console)
+    page, origin = console.page, console.server.origin
+    to, _ = destination()
+    page.goto(f"{origin}/console/")
+    page.click("a[href='/console/request']")
+    for field, value in (("employee", "alice"), ("account", "acct-1"), ("destination", to), ("amount", "0.003")):
+        page.fill(f"#{field}", value)
+    page.click("#request button")
+    page.wait_for_selector("#result.ok")
+    wid = int(page.text_content("#result").split("#")[1].split()[0])
+    console.shot("requested")
+    page.goto(f"{origin}/console/")
+    assert page.locator(f"#pending a[href='/console/withdrawals/{wid}']").count() == 1
+    assert to in page.text_content("#pending")
+    # Recorded with her assertion, checked against her key in the roster.
+    (entry,) = console.shop.ok("audit", "log", "--last", "1")
+    assert entry["event"] == "withdrawal.request_signed" and entry["actor"] == "alice", entry
+    assert console.client.ok("GET", f"/v1/withdrawals/{wid}")["requester"] == "alice"
+    # And her security key cannot approve what she requested.
+    page.click(f"#pending a[href='/console/withdrawals/{wid}']")
+    page.fill("#employee", "alice")
+    page.click("#approve button")
+    page.wait_for_selector("#result.refused")
+    assert "cannot approve" in page.text_content("#result")
 
 
 @pytest.fixture(scope="module")

@@ -49,16 +49,19 @@ def _cose(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 class Key:
-    def __init__(self) -> None:
-        self.private = ec.generate_private_key(ec.SECP256R1())
-        self.credential = Credential(b64url(b"credential-1"), _cose(self.private).hex(), RP_ID, ORIGIN)
+    """A security key made in software: the assertions an authenticator makes, byte for byte."""
 
-    def assert_(self, **over: Any) -> str:
-        client = {"type": "webauthn.get", "challenge": b64url(CHALLENGE), "origin": ORIGIN, "crossOrigin": False}
+    def __init__(self, rp_id: str = RP_ID, origin: str = ORIGIN, name: bytes = b"credential-1") -> None:
+        self.private = ec.generate_private_key(ec.SECP256R1())
+        self.credential = Credential(b64url(name), _cose(self.private).hex(), rp_id, origin)
+
+    def assert_(self, challenge: bytes = CHALLENGE, count: int = 7, **over: Any) -> str:
+        c = self.credential
+        client = {"type": "webauthn.get", "challenge": b64url(challenge), "origin": c.origin, "crossOrigin": False}
         client |= over.get("client", {})
         client_json = json.dumps(client).encode()
-        rp_hash = hashlib.sha256(over.get("rp_id", RP_ID).encode()).digest()
-        auth = rp_hash + bytes([over.get("flags", FLAG_UP | FLAG_UV)]) + (7).to_bytes(4, "big")
+        rp_hash = hashlib.sha256(over.get("rp_id", c.rp_id).encode()).digest()
+        auth = rp_hash + bytes([over.get("flags", FLAG_UP | FLAG_UV)]) + count.to_bytes(4, "big")
         sig = self.private.sign(auth + hashlib.sha256(client_json).digest(), ec.ECDSA(hashes.SHA256()))
         return Assertion(auth, client_json, sig).encode()
 

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlmodel import Session, select
+from sqlmodel import select
 
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log, halt_log
 from custody.control import halt as halt_lib
 from custody.control import halt_lift as lift_lib
-from custody.control.roster import Trust, check_pinned, load_trust, standing
+from custody.control.roster import check_pinned, load_trust, security_key
 from custody.errors import ApprovalError, Conflict, InputError, NotFound
 from custody.identity.statements import statement_digest
-from custody.identity.webauthn import Credential, decode_assertion, signs_statement
+from custody.identity.webauthn import decode_assertion, signs_statement
 from custody.store.db import Database
 from custody.store.models import HaltLift, HaltRow
 
@@ -35,21 +35,6 @@ class Challenge:
 
     digest: str
     at: str | None = None
-
-
-def _credential(s: Session, trust: Trust, name: str, credential_id: str, role: str | None) -> Credential:
-    """Employee ``name``'s roster security key ``credential_id``, allowed ``role``."""
-    st = standing(s, trust)
-    e = st.roster.employee(name) if st.roster else None
-    if e is None:
-        raise NotFound(f"no employee named {name!r} in the founders' roster")
-    refusal = st.refusal(name, role)
-    if refusal is not None:
-        raise ApprovalError(f"{name} may not {role or 'act'}: {refusal}")
-    credential = next((c for c in e.webauthn if c.id == credential_id), None)
-    if credential is None:
-        raise ApprovalError(f"this security key is not {name}'s in the founders' roster")
-    return credential
 
 
 def raise_challenge(name: str, reason: str) -> Challenge:
@@ -72,7 +57,7 @@ def raise_with_security_key(
     decode_assertion(assertion)
     reason = reason.strip()
     with db.transaction() as s:
-        credential = _credential(s, check_pinned(s, load_trust(settings)), name, credential_id, None)
+        credential = security_key(s, check_pinned(s, load_trust(settings)), name, None, credential_id)
     if not signs_statement(credential, assertion, halt_lib.RAISE_DOMAIN, [name, reason, at]):
         raise ApprovalError(f"{name}'s halt request is refused: the security key did not sign this statement")
     return halt_lib.raise_halt(db, settings, reason=reason, source="employee", actor=name, signature=assertion, at=at)
@@ -101,7 +86,7 @@ def lift_with_security_key(
         h = s.exec(select(HaltRow).where(HaltRow.id == halt_id).with_for_update()).first()
         if h is None or not h.active:
             raise Conflict(f"halt #{halt_id} is not active") if h is not None else NotFound(f"no halt #{halt_id}")
-        credential = _credential(s, check_pinned(s, trust), name, credential_id, "lift")
+        credential = security_key(s, check_pinned(s, trust), name, "lift", credential_id)
         if not signs_statement(credential, assertion, halt_log.LIFT_DOMAIN, lift_lib.lift_statement(h)):
             raise ApprovalError(f"{name}'s lift of halt #{halt_id} is refused: the security key did not sign it")
         for old in s.exec(select(HaltLift).where(HaltLift.halt_id == halt_id, HaltLift.employee == name)).all():

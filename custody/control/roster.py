@@ -161,6 +161,29 @@ def authenticate(s: Session, trust: Trust, name: str, key: EmployeeSigner, role:
     Raises NotFound (no roster, or nobody of that name), ApprovalError (disabled, suspended,
     no such role, or the key is not theirs), VerificationFailed (the roster does not stand).
     """
+    e = employee_in_role(s, trust, name, role)
+    if key.public_key.hex() not in e.keys:
+        raise ApprovalError(f"the key given (file or token) is not one of {name}'s keys in the founders' roster")
+    return e
+
+
+def security_key(s: Session, trust: Trust, name: str, role: str | None, credential_id: str | None) -> Credential:
+    """The roster employee ``name``'s security key ``credential_id`` (None: any of theirs, the first),
+    ``name`` allowed ``role``. Raises what :func:`employee_in_role` raises, and ApprovalError when
+    the security key is not theirs (or they have none)."""
+    e = employee_in_role(s, trust, name, role)
+    credential = next((c for c in e.webauthn if credential_id in (None, c.id)), None)
+    if credential is None:
+        raise ApprovalError(f"this security key is not {name}'s in the founders' roster")
+    return credential
+
+
+def employee_in_role(s: Session, trust: Trust, name: str, role: str | None) -> Employee:
+    """The roster employee ``name``, allowed ``role`` (None: any enabled, unsuspended employee).
+
+    Raises NotFound (no roster, or nobody of that name), ApprovalError (disabled, suspended,
+    no such role), VerificationFailed (the roster does not stand).
+    """
     st = standing(s, trust)
     if st.roster is None:
         raise NotFound("there is no founders-signed roster yet: no employee can act (`custody roster`)")
@@ -170,8 +193,6 @@ def authenticate(s: Session, trust: Trust, name: str, key: EmployeeSigner, role:
     refusal = st.refusal(name, role)
     if refusal is not None:
         raise ApprovalError(f"{name} may not {role or 'act'}: {refusal}")
-    if key.public_key.hex() not in e.keys:
-        raise ApprovalError(f"the key given (file or token) is not one of {name}'s keys in the founders' roster")
     return e
 
 

@@ -194,11 +194,43 @@ def request_problem(
         return f"the requester {requester!r} is not an employee of the founders' roster"
     if entry.refusal is not None:
         return f"the requester {requester}: {entry.refusal}"
+    if pubkey.startswith(WEBAUTHN):
+        credential = entry.credential(pubkey)
+        if credential is None:
+            return f"the request is signed with a security key that is not {requester}'s in the roster"
+        problem = assertion_problem(credential, signature, request_digest(summary, account))
+        return None if problem is None else f"{requester}'s request: {problem}"
     if pubkey not in entry.pubkeys:
         return f"the request is signed with a key that is not {requester}'s in the roster"
     if not verify_statement(pubkey, signature, REQUEST_DOMAIN, request_fields(summary, account)):
         return f"{requester}'s request signature does not cover this exact transaction and account"
     return None
+
+
+def request_digest(summary: TxSummary, account: str) -> bytes:
+    """The request statement's digest: what a requester's security key signs as its WebAuthn challenge."""
+    return statement_digest(REQUEST_DOMAIN, request_fields(summary, account))
+
+
+def request_standing(
+    summary: TxSummary, account: str, requester: str, signature: str, registry: Mapping[str, RegistryEntry]
+) -> str | None:
+    """Why the stored request (``signature``: a secp256k1 signature by one of the requester's roster
+    keys, or a WebAuthn assertion by one of their roster security keys) does not stand for exactly
+    ``summary`` and ``account`` (None: it does). ``registry`` holds who may request."""
+    entry = registry.get(requester)
+    if entry is None or entry.refusal is not None:
+        return request_problem(summary, account, requester, "", signature, registry)
+    if not signature:
+        return f"{requester} has not signed the request yet (it awaits their security key)"
+    assertion = signature.startswith("{")  # a WebAuthn assertion's JSON, not hex
+    keys = tuple(c.fingerprint for c in entry.webauthn) if assertion else entry.pubkeys
+    problem = f"the request is signed with a {'security key' if assertion else 'key'} that is not {requester}'s"
+    for key in keys:
+        problem = request_problem(summary, account, requester, key, signature, registry) or ""
+        if not problem:
+            return None
+    return problem
 
 
 @dataclass(frozen=True)

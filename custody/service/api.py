@@ -53,6 +53,7 @@ from custody.service import auth, status_page
 from custody.service.coalesce import Coalesced
 from custody.service.console import console_router
 from custody.service.console_halt import halt_router
+from custody.service.console_request import request_router
 from custody.service.halt_read import HaltReader
 from custody.service.metrics import CustodyCollector
 from custody.service.nonces import StoreNonces
@@ -355,6 +356,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     if config.console_origin is not None:
         app.include_router(console_router(db, settings, config.console_origin))
         app.include_router(halt_router(db, settings))
+        chain = lambda: backend_for(settings, load_policy(db).network.name)  # noqa: E731
+        app.include_router(request_router(db, settings, config.console_origin, chain, state_lock, witnessed))
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CustodyCollector(db, settings))

@@ -92,7 +92,9 @@ def _pending_page(db: Database) -> HTMLResponse:
     )
     empty = "<p>Nothing awaits approval.</p>" if not rows else ""
     return page(
-        "Withdrawals awaiting approval", table + empty + "<p><a href=/console/register>Register a security key</a></p>"
+        "Withdrawals awaiting approval",
+        table + empty + "<p><a href=/console/request>Request a withdrawal</a> · "
+        "<a href=/console/register>Register a security key</a></p>",
     )
 
 
@@ -150,6 +152,20 @@ _REGISTER = (
 )
 
 
+def console_keys(db: Database, settings: Settings, origin: str, name: str) -> dict[str, Any]:
+    """Employee ``name``'s security keys for the console at ``origin``, as the roster lists them.
+    Raises NotFound (no such employee, or no key of theirs for this console)."""
+    with db.transaction() as s:
+        roster = standing(s, check_pinned(s, load_trust(settings))).roster
+    e = roster.employee(name) if roster else None
+    if e is None:
+        raise NotFound(f"no employee named {name!r} in the founders' roster")
+    creds = [c for c in e.webauthn if c.origin == origin]
+    if not creds:
+        raise NotFound(f"{name} has no security key for {origin} in the founders' roster")
+    return {"name": name, "rp_id": creds[0].rp_id, "credentials": [c.id for c in creds]}
+
+
 def console_router(db: Database, settings: Settings, origin: str) -> APIRouter:
     """The console's routes; ``origin`` is the console's origin as browsers see it."""
     router = APIRouter(prefix="/console", include_in_schema=False)
@@ -177,15 +193,7 @@ def console_router(db: Database, settings: Settings, origin: str) -> APIRouter:
     @router.get("/api/employees/{name}")
     def employee(name: EmployeeName) -> dict[str, Any]:
         """The employee's security keys for this console (what the browser may ask to sign)."""
-        with db.transaction() as s:
-            roster = standing(s, check_pinned(s, load_trust(settings))).roster
-        e = roster.employee(name) if roster else None
-        if e is None:
-            raise NotFound(f"no employee named {name!r} in the founders' roster")
-        creds = [c for c in e.webauthn if c.origin == origin]
-        if not creds:
-            raise NotFound(f"{name} has no security key for {origin} in the founders' roster")
-        return {"name": name, "rp_id": creds[0].rp_id, "credentials": [c.id for c in creds]}
+        return console_keys(db, settings, origin, name)
 
     @router.post("/api/withdrawals/{withdrawal_id}/approve")
     def approve(withdrawal_id: WithdrawalId, body: ApprovalBody) -> dict[str, Any]:

@@ -123,6 +123,16 @@ async function liftHalt(form) {
   say(r.lifted ? "halt #" + id + " lifted by " + r.signers.join(" and ") :
       "lift of halt #" + id + ": " + r.signers.length + " of " + r.needed + " employees", "ok");
 }
+async function requestWithdrawal(form) {
+  const name = document.getElementById("employee").value;
+  const fields = { employee: name };
+  for (const id of ["account", "destination", "amount"]) fields[id] = document.getElementById(id).value;
+  const w = await answer(await post("/console/api/requests", fields));
+  say("withdrawal #" + w.id + " recorded: sign its request with your security key...", "waiting");
+  const signed = await signWith(name, w.request_digest);
+  const r = await answer(await post("/console/api/withdrawals/" + w.id + "/request", signed));
+  say("withdrawal #" + r.id + " requested by " + r.requester + ": it awaits approvals", "ok");
+}
 for (const form of document.querySelectorAll("form.lift")) {
   form.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -130,7 +140,8 @@ for (const form of document.querySelectorAll("form.lift")) {
     liftHalt(form).catch((err) => say("refused: " + err.message, "refused"));
   });
 }
-for (const [id, run] of [["approve", approve], ["register", register], ["raise", raiseHalt]]) {
+const forms = [["approve", approve], ["register", register], ["raise", raiseHalt], ["request", requestWithdrawal]];
+for (const [id, run] of forms) {
   const form = document.getElementById(id);
   if (!form) continue;
   form.addEventListener("submit", (event) => {

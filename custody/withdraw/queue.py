@@ -48,7 +48,7 @@ from custody.config import Settings
 from custody.control import audit_log, halt
 from custody.control.epochs import current_policy as policy_from_session
 from custody.control.epochs import newest_only
-from custody.control.roster import authenticate, check_pinned, load_trust
+from custody.control.roster import authenticate, check_pinned, load_trust, security_key
 from custody.errors import (
     ApprovalError,
     Conflict,
@@ -77,6 +77,7 @@ from custody.withdraw.records import (
     _judge,
     _members,
     _not_in_batch,
+    _refuse_unsigned_request,
     _refuse_violations,
     _release,
     _summary,
@@ -177,13 +178,15 @@ def request_withdrawal(
     amount: str,
     fee_rate: str | None,
     requester: str,
-    key: EmployeeSigner,
+    key: EmployeeSigner | None,
     limits: Limits = Limits(),
 ) -> dict[str, Any]:
     """Record a withdrawal request with its unsigned transaction; reserve its inputs.
 
     The requester must hold the request role in the founders' roster; they sign the exact
-    transaction and the account, and that signature travels to the offline signer.
+    transaction and the account, and that signature travels to the offline signer. With
+    ``key`` None the requester signs next with a security key of theirs in the roster
+    (:mod:`custody.withdraw.webauthn_request`): until then nobody can approve it.
 
     Raises HaltedError, InputError (destination, amount, dust, fee cap, not enough coins),
     NotFound/ApprovalError (requester), PolicyViolation (a rule of the rulebook in force at the
@@ -204,7 +207,10 @@ def request_withdrawal(
             dest = parse_destination(destination, policy.network)
             if sats < dust_limit(dest.script_pubkey):
                 raise InputError(f"{sats} sat is below the dust limit of {dust_limit(dest.script_pubkey)} sat")
-            authenticate(s, check_pinned(s, pinned), requester, key, "request")
+            if key is None:
+                security_key(s, check_pinned(s, pinned), requester, "request", None)
+            else:
+                authenticate(s, check_pinned(s, pinned), requester, key, "request")
             coins = _spendable(s, backend, policy)
             own = {bytes.fromhex(a.script_pubkey) for a in s.exec(select(AddressRow)).all()}
             if dest.script_pubkey in own:
@@ -261,24 +267,22 @@ def request_withdrawal(
             for rec in _input_rows(wid, tx, selection.coins, prev):
                 s.add(rec)
                 s.add(ReservedInput(outpoint=f"{rec.txid}:{rec.vout}", withdrawal_id=wid))
-            row.request_signature = sign_request(key, _summary(policy, row, _inputs(s, wid)), account)
+            if key is not None:
+                row.request_signature = sign_request(key, _summary(policy, row, _inputs(s, wid)), account)
             s.add(row)
             s.flush()
             crash_point("withdrawal.requested")
-            audit_log.append(
-                s,
-                "withdrawal.requested",
-                requester,
-                {
-                    "withdrawal_id": wid,
-                    "account": account,
-                    "destination": dest.address,
-                    "amount": sats,
-                    "fee": selection.fee,
-                    "unsigned_txid": b2lx(tx.GetTxid()),
-                },
-                row.request_signature,
-            )
+            payload: dict[str, Any] = {
+                "withdrawal_id": wid,
+                "account": account,
+                "destination": dest.address,
+                "amount": sats,
+                "fee": selection.fee,
+                "unsigned_txid": b2lx(tx.GetTxid()),
+            }
+            if key is None:
+                payload["signed_next_by"] = "security key"
+            audit_log.append(s, "withdrawal.requested", requester, payload, row.request_signature or None)
             return view(s, policy, row)
     except AddressMismatch as exc:
         raise halt_for_mismatch(db, settings, exc) from None
@@ -321,6 +325,7 @@ def approve(
         if name == row.requester:
             raise ApprovalError(f"{name} requested withdrawal #{withdrawal_id} and cannot approve it")
         summary = _summary(policy, row, _inputs(s, withdrawal_id))
+        _refuse_unsigned_request(s, row, summary)
         _enforce(s, policy, row)
         if expect_digest is not None and not summary.digest().startswith(expect_digest.lower().replace("-", "")):
             raise ApprovalError(

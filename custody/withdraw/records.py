@@ -32,6 +32,7 @@ from custody.identity.approvals import (
     TxSummary,
     check_approvals,
     check_batch,
+    request_standing,
     summarize,
 )
 from custody.identity.rulebook_judge import Counted, Need, Payout, Spend, Verdict, judge
@@ -135,6 +136,18 @@ def _check(s: Session, policy: Policy, row: WithdrawalRow, need: Need | None = N
     return summary, check_approvals(
         summary, _approvals(s, row.id or 0), _standing(s).registry("approve"), row.requester, need.approvals, need.tier
     )
+
+
+def _refuse_unsigned_request(s: Session, row: WithdrawalRow, summary: TxSummary) -> None:
+    """Refuse approvals of a withdrawal whose request does not stand for exactly ``summary`` (not
+    yet signed with the requester's security key, or its transaction edited since): the offline
+    signer would refuse it too. Raises ApprovalError."""
+    if row.kind != SINGLE:
+        return
+    registry = _standing(s).registry("request")
+    problem = request_standing(summary, row.account, row.requester, row.request_signature, registry)
+    if problem is not None:
+        raise ApprovalError(f"withdrawal #{row.id} cannot be approved: {problem}")
 
 
 # ---------------------------------------------------------------- the rulebook

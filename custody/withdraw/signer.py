@@ -11,7 +11,9 @@ adds a single signature it checks, from the PSBT and the pins alone, that:
   carried; custody.identity.governance), and is not older than the newest roster this machine
   has seen (nor a different roster with the same serial);
 * the requester is an enabled, unsuspended roster employee with the request role whose signature
-  covers exactly this transaction and the account;
+  covers exactly this transaction and the account: made with one of their roster keys, or a
+  WebAuthn assertion of one of their roster security keys whose challenge is the request
+  statement's digest, made at the credential's origin (as approvals made in the console);
 * at least two distinct roster employees with the approve role, enabled, not suspended, none of
   them the requester, signed exactly this transaction, each with one of their roster keys;
 * every input spends one of the policy's own scripts, re-derived here from the manifest, and the
@@ -66,7 +68,7 @@ from custody.identity.approvals import (
     TxSummary,
     check_approvals,
     check_batch,
-    request_problem,
+    request_standing,
     summarize,
 )
 from custody.identity.founders_documents import FoundersDocument, rollback_problem
@@ -561,13 +563,9 @@ def _check_request(summary: TxSummary, entry: dict[str, Any], requesters: dict[s
     requester, signature, account = entry.get("requester"), entry.get("request_signature"), entry.get("account")
     if not isinstance(requester, str) or not isinstance(signature, str) or not isinstance(account, str):
         raise ApprovalError(f"{what}: the PSBT carries no signed request (requester, account, signature)")
-    registry_entry = requesters.get(requester)
-    problem = None
-    for key in registry_entry.pubkeys if registry_entry else ("",):
-        problem = request_problem(summary, account, requester, key, signature, requesters)
-        if problem is None:
-            return
-    raise ApprovalError(f"{what}: {problem}")
+    problem = request_standing(summary, account, requester, signature, requesters)
+    if problem is not None:
+        raise ApprovalError(f"{what}: {problem}")
 
 
 @dataclass(frozen=True)

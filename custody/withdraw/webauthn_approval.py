@@ -7,8 +7,9 @@ the approve role) and stores it as the employee's approval, exactly like a key f
 signature: the same halt guard, rulebook, self-approval refusal and audit entry, and the
 offline signer checks it again from the PSBT with the roster pinned on its machine.
 
-The security key's signature counter is kept with the approvals themselves: a counter that
-is not above the highest one already stored for that credential is refused (a cloned key,
+The security key's signature counter is kept with the approvals themselves and the requests
+it signed: a counter that is not above the highest one already stored for that credential is
+refused (a cloned key,
 or an assertion played again), unless the key keeps no counter (always 0).
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from custody.clock import now
 from custody.config import Settings
@@ -28,9 +29,12 @@ from custody.faults import crash_point
 from custody.identity.approvals import RegistryEntry
 from custody.identity.webauthn import Credential, assertion_problem, decode_assertion
 from custody.store.db import Database
-from custody.store.models import ApprovalRow
+from custody.store.models import ApprovalRow, AuditEntry
 from custody.withdraw import records as wd_records
 from custody.withdraw import states as wd_states
+
+REQUEST_SIGNED = "withdrawal.request_signed"
+"""The audit event of a request signed with a security key (custody.withdraw.webauthn_request)."""
 
 
 def _entry(s: Session, settings: Settings, name: str) -> RegistryEntry:
@@ -62,8 +66,13 @@ def _count(text: str) -> int:
 
 
 def _check_counter(s: Session, credential: Credential, count: int) -> None:
-    """Refuse a signature counter at or below one already stored for this credential."""
-    stored = s.exec(select(ApprovalRow.signature).where(ApprovalRow.pubkey == credential.fingerprint)).all()
+    """Refuse a signature counter at or below one already stored for this credential: in its
+    approvals, and in the requests it signed (their audit entries name it)."""
+    stored = list(s.exec(select(ApprovalRow.signature).where(ApprovalRow.pubkey == credential.fingerprint)).all())
+    requests = select(AuditEntry.signature).where(
+        AuditEntry.event == REQUEST_SIGNED, col(AuditEntry.payload).contains(credential.fingerprint, autoescape=True)
+    )
+    stored += [text or "" for text in s.exec(requests).all()]
     highest = max((_count(text) for text in stored), default=0)
     if (count or highest) and count <= highest:
         raise ApprovalError(
@@ -96,6 +105,7 @@ def approve_with_security_key(
         if name == row.requester:
             raise ApprovalError(f"{name} requested withdrawal #{withdrawal_id} and cannot approve it")
         summary = wd_records._summary(policy, row, wd_records._inputs(s, withdrawal_id))
+        wd_records._refuse_unsigned_request(s, row, summary)
         wd_records._enforce(s, policy, row)
         problem = assertion_problem(credential, assertion, bytes.fromhex(summary.digest()))
         if problem is not None:

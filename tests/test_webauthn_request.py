@@ -1,0 +1,240 @@
+"""Withdrawal requests signed with a security key (WebAuthn), without a browser.
+
+Alice (request and approve roles, a security key in the founders' roster) requests through
+:mod:`custody.withdraw.webauthn_request`; her assertion is made in software the way an
+authenticator makes it (tests/test_webauthn.py's ``Key``; the browser-made path is in
+tests/test_console.py). Then what an insider tries: an assertion over another statement, made
+at another origin, from a key the founders never listed, by an employee without the request
+role, replayed from another request, and the amount edited after signing, in the store and in
+the PSBT's bytes: the service refuses each, and so does the offline signer where the bytes
+reach it. And the requester never approves, whatever she signs with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from custody.bitcoin import psbt as psbt_lib
+from custody.config import Settings
+from custody.errors import ApprovalError, Conflict
+from custody.store.db import Database
+from custody.withdraw import webauthn_request as wr
+from custody.withdraw.signer import PROP_META, PROPRIETARY_ID
+from custody.withdraw.webauthn_approval import approve_with_security_key
+from tests.support import read_psbt
+from tests.test_webauthn import Key
+from tests.test_withdraw_embedded import COINBASE_MATURITY, OP_TRUE, EmbeddedShop, destination
+from tests.withdraw_support import enrol, sign_and_apply
+
+ORIGIN = "http://localhost:8443"
+
+
+@dataclass
+class World:
+    shop: EmbeddedShop
+    db: Database
+    settings: Settings
+    keys: dict[str, Key]
+    count: int = 0
+
+    def assertion(self, who: str, challenge: str | bytes, **over: Any) -> str:
+        """``who``'s security key over ``challenge`` (hex or bytes), its counter one higher each time."""
+        self.count += 1
+        raw = bytes.fromhex(challenge) if isinstance(challenge, str) else challenge
+        return self.keys[who].assert_(raw, self.count, **over)
+
+    def draft(self, who: str = "alice", amount: str = "0.01") -> dict[str, Any]:
+        to, _ = destination()
+        return wr.draft_request(
+            self.db, self.settings, self.shop.chain, account="acct-1", destination=to, amount=amount, requester=who
+        )
+
+    def sign(self, wid: int, who: str, assertion: str, key: str | None = None) -> dict[str, Any]:
+        credential = self.keys[key or who].credential.id
+        return wr.sign_request_with_security_key(self.db, self.settings, wid, who, credential, assertion)
+
+    def cli_sign(self, psbt: Path) -> Any:
+        founder = str(self.shop.founder_keys["founder-a"])
+        return self.shop.c("sign", str(psbt), "--key", founder, "--out", f"{psbt}.signed", "--yes")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("keyreq")
+    shop = EmbeddedShop(tmp, "p2wsh")
+    shop.employees.update(enrol(shop.c, tmp, shop.founder_keys, ["dave"], roles="approve"))
+    for issued in shop.ok("address", "new", "--account", "acct-1", "--count", "6"):  # a coin per request
+        shop.chain.mine(1, bytes.fromhex(issued["script_pubkey"]))
+    shop.chain.mine(COINBASE_MATURITY, OP_TRUE)
+    shop.ok("sync")
+    keys = {name: Key("localhost", ORIGIN, name.encode()) for name in ("alice", "dave", "stranger")}
+    specs = []
+    for name in ("alice", "dave"):  # the stranger's key is never listed
+        path = tmp / f"{name}-webauthn.json"
+        path.write_text(json.dumps(keys[name].credential.to_dict()))
+        specs += ["--webauthn", f"{name}={path}"]
+    proposed = shop.c("roster", "propose", *specs)
+    assert proposed.exit_code == 0, proposed.output
+    sign_and_apply(shop.c, tmp, shop.founder_keys)
+    settings = Settings.load(env=shop.c.env)
+    yield World(shop, Database(settings.db_url), settings, keys)
+    shop.chain.close()
+
+
+def _approve(world: World, wid: int, who: str) -> Any:
+    return world.shop.c("withdraw", "approve", str(wid), *world.shop.as_(who), "--yes")
+
+
+def test_a_request_signed_with_a_security_key_is_approved_by_others_and_the_offline_signer_accepts_it(
+    world: World,
+) -> None:
+    w = world.draft()
+    wid = w["id"]
+    # Recorded, coins held, but unsigned: nobody approves it yet.
+    early = _approve(world, wid, "bob")
+    assert early.exit_code == 4 and "has not signed the request yet" in early.stderr, early.output
+    good = world.assertion("alice", w["request_digest"])
+    signed = world.sign(wid, "alice", good)
+    assert signed["requester"] == "alice" and signed["status"] == "requested"
+    (entry,) = world.shop.ok("audit", "log", "--last", "1")
+    assert entry["event"] == "withdrawal.request_signed" and entry["signature"] == good
+    assert entry["payload"]["webauthn"] == world.keys["alice"].credential.fingerprint
+    # Signed once: the same assertion, or a new one, is not taken again.
+    with pytest.raises(Conflict):
+        world.sign(wid, "alice", world.assertion("alice", w["request_digest"]))
+
+    # The requester never approves: not with her security key, not with her key file.
+    approval = world.assertion("alice", w["statement_digest"])
+    with pytest.raises(ApprovalError, match="cannot approve"):
+        approve_with_security_key(world.db, world.settings, wid, "alice", world.keys["alice"].credential.id, approval)
+    mine = _approve(world, wid, "alice")
+    assert mine.exit_code == 4 and "cannot approve" in mine.stderr, mine.output
+    for who in ("bob", "carol"):
+        assert _approve(world, wid, who).exit_code == 0
+    psbt = world.shop.tmp / f"w{wid}.psbt"
+    assert world.shop.c("withdraw", "export", str(wid), str(psbt)).exit_code == 0
+    accepted = world.cli_sign(psbt)
+    assert accepted.exit_code == 0, accepted.output
+
+    # The same PSBT rewritten byte by byte, as the online machine could: each refused offline.
+    other = world.draft(amount="0.002")
+    replayed = world.assertion("alice", other["request_digest"])
+    world.sign(other["id"], "alice", replayed)
+    request = bytes.fromhex(w["request_digest"])
+    forgeries: dict[str, tuple[dict[str, str], str]] = {
+        "replayed from another request": ({"request_signature": replayed}, "challenge is not this statement's"),
+        "over the approval statement": ({"request_signature": approval}, "challenge is not this statement's"),
+        "made at another origin": (
+            {"request_signature": world.assertion("alice", request, client={"origin": "http://localhost:9"})},
+            "not the roster's",
+        ),
+        "a key the founders never listed": (
+            {"request_signature": world.assertion("stranger", request)},
+            "signature does not verify",
+        ),
+        "an employee without the request role": (
+            {"requester": "dave", "request_signature": world.assertion("dave", request)},
+            "has no request role",
+        ),
+    }
+    for name, (edit, why) in forgeries.items():
+        refused = world.cli_sign(_rewrite_meta(psbt, edit, name))
+        assert refused.exit_code == 4 and why in refused.stderr, (name, refused.output)
+    # The payment raised by 1000 sat taken from the change: the request (checked first) no longer covers it.
+    refused = world.cli_sign(_rewrite_amount(psbt, w["destination"], 1000))
+    assert refused.exit_code == 4 and "alice's request" in refused.stderr, refused.output
+
+
+def _rewrite_meta(psbt: Path, edit: dict[str, str], name: str) -> Path:
+    p = psbt_lib.Psbt.parse(read_psbt(psbt))
+    key = psbt_lib.ProprietaryKey(PROPRIETARY_ID, PROP_META, b"")
+    p.proprietary[key] = json.dumps({**json.loads(p.proprietary[key]), **edit}).encode()
+    out = psbt.with_name(f"{psbt.stem}-{name.replace(' ', '-')}.psbt")
+    out.write_text(p.to_base64() + "\n")
+    return out
+
+
+def _rewrite_amount(psbt: Path, to: str, sats: int) -> Path:
+    from custody.bitcoin.destinations import parse_destination
+    from custody.bitcoin.network import REGTEST
+
+    spk = parse_destination(to, REGTEST).script_pubkey
+    p = psbt_lib.Psbt.parse(read_psbt(psbt))
+    (paid,) = [o for o in p.tx.vout if bytes(o.scriptPubKey) == spk]
+    (change,) = [o for o in p.tx.vout if bytes(o.scriptPubKey) != spk]
+    paid.nValue += sats
+    change.nValue -= sats
+    out = psbt.with_name(f"{psbt.stem}-amount.psbt")
+    out.write_text(p.to_base64() + "\n")
+    return out
+
+
+def test_requests_an_insider_forges_are_refused_by_the_service(world: World) -> None:
+    first, second = world.draft(amount="0.003"), world.draft(amount="0.004")
+    world.sign(first["id"], "alice", world.assertion("alice", first["request_digest"]))
+    wid, digest = second["id"], second["request_digest"]
+
+    def refused(assertion: str, why: str, who: str = "alice", key: str | None = None) -> None:
+        with pytest.raises(ApprovalError, match=why):
+            world.sign(wid, who, assertion, key)
+
+    # The first request's assertion, played again for the second; an assertion over its approval statement.
+    stored = world.shop.ok("withdraw", "show", str(first["id"]))
+    assert stored["requester"] == "alice"
+    (signed_first,) = [
+        e for e in world.shop.ok("audit", "log", "--last", "20") if e["event"] == "withdrawal.request_signed"
+    ][-1:]
+    refused(signed_first["signature"], "challenge is not this statement's digest")
+    refused(world.assertion("alice", second["statement_digest"]), "challenge is not this statement's digest")
+    refused(world.assertion("alice", digest, client={"origin": "http://localhost:9"}), "not the roster's")
+    refused(world.assertion("alice", digest, rp_id="example.com"), "another relying party")
+    # A key the founders never listed: in alice's name, or claiming her credential id.
+    refused(world.assertion("stranger", digest), "not alice's in the founders' roster", key="stranger")
+    refused(world.assertion("stranger", digest), "signature does not verify")
+    # Dave may approve but not request: he records nothing, and signs nobody's request.
+    with pytest.raises(ApprovalError, match="has no request role"):
+        world.draft("dave")
+    refused(world.assertion("dave", digest), "did not request", who="dave")
+    # None of that signed it; alice's own assertion does, and a counter not above it is refused.
+    assert _approve(world, wid, "bob").exit_code == 4
+    world.sign(wid, "alice", world.assertion("alice", digest))
+    highest = world.count
+    world.count -= 2  # a clone of her key, a step behind
+    third = world.draft(amount="0.001")
+    with pytest.raises(ApprovalError, match="signature counter"):
+        world.sign(third["id"], "alice", world.assertion("alice", third["request_digest"]))
+    world.count = highest
+
+
+def test_the_amount_edited_in_the_store_after_signing_is_refused(world: World) -> None:
+    w = world.draft(amount="0.005")
+    world.sign(w["id"], "alice", world.assertion("alice", w["request_digest"]))
+    with world.db.transaction() as s:
+        # The column alone: the row no longer agrees with its own transaction.
+        s.execute(text("UPDATE withdrawal SET amount = amount + 1000 WHERE id = :id"), {"id": w["id"]})
+    refused = _approve(world, w["id"], "bob")
+    assert refused.exit_code != 0 and "disagree" in refused.stderr, refused.output
+    # The transaction too, consistently (1000 sat more paid, 1000 less change): approvers would see a
+    # well-formed withdrawal, but alice's request does not cover it.
+    from bitcoin.core import CMutableTransaction, CTransaction, b2x, x
+
+    with world.db.transaction() as s:
+        (raw, spk) = s.execute(
+            text("SELECT unsigned_tx, destination_spk FROM withdrawal WHERE id = :id"), {"id": w["id"]}
+        ).one()
+        tx = CMutableTransaction.from_tx(CTransaction.deserialize(x(raw)))
+        for out in tx.vout:
+            out.nValue += 1000 if bytes(out.scriptPubKey).hex() == spk else -1000
+        s.execute(
+            text("UPDATE withdrawal SET unsigned_tx = :tx, change_amount = change_amount - 1000 WHERE id = :id"),
+            {"tx": b2x(tx.serialize()), "id": w["id"]},
+        )
+    refused = _approve(world, w["id"], "bob")
+    assert refused.exit_code == 4 and "alice's request" in refused.stderr, refused.output
