@@ -27,7 +27,7 @@ from custody.withdraw.signer import PROP_APPROVALS, PROPRIETARY_ID
 from tests.browser_support import artifacts, assertion, browser, security_key
 from tests.service_support import Client, Server
 from tests.support import read_psbt
-from tests.test_withdraw_embedded import COINBASE_MATURITY, OP_TRUE, EmbeddedShop, destination
+from tests.test_withdraw_embedded import EmbeddedShop, destination
 from tests.withdraw_support import enrol, sign_and_apply
 
 
@@ -71,10 +71,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     tmp = tmp_path_factory.mktemp("console")
     shop = EmbeddedShop(tmp, "p2wsh")
     shop.employees.update(enrol(shop.c, tmp, shop.founder_keys, ["svc"], roles="request"))
-    for issued in shop.ok("address", "new", "--account", "acct-1", "--count", "4"):  # a coin per withdrawal
-        shop.chain.mine(1, bytes.fromhex(issued["script_pubkey"]))
-    shop.chain.mine(COINBASE_MATURITY, OP_TRUE)
-    shop.ok("sync")
+    shop.deposit("acct-1", 4)  # a coin per withdrawal
     shop.chain.close()  # the kernel is one process's: the server opens it from here on
     server = Server(shop.c.env, tmp, "svc", shop.employees["svc"], console=True)
     try:

@@ -42,11 +42,11 @@ class EmbeddedShop:
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout)
 
-    def deposit(self, account: str) -> None:
-        """A coinbase to a fresh deposit address, blocks until it is mature, and a sync that
-        credits it to ``account`` (withdrawals need a balance)."""
-        (issued,) = self.ok("address", "new", "--account", account)
-        self.chain.mine(1, bytes.fromhex(issued["script_pubkey"]))
+    def deposit(self, account: str, coins: int = 1) -> None:
+        """A coinbase to each of ``coins`` fresh deposit addresses, blocks until they are mature, and
+        a sync that credits them to ``account`` (withdrawals need a balance; each reserves a coin)."""
+        for issued in self.ok("address", "new", "--account", account, "--count", str(coins)):
+            self.chain.mine(1, bytes.fromhex(issued["script_pubkey"]))
         self.chain.mine(COINBASE_MATURITY, OP_TRUE)
         self.ok("sync")
 
