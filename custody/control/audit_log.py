@@ -24,7 +24,7 @@ from functools import cache
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Insert, insert, text, update
 from sqlmodel import Session, col, select
 
 from custody.clock import iso, now
@@ -124,6 +124,55 @@ def append(
     session.add(head)
     session.flush()
     return entry
+
+
+def append_locked(
+    session: Session,
+    head: tuple[int, str],
+    event: str,
+    actor: str,
+    payload: dict[str, Any],
+    *,
+    along: Insert | None = None,
+) -> int:
+    """:func:`append` for a caller that already holds the head's row lock and read ``head``
+    (its seq and hash) under it, in Core statements and no ORM object: on PostgreSQL one
+    statement that also runs ``along`` (an insert of the same transaction, such as the rows
+    the entry records) as a common table expression; elsewhere a statement each. Returns the
+    entry's seq. The head's ORM object, if this session holds one, is expired (re-read on use).
+    """
+    seq, prev = head
+    at = now()
+    body = canonical(payload)
+    made_by = origin()
+    digest = entry_hash(seq + 1, _at(at), event, actor, body, None, prev, made_by)
+    entry = insert(AuditEntry.metadata.tables["audit_log"]).values(
+        seq=seq + 1,
+        at=at,
+        event=event,
+        actor=actor,
+        payload=body,
+        signature=None,
+        prev_hash=prev,
+        hash=digest,
+        origin=made_by,
+    )
+    heads = AuditHead.metadata.tables["audit_head"]
+    moved = update(heads).where(heads.c.id == 1, heads.c.seq == seq).values(seq=seq + 1, hash=digest)
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        writes = [entry] if along is None else [along, entry]
+        rowcount = conn.execute(moved.add_cte(*(w.cte(f"w{i}") for i, w in enumerate(writes)))).rowcount
+    else:
+        for statement in [] if along is None else [along]:
+            conn.execute(statement)
+        conn.execute(entry)
+        rowcount = conn.execute(moved).rowcount
+    if rowcount != 1:  # the caller's head was not the head: its lock was not held
+        raise StorageError("the audit log head moved under an append that held its lock")
+    for held in [o for o in session.identity_map.values() if isinstance(o, AuditHead)]:
+        session.expire(held)
+    return seq + 1
 
 
 def intact(entry: AuditEntry) -> bool:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import BindParameter, bindparam, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, func, select
 
@@ -91,26 +91,50 @@ def guard(s: Session, *, lock: bool = True) -> int:
     return seq
 
 
-_SINCE = text(
-    "SELECT (SELECT MAX(seq) FROM audit_log), EXISTS (SELECT 1 FROM audit_log WHERE seq > :seen AND event IN :events)"
-).bindparams(bindparam("events", value=(*_HALT_EVENTS, _ROSTER_EVENT), expanding=True))
+_NEWS = "(SELECT MAX(seq) FROM audit_log), EXISTS (SELECT 1 FROM audit_log WHERE seq > :seen AND event IN :events)"
+_EVENTS: BindParameter[Any] = bindparam("events", value=(*_HALT_EVENTS, _ROSTER_EVENT), expanding=True)
+_SINCE = text(f"SELECT {_NEWS}").bindparams(_EVENTS)
+_SINCE_ALLOCATING = text(
+    f"UPDATE counter SET next_value = next_value + :n WHERE name = :name RETURNING {_NEWS}, next_value"
+).bindparams(_EVENTS)
+_HEAD_LOCK = select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1).with_for_update()
 
 
-def guard_since(s: Session, seen: int) -> None:
+@dataclass(frozen=True)
+class Locked:
+    """What :func:`guard_since` read under the head's row lock: the head (its seq and hash, for
+    custody.control.audit_log.append_locked) and the first index it allocated, if asked."""
+
+    head: tuple[int, str]
+    first: int | None
+
+
+def guard_since(s: Session, seen: int, allocate: tuple[str, int] | None = None) -> Locked:
     """:func:`guard` with the lock after ``seen = guard(s, lock=False)`` in this transaction:
     the head's row lock, the log's tip, and only what was appended after ``seen`` (a halt or
-    roster entry there: the full check again). One statement under the lock, not every halt.
+    roster entry there: the full check again). Two statements under the lock, not every halt:
+    the lock (no ORM object), then one that reads the tip and what came since and, with
+    ``allocate`` (a counter's name and a count), reserves that many indexes of the counter
+    (lock order: the head, then the counter). It runs after the lock was granted, so it sees
+    everything committed before (PostgreSQL takes a statement's snapshot when it starts).
     The halt wins every race as with :func:`guard` (a halt commits with its ``halt.raised``
-    entry); a halt row written by SQL alone is the next full check's to see."""
+    entry); a halt row written by SQL alone is the next full check's to see. Raises
+    HaltedError, StorageError when the counter is missing."""
     try:
-        head = s.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
-        row = s.execute(_SINCE, {"seen": seen}).first()
+        head = s.execute(_HEAD_LOCK).first()
+        if allocate is None:
+            row = s.execute(_SINCE, {"seen": seen}).first()
+        else:
+            row = s.execute(_SINCE_ALLOCATING, {"seen": seen, "name": allocate[0], "n": allocate[1]}).first()
+            if row is None:
+                raise StorageError(f"the store has no counter {allocate[0]}: run `custody init`")
     except SQLAlchemyError as exc:
         raise HaltedError(f"the halt state cannot be read ({type(exc).__name__}): treated as halted") from None
-    if head is None or row is None or (row[0] or 0) != head.seq or head.seq < seen:
+    if head is None or row is None or (row[0] or 0) != head[0] or head[0] < seen:
         raise HaltedError(_LOG_PAST_HEAD)
     if row[1]:
         guard(s)
+    return Locked((int(head[0]), str(head[1])), None if allocate is None else int(row[2]) - allocate[1])
 
 
 def _halted_message(halts: list[dict[str, Any]]) -> str:

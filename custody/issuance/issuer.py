@@ -37,7 +37,7 @@ from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log, epochs, halt
 from custody.control.wallet import COUNTER_NAMES
-from custody.errors import Conflict, InputError, NotFound, StorageError, VerificationFailed
+from custody.errors import Conflict, InputError, NotFound, VerificationFailed
 from custody.faults import crash_point, pause_point
 from custody.issuance.record import ISSUED, StoredRow, row_line
 from custody.policy.generator import AddressDeriver, DerivedAddress
@@ -154,17 +154,6 @@ def _peek(s: Session, chain: int) -> int:
     return int(value or 0)
 
 
-def _allocate(s: Session, chain: int, count: int) -> int:
-    """Reserve ``count`` consecutive indexes of ``chain``; return the first."""
-    row = s.execute(
-        text("UPDATE counter SET next_value = next_value + :n WHERE name = :name RETURNING next_value"),
-        {"n": count, "name": COUNTER_NAMES[chain]},
-    ).first()
-    if row is None:
-        raise StorageError(f"the store has no counter for chain {chain}: run `custody init`")
-    return int(row[0]) - count
-
-
 Checked = tuple[list[DerivedAddress], list[tuple[DerivedAddress, list[str]]]]
 PARALLEL_MIN = 5000  # below this a batch is derived in this process
 _CHUNK = 2500
@@ -268,21 +257,27 @@ def issue_in_session(
     # race: one raised before this point is seen here, one raised after waits for this commit;
     # nothing is shown before the commit. Lock order: the head, then a counter, for every
     # writer (withdrawals and rotations too): no cycle.
-    halt.guard_since(s, seen)
-    first = _allocate(s, chain, count)
+    locked = halt.guard_since(s, seen, (COUNTER_NAMES[chain], count))  # the head, then the counter
+    first = locked.first if locked.first is not None else predicted
     crash_point("issuance.allocated")
     pause_point("issuance.allocated")
     if first != predicted:
         good, failure = _derive_checked(policy, manifest, chain, first, count)
         if failure:
             raise AddressMismatch(*failure[0])
-    return _store(s, good, account, chain, first, count, actor)
+    return _store(s, locked.head, good, account, chain, first, actor)
+
+
+ALONG_MAX = 500
+"""Up to this many rows, the address rows go in the audit entry's statement (one round trip
+under the lock, PostgreSQL); a larger batch inserts them in a statement of their own."""
 
 
 def _store(
-    s: Session, good: list[DerivedAddress], account: str, chain: int, first: int, count: int, actor: str
+    s: Session, head: tuple[int, str], good: list[DerivedAddress], account: str, chain: int, first: int, actor: str
 ) -> list[IssuedAddress]:
-    """Insert the issued rows and their ``address.issued`` entry (the head's lock held)."""
+    """Insert the issued rows and their ``address.issued`` entry after ``head`` (its row lock
+    held): Core statements, no ORM object."""
     at = now()
     issued = [
         IssuedAddress(d.chain, d.index, account, d.address, d.script_pubkey.hex(), d.script.hex(), at) for d in good
@@ -299,24 +294,29 @@ def _store(
         }
         for a in issued
     ]
-    s.connection().execute(insert(AddressRow.metadata.tables["address"]), rows)  # Core: no ORM work per row
+    table = AddressRow.metadata.tables["address"]
+    along = insert(table).values(rows) if len(rows) <= ALONG_MAX else None
+    if along is None:
+        s.connection().execute(insert(table), rows)  # executemany: no ORM work per row
     digest = hashlib.sha256("\n".join(a.address for a in issued).encode()).hexdigest()
     rows_digest = hashlib.sha256()
     for a in issued:
         rows_digest.update(row_line(a.chain, a.index, a.account, a.address, a.script_pubkey, a.script))
-    audit_log.append(
+    audit_log.append_locked(
         s,
+        head,
         ISSUED,
         actor,
         {
             "account": account,
             "chain": chain,
             "first_index": first,
-            "count": count,
+            "count": len(issued),
             "addresses_sha256": digest,
             "rows_sha256": rows_digest.hexdigest(),
             "first_address": issued[0].address,
         },
+        along=along,
     )
     return issued
 
