@@ -6,19 +6,23 @@ store's rows stand against the audit log."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from custody.bitcoin.network import REGTEST
 from custody.bitcoin.script import ScriptType
 from custody.config import Settings
-from custody.control import halt
+from custody.control import audit_log, halt
 from custody.errors import HaltedError
 from custody.issuance import issuer
-from custody.issuance.record import check_rows
+from custody.issuance.record import ISSUED, check_rows
 from custody.policy.generator import AddressDeriver
 from custody.policy.model import make_policy
 from custody.store.db import Database
@@ -107,4 +111,59 @@ def test_concurrent_single_address_issuers_on_postgresql(tmp_path: Path, pg_url:
         t.join()
     assert errors == []
     _stands(db, deriver, 32)
+    db.dispose()
+
+
+def _issue_until_halted(url: str, home: str, account: str, out: Any) -> None:
+    """One issuer process: single addresses in a loop until the halt refuses it; reports what
+    it was given (shown to its caller) and how it stopped."""
+    db = Database(url)
+    settings = Settings.load(home=home, db_url=url)
+    given: list[tuple[int, str]] = []
+    stop = "ran out"
+    try:
+        for _ in range(5000):
+            (a,) = issuer.issue_addresses(db, settings, account, 1)
+            given.append((a.index, a.address))
+    except HaltedError:
+        stop = "halted"
+    except BaseException as exc:  # reported to the test
+        stop = repr(exc)
+    out.put((given, stop))
+    db.dispose()
+
+
+def test_a_halt_raised_while_four_processes_issue_stops_every_one_of_them(tmp_path: Path, pg_url: str) -> None:
+    """An insider (or a crowd of callers) keeps four issuers busy while an employee raises a
+    halt: the halt must commit between two issuances, not under one; nothing is issued after
+    its entry, every address shown is stored and every stored one was shown, no index twice,
+    no gap, and the chain and the rows stand."""
+    db, settings, deriver = _store(tmp_path, pg_url)
+    ctx = get_context("spawn")  # no connection inherited from this process
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_issue_until_halted, args=(pg_url, str(tmp_path), f"race-{i}", out)) for i in range(4)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # every one of the four issuing before the halt comes
+        if {a.account for a in issuer.list_addresses(db)} == {f"race-{i}" for i in range(4)}:
+            break
+        time.sleep(0.05)
+    halt.raise_halt(db, settings, reason="race drill", source="employee", actor="alice")
+    reports = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [stop for _, stop in reports] == ["halted"] * 4  # each one stopped by the halt
+    with db.transaction(read_only=True) as s:
+        log = s.execute(text("SELECT seq, event, payload FROM audit_log ORDER BY seq")).all()
+        assert audit_log.verify_chain(s) == []
+        assert check_rows(s, issuer.iter_addresses(s)) == []
+    raised = [seq for seq, event, _ in log if event == "halt.raised"]
+    issued = [(seq, json.loads(payload)) for seq, event, payload in log if event == ISSUED]
+    assert len(raised) == 1 and issued and all(seq < raised[0] for seq, _ in issued)  # none after the halt
+    given = sorted(a for r, _ in reports for a in r)
+    stored = issuer.list_addresses(db)
+    assert given == [(a.index, a.address) for a in stored]  # shown = stored
+    assert sum(e["count"] for _, e in issued) == len(stored) >= 4
+    _stands(db, deriver, len(stored))
     db.dispose()
