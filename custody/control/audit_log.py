@@ -12,6 +12,7 @@ entry's hash covers its origin; entries made before it have none and hash as the
 from __future__ import annotations
 
 import contextvars
+import functools
 import getpass
 import hashlib
 import json
@@ -24,7 +25,7 @@ from functools import cache
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from sqlalchemy import Insert, insert, text, update
+from sqlalchemy import TextClause, text
 from sqlmodel import Session, col, select
 
 from custody.clock import iso, now
@@ -126,6 +127,24 @@ def append(
     return entry
 
 
+_ENTRY_COLUMNS = "seq, at, event, actor, payload, signature, prev_hash, hash, origin"
+_ENTRY_VALUES = ":e_seq, :e_at, :e_event, :e_actor, :e_payload, NULL, :e_prev, :e_hash, :e_origin"
+_HEAD_MOVE = "UPDATE audit_head SET seq = :e_seq, hash = :e_hash WHERE id = 1 AND seq = :e_seq - 1"
+
+
+@functools.lru_cache(maxsize=8)
+def _locked_statements(along: str | None, one: bool) -> tuple[TextClause, ...]:
+    """The append's statements (one text each time, so the driver prepares it once): with
+    ``one``, a single statement, ``along`` and the entry as common table expressions of the
+    head's update (PostgreSQL); else ``along``, the entry and the head's update apart."""
+    entry = f"INSERT INTO audit_log ({_ENTRY_COLUMNS}) VALUES ({_ENTRY_VALUES})"
+    if one:
+        ctes = [entry] if along is None else [along, entry]
+        body = ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(ctes))
+        return (text(f"WITH {body} {_HEAD_MOVE}"),)
+    return tuple(text(sql) for sql in ([] if along is None else [along]) + [entry, _HEAD_MOVE])
+
+
 def append_locked(
     session: Session,
     head: tuple[int, str],
@@ -133,42 +152,37 @@ def append_locked(
     actor: str,
     payload: dict[str, Any],
     *,
-    along: Insert | None = None,
+    along: tuple[str, dict[str, Any]] | None = None,
 ) -> int:
     """:func:`append` for a caller that already holds the head's row lock and read ``head``
-    (its seq and hash) under it, in Core statements and no ORM object: on PostgreSQL one
-    statement that also runs ``along`` (an insert of the same transaction, such as the rows
-    the entry records) as a common table expression; elsewhere a statement each. Returns the
-    entry's seq. The head's ORM object, if this session holds one, is expired (re-read on use).
+    (its seq and hash) under it: no ORM object, fixed statements the driver prepares; on
+    PostgreSQL one statement that also runs ``along`` (an INSERT's SQL and its parameters,
+    none named ``e_*``: the rows the entry records) as a common table expression, elsewhere a
+    statement each. Returns the entry's seq. The head's ORM object, if this session holds
+    one, is expired (re-read on use). Raises StorageError when the head is not at ``head``.
     """
     seq, prev = head
     at = now()
     body = canonical(payload)
     made_by = origin()
     digest = entry_hash(seq + 1, _at(at), event, actor, body, None, prev, made_by)
-    entry = insert(AuditEntry.metadata.tables["audit_log"]).values(
-        seq=seq + 1,
-        at=at,
-        event=event,
-        actor=actor,
-        payload=body,
-        signature=None,
-        prev_hash=prev,
-        hash=digest,
-        origin=made_by,
-    )
-    heads = AuditHead.metadata.tables["audit_head"]
-    moved = update(heads).where(heads.c.id == 1, heads.c.seq == seq).values(seq=seq + 1, hash=digest)
+    params = {
+        "e_seq": seq + 1,
+        "e_at": at,
+        "e_event": event,
+        "e_actor": actor,
+        "e_payload": body,
+        "e_prev": prev,
+        "e_hash": digest,
+        "e_origin": made_by,
+    }
     conn = session.connection()
-    if conn.dialect.name == "postgresql":
-        writes = [entry] if along is None else [along, entry]
-        rowcount = conn.execute(moved.add_cte(*(w.cte(f"w{i}") for i, w in enumerate(writes)))).rowcount
-    else:
-        for statement in [] if along is None else [along]:
-            conn.execute(statement)
-        conn.execute(entry)
-        rowcount = conn.execute(moved).rowcount
-    if rowcount != 1:  # the caller's head was not the head: its lock was not held
+    statements = _locked_statements(None if along is None else along[0], conn.dialect.name == "postgresql")
+    if along is not None:
+        params.update(along[1])
+    for statement in statements:
+        moved = conn.execute(statement, params).rowcount
+    if moved != 1:  # the last statement moves the head: it was not at ``head`` (its lock not held)
         raise StorageError("the audit log head moved under an append that held its lock")
     for held in [o for o in session.identity_map.values() if isinstance(o, AuditHead)]:
         session.expire(held)

@@ -268,36 +268,53 @@ def issue_in_session(
     return _store(s, locked.head, good, account, chain, first, actor)
 
 
-ALONG_MAX = 500
-"""Up to this many rows, the address rows go in the audit entry's statement (one round trip
-under the lock, PostgreSQL); a larger batch inserts them in a statement of their own."""
+_ROWS_PG = (
+    "INSERT INTO address (chain, idx, account, address, script_pubkey, script, created_at) "
+    "SELECT :chain, r.idx, :account, r.address, r.spk, r.script, :created_at FROM unnest("
+    "CAST(:idxs AS BIGINT[]), CAST(:addresses AS TEXT[]), CAST(:spks AS TEXT[]), CAST(:scripts AS TEXT[])"
+    ") AS r(idx, address, spk, script)"
+)
+"""The issued rows as one statement of one shape for any count (prepared once, no parameter
+per row): on PostgreSQL it runs inside the audit entry's statement (one round trip)."""
 
 
 def _store(
     s: Session, head: tuple[int, str], good: list[DerivedAddress], account: str, chain: int, first: int, actor: str
 ) -> list[IssuedAddress]:
     """Insert the issued rows and their ``address.issued`` entry after ``head`` (its row lock
-    held): Core statements, no ORM object."""
+    held): fixed statements, no ORM object; on PostgreSQL one round trip for rows and entry."""
     at = now()
     issued = [
         IssuedAddress(d.chain, d.index, account, d.address, d.script_pubkey.hex(), d.script.hex(), at) for d in good
     ]
-    rows = [
-        {
-            "chain": a.chain,
-            "idx": a.index,
-            "account": a.account,
-            "address": a.address,
-            "script_pubkey": a.script_pubkey,
-            "script": a.script,
-            "created_at": at,
-        }
-        for a in issued
-    ]
-    table = AddressRow.metadata.tables["address"]
-    along = insert(table).values(rows) if len(rows) <= ALONG_MAX else None
-    if along is None:
-        s.connection().execute(insert(table), rows)  # executemany: no ORM work per row
+    along = None
+    if s.connection().dialect.name == "postgresql":
+        along = (
+            _ROWS_PG,
+            {
+                "chain": chain,
+                "account": account,
+                "created_at": at,
+                "idxs": [a.index for a in issued],
+                "addresses": [a.address for a in issued],
+                "spks": [a.script_pubkey for a in issued],
+                "scripts": [a.script for a in issued],
+            },
+        )
+    else:
+        rows = [
+            {
+                "chain": a.chain,
+                "idx": a.index,
+                "account": a.account,
+                "address": a.address,
+                "script_pubkey": a.script_pubkey,
+                "script": a.script,
+                "created_at": at,
+            }
+            for a in issued
+        ]
+        s.connection().execute(insert(AddressRow.metadata.tables["address"]), rows)  # executemany, no ORM
     digest = hashlib.sha256("\n".join(a.address for a in issued).encode()).hexdigest()
     rows_digest = hashlib.sha256()
     for a in issued:
