@@ -90,6 +90,37 @@ def test_a_halt_committed_between_the_full_check_and_the_lock_wins(
     db.dispose()
 
 
+def test_an_entry_forged_at_the_log_end_between_the_check_and_the_lock_refuses(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An insider appends an entry by SQL (no head moved, no halt event) after the unlocked check: the tip
+    read under the lock, in the statement that allocates, must see it and refuse."""
+    db, settings, deriver = _store(tmp_path, pg_url)
+    derive = issuer._derive_checked
+    insider = Database(pg_url)
+
+    def derive_while_an_entry_is_forged(*args: Any) -> issuer.Checked:
+        with insider.engine.begin() as conn:
+            last = conn.execute(text("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")).one()
+            conn.execute(
+                text(
+                    "INSERT INTO audit_log (seq, at, event, actor, payload, signature, prev_hash, hash) "
+                    "VALUES (:seq, now(), 'address.issued', 'mallory', '{}', NULL, :prev, :hash)"
+                ),
+                {"seq": last[0] + 1, "prev": last[1], "hash": "0" * 64},
+            )
+        return derive(*args)
+
+    monkeypatch.setattr(issuer, "_derive_checked", derive_while_an_entry_is_forged)
+    with pytest.raises(HaltedError, match="does not end at its head"):
+        issuer.issue_addresses(db, settings, "mine", 1)
+    assert issuer.list_addresses(db) == []
+    with db.transaction(read_only=True) as s:
+        assert issuer._peek(s, 0) == 0  # the allocation rolled back with the refusal
+    insider.dispose()
+    db.dispose()
+
+
 def test_concurrent_single_address_issuers_on_postgresql(tmp_path: Path, pg_url: str) -> None:
     db, settings, deriver = _store(tmp_path, pg_url)
     errors: list[BaseException] = []
