@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -74,20 +75,36 @@ def test_a_halt_committed_between_the_full_check_and_the_lock_wins(
 ) -> None:
     db, settings, deriver = _store(tmp_path, pg_url)
     other = Database(pg_url)
+    _refused_while(
+        db,
+        settings,
+        monkeypatch,
+        lambda: halt.raise_halt(other, settings, reason="drill", source="employee", actor="alice"),
+        "drill",
+    )
+    with db.transaction(read_only=True) as s:
+        assert check_rows(s, issuer.iter_addresses(s)) == []
+    other.dispose()
+    db.dispose()
+
+
+def _refused_while(
+    db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[], object], match: str
+) -> None:
+    """``meanwhile`` runs between the unlocked checks and the lock: the issuance must be refused
+    (HaltedError matching ``match``), nothing stored and the counter not moved."""
     derive = issuer._derive_checked
 
-    def derive_while_a_halt_is_raised(*args: Any) -> issuer.Checked:
-        halt.raise_halt(other, settings, reason="drill", source="employee", actor="alice")
+    def derive_and_meanwhile(*args: Any) -> issuer.Checked:
+        meanwhile()
         return derive(*args)
 
-    monkeypatch.setattr(issuer, "_derive_checked", derive_while_a_halt_is_raised)
-    with pytest.raises(HaltedError, match="drill"):
+    monkeypatch.setattr(issuer, "_derive_checked", derive_and_meanwhile)
+    with pytest.raises(HaltedError, match=match):
         issuer.issue_addresses(db, settings, "mine", 1)
     assert issuer.list_addresses(db) == []
     with db.transaction(read_only=True) as s:
-        assert check_rows(s, issuer.iter_addresses(s)) == []  # the counter was not moved either
-    other.dispose()
-    db.dispose()
+        assert issuer._peek(s, 0) == 0  # the counter was not moved either
 
 
 def test_an_entry_forged_at_the_log_end_between_the_check_and_the_lock_refuses(
@@ -96,10 +113,9 @@ def test_an_entry_forged_at_the_log_end_between_the_check_and_the_lock_refuses(
     """An insider appends an entry by SQL (no head moved, no halt event) after the unlocked check: the tip
     read under the lock, in the statement that allocates, must see it and refuse."""
     db, settings, deriver = _store(tmp_path, pg_url)
-    derive = issuer._derive_checked
     insider = Database(pg_url)
 
-    def derive_while_an_entry_is_forged(*args: Any) -> issuer.Checked:
+    def forge() -> None:
         with insider.engine.begin() as conn:
             last = conn.execute(text("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")).one()
             conn.execute(
@@ -109,14 +125,8 @@ def test_an_entry_forged_at_the_log_end_between_the_check_and_the_lock_refuses(
                 ),
                 {"seq": last[0] + 1, "prev": last[1], "hash": "0" * 64},
             )
-        return derive(*args)
 
-    monkeypatch.setattr(issuer, "_derive_checked", derive_while_an_entry_is_forged)
-    with pytest.raises(HaltedError, match="does not end at its head"):
-        issuer.issue_addresses(db, settings, "mine", 1)
-    assert issuer.list_addresses(db) == []
-    with db.transaction(read_only=True) as s:
-        assert issuer._peek(s, 0) == 0  # the allocation rolled back with the refusal
+    _refused_while(db, settings, monkeypatch, forge, "does not end at its head")
     insider.dispose()
     db.dispose()
 
