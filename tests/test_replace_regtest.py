@@ -22,7 +22,7 @@ from custody.chain.rpc import RpcError
 from custody.config import Settings
 from tests.conftest import fund_wallet
 from tests.support import read_psbt, run_cli
-from tests.withdraw_support import Shop, double_spend, postings, reserved
+from tests.withdraw_support import Shop, balance, double_spend, foreign_spend, postings, reserved, synced
 
 pytestmark = pytest.mark.regtest
 KILLED = -9
@@ -49,14 +49,6 @@ def shop(tmp_path_factory: pytest.TempPathFactory, rbf_node: NodeInfo) -> Shop:
     s = Shop(tmp_path_factory.mktemp("replace"), rbf_node, wallet)
     s.deposit("acct-1", "0.5", count=12)
     return s
-
-
-def balance(shop: Shop, account: str) -> int:
-    result = shop.c("ledger", "balance", account, "--json")
-    if result.exit_code == 5:  # no entry yet
-        return 0
-    assert result.exit_code == 0, result.output
-    return int(json.loads(result.stdout)["balance_sat"])
 
 
 def request(shop: Shop, amount: str, rate: str) -> int:
@@ -312,11 +304,6 @@ def show(shop: Shop, wid: int) -> dict[str, Any]:
     return dict(shop.ok("withdraw", "show", str(wid)))
 
 
-def synced(shop: Shop, ids: set[int]) -> list[tuple[int, str]]:
-    """Sync; what changed among ``ids``."""
-    return [(c["id"], c["status"]) for c in shop.ok("sync") if c.get("record") == "withdrawal" and c["id"] in ids]
-
-
 def test_a_replaced_withdrawal_double_spent_by_a_foreign_transaction_is_refunded_once_at_depth(shop: Shop) -> None:
     settle_others(shop)
     customer, fees = balance(shop, "acct-1"), balance(shop, FEES)
@@ -459,6 +446,35 @@ def test_a_reorg_takes_a_settled_child_and_its_parent_back_and_their_fees_once(s
     assert sorted(synced(shop, {wid, cid})) == [(wid, "confirmed"), (cid, "confirmed")]
     assert balance(shop, FEES) == fees + parent["fee_sat"] + child["fee_sat"]
     assert postings(shop, cid) == ["selftransfer.settled", "selftransfer.unsettled", "selftransfer.settled"]
+    assert shop.ok("audit", "ledger")["ok"] is True
+
+
+def test_a_withdrawal_reorged_out_and_double_spent_in_the_new_chain_is_refunded_once(shop: Shop) -> None:
+    """The node still knows its transaction from the block the chain left (txindex): that is no
+    reason to stop looking at what spends its inputs (without replacements: the queue's sync)."""
+    settle_others(shop)
+    customer, fees = balance(shop, "acct-1"), balance(shop, FEES)
+    wid, txid = sent_at_1(shop, "0.07")
+    shop.mine(1)
+    assert synced(shop, {wid}) == [(wid, "confirmed")]
+    block = shop.rpc.call("getrawtransaction", txid, True)["blockhash"]
+
+    shop.rpc.call("invalidateblock", block)
+    shop.rpc.call("generateblock", shop.wallet.call("getnewaddress", "", "bech32"), [foreign_spend(shop, wid)])
+    assert not in_mempool(shop, txid) and shop.rpc.call("getrawtransaction", txid, True)["blockhash"] == block
+    assert synced(shop, {wid}) == [(wid, "broadcast")]
+    shop.mine(4)
+    assert synced(shop, {wid}) == []  # 5 deep: no proof yet
+    shop.mine(1)
+    assert synced(shop, {wid}) == [(wid, "failed")]
+    assert balance(shop, "acct-1") == customer and balance(shop, FEES) == fees and reserved(shop, wid) == []
+    assert postings(shop, wid) == [
+        "withdrawal.requested",
+        "withdrawal.settled",
+        "withdrawal.unsettled",
+        "withdrawal.released",
+    ]
+    assert synced(shop, {wid}) == []
     assert shop.ok("audit", "ledger")["ok"] is True
 
 

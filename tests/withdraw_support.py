@@ -173,6 +173,12 @@ def double_spend(shop: Shop, wid: int, rpc: RpcClient) -> str:
     """Spend the withdrawal's first input to the node's wallet (a fee of 20,000 sat), signed
     with two founders' keys opened from their key files (a p2wsh store), and send it to
     ``rpc``'s node: another transaction than any custody recorded."""
+    return str(rpc.call("sendrawtransaction", foreign_spend(shop, wid)))
+
+
+def foreign_spend(shop: Shop, wid: int) -> str:
+    """:func:`double_spend`'s transaction (hex), not sent: a test may mine it in a block of its
+    own (``generateblock``) where the node's mempool holds a transaction it conflicts with."""
     with sqlite3.connect(shop.c.home / "custody.db") as db:
         txid, vout, amount, spk, chain, idx = db.execute(
             "SELECT txid, vout, amount, script_pubkey, chain, idx FROM withdrawal_input "
@@ -190,8 +196,21 @@ def double_spend(shop: Shop, wid: int, rpc: RpcClient) -> str:
     for name in ("founder-b", "founder-c"):
         key = open_founder_key(shop.founder_keys[name], PASSPHRASE)
         assert psbt_lib.sign_input(p, 0, key.master.derive((*key.account_path, chain, idx)).private_key())
-    raw = psbt_lib.extract(psbt_lib.finalize(p)).serialize().hex()
-    return str(rpc.call("sendrawtransaction", raw))
+    return str(psbt_lib.extract(psbt_lib.finalize(p)).serialize().hex())
+
+
+def balance(shop: Shop, account: str) -> int:
+    """A ledger account's balance (0 before its first entry)."""
+    result = shop.c("ledger", "balance", account, "--json")
+    if result.exit_code == 5:  # no entry yet
+        return 0
+    assert result.exit_code == 0, result.output
+    return int(json.loads(result.stdout)["balance_sat"])
+
+
+def synced(shop: Shop, ids: set[int]) -> list[tuple[int, str]]:
+    """Sync; what changed among ``ids``."""
+    return [(c["id"], c["status"]) for c in shop.ok("sync") if c.get("record") == "withdrawal" and c["id"] in ids]
 
 
 def postings(shop: Shop, wid: int) -> list[str]:

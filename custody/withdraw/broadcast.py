@@ -185,23 +185,24 @@ def _look(
     An input the chain shows spent by a transaction that is the approved one with
     signatures (a p2sh spend's txid is only known once signed) is ours, not a conflict.
     A node's refusal, a mempool conflict and an input the node does not know are no
-    conflicts: only a spend in a block is.
+    conflicts: only a spend in a block is. A transaction the node knows only from a block the
+    chain left (a reorganisation, then another spend of its input in the new chain) is looked
+    for as one it does not know: its inputs' spends say whether it can still confirm.
     """
     status = backend.tx_status(txid)
-    if status.known:
-        if need_raw:  # signed elsewhere: keep the final transaction the chain has
-            try:
-                raw = backend.raw_transaction(txid)
-            except NotFound:
-                return _Seen(status)
-            return _Seen(status, raw if _ours(raw, unsigned_tx) else None)
-        return _Seen(status)
-    if not outpoints:
-        return _Seen(status)
+    seen = _Seen(status)
+    if status.known and need_raw:  # signed elsewhere: keep the final transaction the chain has
+        try:
+            raw = backend.raw_transaction(txid)
+        except NotFound:
+            raw = None
+        seen = _Seen(status, raw if raw is not None and _ours(raw, unsigned_tx) else None)
+    if (status.known and (status.in_mempool or status.confirmations > 0)) or not outpoints:
+        return seen
     spend, mine = spent_by(backend, outpoints, [unsigned_tx])
     if mine is not None and spend is not None and spend.spender is not None:
         return _Seen(backend.tx_status(spend.spender), mine)
-    return _Seen(status, None, spend)
+    return _Seen(status, seen.raw, spend)
 
 
 def spent_by(
