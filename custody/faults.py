@@ -32,6 +32,9 @@ POINTS = (
     "cancel.requested",  # inside the cancel's request transaction, its row and link stored
     "group.refunded",  # inside sync: a replaced withdrawal's versions failed, its refund not yet posted
     "group.reorged",  # inside sync: a replaced withdrawal back to broadcast, its settlement reversed
+    "sync.settled",  # inside sync: a withdrawal, sweep or consolidation confirmed, its inputs released, not yet booked
+    "sync.reorged",  # inside sync: one back to broadcast, its inputs reserved and settlement reversed, not yet logged
+    "sync.refunded",  # inside sync: one failed by a foreign spend, its inputs released, nothing posted nor logged
 )
 
 

@@ -401,12 +401,15 @@ def withdrawal_requested(s: Session, row: WithdrawalRow) -> LedgerTxn:
 
 
 SWEEP = "sweep"  # custody.withdraw.sweep: a self-transfer to the newest policy, no customer's
+CONSOLIDATION = "consol"  # custody.withdraw.utxo.consolidate: many coins into one, no customer's
+"""The two self-transfers that custody.withdraw.broadcast.sync follows as it follows a withdrawal
+(a cancel and a child paying for its parent are followed with the withdrawal they are for)."""
 
 
 def withdrawal_released(s: Session, row: WithdrawalRow, members: Sequence[WithdrawalRow], why: str) -> LedgerTxn | None:
     """A failed or cancelled withdrawal (or batch): each member's amount + fee back to its customer.
-    A sweep held nothing: nothing is posted (None)."""
-    if row.kind == SWEEP:
+    A sweep or a consolidation held nothing: nothing is posted (None)."""
+    if row.kind in (SWEEP, CONSOLIDATION):
         return None
     members = members or [row]
     lines: list[tuple[str, int]] = [(held(row.id or 0), sum(m.amount + m.fee for m in members))]
@@ -435,8 +438,11 @@ def withdrawal_settled(
 
     ``row.fee`` is what the transaction paid, unless ``network_fee`` says otherwise (a fee bump
     confirmed: the replacement's); the members' fees are what they were charged. A sweep moves
-    coins between custody's own addresses: only its network fee leaves the asset.
+    coins between custody's own addresses: only its network fee leaves the asset; so does a
+    consolidation (posted as every self-transfer is: :func:`self_transfer_settled`).
     """
+    if row.kind == CONSOLIDATION:
+        return self_transfer_settled(s, row)
     if row.kind == SWEEP:
         return post(
             s, "sweep.settled", [(NETWORK_FEES, row.fee), (ASSET, -row.fee)], ref=_ref(row), memo=f"txid {row.txid}"
@@ -460,7 +466,10 @@ def withdrawal_unsettled(
 ) -> LedgerTxn:
     """A confirmed withdrawal a reorganisation took out of the chain: its settlement reversed,
     the hold back in place until it confirms again. ``network_fee``: the fee its settlement
-    booked, when not ``row.fee`` (a fee bump had confirmed)."""
+    booked, when not ``row.fee`` (a fee bump had confirmed). A consolidation's fee no longer
+    booked (:func:`self_transfer_unsettled`)."""
+    if row.kind == CONSOLIDATION:
+        return self_transfer_unsettled(s, row)
     if row.kind == SWEEP:
         return post(
             s, "sweep.unsettled", [(NETWORK_FEES, -row.fee), (ASSET, row.fee)], ref=_ref(row), memo=f"txid {row.txid}"

@@ -2,6 +2,14 @@
 confirmation, a refund (a conflict buried ``refund_confirmations`` deep) or back (a reorg).
 
 Once founders' signatures exist, only the chain's blocks fail a withdrawal.
+
+The same follower serves the two self-transfers that are one transaction nothing replaces: a
+sweep (custody.withdraw.sweep) and a consolidation (custody.withdraw.utxo.consolidate). Their
+ledger postings differ (custody.books.ledger dispatches on the kind: only the network fee is
+booked, and a failure gives nothing back because nothing was held); their states, their
+reservations and their audit events are a withdrawal's. A withdrawal with replacements is
+followed by custody.withdraw.replace_sync, which uses :func:`refund`, :func:`reserve_again` and
+:func:`spent_by` from here.
 """
 
 from __future__ import annotations
@@ -315,6 +323,7 @@ def _follow(s: Session, row: WithdrawalRow, seen: _Seen, limits: Limits) -> bool
         if status.confirmations >= limits.confirmations and can(row.status, Event.CONFIRMED):
             _touch(s, row, next_state(row.status, Event.CONFIRMED))
             _release(s, wid)
+            crash_point("sync.settled")
             if row.batch_id is None:  # a batch settles for its members
                 ledger.withdrawal_settled(s, row, _members(s, wid))
             audit_log.append(
@@ -356,6 +365,7 @@ def refund(s: Session, row: WithdrawalRow, conflict: OutputSpend, note: dict[str
     members = _members(s, wid)
     _touch(s, row, next_state(row.status, Event.REFUNDED), reason)
     _release(s, wid)
+    crash_point("sync.refunded")
     txn = ledger.withdrawal_released(s, row, members, f"refunded: {reason}")
     audit_log.append(
         s,
@@ -368,7 +378,7 @@ def refund(s: Session, row: WithdrawalRow, conflict: OutputSpend, note: dict[str
             "outpoint": f"{conflict.txid}:{conflict.vout}",
             "height": conflict.block_height,
             "confirmations": conflict.confirmations,
-            "refunded": sum(m.amount + m.fee for m in members or [row]),
+            "refunded": sum(m.amount + m.fee for m in members or [row]) if txn else 0,  # a self-transfer held none
             "ledger_txn": txn.id if txn else None,
             **(note or {}),
         },
@@ -385,6 +395,7 @@ def _reorged(s: Session, row: WithdrawalRow, in_mempool: bool) -> None:
     _touch(s, row, next_state(row.status, Event.REORGED))
     reserve_again(s, row)
     ledger.withdrawal_unsettled(s, row, _members(s, row.id or 0))
+    crash_point("sync.reorged")
     audit_log.append(
         s,
         "withdrawal.reorged",

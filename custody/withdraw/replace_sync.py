@@ -142,11 +142,10 @@ def _look(db: Database, backend: ChainBackend, wid: int) -> tuple[list[tuple[int
 def sync_replacements(
     db: Database, backend: ChainBackend, limits: wd_limits.Limits = wd_limits.Limits(), *, settings: Any
 ) -> list[dict[str, Any]]:
-    """Follow every withdrawal that has replacements (see the module's docstring), and
-    consolidations; return the rows that changed. Raises NodeError; HaltedError after
-    raising the halt when the ledger does not balance."""
-    with ledger.halting(db, settings):
-        changed = st.sync_standalone(db, backend, limits)
+    """Follow every withdrawal that has replacements (see the module's docstring); return the
+    rows that changed. Raises NodeError; HaltedError after raising the halt when the ledger
+    does not balance."""
+    changed: list[dict[str, Any]] = []
     tip = backend.tip_height()
     with db.transaction() as s:
         groups = _groups(s, tip)

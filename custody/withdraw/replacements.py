@@ -20,6 +20,7 @@ from custody.identity.rulebook_judge import Verdict
 from custody.policy.model import Policy
 from custody.store.models import ReplacementRow, WithdrawalRow
 from custody.withdraw.replace_check import BUMP, REPLACEMENT_KINDS
+from custody.withdraw.states import CONSOLIDATE
 
 SETTLED = ("confirmed", "failed")
 
@@ -48,13 +49,16 @@ def grouped(s: Session) -> set[int]:
     """Rows the queue's own sync leaves to :func:`custody.withdraw.replace_sync.sync_replacements`:
     every replacement, and every withdrawal that has one that was not dropped before it had a
     transaction (a withdrawal whose only cancel was dropped is the queue's again: its refund
-    by proof of a double spend included)."""
+    by proof of a double spend included). A consolidation is the queue's, as a sweep is: it is
+    one transaction that nothing replaces (custody.withdraw.replace refuses to bump, cancel or
+    pay for anything but a customer's withdrawal)."""
     out: set[int] = set()
     for r in s.exec(select(ReplacementRow)).all():
         out.add(r.withdrawal_id)
         if not dropped(s.get(WithdrawalRow, r.withdrawal_id)):
             out.add(r.original_id)
-    rows = s.exec(select(WithdrawalRow.id).where(col(WithdrawalRow.kind).in_(sorted(REPLACEMENT_KINDS))))
+    kinds = sorted(REPLACEMENT_KINDS - {CONSOLIDATE})
+    rows = s.exec(select(WithdrawalRow.id).where(col(WithdrawalRow.kind).in_(kinds)))
     return out | {i for i in rows.all() if i is not None}
 
 

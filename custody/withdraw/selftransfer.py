@@ -25,16 +25,14 @@ from decimal import Decimal
 from typing import Any
 
 from bitcoin.core import b2lx, b2x
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from custody.bitcoin.destinations import dust_limit
 from custody.bitcoin.script import ScriptType
 from custody.bitcoin.txbuild import Coin, build_transaction, fee_for, input_vsize, tx_vsize
 from custody.books import ledger
-from custody.chain.types import ChainBackend
 from custody.clock import now
 from custody.control import audit_log
-from custody.control.epochs import current_policy as policy_from_session
 from custody.errors import InputError
 from custody.identity.approvals import sign_request
 from custody.identity.employee_keys import EmployeeSigner
@@ -48,7 +46,7 @@ from custody.withdraw import states as wd_states
 SELF_ACCOUNT = "(self-transfer)"
 CANCEL = "cancel"
 CPFP = "cpfp"
-CONSOLIDATE = "consol"  # the kind column holds 8 characters
+CONSOLIDATE = wd_states.CONSOLIDATE
 MAX_STANDARD_WEIGHT = 400_000
 """Bitcoin Core's MAX_STANDARD_TX_WEIGHT: a heavier transaction is not relayed."""
 
@@ -183,15 +181,6 @@ def choose_coins(
     return chosen
 
 
-def standalone(s: Session) -> list[WithdrawalRow]:
-    """Broadcast self-transfers that are for no withdrawal (consolidations)."""
-    linked = {r.withdrawal_id for r in s.exec(select(ReplacementRow)).all()}
-    rows = s.exec(
-        select(WithdrawalRow).where(WithdrawalRow.kind == CONSOLIDATE, col(WithdrawalRow.status) == wd_states.BROADCAST)
-    )
-    return [r for r in rows.all() if r.id not in linked]
-
-
 def settle(s: Session, row: WithdrawalRow, confirmations: int, height: int | None) -> None:
     """A self-transfer confirmed deep enough: its fee booked, its own reservations released."""
     row.confirmations, row.block_height = confirmations, height
@@ -201,19 +190,3 @@ def settle(s: Session, row: WithdrawalRow, confirmations: int, height: int | Non
     audit_log.append(
         s, "withdrawal.confirmed", "sync", {"withdrawal_id": row.id, "txid": row.txid, "height": height, "fee": row.fee}
     )
-
-
-def sync_standalone(db: Any, backend: ChainBackend, limits: wd_limits.Limits) -> list[dict[str, Any]]:
-    """Follow consolidations to confirmation; the rows that changed."""
-    changed = []
-    with db.transaction() as s:
-        ids = [(r.id, r.txid) for r in standalone(s)]
-    for rid, txid in ids:
-        status = backend.tx_status(txid or "")
-        with db.transaction() as s:
-            row = wd_records._get(s, rid or 0, lock=True)
-            if row.status != wd_states.BROADCAST or status.confirmations < limits.confirmations:
-                continue
-            settle(s, row, status.confirmations, status.block_height)
-            changed.append(wd_records.view(s, policy_from_session(s), row))
-    return changed

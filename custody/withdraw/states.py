@@ -30,6 +30,7 @@ PENDING = (REQUESTED, APPROVED, SIGNED)
 SINGLE = "single"
 BATCH = "batch"
 SWEEP = "sweep"  # custody.withdraw.sweep: an older policy's coins to the newest policy
+CONSOLIDATE = "consol"  # custody.withdraw.utxo.consolidate: many small coins into one (8 characters)
 
 
 class Event(enum.StrEnum):
@@ -89,6 +90,21 @@ TRANSITIONS: dict[tuple[str, Event], str] = {
 """Every legal transition; nothing else happens to a withdrawal. ``failed`` is final."""
 
 MACHINE = Machine("withdrawal", STATES, (REQUESTED, APPROVED), Event, TRANSITIONS)
+
+ONE_TRANSACTION = frozenset(set(Event) - {Event.SETTLED, Event.REPLACED})
+"""The events of a row that is one transaction nothing replaces: a consolidation or a sweep
+(custody.withdraw.replace bumps, cancels and pays for customers' withdrawals only), followed
+by custody.withdraw.broadcast.sync as a withdrawal without replacements is."""
+
+SELF_TRANSFER = Machine(
+    "consolidation",
+    STATES,
+    (REQUESTED,),
+    Event,
+    {(state, event): target for (state, event), target in TRANSITIONS.items() if event in ONE_TRANSACTION},
+)
+"""The part of :data:`MACHINE` a consolidation (or a sweep) can take: docs/ARCHITECTURE.md
+draws it; a transition outside it would need a version that replaces it, which nothing makes."""
 
 
 def next_state(state: str, event: Event) -> str:
