@@ -603,8 +603,11 @@ def sync(app: AppContext, as_json: bool) -> None:
     inputs CUSTODY_REFUND_CONFIRMATIONS (default 6) blocks deep. Deposits to issued
     addresses are credited to their account at CUSTODY_DEPOSIT_CONFIRMATIONS confirmations
     (default 1); a credited deposit a chain
-    reorganisation removed is reversed. --json: a list of what changed, each item with its
-    "record" ("withdrawal", with its "withdrawal_kind": single or batch; or "deposit").
+    reorganisation removed is reversed. A consolidation or a sweep is followed the same way
+    (its network fee booked when it confirms, reversed when a reorganisation takes it out;
+    failed, nothing posted, when another transaction spends one of its coins that deep).
+    --json: a list of what changed, each item with its "record" ("withdrawal", with its
+    "withdrawal_kind": single, batch, consol, sweep, ...; or "deposit").
     Reading new blocks shows a progress bar on a terminal (stderr; never with --json).
     """
     backend = chain_backend(app)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Regenerate the generated parts of docs/ARCHITECTURE.md in place: the layers (from the layers
 contract of import-linter in pyproject.toml, described by each package's docstring) and the
-state diagrams (from custody.withdraw.states and custody.books.deposit_states).
+state diagrams (from custody.withdraw.states, a consolidation's part of it included, and
+custody.books.deposit_states).
 
 tests/test_architecture_doc.py fails when the document differs from what this renders, so the
 document cannot drift from the contract or the tables. Run it from the repository's root with
@@ -56,7 +57,11 @@ def render_machine(name: str) -> str:
     from custody.books import deposit_states
     from custody.withdraw import states
 
-    machine = {"withdrawals": states.MACHINE, "deposits": deposit_states.MACHINE}[name]
+    machine = {
+        "withdrawals": states.MACHINE,
+        "consolidations": states.SELF_TRANSFER,
+        "deposits": deposit_states.MACHINE,
+    }[name]
     return f"```mermaid\n{machine.mermaid()}\n```\n"
 
 

@@ -48,7 +48,12 @@ def test_the_diagrams_show_every_transition_of_the_tables() -> None:
     from custody.withdraw import states
 
     text = DOC.read_text()
-    for name, machine in (("withdrawals", states.MACHINE), ("deposits", deposit_states.MACHINE)):
+    machines = (
+        ("withdrawals", states.MACHINE),
+        ("consolidations", states.SELF_TRANSFER),
+        ("deposits", deposit_states.MACHINE),
+    )
+    for name, machine in machines:
         block = text.split(f"<!-- generated: {name}")[1].split("<!-- end generated -->")[0]
         arrows = re.findall(r"^ {4}(\w+) --> (\w+): ([\w-]+)$", block, re.M)
         assert {(s, str(e), t) for (s, e), t in machine.table.items()} == {(s, e, t) for s, t, e in arrows}
