@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from custody.chain.regtest import NodeInfo
-from custody.chain.rpc import RpcClient, RpcError
+from custody.chain.rpc import RpcClient
 from tests.support import run_cli
-from tests.withdraw_support import Shop, balance, double_spend, foreign_spend, postings, reserved, synced
+from tests.withdraw_support import Shop, balance, double_spend, foreign_spend, in_mempool, postings, reserved, synced
 
 pytestmark = pytest.mark.regtest
 KILLED = -9
@@ -80,14 +80,6 @@ def spender(shop: Shop, outpoints: set[str]) -> str:
         if {f"{i['txid']}:{i['vout']}" for i in vin} == outpoints:
             return str(txid)
     raise AssertionError("no transaction in the mempool spends them")
-
-
-def in_mempool(shop: Shop, txid: str) -> bool:
-    try:
-        shop.rpc.call("getmempoolentry", txid)
-    except RpcError:
-        return False
-    return True
 
 
 def test_a_consolidation_is_followed_through_a_reorg_and_its_fee_booked_once(shop: Shop) -> None:

@@ -18,11 +18,10 @@ from bitcoin.core import CMutableTransaction
 
 from custody.bitcoin import psbt as psbt_lib
 from custody.chain.regtest import NodeInfo, find_node_binary, start_node, stop_node
-from custody.chain.rpc import RpcError
 from custody.config import Settings
 from tests.conftest import fund_wallet
 from tests.support import read_psbt, run_cli
-from tests.withdraw_support import Shop, balance, double_spend, foreign_spend, postings, reserved, synced
+from tests.withdraw_support import Shop, balance, double_spend, foreign_spend, in_mempool, postings, reserved, synced
 
 pytestmark = pytest.mark.regtest
 KILLED = -9
@@ -82,14 +81,6 @@ def broadcast(shop: Shop, wid: int) -> str:
     sent = shop.ok("withdraw", "broadcast", str(wid))
     assert sent["status"] == "broadcast"
     return str(sent["txid"])
-
-
-def in_mempool(shop: Shop, txid: str) -> bool:
-    try:
-        shop.rpc.call("getmempoolentry", txid)
-    except RpcError:
-        return False
-    return True
 
 
 def sent_at_1(shop: Shop, amount: str = "0.01") -> tuple[int, str]:

@@ -12,7 +12,7 @@ from custody.bitcoin import psbt as psbt_lib
 from custody.bitcoin.bech32 import encode_segwit
 from custody.bitcoin.txbuild import Coin, build_transaction
 from custody.chain.regtest import NodeInfo
-from custody.chain.rpc import RpcClient
+from custody.chain.rpc import RpcClient, RpcError
 from custody.identity.keyfile import open_founder_key
 from tests.support import PASSPHRASE, Custody
 
@@ -206,6 +206,15 @@ def balance(shop: Shop, account: str) -> int:
         return 0
     assert result.exit_code == 0, result.output
     return int(json.loads(result.stdout)["balance_sat"])
+
+
+def in_mempool(shop: Shop, txid: str) -> bool:
+    """Whether the node's mempool holds ``txid``."""
+    try:
+        shop.rpc.call("getmempoolentry", txid)
+    except RpcError:
+        return False
+    return True
 
 
 def synced(shop: Shop, ids: set[int]) -> list[tuple[int, str]]:
