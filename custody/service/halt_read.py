@@ -5,32 +5,50 @@ audit log against the halt table, its lift signatures against the roster in forc
 log's head against its tip: milliseconds of work a read, the same answer each time while
 nothing changes, and an exchange polls it from every trading process. The derivation is a
 function of what it reads and of nothing else (no clock): the schema version, the audit
-log's head and tip, the log's halt and roster entries, the ``halt`` and ``halt_lift`` rows.
-So each read here reads exactly those, raw, in one read transaction (one snapshot: REPEATABLE
-READ on PostgreSQL), and when they equal the inputs of the last derivation, that derivation
-is the answer: exact, not stale. Keyed on more than the head: a halt row planted or edited by
-SQL, or an entry rewritten in the middle of the log, leaves the head as it was, and the
-derivation reads those too.
+log's head and tip, the log's halt and roster entries, the ``halt`` and ``halt_lift`` rows,
+and the governance the lifters are checked against (rosters, manifests, policy epochs, the
+policy and its founders). Every one of those can be edited by SQL without moving the head,
+so the head alone is no key: each read takes, in one read transaction (one snapshot), the
+head (checked against the log's tip) and a marker that changes whenever anything else may
+have, and the last derivation answers while both are as they were:
+
+* SQLite (a store file): ``PRAGMA data_version`` on a connection of this reader's own that
+  never writes. SQLite changes it in that connection's snapshot whenever any other
+  connection, of this process or any other (``sqlite3`` in an insider's hands), committed
+  anything to the file; the file's identity (device, inode) is checked too, so a store
+  replaced by another file is read anew. A write elsewhere (a nonce, an issued address)
+  changes it without touching the inputs: then the inputs themselves are read, raw, and
+  compared with those of the last derivation before deriving again.
+* PostgreSQL: a SHA-256 of every input table's rows (each row's text, in key order),
+  computed by the server in the same snapshot (REPEATABLE READ): one round trip.
+* Any other SQLite URL (memory, parameters): the inputs themselves, raw.
 
 Fail closed: a read that fails, a log that does not end at its head, or a head whose hash is
 not its last entry's (the head rewritten by SQL) is a halt for this answer only, never cached.
-A derivation is kept only when it read without error and the inputs read before it equal
-those read after it (it saw those inputs and no others). Concurrent reads share one read of
-the inputs that began after each of them came (:mod:`custody.service.coalesce`): as fresh as
-a read of its own. The lease (``valid_until``) is counted from each answer, as before.
+A derivation is kept only when it read without error and the key read before it equals the
+key read after it (nothing was committed in between on SQLite; the same inputs on
+PostgreSQL). Concurrent reads share one read of the inputs that began after each of them
+came (:mod:`custody.service.coalesce`): as fresh as a read of its own. The lease
+(``valid_until``) is counted from each answer, as before.
 """
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
 from custody.control import halt as halt_lib
 from custody.control.halt_log import _HALT_EVENTS, _ROSTER_EVENT
-from custody.errors import CustodyError, StoreBusy
+from custody.errors import CustodyError, StorageError, StoreBusy
 from custody.service.coalesce import Coalesced
 from custody.store.db import Database
+from custody.store.light import READ_TIMEOUT, busy_message, is_busy, sqlite_file
 from custody.store.models import SCHEMA_VERSION
 
 _EVENTS = (*_HALT_EVENTS, _ROSTER_EVENT)
@@ -43,24 +61,40 @@ _HEAD = (
     "(SELECT m.value FROM custody_meta AS m WHERE m.key = 'schema_version') "
     "FROM audit_head AS h WHERE h.id = 1"
 )
-_ENTRIES = "SELECT * FROM audit_log WHERE event IN (" + ", ".join(f"'{e}'" for e in _EVENTS) + ") ORDER BY seq"
-_HALTS = "SELECT * FROM halt ORDER BY id"
-_LIFTS = "SELECT * FROM halt_lift ORDER BY id"
+_IN_EVENTS = "event IN (" + ", ".join(f"'{e}'" for e in _EVENTS) + ")"
 # Who may lift is read from the founders-signed rosters, checked against the founders of their
 # policy epoch (custody.control.trust_text): those documents and the manifests are inputs too.
-_GOVERNANCE = (
-    "SELECT * FROM roster ORDER BY serial",
-    "SELECT * FROM signed_manifest ORDER BY id",
-    "SELECT * FROM policy_epoch ORDER BY epoch",
-    "SELECT * FROM policy ORDER BY id",
-    "SELECT * FROM founder ORDER BY id",
+_TABLES = (  # (table, the rows the derivation reads, their order)
+    ("audit_log", _IN_EVENTS, "seq"),
+    ("halt", "TRUE", "id"),
+    ("halt_lift", "TRUE", "id"),
+    ("roster", "TRUE", "serial"),
+    ("signed_manifest", "TRUE", "id"),
+    ("policy_epoch", "TRUE", "epoch"),
+    ("policy", "TRUE", "id"),
+    ("founder", "TRUE", "id"),
 )
+_ROWS = tuple(f"SELECT * FROM {table} WHERE {where} ORDER BY {order}" for table, where, order in _TABLES)
+_FINGERPRINTS = "SELECT " + ", ".join(
+    f"(SELECT encode(sha256(convert_to(COALESCE(string_agg(t::text, E'\\n' ORDER BY t.{order}), ''), 'UTF8')), "
+    f"'hex') FROM {table} AS t WHERE {where})"
+    for table, where, order in _TABLES
+)
+"""PostgreSQL: every input table's rows, hashed by the server (a row's text quotes its fields)."""
 
 Inputs = tuple[Any, ...]
+Key = tuple[Any, ...]
 
 
 class Tampered(CustodyError):
     """The audit log's head does not describe the log: the read is a halt."""
+
+
+@dataclass(frozen=True)
+class _Derived:
+    key: Key
+    rows: Inputs | None  # SQLite file: the raw inputs behind ``state`` (its key is no content)
+    state: halt_lib.HaltState
 
 
 class HaltReader:
@@ -68,7 +102,9 @@ class HaltReader:
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._cached: tuple[Inputs, halt_lib.HaltState] | None = None
+        self._file = sqlite_file(db.url) if db.is_sqlite else None
+        self._own = _OwnConnection(self._file) if self._file is not None else None
+        self._cached: _Derived | None = None
         self._shared = Coalesced(self._read)  # concurrent reads share one that began after each came
 
     def read(self) -> halt_lib.HaltState:
@@ -77,42 +113,122 @@ class HaltReader:
         from the store after this call began."""
         return self._shared.call()
 
-    def _read(self) -> halt_lib.HaltState:
+    def close(self) -> None:
+        if self._own is not None:
+            self._own.close()
+
+    def _read(self) -> halt_lib.HaltState:  # one run at a time (Coalesced)
         try:
-            inputs = self.inputs()
+            return self._answer()
         except StoreBusy as exc:
             return halt_lib.HaltState(True, [], error=f"halt state unknown: {exc}", unknown=True)
         except CustodyError as exc:
             return halt_lib.HaltState(True, [], error=f"halt state unreadable: {exc}")
-        if self._cached is not None and self._cached[0] == inputs:
-            return self._cached[1]
+
+    def _answer(self) -> halt_lib.HaltState:
+        key, rows = self.inputs(rows=False)
+        cached = self._cached
+        if cached is not None and cached.key == key:
+            return cached.state
+        if self._own is not None:  # the marker moved: the inputs themselves, in one snapshot with it
+            key, rows = self.inputs(rows=True)
+            if cached is not None and rows is not None and cached.rows == rows:
+                self._cached = _Derived(key, rows, cached.state)
+                return cached.state
         state = halt_lib.read_state(self._db)
         if state.error is None and not state.unknown:
             try:
-                if self.inputs() == inputs:
-                    self._cached = (inputs, state)
+                if self.inputs(rows=False)[0] == key:
+                    self._cached = _Derived(key, rows, state)
             except CustodyError:
                 pass  # not kept; this answer is the derivation's, as an uncached read's would be
         return state
 
-    def inputs(self) -> Inputs:
-        """Everything the derivation reads, in one snapshot. Raises Tampered when the log does
-        not end at its head or the head's hash is not its last entry's, StoreBusy, StorageError."""
+    def inputs(self, *, rows: bool) -> tuple[Key, Inputs | None]:
+        """The key of what the derivation reads, and (``rows``, SQLite file) the raw inputs, in
+        one snapshot. Raises Tampered when the log does not end at its head or the head's hash
+        is not its last entry's, StoreBusy, StorageError."""
+        if self._own is not None:
+            return self._own.read(rows)
         with self._db.transaction(read_only=True) as s:
             conn = s.connection()
             failure = conn.dialect.loaded_dbapi.Error
             cursor = conn.connection.cursor()  # the driver's own: a third of the cost of SQLAlchemy's statements
             try:
-                if not self._db.is_sqlite:  # one snapshot for every statement (SQLite's read is one already)
-                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                return _inputs(cursor)
+                if self._db.is_sqlite:  # no file of its own: the inputs are the key
+                    head = _head(cursor)
+                    return (head if len(head) == 1 else (*head, *_rows(cursor))), None
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # one snapshot
+                head = _head(cursor)
+                if len(head) == 1:
+                    return head, None
+                cursor.execute(_FINGERPRINTS)
+                fingerprints: tuple[Any, ...] = tuple(cursor.fetchone() or ())
+                return (*head, *fingerprints), None
             except failure as exc:  # as SQLAlchemy's: the transaction makes it StoreBusy or StorageError
                 raise DBAPIError.instance(None, None, exc, failure) from exc
             finally:
                 cursor.close()
 
 
-def _inputs(cursor: Any) -> Inputs:
+class _OwnConnection:
+    """The reader's own connection to a SQLite store file: read-only, so that its
+    ``data_version`` moves on every commit to the file (SQLite counts another connection's
+    commits only)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None
+        self._generation = 0  # data_version counts per connection: a new one starts a new count
+        self._lock = threading.Lock()
+
+    def read(self, rows: bool) -> tuple[Key, Inputs | None]:
+        with self._lock:
+            try:
+                cursor = self._cursor()
+                try:
+                    cursor.execute("BEGIN")
+                    head = _head(cursor)  # takes the snapshot the version below is of
+                    if len(head) == 1:
+                        return head, None
+                    (version,) = cursor.execute("PRAGMA data_version").fetchone()
+                    return (*head, self._generation, version), (_rows(cursor) if rows else None)
+                finally:
+                    if self._conn is not None and self._conn.in_transaction:
+                        cursor.execute("ROLLBACK")
+                    cursor.close()
+            except sqlite3.Error as exc:
+                self.close()
+                if is_busy(exc):
+                    raise StoreBusy(busy_message(exc)) from None
+                raise StorageError(f"database error: {exc}") from None
+
+    def _cursor(self) -> sqlite3.Cursor:
+        try:
+            st = os.stat(self._path)
+        except OSError as exc:
+            raise StorageError(f"no custody store at {self._path}: {exc.strerror}") from None
+        identity = (st.st_dev, st.st_ino)
+        if self._conn is None or identity != self._identity:
+            self.close()
+            # Never writes (query_only); the file is there (stat above), so connecting makes none.
+            self._conn = sqlite3.connect(str(self._path), isolation_level=None, check_same_thread=False)
+            self._conn.execute(f"PRAGMA busy_timeout = {READ_TIMEOUT * 1000}")
+            self._conn.execute("PRAGMA query_only = 1")
+            self._identity = identity
+            self._generation += 1
+        return self._conn.cursor()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+
+def _head(cursor: Any) -> Key:
+    """The head's sequence number and hash, checked against the log's tip; ``(version,)`` for a
+    store at another schema version. Raises Tampered."""
     cursor.execute(_HEAD)
     head = cursor.fetchone()
     if head is None:
@@ -129,9 +245,13 @@ def _inputs(cursor: Any) -> Inputs:
             "treated as halted; run `custody audit log --verify`"
         )
     if str(version) != str(SCHEMA_VERSION):
-        return (version,)  # read_state upgrades or refuses the store; never equal to a cached key
-    rows = []
-    for statement in (_ENTRIES, _HALTS, _LIFTS, *_GOVERNANCE):
+        return (("schema", version),)  # read_state upgrades or refuses the store; never a cached key
+    return (seq, digest)
+
+
+def _rows(cursor: Any) -> Inputs:
+    out = []
+    for statement in _ROWS:
         cursor.execute(statement)
-        rows.append(tuple(tuple(r) for r in cursor.fetchall()))
-    return (seq, digest, *rows)
+        out.append(tuple(tuple(r) for r in cursor.fetchall()))
+    return tuple(out)
