@@ -14,6 +14,7 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,13 @@ def test_refuses_unsigned_wrongly_signed_stale_and_replayed_requests(service: Se
     fresh_ts = c.sign(c.prepare("POST", path, json={"count": 1}), nonce="replay-me-0123456789")
     assert c.send(fresh_ts).status_code == 401
     assert len(service.addresses()) == before + 1
+    # The same signed request sent eight times at once (its nonce claimed in the issuing
+    # transaction): one is served, every other copy refused, one address issued.
+    req = c.sign(c.prepare("POST", path, json={"count": 1}), nonce="replay-me-at-once-0123456789")
+    with ThreadPoolExecutor(8) as pool:
+        codes = sorted(r.status_code for r in pool.map(lambda _: Client(service.server.url).send(req), range(8)))
+    assert codes == [201] + [401] * 7, codes
+    assert len(service.addresses()) == before + 2
     # A malformed nonce or timestamp.
     assert c.send(c.sign(c.prepare("GET", "/v1/halt"), nonce="short")).status_code == 401
     bad_ts = c.sign(c.prepare("GET", "/v1/halt"))
@@ -201,7 +209,8 @@ def test_the_halt_guard_holds_for_the_service_and_the_halt_read_keeps_the_lease_
     assert doc["halted"] is True and not allowed(str(tmp_path / "halted.json"))
     before = len(service.addresses())
     requested = len(c.ok("GET", "/v1/withdrawals"))
-    refused = c.call("POST", "/v1/accounts/acct-7/addresses", json={"count": 1})
+    kept = c.sign(c.prepare("POST", "/v1/accounts/acct-7/addresses", json={"count": 1}))
+    refused = c.send(kept)
     assert refused.status_code == 423 and refused.json()["error"]["exit_code"] == 3
     to, _ = destination()
     refused = c.call("POST", "/v1/withdrawals", json={"account": "acct-1", "destination": to, "amount": "0.001"})
@@ -214,6 +223,11 @@ def test_the_halt_guard_holds_for_the_service_and_the_halt_read_keeps_the_lease_
         assert service.shop.c("halt", "lift", str(halt_id), *service.shop.as_(who)).exit_code == 0
     doc = c.ok("GET", "/v1/halt")
     assert doc["halted"] is False
+    # The request refused while halted, replayed after the lift (within its window): its nonce was
+    # remembered though its issuance rolled back, so it is refused, not served now.
+    replayed = c.send(kept)
+    assert replayed.status_code == 401 and "replayed" in replayed.json()["error"]["message"]
+    assert len(service.addresses()) == before
     assert c.call("POST", "/v1/accounts/acct-7/addresses", json={"count": 1}).status_code == 201
 
 

@@ -357,9 +357,13 @@ def issue_chunks(
     chain: int = RECEIVE,
     actor: str = "operator",
     chunk: int | None = None,
+    *,
+    within: Callable[[Session], None] | None = None,
 ) -> Iterator[list[IssuedAddress]]:
     """Issue the next ``count`` addresses of ``chain`` for ``account``, committed and yielded
     ``chunk`` at a time (each chunk its own transaction and audit entry, no gap between them).
+    ``within`` runs first in the first chunk's transaction (``custody serve`` records the
+    request's nonce there: one commit for both, and neither without the other).
 
     The halt is checked in every chunk: a halt raised meanwhile stops the rest. Raises as
     :func:`issue_addresses`; the chunks yielded before an error stay issued.
@@ -374,6 +378,8 @@ def issue_chunks(
         size = min(chunk, left)
         try:
             with db.transaction() as s:
+                if within is not None and left == count:
+                    within(s)
                 issued = issue_in_session(s, manifest, account, size, chain, actor, pinned=pinned)
             crash_point("issuance.committed")
         except AddressMismatch as exc:  # the chunk's transaction rolled back: nothing of it stored
@@ -389,6 +395,8 @@ def issue_addresses(
     count: int = 1,
     chain: int = RECEIVE,
     actor: str = "operator",
+    *,
+    within: Callable[[Session], None] | None = None,
 ) -> list[IssuedAddress]:
     """Issue the next ``count`` addresses of ``chain`` for ``account`` (:func:`issue_chunks`,
     gathered: for small batches; a large one streams through :func:`issue_chunks`).
@@ -397,7 +405,7 @@ def issue_addresses(
     VerificationFailed (after raising the halt) when a derived address does not verify
     against the pinned manifest, StorageError.
     """
-    return [a for part in issue_chunks(db, settings, account, count, chain, actor) for a in part]
+    return [a for part in issue_chunks(db, settings, account, count, chain, actor, within=within) for a in part]
 
 
 def iter_issued(

@@ -13,16 +13,17 @@ own key. Errors keep the CLI's exit code in the body and map to an HTTP status.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field
-from sqlmodel import select
+from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -65,6 +66,7 @@ from custody.withdraw import queue as wd
 MAX_ISSUE = 1000
 """Addresses one request may issue."""
 MAX_ID = 2**31 - 1
+T = TypeVar("T")
 _TEXT = r"^[\x20-\x7e]{1,128}$"
 """Printable ASCII: what an account, an address or an outpoint is made of."""
 
@@ -204,6 +206,16 @@ _SIGNATURE = APIKeyHeader(
 )
 
 
+async def _signed_target(request: Request) -> tuple[str, bytes]:
+    """The request's target as signed (path and query, undecoded) and its body."""
+    body = await request.body()
+    target = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+    query = request.scope.get("query_string", b"")
+    if query:
+        target += "?" + query.decode("latin-1")
+    return target, body
+
+
 async def signed(
     request: Request,
     timestamp: Annotated[str | None, Depends(_TIMESTAMP)],
@@ -211,16 +223,37 @@ async def signed(
     signature: Annotated[str | None, Depends(_SIGNATURE)],
 ) -> None:
     """The dependency of every /v1 route: a signed, fresh, unreplayed request, else 401."""
-    body = await request.body()
-    target = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
-    query = request.scope.get("query_string", b"")
-    if query:
-        target += "?" + query.decode("latin-1")
+    target, body = await _signed_target(request)
     verifier: auth.Verifier = request.app.state.verifier
     if request.method in auth.READS:  # its nonce in memory: never waits
         verifier.check(request.method, target, timestamp, nonce, signature, body)
     else:  # its nonce written to the store, which may wait for a writer: never on the event loop
         await run_in_threadpool(verifier.check, request.method, target, timestamp, nonce, signature, body)
+
+
+async def signed_change(
+    request: Request,
+    timestamp: Annotated[str | None, Depends(_TIMESTAMP)],
+    nonce: Annotated[str | None, Depends(_NONCE)],
+    signature: Annotated[str | None, Depends(_SIGNATURE)],
+) -> auth.Accepted:
+    """:func:`signed` for a state change that records the nonce in its own transaction (one
+    commit a request, not two): signature and timestamp checked here, the nonce claimed by the
+    route (:func:`_claiming`)."""
+    target, body = await _signed_target(request)
+    verifier: auth.Verifier = request.app.state.verifier
+    return verifier.accept(request.method, target, timestamp, nonce, signature, body)
+
+
+def _claiming(nonces: StoreNonces, accepted: auth.Accepted, change: Callable[[Callable[[Session], None]], T]) -> T:
+    """``change(within)``, which runs ``within`` in its transaction: the nonce claimed there. When
+    the change fails, its transaction took the nonce with it: claimed then on its own, so that
+    a refused request (halted, say) cannot be replayed to succeed later; a replay is refused."""
+    try:
+        return change(lambda s: nonces.claim_in(s, accepted.nonce, accepted.now, accepted.until))
+    except BaseException:
+        nonces.claim(accepted.nonce, accepted.now, accepted.until)  # Unauthorized for a replay
+        raise
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -263,9 +296,8 @@ class LastDefence:
 def create_app(config: ServiceConfig) -> FastAPI:
     """The ASGI application of ``custody serve``."""
     # A write's nonce in the store, refused by every instance; a read's in this process (auth's docstring).
-    verifier = auth.Verifier(
-        config.secret, window=config.window, nonces=StoreNonces(config.db), read_nonces=auth.MemoryNonces()
-    )
+    nonces = StoreNonces(config.db)
+    verifier = auth.Verifier(config.secret, window=config.window, nonces=nonces, read_nonces=auth.MemoryNonces())
     db, settings = config.db, config.settings
     halt_reader = HaltReader(db)
     state_lock = threading.Lock()  # one state change at a time in this process (the chain backend is one object)
@@ -285,12 +317,19 @@ def create_app(config: ServiceConfig) -> FastAPI:
     witnessed = Coalesced(lambda: witness.after_command(db, settings)).call
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(signed)])
+    changes = APIRouter(prefix="/v1")  # signed too (signed_change), the nonce claimed with the change
 
-    @v1.post("/accounts/{account}/addresses", status_code=201, summary="Issue deposit addresses")
-    def issue(account: Account, body: IssueBody) -> list[dict[str, Any]]:
+    @changes.post("/accounts/{account}/addresses", status_code=201, summary="Issue deposit addresses")
+    def issue(
+        account: Account, body: IssueBody, accepted: Annotated[auth.Accepted, Depends(signed_change)]
+    ) -> list[dict[str, Any]]:
         """Issue the next deposit address(es) for the account, each verified independently first."""
         with state_lock:
-            issued = issue_addresses(db, settings, account, body.count, actor=config.identity)
+            issued = _claiming(
+                nonces,
+                accepted,
+                lambda within: issue_addresses(db, settings, account, body.count, actor=config.identity, within=within),
+            )
         witnessed()
         return [a.to_dict() for a in issued]
 
@@ -352,6 +391,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def head() -> dict[str, Any]:
         return audit_head(db)
 
+    app.include_router(changes)
     app.include_router(v1)
     if config.console_origin is not None:
         app.include_router(console_router(db, settings, config.console_origin))

@@ -33,6 +33,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -138,6 +139,15 @@ class Verifier:
         self, method: str, target: str, timestamp: str | None, nonce: str | None, signature: str | None, body: bytes
     ) -> None:
         """Accept the request once, or raise Unauthorized (TooManyNonces when the memory is full)."""
+        accepted = self.accept(method, target, timestamp, nonce, signature, body)
+        store = self._read_nonces if method.upper() in READS else self._nonces
+        store.claim(accepted.nonce, accepted.now, accepted.until)
+
+    def accept(
+        self, method: str, target: str, timestamp: str | None, nonce: str | None, signature: str | None, body: bytes
+    ) -> Accepted:
+        """:meth:`check` but for remembering the nonce, which the caller must claim (a state
+        change claims it in its own transaction: custody.service.nonces); raises Unauthorized."""
         if not timestamp or not nonce or not signature:
             raise Unauthorized(f"unsigned request: {TIMESTAMP}, {NONCE} and {SIGNATURE} are required")
         if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
@@ -150,5 +160,14 @@ class Verifier:
         expected = sign(self._secret, method, target, timestamp, nonce, body)
         if not hmac.compare_digest(expected, signature.strip().lower()):
             raise Unauthorized("bad signature")
-        store = self._read_nonces if method.upper() in READS else self._nonces
-        store.claim(nonce, now, now + 2 * self.window)
+        return Accepted(nonce, now, now + 2 * self.window)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A request whose signature and timestamp were checked: its nonce, to be remembered from
+    ``now`` until ``until``."""
+
+    nonce: str
+    now: float
+    until: float

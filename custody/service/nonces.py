@@ -14,7 +14,7 @@ import itertools
 import threading
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, delete
+from sqlmodel import Session, col, delete
 
 from custody.errors import StorageError
 from custody.service.auth import Unauthorized
@@ -35,20 +35,26 @@ class StoreNonces:
     def claim(self, nonce: str, now: float, until: float) -> None:
         """Insert ``nonce``; raise Unauthorized when any instance inserted it before and it has
         not expired. Raises StorageError when the store cannot be written."""
-        with self._lock:
-            sweep = next(self._count) % SWEEP_EVERY == 0
         try:
             with self._db.transaction() as s:
-                if sweep:
-                    s.exec(delete(ServiceNonce).where(col(ServiceNonce.expires_at) <= now))
-                old = s.get(ServiceNonce, nonce)
-                if old is not None and old.expires_at > now:
-                    raise Unauthorized("replayed request: this nonce was used already")
-                if old is not None:
-                    s.delete(old)  # expired: the timestamp check refuses its old request anyway
-                    s.flush()
-                s.add(ServiceNonce(nonce=nonce, expires_at=until))
+                self.claim_in(s, nonce, now, until)
         except StorageError as exc:
             if isinstance(exc.__cause__, IntegrityError):  # another instance inserted it meanwhile
                 raise Unauthorized("replayed request: this nonce was used already") from None
             raise
+
+    def claim_in(self, s: Session, nonce: str, now: float, until: float) -> None:
+        """:meth:`claim` inside the caller's transaction (a state change's: one commit for both;
+        a second insert of the nonce fails that commit on the key, and the change with it)."""
+        with self._lock:
+            sweep = next(self._count) % SWEEP_EVERY == 0
+        if sweep:
+            s.exec(delete(ServiceNonce).where(col(ServiceNonce.expires_at) <= now))
+        old = s.get(ServiceNonce, nonce)
+        if old is not None and old.expires_at > now:
+            raise Unauthorized("replayed request: this nonce was used already")
+        if old is not None:
+            s.delete(old)  # expired: the timestamp check refuses its old request anyway
+            s.flush()
+        s.add(ServiceNonce(nonce=nonce, expires_at=until))
+        s.flush()  # a duplicate fails here, inside the caller's transaction
