@@ -231,6 +231,27 @@ def test_the_halt_guard_holds_for_the_service_and_the_halt_read_keeps_the_lease_
     assert c.call("POST", "/v1/accounts/acct-7/addresses", json={"count": 1}).status_code == 201
 
 
+def test_the_halt_read_before_the_framework_answers_as_the_framework_route(service: Service) -> None:
+    """A bodiless GET /v1/halt is answered in front of FastAPI (custody.service.halt_route); one
+    with a query or a body goes to FastAPI's route. Both check the signature and answer alike."""
+    c = service.client
+    fast, framework = c.call("GET", "/v1/halt"), c.call("GET", "/v1/halt?via=framework")
+    with_body = c.send(c.sign(c.prepare("GET", "/v1/halt", data=b"{}")))
+    for r in (fast, framework, with_body):
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    docs = [r.json() for r in (fast, framework, with_body)]
+    assert {json.dumps({k: d[k] for k in ("format", "version", "halted", "seq", "halts")}) for d in docs} == {
+        json.dumps({k: docs[0][k] for k in ("format", "version", "halted", "seq", "halts")})
+    }
+    for path in ("/v1/halt", "/v1/halt?via=framework"):
+        forged = c.sign(c.prepare("GET", path))
+        forged.headers["X-Custody-Signature"] = "00" * 32
+        refused = c.send(forged)
+        assert refused.status_code == 401 and refused.json()["error"]["exit_code"] == 4, refused.text
+        unsigned = requests.get(service.server.url + path, timeout=60)
+        assert unsigned.status_code == 401 and "unsigned" in unsigned.json()["error"]["message"]
+
+
 def test_serve_refuses_an_identity_that_could_approve_or_lift(service: Service) -> None:
     """A service identity with more than the request role never starts (exit 4)."""
     env = dict(service.shop.c.env)

@@ -56,6 +56,7 @@ from custody.service.console import console_router
 from custody.service.console_halt import halt_router
 from custody.service.console_request import request_router
 from custody.service.halt_read import HaltReader
+from custody.service.halt_route import HaltRoute
 from custody.service.metrics import CustodyCollector
 from custody.service.nonces import StoreNonces
 from custody.store.db import Database
@@ -209,7 +210,7 @@ _SIGNATURE = APIKeyHeader(
 async def _signed_target(request: Request) -> tuple[str, bytes]:
     """The request's target as signed (path and query, undecoded) and its body."""
     body = await request.body()
-    target = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+    target = (request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
     query = request.scope.get("query_string", b"")
     if query:
         target += "?" + query.decode("latin-1")
@@ -310,6 +311,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
         ),
     )
     app.state.verifier = verifier
+    app.add_middleware(  # inside LastDefence (added next): GET /v1/halt before the framework's work
+        HaltRoute,
+        reader=halt_reader,
+        verifier=verifier,
+        document=lambda state: halt_document(state, settings.halt_lease),
+        failure=lambda exc: (http_status(exc), error_body(exc)),
+    )
     _install_error_handlers(app)
 
     # After a state change, as after every CLI command: the log checked against the local witness
@@ -382,10 +390,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return deposit(db, outpoint)
 
     @v1.get("/halt", summary="The halt state (the halt file's contract)", response_model=None, responses=_OBJECT)
-    def halt() -> JSONResponse:
+    async def halt() -> JSONResponse:
         """Trade only while this answers 200, ``"halted": false`` and ``valid_until`` is in the future."""
-        # A response, not a dict: FastAPI would validate a dict in a second worker-thread hop.
-        return JSONResponse(halt_document(halt_reader.read(), settings.halt_lease))
+        # On the event loop: the reads of concurrent requests share one worker-thread hop (aread).
+        # A response, not a dict: FastAPI would validate a dict.
+        return JSONResponse(halt_document(await halt_reader.aread(), settings.halt_lease))
 
     @v1.get("/audit/head", summary="The audit log's head")
     def head() -> dict[str, Any]:

@@ -46,7 +46,7 @@ from sqlalchemy.exc import DBAPIError
 from custody.control import halt as halt_lib
 from custody.control.halt_log import _HALT_EVENTS, _ROSTER_EVENT
 from custody.errors import CustodyError, StorageError, StoreBusy
-from custody.service.coalesce import Coalesced
+from custody.service.coalesce import AsyncCoalesced, Coalesced
 from custody.store.db import Database
 from custody.store.light import READ_TIMEOUT, busy_message, is_busy, sqlite_file
 from custody.store.models import SCHEMA_VERSION
@@ -106,12 +106,18 @@ class HaltReader:
         self._own = _OwnConnection(self._file) if self._file is not None else None
         self._cached: _Derived | None = None
         self._shared = Coalesced(self._read)  # concurrent reads share one that began after each came
+        self._awaited = AsyncCoalesced(self._read)  # the same, for callers on the event loop
 
     def read(self) -> halt_lib.HaltState:
         """The halt state as :func:`custody.control.halt.read_state` gives it (halted, with
         ``error``, when it cannot be read; ``unknown`` when the store is locked elsewhere), read
         from the store after this call began."""
         return self._shared.call()
+
+    async def aread(self) -> halt_lib.HaltState:
+        """:meth:`read` for a caller on the event loop (one thread hop a read the callers share).
+        Use one of the two per reader: each runs one read at a time, not both together."""
+        return await self._awaited.call()
 
     def close(self) -> None:
         if self._own is not None:
