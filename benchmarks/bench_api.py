@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import secrets
 import statistics
 import subprocess
@@ -139,12 +140,31 @@ def hammer(port: int, clients: int, per_client: int, request: Callable[[Client, 
     return latencies
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process ``pid`` and of its live descendants (the workers),
+    from /proc: what the server spent, whatever the shared machine's load made the clock say."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return total
+
+
 def percentiles(xs: list[float]) -> tuple[float, float]:
     q = statistics.quantiles(xs, n=100, method="inclusive")
     return q[49] * 1000, q[98] * 1000
 
 
-def library_rate(count: int) -> float:
+def library_rate(count: int) -> tuple[float, float]:
+    """Addresses a second, and CPU seconds an address, of the library in process."""
     from custody.bitcoin.network import REGTEST
     from custody.bitcoin.script import ScriptType
     from custody.config import Settings
@@ -159,12 +179,12 @@ def library_rate(count: int) -> float:
         settings = Settings.load(home=tmp, env=ENV)
         db = Database(settings.db_url)
         create_store(db, settings, policy, fs)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for i in range(count):
             issue_addresses(db, settings, f"lib-{i % 50}", 1)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         db.dispose()
-    return count / elapsed
+    return count / elapsed, cpu / count
 
 
 def make_store(home: str) -> None:
@@ -280,14 +300,20 @@ def run(args: argparse.Namespace) -> None:
             hammer(bare_port, args.clients, 5, bare_read)  # warm both up
             hammer(port, args.clients, 5, halt_read)
             floor_latencies, halt_latencies = [], []
+            floor_cpu = halt_cpu = 0.0
             for _ in range(ROUNDS):  # interleaved: a change of the shared machine's load falls on both
+                cpu = cpu_seconds(bare.pid)
                 floor_latencies += hammer(bare_port, args.clients, args.reads // ROUNDS, bare_read)
+                floor_cpu += cpu_seconds(bare.pid) - cpu
+                cpu = cpu_seconds(custody.pid)
                 halt_latencies += hammer(port, args.clients, args.reads // ROUNDS, halt_read)
+                halt_cpu += cpu_seconds(custody.pid) - cpu
             floor_p50, floor_p99 = percentiles(floor_latencies)
             p50, p99 = percentiles(halt_latencies)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), cpu_seconds(custody.pid)
             hammer(port, args.clients, args.issues, issue)
             api_rate = len(answered) / (time.perf_counter() - start)
+            api_cpu = (cpu_seconds(custody.pid) - cpu) / max(len(answered), 1)
         finally:
             for proc in (bare, custody):
                 proc.terminate()
@@ -296,9 +322,9 @@ def run(args: argparse.Namespace) -> None:
     if args.postgres:  # the library's floor on a schema of its own
         with postgres_schema(args.postgres) as url:
             ENV["CUSTODY_DB_URL"] = url
-            lib_rate = library_rate(min(len(answered), 500))
+            lib_rate, lib_cpu = library_rate(min(len(answered), 500))
     else:
-        lib_rate = library_rate(min(len(answered), 500))
+        lib_rate, lib_cpu = library_rate(min(len(answered), 500))
     store = "PostgreSQL" if args.postgres else "SQLite"
 
     reads = args.clients * (args.reads // ROUNDS) * ROUNDS
@@ -306,9 +332,12 @@ def run(args: argparse.Namespace) -> None:
     print(f"halt read (signed), {reads} requests: p50 {p50:.1f} ms, p99 {p99:.1f} ms (target p99 < 50 ms)")
     print(f"floor: a bare FastAPI endpoint returning a constant: p50 {floor_p50:.1f} ms, p99 {floor_p99:.1f} ms")
     print(f"ratio to floor: p50 {p50 / floor_p50:.2f}x, p99 {p99 / floor_p99:.2f}x")
+    print(f"server CPU a read: {halt_cpu / reads * 1000:.2f} ms; the floor's: {floor_cpu / reads * 1000:.2f} ms")
     print(f"issuance through the API: {api_rate:,.0f} requests/s (one address each)")
     print(f"floor: the library's issue_addresses, one at a time in process: {lib_rate:,.0f}/s")
     print(f"ratio: the library is {lib_rate / api_rate:.2f}x the API's rate (target <= 2x)")
+    print(f"CPU an issuance: the server's {api_cpu * 1000:.1f} ms, the library's {lib_cpu * 1000:.1f} ms")
+    print(f"load: {os.getloadavg()[0]:.1f} (1-minute average, {os.cpu_count()} cores)")
     print(f"nothing lost or duplicated: {verdict}")
 
 

@@ -4,13 +4,14 @@ came must be in its answer), and callers that come together share one run."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from custody.service.coalesce import Coalesced
+from custody.service.coalesce import AsyncCoalesced, Coalesced
 
 
 def test_a_caller_never_gets_a_run_that_began_before_it_called() -> None:
@@ -58,3 +59,49 @@ def test_what_a_run_raises_every_caller_it_served_raises() -> None:
             with pytest.raises(RuntimeError, match="run"):
                 f.result(30)
     assert 1 <= calls <= 10
+
+
+def test_an_awaiting_caller_never_gets_a_run_that_began_before_it_called() -> None:
+    """AsyncCoalesced (the halt read on the event loop): as Coalesced, one thread hop a run."""
+    store = {"halted": False}
+    first_run_read = threading.Event()
+    release = threading.Event()
+    runs: list[bool] = []
+
+    def read() -> bool:
+        seen = store["halted"]
+        runs.append(seen)
+        if len(runs) == 1:
+            first_run_read.set()
+            assert release.wait(30)
+        return seen
+
+    async def scenario() -> tuple[bool, list[bool]]:
+        shared = AsyncCoalesced(read)
+        early = asyncio.ensure_future(shared.call())
+        assert await asyncio.to_thread(first_run_read.wait, 30)  # the first run read "running", still going
+        store["halted"] = True  # a halt raised now ...
+        late = [asyncio.ensure_future(shared.call()) for _ in range(6)]  # ... before these came
+        await asyncio.sleep(0.1)
+        abandoned = asyncio.ensure_future(shared.call())  # a caller that goes away ...
+        await asyncio.sleep(0)
+        abandoned.cancel()  # ... cancels nobody else's answer
+        release.set()
+        return await early, list(await asyncio.gather(*late))
+
+    early, late = asyncio.run(scenario())
+    assert early is False and late == [True] * 6
+    assert runs == [False, True], runs  # the six (and the one gone) shared the second run
+
+
+def test_what_an_awaited_run_raises_every_caller_it_served_raises() -> None:
+    def fail() -> None:
+        time.sleep(0.05)
+        raise RuntimeError("unreadable")
+
+    async def scenario() -> list[BaseException | None]:
+        shared = AsyncCoalesced(fail)
+        return list(await asyncio.gather(*(shared.call() for _ in range(10)), return_exceptions=True))
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(o, RuntimeError) for o in outcomes), outcomes

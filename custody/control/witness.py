@@ -104,15 +104,17 @@ class WitnessMismatch(HaltedError):
     """The store's audit log is shorter than, or diverges from, what the local witness saw."""
 
 
-def after_command(db: Database, settings: Settings) -> str | None:
-    """What every command does after its work: :func:`record` into the local witness file.
+def after_command(db: Database, settings: Settings, *, known: bool = False) -> str | None:
+    """What every command does after its work: :func:`record` into the local witness file
+    (``known``: the store is known to exist, as for ``custody serve``, which checked it when it
+    started: not looked for again; were it gone, the read fails and the warning says so).
 
     A log that disagrees with the witness raises the trading halt (unless one stands
     already) and then WitnessMismatch (exit 3). Returns a warning when the witness could
     not be read or written (the command's own work is committed all the same), else None.
     """
     try:
-        if not db.exists():
+        if not known and not db.exists():
             return None
         _, problems = record(db, settings.witness_file)
     except CustodyError as exc:

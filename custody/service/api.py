@@ -190,6 +190,13 @@ _OBJECT: dict[int | str, dict[str, Any]] = {
     200: {"description": "A JSON object", "content": {"application/json": {"schema": {"type": "object"}}}}
 }
 
+_OBJECTS: dict[int | str, dict[str, Any]] = {
+    201: {
+        "description": "A JSON array of objects",
+        "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}}},
+    }
+}
+
 _TIMESTAMP = APIKeyHeader(
     name=auth.TIMESTAMP,
     scheme_name="CustodyTimestamp",
@@ -322,15 +329,21 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     # After a state change, as after every CLI command: the log checked against the local witness
     # and its head appended. Concurrent requests share a check that began after each one's commit.
-    witnessed = Coalesced(lambda: witness.after_command(db, settings)).call
+    witnessed = Coalesced(lambda: witness.after_command(db, settings, known=True)).call
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(signed)])
     changes = APIRouter(prefix="/v1")  # signed too (signed_change), the nonce claimed with the change
 
-    @changes.post("/accounts/{account}/addresses", status_code=201, summary="Issue deposit addresses")
+    @changes.post(
+        "/accounts/{account}/addresses",
+        status_code=201,
+        summary="Issue deposit addresses",
+        response_model=None,
+        responses=_OBJECTS,
+    )
     def issue(
         account: Account, body: IssueBody, accepted: Annotated[auth.Accepted, Depends(signed_change)]
-    ) -> list[dict[str, Any]]:
+    ) -> JSONResponse:
         """Issue the next deposit address(es) for the account, each verified independently first."""
         with state_lock:
             issued = _claiming(
@@ -339,7 +352,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 lambda within: issue_addresses(db, settings, account, body.count, actor=config.identity, within=within),
             )
         witnessed()
-        return [a.to_dict() for a in issued]
+        # A response, not a list: FastAPI would validate a list in another worker-thread hop.
+        return JSONResponse([a.to_dict() for a in issued], status_code=201)
 
     @v1.get("/accounts/{account}/addresses", summary="An account's deposit addresses")
     def account_addresses(account: Account) -> list[dict[str, Any]]:

@@ -2,10 +2,11 @@
 
 Behind a load balancer a replayed request may reach another instance than the first; a
 nonce remembered in one process's memory would not stop it there. Each accepted nonce is
-inserted into ``service_nonce`` (its primary key) in a transaction of its own: a second
-insert of the same nonce, by this instance or any other, fails on the key and the request
-is refused as replayed. Rows are deleted once expired (twice the window after acceptance),
-every :data:`SWEEP_EVERY` claims of a process.
+inserted into ``service_nonce`` (its primary key), in the transaction of the state change it
+came with (an issuance: one commit for both, neither without the other) or in one of its own:
+the same nonce inserted by this instance or any other finds its row and the request is refused
+as replayed. Rows are deleted once expired (twice the window after acceptance), every
+:data:`SWEEP_EVERY` claims of a process.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import itertools
 import threading
 
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete
 
@@ -50,11 +52,15 @@ class StoreNonces:
             sweep = next(self._count) % SWEEP_EVERY == 0
         if sweep:
             s.exec(delete(ServiceNonce).where(col(ServiceNonce.expires_at) <= now))
-        old = s.get(ServiceNonce, nonce)
-        if old is not None and old.expires_at > now:
+        # One statement: inserted, or an expired row of the same nonce taken over; a live one
+        # stays and nothing comes back (the timestamp check refuses an expired one's request).
+        taken = s.execute(_CLAIM, {"nonce": nonce, "until": until, "now": now}).first()
+        if taken is None:
             raise Unauthorized("replayed request: this nonce was used already")
-        if old is not None:
-            s.delete(old)  # expired: the timestamp check refuses its old request anyway
-            s.flush()
-        s.add(ServiceNonce(nonce=nonce, expires_at=until))
-        s.flush()  # a duplicate fails here, inside the caller's transaction
+
+
+_CLAIM = text(
+    "INSERT INTO service_nonce (nonce, expires_at) VALUES (:nonce, :until) "
+    "ON CONFLICT (nonce) DO UPDATE SET expires_at = excluded.expires_at "
+    "WHERE service_nonce.expires_at <= :now RETURNING nonce"
+)
