@@ -14,25 +14,32 @@ import pytest
 from custody.service.coalesce import AsyncCoalesced, Coalesced
 
 
-def test_a_caller_never_gets_a_run_that_began_before_it_called() -> None:
-    store = {"halted": False}
-    first_run_read = threading.Event()
-    release = threading.Event()
-    runs = []
+class HeldStore:
+    """A store whose first read holds until released, remembering what each read saw."""
 
-    def read() -> bool:
-        seen = store["halted"]
-        runs.append(seen)
-        if len(runs) == 1:
-            first_run_read.set()
-            assert release.wait(30)
+    def __init__(self) -> None:
+        self.halted = False
+        self.first_run_read = threading.Event()
+        self.release = threading.Event()
+        self.runs: list[bool] = []
+
+    def read(self) -> bool:
+        seen = self.halted
+        self.runs.append(seen)
+        if len(self.runs) == 1:
+            self.first_run_read.set()
+            assert self.release.wait(30)
         return seen
 
-    shared = Coalesced(read)
+
+def test_a_caller_never_gets_a_run_that_began_before_it_called() -> None:
+    store = HeldStore()
+    first_run_read, release, runs = store.first_run_read, store.release, store.runs
+    shared = Coalesced(store.read)
     with ThreadPoolExecutor(8) as pool:
         early = pool.submit(shared.call)
         assert first_run_read.wait(30)  # the first run has read "running" and is still going
-        store["halted"] = True  # a halt raised now ...
+        store.halted = True  # a halt raised now ...
         late = [pool.submit(shared.call) for _ in range(6)]  # ... before these came
         time.sleep(0.2)  # let them wait behind the first run
         release.set()
@@ -63,24 +70,14 @@ def test_what_a_run_raises_every_caller_it_served_raises() -> None:
 
 def test_an_awaiting_caller_never_gets_a_run_that_began_before_it_called() -> None:
     """AsyncCoalesced (the halt read on the event loop): as Coalesced, one thread hop a run."""
-    store = {"halted": False}
-    first_run_read = threading.Event()
-    release = threading.Event()
-    runs: list[bool] = []
-
-    def read() -> bool:
-        seen = store["halted"]
-        runs.append(seen)
-        if len(runs) == 1:
-            first_run_read.set()
-            assert release.wait(30)
-        return seen
+    store = HeldStore()
+    first_run_read, release, runs = store.first_run_read, store.release, store.runs
 
     async def scenario() -> tuple[bool, list[bool]]:
-        shared = AsyncCoalesced(read)
+        shared = AsyncCoalesced(store.read)
         early = asyncio.ensure_future(shared.call())
         assert await asyncio.to_thread(first_run_read.wait, 30)  # the first run read "running", still going
-        store["halted"] = True  # a halt raised now ...
+        store.halted = True  # a halt raised now ...
         late = [asyncio.ensure_future(shared.call()) for _ in range(6)]  # ... before these came
         await asyncio.sleep(0.1)
         abandoned = asyncio.ensure_future(shared.call())  # a caller that goes away ...
