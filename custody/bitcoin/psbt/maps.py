@@ -350,45 +350,36 @@ def _record(key: bytes, value: bytes) -> bytes:
     return ser_compact_size(len(key)) + key + ser_compact_size(len(value)) + value
 
 
-def _read_map(r: _Reader, scope: str) -> list[tuple[int, bytes, bytes, bytes]]:
-    """Read one map up to its 0x00 separator: (key type, key data, whole key, value) records.
+def _read_chunk(r: _Reader, pos: int, scope: str, name: str) -> tuple[bytes, int]:
+    """The length-prefixed ``name`` (key or value) of a map record at ``pos``, and the position
+    after it. A one-byte compact size (every length below 253) is read inline; the others, and
+    every overrun, go through :class:`_Reader`, whose checks and messages they keep."""
+    data = r.data
+    if pos < len(data) and data[pos] < 0xFD:
+        n = data[pos]
+        pos += 1
+    else:
+        r.pos = pos
+        n = r.compact_size(f"{scope} map: {name} length")
+        pos = r.pos
+    end = pos + n
+    if end > len(data):
+        r.pos = pos
+        r.read(n, f"{scope} map: {name}")  # raises: truncated
+    return data[pos:end], end
 
-    One-byte compact sizes (every length below 253) are read inline; the others, and every
-    overrun, go through :class:`_Reader`, whose checks and messages they keep.
-    """
+
+def _read_map(r: _Reader, scope: str) -> list[tuple[int, bytes, bytes, bytes]]:
+    """Read one map up to its 0x00 separator: (key type, key data, whole key, value) records."""
     records: list[tuple[int, bytes, bytes, bytes]] = []
     seen: set[bytes] = set()
-    data = r.data
-    size = len(data)
     pos = r.pos
     while True:
-        if pos < size and data[pos] < 0xFD:
-            keylen = data[pos]
-            pos += 1
-        else:
-            r.pos = pos
-            keylen = r.compact_size(f"{scope} map: key length")
-            pos = r.pos
-        if keylen == 0:
+        key, pos = _read_chunk(r, pos, scope, "key")
+        if not key:
             r.pos = pos
             return records
-        if pos + keylen > size:
-            r.pos = pos
-            r.read(keylen, f"{scope} map: key")  # raises: truncated
-        key = data[pos : pos + keylen]
-        pos += keylen
-        if pos < size and data[pos] < 0xFD:
-            valuelen = data[pos]
-            pos += 1
-        else:
-            r.pos = pos
-            valuelen = r.compact_size(f"{scope} map: value length")
-            pos = r.pos
-        if pos + valuelen > size:
-            r.pos = pos
-            r.read(valuelen, f"{scope} map: value")  # raises: truncated
-        value = data[pos : pos + valuelen]
-        pos += valuelen
+        value, pos = _read_chunk(r, pos, scope, "value")
         if key in seen:
             raise InputError(f"{scope}: duplicate key {key.hex()}")
         seen.add(key)
