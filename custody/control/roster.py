@@ -11,7 +11,7 @@ before); the online machine can propose, never enrol.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -336,23 +336,28 @@ def propose(db: Database, settings: Settings, changes: Sequence[Change], actor: 
 
 def discard_proposal(db: Database, actor: str = "operator") -> Roster:
     """Drop the open proposal (it enrolled nobody). Raises NotFound."""
-    db.check_schema()
-    with db.transaction() as s:
-        row = open_proposal(s)
-        if row is None:
-            raise NotFound("no roster proposal is open")
-        return discard_row(s, row, load_roster(row.document.encode()), actor)
+    return discard_open(db, "roster", open_proposal, load_roster, actor)
 
 
 D = TypeVar("D", bound=FoundersDocument)
+P = TypeVar("P", RosterProposal, RulebookProposal)
 
 
-def discard_row(s: Session, row: RosterProposal | RulebookProposal, dropped: D, actor: str) -> D:
-    """Mark a proposal row discarded, in the audit log too (``<kind>.discarded``)."""
-    row.status = "discarded"
-    s.add(row)
-    audit_log.append(s, f"{dropped.KIND}.discarded", actor, {"serial": dropped.serial, "digest": dropped.digest})
-    return dropped
+def discard_open(
+    db: Database, kind: str, find: Callable[[Session], P | None], load: Callable[[bytes], D], actor: str
+) -> D:
+    """Drop the open ``kind`` proposal (``find`` finds its row, ``load`` reads its document):
+    the row marked discarded, in the audit log too (``<kind>.discarded``). Raises NotFound."""
+    db.check_schema()
+    with db.transaction() as s:
+        row = find(s)
+        if row is None:
+            raise NotFound(f"no {kind} proposal is open")
+        dropped = load(row.document.encode())
+        row.status = "discarded"
+        s.add(row)
+        audit_log.append(s, f"{dropped.KIND}.discarded", actor, {"serial": dropped.serial, "digest": dropped.digest})
+        return dropped
 
 
 def proposal(db: Database) -> Roster:

@@ -24,7 +24,7 @@ from custody.chain.types import ChainBackend
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log
-from custody.control.roster import Trust, discard_row, load_trust, store_trust
+from custody.control.roster import Trust, discard_open, load_trust, store_trust
 from custody.errors import ApprovalError, Conflict, InputError, NotFound, VerificationFailed
 from custody.identity.rulebook import DEFAULT_RULES, RULE_FIELDS, Rulebook, Rules, load_rulebook, parse_rules
 from custody.identity.rulebook_chain import check_chain, earliest_effective, loosened, rulebook_at, successor_problems
@@ -246,12 +246,7 @@ def export_document(db: Database, settings: Settings, current: bool = False) -> 
 
 def discard(db: Database, actor: str = "operator") -> Rulebook:
     """Drop the open proposal (it was never in force). Raises NotFound."""
-    db.check_schema()
-    with db.transaction() as s:
-        row = _open(s)
-        if row is None:
-            raise NotFound("no rulebook proposal is open")
-        return discard_row(s, row, load_rulebook(row.document.encode()), actor)
+    return discard_open(db, "rulebook", _open, load_rulebook, actor)
 
 
 def _was_proposed(s: Session, digest: str) -> bool:
