@@ -14,14 +14,7 @@ from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
 from custody_cli.helptext import SummaryGroup
 
-
-@click.group("verify", cls=SummaryGroup)
-def verify_group() -> None:
-    """Independent verification (auditors)."""
-
-
-@verify_group.command("addresses")
-@click.option(
+manifests_option = click.option(
     "--manifest",
     "manifest_files",
     required=True,
@@ -30,6 +23,15 @@ def verify_group() -> None:
     help="The founders' key manifest the auditors hold; after a key rotation, repeat it: the first "
     "manifest, then each rotation manifest, in order.",
 )
+
+
+@click.group("verify", cls=SummaryGroup)
+def verify_group() -> None:
+    """Independent verification (auditors)."""
+
+
+@verify_group.command("addresses")
+@manifests_option
 @click.option(
     "--export",
     "export_file",
@@ -105,15 +107,7 @@ COMMANDS = [verify_group]
 
 @verify_group.command("reserves")
 @click.argument("proof", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--manifest",
-    "manifest_files",
-    required=True,
-    multiple=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The founders' key manifest the auditors hold; after a key rotation, repeat it: the first "
-    "manifest, then each rotation manifest, in order.",
-)
+@manifests_option
 @json_option
 @example("custody verify reserves reserves.yaml --manifest founders.json")
 def verify_reserves(proof: Path, manifest_files: tuple[Path, ...], as_json: bool) -> None:
