@@ -31,7 +31,7 @@ from custody_cli.context import (
     pass_app,
     passphrase_options,
 )
-from custody_cli.documents import confirm, read_manifest_file, write_new, yes_option
+from custody_cli.documents import confirm, founder_pairs, read_manifest_file, show_founders, write_new, yes_option
 from custody_cli.helptext import SummaryGroup
 
 
@@ -78,13 +78,7 @@ def _show(v: dict[str, Any], as_json: bool) -> None:
             ("approved by", f"{', '.join(v['approved_by']) or 'nobody'} (needs {v['approvals_needed']})"),
         ],
     )
-    output.table(
-        "New founders",
-        ["name", "signed", "account xpub"],
-        [(f["name"], "yes" if f["signed"] else "NO", f["xpub"]) for f in v["founders"]],
-    )
-    for p in v["problems"]:
-        output.warning(p)
+    show_founders("New founders", v)
 
 
 @rotate.command("draft")
@@ -103,15 +97,9 @@ def rotate_draft(
     It carries over the store's roster and rulebook in force: they stay in force until the new
     founders sign the next ones, and nothing the old founders sign after them counts."""
     current = epochs.pinned_chain(app.settings)[-1]
-    pairs = []
-    for text in founders:
-        name, sep, key = text.partition("=")
-        if not sep or not name or not key:
-            raise InputError(f"--founder takes NAME=XPUB, got {text[:40]!r}")
-        pairs.append((name, key))
     st = parse_script_type(script_type) if script_type else current.policy.script_type
     carried = epochs.draft_carries(app.db)  # the roster and rulebook in force stay until the new founders sign
-    m = draft_rotation(current, make_policy(current.policy.network, threshold, st, pairs), carried)
+    m = draft_rotation(current, make_policy(current.policy.network, threshold, st, founder_pairs(founders)), carried)
     write_new(out_file, json.dumps(m.to_document(), indent=2) + "\n")
     if as_json:
         output.emit_json(_view(m, current) | {"file": str(out_file)})

@@ -43,8 +43,10 @@ from custody_cli.documents import (
     ToSign,
     add_document_commands,
     confirm,
+    founder_pairs,
     read_file,
     read_manifest_file,
+    show_founders,
     write_new,
     yes_option,
 )
@@ -79,13 +81,7 @@ def _show_manifest(m: SignedManifest, as_json: bool) -> None:
             ("script type", v["script_type"]),
         ],
     )
-    output.table(
-        "Founders",
-        ["name", "signed", "account xpub"],
-        [(f["name"], "yes" if f["signed"] else "NO", f["xpub"]) for f in v["founders"]],
-    )
-    for p in v["problems"]:
-        output.warning(p)
+    show_founders("Founders", v)
 
 
 @click.group(cls=SummaryGroup)
@@ -169,13 +165,9 @@ def manifest_draft(
     else:
         if tokens:
             raise InputError("--token is for encrypted BSMS records read with --from")
-        pairs = []
-        for text in founders:
-            name, sep, key = text.partition("=")
-            if not sep or not name or not key:
-                raise InputError(f"--founder takes NAME=XPUB, got {text[:40]!r}")
-            pairs.append((name, key))
-        policy = make_policy(net, 2 if threshold is None else threshold, st or ScriptType.P2WSH, pairs)
+        policy = make_policy(
+            net, 2 if threshold is None else threshold, st or ScriptType.P2WSH, founder_pairs(founders)
+        )
     _check_origins(policy, allow_nonstandard_path)
     m = unsigned(policy)
     write_new(out_file, json.dumps(m.to_document(), indent=2) + "\n")

@@ -69,6 +69,28 @@ def confirm(question: str, yes: bool) -> None:
         raise InputError("not confirmed; nothing was signed")
 
 
+def show_founders(title: str, v: dict[str, Any]) -> None:
+    """The founders of a manifest's view (who signed, their keys), then its problems."""
+    output.table(
+        title,
+        ["name", "signed", "account xpub"],
+        [(f["name"], "yes" if f["signed"] else "NO", f["xpub"]) for f in v["founders"]],
+    )
+    for p in v["problems"]:
+        output.warning(p)
+
+
+def founder_pairs(founders: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``--founder NAME=XPUB`` options as (name, key) pairs. Raises InputError."""
+    pairs = []
+    for text in founders:
+        name, sep, key = text.partition("=")
+        if not sep or not name or not key:
+            raise InputError(f"--founder takes NAME=XPUB, got {text[:40]!r}")
+        pairs.append((name, key))
+    return pairs
+
+
 def signing_founder(pinned: roster_lib.Trust, key: FounderKey) -> str:
     """The pinned manifest's founder whose account key ``key`` is. Raises InputError."""
     newest = pinned.newest.policy  # after a key rotation, only the newest founders sign
