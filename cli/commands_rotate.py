@@ -21,11 +21,11 @@ from custody.policy.rotation import approve_rotation, approvers, draft_rotation,
 from custody_cli import output
 from custody_cli.context import (
     AppContext,
-    KeyRef,
+    Who,
+    acting_options,
     example,
     founder_key,
     founder_key_option,
-    identity_options,
     json_option,
     out_file_option,
     pass_app,
@@ -205,18 +205,9 @@ def rotate_show(app: AppContext, as_json: bool) -> None:
 
 @rotate.command("sweep")
 @click.option("--fee-rate", help="Fee rate in sat/vB (default CUSTODY_FEE_RATE or 2).")
-@identity_options
-@json_option
-@pass_app
+@acting_options
 @example("custody rotate sweep --as carol --key carol.key")
-def rotate_sweep(
-    app: AppContext,
-    fee_rate: str | None,
-    employee: str,
-    key_file: KeyRef,
-    passphrase_file: Path | None,
-    as_json: bool,
-) -> None:
+def rotate_sweep(app: AppContext, fee_rate: str | None, who: Who, as_json: bool) -> None:
     """Request the next sweep: the oldest policy's coins to a fresh address of the newest one, in
     one self-transfer that then takes the withdrawal's path (`withdraw approve` by two employees,
     `sign` by the OLD policy's founders, `withdraw import/finalize/broadcast`, `sync`)."""
@@ -226,7 +217,7 @@ def rotate_sweep(
     request_row(
         app,
         sweep.propose_sweep,
-        who=(employee, key_file, passphrase_file),
+        who=who,
         as_json=as_json,
         title=lambda d: f"Sweep #{d['id']}",
         actor="requester",

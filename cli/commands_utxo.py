@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from custody.withdraw import utxo as utxo_lib
 from custody_cli import output
 from custody_cli.commands_withdraw import chain_backend, request_row
-from custody_cli.context import AppContext, KeyRef, example, identity_options, json_option, pass_app
+from custody_cli.context import (
+    AppContext,
+    Who,
+    acting_options,
+    example,
+    json_option,
+    pass_app,
+)
 from custody_cli.helptext import SummaryGroup
 
 
@@ -39,19 +44,9 @@ def utxo_list(app: AppContext, as_json: bool) -> None:
 @utxo.command("consolidate")
 @click.option("--max-inputs", type=click.IntRange(2), default=500, show_default=True, help="The most coins to merge.")
 @click.option("--fee-rate", help="Fee rate in sat/vB (default CUSTODY_FEE_RATE or 2).")
-@identity_options
-@json_option
-@pass_app
+@acting_options
 @example("custody utxo consolidate --max-inputs 300 --fee-rate 1 --as carol --key carol.key")
-def utxo_consolidate(
-    app: AppContext,
-    max_inputs: int,
-    fee_rate: str | None,
-    employee: str,
-    key_file: KeyRef,
-    passphrase_file: Path | None,
-    as_json: bool,
-) -> None:
+def utxo_consolidate(app: AppContext, max_inputs: int, fee_rate: str | None, who: Who, as_json: bool) -> None:
     """Request a consolidation: the smallest coins worth spending into one fresh change
     address, the transaction standard (weight under 400,000) and within the fee caps. Approve
     (the rulebook's self_transfer rule), export, sign, import, finalize and broadcast it by its id.
@@ -59,7 +54,7 @@ def utxo_consolidate(
     request_row(
         app,
         utxo_lib.consolidate,
-        who=(employee, key_file, passphrase_file),
+        who=who,
         as_json=as_json,
         title=lambda d: f"Consolidation #{d['id']} of {len(d['inputs'])} coins",
         fee_rate=fee_rate,

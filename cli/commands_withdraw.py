@@ -34,6 +34,8 @@ from custody_cli import listing, output
 from custody_cli.context import (
     AppContext,
     KeyRef,
+    Who,
+    acting_options,
     employee_key,
     example,
     founder_key,
@@ -136,7 +138,7 @@ def request_row(
     app: AppContext,
     call: Callable[..., dict[str, Any]],
     *args: Any,
-    who: tuple[str, KeyRef, Path | None],
+    who: Who,
     as_json: bool,
     title: Callable[[dict[str, Any]], str] | None = None,
     actor: str = "actor",
@@ -171,26 +173,16 @@ def withdraw() -> None:
 @click.option("--to", "destination", required=True, help="Destination address (of the policy's network).")
 @click.option("--amount", required=True, help="Amount in BTC, exactly (at most 8 decimals).")
 @click.option("--fee-rate", help="Fee rate in sat/vB (default CUSTODY_FEE_RATE or 2).")
-@identity_options
-@json_option
-@pass_app
+@acting_options
 @example("custody withdraw request --account alice --to bcrt1q... --amount 0.015 --as carol --key carol.key")
 def withdraw_request(
-    app: AppContext,
-    account: str,
-    destination: str,
-    amount: str,
-    fee_rate: str | None,
-    employee: str,
-    key_file: KeyRef,
-    passphrase_file: Path | None,
-    as_json: bool,
+    app: AppContext, account: str, destination: str, amount: str, fee_rate: str | None, who: Who, as_json: bool
 ) -> None:
     """Request a withdrawal: coins selected, change to a fresh verified address, inputs reserved."""
     request_row(
         app,
         wd.request_withdrawal,
-        who=(employee, key_file, passphrase_file),
+        who=who,
         as_json=as_json,
         actor="requester",
         account=account,
@@ -321,19 +313,10 @@ def withdraw_broadcast(app: AppContext, withdrawal_id: int, as_json: bool) -> No
 @click.argument("withdrawal_id", type=int)
 @click.option("--reason", required=True, help="Why the withdrawal is cancelled.")
 @click.option("--fee-rate", help="A signed withdrawal's cancel: its fee rate in sat/vB (default CUSTODY_FEE_RATE).")
-@identity_options
-@json_option
-@pass_app
+@acting_options
 @example("custody withdraw cancel 1 --reason 'customer asked' --as alice --key alice.key")
 def withdraw_cancel(
-    app: AppContext,
-    withdrawal_id: int,
-    reason: str,
-    fee_rate: str | None,
-    employee: str,
-    key_file: KeyRef,
-    passphrase_file: Path | None,
-    as_json: bool,
+    app: AppContext, withdrawal_id: int, reason: str, fee_rate: str | None, who: Who, as_json: bool
 ) -> None:
     """Cancel a withdrawal. Without founders' signatures: failed at once, its inputs and hold
     released. With them (signed, broadcast, or refused by the node): a self-transfer of its
@@ -345,7 +328,7 @@ def withdraw_cancel(
         app,
         replace.cancel,
         withdrawal_id,
-        who=(employee, key_file, passphrase_file),
+        who=who,
         as_json=as_json,
         reason=reason,
         fee_rate=fee_rate,
@@ -355,61 +338,33 @@ def withdraw_cancel(
 @withdraw.command("bump")
 @click.argument("withdrawal_id", type=int)
 @click.option("--fee-rate", required=True, help="The replacement's fee rate in sat/vB.")
-@identity_options
-@json_option
-@pass_app
+@acting_options
 @example("custody withdraw bump 1 --fee-rate 20 --as carol --key carol.key")
-def withdraw_bump(
-    app: AppContext,
-    withdrawal_id: int,
-    fee_rate: str,
-    employee: str,
-    key_file: KeyRef,
-    passphrase_file: Path | None,
-    as_json: bool,
-) -> None:
+def withdraw_bump(app: AppContext, withdrawal_id: int, fee_rate: str, who: Who, as_json: bool) -> None:
     """Request a fee bump (RBF) of a signed withdrawal: the same destinations and amounts, the
     extra fee taken from change. It gets an id of its own to approve (the rulebook's bump rule),
     export, sign, import, finalize and broadcast; custody sync follows whichever version confirms.
     """
-    request_row(
-        app, replace.bump, withdrawal_id, who=(employee, key_file, passphrase_file), as_json=as_json, fee_rate=fee_rate
-    )
+    request_row(app, replace.bump, withdrawal_id, who=who, as_json=as_json, fee_rate=fee_rate)
 
 
 @withdraw.command("cpfp")
 @click.argument("withdrawal_id", type=int)
 @click.option("--fee-rate", required=True, help="The fee rate in sat/vB the transaction and its child pay together.")
-@identity_options
-@json_option
-@pass_app
+@acting_options
 @example("custody withdraw cpfp 1 --fee-rate 20 --as carol --key carol.key")
-def withdraw_cpfp(
-    app: AppContext,
-    withdrawal_id: int,
-    fee_rate: str,
-    employee: str,
-    key_file: KeyRef,
-    passphrase_file: Path | None,
-    as_json: bool,
-) -> None:
+def withdraw_cpfp(app: AppContext, withdrawal_id: int, fee_rate: str, who: Who, as_json: bool) -> None:
     """Request a child paying for a broadcast withdrawal (CPFP), when a bump is not possible:
     a self-transfer of its change to a fresh change address, approved and signed like a
     withdrawal, whose fee lifts both to --fee-rate."""
-    request_row(
-        app, replace.cpfp, withdrawal_id, who=(employee, key_file, passphrase_file), as_json=as_json, fee_rate=fee_rate
-    )
+    request_row(app, replace.cpfp, withdrawal_id, who=who, as_json=as_json, fee_rate=fee_rate)
 
 
 @withdraw.command("batch")
 @click.option("--fee-rate", help="Fee rate in sat/vB for the batch (default CUSTODY_FEE_RATE or 2).")
-@identity_options
-@json_option
-@pass_app
+@acting_options
 @example("custody withdraw batch --as alice --key alice.key")
-def withdraw_batch(
-    app: AppContext, fee_rate: str | None, employee: str, key_file: KeyRef, passphrase_file: Path | None, as_json: bool
-) -> None:
+def withdraw_batch(app: AppContext, fee_rate: str | None, who: Who, as_json: bool) -> None:
     """Put every approved, unsigned withdrawal into one transaction (the daily batch).
 
     Its approvals are the union of its members'; sign, import, finalize and broadcast
@@ -418,7 +373,7 @@ def withdraw_batch(
     request_row(
         app,
         wd_batch.create_batch,
-        who=(employee, key_file, passphrase_file),
+        who=who,
         as_json=as_json,
         title=lambda d: f"Batch #{d['id']} of withdrawals {', '.join(map(str, d['members']))}",
         fee_rate=fee_rate,

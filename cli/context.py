@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Callable
@@ -177,6 +178,23 @@ def identity_options(f: F) -> F:
     )(f)
     f = click.option("--as", "employee", required=True, help="The acting employee's name.")(f)
     return f
+
+
+Who = tuple[str, KeyRef, Path | None]
+"""The acting employee: ``--as``, ``--key`` and ``--passphrase-file``."""
+
+
+def acting_options(f: Callable[..., None]) -> Callable[..., None]:
+    """:func:`identity_options`, ``--json`` and the app (passed first) of a command that acts
+    as an employee: it takes the identity as one ``who`` (:data:`Who`) and ``as_json``."""
+
+    @functools.wraps(f)
+    def command(
+        app: AppContext, /, *args: Any, employee: str, key_file: KeyRef, passphrase_file: Path | None, **kwargs: Any
+    ) -> None:
+        f(app, *args, who=(employee, key_file, passphrase_file), **kwargs)
+
+    return identity_options(json_option(pass_app(command)))
 
 
 def employee_key(key_file: KeyRef, passphrase_file: Path | None) -> FileSigner | Pkcs11Signer:
