@@ -18,7 +18,7 @@ from custody.control import witness as witness_lib
 from custody.control.wallet import load_policy
 from custody.errors import HaltedError
 from custody_cli import listing, output
-from custody_cli.context import AppContext, example, json_option, pass_app
+from custody_cli.context import AppContext, example, json_option, out_file_option, pass_app
 from custody_cli.helptext import SummaryGroup
 
 
@@ -116,9 +116,7 @@ def audit_reserves(app: AppContext, proof: Path | None, height: int | None, as_j
 
 
 @audit.command("liabilities")
-@click.option(
-    "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The tree to publish."
-)
+@out_file_option("The tree to publish.")
 @click.option(
     "--nonces",
     "nonces_dir",
@@ -129,7 +127,7 @@ def audit_reserves(app: AppContext, proof: Path | None, height: int | None, as_j
 @json_option
 @pass_app
 @example("custody audit liabilities --out liabilities.txt --nonces ./nonces")
-def audit_liabilities(app: AppContext, out: Path, nonces_dir: Path, as_json: bool) -> None:
+def audit_liabilities(app: AppContext, out_file: Path, nonces_dir: Path, as_json: bool) -> None:
     """Write the proof of liabilities at the chain's tip, in BitMEX's format.
 
     Publish OUT. Each balance is split into random parts and blinded with its account's
@@ -137,7 +135,7 @@ def audit_liabilities(app: AppContext, out: Path, nonces_dir: Path, as_json: boo
     directory: a nonce file that goes missing or changes is refused. Format: docs/FORMATS.md.
     """
     backend = backend_for(app.settings, load_policy(app.db).network.name)
-    data = audit_lib.write_liabilities(app.db, backend, out, nonces_dir)
+    data = audit_lib.write_liabilities(app.db, backend, out_file, nonces_dir)
     if as_json:
         output.emit_json(data)
         return
@@ -274,23 +272,17 @@ def _on(origin: dict[str, Any] | None) -> str:
 
 
 @audit_log_command.command("checkpoint")
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The checkpoint file to append to (JSON Lines; created when missing).",
-)
+@out_file_option("The checkpoint file to append to (JSON Lines; created when missing).")
 @json_option
 @pass_app
 @example("custody audit log checkpoint --out /media/auditor/custody-checkpoints.jsonl")
-def audit_log_checkpoint(app: AppContext, out: Path, as_json: bool) -> None:
+def audit_log_checkpoint(app: AppContext, out_file: Path, as_json: bool) -> None:
     """Append the log's head (sequence and hash) to a checkpoint file kept outside the store.
 
     Keep the file where the online machine cannot change it; later, `custody audit log
     --verify --against FILE` finds a log that was truncated or rewritten since.
     """
-    data = witness_lib.checkpoint(app.db, out)
+    data = witness_lib.checkpoint(app.db, out_file)
     if as_json:
         output.emit_json(data)
         return

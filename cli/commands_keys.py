@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from custody.bitcoin.network import NETWORKS, get_network
-from custody.bitcoin.script import ScriptType, parse_script_type
+from custody.bitcoin.script import parse_script_type
 from custody.control import roster as roster_lib
 from custody.errors import Conflict, InputError
 from custody.files import read_bounded
@@ -27,24 +27,20 @@ from custody_cli.context import (
     example,
     identity_options,
     json_option,
+    out_file_option,
     pass_app,
     passphrase_options,
     pin_file_option,
     read_passphrase,
     read_pin,
+    script_type_option,
 )
 from custody_cli.helptext import SummaryGroup
 
 
 @click.command()
 @click.argument("name")
-@click.option(
-    "--out",
-    "out_file",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write the encrypted key file (never overwritten).",
-)
+@out_file_option("Where to write the encrypted key file (never overwritten).")
 @click.option(
     "--network",
     default="regtest",
@@ -52,14 +48,8 @@ from custody_cli.helptext import SummaryGroup
     type=click.Choice(list(NETWORKS)),
     help="The network the key is for.",
 )
-@click.option(
-    "--script",
-    "script_type",
-    default="p2wsh",
-    show_default=True,
-    type=click.Choice([t.value for t in ScriptType]),
-    help="Script type of the account key: m/48'/coin'/0'/2' for p2wsh, /1' for p2sh-p2wsh (BIP-48), "
-    "m/45' for p2sh (BIP-45).",
+@script_type_option(
+    "Script type of the account key: m/48'/coin'/0'/2' for p2wsh, /1' for p2sh-p2wsh (BIP-48), m/45' for p2sh (BIP-45)."
 )
 @click.option(
     "--mnemonic",

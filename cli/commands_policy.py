@@ -16,7 +16,7 @@ from custody.policy.manifest import write_manifest
 from custody.policy.origins import origin_problem
 from custody.policy.setupfiles import FORMATS, descriptor_text, export_policy
 from custody_cli import output
-from custody_cli.context import AppContext, example, json_option, pass_app
+from custody_cli.context import AppContext, example, json_option, out_file_option, pass_app
 from custody_cli.documents import read_manifest_file
 from custody_cli.helptext import SummaryGroup
 
@@ -149,13 +149,7 @@ def policy_export(app: AppContext, fmt: str, out_file: str, name: str) -> None:
 
 
 @policy.command("manifest")
-@click.option(
-    "--out",
-    "out_file",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write the manifest (not overwritten).",
-)
+@out_file_option("Where to write the manifest (not overwritten).")
 @pass_app
 @example("custody policy manifest --out founders.json")
 def policy_manifest(app: AppContext, out_file: Path) -> None:

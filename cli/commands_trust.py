@@ -35,6 +35,7 @@ from custody_cli.context import (
     founder_key,
     founder_key_option,
     json_option,
+    out_file_option,
     pass_app,
     passphrase_options,
 )
@@ -116,13 +117,7 @@ def manifest() -> None:
     ),
 )
 @click.option("--token", "tokens", multiple=True, metavar="HEX", help="The BSMS session token of encrypted records.")
-@click.option(
-    "--out",
-    "out_file",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write the unsigned manifest (never overwritten).",
-)
+@out_file_option("Where to write the unsigned manifest (never overwritten).")
 @click.option(
     "--allow-nonstandard-path",
     is_flag=True,

@@ -231,6 +231,20 @@ def out_file_option(help: str) -> Callable[[F], F]:
     return click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path), help=help)
 
 
+def script_type_option(help: str) -> Callable[[F], F]:
+    """``--script TYPE`` (default p2wsh): how a policy's multisig script is wrapped."""
+    from custody.bitcoin.script import ScriptType  # here: the commands without the option never load it
+
+    return click.option(
+        "--script",
+        "script_type",
+        default="p2wsh",
+        show_default=True,
+        type=click.Choice([t.value for t in ScriptType]),
+        help=help,
+    )
+
+
 def founder_key_option(f: F) -> F:
     """``--key FILE``: a founder's encrypted key file (founders sign offline, never on a token here)."""
     return click.option(

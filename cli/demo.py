@@ -12,10 +12,10 @@ from typing import Any
 
 import click
 
-from custody.bitcoin.script import ScriptType, parse_script_type
+from custody.bitcoin.script import parse_script_type
 from custody.demo import PASSPHRASE, Story, fresh_directory
 from custody_cli import output
-from custody_cli.context import example
+from custody_cli.context import example, script_type_option
 
 WIDTH = 120  # the demo fits two screens of a 120x40 terminal; --verbose shows everything
 
@@ -240,14 +240,7 @@ def _where(where: dict[str, Path | str]) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Where to put the demo's data (default: a new ./custody-demo/RUN directory).",
 )
-@click.option(
-    "--script",
-    "script_type",
-    default="p2wsh",
-    show_default=True,
-    type=click.Choice([t.value for t in ScriptType]),
-    help="Script type of the demo policy.",
-)
+@script_type_option("Script type of the demo policy.")
 @click.option(
     "--addresses",
     "per_account",
