@@ -98,7 +98,10 @@ def key_export(app: AppContext, out_file: Path | None) -> None:
 # ---------------------------------------------------------------- recipients and webhooks
 
 
-def _show(rows: list[dict[str, Any]], title: str) -> None:
+def _show(rows: list[dict[str, Any]], title: str, as_json: bool) -> None:
+    if as_json:
+        output.emit_json(rows)
+        return
     output.table(
         title,
         ["id", "kind", "target", "encrypted", "delivered up to", "attempts", "next attempt", "last error"],
@@ -116,6 +119,14 @@ def _show(rows: list[dict[str, Any]], title: str) -> None:
             for r in rows
         ],
     )
+
+
+def _done(row: dict[str, Any], as_json: bool, message: str) -> None:
+    """The recipient a command added or removed: as JSON, or ``message``."""
+    if as_json:
+        output.emit_json(row)
+        return
+    output.success(message)
 
 
 @notify.group("recipient")
@@ -143,11 +154,8 @@ def recipient_add(app: AppContext, address: str, pgp_key: Path | None, as_json: 
         except OSError as exc:
             raise InputError(f"cannot read {pgp_key}: {exc}") from None
     row = recipients.add_email(app.db, address, armored)
-    if as_json:
-        output.emit_json(row)
-        return
     extra = f", encrypted to {row['pgp_fingerprint']}" if row["encrypted"] else ""
-    output.success(f"recipient #{row['id']} {row['target']} added{extra}")
+    _done(row, as_json, f"recipient #{row['id']} {row['target']} added{extra}")
 
 
 @recipient_group.command("list")
@@ -156,11 +164,7 @@ def recipient_add(app: AppContext, address: str, pgp_key: Path | None, as_json: 
 @example("custody notify recipient list --json")
 def recipient_list(app: AppContext, as_json: bool) -> None:
     """Email and webhook recipients with their delivery state."""
-    rows = recipients.recipients(app.db)
-    if as_json:
-        output.emit_json(rows)
-        return
-    _show(rows, "Notification recipients")
+    _show(recipients.recipients(app.db), "Notification recipients", as_json)
 
 
 @recipient_group.command("remove")
@@ -171,10 +175,7 @@ def recipient_list(app: AppContext, as_json: bool) -> None:
 def recipient_remove(app: AppContext, address: str, as_json: bool) -> None:
     """Stop mailing ADDRESS (an address or a recipient id). The others are told."""
     row = recipients.remove(app.db, recipients.EMAIL, address)
-    if as_json:
-        output.emit_json(row)
-        return
-    output.success(f"recipient #{row['id']} {row['target']} removed")
+    _done(row, as_json, f"recipient #{row['id']} {row['target']} removed")
 
 
 @notify.group("webhook")
@@ -201,10 +202,7 @@ def webhook_add(app: AppContext, url: str, secret_file: Path, as_json: bool) -> 
         raise InputError(f"cannot read {secret_file}: {exc.strerror}") from None
     secret = lines[0].strip() if lines else b""
     row = recipients.add_webhook(app.db, app.settings, url, secret)
-    if as_json:
-        output.emit_json(row)
-        return
-    output.success(f"webhook #{row['id']} {row['target']} added")
+    _done(row, as_json, f"webhook #{row['id']} {row['target']} added")
 
 
 @webhook_group.command("list")
@@ -213,11 +211,7 @@ def webhook_add(app: AppContext, url: str, secret_file: Path, as_json: bool) -> 
 @example("custody notify webhook list")
 def webhook_list(app: AppContext, as_json: bool) -> None:
     """Webhook receivers with their delivery state."""
-    rows = [r for r in recipients.recipients(app.db) if r["kind"] == recipients.WEBHOOK]
-    if as_json:
-        output.emit_json(rows)
-        return
-    _show(rows, "Webhooks")
+    _show([r for r in recipients.recipients(app.db) if r["kind"] == recipients.WEBHOOK], "Webhooks", as_json)
 
 
 @webhook_group.command("remove")
@@ -228,10 +222,7 @@ def webhook_list(app: AppContext, as_json: bool) -> None:
 def webhook_remove(app: AppContext, url: str, as_json: bool) -> None:
     """Stop posting to URL (a URL or a recipient id). The others are told."""
     row = recipients.remove(app.db, recipients.WEBHOOK, url)
-    if as_json:
-        output.emit_json(row)
-        return
-    output.success(f"webhook #{row['id']} {row['target']} removed")
+    _done(row, as_json, f"webhook #{row['id']} {row['target']} removed")
 
 
 # ---------------------------------------------------------------- delivery
