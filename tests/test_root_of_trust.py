@@ -30,7 +30,7 @@ from custody.policy.manifest import load_signed_manifest, sign_manifest, unsigne
 from custody.policy.model import make_policy
 from custody.withdraw.signer import PROP_APPROVALS, PROP_META, PROP_ROSTER, PROP_SUSPENSIONS, PROPRIETARY_ID
 from tests.chain_support import fresh_script
-from tests.support import PASSPHRASE, founders, read_psbt, run_cli
+from tests.support import PASSPHRASE, Custody, founders, read_psbt, run_cli
 from tests.test_withdraw_embedded import EmbeddedShop
 from tests.withdraw_support import enrol, sign_and_apply
 
@@ -580,3 +580,21 @@ def test_roster_pin_on_the_signer_refuses_older_rosters_from_then_on(shop: Embed
     assert pinned.returncode == 0, pinned.stderr
     _refused(run_cli(offline.env, "roster", "pin", str(old_roster)), 4, "older than")
     _refused(offline.sign(old_psbt), 4, "older than roster")
+
+
+def test_without_an_open_proposal_export_and_discard_are_refused_by_name(tmp_path: Path) -> None:
+    """Nothing proposed: exporting or discarding the roster's or the rulebook's proposal is
+    refused (exit 5, NotFound) with the document named and how to propose one, and the audit log
+    gains no entry (no <kind>.discarded of something that was never there)."""
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    before = c.json("audit", "log")
+    for args, message in (
+        (("roster", "export", "--out", str(tmp_path / "r")), "no roster proposal is open (`custody roster propose`"),
+        (("roster", "discard"), "no roster proposal is open"),
+        (("rules", "export", "--out", str(tmp_path / "b")), "no rulebook proposal is open (`custody rules propose`)"),
+        (("rules", "discard"), "no rulebook proposal is open"),
+    ):
+        refused = c(*args)
+        assert refused.exit_code == 5 and message in refused.output, (args, refused.output)
+    assert c.json("audit", "log") == before

@@ -350,24 +350,30 @@ def discard_open(
     the row marked discarded, in the audit log too (``<kind>.discarded``). Raises NotFound."""
     db.check_schema()
     with db.transaction() as s:
-        row = find(s)
-        if row is None:
-            raise NotFound(f"no {kind} proposal is open")
-        dropped = load(row.document.encode())
+        row, dropped = open_document(s, kind, find, load)
         row.status = "discarded"
         s.add(row)
         audit_log.append(s, f"{dropped.KIND}.discarded", actor, {"serial": dropped.serial, "digest": dropped.digest})
         return dropped
 
 
+def open_document(
+    s: Session, kind: str, find: Callable[[Session], P | None], load: Callable[[bytes], D], hint: str = ""
+) -> tuple[P, D]:
+    """The open ``kind`` proposal's row (``find`` finds it) and its document (``load`` reads it).
+    Raises NotFound, its message ending with ``hint``."""
+    row = find(s)
+    if row is None:
+        raise NotFound(f"no {kind} proposal is open{hint}")
+    return row, load(row.document.encode())
+
+
 def proposal(db: Database) -> Roster:
     """The open proposal. Raises NotFound."""
     db.check_schema()
     with db.transaction() as s:
-        row = open_proposal(s)
-        if row is None:
-            raise NotFound("no roster proposal is open (`custody roster propose` or `custody employee keygen`)")
-        return load_roster(row.document.encode())
+        hint = " (`custody roster propose` or `custody employee keygen`)"
+        return open_document(s, "roster", open_proposal, load_roster, hint)[1]
 
 
 def apply_roster(db: Database, settings: Settings, data: bytes, actor: str = "operator") -> Roster:

@@ -24,7 +24,7 @@ from custody.chain.types import ChainBackend
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log
-from custody.control.roster import Trust, discard_open, load_trust, store_trust
+from custody.control.roster import Trust, discard_open, load_trust, open_document, store_trust
 from custody.errors import ApprovalError, Conflict, InputError, NotFound, VerificationFailed
 from custody.identity.rulebook import DEFAULT_RULES, RULE_FIELDS, Rulebook, Rules, load_rulebook, parse_rules
 from custody.identity.rulebook_chain import check_chain, earliest_effective, loosened, rulebook_at, successor_problems
@@ -109,6 +109,10 @@ def store_chain(s: Session) -> Chain:
 
 
 # ---------------------------------------------------------------- proposals
+
+
+_PROPOSE = " (`custody rules propose`)"
+"""How a missing proposal's message ends."""
 
 
 def _open(s: Session) -> RulebookProposal | None:
@@ -218,10 +222,7 @@ def proposal(db: Database) -> Rulebook:
     """The open proposal. Raises NotFound."""
     db.check_schema()
     with db.transaction() as s:
-        row = _open(s)
-        if row is None:
-            raise NotFound("no rulebook proposal is open (`custody rules propose`)")
-        return load_rulebook(row.document.encode())
+        return open_document(s, "rulebook", _open, load_rulebook, _PROPOSE)[1]
 
 
 def export_document(db: Database, settings: Settings, current: bool = False) -> dict[str, Any]:
@@ -236,10 +237,7 @@ def export_document(db: Database, settings: Settings, current: bool = False) -> 
                 raise NotFound("no rulebook has been applied yet")
             book = books[-1]
         else:
-            row = _open(s)
-            if row is None:
-                raise NotFound("no rulebook proposal is open (`custody rules propose`)")
-            book = load_rulebook(row.document.encode())
+            _, book = open_document(s, "rulebook", _open, load_rulebook, _PROPOSE)
         before = next((b for b in books if b.serial == book.serial - 1), None)
         return book.to_document() | {"previous_rulebook": before.to_document() if before else None}
 
