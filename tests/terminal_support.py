@@ -31,28 +31,42 @@ def run_on_pty(
         [sys.executable, "-m", "custody_cli", *args], stdin=slave, stdout=slave, stderr=slave, env=child_env
     )
     os.close(slave)
-    screen = b""
-    deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if ready:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:  # EIO: the child closed the terminal
-                    break
-                if not chunk:
-                    break
-                screen += chunk
-            elif proc.poll() is not None:
-                break
-        else:
-            proc.kill()
-            raise AssertionError(f"custody did not finish on the terminal: {screen[-2000:]!r}")
+        screen = read_screen(master, proc, timeout)
     finally:
         os.close(master)
         proc.wait(timeout=30)
     return screen.decode("utf-8", "replace")
+
+
+def read_screen(
+    master: int, proc: subprocess.Popen[bytes], timeout: float, prompt: bytes = b"", answer: bytes = b""
+) -> bytes:
+    """What ``proc`` wrote to the terminal whose ``master`` end this is, until it closed it or
+    exited; ``answer`` typed once ``prompt`` shows. Kills ``proc`` and raises AssertionError when
+    it is not done within ``timeout`` seconds."""
+    screen = b""
+    answered = not prompt
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+            if not answered and prompt in screen:
+                os.write(master, answer)
+                answered = True
+        elif proc.poll() is not None:
+            break
+    else:
+        proc.kill()
+        raise AssertionError(f"custody did not finish on the terminal: {screen[-2000:]!r}")
+    return screen
 
 
 def plain(screen: str) -> str:

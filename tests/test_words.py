@@ -11,10 +11,8 @@ import json
 import os
 import pty
 import re
-import select
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from custody.errors import InputError
 from custody.identity.keyfile import open_founder_key, read_header, write_founder_key
 from custody.identity.words import normalize_words, seed_from_words
 from tests.support import PASSPHRASE, Custody
+from tests.terminal_support import read_screen
 
 VECTORS = json.loads((Path(__file__).resolve().parent.parent / "fixtures" / "bip39.json").read_text())
 ENGLISH = VECTORS["english"]
@@ -148,28 +147,8 @@ def run_on_terminal(args: list[str], env: dict[str, str], answer: bytes, timeout
         env=dict(os.environ, **env),
     )
     os.close(slave)
-    screen = b""
-    answered = False
-    deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if ready:
-                try:
-                    chunk = os.read(master, 4096)
-                except OSError:  # EIO: the child closed the terminal
-                    break
-                if not chunk:
-                    break
-                screen += chunk
-                if not answered and b"written the 24 words down" in screen:
-                    os.write(master, answer)
-                    answered = True
-            elif proc.poll() is not None:
-                break
-        else:
-            proc.kill()
-            raise AssertionError(f"custody did not finish on the terminal: {screen!r}")
+        screen = read_screen(master, proc, timeout, b"written the 24 words down", answer)
         assert proc.stdout is not None
         stdout = proc.stdout.read().decode()
         proc.wait(timeout=10)
