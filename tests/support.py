@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,27 @@ class Custody:
         applied = self("roster", "apply", str(out))
         assert applied.exit_code == 0, applied.output
         return applied
+
+
+def staffed(home: Path, env: dict[str, str] | None = None) -> tuple[Custody, dict[str, Path]]:
+    """A custody at ``home`` (``env`` added to its environment) set up with :func:`founders` and
+    alice, bob and carol enrolled with every role; their key files by name."""
+    c = Custody(home)
+    c.env.update(env or {})
+    assert c.init(founders()).exit_code == 0
+    return c, {name: c.employee(name) for name in ("alice", "bob", "carol")}
+
+
+def wait_stopped(pid: int, what: str) -> None:
+    """Until process ``pid`` is stopped (SIGSTOP, state T: it reached its CUSTODY_PAUSE_AT point);
+    AssertionError naming ``what`` after two minutes."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"{what} never reached its pause point")
 
 
 def account_key(f: TestFounder) -> Any:

@@ -10,15 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Custody, founders
+from tests.support import Custody, founders, staffed
 
 
 @pytest.fixture
 def shop(tmp_path: Path) -> tuple[Custody, dict[str, Path]]:
-    c = Custody(tmp_path / "home")
-    assert c.init(founders()).exit_code == 0
-    keys = {name: c.employee(name) for name in ("alice", "bob", "carol")}
-    return c, keys
+    return staffed(tmp_path / "home")
 
 
 def _raise(c: Custody, keys: dict[str, Path], who: str = "alice", reason: str = "suspicious") -> int:

@@ -25,7 +25,7 @@ from sqlalchemy import create_engine, text
 
 from custody.control import audit_log
 from custody.store.db import Database
-from tests.support import Custody, founders, run_cli
+from tests.support import Custody, founders, run_cli, staffed, wait_stopped
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -45,10 +45,7 @@ trading_allowed = engine_check()
 
 @pytest.fixture
 def shop(tmp_path: Path) -> tuple[Custody, dict[str, Path]]:
-    c = Custody(tmp_path / "home")
-    assert c.init(founders()).exit_code == 0
-    keys = {name: c.employee(name) for name in ("alice", "bob", "carol")}
-    return c, keys
+    return staffed(tmp_path / "home")
 
 
 def _raise(c: Custody, keys: dict[str, Path], reason: str = "drill", who: str = "alice") -> int:
@@ -233,16 +230,6 @@ def _cli(c: Custody, *args: str, **extra: str) -> subprocess.Popen[str]:
     )
 
 
-def _wait_stopped(pid: int) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat") as fh:
-            if fh.read().rsplit(")", 1)[1].split()[0] == "T":
-                return
-        time.sleep(0.02)
-    raise AssertionError("the status process never reached its pause point")
-
-
 def test_a_status_that_read_before_a_raise_cannot_write_after_it(shop: tuple[Custody, dict[str, Path]]) -> None:
     """`halt status` stops (SIGSTOP, as a swapped-out process would) after reading the store
     and before writing the file; a halt is raised and published meanwhile; then it goes on."""
@@ -250,7 +237,7 @@ def test_a_status_that_read_before_a_raise_cannot_write_after_it(shop: tuple[Cus
     for round_ in range(3):
         assert c("halt", "status").exit_code == 0 and _engine(c)
         slow = _cli(c, "halt", "status", "--json", CUSTODY_PAUSE_AT="halt.state_read")
-        _wait_stopped(slow.pid)
+        wait_stopped(slow.pid, "the status process")
         halt_id = _raise(c, keys, f"raised while a status stood still {round_}")
         raised_seq = _file(c)["seq"]
         os.kill(slow.pid, signal.SIGCONT)

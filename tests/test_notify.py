@@ -31,7 +31,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from custody.notify import webhook as webhook_lib
-from tests.support import Custody, founders
+from tests.support import Custody, founders, staffed
 
 SECRET = b"4f1c2b8e9d0a7f6e5d4c3b2a19081726"
 LOOPBACK = ("--pinentry-mode", "loopback", "--passphrase", "")
@@ -158,12 +158,9 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def shop(tmp_path: Path, mailbox: Mailbox) -> Iterator[tuple[Custody, dict[str, Path]]]:
-    c = Custody(tmp_path / "home")
-    c.env["CUSTODY_SMTP_URL"] = f"smtp://127.0.0.1:{mailbox.port}"
-    c.env["CUSTODY_NOTIFY_FROM"] = FROM
-    c.env["CUSTODY_NOTIFY_TIMEOUT"] = "10"
-    assert c.init(founders()).exit_code == 0
-    keys = {name: c.employee(name) for name in ("alice", "bob", "carol")}
+    env = {"CUSTODY_SMTP_URL": f"smtp://127.0.0.1:{mailbox.port}", "CUSTODY_NOTIFY_FROM": FROM}
+    env["CUSTODY_NOTIFY_TIMEOUT"] = "10"
+    c, keys = staffed(tmp_path / "home", env)
     yield c, keys
     kill_agent(c.home / "gnupg")
 

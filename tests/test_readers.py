@@ -16,13 +16,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from custody.errors import UNKNOWN_EXIT
-from tests.support import Custody, founders
+from tests.support import Custody, founders, wait_stopped
 
 RUNNING = 0
 HALTED = 3
@@ -53,16 +52,6 @@ def _status(c: Custody) -> tuple[int, dict[str, object], str]:
     return proc.returncode, (json.loads(out) if out.strip() else {}), err
 
 
-def _wait_stopped(pid: int) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat") as fh:
-            if fh.read().rsplit(")", 1)[1].split()[0] == "T":
-                return
-        time.sleep(0.02)
-    raise AssertionError("the issuer never reached its pause point")
-
-
 def test_status_reads_beside_an_issuer_that_holds_the_write_lock(store: Custody) -> None:
     """An issuer stopped inside its transaction (SQLite's write lock held, as a long batch
     holds it): `halt status` and `status` answer "running" from the committed state, and the
@@ -70,7 +59,7 @@ def test_status_reads_beside_an_issuer_that_holds_the_write_lock(store: Custody)
     c = store
     issuer = _cli(c, "address", "new", "--account", "held", "--count", "2", CUSTODY_PAUSE_AT="issuance.allocated")
     try:
-        _wait_stopped(issuer.pid)
+        wait_stopped(issuer.pid, "the issuer")
         code, doc, err = _status(c)
         assert code == RUNNING, err
         assert doc["halted"] is False
