@@ -32,7 +32,7 @@ from custody.chain.types import (
     Utxo,
     classify,
 )
-from custody.errors import NodeError
+from custody.errors import InputError, NodeError
 from custody.policy.generator import DerivedAddress
 from tests.chain_support import FEE, Multisig, corrupt_signature, fresh_script, high_s, multisig
 
@@ -101,6 +101,18 @@ def refused(backend: ChainBackend, raw: bytes) -> tuple[Refusal, str]:
     assert sent.value.refusal is accept.refusal, (accept.reason, sent.value.reason)
     assert sent.value.exit_code == 8
     return accept.refusal, accept.reason
+
+
+def test_a_lookup_asks_each_script_once_and_refuses_an_empty_one(backend: ChainBackend, ms: Multisig) -> None:
+    """Both lookups, on both backends: a script named twice finds its coin once; an empty
+    scriptPubKey among good ones is refused (InputError) rather than asked of the chain."""
+    utxo, address = coin(backend, ms)
+    spk = address.script_pubkey
+    assert backend.unspent([spk, spk]) == [utxo]
+    assert backend.unspent_at([spk, spk]).utxos == [utxo]
+    for lookup in (backend.unspent, backend.unspent_at):
+        with pytest.raises(InputError, match="empty scriptPubKey"):
+            lookup([spk, b""])
 
 
 def test_missing_inputs(backend: ChainBackend, ms: Multisig) -> None:

@@ -103,6 +103,7 @@ from custody.chain.types import (
     TransactionRefused,
     TxStatus,
     Utxo,
+    lookup_scripts,
 )
 from custody.errors import InputError, NodeError, NotFound, StorageError
 
@@ -489,7 +490,7 @@ class EmbeddedBackend:
 
         Coinbase outputs are included, mature or not. Raises InputError for an empty script.
         """
-        scripts = _scripts(script_pubkeys)
+        scripts = lookup_scripts(script_pubkeys)
         found: list[Utxo] = []
         with self._open():
             for start in range(0, len(scripts), QUERY_CHUNK):
@@ -508,7 +509,7 @@ class EmbeddedBackend:
 
         Raises InputError for an empty script or a height outside 0..tip.
         """
-        scripts = _scripts(script_pubkeys)
+        scripts = lookup_scripts(script_pubkeys)
         found: list[Utxo] = []
         with self._open():
             tip = self._tip()
@@ -731,16 +732,6 @@ class EmbeddedBackend:
                     f"chain index holds {len(indexed)} unspent outputs, the kernel's blocks give {len(utxos)} "
                     f"({len(indexed.keys() ^ utxos.keys())} differ)"
                 )
-
-
-def _scripts(script_pubkeys: Sequence[bytes]) -> list[bytes]:
-    """The scripts to look up, each once, in their order. Raises InputError for an empty one."""
-    wanted: dict[bytes, None] = {}
-    for spk in script_pubkeys:
-        if not spk:
-            raise InputError("cannot look up outputs of an empty scriptPubKey")
-        wanted[bytes(spk)] = None
-    return list(wanted)
 
 
 def _check_txid(txid: str) -> str:

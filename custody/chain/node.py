@@ -33,6 +33,7 @@ from custody.chain.types import (
     TxStatus,
     Utxo,
     classify,
+    lookup_scripts,
 )
 from custody.errors import InputError, NodeError, NotFound
 
@@ -88,12 +89,8 @@ class RpcBackend(ChainBackend):
         One ``scantxoutset`` per chunk of up to SCAN_CHUNK scripts; duplicates are asked once.
         Raises InputError for an empty script, NodeError when the scan fails or is aborted.
         """
-        wanted: dict[str, None] = {}
-        for spk in script_pubkeys:
-            if not spk:
-                raise InputError("cannot look up outputs of an empty scriptPubKey")
-            wanted[bytes(spk).hex()] = None
-        scripts = list(wanted)
+        scripts = [spk.hex() for spk in lookup_scripts(script_pubkeys)]
+        wanted = set(scripts)
         found: dict[tuple[str, int], Utxo] = {}
         for start in range(0, len(scripts), SCAN_CHUNK):
             chunk = scripts[start : start + SCAN_CHUNK]
@@ -116,12 +113,7 @@ class RpcBackend(ChainBackend):
         the chain reorganises meanwhile, it starts again (SNAPSHOT_ATTEMPTS times).
         Raises InputError for an empty script or a height outside 0..tip, NodeError.
         """
-        wanted: dict[str, None] = {}
-        for spk in script_pubkeys:
-            if not spk:
-                raise InputError("cannot look up outputs of an empty scriptPubKey")
-            wanted[bytes(spk).hex()] = None
-        scripts = list(wanted)
+        scripts = [spk.hex() for spk in lookup_scripts(script_pubkeys)]
         for _ in range(SNAPSHOT_ATTEMPTS):
             tip, best, utxos = self._scan_all(scripts)
             at = tip if height is None else height
@@ -129,7 +121,7 @@ class RpcBackend(ChainBackend):
                 raise InputError(f"height {at} is not on the chain (its tip is at {tip})")
             if at == tip:
                 return Snapshot(tip, best, utxos)
-            back = self._spent_after(set(wanted), at, tip, best)
+            back = self._spent_after(set(scripts), at, tip, best)
             if back is None:
                 continue  # the chain moved under us
             block_hash, spent = back

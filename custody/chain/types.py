@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from custody.errors import NodeError
+from custody.errors import InputError, NodeError
 
 MAX_MINE = 10_000
 """The most blocks one ``mine`` call makes."""
@@ -302,3 +302,14 @@ class ChainBackend(Protocol):
     def mempool_tx(self, txid: str) -> ChainTx | None:
         """Mempool transaction ``txid``; None when it is no longer in the mempool."""
         ...
+
+
+def lookup_scripts(script_pubkeys: Sequence[bytes]) -> list[bytes]:
+    """The scripts an outputs lookup asks for, each once, in their order. Raises InputError for
+    an empty one."""
+    wanted: dict[bytes, None] = {}
+    for spk in script_pubkeys:
+        if not spk:
+            raise InputError("cannot look up outputs of an empty scriptPubKey")
+        wanted[bytes(spk)] = None
+    return list(wanted)
