@@ -9,14 +9,12 @@ from typing import Any
 import pytest
 
 from custody.bitcoin.message import sign_message
-from custody.bitcoin.network import REGTEST
-from custody.bitcoin.script import ScriptType
 from custody.errors import InputError
 from custody.identity.governance import carries, governance_of
 from custody.identity.roster import Employee, Roster
 from custody.policy.manifest import SignedManifest, unsigned
-from custody.policy.model import make_policy
-from custody.policy.rotation import approve_rotation, check_chain, check_rotation, draft_rotation
+from custody.policy.rotation import check_chain, check_rotation, draft_rotation
+from tests.rotation_support import founders_policy, rotated
 from tests.support import account_key, founders, sign_manifest_with
 
 E0_FOUNDERS = founders(n=3, tag="e0-")
@@ -24,10 +22,6 @@ E1_FOUNDERS = founders(n=3, tag="e1-")
 E2_FOUNDERS = founders(n=3, tag="e2-")
 ALICE = Employee("alice", ("02" + "11" * 32,), frozenset({"request", "approve", "lift"}))
 MALLORY = Employee("mallory", ("02" + "22" * 32,), frozenset({"request", "approve", "lift"}))
-
-
-def _policy(fs: list[Any], m: int) -> Any:
-    return make_policy(REGTEST, m, ScriptType.P2WSH, [(f.name, str(f.account)) for f in fs])
 
 
 def _roster(
@@ -40,15 +34,12 @@ def _roster(
 
 
 def _rotate(current: SignedManifest, fs: list[Any], m: int, approvers: list[Any], carried: Any) -> SignedManifest:
-    rotation = sign_manifest_with(draft_rotation(current, _policy(fs, m), carried), fs)
-    for f in approvers:
-        rotation = approve_rotation(rotation, current, f.name, account_key(f))
-    return check_rotation(rotation, current)
+    return check_rotation(rotated(current, fs, m, approvers, carried), current)
 
 
 @pytest.fixture(scope="module")
 def chain() -> dict[str, Any]:
-    e0 = sign_manifest_with(unsigned(_policy(E0_FOUNDERS, 2)), E0_FOUNDERS)
+    e0 = sign_manifest_with(unsigned(founders_policy(E0_FOUNDERS, 2)), E0_FOUNDERS)
     r1 = _roster(e0, 1, None, E0_FOUNDERS[:2])
     r2 = _roster(e0, 2, r1, E0_FOUNDERS[:2])
     e1 = _rotate(e0, E1_FOUNDERS, 3, E0_FOUNDERS[:2], carries(r2, None))
@@ -88,7 +79,9 @@ def test_a_rotation_without_carries_carries_nothing(chain: dict[str, Any]) -> No
 def test_what_a_rotation_carries_is_checked_and_signed(chain: dict[str, Any]) -> None:
     e0, r2 = chain["e0"], chain["r2"]
     with pytest.raises(InputError, match="what a rotation carries"):
-        draft_rotation(e0, _policy(E1_FOUNDERS, 3), {"roster": {"serial": 0, "digest": r2.digest}, "rulebook": None})
+        draft_rotation(
+            e0, founders_policy(E1_FOUNDERS, 3), {"roster": {"serial": 0, "digest": r2.digest}, "rulebook": None}
+        )
     rotation = _rotate(e0, E1_FOUNDERS, 3, E0_FOUNDERS[:2], carries(r2, None))
     # Editing what it carries after everyone signed voids every signature and approval.
     body = rotation.body | {"carries": carries(chain["r1"], None)}

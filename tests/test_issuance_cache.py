@@ -13,19 +13,17 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from custody.bitcoin.network import REGTEST
-from custody.bitcoin.script import ScriptType
 from custody.config import Settings
 from custody.control import epochs, halt
 from custody.errors import Conflict, VerificationFailed
 from custody.issuance.issuer import issue_addresses, list_addresses
 from custody.policy.generator import AddressDeriver
 from custody.policy.manifest import SignedManifest
-from custody.policy.model import Policy, make_policy
-from custody.policy.rotation import approve_rotation, draft_rotation
+from custody.policy.model import Policy
 from custody.store.db import Database
 from tests import support
-from tests.support import account_key, create_store, founders, sign_manifest_with
+from tests.rotation_support import founders_policy, rotated
+from tests.support import create_store, founders
 
 
 @dataclass
@@ -46,17 +44,13 @@ class Store:
             conn.execute(text(statement), params)
 
 
-def _policy(fs: list[support.TestFounder], threshold: int = 2) -> Policy:
-    return make_policy(REGTEST, threshold, ScriptType.P2WSH, [(f.name, str(f.account)) for f in fs])
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
     settings = Settings.load(home=str(tmp_path), db_url=url) if url else Settings.load(home=str(tmp_path), env={})
     db = Database(settings.db_url)
     fs = founders()
-    signed = create_store(db, settings, _policy(fs), fs)
+    signed = create_store(db, settings, founders_policy(fs, 2), fs)
     s = Store(db, settings, fs, signed)
     assert [s.issue(), s.issue()] == [0, 1]  # warm: every check made and kept
     yield s
@@ -68,11 +62,8 @@ def _rotation(s: Store, approvers: int = 2) -> tuple[SignedManifest, Policy]:
     ``approvers`` of the current ones."""
     new_fs = [*s.fs, *founders(tag="joiner-", n=1)]
     new_fs[-1] = support.TestFounder("founder-d", new_fs[-1].master, new_fs[-1].path)
-    policy = _policy(new_fs, 3)
-    m = sign_manifest_with(draft_rotation(s.signed, policy), new_fs)
-    for f in s.fs[:approvers]:
-        m = approve_rotation(m, s.signed, f.name, account_key(f))
-    return m, policy
+    m = rotated(s.signed, new_fs, 3, s.fs[:approvers])
+    return m, m.policy
 
 
 def _insert_epoch(s: Store, m: SignedManifest, receive_from: int) -> None:

@@ -16,9 +16,9 @@ from jsonschema import Draft202012Validator
 from custody.chain.regtest import NodeInfo
 from custody.policy.manifest import load_signed_manifest
 from custody_cli.main import cli
+from tests.rotation_support import founder_xpub, keygen
 from tests.support import Custody, founders, sign_manifest_with, sign_roster_file
 from tests.test_notify import FROM, SECRET, Mailbox, Receiver, free_port, kill_agent
-from tests.test_rotation import _keygen, _xpub
 from tests.test_withdraw_embedded import EmbeddedShop, destination
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "docs" / "schemas"
@@ -390,11 +390,11 @@ def governance_outputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
         got[("rules", "apply")] = s.ok("rules", "apply", str(rules))
         got[("rules", "pin")] = signer.json("rules", "pin", str(rules))
         s.deposit("acct-1")  # a coin of the first policy, for the sweep
-        s.founder_keys["founder-d"], xpub_d = _keygen(s, "founder-d")
+        s.founder_keys["founder-d"], xpub_d = keygen(s, "founder-d")
         rotation = s.tmp / "rotation.json"
         draft = ["rotate", "draft", "--threshold", "3", "--out", str(rotation), "--founder", f"founder-d={xpub_d}"]
         for name in ("founder-a", "founder-b", "founder-c"):
-            draft += ["--founder", f"{name}={_xpub(s, name)}"]
+            draft += ["--founder", f"{name}={founder_xpub(s, name)}"]
         got[("rotate", "draft")] = s.ok(*draft)
         got[("manifest", "sign")] = _by_founders(s, ("manifest", "sign"), rotation, *sorted(s.founder_keys))
         got[("rotate", "approve")] = _by_founders(s, ("rotate", "approve"), rotation, "founder-a", "founder-b")

@@ -21,44 +21,11 @@ from custody.chain.embedded import open_chain
 from custody.chain.kernel import COINBASE_MATURITY
 from custody.policy.generator import AddressDeriver
 from custody.policy.manifest import load_signed_manifest
+from tests.rotation_support import approve_as, draft_3_of_4
 from tests.support import read_psbt, run_cli
 from tests.test_withdraw_embedded import EmbeddedShop, destination
 
 OP_TRUE = b"\x51"
-
-
-def _keygen(shop: EmbeddedShop, name: str) -> tuple[Path, str]:
-    path = shop.tmp / "keys" / f"{name}.key"
-    made = shop.c("keygen", name, "--out", str(path), "--script", "p2wsh", "--json")
-    assert made.exit_code == 0, made.output
-    return path, json.loads(made.stdout)["xpub"]
-
-
-def _xpub(shop: EmbeddedShop, name: str) -> str:
-    m = load_signed_manifest((shop.c.home / "founders-manifest.json").read_bytes())
-    return next(str(f.key) for f in m.policy.founders if f.name == name)
-
-
-def _draft_3_of_4(shop: EmbeddedShop, out: Path) -> Path:
-    """founder-a, -b and -c keep their keys; founder-d joins; every new founder signs."""
-    if "founder-d" not in shop.founder_keys:
-        shop.founder_keys["founder-d"], xpub_d = _keygen(shop, "founder-d")
-        (shop.tmp / "founder-d.xpub").write_text(xpub_d)
-    xpub_d = (shop.tmp / "founder-d.xpub").read_text()
-    specs = [f"{n}={_xpub(shop, n)}" for n in ("founder-a", "founder-b", "founder-c")] + [f"founder-d={xpub_d}"]
-    args = ["rotate", "draft", "--threshold", "3", "--out", str(out)]
-    for spec in specs:
-        args += ["--founder", spec]
-    shop.ok(*args)
-    for name in ("founder-a", "founder-b", "founder-c", "founder-d"):
-        signed = shop.c("manifest", "sign", str(out), "--key", str(shop.founder_keys[name]), "--yes")
-        assert signed.exit_code == 0, signed.output
-    return out
-
-
-def _approve(shop: EmbeddedShop, path: Path, founder: str) -> None:
-    done = shop.c("rotate", "approve", str(path), "--key", str(shop.founder_keys[founder]), "--yes")
-    assert done.exit_code == 0, done.output
 
 
 def _db(shop: EmbeddedShop) -> sqlite3.Connection:
@@ -92,13 +59,13 @@ def rotated(shop: EmbeddedShop) -> dict[str, Any]:
     """The store before and after its rotation: an old address, the manifests, a new address."""
     (old,) = shop.ok("address", "new", "--account", "acct-1")
     first = shop.c.home / "founders-manifest.json"
-    rotation = _draft_3_of_4(shop, shop.tmp / "rotation.json")
-    _approve(shop, rotation, "founder-a")
+    rotation = draft_3_of_4(shop, shop.tmp / "rotation.json")
+    approve_as(shop, rotation, "founder-a")
     too_few = shop.c("rotate", "apply", str(rotation), "--json")
     assert too_few.exit_code == 2 and "approved by 1 of the current founders" in too_few.stderr, too_few.output
     assert shop.ok("rotate", "show")[-1]["epoch"] == 0  # nothing recorded, nothing pinned
     assert not (shop.c.home / "founders-rotations.json").exists()
-    _approve(shop, rotation, "founder-b")
+    approve_as(shop, rotation, "founder-b")
     epoch = shop.ok("rotate", "apply", str(rotation))
     (new,) = shop.ok("address", "new", "--account", "acct-2")
     return {"old": old, "new": new, "first": first, "rotation": rotation, "epoch": epoch}
@@ -294,8 +261,8 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedShop]:
 def test_a_rotation_written_by_sql_with_one_approval_is_refused_everywhere(fresh: EmbeddedShop) -> None:
     shop = fresh
     (old,) = shop.ok("address", "new", "--account", "acct-1")
-    rotation = _draft_3_of_4(shop, shop.tmp / "rotation-one.json")
-    _approve(shop, rotation, "founder-a")
+    rotation = draft_3_of_4(shop, shop.tmp / "rotation-one.json")
+    approve_as(shop, rotation, "founder-a")
     m = load_signed_manifest(rotation.read_bytes())
     first = shop.c.home / "founders-manifest.json"
     # The insider records it by SQL (an audit entry could not be forged into the hash chain).
@@ -327,9 +294,9 @@ def test_a_rotation_written_by_sql_with_one_approval_is_refused_everywhere(fresh
 def test_a_rotation_respects_the_halt_and_survives_sigkill(fresh: EmbeddedShop) -> None:
     shop = fresh
     rotation = shop.tmp / "rotation-halt.json"
-    _draft_3_of_4(shop, rotation)
-    _approve(shop, rotation, "founder-a")
-    _approve(shop, rotation, "founder-b")
+    draft_3_of_4(shop, rotation)
+    approve_as(shop, rotation, "founder-a")
+    approve_as(shop, rotation, "founder-b")
     raised = shop.ok("halt", "raise", "--reason", "drill", *shop.as_("alice"))
     refused = shop.c("rotate", "apply", str(rotation))
     assert refused.exit_code == 3, refused.output
@@ -369,21 +336,15 @@ class EmbeddedSigner:
 
 
 def test_a_rotation_on_postgresql(tmp_path: Path, pg_url: str) -> None:
-    from custody.bitcoin.network import REGTEST
-    from custody.bitcoin.script import ScriptType
-    from custody.policy.model import make_policy
-    from custody.policy.rotation import approve_rotation, draft_rotation
-    from tests.support import Custody, account_key, founders, sign_manifest_with
+    from tests.rotation_support import rotated
+    from tests.support import Custody, founders
 
     c = Custody(tmp_path / "home", db_url=pg_url)
     old = founders(n=3)
     assert c.init(old).exit_code == 0
     first = load_signed_manifest((c.home / "founders-manifest.json").read_bytes())
     new = founders(n=4, tag="rotated-")
-    m = draft_rotation(first, make_policy(REGTEST, 3, ScriptType.P2WSH, [(f.name, str(f.account)) for f in new]))
-    m = sign_manifest_with(m, new)
-    for f in old[:2]:
-        m = approve_rotation(m, first, f.name, account_key(f))
+    m = rotated(first, new, 3, old[:2])
     path = tmp_path / "rotation.json"
     path.write_text(json.dumps(m.to_document()))
     assert c("rotate", "apply", str(path)).exit_code == 0

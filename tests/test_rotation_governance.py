@@ -28,8 +28,8 @@ from custody.identity.roster import parse_roster
 from custody.identity.statements import sign_statement
 from custody.store.db import Database
 from custody.withdraw.signer import PROP_ROSTER, PROPRIETARY_ID
+from tests.rotation_support import approve_as, draft_3_of_4
 from tests.support import Custody, read_psbt
-from tests.test_rotation import _approve, _draft_3_of_4
 from tests.test_withdraw_embedded import OP_TRUE, EmbeddedShop, destination
 
 BTC = 100_000_000
@@ -106,9 +106,9 @@ def world(shop: EmbeddedShop) -> dict[str, Any]:
     old_rules = _propose_rules(shop, {"max_withdrawal_sat": 50 * BTC}, "rules-old-founders")
     # A signer machine that pins the rotation.
     signer = _machine(shop, "signer")
-    rotation = _draft_3_of_4(shop, shop.tmp / "rotation.json")
+    rotation = draft_3_of_4(shop, shop.tmp / "rotation.json")
     for founder in ("founder-a", "founder-b"):
-        _approve(shop, rotation, founder)
+        approve_as(shop, rotation, founder)
     fingerprint = shop.ok("rotate", "apply", str(rotation))["fingerprint"]
     assert signer("rotate", "pin", str(rotation), "--fingerprint", fingerprint).exit_code == 0
     return {
