@@ -18,6 +18,10 @@ from custody.policy.generator import AddressDeriver, DerivedAddress
 from custody.policy.model import Policy, make_policy
 from tests.support import TestFounder, founders
 
+Tamper = Callable[[tuple[bytes, ...]], tuple[bytes, ...]]
+"""A change to a witness stack."""
+
+
 SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 FEE = 10_000
 

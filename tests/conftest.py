@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings
@@ -14,6 +16,9 @@ from custody.chain.regtest import NodeInfo, ensure_wallet, find_node_binary, sta
 from custody.chain.rpc import RpcClient
 from custody.config import Settings
 from custody.errors import CustodyError
+
+if TYPE_CHECKING:
+    from custody.chain.types import ChainBackend
 
 COINBASE_MATURITY = 100
 
@@ -72,6 +77,22 @@ def funded_wallet(regtest_node: NodeInfo) -> RpcClient:
 
 
 PG_URL = os.environ.get("CUSTODY_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["embedded", pytest.param("node", marks=pytest.mark.regtest)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ChainBackend]:
+    """Each chain backend in turn: a fresh embedded chain under ``tmp_path``, closed after the
+    test; the session's regtest node."""
+    if request.param == "embedded":
+        from custody.chain.embedded import open_chain  # here: most tests open no chain
+
+        chain = open_chain(tmp_path / "chain")
+        yield chain
+        chain.close()
+    else:
+        from custody.chain.node import connect
+
+        yield connect(request.getfixturevalue("regtest_node").client(), "regtest")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ syncing (initial block download, headers ahead of blocks) is refused.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from bitcoin.core import CMutableTransaction
 
 from custody.bitcoin import psbt as psbt_lib
 from custody.bitcoin.txbuild import Coin, build_transaction
-from custody.chain.embedded import EmbeddedBackend, open_chain
+from custody.chain.embedded import EmbeddedBackend
 from custody.chain.kernel import COINBASE_MATURITY
 from custody.chain.node import check_synced, connect
 from custody.chain.regtest import NodeInfo, start_node, stop_node
@@ -34,20 +34,9 @@ from custody.chain.types import (
 )
 from custody.errors import InputError, NodeError
 from custody.policy.generator import DerivedAddress
-from tests.chain_support import FEE, Multisig, corrupt_signature, fresh_script, high_s, multisig
+from tests.chain_support import FEE, Multisig, Tamper, corrupt_signature, fresh_script, high_s, multisig
 
 Shape = Callable[[CMutableTransaction], None]
-Tamper = Callable[[tuple[bytes, ...]], tuple[bytes, ...]]
-
-
-@pytest.fixture(params=["embedded", pytest.param("node", marks=pytest.mark.regtest)])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ChainBackend]:
-    if request.param == "embedded":
-        chain = open_chain(tmp_path / "chain")
-        yield chain
-        chain.close()
-    else:
-        yield connect(request.getfixturevalue("regtest_node").client(), "regtest")
 
 
 @pytest.fixture(scope="module")

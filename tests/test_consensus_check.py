@@ -7,20 +7,16 @@ The node receives the coin's script only as a ``raw(HEX)`` descriptor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
-
 import pytest
 from bitcoin.core import CMutableTransaction, CScript, CTransaction
 
 from custody.chain.consensus import check_before_broadcast, signature_problem
-from custody.chain.embedded import open_chain
 from custody.chain.kernel import COINBASE_MATURITY
-from custody.chain.node import connect
 from custody.chain.types import ChainBackend, Utxo
 from custody.errors import InputError, NodeError
 from tests.chain_support import (
     Multisig,
+    Tamper,
     corrupt_signature,
     fresh_script,
     high_s,
@@ -29,19 +25,6 @@ from tests.chain_support import (
     spend,
     spent_outputs,
 )
-
-Tamper = Callable[[tuple[bytes, ...]], tuple[bytes, ...]]
-
-
-@pytest.fixture(params=["embedded", pytest.param("node", marks=pytest.mark.regtest)])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ChainBackend]:
-    if request.param == "embedded":
-        chain = open_chain(tmp_path / "chain")
-        yield chain
-        chain.close()
-    else:
-        node = request.getfixturevalue("regtest_node")
-        yield connect(node.client(), "regtest")
 
 
 @pytest.fixture(scope="module")
