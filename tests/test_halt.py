@@ -193,6 +193,23 @@ def test_an_edited_pinned_manifest_is_not_trusted_and_halts(shop: tuple[Custody,
     assert state["halted"] and state["halts"][0]["source"] == "verification"
 
 
+def test_a_pinned_manifest_without_a_founders_signature_is_not_trusted(shop: tuple[Custody, dict[str, Path]]) -> None:
+    """founder-c's signature taken out of the pinned manifest (the body untouched): what the
+    machine believes is checked signature by signature, so nothing is issued and no halt is
+    lifted against it (exit 3)."""
+    c, keys = shop
+    pinned = c.home / "founders-manifest.json"
+    manifest = json.loads(pinned.read_text())
+    manifest["signatures"] = [x for x in manifest["signatures"] if x["founder"] != "founder-c"]
+    pinned.write_text(json.dumps(manifest))
+    result = c("address", "new", "--account", "a", "--json")
+    assert result.exit_code == 3 and result.stdout == ""
+    assert "founder founder-c has not signed it" in result.stderr
+    assert c.json("address", "list") == []
+    lifted = c("halt", "lift", "1", "--as", "alice", "--key", str(keys["alice"]))
+    assert lifted.exit_code == 3 and "founder founder-c has not signed it" in lifted.stderr
+
+
 def test_verify_command_halts_on_a_tampered_store(shop: tuple[Custody, dict[str, Path]], tmp_path: Path) -> None:
     import sqlite3
 

@@ -432,12 +432,8 @@ def test_a_swapped_manifest_in_the_store_is_refused_and_halts(shop: EmbeddedShop
     db = sqlite3.connect(shop.c.home / "custody.db")
     rows = db.execute("SELECT position, xpub FROM founder").fetchall()
     saved = db.execute("SELECT digest, document FROM signed_manifest").fetchone()
-    fs = founders(tag="insider")
-    policy = make_policy(REGTEST, 2, ScriptType.P2WSH, [(f.name, str(f.account)) for f in fs])
-    forged = unsigned(policy)
-    for f in fs:
-        forged = sign_manifest(forged, f.name, f.master.derive(f.path).private_key())
-    for position, f in enumerate(policy.founders):
+    forged = _forged_manifest()
+    for position, f in enumerate(forged.policy.founders):
         db.execute("UPDATE founder SET xpub = ? WHERE position = ?", (str(f.key), position))
     db.execute("UPDATE signed_manifest SET digest = ?, document = ?", (forged.digest, json.dumps(forged.to_document())))
     db.commit()
@@ -459,6 +455,51 @@ def test_a_swapped_manifest_in_the_store_is_refused_and_halts(shop: EmbeddedShop
         db.commit()
         db.close()
     _lift_all(shop)
+
+
+def _forged_manifest() -> Any:
+    """A manifest of founders' keys the insider holds, each signature valid for those keys."""
+    fs = founders(tag="insider")
+    policy = make_policy(REGTEST, 2, ScriptType.P2WSH, [(f.name, str(f.account)) for f in fs])
+    forged = unsigned(policy)
+    for f in fs:
+        forged = sign_manifest(forged, f.name, f.master.derive(f.path).private_key())
+    return forged
+
+
+@pytest.mark.parametrize("edit", ["digest", "document"])
+def test_an_edited_manifest_row_is_neither_pinned_nor_exported(shop: EmbeddedShop, tmp_path: Path, edit: str) -> None:
+    """The insider edits the store's signed_manifest row by SQL: its recorded digest, or its
+    document swapped for one they signed themselves (the row's digest kept). Another machine
+    pinning from the store, and the auditors' export, read the row as every other reader does:
+    refused (exit 3), nothing pinned or written."""
+    from tests.support import Custody
+
+    db = sqlite3.connect(shop.c.home / "custody.db")
+    saved = db.execute("SELECT digest, document FROM signed_manifest").fetchone()
+    forged = _forged_manifest()
+    if edit == "digest":
+        db.execute("UPDATE signed_manifest SET digest = ?", ("ab" * 32,))
+        shown = load_signed_manifest(saved[1].encode()).fingerprint
+    else:
+        db.execute("UPDATE signed_manifest SET document = ?", (json.dumps(forged.to_document()),))
+        shown = forged.fingerprint  # what the insider reads out to the operator
+    db.commit()
+    try:
+        other = Custody(tmp_path / "operator", db_url=shop.c.env["CUSTODY_DB_URL"])
+        pinned = other("manifest", "pin", "--from-store", "--fingerprint", shown)
+        assert pinned.exit_code == 3, pinned.output
+        assert "does not match its recorded digest" in pinned.stderr
+        assert not (other.home / "founders-manifest.json").exists()
+        out = tmp_path / "for-auditors.json"
+        exported = shop.c("policy", "manifest", "--out", str(out))
+        assert exported.exit_code == 3 and "does not match its recorded digest" in exported.stderr
+        assert not out.exists()
+    finally:
+        db.execute("UPDATE signed_manifest SET digest = ?, document = ?", saved)
+        db.commit()
+        db.close()
+    assert shop.c("policy", "manifest", "--out", str(tmp_path / "after.json")).exit_code == 0
 
 
 def test_an_unsigned_or_under_signed_manifest_cannot_be_pinned_or_initialised(tmp_path: Path) -> None:

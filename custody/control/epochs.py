@@ -35,7 +35,7 @@ from custody.identity.governance import carried_of, carries
 from custody.policy.generator import AddressDeriver, DerivedAddress
 from custody.policy.manifest import MAX_MANIFEST_BYTES, SignedManifest, load_signed_manifest, parse_signed_manifest
 from custody.policy.model import RECEIVE, Policy
-from custody.policy.rotation import approvers, check_chain, check_rotation, previous_of
+from custody.policy.rotation import approvers, check_links, check_rotation, previous_of
 from custody.store.db import Database
 from custody.store.models import AddressRow, AuditEntry, Counter, PolicyEpochRow, SignedManifestRow, WithdrawalRow
 
@@ -162,9 +162,9 @@ def pinned_chain(settings: Settings) -> list[SignedManifest]:
     key = (str(path), first_bytes, str(rotations), rotation_bytes)
     chain = _pinned_checked.get(key)
     if chain is None:
-        first = trust_from_pinned(path, first_bytes).manifest
+        first = trust_from_pinned(path, first_bytes).manifest  # every founder's signature checked
         try:
-            chain = tuple(check_chain([first, *_parse_rotations(rotations, rotation_bytes)]))
+            chain = tuple(check_links([first, *_parse_rotations(rotations, rotation_bytes)]))
         except InputError as exc:
             raise VerificationFailed(f"the founders' manifests pinned on this machine do not stand: {exc}") from None
         _remember(_pinned_checked, key, chain)

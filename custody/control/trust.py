@@ -18,7 +18,6 @@ from custody.control.trust_text import (
     StoredPolicy,
     Trust,
     check_store_policy,
-    checked_chain,
     founders_of,
     governance_from_text,
     read_pinned,
@@ -27,10 +26,10 @@ from custody.control.trust_text import (
     trust_from_stored,
 )
 from custody.control.wallet import stored_policy
-from custody.errors import InputError, StorageError, VerificationFailed
+from custody.errors import VerificationFailed
 from custody.files import write_atomic
 from custody.identity.governance import Governance
-from custody.policy.manifest import SignedManifest, load_signed_manifest
+from custody.policy.manifest import SignedManifest
 from custody.store.db import Database
 from custody.store.models import PolicyEpochRow, SignedManifestRow
 
@@ -45,19 +44,16 @@ __all__ = [  # what lives in trust_text, found here too
 
 
 def load_trust(settings: Settings) -> Trust:
-    """The pinned manifest, every founder's signature checked, and the rotations pinned beside it.
+    """The pinned manifest, every founder's signature checked, and the rotations pinned beside it,
+    each link checked (custody.control.epochs.pinned_chain: one check per process for the same bytes).
 
     Raises StorageError (none pinned), VerificationFailed (unreadable, or not signed by every
-    founder: exit 3, nothing may act on it).
+    founder, or a rotation that does not follow: exit 3, nothing may act on it).
     """
-    path = settings.manifest
-    data = read_pinned(path)
-    trust_from_pinned(path, data)
-    from custody.control.epochs import read_rotations, rotations_path  # epochs imports this module
+    from custody.control.epochs import pinned_chain  # epochs imports this module
 
-    rotations = tuple(json.dumps(m.to_document()).encode() for m in read_rotations(rotations_path(settings)))
-    chain = checked_chain((data, *rotations), "the founders' manifests pinned on this machine")
-    return Trust(chain[0], chain[1:])
+    first, *rotations = pinned_chain(settings)
+    return Trust(first, tuple(rotations))
 
 
 def pin_manifest(path: Path, m: SignedManifest) -> None:
@@ -66,17 +62,13 @@ def pin_manifest(path: Path, m: SignedManifest) -> None:
 
 
 def manifest_in_store(db: Database) -> SignedManifest:
-    """The signed manifest the store carries (checked: every founder signed). Raises StorageError,
-    VerificationFailed."""
+    """The founders-signed manifest the store carries, checked as every reader of the store checks
+    it (:func:`trust_from_stored`): every founder signed it, it is the document of the row's recorded
+    digest, and it is the store's policy. Raises StorageError, VerificationFailed."""
     db.check_schema()
     with db.transaction() as s:
-        row = s.get(SignedManifestRow, 1)
-        if row is None:
-            raise StorageError("the store carries no founders-signed manifest")
-        try:
-            return load_signed_manifest(row.document.encode()).check()
-        except InputError as exc:
-            raise VerificationFailed(f"the store's founders' manifest cannot be trusted: {exc}") from None
+        manifest, _, policy = store_text(s)
+        return trust_from_stored(manifest, policy).manifest
 
 
 def store_trust(s: Session) -> Trust:

@@ -161,6 +161,12 @@ def check_chain(chain: Sequence[SignedManifest]) -> list[SignedManifest]:
     if previous_of(first) is not None or PREVIOUS in first.body:
         raise InputError(f"the first founders' manifest {first.fingerprint} names a predecessor")
     first.check()
+    return check_links(chain)
+
+
+def check_links(chain: Sequence[SignedManifest]) -> list[SignedManifest]:
+    """The links of ``chain`` after its first manifest, which the caller checked (:func:`check_chain`):
+    each rotation approved by its predecessor's quorum. Raises InputError naming the broken link."""
     for before, after in zip(chain, chain[1:], strict=False):
         check_rotation(after, before)
     return list(chain)
