@@ -41,6 +41,7 @@ POINTS = (
 PAUSE_POINTS = (
     "halt.state_read",  # halt state read from the store, halt file not yet written
     "issuance.allocated",  # inside the issuing transaction (SQLite's write lock held), nothing stored
+    "issuance.derived",  # inside the issuing transaction, addresses derived, no lock taken yet
 )
 
 

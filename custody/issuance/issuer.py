@@ -146,6 +146,24 @@ def _not_behind(pinned: list[str], store: list[epochs.Epoch]) -> None:
         )
 
 
+class RotatedMeanwhile(Conflict):
+    """A rotation was applied after this issuance read the policy and before it took the locks:
+    what it derived belongs to the old policy, whose indexes ended where the new epoch began."""
+
+
+_NEWEST_EPOCH = text("SELECT MAX(epoch) FROM policy_epoch")
+
+
+def _same_epoch(s: Session, read: epochs.Epoch) -> None:
+    """Raise RotatedMeanwhile unless ``read`` is still the newest epoch. Called under the audit
+    head's lock, which a rotation holds from its check to its commit: one that committed before
+    is seen here (PostgreSQL reads each statement anew), none can commit before this issuance
+    does. Without it, an issuer that read the epochs just before a rotation committed would
+    allocate indexes of the new epoch and store the old policy's addresses at them."""
+    if int(s.execute(_NEWEST_EPOCH).scalar() or 0) != read.number:
+        raise RotatedMeanwhile("a key rotation was applied while these addresses were being issued: issue them again")
+
+
 def _peek(s: Session, chain: int) -> int:
     """The next index of ``chain`` as last committed, without a lock: a prediction only."""
     value = s.execute(
@@ -251,6 +269,7 @@ def issue_in_session(
     good, failure = _derive_checked(policy, manifest, chain, predicted, count)
     if failure:
         raise AddressMismatch(*failure[0])
+    pause_point("issuance.derived")
     # The serialized section: the halt's guard takes the audit head's row lock, which every
     # other writer (a halt, a withdrawal, a rotation, another issuer) needs, and looks at what
     # was appended since the full check above; then the counter's row lock. The halt wins every
@@ -258,6 +277,7 @@ def issue_in_session(
     # nothing is shown before the commit. Lock order: the head, then a counter, for every
     # writer (withdrawals and rotations too): no cycle.
     locked = halt.guard_since(s, seen, (COUNTER_NAMES[chain], count))  # the head, then the counter
+    _same_epoch(s, store[-1])  # a rotation committed since the epochs were read: refuse (rolled back)
     first = locked.first if locked.first is not None else predicted
     crash_point("issuance.allocated")
     pause_point("issuance.allocated")
@@ -374,6 +394,7 @@ def issue_chunks(
     manifest, pinned = _pinned_or_halt(db, settings)
     chunk = chunk or ISSUE_CHUNK
     left = count
+    retried = False
     while left:
         size = min(chunk, left)
         try:
@@ -384,6 +405,12 @@ def issue_chunks(
             crash_point("issuance.committed")
         except AddressMismatch as exc:  # the chunk's transaction rolled back: nothing of it stored
             raise halt_for_mismatch(db, settings, exc) from None
+        except RotatedMeanwhile:  # rolled back too: once more, against the chain pinned now
+            if retried:
+                raise
+            retried = True
+            manifest, pinned = _pinned_or_halt(db, settings)
+            continue
         yield issued
         left -= size
 
