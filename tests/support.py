@@ -210,3 +210,29 @@ def read_psbt(path: Path) -> bytes:
 def psbt_b64(path: Path) -> str:
     """A PSBT file as the base64 text the node's RPCs take."""
     return base64.b64encode(read_psbt(path)).decode("ascii")
+
+
+def append_entry(c: Custody, event: str, actor: str, payload: dict[str, Any]) -> None:
+    """An audit entry an insider with the SQLite store appends, well chained (the tool's own
+    library computes the hashes and moves the head): the log's chain and head checks pass."""
+    import gc
+
+    from custody.control import audit_log
+    from custody.store.db import Database
+
+    gc.collect()  # no pooled connection of an in-process command holds the file
+    db = Database(f"sqlite:///{c.home / 'custody.db'}")
+    try:
+        with db.transaction() as s:
+            audit_log.append(s, event, actor, payload)
+    finally:
+        db.dispose()
+
+
+def forged_lift(halt_id: int) -> dict[str, Any]:
+    """A ``halt.lifted`` payload in the tool's shape, signed by a key of nobody's."""
+    import coincurve
+
+    stranger = coincurve.PrivateKey().public_key.format().hex()
+    lifts = [{"employee": who, "pubkey": stranger, "signature": "30" * 35} for who in ("alice", "bob")]
+    return {"halt_id": halt_id, "signers": ["alice", "bob"], "lifts": lifts}

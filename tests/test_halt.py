@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Custody, founders, staffed
+from tests.support import Custody, append_entry, forged_lift, founders, staffed
 
 
 @pytest.fixture
@@ -247,3 +247,90 @@ def test_verify_command_halts_on_a_tampered_store(shop: tuple[Custody, dict[str,
     assert "trailer" in truncated.stdout or "truncated" in truncated.stdout
     missing = c("verify", "addresses", "--manifest", str(tmp_path / "nope.json"))
     assert missing.exit_code == 2
+
+
+# ---------------------------------------------------------------- forged lift entries (the ORM path)
+
+
+def test_a_forged_lift_entry_neither_lifts_nor_blocks_the_real_lift(shop: tuple[Custody, dict[str, Path]]) -> None:
+    """The insider appends, well chained, a ``halt.lifted`` entry signed by nobody's key and marks
+    the row lifted by SQL: still halted, issuance refused. Then alice and bob lift it for real:
+    trading runs, though the forged entry came first; it is named as written outside the tool."""
+    import sqlite3
+
+    c, keys = shop
+    halt_id = _raise(c, keys)
+    append_entry(c, "halt.lifted", "alice,bob", forged_lift(halt_id))
+    with sqlite3.connect(c.home / "custody.db") as db:
+        db.execute("UPDATE halt SET active = 0, lifted_at = '2026-01-01 00:00:00.000000'")
+    refused = c("address", "new", "--account", "a")
+    assert refused.exit_code == 3 and "0 valid employee signature(s)" in refused.stderr
+    assert _lift(c, keys, halt_id, "alice")["lifted"] is False
+    assert _lift(c, keys, halt_id, "bob")["lifted"] is True
+    assert c("address", "new", "--account", "a").exit_code == 0
+    status = c("halt", "status", "--json")
+    assert status.exit_code == 0 and json.loads(status.stdout)["halted"] is False
+    assert "lifts nothing" in status.stderr and "written outside the tool" in status.stderr
+    assert c("audit", "log", "--verify").exit_code == 0  # well chained: the halt state is what reports it
+
+
+def test_a_lift_entry_inserted_by_plain_sql_breaks_the_chain(shop: tuple[Custody, dict[str, Path]]) -> None:
+    """The same forgery by plain SQL, not re-hashed (the head moved to it): it holds the real
+    lift back no more than the well-chained one, and the chain check fails and halts, as it
+    does for any entry edited or inserted behind the tool."""
+    import sqlite3
+
+    c, keys = shop
+    halt_id = _raise(c, keys)
+    with sqlite3.connect(c.home / "custody.db") as db:
+        seq, at, prev = db.execute("SELECT seq, at, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+        payload = json.dumps(forged_lift(halt_id), sort_keys=True, separators=(",", ":"))
+        db.execute(
+            "INSERT INTO audit_log (seq, at, event, actor, payload, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (seq + 1, at, "halt.lifted", "alice,bob", payload, prev, "ab" * 32),
+        )
+        db.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq + 1, "ab" * 32))
+    _lift(c, keys, halt_id, "alice")
+    assert _lift(c, keys, halt_id, "bob")["lifted"] is True
+    assert c("halt", "status").exit_code == 0
+    verified = c("audit", "log", "--verify")
+    assert verified.exit_code == 3 and f"{seq + 1}" in verified.output, verified.output
+    assert c("halt", "status").exit_code == 3
+
+
+def test_an_older_roster_replayed_into_the_log_gives_no_lift_key_back(shop: tuple[Custody, dict[str, Path]]) -> None:
+    """bob's key was stolen; the founders disabled him (the next roster). carol, the insider,
+    appends (well chained) a ``roster.applied`` entry replaying the founders' older roster, in
+    which bob may lift, then a ``halt.lifted`` entry with her own and the stolen key's valid
+    signatures, and marks the row lifted. The replayed roster changes nothing: still halted."""
+    import sqlite3
+
+    from custody.control.halt_lift import LIFT_DOMAIN
+    from custody.identity.keyfile import open_employee_key
+    from custody.identity.statements import sign_statement
+    from tests.support import PASSPHRASE
+
+    c, keys = shop
+    with sqlite3.connect(c.home / "custody.db") as db:
+        query = "SELECT payload FROM audit_log WHERE event = 'roster.applied' ORDER BY seq DESC"
+        (older,) = db.execute(query).fetchone()
+    assert c("employee", "disable", "bob").exit_code == 0
+    c.apply_roster()
+    halt_id = _raise(c, keys, reason="bob's key was stolen")
+    with sqlite3.connect(c.home / "custody.db") as db:
+        (raised,) = db.execute("SELECT payload FROM audit_log WHERE event = 'halt.raised'").fetchone()
+    statement = [halt_id, json.loads(raised)["raised_at"], "alice", "bob's key was stolen"]
+    lifts = []
+    for who in ("carol", "bob"):
+        key = open_employee_key(keys[who], PASSPHRASE)
+        signature = sign_statement(key.private_key, LIFT_DOMAIN, statement)
+        lifts.append({"employee": who, "pubkey": key.public_key.hex(), "signature": signature})
+    append_entry(c, "roster.applied", "operator", json.loads(older))
+    append_entry(c, "halt.lifted", "carol,bob", {"halt_id": halt_id, "signers": ["carol", "bob"], "lifts": lifts})
+    with sqlite3.connect(c.home / "custody.db") as db:
+        db.execute("UPDATE halt SET active = 0, lifted_at = '2026-01-01 00:00:00.000000'")
+    status = c("halt", "status", "--json")
+    assert status.exit_code == 3, status.output
+    (halt,) = json.loads(status.stdout)["halts"]
+    assert halt["id"] == halt_id and "1 valid employee signature(s)" in halt["problem"], halt
+    assert c("address", "new", "--account", "a").exit_code == 3

@@ -31,6 +31,8 @@ import pytest
 from custody.control import halt_file
 from custody.errors import UNKNOWN_EXIT
 from tests.support import Custody, founders
+from tests.support import append_entry as _append
+from tests.support import forged_lift as _forged_lift
 
 _PROBE = """
 import atexit, json, sys
@@ -194,6 +196,47 @@ def lift_by_one_who_may_not(c: Custody) -> None:
         _set_payload(db, seq, doc)
 
 
+def forged_lift_before_a_real_one(c: Custody) -> None:
+    """The insider's denial of service: a forged lift entered first must not keep the real
+    lift by two employees from counting."""
+    halt_id = _raise(c)
+    _append(c, "halt.lifted", "alice,bob", _forged_lift(halt_id))
+    _lift(c, halt_id, "alice", "bob")
+
+
+def forged_lift_after_a_real_one(c: Custody) -> None:
+    halt_id = _raise(c)
+    _lift(c, halt_id, "alice", "bob")
+    _append(c, "halt.lifted", "alice,bob", _forged_lift(halt_id))
+
+
+def unreadable_lift_before_a_real_one(c: Custody) -> None:
+    """A lift entry whose halt id is not a number: it lifts nothing and holds nothing back."""
+    halt_id = _raise(c)
+    _append(c, "halt.lifted", "alice,bob", _forged_lift(halt_id) | {"halt_id": str(halt_id)})
+    _lift(c, halt_id, "alice", "bob")
+
+
+def forged_lift_and_row_lifted(c: Custody) -> None:
+    """The insider's mask: a forged lift entry, and the row marked lifted to agree with it."""
+    halt_id = _raise(c)
+    _append(c, "halt.lifted", "alice,bob", _forged_lift(halt_id))
+    with _sql(c) as db:
+        db.execute("UPDATE halt SET active = 0, lifted_at = '2026-01-01 00:00:00.000000'")
+
+
+def one_real_signature_forged_into_a_lift(c: Custody) -> None:
+    """alice signed; the insider appends a lift carrying her real signature under her name and
+    under bob's, then a second forged entry with her signature alone."""
+    halt_id = _raise(c)
+    _lift(c, halt_id, "alice")
+    with _sql(c) as db:
+        pubkey, signature = db.execute("SELECT pubkey, signature FROM halt_lift").fetchone()
+    alice = {"employee": "alice", "pubkey": pubkey, "signature": signature}
+    for lifts in ([alice, dict(alice, employee="bob")], [alice]):
+        _append(c, "halt.lifted", "alice,bob", {"halt_id": halt_id, "signers": ["alice", "bob"], "lifts": lifts})
+
+
 def row_lifted_by_sql(c: Custody) -> None:
     _raise(c)
     with _sql(c) as db:
@@ -331,6 +374,11 @@ CASES: list[tuple[Callable[[Custody], None], str, int]] = [
     (duplicated_lift_signature, LIGHT, 3),
     (signature_under_another_name, LIGHT, 3),
     (lift_by_one_who_may_not, LIGHT, 3),
+    (forged_lift_before_a_real_one, LIGHT, 0),
+    (forged_lift_after_a_real_one, LIGHT, 0),
+    (unreadable_lift_before_a_real_one, LIGHT, 0),
+    (forged_lift_and_row_lifted, LIGHT, 3),
+    (one_real_signature_forged_into_a_lift, LIGHT, 3),
     (row_lifted_by_sql, LIGHT, 3),
     (row_deleted_by_sql, LIGHT, 3),
     (row_not_in_the_log, LIGHT, 3),
@@ -382,6 +430,22 @@ def test_the_light_path_answers_as_the_full_path(
     assert light.halt_file == full.halt_file
     if code != -1:
         assert light.code == code, (light.doc, light.warnings)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [forged_lift_before_a_real_one, forged_lift_after_a_real_one, unreadable_lift_before_a_real_one],
+    ids=lambda f: f.__name__,
+)
+def test_a_forged_lift_entry_is_reported_and_holds_no_real_lift_back(shop: Shop, make: Callable[..., None]) -> None:
+    """Beside the real lift, the insider's entry lifts nothing and blocks nothing: trading runs,
+    and both paths name the entry as written outside the tool."""
+    light, full = _both(shop, make, f"reported-{make.__name__}")
+    for answer in (light, full):
+        assert answer.code == 0 and answer.doc["halted"] is False, (answer.doc, answer.warnings)
+        assert answer.halt_file["halted"] is False
+        (tampered,) = [w for w in answer.warnings if "written outside the tool" in w]
+        assert "halt.lifted" in tampered and ("lifts nothing" in tampered or "cannot be read" in tampered)
 
 
 def test_the_witness_is_appended_alike(shop: Shop) -> None:

@@ -83,7 +83,7 @@ def guard(s: Session, *, lock: bool = True) -> int:
             seq = head.seq if head else 0
         else:
             seq = _consistent_seq(s)
-        halts = _derive(s, seq)[0]
+        halts = _derive(s, seq).halts
     except SQLAlchemyError as exc:
         raise HaltedError(f"the halt state cannot be read ({type(exc).__name__}): treated as halted") from None
     if halts:
@@ -201,8 +201,8 @@ def read_state(db: Database) -> HaltState:
         db.check_schema()
         with db.transaction(read_only=True) as s:
             seq = _consistent_seq(s)
-            halts, recorded = _derive(s, seq)
-        return HaltState(bool(halts), halts, seq=seq, recorded=recorded)
+            halts, recorded, tampered = _derive(s, seq)
+        return HaltState(bool(halts), halts, seq=seq, recorded=recorded, warnings=tampered)
     except StoreBusy as exc:
         return HaltState(True, [], error=f"halt state unknown: {exc}", unknown=True)
     except CustodyError as exc:
@@ -415,7 +415,7 @@ def _next_halt_id(s: Session) -> int:
     SQLite would hand a deleted last row's id out again, and a lift signed for the old halt
     must never apply to a new one."""
     in_table = s.exec(select(func.max(HaltRow.id))).one() or 0
-    in_log = max((h.id for h in _read_log(s)[0]), default=0)
+    in_log = max((h.id for h in _read_log(s).halts), default=0)
     return max(in_table, in_log) + 1
 
 

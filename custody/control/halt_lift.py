@@ -16,11 +16,10 @@ from custody.control.halt import HaltState, publish
 from custody.control.halt_log import (
     LIFT_DOMAIN,
     LIFT_QUORUM,
-    _lift_problem,
     _named,
     _read_log,
-    _roster_events,
     _verifies,
+    lifted_validly,
 )
 from custody.control.roster import Trust, authenticate, check_pinned, load_trust, standing
 from custody.errors import (
@@ -110,9 +109,8 @@ def _restore_from_log(s: Session, halt_id: int, row: HaltRow | None) -> HaltRow 
     its row made active again from the log (recorded), so that two employees can lift it.
     None when the log does not hold it active."""
     s.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
-    halts, by_id, _, _ = _read_log(s)
-    logged = by_id.get(halt_id, [])
-    if not logged or logged[-1].lifted_seq is not None and _lift_problem(s, logged[-1], _roster_events(s)) is None:
+    logged = _read_log(s).by_id.get(halt_id, [])
+    if not logged or lifted_validly(s, logged[-1]):
         return None
     h = logged[-1]
     if row is None:

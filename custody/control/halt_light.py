@@ -157,7 +157,7 @@ def _read(path: Path, witnessed: Sequence[witness_file.Checkpoint]) -> _Read:
         if row is None or (row[1] or 0) != row[0]:
             raise NotLight("the log does not end at its head")  # the full path says halted, and why
         seq, digest = stored_int(row[0]), stored_str(row[2])
-        halts, recorded = _derive(SqlRows(cur), seq)
+        halts, recorded, tampered = _derive(SqlRows(cur), seq)
         wanted = witness_file.wanted_seqs(witnessed, seq)
         stored: dict[int, str] = {}
         for start in range(0, len(wanted), 500):
@@ -168,7 +168,7 @@ def _read(path: Path, witnessed: Sequence[witness_file.Checkpoint]) -> _Read:
         disagrees = bool(witness_file.disagreements(witnessed, seq, stored))
         recipients = cur.execute("SELECT id FROM notify_recipient WHERE notify_recipient.active = 1 LIMIT 1")
         anyone = recipients.fetchone() is not None
-    state = HaltState(bool(halts), halts, seq=seq, recorded=recorded)
+    state = HaltState(bool(halts), halts, seq=seq, recorded=recorded, warnings=tampered)
     return _Read(state, witness_file.Checkpoint(seq, digest, iso(now()), "the store"), disagrees, anyone)
 
 

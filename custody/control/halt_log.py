@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from custody.clock import iso
 from custody.control.trust_text import StoredManifest, StoredPolicy, governance_from_text
@@ -164,6 +164,10 @@ def _rows(s: Session | HaltRows) -> HaltRows:
 # ---------------------------------------------------------------- the halt state from the audit log
 
 
+Lift = tuple[str, str | None, str]
+"""One employee's signature in a ``halt.lifted`` entry: (employee, pubkey, signature)."""
+
+
 @dataclass
 class _Logged:
     """One halt as the audit log tells it."""
@@ -174,17 +178,28 @@ class _Logged:
     raised_by: str
     source: str
     reason: str
-    lifted_seq: int | None = None
-    lifts: list[tuple[str, str | None, str]] = field(default_factory=list)  # (employee, pubkey, signature)
+    lift_entries: list[tuple[int, list[Lift]]] = field(default_factory=list)  # every halt.lifted: (seq, lifts)
     signed: list[tuple[int, str, str]] = field(default_factory=list)  # halt.lift_signed: (seq, employee, signature)
 
 
-def _read_log(s: Session | HaltRows) -> tuple[list[_Logged], dict[int, list[_Logged]], frozenset[str], list[str]]:
-    """Every halt of the log; by id; the journal ids it recorded; entries it cannot read."""
+@dataclass
+class _Log:
+    """What the audit log says of halts."""
+
+    halts: list[_Logged]  # every halt, in log order
+    by_id: dict[int, list[_Logged]]  # the halts raised under each id, in log order
+    journal: frozenset[str]  # the journal ids it recorded
+    unreadable: list[str]  # halt.raised entries it cannot read: each a halt of its own
+    tampered: list[str]  # lift entries it cannot read: they lift nothing, and block nothing
+
+
+def _read_log(s: Session | HaltRows) -> _Log:
+    """Every halt of the log, and what it cannot read."""
     halts: list[_Logged] = []
     by_id: dict[int, list[_Logged]] = {}
     journal: set[str] = set()
     unreadable: list[str] = []
+    tampered: list[str] = []
     for seq, at, event, actor, payload, signature in _rows(s).halt_entries():
         try:
             doc = json.loads(payload)
@@ -192,7 +207,10 @@ def _read_log(s: Session | HaltRows) -> tuple[list[_Logged], dict[int, list[_Log
             if not isinstance(halt_id, int):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            unreadable.append(f"audit entry {seq} ({event}) cannot be read")
+            if event == "halt.raised":  # perhaps a real halt, damaged: it stands (fail closed)
+                unreadable.append(f"audit entry {seq} ({event}) cannot be read")
+            else:  # a lift it cannot read lifts nothing; it must not hold a later valid lift back
+                tampered.append(f"audit entry {seq} ({event}) cannot be read: {_OUTSIDE}")
             continue
         if event == "halt.raised":
             logged = _Logged(
@@ -213,18 +231,23 @@ def _read_log(s: Session | HaltRows) -> tuple[list[_Logged], dict[int, list[_Log
             continue  # a lift of a halt the log never raised changes nothing
         if event == "halt.lift_signed" and signature:
             target[-1].signed.append((seq, actor, signature))
-        elif event == "halt.lifted" and target[-1].lifted_seq is None:
-            target[-1].lifted_seq = seq
-            lifts = doc.get("lifts")
-            if isinstance(lifts, list):
-                target[-1].lifts = [
-                    (str(x.get("employee")), x.get("pubkey"), str(x.get("signature")))
-                    for x in lifts
-                    if isinstance(x, dict)
-                ]
-            else:  # a log from before lifts carried their signatures: the signed entries before it
-                target[-1].lifts = [(name, None, sig) for at_seq, name, sig in target[-1].signed if at_seq < seq]
-    return halts, by_id, frozenset(journal), unreadable
+        elif event == "halt.lifted":  # every one: a forged one before a valid one must not hide it
+            target[-1].lift_entries.append((seq, _lifts_of(doc, target[-1], seq)))
+    return _Log(halts, by_id, frozenset(journal), unreadable, tampered)
+
+
+_OUTSIDE = "written outside the tool (run `custody audit log --verify`)"
+
+
+def _lifts_of(doc: dict[str, Any], h: _Logged, seq: int) -> list[Lift]:
+    """The signatures a ``halt.lifted`` entry (audit entry ``seq``) of ``h`` carries."""
+    lifts = doc.get("lifts")
+    if isinstance(lifts, list):
+        return [
+            (str(x.get("employee")), x.get("pubkey"), str(x.get("signature"))) for x in lifts if isinstance(x, dict)
+        ]
+    # a log from before lifts carried their signatures: the signed entries before it
+    return [(name, None, sig) for at_seq, name, sig in h.signed if at_seq < seq]
 
 
 Signers = dict[str, tuple[str | Credential, ...]]
@@ -235,17 +258,23 @@ def _roster_events(s: Session | HaltRows) -> list[tuple[int, Signers]]:
     lift from that entry on (enabled, with the lift role) and with which keys (and security keys).
     An entry only says which roster (serial and digest); who is in it is read from that roster's
     document, whose founders' signatures are checked against its policy epoch's founders: an
-    entry written by SQL, or a roster that does not stand, lets nobody lift."""
+    entry written by SQL, or a roster that does not stand, lets nobody lift. An entry of a
+    founders' roster no newer than one applied before it (the tool applies serial + 1 only) is
+    an older roster replayed by SQL, to give back a removed employee's key: it changes nothing."""
     events: list[tuple[int, Signers]] = []
     rows = _rows(s)
     entries = list(rows.roster_entries())
     governance = governance_from_text(*rows.governance_text()) if entries else None
     documents = rows.roster_documents() if governance else {}
+    newest = 0
     for seq, payload in entries:
         lifters: Signers = {}
         try:
             logged = json.loads(payload)
             roster = _founders_roster(documents, governance, logged["serial"], logged["digest"])
+            if roster is not None and roster.serial <= newest:
+                continue
+            newest = roster.serial if roster is not None else newest
             for e in roster.employees if roster else ():
                 if e.may("lift"):
                     lifters[e.name] = (*e.keys, *e.webauthn)
@@ -296,19 +325,47 @@ def _named(key: str | Credential) -> str:
     return key.fingerprint if isinstance(key, Credential) else key
 
 
-def _lift_problem(s: Session | HaltRows, h: _Logged, events: list[tuple[int, Signers]]) -> str | None:
-    """Why the log's lift of ``h`` does not count (None: it counts)."""
+@dataclass(frozen=True)
+class _Lifted:
+    """What the ``halt.lifted`` entries of one halt come to."""
+
+    seq: int | None  # the first entry carrying LIFT_QUORUM valid signatures: it lifted the halt
+    problem: str | None  # why none counts (None when one does, or there is none)
+    void: list[tuple[int, str]]  # each entry that does not count, with why
+
+
+def _lifted(s: Session | HaltRows, h: _Logged, events: list[tuple[int, Signers]]) -> _Lifted:
+    """Which of the log's ``halt.lifted`` entries of ``h`` lifted it: the first that carries two
+    distinct roster employees' valid signatures (by the roster in force at that entry). Every
+    other entry lifts nothing and holds nothing back."""
+    void: list[tuple[int, str]] = []
+    statement = _statement(s, h) if h.lift_entries else None
+    found: int | None = None
+    for seq, lifts in h.lift_entries:
+        why = _lift_problem(statement, lifts, _lifter_keys(events, seq))
+        if why is not None:
+            void.append((seq, why))
+        elif found is None:
+            found = seq
+    return _Lifted(found, void[0][1] if void and found is None else None, void)
+
+
+def _statement(s: Session | HaltRows, h: _Logged) -> tuple[str | int, ...] | None:
+    """What a lift of ``h`` signs; None when the log cannot say."""
     raised_at = h.raised_at
     if raised_at is None:  # a log from before the field: the row's (its lifters signed that)
         row = _rows(s).halt(h.id)
         raised_at = iso(row.raised_at, "microseconds") if row is not None else None
-    if raised_at is None:
+    return None if raised_at is None else (h.id, raised_at, h.raised_by, h.reason)
+
+
+def _lift_problem(statement: tuple[str | int, ...] | None, lifts: list[Lift], keys: Signers) -> str | None:
+    """Why a lift carrying ``lifts`` of ``statement`` does not count with ``keys`` (None: it counts)."""
+    if statement is None:
         return "its lift cannot be checked: the log does not say when it was raised"
-    statement: tuple[str | int, ...] = (h.id, raised_at, h.raised_by, h.reason)
-    keys = _lifter_keys(events, h.lifted_seq or 0)
     valid = {
         name
-        for name, pubkey, signature in h.lifts
+        for name, pubkey, signature in lifts
         if any(pubkey in (None, _named(k)) and _verifies(k, signature, statement) for k in keys.get(name, ()))
     }
     if len(valid) < LIFT_QUORUM:
@@ -316,26 +373,50 @@ def _lift_problem(s: Session | HaltRows, h: _Logged, events: list[tuple[int, Sig
     return None
 
 
-def _derive(s: Session | HaltRows, seq: int) -> tuple[list[dict[str, Any]], frozenset[str]]:
-    """The active halts as of audit entry ``seq``, each checked against its row; and the
-    journal ids the log recorded. A row that says lifted when the log does not, a row
-    deleted, a lift without two valid signatures: each stays a halt, with a ``problem``."""
+def lifted_validly(s: Session | HaltRows, h: _Logged) -> bool:
+    """Whether the log holds ``h`` lifted by a valid ``halt.lifted`` entry (at any sequence)."""
+    return bool(h.lift_entries) and _lifted(s, h, _roster_events(s)).seq is not None
+
+
+class Derived(NamedTuple):
+    """The halt state the audit log says (:func:`_derive`)."""
+
+    halts: list[dict[str, Any]]
+    """The active halts, each checked against its row."""
+    recorded: frozenset[str]
+    """The journal ids the log recorded."""
+    tampered: list[str]
+    """Halt entries that lift nothing and were not written by the tool: reported, never obeyed."""
+
+
+def _derive(s: Session | HaltRows, seq: int) -> Derived:
+    """The active halts as of audit entry ``seq``, each checked against its row; the journal ids
+    the log recorded; the lift entries that are not the tool's. A row that says lifted when the
+    log does not, a row deleted, a lift without two valid signatures: each stays a halt, with a
+    ``problem``. A forged lift entry neither lifts its halt nor keeps a later valid lift from
+    lifting it: it is reported in ``tampered``."""
     s = _rows(s)
-    halts, by_id, journal, unreadable = _read_log(s)
-    events = _roster_events(s) if any(h.lifted_seq is not None for h in halts) else []
+    log = _read_log(s)
+    halts, by_id = log.halts, log.by_id
+    events = _roster_events(s) if any(h.lift_entries for h in halts) else []
     active: list[dict[str, Any]] = []
+    tampered = list(log.tampered)
     seen: set[int] = set()
     for h in halts:
         seen.add(h.id)
-        problem = _lift_problem(s, h, events) if h.lifted_seq is not None else None
-        if h.lifted_seq is not None and h.lifted_seq <= seq and problem is None:
-            continue  # lifted, with two valid signatures, by the entry this state reflects
+        lifted = _lifted(s, h, events)
+        tampered += [
+            f"audit entry {n} (halt.lifted of halt #{h.id}) lifts nothing: {why}; {_OUTSIDE}" for n, why in lifted.void
+        ]
+        if lifted.seq is not None and lifted.seq <= seq:
+            continue  # lifted, with two valid signatures, by an entry this state reflects
+        problem = lifted.problem
         row = s.halt(h.id)
         if h is not by_id[h.id][-1]:
             problem = "a later halt was raised under its id (its row was replaced outside the tool)"
-        elif h.lifted_seq is None and row is None:
+        elif not h.lift_entries and row is None:
             problem = "its row was deleted outside the tool"
-        elif h.lifted_seq is None and row is not None and not row.active:
+        elif not h.lift_entries and row is not None and not row.active:
             problem = "its row says lifted; the audit log does not"
         active.append(_logged_dict(s, h, row, problem))
     for row in s.active_halts():
@@ -343,7 +424,7 @@ def _derive(s: Session | HaltRows, seq: int) -> tuple[list[dict[str, Any]], froz
             d = _halt_dict(s, row)
             d["problem"] = "its row is not in the audit log"
             active.append(d)
-    for i, why in enumerate(unreadable):
+    for i, why in enumerate(log.unreadable):
         active.append(
             {
                 "id": 0,
@@ -358,7 +439,7 @@ def _derive(s: Session | HaltRows, seq: int) -> tuple[list[dict[str, Any]], froz
             }
         )
     active.sort(key=lambda d: d["id"])
-    return active, journal
+    return Derived(active, log.journal, tampered)
 
 
 def _logged_dict(s: HaltRows, h: _Logged, row: HaltRecord | None, problem: str | None) -> dict[str, Any]:
