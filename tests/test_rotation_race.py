@@ -30,9 +30,8 @@ from custody.issuance.issuer import list_addresses
 from custody.policy.manifest import SignedManifest
 from custody.store.db import Database
 from tests import support
+from tests.rotation_support import founders_policy
 from tests.support import PASSPHRASE, account_key, create_store, founders, sign_manifest_with
-from tests.test_issuance_cache import _policy
-from tests.test_readers import _wait_stopped
 
 pytestmark = [pytest.mark.postgres]
 
@@ -64,12 +63,12 @@ def shop(tmp_path: Path, pg_url: str) -> Iterator[Shop]:
     settings = Settings.load(home=str(home), db_url=pg_url)
     db = Database(settings.db_url)
     fs = founders()
-    first = create_store(db, settings, _policy(fs), fs)
+    first = create_store(db, settings, founders_policy(fs, 2), fs)
     joiner = founders(tag="joiner-", n=1)[0]
     new_fs = [*fs, support.TestFounder("founder-d", joiner.master, joiner.path)]
     from custody.policy.rotation import approve_rotation, draft_rotation
 
-    m = sign_manifest_with(draft_rotation(first, _policy(new_fs, 3)), new_fs)
+    m = sign_manifest_with(draft_rotation(first, founders_policy(new_fs, 3)), new_fs)
     for f in fs[:2]:
         m = approve_rotation(m, first, f.name, account_key(f))
     (tmp_path / "rotation.json").write_text(json.dumps(m.to_document()))
@@ -140,7 +139,7 @@ def test_an_issuer_that_read_the_policy_before_a_rotation_committed_issues_from_
     assert [i for i, _ in before] == [0, 1]
     issuer = _issuer(shop, 1, CUSTODY_PAUSE_AT="issuance.derived")
     try:
-        _wait_stopped(issuer.pid)
+        support.wait_stopped(issuer.pid, "the issuer")
         applied = support.run_cli(shop.env, "rotate", "apply", str(shop.home.parent / "rotation.json"), "--json")
         assert applied.returncode == 0, applied.stderr
         assert json.loads(applied.stdout)["receive_from"] == 2
