@@ -7,10 +7,12 @@ Shared by the full read (custody.control.halt, through the ORM) and the light on
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from custody.clock import iso, now
@@ -60,6 +62,15 @@ class HaltState:
         if self.error:
             doc["error"] = self.error
         return doc
+
+
+def with_waiting(state: HaltState, path: Path) -> HaltState:
+    """``state`` (read from the store) with the halts waiting in the halt file at ``path`` that
+    the store has not recorded (by journal id): halted while any waits. A store that refuses to
+    record a halt (down, full, or made to refuse by SQL) must not make a reader of the store
+    alone answer "not halted" while the halt file says halted. ``state`` is not changed."""
+    waiting = [p for p in halt_file.pending(path) if p["id"] not in state.recorded]
+    return dataclasses.replace(state, halted=True, pending=waiting) if waiting else state
 
 
 def write_out(

@@ -34,6 +34,7 @@ from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import halt as halt_lib
 from custody.control import halt_file, witness
+from custody.control.halt_state import with_waiting
 from custody.control.roster import authenticate, check_pinned, load_trust
 from custody.control.wallet import load_policy
 from custody.errors import (
@@ -173,6 +174,8 @@ def halt_document(state: halt_lib.HaltState, lease: float) -> dict[str, Any]:
         "valid_until": iso(stamp + timedelta(seconds=lease)) if state.error is None else iso(stamp),
         "halts": state.halts,
     }
+    if state.pending:
+        doc["pending"] = state.pending
     if state.error:
         doc["error"] = state.error
     return doc
@@ -322,7 +325,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         HaltRoute,
         reader=halt_reader,
         verifier=verifier,
-        document=lambda state: halt_document(state, settings.halt_lease),
+        # a halt the store could not record (waiting in the halt file's pending) holds
+        document=lambda state: halt_document(with_waiting(state, settings.halt_file), settings.halt_lease),
         failure=lambda exc: (http_status(exc), error_body(exc)),
     )
     _install_error_handlers(app)
@@ -407,8 +411,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
     async def halt() -> JSONResponse:
         """Trade only while this answers 200, ``"halted": false`` and ``valid_until`` is in the future."""
         # On the event loop: the reads of concurrent requests share one worker-thread hop (aread).
-        # A response, not a dict: FastAPI would validate a dict.
-        return JSONResponse(halt_document(await halt_reader.aread(), settings.halt_lease))
+        # A response, not a dict: FastAPI would validate a dict. A halt the store could not record holds.
+        state = with_waiting(await halt_reader.aread(), settings.halt_file)
+        return JSONResponse(halt_document(state, settings.halt_lease))
 
     @v1.get("/audit/head", summary="The audit log's head")
     def head() -> dict[str, Any]:

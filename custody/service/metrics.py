@@ -20,6 +20,7 @@ from custody.clock import aware, now, parse_iso
 from custody.config import Settings
 from custody.control import halt as halt_lib
 from custody.control import halt_file
+from custody.control.halt_state import with_waiting
 from custody.errors import CustodyError
 from custody.notify import delivery
 from custody.store.db import Database
@@ -34,7 +35,7 @@ def snapshot(db: Database, settings: Settings) -> dict[str, Any]:
     be read shows as halted with ``store_up`` 0."""
     stamp = now()
     out: dict[str, Any] = {"store_up": 1.0}
-    state = halt_lib.read_state(db)
+    state = with_waiting(halt_lib.read_state(db), settings.halt_file)  # as GET /v1/halt
     out["halted"] = 1.0 if state.halted else 0.0
     current = halt_file.read(settings.halt_file)
     doc = current.doc if current is not None else None
