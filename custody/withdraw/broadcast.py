@@ -14,6 +14,7 @@ followed by custody.withdraw.replace_sync, which uses :func:`refund`, :func:`res
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,7 @@ from custody.errors import (
 )
 from custody.faults import crash_point
 from custody.store.db import Database
-from custody.store.models import ReservedInput, WithdrawalRow
+from custody.store.models import AuditEntry, ReservedInput, WithdrawalRow
 from custody.withdraw import replacements
 from custody.withdraw.limits import Limits
 from custody.withdraw.records import (
@@ -67,7 +68,7 @@ def _stripped(raw: bytes) -> bytes:
     return bytes(CTransaction(tx.vin, tx.vout, tx.nLockTime, tx.nVersion).serialize())
 
 
-def _final_matches(row: WithdrawalRow) -> bool:
+def final_matches(row: WithdrawalRow) -> bool:
     """The final transaction is the approved one with signatures added, nothing else."""
     return _stripped(x(row.final_tx or "")) == bytes(x(row.unsigned_tx))
 
@@ -132,7 +133,7 @@ def broadcast(db: Database, backend: ChainBackend, withdrawal_id: int, *, settin
         if row.status != SIGNED or not row.final_tx:
             raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}: finalize it first")
         _require_approved(s, policy, row)
-        if not _final_matches(row):
+        if not final_matches(row):
             raise StorageError(f"withdrawal #{withdrawal_id}: the final transaction is not the approved one")
         raw = x(row.final_tx)
         spent = [(i.amount, bytes.fromhex(i.script_pubkey)) for i in _inputs(s, withdrawal_id)]
@@ -361,6 +362,7 @@ def refund(s: Session, row: WithdrawalRow, conflict: OutputSpend, note: dict[str
     withdrawal, release its inputs and give each member's amount and fee back (``note``:
     more for the audit event)."""
     wid = row.id or 0
+    check_logged(s, row)
     reason = refund_reason(conflict)
     members = _members(s, wid)
     _touch(s, row, next_state(row.status, Event.REFUNDED), reason)
@@ -383,6 +385,47 @@ def refund(s: Session, row: WithdrawalRow, conflict: OutputSpend, note: dict[str
             **(note or {}),
         },
     )
+
+
+def check_logged(s: Session, row: WithdrawalRow) -> None:
+    """Raise LedgerImbalance (a halt) unless every transaction the audit log recorded for
+    withdrawal ``row`` (the ``unsigned_txid`` of its request and of each replacement's) is one
+    of its rows' still. Which spend of its inputs is "ours" and which proves a double spend is
+    judged by those rows; an insider who rewrote them (or unlinked a replacement) would make
+    the withdrawal's own payment look like another transaction and have it refunded."""
+    wid = row.id or 0
+    have = set()
+    for r in [row, *replacements.replacements_of(s, wid)]:
+        try:
+            have.add(b2lx(_tx(r).GetTxid()))
+        except Exception:  # noqa: BLE001 - python-bitcoinlib raises several types; unreadable is not ours
+            continue
+    missing = sorted(_logged_txids(s, wid) - have)
+    if missing:
+        raise ledger.LedgerImbalance(
+            f"withdrawal #{wid}'s transaction {missing[0]}, recorded in the audit log at its request, is in none of "
+            "its rows (rewritten behind the tool's back): not refunded; run `custody audit log --verify`",
+            f"the refund of withdrawal #{wid}",
+        )
+
+
+def _logged_txids(s: Session, wid: int) -> set[str]:
+    """The ``unsigned_txid`` of every audit entry of withdrawal ``wid`` or of a replacement of it."""
+    found = s.exec(
+        select(AuditEntry.payload).where(
+            col(AuditEntry.payload).like('%"unsigned_txid":%'), col(AuditEntry.payload).like(f'%_id":{wid}%')
+        )
+    )
+    out = set()
+    for payload in found:
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            continue  # a damaged entry: audit log --verify names it
+        ids = [doc.get("withdrawal_id"), doc.get("original_id")]
+        if any(type(i) is int and i == wid for i in ids) and isinstance(doc.get("unsigned_txid"), str):
+            out.add(doc["unsigned_txid"])
+    return out
 
 
 REORG_DEPTH = 100

@@ -42,7 +42,15 @@ from custody.withdraw import records as wd_records
 from custody.withdraw import replacements
 from custody.withdraw import selftransfer as st
 from custody.withdraw import states as wd_states
-from custody.withdraw.broadcast import REORG_DEPTH, refund, refund_reason, reserve_again, spent_by
+from custody.withdraw.broadcast import (
+    REORG_DEPTH,
+    check_logged,
+    final_matches,
+    refund,
+    refund_reason,
+    reserve_again,
+    spent_by,
+)
 from custody.withdraw.replacements import replacements_of
 from custody.withdraw.states import Event
 
@@ -156,9 +164,30 @@ def sync_replacements(
             original = wd_records._get(s, wid, lock=True)
             if [(r.id or 0, r.status, r.txid) for r in [original, *replacements_of(s, wid)]] != before:
                 continue  # moved on meanwhile: the next sync looks again
+            _check_versions(s, original)
             rows = _follow_group(s, original, look, limits)
             changed += [wd_records.view(s, policy, r) for r in {r.id: r for r in rows}.values()]
     return changed
+
+
+def _check_versions(s: Session, original: WithdrawalRow) -> None:
+    """Raise LedgerImbalance (a halt) unless each version's stored transaction is its own: a
+    final transaction that is its approved one with signatures added, and a replacement's
+    ``txid`` that final transaction's. Which version the chain shows is judged by them; an
+    insider who gave a cancel's row the payment's transaction would have the payment taken for
+    the cancel, and the customer refunded while paid."""
+    for r in [original, *replacements_of(s, original.id or 0)]:
+        try:
+            own = bool(r.final_tx) and final_matches(r)
+            txid = b2lx(CTransaction.deserialize(x(r.final_tx)).GetTxid()) if own and r.final_tx else None
+        except Exception:  # noqa: BLE001 - python-bitcoinlib raises several types for a bad transaction
+            own, txid = False, None
+        if (r.final_tx and not own) or (r is not original and r.txid and r.txid != txid):
+            raise ledger.LedgerImbalance(
+                f"withdrawal #{r.id}'s stored transaction is not its approved one (its row was rewritten behind the "
+                "tool's back): nothing followed; run `custody audit log --verify`",
+                f"the sync of withdrawal #{original.id}",
+            )
 
 
 def _follow_group(s: Session, original: WithdrawalRow, look: _Look, limits: wd_limits.Limits) -> list[WithdrawalRow]:
@@ -338,6 +367,7 @@ def _settled(s: Session, original: WithdrawalRow, winner: WithdrawalRow, status:
 def _cancelled(s: Session, original: WithdrawalRow, cancel_row: WithdrawalRow, status: TxStatus) -> None:
     """The cancel confirmed deep enough: the withdrawal fails, its customer gets amount and fee
     back; the cancel's own fee is the house's."""
+    check_logged(s, original)
     reason = f"cancelled: self-transfer #{cancel_row.id} ({cancel_row.txid}) confirmed at height {status.block_height}"
     members = wd_records._members(s, original.id or 0)
     wd_records._touch(s, original, _next(original, Event.REFUNDED), reason)
