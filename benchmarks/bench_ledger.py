@@ -6,6 +6,8 @@
 * ``custody audit ledger`` (custody.books.audit.audit_ledger) over all the entries, beside a floor
   measured in the same run: a bare ``SELECT SUM(amount) FROM ledger_entry``. Target: under
   10 s for 1,000,000 entries.
+* The same as a ``custody`` process, with its peak memory (benchmarks/bench_scale.py's
+  launcher). Target: under 256 MB at 1,000,000 entries (issue 17).
 
 The ledger is filled in bulk (balanced two-entry deposit postings over --accounts customer
 accounts, cached balances and head kept exact, each posting recorded in the hash-chained
@@ -17,6 +19,8 @@ audit log as custody.books.ledger.post records it), not event by event.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import statistics
 import sys
@@ -26,7 +30,9 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_scale import run_measured  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
 from custody.bitcoin.network import REGTEST  # noqa: E402
@@ -189,6 +195,10 @@ def main() -> None:
             f"floor, a bare SUM over them: {floor:.2f} s (x{seconds / floor:.1f})"
         )
         db.dispose()
+        env = dict(os.environ, CUSTODY_HOME=tmp, CUSTODY_DB_URL=settings.db_url, CUSTODY_HALT_HOOK="")
+        code, secs, peak = run_measured(env, "audit", "ledger", "--json")
+        print(f"custody audit ledger --json as a process: exit {code}, {secs:.2f} s, peak {peak:.0f} MB (< 256 MB)")
+        print(json.dumps({"load_1min": os.getloadavg()[0], "cpus": os.cpu_count()}))
 
 
 if __name__ == "__main__":

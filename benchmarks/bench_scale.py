@@ -58,7 +58,7 @@ print(os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_m
 """
 
 
-def _run(env: dict[str, str], *args: str) -> tuple[int, float, float]:
+def run_measured(env: dict[str, str], *args: str) -> tuple[int, float, float]:
     """``custody ARGS`` with stdout discarded: exit code, seconds, peak RSS (MB).
 
     Started by a small launcher process, not by this one: a child's peak RSS counts the pages
@@ -201,7 +201,7 @@ def main() -> None:
             manifest = str(c.home / "founders-manifest.json")
             export = str(c.home / "export.jsonl")
             floor, entries = _fill(c, n, cache)
-            code, secs, peak = _run(env, "audit", "log", "--verify", "--json")
+            code, secs, peak = run_measured(env, "audit", "log", "--verify", "--json")
             _row("audit log --verify", entries, code, secs, peak, floor)
             for what, command in (
                 ("address list --json", ["address", "list", "--json"]),
@@ -212,18 +212,18 @@ def main() -> None:
             ):
                 if what.startswith("verify") and n not in verify_sizes:
                     continue
-                _row(what, n, *_run(env, *command))
+                _row(what, n, *run_measured(env, *command))
             _fund(c, env, n)
             for what, command in (
                 ("sync (embedded, first)", ["sync", "--json"]),
                 ("audit reserves", ["audit", "reserves", "--json"]),
                 ("audit ledger", ["audit", "ledger", "--json"]),
             ):
-                _row(what, n, *_run(env, *command))
+                _row(what, n, *run_measured(env, *command))
         for n in (int(v) for v in args.issue_sizes.split(",") if v):
             c = Custody(Path(tmp) / f"i{n}")
             assert c.init(founders()).exit_code == 0
-            code, secs, peak = _run(
+            code, secs, peak = run_measured(
                 dict(os.environ, **c.env), "address", "new", "--account", "a", "--count", str(n), "--json"
             )
             _row("address new --count n --json", n, code, secs, peak)

@@ -5,7 +5,7 @@
   and has the entries it says, all entries sum to zero, every cached balance equals its
   entries' sum, the running head equals the recomputation, and the hold of every confirmed
   withdrawal is empty. Every entry and transaction row must be the one the audit log
-  recorded when it was posted (custody.books.ledger.log_problems): an entry re-pointed to
+  recorded when it was posted (custody.books.ledger_log.log_problems): an entry re-pointed to
   another account, deleted or inserted by SQL is found even when the balances were fixed up
   to match. Any mismatch raises the trading halt (source ``ledger``).
 * :func:`audit_reserves` adds up the unspent outputs at our addresses at a block height
@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlmodel import col, select
 
-from custody.books import blockscan, ledger, liabilities, liability_accounts, reserves_proof
+from custody.books import blockscan, ledger, ledger_log, liabilities, liability_accounts, reserves_proof
 from custody.chain.types import ChainBackend
 from custody.clock import iso, now
 from custody.config import Settings
@@ -128,7 +128,7 @@ def audit_ledger(db: Database, settings: Settings, *, halt_on_failure: bool = Tr
         negative = s.exec(
             select(LedgerAccount).where(LedgerAccount.kind == "customer", col(LedgerAccount.balance) > 0)
         ).all()
-        unlogged = ledger.log_problems(s, SHOWN)
+        unlogged = ledger_log.log_problems(s, SHOWN)
     total, count, txns, cached_total = int(total), int(count), int(txns), int(cached_total)
     if total != 0:
         problems.append(f"all {count} entries sum to {total} sat, not zero")
@@ -356,7 +356,7 @@ def audit_log_check(
             problems.append(audit_log.ChainProblem(0, str(exc)))
         for _, checkpoints in witnesses:
             problems += witness.compare(s, checkpoints)
-        problems += [audit_log.ChainProblem(0, why) for why in ledger.log_problems(s, SHOWN)]
+        problems += [audit_log.ChainProblem(0, why) for why in ledger_log.log_problems(s, SHOWN)]
         rows = iter_addresses(s) if progress is None else _counted(iter_addresses(s), count, total, progress)
         for f in record.check_rows(s, rows)[:SHOWN]:
             problems.append(audit_log.ChainProblem(0, f"address {f.address} ({f.chain}/{f.index}): {f.reason}"))

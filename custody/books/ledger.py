@@ -61,9 +61,7 @@ recomputes everything from the entries (custody.books.audit).
 
 from __future__ import annotations
 
-import gc
-import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -229,132 +227,6 @@ def post(s: Session, event: str, lines: Sequence[tuple[str, int]], *, ref: str, 
         {"txn": txn.id, "event": event, "ref": ref, "entries": [[e.id, key, e.amount] for e, key in rows]},
     )
     return txn
-
-
-# ---------------------------------------------------------------- the rows against the log
-
-_LOGGED = f"SELECT seq, payload FROM audit_log WHERE event = '{POSTED}' ORDER BY seq"
-_ENTRY_ROWS = (
-    "SELECT e.id, e.txn_id, a.key, e.amount FROM ledger_entry AS e "
-    "LEFT JOIN ledger_account AS a ON a.id = e.account_id ORDER BY e.id"
-)
-_TXN_ROWS = "SELECT id, event, ref FROM ledger_txn ORDER BY id"
-
-Posted = tuple[int, int, str, int]
-"""One entry as the log recorded it and as its row says: (entry id, transaction id, account key, amount)."""
-
-
-def _fetch(s: Session, sql: str) -> list[tuple[Any, ...]]:
-    """Rows as plain tuples straight from the driver (a million rows: no per-row objects)."""
-    cursor = s.connection().connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.execute(sql)
-        return [tuple(r) for r in cursor.fetchall()]
-    finally:
-        cursor.close()
-
-
-def log_problems(s: Session, shown: int = 20) -> list[str]:
-    """Compare every ledger entry and transaction row with the postings the audit log recorded.
-
-    Finds an entry re-pointed to another account (the cached balances fixed up or not), an
-    amount changed, an entry or a transaction deleted or inserted outside the tool. Two
-    ordered reads and one comparison: linear, a few seconds at a million entries. Edits to
-    the log itself are for the chain check (custody.control.audit_log.verify_chain).
-    """
-    collecting = gc.isenabled()
-    gc.disable()  # millions of tuples that all stay alive: the cycle collector would only rescan them
-    try:
-        return _log_problems(s, shown)
-    finally:
-        if collecting:
-            gc.enable()
-
-
-def _log_problems(s: Session, shown: int) -> list[str]:
-    records = _fetch(s, _LOGGED)
-    problems: list[str] = []
-    try:  # one parse of them all, then plain tuples: the fast path
-        docs = json.loads("[" + ",".join(payload for _, payload in records) + "]")
-        if len(docs) != len(records):
-            raise ValueError("a payload is not one JSON value")
-        logged: list[Posted] = [(e, d["txn"], k, a) for d in docs for e, k, a in d["entries"]]
-        logged_txns = [(d["txn"], d["event"], d["ref"]) for d in docs]
-    except (ValueError, TypeError, KeyError):  # one by one, naming the entry that does not read
-        logged, logged_txns = [], []
-        for seq, payload in records:
-            try:
-                d = json.loads(payload)
-                logged.extend((e, d["txn"], k, a) for e, k, a in d["entries"])
-                logged_txns.append((d["txn"], d["event"], d["ref"]))
-            except (ValueError, TypeError, KeyError):
-                problems.append(f"audit log entry {seq} is not a readable posting record")
-    logged.sort()
-    logged_txns.sort()
-    rows: list[Posted] = _fetch(s, _ENTRY_ROWS)
-    txn_rows: list[tuple[int, str, str]] = _fetch(s, _TXN_ROWS)
-    if rows != logged:
-        problems += _differences(logged, rows, shown, _entry_difference)
-    if txn_rows != logged_txns:
-        problems += _differences(logged_txns, txn_rows, shown, _txn_difference)
-    return problems
-
-
-def _differences(
-    logged: Sequence[tuple[Any, ...]],
-    rows: Sequence[tuple[Any, ...]],
-    shown: int,
-    describe: Callable[[Any, Any], str],
-) -> list[str]:
-    """Walk two lists sorted by their first field (the id) and name what differs."""
-    found: list[str] = []
-    count = 0
-    i = j = 0
-    while i < len(logged) or j < len(rows):
-        want = logged[i] if i < len(logged) else None
-        have = rows[j] if j < len(rows) else None
-        message: str | None
-        if want is not None and (have is None or want[0] < have[0]):
-            message, i = describe(want, None), i + 1
-        elif have is not None and (want is None or have[0] < want[0]):
-            message, j = describe(None, have), j + 1
-        else:
-            message = describe(want, have) if want != have else None
-            i, j = i + 1, j + 1
-        if message is not None:
-            count += 1
-            if len(found) < shown:
-                found.append(message)
-    if count > len(found):
-        found[-1] += f" (and {count - len(found)} more differences from the audit log)"
-    return found
-
-
-def _entry_difference(want: Posted | None, have: Posted | None) -> str:
-    if have is None:
-        assert want is not None
-        return (
-            f"ledger entry #{want[0]} ({want[2]} {want[3]} sat in transaction #{want[1]}) is in the audit log "
-            "but not in the ledger: deleted outside the tool"
-        )
-    if want is None:
-        return (
-            f"ledger entry #{have[0]} ({have[2]} {have[3]} sat in transaction #{have[1]}) is not in the audit "
-            "log: inserted outside the tool"
-        )
-    return (
-        f"ledger entry #{have[0]} says {have[2]} {have[3]} sat in transaction #{have[1]}; the audit log recorded "
-        f"{want[2]} {want[3]} sat in transaction #{want[1]}: changed outside the tool"
-    )
-
-
-def _txn_difference(want: tuple[int, str, str] | None, have: tuple[int, str, str] | None) -> str:
-    if have is None:
-        assert want is not None
-        return f"ledger transaction #{want[0]} ({want[1]} for {want[2]}) is in the audit log but not in the ledger"
-    if want is None:
-        return f"ledger transaction #{have[0]} ({have[1]} for {have[2]}) is not in the audit log: inserted outside"
-    return f"ledger transaction #{have[0]} says {have[1]} for {have[2]}; the audit log recorded {want[1]} for {want[2]}"
 
 
 # ---------------------------------------------------------------- balances

@@ -247,3 +247,14 @@ def _postgres_on_begin(conn: Any) -> None:
         # to serialize), read only.
         conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{READ_TIMEOUT}s'")
+
+
+def plain_rows(s: Session, query: Any, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The rows of a ``text()`` query as the driver's own tuples, in the session's transaction:
+    no SQLAlchemy row object per row (a query without column types converts nothing, so the
+    values are the same), for the reads that walk a million rows."""
+    result = s.connection().execute(query, params)
+    try:
+        return result.cursor.fetchall()  # type: ignore[union-attr,no-any-return]
+    finally:
+        result.close()
