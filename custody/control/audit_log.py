@@ -30,6 +30,7 @@ from sqlmodel import Session, col, select
 
 from custody.clock import iso, now
 from custody.errors import StorageError
+from custody.store.db import plain_rows
 from custody.store.models import AuditEntry, AuditHead
 
 GENESIS = "0" * 64
@@ -230,7 +231,7 @@ def iter_chain(session: Session, batch: int | None = None) -> Iterator[tuple[Any
     last = -1
     batch = batch or CHAIN_BATCH
     while True:
-        rows = session.connection().execute(_CHAIN_PAGE, {"last": last, "n": batch}).all()
+        rows = plain_rows(session, _CHAIN_PAGE, {"last": last, "n": batch})
         if not rows:
             return
         yield from rows

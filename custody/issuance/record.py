@@ -136,22 +136,25 @@ class _Walk:
 
     def add(self, row: StoredRow, failures: list[verify.Failure]) -> None:
         r = self.record
-        if row.idx > self.next:
-            self.missing(self.next, row.idx, failures)
-        self.next = row.idx + 1
-        if row.account != r.account:
+        chain, idx, account, address, script_pubkey, script = row[:6]
+        if idx > self.next:
+            self.missing(self.next, idx, failures)
+        self.next = idx + 1
+        if account != r.account:
             self.accounts_ok = False
             failures.append(
                 verify.Failure(
-                    row.address,
-                    row.chain,
-                    row.idx,
-                    f"the store says account {row.account!r}; the audit log issued it to {r.account!r} "
+                    address,
+                    chain,
+                    idx,
+                    f"the store says account {account!r}; the audit log issued it to {r.account!r} "
                     f"(entry {r.seq}): changed outside the tool",
                 )
             )
-        self.rows.update(row_line(row.chain, row.idx, r.account, row.address, row.script_pubkey, row.script))
-        self.addresses.update((b"\n" if self.seen else b"") + row.address.encode())
+        if r.rows_sha256 is not None:  # row_line, written out: it runs once per address
+            self.rows.update(f"{chain}/{idx} {r.account} {address} {script_pubkey} {script}\n".encode())
+        else:  # an entry from before rows_sha256: only the addresses were recorded
+            self.addresses.update((b"\n" if self.seen else b"") + address.encode())
         self.seen += 1
 
     def missing(self, start: int, stop: int, failures: list[verify.Failure]) -> None:
@@ -218,6 +221,14 @@ class _Bounded(list[verify.Failure]):
         return out
 
 
+def _bounds(records: list[Issuance], k: int) -> tuple[Issuance | None, tuple[int, int], tuple[int, int]]:
+    """Record ``k`` (None past the last), its last (chain, index) and its first."""
+    if k >= len(records):
+        return None, (0, 0), (0, 0)
+    r = records[k]
+    return r, (r.chain, r.end - 1), (r.chain, r.first)
+
+
 def check_rows(s: Session, rows: Iterable[StoredRow]) -> list[verify.Failure]:
     """Every address row against the log's issuances (``rows`` in (chain, index) order).
 
@@ -236,16 +247,17 @@ def check_rows(s: Session, rows: Iterable[StoredRow]) -> list[verify.Failure]:
         ends[r.chain] = max(ends.get(r.chain, 0), r.end)
     k = 0
     walk: _Walk | None = None
+    record, last, start = _bounds(records, k)
     for row in rows:
-        key = (row.chain, row.idx)
-        while k < len(records) and (records[k].chain, records[k].end - 1) < key:
-            if walk is None or walk.record is not records[k]:
-                walk = _Walk(records[k])
+        key = (row[0], row[1])
+        while record is not None and last < key:  # every record wholly before this row: done
+            if walk is None or walk.record is not record:
+                walk = _Walk(record)
             walk.finish(failures)
             walk = None
             k += 1
-        record = records[k] if k < len(records) else None
-        if record is None or key < (record.chain, record.first):
+            record, last, start = _bounds(records, k)
+        if record is None or key < start:
             failures.append(
                 verify.Failure(
                     row.address,
