@@ -18,11 +18,13 @@ Edits to the log itself are for the chain check (custody.control.audit_log.verif
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import marshal
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
+from operator import itemgetter
 from typing import IO, Any
 
 from sqlalchemy import text
@@ -31,11 +33,12 @@ from sqlmodel import Session
 from custody.books.ledger import POSTED
 from custody.store.db import plain_rows
 
-CHUNK = 100_000
+CHUNK = 50_000
 """Log entries, and rows, read per query; also the most postings' entries sorted in memory
 at once before they are spilled to a temporary file as a sorted run."""
 
 _BLOCK = 4096  # items per marshalled block of a run: what the merge holds of each run
+_STRETCH = 256  # items compared at once where the log and the rows agree
 
 _LOGGED = text(f"SELECT seq, payload FROM audit_log WHERE event = '{POSTED}' AND seq > :last ORDER BY seq LIMIT :n")
 _ENTRY_ROWS = text(
@@ -51,16 +54,20 @@ Txn = tuple[int, str, str]
 
 
 class _Sorted:
-    """Items added in any order, read back sorted: up to ``chunk`` are sorted in memory; beyond
-    that each full chunk is sorted and written to a temporary file (marshal, in blocks), and
-    reading merges the runs. Every item must be a tuple of ints and strings in the same places
-    (comparable with every other): the caller checks the types."""
+    """Items added in any order, read back sorted in blocks: up to ``chunk`` are sorted in
+    memory; beyond that each full chunk is sorted and written to a temporary file (marshal, in
+    blocks) as a run, and reading merges the runs, or reads them one after the other when each
+    began after the one before ended (the log in id order: the usual case). Every item must be
+    a tuple of ints and strings in the same places (comparable with every other): the caller
+    checks the types."""
 
     def __init__(self, chunk: int, stack: ExitStack) -> None:
         self.chunk = chunk
         self.items: list[tuple[Any, ...]] = []
         self.runs: list[IO[bytes]] = []
         self.stack = stack
+        self.last: tuple[Any, ...] | None = None
+        self.ordered = True
 
     def extend(self, items: Iterable[tuple[Any, ...]]) -> None:
         self.items.extend(items)
@@ -69,59 +76,70 @@ class _Sorted:
 
     def _spill(self) -> None:
         self.items.sort()
+        if self.last is not None and self.items[0] < self.last:
+            self.ordered = False
+        self.last = self.items[-1]
         run = self.stack.enter_context(tempfile.TemporaryFile())
         for start in range(0, len(self.items), _BLOCK):
-            marshal.dump(self.items[start : start + _BLOCK], run)
+            data = marshal.dumps(self.items[start : start + _BLOCK])
+            run.write(len(data).to_bytes(8, "little") + data)
         run.seek(0)
         self.runs.append(run)
         self.items = []
 
-    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+    def blocks(self) -> Iterator[list[tuple[Any, ...]]]:
         if not self.runs:
             self.items.sort()
-            return iter(self.items)
+            yield self.items
+            return
         if self.items:
             self._spill()
-        return heapq.merge(*(_read(run) for run in self.runs))
-
-
-def _read(run: IO[bytes]) -> Iterator[tuple[Any, ...]]:
-    while True:
-        try:
-            block = marshal.load(run)
-        except EOFError:
+        if self.ordered:
+            for run in self.runs:
+                yield from _read(run)
             return
+        merged = heapq.merge(*(_items(run) for run in self.runs))
+        while block := list(itertools.islice(merged, _BLOCK)):
+            yield block
+
+
+def _read(run: IO[bytes]) -> Iterator[list[tuple[Any, ...]]]:
+    """The blocks of a run, as _Sorted._spill wrote them (a length, then the block marshalled;
+    marshal.load on the file itself reads in small pieces, several times slower)."""
+    while size := int.from_bytes(run.read(8), "little"):
+        yield marshal.loads(run.read(size))
+
+
+def _items(run: IO[bytes]) -> Iterator[tuple[Any, ...]]:
+    for block in _read(run):
         yield from block
 
 
-def _pages(s: Session, query: Any, chunk: int) -> Iterator[tuple[Any, ...]]:
+def _pages(s: Session, query: Any, chunk: int) -> Iterator[list[tuple[Any, ...]]]:
     """Every row of ``query`` (keyed on its first column, which it is ordered by), ``chunk`` at a time."""
     last: Any = -1
     while True:
         rows = plain_rows(s, query, {"last": last, "n": chunk})
         if not rows:
             return
-        yield from rows
+        yield rows
         last = rows[-1][0]
 
 
 def _typed(entries: list[Posted], txns: list[Txn]) -> bool:
     """Whether postings' fields have the types the tool writes (ints, strings): anything else was
-    written by hand, and would not sort beside the rest."""
-    return all(type(i) is int and type(v) is str and type(r) is str for i, v, r in txns) and all(
-        type(e) is int and type(t) is int and type(k) is str and type(a) is int for e, t, k, a in entries
+    written by hand, and would not sort beside the rest. Field by field, in C."""
+    return all(
+        set(map(type, map(itemgetter(k), items))) <= {kind}
+        for items, kinds in ((entries, (int, int, str, int)), (txns, (int, str, str)))
+        for k, kind in enumerate(kinds)
     )
 
 
 def _read_log(s: Session, chunk: int, logged: _Sorted, txns: _Sorted, problems: list[str]) -> None:
     """Every ``ledger.posted`` entry into ``logged`` and ``txns``; an unreadable one named in ``problems``."""
-    page: list[tuple[int, str]] = []
-    for record in _pages(s, _LOGGED, chunk):
-        page.append(record)
-        if len(page) >= chunk:
-            _parse(page, logged, txns, problems)
-            page = []
-    _parse(page, logged, txns, problems)
+    for page in _pages(s, _LOGGED, chunk):
+        _parse(page, logged, txns, problems)
 
 
 def _parse(page: list[tuple[int, str]], logged: _Sorted, txns: _Sorted, problems: list[str]) -> None:
@@ -164,34 +182,47 @@ def log_problems(s: Session, shown: int = 20, chunk: int | None = None) -> list[
     with ExitStack() as stack:
         logged, txns = _Sorted(chunk, stack), _Sorted(chunk, stack)
         _read_log(s, chunk, logged, txns, problems)
-        problems += _differences(iter(logged), _pages(s, _ENTRY_ROWS, chunk), shown, _entry_difference)
-        problems += _differences(iter(txns), _pages(s, _TXN_ROWS, chunk), shown, _txn_difference)
+        problems += _differences(logged.blocks(), _pages(s, _ENTRY_ROWS, chunk), shown, _entry_difference)
+        problems += _differences(txns.blocks(), _pages(s, _TXN_ROWS, chunk), shown, _txn_difference)
     return problems
 
 
 def _differences(
-    logged: Iterator[tuple[Any, ...]],
-    rows: Iterator[tuple[Any, ...]],
+    logged: Iterator[list[tuple[Any, ...]]],
+    rows: Iterator[list[tuple[Any, ...]]],
     shown: int,
     describe: Callable[[Any, Any], str],
 ) -> list[str]:
-    """Walk two streams sorted by their first field (the id) and name what differs: the first
-    ``shown``, then how many more."""
+    """Walk two streams of blocks sorted by their first field (the id) and name what differs:
+    the first ``shown``, then how many more. Where both agree, a stretch of up to _STRETCH items
+    is compared at once (in C); at a difference, item by item."""
     found: list[str] = []
     count = 0
-    want = next(logged, None)
-    have = next(rows, None)
-    while want is not None or have is not None:
-        if want == have:
-            want, have = next(logged, None), next(rows, None)
+    a: list[tuple[Any, ...]] = []
+    b: list[tuple[Any, ...]] = []
+    i = j = 0
+    while True:
+        if i == len(a):
+            a, i = next(logged, []), 0
+        if j == len(b):
+            b, j = next(rows, []), 0
+        if not a and not b:
+            break
+        n = min(len(a) - i, len(b) - j, _STRETCH)
+        if n and a[i : i + n] == b[j : j + n]:
+            i, j = i + n, j + n
             continue
+        want = a[i] if a else None
+        have = b[j] if b else None
         if want is not None and (have is None or want[0] < have[0]):
-            message, want = describe(want, None), next(logged, None)
+            message, i = describe(want, None), i + 1
         elif have is not None and (want is None or have[0] < want[0]):
-            message, have = describe(None, have), next(rows, None)
+            message, j = describe(None, have), j + 1
         else:
-            message = describe(want, have)
-            want, have = next(logged, None), next(rows, None)
+            message = describe(want, have) if want != have else None
+            i, j = i + 1, j + 1
+        if message is None:
+            continue
         count += 1
         if len(found) < shown:
             found.append(message)
