@@ -181,6 +181,10 @@ def _row(what: str, n: int, code: int, secs: float, peak: float, floor: float | 
     print(f"{what:30}{n:10,}{secs:9.2f}{n / secs:11,.0f}{peak:9.0f}{ratio}{status}", flush=True)
 
 
+def _wanted(what: str, only: str | None) -> bool:
+    return only is None or what.startswith(only)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
@@ -189,6 +193,7 @@ def main() -> None:
     parser.add_argument(
         "--verify-sizes", help="The sizes at which to run `verify addresses` (default: every size; it is the slowest)."
     )
+    parser.add_argument("--only", help="Run only the commands whose name starts with this (e.g. 'audit').")
     args = parser.parse_args()
     verify_sizes = {int(v) for v in (args.verify_sizes or args.sizes).split(",") if v}
     print(f"{'what':30}{'n':>10}{'seconds':>9}{'per s':>11}{'peak MB':>9}{'floor s':>9}{'ratio':>7}")
@@ -201,8 +206,9 @@ def main() -> None:
             manifest = str(c.home / "founders-manifest.json")
             export = str(c.home / "export.jsonl")
             floor, entries = _fill(c, n, cache)
-            code, secs, peak = run_measured(env, "audit", "log", "--verify", "--json")
-            _row("audit log --verify", entries, code, secs, peak, floor)
+            if _wanted("audit log --verify", args.only):
+                code, secs, peak = run_measured(env, "audit", "log", "--verify", "--json")
+                _row("audit log --verify", entries, code, secs, peak, floor)
             for what, command in (
                 ("address list --json", ["address", "list", "--json"]),
                 ("address list --csv", ["address", "list", "--csv"]),
@@ -210,16 +216,18 @@ def main() -> None:
                 ("verify addresses (store)", ["verify", "addresses", "--manifest", manifest]),
                 ("verify addresses --export", ["verify", "addresses", "--manifest", manifest, "--export", export]),
             ):
-                if what.startswith("verify") and n not in verify_sizes:
+                if what.startswith("verify") and n not in verify_sizes or not _wanted(what, args.only):
                     continue
                 _row(what, n, *run_measured(env, *command))
-            _fund(c, env, n)
+            if any(_wanted(w, args.only) for w in ("sync", "audit reserves", "audit ledger")):
+                _fund(c, env, n)
             for what, command in (
                 ("sync (embedded, first)", ["sync", "--json"]),
                 ("audit reserves", ["audit", "reserves", "--json"]),
                 ("audit ledger", ["audit", "ledger", "--json"]),
             ):
-                _row(what, n, *run_measured(env, *command))
+                if _wanted(what, args.only):
+                    _row(what, n, *run_measured(env, *command))
         for n in (int(v) for v in args.issue_sizes.split(",") if v):
             c = Custody(Path(tmp) / f"i{n}")
             assert c.init(founders()).exit_code == 0

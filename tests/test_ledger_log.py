@@ -73,7 +73,8 @@ def test_an_entry_deleted_and_one_inserted_past_the_first_chunk_are_named(books:
     _sql(c, "DELETE FROM ledger_entry WHERE id = 17")
     _sql(
         c,
-        "INSERT INTO ledger_entry (id, txn_id, account_id, amount) SELECT 99, txn_id, account_id, 5 FROM ledger_entry WHERE id = 18",
+        "INSERT INTO ledger_entry (id, txn_id, account_id, amount) "
+        "SELECT 99, txn_id, account_id, 5 FROM ledger_entry WHERE id = 18",
     )
     _sql(c, "DELETE FROM ledger_txn WHERE id = 11")
     problems = _problems(db)

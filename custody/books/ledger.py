@@ -56,9 +56,6 @@ the trading halt (source ``ledger``) in a transaction of its own. ``custody audi
 recomputes everything from the entries (custody.books.audit).
 """
 
-# size(module): the ledger's postings, holds and their checks in one module; other
-#   helpers change it now (deposits, bumps), so it is split after they land
-
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence

@@ -90,7 +90,8 @@ class _Sorted:
     def blocks(self) -> Iterator[list[tuple[Any, ...]]]:
         if not self.runs:
             self.items.sort()
-            yield self.items
+            if self.items:
+                yield self.items
             return
         if self.items:
             self._spill()
@@ -214,6 +215,7 @@ def _differences(
             continue
         want = a[i] if a else None
         have = b[j] if b else None
+        message: str | None
         if want is not None and (have is None or want[0] < have[0]):
             message, i = describe(want, None), i + 1
         elif have is not None and (want is None or have[0] < want[0]):

@@ -255,6 +255,6 @@ def plain_rows(s: Session, query: Any, params: dict[str, Any]) -> list[tuple[Any
     values are the same), for the reads that walk a million rows."""
     result = s.connection().execute(query, params)
     try:
-        return result.cursor.fetchall()  # type: ignore[union-attr,no-any-return]
+        return result.cursor.fetchall()  # type: ignore[return-value]
     finally:
         result.close()
