@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from custody.control import audit_log
-from custody.issuance import issuer, verification
+from custody.issuance import issuer, record, verification
 from custody.store.db import normalize_url
 from tests.support import Custody, founders
 
@@ -35,6 +35,7 @@ SIX = ("chain", "index", "account", "address", "script_pubkey", "script")
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(issuer, "ADDRESS_BATCH", BATCH)
     monkeypatch.setattr(audit_log, "CHAIN_BATCH", BATCH)
+    monkeypatch.setattr(record, "ISSUED_CHUNK", 2)  # the issuances sorted in runs of two, merged
 
 
 def _store(home: Path, db_url: str | None = None) -> Custody:
@@ -144,6 +145,27 @@ def test_a_row_deleted_in_chunk_k_is_named(store: Custody) -> None:
     assert any("(0/30)" in p["reason"] for p in json.loads(result.stdout)["problems"])
     listed = json.loads(store("address", "list", "--json").stdout)
     assert address not in {a["address"] for a in listed} and len(listed) == 99
+
+
+def test_issuances_past_the_first_chunk_are_checked(tmp_path: Path) -> None:
+    """Seven issuances, read and sorted two at a time: a row changed in the sixth and the log
+    entry of the fifth deleted are each named (the rows' check streams the issuances)."""
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    for k in range(7):
+        assert c("address", "new", "--account", f"a{k}", "--count", "3").exit_code == 0
+    result = c("audit", "log", "--verify", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["ok"], result.output
+    _sql(c, "UPDATE address SET account = 'a0' WHERE chain = 0 AND idx = 16")
+    result = c("audit", "log", "--verify", "--json")
+    reasons = [p["reason"] for p in json.loads(result.stdout)["problems"]]
+    assert result.exit_code == 3
+    assert any("(0/16)" in r and "audit log issued it to 'a5'" in r for r in reasons), reasons
+    (seq,) = _sql(c, "SELECT seq FROM audit_log WHERE event = 'address.issued' ORDER BY seq")[4]
+    _sql(c, "DELETE FROM audit_log WHERE seq = ?", seq)
+    reasons = [p["reason"] for p in json.loads(c("audit", "log", "--verify", "--json").stdout)["problems"]]
+    for index in (12, 13, 14):
+        assert any(f"(0/{index})" in r and "never issued in the audit log" in r for r in reasons), reasons
 
 
 def _racing_writer(monkeypatch: pytest.MonkeyPatch, url: str, good: str, bad: str) -> list[bool]:

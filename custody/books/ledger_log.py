@@ -9,7 +9,7 @@ both sides in chunks and walks them side by side in id order:
 * the log's postings come in the log's order, which need not be id order (on PostgreSQL two
   postings may take their ids in one order and the audit head's lock in the other): each
   chunk of them is sorted and, when there is more than one, written to a temporary file as
-  a sorted run; the runs are merged as they are read (:class:`_Sorted`). Memory holds one
+  a sorted run; the runs are merged as they are read (custody.store.sorted_runs). Memory holds one
   chunk while reading and one block of each run while merging, at any size of the ledger.
 
 Edits to the log itself are for the chain check (custody.control.audit_log.verify_chain).
@@ -17,27 +17,23 @@ Edits to the log itself are for the chain check (custody.control.audit_log.verif
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import json
-import marshal
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from operator import itemgetter
-from typing import IO, Any
+from typing import Any
 
 from sqlalchemy import text
 from sqlmodel import Session
 
 from custody.books.ledger import POSTED
 from custody.store.db import plain_rows
+from custody.store.sorted_runs import SortedRuns
 
 CHUNK = 50_000
 """Log entries, and rows, read per query; also the most postings' entries sorted in memory
 at once before they are spilled to a temporary file as a sorted run."""
 
-_BLOCK = 4096  # items per marshalled block of a run: what the merge holds of each run
 _STRETCH = 256  # items compared at once where the log and the rows agree
 
 _LOGGED = text(f"SELECT seq, payload FROM audit_log WHERE event = '{POSTED}' AND seq > :last ORDER BY seq LIMIT :n")
@@ -51,69 +47,6 @@ Posted = tuple[int, int, str, int]
 """One entry as the log recorded it and as its row says: (entry id, transaction id, account key, amount)."""
 Txn = tuple[int, str, str]
 """One transaction as the log recorded it and as its row says: (id, event, ref)."""
-
-
-class _Sorted:
-    """Items added in any order, read back sorted in blocks: up to ``chunk`` are sorted in
-    memory; beyond that each full chunk is sorted and written to a temporary file (marshal, in
-    blocks) as a run, and reading merges the runs, or reads them one after the other when each
-    began after the one before ended (the log in id order: the usual case). Every item must be
-    a tuple of ints and strings in the same places (comparable with every other): the caller
-    checks the types."""
-
-    def __init__(self, chunk: int, stack: ExitStack) -> None:
-        self.chunk = chunk
-        self.items: list[tuple[Any, ...]] = []
-        self.runs: list[IO[bytes]] = []
-        self.stack = stack
-        self.last: tuple[Any, ...] | None = None
-        self.ordered = True
-
-    def extend(self, items: Iterable[tuple[Any, ...]]) -> None:
-        self.items.extend(items)
-        if len(self.items) >= self.chunk:
-            self._spill()
-
-    def _spill(self) -> None:
-        self.items.sort()
-        if self.last is not None and self.items[0] < self.last:
-            self.ordered = False
-        self.last = self.items[-1]
-        run = self.stack.enter_context(tempfile.TemporaryFile())
-        for start in range(0, len(self.items), _BLOCK):
-            data = marshal.dumps(self.items[start : start + _BLOCK])
-            run.write(len(data).to_bytes(8, "little") + data)
-        run.seek(0)
-        self.runs.append(run)
-        self.items = []
-
-    def blocks(self) -> Iterator[list[tuple[Any, ...]]]:
-        if not self.runs:
-            self.items.sort()
-            if self.items:
-                yield self.items
-            return
-        if self.items:
-            self._spill()
-        if self.ordered:
-            for run in self.runs:
-                yield from _read(run)
-            return
-        merged = heapq.merge(*(_items(run) for run in self.runs))
-        while block := list(itertools.islice(merged, _BLOCK)):
-            yield block
-
-
-def _read(run: IO[bytes]) -> Iterator[list[tuple[Any, ...]]]:
-    """The blocks of a run, as _Sorted._spill wrote them (a length, then the block marshalled;
-    marshal.load on the file itself reads in small pieces, several times slower)."""
-    while size := int.from_bytes(run.read(8), "little"):
-        yield marshal.loads(run.read(size))
-
-
-def _items(run: IO[bytes]) -> Iterator[tuple[Any, ...]]:
-    for block in _read(run):
-        yield from block
 
 
 def _pages(s: Session, query: Any, chunk: int) -> Iterator[list[tuple[Any, ...]]]:
@@ -137,13 +70,13 @@ def _typed(entries: list[Posted], txns: list[Txn]) -> bool:
     )
 
 
-def _read_log(s: Session, chunk: int, logged: _Sorted, txns: _Sorted, problems: list[str]) -> None:
+def _read_log(s: Session, chunk: int, logged: SortedRuns, txns: SortedRuns, problems: list[str]) -> None:
     """Every ``ledger.posted`` entry into ``logged`` and ``txns``; an unreadable one named in ``problems``."""
     for page in _pages(s, _LOGGED, chunk):
         _parse(page, logged, txns, problems)
 
 
-def _parse(page: list[tuple[int, str]], logged: _Sorted, txns: _Sorted, problems: list[str]) -> None:
+def _parse(page: list[tuple[int, str]], logged: SortedRuns, txns: SortedRuns, problems: list[str]) -> None:
     try:  # one parse of the page, then plain tuples: the fast path
         docs = json.loads("[" + ",".join(payload for _, payload in page) + "]")
         if len(docs) != len(page):
@@ -181,7 +114,7 @@ def log_problems(s: Session, shown: int = 20, chunk: int | None = None) -> list[
     chunk = chunk or CHUNK
     problems: list[str] = []
     with ExitStack() as stack:
-        logged, txns = _Sorted(chunk, stack), _Sorted(chunk, stack)
+        logged, txns = SortedRuns(chunk, stack), SortedRuns(chunk, stack)
         _read_log(s, chunk, logged, txns, problems)
         problems += _differences(logged.blocks(), _pages(s, _ENTRY_ROWS, chunk), shown, _entry_difference)
         problems += _differences(txns.blocks(), _pages(s, _TXN_ROWS, chunk), shown, _txn_difference)

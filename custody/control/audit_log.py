@@ -238,6 +238,30 @@ def iter_chain(session: Session, batch: int | None = None) -> Iterator[tuple[Any
         last = rows[-1][0]
 
 
+_EVENT_PAGE = text(
+    "SELECT seq, at, event, actor, payload, signature, prev_hash, hash, origin FROM audit_log "
+    "WHERE event = :event AND seq > :last ORDER BY seq LIMIT :n"
+)
+
+
+def iter_event(session: Session, event: str, batch: int | None = None) -> Iterator[tuple[Any, ...]]:
+    """The entries of one ``event`` as :func:`iter_chain` gives them, in log order, ``batch`` at a time."""
+    last = -1
+    batch = batch or CHAIN_BATCH
+    while True:
+        rows = plain_rows(session, _EVENT_PAGE, {"event": event, "last": last, "n": batch})
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1][0]
+
+
+def row_intact(row: tuple[Any, ...]) -> bool:
+    """:func:`intact` for a plain row of :func:`iter_chain` or :func:`iter_event`."""
+    seq, at, event, actor, payload, signature, prev_hash, digest, made_by = row
+    return bool(entry_hash(seq, _stamp(at), event, actor, payload, signature, prev_hash, made_by) == digest)
+
+
 def _stamp(value: Any) -> str:
     """The hashed form of a stored ``at`` (:func:`_at`): from a datetime (PostgreSQL), or from
     SQLite's text, whose usual form ``YYYY-MM-DD HH:MM:SS.ffffff`` (naive UTC, as SQLAlchemy

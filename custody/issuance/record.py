@@ -20,17 +20,19 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from custody import verify
 from custody.control import audit_log
 from custody.control.wallet import COUNTER_NAMES
-from custody.store.models import AuditEntry, Counter
+from custody.store.models import Counter
+from custody.store.sorted_runs import SortedRuns
 
 ISSUED = "address.issued"
 SHOWN = 20
@@ -75,35 +77,55 @@ class Issuance:
         return self.first + self.count
 
 
-def issuances(s: Session, chain: int | None = None) -> tuple[list[Issuance], list[verify.Failure]]:
-    """The log's issuances in (chain, first index) order, and the entries that cannot be trusted.
+ISSUED_CHUNK = 50_000
+"""Issuances read per query and sorted in memory at once (custody.store.sorted_runs)."""
 
-    Each entry must match its own hash (an edit shows here already; a consistent rewrite of
-    the chain is the witnesses' to catch) and be readable.
-    """
-    found: list[Issuance] = []
+
+def _issued(s: Session, bad: list[verify.Failure], chunk: int | None = None) -> Iterator[Issuance]:
+    """The log's issuances in (chain, first index) order, streamed: read ``chunk`` at a time in
+    the log's order and sorted through temporary files beyond one chunk. An entry that does not
+    match its own hash (an edit; a consistent rewrite of the chain is the witnesses' to catch)
+    or does not read is appended to ``bad`` instead, as the entries are read (before the first
+    issuance is given)."""
+    chunk = chunk or ISSUED_CHUNK
+    with ExitStack() as stack:
+        found = SortedRuns(chunk, stack)
+        page: list[tuple[int, int, int, int, str, str | None, str]] = []
+        for row in audit_log.iter_event(s, ISSUED, chunk):
+            seq, payload = row[0], row[4]
+            if not audit_log.row_intact(row):
+                bad.append(verify.Failure(LOG, -1, -1, f"audit log entry {seq} (address.issued) was edited"))
+                continue
+            try:
+                doc = json.loads(payload)
+                page.append(
+                    (
+                        int(doc["chain"]),
+                        int(doc["first_index"]),
+                        seq,
+                        int(doc["count"]),
+                        str(doc["account"]),
+                        str(doc["rows_sha256"]) if "rows_sha256" in doc else None,
+                        str(doc["addresses_sha256"]),
+                    )
+                )
+            except (ValueError, TypeError, KeyError):
+                bad.append(verify.Failure(LOG, -1, -1, f"audit log entry {seq} is not a readable issuance"))
+                continue
+            if len(page) >= chunk:
+                found.extend(page)
+                page = []
+        found.extend(page)
+        for block in found.blocks():
+            for chain, first, seq, count, account, rows_sha256, addresses_sha256 in block:
+                yield Issuance(seq, chain, first, count, account, rows_sha256, addresses_sha256)
+
+
+def issuances(s: Session, chain: int | None = None) -> tuple[list[Issuance], list[verify.Failure]]:
+    """The log's issuances in (chain, first index) order, and the entries that cannot be trusted
+    (all in memory: :func:`check_rows` streams them)."""
     bad: list[verify.Failure] = []
-    for entry in s.exec(select(AuditEntry).where(AuditEntry.event == ISSUED).order_by(col(AuditEntry.seq))):
-        if not audit_log.intact(entry):
-            bad.append(verify.Failure(LOG, -1, -1, f"audit log entry {entry.seq} (address.issued) was edited"))
-            continue
-        try:
-            doc = json.loads(entry.payload)
-            record = Issuance(
-                entry.seq,
-                int(doc["chain"]),
-                int(doc["first_index"]),
-                int(doc["count"]),
-                str(doc["account"]),
-                str(doc["rows_sha256"]) if "rows_sha256" in doc else None,
-                str(doc["addresses_sha256"]),
-            )
-        except (ValueError, TypeError, KeyError):
-            bad.append(verify.Failure(LOG, -1, -1, f"audit log entry {entry.seq} is not a readable issuance"))
-            continue
-        if chain is None or record.chain == chain:
-            found.append(record)
-    found.sort(key=lambda r: (r.chain, r.first))
+    found = [r for r in _issued(s, bad) if chain is None or r.chain == chain]
     return found, bad
 
 
@@ -221,33 +243,47 @@ class _Bounded(list[verify.Failure]):
         return out
 
 
-def _bounds(records: list[Issuance], k: int) -> tuple[Issuance | None, tuple[int, int], tuple[int, int]]:
-    """Record ``k`` (None past the last), its last (chain, index) and its first."""
-    if k >= len(records):
-        return None, (0, 0), (0, 0)
-    r = records[k]
-    return r, (r.chain, r.end - 1), (r.chain, r.first)
+def _span(record: Issuance | None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """A record's last (chain, index) and its first."""
+    return ((record.chain, record.end - 1), (record.chain, record.first)) if record else ((0, 0), (0, 0))
 
 
-def check_rows(s: Session, rows: Iterable[StoredRow]) -> list[verify.Failure]:
+class _Records:
+    """The issuances as they come, each checked against the one before (the same indexes issued
+    twice), and the end of each chain's issued indexes so far."""
+
+    def __init__(self, records: Iterator[Issuance], failures: list[verify.Failure]) -> None:
+        self.records = records
+        self.failures = failures
+        self.before: Issuance | None = None
+        self.ends: dict[int, int] = {}
+
+    def next(self) -> Issuance | None:
+        r = next(self.records, None)
+        if r is None:
+            return None
+        a = self.before
+        if a is not None and a.chain == r.chain and r.first < a.end:
+            self.failures.append(
+                verify.Failure(LOG, r.chain, r.first, f"audit log entries {a.seq} and {r.seq} issue the same indexes")
+            )
+        self.ends[r.chain] = max(self.ends.get(r.chain, 0), r.end)
+        self.before = r
+        return r
+
+
+def check_rows(s: Session, rows: Iterable[StoredRow], chunk: int | None = None) -> list[verify.Failure]:
     """Every address row against the log's issuances (``rows`` in (chain, index) order).
 
     Returns what differs, empty when the store's addresses are exactly what was issued: the
-    first :data:`LISTED` differences, then one that counts the rest.
+    first :data:`LISTED` differences, then one that counts the rest. The issuances are
+    streamed (:func:`_issued`, ``chunk`` at a time): memory is bounded at any number of them.
     """
-    records, bad = issuances(s)
-    failures = _Bounded(bad)
-    ends: dict[int, int] = {}
-    for a, b in zip(records, records[1:], strict=False):
-        if a.chain == b.chain and b.first < a.end:
-            failures.append(
-                verify.Failure(LOG, b.chain, b.first, f"audit log entries {a.seq} and {b.seq} issue the same indexes")
-            )
-    for r in records:
-        ends[r.chain] = max(ends.get(r.chain, 0), r.end)
-    k = 0
+    failures = _Bounded([])
+    issued = _Records(_issued(s, failures, chunk), failures)
     walk: _Walk | None = None
-    record, last, start = _bounds(records, k)
+    record = issued.next()
+    last, start = _span(record)
     for row in rows:
         key = (row[0], row[1])
         while record is not None and last < key:  # every record wholly before this row: done
@@ -255,8 +291,8 @@ def check_rows(s: Session, rows: Iterable[StoredRow]) -> list[verify.Failure]:
                 walk = _Walk(record)
             walk.finish(failures)
             walk = None
-            k += 1
-            record, last, start = _bounds(records, k)
+            record = issued.next()
+            last, start = _span(record)
         if record is None or key < start:
             failures.append(
                 verify.Failure(
@@ -270,11 +306,13 @@ def check_rows(s: Session, rows: Iterable[StoredRow]) -> list[verify.Failure]:
         if walk is None or walk.record is not record:
             walk = _Walk(record)
         walk.add(row, failures)
-    for record in records[k:]:
+    while record is not None:
         if walk is None or walk.record is not record:
             walk = _Walk(record)
         walk.finish(failures)
         walk = None
+        record = issued.next()
+    ends = issued.ends
     for counter in s.exec(select(Counter)).all():
         chain = next((c for c, name in COUNTER_NAMES.items() if name == counter.name), None)
         if chain is not None and counter.next_value != ends.get(chain, 0):
