@@ -17,6 +17,7 @@ Edits to the log itself are for the chain check (custody.control.audit_log.verif
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -113,7 +114,11 @@ def log_problems(s: Session, shown: int = 20, chunk: int | None = None) -> list[
     """
     chunk = chunk or CHUNK
     problems: list[str] = []
+    collecting = gc.isenabled()
+    gc.disable()  # a chunk's parsed postings all stay alive while read: the collector would only rescan them
     with ExitStack() as stack:
+        if collecting:
+            stack.callback(gc.enable)
         logged, txns = SortedRuns(chunk, stack), SortedRuns(chunk, stack)
         _read_log(s, chunk, logged, txns, problems)
         problems += _differences(logged.blocks(), _pages(s, _ENTRY_ROWS, chunk), shown, _entry_difference)
