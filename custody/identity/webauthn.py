@@ -273,8 +273,9 @@ def _authenticator_data(auth_data: bytes, rp_id: str) -> str | None:
     return None
 
 
-def assertion_problem(credential: Credential, text: str, challenge: bytes) -> str | None:
-    """Why the stored assertion ``text`` is not ``credential``'s over ``challenge`` (None: it is)."""
+def assertion_problem(credential: Credential, text: str, challenge: bytes | None) -> str | None:
+    """Why the stored assertion ``text`` is not ``credential``'s over ``challenge`` (None: it is;
+    ``challenge`` None: over any challenge, as when reading the counters it already used)."""
     try:
         a = decode_assertion(text)
         key = cose_es256_key(bytes.fromhex(credential.public_key))

@@ -24,7 +24,7 @@ from custody.config import Settings
 from custody.control import audit_log, halt
 from custody.control.roster import check_pinned, load_trust, standing
 from custody.control.wallet import policy_from_session
-from custody.errors import ApprovalError, Conflict, InputError, NotFound
+from custody.errors import ApprovalError, Conflict, NotFound
 from custody.faults import crash_point
 from custody.identity.approvals import RegistryEntry
 from custody.identity.webauthn import Credential, assertion_problem, decode_assertion
@@ -57,12 +57,13 @@ def _credential(entry: RegistryEntry, credential_id: str) -> Credential:
     return credential
 
 
-def _count(text: str) -> int:
-    """A stored assertion's counter (0 for a row that is not one: planted by SQL, it counts for nothing)."""
-    try:
-        return decode_assertion(text).sign_count
-    except InputError:
+def _count(credential: Credential, text: str) -> int:
+    """A stored assertion's counter, if ``credential`` made it (over whatever challenge); 0 for
+    anything else: a row or an audit entry planted by SQL with a high counter would otherwise
+    lock the employee's key out for good."""
+    if assertion_problem(credential, text, None) is not None:
         return 0
+    return decode_assertion(text).sign_count
 
 
 def _check_counter(s: Session, credential: Credential, count: int) -> None:
@@ -73,7 +74,7 @@ def _check_counter(s: Session, credential: Credential, count: int) -> None:
         AuditEntry.event == REQUEST_SIGNED, col(AuditEntry.payload).contains(credential.fingerprint, autoescape=True)
     )
     stored += [text or "" for text in s.exec(requests).all()]
-    highest = max((_count(text) for text in stored), default=0)
+    highest = max((_count(credential, text) for text in stored), default=0)
     if (count or highest) and count <= highest:
         raise ApprovalError(
             f"the security key's signature counter {count} is not above {highest}, the highest already used: "
