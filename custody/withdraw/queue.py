@@ -77,6 +77,7 @@ from custody.withdraw.records import (
     _judge,
     _members,
     _not_in_batch,
+    _refuse_unsigned_backlog,
     _refuse_unsigned_request,
     _refuse_violations,
     _release,
@@ -209,6 +210,7 @@ def request_withdrawal(
                 raise InputError(f"{sats} sat is below the dust limit of {dust_limit(dest.script_pubkey)} sat")
             if key is None:
                 security_key(s, check_pinned(s, pinned), requester, "request", None)
+                _refuse_unsigned_backlog(s, requester)
             else:
                 authenticate(s, check_pinned(s, pinned), requester, key, "request")
             coins = _spendable(s, backend, policy)

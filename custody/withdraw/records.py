@@ -39,7 +39,7 @@ from custody.identity.rulebook_judge import Counted, Need, Payout, Spend, Verdic
 from custody.policy.model import CHANGE, Policy
 from custody.store.models import AddressRow, ApprovalRow, ReservedInput, WithdrawalInput, WithdrawalRow
 from custody.withdraw import replacements
-from custody.withdraw.states import BATCH, BROADCAST, CONFIRMED, FAILED, SINGLE
+from custody.withdraw.states import BATCH, BROADCAST, CONFIRMED, FAILED, REQUESTED, SINGLE
 
 CHANGE_ACCOUNT = "custody-change"
 
@@ -148,6 +148,29 @@ def _refuse_unsigned_request(s: Session, row: WithdrawalRow, summary: TxSummary)
     problem = request_standing(summary, row.account, row.requester, row.request_signature, registry)
     if problem is not None:
         raise ApprovalError(f"withdrawal #{row.id} cannot be approved: {problem}")
+
+
+MAX_UNSIGNED_REQUESTS = 3
+"""How many withdrawals one requester may have recorded and not yet signed with their security key."""
+
+
+def _refuse_unsigned_backlog(s: Session, requester: str) -> None:
+    """Refuse another request awaiting ``requester``'s security key while they already have
+    :data:`MAX_UNSIGNED_REQUESTS` of them: each holds its coins and the customer's balance until
+    signed or cancelled, and recording one takes no signature (the console records, then the key
+    signs), so without a bound anyone reaching the console could hold them all. Raises Conflict."""
+    unsigned = select(WithdrawalRow.id).where(
+        WithdrawalRow.requester == requester,
+        WithdrawalRow.kind == SINGLE,
+        WithdrawalRow.status == REQUESTED,
+        WithdrawalRow.request_signature == "",
+    )
+    waiting = sorted(int(i) for i in s.exec(unsigned).all() if i is not None)
+    if len(waiting) >= MAX_UNSIGNED_REQUESTS:
+        raise Conflict(
+            f"{requester} already has {len(waiting)} withdrawal requests awaiting their security key "
+            f"(#{', #'.join(map(str, waiting))}): sign or cancel them (`custody withdraw cancel`) first"
+        )
 
 
 # ---------------------------------------------------------------- the rulebook
