@@ -423,7 +423,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.include_router(v1)
     if config.console_origin is not None:
         app.include_router(console_router(db, settings, config.console_origin))
-        app.include_router(halt_router(db, settings))
+        app.include_router(halt_router(db, settings, config.console_origin))
         chain = lambda: backend_for(settings, load_policy(db).network.name)  # noqa: E731
         app.include_router(request_router(db, settings, config.console_origin, chain, state_lock, witnessed))
 

@@ -20,13 +20,13 @@ import html
 from collections.abc import Iterable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
 from custody.config import Settings
 from custody.control.roster import check_pinned, load_trust, standing
-from custody.errors import NotFound
+from custody.errors import ApprovalError, NotFound
 from custody.identity.webauthn import Assertion, credential_from_registration, unb64url
 from custody.service import console_assets as assets
 from custody.store.db import Database
@@ -166,9 +166,29 @@ def console_keys(db: Database, settings: Settings, origin: str, name: str) -> di
     return {"name": name, "rp_id": creds[0].rp_id, "credentials": [c.id for c in creds]}
 
 
+def same_origin(origin: str) -> Any:
+    """The dependency of every console route: a state change (any method but GET and HEAD) sent by
+    a browser from another origin is refused before it reaches the store. The console has no
+    session to steal, but a page elsewhere could make a staff browser, which reaches the console,
+    record withdrawal requests or ask for challenges in an employee's name. A client that sends no
+    Origin (not a browser) is let through: it could send any Origin it likes. Raises ApprovalError."""
+
+    def check(request: Request) -> None:
+        if request.method in ("GET", "HEAD"):
+            return
+        sent = request.headers.get("origin")
+        site = request.headers.get("sec-fetch-site")
+        if (sent is not None and sent != origin) or site == "cross-site":
+            raise ApprovalError(
+                f"the console refuses a request sent from another origin ({str(sent)[:80]}): {origin} only"
+            )
+
+    return Depends(check)
+
+
 def console_router(db: Database, settings: Settings, origin: str) -> APIRouter:
     """The console's routes; ``origin`` is the console's origin as browsers see it."""
-    router = APIRouter(prefix="/console", include_in_schema=False)
+    router = APIRouter(prefix="/console", include_in_schema=False, dependencies=[same_origin(origin)])
 
     @router.get("/")
     def pending() -> HTMLResponse:

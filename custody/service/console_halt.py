@@ -20,7 +20,7 @@ from custody.config import Settings
 from custody.control import halt as halt_lib
 from custody.control import halt_webauthn as hw
 from custody.identity.webauthn import Assertion, unb64url
-from custody.service.console import B64_PATTERN, NAME_PATTERN, page
+from custody.service.console import B64_PATTERN, NAME_PATTERN, page, same_origin
 from custody.store.db import Database
 
 HaltId = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -77,8 +77,9 @@ def _halt_page(db: Database) -> HTMLResponse:
     return page("Halt", body)
 
 
-def halt_router(db: Database, settings: Settings) -> APIRouter:
-    router = APIRouter(prefix="/console", include_in_schema=False)
+def halt_router(db: Database, settings: Settings, origin: str) -> APIRouter:
+    """The halt page and its calls; ``origin`` is the console's origin as browsers see it."""
+    router = APIRouter(prefix="/console", include_in_schema=False, dependencies=[same_origin(origin)])
 
     @router.get("/halt")
     def halt_page() -> HTMLResponse:

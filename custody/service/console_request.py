@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from custody.chain.types import ChainBackend
 from custody.config import Settings
-from custody.service.console import NAME_PATTERN, console_keys, page
+from custody.service.console import NAME_PATTERN, console_keys, page, same_origin
 from custody.service.console_halt import Signed
 from custody.store.db import Database
 from custody.withdraw import limits as wd_limits
@@ -57,7 +57,7 @@ def request_router(
 ) -> APIRouter:
     """The request page and its two calls; ``backend`` opens the chain backend, ``state_lock``
     serializes state changes in this process, ``after`` runs after each one (the witness)."""
-    router = APIRouter(prefix="/console", include_in_schema=False)
+    router = APIRouter(prefix="/console", include_in_schema=False, dependencies=[same_origin(origin)])
 
     @router.get("/request")
     def request_page() -> HTMLResponse:
