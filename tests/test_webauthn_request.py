@@ -26,11 +26,13 @@ from custody.bitcoin import psbt as psbt_lib
 from custody.bitcoin.destinations import parse_destination
 from custody.bitcoin.network import REGTEST
 from custody.config import Settings
+from custody.control import audit_log
 from custody.errors import ApprovalError, Conflict
 from custody.store.db import Database
 from custody.withdraw import webauthn_request as wr
+from custody.withdraw.records import MAX_UNSIGNED_REQUESTS
 from custody.withdraw.signer import PROP_META, PROPRIETARY_ID
-from custody.withdraw.webauthn_approval import approve_with_security_key
+from custody.withdraw.webauthn_approval import REQUEST_SIGNED, approve_with_security_key
 from tests.support import read_psbt
 from tests.test_webauthn import Key
 from tests.test_withdraw_embedded import EmbeddedShop, destination
@@ -73,7 +75,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("keyreq")
     shop = EmbeddedShop(tmp, "p2wsh")
     shop.employees.update(enrol(shop.c, tmp, shop.founder_keys, ["dave"], roles="approve"))
-    shop.deposit("acct-1", 6)  # a coin per request
+    shop.deposit("acct-1", 12)  # a coin per request
     keys = {name: Key("localhost", ORIGIN, name.encode()) for name in ("alice", "dave", "stranger")}
     specs = []
     for name in ("alice", "dave"):  # the stranger's key is never listed
@@ -234,3 +236,77 @@ def test_the_amount_edited_in_the_store_after_signing_is_refused(world: World) -
         )
     refused = _approve(world, w["id"], "bob")
     assert refused.exit_code == 4 and "alice's request" in refused.stderr, refused.output
+
+
+def test_a_request_assertion_is_bound_to_its_withdrawal_not_to_its_destination_and_amount(world: World) -> None:
+    # The same customer, destination and amount twice: the second is another withdrawal (its id,
+    # its coins), so the first one's assertion does not sign it.
+    to, _ = destination()
+    same = {"account": "acct-1", "destination": to, "amount": "0.0011", "requester": "alice"}
+    first = wr.draft_request(world.db, world.settings, world.shop.chain, **same)
+    second = wr.draft_request(world.db, world.settings, world.shop.chain, **same)
+    assert first["request_digest"] != second["request_digest"]
+    assertion = world.assertion("alice", first["request_digest"])
+    with pytest.raises(ApprovalError, match="challenge is not this statement's digest"):
+        world.sign(second["id"], "alice", assertion)
+    world.sign(first["id"], "alice", assertion)
+    refused = _approve(world, second["id"], "bob")
+    assert refused.exit_code == 4 and "has not signed the request yet" in refused.stderr, refused.output
+    _cancel(world, second["id"])
+
+
+def _cancel(world: World, wid: int) -> None:
+    cancelled = world.shop.c("withdraw", "cancel", str(wid), "--reason", "test", *world.shop.as_("bob"))
+    assert cancelled.exit_code == 0, cancelled.output
+
+
+def test_a_forged_request_signed_audit_entry_neither_signs_a_request_nor_locks_the_key_out(world: World) -> None:
+    w = world.draft(amount="0.0012")
+    other = world.draft(amount="0.0013")
+    world.sign(other["id"], "alice", world.assertion("alice", other["request_digest"]))
+    fingerprint = world.keys["alice"].credential.fingerprint
+    with world.db.transaction() as s:
+        # An insider appends, well chained, the entry a signed request leaves: another request's real
+        # assertion, and one whose counter is as high as it goes (made by a key not hers).
+        (replayed,) = s.execute(
+            text("SELECT request_signature FROM withdrawal WHERE id = :id"), {"id": other["id"]}
+        ).one()
+        payload = {"withdrawal_id": w["id"], "digest": w["request_digest"], "webauthn": fingerprint}
+        audit_log.append(s, REQUEST_SIGNED, "alice", payload, replayed)
+        stuck = world.keys["stranger"].assert_(bytes.fromhex(w["request_digest"]), 2**32 - 1)
+        audit_log.append(s, REQUEST_SIGNED, "alice", payload, stuck)
+    # The store reads the request's standing from the withdrawal's own signature, not from the log.
+    refused = _approve(world, w["id"], "bob")
+    assert refused.exit_code == 4 and "has not signed the request yet" in refused.stderr, refused.output
+    # The planted counter is not alice's key's: her next assertion still counts.
+    signed = world.sign(w["id"], "alice", world.assertion("alice", w["request_digest"]))
+    assert signed["status"] == "requested"
+    assert _approve(world, w["id"], "bob").exit_code == 0
+
+
+def test_a_requester_holds_at_most_a_few_requests_unsigned(world: World) -> None:
+    # Recording a request takes no signature (the key signs next), so each unsigned one would hold
+    # its coins and the customer's balance forever: beyond the bound, refused (Conflict, exit 6).
+    with world.db.transaction() as s:
+        waiting = s.execute(
+            text(
+                "SELECT count(*) FROM withdrawal"
+                " WHERE requester = 'alice' AND status = 'requested' AND request_signature = ''"
+            )
+        ).scalar_one()
+    drafted = [world.draft(amount="0.0001")["id"] for _ in range(MAX_UNSIGNED_REQUESTS - waiting)]
+    with pytest.raises(Conflict, match="awaiting their security key"):
+        world.draft(amount="0.0001")
+    # Cancelled (or signed), the next one is recorded.
+    _cancel(world, drafted[-1])
+    world.draft(amount="0.0001")
+
+
+def test_deleting_a_request_signed_entry_to_roll_the_counter_back_breaks_the_audit_chain(world: World) -> None:
+    # Last in this module: it halts trading. A counter read from the log could be rolled back by
+    # deleting the entries that name the key; the log's chain shows the hole.
+    assert world.shop.c("audit", "log", "--verify").exit_code == 0
+    with world.db.transaction() as s:
+        s.execute(text("DELETE FROM audit_log WHERE event = :e"), {"e": REQUEST_SIGNED})
+    broken = world.shop.c("audit", "log", "--verify")
+    assert broken.exit_code == 3, broken.output
