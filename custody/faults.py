@@ -42,6 +42,7 @@ PAUSE_POINTS = (
     "halt.state_read",  # halt state read from the store, halt file not yet written
     "issuance.allocated",  # inside the issuing transaction (SQLite's write lock held), nothing stored
     "issuance.derived",  # inside the issuing transaction, addresses derived, no lock taken yet
+    "webauthn.counter_checked",  # a request's security-key counter checked, its signature not yet stored
 )
 
 

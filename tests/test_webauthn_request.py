@@ -13,6 +13,12 @@ reach it. And the requester never approves, whatever she signs with.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,12 +76,10 @@ class World:
         return self.shop.c("sign", str(psbt), "--key", founder, "--out", f"{psbt}.signed", "--yes")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp("keyreq")
-    shop = EmbeddedShop(tmp, "p2wsh")
+def _world(tmp: Path, db_url: str | None = None, coins: int = 12) -> World:
+    shop = EmbeddedShop(tmp, "p2wsh", db_url)
     shop.employees.update(enrol(shop.c, tmp, shop.founder_keys, ["dave"], roles="approve"))
-    shop.deposit("acct-1", 12)  # a coin per request
+    shop.deposit("acct-1", coins)  # a coin per request
     keys = {name: Key("localhost", ORIGIN, name.encode()) for name in ("alice", "dave", "stranger")}
     specs = []
     for name in ("alice", "dave"):  # the stranger's key is never listed
@@ -86,8 +90,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     assert proposed.exit_code == 0, proposed.output
     sign_and_apply(shop.c, tmp, shop.founder_keys)
     settings = Settings.load(env=shop.c.env)
-    yield World(shop, Database(settings.db_url), settings, keys)
-    shop.chain.close()
+    return World(shop, Database(settings.db_url), settings, keys)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    w = _world(tmp_path_factory.mktemp("keyreq"))
+    yield w
+    w.shop.chain.close()
 
 
 def _approve(world: World, wid: int, who: str) -> Any:
@@ -310,3 +320,53 @@ def test_deleting_a_request_signed_entry_to_roll_the_counter_back_breaks_the_aud
         s.execute(text("DELETE FROM audit_log WHERE event = :e"), {"e": REQUEST_SIGNED})
     broken = world.shop.c("audit", "log", "--verify")
     assert broken.exit_code == 3, broken.output
+
+
+def test_a_cloned_key_signing_two_requests_at_once_with_one_counter_counts_once(tmp_path: Path, pg_url: str) -> None:
+    # PostgreSQL: writers read committed rows, and each request locks its own withdrawal only; what
+    # serializes the counter checks is the halt guard's lock on the audit head, taken first. The
+    # key and its clone sign two requests with the same counter; the first process stands still
+    # between its counter check and its commit while the second is tried: it waits, then is refused.
+    world = _world(tmp_path, pg_url, coins=2)
+    try:
+        first, second = world.draft(amount="0.001"), world.draft(amount="0.002")
+        credential = world.keys["alice"].credential.id
+        count = world.count + 1
+        a = world.keys["alice"].assert_(bytes.fromhex(first["request_digest"]), count)
+        b = world.keys["alice"].assert_(bytes.fromhex(second["request_digest"]), count)
+        script = (
+            "import sys; from custody.config import Settings; from custody.store.db import Database; "
+            "from custody.withdraw.webauthn_request import sign_request_with_security_key as sign; "
+            "s = Settings.load(); sign(Database(s.db_url), s, int(sys.argv[1]), 'alice', sys.argv[2], sys.argv[3])"
+        )
+        env = dict(os.environ, **world.shop.c.env, CUSTODY_PAUSE_AT="webauthn.counter_checked")
+        paused = subprocess.Popen(
+            [sys.executable, "-c", script, str(first["id"]), credential, a], env=env, stderr=subprocess.PIPE, text=True
+        )
+        while _state(paused.pid) != "T":  # stopped at its pause point (or gone: then it failed)
+            assert paused.poll() is None, paused.communicate()
+            time.sleep(0.05)
+        outcome: list[BaseException | None] = []
+
+        def sign_second() -> None:
+            try:
+                world.sign(second["id"], "alice", b)
+                outcome.append(None)
+            except ApprovalError as exc:
+                outcome.append(exc)
+
+        racer = threading.Thread(target=sign_second)
+        racer.start()
+        racer.join(5)  # without a lock it has finished by now; with one it waits for the first
+        os.kill(paused.pid, signal.SIGCONT)
+        _, err = paused.communicate(timeout=120)
+        racer.join()
+        assert paused.returncode == 0, err
+        (refused,) = outcome
+        assert isinstance(refused, ApprovalError) and "signature counter" in str(refused), outcome
+    finally:
+        world.shop.chain.close()
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

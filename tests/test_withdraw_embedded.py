@@ -29,9 +29,9 @@ OP_TRUE = b"\x51"
 class EmbeddedShop:
     """Founders' key files, employees, a policy and deposits, on the embedded chain."""
 
-    def __init__(self, tmp: Path, script: str) -> None:
+    def __init__(self, tmp: Path, script: str, db_url: str | None = None) -> None:
         self.tmp = tmp
-        self.c = Custody(tmp / "home")
+        self.c = Custody(tmp / "home", db_url=db_url)
         self.c.env["CUSTODY_CHAIN"] = "embedded"
         self.chain: EmbeddedBackend = open_chain(tmp / "home" / "chain")  # the one the CLI opens too
         self.founder_keys = key_ceremony(self.c, tmp, script)

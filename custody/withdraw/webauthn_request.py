@@ -28,6 +28,7 @@ from custody.control import audit_log, halt
 from custody.control.epochs import current_policy as policy_from_session
 from custody.control.roster import check_pinned, load_trust, security_key
 from custody.errors import ApprovalError, Conflict
+from custody.faults import pause_point
 from custody.identity.approvals import request_digest
 from custody.identity.webauthn import assertion_problem, decode_assertion
 from custody.store.db import Database
@@ -103,6 +104,7 @@ def sign_request_with_security_key(
         if problem is not None:
             raise ApprovalError(f"{name}'s request of withdrawal #{withdrawal_id} is refused: {problem}")
         _check_counter(s, credential, decoded.sign_count)
+        pause_point("webauthn.counter_checked")
         row.request_signature = assertion
         s.add(row)
         s.flush()
