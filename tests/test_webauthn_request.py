@@ -76,7 +76,7 @@ class World:
         return self.shop.c("sign", str(psbt), "--key", founder, "--out", f"{psbt}.signed", "--yes")
 
 
-def _world(tmp: Path, db_url: str | None = None, coins: int = 12) -> World:
+def _world(tmp: Path, db_url: str | None = None, coins: int = 14) -> World:
     shop = EmbeddedShop(tmp, "p2wsh", db_url)
     shop.employees.update(enrol(shop.c, tmp, shop.founder_keys, ["dave"], roles="approve"))
     shop.deposit("acct-1", coins)  # a coin per request
@@ -151,6 +151,7 @@ def test_a_request_signed_with_a_security_key_is_approved_by_others_and_the_offl
             {"request_signature": world.assertion("stranger", request)},
             "signature does not verify",
         ),
+        "another account debited": ({"account": "acct-2"}, "challenge is not this statement's"),
         "an employee without the request role": (
             {"requester": "dave", "request_signature": world.assertion("dave", request)},
             "has no request role",
@@ -291,6 +292,28 @@ def test_a_forged_request_signed_audit_entry_neither_signs_a_request_nor_locks_t
     # The planted counter is not alice's key's: her next assertion still counts.
     signed = world.sign(w["id"], "alice", world.assertion("alice", w["request_digest"]))
     assert signed["status"] == "requested"
+    assert _approve(world, w["id"], "bob").exit_code == 0
+
+
+def test_the_account_or_requester_edited_in_the_store_after_signing_is_refused(world: World) -> None:
+    w = world.draft(amount="0.0014")
+    world.sign(w["id"], "alice", world.assertion("alice", w["request_digest"]))
+
+    def edit(column: str, value: str) -> None:
+        with world.db.transaction() as s:
+            s.execute(text(f"UPDATE withdrawal SET {column} = :v WHERE id = :id"), {"v": value, "id": w["id"]})
+
+    # Another customer debited: alice signed acct-1.
+    edit("account", "acct-2")
+    refused = _approve(world, w["id"], "bob")
+    assert refused.exit_code == 4 and "alice's request" in refused.stderr, refused.output
+    edit("account", "acct-1")
+    # Carol named as the requester, so that alice may approve her own request: it stands for nobody.
+    edit("requester", "carol")
+    for who in ("alice", "bob"):
+        refused = _approve(world, w["id"], who)
+        assert refused.exit_code == 4 and "not carol's" in refused.stderr, (who, refused.output)
+    edit("requester", "alice")
     assert _approve(world, w["id"], "bob").exit_code == 0
 
 
