@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from custody.withdraw import webauthn_request as wr
 from custody.withdraw.records import MAX_UNSIGNED_REQUESTS
 from custody.withdraw.signer import PROP_META, PROPRIETARY_ID
 from custody.withdraw.webauthn_approval import REQUEST_SIGNED, approve_with_security_key
-from tests.support import read_psbt
+from tests.support import read_psbt, wait_stopped
 from tests.test_webauthn import Key
 from tests.test_withdraw_embedded import EmbeddedShop, destination
 from tests.withdraw_support import enrol, sign_and_apply
@@ -366,9 +365,7 @@ def test_a_cloned_key_signing_two_requests_at_once_with_one_counter_counts_once(
         paused = subprocess.Popen(
             [sys.executable, "-c", script, str(first["id"]), credential, a], env=env, stderr=subprocess.PIPE, text=True
         )
-        while _state(paused.pid) != "T":  # stopped at its pause point (or gone: then it failed)
-            assert paused.poll() is None, paused.communicate()
-            time.sleep(0.05)
+        wait_stopped(paused.pid, "the first request")
         outcome: list[BaseException | None] = []
 
         def sign_second() -> None:
@@ -389,7 +386,3 @@ def test_a_cloned_key_signing_two_requests_at_once_with_one_counter_counts_once(
         assert isinstance(refused, ApprovalError) and "signature counter" in str(refused), outcome
     finally:
         world.shop.chain.close()
-
-
-def _state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
