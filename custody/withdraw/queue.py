@@ -28,6 +28,7 @@ trading is halted and is idempotent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from bitcoin.core import b2lx, b2x
@@ -48,7 +49,7 @@ from custody.config import Settings
 from custody.control import audit_log, halt
 from custody.control.epochs import current_policy as policy_from_session
 from custody.control.epochs import newest_only
-from custody.control.roster import authenticate, check_pinned, load_trust, security_key
+from custody.control.roster import Trust, authenticate, check_pinned, load_trust, security_key
 from custody.errors import (
     ApprovalError,
     Conflict,
@@ -364,15 +365,27 @@ def approve(
     return result
 
 
+CancelProof = Callable[[Session, Trust, WithdrawalRow], str]
+"""Who cancels, proved otherwise than by a key file or token: checked in the cancel's
+transaction with the row locked; raises to refuse, or returns the signature the audit entry keeps."""
+
+
 def cancel(
-    db: Database, withdrawal_id: int, name: str, key: EmployeeSigner, reason: str, *, settings: Settings
+    db: Database, withdrawal_id: int, name: str, key: EmployeeSigner | CancelProof, reason: str, *, settings: Settings
 ) -> dict[str, Any]:
-    """Fail a withdrawal that was not broadcast and release its inputs (and its customer's hold)."""
+    """Fail a withdrawal that was not broadcast and release its inputs (and its customer's hold).
+    ``key``: ``name``'s key (file or token), or a proof (:data:`CancelProof`: the console's
+    security key). Raises NotFound, ApprovalError, Conflict, HaltedError (the ledger does not balance)."""
     with ledger.halting(db, settings), db.transaction() as s:
         policy = policy_from_session(s)
         row = _get(s, withdrawal_id, lock=True)
         _not_in_batch(row)
-        authenticate(s, check_pinned(s, load_trust(settings)), name, key, None)
+        trust = check_pinned(s, load_trust(settings))
+        signature = None
+        if isinstance(key, EmployeeSigner):
+            authenticate(s, trust, name, key, None)
+        else:
+            signature = key(s, trust, row)
         if row.status not in PENDING:
             raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; only pending ones can be cancelled")
         if row.psbt is not None or row.final_tx is not None:
@@ -388,5 +401,5 @@ def cancel(
             ledger.withdrawal_released(s, row, [], f"cancelled by {name}: {reason}")
         _touch(s, row, next_state(row.status, Event.CANCELLED), f"cancelled by {name}: {reason}")
         _release(s, withdrawal_id)
-        audit_log.append(s, "withdrawal.failed", name, {"withdrawal_id": withdrawal_id, "reason": reason})
+        audit_log.append(s, "withdrawal.failed", name, {"withdrawal_id": withdrawal_id, "reason": reason}, signature)
         return view(s, policy, row)

@@ -138,6 +138,13 @@ def _check(s: Session, policy: Policy, row: WithdrawalRow, need: Need | None = N
     )
 
 
+def awaiting_request_signature(row: WithdrawalRow) -> bool:
+    """True for a request recorded but not yet signed by its requester's security key (the
+    console's first step done, not its second): nobody can approve it, and it holds its coins
+    and the customer's balance until it is signed or cancelled."""
+    return row.kind == SINGLE and row.status == REQUESTED and not row.request_signature
+
+
 def _refuse_unsigned_request(s: Session, row: WithdrawalRow, summary: TxSummary) -> None:
     """Refuse approvals of a withdrawal whose request does not stand for exactly ``summary`` (not
     yet signed with the requester's security key, or its transaction edited since): the offline
@@ -321,6 +328,7 @@ def view(s: Session, policy: Policy, row: WithdrawalRow) -> dict[str, Any]:
         "status": row.status,
         "account": row.account,
         "requester": row.requester,
+        "awaiting_request_signature": awaiting_request_signature(row),
         "destination": row.destination,
         "amount_sat": row.amount,
         "amount": format_btc(row.amount),

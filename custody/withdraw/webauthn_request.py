@@ -15,27 +15,32 @@ account, so it is made in two steps, as the browser must ask the key between the
 Until step 2 nobody can approve the withdrawal (:func:`custody.withdraw.records._refuse_unsigned_request`),
 and the offline signer verifies the stored assertion again from the PSBT with the roster
 pinned on its machine (:func:`custody.identity.approvals.request_standing`). A request never
-signed holds its coins and the customer's balance until an employee cancels it.
+signed holds its coins and the customer's balance until it is cancelled: by any employee with
+``custody withdraw cancel``, or by its requester in the console with the same security key
+(:func:`cancel_with_security_key`, through the same :func:`custody.withdraw.queue.cancel`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from sqlmodel import Session
+
 from custody.chain.types import ChainBackend
 from custody.config import Settings
 from custody.control import audit_log, halt
 from custody.control.epochs import current_policy as policy_from_session
-from custody.control.roster import check_pinned, load_trust, security_key
+from custody.control.roster import Trust, check_pinned, load_trust, security_key
 from custody.errors import ApprovalError, Conflict
 from custody.faults import pause_point
 from custody.identity.approvals import request_digest
+from custody.identity.statements import statement_digest
 from custody.identity.webauthn import assertion_problem, decode_assertion
 from custody.store.db import Database
+from custody.store.models import WithdrawalRow
 from custody.withdraw import queue
 from custody.withdraw import records as wd_records
 from custody.withdraw.limits import Limits
-from custody.withdraw.states import REQUESTED, SINGLE
 from custody.withdraw.webauthn_approval import REQUEST_SIGNED, _check_counter
 
 
@@ -93,7 +98,7 @@ def sign_request_with_security_key(
         halt.guard(s)
         policy = policy_from_session(s)
         row = wd_records._get(s, withdrawal_id, lock=True)
-        if row.kind != SINGLE or row.status != REQUESTED or row.request_signature:
+        if not wd_records.awaiting_request_signature(row):
             raise Conflict(f"withdrawal #{withdrawal_id} does not await its requester's security key")
         if name != row.requester:
             raise ApprovalError(f"{name} did not request withdrawal #{withdrawal_id}: only its requester signs it")
@@ -111,3 +116,50 @@ def sign_request_with_security_key(
         payload = {"withdrawal_id": withdrawal_id, "digest": digest.hex(), "webauthn": credential.fingerprint}
         audit_log.append(s, REQUEST_SIGNED, name, payload, assertion)
         return wd_records.view(s, policy, row)
+
+
+CANCEL_DOMAIN = "custody/withdrawal-cancel-unsigned/v1"
+
+
+def _cancel_digest(s: Session, row: WithdrawalRow, name: str, reason: str) -> bytes:
+    """The statement a requester's security key signs to cancel her unsigned request: the
+    withdrawal, its request statement's digest (this exact transaction), who and why."""
+    summary = wd_records._summary(policy_from_session(s), row, wd_records._inputs(s, row.id or 0))
+    return statement_digest(CANCEL_DOMAIN, [row.id, request_digest(summary, row.account).hex(), name, reason])
+
+
+def cancel_challenge(db: Database, withdrawal_id: int, name: str, reason: str) -> str:
+    """The digest (hex) ``name``'s security key signs to cancel ``withdrawal_id`` for ``reason``.
+    Raises NotFound, Conflict (not a request awaiting its requester's signature)."""
+    with db.transaction() as s:
+        row = wd_records._get(s, withdrawal_id)
+        if not wd_records.awaiting_request_signature(row):
+            raise Conflict(f"withdrawal #{withdrawal_id} does not await its requester's security key")
+        return _cancel_digest(s, row, name, reason).hex()
+
+
+def cancel_with_security_key(
+    db: Database, settings: Settings, withdrawal_id: int, name: str, reason: str, credential_id: str, assertion: str
+) -> dict[str, Any]:
+    """Cancel ``withdrawal_id``, a request its requester ``name`` never signed, on her WebAuthn
+    ``assertion`` over :func:`cancel_challenge`'s statement: through :func:`custody.withdraw.queue.cancel`,
+    as ``custody withdraw cancel`` does (its inputs and the customer's hold released, recorded
+    in the audit log with the assertion). Raises InputError (malformed), NotFound, Conflict (not
+    awaiting its requester's signature), ApprovalError (not the requester, not her key, the
+    assertion does not stand), and what that function raises."""
+    decode_assertion(assertion)
+
+    def proof(s: Session, trust: Trust, row: WithdrawalRow) -> str:
+        if not wd_records.awaiting_request_signature(row):
+            raise Conflict(f"withdrawal #{withdrawal_id} does not await its requester's security key")
+        if name != row.requester:
+            raise ApprovalError(
+                f"{name} did not request withdrawal #{withdrawal_id}: only its requester cancels it here"
+            )
+        credential = security_key(s, trust, name, None, credential_id)
+        problem = assertion_problem(credential, assertion, _cancel_digest(s, row, name, reason))
+        if problem is not None:
+            raise ApprovalError(f"{name}'s cancel of withdrawal #{withdrawal_id} is refused: {problem}")
+        return assertion
+
+    return queue.cancel(db, withdrawal_id, name, proof, reason, settings=settings)
