@@ -15,6 +15,7 @@ import json
 import signal
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +67,25 @@ def _register(page: Any, origin: str, name: str) -> dict[str, str]:
     return made
 
 
-@pytest.fixture(scope="module")
-def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
-    tmp = tmp_path_factory.mktemp("console")
+@contextmanager
+def serving_console(tmp: Path, coins: int) -> Iterator[tuple[EmbeddedShop, Server]]:
+    """A shop with ``coins`` coins of acct-1 and ``custody serve`` with the console (as svc,
+    request role only); the server stopped cleanly at the end."""
     shop = EmbeddedShop(tmp, "p2wsh")
     shop.employees.update(enrol(shop.c, tmp, shop.founder_keys, ["svc"], roles="request"))
-    shop.deposit("acct-1", 4)  # a coin per withdrawal
+    shop.deposit("acct-1", coins)
     shop.chain.close()  # the kernel is one process's: the server opens it from here on
     server = Server(shop.c.env, tmp, "svc", shop.employees["svc"], console=True)
     try:
+        yield shop, server
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM), server.log.read_text()
+        assert "Traceback" not in server.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
+    with serving_console(tmp_path_factory.mktemp("console"), 4) as (shop, server):  # a coin per withdrawal
         with browser() as b:
             page = b.new_page(viewport={"width": 1200, "height": 900})
             security_key(page)
@@ -82,9 +93,6 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
             c.credential = _register(page, server.origin, "alice")
             c.shot("register")
             yield c
-    finally:
-        assert server.stop() in (0, -signal.SIGTERM), server.log.read_text()
-        assert "Traceback" not in server.log.read_text()
 
 
 def _enrol_key(console: Console) -> None:

@@ -78,10 +78,16 @@ def _table(headers: Iterable[str], rows: Iterable[Iterable[object]], cls: str = 
     return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _status(w: dict[str, Any]) -> str:
+    if w["awaiting_request_signature"]:
+        return f"<span class=unsigned>{_e(w['status'])}: not signed by {_e(w['requester'])} yet</span>"
+    return _e(w["status"])
+
+
 def _pending_page(db: Database) -> HTMLResponse:
     rows = [w for status in (wd_states.REQUESTED, wd_states.APPROVED) for w in wd.list_withdrawals(db, status)]
     links = "".join(
-        f"<tr><td><a href=/console/withdrawals/{int(w['id'])}>#{int(w['id'])}</a></td><td>{_e(w['status'])}</td>"
+        f"<tr><td><a href=/console/withdrawals/{int(w['id'])}>#{int(w['id'])}</a></td><td>{_status(w)}</td>"
         f"<td>{_e(w['account'])}</td><td>{_e(w['destination'])}</td><td class=num>{_e(w['amount'])}</td>"
         f"<td>{_e(', '.join(w['approvals']['valid']) or '-')}</td></tr>"
         for w in rows
@@ -114,6 +120,14 @@ def _rules(rules: dict[str, Any]) -> str:
     return f"<h2>Rules that apply</h2><p>{_e(book)} at height {_e(rules['height'])}</p>{tiers}{broken}"
 
 
+_CANCEL = (
+    "<h2>Cancel this unsigned request</h2><p>{1} recorded it but never signed it: it holds the customer's "
+    "balance. {1} may cancel it with the same security key.</p><form id=cancel data-withdrawal='{0}'>"
+    "<label>Reason <input id=cancel-reason required maxlength=500></label> "
+    "<button type=submit>Cancel with security key</button></form>"
+)
+
+
 def _withdrawal_page(db: Database, withdrawal_id: int) -> HTMLResponse:
     w = wd.show_withdrawal(db, withdrawal_id)
     outputs = _table(
@@ -139,6 +153,7 @@ def _withdrawal_page(db: Database, withdrawal_id: int) -> HTMLResponse:
         f"<form id=approve data-withdrawal='{int(w['id'])}' data-digest='{_e(digest)}'>"
         "<label>Employee <input id=employee name=employee required pattern='[a-z][a-z0-9._-]{0,31}'></label> "
         "<button type=submit>Approve with security key</button></form><p id=result role=status></p>"
+        + (_CANCEL.format(int(w["id"]), _e(w["requester"])) if w["awaiting_request_signature"] else "")
     )
     return page(f"Withdrawal #{w['id']}", body)
 

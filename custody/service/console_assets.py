@@ -133,6 +133,15 @@ async function requestWithdrawal(form) {
   const r = await answer(await post("/console/api/withdrawals/" + w.id + "/request", signed));
   say("withdrawal #" + r.id + " requested by " + r.requester + ": it awaits approvals", "ok");
 }
+async function cancelRequest(form) {
+  const name = document.getElementById("employee").value;
+  const reason = document.getElementById("cancel-reason").value;
+  const url = "/console/api/withdrawals/" + form.dataset.withdrawal + "/cancel";
+  const c = await answer(await post(url + "/challenge", { employee: name, reason: reason }));
+  const signed = await signWith(name, c.digest);
+  const r = await answer(await post(url, { ...signed, reason: reason }));
+  say("withdrawal #" + r.id + " cancelled by " + name + ": the customer's balance is released", "ok");
+}
 for (const form of document.querySelectorAll("form.lift")) {
   form.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -140,7 +149,10 @@ for (const form of document.querySelectorAll("form.lift")) {
     liftHalt(form).catch((err) => say("refused: " + err.message, "refused"));
   });
 }
-const forms = [["approve", approve], ["register", register], ["raise", raiseHalt], ["request", requestWithdrawal]];
+const forms = [
+  ["approve", approve], ["register", register], ["raise", raiseHalt], ["request", requestWithdrawal],
+  ["cancel", cancelRequest],
+];
 for (const [id, run] of forms) {
   const form = document.getElementById(id);
   if (!form) continue;
@@ -161,7 +173,7 @@ table { border-collapse: collapse; margin: .4em 0 1em; }
 th, td { border: 1px solid #c9d1d9; padding: .25em .6em; text-align: left; font-variant-numeric: tabular-nums; }
 td.num { text-align: right; }
 code { font: 13px ui-monospace, monospace; word-break: break-all; background: #f3f4f6; padding: .1em .3em; }
-.ok { color: #116329; } .refused, .violations { color: #a40e26; }
+.ok { color: #116329; } .refused, .violations, .unsigned { color: #a40e26; }
 button { font: inherit; padding: .3em .9em; }
 .operational { color: #116329; } .degraded, .halted { color: #a40e26; }
 """

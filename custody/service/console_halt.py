@@ -24,12 +24,12 @@ from custody.service.console import B64_PATTERN, NAME_PATTERN, page, same_origin
 from custody.store.db import Database
 
 HaltId = Annotated[int, Path(ge=1, le=2**31 - 1)]
-_REASON = r"^[^\x00-\x1f\x7f]{1,500}$"
+REASON_PATTERN = r"^[^\x00-\x1f\x7f]{1,500}$"
 
 
 class RaiseRequest(BaseModel):
     employee: str = Field(pattern=NAME_PATTERN)
-    reason: str = Field(pattern=_REASON)
+    reason: str = Field(pattern=REASON_PATTERN)
 
 
 class Signed(BaseModel):
@@ -48,7 +48,7 @@ class Signed(BaseModel):
 
 
 class SignedRaise(Signed):
-    reason: str = Field(pattern=_REASON)
+    reason: str = Field(pattern=REASON_PATTERN)
     at: str = Field(pattern=r"^[0-9T:.Z-]{20,40}$")
 
 

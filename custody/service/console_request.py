@@ -5,6 +5,8 @@ names the account, destination and amount; the server records the request with i
 transaction and answers the request statement's digest; the browser has the security key
 sign it, and :mod:`custody.withdraw.webauthn_request` checks the assertion against the roster
 before storing it as the request's signature. Until then nobody can approve the withdrawal.
+A request never signed holds the customer's balance: its requester cancels it here with the
+same security key (:func:`custody.withdraw.webauthn_request.cancel_with_security_key`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pydantic import BaseModel, Field
 from custody.chain.types import ChainBackend
 from custody.config import Settings
 from custody.service.console import NAME_PATTERN, console_keys, page, same_origin
-from custody.service.console_halt import Signed
+from custody.service.console_halt import REASON_PATTERN, Signed
 from custody.store.db import Database
 from custody.withdraw import limits as wd_limits
 from custody.withdraw import webauthn_request as wr
@@ -34,6 +36,15 @@ class RequestBody(BaseModel):
     account: str = Field(min_length=1, max_length=128, pattern=_TEXT)
     destination: str = Field(min_length=1, max_length=128, pattern=_TEXT)
     amount: str = Field(min_length=1, max_length=32, pattern=r"^[0-9.]+$")
+
+
+class CancelRequest(BaseModel):
+    employee: str = Field(pattern=NAME_PATTERN)
+    reason: str = Field(pattern=REASON_PATTERN)
+
+
+class SignedCancel(Signed):
+    reason: str = Field(pattern=REASON_PATTERN)
 
 
 _FORM = (
@@ -85,6 +96,19 @@ def request_router(
         with state_lock:
             w = wr.sign_request_with_security_key(
                 db, settings, withdrawal_id, body.employee, body.credential_id, body.assertion()
+            )
+        after()
+        return w
+
+    @router.post("/api/withdrawals/{withdrawal_id}/cancel/challenge")
+    def cancel_challenge(withdrawal_id: WithdrawalId, body: CancelRequest) -> dict[str, str]:
+        return {"digest": wr.cancel_challenge(db, withdrawal_id, body.employee, body.reason)}
+
+    @router.post("/api/withdrawals/{withdrawal_id}/cancel")
+    def cancel(withdrawal_id: WithdrawalId, body: SignedCancel) -> dict[str, Any]:
+        with state_lock:
+            w = wr.cancel_with_security_key(
+                db, settings, withdrawal_id, body.employee, body.reason, body.credential_id, body.assertion()
             )
         after()
         return w
