@@ -11,10 +11,13 @@ from typing import Any, TextIO
 
 import click
 
-from custody.issuance.issuer import ISSUE_CHUNK, export_addresses, get_address, issue_chunks, iter_issued
+from custody.issuance.issuer import export_addresses, get_address, issue_chunks, iter_issued
 from custody_cli import output
 from custody_cli.context import AppContext, example, json_option, pass_app
 from custody_cli.helptext import SummaryGroup
+
+PROGRESS_FROM = 2_000
+"""A batch this large shows a progress bar on a terminal (several seconds of work)."""
 
 COLUMNS = ["chain", "index", "account", "address", "script_pubkey", "script", "created_at"]
 
@@ -33,14 +36,19 @@ def address() -> None:
 def address_new(app: AppContext, account: str, count: int, as_json: bool) -> None:
     """Issue the next deposit address(es) of the policy, each verified independently first.
 
-    A large count is committed and printed in chunks of 10,000 (progress on stderr when it
-    is a terminal, never with --json); a failure stops the rest, the chunks printed before it stay issued.
+    A large count is committed and printed in chunks of 10,000 (a progress bar of the addresses
+    derived and verified on stderr when it is a terminal, never with --json); a failure stops
+    the rest, the chunks printed before it stay issued.
     """
     first: int | None = None
     last = 0
     done = 0
-    with _JsonArray(sys.stdout) if as_json else contextlib.nullcontext() as array:
-        for part in issue_chunks(app.db, app.settings, account, count):
+    shown = not as_json and count >= PROGRESS_FROM
+    with (
+        _JsonArray(sys.stdout) if as_json else contextlib.nullcontext() as array,
+        output.Progress("issuing addresses", count, shown=shown) as bar,
+    ):
+        for part in issue_chunks(app.db, app.settings, account, count, progress=bar.update if shown else None):
             first = part[0].index if first is None else first
             last = part[-1].index
             done += len(part)
@@ -48,8 +56,6 @@ def address_new(app: AppContext, account: str, count: int, as_json: bool) -> Non
                 array.extend(a.to_dict() for a in part)
             else:
                 sys.stdout.write("".join(f"{a.address}\n" for a in part))
-            if not as_json:
-                _progress(done, count)
     if not as_json:
         span = f"index {first}" if first == last else f"indexes {first}..{last}"
         output.success(f"{output.plural(done, 'address', 'addresses')} issued for {account} ({span})")
@@ -100,12 +106,6 @@ class _JsonArray:
     def __exit__(self, exc_type: object, *_: object) -> None:
         if exc_type is None or self.count:  # closed also after a failure: what was issued stays readable
             self.out.write("\n]\n" if self.count else "[]\n")
-
-
-def _progress(done: int, total: int) -> None:
-    if total > ISSUE_CHUNK and sys.stderr.isatty():
-        sys.stderr.write(f"\r{done:,} of {total:,} issued" + ("\n" if done == total else ""))
-        sys.stderr.flush()
 
 
 @address.command("show")

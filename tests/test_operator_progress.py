@@ -1,5 +1,5 @@
 """Long work shows progress on a terminal (never in a pipe, never with --json): address
-export, sync reading blocks, audit log --verify; long lists are capped on a terminal
+issuance and export, sync reading blocks, audit log --verify; long lists are capped on a terminal
 and limited by --limit everywhere."""
 
 from __future__ import annotations
@@ -36,6 +36,24 @@ def test_a_long_export_shows_a_progress_bar_on_a_terminal_only(store: Custody, t
     piped = store("address", "export", str(tmp_path / "piped.jsonl"))
     assert piped.exit_code == 0 and "exporting" not in piped.stderr and "━" not in piped.stderr
     assert f"{600 + ROWS} addresses exported" in piped.stderr
+
+
+BATCH = 3000  # above the CLI's PROGRESS_FROM, below a chunk: one transaction
+
+
+def test_a_large_issuance_shows_a_progress_bar_on_a_terminal_only(store: Custody) -> None:
+    before = len(store.json("address", "list"))
+    screen = plain(run_on_pty(["address", "new", "--account", "pty", "--count", str(BATCH)], store.env, columns=120))
+    assert "issuing addresses" in screen and "━" in screen, screen[-500:]
+    issued = [a["address"] for a in store.json("address", "list", "--account", "pty")]
+    assert len(issued) == BATCH and issued[0] in screen and issued[-1] in screen  # stdout whole beside the bar
+    as_json = plain(run_on_pty(["address", "new", "--account", "pty", "--count", str(BATCH), "--json"], store.env, 120))
+    assert "issuing" not in as_json and "━" not in as_json
+    assert len(json.loads(as_json)) == BATCH  # the terminal got the JSON alone
+    piped = store("address", "new", "--account", "piped", "--count", str(BATCH))
+    assert piped.exit_code == 0 and "issuing" not in piped.stderr and "━" not in piped.stderr
+    assert len(piped.stdout.split()) == BATCH
+    assert len(store.json("address", "list")) == before + 3 * BATCH  # the bar changed nothing issued
 
 
 def test_lists_take_a_limit_and_a_terminal_gets_a_screenful(store: Custody) -> None:

@@ -20,7 +20,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -209,19 +209,31 @@ def _workers() -> ProcessPoolExecutor:
     return _pool
 
 
-def _derive_checked(policy: Policy, manifest: verify.Manifest, chain: int, first: int, count: int) -> Checked:
-    """Derive and verify a range, on every core for a large batch; results in index order."""
-    if count < PARALLEL_MIN or (os.cpu_count() or 1) < 2:
-        return _derive_range(policy, manifest, chain, first, count)
+def _derive_checked(
+    policy: Policy,
+    manifest: verify.Manifest,
+    chain: int,
+    first: int,
+    count: int,
+    progress: Callable[[int], None] | None = None,
+) -> Checked:
+    """Derive and verify a range, on every core for a large batch; results in index order.
+    ``progress`` is called with the number derived and verified so far, every _CHUNK."""
     starts = range(first, first + count, _CHUNK)
     sizes = [min(_CHUNK, first + count - start) for start in starts]
+    if count < PARALLEL_MIN or (os.cpu_count() or 1) < 2:
+        if progress is None:
+            return _derive_range(policy, manifest, chain, first, count)
+        parts: Iterable[Checked] = map(_derive_range, repeat(policy), repeat(manifest), repeat(chain), starts, sizes)
+    else:
+        parts = _workers().map(_derive_range, repeat(policy), repeat(manifest), repeat(chain), starts, sizes)
     good: list[DerivedAddress] = []
     bad: list[tuple[DerivedAddress, list[str]]] = []
-    for chunk_good, chunk_bad in _workers().map(
-        _derive_range, repeat(policy), repeat(manifest), repeat(chain), starts, sizes
-    ):
+    for chunk_good, chunk_bad in parts:
         good.extend(chunk_good)
         bad.extend(chunk_bad)
+        if progress is not None:
+            progress(len(good) + len(bad))
     return good, bad
 
 
@@ -246,10 +258,13 @@ def issue_in_session(
     actor: str = "operator",
     *,
     pinned: list[str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[IssuedAddress]:
     """Issue addresses inside the caller's transaction (see :func:`issue_addresses`);
     ``pinned``: the digests of the chain pinned here, to refuse while a rotation is pinned but
-    not applied (:func:`load_manifest_or_halt` checks that for the other callers).
+    not applied (:func:`load_manifest_or_halt` checks that for the other callers);
+    ``progress``: called with how many of ``count`` are derived and verified so far (the work
+    before the lock), for a long batch on a terminal.
 
     Raises HaltedError, InputError, Conflict, AddressMismatch (the caller must roll back, then
     raise the halt with :func:`halt_for_mismatch`), StorageError.
@@ -266,7 +281,7 @@ def issue_in_session(
     # that is the index it gets; another that allocated meanwhile makes it derive again below.
     # Nothing of this is stored or shown unless the allocation under the lock confirms it.
     predicted = _peek(s, chain)
-    good, failure = _derive_checked(policy, manifest, chain, predicted, count)
+    good, failure = _derive_checked(policy, manifest, chain, predicted, count, progress)
     if failure:
         raise AddressMismatch(*failure[0])
     pause_point("issuance.derived")
@@ -369,6 +384,14 @@ ISSUE_CHUNK = 10_000
 chunk at a time (other writers, such as a halt, get in between) and memory stays bounded."""
 
 
+def _shifted(progress: Callable[[int], None] | None, done: int) -> Callable[[int], None] | None:
+    """``progress`` of a chunk counted after the ``done`` issued before it."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda n: report(done + n)
+
+
 def issue_chunks(
     db: Database,
     settings: Settings,
@@ -379,11 +402,13 @@ def issue_chunks(
     chunk: int | None = None,
     *,
     within: Callable[[Session], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Iterator[list[IssuedAddress]]:
     """Issue the next ``count`` addresses of ``chain`` for ``account``, committed and yielded
     ``chunk`` at a time (each chunk its own transaction and audit entry, no gap between them).
     ``within`` runs first in the first chunk's transaction (``custody serve`` records the
-    request's nonce there: one commit for both, and neither without the other).
+    request's nonce there: one commit for both, and neither without the other). ``progress``
+    is called with how many of ``count`` are derived and verified so far, as the work goes.
 
     The halt is checked in every chunk: a halt raised meanwhile stops the rest. Raises as
     :func:`issue_addresses`; the chunks yielded before an error stay issued.
@@ -401,7 +426,8 @@ def issue_chunks(
             with db.transaction() as s:
                 if within is not None and left == count:
                     within(s)
-                issued = issue_in_session(s, manifest, account, size, chain, actor, pinned=pinned)
+                on_part = _shifted(progress, count - left)
+                issued = issue_in_session(s, manifest, account, size, chain, actor, pinned=pinned, progress=on_part)
             crash_point("issuance.committed")
         except AddressMismatch as exc:  # the chunk's transaction rolled back: nothing of it stored
             raise halt_for_mismatch(db, settings, exc) from None
