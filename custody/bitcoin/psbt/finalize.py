@@ -6,7 +6,7 @@ from typing import Any
 
 from bitcoin.core import COutPoint, CScript, CScriptWitness, CTransaction, CTxIn, CTxInWitness, CTxWitness
 
-from custody.bitcoin.psbt.maps import Psbt, PsbtInput
+from custody.bitcoin.psbt.maps import Psbt, PsbtInput, _copy_tx
 from custody.bitcoin.psbt.sighash import _Bip143, _PublicKeys, _sighash, _signature_problem, _spend_info
 from custody.bitcoin.script import ScriptType, parse_multisig, push
 from custody.errors import InputError
@@ -27,16 +27,16 @@ def finalize(psbt: Psbt) -> Psbt:
     Raises InputError naming the input when it has fewer than m valid signatures of
     distinct keys, or cannot be checked.
     """
-    out = psbt.copy()
-    cache = _Bip143(out.tx)
+    inputs: list[PsbtInput] = []
+    cache = _Bip143(psbt.tx)
     keys = _PublicKeys()
-    for i, inp in enumerate(out.inputs):
+    for i, inp in enumerate(psbt.inputs):
         if inp.is_finalized:
-            _clear_signing_fields(inp)
+            inputs.append(_kept(inp, inp.final_script_sig, inp.final_script_witness))
             continue
-        spend = _spend_info(out, i)
+        spend = _spend_info(psbt, i)
         multisig = parse_multisig(spend.script)
-        digest = _sighash(out, i, spend, cache)
+        digest = _sighash(psbt, i, spend, cache)
         sigs: list[bytes] = []
         problems: list[str] = []
         for pub in multisig.pubkeys:
@@ -56,16 +56,33 @@ def finalize(psbt: Psbt) -> Psbt:
                 f"{multisig.threshold}{detail}"
             )
         if spend.kind is ScriptType.P2SH:
-            inp.final_script_sig = b"".join(push(x) for x in [b"", *sigs, spend.script])
-            inp.final_script_witness = None
+            inputs.append(_kept(inp, b"".join(push(x) for x in [b"", *sigs, spend.script]), None))
         else:
-            inp.final_script_witness = (b"", *sigs, spend.script)
-            if spend.redeem_script is not None:  # p2sh-p2wsh
-                inp.final_script_sig = push(spend.redeem_script)
-            else:
-                inp.final_script_sig = None
-        _clear_signing_fields(inp)
-    return out
+            script_sig = push(spend.redeem_script) if spend.redeem_script is not None else None  # p2sh-p2wsh
+            inputs.append(_kept(inp, script_sig, (b"", *sigs, spend.script)))
+    return Psbt(
+        tx=_copy_tx(psbt.tx),
+        inputs=inputs,
+        outputs=[out.copy() for out in psbt.outputs],
+        xpubs=dict(psbt.xpubs),
+        version=psbt.version,
+        proprietary=dict(psbt.proprietary),
+        unknown=dict(psbt.unknown),
+    )
+
+
+def _kept(inp: PsbtInput, final_script_sig: bytes | None, final_script_witness: tuple[bytes, ...] | None) -> PsbtInput:
+    """A finalized input: what BIP-174 keeps of ``inp`` (its UTXOs, proprietary and unknown
+    records) and the final scripts; the signing fields (partial signatures, derivations, sighash
+    type, redeem and witness scripts) are left behind, never copied to be cleared."""
+    return PsbtInput(
+        non_witness_utxo=inp.non_witness_utxo,  # immutable CTransaction: shared, as copy() shares it
+        witness_utxo=inp.witness_utxo,
+        final_script_sig=final_script_sig,
+        final_script_witness=final_script_witness,
+        proprietary=dict(inp.proprietary),
+        unknown=dict(inp.unknown),
+    )
 
 
 def _pushes(scope: str, script: bytes) -> list[bytes]:
@@ -144,15 +161,6 @@ def final_signatures(template: Psbt, i: int, finalized: PsbtInput) -> dict[bytes
                 "transaction by the script's keys (in their order)"
             )
     return found
-
-
-def _clear_signing_fields(inp: PsbtInput) -> None:
-    """What a finalized input no longer needs (BIP-174: keep the UTXOs and unknown fields)."""
-    inp.partial_sigs.clear()
-    inp.bip32_derivations.clear()
-    inp.sighash_type = None
-    inp.redeem_script = None
-    inp.witness_script = None
 
 
 def extract(psbt: Psbt) -> Any:

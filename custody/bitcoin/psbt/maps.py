@@ -944,21 +944,35 @@ def _merge_scalar(dst: Any, attr: str, src: Any, scope: str, what: str) -> None:
 
 
 def _merge_input(dst: PsbtInput, src: PsbtInput, scope: str) -> None:
+    # Each field is looked at only when ``src`` has it (a signer's PSBT carries its signatures,
+    # UTXO, script and derivations; most other fields are empty): what is merged is unchanged.
     if src.non_witness_utxo is not None:
         if dst.non_witness_utxo is None:
             dst.non_witness_utxo = src.non_witness_utxo
         elif dst.non_witness_utxo.serialize() != src.non_witness_utxo.serialize():
             raise InputError(f"{scope}: conflicting values for the non-witness UTXO")
-    _merge_scalar(dst, "witness_utxo", src, scope, "witness UTXO")
-    _merge_dict(dst.partial_sigs, src.partial_sigs, scope, "partial signature of")
-    _merge_scalar(dst, "sighash_type", src, scope, "sighash type")
-    _merge_scalar(dst, "redeem_script", src, scope, "redeem script")
-    _merge_scalar(dst, "witness_script", src, scope, "witness script")
-    _merge_dict(dst.bip32_derivations, src.bip32_derivations, scope, "BIP-32 derivation of")
-    _merge_scalar(dst, "final_script_sig", src, scope, "final scriptSig")
-    _merge_scalar(dst, "final_script_witness", src, scope, "final scriptWitness")
-    _merge_dict(dst.proprietary, src.proprietary, scope, "proprietary")
-    _merge_dict(dst.unknown, src.unknown, scope, "unknown record")
+    for attr, what in _INPUT_SCALARS:
+        if getattr(src, attr) is not None:
+            _merge_scalar(dst, attr, src, scope, what)
+    for attr, what in _INPUT_DICTS:
+        if getattr(src, attr):
+            _merge_dict(getattr(dst, attr), getattr(src, attr), scope, what)
+
+
+_INPUT_SCALARS = (
+    ("witness_utxo", "witness UTXO"),
+    ("sighash_type", "sighash type"),
+    ("redeem_script", "redeem script"),
+    ("witness_script", "witness script"),
+    ("final_script_sig", "final scriptSig"),
+    ("final_script_witness", "final scriptWitness"),
+)
+_INPUT_DICTS = (
+    ("partial_sigs", "partial signature of"),
+    ("bip32_derivations", "BIP-32 derivation of"),
+    ("proprietary", "proprietary"),
+    ("unknown", "unknown record"),
+)
 
 
 def _merge_output(dst: PsbtOutput, src: PsbtOutput, scope: str) -> None:
