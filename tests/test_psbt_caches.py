@@ -9,6 +9,7 @@ checked with coincurve directly.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import struct
 
@@ -297,6 +298,97 @@ def test_empty_outputs_merge_nothing_and_conflicts_after_them_are_refused() -> N
         combine([a, b, c])
     c.outputs[1] = PsbtOutput(unknown={b"\x0a": b"\x00"})
     assert combine([a, c]).outputs[1].unknown == {b"\x0a": b"\x00"}
+
+
+# ---------------------------------------------------------------- combine: every field of an input merged
+
+
+_CONFLICTS = {
+    "witness_utxo": (WitnessUtxo(1, b"\x00\x20" + b"\x01" * 32), WitnessUtxo(2, b"\x00\x20" + b"\x01" * 32)),
+    "sighash_type": (1, 3),
+    "redeem_script": (b"\x51", b"\x52"),
+    "witness_script": (b"\x51", b"\x52"),
+    "final_script_sig": (b"\x00", b"\x51"),
+    "final_script_witness": ((b"",), (b"\x01",)),
+    "partial_sigs": ({PUBS[0]: b"\x30\x01"}, {PUBS[0]: b"\x30\x02"}),
+    "bip32_derivations": ({PUBS[0]: KeyOrigin(b"\x01" * 4, (0,))}, {PUBS[0]: KeyOrigin(b"\x01" * 4, (1,))}),
+    "proprietary": ({maps.ProprietaryKey(b"x", 0, b""): b"a"}, {maps.ProprietaryKey(b"x", 0, b""): b"b"}),
+    "unknown": ({b"\x0a": b"a"}, {b"\x0a": b"b"}),
+}
+
+
+@pytest.mark.parametrize("attr", sorted(_CONFLICTS))
+def test_combine_merges_every_input_field_and_refuses_every_conflict(attr: str) -> None:
+    """The merge looks only at the fields the other PSBT has: a field left out of it would let a
+    second PSBT's differing record pass silently (or its record be dropped)."""
+    mine, theirs = _CONFLICTS[attr]
+    a, b = Psbt.parse(_psbt([50_000]).serialize()), Psbt.parse(_psbt([50_000]).serialize())
+    for p in (a, b):
+        for field_name in ("witness_utxo", "witness_script", "bip32_derivations"):
+            setattr(p.inputs[0], field_name, None if field_name != "bip32_derivations" else {})
+    setattr(b.inputs[0], attr, theirs)
+    assert getattr(combine([a, b]).inputs[0], attr) == theirs  # taken from the second when the first lacks it
+    setattr(a.inputs[0], attr, mine)
+    with pytest.raises(InputError, match=r"PSBT 1 input 0: conflicting values for"):
+        combine([a, b])
+
+
+# ---------------------------------------------------------------- finalize: a new PSBT, the argument untouched
+
+
+def test_finalize_leaves_its_argument_as_it_was_and_shares_no_map_with_it() -> None:
+    psbt = _psbt([50_000, 60_000])
+    sign(psbt, {PUBS[0]: KEYS[0], PUBS[1]: KEYS[1]})
+    psbt.inputs[1].unknown[b"\x0a"] = b"kept"
+    psbt.inputs[1].proprietary[maps.ProprietaryKey(b"custody", 9, b"")] = b"kept too"
+    before = psbt.serialize()
+    final = finalize(psbt)
+    assert psbt.serialize() == before  # the signatures, scripts and derivations are all still there
+    assert final.inputs[1].unknown == {b"\x0a": b"kept"}
+    assert final.inputs[1].proprietary == {maps.ProprietaryKey(b"custody", 9, b""): b"kept too"}
+    assert all(
+        not inp.partial_sigs and not inp.bip32_derivations and inp.witness_script is None and inp.final_script_witness
+        for inp in final.inputs
+    )
+    final.inputs[1].unknown[b"\x0b"] = b"added later"
+    final.inputs[1].proprietary.clear()
+    final.tx.vout[0].nValue = 1
+    assert psbt.serialize() == before
+
+
+# ---------------------------------------------------------------- the cycle collector, paused for bulk work
+
+
+def _refused_calls() -> list[tuple[str, object]]:
+    psbt = _psbt([50_000, 60_000])
+    raw = psbt.serialize()
+    sign(psbt, {PUBS[0]: KEYS[0]})
+    other = Psbt.parse(raw)
+    other.inputs[0].witness_script = b"\x51"
+    return [
+        ("parse of a rewritten byte", lambda: Psbt.parse(raw[:-1] + b"\x01")),
+        ("finalize with one signature", lambda: finalize(psbt)),
+        ("combine of a conflict", lambda: combine([psbt, other])),
+    ]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_cycle_collector_is_as_the_caller_left_it_after_a_refusal(enabled: bool) -> None:
+    """Parse, copy, combine and finalize switch the collector off while they build maps: one that
+    raised and left it off would leak every reference cycle of a long-running process from then on;
+    one that switched it on would override a caller that had it off."""
+    was = gc.isenabled()
+    try:
+        for what, call in _refused_calls():
+            gc.enable() if enabled else gc.disable()
+            with pytest.raises(InputError):
+                call()  # type: ignore[operator]
+            assert gc.isenabled() is enabled, what
+        gc.enable() if enabled else gc.disable()
+        Psbt.parse(_psbt([10_000]).serialize()).copy()
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()
 
 
 # ---------------------------------------------------------------- the offline signer's derivations

@@ -6,12 +6,13 @@ from typing import Any
 
 from bitcoin.core import COutPoint, CScript, CScriptWitness, CTransaction, CTxIn, CTxInWitness, CTxWitness
 
-from custody.bitcoin.psbt.maps import Psbt, PsbtInput, _copy_tx
+from custody.bitcoin.psbt.maps import Psbt, PsbtInput, _copy_tx, without_cycle_collection
 from custody.bitcoin.psbt.sighash import _Bip143, _PublicKeys, _sighash, _signature_problem, _spend_info
 from custody.bitcoin.script import ScriptType, parse_multisig, push
 from custody.errors import InputError
 
 
+@without_cycle_collection
 def finalize(psbt: Psbt) -> Psbt:
     """Return a finalized copy of ``psbt`` (the BIP-174 input finalizer); ``psbt`` is unchanged.
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import gc
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import coincurve
 from bitcoin.core import (
@@ -91,6 +93,36 @@ _BYTE = [bytes([n]) for n in range(0xFD)]  # one-byte compact sizes, made once
 _new = object.__new__
 _setattr = object.__setattr__  # for python-bitcoinlib's immutable classes (COutPoint)
 _new_bytes = bytes.__new__  # CScript(b) for bytes b, without CScript.__new__'s type dispatch
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cycle collector off while PSBT maps are built in bulk (as custody.books.ledger does
+    for its tuples): a 500-input, 1,000-output PSBT is ~15,000 container objects, none in a cycle,
+    and the collector, run every 700 of them, only rescanned the ones already made (a tenth of
+    the round trip's time). It runs again as before afterwards, once over what was made."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def without_cycle_collection(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` run with :func:`_collector_paused`."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with _collector_paused():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 # --------------------------------------------------------------------------- data model
@@ -207,6 +239,7 @@ class Psbt:
         )
 
     @classmethod
+    @without_cycle_collection
     def parse(cls, data: bytes) -> Psbt:
         """Parse a binary PSBT.
 
@@ -231,12 +264,16 @@ class Psbt:
                 r.pos = fast[1]
             else:
                 psbt.inputs.append(_parse_input(_read_map(r, f"input {i}"), f"input {i}", valid_keys, prev_txs))
+        pos, size, outputs = r.pos, len(data), psbt.outputs
         for i in range(len(psbt.tx.vout)):
-            if r.pos < len(data) and data[r.pos] == 0:  # an empty map: its separator alone
-                r.pos += 1
-                psbt.outputs.append(PsbtOutput())
+            if pos < size and data[pos] == 0:  # an empty map: its separator alone
+                pos += 1
+                outputs.append(PsbtOutput())
             else:
-                psbt.outputs.append(_parse_output(_read_map(r, f"output {i}"), f"output {i}", valid_keys))
+                r.pos = pos
+                outputs.append(_parse_output(_read_map(r, f"output {i}"), f"output {i}", valid_keys))
+                pos = r.pos
+        r.pos = pos
         if r.pos != len(data):
             raise InputError(
                 f"PSBT has {len(data) - r.pos} trailing bytes after its last output map "
@@ -290,6 +327,7 @@ class Psbt:
                 f"for a transaction with {len(self.tx.vin)} inputs and {len(self.tx.vout)} outputs"
             )
 
+    @without_cycle_collection
     def copy(self) -> Psbt:
         """Return an independent copy (the transaction and every map are copied)."""
         return Psbt(
@@ -548,13 +586,21 @@ def _parse_legacy_tx_fast(raw: bytes) -> Any | None:  # noqa: C901 - one bounds 
         if pos + 9 > size:
             return None
         amount = _I64.unpack_from(raw, pos)[0]
-        script_len = _fast_compact_size(raw, pos + 8)
-        if not 0 <= amount <= MAX_MONEY or script_len is None or script_len[1] + script_len[0] > size:
+        if raw[pos + 8] < 0xFD:  # a one-byte script length: every standard output
+            start = pos + 9
+            end = start + raw[pos + 8]
+        else:
+            script_len = _fast_compact_size(raw, pos + 8)
+            if script_len is None:
+                return None
+            start = script_len[1]
+            end = start + script_len[0]
+        if not 0 <= amount <= MAX_MONEY or end > size:
             return None
-        pos = script_len[1] + script_len[0]
+        pos = end
         txout = _new(CMutableTxOut)
         txout.nValue = amount
-        txout.scriptPubKey = _new_bytes(CScript, raw[script_len[1] : pos])
+        txout.scriptPubKey = _new_bytes(CScript, raw[start:end])
         vout.append(txout)
     if pos + 4 != size:
         return None
@@ -894,6 +940,7 @@ def _serialize_output(out: PsbtOutput, scope: str) -> bytes:
 # --------------------------------------------------------------------------- combiner
 
 
+@without_cycle_collection
 def combine(psbts: Sequence[Psbt]) -> Psbt:
     """Merge PSBTs of one unsigned transaction into a new PSBT (the BIP-174 combiner).
 
