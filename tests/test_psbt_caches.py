@@ -22,7 +22,18 @@ from hypothesis import strategies as st
 
 from custody.bitcoin.keys import HARDENED
 from custody.bitcoin.network import REGTEST
-from custody.bitcoin.psbt import KeyOrigin, Psbt, PsbtOutput, WitnessUtxo, combine, finalize, maps, sign, valid_signers
+from custody.bitcoin.psbt import (
+    KeyOrigin,
+    Psbt,
+    PsbtOutput,
+    SignatureChecks,
+    WitnessUtxo,
+    combine,
+    finalize,
+    maps,
+    sign,
+    valid_signers,
+)
 from custody.bitcoin.script import ScriptType, parse_multisig
 from custody.errors import InputError
 from custody.identity.keyfile import FounderKey
@@ -354,6 +365,37 @@ def test_finalize_leaves_its_argument_as_it_was_and_shares_no_map_with_it() -> N
     final.inputs[1].proprietary.clear()
     final.tx.vout[0].nValue = 1
     assert psbt.serialize() == before
+
+
+# ---------------------------------------------------------------- signature checks shared by valid_signers and finalize
+
+
+def test_finalize_answers_from_valid_signers_checks_only_for_the_same_bytes() -> None:
+    """The withdrawal's finalize asks valid_signers, then finalize, with one SignatureChecks: each
+    signature verified once. A PSBT rewritten between the two (an output's amount, a signature's
+    byte) must be a new question: answered from the first PSBT's checks, it would finalize a
+    transaction nobody signed."""
+    psbt = _psbt([50_000, 60_000])
+    sign(psbt, {PUBS[0]: KEYS[0], PUBS[1]: KEYS[1]})
+    checks = SignatureChecks()
+    assert valid_signers(psbt, checks) == [{PUBS[0], PUBS[1]}] * 2
+    asked = dict(checks.answers)
+    assert len(asked) == 4 and all(problem is None for problem in asked.values())
+    good = finalize(psbt, checks)
+    assert checks.answers == asked  # every answer came from valid_signers' checks
+    assert good.serialize() == finalize(psbt).serialize()
+
+    rewritten = Psbt.parse(psbt.serialize())
+    rewritten.tx.vout[0].nValue -= 1  # the insider's byte: every digest changes, the signatures stay
+    with pytest.raises(InputError, match="input 0: 0 valid signature"):
+        finalize(rewritten, checks)
+    assert valid_signers(rewritten, checks) == [set(), set()]
+
+    tampered = Psbt.parse(psbt.serialize())
+    sig = tampered.inputs[1].partial_sigs[PUBS[1]]
+    tampered.inputs[1].partial_sigs[PUBS[1]] = sig[:10] + bytes([sig[10] ^ 1]) + sig[11:]
+    with pytest.raises(InputError, match="input 1: 1 valid signature"):
+        finalize(tampered, checks)
 
 
 # ---------------------------------------------------------------- the cycle collector, paused for bulk work

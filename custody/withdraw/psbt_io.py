@@ -322,13 +322,14 @@ def finalize(db: Database, withdrawal_id: int) -> dict[str, Any]:
             )
         _require_approved(s, policy, row)
         merged = psbt_lib.combine([build_psbt(s, policy, row), psbt_lib.Psbt.from_base64(row.psbt or "")])
-        signers = _founders_signed(policy, merged, psbt_lib.valid_signers(merged))
+        checks = psbt_lib.SignatureChecks()  # each signature verified once, for both questions
+        signers = _founders_signed(policy, merged, psbt_lib.valid_signers(merged, checks))
         if len(signers) < policy.threshold:
             raise ApprovalError(
                 f"withdrawal #{withdrawal_id} has {len(signers)} founders' signatures "
                 f"({', '.join(signers) or 'none'}); {policy.threshold} are needed"
             )
-        final = psbt_lib.extract(psbt_lib.finalize(merged))
+        final = psbt_lib.extract(psbt_lib.finalize(merged, checks))
         row.final_tx = b2x(final.serialize())
         row.txid = b2lx(final.GetTxid())
         _touch(s, row)

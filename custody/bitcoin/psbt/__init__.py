@@ -30,7 +30,7 @@ from bitcoin.core.script import SIGHASH_ALL
 
 from custody.bitcoin.psbt.finalize import extract, final_signatures, finalize
 from custody.bitcoin.psbt.maps import KeyOrigin, ProprietaryKey, Psbt, PsbtInput, PsbtOutput, WitnessUtxo, combine
-from custody.bitcoin.psbt.sighash import sighash_for_input, sign, sign_input, valid_signers
+from custody.bitcoin.psbt.sighash import SignatureChecks, sighash_for_input, sign, sign_input, valid_signers
 from custody.bitcoin.script import Multisig, ScriptType, is_strict_der, parse_multisig
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "Psbt",
     "PsbtInput",
     "PsbtOutput",
+    "SignatureChecks",
     "ScriptType",
     "WitnessUtxo",
     "combine",

@@ -7,13 +7,13 @@ from typing import Any
 from bitcoin.core import COutPoint, CScript, CScriptWitness, CTransaction, CTxIn, CTxInWitness, CTxWitness
 
 from custody.bitcoin.psbt.maps import Psbt, PsbtInput, _copy_tx, without_cycle_collection
-from custody.bitcoin.psbt.sighash import _Bip143, _PublicKeys, _sighash, _signature_problem, _spend_info
+from custody.bitcoin.psbt.sighash import SignatureChecks, _Bip143, _sighash, _signature_problem, _spend_info
 from custody.bitcoin.script import ScriptType, parse_multisig, push
 from custody.errors import InputError
 
 
 @without_cycle_collection
-def finalize(psbt: Psbt) -> Psbt:
+def finalize(psbt: Psbt, checks: SignatureChecks | None = None) -> Psbt:
     """Return a finalized copy of ``psbt`` (the BIP-174 input finalizer); ``psbt`` is unchanged.
 
     For each input, every partial signature is checked (strict DER, SIGHASH_ALL, low-S,
@@ -26,11 +26,14 @@ def finalize(psbt: Psbt) -> Psbt:
     Then the input keeps only its UTXOs, final scripts, proprietary and unknown records.
     Inputs finalized already keep their final scripts (they are not checked again).
     Raises InputError naming the input when it has fewer than m valid signatures of
-    distinct keys, or cannot be checked.
+    distinct keys, or cannot be checked. ``checks`` (:class:`SignatureChecks`), handed to
+    :func:`valid_signers` of the same PSBT before, saves verifying each signature again: the
+    digests are computed afresh here, and a signature is answered from it only for the very
+    same key, signature and digest.
     """
     inputs: list[PsbtInput] = []
     cache = _Bip143(psbt.tx)
-    keys = _PublicKeys()
+    keys = checks if checks is not None else SignatureChecks()
     for i, inp in enumerate(psbt.inputs):
         if inp.is_finalized:
             inputs.append(_kept(inp, inp.final_script_sig, inp.final_script_witness))

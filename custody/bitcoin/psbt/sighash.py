@@ -14,7 +14,7 @@ from bitcoin.core import CScript
 from bitcoin.core.script import SIGHASH_ALL, SignatureHash
 
 from custody.bitcoin.encoding import hash160, ser_compact_size, sha256d
-from custody.bitcoin.psbt.maps import Psbt, _ser_txout
+from custody.bitcoin.psbt.maps import _BYTE, _I64, Psbt, _ser_txout
 from custody.bitcoin.script import ScriptType, is_low_s, is_p2sh, is_p2wsh, is_strict_der, parse_multisig
 from custody.errors import InputError
 
@@ -120,14 +120,15 @@ class _Bip143:
         )
 
     def digest(self, i: int, script_code: bytes, amount: int) -> bytes:
+        size = len(script_code)
         return sha256d(
             b"".join(
                 (
                     self.head,
                     self.outpoints[i],
-                    ser_compact_size(len(script_code)),
+                    _BYTE[size] if size < 0xFD else ser_compact_size(size),
                     script_code,
-                    struct.pack("<q", amount),
+                    _I64.pack(amount),
                     self.sequences[i],
                     self.tail,
                 )
@@ -217,11 +218,21 @@ def sign(psbt: Psbt, privkeys_by_pubkey: Mapping[bytes, Any]) -> int:
     return sum(_sign_one(psbt, i, spend, privkeys_by_pubkey, get_cache) for i, spend in spends.items())
 
 
-def _signature_problem(pub: bytes, sig: bytes, digest: bytes, keys: _PublicKeys | None = None) -> str | None:
+def _signature_problem(pub: bytes, sig: bytes, digest: bytes, keys: SignatureChecks | None = None) -> str | None:
     """Why ``sig`` is no valid SIGHASH_ALL signature of ``digest`` by ``pub``; None if it is.
 
     ``keys`` remembers the public keys parsed before (a key's point depends on its bytes
-    alone); every signature is still verified against its own digest."""
+    alone) and the answers given before, by the whole (key, signature, digest): a signature
+    is verified once against each digest it is asked about."""
+    if keys is None:
+        return _check_signature(pub, sig, digest, SignatureChecks())
+    asked = (bytes(pub), bytes(sig), digest)
+    if asked not in keys.answers:
+        keys.answers[asked] = _check_signature(pub, sig, digest, keys)
+    return keys.answers[asked]
+
+
+def _check_signature(pub: bytes, sig: bytes, digest: bytes, keys: SignatureChecks) -> str | None:
     if not is_strict_der(sig):
         return "not a strict DER signature"
     if sig[-1] != SIGHASH_ALL:
@@ -229,19 +240,26 @@ def _signature_problem(pub: bytes, sig: bytes, digest: bytes, keys: _PublicKeys 
     if not is_low_s(sig[:-1]):
         return "high-S signature"
     try:
-        key = (keys or _PublicKeys()).get(pub)
+        key = keys.get(pub)
         ok = key is not None and key.verify(sig[:-1], digest, hasher=None)
     except ValueError:
         ok = False
     return None if ok else "signature does not verify"
 
 
-class _PublicKeys:
-    """Public keys parsed once for one check of a PSBT: bytes -> ``coincurve.PublicKey``, None
-    for bytes that are no point on the curve."""
+class SignatureChecks:
+    """Signature checks of one caller's work, remembered: public keys parsed once (bytes ->
+    ``coincurve.PublicKey``, None for bytes that are no point on the curve) and each answer of
+    :func:`_signature_problem` by its whole (public key, signature, digest).
+
+    The digest in the key is the one computed from the PSBT each time it is asked, so a
+    signature, key or any byte of the transaction or its spend that differs is a new question.
+    Hand one to :func:`valid_signers` and then to :func:`~custody.bitcoin.psbt.finalize` on the
+    same PSBT and each signature is verified once, not twice."""
 
     def __init__(self) -> None:
         self._keys: dict[bytes, coincurve.PublicKey | None] = {}
+        self.answers: dict[tuple[bytes, bytes, bytes], str | None] = {}
 
     def get(self, pub: bytes) -> coincurve.PublicKey | None:
         pub = bytes(pub)
@@ -253,14 +271,15 @@ class _PublicKeys:
         return self._keys[pub]
 
 
-def valid_signers(psbt: Psbt) -> list[set[bytes]]:
+def valid_signers(psbt: Psbt, checks: SignatureChecks | None = None) -> list[set[bytes]]:
     """For each input, the public keys whose partial signature is a valid, low-S SIGHASH_ALL
-    signature of that input. The transaction-wide BIP-143 hashes are computed once.
+    signature of that input. The transaction-wide BIP-143 hashes are computed once; ``checks``
+    (:class:`SignatureChecks`) keeps the answers for a :func:`finalize` of the same PSBT.
 
     Raises InputError when an input's spend information is missing or inconsistent.
     """
     cache = _Bip143(psbt.tx)
-    keys = _PublicKeys()
+    keys = checks if checks is not None else SignatureChecks()
     out: list[set[bytes]] = []
     for i, inp in enumerate(psbt.inputs):
         if not inp.partial_sigs:
