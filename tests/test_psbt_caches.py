@@ -379,6 +379,7 @@ def test_finalize_answers_from_valid_signers_checks_only_for_the_same_bytes() ->
     sign(psbt, {PUBS[0]: KEYS[0], PUBS[1]: KEYS[1]})
     checks = SignatureChecks()
     assert valid_signers(psbt, checks) == [{PUBS[0], PUBS[1]}] * 2
+    assert checks.answers is not None
     asked = dict(checks.answers)
     assert len(asked) == 4 and all(problem is None for problem in asked.values())
     good = finalize(psbt, checks)

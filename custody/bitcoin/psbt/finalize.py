@@ -33,7 +33,7 @@ def finalize(psbt: Psbt, checks: SignatureChecks | None = None) -> Psbt:
     """
     inputs: list[PsbtInput] = []
     cache = _Bip143(psbt.tx)
-    keys = checks if checks is not None else SignatureChecks()
+    keys = checks if checks is not None else SignatureChecks(remember=False)
     for i, inp in enumerate(psbt.inputs):
         if inp.is_finalized:
             inputs.append(_kept(inp, inp.final_script_sig, inp.final_script_witness))

@@ -224,8 +224,8 @@ def _signature_problem(pub: bytes, sig: bytes, digest: bytes, keys: SignatureChe
     ``keys`` remembers the public keys parsed before (a key's point depends on its bytes
     alone) and the answers given before, by the whole (key, signature, digest): a signature
     is verified once against each digest it is asked about."""
-    if keys is None:
-        return _check_signature(pub, sig, digest, SignatureChecks())
+    if keys is None or keys.answers is None:
+        return _check_signature(pub, sig, digest, keys or SignatureChecks())
     asked = (bytes(pub), bytes(sig), digest)
     if asked not in keys.answers:
         keys.answers[asked] = _check_signature(pub, sig, digest, keys)
@@ -257,9 +257,10 @@ class SignatureChecks:
     Hand one to :func:`valid_signers` and then to :func:`~custody.bitcoin.psbt.finalize` on the
     same PSBT and each signature is verified once, not twice."""
 
-    def __init__(self) -> None:
+    def __init__(self, remember: bool = True) -> None:
         self._keys: dict[bytes, coincurve.PublicKey | None] = {}
-        self.answers: dict[tuple[bytes, bytes, bytes], str | None] = {}
+        # None: keys only (one call that asks about each signature once has no use for answers)
+        self.answers: dict[tuple[bytes, bytes, bytes], str | None] | None = {} if remember else None
 
     def get(self, pub: bytes) -> coincurve.PublicKey | None:
         pub = bytes(pub)
@@ -279,7 +280,7 @@ def valid_signers(psbt: Psbt, checks: SignatureChecks | None = None) -> list[set
     Raises InputError when an input's spend information is missing or inconsistent.
     """
     cache = _Bip143(psbt.tx)
-    keys = checks if checks is not None else SignatureChecks()
+    keys = checks if checks is not None else SignatureChecks(remember=False)
     out: list[set[bytes]] = []
     for i, inp in enumerate(psbt.inputs):
         if not inp.partial_sigs:
