@@ -1,6 +1,6 @@
 """Time and peak memory at growing n of every command that reads the whole store: listing
-(`address list --json/--csv`), the auditors' export, `verify addresses` (over the store and
-over the export), `audit log --verify`, the first `sync` of the embedded chain, `audit
+(`address list --json/--csv`), the auditors' export, `verify addresses` (over the store, over
+the export, and over the export with every address rewritten: n failures), `audit log --verify`, the first `sync` of the embedded chain, `audit
 reserves` and `audit ledger`; and `address new --count n --json`. Each is a real `custody`
 process; its peak RSS is the kernel's (``wait4``). The audit log's verification rate is
 printed beside its floor measured in the same run (hashing the same entries in a bare loop).
@@ -175,6 +175,30 @@ def _fund(c: Custody, env: dict[str, str], n: int) -> None:
     subprocess.run([sys.executable, "-m", "custody_cli", "node", "mine", "1"], env=env, check=True, capture_output=True)
 
 
+def _rotated(export: Path) -> str:
+    """``export`` with every record carrying the next record's address (the last the first's):
+    an insider who rewrote every row; every record fails, none is a duplicate. Streamed."""
+    out = export.with_name("export-rotated.jsonl")
+    with export.open(encoding="utf-8") as src, out.open("w", encoding="utf-8") as dst:
+        dst.write(next(src))
+        held: dict[str, object] | None = None
+        first = ""
+        for line in src:
+            row = json.loads(line)
+            if "address" not in row:  # the trailer
+                assert held is not None
+                held["address"] = first
+                dst.write(json.dumps(held) + "\n" + line)
+                break
+            if held is None:
+                first = row["address"]
+            else:
+                held["address"] = row["address"]
+                dst.write(json.dumps(held) + "\n")
+            held = row
+    return str(out)
+
+
 def _row(what: str, n: int, code: int, secs: float, peak: float, floor: float | None = None) -> None:
     ratio = f"{floor:9.2f}{secs / floor:7.1f}" if floor else ""
     status = "" if code == 0 else f"  exit {code}"
@@ -219,6 +243,14 @@ def main() -> None:
                 if what.startswith("verify") and n not in verify_sizes or not _wanted(what, args.only):
                     continue
                 _row(what, n, *run_measured(env, *command))
+            wrong = "verify addresses --export, every address wrong"
+            if n in verify_sizes and _wanted(wrong, args.only):
+                if not Path(export).exists():
+                    assert c("address", "export", export).exit_code == 0
+                code, secs, peak = run_measured(
+                    env, "verify", "addresses", "--manifest", manifest, "--export", _rotated(Path(export)), "--no-halt"
+                )
+                _row(wrong, n, 0 if code == 3 else code, secs, peak)  # exit 3 is what it must say
             if any(_wanted(w, args.only) for w in ("sync", "audit reserves", "audit ledger")):
                 _fund(c, env, n)
             for what, command in (

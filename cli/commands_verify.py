@@ -82,6 +82,8 @@ def verify_addresses(
     else:
         for f in report.failures:
             output.line(f"FAIL {f.address} ({f.chain}/{f.index}): {f.reason}", style="red")
+        if report.omitted:
+            output.line(f"... and {output.plural(report.omitted, 'more failure')} not listed", style="red")
         if report.ok:
             output.success(
                 f"all {output.plural(report.checked, 'address', 'addresses')} verified against the founders' manifest"
@@ -97,8 +99,9 @@ def verify_addresses(
             else "; no custody store here: raise the halt on it"
         )
         raise VerificationFailed(
-            f"{output.plural(len(report.failures), 'verification failure')} in "
-            f"{output.plural(report.checked, 'address', 'addresses')}{suffix}"
+            f"{output.plural(report.failure_count, 'verification failure')} in "
+            f"{output.plural(report.failed_records, 'address', 'addresses')} of "
+            f"{output.plural(report.checked, 'address', 'addresses')} checked{suffix}"
         )
 
 

@@ -276,7 +276,7 @@ class Story:
         report = verify.verify_export(verify.load_manifest(self.auditor_manifest), export)
         if not report.ok:
             raise CustodyError(
-                f"the clean store failed verification: {len(report.failures)} failure(s) in {report.checked} checked"
+                f"the clean store failed verification: {report.failure_count} failure(s) in {report.checked} checked"
             )
         return {"checked": report.checked, "exported": count, "ok": report.ok}
 

@@ -99,7 +99,7 @@ def _store_report(
         if isinstance(matched, str):
             return _epoch_failure(matched)
         report = verify.verify_epochs(matched, lambda: store_records(s), workers=workers, progress=progress)
-        report.failures.extend(record.check_rows(s, iter_addresses(s)))
+        report.merge(verify.Report(failures=record.check_rows(s, iter_addresses(s))))
     return report
 
 
@@ -186,7 +186,8 @@ def run(
         # crash, a full disk or a dead database from here on still leaves the engine halted.
         first = report.failures[0]
         reason = (
-            f"address verification failed: {len(report.failures)} problem(s); first: "
+            f"address verification failed: {report.failure_count} problem(s) in "
+            f"{report.failed_records} record(s); first: "
             f"{first.address} at {first.chain}/{first.index}: {first.reason}"
         )
         raised = halt.raise_halt(db, settings, reason=reason, source="verification", actor="verifier")
@@ -201,7 +202,7 @@ def run(
                     {
                         "source": str(export) if export else "store",
                         "checked": report.checked,
-                        "failures": len(report.failures),
+                        "failures": report.failure_count,
                     },
                 )
         except CustodyError as exc:

@@ -14,9 +14,10 @@ diagnosed, and the diagnosis names every distinct problem it finds.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import threading
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import accumulate, islice
@@ -54,30 +55,55 @@ class Failure:
         }
 
 
+LISTED = 1000
+"""A report keeps the details of this many failures, the first in record order; it counts
+every failure and every failed record exactly (an insider who rewrote a million rows makes a
+million failures, and the verifier's memory must not grow with them)."""
+
+
 @dataclass
 class Report:
-    """The outcome of verifying a set of records."""
+    """The outcome of verifying a set of records: exact counts, the first ``limit`` details."""
 
     checked: int = 0
     failures: list[Failure] = field(default_factory=list)
+    failure_count: int = 0
+    failed_records: int = 0
+    limit: int = field(default_factory=lambda: LISTED)
+
+    def __post_init__(self) -> None:
+        """A report made from a list of failures counts them (each distinct record once)."""
+        if self.failures and not self.failure_count:
+            self.failure_count = len(self.failures)
+            self.failed_records = len({(f.chain, f.index, f.address) for f in self.failures})
+        del self.failures[self.limit :]
 
     @property
     def ok(self) -> bool:
         """True when every record re-derived and no cross-set check failed."""
-        return not self.failures
+        return not self.failure_count
 
     @property
-    def failed_records(self) -> int:
-        """How many distinct records (chain, index, address) have at least one failure."""
-        return len({(f.chain, f.index, f.address) for f in self.failures})
+    def omitted(self) -> int:
+        """How many failures are counted but not listed (beyond the first ``limit``)."""
+        return self.failure_count - len(self.failures)
+
+    def merge(self, other: Report) -> None:
+        """Add ``other``'s counts and as many of its details as the bound leaves room for
+        (``other`` covers records this report does not)."""
+        self.checked += other.checked
+        self.failure_count += other.failure_count
+        self.failed_records += other.failed_records
+        self.failures.extend(other.failures[: max(0, self.limit - len(self.failures))])
 
     def to_dict(self) -> dict[str, Any]:
-        """Counts and failures, JSON-ready."""
+        """Counts and the listed failures, JSON-ready."""
         return {
             "ok": self.ok,
             "checked": self.checked,
             "failed_records": self.failed_records,
-            "failure_count": len(self.failures),
+            "failure_count": self.failure_count,
+            "omitted": self.omitted,
             "failures": [f.to_dict() for f in self.failures],
         }
 
@@ -540,21 +566,44 @@ def check_batch(
 
 
 class Collector:
-    """Gathers batch results in order, then runs the cross-set checks."""
+    """Gathers batch results in order, then runs the cross-set checks.
 
-    def __init__(self) -> None:
+    Failures are counted exactly and the first ``limit`` (in record order) kept: a record's
+    own failures arrive together, in order, so a record is counted when its first arrives; a
+    record that also fails a cross-set check is found in a bitmap of the failed records (one
+    bit a record, beside the 80-odd bytes a record the cross-set checks keep anyway)."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = LISTED if limit is None else limit
         self.checked = 0
-        self.failures: list[tuple[int, Failure]] = []
+        self.failure_count = 0
+        self.failed_records = 0
+        self.listed: list[tuple[int, Failure]] = []  # the first ``limit`` per-record failures
+        self.failed = bytearray()  # bit ordinal: the record has failed
         self.fingerprints = array("Q")
         self.positions = array("Q")
         self.lengths = array("I")
         self.addresses = bytearray()
 
+    def _mark(self, ordinal: int) -> None:
+        """Count the record at ``ordinal`` as failed, once."""
+        byte, bit = ordinal >> 3, 1 << (ordinal & 7)
+        if not self.failed[byte] & bit:
+            self.failed[byte] |= bit
+            self.failed_records += 1
+
     def add(self, result: BatchResult) -> None:
         """Take one batch's result (batches must be added in order)."""
         base = self.checked
+        self.failed.extend(bytes((base + result.records + 7) // 8 - len(self.failed)))
+        previous = -1
         for pos, address, chain, index, reason in result.failures:
-            self.failures.append((base + pos, Failure(address, chain, index, reason)))
+            self.failure_count += 1
+            if pos != previous:  # a record's failures are adjacent
+                self._mark(base + pos)
+                previous = pos
+            if len(self.listed) < self.limit:
+                self.listed.append((base + pos, Failure(address, chain, index, reason)))
         self.fingerprints.frombytes(result.fingerprints)
         self.positions.frombytes(result.positions)
         self.lengths.frombytes(result.lengths)
@@ -562,10 +611,24 @@ class Collector:
         self.checked += result.records
 
     def report(self) -> Report:
-        """Run the cross-set checks and return the report, failures in record order."""
-        self._cross_set()
-        self.failures.sort(key=lambda item: item[0])
-        return Report(self.checked, [f for _, f in self.failures])
+        """Run the cross-set checks and return the report, the listed failures in record
+        order (a record's own failures before its cross-set ones)."""
+        first: list[tuple[int, int, Failure]] = []  # max-heap of the first ``limit`` cross-set failures
+        for seq, (ordinal, failure) in enumerate(self._cross_set()):
+            self.failure_count += 1
+            self._mark(ordinal)
+            heapq.heappush(first, (-ordinal, -seq, failure))
+            if len(first) > self.limit:
+                heapq.heappop(first)
+        cross = [(-o, f) for o, _, f in sorted(first, key=lambda item: (-item[0], -item[1]))]
+        merged = heapq.merge(self.listed, cross, key=lambda item: item[0])
+        return Report(
+            self.checked,
+            [f for _, f in islice(merged, self.limit)],
+            self.failure_count,
+            self.failed_records,
+            self.limit,
+        )
 
     def _address(self, offsets: list[int], ordinal: int) -> str:
         start = offsets[ordinal]
@@ -578,7 +641,13 @@ class Collector:
             return -1, -1
         return pos >> 32, pos & 0xFFFFFFFF
 
-    def _cross_set(self) -> None:
+    def _name(self, ordinal: int) -> str:
+        return (
+            "{}/{}".format(*self._where(ordinal)) if self.positions[ordinal] != NO_POSITION else f"record {ordinal + 1}"
+        )
+
+    def _cross_set(self) -> Iterator[tuple[int, Failure]]:
+        """(ordinal, failure) of every address listed twice and chain/index used twice."""
         dup_fps = _duplicates(self.fingerprints)
         dup_positions = _duplicates(self.positions) - {NO_POSITION}
         if not dup_fps and not dup_positions:
@@ -600,20 +669,28 @@ class Collector:
                     continue
                 for ordinal in same:
                     chain, index = self._where(ordinal)
-                    others = [
-                        "{}/{}".format(*self._where(o)) if self.positions[o] != NO_POSITION else f"record {o + 1}"
-                        for o in same
-                        if o != ordinal
-                    ]
-                    reason = f"address listed {_times(len(same))} (also at {_join(others)})"
-                    self.failures.append((ordinal, Failure(address, chain, index, reason)))
+                    others = _others(same, ordinal, self._name)
+                    reason = f"address listed {_times(len(same))} (also at {others})"
+                    yield ordinal, Failure(address, chain, index, reason)
         for pos, same in by_position.items():
             chain, index = pos >> 32, pos & 0xFFFFFFFF
             for ordinal in same:
-                others = [self._address(offsets, o) for o in same if o != ordinal]
-                reason = f"chain/index {chain}/{index} used {_times(len(same))} (also by {_join(others)})"
+                others = _others(same, ordinal, lambda o: self._address(offsets, o))
+                reason = f"chain/index {chain}/{index} used {_times(len(same))} (also by {others})"
                 address = self._address(offsets, ordinal)
-                self.failures.append((ordinal, Failure(address, chain, index, reason)))
+                yield ordinal, Failure(address, chain, index, reason)
+
+
+NAMED = 5
+"""A duplicate's failure names at most this many of the others (a million records of one
+address would otherwise name a million others each: a million squared)."""
+
+
+def _others(same: list[int], ordinal: int, name: Callable[[int], str]) -> str:
+    """The first :data:`NAMED` of ``same`` other than ``ordinal``, by ``name``, and how many more."""
+    named = [name(o) for o in islice((o for o in same if o != ordinal), NAMED)]
+    more = len(same) - 1 - len(named)
+    return _join(named) if not more else ", ".join(named) + f" and {more} more"
 
 
 DUPLICATE_PARTS = 16

@@ -185,9 +185,7 @@ def verify_epochs(
 ) -> Report:
     """Every record checked against the policy of its epoch: one pass over ``records()`` per
     epoch. A record derived from the wrong policy (or from none) is a failure."""
-    total = Report()
-    for problem in range_problems(epochs):
-        total.failures.append(Failure("(policy epochs)", -1, -1, problem))
+    total = Report(failures=[Failure("(policy epochs)", -1, -1, problem) for problem in range_problems(epochs)])
     done = 0
     for n, epoch in enumerate(epochs):
         mine = (r for r in records() if epoch_index(epochs, r.chain, r.index) == n)
@@ -198,6 +196,5 @@ def verify_epochs(
 
         report = verify_records(epoch.manifest, mine, workers=workers, progress=step)
         done += report.checked
-        total.checked += report.checked
-        total.failures.extend(report.failures)
+        total.merge(report)  # a record is of one epoch: the counts add up exactly
     return total
