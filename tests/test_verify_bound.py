@@ -117,3 +117,35 @@ def test_the_cli_says_how_many_were_omitted_and_halts(tmp_path: Path, monkeypatc
     assert "30 verification failures in 30 addresses of 30 addresses checked" in result.stderr
     status = c("halt", "status", "--json")
     assert status.exit_code == 3 and "30 problem(s) in 30 record(s)" in json.loads(status.stdout)["halts"][0]["reason"]
+
+
+def test_log_accounts_answer_from_the_log_not_the_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whose an index is, as the issuances were made (alice 3, bob 2, alice 1, change to bob),
+    read in chunks of two and sorted through temporary runs; a row given to another account by
+    SQL changes no answer; an issuance entry edited by SQL owns nothing (and is named)."""
+    from custody.issuance import record
+    from custody.store.db import Database
+
+    monkeypatch.setattr(record, "ISSUED_CHUNK", 2)
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    for account, count in (("alice", 3), ("bob", 2), ("alice", 1)):
+        assert c("address", "new", "--account", account, "--count", str(count)).exit_code == 0
+    db = Database(c.env["CUSTODY_DB_URL"])
+    try:
+        with db.transaction() as s:
+            s.connection().exec_driver_sql("UPDATE address SET account = 'mallory' WHERE chain = 0 AND idx = 0")
+        with db.transaction(read_only=True) as s:
+            accounts = record.LogAccounts(s, 0)
+        assert [accounts.account_of(i) for i in range(-1, 7)] == [None, *["alice"] * 3, "bob", "bob", "alice", None]
+        assert accounts.problems == []
+        with db.transaction() as s:
+            s.connection().exec_driver_sql(
+                "UPDATE audit_log SET payload = replace(payload, '\"bob\"', '\"mallory\"') WHERE event = 'address.issued'"
+            )
+        with db.transaction(read_only=True) as s:
+            accounts = record.LogAccounts(s, 0)
+        assert [accounts.account_of(i) for i in range(6)] == [*["alice"] * 3, None, None, "alice"]
+        assert [p.reason.endswith("(address.issued) was edited") for p in accounts.problems] == [True]
+    finally:
+        db.dispose()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+from array import array
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -121,27 +122,35 @@ def _issued(s: Session, bad: list[verify.Failure], chunk: int | None = None) -> 
                 yield Issuance(seq, chain, first, count, account, rows_sha256, addresses_sha256)
 
 
-def issuances(s: Session, chain: int | None = None) -> tuple[list[Issuance], list[verify.Failure]]:
-    """The log's issuances in (chain, first index) order, and the entries that cannot be trusted
-    (all in memory: :func:`check_rows` streams them)."""
-    bad: list[verify.Failure] = []
-    found = [r for r in _issued(s, bad) if chain is None or r.chain == chain]
-    return found, bad
-
-
 class LogAccounts:
-    """Whose each issued index is, by the audit log alone (bisect over the issuances)."""
+    """Whose each issued index is, by the audit log alone: the issuances of one chain streamed
+    once (:func:`_issued`) into three compact arrays, bisected. No object is kept per issuance:
+    20 bytes each and one string per distinct account (a million one-address issuances were a
+    million objects with their digests, hundreds of megabytes)."""
 
     def __init__(self, s: Session, chain: int) -> None:
         self.chain = chain
-        self.records, self.problems = issuances(s, chain)
-        self._starts = [r.first for r in self.records]
+        self.problems: list[verify.Failure] = []
+        self._starts = array("q")
+        self._ends = array("q")
+        self._owners = array("I")
+        self._accounts: list[str] = []
+        numbers: dict[str, int] = {}
+        for r in _issued(s, self.problems):
+            if r.chain != chain:
+                continue
+            number = numbers.setdefault(r.account, len(self._accounts))
+            if number == len(self._accounts):
+                self._accounts.append(r.account)
+            self._starts.append(r.first)
+            self._ends.append(r.end)
+            self._owners.append(number)
 
     def account_of(self, index: int) -> str | None:
         """The account the log issued ``index`` to; None when the log never issued it."""
         at = bisect.bisect_right(self._starts, index) - 1
-        if at >= 0 and self.records[at].first <= index < self.records[at].end:
-            return self.records[at].account
+        if at >= 0 and self._starts[at] <= index < self._ends[at]:
+            return self._accounts[self._owners[at]]
         return None
 
 
