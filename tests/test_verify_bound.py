@@ -141,7 +141,8 @@ def test_log_accounts_answer_from_the_log_not_the_rows(tmp_path: Path, monkeypat
         assert accounts.problems == []
         with db.transaction() as s:
             s.connection().exec_driver_sql(
-                "UPDATE audit_log SET payload = replace(payload, '\"bob\"', '\"mallory\"') WHERE event = 'address.issued'"
+                "UPDATE audit_log SET payload = replace(payload, '\"bob\"', '\"mallory\"') "
+                "WHERE event = 'address.issued'"
             )
         with db.transaction(read_only=True) as s:
             accounts = record.LogAccounts(s, 0)
