@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import sqlite3
 from pathlib import Path
 
@@ -82,3 +83,16 @@ def _v4_hash(seq: int, at: str, event: str, actor: str, payload: str, signature:
 
     body = json.dumps([seq, at, event, actor, payload, signature, prev], separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def test_every_entry_time_is_stored_in_one_form(tmp_path: Path) -> None:
+    """SQLite keeps times as text: the issuance's own append (no ORM) writes the ORM's form, so
+    readers that compare or parse the text see one form (a "+00:00" suffix broke the v4 hashes)."""
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    c.json("address", "new", "--account", "a")
+    c.json("address", "new", "--account", "b", "--count", "3")
+    with sqlite3.connect(c.home / "custody.db") as db:
+        stamps = [at for (at,) in db.execute("SELECT at FROM audit_log ORDER BY seq")]
+    assert len(stamps) >= 3
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", at) for at in stamps), stamps

@@ -25,7 +25,7 @@ from functools import cache
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from sqlalchemy import TextClause, text
+from sqlalchemy import TextClause, bindparam, text
 from sqlmodel import Session, col, select
 
 from custody.clock import iso, now
@@ -139,11 +139,15 @@ def _locked_statements(along: str | None, one: bool) -> tuple[TextClause, ...]:
     ``one``, a single statement, ``along`` and the entry as common table expressions of the
     head's update (PostgreSQL); else ``along``, the entry and the head's update apart."""
     entry = f"INSERT INTO audit_log ({_ENTRY_COLUMNS}) VALUES ({_ENTRY_VALUES})"
+    # The entry's time bound with its column's type, as the ORM binds it: SQLite stores the text
+    # SQLAlchemy writes for every other entry (naive UTC), never the driver's "+00:00" form.
+    at = bindparam("e_at", type_=AuditEntry.__table__.c.at.type)  # type: ignore[attr-defined]
     if one:
         ctes = [entry] if along is None else [along, entry]
         body = ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(ctes))
-        return (text(f"WITH {body} {_HEAD_MOVE}"),)
-    return tuple(text(sql) for sql in ([] if along is None else [along]) + [entry, _HEAD_MOVE])
+        return (text(f"WITH {body} {_HEAD_MOVE}").bindparams(at),)
+    apart = [] if along is None else [text(along)]
+    return (*apart, text(entry).bindparams(at), text(_HEAD_MOVE))
 
 
 def append_locked(
