@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +26,21 @@ def _demo(directory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_demo_runs_the_whole_story_and_runs_again(tmp_path: Path) -> None:
+@pytest.fixture
+def short_path() -> Iterator[Path]:
+    """A directory with a path as short as a user's ``./custody-demo``: the demo prints its store's
+    path whole (it is to be copied), so a test's deep temporary path would make that line the
+    widest."""
+    made = Path(tempfile.mkdtemp(prefix="d", dir="/tmp"))
+    try:
+        yield made
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
+
+
+def test_demo_runs_the_whole_story_and_runs_again(short_path: Path) -> None:
     """On a 120x40 terminal the story fits two screens, no line wider than the terminal."""
+    tmp_path = short_path
     env = {"PATH": "/usr/bin:/bin", "NO_COLOR": "1", "HOME": str(tmp_path)}
     out = plain(
         run_on_pty(["demo", "--dir", str(tmp_path / "one")], env, columns=120, rows=40, timeout=600, inherit=False)
