@@ -3,10 +3,17 @@
 The audits that compare what the audit log recorded with the rows beside it (the ledger's
 postings, the address issuances) read the log in its order, which need not be the rows'
 order; :class:`SortedRuns` gives the log's items back in the rows' order in bounded memory.
+
+A run's file is the online machine's, as its database is: an insider who can open it
+(``/proc/PID/fd/N`` as the same user, or the file by name where the temporary directory has
+no O_TMPFILE) could rewrite what the log recorded between its write and its read, and hide an
+edited row. So each block's digest stays in memory and is checked before the block is read
+back (as are the number of blocks): a rewritten run is a StorageError, never an answer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import marshal
@@ -14,6 +21,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from typing import IO, Any
+
+from custody.errors import StorageError
 
 BLOCK = 4096
 """Items per marshalled block of a run: what the merge holds of each run."""
@@ -30,7 +39,7 @@ class SortedRuns:
     def __init__(self, chunk: int, stack: ExitStack) -> None:
         self.chunk = chunk
         self.items: list[tuple[Any, ...]] = []
-        self.runs: list[IO[bytes]] = []
+        self.runs: list[tuple[IO[bytes], list[bytes]]] = []
         self.stack = stack
         self.last: tuple[Any, ...] | None = None
         self.ordered = True
@@ -46,11 +55,13 @@ class SortedRuns:
             self.ordered = False
         self.last = self.items[-1]
         run = self.stack.enter_context(tempfile.TemporaryFile())
+        digests = []
         for start in range(0, len(self.items), BLOCK):
             data = marshal.dumps(self.items[start : start + BLOCK])
+            digests.append(_digest(data))
             run.write(len(data).to_bytes(8, "little") + data)
         run.seek(0)
-        self.runs.append(run)
+        self.runs.append((run, digests))
         self.items = []
 
     def blocks(self) -> Iterator[list[tuple[Any, ...]]]:
@@ -62,21 +73,31 @@ class SortedRuns:
         if self.items:
             self._spill()
         if self.ordered:
-            for run in self.runs:
-                yield from _read(run)
+            for run, digests in self.runs:
+                yield from _read(run, digests)
             return
-        merged = heapq.merge(*(_items(run) for run in self.runs))
+        merged = heapq.merge(*(_items(run, digests) for run, digests in self.runs))
         while block := list(itertools.islice(merged, BLOCK)):
             yield block
 
 
-def _read(run: IO[bytes]) -> Iterator[list[tuple[Any, ...]]]:
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _read(run: IO[bytes], digests: list[bytes]) -> Iterator[list[tuple[Any, ...]]]:
     """The blocks of a run, as SortedRuns._spill wrote them (a length, then the block marshalled;
-    marshal.load on the file itself reads in small pieces, several times slower)."""
-    while size := int.from_bytes(run.read(8), "little"):
-        yield marshal.loads(run.read(size))
+    marshal.load on the file itself reads in small pieces, several times slower), each checked
+    against the digest kept when it was written before it is unmarshalled. Raises StorageError."""
+    for digest in digests:
+        data = run.read(int.from_bytes(run.read(8), "little"))
+        if _digest(data) != digest:
+            raise StorageError("a temporary file of this run was changed while it ran: its answer cannot be given")
+        yield marshal.loads(data)
+    if run.read(1):
+        raise StorageError("a temporary file of this run was changed while it ran: its answer cannot be given")
 
 
-def _items(run: IO[bytes]) -> Iterator[tuple[Any, ...]]:
-    for block in _read(run):
+def _items(run: IO[bytes], digests: list[bytes]) -> Iterator[tuple[Any, ...]]:
+    for block in _read(run, digests):
         yield from block
