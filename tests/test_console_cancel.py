@@ -12,6 +12,7 @@ Then alice's own cancel releases the hold, and the audit log names her with her 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -140,3 +141,26 @@ def test_a_request_its_requester_signed_is_not_cancelled_from_the_console(consol
     assert late.status_code == 409 and "does not await" in late.text, late.text
     assert console.held(wid) == held > 0
     assert console.client.ok("GET", f"/v1/withdrawals/{wid}")["status"] == "requested"
+
+
+def test_a_cancel_replayed_from_the_audit_log_onto_its_request_reset_by_sql_releases_nothing(console: Console) -> None:
+    """Alice cancels her unsigned request; the insider sets its row back to requested by SQL
+    and posts her assertion again, read from the audit log's withdrawal.failed entry (no key
+    of anyone's): without a check the customer was credited the amount and fee a second time,
+    the hold driven below zero, by a cancel signed with alice's key and logged as hers."""
+    w = console.draft("0.001")
+    wid, reason = int(w["id"]), "duplicate"
+    held, before = console.held(wid), console.shop.ok("ledger", "balance", "acct-1")["balance_sat"]
+    digest = console.challenge(wid, "alice", reason).json()["digest"]
+    assert console.cancel(wid, console.signed("alice", digest), reason).status_code == 200
+    assert console.shop.ok("ledger", "balance", "acct-1")["balance_sat"] == before + held
+    (entry,) = console.shop.ok("audit", "log", "--last", "1")
+    replay = {"employee": "alice", "credential_id": console.keys["alice"].credential.id, **json.loads(entry["signature"])}
+    con = sqlite3.connect(console.shop.c.home / "custody.db")
+    with con:
+        con.execute("UPDATE withdrawal SET status = 'requested' WHERE id = ?", (wid,))
+    con.close()
+    again = console.cancel(wid, replay, reason)
+    assert again.status_code in (403, 409), again.text
+    assert console.held(wid) == 0
+    assert console.shop.ok("ledger", "balance", "acct-1")["balance_sat"] == before + held

@@ -275,6 +275,20 @@ CONSOLIDATION = "consol"  # custody.withdraw.utxo.consolidate: many coins into o
 (a cancel and a child paying for its parent are followed with the withdrawal they are for)."""
 
 
+def holding(s: Session, withdrawal_id: int) -> int:
+    """What withdrawal ``withdrawal_id``'s hold account holds now, summed from its entries (not
+    the cached balance, which an SQL edit may fix up): its amount and fee while it is held, 0
+    once released, settled or moved into a batch."""
+    from sqlalchemy import func
+
+    total = s.exec(
+        select(func.sum(LedgerEntry.amount))
+        .join(LedgerAccount, col(LedgerAccount.id) == col(LedgerEntry.account_id))
+        .where(LedgerAccount.key == held(withdrawal_id))
+    ).one()
+    return -int(total or 0)
+
+
 def withdrawal_released(s: Session, row: WithdrawalRow, members: Sequence[WithdrawalRow], why: str) -> LedgerTxn | None:
     """A failed or cancelled withdrawal (or batch): each member's amount + fee back to its customer.
     A sweep or a consolidation held nothing: nothing is posted (None)."""

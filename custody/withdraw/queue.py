@@ -87,7 +87,7 @@ from custody.withdraw.records import (
     _verdict,
     view,
 )
-from custody.withdraw.states import APPROVED, BATCH, PENDING, REQUESTED, Event, can, next_state
+from custody.withdraw.states import APPROVED, BATCH, PENDING, REQUESTED, SINGLE, Event, can, next_state
 
 
 def list_withdrawals(db: Database, status: str | None = None) -> list[dict[str, Any]]:
@@ -370,6 +370,18 @@ CancelProof = Callable[[Session, Trust, WithdrawalRow], str]
 transaction with the row locked; raises to refuse, or returns the signature the audit entry keeps."""
 
 
+def _still_held(s: Session, row: WithdrawalRow) -> None:
+    """Refuse to release a customer's withdrawal whose hold the ledger no longer holds: a row
+    set back to pending by SQL after its cancel (or its refund), cancelled again, by any key or
+    by the requester's cancel assertion replayed from the audit log, would credit the customer
+    the amount and fee twice. Raises Conflict."""
+    if row.kind == SINGLE and (holding := ledger.holding(s, row.id or 0)) != row.amount + row.fee:
+        raise Conflict(
+            f"withdrawal #{row.id} holds {holding} sat in the ledger, not its amount and fee "
+            f"({row.amount + row.fee} sat): released already (its row edited outside the tool?); nothing is released again"
+        )
+
+
 def cancel(
     db: Database, withdrawal_id: int, name: str, key: EmployeeSigner | CancelProof, reason: str, *, settings: Settings
 ) -> dict[str, Any]:
@@ -398,6 +410,7 @@ def cancel(
             ledger.batch_dissolved(s, row, _members(s, withdrawal_id))  # members stay held, queued again
             _dissolve(s, row)
         else:
+            _still_held(s, row)
             ledger.withdrawal_released(s, row, [], f"cancelled by {name}: {reason}")
         _touch(s, row, next_state(row.status, Event.CANCELLED), f"cancelled by {name}: {reason}")
         _release(s, withdrawal_id)
