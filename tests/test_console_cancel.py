@@ -155,7 +155,11 @@ def test_a_cancel_replayed_from_the_audit_log_onto_its_request_reset_by_sql_rele
     assert console.cancel(wid, console.signed("alice", digest), reason).status_code == 200
     assert console.shop.ok("ledger", "balance", "acct-1")["balance_sat"] == before + held
     (entry,) = console.shop.ok("audit", "log", "--last", "1")
-    replay = {"employee": "alice", "credential_id": console.keys["alice"].credential.id, **json.loads(entry["signature"])}
+    replay = {
+        "employee": "alice",
+        "credential_id": console.keys["alice"].credential.id,
+        **json.loads(entry["signature"]),
+    }
     con = sqlite3.connect(console.shop.c.home / "custody.db")
     with con:
         con.execute("UPDATE withdrawal SET status = 'requested' WHERE id = ?", (wid,))

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from custody.config import Settings
 from custody.errors import CustodyError, HaltedError
 from custody.issuance import issuer
 from custody.issuance.record import check_rows
 from custody.policy.generator import AddressDeriver
 from custody.store.db import Database
-from custody.config import Settings
 from tests.test_issuance_prediction import _store
 
 
@@ -86,7 +86,9 @@ def test_an_address_planted_at_the_next_index_is_refused_and_named(tmp_path: Pat
     assert [a.address for a in issuer.list_addresses(db)][:3] == [deriver.derive(0, i).address for i in range(3)]
     with db.transaction(read_only=True) as s:
         failures = check_rows(s, issuer.iter_addresses(s))
-    assert [(f.address, f.index) for f in failures if "inserted outside the tool" in f.reason] == [(foreign, 3)], failures
+    assert [(f.address, f.index) for f in failures if "inserted outside the tool" in f.reason] == [(foreign, 3)], (
+        failures
+    )
     db.dispose()
 
 

@@ -70,7 +70,9 @@ def test_a_spilled_run_rewritten_to_match_an_edited_row_is_refused(books: Any) -
 
     def attacker(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if "FROM ledger_entry" in statement and not tampered:
-            tampered.append(sum(_rewrite(o, n) for o, n in zip(_marshalled_int(-1011), _marshalled_int(-5011))))
+            tampered.append(
+                sum(_rewrite(o, n) for o, n in zip(_marshalled_int(-1011), _marshalled_int(-5011), strict=True))
+            )
 
     event.listen(db.engine, "before_cursor_execute", attacker)
     try:

@@ -378,7 +378,8 @@ def _still_held(s: Session, row: WithdrawalRow) -> None:
     if row.kind == SINGLE and (holding := ledger.holding(s, row.id or 0)) != row.amount + row.fee:
         raise Conflict(
             f"withdrawal #{row.id} holds {holding} sat in the ledger, not its amount and fee "
-            f"({row.amount + row.fee} sat): released already (its row edited outside the tool?); nothing is released again"
+            f"({row.amount + row.fee} sat): released already (its row edited outside the tool?); "
+            "nothing is released again"
         )
 
 
