@@ -314,6 +314,31 @@ def batch_dissolved(s: Session, batch: WithdrawalRow, members: Sequence[Withdraw
     return post(s, "batch.dissolved", lines, ref=_ref(batch), memo=f"members {', '.join(str(m.id) for m in members)}")
 
 
+_SETTLED = ("withdrawal.settled", "sweep.settled", "selftransfer.settled")
+_UNSETTLED = ("withdrawal.unsettled", "sweep.unsettled", "selftransfer.unsettled")
+
+
+def _settles_once(s: Session, row: WithdrawalRow, settling: bool) -> None:
+    """Refuse a settlement of ``row`` the ledger already holds (or a reversal of one it does not):
+    its settlements less their reversals are 0 or 1. A confirmed row set back to broadcast by SQL
+    would otherwise be confirmed by the next sync again: its fee (and a customer's payout) booked
+    twice, by postings the audit log records as the tool's. Raises LedgerImbalance (a halt)."""
+    from sqlalchemy import func
+
+    def count(events: tuple[str, ...]) -> int:
+        found = select(func.count()).where(LedgerTxn.ref == _ref(row), col(LedgerTxn.event).in_(events))
+        return int(s.exec(found).one())
+
+    standing = count(_SETTLED) - count(_UNSETTLED)
+    if standing != (0 if settling else 1):
+        what = "settled" if settling else "unsettled"
+        raise LedgerImbalance(
+            f"withdrawal #{row.id} has {standing} settlement(s) in the ledger standing: it cannot be {what} again "
+            "(its row was set back behind the tool's back?); run `custody audit ledger`",
+            f"the settlement of withdrawal #{row.id}",
+        )
+
+
 def withdrawal_settled(
     s: Session, row: WithdrawalRow, members: Sequence[WithdrawalRow], network_fee: int | None = None
 ) -> LedgerTxn:
@@ -326,6 +351,7 @@ def withdrawal_settled(
     """
     if row.kind == CONSOLIDATION:
         return self_transfer_settled(s, row)
+    _settles_once(s, row, True)
     if row.kind == SWEEP:
         return post(
             s, "sweep.settled", [(NETWORK_FEES, row.fee), (ASSET, -row.fee)], ref=_ref(row), memo=f"txid {row.txid}"
@@ -353,6 +379,7 @@ def withdrawal_unsettled(
     booked (:func:`self_transfer_unsettled`)."""
     if row.kind == CONSOLIDATION:
         return self_transfer_unsettled(s, row)
+    _settles_once(s, row, False)
     if row.kind == SWEEP:
         return post(
             s, "sweep.unsettled", [(NETWORK_FEES, -row.fee), (ASSET, row.fee)], ref=_ref(row), memo=f"txid {row.txid}"
@@ -374,6 +401,7 @@ def withdrawal_unsettled(
 def self_transfer_settled(s: Session, row: WithdrawalRow) -> LedgerTxn:
     """A confirmed self-transfer (a cancel, a child paying for its parent, a consolidation): its
     coins stay custody's; only its network fee leaves the asset account, at the house's cost."""
+    _settles_once(s, row, True)
     return post(
         s,
         "selftransfer.settled",
@@ -386,6 +414,7 @@ def self_transfer_settled(s: Session, row: WithdrawalRow) -> LedgerTxn:
 def self_transfer_unsettled(s: Session, row: WithdrawalRow) -> LedgerTxn:
     """A confirmed self-transfer a reorganisation took out of the chain: its fee no longer
     booked until it confirms again."""
+    _settles_once(s, row, False)
     return post(
         s,
         "selftransfer.unsettled",
