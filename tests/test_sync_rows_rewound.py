@@ -25,20 +25,6 @@ def shop(tmp_path: Path) -> Iterator[EmbeddedShop]:
     s.chain.close()
 
 
-def _signed(shop: EmbeddedShop, wid: int) -> None:
-    """Approved by alice and bob, signed by two founders offline, imported and finalized."""
-    shop.ok("withdraw", "approve", str(wid), *shop.as_("alice"), "--yes")
-    shop.ok("withdraw", "approve", str(wid), *shop.as_("bob"), "--yes")
-    psbt = shop.tmp / f"w{wid}.psbt"
-    assert shop.c("withdraw", "export", str(wid), str(psbt)).exit_code == 0
-    for founder in ("founder-a", "founder-b"):
-        out = shop.tmp / f"w{wid}-{founder}.psbt"
-        signed = shop.c("sign", str(psbt), "--key", str(shop.founder_keys[founder]), "--out", str(out), "--yes")
-        assert signed.exit_code == 0, signed.output
-        shop.ok("withdraw", "import", str(wid), str(out))
-    shop.ok("withdraw", "finalize", str(wid))
-
-
 def _confirmed_then_rewound(shop: EmbeddedShop, wid: int) -> list[str]:
     shop.ok("withdraw", "broadcast", str(wid))
     shop.chain.mine(1, OP_TRUE)
@@ -61,7 +47,7 @@ def test_a_confirmed_row_set_back_to_broadcast_is_not_settled_twice(shop: Embedd
     else:
         shop.deposit("acct-1", 3)
         wid = int(shop.ok("utxo", "consolidate", "--max-inputs", "3", *shop.as_("carol"))["id"])
-        _signed(shop, wid)
+        shop.approved_and_signed(wid)
     before = _confirmed_then_rewound(shop, wid)
     fees = shop.ok("ledger", "balance", "expense:network-fees")["balance_sat"]
     again = shop.c("sync", "--json")

@@ -56,7 +56,10 @@ class EmbeddedShop:
     def signed(self, to: str, amount: str) -> int:
         """A withdrawal requested, approved, signed by two founders and finalized; its id."""
         w = self.ok("withdraw", "request", "--account", "acct-1", "--to", to, "--amount", amount, *self.as_("carol"))
-        wid = int(w["id"])
+        return self.approved_and_signed(int(w["id"]))
+
+    def approved_and_signed(self, wid: int) -> int:
+        """Withdrawal ``wid`` approved by alice and bob, signed by two founders and finalized; its id."""
         self.ok("withdraw", "approve", str(wid), *self.as_("alice"), "--yes")
         self.ok("withdraw", "approve", str(wid), *self.as_("bob"), "--yes")
         psbt = self.tmp / f"w{wid}.psbt"
