@@ -13,7 +13,8 @@ every change, with an environment that carries no secret.
 
 Every entry point that moves custody state (issuance, approvals, signing, broadcast) calls
 :func:`guard` inside its transaction; when the halt state cannot be read, the answer is
-"halted".
+"halted". The guard also refuses while a halt waits in the halt file for the store (a store
+that will not record it must not let custody state move through it).
 
 This module: the guard, the halt state and its file and hook, raising a halt. Beside it:
 ``halt_log`` (the state the audit log says), ``halt_lift`` (lifting by two signatures) and
@@ -52,7 +53,7 @@ from custody.files import read_limited
 from custody.identity.employee_keys import EmployeeSigner
 from custody.identity.statements import sign_statement, verify_statement
 from custody.identity.webauthn import signs_statement
-from custody.store.db import Database
+from custody.store.db import HALT_FILE, Database
 from custody.store.models import AuditEntry, AuditHead, HaltRow, IncidentRow, IncidentUpdate
 
 COMPONENTS = ("address-issuance", "address-verification", "withdrawals", "trading")
@@ -73,8 +74,11 @@ def guard(s: Session, *, lock: bool = True) -> int:
     It first takes the audit log head's row lock, which raising a halt also takes: a halt
     committed before this transaction got the lock is seen here, and one raised after it
     waits for this transaction. So the halt wins every race, on PostgreSQL as on SQLite.
-    The halt state is the audit log's, checked against the halt table. Returns the audit
-    entry the state was checked at (for :func:`guard_since`).
+    The halt state is the audit log's, checked against the halt table, and the halt file's
+    journal (:func:`_refuse_waiting`): a halt the store has not recorded refuses as well. That
+    file is read once, without its lock; a halt journaled after the read is the next call's to
+    see (the race the store's lock settles is with a halt the store records). Returns the
+    audit entry the state was checked at (for :func:`guard_since`).
     """
     try:
         if lock:
@@ -83,12 +87,39 @@ def guard(s: Session, *, lock: bool = True) -> int:
             seq = head.seq if head else 0
         else:
             seq = _consistent_seq(s)
-        halts = _derive(s, seq).halts
+        derived = _derive(s, seq)
     except SQLAlchemyError as exc:
         raise HaltedError(f"the halt state cannot be read ({type(exc).__name__}): treated as halted") from None
-    if halts:
-        raise HaltedError(_halted_message(halts))
+    if derived.halts:
+        raise HaltedError(_halted_message(derived.halts))
+    _refuse_waiting(s, derived.recorded)
     return seq
+
+
+def _refuse_waiting(s: Session, recorded: frozenset[str]) -> None:
+    """Refuse (HaltedError) while a halt waits in the session's halt file (the Database's
+    ``halt_file``) that the store has not recorded, by journal id as
+    custody.control.halt_state.with_waiting matches them: a store that refuses to record a halt
+    (down, full, or made to refuse by SQL) must not let custody state move through it. A halt
+    file missing or unreadable is a halt too (the engine reads it so; `custody halt status`
+    writes it again from the store). One read of the file, no statement."""
+    path = s.info.get(HALT_FILE)
+    if path is None:
+        return
+    current = halt_file.read(path)
+    if current is None:
+        raise HaltedError(
+            f"the halt file {path} is missing or unreadable: treated as halted; `custody halt status` writes it "
+            "again from the store"
+        )
+    waiting = [p for p in current.pending if p["id"] not in recorded]
+    if waiting:
+        p = waiting[0]
+        more = f" (and {len(waiting) - 1} more)" if len(waiting) > 1 else ""
+        raise HaltedError(
+            f"trading is halted: a halt raised by {str(p.get('actor'))[:64]} at {str(p.get('at'))[:40]} waits in the "
+            f"halt file {path} for the store, which has not recorded it: {str(p.get('reason'))[:MAX_REASON]}{more}"
+        )
 
 
 _NEWS = "(SELECT MAX(seq) FROM audit_log), EXISTS (SELECT 1 FROM audit_log WHERE seq > :seen AND event IN :events)"
@@ -112,7 +143,8 @@ class Locked:
 def guard_since(s: Session, seen: int, allocate: tuple[str, int] | None = None) -> Locked:
     """:func:`guard` with the lock after ``seen = guard(s, lock=False)`` in this transaction:
     the head's row lock, the log's tip, and only what was appended after ``seen`` (a halt or
-    roster entry there: the full check again). Two statements under the lock, not every halt:
+    roster entry there: the full check again; the halt file was read by that first guard).
+    Two statements under the lock, not every halt:
     the lock (no ORM object), then one that reads the tip and what came since and, with
     ``allocate`` (a counter's name and a count), reserves that many indexes of the counter
     (lock order: the head, then the counter). It runs after the lock was granted, so it sees

@@ -12,6 +12,7 @@ from sqlmodel import col, select
 from custody.clock import iso, now
 from custody.control import audit_log
 from custody.control.halt import COMPONENTS, read_state
+from custody.control.halt_state import with_waiting
 from custody.errors import (
     Conflict,
     InputError,
@@ -62,8 +63,11 @@ def update_incident(db: Database, incident_id: int, status: str, message: str, a
 
 
 def status_view(db: Database, recent: int = 10) -> dict[str, Any]:
-    """Components (operational or halted) and open and recent incidents with their timelines."""
+    """Components (operational or halted) and open and recent incidents with their timelines.
+    A halt waiting in the Database's halt file for the store halts every component."""
     state = read_state(db)
+    if db.halt_file is not None:
+        state = with_waiting(state, db.halt_file)
     incidents: list[dict[str, Any]] = []
     halted_components: set[str] = set()
     if state.error is None:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from custody.config import Settings
 from custody.control import halt as halt_lib
 from custody.control import halt_webauthn as hw
+from custody.control.halt_state import with_waiting
 from custody.identity.webauthn import Assertion, unb64url
 from custody.service.console import B64_PATTERN, NAME_PATTERN, page, same_origin
 from custody.store.db import Database
@@ -54,6 +55,8 @@ class SignedRaise(Signed):
 
 def _halt_page(db: Database) -> HTMLResponse:
     state = halt_lib.read_state(db)
+    if db.halt_file is not None:
+        state = with_waiting(state, db.halt_file)
     e = html.escape
     rows = "".join(
         f"<tr id=halt-{int(h['id'])}><td>#{int(h['id'])}</td><td>{e(str(h['raised_by']))}</td>"
@@ -63,6 +66,10 @@ def _halt_page(db: Database) -> HTMLResponse:
         "</form></td></tr>"
         for h in state.halts
         if h.get("active", True) and h.get("id") is not None
+    ) + "".join(
+        f"<tr class=pending><td>waiting</td><td>{e(str(p.get('actor')))}</td><td>{e(str(p.get('reason')))}</td>"
+        "<td>-</td><td>in the halt file; the store has not recorded it (no lift before it does)</td></tr>"
+        for p in state.pending
     )
     status = "Trading is HALTED" if state.halted else "Trading runs"
     body = (
