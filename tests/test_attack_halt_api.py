@@ -46,6 +46,10 @@ def test_a_halt_the_store_refuses_to_record_halts_the_service_read(tmp_path: Pat
         assert doc["halted"] is True, doc
         assert [p["id"] for p in doc["pending"]] == [p["id"] for p in waiting]
         assert not engine_check()(str(tmp_path / "served.json"))
+        issued = client.call("POST", "/v1/accounts/acct-1/addresses", json={"count": 1})  # the guard agrees
+        assert issued.status_code == 423 and issued.json()["error"]["exit_code"] == 3, issued.text
+        with sqlite3.connect(c.home / "custody.db") as db:
+            assert db.execute("SELECT COUNT(*) FROM address").fetchone()[0] == 0
 
         with sqlite3.connect(c.home / "custody.db") as db:  # the store records it again: the log's halt stands
             db.execute("DROP TRIGGER refuse_halts")
