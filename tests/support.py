@@ -189,8 +189,10 @@ def run_cli(
 
 def create_store(db: Any, settings: Any, policy: Any, fs: list[TestFounder]) -> SignedManifest:
     """A store made from ``policy`` as the ceremony makes it (every founder of ``fs`` signs the
-    manifest), with the manifest pinned where ``settings`` say: for library-level tests and
-    benchmarks that do not go through the CLI."""
+    manifest), with the manifest pinned where ``settings`` say and the halt file written, as
+    `custody init` does (a command's halt guard reads a missing halt file as halted): for
+    library-level tests and benchmarks that do not go through the CLI."""
+    from custody.control.halt import publish
     from custody.control.roster import pin_manifest
     from custody.control.wallet import init_store
     from custody.policy.manifest import unsigned
@@ -198,6 +200,7 @@ def create_store(db: Any, settings: Any, policy: Any, fs: list[TestFounder]) -> 
     signed = sign_manifest_with(unsigned(policy), fs)
     init_store(db, signed)
     pin_manifest(settings.manifest, signed)
+    publish(db, settings, hook=False)
     return signed
 
 
