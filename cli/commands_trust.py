@@ -266,6 +266,11 @@ def manifest_pin(app: AppContext, file: Path | None, from_store: bool, fingerpri
         if current.digest != m.digest:
             raise Conflict(f"another founders' manifest ({current.fingerprint}) is pinned at {path}; not replaced")
     roster_lib.pin_manifest(path, m)
+    if from_store:  # this machine joins the store: its halt file, which its guard reads, as init writes it
+        from custody.control.halt import publish
+
+        for w in publish(app.db, app.settings).warnings:
+            output.warning(w)
     if as_json:
         output.emit_json(_manifest_view(m) | {"pinned": str(path)})
         return

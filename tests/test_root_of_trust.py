@@ -546,7 +546,9 @@ def test_a_second_operator_pins_the_manifest_from_the_shared_store(shop: Embedde
     assert before.exit_code == 9 and "no founders' manifest is pinned" in before.stderr
     fingerprint = shop.ok("manifest", "show")["fingerprint"]
     assert other("manifest", "pin", "--from-store", "--fingerprint", "1111-2222-3333-4444").exit_code == 2
+    assert not (other.home / "halt.json").exists()
     assert other("manifest", "pin", "--from-store", "--fingerprint", fingerprint).exit_code == 0
+    assert json.loads((other.home / "halt.json").read_text())["halted"] is False  # its guard reads it
     assert other("address", "new", "--account", "acct-2").exit_code == 0
 
 
