@@ -370,16 +370,22 @@ CancelProof = Callable[[Session, Trust, WithdrawalRow], str]
 transaction with the row locked; raises to refuse, or returns the signature the audit entry keeps."""
 
 
-def _still_held(s: Session, row: WithdrawalRow) -> None:
-    """Refuse to release a customer's withdrawal whose hold the ledger no longer holds: a row
-    set back to pending by SQL after its cancel (or its refund), cancelled again, by any key or
-    by the requester's cancel assertion replayed from the audit log, would credit the customer
-    the amount and fee twice. Raises Conflict."""
-    if row.kind == SINGLE and (holding := ledger.holding(s, row.id or 0)) != row.amount + row.fee:
+def _still_held(s: Session, row: WithdrawalRow, members: list[WithdrawalRow]) -> None:
+    """Refuse to release a customer's withdrawal, or to dissolve a batch, whose hold the ledger
+    no longer holds: a row set back to pending by SQL after its cancel (or its refund),
+    cancelled again, by any key or by the requester's cancel assertion replayed from the audit
+    log, would credit the customer the amount and fee twice; a batch set back with its members
+    would double their holds (each then released twice). Raises Conflict."""
+    if row.kind == SINGLE:
+        owed = row.amount + row.fee
+    elif row.kind == BATCH:
+        owed = sum(m.amount + m.fee for m in members)
+    else:
+        return  # a sweep or consolidation holds no customer's money
+    if (holding := ledger.holding(s, row.id or 0)) != owed:
         raise Conflict(
-            f"withdrawal #{row.id} holds {holding} sat in the ledger, not its amount and fee "
-            f"({row.amount + row.fee} sat): released already (its row edited outside the tool?); "
-            "nothing is released again"
+            f"withdrawal #{row.id} holds {holding} sat in the ledger, not the {owed} sat it owes back: released "
+            "already (its rows edited outside the tool?); nothing is released again"
         )
 
 
@@ -407,11 +413,12 @@ def cancel(
                 "broadcast, so its inputs stay reserved until it confirms, or until `custody sync` sees another "
                 "transaction spend one of them CUSTODY_REFUND_CONFIRMATIONS blocks deep (then it is refunded)"
             )
+        members = _members(s, withdrawal_id) if row.kind == BATCH else []
+        _still_held(s, row, members)
         if row.kind == BATCH:
-            ledger.batch_dissolved(s, row, _members(s, withdrawal_id))  # members stay held, queued again
+            ledger.batch_dissolved(s, row, members)  # members stay held, queued again
             _dissolve(s, row)
         else:
-            _still_held(s, row)
             ledger.withdrawal_released(s, row, [], f"cancelled by {name}: {reason}")
         _touch(s, row, next_state(row.status, Event.CANCELLED), f"cancelled by {name}: {reason}")
         _release(s, withdrawal_id)
