@@ -48,13 +48,17 @@ class HaltState:
     def to_dict(self) -> dict[str, Any]:
         if self.file is not None:
             return dict(self.file)
+        return self.document(None if self.unknown else self.halted, iso(now()), None)
+
+    def document(self, halted: bool | None, updated_at: str | None, valid_until: str | None) -> dict[str, Any]:
+        """The state in the halt file's format, with the caller's ``halted``, time and lease."""
         doc: dict[str, Any] = {
             "format": halt_file.FORMAT,
             "version": halt_file.VERSION,
-            "halted": None if self.unknown else self.halted,
+            "halted": halted,
             "seq": self.seq,
-            "updated_at": iso(now()),
-            "valid_until": None,
+            "updated_at": updated_at,
+            "valid_until": valid_until,
             "halts": self.halts,
         }
         if self.pending:

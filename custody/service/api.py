@@ -33,7 +33,7 @@ from custody.chain.backend import backend_for
 from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import halt as halt_lib
-from custody.control import halt_file, witness
+from custody.control import witness
 from custody.control.halt_state import with_waiting
 from custody.control.roster import authenticate, check_pinned, load_trust
 from custody.control.wallet import load_policy
@@ -164,21 +164,9 @@ def halt_document(state: halt_lib.HaltState, lease: float) -> dict[str, Any]:
     """The halt state under the halt file's contract: trade only while it parses, says
     ``"halted": false`` and ``valid_until`` is in the future (the lease counted from now)."""
     stamp = now()
-    doc: dict[str, Any] = {
-        "format": halt_file.FORMAT,
-        "version": halt_file.VERSION,
-        "halted": state.halted,
-        "seq": state.seq,
-        "updated_at": iso(stamp),
-        # An unreadable state is a halt, and it holds only for this answer.
-        "valid_until": iso(stamp + timedelta(seconds=lease)) if state.error is None else iso(stamp),
-        "halts": state.halts,
-    }
-    if state.pending:
-        doc["pending"] = state.pending
-    if state.error:
-        doc["error"] = state.error
-    return doc
+    # An unreadable state is a halt, and it holds only for this answer.
+    until = iso(stamp + timedelta(seconds=lease)) if state.error is None else iso(stamp)
+    return state.document(state.halted, iso(stamp), until)
 
 
 def audit_head(db: Database) -> dict[str, Any]:
