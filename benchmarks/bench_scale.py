@@ -59,6 +59,9 @@ print(os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_m
 """
 
 
+_CACHED = {"PYTHONPYCACHEPREFIX": os.path.join(tempfile.gettempdir(), f"custody-bench-pycache-{os.getuid()}")}
+
+
 def run_measured(env: dict[str, str], *args: str) -> tuple[int, float, float]:
     """``custody ARGS`` with stdout discarded: exit code, seconds, peak RSS (MB).
 
