@@ -13,6 +13,7 @@ scripts/install-node.sh
 scripts/install-softhsm.sh >/dev/null
 scripts/install-gnupg.sh
 scripts/install-chromium.sh >/dev/null
+scripts/install-bench-tools.sh >/dev/null
 
 # Every core (CUSTODY_TEST_WORKERS overrides; 0 runs in this process), a whole test file to a
 # worker so a module's fixtures are built once, and a short temporary root: GnuPG's agent
