@@ -1,18 +1,25 @@
 """``custody serve`` under 50 concurrent clients on loopback, beside floors measured in the same run.
 
-* Halt-state read (``GET /v1/halt``, signed): p50 and p99 latency, beside a bare endpoint of the
-  same framework and server (FastAPI on uvicorn) returning a constant, read the same way, in
-  alternating rounds. Target: p99 under 50 ms.
+* Halt-state read (``GET /v1/halt``, signed): p50 and p99 latency and requests a second, beside
+  a bare endpoint of the same framework and server (FastAPI on uvicorn) returning a constant,
+  read the same way, in alternating rounds. Target: p99 under 50 ms.
 * Deposit-address issuance (``POST /v1/accounts/A/addresses``, one address a request): requests
   per second, beside the library's own rate (``issue_addresses`` one at a time, in process).
   Target: within 2x of the library.
 * Nothing lost or duplicated: every answer's index is unique, the store holds exactly the
   addresses answered, and the receive indexes have no gap.
 
-Each server is a subprocess (so that the clients do not share its interpreter); each client a
-thread with one keep-alive connection, signing every request as the README says.
+Each server is a subprocess. The reads come from wrk (benchmarks/wrk_load.py): a load generator
+in C, 2 threads and 50 keep-alive connections by default, sending requests signed here
+beforehand, each once (benchmarks/wrk_presigned.lua); a run with any answer but 200 is void.
+The floor gets the same requests, headers and all, at its own path. Without wrk (or with
+``--thread-clients``) the reads come from Python clients in threads of this process, as the
+issuance requests always do (each thread one keep-alive connection, signing every request as
+the README says): those share the server's cores and their own interpreter, and that
+contention is in every latency they measure, the floor's included.
 
-    .venv/bin/python benchmarks/bench_api.py [--clients 50] [--reads 40] [--issues 20] [--workers 1] [--postgres URL]
+    .venv/bin/python benchmarks/bench_api.py [--clients 50] [--seconds 5] [--wrk-threads 2]
+        [--issues 20] [--workers 1] [--postgres URL] [--thread-clients [--reads 40]]
 
 With ``--postgres URL`` the store (and the library's floor) is a fresh schema on that server,
 dropped afterwards; SQLite in a temporary directory otherwise.
@@ -33,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,6 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 SECRET = b"benchmark-shared-secret-0123456789"
 ROUNDS = 4
 """The halt reads and the floor's alternate in this many rounds."""
+WINDOW_SECONDS = 240
+"""A round's longest: its requests, signed before it, stay within the server's window (300 s)."""
+NOT_HALTED = '"halted":false'
+"""In every answer of either side (compact JSON): a halt read that failed answers halted (fail closed)."""
 ENV: dict[str, str] = {}
 """The store's settings (CUSTODY_DB_URL with --postgres), for this process and the servers."""
 
@@ -229,8 +241,20 @@ def check_store(home: str, answered: list[int]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--reads", type=int, default=40, help="halt reads per client")
+    parser.add_argument("--clients", type=int, default=50, help="concurrent clients (wrk's connections)")
+    parser.add_argument("--seconds", type=int, default=5, help="seconds of a wrk round (4 rounds a side)")
+    parser.add_argument("--wrk-threads", type=int, default=2, help="wrk's threads (they share --clients)")
+    parser.add_argument(
+        "--headroom",
+        type=float,
+        default=3.0,
+        help="requests signed for a round: this many times the fastest rate seen so far (the warm-up's first)",
+    )
+    parser.add_argument(
+        "--max-rate", type=float, default=20_000, help="requests a second to sign for the 1 s warm-up of a side"
+    )
+    parser.add_argument("--thread-clients", action="store_true", help="the reads from Python threads, not wrk")
+    parser.add_argument("--reads", type=int, default=40, help="halt reads per client (--thread-clients)")
     parser.add_argument("--issues", type=int, default=20, help="issuance requests per client")
     parser.add_argument("--workers", type=int, default=1, help="server processes (custody serve --workers)")
     parser.add_argument("--postgres", metavar="URL", help="a PostgreSQL server to run on (a fresh schema)")
@@ -244,6 +268,10 @@ def main() -> None:
     if args.serve is not None:
         serve(args.serve, args.port, args.bare, args.workers)
         return
+    if args.clients % args.wrk_threads:
+        parser.error("--clients must be a multiple of --wrk-threads (wrk gives each thread as many)")
+    if not 1 <= args.seconds <= WINDOW_SECONDS:
+        parser.error(f"--seconds must be 1 to {WINDOW_SECONDS}: the requests are signed before the round")
     if args.postgres:
         with postgres_schema(args.postgres) as url:
             ENV["CUSTODY_DB_URL"] = url
@@ -269,9 +297,111 @@ def postgres_schema(url: str) -> Iterator[str]:
         admin.dispose()
 
 
+@dataclass
+class Reads:
+    """One side of the read measurement (custody's halt read or the floor) over every round."""
+
+    p50: list[float] = field(default_factory=list)
+    """ms, one a round (wrk) or one for all rounds (thread clients)."""
+    p99: list[float] = field(default_factory=list)
+    requests: int = 0
+    seconds: float = 0.0
+    server_cpu: float = 0.0
+    client_cpu: float = 0.0
+
+    def add(self, requests: int, seconds: float, server_cpu: float, client_cpu: float = 0.0) -> None:
+        self.requests += requests
+        self.seconds += seconds
+        self.server_cpu += server_cpu
+        self.client_cpu += client_cpu
+
+    def latency(self) -> tuple[float, float]:
+        """p50 and p99 in ms (the median of the rounds' with wrk)."""
+        return statistics.median(self.p50), statistics.median(self.p99)
+
+    def summary(self) -> str:
+        p50, p99 = self.latency()
+        spread = f" (median of {len(self.p99)} rounds; p99 {min(self.p99):.1f}-{max(self.p99):.1f})"
+        return (
+            f"{self.requests:,} requests: p50 {p50:.1f} ms, p99 {p99:.1f} ms{spread if len(self.p99) > 1 else ''}, "
+            f"{self.requests / self.seconds:,.0f} requests/s"
+        )
+
+
+def reads_with_wrk(
+    args: argparse.Namespace, wrk: str, tmp: Path, sides: list[tuple[str, int, int, str]]
+) -> dict[str, Reads]:
+    """``sides``: name, server pid, port, path. A warm-up run of each (which also tells how
+    many requests to sign for a round), then ROUNDS rounds alternating between them."""
+    from benchmarks.wrk_load import budget, presign, run_wrk, write_requests
+
+    threads, connections = args.wrk_threads, args.clients
+    reads = {name: Reads() for name, *_ in sides}
+    rate = {name: args.max_rate for name, *_ in sides}
+    for round_ in range(ROUNDS + 1):
+        warm_up = round_ == 0
+        seconds = 1 if warm_up else args.seconds
+        for name, pid, port, path in sides:
+            prefix = tmp / f"{name}-{round_}"
+            headroom = 1.0 if warm_up else args.headroom
+            signed = presign(SECRET, "GET", path, budget(rate[name], seconds, headroom, threads, connections))
+            write_requests(prefix, signed, threads)
+            cpu = cpu_seconds(pid)
+            url, how = f"http://127.0.0.1:{port}/", {"threads": threads, "connections": connections}
+            run = run_wrk(wrk, url, prefix, seconds=seconds, expect=NOT_HALTED, **how)
+            cpu = cpu_seconds(pid) - cpu
+            problems = run.problems()
+            if problems:
+                raise SystemExit(f"bench_api: the {name} run is void: " + "; ".join(problems))
+            rate[name] = run.rate if warm_up else max(rate[name], run.rate)
+            if not warm_up:
+                reads[name].p50.append(run.p50_ms)
+                reads[name].p99.append(run.p99_ms)
+                reads[name].add(run.requests, run.seconds, cpu, run.wrk_cpu)
+    return reads
+
+
+def reads_with_threads(args: argparse.Namespace, sides: list[tuple[str, int, int, str]]) -> dict[str, Reads]:
+    """The same rounds from ``args.clients`` Python threads of this process, ``args.reads``
+    requests each over all rounds."""
+
+    def read(path: str) -> Callable[[Client, int, int], float]:
+        def one(c: Client, n: int, i: int) -> float:
+            status, body, t = c.call("GET", path, signed=True)
+            assert status == 200 and json.loads(body)["halted"] is False, body
+            return t
+
+        return one
+
+    reads = {name: Reads() for name, *_ in sides}
+    latencies: dict[str, list[float]] = {name: [] for name, *_ in sides}
+    for _, _, port, path in sides:  # warm both up
+        hammer(port, args.clients, 5, read(path))
+    for _ in range(ROUNDS):  # interleaved: a change of the shared machine's load falls on both
+        for name, pid, port, path in sides:
+            cpu, start = cpu_seconds(pid), time.perf_counter()
+            round_latencies = hammer(port, args.clients, args.reads // ROUNDS, read(path))
+            reads[name].add(len(round_latencies), time.perf_counter() - start, cpu_seconds(pid) - cpu)
+            latencies[name] += round_latencies
+    for name, xs in latencies.items():
+        p50, p99 = percentiles(xs)
+        reads[name].p50.append(p50)
+        reads[name].p99.append(p99)
+    return reads
+
+
 def run(args: argparse.Namespace) -> None:
     """The measurements (see the module's docstring)."""
+    from benchmarks.wrk_load import HOW_TO_GET, find_wrk
 
+    wrk = None if args.thread_clients else find_wrk()
+    if wrk is None and not args.thread_clients:
+        print(
+            f"bench_api: wrk is not installed: {HOW_TO_GET}. Measuring the reads with Python clients in "
+            "threads of this process instead: they share the server's cores and their own interpreter, "
+            "and that contention is in every latency below, the floor's included.",
+            file=sys.stderr,
+        )
     with tempfile.TemporaryDirectory() as home:
         make_store(home)
         bare, bare_port = start_server(home, bare=True, workers=args.workers)
@@ -279,16 +409,12 @@ def run(args: argparse.Namespace) -> None:
         answered: list[int] = []
         answered_lock = threading.Lock()
         try:
-
-            def bare_read(c: Client, n: int, i: int) -> float:
-                status, _, t = c.call("GET", "/bare", signed=False)
-                assert status == 200
-                return t
-
-            def halt_read(c: Client, n: int, i: int) -> float:
-                status, body, t = c.call("GET", "/v1/halt")
-                assert status == 200 and json.loads(body)["halted"] is False, body
-                return t
+            # The floor gets the same signed requests (it checks nothing) at its own path.
+            sides = [("floor", bare.pid, bare_port, "/bare"), ("custody", custody.pid, port, "/v1/halt")]
+            if wrk is not None:
+                reads = reads_with_wrk(args, wrk, Path(home), sides)
+            else:
+                reads = reads_with_threads(args, sides)
 
             def issue(c: Client, n: int, i: int) -> float:
                 status, body, t = c.call("POST", f"/v1/accounts/acct-{n}/addresses", b'{"count": 1}')
@@ -297,19 +423,6 @@ def run(args: argparse.Namespace) -> None:
                     answered.extend(a["index"] for a in json.loads(body))
                 return t
 
-            hammer(bare_port, args.clients, 5, bare_read)  # warm both up
-            hammer(port, args.clients, 5, halt_read)
-            floor_latencies, halt_latencies = [], []
-            floor_cpu = halt_cpu = 0.0
-            for _ in range(ROUNDS):  # interleaved: a change of the shared machine's load falls on both
-                cpu = cpu_seconds(bare.pid)
-                floor_latencies += hammer(bare_port, args.clients, args.reads // ROUNDS, bare_read)
-                floor_cpu += cpu_seconds(bare.pid) - cpu
-                cpu = cpu_seconds(custody.pid)
-                halt_latencies += hammer(port, args.clients, args.reads // ROUNDS, halt_read)
-                halt_cpu += cpu_seconds(custody.pid) - cpu
-            floor_p50, floor_p99 = percentiles(floor_latencies)
-            p50, p99 = percentiles(halt_latencies)
             start, cpu = time.perf_counter(), cpu_seconds(custody.pid)
             hammer(port, args.clients, args.issues, issue)
             api_rate = len(answered) / (time.perf_counter() - start)
@@ -325,15 +438,41 @@ def run(args: argparse.Namespace) -> None:
             lib_rate, lib_cpu = library_rate(min(len(answered), 500))
     else:
         lib_rate, lib_cpu = library_rate(min(len(answered), 500))
-    store = "PostgreSQL" if args.postgres else "SQLite"
+    report(args, wrk, reads, verdict, api_rate, api_cpu, lib_rate, lib_cpu)
 
-    reads = args.clients * (args.reads // ROUNDS) * ROUNDS
+
+def report(
+    args: argparse.Namespace,
+    wrk: str | None,
+    reads: dict[str, Reads],
+    verdict: str,
+    api_rate: float,
+    api_cpu: float,
+    lib_rate: float,
+    lib_cpu: float,
+) -> None:
+    store = "PostgreSQL" if args.postgres else "SQLite"
+    halt, floor = reads["custody"], reads["floor"]
+    (p50, p99), (floor_p50, floor_p99) = halt.latency(), floor.latency()
     print(f"{args.clients} concurrent clients on loopback, the store on {store}, {args.workers} server process(es)")
-    print(f"halt read (signed), {reads} requests: p50 {p50:.1f} ms, p99 {p99:.1f} ms (target p99 < 50 ms)")
-    print(f"floor: a bare FastAPI endpoint returning a constant: p50 {floor_p50:.1f} ms, p99 {floor_p99:.1f} ms")
+    if wrk is not None:
+        print(
+            f"reads from wrk ({wrk}): {args.wrk_threads} threads, {args.clients} connections, {ROUNDS} rounds "
+            f"of {args.seconds} s a side, alternating, after 1 s of warm-up each; each request signed "
+            f"beforehand and sent once, every answer 200; wrk's CPU a request: "
+            f"{(halt.client_cpu + floor.client_cpu) / (halt.requests + floor.requests) * 1000:.3f} ms; "
+            "percentiles as wrk gives them (corrected for coordinated omission)"
+        )
+    else:
+        print(f"reads from {args.clients} Python threads of this process, {ROUNDS} rounds alternating")
+    print(f"halt read (signed), {halt.summary()} (target p99 < 50 ms)")
+    print(f"floor: a bare FastAPI endpoint returning a constant, {floor.summary()}")
     print(f"ratio to floor: p50 {p50 / floor_p50:.2f}x, p99 {p99 / floor_p99:.2f}x")
-    print(f"server CPU a read: {halt_cpu / reads * 1000:.2f} ms; the floor's: {floor_cpu / reads * 1000:.2f} ms")
-    print(f"issuance through the API: {api_rate:,.0f} requests/s (one address each)")
+    print(
+        f"server CPU a read: {halt.server_cpu / halt.requests * 1000:.2f} ms; "
+        f"the floor's: {floor.server_cpu / floor.requests * 1000:.2f} ms"
+    )
+    print(f"issuance through the API (Python clients in threads): {api_rate:,.0f} requests/s (one address each)")
     print(f"floor: the library's issue_addresses, one at a time in process: {lib_rate:,.0f}/s")
     print(f"ratio: the library is {lib_rate / api_rate:.2f}x the API's rate (target <= 2x)")
     print(f"CPU an issuance: the server's {api_cpu * 1000:.1f} ms, the library's {lib_cpu * 1000:.1f} ms")
