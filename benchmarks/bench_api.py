@@ -11,7 +11,8 @@
 
 Each server is a subprocess. The reads come from wrk (benchmarks/wrk_load.py): a load generator
 in C, 2 threads and 50 keep-alive connections by default, sending requests signed here
-beforehand, each once (benchmarks/wrk_presigned.lua); a run with any answer but 200 is void.
+beforehand, each once (benchmarks/wrk_presigned.lua); a run with any answer but 200 is void
+(one that used up its signed requests runs again with four times as many).
 The floor gets the same requests, headers and all, at its own path. Without wrk (or with
 ``--thread-clients``) the reads come from Python clients in threads of this process, as the
 issuance requests always do (each thread one keep-alive connection, signing every request as
@@ -42,8 +43,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+if TYPE_CHECKING:
+    from benchmarks.wrk_load import WrkRun
 
 SECRET = b"benchmark-shared-secret-0123456789"
 ROUNDS = 4
@@ -248,7 +253,7 @@ def main() -> None:
         "--headroom",
         type=float,
         default=3.0,
-        help="requests signed for a round: this many times the fastest rate seen so far (the warm-up's first)",
+        help="requests signed for a round: this many times the fastest rate seen (a round that runs out runs again)",
     )
     parser.add_argument(
         "--max-rate", type=float, default=20_000, help="requests a second to sign for the 1 s warm-up of a side"
@@ -328,37 +333,64 @@ class Reads:
         )
 
 
+RETRIES = 3
+"""Times a round that used up its signed requests is run again with four times as many."""
+
+
 def reads_with_wrk(
     args: argparse.Namespace, wrk: str, tmp: Path, sides: list[tuple[str, int, int, str]]
 ) -> dict[str, Reads]:
     """``sides``: name, server pid, port, path. A warm-up run of each (which also tells how
     many requests to sign for a round), then ROUNDS rounds alternating between them."""
-    from benchmarks.wrk_load import budget, presign, run_wrk, write_requests
-
-    threads, connections = args.wrk_threads, args.clients
     reads = {name: Reads() for name, *_ in sides}
     rate = {name: args.max_rate for name, *_ in sides}
     for round_ in range(ROUNDS + 1):
         warm_up = round_ == 0
-        seconds = 1 if warm_up else args.seconds
         for name, pid, port, path in sides:
-            prefix = tmp / f"{name}-{round_}"
-            headroom = 1.0 if warm_up else args.headroom
-            signed = presign(SECRET, "GET", path, budget(rate[name], seconds, headroom, threads, connections))
-            write_requests(prefix, signed, threads)
-            cpu = cpu_seconds(pid)
-            url, how = f"http://127.0.0.1:{port}/", {"threads": threads, "connections": connections}
-            run = run_wrk(wrk, url, prefix, seconds=seconds, expect=NOT_HALTED, **how)
-            cpu = cpu_seconds(pid) - cpu
-            problems = run.problems()
-            if problems:
-                raise SystemExit(f"bench_api: the {name} run is void: " + "; ".join(problems))
-            rate[name] = run.rate if warm_up else max(rate[name], run.rate)
+            run, cpu = wrk_round(args, wrk, tmp / f"{name}-{round_}", name, pid, port, path, rate, warm_up)
             if not warm_up:
                 reads[name].p50.append(run.p50_ms)
                 reads[name].p99.append(run.p99_ms)
                 reads[name].add(run.requests, run.seconds, cpu, run.wrk_cpu)
     return reads
+
+
+def wrk_round(
+    args: argparse.Namespace,
+    wrk: str,
+    prefix: Path,
+    name: str,
+    pid: int,
+    port: int,
+    path: str,
+    rate: dict[str, float],
+    warm_up: bool,
+) -> tuple[WrkRun, float]:
+    """One wrk run at a side, and the server's CPU seconds in it: signed for ``rate[name]``
+    (which it raises to the rate seen), run again with more when its requests ran out (a warm-up
+    on a cold server can see a third of the rate), void (SystemExit) for anything else."""
+    from benchmarks.wrk_load import budget, presign, run_wrk, write_requests
+
+    seconds = 1 if warm_up else args.seconds
+    threads, connections = args.wrk_threads, args.clients
+    for attempt in range(RETRIES + 1):
+        headroom = 1.0 if warm_up else args.headroom
+        signed = presign(SECRET, "GET", path, budget(rate[name], seconds, headroom, threads, connections))
+        write_requests(prefix, signed, threads)
+        cpu = cpu_seconds(pid)
+        url, how = f"http://127.0.0.1:{port}/", {"threads": threads, "connections": connections}
+        run = run_wrk(wrk, url, prefix, seconds=seconds, expect=NOT_HALTED, **how)
+        cpu = cpu_seconds(pid) - cpu
+        problems = run.problems()
+        if problems == [run.ran_out_problem()] and attempt < RETRIES:
+            print(f"bench_api: {problems[0]}: the {name} round again with 4x as many", file=sys.stderr)
+            rate[name] *= 4
+            continue
+        if problems:
+            raise SystemExit(f"bench_api: the {name} run is void: " + "; ".join(problems))
+        rate[name] = run.rate if warm_up else max(rate[name], run.rate)
+        return run, cpu
+    raise AssertionError("unreachable")
 
 
 def reads_with_threads(args: argparse.Namespace, sides: list[tuple[str, int, int, str]]) -> dict[str, Reads]:

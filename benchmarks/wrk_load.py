@@ -72,6 +72,9 @@ class WrkRun:
     def rate(self) -> float:
         return self.requests / self.seconds
 
+    def ran_out_problem(self) -> str:
+        return f"the {self.signed} pre-signed requests ran out before the run's end"
+
     def problems(self) -> list[str]:
         """What voids the run: an answer other than 200 (a 401 is a nonce sent twice or a stale
         timestamp: a bug of the benchmark; a 429 the server's nonce memory full), a socket error
@@ -87,7 +90,7 @@ class WrkRun:
         if self.unexpected:
             found.append(f"{self.unexpected} answers without the text expected")
         if self.ran_out:
-            found.append(f"the {self.signed} pre-signed requests ran out before the run's end (raise --headroom)")
+            found.append(self.ran_out_problem())
         if sum(self.statuses.values()) != self.requests:
             found.append(f"{self.requests} answers, {sum(self.statuses.values())} counted by the script")
         if not self.requests:
