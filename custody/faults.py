@@ -43,6 +43,7 @@ PAUSE_POINTS = (
     "issuance.allocated",  # inside the issuing transaction (SQLite's write lock held), nothing stored
     "issuance.derived",  # inside the issuing transaction, addresses derived, no lock taken yet
     "webauthn.counter_checked",  # a request's security-key counter checked, its signature not yet stored
+    "withdrawal.request_counted",  # a console request's key checked, its unsigned backlog counted, nothing committed
 )
 
 

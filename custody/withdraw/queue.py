@@ -49,13 +49,13 @@ from custody.config import Settings
 from custody.control import audit_log, halt
 from custody.control.epochs import current_policy as policy_from_session
 from custody.control.epochs import newest_only
-from custody.control.roster import Trust, authenticate, check_pinned, load_trust, security_key
+from custody.control.roster import Trust, authenticate, check_pinned, load_trust
 from custody.errors import (
     ApprovalError,
     Conflict,
     InputError,
 )
-from custody.faults import crash_point
+from custody.faults import crash_point, pause_point
 from custody.identity.approvals import (
     sign_approval,
     sign_request,
@@ -155,6 +155,14 @@ def rule_check(db: Database, withdrawal_id: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- 1. request
 
 
+RequestProof = Callable[[Session, Trust], tuple[str, dict[str, Any]]]
+"""Who requests, proved otherwise than by a key file or token (the console's security key over
+the request's content, :func:`custody.withdraw.webauthn_request.record_with_security_key`):
+checked in the request's transaction under the halt guard's lock, before anything is counted
+or reserved; raises to refuse, or returns the signature the ``withdrawal.requested`` entry
+keeps and what its payload adds."""
+
+
 def _spendable(s: Session, backend: ChainBackend, policy: Policy) -> list[Coin]:
     """Confirmed unspent outputs at our verified addresses that no pending withdrawal holds."""
     addresses = {bytes.fromhex(a.script_pubkey): a for a in newest_only(s, s.exec(select(AddressRow)).all())}
@@ -180,20 +188,22 @@ def request_withdrawal(
     amount: str,
     fee_rate: str | None,
     requester: str,
-    key: EmployeeSigner | None,
+    key: EmployeeSigner | RequestProof,
     limits: Limits = Limits(),
 ) -> dict[str, Any]:
     """Record a withdrawal request with its unsigned transaction; reserve its inputs.
 
     The requester must hold the request role in the founders' roster; they sign the exact
-    transaction and the account, and that signature travels to the offline signer. With
-    ``key`` None the requester signs next with a security key of theirs in the roster
-    (:mod:`custody.withdraw.webauthn_request`): until then nobody can approve it.
+    transaction and the account, and that signature travels to the offline signer. With a
+    :data:`RequestProof` (the console's security key over the request's content) the
+    requester signs the exact transaction next (:mod:`custody.withdraw.webauthn_request`):
+    until then nobody can approve it, and she holds at most
+    :data:`custody.withdraw.records.MAX_UNSIGNED_REQUESTS` such requests at once.
 
     Raises HaltedError, InputError (destination, amount, dust, fee cap, not enough coins),
-    NotFound/ApprovalError (requester), PolicyViolation (a rule of the rulebook in force at the
-    chain's tip, named), VerificationFailed (change address mismatch, after raising the halt),
-    NodeError, StorageError.
+    NotFound/ApprovalError (requester, or what the proof raises), Conflict (too many unsigned),
+    PolicyViolation (a rule of the rulebook in force at the chain's tip, named),
+    VerificationFailed (change address mismatch, after raising the halt), NodeError, StorageError.
     """
     manifest = load_manifest_or_halt(db, settings)
     pinned = load_trust(settings)
@@ -209,11 +219,13 @@ def request_withdrawal(
             dest = parse_destination(destination, policy.network)
             if sats < dust_limit(dest.script_pubkey):
                 raise InputError(f"{sats} sat is below the dust limit of {dust_limit(dest.script_pubkey)} sat")
-            if key is None:
-                security_key(s, check_pinned(s, pinned), requester, "request", None)
-                _refuse_unsigned_backlog(s, requester)
-            else:
+            proved: tuple[str, dict[str, Any]] | None = None
+            if isinstance(key, EmployeeSigner):
                 authenticate(s, check_pinned(s, pinned), requester, key, "request")
+            else:
+                proved = key(s, check_pinned(s, pinned))  # the requester's security key, or nothing
+                _refuse_unsigned_backlog(s, requester)
+                pause_point("withdrawal.request_counted")
             coins = _spendable(s, backend, policy)
             own = {bytes.fromhex(a.script_pubkey) for a in s.exec(select(AddressRow)).all()}
             if dest.script_pubkey in own:
@@ -270,7 +282,7 @@ def request_withdrawal(
             for rec in _input_rows(wid, tx, selection.coins, prev):
                 s.add(rec)
                 s.add(ReservedInput(outpoint=f"{rec.txid}:{rec.vout}", withdrawal_id=wid))
-            if key is not None:
+            if isinstance(key, EmployeeSigner):
                 row.request_signature = sign_request(key, _summary(policy, row, _inputs(s, wid)), account)
             s.add(row)
             s.flush()
@@ -283,9 +295,11 @@ def request_withdrawal(
                 "fee": selection.fee,
                 "unsigned_txid": b2lx(tx.GetTxid()),
             }
-            if key is None:
-                payload["signed_next_by"] = "security key"
-            audit_log.append(s, "withdrawal.requested", requester, payload, row.request_signature or None)
+            signature = row.request_signature or None
+            if proved is not None:
+                signature, recorded_by = proved
+                payload |= {**recorded_by, "signed_next_by": "security key"}
+            audit_log.append(s, "withdrawal.requested", requester, payload, signature)
             return view(s, policy, row)
     except AddressMismatch as exc:
         raise halt_for_mismatch(db, settings, exc) from None

@@ -164,8 +164,11 @@ MAX_UNSIGNED_REQUESTS = 3
 def _refuse_unsigned_backlog(s: Session, requester: str) -> None:
     """Refuse another request awaiting ``requester``'s security key while they already have
     :data:`MAX_UNSIGNED_REQUESTS` of them: each holds its coins and the customer's balance until
-    signed or cancelled, and recording one takes no signature (the console records, then the key
-    signs), so without a bound anyone reaching the console could hold them all. Raises Conflict."""
+    signed or cancelled. Recording one takes the requester's security key (over the request's
+    content), not yet her signature over the exact transaction; the bound keeps a key left in a
+    machine, or a requester who never finishes, from holding every coin. The caller holds the
+    halt guard's lock, so two recordings, by any instances on the store, count one after the
+    other. Raises Conflict."""
     unsigned = select(WithdrawalRow.id).where(
         WithdrawalRow.requester == requester,
         WithdrawalRow.kind == SINGLE,

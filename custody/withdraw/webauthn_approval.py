@@ -8,9 +8,9 @@ signature: the same halt guard, rulebook, self-approval refusal and audit entry,
 offline signer checks it again from the PSBT with the roster pinned on its machine.
 
 The security key's signature counter is kept with the approvals themselves and the requests
-it signed: a counter that is not above the highest one already stored for that credential is
-refused (a cloned key,
-or an assertion played again), unless the key keeps no counter (always 0).
+it recorded and signed: a counter that is not above the highest one already stored for that
+credential is refused (a cloned key, or an assertion played again), unless the key keeps no
+counter (always 0).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from custody.withdraw import states as wd_states
 
 REQUEST_SIGNED = "withdrawal.request_signed"
 """The audit event of a request signed with a security key (custody.withdraw.webauthn_request)."""
+REQUESTED = "withdrawal.requested"
+"""The audit event of a request recorded, in the console on the requester's security key."""
 
 
 def _entry(s: Session, settings: Settings, name: str) -> RegistryEntry:
@@ -68,10 +70,11 @@ def _count(credential: Credential, text: str) -> int:
 
 def _check_counter(s: Session, credential: Credential, count: int) -> None:
     """Refuse a signature counter at or below one already stored for this credential: in its
-    approvals, and in the requests it signed (their audit entries name it)."""
+    approvals, and in the requests it recorded and signed (their audit entries name it)."""
     stored = list(s.exec(select(ApprovalRow.signature).where(ApprovalRow.pubkey == credential.fingerprint)).all())
     requests = select(AuditEntry.signature).where(
-        AuditEntry.event == REQUEST_SIGNED, col(AuditEntry.payload).contains(credential.fingerprint, autoescape=True)
+        col(AuditEntry.event).in_((REQUEST_SIGNED, REQUESTED)),
+        col(AuditEntry.payload).contains(credential.fingerprint, autoescape=True),
     )
     stored += [text or "" for text in s.exec(requests).all()]
     highest = max((_count(credential, text) for text in stored), default=0)
