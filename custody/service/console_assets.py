@@ -127,8 +127,10 @@ async function requestWithdrawal(form) {
   const name = document.getElementById("employee").value;
   const fields = { employee: name };
   for (const id of ["account", "destination", "amount"]) fields[id] = document.getElementById(id).value;
-  const w = await answer(await post("/console/api/requests", fields));
-  say("withdrawal #" + w.id + " recorded: sign its request with your security key...", "waiting");
+  const c = await answer(await post("/console/api/requests/challenge", fields));
+  const content = await signWith(name, c.digest);
+  const w = await answer(await post("/console/api/requests", { ...fields, ...content, nonce: c.nonce, at: c.at }));
+  say("withdrawal #" + w.id + " recorded: sign its exact transaction with your security key...", "waiting");
   const signed = await signWith(name, w.request_digest);
   const r = await answer(await post("/console/api/withdrawals/" + w.id + "/request", signed));
   say("withdrawal #" + r.id + " requested by " + r.requester + ": it awaits approvals", "ok");
