@@ -3,9 +3,12 @@
 An employee registers a security key on the console, the founders add it to the roster,
 the employee approves a withdrawal with it in the browser, the approval is counted, and the
 offline signer accepts the PSBT that carries it; she requests a withdrawal in the console,
-signed with the same key, and sees it listed (and cannot approve it). Then an insider's attempts: a tampered
-assertion, one made at another origin, one made for another withdrawal, one from a key not
-in the roster, one played again, and the approval bundle of a PSBT rewritten: each refused.
+recorded on her key's assertion over its content and then signed over its exact transaction
+with the same key, and sees it listed (and cannot approve it). Then an insider's attempts: a
+tampered assertion, one made at another origin, one made for another withdrawal, one from a
+key not in the roster, one played again, and the approval bundle of a PSBT rewritten: each
+refused; and a recording from a key not in the roster, from another origin, over other
+content or played again: nothing recorded.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pytest
 import requests
 
 from custody.bitcoin import psbt as psbt_lib
-from custody.identity.webauthn import b64url, unb64url
+from custody.identity.webauthn import Credential, b64url, unb64url
 from custody.withdraw.signer import PROP_APPROVALS, PROPRIETARY_ID
 from tests.browser_support import artifacts, assertion, browser, security_key
 from tests.service_support import Client, Server
@@ -52,6 +55,13 @@ class Console:
     def post(self, wid: int, employee: str, body: dict[str, str]) -> requests.Response:
         url = f"{self.server.url}/console/api/withdrawals/{wid}/approve"
         return requests.post(url, json={"employee": employee, **body}, timeout=60)
+
+    def record(self, body: dict[str, str]) -> requests.Response:
+        return requests.post(f"{self.server.url}/console/api/requests", json=body, timeout=60)
+
+    def recorded(self) -> int:
+        """How many withdrawals the store holds."""
+        return len(self.shop.ok("withdraw", "list"))
 
     def shot(self, name: str) -> None:
         self.page.screenshot(path=str(self.shots / f"{name}.png"), full_page=True)
@@ -85,7 +95,7 @@ def serving_console(tmp: Path, coins: int) -> Iterator[tuple[EmbeddedShop, Serve
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
-    with serving_console(tmp_path_factory.mktemp("console"), 4) as (shop, server):  # a coin per withdrawal
+    with serving_console(tmp_path_factory.mktemp("console"), 5) as (shop, server):  # a coin per withdrawal
         with browser() as b:
             page = b.new_page(viewport={"width": 1200, "height": 900})
             security_key(page)
@@ -184,9 +194,17 @@ def test_a_withdrawal_requested_in_the_console_with_a_security_key_is_listed(con
     page.goto(f"{origin}/console/")
     assert page.locator(f"#pending a[href='/console/withdrawals/{wid}']").count() == 1
     assert to in page.text_content("#pending")
-    # Recorded with her assertion, checked against her key in the roster.
-    (entry,) = console.shop.ok("audit", "log", "--last", "1")
-    assert entry["event"] == "withdrawal.request_signed" and entry["actor"] == "alice", entry
+    # Recorded on her key's assertion over the request's content, made in this browser at the
+    # console's origin; then signed over its exact transaction: each checked against her key in
+    # the roster.
+    recorded, signed = console.shop.ok("audit", "log", "--last", "2")
+    assert recorded["event"] == "withdrawal.requested" and recorded["actor"] == "alice", recorded
+    assert recorded["payload"]["withdrawal_id"] == wid
+    assert recorded["payload"]["webauthn"] == Credential(**console.credential).fingerprint, recorded
+    client = json.loads(unb64url(json.loads(recorded["signature"])["client_data_json"], "client data"))
+    assert client["type"] == "webauthn.get" and client["origin"] == origin, client
+    assert client["challenge"] == b64url(bytes.fromhex(recorded["payload"]["record_digest"]))
+    assert signed["event"] == "withdrawal.request_signed" and signed["actor"] == "alice", signed
     assert console.client.ok("GET", f"/v1/withdrawals/{wid}")["requester"] == "alice"
     # And her security key cannot approve what she requested.
     page.click(f"#pending a[href='/console/withdrawals/{wid}']")
@@ -253,6 +271,30 @@ def test_assertions_that_must_not_count_are_refused(console: Console, elsewhere:
     assert console.post(second["id"], "alice", good).status_code == 200
     assert console.client.ok("GET", f"/v1/withdrawals/{second['id']}")["approvals"]["valid"] == ["alice"]
     refused(good, "signature counter")
+
+    # Recording alike: nothing without an assertion of alice's listed key over exactly this request.
+    to, _ = destination()
+    content = {"employee": "alice", "account": "acct-1", "destination": to, "amount": "0.0005"}
+    c = requests.post(f"{console.server.url}/console/api/requests/challenge", json=content, timeout=60).json()
+    fresh = {**content, "nonce": c["nonce"], "at": c["at"]}
+    before = console.recorded()
+
+    def not_recorded(body: dict[str, str], why: str) -> None:
+        r = console.record(body)
+        assert r.status_code == 403 and why in r.json()["error"]["message"], r.text
+        assert console.recorded() == before
+
+    not_recorded({**fresh, **assertion(page, c["digest"], "localhost", [other["id"]])}, "not alice's")
+    page.goto(elsewhere)
+    not_recorded({**fresh, **assertion(page, c["digest"], "localhost", ids)}, "not the roster's")
+    page.goto(f"{origin}/console/")
+    made = assertion(page, c["digest"], "localhost", ids)
+    not_recorded({**fresh, **made, "amount": "0.05"}, "challenge is not this statement's digest")
+    not_recorded({**fresh, **made, "employee": "bob"}, "not bob's")
+    assert console.record({**fresh, **made}).status_code == 200
+    assert console.recorded() == before + 1
+    before += 1
+    not_recorded({**fresh, **made}, "used already")
 
 
 def test_a_halt_raised_and_lifted_from_the_console_takes_two_employees(console: Console) -> None:

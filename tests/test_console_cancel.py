@@ -1,5 +1,6 @@
-"""A request recorded in the console but never signed: marked in the pending list, and
-cancelled from the console by its requester's security key alone, over HTTP (no browser).
+"""A request recorded in the console (on its requester's security key) but never signed:
+marked in the pending list, and cancelled from the console by its requester's security key
+alone, over HTTP (no browser).
 
 A real ``custody serve`` with the console; alice and bob have security keys in the founders'
 roster, made in software the way an authenticator makes them (tests/test_webauthn.py's ``Key``).
@@ -48,8 +49,11 @@ class Console:
         return {"employee": who, "credential_id": k.credential.id, **made}
 
     def draft(self, amount: str) -> dict[str, Any]:
+        """A request alice records with her security key (over its record challenge) and never signs."""
         to, _ = destination()
-        r = self.post("/requests", {"employee": "alice", "account": "acct-1", "destination": to, "amount": amount})
+        content = {"employee": "alice", "account": "acct-1", "destination": to, "amount": amount}
+        c = self.post("/requests/challenge", content).json()
+        r = self.post("/requests", {**content, **self.signed("alice", c["digest"]), "nonce": c["nonce"], "at": c["at"]})
         assert r.status_code == 200, r.text
         drafted: dict[str, Any] = r.json()
         return drafted

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,14 @@ from bitcoin.core import CMutableTransaction, CTransaction, b2x, x
 from sqlalchemy import text
 
 from custody.bitcoin import psbt as psbt_lib
+from custody.bitcoin.amounts import parse_btc_amount
 from custody.bitcoin.destinations import parse_destination
 from custody.bitcoin.network import REGTEST
+from custody.clock import iso, now
 from custody.config import Settings
 from custody.control import audit_log
-from custody.errors import ApprovalError, Conflict
+from custody.errors import ApprovalError, Conflict, InputError
+from custody.identity.statements import statement_digest
 from custody.store.db import Database
 from custody.withdraw import webauthn_request as wr
 from custody.withdraw.records import MAX_UNSIGNED_REQUESTS
@@ -60,10 +65,27 @@ class World:
         raw = bytes.fromhex(challenge) if isinstance(challenge, str) else challenge
         return self.keys[who].assert_(raw, self.count, **over)
 
-    def draft(self, who: str = "alice", amount: str = "0.01") -> dict[str, Any]:
-        to, _ = destination()
-        return wr.draft_request(
-            self.db, self.settings, self.shop.chain, account="acct-1", destination=to, amount=amount, requester=who
+    def draft(self, who: str = "alice", amount: str = "0.01", to: str | None = None) -> dict[str, Any]:
+        """A request recorded on ``who``'s security key over its record challenge (step 1)."""
+        content = {"account": "acct-1", "destination": to or destination()[0], "amount": amount}
+        c = wr.record_challenge(who, content["account"], content["destination"], amount)
+        return self.record(who, c, self.assertion(who, c.digest), **content)
+
+    def record(
+        self, who: str, c: wr.RecordChallenge, assertion: str, key: str | None = None, **content: str
+    ) -> dict[str, Any]:
+        return wr.record_with_security_key(
+            self.db,
+            self.settings,
+            self.shop.chain,
+            account=content["account"],
+            destination=content["destination"],
+            amount=content["amount"],
+            requester=who,
+            nonce=c.nonce,
+            at=c.at,
+            credential_id=self.keys[key or who].credential.id,
+            assertion=assertion,
         )
 
     def sign(self, wid: int, who: str, assertion: str, key: str | None = None) -> dict[str, Any]:
@@ -79,9 +101,9 @@ def _world(tmp: Path, db_url: str | None = None, coins: int = 14) -> World:
     shop = EmbeddedShop(tmp, "p2wsh", db_url)
     shop.employees.update(enrol(shop.c, tmp, shop.founder_keys, ["dave"], roles="approve"))
     shop.deposit("acct-1", coins)  # a coin per request
-    keys = {name: Key("localhost", ORIGIN, name.encode()) for name in ("alice", "dave", "stranger")}
+    keys = {name: Key("localhost", ORIGIN, name.encode()) for name in ("alice", "bob", "dave", "stranger")}
     specs = []
-    for name in ("alice", "dave"):  # the stranger's key is never listed
+    for name in ("alice", "bob", "dave"):  # the stranger's key is never listed
         path = tmp / f"{name}-webauthn.json"
         path.write_text(json.dumps(keys[name].credential.to_dict()))
         specs += ["--webauthn", f"{name}={path}"]
@@ -215,11 +237,13 @@ def test_requests_an_insider_forges_are_refused_by_the_service(world: World) -> 
     # None of that signed it; alice's own assertion does, and a counter not above it is refused.
     assert _approve(world, wid, "bob").exit_code == 4
     world.sign(wid, "alice", world.assertion("alice", digest))
-    highest = world.count
-    world.count -= 2  # a clone of her key, a step behind
     third = world.draft(amount="0.001")
+    highest = world.count
+    world.count -= 2  # a clone of her key, a step behind: it neither signs nor records
     with pytest.raises(ApprovalError, match="signature counter"):
         world.sign(third["id"], "alice", world.assertion("alice", third["request_digest"]))
+    with pytest.raises(ApprovalError, match="signature counter"):
+        world.draft(amount="0.001")
     world.count = highest
 
 
@@ -252,9 +276,7 @@ def test_a_request_assertion_is_bound_to_its_withdrawal_not_to_its_destination_a
     # The same customer, destination and amount twice: the second is another withdrawal (its id,
     # its coins), so the first one's assertion does not sign it.
     to, _ = destination()
-    same = {"account": "acct-1", "destination": to, "amount": "0.0011", "requester": "alice"}
-    first = wr.draft_request(world.db, world.settings, world.shop.chain, **same)
-    second = wr.draft_request(world.db, world.settings, world.shop.chain, **same)
+    first, second = world.draft(amount="0.0011", to=to), world.draft(amount="0.0011", to=to)
     assert first["request_digest"] != second["request_digest"]
     assertion = world.assertion("alice", first["request_digest"])
     with pytest.raises(ApprovalError, match="challenge is not this statement's digest"):
@@ -316,9 +338,118 @@ def test_the_account_or_requester_edited_in_the_store_after_signing_is_refused(w
     assert _approve(world, w["id"], "bob").exit_code == 0
 
 
+def _stored(world: World) -> tuple[int, ...]:
+    """What a recording changes: withdrawals, reserved coins, audit entries, used record nonces."""
+    with world.db.transaction() as s:
+        return tuple(
+            int(s.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+            for table in ("withdrawal", "reserved_input", "audit_log", "service_nonce")
+        )
+
+
+def test_nothing_is_recorded_without_the_requester_s_own_fresh_assertion_over_exactly_this_request(
+    world: World,
+) -> None:
+    to, _ = destination()
+    content = {"account": "acct-1", "destination": to, "amount": "0.0015"}
+    earlier = world.draft(amount="0.0016")  # a request recorded before, its assertion in the audit log
+    (old,) = [e for e in world.shop.ok("audit", "log", "--last", "3") if e["event"] == "withdrawal.requested"]
+    assert old["payload"]["withdrawal_id"] == earlier["id"] and old["signature"].startswith("{")
+    assert old["payload"]["webauthn"] == world.keys["alice"].credential.fingerprint
+    c = wr.record_challenge("alice", **content)
+    before = _stored(world)
+
+    def refused(error: type[Exception], why: str, assertion: str, who: str = "alice", **over: Any) -> None:
+        key, ch = over.pop("key", None), over.pop("challenge", c)
+        with pytest.raises(error, match=why):
+            world.record(who, ch, assertion, key=key, **{**content, **over})
+        assert _stored(world) == before, why
+
+    # No assertion at all, or an empty one.
+    refused(InputError, "is JSON", "")
+    refused(InputError, "authenticator_data, client_data_json, signature", "{}")
+    # Another employee's key: bob's (request role, in the roster) over alice's challenge, in her
+    # name; posted with her credential id; and bob's own in his name over a challenge naming her.
+    bobs = world.assertion("bob", c.digest)
+    refused(ApprovalError, "not alice's in the founders' roster", bobs, key="bob")
+    refused(ApprovalError, "signature does not verify", bobs)
+    refused(ApprovalError, "challenge is not this statement's digest", bobs, who="bob")
+    # A key the founders never listed: with its own credential id, or claiming hers.
+    stranger = world.assertion("stranger", c.digest)
+    refused(ApprovalError, "not alice's in the founders' roster", stranger, key="stranger")
+    refused(ApprovalError, "signature does not verify", stranger)
+    # An employee without the request role records nothing, even in his own name.
+    refused(ApprovalError, "has no request role", world.assertion("dave", c.digest), who="dave")
+    # Replayed from another request: the earlier one's record assertion, read from the audit log.
+    refused(ApprovalError, "challenge is not this statement's digest", old["signature"])
+    # The content changed after the challenge: each field, the nonce, the moment.
+    good = world.assertion("alice", c.digest)
+    for field, value in (("amount", "0.0151"), ("destination", destination()[0]), ("account", "acct-2")):
+        refused(ApprovalError, "challenge is not this statement's digest", good, **{field: value})
+    refused(
+        ApprovalError, "challenge is not this statement's", good, challenge=wr.RecordChallenge(c.digest, "0" * 32, c.at)
+    )
+    refused(
+        ApprovalError,
+        "challenge is not this statement's",
+        good,
+        challenge=wr.RecordChallenge(c.digest, c.nonce, iso(now())),
+    )
+    # Made at another origin, or in a cross-origin frame, or for another relying party.
+    refused(
+        ApprovalError, "not the roster's", world.assertion("alice", c.digest, client={"origin": "http://localhost:9"})
+    )
+    refused(ApprovalError, "cross-origin frame", world.assertion("alice", c.digest, client={"crossOrigin": True}))
+    refused(ApprovalError, "another relying party", world.assertion("alice", c.digest, rp_id="example.com"))
+    # Her own key over a challenge whose moment is past the window (or ahead of the clock).
+    for at, why in (
+        (now() - timedelta(seconds=wr.RECORD_WINDOW + 60), "older than"),
+        (now() + timedelta(hours=1), "future"),
+    ):
+        stale = _challenge("alice", content, at)
+        refused(ApprovalError, why, world.assertion("alice", stale.digest), challenge=stale)
+
+    # Her own assertion records, once: played again (from the same challenge) it records nothing.
+    w = world.record("alice", c, good, **content)
+    assert w["requester"] == "alice" and w["awaiting_request_signature"] and w["amount_sat"] == 150_000
+    (entry,) = world.shop.ok("audit", "log", "--last", "1")
+    assert entry["event"] == "withdrawal.requested" and entry["signature"] == good, entry
+    assert entry["payload"]["record_digest"] == c.digest, entry
+    after = _stored(world)
+    with pytest.raises(ApprovalError, match="used already"):
+        world.record("alice", c, good, **content)
+    assert _stored(world) == after
+    _cancel(world, w["id"])
+    _cancel(world, earlier["id"])
+
+
+def _challenge(who: str, content: dict[str, str], at: datetime) -> wr.RecordChallenge:
+    """A record challenge naming the moment ``at`` (as the console would have made it then)."""
+    nonce, moment = secrets.token_hex(16), iso(at, "microseconds") or ""
+    fields = wr.record_fields(
+        who, content["account"], content["destination"], parse_btc_amount(content["amount"]), nonce, moment
+    )
+    return wr.RecordChallenge(statement_digest(wr.RECORD_DOMAIN, fields).hex(), nonce, moment)
+
+
+def test_a_key_that_keeps_no_counter_records_once_per_challenge(world: World) -> None:
+    # Some keys never count (always 0): the counter cannot refuse their replay, the nonce does.
+    to, _ = destination()
+    content = {"account": "acct-1", "destination": to, "amount": "0.0017"}
+    c = wr.record_challenge("bob", **content)
+    zero = world.keys["bob"].assert_(bytes.fromhex(c.digest), 0)
+    w = world.record("bob", c, zero, **content)
+    before = _stored(world)
+    with pytest.raises(ApprovalError, match="used already"):
+        world.record("bob", c, zero, **content)
+    assert _stored(world) == before
+    _cancel(world, w["id"])
+
+
 def test_a_requester_holds_at_most_a_few_requests_unsigned(world: World) -> None:
-    # Recording a request takes no signature (the key signs next), so each unsigned one would hold
-    # its coins and the customer's balance forever: beyond the bound, refused (Conflict, exit 6).
+    # Recording a request takes her key over its content, not yet over its exact transaction: each
+    # recorded and never signed holds its coins and the customer's balance until cancelled, so a
+    # key left in a machine could hold them all. Beyond the bound, refused (Conflict, exit 6).
     with world.db.transaction() as s:
         waiting = s.execute(
             text(
@@ -327,10 +458,16 @@ def test_a_requester_holds_at_most_a_few_requests_unsigned(world: World) -> None
             )
         ).scalar_one()
     drafted = [world.draft(amount="0.0001")["id"] for _ in range(MAX_UNSIGNED_REQUESTS - waiting)]
+    content = {"account": "acct-1", "destination": destination()[0], "amount": "0.0001"}
+    c = wr.record_challenge("alice", **content)
+    refused = world.assertion("alice", c.digest)
     with pytest.raises(Conflict, match="awaiting their security key"):
-        world.draft(amount="0.0001")
-    # Cancelled (or signed), the next one is recorded.
+        world.record("alice", c, refused, **content)
+    # Cancelled (or signed), the next one is recorded; not by the assertion refused above, played
+    # again now that it would fit: it was used.
     _cancel(world, drafted[-1])
+    with pytest.raises(ApprovalError, match="used already"):
+        world.record("alice", c, refused, **content)
     world.draft(amount="0.0001")
 
 
