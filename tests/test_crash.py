@@ -44,7 +44,13 @@ def test_every_crash_point_is_exercised() -> None:
 def test_every_pause_point_is_exercised() -> None:
     there = "".join(
         (Path(__file__).parent / name).read_text()
-        for name in ("test_halt_file.py", "test_readers.py", "test_rotation_race.py", "test_webauthn_request.py")
+        for name in (
+            "test_halt_file.py",
+            "test_readers.py",
+            "test_rotation_race.py",
+            "test_webauthn_request.py",
+            "test_console_record_race.py",
+        )
     )
     for point in PAUSE_POINTS:
         assert f'CUSTODY_PAUSE_AT="{point}"' in there, point
