@@ -232,13 +232,20 @@ def read_state(db: Database) -> HaltState:
     try:
         db.check_schema()
         with db.transaction(read_only=True) as s:
-            seq = _consistent_seq(s)
-            halts, recorded, tampered = _derive(s, seq)
-        return HaltState(bool(halts), halts, seq=seq, recorded=recorded, warnings=tampered)
+            return state_in(s)
     except StoreBusy as exc:
         return HaltState(True, [], error=f"halt state unknown: {exc}", unknown=True)
     except CustodyError as exc:
         return HaltState(True, [], error=f"halt state unreadable: {exc}")
+
+
+def state_in(s: Session) -> HaltState:
+    """The halt state as of the snapshot of ``s`` (a read transaction), for a caller that reads
+    more in that snapshot (custody.service.halt_read). Raises HaltedError when the log does not
+    end at its head, and what the session raises."""
+    seq = _consistent_seq(s)
+    halts, recorded, tampered = _derive(s, seq)
+    return HaltState(bool(halts), halts, seq=seq, recorded=recorded, warnings=tampered)
 
 
 def publish(

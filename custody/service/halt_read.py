@@ -25,11 +25,13 @@ have, and the last derivation answers while both are as they were:
 
 Fail closed: a read that fails, a log that does not end at its head, or a head whose hash is
 not its last entry's (the head rewritten by SQL) is a halt for this answer only, never cached.
-A derivation is kept only when it read without error and the key read before it equals the
-key read after it (nothing was committed in between on SQLite; the same inputs on
-PostgreSQL). Concurrent reads share one read of the inputs that began after each of them
-came (:mod:`custody.service.coalesce`): as fresh as a read of its own. The lease
-(``valid_until``) is counted from each answer, as before.
+A derivation is kept only when it read without error and is of the key's snapshot: on a
+SQLite file, the key read before it equals the key read after it (data_version counts commits:
+nothing was committed in between); on PostgreSQL and the other SQLite URLs, whose key is
+content, it is derived in the very transaction the key was read in (content read again after a
+derivation of its own cannot tell that the store was the same throughout). Concurrent reads
+share one read of the inputs that began after each of them came (:mod:`custody.service.coalesce`):
+as fresh as a read of its own. The lease (``valid_until``) is counted from each answer, as before.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
+from sqlmodel import Session
 
 from custody.control import halt as halt_lib
 from custody.control.halt_log import _HALT_EVENTS, _ROSTER_EVENT
@@ -132,6 +135,8 @@ class HaltReader:
             return halt_lib.HaltState(True, [], error=f"halt state unreadable: {exc}")
 
     def _answer(self) -> halt_lib.HaltState:
+        if self._own is None:
+            return self._answer_in_one_snapshot()
         key, rows = self.inputs(rows=False)
         cached = self._cached
         if cached is not None and cached.key == key:
@@ -150,6 +155,24 @@ class HaltReader:
                 pass  # not kept; this answer is the derivation's, as an uncached read's would be
         return state
 
+    def _answer_in_one_snapshot(self) -> halt_lib.HaltState:
+        """PostgreSQL, and a SQLite URL without a file of its own: the key and, when it moved, the
+        derivation, in ONE read transaction. Such a key is the inputs' content (their hashes, or
+        the rows), which cannot tell a state from the same state set again: a derivation made in
+        a transaction of its own, between two reads of the key, could be of a state an insider
+        set for that transaction alone and took back before the second read (A, B, A), and was
+        then kept under the key of A (tests/test_attack_halt_read_race.py)."""
+        with self._db.transaction(read_only=True) as s:
+            key = self._key(s)
+            cached = self._cached
+            if cached is not None and cached.key == key:
+                return cached.state
+            state = halt_lib.state_in(s) if len(key) > 1 else None
+        if state is None:  # another schema version: read_state upgrades or refuses the store; never kept
+            return halt_lib.read_state(self._db)
+        self._cached = _Derived(key, None, state)
+        return state
+
     def inputs(self, *, rows: bool) -> tuple[Key, Inputs | None]:
         """The key of what the derivation reads, and (``rows``, SQLite file) the raw inputs, in
         one snapshot. Raises Tampered when the log does not end at its head or the head's hash
@@ -157,24 +180,29 @@ class HaltReader:
         if self._own is not None:
             return self._own.read(rows)
         with self._db.transaction(read_only=True) as s:
-            conn = s.connection()
-            failure = conn.dialect.loaded_dbapi.Error
-            cursor = conn.connection.cursor()  # the driver's own: a third of the cost of SQLAlchemy's statements
-            try:
-                if self._db.is_sqlite:  # no file of its own: the inputs are the key
-                    head = _head(cursor)
-                    return (head if len(head) == 1 else (*head, *_rows(cursor))), None
-                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # one snapshot
+            return self._key(s), None
+
+    def _key(self, s: Session) -> Key:
+        """The key in the snapshot of the read transaction ``s`` (PostgreSQL, or a SQLite URL
+        without a file of its own). Raises Tampered, and what the session raises."""
+        conn = s.connection()
+        failure = conn.dialect.loaded_dbapi.Error
+        cursor = conn.connection.cursor()  # the driver's own: a third of the cost of SQLAlchemy's statements
+        try:
+            if self._db.is_sqlite:  # no file of its own: the inputs are the key
                 head = _head(cursor)
-                if len(head) == 1:
-                    return head, None
-                cursor.execute(_FINGERPRINTS)
-                fingerprints: tuple[Any, ...] = tuple(cursor.fetchone() or ())
-                return (*head, *fingerprints), None
-            except failure as exc:  # as SQLAlchemy's: the transaction makes it StoreBusy or StorageError
-                raise DBAPIError.instance(None, None, exc, failure) from exc
-            finally:
-                cursor.close()
+                return head if len(head) == 1 else (*head, *_rows(cursor))
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # one snapshot
+            head = _head(cursor)
+            if len(head) == 1:
+                return head
+            cursor.execute(_FINGERPRINTS)
+            fingerprints: tuple[Any, ...] = tuple(cursor.fetchone() or ())
+            return (*head, *fingerprints)
+        except failure as exc:  # as SQLAlchemy's: the transaction makes it StoreBusy or StorageError
+            raise DBAPIError.instance(None, None, exc, failure) from exc
+        finally:
+            cursor.close()
 
 
 class _OwnConnection:
