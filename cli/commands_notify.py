@@ -317,7 +317,7 @@ def after_command(ctx: click.Context) -> None:
         if db is None:
             if not _store_may_exist(app.settings.db_url):
                 return
-            db = Database(app.settings.db_url, halt_file=app.settings.halt_file)
+            db = Database(app.settings.db_url, halt_file=app.settings.halt_file, manifest=app.settings.manifest)
         try:
             if not db.exists() or not recipients.has_recipients(db):
                 return

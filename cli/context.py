@@ -43,7 +43,9 @@ class AppContext:
             ctx = click.get_current_context(silent=True)
             if ctx is not None:  # the audit log names the command in every entry it appends
                 audit_log.set_command(ctx.command_path.partition(" ")[2] or ctx.command_path)
-            self._db = Database(self.settings.db_url, halt_file=self.settings.halt_file)
+            self._db = Database(
+                self.settings.db_url, halt_file=self.settings.halt_file, manifest=self.settings.manifest
+            )
         return self._db
 
 

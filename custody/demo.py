@@ -104,7 +104,7 @@ class Story:
         self.auditor_manifest = self.auditors / "founders-manifest.json"
         self.home = self.directory / "store"
         self.settings = Settings.load(home=str(self.home), env={"CUSTODY_CHAIN": "embedded"})
-        self.db = Database(self.settings.db_url, halt_file=self.settings.halt_file)
+        self.db = Database(self.settings.db_url, halt_file=self.settings.halt_file, manifest=self.settings.manifest)
         self.script_type = script_type
         self.per_account = per_account
         self._founder_keys: dict[str, Any] = {}  # name -> account private key (the ceremony's)

@@ -107,3 +107,12 @@ class Client:
         r = self.call(method, path, **kwargs)
         assert r.status_code in (200, 201), (r.status_code, r.text)
         return r.json()
+
+
+def halted_metric(server: Server) -> float:
+    """``custody_halted`` of the server's /metrics, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(server.url + "/metrics", timeout=30).text
+    (value,) = [s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "custody_halted"]
+    return float(value)

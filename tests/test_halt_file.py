@@ -571,9 +571,13 @@ def test_the_database_stopped_during_a_halt_raise(tmp_path: Path) -> None:
 def test_halt_watch_keeps_a_second_machine_fresh_and_stops_on_sigterm(
     shop: tuple[Custody, dict[str, Path]], tmp_path: Path
 ) -> None:
-    """Machine B shares machine A's store and runs `halt watch`; A halts and lifts."""
+    """Machine B shares machine A's store and runs `halt watch`; A halts and lifts. B joined as
+    the README says: it pinned the founders' manifest (whose founders alone sign the rosters
+    that lift) from the store."""
     a, keys = shop
     b = Custody(tmp_path / "machine-b", db_url=a.env["CUSTODY_DB_URL"])
+    fingerprint = a.json("manifest", "show")["fingerprint"]
+    assert b("manifest", "pin", "--from-store", "--fingerprint", fingerprint).exit_code == 0
     b_file = str(b.home / "halt.json")
     watch = _cli(b, "halt", "watch", "--interval", "0.2", "--lease", "5")
     try:

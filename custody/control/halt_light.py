@@ -61,8 +61,12 @@ class SqlRows:
     """halt_log.HaltRows over a DB-API cursor: the ORM's queries, each value checked to be of
     the type the ORM would give back (else NotLight)."""
 
-    def __init__(self, cur: sqlite3.Cursor) -> None:
+    def __init__(self, cur: sqlite3.Cursor, pinned: Path | None) -> None:
         self.cur = cur
+        self.pinned = pinned
+
+    def pinned_manifest(self) -> Path | None:
+        return self.pinned
 
     def halt_entries(self) -> list[LogRow]:
         marks = ", ".join("?" * len(_HALT_EVENTS))
@@ -146,7 +150,7 @@ class _Read:
     recipients: bool
 
 
-def _read(path: Path, witnessed: Sequence[witness_file.Checkpoint]) -> _Read:
+def _read(path: Path, witnessed: Sequence[witness_file.Checkpoint], pinned: Path) -> _Read:
     """The halt state, the head, whether the witness disagrees, whether anyone is to be
     notified: one read transaction. Raises NotLight, StoreBusy."""
     with read_transaction(path) as cur:
@@ -157,7 +161,7 @@ def _read(path: Path, witnessed: Sequence[witness_file.Checkpoint]) -> _Read:
         if row is None or (row[1] or 0) != row[0]:
             raise NotLight("the log does not end at its head")  # the full path says halted, and why
         seq, digest = stored_int(row[0]), stored_str(row[2])
-        halts, recorded, tampered = _derive(SqlRows(cur), seq)
+        halts, recorded, tampered = _derive(SqlRows(cur, pinned), seq)
         wanted = witness_file.wanted_seqs(witnessed, seq)
         stored: dict[int, str] = {}
         for start in range(0, len(wanted), 500):
@@ -191,7 +195,7 @@ def publish(settings: Settings) -> Published | None:
         return None
     try:
         witnessed = witness_file.recent(settings.witness_file)
-        read = _read(path, witnessed)
+        read = _read(path, witnessed, settings.manifest)
     except StoreBusy as exc:  # as the full path: unknown, the halt file left alone, the head not witnessed
         state = HaltState(True, [], error=f"halt state unknown: {exc}", unknown=True)
         state.warnings.append(f"the audit log's head was not witnessed in {settings.witness_file}: {exc}")
@@ -204,7 +208,7 @@ def publish(settings: Settings) -> Published | None:
         return None  # the full path raises the halt and says why
     pause_point("halt.state_read")
     try:
-        state = write_out(settings, read.state, lambda: _again(path), hook=True, lease=None)
+        state = write_out(settings, read.state, lambda: _again(path, settings.manifest), hook=True, lease=None)
     except NotLight:  # from _again, before the halt file was written
         return None
     try:
@@ -214,11 +218,11 @@ def publish(settings: Settings) -> Published | None:
     return Published(state, notify=read.recipients)
 
 
-def _again(path: Path) -> HaltState:
+def _again(path: Path, pinned: Path) -> HaltState:
     """The state read once more (the halt file was newer). Raises NotLight (StoreBusy too: the
     full path then says what it finds)."""
     try:
-        return _read(path, []).state
+        return _read(path, [], pinned).state
     except NotLight:
         raise
     except Exception as exc:  # noqa: BLE001 - StoreBusy included: the full path answers

@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from custody.clock import iso
@@ -102,6 +103,11 @@ class HaltRows(Protocol):
         """Who signed the lift of ``halt_id`` (halt_lift rows, by id)."""
         ...
 
+    def pinned_manifest(self) -> Path | None:
+        """The founders' manifest pinned on this machine, whose founders alone sign the rosters
+        that lift (None: no machine's settings, the store's own founders)."""
+        ...
+
 
 class OrmRows:
     """The rows through the ORM session ``s``."""
@@ -155,6 +161,12 @@ class OrmRows:
 
         query = select(HaltLift.employee).where(HaltLift.halt_id == halt_id).order_by(col(HaltLift.id))
         return list(self.s.exec(query).all())
+
+    def pinned_manifest(self) -> Path | None:
+        from custody.store.db import PINNED_MANIFEST
+
+        pinned: Path | None = self.s.info.get(PINNED_MANIFEST)
+        return pinned
 
 
 def _rows(s: Session | HaltRows) -> HaltRows:
@@ -264,7 +276,7 @@ def _roster_events(s: Session | HaltRows) -> list[tuple[int, Signers]]:
     events: list[tuple[int, Signers]] = []
     rows = _rows(s)
     entries = list(rows.roster_entries())
-    governance = governance_from_text(*rows.governance_text()) if entries else None
+    governance = governance_from_text(*rows.governance_text(), rows.pinned_manifest()) if entries else None
     documents = rows.roster_documents() if governance else {}
     newest = 0
     for seq, payload in entries:

@@ -149,11 +149,35 @@ def store_trust_from_text(manifest: StoredManifest, epochs: tuple[str, ...], pol
     return Trust(chain[0], chain[1:])
 
 
-def governance_from_text(manifest: StoredManifest, epochs: tuple[str, ...], policy: StoredPolicy) -> Governance | None:
+def governance_from_text(
+    manifest: StoredManifest, epochs: tuple[str, ...], policy: StoredPolicy, pinned: Path | None = None
+) -> Governance | None:
     """The store's governance (:func:`store_trust_from_text`); None when the store carries no
     founders-signed manifest or its chain does not stand: then no roster or rulebook of the store
-    can be believed."""
+    can be believed. With ``pinned`` (the manifest pinned on this machine), None as well unless
+    the store's first manifest is that one (:func:`pinned_digest`): a store given founders of
+    someone's own by SQL, every one of whom signed, stands on its own text."""
     try:
-        return store_trust_from_text(manifest, epochs, policy).governance
+        trust = store_trust_from_text(manifest, epochs, policy)
     except (StorageError, VerificationFailed):
+        return None
+    if pinned is not None and trust.manifest.digest != pinned_digest(pinned):
+        return None
+    return trust.governance
+
+
+def pinned_digest(path: Path) -> str | None:
+    """The digest of the manifest pinned at ``path``; None when it is missing or unreadable. Its
+    signatures are not checked here: it is compared with a manifest whose every signature was."""
+    try:
+        return _digest_of(read_bounded(path, MAX_MANIFEST_BYTES, "the pinned founders' manifest"))
+    except (OSError, InputError):
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_of(data: bytes) -> str | None:
+    try:
+        return load_signed_manifest(data).digest
+    except InputError:
         return None

@@ -33,6 +33,8 @@ from custody.store.light import is_busy, sqlite_on_connect
 _READ_ONLY = "custody_read_only"
 HALT_FILE = "custody.halt_file"
 """``Session.info`` key: the halt file of the Database that opened the session, or None."""
+PINNED_MANIFEST = "custody.pinned_manifest"
+"""``Session.info`` key: the founders' manifest pinned on this machine (its path), or None."""
 
 
 def normalize_url(url: str) -> str:
@@ -59,12 +61,17 @@ def redact(url: str) -> str:
 class Database:
     """One store. Creating it opens nothing; the first transaction connects."""
 
-    def __init__(self, url: str, *, halt_file: Path | None = None) -> None:
+    def __init__(self, url: str, *, halt_file: Path | None = None, manifest: Path | None = None) -> None:
         self.url = normalize_url(url)
         self.halt_file = halt_file
         """This machine's halt file (custody.control.halt_file): every session of this Database
         carries it (``session.info[HALT_FILE]``) so that the halt guard also refuses while a halt
         waits there for the store. None: the store alone (a tool or test without settings)."""
+        self.manifest = manifest
+        """This machine's pinned founders' manifest (its path): every session carries it
+        (``session.info[PINNED_MANIFEST]``) so that the halt log counts a lift only by a roster of
+        these founders (custody.control.halt_log). None: the store's own (a tool or test without
+        settings)."""
         self.is_sqlite = self.url.startswith("sqlite")
         self._version_checked = False
         try:
@@ -105,7 +112,9 @@ class Database:
                 raise
         try:
             engine = self._reader if read_only else self.engine
-            with Session(engine, expire_on_commit=False, info={HALT_FILE: self.halt_file}) as session:
+            with Session(
+                engine, expire_on_commit=False, info={HALT_FILE: self.halt_file, PINNED_MANIFEST: self.manifest}
+            ) as session:
                 with session.begin():
                     yield session
         except CustodyError:
