@@ -416,7 +416,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         app.include_router(request_router(db, settings, config.console_origin, chain, state_lock, witnessed))
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(CustodyCollector(db, settings))
+    registry.register(CustodyCollector(db, settings, halt_reader.read))  # the halt as GET /v1/halt reads it
 
     app.include_router(status_page.status_router(db))
 

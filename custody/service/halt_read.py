@@ -16,7 +16,9 @@ have, and the last derivation answers while both are as they were:
   never writes. SQLite changes it in that connection's snapshot whenever any other
   connection, of this process or any other (``sqlite3`` in an insider's hands), committed
   anything to the file; the file's identity (device, inode) is checked too, so a store
-  replaced by another file is read anew. A write elsewhere (a nonce, an issued address)
+  replaced by another file is read anew, and so are its write-ahead log's and index's: the
+  same store file with another log or index is refused (this process no longer sees its
+  commits; see :class:`_OwnConnection`). A write elsewhere (a nonce, an issued address)
   changes it without touching the inputs: then the inputs themselves are read, raw, and
   compared with those of the last derivation before deriving again.
 * PostgreSQL: a SHA-256 of every input table's rows (each row's text, in key order),
@@ -119,7 +121,9 @@ class HaltReader:
 
     async def aread(self) -> halt_lib.HaltState:
         """:meth:`read` for a caller on the event loop (one thread hop a read the callers share).
-        Use one of the two per reader: each runs one read at a time, not both together."""
+        Each of the two runs one read at a time; a read of each may run at once (``/metrics``
+        calls :meth:`read` from a worker thread), which is safe: a read keeps a derivation only
+        under the key it read it with, and a key read later makes the next read look again."""
         return await self._awaited.call()
 
     def close(self) -> None:
@@ -205,15 +209,29 @@ class HaltReader:
             cursor.close()
 
 
+Identity = tuple[tuple[int, int] | None, ...]
+"""(device, inode) of the store file, its write-ahead log and the log's index (None: not there)."""
+
+
 class _OwnConnection:
     """The reader's own connection to a SQLite store file: read-only, so that its
     ``data_version`` moves on every commit to the file (SQLite counts another connection's
-    commits only)."""
+    commits only).
+
+    SQLite learns of commits through the write-ahead log's index (``-shm``), which every
+    connection of a process to one store file shares while any of them holds it open. If that
+    file or the log (``-wal``) is replaced under the process (removed, and made anew by the next
+    command), no later commit reaches this process again, through any of its connections, old
+    or new, and ``data_version`` never moves (tests/test_attack_halt_read_wal.py). So the
+    identity (device, inode) of all three files is checked before each read: a store file of
+    another identity is read anew (a store swapped whole: new connections, a new index), but
+    the same store file with another log or index is refused (StorageError, a halt for the
+    answer) until the process is restarted."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._conn: sqlite3.Connection | None = None
-        self._identity: tuple[int, int] | None = None
+        self._identity: Identity | None = None
         self._generation = 0  # data_version counts per connection: a new one starts a new count
         self._lock = threading.Lock()
 
@@ -238,18 +256,38 @@ class _OwnConnection:
                     raise StoreBusy(busy_message(exc)) from None
                 raise StorageError(f"database error: {exc}") from None
 
-    def _cursor(self) -> sqlite3.Cursor:
+    def _files(self) -> Identity:
+        """(device, inode) of the store file, its log and its index (None: not there). Raises
+        StorageError when the store file is missing."""
         try:
             st = os.stat(self._path)
         except OSError as exc:
             raise StorageError(f"no custody store at {self._path}: {exc.strerror}") from None
-        identity = (st.st_dev, st.st_ino)
-        if self._conn is None or identity != self._identity:
+        identity: list[tuple[int, int] | None] = [(st.st_dev, st.st_ino)]
+        for suffix in ("-wal", "-shm"):
+            try:
+                st = os.stat(f"{self._path}{suffix}")
+                identity.append((st.st_dev, st.st_ino))
+            except OSError:
+                identity.append(None)
+        return tuple(identity)
+
+    def _cursor(self) -> sqlite3.Cursor:
+        identity, known = self._files(), self._identity
+        if known is not None and identity[0] == known[0] and identity[1:] != known[1:]:
+            raise StorageError(
+                f"the store's write-ahead log or its index ({self._path}-wal, -shm) was replaced while this process "
+                "had them open: SQLite here no longer sees the store's commits; restart `custody serve`"
+            )
+        if self._conn is None or identity != known:
             self.close()
             # Never writes (query_only); the file is there (stat above), so connecting makes none.
             self._conn = sqlite3.connect(str(self._path), isolation_level=None, check_same_thread=False)
             self._conn.execute(f"PRAGMA busy_timeout = {READ_TIMEOUT * 1000}")
             self._conn.execute("PRAGMA query_only = 1")
+            if known is None or identity[0] != known[0]:  # a store file new to this reader
+                self._conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # opens the log and its index
+                identity = self._files()  # those this process reads through from now on
             self._identity = identity
             self._generation += 1
         return self._conn.cursor()

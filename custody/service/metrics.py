@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -30,12 +30,13 @@ PENDING = ("requested", "approved")
 """Withdrawals waiting for people: requested (approvals to come) and approved (signatures to come)."""
 
 
-def snapshot(db: Database, settings: Settings) -> dict[str, Any]:
+def snapshot(db: Database, settings: Settings, halt: Callable[[], halt_lib.HaltState] | None = None) -> dict[str, Any]:
     """The figures /metrics publishes (NaN where unknown). Never raises: a store that cannot
-    be read shows as halted with ``store_up`` 0."""
+    be read shows as halted with ``store_up`` 0. ``halt``: the halt read of the service (its
+    HaltReader, whose checks GET /v1/halt answers by); else read from the store."""
     stamp = now()
     out: dict[str, Any] = {"store_up": 1.0}
-    state = with_waiting(halt_lib.read_state(db), settings.halt_file)  # as GET /v1/halt
+    state = with_waiting((halt or (lambda: halt_lib.read_state(db)))(), settings.halt_file)  # as GET /v1/halt
     out["halted"] = 1.0 if state.halted else 0.0
     current = halt_file.read(settings.halt_file)
     doc = current.doc if current is not None else None
@@ -84,12 +85,13 @@ def snapshot(db: Database, settings: Settings) -> dict[str, Any]:
 class CustodyCollector(Collector):
     """A prometheus_client collector that reads :func:`snapshot` at each scrape."""
 
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(self, db: Database, settings: Settings, halt: Callable[[], halt_lib.HaltState] | None = None) -> None:
         self.db = db
         self.settings = settings
+        self.halt = halt
 
     def collect(self) -> Iterator[Metric]:
-        snap = snapshot(self.db, self.settings)
+        snap = snapshot(self.db, self.settings, self.halt)
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, value=value)
