@@ -57,7 +57,7 @@ from custody.withdraw.records import (
     _tx,
     view,
 )
-from custody.withdraw.states import APPROVED, BROADCAST, CONFIRMED, SIGNED, Event, can, next_state
+from custody.withdraw.states import APPROVED, BATCH, BROADCAST, CONFIRMED, SIGNED, SINGLE, Event, can, next_state
 
 
 def _stripped(raw: bytes) -> bytes:
@@ -363,8 +363,10 @@ def refund(s: Session, row: WithdrawalRow, conflict: OutputSpend, note: dict[str
     more for the audit event)."""
     wid = row.id or 0
     check_logged(s, row)
-    reason = refund_reason(conflict)
+    _proves_double_spend(s, row, conflict)
     members = _members(s, wid)
+    _holds_what_it_gives_back(s, row, members)
+    reason = refund_reason(conflict)
     _touch(s, row, next_state(row.status, Event.REFUNDED), reason)
     _release(s, wid)
     crash_point("sync.refunded")
@@ -409,8 +411,13 @@ def check_logged(s: Session, row: WithdrawalRow) -> None:
         )
 
 
-def _logged_txids(s: Session, wid: int) -> set[str]:
-    """The ``unsigned_txid`` of every audit entry of withdrawal ``wid`` or of a replacement of it."""
+_OWN = ("withdrawal_id", "batch_id")
+"""How an audit entry names the row whose request it records (a batch's: ``withdrawal.batched``)."""
+
+
+def _logged_txids(s: Session, wid: int, keys: tuple[str, ...] = (*_OWN, "original_id")) -> set[str]:
+    """The ``unsigned_txid`` of every audit entry of withdrawal (or batch) ``wid`` or of a
+    replacement of it; ``keys``: which of an entry's ids name ``wid`` (``_OWN``: its own request only)."""
     found = s.exec(
         select(AuditEntry.payload).where(
             col(AuditEntry.payload).like('%"unsigned_txid":%'), col(AuditEntry.payload).like(f'%_id":{wid}%')
@@ -422,10 +429,48 @@ def _logged_txids(s: Session, wid: int) -> set[str]:
             doc = json.loads(payload)
         except ValueError:
             continue  # a damaged entry: audit log --verify names it
-        ids = [doc.get("withdrawal_id"), doc.get("original_id")]
-        if any(type(i) is int and i == wid for i in ids) and isinstance(doc.get("unsigned_txid"), str):
+        if any(type(doc.get(k)) is int and doc.get(k) == wid for k in keys) and isinstance(
+            doc.get("unsigned_txid"), str
+        ):
             out.add(doc["unsigned_txid"])
     return out
+
+
+def _proves_double_spend(s: Session, row: WithdrawalRow, conflict: OutputSpend) -> None:
+    """Raise LedgerImbalance (a halt) unless ``conflict`` spends an input of the transaction the
+    audit log recorded at ``row``'s request. The outpoints sync asks the chain about are the
+    ``withdrawal_input`` rows, which nothing else ties to the transaction: a row planted by SQL
+    naming an outpoint any other transaction spent long ago would "prove" a double spend of a
+    signed withdrawal, whose still valid transaction then pays the refunded customer again."""
+    wid = row.id or 0
+    try:
+        tx = _tx(row)
+        spent = {(b2lx(v.prevout.hash), int(v.prevout.n)) for v in tx.vin}
+        txid = b2lx(tx.GetTxid())
+    except Exception:  # noqa: BLE001 - python-bitcoinlib raises several types; unreadable proves nothing
+        spent, txid = set(), ""
+    if txid not in _logged_txids(s, wid, _OWN) or (conflict.txid, conflict.vout) not in spent:
+        raise ledger.LedgerImbalance(
+            f"withdrawal #{wid}: the spend of {conflict.txid}:{conflict.vout} by {conflict.spender} spends no input of "
+            "the transaction the audit log recorded at its request (its rows rewritten behind the tool's back?): "
+            "not refunded; run `custody audit log --verify`",
+            f"the refund of withdrawal #{wid}",
+        )
+
+
+def _holds_what_it_gives_back(s: Session, row: WithdrawalRow, members: Sequence[WithdrawalRow]) -> None:
+    """Raise LedgerImbalance (a halt) unless a customer's withdrawal (or batch) still holds, by
+    the ledger's entries, the amounts and fees a refund gives back: one refunded already and set
+    back by SQL would be refunded by the next sync again (failed is final only in its row)."""
+    if row.kind not in (SINGLE, BATCH):
+        return  # a sweep or consolidation holds no customer's money
+    owed = sum(m.amount + m.fee for m in members or [row])
+    if (holding := ledger.holding(s, row.id or 0)) != owed:
+        raise ledger.LedgerImbalance(
+            f"withdrawal #{row.id} holds {holding} sat in the ledger, not the {owed} sat a refund gives back: "
+            "released already (its row set back behind the tool's back?); not refunded again",
+            f"the refund of withdrawal #{row.id}",
+        )
 
 
 REORG_DEPTH = 100
