@@ -3,11 +3,13 @@
 * :func:`audit_ledger` recomputes the ledger from its entries with SQL aggregation (one
   ``GROUP BY`` per transaction, one per account, one sum): every transaction sums to zero
   and has the entries it says, all entries sum to zero, every cached balance equals its
-  entries' sum, the running head equals the recomputation, and the hold of every confirmed
-  withdrawal is empty. Every entry and transaction row must be the one the audit log
-  recorded when it was posted (custody.books.ledger_log.log_problems): an entry re-pointed to
-  another account, deleted or inserted by SQL is found even when the balances were fixed up
-  to match. Any mismatch raises the trading halt (source ``ledger``).
+  entries' sum, the running head equals the recomputation, the hold of every confirmed or
+  failed withdrawal is empty, no hold holds less than nothing (emptied twice: someone
+  credited or paid twice), and no withdrawal is settled more than once. Every entry and
+  transaction row must be the one the audit log recorded when it was posted
+  (custody.books.ledger_log.log_problems): an entry re-pointed to another account, deleted or
+  inserted by SQL is found even when the balances were fixed up to match. Any mismatch raises
+  the trading halt (source ``ledger``).
 * :func:`audit_reserves` adds up the unspent outputs at our addresses at a block height
   (through the chain backend), writes BitMEX's proof of reserves (custody.books.reserves_proof)
   and compares the total with the liabilities' root sum at that height; reserves short of
@@ -90,12 +92,39 @@ _IDLE_ACCOUNTS = text(
 )
 _SETTLED_HOLDS = text(
     """
-    SELECT a.key, a.balance FROM ledger_account AS a
+    SELECT a.key, a.balance, w.status FROM ledger_account AS a
     JOIN withdrawal AS w ON a.key = 'held:withdrawal-' || CAST(w.id AS TEXT)
-    WHERE w.status = 'confirmed' AND a.balance <> 0
+    WHERE w.status IN ('confirmed', 'failed') AND a.balance <> 0
     ORDER BY w.id LIMIT :limit
     """
 )
+_OVERDRAWN_HOLDS = text(
+    """
+    SELECT a.key, a.balance FROM ledger_account AS a
+    WHERE a.kind = 'held' AND a.balance > 0
+    ORDER BY a.id LIMIT :limit
+    """
+)
+"""A hold is filled at the request and emptied once (settled, released or moved into a batch):
+below zero (a debit balance), it was emptied twice, and someone was credited or paid twice."""
+
+
+def _events(events: Sequence[str]) -> str:
+    return ", ".join(f"'{e}'" for e in events)
+
+
+_SETTLED_TWICE = text(
+    f"""
+    SELECT ref, SUM(CASE WHEN event IN ({_events(ledger.SETTLED_EVENTS)}) THEN 1 ELSE -1 END) AS standing
+    FROM ledger_txn WHERE event IN ({_events(ledger.SETTLED_EVENTS + ledger.UNSETTLED_EVENTS)})
+    GROUP BY ref
+    HAVING SUM(CASE WHEN event IN ({_events(ledger.SETTLED_EVENTS)}) THEN 1 ELSE -1 END) NOT IN (0, 1)
+    ORDER BY ref LIMIT :limit
+    """
+)
+"""A settlement is posted once and reversed at most as often (custody.books.ledger._settles_once,
+which reads these rows as the tool posts: an insider who re-labels one for a moment slips a
+second settlement past it, which no hold shows for a self-transfer)."""
 
 
 def _more(rows: Sequence[Any]) -> str:
@@ -125,6 +154,8 @@ def audit_ledger(db: Database, settings: Settings, *, halt_on_failure: bool = Tr
         bad_accounts = conn.execute(_ACCOUNTS, limit).all()
         idle = conn.execute(_IDLE_ACCOUNTS, limit).all()
         holds = conn.execute(_SETTLED_HOLDS, limit).all()
+        overdrawn = conn.execute(_OVERDRAWN_HOLDS, limit).all()
+        twice = conn.execute(_SETTLED_TWICE, limit).all()
         negative = s.exec(
             select(LedgerAccount).where(LedgerAccount.kind == "customer", col(LedgerAccount.balance) > 0)
         ).all()
@@ -167,8 +198,18 @@ def audit_ledger(db: Database, settings: Settings, *, halt_on_failure: bool = Tr
             problems.append(f"the ledger head counts {head.entries} entries; there are {count}")
         if head.txns != txns:
             problems.append(f"the ledger head counts {head.txns} transactions; there are {txns}")
-    for key, balance in holds[:SHOWN]:
-        problems.append(f"{key} belongs to a confirmed withdrawal and still holds {-balance} sat{_more(holds)}")
+    for key, balance, status in holds[:SHOWN]:
+        problems.append(f"{key} belongs to a {status} withdrawal and still holds {-balance} sat{_more(holds)}")
+    for key, balance in overdrawn[:SHOWN]:
+        problems.append(
+            f"{key} holds {-balance} sat, less than nothing: it was released or settled more often than it was "
+            f"filled{_more(overdrawn)}"
+        )
+    for ref, standing in twice[:SHOWN]:
+        problems.append(
+            f"{ref} has {standing} settlement(s) standing in the ledger (settlements less their reversals): "
+            f"settled {'more than once' if standing > 1 else 'back more often than settled'}{_more(twice)}"
+        )
     problems += unlogged
     for a in negative:
         warnings.append(f"account {a.name!r} is negative: {-a.balance} sat")

@@ -314,8 +314,10 @@ def batch_dissolved(s: Session, batch: WithdrawalRow, members: Sequence[Withdraw
     return post(s, "batch.dissolved", lines, ref=_ref(batch), memo=f"members {', '.join(str(m.id) for m in members)}")
 
 
-_SETTLED = ("withdrawal.settled", "sweep.settled", "selftransfer.settled")
-_UNSETTLED = ("withdrawal.unsettled", "sweep.unsettled", "selftransfer.unsettled")
+SETTLED_EVENTS = ("withdrawal.settled", "sweep.settled", "selftransfer.settled")
+UNSETTLED_EVENTS = ("withdrawal.unsettled", "sweep.unsettled", "selftransfer.unsettled")
+"""A settlement's postings and their reversals': per withdrawal, the first less the second is 0 or 1
+(checked as each is posted, and by ``custody audit ledger``)."""
 
 
 def _settles_once(s: Session, row: WithdrawalRow, settling: bool) -> None:
@@ -329,7 +331,7 @@ def _settles_once(s: Session, row: WithdrawalRow, settling: bool) -> None:
         found = select(func.count()).where(LedgerTxn.ref == _ref(row), col(LedgerTxn.event).in_(events))
         return int(s.exec(found).one())
 
-    standing = count(_SETTLED) - count(_UNSETTLED)
+    standing = count(SETTLED_EVENTS) - count(UNSETTLED_EVENTS)
     if standing != (0 if settling else 1):
         what = "settled" if settling else "unsettled"
         raise LedgerImbalance(
