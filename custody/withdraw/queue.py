@@ -390,12 +390,7 @@ def _still_held(s: Session, row: WithdrawalRow, members: list[WithdrawalRow]) ->
     cancelled again, by any key or by the requester's cancel assertion replayed from the audit
     log, would credit the customer the amount and fee twice; a batch set back with its members
     would double their holds (each then released twice). Raises Conflict."""
-    if row.kind == SINGLE:
-        owed = row.amount + row.fee
-    elif row.kind == BATCH:
-        owed = sum(m.amount + m.fee for m in members)
-    else:
-        return  # a sweep or consolidation holds no customer's money
+    owed = row.amount + row.fee if row.kind == SINGLE else sum(m.amount + m.fee for m in members)
     if (holding := ledger.holding(s, row.id or 0)) != owed:
         raise Conflict(
             f"withdrawal #{row.id} holds {holding} sat in the ledger, not the {owed} sat it owes back: released "
@@ -413,6 +408,11 @@ def cancel(
         policy = policy_from_session(s)
         row = _get(s, withdrawal_id, lock=True)
         _not_in_batch(row)
+        if row.kind not in (SINGLE, BATCH):  # read again, locked: the caller chose this path on an earlier read
+            raise Conflict(
+                f"#{withdrawal_id} is a {row.kind}: it holds no customer's money and is dropped, never released "
+                "(`custody withdraw cancel` does so)"
+            )
         trust = check_pinned(s, load_trust(settings))
         signature = None
         if isinstance(key, EmployeeSigner):
