@@ -177,6 +177,13 @@ def check_employees(employees: Sequence[Employee]) -> None:
             if c.fingerprint in keys:
                 raise InputError(f"employees {keys[c.fingerprint]} and {e.name} share a WebAuthn credential")
             keys[c.fingerprint] = e.name
+            # The credential id is not in what the key signs: one key under two ids approves as both.
+            point = "p256:" + c.point.hex()
+            if keys.setdefault(point, e.name) != e.name:
+                raise InputError(
+                    f"employees {keys[point]} and {e.name} share a security key "
+                    "(one public key under two credential ids)"
+                )
 
 
 def parse_roster(doc: object) -> Roster:  # noqa: C901 - one refusal per roster field, each naming it

@@ -158,6 +158,16 @@ class Credential:
         """What an approval names as its key: ``webauthn:`` + base64url SHA-256 of the credential id."""
         return PREFIX + b64url(hashlib.sha256(unb64url(self.id, "credential id")).digest())
 
+    @property
+    def point(self) -> bytes:
+        """The public key's x and y (64 bytes): the security key itself, whatever credential id or
+        CBOR encoding of its key a roster gives it. Raises InputError for a key that is not ES256."""
+        key, _ = cbor_item(bytes.fromhex(self.public_key))
+        x, y = key.get(-2) if isinstance(key, dict) else None, key.get(-3) if isinstance(key, dict) else None
+        if not isinstance(x, bytes) or not isinstance(y, bytes):
+            raise InputError("the credential's COSE key has no x and y")
+        return x + y
+
     def to_dict(self) -> dict[str, str]:
         return {"id": self.id, "public_key": self.public_key, "rp_id": self.rp_id, "origin": self.origin}
 
