@@ -239,3 +239,11 @@ def forged_lift(halt_id: int) -> dict[str, Any]:
     stranger = coincurve.PrivateKey().public_key.format().hex()
     lifts = [{"employee": who, "pubkey": stranger, "signature": "30" * 35} for who in ("alice", "bob")]
     return {"halt_id": halt_id, "signers": ["alice", "bob"], "lifts": lifts}
+
+
+def force_spilling(monkeypatch: Any, at: int = 3) -> None:
+    """Make the verifier's cross-set checks go through its temporary files (custody.verify.spill)
+    beyond ``at`` records, in batches of about ``at`` records (many runs: merged over levels)."""
+    monkeypatch.setattr("custody.verify.core.SPILL_AT", at)
+    monkeypatch.setattr("custody.verify.parallel.BATCH_RECORDS", at)
+    monkeypatch.setattr("custody.verify.parallel.BATCH_BYTES", 200 * at)

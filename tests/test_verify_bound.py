@@ -16,7 +16,7 @@ from verify_builders import Wallet, write_export
 
 from custody.verify import parse_manifest, verify_export
 from custody.verify.core import LISTED
-from tests.support import Custody, founders
+from tests.support import Custody, force_spilling, founders
 
 EXTRA = 200  # records beyond the bound
 
@@ -24,6 +24,15 @@ EXTRA = 200  # records beyond the bound
 @pytest.fixture(scope="module")
 def wallet() -> Wallet:
     return Wallet.random(script_type="p2wsh")
+
+
+@pytest.fixture(params=["in memory", "spilled"])
+def keys(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test below twice: the cross-set checks' keys in memory, and beyond SPILL_AT (forced
+    down to 3) through the verifier's sorted temporary runs, merged over several levels."""
+    if request.param == "spilled":
+        force_spilling(monkeypatch)
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +46,7 @@ def shifted(honest: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     return [dict(honest[i], address=honest[i + 1]["address"]) for i in range(n)]
 
 
-def test_more_failures_than_the_bound_are_counted_exactly(tmp_path: Path, wallet: Wallet, honest: list) -> None:
+def test_more_failures_than_the_bound_are_counted_exactly(tmp_path: Path, wallet: Wallet, honest: list, keys: str) -> None:
     n = LISTED + EXTRA
     records = shifted(honest, n)
     report = verify_export(parse_manifest(wallet.manifest()), write_export(tmp_path / "e.jsonl", wallet, records))
@@ -51,7 +60,7 @@ def test_more_failures_than_the_bound_are_counted_exactly(tmp_path: Path, wallet
     assert (data["failure_count"], data["omitted"], len(data["failures"])) == (n, EXTRA, LISTED)
 
 
-def test_a_record_failing_several_checks_is_one_record(tmp_path: Path, wallet: Wallet, honest: list) -> None:
+def test_a_record_failing_several_checks_is_one_record(tmp_path: Path, wallet: Wallet, honest: list, keys: str) -> None:
     """Record 1 is wrong, listed twice (its address and its chain/index each used twice): six
     failures, two records; the cross-set failures of records 1 and 2 come before record 3's
     own, so they are listed and a late per-record failure is what is left out."""
@@ -69,7 +78,7 @@ def test_a_record_failing_several_checks_is_one_record(tmp_path: Path, wallet: W
     assert report.failures[-1].index == LISTED - 6  # 0/0, 0/1 and its copy listed with 7 failures
 
 
-def test_a_duplicate_beyond_the_bound_is_counted_not_listed(tmp_path: Path, wallet: Wallet, honest: list) -> None:
+def test_a_duplicate_beyond_the_bound_is_counted_not_listed(tmp_path: Path, wallet: Wallet, honest: list, keys: str) -> None:
     """The same honest change address at the end, twice: two records, two address and two
     position failures, none of them among the first LISTED."""
     n = LISTED + EXTRA
@@ -79,7 +88,7 @@ def test_a_duplicate_beyond_the_bound_is_counted_not_listed(tmp_path: Path, wall
     assert [(f.chain, f.index) for f in report.failures] == [(0, i) for i in range(LISTED)]
 
 
-def test_one_address_everywhere_names_a_few_others(tmp_path: Path, wallet: Wallet, honest: list) -> None:
+def test_one_address_everywhere_names_a_few_others(tmp_path: Path, wallet: Wallet, honest: list, keys: str) -> None:
     """A million rows of one address must not each name the million others."""
     n = LISTED + EXTRA
     records = [dict(honest[i], address=honest[0]["address"]) for i in range(n)]
@@ -90,7 +99,7 @@ def test_one_address_everywhere_names_a_few_others(tmp_path: Path, wallet: Walle
     assert [f.index for f in report.failures[:5]] == [0, 1, 1, 2, 2]
 
 
-def test_the_cli_says_how_many_were_omitted_and_halts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cli_says_how_many_were_omitted_and_halts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: str) -> None:
     monkeypatch.setattr("custody.verify.core.LISTED", 10)
     c = Custody(tmp_path / "home")
     assert c.init(founders()).exit_code == 0

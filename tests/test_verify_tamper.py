@@ -15,6 +15,8 @@ import pytest
 from coincurve import PrivateKey, PublicKey
 from verify_builders import Wallet, address_for, multisig_script, write_export
 
+from tests.support import force_spilling
+
 from custody.verify import (
     AddressRecord,
     ExportError,
@@ -53,6 +55,15 @@ def run(tmp_path: Path, w: Wallet, records: list[Record], workers: int = 1) -> R
     return verify_export(parse_manifest(w.manifest()), path, workers=workers)
 
 
+@pytest.fixture(params=["in memory", "spilled"])
+def keys(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The cross-set checks twice: keys in memory, and through the verifier's sorted temporary
+    runs (SPILL_AT forced down to 3)."""
+    if request.param == "spilled":
+        force_spilling(monkeypatch)
+    return str(request.param)
+
+
 def reasons_at(report: Report, chain: int, index: int) -> list[str]:
     return [f.reason for f in report.failures if (f.chain, f.index) == (chain, index)]
 
@@ -61,7 +72,7 @@ def reasons_at(report: Report, chain: int, index: int) -> list[str]:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_clean_set_passes(tmp_path: Path, wallet: Wallet, workers: int) -> None:
+def test_clean_set_passes(tmp_path: Path, wallet: Wallet, workers: int, keys: str) -> None:
     report = run(tmp_path, wallet, clean(wallet), workers)
     assert report.ok and report.checked == 13 and report.failures == []
     assert report.to_dict() == {
@@ -251,7 +262,7 @@ def test_address_with_a_typo(tmp_path: Path, p2wsh: Wallet) -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_index_reused(tmp_path: Path, wallet: Wallet, workers: int) -> None:
+def test_index_reused(tmp_path: Path, wallet: Wallet, workers: int, keys: str) -> None:
     records = clean(wallet)
     impostor = wallet.record(0, 4, keys=sorted(wallet.keys_at(0, 11)))  # 0/11's script at 0/4
     records.append(impostor)
@@ -265,7 +276,7 @@ def test_index_reused(tmp_path: Path, wallet: Wallet, workers: int) -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_address_listed_twice(tmp_path: Path, wallet: Wallet, workers: int) -> None:
+def test_address_listed_twice(tmp_path: Path, wallet: Wallet, workers: int, keys: str) -> None:
     records = clean(wallet)
     copy = dict(records[3], index=20)  # 0/3's address again, claimed for 0/20
     records.append(copy)
@@ -274,7 +285,7 @@ def test_address_listed_twice(tmp_path: Path, wallet: Wallet, workers: int) -> N
     assert "address listed twice (also at 0/3)" in reasons_at(report, 0, 20)
 
 
-def test_exact_duplicate_line(tmp_path: Path, p2wsh: Wallet) -> None:
+def test_exact_duplicate_line(tmp_path: Path, p2wsh: Wallet, keys: str) -> None:
     records = clean(p2wsh, 3)
     records.append(dict(records[1]))
     report = run(tmp_path, p2wsh, records, 2)

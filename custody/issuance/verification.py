@@ -158,7 +158,8 @@ def run(
     Each address is re-derived from the policy of its epoch. A malformed or truncated export,
     or a store's (export's) policy that is not the auditors' manifest, is a verification
     failure. Raises InputError when the export does not exist; StorageError when the store is
-    unusable.
+    unusable, or when the temporary files a large verification sorts through cannot be written
+    (``$TMPDIR``) or come back changed.
     """
     if export is not None and not export.exists():
         raise InputError(f"export {export} does not exist")
@@ -174,6 +175,8 @@ def run(
             report = _store_report(db, chain, workers, progress)
     except verify.FileRefused as exc:
         raise InputError(str(exc)) from None
+    except verify.SpillError as exc:  # no answer: neither a pass nor a halt (the disk, not the addresses)
+        raise StorageError(str(exc)) from None
     except verify.ExportError as exc:
         report = verify.Report(checked=0, failures=[verify.Failure("(export file)", -1, -1, str(exc))])
     try:

@@ -11,8 +11,10 @@ Public API::
     parse_manifest(obj) -> Manifest                 # raises ManifestError
     read_export(path) -> (ExportHeader, Iterator[AddressRecord])   # raises ExportError, FileRefused
     check_header(manifest, header) -> None          # raises ExportError on any discrepancy
-    verify_records(manifest, records, *, workers=1, progress=None) -> Report
-    verify_export(manifest, path, *, workers=1, progress=None) -> Report
+    verify_records(manifest, records, *, workers=1, progress=None, spill_at=None, spill_dir=None) -> Report
+    verify_export(manifest, path, *, workers=1, progress=None, spill_at=None, spill_dir=None) -> Report
+        # raise SpillError when the temporary files of a large set (beyond SPILL_AT records)
+        # cannot be written or come back changed: no report, never a pass
     verify_address(manifest, chain, index, address) -> list[str]   # empty = good
     load_document(path) / parse_document(obj) -> ManifestDocument  # a manifest with digest and signatures
     chain_problems(documents) -> list[str]          # a rotation chain: every link founders-approved
@@ -21,7 +23,7 @@ Public API::
 
 from .core import Failure, Report, check_header, verify_address
 from .epochs import Epoch, ManifestDocument, chain_problems, epoch_index, load_document, parse_document, verify_epochs
-from .errors import DecodeError, ExportError, FileRefused, ManifestError
+from .errors import DecodeError, ExportError, FileRefused, ManifestError, SpillError
 from .export import AddressRecord, ExportHeader, ExportRecords, read_export
 from .manifest import Founder, KeyOrigin, Manifest, load_manifest, parse_manifest
 from .parallel import verify_export, verify_records
@@ -41,6 +43,7 @@ __all__ = [
     "ManifestDocument",
     "ManifestError",
     "Report",
+    "SpillError",
     "chain_problems",
     "check_header",
     "epoch_index",

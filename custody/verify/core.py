@@ -30,6 +30,7 @@ from .errors import DecodeError, ExportError
 from .export import ExportHeader, Trailer, parse_fields
 from .manifest import Manifest
 from .networks import NETWORKS, networks_of_base58_version, networks_of_hrp
+from .spill import Runs, spill_directory
 from .script import KEY_PUSH, OP_1, OP_CHECKMULTISIG, ScriptError, parse_multisig
 
 MAX_INDEX = 2**31 - 1
@@ -565,28 +566,48 @@ def check_batch(
     )
 
 
+SPILL_AT = 100_000
+"""Up to this many records the cross-set checks keep their keys in memory (about 85 bytes a
+record: an 8-byte fingerprint and the chain/index of each, the address itself, a bit); beyond
+it every ``SPILL_AT`` records' keys are sorted and written to temporary files
+(custody.verify.spill) and the duplicates found by merging them: memory stays bounded at any
+number of records, the disk holds about 200 bytes a record (in ``$TMPDIR``)."""
+
+
 class Collector:
     """Gathers batch results in order, then runs the cross-set checks.
 
     Failures are counted exactly and the first ``limit`` (in record order) kept: a record's
     own failures arrive together, in order, so a record is counted when its first arrives; a
     record that also fails a cross-set check is found in a bitmap of the failed records (one
-    bit a record, beside the 80-odd bytes a record the cross-set checks keep anyway)."""
+    bit a record) while the keys are in memory, and by merging the failed records' ordinals
+    once they are spilled (``spill_at``; see :data:`SPILL_AT`). ``close`` drops the
+    temporary files. Raises SpillError (from ``add`` or ``report``) when they cannot be
+    written or come back changed."""
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, spill_at: int | None = None, spill_dir: str | None = None) -> None:
         self.limit = LISTED if limit is None else limit
+        self.spill_at = max(1, SPILL_AT if spill_at is None else spill_at)
+        self.spill_dir = spill_dir
         self.checked = 0
         self.failure_count = 0
         self.failed_records = 0
         self.listed: list[tuple[int, Failure]] = []  # the first ``limit`` per-record failures
         self.failed = bytearray()  # bit ordinal: the record has failed
         self.fingerprints = array("Q")
+        # the keys of the records not yet spilled (all of them while nothing is)
         self.positions = array("Q")
         self.lengths = array("I")
         self.addresses = bytearray()
+        self.spilled = 0  # records whose keys are in the runs
+        self.runs: tuple[Runs, Runs, Runs] | None = None  # by address, by chain/index, failed ordinals
 
     def _mark(self, ordinal: int) -> None:
         """Count the record at ``ordinal`` as failed, once."""
+        if self.runs is not None:  # per-record failures only: one call a record
+            self.runs[2].add(ordinal.to_bytes(8, "big"))
+            self.failed_records += 1
+            return
         byte, bit = ordinal >> 3, 1 << (ordinal & 7)
         if not self.failed[byte] & bit:
             self.failed[byte] |= bit
@@ -595,7 +616,8 @@ class Collector:
     def add(self, result: BatchResult) -> None:
         """Take one batch's result (batches must be added in order)."""
         base = self.checked
-        self.failed.extend(bytes((base + result.records + 7) // 8 - len(self.failed)))
+        if self.runs is None:
+            self.failed.extend(bytes((base + result.records + 7) // 8 - len(self.failed)))
         previous = -1
         for pos, address, chain, index, reason in result.failures:
             self.failure_count += 1
@@ -604,23 +626,76 @@ class Collector:
                 previous = pos
             if len(self.listed) < self.limit:
                 self.listed.append((base + pos, Failure(address, chain, index, reason)))
-        self.fingerprints.frombytes(result.fingerprints)
+        if self.runs is None:
+            self.fingerprints.frombytes(result.fingerprints)
         self.positions.frombytes(result.positions)
         self.lengths.frombytes(result.lengths)
         self.addresses += result.addresses
         self.checked += result.records
+        if self.checked - self.spilled >= self.spill_at:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Write the keys held as two sorted runs: (address, ordinal, chain/index) and
+        (chain/index, ordinal, address). The first spill also moves the failed records'
+        bitmap into ordinals to merge, and drops the fingerprints (the runs compare the
+        addresses themselves)."""
+        if self.runs is None:
+            directory = self.spill_dir or spill_directory()
+            self.runs = (Runs(self.spill_at, directory), Runs(self.spill_at, directory), Runs(self.spill_at, directory))
+            failed = self.runs[2]
+            for ordinal in range(self.checked):
+                if self.failed[ordinal >> 3] & 1 << (ordinal & 7):
+                    failed.add(ordinal.to_bytes(8, "big"))
+            self.failed = bytearray()
+            self.fingerprints = array("Q")
+        by_address, by_position, _ = self.runs
+        by_address.write(self._keys(by_address=True))
+        by_position.write(self._keys(by_address=False))
+        self.addresses = bytearray()
+        self.positions = array("Q")
+        self.lengths = array("I")
+        self.spilled = self.checked
+
+    def _keys(self, by_address: bool) -> list[bytes]:
+        """The held records' run items: (length, address, ordinal, chain/index) by address, or
+        (chain/index, ordinal, address) by chain/index for those that have one. Big-endian
+        numbers: the bytes sort as the values do; equal keys end up side by side, in record
+        order."""
+        out: list[bytes] = []
+        held = self.addresses
+        at = 0
+        for ordinal, (length, pos) in enumerate(zip(self.lengths, self.positions, strict=True), start=self.spilled):
+            address = held[at : at + length]
+            at += length
+            if by_address:
+                out.append(length.to_bytes(4, "big") + address + ordinal.to_bytes(8, "big") + pos.to_bytes(8, "big"))
+            elif pos != NO_POSITION:
+                out.append(pos.to_bytes(8, "big") + ordinal.to_bytes(8, "big") + address)
+        return out
+
+    def close(self) -> None:
+        """Drop the temporary files, if any were written."""
+        if self.runs is not None:
+            for runs in self.runs:
+                runs.close()
 
     def report(self) -> Report:
         """Run the cross-set checks and return the report, the listed failures in record
         order (a record's own failures before its cross-set ones)."""
-        first: list[tuple[int, int, Failure]] = []  # max-heap of the first ``limit`` cross-set failures
-        for seq, (ordinal, failure) in enumerate(self._cross_set()):
-            self.failure_count += 1
-            self._mark(ordinal)
-            heapq.heappush(first, (-ordinal, -seq, failure))
-            if len(first) > self.limit:
-                heapq.heappop(first)
-        cross = [(-o, f) for o, _, f in sorted(first, key=lambda item: (-item[0], -item[1]))]
+        if self.runs is not None:
+            if self.checked > self.spilled:
+                self._spill()
+            cross = self._spilled_cross_set()
+        else:
+            first: list[tuple[int, int, Failure]] = []  # max-heap of the first ``limit`` cross-set failures
+            for seq, (ordinal, failure) in enumerate(self._cross_set()):
+                self.failure_count += 1
+                self._mark(ordinal)
+                heapq.heappush(first, (-ordinal, -seq, failure))
+                if len(first) > self.limit:
+                    heapq.heappop(first)
+            cross = [(-o, f) for o, _, f in sorted(first, key=lambda item: (-item[0], -item[1]))]
         merged = heapq.merge(self.listed, cross, key=lambda item: item[0])
         return Report(
             self.checked,
@@ -680,16 +755,100 @@ class Collector:
                 address = self._address(offsets, ordinal)
                 yield ordinal, Failure(address, chain, index, reason)
 
+    # -- beyond SPILL_AT: the same checks over the sorted runs ------------------------------------
+
+    def _spilled_cross_set(self) -> list[tuple[int, Failure]]:
+        """The first ``limit`` cross-set failures (ordinal, failure) in record order, an address's
+        before a chain/index's; every one counted, and the failed records counted once each
+        (by merging their ordinals). The same failures as :meth:`_cross_set`, found group by
+        group in the merged runs: a group's members come in record order, so only its first
+        ``limit`` can be listed and only they (and :data:`NAMED` + 1, to name the others) are
+        held, however large the group."""
+        assert self.runs is not None
+        by_address, by_position, failed = self.runs
+        first: list[tuple[int, int, Failure]] = []  # max-heap of (-ordinal, -kind, failure)
+        for kind, (runs, parse) in enumerate(((by_address, _address_item), (by_position, _position_item))):
+            for size, kept in self._groups(runs, parse):
+                self.failure_count += size
+                ordinals = [o for o, _, _ in kept]
+                name = {o: _name_of(o, p) if kind == 0 else _text(a) for o, a, p in kept}.__getitem__
+                for ordinal, address, pos in kept[: self.limit]:
+                    if len(first) >= self.limit and (-ordinal, -kind) < first[0][:2]:
+                        break  # the group's later members come later still: none is listed
+                    others = _others(ordinals, ordinal, name, size)
+                    chain, index = (-1, -1) if pos == NO_POSITION else (pos >> 32, pos & 0xFFFFFFFF)
+                    if kind == 0:
+                        reason = f"address listed {_times(size)} (also at {others})"
+                    else:
+                        reason = f"chain/index {chain}/{index} used {_times(size)} (also by {others})"
+                    heapq.heappush(first, (-ordinal, -kind, Failure(_text(address), chain, index, reason)))
+                    if len(first) > self.limit:
+                        heapq.heappop(first)
+        distinct, last = 0, b""
+        for ordinal_bytes in failed.sorted():
+            if ordinal_bytes != last:
+                distinct += 1
+                last = ordinal_bytes
+        self.failed_records = distinct
+        return [(-o, f) for o, _, f in sorted(first, key=lambda item: (-item[0], -item[1]))]
+
+    def _groups(
+        self, runs: Runs, parse: Callable[[bytes], tuple[bytes, int, bytes, int]]
+    ) -> Iterator[tuple[int, list[tuple[int, bytes, int]]]]:
+        """(size, its first members as (ordinal, address, chain/index)) of every key the sorted
+        ``runs`` hold more than once; every member's ordinal goes to the failed records."""
+        assert self.runs is not None
+        failed = self.runs[2]
+        keep = max(self.limit, NAMED + 1)
+        key: bytes | None = None
+        size = 0
+        kept: list[tuple[int, bytes, int]] = []
+        for item in runs.sorted():
+            k, ordinal, address, pos = parse(item)
+            if k != key:
+                if size > 1:
+                    yield size, kept
+                key, size, kept = k, 0, []
+            size += 1
+            if size <= keep:
+                kept.append((ordinal, address, pos))
+            if size == 2:
+                failed.add(kept[0][0].to_bytes(8, "big"))
+            if size >= 2:
+                failed.add(ordinal.to_bytes(8, "big"))
+        if size > 1:
+            yield size, kept
+
+
+def _address_item(item: bytes) -> tuple[bytes, int, bytes, int]:
+    """(key, ordinal, address, chain/index) of a run item: length, address, ordinal, chain/index."""
+    n = int.from_bytes(item[:4], "big")
+    return item[: 4 + n], int.from_bytes(item[4 + n : 12 + n], "big"), item[4 : 4 + n], int.from_bytes(item[12 + n :], "big")
+
+
+def _position_item(item: bytes) -> tuple[bytes, int, bytes, int]:
+    """(key, ordinal, address, chain/index) of a run item: chain/index, ordinal, address."""
+    return item[:8], int.from_bytes(item[8:16], "big"), item[16:], int.from_bytes(item[:8], "big")
+
+
+def _text(address: bytes) -> str:
+    return address.decode("utf-8", "surrogatepass")
+
+
+def _name_of(ordinal: int, pos: int) -> str:
+    return f"{pos >> 32}/{pos & 0xFFFFFFFF}" if pos != NO_POSITION else f"record {ordinal + 1}"
+
 
 NAMED = 5
 """A duplicate's failure names at most this many of the others (a million records of one
 address would otherwise name a million others each: a million squared)."""
 
 
-def _others(same: list[int], ordinal: int, name: Callable[[int], str]) -> str:
-    """The first :data:`NAMED` of ``same`` other than ``ordinal``, by ``name``, and how many more."""
+def _others(same: list[int], ordinal: int, name: Callable[[int], str], size: int | None = None) -> str:
+    """The first :data:`NAMED` of ``same`` other than ``ordinal``, by ``name``, and how many more
+    (of ``size`` in all, when ``same`` holds only the first of them)."""
     named = [name(o) for o in islice((o for o in same if o != ordinal), NAMED)]
-    more = len(same) - 1 - len(named)
+    more = (len(same) if size is None else size) - 1 - len(named)
     return _join(named) if not more else ", ".join(named) + f" and {more} more"
 
 

@@ -182,9 +182,12 @@ def verify_epochs(
     *,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    spill_at: int | None = None,
+    spill_dir: str | None = None,
 ) -> Report:
     """Every record checked against the policy of its epoch: one pass over ``records()`` per
-    epoch. A record derived from the wrong policy (or from none) is a failure."""
+    epoch. A record derived from the wrong policy (or from none) is a failure. Raises
+    SpillError as :func:`custody.verify.verify_records` does."""
     total = Report(failures=[Failure("(policy epochs)", -1, -1, problem) for problem in range_problems(epochs)])
     done = 0
     for n, epoch in enumerate(epochs):
@@ -194,7 +197,9 @@ def verify_epochs(
             if progress is not None:
                 progress(base + count)
 
-        report = verify_records(epoch.manifest, mine, workers=workers, progress=step)
+        report = verify_records(
+            epoch.manifest, mine, workers=workers, progress=step, spill_at=spill_at, spill_dir=spill_dir
+        )
         done += report.checked
         total.merge(report)  # a record is of one epoch: the counts add up exactly
     return total

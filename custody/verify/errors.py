@@ -22,3 +22,9 @@ class LiabilitiesFileError(ValueError):
 class FileRefused(ValueError):
     """A file refused before it is read: larger than its limit, or not a regular file or a
     pipe (a device such as /dev/zero, which has no size and never ends)."""
+
+
+class SpillError(Exception):
+    """The temporary files a large verification sorts its keys through could not be written
+    (no such directory, a full disk) or came back changed: the verification has no answer
+    (never a pass)."""

@@ -73,9 +73,15 @@ def _line_batches(records: ExportRecords) -> Iterator[Batch]:
 class _Run:
     """Feeds results, in order, to the collector and keeps the export's trailer state."""
 
-    def __init__(self, records: Iterable[AddressRecord], progress: Callable[[int], None] | None):
+    def __init__(
+        self,
+        records: Iterable[AddressRecord],
+        progress: Callable[[int], None] | None,
+        spill_at: int | None = None,
+        spill_dir: str | None = None,
+    ):
         self.export = records if isinstance(records, ExportRecords) else None
-        self.collector = Collector()
+        self.collector = Collector(spill_at=spill_at, spill_dir=spill_dir)
         self.progress = progress
 
     def take(self, batch: Batch, result: BatchResult) -> None:
@@ -113,30 +119,38 @@ def verify_records(
     *,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    spill_at: int | None = None,
+    spill_dir: str | None = None,
 ) -> Report:
     """Check every record against the founders' keys, then the set as a whole.
 
     ``progress`` is called after each batch with the number of records checked so far.
-    A bad record is a Failure in the report, never an exception. Raises ValueError if
-    ``workers`` < 1, and ExportError (from the export iterator) for a malformed, truncated
-    or miscounted export.
+    A bad record is a Failure in the report, never an exception. Beyond ``spill_at`` records
+    (default :data:`custody.verify.core.SPILL_AT`) the cross-set checks sort their keys
+    through temporary files in ``spill_dir`` (default ``$TMPDIR``). Raises ValueError if
+    ``workers`` < 1, ExportError (from the export iterator) for a malformed, truncated or
+    miscounted export, and SpillError when the temporary files cannot be written or come
+    back changed (no report: never a pass).
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     spec = spec_of(manifest)
-    run = _Run(records, progress)
+    run = _Run(records, progress, spill_at, spill_dir)
     batches = _line_batches(run.export) if run.export is not None else _record_batches(records)
     try:
-        if workers == 1:
-            checker = Checker(spec)
-            for batch in batches:
-                run.take(batch, check_batch(checker, records=batch[0], lines=batch[1]))
-        else:
-            _in_pool(spec, workers, batches, run)
+        try:
+            if workers == 1:
+                checker = Checker(spec)
+                for batch in batches:
+                    run.take(batch, check_batch(checker, records=batch[0], lines=batch[1]))
+            else:
+                _in_pool(spec, workers, batches, run)
+        finally:
+            if run.export is not None:
+                run.export.close()
+        return run.finish()
     finally:
-        if run.export is not None:
-            run.export.close()
-    return run.finish()
+        run.collector.close()
 
 
 def _in_pool(spec: Spec, workers: int, batches: Iterator[Batch], run: _Run) -> None:
@@ -166,11 +180,14 @@ def verify_export(
     *,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    spill_at: int | None = None,
+    spill_dir: str | None = None,
 ) -> Report:
     """Read an export, check its header against the manifest, and verify every record.
 
     Raises ExportError for an unreadable or malformed export, or a header whose network,
-    threshold or script type disagrees with the manifest (all discrepancies listed).
+    threshold or script type disagrees with the manifest (all discrepancies listed);
+    SpillError as :func:`verify_records` does.
     """
     header, records = read_export(path)
     try:
@@ -178,4 +195,6 @@ def verify_export(
     except ExportError:
         records.close()
         raise
-    return verify_records(manifest, records, workers=workers, progress=progress)
+    return verify_records(
+        manifest, records, workers=workers, progress=progress, spill_at=spill_at, spill_dir=spill_dir
+    )
