@@ -200,9 +200,10 @@ import resource, sys
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from custody.verify import SpillError, parse_manifest, verify_export
 import json
+manifest = parse_manifest(json.load(open(sys.argv[2])))
 resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))
 try:
-    report = verify_export(parse_manifest(json.load(open(sys.argv[2]))), sys.argv[3], spill_at=500, spill_dir=sys.argv[4])
+    report = verify_export(manifest, sys.argv[3], spill_at=500, spill_dir=sys.argv[4])
 except SpillError as exc:
     print("SpillError:", exc)
     sys.exit(9)
@@ -267,7 +268,5 @@ def test_a_run_rewritten_to_hide_a_duplicate_gives_no_answer(tmp_path: Path, wal
                 os.close(handle)
 
     with pytest.raises(SpillError, match="changed while it ran"):
-        verify_export(
-            parse_manifest(wallet.manifest()), path, spill_at=2, spill_dir=str(spill), progress=attacker
-        )
+        verify_export(parse_manifest(wallet.manifest()), path, spill_at=2, spill_dir=str(spill), progress=attacker)
     assert len(rewritten) == 1  # the attack reached a run that held the address

@@ -15,8 +15,6 @@ import pytest
 from coincurve import PrivateKey, PublicKey
 from verify_builders import Wallet, address_for, multisig_script, write_export
 
-from tests.support import force_spilling
-
 from custody.verify import (
     AddressRecord,
     ExportError,
@@ -28,6 +26,7 @@ from custody.verify import (
     verify_export,
     verify_records,
 )
+from tests.support import force_spilling
 
 Record = dict[str, Any]
 

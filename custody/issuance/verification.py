@@ -142,6 +142,27 @@ def count_store(db: Database) -> int:
         return count_addresses(s)
 
 
+def _report(
+    db: Database,
+    chain: Sequence[verify.ManifestDocument],
+    export: Path | None,
+    workers: int,
+    progress: Callable[[int], None] | None,
+) -> verify.Report:
+    """The verifier's report on the export or the store; a malformed export is a failure in it.
+    Raises InputError (an export refused unread), StorageError (see :func:`run`)."""
+    try:
+        if export is not None:
+            return _export_report(chain, export, workers, progress)
+        return _store_report(db, chain, workers, progress)
+    except verify.FileRefused as exc:
+        raise InputError(str(exc)) from None
+    except verify.SpillError as exc:  # no answer: neither a pass nor a halt (the disk, not the addresses)
+        raise StorageError(str(exc)) from None
+    except verify.ExportError as exc:
+        return verify.Report(checked=0, failures=[verify.Failure("(export file)", -1, -1, str(exc))])
+
+
 def run(
     db: Database,
     settings: Settings,
@@ -158,8 +179,7 @@ def run(
     Each address is re-derived from the policy of its epoch. A malformed or truncated export,
     or a store's (export's) policy that is not the auditors' manifest, is a verification
     failure. Raises InputError when the export does not exist; StorageError when the store is
-    unusable, or when the temporary files a large verification sorts through cannot be written
-    (``$TMPDIR``) or come back changed.
+    unusable or a large run's temporary files fail (``$TMPDIR``: no room, or changed).
     """
     if export is not None and not export.exists():
         raise InputError(f"export {export} does not exist")
@@ -168,17 +188,7 @@ def run(
             check_size(export, EXPORT_MAX, "address export")
         except OSError as exc:
             raise InputError(f"cannot read export {export}: {exc.strerror or exc}") from None
-    try:
-        if export is not None:
-            report = _export_report(chain, export, workers, progress)
-        else:
-            report = _store_report(db, chain, workers, progress)
-    except verify.FileRefused as exc:
-        raise InputError(str(exc)) from None
-    except verify.SpillError as exc:  # no answer: neither a pass nor a halt (the disk, not the addresses)
-        raise StorageError(str(exc)) from None
-    except verify.ExportError as exc:
-        report = verify.Report(checked=0, failures=[verify.Failure("(export file)", -1, -1, str(exc))])
+    report = _report(db, chain, export, workers, progress)
     try:
         store = export is None or db.exists()
     except StorageError:

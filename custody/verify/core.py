@@ -30,8 +30,8 @@ from .errors import DecodeError, ExportError
 from .export import ExportHeader, Trailer, parse_fields
 from .manifest import Manifest
 from .networks import NETWORKS, networks_of_base58_version, networks_of_hrp
-from .spill import Runs, spill_directory
 from .script import KEY_PUSH, OP_1, OP_CHECKMULTISIG, ScriptError, parse_multisig
+from .spill import Runs, spill_directory
 
 MAX_INDEX = 2**31 - 1
 NO_POSITION = 2**64 - 1  # fingerprint of a record whose chain/index is out of range
@@ -566,7 +566,7 @@ def check_batch(
     )
 
 
-SPILL_AT = 100_000
+SPILL_AT = 50_000
 """Up to this many records the cross-set checks keep their keys in memory (about 85 bytes a
 record: an 8-byte fingerprint and the chain/index of each, the address itself, a bit); beyond
 it every ``SPILL_AT`` records' keys are sorted and written to temporary files
@@ -823,7 +823,12 @@ class Collector:
 def _address_item(item: bytes) -> tuple[bytes, int, bytes, int]:
     """(key, ordinal, address, chain/index) of a run item: length, address, ordinal, chain/index."""
     n = int.from_bytes(item[:4], "big")
-    return item[: 4 + n], int.from_bytes(item[4 + n : 12 + n], "big"), item[4 : 4 + n], int.from_bytes(item[12 + n :], "big")
+    return (
+        item[: 4 + n],
+        int.from_bytes(item[4 + n : 12 + n], "big"),
+        item[4 : 4 + n],
+        int.from_bytes(item[12 + n :], "big"),
+    )
 
 
 def _position_item(item: bytes) -> tuple[bytes, int, bytes, int]:

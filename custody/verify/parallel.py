@@ -195,6 +195,4 @@ def verify_export(
     except ExportError:
         records.close()
         raise
-    return verify_records(
-        manifest, records, workers=workers, progress=progress, spill_at=spill_at, spill_dir=spill_dir
-    )
+    return verify_records(manifest, records, workers=workers, progress=progress, spill_at=spill_at, spill_dir=spill_dir)
