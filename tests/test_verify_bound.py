@@ -46,7 +46,9 @@ def shifted(honest: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     return [dict(honest[i], address=honest[i + 1]["address"]) for i in range(n)]
 
 
-def test_more_failures_than_the_bound_are_counted_exactly(tmp_path: Path, wallet: Wallet, honest: list, keys: str) -> None:
+def test_more_failures_than_the_bound_are_counted_exactly(
+    tmp_path: Path, wallet: Wallet, honest: list, keys: str
+) -> None:
     n = LISTED + EXTRA
     records = shifted(honest, n)
     report = verify_export(parse_manifest(wallet.manifest()), write_export(tmp_path / "e.jsonl", wallet, records))
@@ -78,7 +80,9 @@ def test_a_record_failing_several_checks_is_one_record(tmp_path: Path, wallet: W
     assert report.failures[-1].index == LISTED - 6  # 0/0, 0/1 and its copy listed with 7 failures
 
 
-def test_a_duplicate_beyond_the_bound_is_counted_not_listed(tmp_path: Path, wallet: Wallet, honest: list, keys: str) -> None:
+def test_a_duplicate_beyond_the_bound_is_counted_not_listed(
+    tmp_path: Path, wallet: Wallet, honest: list, keys: str
+) -> None:
     """The same honest change address at the end, twice: two records, two address and two
     position failures, none of them among the first LISTED."""
     n = LISTED + EXTRA
@@ -99,7 +103,9 @@ def test_one_address_everywhere_names_a_few_others(tmp_path: Path, wallet: Walle
     assert [f.index for f in report.failures[:5]] == [0, 1, 1, 2, 2]
 
 
-def test_the_cli_says_how_many_were_omitted_and_halts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: str) -> None:
+def test_the_cli_says_how_many_were_omitted_and_halts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: str
+) -> None:
     monkeypatch.setattr("custody.verify.core.LISTED", 10)
     c = Custody(tmp_path / "home")
     assert c.init(founders()).exit_code == 0
@@ -144,10 +150,13 @@ def test_log_accounts_answer_from_the_log_not_the_rows(tmp_path: Path, monkeypat
     try:
         with db.transaction() as s:
             s.connection().exec_driver_sql("UPDATE address SET account = 'mallory' WHERE chain = 0 AND idx = 0")
-        with db.transaction(read_only=True) as s:
-            accounts = record.LogAccounts(s, 0)
-        assert [accounts.account_of(i) for i in range(-1, 7)] == [None, *["alice"] * 3, "bob", "bob", "alice", None]
-        assert accounts.problems == []
+        for block in (None, 1, 2):  # the issuances in one block of the temporary file, or across several
+            with db.transaction(read_only=True) as s:
+                accounts = record.LogAccounts(s, 0, block)
+            answers = [accounts.account_of(i) for i in range(-1, 7)]
+            assert answers == [None, *["alice"] * 3, "bob", "bob", "alice", None], block
+            assert accounts.problems == []
+            accounts.close()
         with db.transaction() as s:
             s.connection().exec_driver_sql(
                 "UPDATE audit_log SET payload = replace(payload, '\"bob\"', '\"mallory\"') "
@@ -157,5 +166,50 @@ def test_log_accounts_answer_from_the_log_not_the_rows(tmp_path: Path, monkeypat
             accounts = record.LogAccounts(s, 0)
         assert [accounts.account_of(i) for i in range(6)] == [*["alice"] * 3, None, None, "alice"]
         assert [p.reason.endswith("(address.issued) was edited") for p in accounts.problems] == [True]
+        accounts.close()
+    finally:
+        db.dispose()
+
+
+def test_log_accounts_file_rewritten_gives_no_answer(tmp_path: Path) -> None:
+    """The insider (the same user, through /proc/PID/fd) rewrites bob's issuance to eve's in the
+    issuances' temporary file a sync reads its owners from: without the blocks' keyed tags eve's
+    account would be credited with bob's deposit; with them there is no answer (StorageError)."""
+    import os
+    import stat
+
+    from custody.errors import StorageError
+    from custody.issuance import record
+    from custody.store.db import Database
+
+    c = Custody(tmp_path / "home")
+    assert c.init(founders()).exit_code == 0
+    for account, count in (("alice", 2), ("bob", 2)):
+        assert c("address", "new", "--account", account, "--count", str(count)).exit_code == 0
+    db = Database(c.env["CUSTODY_DB_URL"])
+    try:
+        with db.transaction(read_only=True) as s:
+            accounts = record.LogAccounts(s, 0, 1)
+        rewritten = 0
+        for fd in os.listdir("/proc/self/fd"):
+            path = f"/proc/self/fd/{fd}"
+            try:
+                if not (stat.S_ISREG(os.stat(path).st_mode) and os.readlink(path).endswith("(deleted)")):
+                    continue
+                handle = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                data = os.pread(handle, 1 << 20, 0)
+                if b"bob" in data:
+                    os.pwrite(handle, data.replace(b"bob", b"eve"), 0)
+                    rewritten += 1
+            finally:
+                os.close(handle)
+        assert rewritten == 1
+        assert accounts.account_of(0) == "alice"  # its block is intact
+        with pytest.raises(StorageError, match="changed while it was in use"):
+            accounts.account_of(2)
+        accounts.close()
     finally:
         db.dispose()

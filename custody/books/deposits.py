@@ -176,6 +176,11 @@ class _Owners:
         self._log: record.LogAccounts | None = None
         self._deriver: epochs.Derivers | None = None
 
+    def close(self) -> None:
+        """Drop what the first check read (the issuances' temporary file)."""
+        if self._log is not None:
+            self._log.close()
+
     def check(self, s: Session, index: int, account: str, address: str, script_pubkey: str | None = None) -> None:
         """Raises OwnerMismatch unless the log issued ``index`` to ``account`` and it derives to ``address``.
 
@@ -366,45 +371,48 @@ def sync_deposits(
     """
     db.check_schema()
     owners = _Owners()
-    with db.transaction() as s:
-        watched = [
-            d.outpoint
-            for d in s.exec(
-                select(DepositRow).where(col(DepositRow.status).in_(WATCHED), col(DepositRow.final).is_(False))
-            ).all()
-        ]
-    tip = backend.tip_height()
-    check_not_behind(db, tip)
-    observed = blockscan.observe(db, backend, tip, progress)  # each new block read once (custody.books.blockscan)
-    if observed.forged:
-        _halt_for_forged(db, settings, observed.forged)
-    utxos = observed.utxos
-    addresses = blockscan.receive_addresses(db, (u.script_pubkey.hex() for u in utxos.values()))
-    run = _Run()
-    with db.transaction() as s:
-        known = _by_outpoint(s, sorted(set(utxos) | set(watched)))
-    for outpoint, u in sorted(utxos.items(), key=lambda kv: ((kv[1].height or 0), kv[0])):
-        depth = tip - u.height + 1 if u.height is not None else 0
-        prior = known.get(outpoint)
-        if prior is None or _needs_update(prior, u, depth, confirmations):
-            run.step(
-                db,
-                settings,
-                partial(
-                    _follow_unspent,
-                    owners=owners,
-                    addresses=addresses,
-                    outpoint=outpoint,
-                    u=u,
-                    depth=depth,
-                    confirmations=confirmations,
-                ),
-            )
-    for outpoint in watched:
-        if outpoint not in utxos:
-            _sync_left(db, settings, backend, run, owners, outpoint, confirmations)
-    _raise_halts(db, settings, run)
-    return run.changed
+    try:
+        with db.transaction() as s:
+            watched = [
+                d.outpoint
+                for d in s.exec(
+                    select(DepositRow).where(col(DepositRow.status).in_(WATCHED), col(DepositRow.final).is_(False))
+                ).all()
+            ]
+        tip = backend.tip_height()
+        check_not_behind(db, tip)
+        observed = blockscan.observe(db, backend, tip, progress)  # each new block read once (custody.books.blockscan)
+        if observed.forged:
+            _halt_for_forged(db, settings, observed.forged)
+        utxos = observed.utxos
+        addresses = blockscan.receive_addresses(db, (u.script_pubkey.hex() for u in utxos.values()))
+        run = _Run()
+        with db.transaction() as s:
+            known = _by_outpoint(s, sorted(set(utxos) | set(watched)))
+        for outpoint, u in sorted(utxos.items(), key=lambda kv: ((kv[1].height or 0), kv[0])):
+            depth = tip - u.height + 1 if u.height is not None else 0
+            prior = known.get(outpoint)
+            if prior is None or _needs_update(prior, u, depth, confirmations):
+                run.step(
+                    db,
+                    settings,
+                    partial(
+                        _follow_unspent,
+                        owners=owners,
+                        addresses=addresses,
+                        outpoint=outpoint,
+                        u=u,
+                        depth=depth,
+                        confirmations=confirmations,
+                    ),
+                )
+        for outpoint in watched:
+            if outpoint not in utxos:
+                _sync_left(db, settings, backend, run, owners, outpoint, confirmations)
+        _raise_halts(db, settings, run)
+        return run.changed
+    finally:
+        owners.close()  # the issuances' temporary file (custody.issuance.record.LogAccounts)
 
 
 def _sync_left(

@@ -19,19 +19,25 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import hmac
 import json
+import marshal
+import os
+import secrets
+import tempfile
 from array import array
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 from sqlmodel import Session, select
 
 from custody import verify
 from custody.control import audit_log
 from custody.control.wallet import COUNTER_NAMES
+from custody.errors import StorageError
 from custody.store.models import Counter
 from custody.store.sorted_runs import SortedRuns
 
@@ -122,36 +128,97 @@ def _issued(s: Session, bad: list[verify.Failure], chunk: int | None = None) -> 
                 yield Issuance(seq, chain, first, count, account, rows_sha256, addresses_sha256)
 
 
+ACCOUNTS_BLOCK = 512
+"""Issuances per block of :class:`LogAccounts`' temporary file (a lookup reads one block)."""
+
+
 class LogAccounts:
     """Whose each issued index is, by the audit log alone: the issuances of one chain streamed
-    once (:func:`_issued`) into three compact arrays, bisected. No object is kept per issuance:
-    20 bytes each and one string per distinct account (a million one-address issuances were a
-    million objects with their digests, hundreds of megabytes)."""
+    once (:func:`_issued`, in index order) into a temporary file, in blocks of
+    :data:`ACCOUNTS_BLOCK` (first index, end, account); memory keeps each block's first index
+    and place (16 bytes a block: 32 KB at a million one-address issuances) and the last block
+    read. Neither the issuances nor the accounts' names are kept (a million customers with an
+    address each were a million names in memory, tens of megabytes).
 
-    def __init__(self, s: Session, chain: int) -> None:
+    The file is the online machine's, as the database is: each block carries a keyed BLAKE2b
+    tag (its number and its bytes, under a key only this process's memory holds), checked
+    before the block is used. Raises StorageError when the file cannot be written, or from
+    :meth:`account_of` when a block was changed: no answer rather than another account's."""
+
+    def __init__(self, s: Session, chain: int, block: int | None = None) -> None:
         self.chain = chain
         self.problems: list[verify.Failure] = []
-        self._starts = array("q")
-        self._ends = array("q")
-        self._owners = array("I")
-        self._accounts: list[str] = []
-        numbers: dict[str, int] = {}
-        for r in _issued(s, self.problems):
-            if r.chain != chain:
-                continue
-            number = numbers.setdefault(r.account, len(self._accounts))
-            if number == len(self._accounts):
-                self._accounts.append(r.account)
-            self._starts.append(r.first)
-            self._ends.append(r.end)
-            self._owners.append(number)
+        self._key = secrets.token_bytes(32)
+        self._firsts = array("q")  # each block's first index
+        self._places = array("q")  # where each block begins in the file
+        self._cached: tuple[int, list[tuple[int, int, str]]] | None = None
+        self._file: IO[bytes] | None = None
+        size = block or ACCOUNTS_BLOCK
+        try:
+            self._file = tempfile.TemporaryFile()
+            page: list[tuple[int, int, str]] = []
+            for r in _issued(s, self.problems):
+                if r.chain != chain:
+                    continue
+                page.append((r.first, r.end, r.account))
+                if len(page) >= size:
+                    self._write(page)
+                    page = []
+            self._write(page)
+            self._file.flush()
+        except OSError as exc:
+            self.close()
+            raise StorageError(f"cannot write the issuances' temporary file: {exc.strerror or exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _tag(self, number: int, data: bytes) -> bytes:
+        return hashlib.blake2b(number.to_bytes(8, "big") + data, key=self._key, digest_size=16).digest()
+
+    def _write(self, page: list[tuple[int, int, str]]) -> None:
+        if not page:
+            return
+        assert self._file is not None
+        data = marshal.dumps(page)
+        self._firsts.append(page[0][0])
+        self._places.append(self._file.tell())
+        self._file.write(len(data).to_bytes(8, "big") + self._tag(len(self._places) - 1, data) + data)
+
+    def _read(self, number: int) -> list[tuple[int, int, str]]:
+        if self._cached is not None and self._cached[0] == number:
+            return self._cached[1]
+        if self._file is None:
+            raise StorageError("the issuances' temporary file is closed")
+        fd = self._file.fileno()
+        end = self._places[number + 1] if number + 1 < len(self._places) else os.fstat(fd).st_size
+        raw = os.pread(fd, end - self._places[number], self._places[number])
+        data = raw[24:]
+        if int.from_bytes(raw[:8], "big") != len(data) or not hmac.compare_digest(raw[8:24], self._tag(number, data)):
+            raise StorageError(
+                "the issuances' temporary file was changed while it was in use: whose an index is cannot be answered"
+            )
+        page: list[tuple[int, int, str]] = marshal.loads(data)
+        self._cached = (number, page)
+        return page
 
     def account_of(self, index: int) -> str | None:
-        """The account the log issued ``index`` to; None when the log never issued it."""
-        at = bisect.bisect_right(self._starts, index) - 1
-        if at >= 0 and self._starts[at] <= index < self._ends[at]:
-            return self._accounts[self._owners[at]]
+        """The account the log issued ``index`` to; None when the log never issued it.
+        Raises StorageError when the temporary file was changed."""
+        number = bisect.bisect_right(self._firsts, index) - 1
+        if number < 0:
+            return None
+        page = self._read(number)
+        at = bisect.bisect_right(page, index, key=lambda item: item[0]) - 1
+        if at >= 0 and page[at][0] <= index < page[at][1]:
+            return page[at][2]
         return None
+
+    def close(self) -> None:
+        """Drop the temporary file (idempotent)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class _Walk:
