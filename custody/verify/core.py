@@ -802,20 +802,25 @@ class Collector:
         keep = max(self.limit, NAMED + 1)
         key: bytes | None = None
         size = 0
+        first = b""
         kept: list[tuple[int, bytes, int]] = []
         for item in runs.sorted():
-            k, ordinal, address, pos = parse(item)
+            # the key alone while it differs from the one before (the honest case: every item)
+            k = item[:8] if parse is _position_item else item[: 4 + int.from_bytes(item[:4], "big")]
             if k != key:
                 if size > 1:
                     yield size, kept
-                key, size, kept = k, 0, []
+                key, size, first = k, 1, item
+                continue
             size += 1
+            if size == 2:
+                _, ordinal, address, pos = parse(first)
+                kept = [(ordinal, address, pos)]
+                failed.add(ordinal.to_bytes(8, "big"))
+            _, ordinal, address, pos = parse(item)
             if size <= keep:
                 kept.append((ordinal, address, pos))
-            if size == 2:
-                failed.add(kept[0][0].to_bytes(8, "big"))
-            if size >= 2:
-                failed.add(ordinal.to_bytes(8, "big"))
+            failed.add(ordinal.to_bytes(8, "big"))
         if size > 1:
             yield size, kept
 
