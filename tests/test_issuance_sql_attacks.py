@@ -7,9 +7,8 @@ with the store's SQL (no founder's key, not the code), on SQLite and PostgreSQL.
 * an address row planted by SQL at the index the next issuance will take (a foreign address,
   as if issued): the issuance must refuse rather than skip or overwrite it, and the row check
   names the planted row;
-* (PostgreSQL) a trigger that swallows the ``address.issued`` entry while the rows and the head
-  go in: the next writer's guard must halt (the log no longer ends at its head), and the row
-  check names the unlogged rows.
+* a trigger that swallows the ``address.issued`` entry (the rows and the head would go in):
+  the issuance must fail and store nothing, not hand out addresses no entry records.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import pytest
 from sqlalchemy import text
 
 from custody.config import Settings
-from custody.errors import CustodyError, HaltedError
+from custody.errors import CustodyError, StorageError
 from custody.issuance import issuer
 from custody.issuance.record import check_rows
 from custody.policy.generator import AddressDeriver
@@ -92,19 +91,33 @@ def test_an_address_planted_at_the_next_index_is_refused_and_named(tmp_path: Pat
     db.dispose()
 
 
-def test_a_trigger_swallowing_the_issuance_entry_halts_the_next_writer(tmp_path: Path, pg_url: str) -> None:
-    db, settings, deriver, head = _issued_three(tmp_path, pg_url)
-    _sql(
-        db,
+_SWALLOW = {
+    "postgresql": [
         "CREATE FUNCTION swallow() RETURNS trigger LANGUAGE plpgsql AS "
         "$$ BEGIN IF NEW.event = 'address.issued' THEN RETURN NULL; END IF; RETURN NEW; END $$",
-    )
-    _sql(db, "CREATE TRIGGER swallow BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION swallow()")
-    issuer.issue_addresses(db, settings, "acct", 1)  # the rows and the head go in, the entry does not
-    _sql(db, "DROP TRIGGER swallow ON audit_log")
-    with pytest.raises(HaltedError, match="does not end at its head"):
+        "CREATE TRIGGER swallow BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION swallow()",
+    ],
+    "sqlite": [
+        "CREATE TRIGGER swallow BEFORE INSERT ON audit_log WHEN NEW.event = 'address.issued' "
+        "BEGIN SELECT RAISE(IGNORE); END",
+    ],
+}
+
+
+def test_a_trigger_swallowing_the_issuance_entry_stores_nothing(tmp_path: Path, url: str) -> None:
+    """A trigger that silently drops the ``address.issued`` entry (the rows and the head would go
+    in): the issuance fails and stores nothing, so no address is handed out that no entry
+    records; the store is as it was, and once the trigger is gone issuance goes on from there."""
+    db, settings, deriver, head = _issued_three(tmp_path, url)
+    for statement in _SWALLOW[db.engine.dialect.name]:
+        _sql(db, statement)
+    with pytest.raises(StorageError, match="did not keep the audit log entry"):
         issuer.issue_addresses(db, settings, "acct", 1)
+    assert _head(db) == head  # no entry, no head move
+    assert [a.index for a in issuer.list_addresses(db)] == [0, 1, 2]  # no row without its entry
+    _sql(db, "DROP TRIGGER swallow" + (" ON audit_log" if db.engine.dialect.name == "postgresql" else ""))
+    (fresh,) = issuer.issue_addresses(db, settings, "acct", 1)
+    assert (fresh.index, fresh.address) == (3, deriver.derive(0, 3).address)
     with db.transaction(read_only=True) as s:
-        failures = check_rows(s, issuer.iter_addresses(s))
-    assert [f.index for f in failures if "never issued in the audit log" in f.reason] == [3], failures
+        assert check_rows(s, issuer.iter_addresses(s)) == []
     db.dispose()

@@ -99,7 +99,8 @@ def append(
 ) -> AuditEntry:
     """Append one event to the log inside the caller's transaction.
 
-    Raises StorageError when the store has no audit head (not initialised).
+    Raises StorageError when the store has no audit head (not initialised), or when it did not
+    keep the entry (a trigger that skips the INSERT without an error).
     """
     head = session.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
     if head is None:
@@ -125,9 +126,16 @@ def append(
     head.hash = digest
     session.add(head)
     session.flush()
+    # A trigger may have skipped the entry's INSERT without an error (SQLite's RAISE(IGNORE), a
+    # PostgreSQL BEFORE trigger returning NULL) while the head moved: refuse, and the caller's
+    # transaction stores nothing, rather than report done what no entry records.
+    if session.connection().execute(_KEPT, {"seq": seq, "hash": digest}).first() is None:
+        raise StorageError(_SWALLOWED)
     return entry
 
 
+_KEPT = text("SELECT 1 FROM audit_log WHERE seq = :seq AND hash = :hash")
+_SWALLOWED = "the store did not keep the audit log entry it was given (a trigger or rule on audit_log?): nothing stored"
 _ENTRY_COLUMNS = "seq, at, event, actor, payload, signature, prev_hash, hash, origin"
 _ENTRY_VALUES = ":e_seq, :e_at, :e_event, :e_actor, :e_payload, NULL, :e_prev, :e_hash, :e_origin"
 _HEAD_MOVE = "UPDATE audit_head SET seq = :e_seq, hash = :e_hash WHERE id = 1 AND seq = :e_seq - 1"
@@ -143,9 +151,12 @@ def _locked_statements(along: str | None, one: bool) -> tuple[TextClause, ...]:
     # SQLAlchemy writes for every other entry (naive UTC), never the driver's "+00:00" form.
     at = bindparam("e_at", type_=AuditEntry.__table__.c.at.type)  # type: ignore[attr-defined]
     if one:
-        ctes = [entry] if along is None else [along, entry]
+        # The head moves only with the entry: a trigger that swallows the entry's INSERT (a
+        # BEFORE trigger returning NULL) leaves the head where it was, and the append fails.
+        ctes = [f"{entry} RETURNING seq"] if along is None else [along, f"{entry} RETURNING seq"]
         body = ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(ctes))
-        return (text(f"WITH {body} {_HEAD_MOVE}").bindparams(at),)
+        kept = f" AND EXISTS (SELECT 1 FROM w{len(ctes) - 1})"
+        return (text(f"WITH {body} {_HEAD_MOVE}{kept}").bindparams(at),)
     apart = [] if along is None else [text(along)]
     return (*apart, text(entry).bindparams(at), text(_HEAD_MOVE))
 
@@ -164,7 +175,9 @@ def append_locked(
     PostgreSQL one statement that also runs ``along`` (an INSERT's SQL and its parameters,
     none named ``e_*``: the rows the entry records) as a common table expression, elsewhere a
     statement each. Returns the entry's seq. The head's ORM object, if this session holds
-    one, is expired (re-read on use). Raises StorageError when the head is not at ``head``.
+    one, is expired (re-read on use). Raises StorageError when the head is not at ``head``, or
+    when the store did not keep the entry (a trigger swallowing it): the caller's transaction
+    then stores nothing, rather than handing out what no entry records.
     """
     seq, prev = head
     at = now()
@@ -185,10 +198,14 @@ def append_locked(
     statements = _locked_statements(None if along is None else along[0], conn.dialect.name == "postgresql")
     if along is not None:
         params.update(along[1])
-    for statement in statements:
-        moved = conn.execute(statement, params).rowcount
-    if moved != 1:  # the last statement moves the head: it was not at ``head`` (its lock not held)
-        raise StorageError("the audit log head moved under an append that held its lock")
+    counts = [conn.execute(statement, params).rowcount for statement in statements]
+    if len(counts) > 1 and counts[-2] != 1:  # the entry's INSERT, apart: a trigger swallowed it
+        raise StorageError(_SWALLOWED)
+    if counts[-1] != 1:  # the last statement moves the head (on PostgreSQL only with the entry)
+        raise StorageError(
+            "the audit log head moved under an append that held its lock"
+            + ("" if len(counts) > 1 else f", or {_SWALLOWED}")
+        )
     for held in [o for o in session.identity_map.values() if isinstance(o, AuditHead)]:
         session.expire(held)
     return seq + 1
