@@ -143,20 +143,64 @@ def append(path: Path, checkpoint: Checkpoint) -> bool:
         raise InputError(f"cannot write the witness {path}: {exc.strerror}") from None
 
 
-def recent(path: Path) -> list[Checkpoint]:
-    """The checkpoints in the last lines of a witness file (files.TAIL_BYTES; empty when it does not exist)."""
+def tail(path: Path) -> bytes | None:
+    """The whole lines in the last files.TAIL_BYTES of a witness file; None when it does not
+    exist. Raises InputError when it cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return []
+        return None
     except OSError as exc:
         raise InputError(f"cannot read the witness {path}: {exc.strerror}") from None
     try:
-        data = read_tail(fd, os.fstat(fd).st_size)
+        return read_tail(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
-    text = data.decode("utf-8", errors="replace")
+
+
+def recent(path: Path) -> list[Checkpoint]:
+    """The checkpoints in the last lines of a witness file (files.TAIL_BYTES; empty when it does not exist)."""
+    data = tail(path)
+    text = "" if data is None else data.decode("utf-8", errors="replace")
     return parse(text, str(path)) if text.strip() else []
+
+
+Known = dict[bytes, tuple[int, str]]
+"""Lines of a witness file by their exact bytes, each with the (seq, hash) it parses to."""
+
+
+def checkpoint_lines(data: bytes, known: Known) -> tuple[list[tuple[int, str]], Known] | None:
+    """The (seq, hash) of each checkpoint :func:`parse` finds in ``data`` (the whole lines of a
+    witness file's tail: what :func:`recent` parses), parsing only the lines not in ``known``
+    (a line's checkpoint depends on its bytes alone); and the lines of ``data`` as ``known``
+    for the next call.
+
+    None wherever :func:`parse` could answer anything else than one checkpoint a line, which is
+    then left to it: a torn last line, a line that is not ASCII or not a checkpoint (the error
+    is parse's to raise), fewer than two lines (parse reads a lone document whole).
+    """
+    if not data.endswith(b"\n"):
+        return None
+    pairs: list[tuple[int, str]] = []
+    seen: Known = {}
+    for line in data.split(b"\n")[:-1]:
+        if not line.strip():
+            continue
+        found = known.get(line)
+        if found is None:
+            if not line.isascii():
+                return None
+            try:
+                checkpoint = _checkpoint(json.loads(line), "")
+            except ValueError:
+                return None
+            if checkpoint is None:
+                return None
+            found = (checkpoint.seq, checkpoint.hash)
+        seen[line] = found
+        pairs.append(found)
+    # Two JSON objects or more: never one document, so parse reads them line by line as here.
+    return (pairs, seen) if len(pairs) >= 2 else None
 
 
 def wanted_seqs(witnessed: Sequence[Checkpoint], tip: int) -> list[int]:

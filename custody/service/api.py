@@ -321,7 +321,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     # After a state change, as after every CLI command: the log checked against the local witness
     # and its head appended. Concurrent requests share a check that began after each one's commit.
-    witnessed = Coalesced(lambda: witness.after_command(db, settings, known=True)).call
+    local = witness.LocalWitness(db, settings.witness_file)
+    witnessed = Coalesced(lambda: witness.after_command(db, settings, known=True, local=local)).call
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(signed)])
     changes = APIRouter(prefix="/v1")  # signed too (signed_change), the nonce claimed with the change
