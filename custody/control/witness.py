@@ -137,29 +137,40 @@ class LocalWitness:
             if found is None:
                 return None
             pairs, self._known = found
-        mark = "?" if self.db.is_sqlite else "%s"  # the driver's own cursor: no row objects
-        with self.db.transaction(read_only=True) as s:
-            cursor = s.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
-            try:
-                cursor.execute("SELECT seq, hash FROM audit_head WHERE id = 1")
-                row = cursor.fetchone()
-                if row is None or type(row[0]) is not int or type(row[1]) is not str:
-                    return None
-                tip, digest = row[0], row[1]
-                wanted = [seq for seq, _ in pairs if 0 < seq <= tip]
-                stored: dict[int, str] = {}
-                if wanted:
-                    lo, hi = min(wanted), max(wanted)
-                    if hi - lo > SPREAD:
-                        return None
-                    cursor.execute(f"SELECT seq, hash FROM audit_log WHERE seq BETWEEN {mark} AND {mark}", (lo, hi))
-                    stored = dict(cursor.fetchall())
-            finally:
-                cursor.close()
+        read = self._read(pairs)
+        if read is None:
+            return None
+        tip, digest, stored = read
         for seq, witnessed in pairs:
             if seq > tip or (GENESIS if seq == 0 else stored.get(seq)) != witnessed:
                 return None
         return Checkpoint(tip, digest, iso(now()), "the store")
+
+    def _read(self, pairs: list[tuple[int, str]]) -> tuple[int, str, dict[int, str]] | None:
+        """The store's head and its hashes over the witnessed range of ``pairs``, read in one
+        transaction through the driver's own cursor (no row objects); None when :func:`record`
+        must read them (an odd head, a range too wide, a driver error, which it words)."""
+        mark = "?" if self.db.is_sqlite else "%s"
+        try:
+            with self.db.transaction(read_only=True) as s:
+                cursor = s.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    cursor.execute("SELECT seq, hash FROM audit_head WHERE id = 1")
+                    row = cursor.fetchone()
+                    if row is None or type(row[0]) is not int or type(row[1]) is not str:
+                        return None
+                    wanted = [seq for seq, _ in pairs if 0 < seq <= row[0]]
+                    if not wanted:
+                        return row[0], row[1], {}
+                    lo, hi = min(wanted), max(wanted)
+                    if hi - lo > SPREAD:
+                        return None
+                    cursor.execute(f"SELECT seq, hash FROM audit_log WHERE seq BETWEEN {mark} AND {mark}", (lo, hi))
+                    return row[0], row[1], dict(cursor.fetchall())
+                finally:
+                    cursor.close()
+        except self.db.engine.dialect.loaded_dbapi.Error:
+            return None
 
 
 def checkpoint(db: Database, out: Path) -> dict[str, Any]:
