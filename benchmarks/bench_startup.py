@@ -12,36 +12,62 @@ Every process runs with its bytecode cached, as an installed custody runs: a
 Without that, each start compiles every module it imports from source: about 90 ms of
 ``halt status``'s 210 ms on a quiet machine, a cost no deployment pays.
 
-    .venv/bin/python benchmarks/bench_startup.py [--rounds 15]
+With ``--postgres URL`` (a database the benchmark may make a schema in, dropped at the end)
+`halt status` runs on PostgreSQL too, light (the default) and full (CUSTODY_HALT_LIGHT=0),
+beside what the PostgreSQL path's imports cost alone: `import psycopg` (the whole driver) and
+`psycopg.pq` as the light path loads it (custody.store.light_pg._pq).
+
+    .venv/bin/python benchmarks/bench_startup.py [--rounds 15] [--postgres postgresql://...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-GOALS = {"--help": 4.0, "--version": 4.0, "halt status": 6.0}
+GOALS = {"--help": 4.0, "--version": 4.0, "halt status": 6.0, "halt status PG": 6.0}
 
 
-def _store(home: Path) -> dict[str, str]:
+def _store(home: Path, db_url: str | None = None) -> dict[str, str]:
     """A store to read the halt state from, made as the CLI tests make one."""
     from tests.support import Custody, founders
 
-    c = Custody(home)
+    c = Custody(home, db_url)
     result = c.init(founders())
     if result.exit_code != 0:
         raise SystemExit(f"cannot create the store: {result.output}")
     env = dict(os.environ, **c.env, PYTHONPYCACHEPREFIX=str(home.parent / "pycache"))
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
+
+
+@contextmanager
+def _pg_schema(url: str) -> Iterator[str]:
+    """A fresh schema in the database at ``url`` (as tests/conftest.py's pg_url), dropped after."""
+    from sqlalchemy import create_engine, text
+
+    schema = f"custody_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 def _time(argv: list[str], env: dict[str, str]) -> float:
@@ -53,23 +79,33 @@ def _time(argv: list[str], env: dict[str, str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--postgres", metavar="URL", help="also `halt status` on PostgreSQL, in a new schema there")
     args = parser.parse_args()
     custody = [sys.executable, "-m", "custody_cli"]
-    with tempfile.TemporaryDirectory() as tmp:
+    status = [*custody, "halt", "status", "--json"]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         env = _store(Path(tmp) / "home")
-        cases = {
-            "python -c pass": [sys.executable, "-c", "pass"],
-            "--help": [*custody, "--help"],
-            "--version": [*custody, "--version"],
-            "halt status": [*custody, "halt", "status", "--json"],
+        cases: dict[str, tuple[list[str], dict[str, str]]] = {
+            "python -c pass": ([sys.executable, "-c", "pass"], env),
+            "--help": ([*custody, "--help"], env),
+            "--version": ([*custody, "--version"], env),
+            "halt status": (status, env),
         }
+        if args.postgres:
+            pg = _store(Path(tmp) / "pg", stack.enter_context(_pg_schema(args.postgres)))
+            cases |= {
+                "halt status PG": (status, pg),
+                "  full path": (status, dict(pg, CUSTODY_HALT_LIGHT="0")),
+                "  import psycopg": ([sys.executable, "-c", "import psycopg"], env),
+                "  psycopg.pq": ([sys.executable, "-c", "from custody.store.light_pg import _pq; _pq()"], env),
+            }
         times: dict[str, list[float]] = {name: [] for name in cases}
         names = list(cases)
-        for argv in cases.values():  # writes the bytecode cache: not counted
-            _time(argv, env)
+        for case in cases.values():  # writes the bytecode cache: not counted
+            _time(*case)
         for r in range(args.rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                times[name].append(_time(cases[name], env))
+                times[name].append(_time(*cases[name]))
     floor = statistics.median(times["python -c pass"])
     print(f"{'':16}{'median ms':>10}{'ratio':>8}{'goal':>7}")
     for name, samples in times.items():

@@ -32,6 +32,9 @@ HEAVY = (
     "rich.table",
     "coincurve",
     "custody.store.models",
+    "psycopg",  # the package: on the light path a module whose __init__ has not run (custody.store.light_pg)
+    "psycopg.connection",  # imported by psycopg's __init__: the whole driver
+    "asyncio",
 )
 
 _PROBE = """
@@ -90,6 +93,20 @@ def test_halt_status_without_the_light_path_loads_the_store(store: Custody) -> N
     assert code == 0
     assert loaded & {"fastapi", "uvicorn", "gnupg", "pkcs11", "cryptography", "pbk", "rich.table"} == set(), loaded
     assert {"sqlalchemy", "custody.store.models"} <= loaded
+
+
+def test_halt_status_on_postgresql_loads_libpq_alone(pg_url: str, tmp_path: Path) -> None:
+    """On PostgreSQL it reads through libpq, by psycopg's wrapper of it (psycopg.pq) alone: no
+    sqlalchemy, sqlmodel, models, nor psycopg's driver (the package's __init__: connections,
+    cursors, adapters). The URL carries the schema in its options (conftest's pg_url)."""
+    c = Custody(tmp_path / "home", pg_url)
+    assert c.init(founders()).exit_code == 0
+    code, loaded = _loaded(c.env, "halt", "status", "--json")
+    assert code == 0
+    assert "psycopg" in loaded and loaded <= {"psycopg", "asyncio", "coincurve"}, loaded  # asyncio: psycopg.errors's
+    code, loaded = _loaded(dict(c.env, CUSTODY_HALT_LIGHT="0"), "halt", "status", "--json")
+    assert code == 0
+    assert {"sqlalchemy", "custody.store.models", "psycopg.connection"} <= loaded  # the probe sees the driver
 
 
 def test_the_index_agrees_with_the_commands() -> None:
