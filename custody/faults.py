@@ -2,7 +2,8 @@
 
 ``crash_point("name")`` kills this process with SIGKILL when ``CUSTODY_CRASH_AT`` equals
 ``name``: the tests run a real command in a subprocess, kill it at each step, run it again
-and check that nothing was lost or done twice. ``pause_point("name")`` stops this process
+and check that nothing was lost or done twice. ``fail_point("name")`` raises the error a full
+disk gives (``OSError`` ENOSPC) when ``CUSTODY_FAIL_AT`` equals ``name``. ``pause_point("name")`` stops this process
 with SIGSTOP when ``CUSTODY_PAUSE_AT`` equals ``name``, as a slow or swapped-out process
 would stand still there, until the test sends SIGCONT. Unset, each costs one dictionary
 lookup.
@@ -10,6 +11,7 @@ lookup.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -35,7 +37,11 @@ POINTS = (
     "sync.settled",  # inside sync: a withdrawal, sweep or consolidation confirmed, its inputs released, not yet booked
     "sync.reorged",  # inside sync: one back to broadcast, its inputs reserved and settlement reversed, not yet logged
     "sync.refunded",  # inside sync: one failed by a foreign spend, its inputs released, nothing posted nor logged
+    "audit.rows_checked",  # audit log --verify's row worker: every row checked, its result not yet sent
 )
+
+
+FAIL_POINTS = ("audit.rows_checking",)  # audit log --verify's row worker: its snapshot open, no row read
 
 
 PAUSE_POINTS = (
@@ -47,19 +53,25 @@ PAUSE_POINTS = (
 )
 
 
-# The two environment reads outside custody/config.py, on purpose. Crash and pause points
+# The environment reads outside custody/config.py, on purpose. Crash and pause points
 # sit deep inside transactions (issuance, the withdrawal queue, the halt state) in functions
 # that are handed no Settings, and they must fire in any process that runs the library, also
 # before any Settings exist; threading Settings through all of them for test-only switches
 # would widen signatures across every layer. Unset, each costs one lookup. They grant
-# nothing: a crash or a stop at these points is what the tests prove safe, and whoever can
-# set the variables can as well send the same SIGKILL or SIGSTOP.
+# nothing: a crash, a stop or a full disk at these points is what the tests prove safe, and
+# whoever can set the variables can as well send the same SIGKILL or SIGSTOP, or fill the disk.
 
 
 def crash_point(name: str) -> None:
     """SIGKILL this process when CUSTODY_CRASH_AT names this point (tests only)."""
     if os.environ.get("CUSTODY_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fail_point(name: str) -> None:
+    """Raise OSError ENOSPC (a full disk) when CUSTODY_FAIL_AT names this point (tests only)."""
+    if os.environ.get("CUSTODY_FAIL_AT") == name:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def pause_point(name: str) -> None:

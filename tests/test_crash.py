@@ -35,7 +35,12 @@ def test_every_crash_point_is_exercised() -> None:
     the key rotation's and the sweep's in tests/test_rotation.py; the fee bump's and cancel's in
     tests/test_replace_regtest.py, on a node that relays replacements; the sync's steps for a
     consolidation in tests/test_consolidate_reorg_regtest.py)."""
-    beside = ("test_rotation.py", "test_replace_regtest.py", "test_consolidate_reorg_regtest.py")
+    beside = (
+        "test_rotation.py",
+        "test_replace_regtest.py",
+        "test_consolidate_reorg_regtest.py",
+        "test_audit_rows_apart.py",
+    )
     here = "".join(p.read_text() for p in (Path(__file__), *(Path(__file__).with_name(b) for b in beside)))
     for point in POINTS:
         assert f'"{point}"' in here, point

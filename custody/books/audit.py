@@ -31,6 +31,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from custody.books import blockscan, ledger, ledger_log, liabilities, liability_accounts, reserves_proof
 from custody.chain.types import ChainBackend
@@ -47,7 +48,7 @@ from custody.config import Settings
 from custody.control import audit_log, epochs, halt, witness
 from custody.control.roster import current_roster, load_trust
 from custody.errors import CustodyError, InputError, NodeError, VerificationFailed
-from custody.issuance import record
+from custody.issuance import issuer, record, row_check
 from custody.issuance.issuer import count_addresses, iter_addresses
 from custody.issuance.record import StoredRow
 from custody.store.db import Database
@@ -363,18 +364,23 @@ def audit_log_check(
     halt_on_failure: bool = True,
     against: Sequence[Path] = (),
     progress: Callable[[int, int], None] | None = None,
+    rows_apart: int | None = None,
 ) -> dict[str, Any]:
     """Verify the audit log and what the tool keeps beside it; on any break, raise the trading halt.
 
     The chain re-hashed entry by entry; the employees' keys against the log; the log against
     every witness (the local witness file when there is one, and each of ``against``): a log
     shorter than witnessed or diverging from it was truncated or rewritten; the ledger's
-    entries and the address rows against the postings and issuances the log recorded.
+    entries and the address rows against the postings and issuances the log recorded. With
+    two cores or more and at least ``rows_apart`` address rows (:data:`ROWS_APART`), the rows
+    are checked in a second process while this one re-hashes the chain
+    (custody.issuance.row_check: the same problems, named the same way).
 
     ``progress`` is called with the rows checked so far and the rows to check (the log's
     entries, then the address rows), as the chain and the rows are walked.
     Returns ``{"ok", "entries", "problems": [{"seq", "reason"}], "witnesses", "halt_id"}``.
-    Raises InputError for a witness that cannot be read (before anything is checked).
+    Raises InputError for a witness that cannot be read (before anything is checked),
+    RowCheckFailed (exit 1) when the rows' process gave no result (killed, failed): never a pass.
     """
     db.check_schema()
     witnesses: list[tuple[str, list[witness.Checkpoint]]] = []
@@ -382,25 +388,36 @@ def audit_log_check(
         witnesses.append((str(settings.witness_file), witness.read(settings.witness_file)))
     for path in against:
         witnesses.append((str(path), witness.read(path)))
-    with db.transaction(read_only=True) as s:  # one snapshot; writers go on meanwhile
-        total = 0
-        if progress is not None:
-            head = s.get(AuditHead, 1)
-            total = (head.seq if head is not None else 0) + count_addresses(s)
-            progress(0, total)
-        problems, count = audit_log.verify_chain_counted(
-            s, None if progress is None else lambda done: progress(done, max(total, done))
-        )
-        try:  # the roster rows must stand against the founders' manifest pinned here
-            current_roster(s, load_trust(settings))
-        except VerificationFailed as exc:
-            problems.append(audit_log.ChainProblem(0, str(exc)))
-        for _, checkpoints in witnesses:
-            problems += witness.compare(s, checkpoints)
-        problems += [audit_log.ChainProblem(0, why) for why in ledger_log.log_problems(s, SHOWN)]
-        rows = iter_addresses(s) if progress is None else _counted(iter_addresses(s), count, total, progress)
-        for f in record.check_rows(s, rows)[:SHOWN]:
-            problems.append(audit_log.ChainProblem(0, f"address {f.address} ({f.chain}/{f.index}): {f.reason}"))
+    apart: row_check.RowCheck | None = None
+    try:
+        with db.transaction(read_only=True) as s:  # one snapshot; writers go on meanwhile
+            addresses = count_addresses(s)  # the snapshot taken: the worker's begins after it
+            apart = _rows_apart(db, addresses, ROWS_APART if rows_apart is None else rows_apart)
+            total = 0
+            if progress is not None:
+                head = s.get(AuditHead, 1)
+                total = (head.seq if head is not None else 0) + addresses
+                progress(0, total)
+            tally = hashlib.sha256()
+            problems, count = audit_log.verify_chain_counted(
+                s,
+                None
+                if progress is None
+                else lambda done: progress(done + _done(apart), max(total, done + _done(apart))),
+                tally=None if apart is None else (record.ISSUED, tally),
+            )
+            try:  # the roster rows must stand against the founders' manifest pinned here
+                current_roster(s, load_trust(settings))
+            except VerificationFailed as exc:
+                problems.append(audit_log.ChainProblem(0, str(exc)))
+            for _, checkpoints in witnesses:
+                problems += witness.compare(s, checkpoints)
+            problems += [audit_log.ChainProblem(0, why) for why in ledger_log.log_problems(s, SHOWN)]
+            rows = _row_problems(s, apart, tally.hexdigest(), count, total, progress)
+            problems += [audit_log.ChainProblem(0, why) for why in rows]
+    finally:
+        if apart is not None:
+            apart.close()
     report: dict[str, Any] = {
         "ok": not problems,
         "entries": count,
@@ -418,6 +435,45 @@ def audit_log_check(
         # halt, but the halt file says halted (raise_halt writes it first) and keeps it pending.
         _halt_first(db, settings, report, reason=reason, source="audit-log")
     return report
+
+
+ROWS_APART = 100_000
+"""Address rows from which ``audit log --verify`` checks them in a second process (on two
+cores or more): below, starting it costs more than it saves."""
+
+
+def _rows_apart(db: Database, addresses: int, least: int) -> row_check.RowCheck | None:
+    """The rows' check started in its own process, when there are cores and rows enough for it."""
+    if addresses < least or row_check.cores() < 2:
+        return None
+    batches = {"address": issuer.ADDRESS_BATCH, "issued": record.ISSUED_CHUNK, "chain": audit_log.CHAIN_BATCH}
+    return row_check.RowCheck(db.url, SHOWN, batches)
+
+
+def _done(apart: row_check.RowCheck | None) -> int:
+    return 0 if apart is None else apart.done
+
+
+def _row_problems(
+    s: Session,
+    apart: row_check.RowCheck | None,
+    tally: str,
+    count: int,
+    total: int,
+    progress: Callable[[int, int], None] | None,
+) -> list[str]:
+    """The address rows' problems (the first SHOWN): the worker's, when it judged them against
+    the very issuances this snapshot's chain check read (``tally``), else checked here."""
+    if apart is not None:
+        while progress is not None and not apart.wait(0.2):
+            progress(count + apart.done, max(total, count + apart.done))
+        found = apart.result()
+        if found.issued == tally:
+            if progress is not None:
+                progress(count + found.rows, max(total, count + found.rows))
+            return found.problems
+    rows = iter_addresses(s) if progress is None else _counted(iter_addresses(s), count, total, progress)
+    return [record.problem(f) for f in record.check_rows(s, rows)[:SHOWN]]
 
 
 def _counted(

@@ -303,12 +303,24 @@ def _fields(*values: Any) -> list[Any]:
     return list(values[:-1]) if values[-1] is None else list(values)
 
 
+def entry_mark(seq: Any, digest: Any) -> bytes:
+    """One entry's sequence and stored hash as :func:`verify_chain_counted`'s ``tally`` hashes
+    them (a line each), whatever their stored types."""
+    return f"{seq} {digest}\n".encode()
+
+
 def verify_chain_counted(
-    session: Session, progress: Callable[[int], None] | None = None
+    session: Session,
+    progress: Callable[[int], None] | None = None,
+    *,
+    tally: tuple[str, Any] | None = None,
 ) -> tuple[list[ChainProblem], int]:
     """:func:`verify_chain`, and how many entries it read; streamed in bounded memory.
-    ``progress`` is called with the entries checked so far, every PROGRESS_EVERY and at the end."""
+    ``progress`` is called with the entries checked so far, every PROGRESS_EVERY and at the end.
+    ``tally``: an event and a hash object, updated with :func:`entry_mark` of every entry of
+    that event, in log order (what the entries of one event were, as this walk read them)."""
     problems: list[ChainProblem] = []
+    tallied: object = object() if tally is None else tally[0]  # an event no entry has: none tallied
     prev = GENESIS
     expected_seq = 1
     count = 0
@@ -335,6 +347,8 @@ def verify_chain_counted(
             body = dumps(_fields(seq, stamp, event, actor, payload, signature, prev_hash, made_by))
         if sha256(body.encode()).hexdigest() != digest:
             problems.append(ChainProblem(seq, "content does not match its hash (edited)"))
+        if event == tallied:
+            tally[1].update(entry_mark(seq, digest))  # type: ignore[index]
         prev = digest
         expected_seq = seq + 1
         if progress is not None and count % PROGRESS_EVERY == 0:

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
-from typing import IO, NamedTuple
+from typing import IO, Any, NamedTuple
 
 from sqlmodel import Session, select
 
@@ -88,18 +88,21 @@ ISSUED_CHUNK = 50_000
 """Issuances read per query and sorted in memory at once (custody.store.sorted_runs)."""
 
 
-def _issued(s: Session, bad: list[verify.Failure], chunk: int | None = None) -> Iterator[Issuance]:
+def _issued(s: Session, bad: list[verify.Failure], chunk: int | None = None, seen: Any = None) -> Iterator[Issuance]:
     """The log's issuances in (chain, first index) order, streamed: read ``chunk`` at a time in
     the log's order and sorted through temporary files beyond one chunk. An entry that does not
     match its own hash (an edit; a consistent rewrite of the chain is the witnesses' to catch)
     or does not read is appended to ``bad`` instead, as the entries are read (before the first
-    issuance is given)."""
+    issuance is given). ``seen``, a hash object, is updated with every entry read
+    (audit_log.entry_mark), edited or not."""
     chunk = chunk or ISSUED_CHUNK
     with ExitStack() as stack:
         found = SortedRuns(chunk, stack)
         page: list[tuple[int, int, int, int, str, str | None, str]] = []
         for row in audit_log.iter_event(s, ISSUED, chunk):
             seq, payload = row[0], row[4]
+            if seen is not None:
+                seen.update(audit_log.entry_mark(seq, row[7]))
             if not audit_log.row_intact(row):
                 bad.append(verify.Failure(LOG, -1, -1, f"audit log entry {seq} (address.issued) was edited"))
                 continue
@@ -319,6 +322,11 @@ class _Bounded(list[verify.Failure]):
         return out
 
 
+def problem(f: verify.Failure) -> str:
+    """A row's failure as ``custody audit log --verify`` names it."""
+    return f"address {f.address} ({f.chain}/{f.index}): {f.reason}"
+
+
 def _span(record: Issuance | None) -> tuple[tuple[int, int], tuple[int, int]]:
     """A record's last (chain, index) and its first."""
     return ((record.chain, record.end - 1), (record.chain, record.first)) if record else ((0, 0), (0, 0))
@@ -348,15 +356,18 @@ class _Records:
         return r
 
 
-def check_rows(s: Session, rows: Iterable[StoredRow], chunk: int | None = None) -> list[verify.Failure]:
+def check_rows(
+    s: Session, rows: Iterable[StoredRow], chunk: int | None = None, seen: Any = None
+) -> list[verify.Failure]:
     """Every address row against the log's issuances (``rows`` in (chain, index) order).
 
     Returns what differs, empty when the store's addresses are exactly what was issued: the
     first :data:`LISTED` differences, then one that counts the rest. The issuances are
     streamed (:func:`_issued`, ``chunk`` at a time): memory is bounded at any number of them.
+    ``seen``: a hash object updated with every ``address.issued`` entry read (:func:`_issued`).
     """
     failures = _Bounded([])
-    issued = _Records(_issued(s, failures, chunk), failures)
+    issued = _Records(_issued(s, failures, chunk, seen), failures)
     walk: _Walk | None = None
     record = issued.next()
     last, start = _span(record)
