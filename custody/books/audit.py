@@ -383,11 +383,7 @@ def audit_log_check(
     RowCheckFailed (exit 1) when the rows' process gave no result (killed, failed): never a pass.
     """
     db.check_schema()
-    witnesses: list[tuple[str, list[witness.Checkpoint]]] = []
-    if settings.witness_file.exists():
-        witnesses.append((str(settings.witness_file), witness.read(settings.witness_file)))
-    for path in against:
-        witnesses.append((str(path), witness.read(path)))
+    witnesses = _witnesses(settings, against)
     apart: row_check.RowCheck | None = None
     try:
         with db.transaction(read_only=True) as s:  # one snapshot; writers go on meanwhile
@@ -435,6 +431,16 @@ def audit_log_check(
         # halt, but the halt file says halted (raise_halt writes it first) and keeps it pending.
         _halt_first(db, settings, report, reason=reason, source="audit-log")
     return report
+
+
+def _witnesses(settings: Settings, against: Sequence[Path]) -> list[tuple[str, list[witness.Checkpoint]]]:
+    """The local witness file's checkpoints when there is one, then each of ``against``'s."""
+    witnesses: list[tuple[str, list[witness.Checkpoint]]] = []
+    if settings.witness_file.exists():
+        witnesses.append((str(settings.witness_file), witness.read(settings.witness_file)))
+    for path in against:
+        witnesses.append((str(path), witness.read(path)))
+    return witnesses
 
 
 ROWS_APART = 100_000
