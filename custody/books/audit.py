@@ -49,8 +49,7 @@ from custody.control import audit_log, epochs, halt, witness
 from custody.control.roster import current_roster, load_trust
 from custody.errors import CustodyError, InputError, NodeError, VerificationFailed
 from custody.issuance import issuer, record, row_check
-from custody.issuance.issuer import count_addresses, iter_addresses
-from custody.issuance.record import StoredRow
+from custody.issuance.issuer import count_addresses, iter_address_rows
 from custody.store.db import Database
 from custody.store.models import AuditHead, LedgerAccount, LedgerHead
 
@@ -453,7 +452,10 @@ def _rows_apart(db: Database, addresses: int, least: int) -> row_check.RowCheck 
     if addresses < least or row_check.cores() < 2:
         return None
     batches = {"address": issuer.ADDRESS_BATCH, "issued": record.ISSUED_CHUNK, "chain": audit_log.CHAIN_BATCH}
-    return row_check.RowCheck(db.url, SHOWN, batches)
+    try:
+        return row_check.RowCheck(db.url, SHOWN, batches)
+    except OSError:  # no process to be had (no memory, no process slot): the rows checked here, as before
+        return None
 
 
 def _done(apart: row_check.RowCheck | None) -> int:
@@ -478,13 +480,15 @@ def _row_problems(
             if progress is not None:
                 progress(count + found.rows, max(total, count + found.rows))
             return found.problems
-    rows = iter_addresses(s) if progress is None else _counted(iter_addresses(s), count, total, progress)
+    rows = iter_address_rows(s)
+    if progress is not None:
+        rows = _counted(rows, count, total, progress)
     return [record.problem(f) for f in record.check_rows(s, rows)[:SHOWN]]
 
 
 def _counted(
-    rows: Iterable[StoredRow], before: int, total: int, progress: Callable[[int, int], None]
-) -> Iterator[StoredRow]:
+    rows: Iterable[tuple[Any, ...]], before: int, total: int, progress: Callable[[int, int], None]
+) -> Iterator[tuple[Any, ...]]:
     """``rows``, calling ``progress`` every PROGRESS_EVERY rows and at the end, counted on from ``before``."""
     done = before
     for row in rows:

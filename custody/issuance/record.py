@@ -235,7 +235,7 @@ class _Walk:
         self.next = record.first
         self.accounts_ok = True
 
-    def add(self, row: StoredRow, failures: list[verify.Failure]) -> None:
+    def add(self, row: tuple[Any, ...], failures: list[verify.Failure]) -> None:
         r = self.record
         chain, idx, account, address, script_pubkey, script = row[:6]
         if idx > self.next:
@@ -357,9 +357,10 @@ class _Records:
 
 
 def check_rows(
-    s: Session, rows: Iterable[StoredRow], chunk: int | None = None, seen: Any = None
+    s: Session, rows: Iterable[tuple[Any, ...]], chunk: int | None = None, seen: Any = None
 ) -> list[verify.Failure]:
-    """Every address row against the log's issuances (``rows`` in (chain, index) order).
+    """Every address row against the log's issuances (``rows`` in (chain, index) order: each
+    ``(chain, idx, account, address, script_pubkey, script, ...)``, a StoredRow or a plain tuple).
 
     Returns what differs, empty when the store's addresses are exactly what was issued: the
     first :data:`LISTED` differences, then one that counts the rest. The issuances are
@@ -383,10 +384,10 @@ def check_rows(
         if record is None or key < start:
             failures.append(
                 verify.Failure(
-                    row.address,
-                    row.chain,
-                    row.idx,
-                    f"in the store (account {row.account!r}), never issued in the audit log: inserted outside the tool",
+                    row[3],
+                    row[0],
+                    row[1],
+                    f"in the store (account {row[2]!r}), never issued in the audit log: inserted outside the tool",
                 )
             )
             continue

@@ -163,7 +163,7 @@ def _check(url: str, shown: int, batches: dict[str, int]) -> dict[str, Any]:
 
     def counted() -> Any:
         nonlocal rows
-        for row in issuer.iter_addresses(s):
+        for row in issuer.iter_address_rows(s):
             yield row
             rows += 1
             if rows % PROGRESS_EVERY == 0:
