@@ -21,7 +21,7 @@ from custody.books import audit
 from custody.control import audit_log
 from custody.control.wallet import load_policy
 from custody.faults import FAIL_POINTS
-from custody.issuance import issuer, record, row_check
+from custody.issuance import record, row_check
 from custody.policy.generator import AddressDeriver
 from custody.store.db import Database, normalize_url
 from tests.support import Custody, founders
@@ -44,7 +44,7 @@ class Store:
             return original(*args, **kwargs)
 
         monkeypatch.setattr(record, "check_rows", counted)
-        monkeypatch.setattr(issuer, "ADDRESS_BATCH", 7)
+        monkeypatch.setattr(record, "ROW_BATCH", 7)
         monkeypatch.setattr(audit_log, "CHAIN_BATCH", 7)
         monkeypatch.setattr(record, "ISSUED_CHUNK", 2)
         monkeypatch.setattr(row_check, "cores", lambda: 2)  # on any machine

@@ -34,6 +34,7 @@ SIX = ("chain", "index", "account", "address", "script_pubkey", "script")
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(issuer, "ADDRESS_BATCH", BATCH)
+    monkeypatch.setattr(record, "ROW_BATCH", BATCH)  # the rows read by audit log --verify
     monkeypatch.setattr(audit_log, "CHAIN_BATCH", BATCH)
     monkeypatch.setattr(record, "ISSUED_CHUNK", 2)  # the issuances sorted in runs of two, merged
 

@@ -48,8 +48,8 @@ from custody.config import Settings
 from custody.control import audit_log, epochs, halt, witness
 from custody.control.roster import current_roster, load_trust
 from custody.errors import CustodyError, InputError, NodeError, VerificationFailed
-from custody.issuance import issuer, record, row_check
-from custody.issuance.issuer import count_addresses, iter_address_rows
+from custody.issuance import record, row_check
+from custody.issuance.issuer import count_addresses
 from custody.store.db import Database
 from custody.store.models import AuditHead, LedgerAccount, LedgerHead
 
@@ -451,7 +451,7 @@ def _rows_apart(db: Database, addresses: int, least: int) -> row_check.RowCheck 
     """The rows' check started in its own process, when there are cores and rows enough for it."""
     if addresses < least or row_check.cores() < 2:
         return None
-    batches = {"address": issuer.ADDRESS_BATCH, "issued": record.ISSUED_CHUNK, "chain": audit_log.CHAIN_BATCH}
+    batches = {"address": record.ROW_BATCH, "issued": record.ISSUED_CHUNK, "chain": audit_log.CHAIN_BATCH}
     try:
         return row_check.RowCheck(db.url, SHOWN, batches)
     except OSError:  # no process to be had (no memory, no process slot): the rows checked here, as before
@@ -480,7 +480,7 @@ def _row_problems(
             if progress is not None:
                 progress(count + found.rows, max(total, count + found.rows))
             return found.problems
-    rows = iter_address_rows(s)
+    rows = record.iter_address_rows(s)
     if progress is not None:
         rows = _counted(rows, count, total, progress)
     return [record.problem(f) for f in record.check_rows(s, rows)[:SHOWN]]

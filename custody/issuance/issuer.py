@@ -545,26 +545,6 @@ def iter_addresses(s: Session, batch: int | None = None) -> Iterator[StoredRow]:
         last = (rows[-1][0], rows[-1][1])
 
 
-_ROW_PAGE = text(
-    "SELECT chain, idx, account, address, script_pubkey, script FROM address "
-    "WHERE (chain, idx) > (:chain, :idx) ORDER BY chain, idx LIMIT :n"
-)
-
-
-def iter_address_rows(s: Session, batch: int | None = None) -> Iterator[tuple[Any, ...]]:
-    """:func:`iter_addresses` as the driver's own tuples ``(chain, idx, account, address,
-    script_pubkey, script)``: no ``created_at``, no object per row, for the rows' checks
-    (custody.issuance.record.check_rows), which read nothing else."""
-    batch = batch or ADDRESS_BATCH
-    last = (-1, -1)
-    while True:
-        rows = plain_rows(s, _ROW_PAGE, {"chain": last[0], "idx": last[1], "n": batch})
-        if not rows:
-            return
-        yield from rows
-        last = (rows[-1][0], rows[-1][1])
-
-
 def stored_at(value: datetime | str) -> datetime:
     """A stored ``created_at`` as a datetime (SQLite's driver gives the text SQLAlchemy wrote)."""
     return value if isinstance(value, datetime) else datetime.fromisoformat(value)

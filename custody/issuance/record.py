@@ -32,12 +32,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any, NamedTuple
 
+from sqlalchemy import text
 from sqlmodel import Session, select
 
 from custody import verify
 from custody.control import audit_log
 from custody.control.wallet import COUNTER_NAMES
 from custody.errors import StorageError
+from custody.store.db import plain_rows
 from custody.store.models import Counter
 from custody.store.sorted_runs import SortedRuns
 
@@ -82,6 +84,29 @@ class Issuance:
     @property
     def end(self) -> int:
         return self.first + self.count
+
+
+ROW_BATCH = 5000
+"""Address rows read per query by :func:`iter_address_rows`."""
+
+_ROW_PAGE = text(
+    "SELECT chain, idx, account, address, script_pubkey, script FROM address "
+    "WHERE (chain, idx) > (:chain, :idx) ORDER BY chain, idx LIMIT :n"
+)
+
+
+def iter_address_rows(s: Session, batch: int | None = None) -> Iterator[tuple[Any, ...]]:
+    """custody.issuance.issuer.iter_addresses as the driver's own tuples ``(chain, idx, account, address,
+    script_pubkey, script)``: no ``created_at``, no object per row, for the rows' checks
+    (:func:`check_rows`), which read nothing else."""
+    batch = batch or ROW_BATCH
+    last = (-1, -1)
+    while True:
+        rows = plain_rows(s, _ROW_PAGE, {"chain": last[0], "idx": last[1], "n": batch})
+        if not rows:
+            return
+        yield from rows
+        last = (rows[-1][0], rows[-1][1])
 
 
 ISSUED_CHUNK = 50_000

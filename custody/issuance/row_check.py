@@ -151,10 +151,10 @@ def _check(url: str, shown: int, batches: dict[str, int]) -> dict[str, Any]:
     import hashlib
 
     from custody.control import audit_log
-    from custody.issuance import issuer, record
+    from custody.issuance import record
     from custody.store.db import Database
 
-    issuer.ADDRESS_BATCH = batches.get("address", issuer.ADDRESS_BATCH)
+    record.ROW_BATCH = batches.get("address", record.ROW_BATCH)
     record.ISSUED_CHUNK = batches.get("issued", record.ISSUED_CHUNK)
     audit_log.CHAIN_BATCH = batches.get("chain", audit_log.CHAIN_BATCH)
     db = Database(url)
@@ -163,7 +163,7 @@ def _check(url: str, shown: int, batches: dict[str, int]) -> dict[str, Any]:
 
     def counted() -> Any:
         nonlocal rows
-        for row in issuer.iter_address_rows(s):
+        for row in record.iter_address_rows(s):
             yield row
             rows += 1
             if rows % PROGRESS_EVERY == 0:
