@@ -28,7 +28,7 @@ from sqlalchemy import text
 from sqlmodel import Session
 
 from custody.books.ledger import POSTED
-from custody.store.db import plain_rows
+from custody.store.db import plain_rows, require_paged_keys
 from custody.store.sorted_runs import SortedRuns
 
 CHUNK = 50_000
@@ -53,6 +53,7 @@ Txn = tuple[int, str, str]
 def _pages(s: Session, query: Any, chunk: int) -> Iterator[list[tuple[Any, ...]]]:
     """Every row of ``query`` (keyed on its first column, which it is ordered by), ``chunk`` at a time."""
     last: Any = -1
+    require_paged_keys(s)
     while True:
         rows = plain_rows(s, query, {"last": last, "n": chunk})
         if not rows:

@@ -30,7 +30,7 @@ from sqlmodel import Session, col, select
 
 from custody.clock import iso, now
 from custody.errors import StorageError
-from custody.store.db import plain_rows
+from custody.store.db import plain_rows, require_paged_keys
 from custody.store.models import AuditEntry, AuditHead
 
 GENESIS = "0" * 64
@@ -251,6 +251,7 @@ def iter_chain(session: Session, batch: int | None = None) -> Iterator[tuple[Any
     conversion: ``at`` is as the driver gives it, see :func:`_stamp`)."""
     last = -1
     batch = batch or CHAIN_BATCH
+    require_paged_keys(session)  # seq unique: no second entry of a page's last seq goes unread
     while True:
         rows = plain_rows(session, _CHAIN_PAGE, {"last": last, "n": batch})
         if not rows:
@@ -269,6 +270,7 @@ def iter_event(session: Session, event: str, batch: int | None = None) -> Iterat
     """The entries of one ``event`` as :func:`iter_chain` gives them, in log order, ``batch`` at a time."""
     last = -1
     batch = batch or CHAIN_BATCH
+    require_paged_keys(session)
     while True:
         rows = plain_rows(session, _EVENT_PAGE, {"event": event, "last": last, "n": batch})
         if not rows:

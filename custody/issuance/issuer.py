@@ -43,7 +43,7 @@ from custody.issuance.record import ISSUED, StoredRow, row_line
 from custody.policy.generator import AddressDeriver, DerivedAddress
 from custody.policy.manifest import SignedManifest
 from custody.policy.model import RECEIVE, Policy
-from custody.store.db import Database, plain_rows
+from custody.store.db import Database, plain_rows, require_paged_keys
 from custody.store.models import AddressRow
 
 MAX_BATCH = 1_000_000
@@ -536,6 +536,7 @@ def iter_addresses(s: Session, batch: int | None = None) -> Iterator[StoredRow]:
     batch = batch or ADDRESS_BATCH
     last = (-1, -1)
     make = StoredRow._make
+    require_paged_keys(s)  # (chain, idx) unique: no second row of a page's last key goes unread
     while True:
         rows = plain_rows(s, _ADDRESS_PAGE, {"chain": last[0], "idx": last[1], "n": batch})
         if not rows:

@@ -24,11 +24,11 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, create_engine, select
 
-from custody.errors import CustodyError, InputError, StorageError, StoreBusy
+from custody.errors import CustodyError, InputError, StorageError, StoreBusy, VerificationFailed
 from custody.store import models
+from custody.store.light import PAGED_KEYS, SQLITE_KEYS, is_busy, key_problems, keys_message, sqlite_on_connect
 from custody.store.light import READ_TIMEOUT as READ_TIMEOUT
 from custody.store.light import WRITE_TIMEOUT as WRITE_TIMEOUT
-from custody.store.light import is_busy, sqlite_on_connect
 
 _READ_ONLY = "custody_read_only"
 HALT_FILE = "custody.halt_file"
@@ -197,19 +197,64 @@ class Database:
 
         A store at an older version is upgraded; a newer one is refused before any DDL. A
         table missing from a store at this version is damage: it is not made again (empty).
+        Raises VerificationFailed when a key the paged reads rely on is gone
+        (:func:`require_paged_keys`).
         """
         if not self.has_schema():
             raise StorageError(f"no custody store at {redact(self.url)}: run `custody init` first")
         with self.transaction(read_only=True) as s:
             row = s.exec(select(models.Meta).where(models.Meta.key == "schema_version")).first()
             version = int(row.value) if row else 0
+            if version == models.SCHEMA_VERSION:
+                require_paged_keys(s)
         if version > models.SCHEMA_VERSION:
             raise _newer(version)  # before any DDL: a newer store is not touched
         if version != models.SCHEMA_VERSION:
             self.ensure_schema()
+            with self.transaction(read_only=True) as s:
+                require_paged_keys(s)
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+_TABLES = ", ".join(f"'{t}'" for t, _ in PAGED_KEYS)
+_OF_TABLES = (
+    f"c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema()) AND c.relname IN ({_TABLES})"
+)
+_POSTGRES_KEYS = text(
+    # light.SQLITE_KEYS' rows from the catalog of the current schema: a table with child tables
+    # (INHERITS) is not plain (its unique index does not cover their rows); an index counts when
+    # it is unique, valid, whole-table (no predicate) and of plain columns (no expression).
+    "SELECT 't', c.relname, NULL, (c.relkind = 'r' AND NOT EXISTS "
+    f"(SELECT 1 FROM pg_inherits AS h WHERE h.inhparent = c.oid))::text FROM pg_class AS c WHERE {_OF_TABLES} "
+    "UNION ALL SELECT 'c', c.relname, a.attname::text, a.attnotnull::text FROM pg_class AS c "
+    f"JOIN pg_attribute AS a ON a.attrelid = c.oid WHERE {_OF_TABLES} AND a.attnum > 0 AND NOT a.attisdropped "
+    "UNION ALL SELECT 'u', c.relname, x.relname::text, (SELECT string_agg(a.attname::text, ',') "
+    "FROM pg_attribute AS a WHERE a.attrelid = c.oid AND a.attnum = ANY (i.indkey::int2[])) "
+    "FROM pg_class AS c JOIN pg_index AS i ON i.indrelid = c.oid JOIN pg_class AS x ON x.oid = i.indexrelid "
+    f"WHERE {_OF_TABLES} AND i.indisunique AND i.indisvalid AND i.indisready AND i.indislive "
+    "AND i.indpred IS NULL AND i.indexprs IS NULL"
+)
+
+
+def require_paged_keys(s: Session) -> None:
+    """Refuse a store whose paged reads could skip rows: one catalog query, in the caller's
+    transaction (so in the snapshot the caller then reads the rows in).
+
+    The verifications and audits read the address table, the audit log and the ledger page by
+    page by key (light.PAGED_KEYS); an insider with the store's SQL who drops a unique
+    constraint could insert a second row with the key of a page's last row, which no page
+    would return. Raises VerificationFailed (exit 3) when a key is not unique or not NOT NULL.
+    """
+    conn = s.connection()
+    if conn.dialect.name == "sqlite":
+        rows = [tuple(r) for r in conn.exec_driver_sql(SQLITE_KEYS).all()]
+    else:
+        rows = [tuple(r) for r in conn.execute(_POSTGRES_KEYS).all()]
+    problems = key_problems(rows)
+    if problems:
+        raise VerificationFailed(keys_message(problems))
 
 
 def _add_column(s: Session, table: str, column: str, sql_type: str) -> None:

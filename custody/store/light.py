@@ -94,6 +94,8 @@ def read_transaction(path: Path) -> Iterator[sqlite3.Cursor]:
         row = cur.execute("SELECT value FROM custody_meta WHERE key = 'schema_version'").fetchone()
         if row is None or row[0] != str(SCHEMA_VERSION):
             raise NotLight(f"schema version {row[0] if row else None!r}")  # older: an upgrade; newer: refused
+        if key_problems(cur.execute(SQLITE_KEYS).fetchall()):
+            raise NotLight("a key the paged reads rely on is gone")  # the full path refuses, and says why
         yield cur
         conn.rollback()
     except sqlite3.Error as exc:
@@ -134,3 +136,76 @@ def stored_bool(value: object) -> bool:
     if type(value) is not int or value not in (0, 1):
         raise NotLight(f"a stored boolean {value!r}")
     return bool(value)
+
+
+# ---------------------------------------------------------------- the keys the paged reads rely on
+
+PAGED_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("address", ("chain", "idx")),
+    ("audit_log", ("seq",)),
+    ("ledger_txn", ("id",)),
+    ("ledger_entry", ("id",)),
+)
+"""Tables read page by page by key (``WHERE key > last ORDER BY key LIMIT n``: the verifier's
+address reads, the audit log's chain check, the ledger's comparison with the log), and the key.
+Such a read is only sound while the key is unique and never NULL: a second row with the key
+of a page's last row, or a NULL key, is never read by any page."""
+
+_TABLES = ", ".join(f"'{t}'" for t, _ in PAGED_KEYS)
+_OF_TABLES = f"m.type = 'table' AND m.name IN ({_TABLES})"
+
+SQLITE_KEYS = (
+    # One statement: each table (not virtual), its columns (NOT NULL?), an INTEGER PRIMARY
+    # KEY (the rowid itself: unique without an index) and its unique, whole-table indexes.
+    f"SELECT 't', m.name, NULL, CAST(m.sql NOT LIKE 'CREATE VIRTUAL%' AS TEXT) FROM sqlite_master AS m "
+    f"WHERE {_OF_TABLES} "
+    f"UNION ALL SELECT 'c', m.name, c.name, CAST(c.\"notnull\" AS TEXT) "
+    f"FROM sqlite_master AS m, pragma_table_info(m.name) AS c WHERE {_OF_TABLES} "
+    f"UNION ALL SELECT 'u', m.name, c.name, c.name FROM sqlite_master AS m, pragma_table_info(m.name) AS c "
+    f"WHERE {_OF_TABLES} AND c.pk = 1 AND upper(c.type) = 'INTEGER' "
+    f"AND (SELECT count(*) FROM pragma_table_info(m.name) AS k WHERE k.pk > 0) = 1 "
+    f"UNION ALL SELECT 'u', m.name, l.name, group_concat(coalesce(i.name, ''), ',') "
+    f"FROM sqlite_master AS m, pragma_index_list(m.name) AS l, pragma_index_info(l.name) AS i "
+    f'WHERE {_OF_TABLES} AND l."unique" = 1 AND l.partial = 0 GROUP BY m.name, l.name'
+)
+""":func:`key_problems`'s rows on SQLite: ``(kind, table, name, value)``."""
+
+
+def key_problems(rows: list[tuple[Any, ...]]) -> list[str]:
+    """What is wrong with the keys of :data:`PAGED_KEYS`, from the rows of :data:`SQLITE_KEYS`
+    (or custody.store.db's PostgreSQL query of the same shape): ``('t', table, -, usable)``,
+    ``('c', table, column, not_null)``, ``('u', table, index, "col,col")`` (a unique index, or
+    key, over the whole table, of plain columns). Empty: every key stands."""
+    tables: dict[str, bool] = {}
+    not_null: dict[str, set[str]] = {}
+    unique: dict[str, list[set[str]]] = {}
+    for kind, table, name, value in rows:
+        flag = str(value).lower() in ("1", "true", "t")
+        if kind == "t":
+            tables[table] = flag
+        elif kind == "c" and flag:
+            not_null.setdefault(table, set()).add(name)
+        elif kind == "u":
+            unique.setdefault(table, []).append(set(str(value).split(",")))
+    problems = []
+    for table, key in PAGED_KEYS:
+        columns = ", ".join(key)
+        if table not in tables:
+            problems.append(f"table {table} is missing")
+        elif not tables[table]:
+            problems.append(f"table {table} is not a plain table (a view, a virtual table, or one with child tables)")
+        elif not any(cols <= set(key) for cols in unique.get(table, [])):
+            problems.append(f"table {table} has no unique index or key on ({columns})")
+        elif not set(key) <= not_null.get(table, set()):
+            problems.append(f"table {table} allows NULL in ({columns})")
+    return problems
+
+
+def keys_message(problems: list[str]) -> str:
+    """The refusal for :func:`key_problems`'s findings (custody.store.db raises it)."""
+    return (
+        f"the store's schema was changed outside the tool: {'; '.join(problems)}. The verifications and "
+        "audits read these tables page by page by that key: a second row with a key already read, or a NULL "
+        "key, would be skipped by every check. Refused: restore the constraint (after removing any duplicate) "
+        "and verify again"
+    )
