@@ -379,9 +379,16 @@ def audit_log_check(
     entries, then the address rows), as the chain and the rows are walked.
     Returns ``{"ok", "entries", "problems": [{"seq", "reason"}], "witnesses", "halt_id"}``.
     Raises InputError for a witness that cannot be read (before anything is checked),
-    RowCheckFailed (exit 1) when the rows' process gave no result (killed, failed): never a pass.
+    RowCheckFailed (exit 1) when the rows' process gave no result (killed, failed): never a pass;
+    VerificationFailed, after the halt, for a store whose paged reads could skip rows
+    (custody.store.db.require_paged_keys).
     """
-    db.check_schema()
+    try:
+        db.check_schema()
+    except VerificationFailed as exc:  # a key the chain check pages by is gone: nothing it reads is sound
+        if halt_on_failure:
+            _halt_first(db, settings, {}, reason=f"the audit log cannot be verified: {exc}", source="audit-log")
+        raise
     witnesses = _witnesses(settings, against)
     apart: row_check.RowCheck | None = None
     try:

@@ -39,7 +39,7 @@ from custody import verify
 from custody.control import audit_log
 from custody.control.wallet import COUNTER_NAMES
 from custody.errors import StorageError
-from custody.store.db import plain_rows
+from custody.store.db import plain_rows, require_paged_keys
 from custody.store.models import Counter
 from custody.store.sorted_runs import SortedRuns
 
@@ -99,6 +99,7 @@ def iter_address_rows(s: Session, batch: int | None = None) -> Iterator[tuple[An
     """custody.issuance.issuer.iter_addresses as the driver's own tuples ``(chain, idx, account, address,
     script_pubkey, script)``: no ``created_at``, no object per row, for the rows' checks
     (:func:`check_rows`), which read nothing else."""
+    require_paged_keys(s)  # (chain, idx) unique: no second row of a page's last key goes unread
     batch = batch or ROW_BATCH
     last = (-1, -1)
     while True:
