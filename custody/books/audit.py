@@ -356,6 +356,17 @@ def _record(db: Database, event: str, payload: dict[str, Any], report: dict[str,
         report.setdefault("warnings", []).append(f"the audit run could not be recorded: {exc}")
 
 
+def _schema_or_halt(db: Database, settings: Settings, halt_on_failure: bool) -> None:
+    """db.check_schema, halting first (with ``halt_on_failure``) when a key the chain check
+    pages by is gone: nothing it would read is sound then. Raises what check_schema raises."""
+    try:
+        db.check_schema()
+    except VerificationFailed as exc:
+        if halt_on_failure:
+            _halt_first(db, settings, {}, reason=f"the audit log cannot be verified: {exc}", source="audit-log")
+        raise
+
+
 def audit_log_check(
     db: Database,
     settings: Settings,
@@ -383,12 +394,7 @@ def audit_log_check(
     VerificationFailed, after the halt, for a store whose paged reads could skip rows
     (custody.store.db.require_paged_keys).
     """
-    try:
-        db.check_schema()
-    except VerificationFailed as exc:  # a key the chain check pages by is gone: nothing it reads is sound
-        if halt_on_failure:
-            _halt_first(db, settings, {}, reason=f"the audit log cannot be verified: {exc}", source="audit-log")
-        raise
+    _schema_or_halt(db, settings, halt_on_failure)
     witnesses = _witnesses(settings, against)
     apart: row_check.RowCheck | None = None
     try:
