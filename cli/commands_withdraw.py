@@ -312,17 +312,20 @@ def withdraw_broadcast(app: AppContext, withdrawal_id: int, as_json: bool) -> No
 @withdraw.command("cancel")
 @click.argument("withdrawal_id", type=int)
 @click.option("--reason", required=True, help="Why the withdrawal is cancelled.")
-@click.option("--fee-rate", help="A signed withdrawal's cancel: its fee rate in sat/vB (default CUSTODY_FEE_RATE).")
+@click.option(
+    "--fee-rate", help="An approved or signed withdrawal's cancel: its fee rate in sat/vB (default CUSTODY_FEE_RATE)."
+)
 @acting_options
 @example("custody withdraw cancel 1 --reason 'customer asked' --as alice --key alice.key")
 def withdraw_cancel(
     app: AppContext, withdrawal_id: int, reason: str, fee_rate: str | None, who: Who, as_json: bool
 ) -> None:
-    """Cancel a withdrawal. Without founders' signatures: failed at once, its inputs and hold
-    released. With them (signed, broadcast, or refused by the node): a self-transfer of its
-    inputs back to a fresh change address is requested, to approve, sign and broadcast like a
-    withdrawal; the hold is released only once that cancel confirms CUSTODY_REFUND_CONFIRMATIONS
-    deep (custody sync), and if the original confirms first, nothing is refunded.
+    """Cancel a withdrawal. Still awaiting approvals: failed at once, its inputs and hold
+    released. Approved (founders could still sign it offline) or carrying founders' signatures
+    (signed, broadcast, or refused by the node): a self-transfer of its inputs back to a fresh
+    change address is requested, to approve, sign and broadcast like a withdrawal; the hold is
+    released only once that cancel confirms CUSTODY_REFUND_CONFIRMATIONS deep (custody sync), and
+    if the original confirms first, nothing is refunded.
     """
     request_row(
         app,

@@ -85,6 +85,7 @@ from custody.withdraw.records import (
     _summary,
     _touch,
     _verdict,
+    approvals_complete,
     view,
 )
 from custody.withdraw.states import APPROVED, BATCH, PENDING, REQUESTED, SINGLE, Event, can, next_state
@@ -421,6 +422,13 @@ def cancel(
             signature = key(s, trust, row)
         if row.status not in PENDING:
             raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; only pending ones can be cancelled")
+        if row.kind == SINGLE and approvals_complete(s, policy, row):
+            raise Conflict(
+                f"withdrawal #{withdrawal_id} is approved: its approvals let founders sign it offline until one of "
+                "its inputs is spent by another transaction, so its hold is not released at once; `custody withdraw "
+                "cancel` requests a cancel by double-spend (a self-transfer of its inputs), and the hold is released "
+                "once that confirms CUSTODY_REFUND_CONFIRMATIONS blocks deep (custody sync)"
+            )
         if row.psbt is not None or row.final_tx is not None:
             raise Conflict(
                 f"withdrawal #{withdrawal_id} carries founders' signatures: a signed transaction could still be "

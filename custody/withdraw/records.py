@@ -4,6 +4,7 @@ showing it: what every step of the queue (``custody.withdraw.queue``) re-checks.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,7 +38,7 @@ from custody.identity.approvals import (
 )
 from custody.identity.rulebook_judge import Counted, Need, Payout, Spend, Verdict, judge
 from custody.policy.model import CHANGE, Policy
-from custody.store.models import AddressRow, ApprovalRow, ReservedInput, WithdrawalInput, WithdrawalRow
+from custody.store.models import AddressRow, ApprovalRow, AuditEntry, ReservedInput, WithdrawalInput, WithdrawalRow
 from custody.withdraw import replacements
 from custody.withdraw.states import BATCH, BROADCAST, CONFIRMED, FAILED, REQUESTED, SINGLE
 
@@ -256,6 +257,43 @@ def _require_approved(s: Session, policy: Policy, row: WithdrawalRow) -> TxSumma
     if not check.enough:
         raise ApprovalError(f"withdrawal #{row.id} is not approved: {check.explain()}")
     return summary
+
+
+def _logged_approvers(s: Session, withdrawal_id: int) -> set[str]:
+    """Who the audit log says approved withdrawal ``withdrawal_id`` (key file, token or security
+    key): an approval row deleted by SQL is still there."""
+    found = s.exec(
+        select(AuditEntry.actor, AuditEntry.payload).where(
+            AuditEntry.event == "withdrawal.approved",
+            col(AuditEntry.payload).like(f'%"withdrawal_id":{withdrawal_id}%'),
+        )
+    )
+    out = set()
+    for actor, payload in found:
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            continue  # a damaged entry: audit log --verify names it
+        if type(doc.get("withdrawal_id")) is int and doc["withdrawal_id"] == withdrawal_id:
+            out.add(actor)
+    return out
+
+
+def approvals_complete(s: Session, policy: Policy, row: WithdrawalRow) -> bool:
+    """Whether a customer's withdrawal (or batch) may carry approvals enough for the offline
+    signer, which cannot know it was cancelled: a live authorization until one of its inputs is
+    spent by another transaction. Judged so that an insider cannot make it look unapproved: any
+    status past ``requested`` (a batch is approved when made), approval rows that count, or as
+    many distinct approvers in the audit log as its tier needs (rows deleted or a status set back
+    by SQL change nothing); a row that cannot be judged is taken as approved."""
+    if row.kind == BATCH or row.status != REQUESTED:
+        return True
+    try:
+        need = _verdict(s, policy, row, history=False).needs[row.id or 0].approvals
+        _, check = _check(s, policy, row)
+    except Exception:  # noqa: BLE001 - a row rewritten beyond reading: never refunded at once
+        return True
+    return check.enough or len(_logged_approvers(s, row.id or 0) | set(check.valid)) >= need
 
 
 def _not_in_batch(row: WithdrawalRow) -> None:

@@ -72,13 +72,22 @@ def _signed(row: WithdrawalRow) -> bool:
     return row.psbt is not None or row.final_tx is not None
 
 
-def _original(s: Session, withdrawal_id: int) -> WithdrawalRow:
-    """A customer withdrawal (or batch) carrying founders' signatures, not settled, locked."""
+def _live(s: Session, policy: Policy, row: WithdrawalRow) -> bool:
+    """Whether founders' signatures exist or can still be made for ``row``: it carries some, or
+    (a customer's withdrawal) its approvals are complete, which the offline signer accepts
+    whatever became of the row since (custody.withdraw.records.approvals_complete)."""
+    return _signed(row) or (row.kind == wd_states.SINGLE and wd_records.approvals_complete(s, policy, row))
+
+
+def _original(s: Session, withdrawal_id: int, policy: Policy | None = None) -> WithdrawalRow:
+    """A customer withdrawal (or batch) carrying founders' signatures, not settled, locked; with
+    ``policy`` (a cancel), also an approved one nobody signed yet (:func:`_live`)."""
     row = wd_records._get(s, withdrawal_id, lock=True)
     wd_records._not_in_batch(row)
     if row.kind not in (wd_states.SINGLE, wd_states.BATCH):
         raise Conflict(f"#{withdrawal_id} is a {row.kind}: bump or cancel the withdrawal it is for")
-    if row.status not in (wd_states.APPROVED, *LIVE) or not _signed(row):
+    live = _live(s, policy, row) if policy is not None else _signed(row)
+    if row.status not in (wd_states.APPROVED, *LIVE) or not live:
         raise Conflict(
             f"withdrawal #{withdrawal_id} is {row.status}: only a withdrawal carrying founders' signatures that has "
             "not confirmed can be replaced"
@@ -105,15 +114,16 @@ def _coins(s: Session, row: WithdrawalRow) -> tuple[list[Coin], dict[str, str | 
 
 @contextmanager
 def _requesting(
-    db: Database, settings: Settings, withdrawal_id: int, actor: str, key: EmployeeSigner
+    db: Database, settings: Settings, withdrawal_id: int, actor: str, key: EmployeeSigner, *, approved: bool = False
 ) -> Iterator[tuple[Session, Policy, WithdrawalRow]]:
     """A replacement's request transaction: the halt respected, the ledger checked, the
-    requester authenticated (request role), the withdrawal it is for locked."""
+    requester authenticated (request role), the withdrawal it is for locked (``approved``: a
+    cancel, for which an approved withdrawal nobody signed yet is live too)."""
     with ledger.halting(db, settings), db.transaction() as s:
         halt.guard(s)
         policy = policy_from_session(s)
         authenticate(s, check_pinned(s, load_trust(settings)), actor, key, "request")
-        yield s, policy, _original(s, withdrawal_id)
+        yield s, policy, _original(s, withdrawal_id, policy if approved else None)
 
 
 def _rate(fee_rate: str, limits: wd_limits.Limits) -> Decimal:
@@ -207,15 +217,18 @@ def cancel(
     limits: wd_limits.Limits = DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     """Request a self-transfer double-spending every input of a signed withdrawal back to a
-    fresh change address of the policy (a withdrawal without founders' signatures is simply
-    cancelled: :func:`custody.withdraw.queue.cancel`).
+    fresh change address of the policy. So too for a customer's withdrawal whose approvals are
+    complete though nobody signed it yet: the offline signer would still sign it (it cannot know
+    of a cancel), so its hold stays until the chain shows one of its inputs spent elsewhere. One
+    still awaiting approvals (or a bump or self-transfer nobody signed) is simply cancelled:
+    :func:`custody.withdraw.queue.cancel`.
 
     Raises HaltedError, NotFound, Conflict, InputError (fee), PolicyViolation, ApprovalError,
     VerificationFailed (change address, after raising the halt).
     """
     with db.transaction() as s:
         row = wd_records._get(s, withdrawal_id)
-        unsigned = row.status in wd_states.PENDING and not _signed(row)
+        unsigned = row.status in wd_states.PENDING and not _live(s, policy_from_session(s), row)
         customer = row.kind in (wd_states.SINGLE, wd_states.BATCH)
     if unsigned and customer:
         return q.cancel(db, withdrawal_id, actor, key, reason, settings=settings)
@@ -225,7 +238,7 @@ def cancel(
     rate = _rate(fee_rate, limits) if fee_rate is not None else limits.default_fee_rate
     tip = backend.tip_height()
     try:
-        with _requesting(db, settings, withdrawal_id, actor, key) as (s, policy, original):
+        with _requesting(db, settings, withdrawal_id, actor, key, approved=True) as (s, policy, original):
             rid = _request_cancel(s, manifest, policy, original, rate, tip, actor, key, limits)
             row = wd_records._get(s, rid)
             st.audit_requested(s, "withdrawal.cancel_requested", actor, row, original_id=withdrawal_id, reason=reason)

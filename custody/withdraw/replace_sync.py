@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bitcoin.core import CTransaction, b2lx, x
+from bitcoin.core import CTransaction, b2lx, b2x, x
 from sqlmodel import Session, select
 
 from custody.books import ledger
@@ -68,6 +68,9 @@ class _Look:
     versions: dict[int, TxStatus]
     settled: TxStatus | None = None
     conflict: OutputSpend | None = None
+    original: bytes | None = None
+    """The original's transaction as the chain has it, when we hold none (approved, then
+    cancelled, and signed elsewhere all the same): its status is in ``versions``."""
 
 
 def _next(row: WithdrawalRow, event: Event) -> str:
@@ -139,12 +142,17 @@ def _look(db: Database, backend: ChainBackend, wid: int) -> tuple[list[tuple[int
         outpoints = [(i.txid, i.vout) for i in wd_records._inputs(s, wid)] if original.batch_id is None else []
         ours = [r.unsigned_tx for r in every]
         open_ = original.status not in DONE
+        unseen = open_ and _own_txid(original) is None  # approved, never finalized here
     statuses = {rid: backend.tx_status(txid) for rid, txid in wanted.items()}
     settled = backend.tx_status(settled_txid) if settled_txid else None
-    conflict = None
+    conflict, raw = None, None
+    if unseen and outpoints:
+        spend, raw = spent_by(backend, outpoints, [ours[0]])
+        if raw is not None and spend is not None and spend.spender is not None:
+            statuses[wid] = backend.tx_status(spend.spender)
     if open_ and outpoints and not any(v.confirmations > 0 for v in statuses.values()):
         conflict = _foreign_spend(backend, outpoints, ours)
-    return before, _Look(statuses, settled, conflict)
+    return before, _Look(statuses, settled, conflict, raw)
 
 
 def sync_replacements(
@@ -193,6 +201,8 @@ def _check_versions(s: Session, original: WithdrawalRow) -> None:
 def _follow_group(s: Session, original: WithdrawalRow, look: _Look, limits: wd_limits.Limits) -> list[WithdrawalRow]:
     """Apply what the chain says to a withdrawal and its replacements (locked)."""
     changed: list[WithdrawalRow] = []
+    if look.original is not None and not original.final_tx and wd_states.can(original.status, Event.SEEN_ON_CHAIN):
+        changed += _seen(s, original, look)
     if original.status == wd_states.CONFIRMED and look.settled is not None:
         changed += _follow_settled(s, original, look.settled, limits)
     if original.status not in DONE:
@@ -202,6 +212,28 @@ def _follow_group(s: Session, original: WithdrawalRow, look: _Look, limits: wd_l
         changed += _refunded(s, original, conflict)
     changed += _fail_losers(s, original, look, limits)
     return changed + _follow_children(s, original, look, limits)
+
+
+def _seen(s: Session, original: WithdrawalRow, look: _Look) -> list[WithdrawalRow]:
+    """The original's own transaction is on the chain though nobody finalized it here (an
+    approved withdrawal cancelled, whose PSBT founders signed all the same): it is broadcast,
+    its final transaction the chain's, and followed as the payment its hold still holds."""
+    assert look.original is not None
+    original.final_tx = b2x(look.original)
+    original.txid = look.versions[original.id or 0].txid
+    if not final_matches(original):  # cannot be: the chain's is ours with signatures added
+        raise ledger.LedgerImbalance(
+            f"withdrawal #{original.id}'s transaction on the chain is not its approved one",
+            f"the sync of withdrawal #{original.id}",
+        )
+    wd_records._touch(s, original, _next(original, Event.SEEN_ON_CHAIN))
+    audit_log.append(
+        s,
+        "withdrawal.broadcast",
+        "sync",
+        {"withdrawal_id": original.id, "txid": original.txid, "seen_on_chain": True},
+    )
+    return [original]
 
 
 def _follow_settled(
