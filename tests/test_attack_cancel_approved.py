@@ -163,3 +163,63 @@ def test_a_withdrawal_short_of_approvals_is_refunded_at_once_and_the_signer_refu
     refused = shop.c("sign", str(path), "--key", str(shop.founder_keys["founder-a"]), "--out", str(path) + ".s")
     assert refused.exit_code == 4 and "approv" in refused.output, refused.output  # one of the two its tier needs
     assert not Path(str(path) + ".s").exists()
+
+
+def _batch(shop: EmbeddedShop, to: str) -> tuple[int, list[int], Path]:
+    """Two withdrawals approved by alice and bob, batched, the batch's PSBT exported (what the
+    insider keeps): (batch id, member ids, the PSBT file)."""
+    members = []
+    for amount in ("0.001", "0.002"):
+        w = shop.ok("withdraw", "request", "--account", "acct-1", "--to", to, "--amount", amount, *shop.as_("carol"))
+        for who in ("alice", "bob"):
+            shop.ok("withdraw", "approve", str(w["id"]), *shop.as_(who), "--yes")
+        members.append(int(w["id"]))
+    bid = int(shop.ok("withdraw", "batch", *shop.as_("carol"))["id"])
+    psbt = shop.tmp / f"insider-b{bid}.psbt"
+    assert shop.c("withdraw", "export", str(bid), str(psbt)).exit_code == 0
+    return bid, members, psbt
+
+
+def test_a_cancelled_batch_keeps_its_members_held_and_its_signed_psbt_pays_them_once(shop: EmbeddedShop) -> None:
+    """The same through a batch: its members' approvals are its approvals, so a batch is a live
+    authorization from the moment it is made. Dissolved at once (members back in the queue,
+    still approved), the batch's PSBT signed all the same spends their inputs: a member's
+    cancel then found its input spent by "another transaction" and refunded it, paid twice."""
+    shop.deposit("acct-1")  # a second coin: one per member
+    before = _balance(shop)
+    to, spk = destination()
+    bid, members, psbt = _batch(shop, to)
+    held = _balance(shop)
+
+    cancel = shop.ok("withdraw", "cancel", str(bid), "--reason", "redo", *shop.as_("alice"))
+    assert cancel["id"] != bid and cancel["withdrawal_kind"] == "cancel"  # not dissolved
+    assert {shop.ok("withdraw", "show", str(m))["batch_id"] for m in members} == {bid}
+
+    txid = shop.chain.broadcast(_founders_sign(shop, psbt))
+    shop.chain.mine(6, OP_TRUE)
+    for m in members:  # an employee cancels a member: nothing to release, it is the batch's
+        assert shop.c("withdraw", "cancel", str(m), "--reason", "again", *shop.as_("alice")).exit_code == 6
+    shop.ok("sync")
+    shop.ok("sync")
+    assert shop.ok("withdraw", "show", str(bid))["status"] == "confirmed"
+    assert shop.ok("withdraw", "show", str(bid))["txid"] == txid
+    assert sorted(u.amount for u in shop.chain.unspent([spk])) == [100_000, 200_000]  # paid once
+    assert _balance(shop) == held < before  # nobody refunded
+    assert shop.c("audit", "ledger").exit_code == 0
+
+
+def test_a_cancelled_batch_is_refunded_once_its_cancel_confirms(shop: EmbeddedShop) -> None:
+    shop.deposit("acct-1")  # a second coin: one per member
+    before = _balance(shop)
+    to, spk = destination()
+    bid, members, _psbt = _batch(shop, to)
+    cid = int(shop.ok("withdraw", "cancel", str(bid), "--reason", "redo", *shop.as_("carol"))["id"])
+    shop.approved_and_signed(cid)
+    shop.ok("withdraw", "broadcast", str(cid))
+    shop.chain.mine(6, OP_TRUE)
+    shop.ok("sync")
+    shop.ok("sync")
+    assert {shop.ok("withdraw", "show", str(w))["status"] for w in [bid, *members]} == {"failed"}
+    assert _balance(shop) == before  # every member refunded, once
+    assert shop.chain.unspent([spk]) == []
+    assert shop.c("audit", "ledger").exit_code == 0

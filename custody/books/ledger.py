@@ -308,7 +308,9 @@ def batch_created(s: Session, batch: WithdrawalRow, members: Sequence[Withdrawal
 
 
 def batch_dissolved(s: Session, batch: WithdrawalRow, members: Sequence[WithdrawalRow]) -> LedgerTxn:
-    """A cancelled batch gives its members their holds back (they return to the queue)."""
+    """A cancelled batch gives its members their holds back (they return to the queue). The tool
+    no longer posts it (a batch is a live authorization: it is cancelled by double-spend, its
+    members refunded when that confirms); kept for what stores from before carry."""
     lines = [(held(m.id or 0), -(m.amount + m.fee)) for m in members]
     lines.append((held(batch.id or 0), sum(m.amount + m.fee for m in members)))
     return post(s, "batch.dissolved", lines, ref=_ref(batch), memo=f"members {', '.join(str(m.id) for m in members)}")

@@ -1,5 +1,8 @@
-"""The daily batch: approved single withdrawals merged into one transaction, and dissolved again
-when it is cancelled.
+"""The daily batch: approved single withdrawals merged into one transaction. Its members'
+approvals are its approvals, so a batch is approved when made and stays a live authorization
+until one of its inputs is spent elsewhere: it is cancelled by double-spend
+(custody.withdraw.replace.cancel), never dissolved back into the queue while its transaction
+could still confirm.
 """
 
 # size(create_batch): the daily batch's steps (members re-checked, one transaction built, inputs
@@ -10,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from bitcoin.core import b2lx, b2x
-from sqlmodel import Session, col, select
+from sqlmodel import col, select
 
 from custody.bitcoin.amounts import parse_fee_rate
 from custody.bitcoin.destinations import dust_limit
@@ -44,26 +47,11 @@ from custody.withdraw.records import (
     _enforce,
     _input_rows,
     _inputs,
-    _members,
     _require_approved,
     _summary,
     view,
 )
 from custody.withdraw.states import APPROVED, BATCH, SINGLE
-
-
-def _dissolve(s: Session, batch: WithdrawalRow) -> None:
-    """Give a cancelled batch's members (and their inputs) back to the queue."""
-    for m in _members(s, batch.id or 0):
-        for i in _inputs(s, m.id or 0):
-            held = s.get(ReservedInput, f"{i.txid}:{i.vout}")
-            if held is not None:
-                held.withdrawal_id = m.id or 0
-                s.add(held)
-        m.batch_id = None
-        m.updated_at = now()
-        s.add(m)
-    s.flush()
 
 
 def create_batch(

@@ -66,7 +66,6 @@ from custody.issuance.issuer import AddressMismatch, halt_for_mismatch, issue_in
 from custody.policy.model import CHANGE, Policy
 from custody.store.db import Database
 from custody.store.models import AddressRow, ApprovalRow, ReservedInput, WithdrawalRow
-from custody.withdraw.batch import _dissolve
 from custody.withdraw.limits import Limits
 from custody.withdraw.records import (
     CHANGE_ACCOUNT,
@@ -385,13 +384,12 @@ CancelProof = Callable[[Session, Trust, WithdrawalRow], str]
 transaction with the row locked; raises to refuse, or returns the signature the audit entry keeps."""
 
 
-def _still_held(s: Session, row: WithdrawalRow, members: list[WithdrawalRow]) -> None:
-    """Refuse to release a customer's withdrawal, or to dissolve a batch, whose hold the ledger
-    no longer holds: a row set back to pending by SQL after its cancel (or its refund),
-    cancelled again, by any key or by the requester's cancel assertion replayed from the audit
-    log, would credit the customer the amount and fee twice; a batch set back with its members
-    would double their holds (each then released twice). Raises Conflict."""
-    owed = row.amount + row.fee if row.kind == SINGLE else sum(m.amount + m.fee for m in members)
+def _still_held(s: Session, row: WithdrawalRow) -> None:
+    """Refuse to release a customer's withdrawal whose hold the ledger no longer holds: a row
+    set back to pending by SQL after its cancel (or its refund), cancelled again, by any key or
+    by the requester's cancel assertion replayed from the audit log, would credit the customer
+    the amount and fee twice. Raises Conflict."""
+    owed = row.amount + row.fee
     if (holding := ledger.holding(s, row.id or 0)) != owed:
         raise Conflict(
             f"withdrawal #{row.id} holds {holding} sat in the ledger, not the {owed} sat it owes back: released "
@@ -422,7 +420,7 @@ def cancel(
             signature = key(s, trust, row)
         if row.status not in PENDING:
             raise Conflict(f"withdrawal #{withdrawal_id} is {row.status}; only pending ones can be cancelled")
-        if row.kind == SINGLE and approvals_complete(s, policy, row):
+        if approvals_complete(s, policy, row):  # a batch is approved when made
             raise Conflict(
                 f"withdrawal #{withdrawal_id} is approved: its approvals let founders sign it offline until one of "
                 "its inputs is spent by another transaction, so its hold is not released at once; `custody withdraw "
@@ -435,13 +433,8 @@ def cancel(
                 "broadcast, so its inputs stay reserved until it confirms, or until `custody sync` sees another "
                 "transaction spend one of them CUSTODY_REFUND_CONFIRMATIONS blocks deep (then it is refunded)"
             )
-        members = _members(s, withdrawal_id) if row.kind == BATCH else []
-        _still_held(s, row, members)
-        if row.kind == BATCH:
-            ledger.batch_dissolved(s, row, members)  # members stay held, queued again
-            _dissolve(s, row)
-        else:
-            ledger.withdrawal_released(s, row, [], f"cancelled by {name}: {reason}")
+        _still_held(s, row)
+        ledger.withdrawal_released(s, row, [], f"cancelled by {name}: {reason}")
         _touch(s, row, next_state(row.status, Event.CANCELLED), f"cancelled by {name}: {reason}")
         _release(s, withdrawal_id)
         audit_log.append(s, "withdrawal.failed", name, {"withdrawal_id": withdrawal_id, "reason": reason}, signature)

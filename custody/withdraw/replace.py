@@ -74,9 +74,10 @@ def _signed(row: WithdrawalRow) -> bool:
 
 def _live(s: Session, policy: Policy, row: WithdrawalRow) -> bool:
     """Whether founders' signatures exist or can still be made for ``row``: it carries some, or
-    (a customer's withdrawal) its approvals are complete, which the offline signer accepts
+    (a customer's withdrawal, or a batch: always) its approvals are complete, which the offline signer accepts
     whatever became of the row since (custody.withdraw.records.approvals_complete)."""
-    return _signed(row) or (row.kind == wd_states.SINGLE and wd_records.approvals_complete(s, policy, row))
+    customer = row.kind in (wd_states.SINGLE, wd_states.BATCH)
+    return _signed(row) or (customer and wd_records.approvals_complete(s, policy, row))
 
 
 def _original(s: Session, withdrawal_id: int, policy: Policy | None = None) -> WithdrawalRow:
