@@ -223,3 +223,27 @@ def test_a_cancelled_batch_is_refunded_once_its_cancel_confirms(shop: EmbeddedSh
     assert _balance(shop) == before  # every member refunded, once
     assert shop.chain.unspent([spk]) == []
     assert shop.c("audit", "ledger").exit_code == 0
+
+
+def test_a_dropped_approved_bump_signed_all_the_same_gets_nobody_refunded(shop: EmbeddedShop) -> None:
+    """A fee bump pays the same payment: dropping it once approved moves no money, but the
+    offline signer still signs it (the transaction it replaces is in its journal). Confirmed,
+    it spends the original's inputs: sync must not take that for a double spend and refund."""
+    to, spk = destination()
+    wid = shop.signed(to, "0.015")
+    held = _balance(shop)
+    bid = int(shop.ok("withdraw", "bump", str(wid), "--fee-rate", "6", *shop.as_("carol"))["id"])
+    for who in ("alice", "bob"):
+        shop.ok("withdraw", "approve", str(bid), *shop.as_(who), "--yes")
+    psbt = shop.tmp / f"insider-bump-{bid}.psbt"
+    assert shop.c("withdraw", "export", str(bid), str(psbt)).exit_code == 0
+    dropped = shop.ok("withdraw", "cancel", str(bid), "--reason", "not needed", *shop.as_("alice"))
+    assert dropped["id"] == bid and dropped["status"] == "failed"
+
+    shop.chain.broadcast(_founders_sign(shop, psbt))
+    shop.chain.mine(6, OP_TRUE)
+    shop.ok("sync")
+    shop.ok("sync")
+    assert [u.amount for u in shop.chain.unspent([spk])] == [1_500_000]  # paid, by the bump
+    assert _balance(shop) == held  # and not refunded
+    assert shop.ok("withdraw", "show", str(wid))["status"] != "failed"

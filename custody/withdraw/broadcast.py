@@ -186,7 +186,12 @@ def _ours(raw: bytes, unsigned_tx: str) -> bool:
 
 
 def _look(
-    backend: ChainBackend, txid: str, unsigned_tx: str, outpoints: Sequence[tuple[str, int]], need_raw: bool
+    backend: ChainBackend,
+    txid: str,
+    unsigned_tx: str,
+    outpoints: Sequence[tuple[str, int]],
+    need_raw: bool,
+    versions: Sequence[str] = (),
 ) -> _Seen:
     """Ask the chain about a withdrawal: its transaction (and, with ``need_raw``, its bytes
     as the chain has them), else what spent its inputs.
@@ -208,8 +213,10 @@ def _look(
         seen = _Seen(status, raw if raw is not None and _ours(raw, unsigned_tx) else None)
     if (status.known and (status.in_mempool or status.confirmations > 0)) or not outpoints:
         return seen
-    spend, mine = spent_by(backend, outpoints, [unsigned_tx])
+    spend, mine = spent_by(backend, outpoints, [unsigned_tx, *versions])
     if mine is not None and spend is not None and spend.spender is not None:
+        if not _ours(mine, unsigned_tx):  # a replacement dropped once approved, signed all the same
+            return _Seen(status, seen.raw)  # it pays this very withdrawal: no double spend
         return _Seen(backend.tx_status(spend.spender), mine)
     return _Seen(status, seen.raw, spend)
 
@@ -287,7 +294,10 @@ def sync(db: Database, backend: ChainBackend, limits: Limits = Limits(), *, sett
             unsigned = row.unsigned_tx
             outpoints = [(i.txid, i.vout) for i in _inputs(s, wid)] if row.batch_id is None else []
             need_raw = row.final_tx is None and row.batch_id is None
-        seen = _look(backend, txid, unsigned, outpoints, need_raw)  # no lock held while the chain is asked
+            # Its dropped replacements (a bump dropped once approved can still be signed offline): a
+            # spend by one of them pays this withdrawal, it proves no double spend.
+            versions = [r.unsigned_tx for r in replacements.replacements_of(s, wid)]
+        seen = _look(backend, txid, unsigned, outpoints, need_raw, versions)  # no lock held while the chain is asked
         with ledger.halting(db, settings), db.transaction() as s:
             policy = policy_from_session(s)
             row = _get(s, wid, lock=True)
