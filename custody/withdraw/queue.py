@@ -400,9 +400,11 @@ def _still_held(s: Session, row: WithdrawalRow) -> None:
 def cancel(
     db: Database, withdrawal_id: int, name: str, key: EmployeeSigner | CancelProof, reason: str, *, settings: Settings
 ) -> dict[str, Any]:
-    """Fail a withdrawal that was not broadcast and release its inputs (and its customer's hold).
-    ``key``: ``name``'s key (file or token), or a proof (:data:`CancelProof`: the console's
-    security key). Raises NotFound, ApprovalError, Conflict, HaltedError (the ledger does not balance)."""
+    """Fail a withdrawal still short of its approvals and release its inputs (and its customer's
+    hold); an approved one (or a batch) is refused: it is cancelled by double-spend
+    (:func:`custody.withdraw.replace.cancel`). ``key``: ``name``'s key (file or token), or a proof
+    (:data:`CancelProof`: the console's security key). Raises NotFound, ApprovalError, Conflict,
+    HaltedError (the ledger does not balance)."""
     with ledger.halting(db, settings), db.transaction() as s:
         policy = policy_from_session(s)
         row = _get(s, withdrawal_id, lock=True)
