@@ -55,6 +55,9 @@ class Settings:
     """Data directory of the embedded regtest chain (default HOME/chain)."""
     witness_file: Path = Path("witness.jsonl")
     """The local witness of the audit log's head, appended after every command (default HOME/witness.jsonl)."""
+    spill_dir: str | None = None
+    """``$TMPDIR`` as set: where large verifications sort their keys (strictly there when set;
+    Python's temporary directory when not)."""
     halt_lease: float = 60.0
     """Seconds a halt file that allows trading holds (its ``valid_until``)."""
     halt_light: bool = True
@@ -149,6 +152,7 @@ class Settings:
             chain=chain,
             chain_datadir=Path(chain_datadir).expanduser(),
             witness_file=Path(env.get("CUSTODY_WITNESS_FILE") or str(home_path / "witness.jsonl")).expanduser(),
+            spill_dir=env.get("TMPDIR") or None,
             halt_lease=lease,
             halt_light=env.get("CUSTODY_HALT_LIGHT", "1").strip() != "0",
             node_binary=env.get("BITCOIND") or None,

@@ -28,15 +28,16 @@ def _environment_reads(path: Path) -> list[int]:
 
 
 def test_the_library_reads_the_environment_only_in_config() -> None:
-    """custody/config.py reads every setting; custody/faults.py's crash and pause switches
-    are the exception (its comment says why). Everything else is handed Settings."""
+    """custody/config.py reads every setting; custody/faults.py's crash, fail (full disk) and
+    pause switches are the exception (its comment says why). Everything else is handed
+    Settings: the verifier's spill directory too (Settings.spill_dir, from $TMPDIR)."""
     found = {
         str(path.relative_to(ROOT)): lines
         for path in sorted((ROOT / "custody").rglob("*.py"))
         if (lines := _environment_reads(path))
     }
     assert set(found) == {"custody/config.py", "custody/faults.py"}, found
-    assert len(found["custody/faults.py"]) == 2
+    assert len(found["custody/faults.py"]) == 3
 
 
 def test_the_scan_sees_every_way_to_read_the_environment(tmp_path: Path) -> None:

@@ -80,7 +80,11 @@ def _matched(
 
 
 def _store_report(
-    db: Database, chain: Sequence[verify.ManifestDocument], workers: int, progress: Callable[[int], None] | None
+    db: Database,
+    chain: Sequence[verify.ManifestDocument],
+    workers: int,
+    progress: Callable[[int], None] | None,
+    spill_dir: str | None,
 ) -> verify.Report:
     """Every address row re-derived, then checked against the log's issuances, all in ONE read
     transaction: one snapshot (SQLite's WAL, PostgreSQL's repeatable read), read in chunks by
@@ -101,18 +105,24 @@ def _store_report(
             matched = _matched(chain, [(e.manifest.digest, e.receive_from, e.change_from) for e in stored])
         if isinstance(matched, str):
             return _epoch_failure(matched)
-        report = verify.verify_epochs(matched, lambda: store_records(s), workers=workers, progress=progress)
+        report = verify.verify_epochs(
+            matched, lambda: store_records(s), workers=workers, progress=progress, spill_dir=spill_dir
+        )
         report.merge(verify.Report(failures=record.check_rows(s, iter_addresses(s))))
     return report
 
 
 def _export_report(
-    chain: Sequence[verify.ManifestDocument], export: Path, workers: int, progress: Callable[[int], None] | None
+    chain: Sequence[verify.ManifestDocument],
+    export: Path,
+    workers: int,
+    progress: Callable[[int], None] | None,
+    spill_dir: str | None,
 ) -> verify.Report:
     header, records = verify.read_export(export)
     records.close()
     if not header.epochs:
-        return verify.verify_export(chain[0].manifest, export, workers=workers, progress=progress)
+        return verify.verify_export(chain[0].manifest, export, workers=workers, progress=progress, spill_dir=spill_dir)
     matched = _matched(chain, header.epochs)
     if isinstance(matched, str):
         return _epoch_failure(matched)
@@ -121,7 +131,7 @@ def _export_report(
     def again() -> verify.ExportRecords:
         return verify.read_export(export)[1]
 
-    return verify.verify_epochs(matched, again, workers=workers, progress=progress)
+    return verify.verify_epochs(matched, again, workers=workers, progress=progress, spill_dir=spill_dir)
 
 
 def store_records(s: Session) -> Iterator[verify.AddressRecord]:
@@ -155,13 +165,14 @@ def _report(
     export: Path | None,
     workers: int,
     progress: Callable[[int], None] | None,
+    spill_dir: str | None = None,
 ) -> verify.Report:
     """The verifier's report on the export or the store; a malformed export is a failure in it.
     Raises InputError (an export refused unread), StorageError (see :func:`run`)."""
     try:
         if export is not None:
-            return _export_report(chain, export, workers, progress)
-        return _store_report(db, chain, workers, progress)
+            return _export_report(chain, export, workers, progress, spill_dir)
+        return _store_report(db, chain, workers, progress, spill_dir)
     except verify.FileRefused as exc:
         raise InputError(str(exc)) from None
     except verify.SpillError as exc:  # no answer: neither a pass nor a halt (the disk, not the addresses)
@@ -195,7 +206,7 @@ def run(
             check_size(export, EXPORT_MAX, "address export")
         except OSError as exc:
             raise InputError(f"cannot read export {export}: {exc.strerror or exc}") from None
-    report = _report(db, chain, export, workers, progress)
+    report = _report(db, chain, export, workers, progress, settings.spill_dir)
     try:
         store = export is None or db.exists()
     except StorageError:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import heapq
 import hmac
-import os
 import secrets
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -42,9 +41,10 @@ _HEAD = 4 + _TAG  # the block's length, then its tag
 
 
 def spill_directory() -> str:
-    """Where the runs go: ``$TMPDIR`` when it is set (strictly: a TMPDIR that cannot be written
-    is an error, not a silent fall-back to another disk), else Python's temporary directory."""
-    return os.environ.get("TMPDIR") or tempfile.gettempdir()
+    """Where the runs go when the caller names no directory: Python's temporary directory.
+    custody's commands name one (its Settings read ``$TMPDIR`` strictly: a TMPDIR that cannot
+    be written is an error there, not a silent fall-back to another disk)."""
+    return tempfile.gettempdir()
 
 
 def _failed(directory: str, exc: OSError) -> SpillError:
