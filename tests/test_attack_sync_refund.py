@@ -29,13 +29,9 @@ from pathlib import Path
 import pytest
 from bitcoin.core import CMutableTransaction, CTransaction, b2lx, b2x, x
 
-from custody.bitcoin import psbt as psbt_lib
-from custody.bitcoin.txbuild import Coin, build_transaction
-from custody.identity.keyfile import open_founder_key
 from tests.chain_support import fresh_script
-from tests.support import PASSPHRASE
 from tests.test_withdraw_embedded import OP_TRUE, EmbeddedShop, destination
-from tests.withdraw_support import postings
+from tests.withdraw_support import foreign_spend, postings
 
 
 @pytest.fixture
@@ -138,23 +134,7 @@ def test_an_input_row_planted_by_sql_proves_no_double_spend(shop: EmbeddedShop) 
 def _double_spend(shop: EmbeddedShop, wid: int) -> str:
     """Withdrawal ``wid``'s first input spent elsewhere by two founders (a p2wsh store), sent
     to the chain: another transaction than any custody recorded. Its txid."""
-    with _store(shop) as db:
-        txid, vout, amount, spk, chain, idx = db.execute(
-            "SELECT txid, vout, amount, script_pubkey, chain, idx FROM withdrawal_input "
-            "WHERE withdrawal_id = ? ORDER BY position LIMIT 1",
-            (wid,),
-        ).fetchone()
-        (script,) = db.execute("SELECT script FROM address WHERE script_pubkey = ?", (spk,)).fetchone()
-    tx = build_transaction(
-        [Coin(txid, vout, amount, bytes.fromhex(spk), chain, idx)], [(fresh_script(), amount - 20_000)]
-    )
-    p = psbt_lib.Psbt.from_unsigned_tx(tx)
-    p.inputs[0].witness_utxo = psbt_lib.WitnessUtxo(amount, bytes.fromhex(spk))
-    p.inputs[0].witness_script = bytes.fromhex(script)
-    for name in ("founder-b", "founder-c"):
-        key = open_founder_key(shop.founder_keys[name], PASSPHRASE)
-        assert psbt_lib.sign_input(p, 0, key.master.derive((*key.account_path, chain, idx)).private_key())
-    return shop.chain.broadcast(psbt_lib.extract(psbt_lib.finalize(p)).serialize())
+    return shop.chain.broadcast(bytes.fromhex(foreign_spend(shop, wid, to=fresh_script())))
 
 
 def test_a_refunded_withdrawal_set_back_by_sql_is_not_refunded_again(shop: EmbeddedShop) -> None:

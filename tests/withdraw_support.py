@@ -176,9 +176,10 @@ def double_spend(shop: Shop, wid: int, rpc: RpcClient) -> str:
     return str(rpc.call("sendrawtransaction", foreign_spend(shop, wid)))
 
 
-def foreign_spend(shop: Shop, wid: int) -> str:
+def foreign_spend(shop: Shop, wid: int, to: bytes | None = None) -> str:
     """:func:`double_spend`'s transaction (hex), not sent: a test may mine it in a block of its
-    own (``generateblock``) where the node's mempool holds a transaction it conflicts with."""
+    own (``generateblock``) where the node's mempool holds a transaction it conflicts with.
+    ``to``: the output's script (default: an address of the node's wallet)."""
     with sqlite3.connect(shop.c.home / "custody.db") as db:
         txid, vout, amount, spk, chain, idx = db.execute(
             "SELECT txid, vout, amount, script_pubkey, chain, idx FROM withdrawal_input "
@@ -186,10 +187,10 @@ def foreign_spend(shop: Shop, wid: int) -> str:
             (wid,),
         ).fetchone()
         (script,) = db.execute("SELECT script FROM address WHERE script_pubkey = ?", (spk,)).fetchone()
-    to = shop.wallet.call("getaddressinfo", shop.wallet.call("getnewaddress", "", "bech32"))["scriptPubKey"]
-    tx = build_transaction(
-        [Coin(txid, vout, amount, bytes.fromhex(spk), chain, idx)], [(bytes.fromhex(to), amount - 20_000)]
-    )
+    if to is None:
+        wallet = shop.wallet.call("getaddressinfo", shop.wallet.call("getnewaddress", "", "bech32"))
+        to = bytes.fromhex(wallet["scriptPubKey"])
+    tx = build_transaction([Coin(txid, vout, amount, bytes.fromhex(spk), chain, idx)], [(to, amount - 20_000)])
     p = psbt_lib.Psbt.from_unsigned_tx(tx)
     p.inputs[0].witness_utxo = psbt_lib.WitnessUtxo(amount, bytes.fromhex(spk))
     p.inputs[0].witness_script = bytes.fromhex(script)
