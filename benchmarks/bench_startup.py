@@ -30,9 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,23 +50,6 @@ def _store(home: Path, db_url: str | None = None) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def _pg_schema(url: str) -> Iterator[str]:
-    """A fresh schema in the database at ``url`` (as tests/conftest.py's pg_url), dropped after."""
-    from sqlalchemy import create_engine, text
-
-    schema = f"custody_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
 def _time(argv: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
     subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
@@ -81,6 +61,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--postgres", metavar="URL", help="also `halt status` on PostgreSQL, in a new schema there")
     args = parser.parse_args()
+    from benchmarks.bench_api import postgres_schema
+
     custody = [sys.executable, "-m", "custody_cli"]
     status = [*custody, "halt", "status", "--json"]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -92,7 +74,7 @@ def main() -> None:
             "halt status": (status, env),
         }
         if args.postgres:
-            pg = _store(Path(tmp) / "pg", stack.enter_context(_pg_schema(args.postgres)))
+            pg = _store(Path(tmp) / "pg", stack.enter_context(postgres_schema(args.postgres)))
             cases |= {
                 "halt status PG": (status, pg),
                 "  full path": (status, dict(pg, CUSTODY_HALT_LIGHT="0")),
